@@ -1,0 +1,7 @@
+//! Everything that talks to a GSM modem.
+
+pub mod at;
+pub mod cms;
+pub mod driver;
+pub mod pdu;
+pub mod pool;

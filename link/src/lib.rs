@@ -1,0 +1,31 @@
+//! The mailbell link: an acknowledged, mutually authenticated stream of arrival notices from
+//! the mail host (sender) to the GSM agent (receiver).
+//!
+//! Layout:
+//! - [`id`] and [`notification`]: the item carried, with its stable 128-bit id.
+//! - [`frame`]: the sans-I/O wire codec (length-prefixed, versioned frames, size-capped).
+//! - [`sender`] and [`receiver`]: sans-I/O state machines for the window, acks, nacks,
+//!   resends and de-duplication. They take time as an argument and do no I/O.
+//! - [`tls`] and [`pki`]: rustls mutual-TLS configuration and a dev PKI generator (rcgen).
+//! - [`net`]: the thin tokio shell that runs the state machines over a TLS stream.
+//!
+//! The wire format is documented in docs/protocol.md.
+//!
+//! Logging: `warn` for a peer that breaks the protocol or fails authentication, `info` for
+//! session start/end, `debug` for per-frame detail.
+
+pub mod frame;
+pub mod id;
+pub mod net;
+pub mod notification;
+pub mod pki;
+pub mod receiver;
+pub mod sender;
+pub mod tls;
+
+// pub use frame::{Frame, NackClass};
+pub use id::NotifId;
+pub use notification::Notification;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;

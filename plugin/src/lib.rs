@@ -1,0 +1,1 @@
+//! mailbell mail-host side (built out in the intake issue).

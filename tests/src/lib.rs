@@ -1,0 +1,1 @@
+//! Test support and benchmarks for mailbell (see tests/ and src/bin/).
