@@ -23,7 +23,7 @@ pub mod receiver;
 pub mod sender;
 pub mod tls;
 
-// pub use frame::{Frame, NackClass};
+pub use frame::{Frame, NackClass};
 pub use id::NotifId;
 pub use notification::Notification;
 

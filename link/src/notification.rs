@@ -11,6 +11,7 @@
 //!         7 language tag (UTF-8, "zh", "en"; empty = agent default)
 //!         8 message count (u32be, >= 1; > 1 for a coalesced notice)
 //!         9 maximum SMS parts (u8; 0 = agent default)
+//!        10 literal SMS text (UTF-8): replaces the agent's template (operator test messages)
 //! ```
 //! The notification id travels in the frame header, not in the payload, so that a receiver can
 //! always answer a payload it cannot decode with a NACK naming the id.
@@ -39,6 +40,8 @@ pub struct Notification {
     pub count: u32,
     /// Upper bound on SMS parts; 0 means the agent's default.
     pub max_parts: u8,
+    /// Literal SMS text replacing the template (e.g. `send-test`); `None` renders the template.
+    pub text: Option<String>,
 }
 
 impl Default for NotifId {
@@ -70,6 +73,7 @@ const T_RECEIVED: u8 = 6;
 const T_LANG: u8 = 7;
 const T_COUNT: u8 = 8;
 const T_MAX_PARTS: u8 = 9;
+const T_TEXT: u8 = 10;
 
 fn put(out: &mut Vec<u8>, tag: u8, value: &[u8]) -> Result<(), PayloadError> {
     let len = u16::try_from(value.len()).map_err(|_| PayloadError::TooLong { tag })?;
@@ -108,6 +112,9 @@ impl Notification {
         put(&mut out, T_LANG, self.language.as_bytes())?;
         put(&mut out, T_COUNT, &self.count.to_be_bytes())?;
         put(&mut out, T_MAX_PARTS, &[self.max_parts])?;
+        if let Some(text) = &self.text {
+            put(&mut out, T_TEXT, text.as_bytes())?;
+        }
         Ok(out)
     }
 
@@ -140,6 +147,7 @@ impl Notification {
                 T_LANG => n.language = text(tag, v)?,
                 T_COUNT => n.count = u32::from_be_bytes(fixed(tag, v)?),
                 T_MAX_PARTS => n.max_parts = fixed::<1>(tag, v)?[0],
+                T_TEXT => n.text = Some(text(tag, v)?),
                 _ => {}
             }
         }
@@ -163,12 +171,21 @@ mod tests {
             language: "zh".into(),
             count: 3,
             max_parts: 2,
+            text: None,
         }
     }
 
     #[test]
     fn round_trip() {
         let n = sample();
+        let p = n.encode_payload().unwrap();
+        assert_eq!(Notification::decode_payload(n.id, &p).unwrap(), n);
+    }
+
+    #[test]
+    fn literal_text_round_trips() {
+        let mut n = sample();
+        n.text = Some("test message".into());
         let p = n.encode_payload().unwrap();
         assert_eq!(Notification::decode_payload(n.id, &p).unwrap(), n);
     }
