@@ -344,7 +344,10 @@ fn parse(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
         T_BYE => "bye",
         other => return Err(FrameError::UnknownType(other)),
     };
-    let mut b = Body { b: body, kind: name };
+    let mut b = Body {
+        b: body,
+        kind: name,
+    };
     let frame = match kind {
         T_HELLO => {
             if b.take(4)? != MAGIC {
@@ -529,7 +532,10 @@ mod tests {
     #[test]
     fn garbage_is_invalid_not_incomplete() {
         assert_eq!(decode(&[0, 0, 0, 0], 100), Err(FrameError::Empty));
-        assert_eq!(decode(&[0, 0, 0, 1, 99], 100), Err(FrameError::UnknownType(99)));
+        assert_eq!(
+            decode(&[0, 0, 0, 1, 99], 100),
+            Err(FrameError::UnknownType(99))
+        );
         assert_eq!(
             decode(&[0, 0, 0, 3, T_ACK, 1, 2], 100),
             Err(FrameError::Malformed { kind: "ack" })

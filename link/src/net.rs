@@ -1,1 +1,619 @@
-//! TODO
+//! The thin tokio shell around the sans-I/O state machines: a client that drains an outbox
+//! into one of several agents (failover in configuration order), and a server that feeds an
+//! inbox. Every read and write has a timeout; the number of sessions is bounded; every task is
+//! tracked and stops on the cancellation token.
+
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::frame::{self, Frame, FrameError, DEFAULT_MAX_FRAME};
+use crate::id::NotifId;
+use crate::receiver::{self, Outcome, Receiver, ReceiverConfig, ReceiverError};
+use crate::sender::{self, Sender, SenderConfig, SenderEvent, SessionError};
+use crate::tls::{self, TlsError};
+
+/// A storage error from an outbox or inbox implementation.
+pub type StoreError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One item ready to be sent.
+#[derive(Clone, Debug)]
+pub struct OutItem {
+    /// Position in the outbox; the client asks for items after the last one it sent.
+    pub seq: u64,
+    pub id: NotifId,
+    pub payload: Vec<u8>,
+}
+
+/// The sender's durable queue, as the link client sees it.
+pub trait Outbox: Send + Sync + 'static {
+    /// Up to `max` items ready to send with a position after `after` (all items when `None`),
+    /// oldest first.
+    fn ready(&self, after: Option<u64>, max: usize) -> Result<Vec<OutItem>, StoreError>;
+    /// The agent holds these durably: forget them.
+    fn acked(&self, ids: &[NotifId]) -> Result<(), StoreError>;
+    /// The agent will never take this one.
+    fn dead_letter(&self, id: NotifId, reason: &str) -> Result<(), StoreError>;
+    /// The agent could not take this one now: offer it again after `after`.
+    fn retry_later(&self, id: NotifId, after: Duration, reason: &str) -> Result<(), StoreError>;
+    /// Signalled (with `notify_one`) whenever new items may be ready.
+    fn notifier(&self) -> Arc<Notify>;
+}
+
+/// The receiver's durable store, as the link server sees it.
+pub trait Inbox: Clone + Send + Sync + 'static {
+    /// Makes a batch durable (one group commit) and returns one outcome per item, in order.
+    /// Must answer `Duplicate` for an id it already holds or has delivered, and a
+    /// `RetryLater` rejection when it cannot store (the sender then backs off and resends).
+    fn store(
+        &self,
+        peer: Arc<str>,
+        batch: Vec<(NotifId, Vec<u8>)>,
+    ) -> impl Future<Output = Vec<Outcome>> + Send;
+}
+
+/// Where to find an agent.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    /// `host:port`.
+    pub addr: String,
+    /// The name the agent's certificate must carry.
+    pub server_name: String,
+}
+
+/// Client settings.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    /// Tried in order; the first that answers is used.
+    pub agents: Vec<Endpoint>,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub sender: SenderConfig,
+    pub connect_timeout: Duration,
+    /// Limit for the TLS handshake, the HELLO exchange and every write.
+    pub io_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// Counters a client keeps (for metrics).
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    pub sessions: AtomicU64,
+    pub connected: AtomicU64,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub retry_later: AtomicU64,
+    pub session_errors: AtomicU64,
+}
+
+/// Why a client session ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("connect to {addr} timed out")]
+    ConnectTimeout { addr: String },
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    #[error("tls handshake: {0}")]
+    Handshake(io::Error),
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("invalid frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Receiver(#[from] ReceiverError),
+    #[error("store: {0}")]
+    Store(StoreError),
+}
+
+/// Runs the client until `shutdown`: connects to the first reachable agent, sends everything
+/// the outbox holds, reconnects with exponential backoff and jitter.
+pub async fn run_client<O: Outbox + ?Sized>(
+    settings: ClientSettings,
+    outbox: Arc<O>,
+    shutdown: CancellationToken,
+    stats: Arc<ClientStats>,
+) {
+    let connector = TlsConnector::from(settings.tls.clone());
+    let mut backoff = settings.backoff_min;
+    while !shutdown.is_cancelled() {
+        let mut progressed = false;
+        for ep in &settings.agents {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let span = info_span!("link", agent = %ep.addr);
+            let started = Instant::now();
+            stats.sessions.fetch_add(1, Ordering::Relaxed);
+            let r = client_session(&settings, ep, &connector, &*outbox, &shutdown, &stats)
+                .instrument(span.clone())
+                .await;
+            let _g = span.enter();
+            match r {
+                Ok(()) => return,
+                Err((e, connected)) => {
+                    stats.session_errors.fetch_add(1, Ordering::Relaxed);
+                    if connected {
+                        warn!(error = %e, "link session ended; reconnecting");
+                        if started.elapsed() > settings.backoff_max {
+                            progressed = true;
+                        }
+                        // A session that was up goes back to the first agent after backoff.
+                        break;
+                    }
+                    warn!(error = %e, "agent unreachable; trying the next one");
+                }
+            }
+        }
+        if progressed {
+            backoff = settings.backoff_min;
+        }
+        let jitter = rand::random::<f64>() * 0.5 + 0.75;
+        let wait = backoff.mul_f64(jitter);
+        debug!(?wait, "backing off before reconnecting");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        backoff = (backoff * 2).min(settings.backoff_max);
+    }
+}
+
+async fn with_timeout<T>(
+    d: Duration,
+    what: &'static str,
+    f: impl Future<Output = Result<T, LinkError>>,
+) -> Result<T, LinkError> {
+    tokio::time::timeout(d, f)
+        .await
+        .map_err(|_| LinkError::Timeout(what))?
+}
+
+/// Reads until one whole frame is buffered.
+async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    max: u32,
+) -> Result<Frame, LinkError> {
+    loop {
+        if let Some((f, n)) = frame::decode(buf, max)? {
+            buf.drain(..n);
+            return Ok(f);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(LinkError::Closed);
+        }
+    }
+}
+
+async fn write_all<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut Vec<u8>,
+    d: Duration,
+) -> Result<(), LinkError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    with_timeout(d, "write", async {
+        stream.write_all(out).await?;
+        stream.flush().await?;
+        Ok(())
+    })
+    .await?;
+    out.clear();
+    Ok(())
+}
+
+/// One session. `Err((e, true))` means the session had been established.
+async fn client_session<O: Outbox + ?Sized>(
+    s: &ClientSettings,
+    ep: &Endpoint,
+    connector: &TlsConnector,
+    outbox: &O,
+    shutdown: &CancellationToken,
+    stats: &ClientStats,
+) -> Result<(), (LinkError, bool)> {
+    let pre = |e| (e, false);
+    let tcp = tokio::time::timeout(s.connect_timeout, TcpStream::connect(&ep.addr))
+        .await
+        .map_err(|_| {
+            pre(LinkError::ConnectTimeout {
+                addr: ep.addr.clone(),
+            })
+        })?
+        .map_err(|source| {
+            pre(LinkError::Connect {
+                addr: ep.addr.clone(),
+                source,
+            })
+        })?;
+    tcp.set_nodelay(true).map_err(|e| pre(e.into()))?;
+    let name: ServerName<'static> =
+        tls::agent_server_name(&ep.server_name).map_err(|e| pre(e.into()))?;
+    let mut stream = tokio::time::timeout(s.io_timeout, connector.connect(name, tcp))
+        .await
+        .map_err(|_| pre(LinkError::Timeout("tls handshake")))?
+        .map_err(|e| pre(LinkError::Handshake(e)))?;
+    let mut out = Vec::with_capacity(64 * 1024);
+    let mut inbuf = Vec::with_capacity(64 * 1024);
+    sender::hello(&s.sender).encode(&mut out);
+    write_all(&mut stream, &mut out, s.io_timeout)
+        .await
+        .map_err(pre)?;
+    let welcome = with_timeout(
+        s.io_timeout,
+        "welcome",
+        read_frame(&mut stream, &mut inbuf, DEFAULT_MAX_FRAME),
+    )
+    .await
+    .map_err(pre)?;
+    let neg = sender::check_welcome(&s.sender, welcome).map_err(|e| pre(e.into()))?;
+    info!(window = neg.window, "link session established");
+    stats.connected.fetch_add(1, Ordering::Relaxed);
+    let on = |e| (e, true);
+    let mut snd = Sender::new(s.sender.clone(), neg, Instant::now());
+    let notify = outbox.notifier();
+    let mut cursor: Option<u64> = None;
+    let mut acked = Vec::with_capacity(usize::from(neg.window));
+    let result: Result<(), LinkError> = async {
+        loop {
+            // Fill the window from the outbox.
+            let cap = snd.capacity();
+            if cap > 0 {
+                let items = outbox.ready(cursor, cap).map_err(LinkError::Store)?;
+                let now = Instant::now();
+                for item in items {
+                    cursor = Some(item.seq);
+                    if !snd.is_in_flight(&item.id) {
+                        snd.send(item.id, item.payload, now, &mut out);
+                        stats.sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            write_all(&mut stream, &mut out, s.io_timeout).await?;
+            let deadline = snd.next_deadline().min(Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    Frame::Bye { reason: "sender shutting down".into() }.encode(&mut out);
+                    let _ = write_all(&mut stream, &mut out, s.io_timeout).await;
+                    return Ok(());
+                }
+                r = stream.read_buf(&mut inbuf) => {
+                    if r? == 0 {
+                        return Err(LinkError::Closed);
+                    }
+                    let now = Instant::now();
+                    let mut at = 0;
+                    while let Some((f, n)) = frame::decode(&inbuf[at..], neg.max_frame)? {
+                        at += n;
+                        match snd.on_frame(f, now, &mut out)? {
+                            Some(SenderEvent::Acked(id)) => acked.push(id),
+                            Some(SenderEvent::DeadLetter { id, reason }) => {
+                                warn!(notif_id = %id, %reason, "agent refused notice permanently; dead-lettered");
+                                outbox.dead_letter(id, &reason).map_err(LinkError::Store)?;
+                                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Some(SenderEvent::RetryLater { id, after, reason }) => {
+                                debug!(notif_id = %id, ?after, %reason, "agent asked to retry later");
+                                outbox.retry_later(id, after, &reason).map_err(LinkError::Store)?;
+                                stats.retry_later.fetch_add(1, Ordering::Relaxed);
+                            }
+                            None => {}
+                        }
+                    }
+                    inbuf.drain(..at);
+                    if !acked.is_empty() {
+                        outbox.acked(&acked).map_err(LinkError::Store)?;
+                        stats.acked.fetch_add(acked.len() as u64, Ordering::Relaxed);
+                        acked.clear();
+                    }
+                }
+                _ = notify.notified(), if snd.capacity() > 0 => {}
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    snd.poll(Instant::now(), &mut out)?;
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(e) = &result {
+        debug!(in_flight = snd.in_flight(), error = %e, "session closing");
+    }
+    result.map_err(on)
+}
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Client certificate names allowed in (empty: any certificate from the CA).
+    pub allowed_client_names: Vec<String>,
+    pub receiver: ReceiverConfig,
+    /// Limit for the TLS handshake and the HELLO.
+    pub handshake_timeout: Duration,
+    /// Limit for every write.
+    pub io_timeout: Duration,
+    pub max_sessions: usize,
+}
+
+/// Counters a server keeps (for metrics).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub sessions_active: AtomicU64,
+    pub sessions_total: AtomicU64,
+    pub tls_failures: AtomicU64,
+    pub refused: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub received: AtomicU64,
+    pub stored: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub nacked_permanent: AtomicU64,
+    pub nacked_retry: AtomicU64,
+}
+
+/// Accepts sessions until `shutdown`, then waits for them to finish. Only a listener failure
+/// is an error; a failing session ends that session alone.
+pub async fn serve<I: Inbox>(
+    listener: TcpListener,
+    settings: Arc<ServerSettings>,
+    inbox: I,
+    shutdown: CancellationToken,
+    stats: Arc<ServerStats>,
+) -> io::Result<()> {
+    let acceptor = TlsAcceptor::from(settings.tls.clone());
+    let limit = Arc::new(Semaphore::new(settings.max_sessions.max(1)));
+    let tracker = TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) if is_transient_accept_error(&e) => {
+                    warn!(error = %e, "accept failed; continuing");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let settings = settings.clone();
+        let acceptor = acceptor.clone();
+        let inbox = inbox.clone();
+        let shutdown = shutdown.clone();
+        let stats = stats.clone();
+        tracker.spawn(
+            async move {
+                let _permit = permit;
+                stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+                stats.sessions_active.fetch_add(1, Ordering::Relaxed);
+                match server_session(tcp, &settings, &acceptor, inbox, &shutdown, &stats).await {
+                    Ok(()) => info!("link session closed"),
+                    Err(e) => warn!(error = %e, "link session ended"),
+                }
+                stats.sessions_active.fetch_sub(1, Ordering::Relaxed);
+            }
+            .instrument(info_span!("link", peer = %peer, client = tracing::field::Empty)),
+        );
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+/// Writes the last frames, closes our side and drains what the peer still sends for a moment,
+/// so that the kernel does not answer unread data with a reset that destroys our last frame.
+async fn close_gracefully<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut Vec<u8>,
+    io_timeout: Duration,
+) {
+    let _ = write_all(stream, out, io_timeout).await;
+    let _ = tokio::time::timeout(io_timeout, stream.shutdown()).await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        let mut total = 0usize;
+        while total < 1 << 20 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+}
+
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    ) || e.raw_os_error() == Some(24) // EMFILE: wait for descriptors to free up
+        || e.raw_os_error() == Some(23)
+}
+
+async fn server_session<I: Inbox>(
+    tcp: TcpStream,
+    s: &ServerSettings,
+    acceptor: &TlsAcceptor,
+    inbox: I,
+    shutdown: &CancellationToken,
+    stats: &ServerStats,
+) -> Result<(), LinkError> {
+    tcp.set_nodelay(true)?;
+    let mut stream = match tokio::time::timeout(s.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(st)) => st,
+        Ok(Err(e)) => {
+            stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(LinkError::Handshake(e));
+        }
+        Err(_) => {
+            stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(LinkError::Timeout("tls handshake"));
+        }
+    };
+    let client = match tls::authorize_client(stream.get_ref().1, &s.allowed_client_names) {
+        Ok(name) => name,
+        Err(e) => {
+            stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(e.into());
+        }
+    };
+    let client: Arc<str> = client.into();
+    tracing::Span::current().record("client", &*client);
+    let mut inbuf = Vec::with_capacity(64 * 1024);
+    let mut out = Vec::with_capacity(16 * 1024);
+    let hello = with_timeout(
+        s.handshake_timeout,
+        "hello",
+        read_frame(&mut stream, &mut inbuf, s.receiver.max_frame),
+    )
+    .await;
+    let hello = match hello {
+        Ok(f) => f,
+        Err(e) => {
+            stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
+    let (window, max_frame) = match receiver::accept_hello(&s.receiver, hello) {
+        Ok((welcome, window, name)) => {
+            let max = match &welcome {
+                Frame::Welcome { max_frame, .. } => *max_frame,
+                _ => s.receiver.max_frame,
+            };
+            welcome.encode(&mut out);
+            info!(client = %client, sender = %name, window, "link session established");
+            (window, max)
+        }
+        Err(refuse) => {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(client = %client, ?refuse, "refusing link session");
+            refuse.encode(&mut out);
+            close_gracefully(&mut stream, &mut out, s.io_timeout).await;
+            return Ok(());
+        }
+    };
+    write_all(&mut stream, &mut out, s.io_timeout).await?;
+    let mut rcv = Receiver::new(s.receiver.clone(), window, Instant::now());
+    let mut batch: Vec<(NotifId, Vec<u8>)> = Vec::with_capacity(usize::from(window));
+    // Frames may already sit in the buffer behind the HELLO.
+    let mut buffered = !inbuf.is_empty();
+    let result: Result<(), LinkError> = async {
+        loop {
+            let deadline = rcv.next_deadline();
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    Frame::Bye { reason: "agent shutting down".into() }.encode(&mut out);
+                    let _ = write_all(&mut stream, &mut out, s.io_timeout).await;
+                    return Ok(());
+                }
+                r = stream.read_buf(&mut inbuf), if !buffered => {
+                    if r? == 0 {
+                        return Err(LinkError::Closed);
+                    }
+                }
+                _ = std::future::ready(()), if buffered => {}
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    rcv.poll(Instant::now(), &mut out)?;
+                }
+            }
+            buffered = false;
+            let now = Instant::now();
+            let mut at = 0;
+            let decoded_all: Result<(), LinkError> = loop {
+                let decoded = match frame::decode(&inbuf[at..], max_frame) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        Frame::Bye {
+                            reason: format!("protocol error: {e}"),
+                        }
+                        .encode(&mut out);
+                        close_gracefully(&mut stream, &mut out, s.io_timeout).await;
+                        return Err(e.into());
+                    }
+                };
+                let Some((f, n)) = decoded else { break Ok(()) };
+                at += n;
+                match rcv.on_frame(f, now, &mut out) {
+                    Ok(Some(item)) => batch.push(item),
+                    Ok(None) => {}
+                    Err(ReceiverError::Bye(reason)) => {
+                        info!(%reason, "sender closed the session");
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        Frame::Bye {
+                            reason: format!("protocol error: {e}"),
+                        }
+                        .encode(&mut out);
+                        close_gracefully(&mut stream, &mut out, s.io_timeout).await;
+                        return Err(e.into());
+                    }
+                }
+            };
+            inbuf.drain(..at);
+            decoded_all?;
+            if !batch.is_empty() {
+                let items = std::mem::take(&mut batch);
+                stats
+                    .received
+                    .fetch_add(items.len() as u64, Ordering::Relaxed);
+                let ids: Vec<NotifId> = items.iter().map(|(id, _)| *id).collect();
+                let outcomes = inbox.store(client.clone(), items).await;
+                let now = Instant::now();
+                for (i, id) in ids.into_iter().enumerate() {
+                    let outcome = outcomes.get(i).cloned().unwrap_or(Outcome::Rejected {
+                        class: frame::NackClass::RetryLater,
+                        retry_after: Duration::from_secs(1),
+                        reason: "inbox returned no outcome".into(),
+                    });
+                    let counter = match &outcome {
+                        Outcome::Stored => &stats.stored,
+                        Outcome::Duplicate => &stats.duplicates,
+                        Outcome::Rejected {
+                            class: frame::NackClass::Permanent,
+                            ..
+                        } => &stats.nacked_permanent,
+                        Outcome::Rejected { .. } => &stats.nacked_retry,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    rcv.complete(id, outcome, now, &mut out);
+                }
+            }
+            write_all(&mut stream, &mut out, s.io_timeout).await?;
+        }
+    }
+    .await;
+    result
+}

@@ -59,7 +59,11 @@ pub enum PayloadError {
     #[error("payload field {tag} is not valid UTF-8")]
     Utf8 { tag: u8 },
     #[error("payload field {tag} has length {len}, expected {expected}")]
-    Width { tag: u8, len: usize, expected: usize },
+    Width {
+        tag: u8,
+        len: usize,
+        expected: usize,
+    },
     #[error("payload field {tag} is longer than 65535 bytes")]
     TooLong { tag: u8 },
 }
@@ -99,7 +103,9 @@ impl Notification {
     /// Encodes the payload (everything but the id).
     pub fn encode_payload(&self) -> Result<Vec<u8>, PayloadError> {
         let mut out = Vec::with_capacity(
-            64 + self.phone.len() + self.recipient.len() + self.from_name.len()
+            64 + self.phone.len()
+                + self.recipient.len()
+                + self.from_name.len()
                 + self.from_addr.len()
                 + self.subject.len(),
         );
@@ -215,7 +221,11 @@ mod tests {
         );
         assert_eq!(
             Notification::decode_payload(n.id, &[T_COUNT, 0, 1, 1]),
-            Err(PayloadError::Width { tag: T_COUNT, len: 1, expected: 4 })
+            Err(PayloadError::Width {
+                tag: T_COUNT,
+                len: 1,
+                expected: 4
+            })
         );
     }
 
@@ -223,6 +233,9 @@ mod tests {
     fn oversized_field_is_refused() {
         let mut n = sample();
         n.subject = "x".repeat(70_000);
-        assert_eq!(n.encode_payload(), Err(PayloadError::TooLong { tag: T_SUBJECT }));
+        assert_eq!(
+            n.encode_payload(),
+            Err(PayloadError::TooLong { tag: T_SUBJECT })
+        );
     }
 }

@@ -226,10 +226,16 @@ mod tests {
             panic!("expected refuse")
         };
         assert_eq!(code, refuse::UNSUPPORTED_VERSION);
-        assert!(reason.contains("unsupported protocol version 7"), "{reason}");
+        assert!(
+            reason.contains("unsupported protocol version 7"),
+            "{reason}"
+        );
         assert!(matches!(
             accept_hello(&cfg, Frame::Ping { nonce: 1 }),
-            Err(Frame::Refuse { code: refuse::BAD_HELLO, .. })
+            Err(Frame::Refuse {
+                code: refuse::BAD_HELLO,
+                ..
+            })
         ));
     }
 
@@ -268,7 +274,9 @@ mod tests {
         assert!(r.on_frame(f, t, &mut out).unwrap().is_none());
         assert!(out.is_empty(), "nothing acknowledged before durable");
         r.complete(id, Outcome::Stored, t, &mut out);
-        let (ack, _) = crate::frame::decode(&out, DEFAULT_MAX_FRAME).unwrap().unwrap();
+        let (ack, _) = crate::frame::decode(&out, DEFAULT_MAX_FRAME)
+            .unwrap()
+            .unwrap();
         assert_eq!(ack, Frame::Ack { id });
     }
 

@@ -364,10 +364,19 @@ mod tests {
         assert_eq!(ev, Some(SenderEvent::Acked(a)));
         assert_eq!(s.capacity(), 1);
         // A second ACK for the same id, or one for an id never sent, changes nothing.
-        assert_eq!(s.on_frame(Frame::Ack { id: a }, t0, &mut out).unwrap(), None);
         assert_eq!(
-            s.on_frame(Frame::Ack { id: NotifId::random() }, t0, &mut out)
-                .unwrap(),
+            s.on_frame(Frame::Ack { id: a }, t0, &mut out).unwrap(),
+            None
+        );
+        assert_eq!(
+            s.on_frame(
+                Frame::Ack {
+                    id: NotifId::random()
+                },
+                t0,
+                &mut out
+            )
+            .unwrap(),
             None
         );
         assert_eq!(s.ignored_acks(), 2);
@@ -507,7 +516,12 @@ mod tests {
             })
         );
         assert_eq!(
-            check_welcome(&cfg, Frame::Ack { id: NotifId::random() }),
+            check_welcome(
+                &cfg,
+                Frame::Ack {
+                    id: NotifId::random()
+                }
+            ),
             Err(SessionError::Unexpected("ack"))
         );
     }

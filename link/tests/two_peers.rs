@@ -206,7 +206,10 @@ fn exactly_once(inbox: &Inbox, outbox: &Outbox) {
     assert_eq!(unique.len(), inbox.stored.len(), "an item was stored twice");
     assert!(outbox.items.is_empty(), "outbox drained");
     for d in &outbox.dead {
-        assert!(!inbox.seen.contains(d), "a dead-lettered item was also stored");
+        assert!(
+            !inbox.seen.contains(d),
+            "a dead-lettered item was also stored"
+        );
     }
 }
 
@@ -220,7 +223,14 @@ fn clean_run_delivers_everything_once() {
 #[test]
 fn frame_loss_is_repaired_by_resend() {
     for seed in 0..10 {
-        let (o, i) = run(seed, 300, Faults { loss: 0.05, ..CLEAN });
+        let (o, i) = run(
+            seed,
+            300,
+            Faults {
+                loss: 0.05,
+                ..CLEAN
+            },
+        );
         exactly_once(&i, &o);
         assert_eq!(i.stored.len(), 300);
     }
