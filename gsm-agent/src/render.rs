@@ -1,1 +1,925 @@
-//! TODO
+//! SMS text from an arrival notice and a per-language template.
+//!
+//! ```text
+//! template     = { literal | "{" name "}" | "{{" | "}}" }
+//! name         = recipient | sender | subject | time | count
+//! {sender}     = the decoded display name, or the address when the name is empty
+//! {time}       = received_at in the configured UTC offset, chrono strftime (default %m-%d %H:%M)
+//! {count}      = messages a coalesced notice stands for; count > 1 picks the coalesced template
+//! ```
+//! Header-derived fields (recipient, sender, subject) lose control and invisible formatting
+//! characters, get whitespace runs collapsed to one space, and curly quotes and dashes turned
+//! into ASCII so English text stays in GSM-7. The result always fits the part budget as
+//! [`pdu::measure`] counts it: when it is too long the subject is cut first, then the sender,
+//! then the local part of the recipient, each ending in "…" (or "..." when "…" would be the
+//! only thing forcing UCS-2).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use chrono::format::{Item, StrftimeItems};
+use chrono::{DateTime, FixedOffset};
+use mailbell_link::Notification;
+
+use crate::modem::pdu::{self, Alphabet};
+
+/// The two texts of one language.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Template {
+    /// Used for a notice about one message.
+    pub single: String,
+    /// Used when the notice stands for `count > 1` messages.
+    pub coalesced: String,
+}
+
+/// Everything the renderer needs, usually from the `[render]` config section.
+#[derive(Clone, Debug)]
+pub struct RenderConfig {
+    /// Language used when a notice names none or one without a template.
+    pub default_language: String,
+    /// Templates by language tag ("zh", "en"; matched case-insensitively, "en-US" falls back
+    /// to "en").
+    pub templates: BTreeMap<String, Template>,
+    /// Offset of the local time shown in `{time}`, minutes east of UTC.
+    pub utc_offset_minutes: i32,
+    /// chrono strftime format of `{time}`.
+    pub time_format: String,
+    /// Part budget of a notice with `max_parts == 0`.
+    pub default_max_parts: u8,
+    /// Upper bound on any notice's part budget.
+    pub max_parts_cap: u8,
+}
+
+impl Default for RenderConfig {
+    fn default() -> Self {
+        RenderConfig {
+            default_language: "zh".to_owned(),
+            templates: builtin_templates(),
+            utc_offset_minutes: 8 * 60,
+            time_format: "%m-%d %H:%M".to_owned(),
+            default_max_parts: 1,
+            max_parts_cap: 4,
+        }
+    }
+}
+
+/// The built-in "zh" and "en" templates.
+pub fn builtin_templates() -> BTreeMap<String, Template> {
+    let mut m = BTreeMap::new();
+    m.insert(
+        "zh".to_owned(),
+        Template {
+            single: "新邮件 {recipient}：来自 {sender}，主题：{subject}，{time}".to_owned(),
+            coalesced: "{count}封新邮件 {recipient}：最新来自 {sender}，主题：{subject}，{time}"
+                .to_owned(),
+        },
+    );
+    m.insert(
+        "en".to_owned(),
+        Template {
+            single: "New mail for {recipient} from {sender}: {subject} ({time})".to_owned(),
+            coalesced:
+                "{count} new messages for {recipient}, latest from {sender}: {subject} ({time})"
+                    .to_owned(),
+        },
+    );
+    m
+}
+
+/// Why a configuration was refused or a notice could not be rendered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RenderError {
+    #[error("unknown placeholder {{{name}}} in the {kind} template for language {language:?}")]
+    UnknownPlaceholder {
+        language: String,
+        kind: &'static str,
+        name: String,
+    },
+    #[error("unclosed placeholder in the {kind} template for language {language:?}")]
+    UnclosedPlaceholder {
+        language: String,
+        kind: &'static str,
+    },
+    #[error("unmatched '}}' in the {kind} template for language {language:?} (write '}}}}' for a literal brace)")]
+    UnmatchedBrace {
+        language: String,
+        kind: &'static str,
+    },
+    #[error("the {kind} template for language {language:?} is empty")]
+    EmptyTemplate {
+        language: String,
+        kind: &'static str,
+    },
+    #[error("default language {0:?} has no template")]
+    MissingDefaultLanguage(String),
+    #[error("invalid time format {0:?}")]
+    InvalidTimeFormat(String),
+    #[error("utc offset of {0} minutes is out of range")]
+    InvalidUtcOffset(i32),
+    #[error("{0} must be at least 1")]
+    ZeroMaxParts(&'static str),
+    #[error("received time {0} ms is out of range")]
+    TimestampOutOfRange(i64),
+    #[error("rendered text is empty")]
+    Empty,
+    #[error("text does not fit in {max_parts} sms parts even after truncation")]
+    DoesNotFit { max_parts: u8 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Field {
+    Recipient,
+    Sender,
+    Subject,
+    Time,
+    Count,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Field(Field),
+}
+
+#[derive(Clone, Debug)]
+struct Compiled {
+    single: Vec<Segment>,
+    coalesced: Vec<Segment>,
+    no_subject: &'static str,
+}
+
+/// Renders notices; built once from a validated [`RenderConfig`].
+#[derive(Clone, Debug)]
+pub struct Renderer {
+    templates: BTreeMap<String, Compiled>,
+    default_template: Compiled,
+    offset: FixedOffset,
+    time_format: String,
+    default_max_parts: u8,
+    max_parts_cap: u8,
+}
+
+impl Renderer {
+    /// Checks every template (placeholders, braces, non-empty), the default language, the time
+    /// format, the offset and the part limits.
+    pub fn new(cfg: RenderConfig) -> Result<Self, RenderError> {
+        let mut templates = BTreeMap::new();
+        for (language, t) in &cfg.templates {
+            let key = normalize_language(language);
+            let compiled = Compiled {
+                single: parse_template(&t.single, language, "single")?,
+                coalesced: parse_template(&t.coalesced, language, "coalesced")?,
+                no_subject: no_subject_placeholder(&key),
+            };
+            templates.insert(key, compiled);
+        }
+        let default_template = templates
+            .get(&normalize_language(&cfg.default_language))
+            .cloned()
+            .ok_or_else(|| RenderError::MissingDefaultLanguage(cfg.default_language.clone()))?;
+        if StrftimeItems::new(&cfg.time_format).any(|i| matches!(i, Item::Error)) {
+            return Err(RenderError::InvalidTimeFormat(cfg.time_format));
+        }
+        let offset = cfg
+            .utc_offset_minutes
+            .checked_mul(60)
+            .and_then(FixedOffset::east_opt)
+            .ok_or(RenderError::InvalidUtcOffset(cfg.utc_offset_minutes))?;
+        if cfg.default_max_parts == 0 {
+            return Err(RenderError::ZeroMaxParts("default_max_parts"));
+        }
+        if cfg.max_parts_cap == 0 {
+            return Err(RenderError::ZeroMaxParts("max_parts_cap"));
+        }
+        Ok(Renderer {
+            templates,
+            default_template,
+            offset,
+            time_format: cfg.time_format,
+            default_max_parts: cfg.default_max_parts,
+            max_parts_cap: cfg.max_parts_cap,
+        })
+    }
+
+    /// The part budget of `n`: its own `max_parts`, or the default when 0, capped.
+    pub fn max_parts_for(&self, n: &Notification) -> u8 {
+        let wanted = match n.max_parts {
+            0 => self.default_max_parts,
+            m => m,
+        };
+        wanted.min(self.max_parts_cap).max(1)
+    }
+
+    /// The SMS text for `n`, within [`Renderer::max_parts_for`] parts.
+    pub fn render(&self, n: &Notification) -> Result<String, RenderError> {
+        let tpl = self.template_for(&n.language);
+        let segs = if n.count > 1 {
+            &tpl.coalesced
+        } else {
+            &tpl.single
+        };
+        let max_parts = self.max_parts_for(n);
+
+        let recipient = sanitize(&n.recipient);
+        let (local, domain) = match recipient.rfind('@') {
+            Some(at) => recipient.split_at(at),
+            None => (recipient.as_str(), ""),
+        };
+        let mut sender = sanitize(&n.from_name);
+        if sender.is_empty() {
+            sender = sanitize(&n.from_addr);
+        }
+        let mut subject = sanitize(&n.subject);
+        if subject.is_empty() {
+            subject = tpl.no_subject.to_owned();
+        }
+        let time = self.format_time(n.received_at_ms)?;
+        let count = n.count.to_string();
+
+        let mut v = Values {
+            recipient_local: Piece::new(local),
+            recipient_domain: domain,
+            sender: Piece::new(&sender),
+            subject: Piece::new(&subject),
+            time: &time,
+            count: &count,
+        };
+        let fits = |t: &str| pdu::measure(t).parts <= usize::from(max_parts);
+
+        let text = finish(segs, &v);
+        if text.trim().is_empty() {
+            return Err(RenderError::Empty);
+        }
+        if fits(&text) {
+            return Ok(text);
+        }
+        // No prefix longer than this many characters can fit, whatever the alphabet.
+        let most = pdu::capacity(Alphabet::Gsm7, max_parts);
+        for which in [Cut::Subject, Cut::Sender, Cut::RecipientLocal] {
+            let field = match which {
+                Cut::Subject => Field::Subject,
+                Cut::Sender => Field::Sender,
+                Cut::RecipientLocal => Field::Recipient,
+            };
+            if !segs.contains(&Segment::Field(field)) {
+                continue;
+            }
+            let len = v.piece(which).full.chars().count();
+            if len == 0 {
+                continue;
+            }
+            v.piece_mut(which).keep = Some(0);
+            if !fits(&finish(segs, &v)) {
+                continue; // leave it at "…" and cut the next field too
+            }
+            // Largest kept prefix that fits; `lo` always fits.
+            let (mut lo, mut hi) = (0, (len - 1).min(most));
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                v.piece_mut(which).keep = Some(mid);
+                if fits(&finish(segs, &v)) {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            v.piece_mut(which).keep = Some(lo);
+            return Ok(finish(segs, &v));
+        }
+        Err(RenderError::DoesNotFit { max_parts })
+    }
+
+    fn template_for(&self, language: &str) -> &Compiled {
+        let l = normalize_language(language);
+        if let Some(t) = self.templates.get(&l) {
+            return t;
+        }
+        if let Some((primary, _)) = l.split_once('-') {
+            if let Some(t) = self.templates.get(primary) {
+                return t;
+            }
+        }
+        &self.default_template
+    }
+
+    fn format_time(&self, ms: i64) -> Result<String, RenderError> {
+        let utc =
+            DateTime::from_timestamp_millis(ms).ok_or(RenderError::TimestampOutOfRange(ms))?;
+        let mut out = String::new();
+        write!(
+            out,
+            "{}",
+            utc.with_timezone(&self.offset).format(&self.time_format)
+        )
+        .map_err(|_| RenderError::InvalidTimeFormat(self.time_format.clone()))?;
+        Ok(out)
+    }
+}
+
+fn normalize_language(l: &str) -> String {
+    l.trim().to_ascii_lowercase().replace('_', "-")
+}
+
+fn no_subject_placeholder(language: &str) -> &'static str {
+    if language == "zh" || language.starts_with("zh-") {
+        "(无主题)"
+    } else {
+        "(no subject)"
+    }
+}
+
+fn parse_template(
+    src: &str,
+    language: &str,
+    kind: &'static str,
+) -> Result<Vec<Segment>, RenderError> {
+    let mut segs = Vec::new();
+    let mut lit = String::new();
+    let mut chars = src.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                lit.push('{');
+            }
+            '{' => {
+                let mut name = String::new();
+                loop {
+                    match chars.next() {
+                        Some('}') => break,
+                        Some('{') | None => {
+                            return Err(RenderError::UnclosedPlaceholder {
+                                language: language.to_owned(),
+                                kind,
+                            })
+                        }
+                        Some(c) => name.push(c),
+                    }
+                }
+                let field = match name.as_str() {
+                    "recipient" => Field::Recipient,
+                    "sender" => Field::Sender,
+                    "subject" => Field::Subject,
+                    "time" => Field::Time,
+                    "count" => Field::Count,
+                    _ => {
+                        return Err(RenderError::UnknownPlaceholder {
+                            language: language.to_owned(),
+                            kind,
+                            name,
+                        })
+                    }
+                };
+                if !lit.is_empty() {
+                    segs.push(Segment::Literal(std::mem::take(&mut lit)));
+                }
+                segs.push(Segment::Field(field));
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+                lit.push('}');
+            }
+            '}' => {
+                return Err(RenderError::UnmatchedBrace {
+                    language: language.to_owned(),
+                    kind,
+                })
+            }
+            c => lit.push(c),
+        }
+    }
+    if !lit.is_empty() {
+        segs.push(Segment::Literal(lit));
+    }
+    let blank = segs
+        .iter()
+        .all(|s| matches!(s, Segment::Literal(l) if l.trim().is_empty()));
+    if blank {
+        return Err(RenderError::EmptyTemplate {
+            language: language.to_owned(),
+            kind,
+        });
+    }
+    Ok(segs)
+}
+
+/// Cleans a header-derived value for an SMS: drops control and invisible formatting characters
+/// (bidi overrides, zero-width spaces, BOM, soft hyphen), maps curly quotes and dashes to ASCII,
+/// collapses whitespace runs (newlines included) to one space and trims.
+fn sanitize(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut space = false;
+    for c in s.chars() {
+        let c = match c {
+            '\u{2018}' | '\u{2019}' | '\u{201A}' | '\u{201B}' => '\'',
+            '\u{201C}' | '\u{201D}' | '\u{201E}' => '"',
+            '\u{2010}'..='\u{2015}' => '-',
+            c => c,
+        };
+        if c.is_whitespace() {
+            space = true;
+            continue;
+        }
+        if c.is_control()
+            || matches!(c, '\u{00AD}' | '\u{200B}' | '\u{200C}' | '\u{200E}' | '\u{200F}'
+                | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}'
+                | '\u{FEFF}')
+        {
+            continue;
+        }
+        if space && !out.is_empty() {
+            out.push(' ');
+        }
+        space = false;
+        out.push(c);
+    }
+    out
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    Subject,
+    Sender,
+    RecipientLocal,
+}
+
+/// A field value, possibly cut to its first `keep` characters plus an ellipsis.
+#[derive(Clone, Copy, Debug)]
+struct Piece<'a> {
+    full: &'a str,
+    keep: Option<usize>,
+}
+
+impl<'a> Piece<'a> {
+    fn new(full: &'a str) -> Self {
+        Piece { full, keep: None }
+    }
+
+    fn push(&self, out: &mut String, ellipsis: &str) {
+        match self.keep {
+            None => out.push_str(self.full),
+            Some(k) => {
+                let end = self
+                    .full
+                    .char_indices()
+                    .nth(k)
+                    .map_or(self.full.len(), |(i, _)| i);
+                out.push_str(
+                    self.full[..end]
+                        .trim_end_matches(|c: char| c.is_whitespace() || c == '\u{200D}'),
+                );
+                out.push_str(ellipsis);
+            }
+        }
+    }
+}
+
+struct Values<'a> {
+    recipient_local: Piece<'a>,
+    recipient_domain: &'a str,
+    sender: Piece<'a>,
+    subject: Piece<'a>,
+    time: &'a str,
+    count: &'a str,
+}
+
+impl<'a> Values<'a> {
+    fn piece(&self, which: Cut) -> &Piece<'a> {
+        match which {
+            Cut::Subject => &self.subject,
+            Cut::Sender => &self.sender,
+            Cut::RecipientLocal => &self.recipient_local,
+        }
+    }
+
+    fn piece_mut(&mut self, which: Cut) -> &mut Piece<'a> {
+        match which {
+            Cut::Subject => &mut self.subject,
+            Cut::Sender => &mut self.sender,
+            Cut::RecipientLocal => &mut self.recipient_local,
+        }
+    }
+
+    fn any_cut(&self) -> bool {
+        [self.subject, self.sender, self.recipient_local]
+            .iter()
+            .any(|p| p.keep.is_some())
+    }
+}
+
+fn assemble(segs: &[Segment], v: &Values<'_>, ellipsis: &str) -> String {
+    let mut out = String::new();
+    for s in segs {
+        match s {
+            Segment::Literal(l) => out.push_str(l),
+            Segment::Field(Field::Recipient) => {
+                v.recipient_local.push(&mut out, ellipsis);
+                out.push_str(v.recipient_domain);
+            }
+            Segment::Field(Field::Sender) => v.sender.push(&mut out, ellipsis),
+            Segment::Field(Field::Subject) => v.subject.push(&mut out, ellipsis),
+            Segment::Field(Field::Time) => out.push_str(v.time),
+            Segment::Field(Field::Count) => out.push_str(v.count),
+        }
+    }
+    out
+}
+
+/// The text with cut fields ending in "…", or in "..." when "…" would be the only
+/// non-GSM-7 character.
+fn finish(segs: &[Segment], v: &Values<'_>) -> String {
+    if !v.any_cut() {
+        return assemble(segs, v, "");
+    }
+    let ascii = assemble(segs, v, "...");
+    if pdu::measure(&ascii).alphabet == Alphabet::Gsm7 {
+        ascii
+    } else {
+        assemble(segs, v, "…")
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// 2024-01-02 07:04:05 UTC.
+    const T: i64 = 1_704_179_045_000;
+
+    fn notice(language: &str, from_name: &str, subject: &str) -> Notification {
+        Notification {
+            phone: "+8613800138000".to_owned(),
+            recipient: "alice@example.com".to_owned(),
+            from_name: from_name.to_owned(),
+            from_addr: "zhang.san@example.cn".to_owned(),
+            subject: subject.to_owned(),
+            received_at_ms: T,
+            language: language.to_owned(),
+            count: 1,
+            max_parts: 0,
+            ..Default::default()
+        }
+    }
+
+    fn renderer() -> Renderer {
+        Renderer::new(RenderConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn chinese_short_subject_as_is() {
+        let text = renderer().render(&notice("", "张三", "你好")).unwrap();
+        assert_eq!(
+            text,
+            "新邮件 alice@example.com：来自 张三，主题：你好，01-02 15:04"
+        );
+        assert_eq!(pdu::measure(&text).alphabet, Alphabet::Ucs2);
+    }
+
+    #[test]
+    fn chinese_subject_truncated_to_one_ucs2_sms() {
+        let subject = "关于下周项目评审会议的安排以及需要提前准备的材料清单和注意事项请各位同事务必在周五之前完成";
+        let text = renderer().render(&notice("zh", "张三", subject)).unwrap();
+        let m = pdu::measure(&text);
+        assert_eq!(
+            (m.alphabet, m.parts, m.units),
+            (Alphabet::Ucs2, 1, 70),
+            "{text}"
+        );
+        // 44 units of template, recipient, sender, "…" and time leave 26 for the subject.
+        let kept: String = subject.chars().take(26).collect();
+        assert_eq!(
+            text,
+            format!("新邮件 alice@example.com：来自 张三，主题：{kept}…，01-02 15:04")
+        );
+    }
+
+    #[test]
+    fn english_stays_gsm7() {
+        let r = renderer();
+        let text = r
+            .render(&notice("en", "Alice Smith", "Quarterly report"))
+            .unwrap();
+        assert_eq!(
+            text,
+            "New mail for alice@example.com from Alice Smith: Quarterly report (01-02 15:04)"
+        );
+        assert_eq!(pdu::measure(&text).alphabet, Alphabet::Gsm7);
+        // Curly quotes and dashes become ASCII instead of forcing UCS-2.
+        let text = r
+            .render(&notice(
+                "en",
+                "Bob",
+                "Don\u{2019}t miss \u{201C}it\u{201D} \u{2014} today",
+            ))
+            .unwrap();
+        assert!(text.contains("Don't miss \"it\" - today"), "{text}");
+        assert_eq!(pdu::measure(&text).alphabet, Alphabet::Gsm7);
+    }
+
+    #[test]
+    fn long_english_subject_cut_with_ascii_ellipsis() {
+        let subject = "Lorem ipsum dolor sit amet ".repeat(20);
+        let text = renderer().render(&notice("en", "Alice", &subject)).unwrap();
+        let m = pdu::measure(&text);
+        assert_eq!((m.alphabet, m.parts), (Alphabet::Gsm7, 1), "{text}");
+        assert!(m.units >= 155, "cut more than needed: {} units", m.units);
+        assert!(text.contains("...") && !text.contains('…'), "{text}");
+        assert!(text.ends_with("... (01-02 15:04)"), "{text}");
+        assert!(text.starts_with("New mail for alice@example.com from Alice: Lorem ipsum"));
+    }
+
+    #[test]
+    fn unicode_ellipsis_when_text_is_ucs2_anyway() {
+        let subject = "Lorem ipsum dolor sit amet ".repeat(20);
+        let text = renderer().render(&notice("en", "张三", &subject)).unwrap();
+        let m = pdu::measure(&text);
+        assert_eq!((m.alphabet, m.parts), (Alphabet::Ucs2, 1), "{text}");
+        assert!(text.contains('…') && !text.contains("..."), "{text}");
+    }
+
+    #[test]
+    fn coalesced_count() {
+        let r = renderer();
+        let mut n = notice("en", "Alice", "Hi");
+        n.count = 5;
+        assert_eq!(
+            r.render(&n).unwrap(),
+            "5 new messages for alice@example.com, latest from Alice: Hi (01-02 15:04)"
+        );
+        n.language = "zh".to_owned();
+        assert_eq!(
+            r.render(&n).unwrap(),
+            "5封新邮件 alice@example.com：最新来自 Alice，主题：Hi，01-02 15:04"
+        );
+    }
+
+    #[test]
+    fn unknown_placeholder_rejected_by_name() {
+        let mut cfg = RenderConfig::default();
+        cfg.templates.insert(
+            "fr".to_owned(),
+            Template {
+                single: "Nouveau: {subjet}".to_owned(),
+                coalesced: "{count} nouveaux".to_owned(),
+            },
+        );
+        let err = Renderer::new(cfg).unwrap_err();
+        assert_eq!(
+            err,
+            RenderError::UnknownPlaceholder {
+                language: "fr".to_owned(),
+                kind: "single",
+                name: "subjet".to_owned()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "unknown placeholder {subjet} in the single template for language \"fr\""
+        );
+    }
+
+    #[test]
+    fn template_syntax_errors() {
+        let check = |single: &str| {
+            let mut cfg = RenderConfig::default();
+            cfg.templates.insert(
+                "x".to_owned(),
+                Template {
+                    single: single.to_owned(),
+                    coalesced: "{count}".to_owned(),
+                },
+            );
+            Renderer::new(cfg).err()
+        };
+        assert!(matches!(
+            check("a {subject"),
+            Some(RenderError::UnclosedPlaceholder { .. })
+        ));
+        assert!(matches!(
+            check("a } b"),
+            Some(RenderError::UnmatchedBrace { .. })
+        ));
+        assert!(matches!(
+            check("  "),
+            Some(RenderError::EmptyTemplate { .. })
+        ));
+        assert_eq!(check("{{literal}} {subject}"), None);
+    }
+
+    #[test]
+    fn literal_braces() {
+        let mut cfg = RenderConfig {
+            default_language: "x".to_owned(),
+            ..RenderConfig::default()
+        };
+        cfg.templates.insert(
+            "x".to_owned(),
+            Template {
+                single: "{{{subject}}}".to_owned(),
+                coalesced: "{count}".to_owned(),
+            },
+        );
+        let r = Renderer::new(cfg).unwrap();
+        assert_eq!(r.render(&notice("", "A", "hi")).unwrap(), "{hi}");
+    }
+
+    #[test]
+    fn control_chars_stripped_and_whitespace_collapsed() {
+        let n = notice(
+            "en",
+            "\u{202E}Mallory\u{200B}\r\n",
+            "Hello\r\n\tworld\u{7}\u{1B}[31m   again\u{FEFF}",
+        );
+        let text = renderer().render(&n).unwrap();
+        assert_eq!(
+            text,
+            "New mail for alice@example.com from Mallory: Hello world[31m again (01-02 15:04)"
+        );
+        assert!(!text.chars().any(|c| c.is_control()));
+        assert_eq!(sanitize("  a \u{3000} b\n"), "a b");
+        assert_eq!(sanitize("\u{0}\u{7F}\u{85}"), "");
+    }
+
+    #[test]
+    fn sender_falls_back_to_address_and_subject_placeholder() {
+        let r = renderer();
+        let text = r.render(&notice("en", " \t", "")).unwrap();
+        assert_eq!(
+            text,
+            "New mail for alice@example.com from zhang.san@example.cn: (no subject) (01-02 15:04)"
+        );
+        let text = r.render(&notice("zh", "", "\u{7}")).unwrap();
+        assert_eq!(
+            text,
+            "新邮件 alice@example.com：来自 zhang.san@example.cn，主题：(无主题)，01-02 15:04"
+        );
+    }
+
+    #[test]
+    fn language_fallback() {
+        let r = renderer();
+        assert!(r
+            .render(&notice("fr", "A", "x"))
+            .unwrap()
+            .starts_with("新邮件"));
+        assert!(r
+            .render(&notice("en-US", "A", "x"))
+            .unwrap()
+            .starts_with("New mail"));
+        assert!(r
+            .render(&notice("EN_gb", "A", "x"))
+            .unwrap()
+            .starts_with("New mail"));
+        assert!(r
+            .render(&notice("zh-Hans-CN", "A", "x"))
+            .unwrap()
+            .starts_with("新邮件"));
+    }
+
+    #[test]
+    fn max_parts_respected() {
+        let r = renderer();
+        let subject = "word ".repeat(400);
+        let mut n = notice("en", "Alice", &subject);
+        for (asked, want) in [(0, 1), (1, 1), (2, 2), (3, 3), (9, 4)] {
+            n.max_parts = asked;
+            assert_eq!(r.max_parts_for(&n), want);
+            let text = r.render(&n).unwrap();
+            let m = pdu::measure(&text);
+            assert_eq!(m.parts, usize::from(want), "asked {asked}");
+            assert!(
+                m.units > pdu::capacity(Alphabet::Gsm7, want) - 8,
+                "cut too much for {asked}"
+            );
+            let pdus = pdu::encode_submit(
+                &"+8613800138000".parse().unwrap(),
+                &text,
+                &pdu::SubmitOptions {
+                    max_parts: want,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(pdus.len(), usize::from(want));
+        }
+        // Chinese text over two parts.
+        let mut n = notice("zh", "张三", &"长".repeat(300));
+        n.max_parts = 2;
+        let m = pdu::measure(&r.render(&n).unwrap());
+        assert_eq!((m.alphabet, m.parts), (Alphabet::Ucs2, 2));
+        assert!(m.units > 2 * pdu::UCS2_MULTI - 2);
+    }
+
+    #[test]
+    fn sender_then_recipient_cut_when_subject_is_not_enough() {
+        let r = renderer();
+        let mut n = notice("zh", &"王".repeat(100), "主题");
+        let text = r.render(&n).unwrap();
+        assert_eq!(pdu::measure(&text).parts, 1);
+        assert!(
+            text.contains("主题：…，"),
+            "subject cut to the ellipsis first: {text}"
+        );
+        assert!(text.contains("来自 王王"), "{text}");
+        n.from_name = "王".to_owned();
+        n.recipient = format!("{}@example.com", "x".repeat(100));
+        let text = r.render(&n).unwrap();
+        assert_eq!(pdu::measure(&text).parts, 1);
+        assert!(text.contains("x…@example.com：来自 …，主题：…，"), "{text}");
+    }
+
+    #[test]
+    fn does_not_fit_and_empty() {
+        let mut cfg = RenderConfig::default();
+        cfg.templates.insert(
+            "long".to_owned(),
+            Template {
+                single: format!("{} {{subject}}", "x".repeat(170)),
+                coalesced: "{recipient}".to_owned(),
+            },
+        );
+        let r = Renderer::new(cfg).unwrap();
+        assert_eq!(
+            r.render(&notice("long", "A", "s")),
+            Err(RenderError::DoesNotFit { max_parts: 1 })
+        );
+        let mut n = notice("long", "A", "s");
+        n.count = 2;
+        n.recipient = "\u{7} ".to_owned();
+        assert_eq!(r.render(&n), Err(RenderError::Empty));
+        let mut n = notice("long", "A", "s");
+        n.max_parts = 2;
+        assert!(r.render(&n).is_ok());
+    }
+
+    #[test]
+    fn config_validation() {
+        let base = RenderConfig::default;
+        assert!(matches!(
+            Renderer::new(RenderConfig {
+                default_language: "de".to_owned(),
+                ..base()
+            }),
+            Err(RenderError::MissingDefaultLanguage(_))
+        ));
+        assert!(matches!(
+            Renderer::new(RenderConfig {
+                time_format: "%Q".to_owned(),
+                ..base()
+            }),
+            Err(RenderError::InvalidTimeFormat(_))
+        ));
+        assert!(matches!(
+            Renderer::new(RenderConfig {
+                utc_offset_minutes: 24 * 60,
+                ..base()
+            }),
+            Err(RenderError::InvalidUtcOffset(_))
+        ));
+        assert!(matches!(
+            Renderer::new(RenderConfig {
+                default_max_parts: 0,
+                ..base()
+            }),
+            Err(RenderError::ZeroMaxParts("default_max_parts"))
+        ));
+        assert!(matches!(
+            Renderer::new(RenderConfig {
+                max_parts_cap: 0,
+                ..base()
+            }),
+            Err(RenderError::ZeroMaxParts("max_parts_cap"))
+        ));
+    }
+
+    #[test]
+    fn time_in_configured_offset() {
+        let r = Renderer::new(RenderConfig {
+            utc_offset_minutes: -5 * 60,
+            time_format: "%Y-%m-%d %H:%M".to_owned(),
+            ..RenderConfig::default()
+        })
+        .unwrap();
+        let text = r.render(&notice("en", "A", "s")).unwrap();
+        assert!(text.ends_with("(2024-01-02 02:04)"), "{text}");
+        let mut n = notice("en", "A", "s");
+        n.received_at_ms = i64::MAX;
+        assert_eq!(
+            r.render(&n),
+            Err(RenderError::TimestampOutOfRange(i64::MAX))
+        );
+    }
+
+    #[test]
+    fn template_round_trips_through_toml_shape() {
+        let t: Template =
+            serde_json::from_str(r#"{"single":"{subject}","coalesced":"{count}"}"#).unwrap();
+        assert_eq!(t.single, "{subject}");
+        assert!(
+            serde_json::from_str::<Template>(r#"{"single":"a","coalesced":"b","x":1}"#).is_err()
+        );
+    }
+}
