@@ -1,1 +1,820 @@
-//! TODO
+//! The agent's durable inbox (sled): queued notices, the de-duplication store, dead letters and
+//! the record of submits that were in flight when the agent stopped.
+//!
+//! Every write goes through one committer thread that applies all pending requests as one
+//! atomic sled batch and then flushes once (group commit): one fsync covers every item that
+//! arrived meanwhile, from every link session, plus the dispatcher's state changes. Nothing is
+//! acknowledged to the sender before that flush returns.
+//!
+//! Keys (one tree, prefixed, so one batch is atomic across them):
+//! ```text
+//! q <seq:u64be>   queued notice        -> record
+//! s <id:16>       seen id (dedupe)     -> received_at_ms:i64be
+//! x <seq:u64be>   dead letter          -> reason_len:u16be reason record
+//! u <seq:u64be>   uncertain submit     -> record (in flight at the modem when the agent died)
+//! record = ver:u8(1) state:u8(0 queued, 1 in flight) attempts:u16be next_at_ms:i64be
+//!          received_at_ms:i64be id:16 peer_len:u8 peer payload
+//! ```
+//! Dedupe entries outlive the notice: they are kept for `dedupe_retention` (default 30 days)
+//! after receipt and then purged, so a sender that resends an id older than that would be
+//! treated as new. The mail-host outbox expires items long before that.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use mailbell_link::net::Inbox as LinkInbox;
+use mailbell_link::receiver::Outcome;
+use mailbell_link::{NackClass, NotifId, Notification};
+use tokio::sync::{oneshot, Notify};
+use tracing::{error, info, warn};
+
+/// Inbox errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InboxError {
+    #[error("open inbox at {path}: {source}")]
+    Open { path: String, source: sled::Error },
+    #[error("inbox store: {0}")]
+    Store(#[from] sled::Error),
+    #[error("inbox committer is not running")]
+    Stopped,
+    #[error("corrupt inbox record under key {0}")]
+    Corrupt(String),
+}
+
+/// Checks a notice at receipt; an `Err` is a permanent NACK with that reason.
+pub type Validator = Arc<dyn Fn(&Notification) -> Result<(), String> + Send + Sync>;
+
+/// Tunables.
+#[derive(Clone, Debug)]
+pub struct InboxConfig {
+    pub dedupe_retention: Duration,
+    /// Above this many queued notices new ones get a retry-later NACK.
+    pub max_queued: u64,
+    /// Whether a submit in flight when the agent died is sent again (possible duplicate SMS)
+    /// or dead-lettered (possible lost SMS).
+    pub resend_uncertain: bool,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        Self {
+            dedupe_retention: Duration::from_secs(30 * 86_400),
+            max_queued: 1_000_000,
+            resend_uncertain: true,
+        }
+    }
+}
+
+/// A queued notice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub in_flight: bool,
+    pub attempts: u16,
+    pub next_at_ms: i64,
+    pub received_at_ms: i64,
+    pub id: NotifId,
+    pub peer: String,
+    pub payload: Vec<u8>,
+}
+
+impl Record {
+    fn encode(&self) -> Vec<u8> {
+        let peer = &self.peer.as_bytes()[..self.peer.len().min(255)];
+        let mut v = Vec::with_capacity(38 + peer.len() + self.payload.len());
+        v.push(1);
+        v.push(u8::from(self.in_flight));
+        v.extend_from_slice(&self.attempts.to_be_bytes());
+        v.extend_from_slice(&self.next_at_ms.to_be_bytes());
+        v.extend_from_slice(&self.received_at_ms.to_be_bytes());
+        v.extend_from_slice(self.id.as_bytes());
+        v.push(peer.len() as u8);
+        v.extend_from_slice(peer);
+        v.extend_from_slice(&self.payload);
+        v
+    }
+
+    fn decode(seq: u64, v: &[u8]) -> Option<Self> {
+        if v.len() < 37 || v[0] != 1 {
+            return None;
+        }
+        let attempts = u16::from_be_bytes([v[2], v[3]]);
+        let next_at_ms = i64::from_be_bytes(v[4..12].try_into().ok()?);
+        let received_at_ms = i64::from_be_bytes(v[12..20].try_into().ok()?);
+        let id = NotifId(v[20..36].try_into().ok()?);
+        let plen = usize::from(v[36]);
+        let peer = std::str::from_utf8(v.get(37..37 + plen)?).ok()?.to_string();
+        Some(Self {
+            seq,
+            in_flight: v[1] == 1,
+            attempts,
+            next_at_ms,
+            received_at_ms,
+            id,
+            peer,
+            payload: v.get(37 + plen..)?.to_vec(),
+        })
+    }
+
+    /// The decoded notice (payloads were validated at receipt).
+    pub fn notification(&self) -> Option<Notification> {
+        Notification::decode_payload(self.id, &self.payload).ok()
+    }
+}
+
+fn key(prefix: u8, seq: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = prefix;
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn seen_key(id: &NotifId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = b's';
+    k[1..].copy_from_slice(id.as_bytes());
+    k
+}
+
+fn seq_of(k: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(k.get(1..9)?.try_into().ok()?))
+}
+
+/// What the dispatcher reports about a notice.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// About to be handed to a modem: mark it so a crash leaves a trace.
+    InFlight(u64),
+    /// The SMS went out: forget the notice.
+    Sent(u64),
+    /// Try again later.
+    Retry { seq: u64, attempts: u16, next_at_ms: i64 },
+    /// Give up, with the reason.
+    Dead { seq: u64, reason: String },
+}
+
+enum Request {
+    Store {
+        peer: Arc<str>,
+        batch: Vec<(NotifId, Vec<u8>)>,
+        reply: oneshot::Sender<Vec<Outcome>>,
+    },
+    Change {
+        change: Change,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Stop,
+}
+
+/// Counters for metrics and status.
+#[derive(Debug, Default)]
+pub struct InboxStats {
+    pub queued: AtomicU64,
+    pub dead: AtomicU64,
+    pub stored: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected: AtomicU64,
+    pub commits: AtomicU64,
+    pub uncertain: AtomicU64,
+}
+
+/// The inbox handle: cheap to clone, shared by link sessions and the dispatcher.
+#[derive(Clone)]
+pub struct Inbox {
+    db: sled::Db,
+    tx: mpsc::SyncSender<Request>,
+    notify: Arc<Notify>,
+    committer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    pub stats: Arc<InboxStats>,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Inbox {
+    /// Opens (or creates) the inbox, recovers submits that were in flight, and starts the
+    /// committer thread.
+    pub fn open(
+        path: &Path,
+        cfg: InboxConfig,
+        validator: Validator,
+    ) -> Result<Self, InboxError> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|source| InboxError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let stats = Arc::new(InboxStats::default());
+        recover(&db, &cfg, &stats)?;
+        let (tx, rx) = mpsc::sync_channel(4096);
+        let notify = Arc::new(Notify::new());
+        let committer = Committer {
+            db: db.clone(),
+            cfg,
+            validator,
+            stats: stats.clone(),
+            notify: notify.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("inbox-commit".into())
+            .spawn(move || committer.run(rx))
+            .map_err(|e| InboxError::Corrupt(format!("spawn committer: {e}")))?;
+        Ok(Self {
+            db,
+            tx,
+            notify,
+            committer: Arc::new(std::sync::Mutex::new(Some(handle))),
+            stats,
+        })
+    }
+
+    /// Commits what is pending, stops the committer and flushes. Later writes through any
+    /// clone fail with a retry-later answer; the store closes when the last clone is dropped.
+    pub fn close(&self) {
+        let _ = self.tx.send(Request::Stop);
+        let handle = self.committer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+        let _ = self.db.flush();
+    }
+
+    /// Signalled when new notices are queued.
+    pub fn notifier(&self) -> Arc<Notify> {
+        self.notify.clone()
+    }
+
+    /// Queued notices due at `now_ms`, oldest first, skipping `busy` sequence numbers.
+    /// Also returns the earliest future due time seen, for the dispatcher's timer.
+    pub fn ready(
+        &self,
+        now_ms: i64,
+        max: usize,
+        busy: &HashSet<u64>,
+    ) -> Result<(Vec<Record>, Option<i64>), InboxError> {
+        let mut out = Vec::new();
+        let mut next: Option<i64> = None;
+        for kv in self.db.scan_prefix([b'q']).take(100_000) {
+            let (k, v) = kv?;
+            let seq = seq_of(&k).ok_or_else(|| InboxError::Corrupt(hex::encode(&k)))?;
+            if busy.contains(&seq) {
+                continue;
+            }
+            let Some(r) = Record::decode(seq, &v) else {
+                return Err(InboxError::Corrupt(hex::encode(&k)));
+            };
+            if r.next_at_ms > now_ms {
+                next = Some(next.map_or(r.next_at_ms, |n: i64| n.min(r.next_at_ms)));
+                continue;
+            }
+            out.push(r);
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok((out, next))
+    }
+
+    /// Records a dispatcher state change durably (group-committed).
+    pub async fn change(&self, change: Change) -> Result<(), InboxError> {
+        let (reply, rx) = oneshot::channel();
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || tx.send(Request::Change { change, reply }))
+            .await
+            .map_err(|_| InboxError::Stopped)?
+            .map_err(|_| InboxError::Stopped)?;
+        rx.await
+            .map_err(|_| InboxError::Stopped)?
+            .map_err(InboxError::Corrupt)
+    }
+
+    /// Dead letters, newest last: (seq, reason, record).
+    pub fn dead_letters(&self, max: usize) -> Result<Vec<(u64, String, Record)>, InboxError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix([b'x']).take(max) {
+            let (k, v) = kv?;
+            let seq = seq_of(&k).unwrap_or(0);
+            if v.len() < 2 {
+                continue;
+            }
+            let n = usize::from(u16::from_be_bytes([v[0], v[1]]));
+            let reason = String::from_utf8_lossy(v.get(2..2 + n).unwrap_or_default()).into_owned();
+            if let Some(r) = v.get(2 + n..).and_then(|b| Record::decode(seq, b)) {
+                out.push((seq, reason, r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Submits that were in flight when the agent died.
+    pub fn uncertain(&self) -> Result<Vec<Record>, InboxError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix([b'u']) {
+            let (k, v) = kv?;
+            if let Some(r) = seq_of(&k).and_then(|s| Record::decode(s, &v)) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops dedupe entries older than the retention window; returns how many.
+    pub fn purge_seen(&self, retention: Duration) -> Result<usize, InboxError> {
+        let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.db.scan_prefix([b's']) {
+            let (k, v) = kv?;
+            let at = v
+                .as_ref()
+                .try_into()
+                .map(i64::from_be_bytes)
+                .unwrap_or(i64::MAX);
+            if at < cutoff {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        self.db.apply_batch(batch)?;
+        Ok(n)
+    }
+}
+
+impl LinkInbox for Inbox {
+    async fn store(&self, peer: Arc<str>, batch: Vec<(NotifId, Vec<u8>)>) -> Vec<Outcome> {
+        let n = batch.len();
+        let fail = |reason: &str| {
+            vec![
+                Outcome::Rejected {
+                    class: NackClass::RetryLater,
+                    retry_after: Duration::from_secs(5),
+                    reason: reason.to_string(),
+                };
+                n
+            ]
+        };
+        let (reply, rx) = oneshot::channel();
+        let req = Request::Store { peer, batch, reply };
+        // try_send first: the common case never leaves this thread.
+        let req = match self.tx.try_send(req) {
+            Ok(()) => None,
+            Err(mpsc::TrySendError::Full(req)) => Some(req),
+            Err(mpsc::TrySendError::Disconnected(_)) => return fail("agent inbox unavailable"),
+        };
+        if let Some(req) = req {
+            let tx = self.tx.clone();
+            match tokio::task::spawn_blocking(move || tx.send(req)).await {
+                Ok(Ok(())) => {}
+                _ => return fail("agent inbox unavailable"),
+            }
+        }
+        rx.await
+            .unwrap_or_else(|_| fail("agent inbox unavailable"))
+    }
+}
+
+/// Moves in-flight records to the uncertain log and requeues or dead-letters them.
+fn recover(db: &sled::Db, cfg: &InboxConfig, stats: &InboxStats) -> Result<(), InboxError> {
+    let mut batch = sled::Batch::default();
+    let (mut queued, mut uncertain) = (0u64, 0u64);
+    for kv in db.scan_prefix([b'q']) {
+        let (k, v) = kv?;
+        let seq = seq_of(&k).ok_or_else(|| InboxError::Corrupt(hex::encode(&k)))?;
+        let Some(mut r) = Record::decode(seq, &v) else {
+            return Err(InboxError::Corrupt(hex::encode(&k)));
+        };
+        queued += 1;
+        if r.in_flight {
+            uncertain += 1;
+            batch.insert(&key(b'u', seq), r.encode());
+            r.in_flight = false;
+            if cfg.resend_uncertain {
+                warn!(notif_id = %r.id, seq, "submit was in flight when the agent stopped; resending (policy resend_uncertain = true)");
+                batch.insert(&key(b'q', seq), r.encode());
+            } else {
+                warn!(notif_id = %r.id, seq, "submit was in flight when the agent stopped; not resending (policy resend_uncertain = false)");
+                queued -= 1;
+                batch.remove(&key(b'q', seq));
+                batch.insert(&key(b'x', seq), dead_value("in flight when the agent stopped; not resent by policy", &r));
+            }
+        }
+    }
+    if uncertain > 0 {
+        db.apply_batch(batch)?;
+        db.flush()?;
+    }
+    let dead = db.scan_prefix([b'x']).count() as u64;
+    stats.queued.store(queued, Ordering::Relaxed);
+    stats.dead.store(dead, Ordering::Relaxed);
+    stats
+        .uncertain
+        .store(db.scan_prefix([b'u']).count() as u64, Ordering::Relaxed);
+    info!(queued, dead, uncertain, "inbox opened");
+    Ok(())
+}
+
+fn dead_value(reason: &str, r: &Record) -> Vec<u8> {
+    let reason = &reason.as_bytes()[..reason.len().min(1024)];
+    let mut v = Vec::with_capacity(2 + reason.len() + 64 + r.payload.len());
+    v.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+    v.extend_from_slice(reason);
+    v.extend_from_slice(&r.encode());
+    v
+}
+
+struct Committer {
+    db: sled::Db,
+    cfg: InboxConfig,
+    validator: Validator,
+    stats: Arc<InboxStats>,
+    notify: Arc<Notify>,
+}
+
+enum Reply {
+    Store(oneshot::Sender<Vec<Outcome>>, Vec<Outcome>),
+    Change(oneshot::Sender<Result<(), String>>),
+}
+
+impl Committer {
+    fn run(self, rx: mpsc::Receiver<Request>) {
+        'run: while let Ok(first) = rx.recv() {
+            let mut stop = matches!(first, Request::Stop);
+            let mut reqs = vec![first];
+            while reqs.len() < 1024 && !stop {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        stop = matches!(r, Request::Stop);
+                        reqs.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(reqs);
+            if stop {
+                break 'run;
+            }
+        }
+        info!("inbox committer stopped");
+    }
+
+    fn commit(&self, reqs: Vec<Request>) {
+        let mut batch = sled::Batch::default();
+        let mut replies = Vec::with_capacity(reqs.len());
+        let mut fresh: HashSet<NotifId> = HashSet::new();
+        let mut new_items = 0u64;
+        let (mut dup, mut rej, mut sent, mut dead) = (0u64, 0u64, 0u64, 0u64);
+        let now = now_ms();
+        let mut queued = self.stats.queued.load(Ordering::Relaxed);
+        for req in reqs {
+            match req {
+                Request::Store { peer, batch: items, reply } => {
+                    let mut outcomes = Vec::with_capacity(items.len());
+                    for (id, payload) in items {
+                        outcomes.push(self.admit(
+                            &mut batch, &mut fresh, &peer, id, payload, now, &mut queued,
+                        ));
+                        match outcomes.last() {
+                            Some(Outcome::Stored) => new_items += 1,
+                            Some(Outcome::Duplicate) => dup += 1,
+                            _ => rej += 1,
+                        }
+                    }
+                    replies.push(Reply::Store(reply, outcomes));
+                }
+                Request::Change { change, reply } => {
+                    match self.apply_change(&mut batch, &change) {
+                        Ok(Some(true)) => sent += 1,
+                        Ok(Some(false)) => dead += 1,
+                        Ok(None) => {}
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            continue;
+                        }
+                    }
+                    replies.push(Reply::Change(reply));
+                }
+                Request::Stop => {}
+            }
+        }
+        let result = self
+            .db
+            .apply_batch(batch)
+            .and_then(|()| self.db.flush().map(|_| ()));
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                self.stats.stored.fetch_add(new_items, Ordering::Relaxed);
+                self.stats.duplicates.fetch_add(dup, Ordering::Relaxed);
+                self.stats.rejected.fetch_add(rej, Ordering::Relaxed);
+                self.stats
+                    .queued
+                    .store(queued.saturating_sub(sent + dead), Ordering::Relaxed);
+                self.stats.dead.fetch_add(dead, Ordering::Relaxed);
+                for r in replies {
+                    match r {
+                        Reply::Store(tx, outcomes) => {
+                            let _ = tx.send(outcomes);
+                        }
+                        Reply::Change(tx) => {
+                            let _ = tx.send(Ok(()));
+                        }
+                    }
+                }
+                if new_items > 0 {
+                    self.notify.notify_one();
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "inbox commit failed; senders will retry");
+                for r in replies {
+                    match r {
+                        Reply::Store(tx, outcomes) => {
+                            let _ = tx.send(
+                                outcomes
+                                    .into_iter()
+                                    .map(|_| Outcome::Rejected {
+                                        class: NackClass::RetryLater,
+                                        retry_after: Duration::from_secs(5),
+                                        reason: format!("agent inbox store failed: {e}"),
+                                    })
+                                    .collect(),
+                            );
+                        }
+                        Reply::Change(tx) => {
+                            let _ = tx.send(Err(format!("inbox store failed: {e}")));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &self,
+        batch: &mut sled::Batch,
+        fresh: &mut HashSet<NotifId>,
+        peer: &str,
+        id: NotifId,
+        payload: Vec<u8>,
+        now: i64,
+        queued: &mut u64,
+    ) -> Outcome {
+        let permanent = |reason: String| Outcome::Rejected {
+            class: NackClass::Permanent,
+            retry_after: Duration::ZERO,
+            reason,
+        };
+        if fresh.contains(&id) {
+            return Outcome::Duplicate;
+        }
+        match self.db.contains_key(seen_key(&id)) {
+            Ok(true) => return Outcome::Duplicate,
+            Ok(false) => {}
+            Err(e) => {
+                return Outcome::Rejected {
+                    class: NackClass::RetryLater,
+                    retry_after: Duration::from_secs(5),
+                    reason: format!("agent inbox store failed: {e}"),
+                }
+            }
+        }
+        let n = match Notification::decode_payload(id, &payload) {
+            Ok(n) => n,
+            Err(e) => return permanent(format!("malformed notification: {e}")),
+        };
+        if let Err(reason) = (self.validator)(&n) {
+            return permanent(reason);
+        }
+        if *queued >= self.cfg.max_queued {
+            return Outcome::Rejected {
+                class: NackClass::RetryLater,
+                retry_after: Duration::from_secs(30),
+                reason: format!("agent inbox full ({} queued)", *queued),
+            };
+        }
+        let seq = match self.db.generate_id() {
+            Ok(s) => s,
+            Err(e) => {
+                return Outcome::Rejected {
+                    class: NackClass::RetryLater,
+                    retry_after: Duration::from_secs(5),
+                    reason: format!("agent inbox store failed: {e}"),
+                }
+            }
+        };
+        let r = Record {
+            seq,
+            in_flight: false,
+            attempts: 0,
+            next_at_ms: 0,
+            received_at_ms: now,
+            id,
+            peer: peer.to_string(),
+            payload,
+        };
+        batch.insert(&key(b'q', seq), r.encode());
+        batch.insert(&seen_key(&id), &now.to_be_bytes());
+        fresh.insert(id);
+        *queued += 1;
+        Outcome::Stored
+    }
+
+    /// Adds a change to the batch. `Some(true)` = a notice left as sent, `Some(false)` = dead.
+    fn apply_change(&self, batch: &mut sled::Batch, c: &Change) -> Result<Option<bool>, String> {
+        let seq = match c {
+            Change::InFlight(s) | Change::Sent(s) => *s,
+            Change::Retry { seq, .. } | Change::Dead { seq, .. } => *seq,
+        };
+        let k = key(b'q', seq);
+        let cur = self
+            .db
+            .get(k)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("notice {seq} is not queued"))?;
+        let mut r = Record::decode(seq, &cur).ok_or_else(|| format!("corrupt notice {seq}"))?;
+        match c {
+            Change::InFlight(_) => {
+                r.in_flight = true;
+                batch.insert(&k, r.encode());
+                Ok(None)
+            }
+            Change::Sent(_) => {
+                batch.remove(&k);
+                Ok(Some(true))
+            }
+            Change::Retry {
+                attempts,
+                next_at_ms,
+                ..
+            } => {
+                r.in_flight = false;
+                r.attempts = *attempts;
+                r.next_at_ms = *next_at_ms;
+                batch.insert(&k, r.encode());
+                Ok(None)
+            }
+            Change::Dead { reason, .. } => {
+                r.in_flight = false;
+                batch.remove(&k);
+                batch.insert(&key(b'x', seq), dead_value(reason, &r));
+                Ok(Some(false))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notice(phone: &str) -> (NotifId, Vec<u8>) {
+        let n = Notification {
+            id: NotifId::random(),
+            phone: phone.into(),
+            recipient: "alice@example.com".into(),
+            from_addr: "bob@example.org".into(),
+            subject: "hi".into(),
+            count: 1,
+            ..Default::default()
+        };
+        (n.id, n.encode_payload().unwrap())
+    }
+
+    fn validator() -> Validator {
+        Arc::new(|n: &Notification| {
+            if n.phone.starts_with('+') {
+                Ok(())
+            } else {
+                Err("invalid phone number".into())
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn stores_dedupes_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inbox");
+        let a = notice("+8613800138000");
+        let bad = notice("12345");
+        {
+            let inbox = Inbox::open(&path, InboxConfig::default(), validator()).unwrap();
+            let out = inbox
+                .store("mx".into(), vec![a.clone(), a.clone(), bad.clone()])
+                .await;
+            assert_eq!(out[0], Outcome::Stored);
+            assert_eq!(out[1], Outcome::Duplicate);
+            assert!(matches!(
+                &out[2],
+                Outcome::Rejected { class: NackClass::Permanent, reason, .. } if reason == "invalid phone number"
+            ));
+            let (ready, _) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
+            assert_eq!(ready.len(), 1);
+            inbox.change(Change::InFlight(ready[0].seq)).await.unwrap();
+            inbox.close();
+        }
+        // Reopen (a restart): the id is still known, and the in-flight submit is uncertain.
+        let inbox = Inbox::open(&path, InboxConfig::default(), validator()).unwrap();
+        assert_eq!(inbox.store("mx".into(), vec![a.clone()]).await, vec![Outcome::Duplicate]);
+        let unc = inbox.uncertain().unwrap();
+        assert_eq!(unc.len(), 1);
+        assert_eq!(unc[0].id, a.0);
+        let (ready, _) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
+        assert_eq!(ready.len(), 1, "resent by the default policy");
+        assert!(!ready[0].in_flight);
+        inbox.change(Change::Sent(ready[0].seq)).await.unwrap();
+        assert!(inbox.ready(now_ms(), 10, &HashSet::new()).unwrap().0.is_empty());
+        assert_eq!(inbox.stats.queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn uncertain_policy_off_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inbox");
+        let cfg = InboxConfig {
+            resend_uncertain: false,
+            ..Default::default()
+        };
+        {
+            let inbox = Inbox::open(&path, cfg.clone(), validator()).unwrap();
+            inbox.store("mx".into(), vec![notice("+441234567890")]).await;
+            let (ready, _) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
+            inbox.change(Change::InFlight(ready[0].seq)).await.unwrap();
+            inbox.close();
+        }
+        let inbox = Inbox::open(&path, cfg, validator()).unwrap();
+        assert!(inbox.ready(now_ms(), 10, &HashSet::new()).unwrap().0.is_empty());
+        let dead = inbox.dead_letters(10).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert!(dead[0].1.contains("not resent by policy"));
+    }
+
+    #[tokio::test]
+    async fn retry_schedule_and_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox =
+            Inbox::open(&dir.path().join("i"), InboxConfig::default(), validator()).unwrap();
+        inbox
+            .store("mx".into(), vec![notice("+441234567890"), notice("+441234567891")])
+            .await;
+        let (ready, _) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
+        let later = now_ms() + 60_000;
+        inbox
+            .change(Change::Retry { seq: ready[0].seq, attempts: 1, next_at_ms: later })
+            .await
+            .unwrap();
+        inbox
+            .change(Change::Dead { seq: ready[1].seq, reason: "+CMS ERROR: 21".into() })
+            .await
+            .unwrap();
+        let (now_ready, next) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
+        assert!(now_ready.is_empty());
+        assert_eq!(next, Some(later));
+        assert_eq!(inbox.ready(later, 10, &HashSet::new()).unwrap().0.len(), 1);
+        assert_eq!(inbox.dead_letters(10).unwrap()[0].1, "+CMS ERROR: 21");
+        // A change for a notice that is gone is an error, not a panic.
+        assert!(inbox.change(Change::Sent(ready[1].seq)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn full_inbox_asks_to_retry_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = InboxConfig {
+            max_queued: 1,
+            ..Default::default()
+        };
+        let inbox = Inbox::open(&dir.path().join("i"), cfg, validator()).unwrap();
+        let out = inbox
+            .store("mx".into(), vec![notice("+441234567890"), notice("+441234567891")])
+            .await;
+        assert_eq!(out[0], Outcome::Stored);
+        assert!(matches!(out[1], Outcome::Rejected { class: NackClass::RetryLater, .. }));
+    }
+
+    #[test]
+    fn record_round_trip_and_corruption() {
+        let r = Record {
+            seq: 5,
+            in_flight: true,
+            attempts: 3,
+            next_at_ms: 123,
+            received_at_ms: 456,
+            id: NotifId::random(),
+            peer: "mailhost".into(),
+            payload: vec![1, 2, 3],
+        };
+        assert_eq!(Record::decode(5, &r.encode()), Some(r.clone()));
+        let enc = r.encode();
+        for cut in 0..37 {
+            assert_eq!(Record::decode(5, &enc[..cut]), None);
+        }
+    }
+}
