@@ -1,1 +1,555 @@
-//! TODO
+//! The agent's configuration: TOML parsed once into typed values. Every key has a default, so
+//! an empty file (or none) runs a local agent with a dev PKI and a simulated modem.
+//! config/gsm-agent.example.toml lists every key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::render::{builtin_templates, RenderConfig, Template};
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("parse {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A duration written as `"250ms"`, `"10s"`, `"5m"`, `"2h"` or `"30d"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. \"10s\""))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+/// `"+08:00"` → 480 minutes.
+pub fn parse_utc_offset(s: &str) -> Result<i32, String> {
+    let err = || format!("invalid UTC offset {s:?}: expected e.g. \"+08:00\"");
+    let (sign, rest) = match s.as_bytes().first() {
+        Some(b'+') => (1, &s[1..]),
+        Some(b'-') => (-1, &s[1..]),
+        _ => return Err(err()),
+    };
+    let (h, m) = rest.split_once(':').ok_or_else(err)?;
+    let h: i32 = h.parse().map_err(|_| err())?;
+    let m: i32 = m.parse().map_err(|_| err())?;
+    if !(0..=14).contains(&h) || !(0..60).contains(&m) {
+        return Err(err());
+    }
+    Ok(sign * (h * 60 + m))
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    agent: RawAgent,
+    link: RawLink,
+    inbox: RawInbox,
+    sms: RawSms,
+    metrics: RawMetrics,
+    simulator: RawSimulator,
+    modem: Vec<RawModem>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAgent {
+    data_dir: PathBuf,
+}
+
+impl Default for RawAgent {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("var/gsm-agent"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLink {
+    listen: String,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    dev_pki: bool,
+    dev_pki_dir: Option<PathBuf>,
+    agent_names: Vec<String>,
+    allowed_clients: Vec<String>,
+    window: u16,
+    max_frame: u32,
+    #[serde(deserialize_with = "de_duration")]
+    heartbeat: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    dead_after: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    handshake_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    io_timeout: Duration,
+    max_sessions: usize,
+}
+
+impl Default for RawLink {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7465".into(),
+            ca: None,
+            cert: None,
+            key: None,
+            dev_pki: true,
+            dev_pki_dir: None,
+            agent_names: vec!["localhost".into(), "127.0.0.1".into()],
+            allowed_clients: vec![],
+            window: 1024,
+            max_frame: mailbell_link::frame::DEFAULT_MAX_FRAME,
+            heartbeat: Duration::from_secs(10),
+            dead_after: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(10),
+            max_sessions: 64,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawInbox {
+    #[serde(deserialize_with = "de_duration")]
+    dedupe_retention: Duration,
+    max_queued: u64,
+    resend_uncertain: bool,
+}
+
+impl Default for RawInbox {
+    fn default() -> Self {
+        let d = crate::inbox::InboxConfig::default();
+        Self {
+            dedupe_retention: d.dedupe_retention,
+            max_queued: d.max_queued,
+            resend_uncertain: d.resend_uncertain,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSms {
+    default_language: String,
+    utc_offset: String,
+    time_format: String,
+    default_max_parts: u8,
+    max_parts_cap: u8,
+    #[serde(deserialize_with = "de_duration")]
+    validity: Duration,
+    status_report: bool,
+    templates: BTreeMap<String, Template>,
+    /// Attempts per notice before it is dead-lettered, whatever the error class allows.
+    max_attempts: u16,
+    /// How long a notice may wait for a free modem before this is logged as an alarm.
+    #[serde(deserialize_with = "de_duration")]
+    submit_wait: Duration,
+}
+
+impl Default for RawSms {
+    fn default() -> Self {
+        let r = RenderConfig::default();
+        Self {
+            default_language: r.default_language,
+            utc_offset: "+08:00".into(),
+            time_format: r.time_format,
+            default_max_parts: r.default_max_parts,
+            max_parts_cap: r.max_parts_cap,
+            validity: Duration::from_secs(86_400),
+            status_report: false,
+            templates: BTreeMap::new(),
+            max_attempts: 10,
+            submit_wait: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            listen: Some("127.0.0.1:9465".into()),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSimulator {
+    #[serde(deserialize_with = "de_duration")]
+    submit_delay: Duration,
+    pdu_log: Option<PathBuf>,
+    per_minute: u32,
+    per_day: u32,
+}
+
+impl Default for RawSimulator {
+    fn default() -> Self {
+        Self {
+            submit_delay: Duration::ZERO,
+            pdu_log: None,
+            per_minute: 0,
+            per_day: 0,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModem {
+    name: String,
+    device: PathBuf,
+    #[serde(default = "default_baud")]
+    baud: u32,
+    #[serde(default)]
+    pin: Option<String>,
+    #[serde(default = "default_cmd_timeout", deserialize_with = "de_duration")]
+    command_timeout: Duration,
+    #[serde(default = "default_submit_timeout", deserialize_with = "de_duration")]
+    submit_timeout: Duration,
+    #[serde(default)]
+    init_commands: Vec<String>,
+    #[serde(default = "default_reopen_max", deserialize_with = "de_duration")]
+    reopen_backoff_max: Duration,
+    #[serde(default = "default_per_minute")]
+    per_minute: u32,
+    #[serde(default)]
+    per_day: u32,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+fn default_cmd_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_submit_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_reopen_max() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_per_minute() -> u32 {
+    8
+}
+
+/// TLS material for the link listener.
+#[derive(Clone, Debug)]
+pub enum LinkTls {
+    /// Operator-provided files.
+    Files {
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// A dev PKI generated (once) in this directory.
+    DevPki { dir: PathBuf, names: Vec<String> },
+}
+
+/// The link listener.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    pub listen: SocketAddr,
+    pub tls: LinkTls,
+    pub allowed_clients: Vec<String>,
+    pub receiver: mailbell_link::receiver::ReceiverConfig,
+    pub handshake_timeout: Duration,
+    pub io_timeout: Duration,
+    pub max_sessions: usize,
+}
+
+/// One serial modem.
+#[derive(Clone, Debug)]
+pub struct ModemEntry {
+    pub name: String,
+    pub device: PathBuf,
+    pub baud: u32,
+    pub pin: Option<String>,
+    pub command_timeout: Duration,
+    pub submit_timeout: Duration,
+    pub init_commands: Vec<String>,
+    pub reopen_backoff_max: Duration,
+    pub per_minute: u32,
+    pub per_day: u32,
+}
+
+/// The simulated modem used when no `[[modem]]` is configured.
+#[derive(Clone, Debug)]
+pub struct SimulatorConfig {
+    pub submit_delay: Duration,
+    pub pdu_log: Option<PathBuf>,
+    pub per_minute: u32,
+    pub per_day: u32,
+}
+
+/// SMS rendering and submit policy.
+#[derive(Clone, Debug)]
+pub struct SmsConfig {
+    pub render: RenderConfig,
+    pub validity: Option<Duration>,
+    pub status_report: bool,
+    pub max_attempts: u16,
+    pub submit_wait: Duration,
+}
+
+/// The whole agent configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub link: LinkConfig,
+    pub inbox: crate::inbox::InboxConfig,
+    pub sms: SmsConfig,
+    pub metrics_listen: Option<SocketAddr>,
+    pub modems: Vec<ModemEntry>,
+    pub simulator: SimulatorConfig,
+}
+
+impl Config {
+    /// Reads a file; a missing `path` means all defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            return Self::from_toml("", "(defaults)");
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML text (`origin` names it in errors).
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: origin.to_string(),
+            source: Box::new(source),
+        })?;
+        let inv = ConfigError::Invalid;
+        let listen: SocketAddr = raw
+            .link
+            .listen
+            .parse()
+            .map_err(|_| inv(format!("link.listen {:?} is not ip:port", raw.link.listen)))?;
+        let tls = match (raw.link.ca, raw.link.cert, raw.link.key) {
+            (Some(ca), Some(cert), Some(key)) => LinkTls::Files { ca, cert, key },
+            (None, None, None) if raw.link.dev_pki => LinkTls::DevPki {
+                dir: raw
+                    .link
+                    .dev_pki_dir
+                    .unwrap_or_else(|| raw.agent.data_dir.join("pki")),
+                names: raw.link.agent_names,
+            },
+            (None, None, None) => {
+                return Err(inv(
+                    "link.ca, link.cert and link.key are required when link.dev_pki = false".into(),
+                ))
+            }
+            _ => {
+                return Err(inv(
+                    "set all of link.ca, link.cert and link.key, or none of them".into(),
+                ))
+            }
+        };
+        if raw.link.window == 0 {
+            return Err(inv("link.window must be at least 1".into()));
+        }
+        if raw.link.max_frame < mailbell_link::frame::MIN_MAX_FRAME
+            || raw.link.max_frame > mailbell_link::frame::DEFAULT_MAX_FRAME
+        {
+            return Err(inv(format!(
+                "link.max_frame must be between {} and {}",
+                mailbell_link::frame::MIN_MAX_FRAME,
+                mailbell_link::frame::DEFAULT_MAX_FRAME
+            )));
+        }
+        let mut templates = builtin_templates();
+        templates.extend(raw.sms.templates);
+        let render = RenderConfig {
+            default_language: raw.sms.default_language,
+            templates,
+            utc_offset_minutes: parse_utc_offset(&raw.sms.utc_offset).map_err(inv)?,
+            time_format: raw.sms.time_format,
+            default_max_parts: raw.sms.default_max_parts,
+            max_parts_cap: raw.sms.max_parts_cap,
+        };
+        let metrics_listen = match raw.metrics.listen {
+            None => None,
+            Some(s) if s.is_empty() => None,
+            Some(s) => Some(
+                s.parse()
+                    .map_err(|_| inv(format!("metrics.listen {s:?} is not ip:port")))?,
+            ),
+        };
+        let mut names = std::collections::HashSet::new();
+        let mut modems = Vec::new();
+        for m in raw.modem {
+            if !names.insert(m.name.clone()) {
+                return Err(inv(format!("modem name {:?} is used twice", m.name)));
+            }
+            modems.push(ModemEntry {
+                name: m.name,
+                device: m.device,
+                baud: m.baud,
+                pin: m.pin,
+                command_timeout: m.command_timeout,
+                submit_timeout: m.submit_timeout,
+                init_commands: m.init_commands,
+                reopen_backoff_max: m.reopen_backoff_max,
+                per_minute: m.per_minute,
+                per_day: m.per_day,
+            });
+        }
+        if raw.sms.max_attempts == 0 {
+            return Err(inv("sms.max_attempts must be at least 1".into()));
+        }
+        Ok(Config {
+            data_dir: raw.agent.data_dir,
+            link: LinkConfig {
+                listen,
+                tls,
+                allowed_clients: raw.link.allowed_clients,
+                receiver: mailbell_link::receiver::ReceiverConfig {
+                    window: raw.link.window,
+                    max_frame: raw.link.max_frame,
+                    heartbeat: raw.link.heartbeat,
+                    dead_after: raw.link.dead_after,
+                },
+                handshake_timeout: raw.link.handshake_timeout,
+                io_timeout: raw.link.io_timeout,
+                max_sessions: raw.link.max_sessions,
+            },
+            inbox: crate::inbox::InboxConfig {
+                dedupe_retention: raw.inbox.dedupe_retention,
+                max_queued: raw.inbox.max_queued,
+                resend_uncertain: raw.inbox.resend_uncertain,
+            },
+            sms: SmsConfig {
+                render,
+                validity: (!raw.sms.validity.is_zero()).then_some(raw.sms.validity),
+                status_report: raw.sms.status_report,
+                max_attempts: raw.sms.max_attempts,
+                submit_wait: raw.sms.submit_wait,
+            },
+            metrics_listen,
+            modems,
+            simulator: SimulatorConfig {
+                submit_delay: raw.simulator.submit_delay,
+                pdu_log: raw.simulator.pdu_log,
+                per_minute: raw.simulator.per_minute,
+                per_day: raw.simulator.per_day,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_working_defaults() {
+        let c = Config::from_toml("", "t").unwrap();
+        assert_eq!(c.link.listen.port(), 7465);
+        assert!(matches!(c.link.tls, LinkTls::DevPki { .. }));
+        assert!(c.modems.is_empty());
+        assert!(c.sms.render.templates.contains_key("zh"));
+        assert_eq!(c.sms.render.utc_offset_minutes, 480);
+    }
+
+    #[test]
+    fn durations_and_offsets() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert!(parse_duration("ten seconds").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
+        assert_eq!(parse_utc_offset("-05:30"), Ok(-330));
+        assert!(parse_utc_offset("08:00").is_err());
+    }
+
+    #[test]
+    fn bad_keys_and_values_are_named() {
+        let e = Config::from_toml("[link]\nlisten = \"nowhere\"", "t").unwrap_err();
+        assert!(e.to_string().contains("link.listen"), "{e}");
+        let e = Config::from_toml("[link]\nlisen = \"x\"", "t").unwrap_err();
+        assert!(e.to_string().contains("lisen"), "{e}");
+        let e = Config::from_toml("[link]\nca = \"ca.pem\"", "t").unwrap_err();
+        assert!(e.to_string().contains("none of them"), "{e}");
+        let e = Config::from_toml(
+            "[[modem]]\nname = \"a\"\ndevice = \"/dev/ttyUSB0\"\n[[modem]]\nname = \"a\"\ndevice = \"/dev/ttyUSB1\"",
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("used twice"), "{e}");
+    }
+
+    #[test]
+    fn modems_and_templates_parse() {
+        let c = Config::from_toml(
+            r#"
+[sms.templates.en]
+single = "Mail for {recipient}: {subject}"
+coalesced = "{count} mails for {recipient}"
+[[modem]]
+name = "gsm0"
+device = "/dev/ttyUSB0"
+pin = "1234"
+per_minute = 6
+per_day = 500
+submit_timeout = "90s"
+"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.modems[0].per_day, 500);
+        assert_eq!(c.modems[0].submit_timeout, Duration::from_secs(90));
+        assert_eq!(c.modems[0].baud, 115_200);
+        assert_eq!(
+            c.sms.render.templates["en"].single,
+            "Mail for {recipient}: {subject}"
+        );
+    }
+}

@@ -1,1 +1,404 @@
-//! TODO
+//! Moves notices from the durable inbox to the modems and applies the retry policy of each
+//! error class. A failing notice never blocks the ones behind it: it is rescheduled or
+//! dead-lettered while the queue moves on.
+//!
+//! Per notice: decode → render (template or literal text) → validate the number → encode the
+//! PDUs → mark in flight (durable) → submit → mark sent, rescheduled or dead (durable).
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::SmsConfig;
+use crate::inbox::{Change, Inbox, Record};
+use crate::modem::cms::ErrorClass;
+use crate::modem::pdu::{encode_submit, SubmitOptions};
+use crate::phone::E164;
+use crate::render::Renderer;
+
+/// Why the modems did not take a message.
+#[derive(Clone, Debug)]
+pub struct SinkFailure {
+    pub class: ErrorClass,
+    pub reason: String,
+    /// The last PDU was written and no answer came back: the SMS may have gone out.
+    pub maybe_sent: bool,
+    /// No modem could take it at all (all down or paced out): not the message's fault.
+    pub no_modem: bool,
+}
+
+/// Where rendered PDUs go: the modem pool (or a test double).
+pub trait SmsSink: Send + Sync + 'static {
+    /// Submits all parts of one SMS; returns the name of the modem that sent it.
+    fn submit(
+        &self,
+        pdus: Vec<(usize, String)>,
+    ) -> impl Future<Output = Result<String, SinkFailure>> + Send;
+}
+
+/// Counters for metrics and status.
+#[derive(Debug, Default)]
+pub struct DispatchStats {
+    pub sent: AtomicU64,
+    pub parts: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead: AtomicU64,
+    pub maybe_sent: AtomicU64,
+    /// Failures by error class.
+    pub failed: Mutex<BTreeMap<String, u64>>,
+}
+
+impl DispatchStats {
+    fn count_failure(&self, class: ErrorClass) {
+        if let Ok(mut m) = self.failed.lock() {
+            *m.entry(format!("{class:?}")).or_default() += 1;
+        }
+    }
+}
+
+/// The dispatcher.
+pub struct Dispatcher<S: SmsSink> {
+    pub inbox: Inbox,
+    pub sink: Arc<S>,
+    pub renderer: Arc<Renderer>,
+    pub sms: SmsConfig,
+    /// Notices handed to the modems at once (about the number of modems).
+    pub concurrency: usize,
+    pub resend_uncertain: bool,
+    pub stats: Arc<DispatchStats>,
+}
+
+/// What the dispatcher decided for a notice, before it is written to the inbox.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Sent,
+    Retry { attempts: u16, after: Duration },
+    Dead(String),
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl<S: SmsSink> Dispatcher<S> {
+    /// Runs until `shutdown`; then waits (bounded) for submits already at a modem.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let notify = self.inbox.notifier();
+        let mut busy: HashSet<u64> = HashSet::new();
+        let mut jobs: JoinSet<u64> = JoinSet::new();
+        let concurrency = self.concurrency.max(1);
+        loop {
+            let mut next_due: Option<i64> = None;
+            let free = concurrency.saturating_sub(busy.len());
+            if free > 0 {
+                match self.inbox.ready(now_ms(), free, &busy) {
+                    Ok((items, next)) => {
+                        next_due = next;
+                        for r in items {
+                            busy.insert(r.seq);
+                            let me = self.clone();
+                            jobs.spawn(async move {
+                                let seq = r.seq;
+                                me.process(r).await;
+                                seq
+                            });
+                        }
+                    }
+                    Err(e) => error!(error = %e, "cannot read the inbox"),
+                }
+            }
+            let wait = next_due
+                .map(|t| Duration::from_millis(u64::try_from(t - now_ms()).unwrap_or(0)))
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = notify.notified() => {}
+                Some(done) = jobs.join_next(), if !jobs.is_empty() => {
+                    if let Ok(seq) = done {
+                        busy.remove(&seq);
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+            // Collect every other finished job without waiting.
+            while let Some(done) = jobs.try_join_next() {
+                if let Ok(seq) = done {
+                    busy.remove(&seq);
+                }
+            }
+        }
+        let grace = Duration::from_secs(10);
+        if tokio::time::timeout(grace, async { while jobs.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            warn!("submits still at a modem at shutdown; they will count as uncertain");
+            jobs.abort_all();
+        }
+    }
+
+    async fn process(&self, r: Record) {
+        let started = Instant::now();
+        let verdict = self.attempt(&r).await;
+        let change = match &verdict {
+            Verdict::Sent => Change::Sent(r.seq),
+            Verdict::Retry { attempts, after } => Change::Retry {
+                seq: r.seq,
+                attempts: *attempts,
+                next_at_ms: now_ms() + i64::try_from(after.as_millis()).unwrap_or(i64::MAX / 2),
+            },
+            Verdict::Dead(reason) => Change::Dead {
+                seq: r.seq,
+                reason: reason.clone(),
+            },
+        };
+        match &verdict {
+            Verdict::Sent => {}
+            Verdict::Retry { .. } => {
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            }
+            Verdict::Dead(reason) => {
+                self.stats.dead.fetch_add(1, Ordering::Relaxed);
+                warn!(notif_id = %r.id, seq = r.seq, %reason, "notice dead-lettered");
+            }
+        }
+        if let Err(e) = self.inbox.change(change).await {
+            // The notice stays queued (possibly marked in flight); it is retried later.
+            error!(notif_id = %r.id, error = %e, "cannot record the outcome of a notice");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        debug!(notif_id = %r.id, elapsed = ?started.elapsed(), ?verdict, "notice processed");
+    }
+
+    async fn attempt(&self, r: &Record) -> Verdict {
+        let Some(n) = r.notification() else {
+            return Verdict::Dead("malformed notification payload".into());
+        };
+        let dest: E164 = match n.phone.parse() {
+            Ok(d) => d,
+            Err(e) => return Verdict::Dead(format!("invalid phone number: {e}")),
+        };
+        let text = match &n.text {
+            Some(t) => t.clone(),
+            None => match self.renderer.render(&n) {
+                Ok(t) => t,
+                Err(e) => return Verdict::Dead(format!("cannot render SMS: {e}")),
+            },
+        };
+        let opts = SubmitOptions {
+            max_parts: self.renderer.max_parts_for(&n),
+            concat_ref: (r.seq & 0xff) as u8,
+            request_status_report: self.sms.status_report,
+            validity: self.sms.validity,
+        };
+        let pdus = match encode_submit(&dest, &text, &opts) {
+            Ok(p) => p,
+            Err(e) => return Verdict::Dead(format!("cannot encode SMS: {e}")),
+        };
+        let parts: Vec<(usize, String)> = pdus.into_iter().map(|p| (p.tpdu_len, p.hex)).collect();
+        let nparts = parts.len() as u64;
+        if let Err(e) = self.inbox.change(Change::InFlight(r.seq)).await {
+            return Verdict::Retry {
+                attempts: r.attempts,
+                after: Duration::from_secs(5).max(Duration::from_millis(100)),
+            }
+            .log_store(&e);
+        }
+        let attempt_no = u32::from(r.attempts) + 1;
+        match self.sink.submit(parts).await {
+            Ok(modem) => {
+                self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                self.stats.parts.fetch_add(nparts, Ordering::Relaxed);
+                info!(notif_id = %n.id, to = %dest.masked(), %modem, parts = nparts, attempt = attempt_no, "sms sent");
+                Verdict::Sent
+            }
+            Err(f) if f.no_modem => {
+                warn!(notif_id = %n.id, reason = %f.reason, "no modem available; notice waits");
+                Verdict::Retry {
+                    attempts: r.attempts,
+                    after: Duration::from_secs(5),
+                }
+            }
+            Err(f) => {
+                self.stats.count_failure(f.class);
+                if f.maybe_sent {
+                    self.stats.maybe_sent.fetch_add(1, Ordering::Relaxed);
+                    if !self.resend_uncertain {
+                        return Verdict::Dead(format!(
+                            "{} (the SMS may have been sent; not resent by policy)",
+                            f.reason
+                        ));
+                    }
+                }
+                let policy = f.class.retry_policy();
+                let max = policy.max_attempts.min(u32::from(self.sms.max_attempts));
+                if attempt_no >= max {
+                    Verdict::Dead(format!(
+                        "{} ({:?}, attempt {attempt_no} of {max})",
+                        f.reason, f.class
+                    ))
+                } else {
+                    let after = policy
+                        .delay_before(attempt_no + 1)
+                        .max(Duration::from_secs(1));
+                    warn!(notif_id = %n.id, to = %dest.masked(), reason = %f.reason, class = ?f.class, ?after, "sms failed; will retry");
+                    Verdict::Retry {
+                        attempts: u16::try_from(attempt_no).unwrap_or(u16::MAX),
+                        after,
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Verdict {
+    fn log_store(self, e: &crate::inbox::InboxError) -> Self {
+        error!(error = %e, "cannot mark a notice in flight; retrying later");
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inbox::InboxConfig;
+    use crate::render::RenderConfig;
+    use mailbell_link::net::Inbox as _;
+    use mailbell_link::{NotifId, Notification};
+    use std::collections::VecDeque;
+
+    /// A sink that answers from a script, then succeeds.
+    #[derive(Default)]
+    struct Scripted {
+        answers: Mutex<VecDeque<Result<String, SinkFailure>>>,
+        calls: AtomicU64,
+    }
+
+    impl SmsSink for Scripted {
+        async fn submit(&self, _pdus: Vec<(usize, String)>) -> Result<String, SinkFailure> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.answers
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Ok("m0".into()))
+        }
+    }
+
+    fn fail(class: ErrorClass) -> Result<String, SinkFailure> {
+        Err(SinkFailure {
+            class,
+            reason: format!("{class:?}"),
+            maybe_sent: false,
+            no_modem: false,
+        })
+    }
+
+    async fn setup(
+        answers: Vec<Result<String, SinkFailure>>,
+    ) -> (tempfile::TempDir, Arc<Dispatcher<Scripted>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(
+            &dir.path().join("inbox"),
+            InboxConfig::default(),
+            Arc::new(|_| Ok(())),
+        )
+        .unwrap();
+        let sms = crate::config::Config::from_toml("", "t").unwrap().sms;
+        let d = Arc::new(Dispatcher {
+            inbox,
+            sink: Arc::new(Scripted {
+                answers: Mutex::new(answers.into()),
+                calls: AtomicU64::new(0),
+            }),
+            renderer: Arc::new(Renderer::new(RenderConfig::default()).unwrap()),
+            sms,
+            concurrency: 1,
+            resend_uncertain: true,
+            stats: Arc::new(DispatchStats::default()),
+        });
+        (dir, d)
+    }
+
+    async fn queue(d: &Dispatcher<Scripted>, phone: &str) -> Record {
+        let n = Notification {
+            id: NotifId::random(),
+            phone: phone.into(),
+            recipient: "alice@example.com".into(),
+            from_addr: "bob@example.org".into(),
+            subject: "Quarterly report".into(),
+            count: 1,
+            ..Default::default()
+        };
+        d.inbox
+            .store("t".into(), vec![(n.id, n.encode_payload().unwrap())])
+            .await;
+        let (mut r, _) = d.inbox.ready(i64::MAX, 10, &HashSet::new()).unwrap();
+        r.pop().unwrap()
+    }
+
+    #[tokio::test]
+    async fn classes_drive_the_verdict() {
+        let (_d, d) = setup(vec![
+            fail(ErrorClass::Permanent),
+            fail(ErrorClass::Transient),
+            fail(ErrorClass::Bug),
+        ])
+        .await;
+        let r = queue(&d, "+8613800138000").await;
+        assert!(matches!(d.attempt(&r).await, Verdict::Dead(m) if m.contains("Permanent")));
+        let v = d.attempt(&r).await;
+        assert!(
+            matches!(v, Verdict::Retry { attempts: 1, after } if after >= Duration::from_secs(60)),
+            "{v:?}"
+        );
+        assert!(matches!(d.attempt(&r).await, Verdict::Dead(_)));
+        assert_eq!(d.attempt(&r).await, Verdict::Sent);
+    }
+
+    #[tokio::test]
+    async fn capped_attempts_end_in_dead_letter() {
+        let (_d, d) = setup(vec![fail(ErrorClass::Unknown)]).await;
+        let mut r = queue(&d, "+8613800138000").await;
+        r.attempts = 2; // the third attempt of a class allowing three
+        assert!(matches!(d.attempt(&r).await, Verdict::Dead(m) if m.contains("attempt 3 of 3")));
+    }
+
+    #[tokio::test]
+    async fn invalid_number_never_reaches_a_modem() {
+        let (_d, d) = setup(vec![]).await;
+        let r = queue(&d, "0800-FLOWERS").await;
+        assert!(
+            matches!(d.attempt(&r).await, Verdict::Dead(m) if m.contains("invalid phone number"))
+        );
+        assert_eq!(d.sink.calls.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn poison_notice_does_not_block_the_queue() {
+        // The first notice always fails permanently; the ones behind it go out.
+        let (_d, d) = setup(vec![fail(ErrorClass::Permanent)]).await;
+        for _ in 0..3 {
+            queue(&d, "+8613800138000").await;
+        }
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(d.clone().run(stop.clone()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.stats.sent.load(Ordering::Relaxed) < 2 {
+            assert!(Instant::now() < deadline, "queue stalled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(d.stats.dead.load(Ordering::Relaxed), 1);
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(d.inbox.dead_letters(10).unwrap().len(), 1);
+    }
+}

@@ -152,7 +152,11 @@ pub enum Change {
     /// The SMS went out: forget the notice.
     Sent(u64),
     /// Try again later.
-    Retry { seq: u64, attempts: u16, next_at_ms: i64 },
+    Retry {
+        seq: u64,
+        attempts: u16,
+        next_at_ms: i64,
+    },
     /// Give up, with the reason.
     Dead { seq: u64, reason: String },
 }
@@ -199,11 +203,7 @@ fn now_ms() -> i64 {
 impl Inbox {
     /// Opens (or creates) the inbox, recovers submits that were in flight, and starts the
     /// committer thread.
-    pub fn open(
-        path: &Path,
-        cfg: InboxConfig,
-        validator: Validator,
-    ) -> Result<Self, InboxError> {
+    pub fn open(path: &Path, cfg: InboxConfig, validator: Validator) -> Result<Self, InboxError> {
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
@@ -376,8 +376,7 @@ impl LinkInbox for Inbox {
                 _ => return fail("agent inbox unavailable"),
             }
         }
-        rx.await
-            .unwrap_or_else(|_| fail("agent inbox unavailable"))
+        rx.await.unwrap_or_else(|_| fail("agent inbox unavailable"))
     }
 }
 
@@ -403,7 +402,10 @@ fn recover(db: &sled::Db, cfg: &InboxConfig, stats: &InboxStats) -> Result<(), I
                 warn!(notif_id = %r.id, seq, "submit was in flight when the agent stopped; not resending (policy resend_uncertain = false)");
                 queued -= 1;
                 batch.remove(&key(b'q', seq));
-                batch.insert(&key(b'x', seq), dead_value("in flight when the agent stopped; not resent by policy", &r));
+                batch.insert(
+                    &key(b'x', seq),
+                    dead_value("in flight when the agent stopped; not resent by policy", &r),
+                );
             }
         }
     }
@@ -475,11 +477,21 @@ impl Committer {
         let mut queued = self.stats.queued.load(Ordering::Relaxed);
         for req in reqs {
             match req {
-                Request::Store { peer, batch: items, reply } => {
+                Request::Store {
+                    peer,
+                    batch: items,
+                    reply,
+                } => {
                     let mut outcomes = Vec::with_capacity(items.len());
                     for (id, payload) in items {
                         outcomes.push(self.admit(
-                            &mut batch, &mut fresh, &peer, id, payload, now, &mut queued,
+                            &mut batch,
+                            &mut fresh,
+                            &peer,
+                            id,
+                            payload,
+                            now,
+                            &mut queued,
                         ));
                         match outcomes.last() {
                             Some(Outcome::Stored) => new_items += 1,
@@ -723,7 +735,10 @@ mod tests {
         }
         // Reopen (a restart): the id is still known, and the in-flight submit is uncertain.
         let inbox = Inbox::open(&path, InboxConfig::default(), validator()).unwrap();
-        assert_eq!(inbox.store("mx".into(), vec![a.clone()]).await, vec![Outcome::Duplicate]);
+        assert_eq!(
+            inbox.store("mx".into(), vec![a.clone()]).await,
+            vec![Outcome::Duplicate]
+        );
         let unc = inbox.uncertain().unwrap();
         assert_eq!(unc.len(), 1);
         assert_eq!(unc[0].id, a.0);
@@ -731,7 +746,11 @@ mod tests {
         assert_eq!(ready.len(), 1, "resent by the default policy");
         assert!(!ready[0].in_flight);
         inbox.change(Change::Sent(ready[0].seq)).await.unwrap();
-        assert!(inbox.ready(now_ms(), 10, &HashSet::new()).unwrap().0.is_empty());
+        assert!(inbox
+            .ready(now_ms(), 10, &HashSet::new())
+            .unwrap()
+            .0
+            .is_empty());
         assert_eq!(inbox.stats.queued.load(Ordering::Relaxed), 0);
     }
 
@@ -745,13 +764,19 @@ mod tests {
         };
         {
             let inbox = Inbox::open(&path, cfg.clone(), validator()).unwrap();
-            inbox.store("mx".into(), vec![notice("+441234567890")]).await;
+            inbox
+                .store("mx".into(), vec![notice("+441234567890")])
+                .await;
             let (ready, _) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
             inbox.change(Change::InFlight(ready[0].seq)).await.unwrap();
             inbox.close();
         }
         let inbox = Inbox::open(&path, cfg, validator()).unwrap();
-        assert!(inbox.ready(now_ms(), 10, &HashSet::new()).unwrap().0.is_empty());
+        assert!(inbox
+            .ready(now_ms(), 10, &HashSet::new())
+            .unwrap()
+            .0
+            .is_empty());
         let dead = inbox.dead_letters(10).unwrap();
         assert_eq!(dead.len(), 1);
         assert!(dead[0].1.contains("not resent by policy"));
@@ -763,16 +788,26 @@ mod tests {
         let inbox =
             Inbox::open(&dir.path().join("i"), InboxConfig::default(), validator()).unwrap();
         inbox
-            .store("mx".into(), vec![notice("+441234567890"), notice("+441234567891")])
+            .store(
+                "mx".into(),
+                vec![notice("+441234567890"), notice("+441234567891")],
+            )
             .await;
         let (ready, _) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
         let later = now_ms() + 60_000;
         inbox
-            .change(Change::Retry { seq: ready[0].seq, attempts: 1, next_at_ms: later })
+            .change(Change::Retry {
+                seq: ready[0].seq,
+                attempts: 1,
+                next_at_ms: later,
+            })
             .await
             .unwrap();
         inbox
-            .change(Change::Dead { seq: ready[1].seq, reason: "+CMS ERROR: 21".into() })
+            .change(Change::Dead {
+                seq: ready[1].seq,
+                reason: "+CMS ERROR: 21".into(),
+            })
             .await
             .unwrap();
         let (now_ready, next) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
@@ -793,10 +828,19 @@ mod tests {
         };
         let inbox = Inbox::open(&dir.path().join("i"), cfg, validator()).unwrap();
         let out = inbox
-            .store("mx".into(), vec![notice("+441234567890"), notice("+441234567891")])
+            .store(
+                "mx".into(),
+                vec![notice("+441234567890"), notice("+441234567891")],
+            )
             .await;
         assert_eq!(out[0], Outcome::Stored);
-        assert!(matches!(out[1], Outcome::Rejected { class: NackClass::RetryLater, .. }));
+        assert!(matches!(
+            out[1],
+            Outcome::Rejected {
+                class: NackClass::RetryLater,
+                ..
+            }
+        ));
     }
 
     #[test]

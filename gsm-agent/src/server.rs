@@ -1,1 +1,83 @@
-//! TODO
+//! The link listener: resolves the TLS material (operator files or a dev PKI) and serves the
+//! link into the inbox.
+
+use std::sync::Arc;
+
+use mailbell_link::net::{ServerSettings, ServerStats};
+use mailbell_link::pki::{ensure_dev_pki, DevPkiPaths, PkiError};
+use mailbell_link::tls::{self, ServerTlsFiles, TlsError};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{LinkConfig, LinkTls};
+use crate::inbox::Inbox;
+
+/// Listener setup errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error("dev PKI: {0}")]
+    Pki(#[from] PkiError),
+    #[error("link TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("bind link listener on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The server-side TLS files, creating the dev PKI first when configured.
+pub fn resolve_tls(cfg: &LinkConfig) -> Result<(ServerTlsFiles, Option<DevPkiPaths>), ServerError> {
+    match &cfg.tls {
+        LinkTls::Files { ca, cert, key } => Ok((
+            ServerTlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                allowed_client_names: cfg.allowed_clients.clone(),
+            },
+            None,
+        )),
+        LinkTls::DevPki { dir, names } => {
+            let paths = ensure_dev_pki(dir, names, "mailhost", false)?;
+            Ok((paths.server_files(cfg.allowed_clients.clone()), Some(paths)))
+        }
+    }
+}
+
+/// Binds the listener (so the caller learns the address before serving).
+pub async fn bind(cfg: &LinkConfig) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: cfg.listen,
+            source,
+        })
+}
+
+/// Builds the server settings.
+pub fn settings(
+    cfg: &LinkConfig,
+    files: &ServerTlsFiles,
+) -> Result<Arc<ServerSettings>, ServerError> {
+    Ok(Arc::new(ServerSettings {
+        tls: tls::server_config(files)?,
+        allowed_client_names: cfg.allowed_clients.clone(),
+        receiver: cfg.receiver.clone(),
+        handshake_timeout: cfg.handshake_timeout,
+        io_timeout: cfg.io_timeout,
+        max_sessions: cfg.max_sessions,
+    }))
+}
+
+/// Serves the link until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    settings: Arc<ServerSettings>,
+    inbox: Inbox,
+    shutdown: CancellationToken,
+    stats: Arc<ServerStats>,
+) -> std::io::Result<()> {
+    mailbell_link::net::serve(listener, settings, inbox, shutdown, stats).await
+}
