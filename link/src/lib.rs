@@ -8,6 +8,7 @@
 //!   resends and de-duplication. They take time as an argument and do no I/O.
 //! - [`tls`] and [`pki`]: rustls mutual-TLS configuration and a dev PKI generator (rcgen).
 //! - [`net`]: the thin tokio shell that runs the state machines over a TLS stream.
+//! - [`memory`]: an in-memory outbox for one-off sends and tests.
 //!
 //! The wire format is documented in docs/protocol.md.
 //!
@@ -16,6 +17,7 @@
 
 pub mod frame;
 pub mod id;
+pub mod memory;
 pub mod net;
 pub mod notification;
 pub mod pki;

@@ -1,13 +1,13 @@
 //! The async client and server over real mutual TLS on loopback, with in-memory stores.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mailbell_link::frame::{self, Frame, DEFAULT_MAX_FRAME};
+use mailbell_link::memory::{MemoryOutbox, Settled};
 use mailbell_link::net::{
-    self, ClientSettings, ClientStats, Endpoint, Inbox, OutItem, Outbox, ServerSettings,
-    ServerStats, StoreError,
+    self, ClientSettings, ClientStats, Endpoint, Inbox, ServerSettings, ServerStats,
 };
 use mailbell_link::pki::{ensure_dev_pki, DevPkiPaths};
 use mailbell_link::receiver::{Outcome, ReceiverConfig};
@@ -15,63 +15,7 @@ use mailbell_link::sender::SenderConfig;
 use mailbell_link::{tls, NackClass, NotifId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-
-#[derive(Default)]
-struct MemOutbox {
-    next: std::sync::atomic::AtomicU64,
-    items: Mutex<BTreeMap<u64, (NotifId, Vec<u8>)>>,
-    dead: Mutex<Vec<(NotifId, String)>>,
-    notify: Arc<Notify>,
-}
-
-impl MemOutbox {
-    fn push(&self, id: NotifId, payload: Vec<u8>) {
-        let mut items = self.items.lock().unwrap();
-        let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        items.insert(seq, (id, payload));
-        self.notify.notify_one();
-    }
-    fn len(&self) -> usize {
-        self.items.lock().unwrap().len()
-    }
-}
-
-impl Outbox for MemOutbox {
-    fn ready(&self, after: Option<u64>, max: usize) -> Result<Vec<OutItem>, StoreError> {
-        let items = self.items.lock().unwrap();
-        let start = after.map_or(0, |a| a + 1);
-        Ok(items
-            .range(start..)
-            .take(max)
-            .map(|(seq, (id, p))| OutItem {
-                seq: *seq,
-                id: *id,
-                payload: p.clone(),
-            })
-            .collect())
-    }
-    fn acked(&self, ids: &[NotifId]) -> Result<(), StoreError> {
-        let ids: HashSet<_> = ids.iter().collect();
-        self.items
-            .lock()
-            .unwrap()
-            .retain(|_, (id, _)| !ids.contains(id));
-        Ok(())
-    }
-    fn dead_letter(&self, id: NotifId, reason: &str) -> Result<(), StoreError> {
-        self.items.lock().unwrap().retain(|_, (i, _)| *i != id);
-        self.dead.lock().unwrap().push((id, reason.to_string()));
-        Ok(())
-    }
-    fn retry_later(&self, _id: NotifId, _after: Duration, _r: &str) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn notifier(&self) -> Arc<Notify> {
-        self.notify.clone()
-    }
-}
 
 #[derive(Clone, Default)]
 struct MemInbox {
@@ -180,7 +124,7 @@ async fn client_drains_outbox_and_fails_over_from_a_dead_agent() {
     let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead_addr = dead.local_addr().unwrap().to_string();
     drop(dead);
-    let outbox = Arc::new(MemOutbox::default());
+    let outbox = MemoryOutbox::new();
     let mut ids = Vec::new();
     for i in 0..2000u32 {
         let id = NotifId::random();
@@ -213,16 +157,18 @@ async fn client_drains_outbox_and_fails_over_from_a_dead_agent() {
         stop.clone(),
         stats.clone(),
     ));
-    wait_for("outbox to drain", || outbox.len() == 0).await;
+    wait_for("outbox to drain", || outbox.pending() == 0).await;
     let stored = rig.inbox.stored.lock().unwrap().clone();
     assert_eq!(stored.len(), 1996);
-    assert_eq!(outbox.dead.lock().unwrap().len(), 4);
-    assert!(outbox
-        .dead
-        .lock()
-        .unwrap()
+    let dead: Vec<_> = outbox
+        .outcomes()
+        .into_values()
+        .filter(|o| *o != Settled::Acked)
+        .collect();
+    assert_eq!(dead.len(), 4);
+    assert!(dead
         .iter()
-        .all(|(_, r)| r == "invalid phone number"));
+        .all(|o| *o == Settled::Dead("invalid phone number".into())));
     // Items added later flow without reconnecting.
     let late = NotifId::random();
     outbox.push(late, vec![1]);
@@ -291,7 +237,7 @@ async fn unknown_version_gets_a_clear_refusal() {
 async fn garbage_and_oversized_frames_close_only_that_session() {
     let rig = start_server().await;
     // A healthy client keeps streaming throughout.
-    let outbox = Arc::new(MemOutbox::default());
+    let outbox = MemoryOutbox::new();
     let stop = CancellationToken::new();
     let settings = client_settings(
         &rig,
