@@ -1,1 +1,495 @@
-//! TODO
+//! Wires the agent together: `serve`, `send-test`, `status`, `demo` and `pki`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use mailbell_link::memory::{MemoryOutbox, Settled};
+use mailbell_link::net::{self, ClientSettings, ClientStats, Endpoint, ServerStats};
+use mailbell_link::pki::{ensure_dev_pki, DevPkiPaths};
+use mailbell_link::sender::SenderConfig;
+use mailbell_link::tls::{self, ClientTlsFiles};
+use mailbell_link::{NotifId, Notification};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, LinkTls, ModemEntry};
+use crate::dispatch::{DispatchStats, Dispatcher, SinkFailure, SmsSink};
+use crate::inbox::{Inbox, Validator};
+use crate::modem::driver::{self, ModemConfig, ModemHandle, ModemStatus};
+use crate::modem::pool::{Pacing, Pool};
+use crate::phone::E164;
+use crate::render::Renderer;
+use crate::sim::{SimModem, SimOptions};
+
+/// The modem pool as the dispatcher's sink.
+struct PoolSink {
+    pool: Pool,
+    wait: Duration,
+}
+
+impl SmsSink for PoolSink {
+    async fn submit(&self, pdus: Vec<(usize, String)>) -> Result<String, SinkFailure> {
+        self.pool
+            .submit(pdus, self.wait)
+            .await
+            .map(|r| r.modem)
+            .map_err(|e| e.into_sink_failure())
+    }
+}
+
+/// A running agent.
+pub struct Running {
+    pub link_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    /// The in-process simulated modem, when no serial modem is configured.
+    pub sim: Option<SimModem>,
+    pub dev_pki: Option<DevPkiPaths>,
+    pub inbox: Inbox,
+    pub dispatch_stats: Arc<DispatchStats>,
+    pub link_stats: Arc<ServerStats>,
+    modems: Vec<ModemHandle>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight work finish (bounded), and closes the inbox.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(20), self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("tasks still running at shutdown");
+        }
+        for m in &self.modems {
+            m.shutdown().await;
+        }
+        self.inbox.close();
+        if let Some(sim) = self.sim {
+            sim.close();
+        }
+        info!("agent stopped");
+    }
+
+    /// A token that stops the agent when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+fn validator(renderer: Arc<Renderer>) -> Validator {
+    Arc::new(move |n: &Notification| {
+        n.phone
+            .parse::<E164>()
+            .map_err(|e| format!("invalid phone number: {e}"))?;
+        match &n.text {
+            Some(t) if t.trim().is_empty() => Err("empty text".to_string()),
+            Some(_) => Ok(()),
+            None => renderer
+                .render(n)
+                .map(|_| ())
+                .map_err(|e| format!("cannot render SMS: {e}")),
+        }
+    })
+}
+
+fn modem_config(m: &ModemEntry) -> ModemConfig {
+    let mut c = ModemConfig::new(m.name.clone(), m.device.clone());
+    c.baud = m.baud;
+    c.pin = m.pin.clone();
+    c.command_timeout = m.command_timeout;
+    c.submit_timeout = m.submit_timeout;
+    c.init_commands = m.init_commands.clone();
+    c.reopen_backoff_max = m.reopen_backoff_max;
+    c
+}
+
+/// Starts every part of the agent and returns once it is listening.
+pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
+    let renderer = Arc::new(Renderer::new(cfg.sms.render.clone()).context("sms templates")?);
+    let (files, dev_pki) = crate::server::resolve_tls(&cfg.link)?;
+    let settings = crate::server::settings(&cfg.link, &files)?;
+    let inbox = Inbox::open(
+        &cfg.data_dir.join("inbox"),
+        cfg.inbox.clone(),
+        validator(renderer.clone()),
+    )?;
+
+    // Modems: the configured serial ports, or one simulated modem on a pseudo-terminal.
+    let mut entries = cfg.modems.clone();
+    let mut sim = None;
+    if entries.is_empty() {
+        let opts = SimOptions {
+            submit_delay: cfg.simulator.submit_delay,
+            pdu_log: Some(
+                cfg.simulator
+                    .pdu_log
+                    .clone()
+                    .unwrap_or_else(|| cfg.data_dir.join("sim-pdus.jsonl")),
+            ),
+            ..SimOptions::default()
+        };
+        let s = SimModem::spawn(opts).context("start the simulated modem")?;
+        info!(device = %s.device_path().display(), "no modem configured; using a simulated modem");
+        entries.push(ModemEntry {
+            name: "sim0".into(),
+            device: s.device_path().to_path_buf(),
+            baud: 115_200,
+            pin: None,
+            command_timeout: Duration::from_secs(5),
+            submit_timeout: Duration::from_secs(30),
+            init_commands: vec![],
+            reopen_backoff_max: Duration::from_secs(5),
+            per_minute: cfg.simulator.per_minute,
+            per_day: cfg.simulator.per_day,
+        });
+        sim = Some(s);
+    }
+    let mut handles = Vec::new();
+    let mut pool_modems = Vec::new();
+    for e in &entries {
+        let h = driver::spawn(modem_config(e));
+        handles.push(h.clone());
+        pool_modems.push((
+            h,
+            Pacing {
+                per_minute: e.per_minute,
+                per_day: e.per_day,
+            },
+        ));
+    }
+    let pool = Pool::new(pool_modems);
+    let status_pool = pool.clone();
+    let modem_status: Arc<dyn Fn() -> Vec<ModemStatus> + Send + Sync> =
+        Arc::new(move || status_pool.status());
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let dispatch_stats = Arc::new(DispatchStats::default());
+    let dispatcher = Arc::new(Dispatcher {
+        inbox: inbox.clone(),
+        sink: Arc::new(PoolSink {
+            pool,
+            wait: cfg.sms.submit_wait,
+        }),
+        renderer,
+        sms: cfg.sms.clone(),
+        concurrency: entries.len(),
+        resend_uncertain: cfg.inbox.resend_uncertain,
+        stats: dispatch_stats.clone(),
+    });
+    tracker.spawn(dispatcher.run(shutdown.clone()));
+
+    let listener = crate::server::bind(&cfg.link).await?;
+    let link_addr = listener.local_addr()?;
+    let link_stats = Arc::new(ServerStats::default());
+    {
+        let (inbox, shutdown, stats) = (inbox.clone(), shutdown.clone(), link_stats.clone());
+        tracker.spawn(async move {
+            if let Err(e) =
+                crate::server::serve(listener, settings, inbox, shutdown.clone(), stats).await
+            {
+                error!(error = %e, "link listener failed");
+                shutdown.cancel();
+            }
+        });
+    }
+    info!(addr = %link_addr, "link listening");
+
+    let metrics_addr = match cfg.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind metrics listener on {addr}"))?;
+            let a = l.local_addr()?;
+            let router = crate::metrics::router(crate::metrics::Sources {
+                inbox: inbox.stats.clone(),
+                dispatch: dispatch_stats.clone(),
+                link: link_stats.clone(),
+                modems: modem_status,
+            });
+            let stop = shutdown.clone();
+            tracker.spawn(async move {
+                let r = axum::serve(l, router)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = r {
+                    error!(error = %e, "metrics listener failed");
+                }
+            });
+            info!(addr = %a, "metrics listening");
+            Some(a)
+        }
+    };
+
+    // Purge old dedupe entries once an hour.
+    {
+        let (inbox, stop, retention) =
+            (inbox.clone(), shutdown.clone(), cfg.inbox.dedupe_retention);
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                }
+                let inbox = inbox.clone();
+                match tokio::task::spawn_blocking(move || inbox.purge_seen(retention)).await {
+                    Ok(Ok(n)) if n > 0 => info!(purged = n, "expired dedupe entries purged"),
+                    Ok(Err(e)) => error!(error = %e, "dedupe purge failed"),
+                    _ => {}
+                }
+            }
+        });
+    }
+
+    Ok(Running {
+        link_addr,
+        metrics_addr,
+        sim,
+        dev_pki,
+        inbox,
+        dispatch_stats,
+        link_stats,
+        modems: handles,
+        shutdown,
+        tracker,
+    })
+}
+
+/// `serve`: runs until SIGTERM or Ctrl-C.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let running = start(cfg).await?;
+    let stop = running.shutdown_token();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupt received; shutting down"),
+        _ = term.recv() => info!("SIGTERM received; shutting down"),
+        _ = stop.cancelled() => error!("a listener failed; shutting down"),
+    }
+    running.stop().await;
+    Ok(())
+}
+
+/// Client-side TLS for `send-test`: explicit files, or the dev PKI the config points at.
+pub fn client_tls(
+    cfg: &Config,
+    explicit: Option<ClientTlsFiles>,
+) -> anyhow::Result<ClientTlsFiles> {
+    if let Some(f) = explicit {
+        return Ok(f);
+    }
+    match &cfg.link.tls {
+        LinkTls::DevPki { dir, names } => {
+            Ok(ensure_dev_pki(dir, names, "mailhost", false)?.client_files())
+        }
+        LinkTls::Files { .. } => bail!(
+            "the agent uses operator certificates: pass --ca, --cert and --key for a client certificate"
+        ),
+    }
+}
+
+/// Sends one notice through the real link and waits for the agent's ACK or NACK.
+pub async fn send_one(
+    agent: &str,
+    server_name: &str,
+    tls_files: &ClientTlsFiles,
+    n: Notification,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let outbox = MemoryOutbox::new();
+    let id = n.id;
+    outbox.push(id, n.encode_payload().context("encode notification")?);
+    let settings = ClientSettings {
+        agents: vec![Endpoint {
+            addr: agent.to_string(),
+            server_name: server_name.to_string(),
+        }],
+        tls: tls::client_config(tls_files)?,
+        sender: SenderConfig {
+            name: "send-test".into(),
+            ..SenderConfig::default()
+        },
+        connect_timeout: Duration::from_secs(5),
+        io_timeout: Duration::from_secs(10),
+        backoff_min: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(2),
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(net::run_client(
+        settings,
+        outbox.clone(),
+        stop.clone(),
+        Arc::new(ClientStats::default()),
+    ));
+    let waited = tokio::time::timeout(timeout, async {
+        loop {
+            let settled = outbox.settled.notified();
+            if let Some(o) = outbox.outcome(&id) {
+                return o;
+            }
+            settled.await;
+        }
+    })
+    .await;
+    stop.cancel();
+    let _ = task.await;
+    match waited {
+        Err(_) => bail!("no answer from the agent at {agent} within {timeout:?}"),
+        Ok(Settled::Acked) => Ok(()),
+        Ok(Settled::Dead(reason)) => bail!("agent refused the notice: {reason}"),
+    }
+}
+
+/// `status`: prints the agent's status document.
+pub async fn status(addr: SocketAddr) -> anyhow::Result<crate::metrics::Status> {
+    let body = http_get(addr, "/status").await?;
+    serde_json::from_str(&body).context("parse status document")
+}
+
+/// A minimal HTTP/1.0 GET (loopback status endpoint only), with a timeout.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect to the agent's status endpoint {addr}"))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        s.take(4 << 20).read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("malformed HTTP response"))?;
+        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+            bail!(
+                "status endpoint answered {}",
+                head.lines().next().unwrap_or("")
+            );
+        }
+        Ok(body.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .map_err(|_| anyhow!("status endpoint {addr} timed out"))?
+}
+
+/// A sample notice like the mail host would send.
+pub fn sample_notification(phone: &str) -> Notification {
+    Notification {
+        id: NotifId::random(),
+        phone: phone.to_string(),
+        recipient: "alice@example.com".into(),
+        from_name: "张伟".into(),
+        from_addr: "zhang.wei@example.cn".into(),
+        subject: "关于下周项目评审会议的安排 (Project review next week)".into(),
+        received_at_ms: chrono::Utc::now().timestamp_millis(),
+        language: "zh".into(),
+        count: 1,
+        max_parts: 0,
+        text: None,
+    }
+}
+
+/// `demo`: runs an agent on a simulated modem, sends a sample notice through the real link and
+/// prints the SMS that reached the modem.
+pub async fn demo(dir: &Path) -> anyhow::Result<()> {
+    let mut cfg = Config::from_toml("", "(defaults)")?;
+    cfg.data_dir = dir.to_path_buf();
+    cfg.link.listen = "127.0.0.1:0".parse()?;
+    cfg.metrics_listen = Some("127.0.0.1:0".parse()?);
+    if let LinkTls::DevPki { dir: d, .. } = &mut cfg.link.tls {
+        *d = dir.join("pki");
+    }
+    let running = start(cfg.clone()).await?;
+    let sim = running
+        .sim
+        .as_ref()
+        .ok_or_else(|| anyhow!("demo needs the simulated modem"))?;
+    let before = sim.received().len();
+    let tls_files = client_tls(&cfg, None)?;
+    let n = sample_notification("+8613800138000");
+    println!("mailbell demo");
+    println!(
+        "  agent link      : {} (mutual TLS, dev PKI in {})",
+        running.link_addr,
+        dir.join("pki").display()
+    );
+    if let Some(m) = running.metrics_addr {
+        println!("  metrics         : http://{m}/metrics");
+    }
+    println!("  simulated modem : {}", sim.device_path().display());
+    println!(
+        "  notice          : {} -> {} ({}), subject {:?}",
+        n.from_addr,
+        n.recipient,
+        E164_MASK(&n.phone),
+        n.subject
+    );
+    send_one(
+        &running.link_addr.to_string(),
+        "localhost",
+        &tls_files,
+        n,
+        Duration::from_secs(10),
+    )
+    .await?;
+    println!("  link            : ACK (durable in the agent inbox)");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let pdus = loop {
+        let got = sim.received();
+        if got.len() > before {
+            break got[before..].to_vec();
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the simulated modem received nothing within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for p in &pdus {
+        let d = crate::modem::pdu::decode_submit(&p.hex)?;
+        println!(
+            "  modem received  : AT+CMGS={} ({:?}, to {})",
+            p.tpdu_len,
+            d.alphabet,
+            E164_MASK(&d.destination)
+        );
+        println!("  PDU             : {}", p.hex);
+        println!("  SMS text        : {}", d.text);
+    }
+    running.stop().await;
+    Ok(())
+}
+
+#[allow(non_snake_case)]
+fn E164_MASK(phone: &str) -> String {
+    phone
+        .parse::<E164>()
+        .map(|p| p.masked())
+        .unwrap_or_else(|_| "(invalid)".into())
+}
+
+/// `pki`: creates (or keeps) a dev PKI and prints the file paths.
+pub fn pki(
+    dir: &Path,
+    agent_names: &[String],
+    client: &str,
+    force: bool,
+) -> anyhow::Result<DevPkiPaths> {
+    Ok(ensure_dev_pki(dir, agent_names, client, force)?)
+}
+
+/// The default data directory for `demo`.
+pub fn default_demo_dir() -> PathBuf {
+    PathBuf::from("var/demo")
+}

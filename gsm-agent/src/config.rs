@@ -2,13 +2,14 @@
 //! an empty file (or none) runs a local agent with a dev PKI and a simulated modem.
 //! config/gsm-agent.example.toml lists every key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::modem::cms::{ErrorClass, RetryPolicy};
 use crate::render::{builtin_templates, RenderConfig, Template};
 
 /// Configuration errors.
@@ -184,6 +185,45 @@ struct RawSms {
     /// How long a notice may wait for a free modem before this is logged as an alarm.
     #[serde(deserialize_with = "de_duration")]
     submit_wait: Duration,
+    /// Per error class overrides of the retry policy, e.g. `[sms.retry.transient]`.
+    retry: BTreeMap<String, RawRetry>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: Option<u32>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    base_delay: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    max_delay: Option<Duration>,
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// The error class a `[sms.retry.<name>]` table names.
+pub fn parse_error_class(name: &str) -> Option<ErrorClass> {
+    let n: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    Some(match n.as_str() {
+        "permanent" => ErrorClass::Permanent,
+        "destinationunavailable" => ErrorClass::DestinationUnavailable,
+        "transient" => ErrorClass::Transient,
+        "bug" => ErrorClass::Bug,
+        "modemfault" => ErrorClass::ModemFault,
+        "networkpause" => ErrorClass::NetworkPause,
+        "unknown" => ErrorClass::Unknown,
+        "busy" => ErrorClass::Busy,
+        _ => return None,
+    })
 }
 
 impl Default for RawSms {
@@ -200,6 +240,7 @@ impl Default for RawSms {
             templates: BTreeMap::new(),
             max_attempts: 10,
             submit_wait: Duration::from_secs(120),
+            retry: BTreeMap::new(),
         }
     }
 }
@@ -335,6 +376,18 @@ pub struct SmsConfig {
     pub status_report: bool,
     pub max_attempts: u16,
     pub submit_wait: Duration,
+    /// Retry policy per error class (built-in defaults with the configured overrides).
+    pub retry: HashMap<ErrorClass, RetryPolicy>,
+}
+
+impl SmsConfig {
+    /// The retry policy for a class.
+    pub fn policy(&self, class: ErrorClass) -> RetryPolicy {
+        self.retry
+            .get(&class)
+            .copied()
+            .unwrap_or_else(|| class.retry_policy())
+    }
 }
 
 /// The whole agent configuration.
@@ -443,6 +496,29 @@ impl Config {
                 per_day: m.per_day,
             });
         }
+        let mut retry = HashMap::new();
+        for (name, r) in raw.sms.retry {
+            let class = parse_error_class(&name).ok_or_else(|| {
+                inv(format!(
+                    "sms.retry.{name}: unknown error class (permanent, destination-unavailable, \
+                     transient, bug, modem-fault, network-pause, unknown, busy)"
+                ))
+            })?;
+            let mut p = class.retry_policy();
+            if let Some(a) = r.attempts {
+                if a == 0 {
+                    return Err(inv(format!("sms.retry.{name}.attempts must be at least 1")));
+                }
+                p.max_attempts = a;
+            }
+            if let Some(b) = r.base_delay {
+                p.base_delay = b;
+            }
+            if let Some(m) = r.max_delay {
+                p.max_delay = m;
+            }
+            retry.insert(class, p);
+        }
         if raw.sms.max_attempts == 0 {
             return Err(inv("sms.max_attempts must be at least 1".into()));
         }
@@ -473,6 +549,7 @@ impl Config {
                 status_report: raw.sms.status_report,
                 max_attempts: raw.sms.max_attempts,
                 submit_wait: raw.sms.submit_wait,
+                retry,
             },
             metrics_listen,
             modems,
@@ -524,6 +601,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("used twice"), "{e}");
+    }
+
+    #[test]
+    fn retry_overrides() {
+        let c = Config::from_toml(
+            "[sms.retry.transient]\nattempts = 2\nbase_delay = \"100ms\"\n[sms.retry.Unknown]\nmax_delay = \"1s\"",
+            "t",
+        )
+        .unwrap();
+        let t = c.sms.policy(ErrorClass::Transient);
+        assert_eq!(
+            (t.max_attempts, t.base_delay),
+            (2, Duration::from_millis(100))
+        );
+        assert_eq!(
+            c.sms.policy(ErrorClass::Unknown).max_delay,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            c.sms.policy(ErrorClass::Busy),
+            ErrorClass::Busy.retry_policy()
+        );
+        let e = Config::from_toml("[sms.retry.sometimes]\nattempts = 2", "t").unwrap_err();
+        assert!(e.to_string().contains("unknown error class"), "{e}");
     }
 
     #[test]

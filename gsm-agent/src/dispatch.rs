@@ -237,7 +237,7 @@ impl<S: SmsSink> Dispatcher<S> {
                         ));
                     }
                 }
-                let policy = f.class.retry_policy();
+                let policy = self.sms.policy(f.class);
                 let max = policy.max_attempts.min(u32::from(self.sms.max_attempts));
                 if attempt_no >= max {
                     Verdict::Dead(format!(

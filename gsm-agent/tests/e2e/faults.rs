@@ -1,0 +1,146 @@
+//! Modem failures: each error class gets its own treatment, a poison number never blocks the
+//! queue, a silent or vanished modem never stops the agent, and other modems keep working.
+
+use std::time::Duration;
+
+use mailbell_gsm_agent::sim::{Fault, SimModem, SimOptions};
+use mailbell_link::memory::MemoryOutbox;
+
+use crate::support::*;
+
+/// Short retry delays so the tests see several attempts.
+const FAST_RETRY: &str = "
+[sms.retry.unknown]
+base_delay = \"200ms\"
+[sms.retry.transient]
+base_delay = \"200ms\"
+[sms.retry.modem-fault]
+base_delay = \"200ms\"
+[sms.retry.network-pause]
+base_delay = \"200ms\"
+";
+
+fn texts(sim: &SimModem) -> Vec<String> {
+    decoded(sim).into_iter().map(|d| d.text).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cms_500_and_plain_error_are_retried_and_the_message_goes_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimModem::spawn(SimOptions::default()).unwrap();
+    let agent = Agent::start(dir.path(), &[sim.device_path()], FAST_RETRY);
+    let outbox = MemoryOutbox::new();
+    let client = agent.client(outbox.clone());
+    sim.inject(Fault::CmsError(500));
+    push(&outbox, &numbered(1, "+8613800138000"));
+    wait_until("notice 1 after a +CMS ERROR: 500", 30, || {
+        texts(&sim).contains(&"notice #1".to_string())
+    })
+    .await;
+    sim.inject(Fault::PlainError);
+    push(&outbox, &numbered(2, "+8613800138000"));
+    wait_until("notice 2 after ERROR", 30, || {
+        texts(&sim).contains(&"notice #2".to_string())
+    })
+    .await;
+    let s = agent.status().await;
+    assert_eq!(s.failed_by_class.get("Unknown"), Some(&1), "{s:?}");
+    assert_eq!(s.failed_by_class.get("Transient"), Some(&1), "{s:?}");
+    assert_eq!(s.sent, 2);
+    assert_eq!(s.dead_letters, 0);
+    // Each went out exactly once.
+    assert_eq!(texts(&sim).len(), 2);
+    client.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_number_is_dead_lettered_and_never_blocks_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimModem::spawn(SimOptions::default()).unwrap();
+    sim.set_rejected_number("8613900000000");
+    let agent = Agent::start(dir.path(), &[sim.device_path()], FAST_RETRY);
+    let outbox = MemoryOutbox::new();
+    push(&outbox, &numbered(0, "+8613900000000"));
+    for i in 1..=20 {
+        push(&outbox, &numbered(i, "+8613800138000"));
+    }
+    let client = agent.client(outbox.clone());
+    wait_until("20 good notices", 60, || texts(&sim).len() >= 20).await;
+    wait_until("dead letter recorded", 20, || {
+        futures_lite_block(agent.status()).dead_letters == 1
+    })
+    .await;
+    let s = agent.status().await;
+    assert_eq!(s.failed_by_class.get("Permanent"), Some(&1), "{s:?}");
+    assert_eq!(s.sent, 20);
+    assert!(!texts(&sim).contains(&"notice #0".to_string()));
+    client.stop().await;
+}
+
+/// Polls an async status from a sync predicate (the runtime has two workers).
+fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_modem_times_out_is_reinitialised_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimModem::spawn(SimOptions::default()).unwrap();
+    let agent = Agent::start(dir.path(), &[sim.device_path()], FAST_RETRY);
+    let outbox = MemoryOutbox::new();
+    let client = agent.client(outbox.clone());
+    push(&outbox, &numbered(1, "+8613800138000"));
+    wait_until("first SMS", 30, || texts(&sim).len() == 1).await;
+    sim.inject(Fault::Silence);
+    push(&outbox, &numbered(2, "+8613800138000"));
+    // The submit times out (3 s) and the modem is taken through re-initialisation.
+    wait_until("a modem-level failure", 30, || {
+        futures_lite_block(agent.status())
+            .failed_by_class
+            .contains_key("ModemFault")
+    })
+    .await;
+    sim.clear_faults();
+    wait_until("second SMS after recovery", 60, || {
+        texts(&sim).contains(&"notice #2".to_string())
+    })
+    .await;
+    let s = agent.status().await;
+    assert_eq!(s.sent, 2);
+    client.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_modem_leaves_the_other_modem_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = SimModem::spawn(SimOptions::default()).unwrap();
+    let b = SimModem::spawn(SimOptions::default()).unwrap();
+    let agent = Agent::start(dir.path(), &[a.device_path(), b.device_path()], FAST_RETRY);
+    let outbox = MemoryOutbox::new();
+    let client = agent.client(outbox.clone());
+    // Wait until both modems are up, then pull one out.
+    wait_until("both modems ready", 30, || {
+        let s = futures_lite_block(agent.status());
+        s.modems.len() == 2 && s.modems.iter().all(|m| m["state"] == "Ready")
+    })
+    .await;
+    a.inject(Fault::Hangup);
+    for i in 1..=30 {
+        push(&outbox, &numbered(i, "+8613800138000"));
+    }
+    wait_until("30 SMS through the remaining modem", 90, || {
+        texts(&a).len() + texts(&b).len() >= 30
+    })
+    .await;
+    let mut all: Vec<String> = texts(&a);
+    all.extend(texts(&b));
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 30, "each notice exactly once");
+    let s = agent.status().await;
+    let m0 = s.modems.iter().find(|m| m["name"] == "m0").unwrap();
+    assert_ne!(m0["state"], "Ready", "{m0}");
+    client.stop().await;
+    drop(agent);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}

@@ -1,0 +1,7 @@
+//! Black-box tests of the `mailbell-gsm-agent` binary: real mutual TLS on loopback, real sled
+//! files, simulated modems speaking AT over real pseudo-terminals.
+
+mod crash;
+mod faults;
+mod pipeline;
+mod support;

@@ -1,0 +1,199 @@
+//! Notices in over the link, SMS out at the simulated modem; the CLI; bad input.
+
+use std::process::Command;
+use std::time::Duration;
+
+use mailbell_gsm_agent::app::{sample_notification, send_one};
+use mailbell_gsm_agent::modem::pdu::Alphabet;
+use mailbell_gsm_agent::sim::{SimModem, SimOptions};
+use mailbell_link::memory::{MemoryOutbox, Settled};
+use mailbell_link::Notification;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chinese_and_english_notices_reach_the_modem_as_pdus() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimModem::spawn(SimOptions::default()).unwrap();
+    let agent = Agent::start(dir.path(), &[sim.device_path()], "");
+    let outbox = MemoryOutbox::new();
+    let zh = sample_notification("+8613800138000");
+    let en = Notification {
+        language: "en".into(),
+        from_name: String::new(),
+        from_addr: "carol@example.org".into(),
+        subject: "Invoice [May] ready {ok}".into(),
+        ..sample_notification("+447700900123")
+    };
+    push(&outbox, &zh);
+    push(&outbox, &en);
+    let client = agent.client(outbox.clone());
+    wait_until("two SMS at the modem", 30, || sim.received().len() >= 2).await;
+    let got = decoded(&sim);
+    let zh_sms = got
+        .iter()
+        .find(|d| d.destination == "+8613800138000")
+        .unwrap();
+    assert_eq!(zh_sms.alphabet, Alphabet::Ucs2);
+    assert!(zh_sms.text.contains("张伟"), "{}", zh_sms.text);
+    assert!(zh_sms.text.contains("关于下周"), "{}", zh_sms.text);
+    assert!(
+        zh_sms.text.chars().count() <= 70,
+        "one UCS-2 SMS: {}",
+        zh_sms.text
+    );
+    let en_sms = got
+        .iter()
+        .find(|d| d.destination == "+447700900123")
+        .unwrap();
+    assert_eq!(en_sms.alphabet, Alphabet::Gsm7, "{}", en_sms.text);
+    assert!(en_sms.text.contains("carol@example.org"), "{}", en_sms.text);
+    assert!(
+        en_sms.text.contains("Invoice [May] ready {ok}"),
+        "{}",
+        en_sms.text
+    );
+    assert_eq!(outbox.outcome(&zh.id), Some(Settled::Acked));
+    let s = agent.status().await;
+    assert_eq!((s.received, s.sent, s.queued), (2, 2, 0));
+    client.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_status_and_sigterm_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimModem::spawn(SimOptions::default()).unwrap();
+    let mut agent = Agent::start(dir.path(), &[sim.device_path()], "");
+    let out = Command::new(BIN)
+        .args([
+            "send-test",
+            "--to",
+            "+8613800138000",
+            "--text",
+            "mailbell test €5",
+            "--config",
+        ])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("accepted by the agent"));
+    wait_until("test SMS", 20, || !sim.received().is_empty()).await;
+    let d = &decoded(&sim)[0];
+    assert_eq!(d.text, "mailbell test €5");
+    assert_eq!(d.alphabet, Alphabet::Gsm7);
+    let status = Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(text.contains("1 sent"), "{text}");
+    assert!(text.contains("\"name\":\"m0\""), "{text}");
+    // An invalid number is refused with a precise reason and a failing exit code.
+    let bad = Command::new(BIN)
+        .args([
+            "send-test",
+            "--to",
+            "13800138000",
+            "--text",
+            "x",
+            "--config",
+        ])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("invalid phone number"), "{err}");
+    assert!(agent.stop().success(), "clean exit on SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_phone_and_empty_text_are_permanent_nacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimModem::spawn(SimOptions::default()).unwrap();
+    let agent = Agent::start(dir.path(), &[sim.device_path()], "");
+    let tls = agent.client_tls();
+    let link = agent.link.to_string();
+    let mut bad_phone = sample_notification("+86 138 0013 8000");
+    bad_phone.text = Some("x".into());
+    let e = send_one(&link, "localhost", &tls, bad_phone, Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("invalid phone number"), "{e}");
+    let mut empty = sample_notification("+8613800138000");
+    empty.text = Some("  ".into());
+    let e = send_one(&link, "localhost", &tls, empty, Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("empty text"), "{e}");
+    // The agent keeps serving: a good notice still goes out.
+    send_one(
+        &link,
+        "localhost",
+        &tls,
+        numbered(1, "+8613800138000"),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    wait_until("good SMS", 20, || sim.received().len() == 1).await;
+    let s = agent.status().await;
+    assert_eq!(s.rejected, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_the_right_certificate_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimModem::spawn(SimOptions::default()).unwrap();
+    let agent = Agent::start(dir.path(), &[sim.device_path()], "");
+    // A mail host with a certificate from another CA.
+    let other = tempfile::tempdir().unwrap();
+    let rogue =
+        mailbell_link::pki::ensure_dev_pki(other.path(), &["localhost".into()], "mailhost", false)
+            .unwrap();
+    let files = mailbell_link::tls::ClientTlsFiles {
+        ca: agent.pki().ca_cert,
+        cert: rogue.client_cert,
+        key: rogue.client_key,
+    };
+    let e = send_one(
+        &agent.link.to_string(),
+        "localhost",
+        &files,
+        numbered(1, "+8613800138000"),
+        Duration::from_secs(3),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("no answer"), "{e}");
+    if require_tool("openssl") {
+        // No client certificate at all: TLS 1.3 "certificate required" (alert 116).
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "(printf 'x'; sleep 1) | timeout 10 openssl s_client -connect {} -CAfile {} -verify_return_error -brief 2>&1",
+                agent.link,
+                agent.pki().ca_cert.display()
+            ))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("alert number 116") || text.contains("certificate required"),
+            "{text}"
+        );
+    }
+    assert!(agent.status().await.link_tls_failures >= 1);
+    assert!(sim.received().is_empty());
+}
