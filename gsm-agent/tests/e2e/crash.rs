@@ -3,7 +3,7 @@
 //! crash that was at the modem when the agent died (recorded as uncertain).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,14 +106,15 @@ async fn cutting_proxy(
                 _ = stop.cancelled() => return,
                 r = l.accept() => match r { Ok(x) => x, Err(_) => continue },
             };
+            // Cut after a random amount of notices towards the agent, or of ACKs back from it.
             let budget: usize = rand::thread_rng().gen_range(500..60_000);
+            let ack_budget: usize = rand::thread_rng().gen_range(200..20_000);
             tokio::spawn(async move {
                 let Ok(mut up) = TcpStream::connect(upstream).await else {
                     return;
                 };
                 let (mut dr, mut dw) = down.split();
                 let (mut ur, mut uw) = up.split();
-                let cut = AtomicBool::new(false);
                 let to_agent = async {
                     let mut left = budget;
                     let mut buf = [0u8; 4096];
@@ -128,19 +129,24 @@ async fn cutting_proxy(
                         }
                         left -= n;
                         if left == 0 {
-                            cut.store(true, Ordering::Relaxed);
                             break;
                         }
                     }
                 };
                 let to_host = async {
+                    let mut left = ack_budget;
                     let mut buf = [0u8; 4096];
                     loop {
                         let n = match ur.read(&mut buf).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        let n = n.min(left);
                         if dw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        left -= n;
+                        if left == 0 {
                             break;
                         }
                     }

@@ -93,13 +93,15 @@ async fn a_silent_modem_times_out_is_reinitialised_and_recovers() {
     wait_until("first SMS", 30, || texts(&sim).len() == 1).await;
     sim.inject(Fault::Silence);
     push(&outbox, &numbered(2, "+8613800138000"));
-    // The submit times out (3 s) and the modem is taken through re-initialisation.
-    wait_until("a modem-level failure", 30, || {
-        futures_lite_block(agent.status())
-            .failed_by_class
-            .contains_key("ModemFault")
+    // The submit times out (3 s) and the modem is taken out of service to re-initialise.
+    wait_until("the modem to leave the Ready state", 30, || {
+        let s = futures_lite_block(agent.status());
+        s.modems
+            .iter()
+            .any(|m| m["state"] != "Ready" || m["failed"].as_u64() > Some(0))
     })
     .await;
+    assert!(!texts(&sim).contains(&"notice #2".to_string()));
     sim.clear_faults();
     wait_until("second SMS after recovery", 60, || {
         texts(&sim).contains(&"notice #2".to_string())
