@@ -37,6 +37,7 @@ pub mod refuse {
     pub const BAD_HELLO: u16 = 2;
     pub const BUSY: u16 = 3;
     pub const SHUTTING_DOWN: u16 = 4;
+    pub const NOT_AUTHORISED: u16 = 5;
 }
 
 /// How the sender must treat a negative acknowledgement.

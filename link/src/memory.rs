@@ -21,7 +21,10 @@ pub enum Settled {
 
 #[derive(Default)]
 struct State {
-    items: BTreeMap<u64, (NotifId, Vec<u8>, Option<Instant>)>,
+    items: BTreeMap<u64, (NotifId, Vec<u8>)>,
+    /// Items a retry-later NACK put off, with the time they are due. They get a new position
+    /// (after any cursor) only when due, so a client's cursor never skips them.
+    deferred: Vec<(Instant, NotifId, Vec<u8>)>,
     settled: HashMap<NotifId, Settled>,
 }
 
@@ -41,21 +44,25 @@ impl MemoryOutbox {
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>, StoreError> {
-        self.state.lock().map_err(|_| "memory outbox lock poisoned".into())
+        self.state
+            .lock()
+            .map_err(|_| "memory outbox lock poisoned".into())
     }
 
     /// Queues an item at the end.
     pub fn push(&self, id: NotifId, payload: Vec<u8>) {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut s) = self.lock() {
-            s.items.insert(seq, (id, payload, None));
+            s.items.insert(seq, (id, payload));
         }
         self.notify.notify_one();
     }
 
     /// Items not yet settled.
     pub fn pending(&self) -> usize {
-        self.lock().map(|s| s.items.len()).unwrap_or(0)
+        self.lock()
+            .map(|s| s.items.len() + s.deferred.len())
+            .unwrap_or(0)
     }
 
     /// How an item was settled, if it was.
@@ -70,9 +77,10 @@ impl MemoryOutbox {
 
     fn settle(&self, id: NotifId, how: Settled) -> Result<(), StoreError> {
         let mut s = self.lock()?;
-        let before = s.items.len();
-        s.items.retain(|_, (i, _, _)| *i != id);
-        if s.items.len() != before {
+        let before = s.items.len() + s.deferred.len();
+        s.items.retain(|_, (i, _)| *i != id);
+        s.deferred.retain(|(_, i, _)| *i != id);
+        if s.items.len() + s.deferred.len() != before {
             s.settled.insert(id, how);
         }
         drop(s);
@@ -83,14 +91,19 @@ impl MemoryOutbox {
 
 impl Outbox for MemoryOutbox {
     fn ready(&self, after: Option<u64>, max: usize) -> Result<Vec<OutItem>, StoreError> {
-        let s = self.lock()?;
+        let mut s = self.lock()?;
         let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = s.deferred.drain(..).partition(|(t, _, _)| *t <= now);
+        s.deferred = later;
+        for (_, id, p) in due {
+            let seq = self.next.fetch_add(1, Ordering::Relaxed);
+            s.items.insert(seq, (id, p));
+        }
         let start = after.map_or(0, |a| a.saturating_add(1));
         Ok(s.items
             .range(start..)
-            .filter(|(_, (_, _, not_before))| not_before.is_none_or(|t| t <= now))
             .take(max)
-            .map(|(seq, (id, p, _))| OutItem {
+            .map(|(seq, (id, p))| OutItem {
                 seq: *seq,
                 id: *id,
                 payload: p.clone(),
@@ -110,18 +123,10 @@ impl Outbox for MemoryOutbox {
     }
 
     fn retry_later(&self, id: NotifId, after: Duration, _reason: &str) -> Result<(), StoreError> {
-        // Requeue at the end so it comes after the client's cursor.
-        let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let mut s = self.lock()?;
-        let old = s
-            .items
-            .iter()
-            .find(|(_, (i, _, _))| *i == id)
-            .map(|(k, _)| *k);
-        if let Some(k) = old {
-            if let Some((id, p, _)) = s.items.remove(&k) {
-                s.items.insert(seq, (id, p, Some(Instant::now() + after)));
-            }
+        let old = s.items.iter().find(|(_, (i, _))| *i == id).map(|(k, _)| *k);
+        if let Some((id, p)) = old.and_then(|k| s.items.remove(&k)) {
+            s.deferred.push((Instant::now() + after, id, p));
         }
         Ok(())
     }
@@ -147,6 +152,14 @@ mod tests {
         o.retry_later(a, Duration::from_secs(60), "full").unwrap();
         // Deferred: not offered now, even after the cursor.
         assert_eq!(o.ready(Some(r[1].seq), 10).unwrap().len(), 0);
+        assert_eq!(o.pending(), 2);
+        // Once due it comes back after any cursor, even one past items sent meanwhile.
+        let c = o.next.load(Ordering::Relaxed) + 5;
+        o.next.store(c, Ordering::Relaxed);
+        o.lock().unwrap().deferred[0].0 = Instant::now();
+        let again = o.ready(Some(c - 1), 10).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].id, a);
         o.acked(&[b]).unwrap();
         assert_eq!(o.outcome(&b), Some(Settled::Acked));
         o.dead_letter(a, "invalid").unwrap();

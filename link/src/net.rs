@@ -284,6 +284,17 @@ async fn client_session<O: Outbox + ?Sized>(
                 let now = Instant::now();
                 for item in items {
                     cursor = Some(item.seq);
+                    if Frame::notify_len(item.payload.len()) > neg.max_frame as usize + 4 {
+                        let reason = format!(
+                            "notification of {} bytes exceeds the agent's maximum frame size {}",
+                            item.payload.len(),
+                            neg.max_frame
+                        );
+                        warn!(notif_id = %item.id, %reason, "dead-lettered before sending");
+                        outbox.dead_letter(item.id, &reason).map_err(LinkError::Store)?;
+                        stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     if !snd.is_in_flight(&item.id) {
                         snd.send(item.id, item.payload, now, &mut out);
                         stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -484,6 +495,14 @@ async fn server_session<I: Inbox>(
         Ok(name) => name,
         Err(e) => {
             stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            // The TLS session is up, so the client can be told why it is turned away.
+            let mut out = Vec::new();
+            Frame::Refuse {
+                code: frame::refuse::NOT_AUTHORISED,
+                reason: format!("client certificate not authorised: {e}"),
+            }
+            .encode(&mut out);
+            close_gracefully(&mut stream, &mut out, s.io_timeout).await;
             return Err(e.into());
         }
     };

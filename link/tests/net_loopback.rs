@@ -169,6 +169,14 @@ async fn client_drains_outbox_and_fails_over_from_a_dead_agent() {
     assert!(dead
         .iter()
         .all(|o| *o == Settled::Dead("invalid phone number".into())));
+    // A notice larger than the agent's frame limit is dead-lettered here, never resent.
+    let huge = NotifId::random();
+    outbox.push(huge, vec![b'x'; 70_000]);
+    wait_for("oversized item settled", || outbox.outcome(&huge).is_some()).await;
+    assert!(matches!(
+        outbox.outcome(&huge),
+        Some(Settled::Dead(r)) if r.contains("exceeds the agent's maximum frame size")
+    ));
     // Items added later flow without reconnecting.
     let late = NotifId::random();
     outbox.push(late, vec![1]);
