@@ -371,7 +371,7 @@ impl SimThread {
                 }
             }
             if !busy {
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
     }
@@ -498,10 +498,14 @@ impl SimThread {
 
     fn command(&mut self, line: &[u8]) {
         let text = String::from_utf8_lossy(line).trim().to_string();
-        if text.len() < 2 || !text[..2].eq_ignore_ascii_case("AT") {
+        let Some(body) = text
+            .get(..2)
+            .filter(|at| at.eq_ignore_ascii_case("AT"))
+            .and_then(|_| text.get(2..))
+        else {
             return; // not a command: a modem ignores it
-        }
-        let body = text[2..].to_string();
+        };
+        let body = body.to_string();
         let upper = body.to_ascii_uppercase();
         {
             let mut s = lock(&self.shared);
@@ -808,6 +812,10 @@ mod tests {
         assert_eq!(c.until("OK\r\n"), "\r\n+CSQ: 21,99\r\n\r\nOK\r\n");
         c.send(b"AT+BOGUS\r");
         c.until("ERROR\r\n");
+        c.send("€uro\r".as_bytes());
+        c.send(b"\xff\xfe\r");
+        c.send(b"AT\r");
+        assert_eq!(c.until("OK\r\n"), "\r\nOK\r\n", "garbage is ignored");
         c.send(b"AT+CMGS=23\r");
         assert_eq!(c.until("> "), "\r\n> ");
         c.send(PDU.as_bytes());

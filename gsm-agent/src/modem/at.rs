@@ -814,6 +814,8 @@ mod tests {
         let now = Instant::now();
         let mut d = Dialogue::new(T);
         assert!(d.feed(b"\r\nOK\r\n\r\nERROR\r\n", now).is_empty());
+        // but the end of a call is news, not a stray result
+        assert_eq!(d.feed(b"\r\nNO CARRIER\r\n", now), vec![urc("NO CARRIER")]);
     }
 
     #[test]
@@ -899,6 +901,36 @@ mod tests {
         }
         d.start(Command::line("AT"), now).unwrap();
         assert_eq!(d.start(Command::line("AT"), now), Err(AtError::InProgress));
+    }
+
+    #[test]
+    fn random_bytes_never_panic_and_the_dialogue_recovers() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet = b"\r\n> +CMS ERROR:5OK\"^RSSI0123456789ABCDEF\x1a\xff";
+        let t0 = Instant::now();
+        let mut d = Dialogue::new(T);
+        for round in 0..2000u32 {
+            let now = t0 + Duration::from_millis(u64::from(round));
+            if d.is_idle() {
+                let cmd = if round % 3 == 0 {
+                    submit()
+                } else {
+                    Command::line("AT+CREG?")
+                };
+                d.start(cmd, now).unwrap();
+            }
+            let len = rng.gen_range(0..200);
+            let junk: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                .collect();
+            let _ = d.feed(&junk, now);
+            let _ = d.take_transmit();
+            let _ = d.poll_timeout(now + T.submit);
+        }
+        d.reset();
+        d.start(Command::line("AT"), t0).unwrap();
+        assert_eq!(d.feed(b"\r\nOK\r\n", t0), vec![ok(&[])]);
     }
 
     #[test]

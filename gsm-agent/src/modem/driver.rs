@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! ModemHandle::submit ──mpsc(8)──▶ thread "modem-<name>" ──serialport──▶ /dev/ttyUSB0
-//!        ▲                             │  read timeout 20 ms, loop
+//!        ▲                             │  read timeout 20 ms (2 ms while submits flow), loop
 //!        └─────────oneshot─────────────┘  status snapshots through a watch channel
 //! ```
 //!
@@ -40,8 +40,12 @@ use tracing::{debug, error, info, trace, warn};
 use super::at::{self, AtError, Command, Dialogue, Event, Timeouts};
 use super::cms::{classify_cme, classify_cms, classify_plain_error, ErrorClass};
 
-/// How long one blocking read of the port waits: the thread's tick.
-const READ_TICK: Duration = Duration::from_millis(20);
+/// How long one blocking read of the port waits: the thread's tick, and so how long a new
+/// request may wait for an idle thread. Bytes from the modem wake the read at once.
+const IDLE_TICK: Duration = Duration::from_millis(20);
+/// The tick while submits are flowing (for `BUSY_FOR` after the last one).
+const BUSY_TICK: Duration = Duration::from_millis(2);
+const BUSY_FOR: Duration = Duration::from_secs(1);
 /// Requests waiting for the thread.
 const QUEUE: usize = 8;
 /// An idle modem is probed (`AT+CSQ`) this often, to notice a hang and refresh the signal.
@@ -134,6 +138,8 @@ pub struct ModemStatus {
     pub last_error: Option<String>,
     /// `+CSQ` rssi (0-31), if known.
     pub signal: Option<u8>,
+    /// Successful initialisations so far; a re-init after a fault counts too.
+    pub inits: u64,
 }
 
 /// The message references of an accepted submission, one per PDU.
@@ -244,6 +250,7 @@ pub fn spawn(cfg: ModemConfig) -> ModemHandle {
         failed: 0,
         last_error: None,
         signal: None,
+        inits: 0,
     };
     let (status_tx, status_rx) = watch::channel(initial);
     let stop = Arc::new(AtomicBool::new(false));
@@ -364,6 +371,8 @@ struct Driver {
     serving: bool,
     /// The class given to refused requests (network problems are not SIM problems).
     not_ready_class: ErrorClass,
+    /// The port's current read timeout.
+    tick: Duration,
     buf: Vec<u8>,
 }
 
@@ -391,6 +400,7 @@ impl Driver {
             pdu_written: false,
             serving: false,
             not_ready_class: ErrorClass::ModemFault,
+            tick: IDLE_TICK,
             buf: vec![0; 1024],
         }
     }
@@ -406,6 +416,7 @@ impl Driver {
                     Ok(port) => {
                         info!(modem = %self.cfg.name, device = %self.cfg.device.display(), "port open");
                         self.port = Some(port);
+                        self.tick = IDLE_TICK;
                         self.dialogue.reset();
                         reinit = false;
                     }
@@ -428,7 +439,10 @@ impl Driver {
             match self.init() {
                 Ok(()) => {
                     self.backoff = BACKOFF_START.min(self.cfg.reopen_backoff_max);
-                    self.set_state(ModemState::Ready);
+                    self.status.send_modify(|s| {
+                        s.inits += 1;
+                        s.state = ModemState::Ready;
+                    });
                     info!(modem = %self.cfg.name, "modem ready");
                 }
                 Err(InitError::Fail(Fail::Stopped)) => break,
@@ -527,7 +541,7 @@ impl Driver {
             .parity(Parity::None)
             .stop_bits(StopBits::One)
             .flow_control(FlowControl::None)
-            .timeout(READ_TICK)
+            .timeout(IDLE_TICK)
             .open()?;
         // Whatever the modem said before we came is not an answer to us.
         let _ = port.clear(ClearBuffer::All);
@@ -549,7 +563,7 @@ impl Driver {
                     Err(_) => self.port = None,
                 }
             } else {
-                std::thread::sleep(READ_TICK.min(until.saturating_duration_since(Instant::now())));
+                std::thread::sleep(IDLE_TICK.min(until.saturating_duration_since(Instant::now())));
             }
         }
         !self.stopping()
@@ -579,6 +593,16 @@ impl Driver {
     }
 
     // ---- port I/O -----------------------------------------------------------------------
+
+    fn set_tick(&mut self, tick: Duration) {
+        if self.tick != tick {
+            if let Some(port) = self.port.as_mut() {
+                if port.set_timeout(tick).is_ok() {
+                    self.tick = tick;
+                }
+            }
+        }
+    }
 
     /// One read with the port's short timeout; Ok(0) when nothing came.
     fn read_some(&mut self) -> Result<usize, Fail> {
@@ -897,6 +921,7 @@ impl Driver {
 
     fn serve(&mut self) -> Next {
         let mut last_activity = Instant::now();
+        let mut last_submit: Option<Instant> = None;
         loop {
             if self.stopping() {
                 return Next::Stopped;
@@ -917,8 +942,11 @@ impl Driver {
                         return next;
                     }
                     last_activity = Instant::now();
+                    last_submit = Some(last_activity);
                 }
                 Err(mpsc::error::TryRecvError::Empty) => {
+                    let flowing = last_submit.is_some_and(|t| t.elapsed() < BUSY_FOR);
+                    self.set_tick(if flowing { BUSY_TICK } else { IDLE_TICK });
                     match self.read_some() {
                         Ok(n) => self.absorb(n),
                         Err(Fail::Port(e)) => return Next::Reopen(format!("port failed: {e}")),
@@ -1376,5 +1404,36 @@ mod tests {
         assert_eq!(e.kind, SubmitErrorKind::Disconnected);
         assert!(h.status().last_error.unwrap().contains("cannot open"));
         h.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod throughput {
+    use super::*;
+    use crate::sim::{SimModem, SimOptions};
+
+    /// Prints sequential submits per second through the sim (a benchmark, not asserted):
+    /// `cargo test -p mailbell-gsm-agent --lib throughput -- --ignored --nocapture`.
+    #[tokio::test]
+    #[ignore = "benchmark"]
+    async fn sequential_submit_rate() {
+        let sim = SimModem::spawn(SimOptions::default()).unwrap();
+        let h = spawn(ModemConfig::new("bench", sim.device_path()));
+        h.wait_for_state(Duration::from_secs(10), |s| *s == ModemState::Ready)
+            .await
+            .unwrap();
+        let pdu = "0011000B916407281553F80000AA0AE8329BFD4697D9EC37".to_string();
+        let n = 300;
+        let t = Instant::now();
+        for _ in 0..n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            h.submit(vec![(23, pdu.clone())]).await.unwrap();
+        }
+        let el = t.elapsed();
+        eprintln!(
+            "{n} submits in {el:?}: {:.0}/s",
+            f64::from(n) / el.as_secs_f64()
+        );
     }
 }

@@ -146,6 +146,8 @@ struct Slot {
     day: Option<NaiveDate>,
     day_count: u32,
     cool_until: Option<Instant>,
+    /// The driver's `inits` when the failed submit was picked: a later init ends the cool-down.
+    cool_inits: u64,
     in_flight: bool,
     last_used: Option<Instant>,
 }
@@ -197,6 +199,7 @@ impl Selector {
                 day: None,
                 day_count: 0,
                 cool_until: None,
+                cool_inits: 0,
                 in_flight: false,
                 last_used: None,
             })
@@ -282,10 +285,22 @@ impl Selector {
         slot.in_flight = false;
     }
 
-    /// Leaves modem `i` alone until `until`.
-    pub fn cool_down(&mut self, i: usize, until: Instant) {
+    /// Leaves modem `i` alone until `until`, or until its driver reports an initialisation
+    /// count above `inits` (it went through a re-init since; see [`Selector::observe`]).
+    pub fn cool_down(&mut self, i: usize, until: Instant, inits: u64) {
         if let Some(slot) = self.slots.get_mut(i) {
             slot.cool_until = Some(until);
+            slot.cool_inits = inits;
+        }
+    }
+
+    /// Tells the selector modem `i`'s driver has initialised `inits` times: a modem cooling
+    /// down since a failure that has been re-initialised since is usable again.
+    pub fn observe(&mut self, i: usize, inits: u64) {
+        if let Some(slot) = self.slots.get_mut(i) {
+            if slot.cool_until.is_some() && inits > slot.cool_inits {
+                slot.cool_until = None;
+            }
         }
     }
 
@@ -421,13 +436,19 @@ impl Pool {
                     last,
                 });
             }
-            let ready: Vec<bool> = inner
-                .modems
+            let statuses: Vec<ModemStatus> = inner.modems.iter().map(ModemHandle::status).collect();
+            let ready: Vec<bool> = statuses
                 .iter()
-                .map(|m| m.state() == ModemState::Ready)
+                .map(|s| s.state == ModemState::Ready)
                 .collect();
             let now = tokio::time::Instant::now();
-            let pick = lock(&inner.selector).pick(now.into_std(), today(), parts, &ready, &tried);
+            let pick = {
+                let mut selector = lock(&inner.selector);
+                for (i, s) in statuses.iter().enumerate() {
+                    selector.observe(i, s.inits);
+                }
+                selector.pick(now.into_std(), today(), parts, &ready, &tried)
+            };
             let index = match pick {
                 Pick::Use(i) => i,
                 other => {
@@ -448,9 +469,10 @@ impl Pool {
                     continue;
                 }
             };
-            let Some(modem) = inner.modems.get(index) else {
+            let (Some(modem), Some(picked)) = (inner.modems.get(index), statuses.get(index)) else {
                 return Err(PoolError::Empty);
             };
+            let inits_at_pick = picked.inits;
             let reservation = Reservation {
                 inner,
                 index,
@@ -475,7 +497,7 @@ impl Pool {
                     let at_fault = modem_at_fault(&error);
                     if at_fault {
                         let until = tokio::time::Instant::now() + inner.cooldown;
-                        lock(&inner.selector).cool_down(index, until.into_std());
+                        lock(&inner.selector).cool_down(index, until.into_std(), inits_at_pick);
                         warn!(modem = %name, error = %error, cooldown = ?inner.cooldown, "modem failed; using the others meanwhile");
                     }
                     reservation.finish(used);
@@ -611,7 +633,8 @@ mod tests {
             Pick::Unavailable
         );
         s.finish(1, 1, 1);
-        s.cool_down(0, t0 + Duration::from_secs(30));
+        s.cool_down(0, t0 + Duration::from_secs(30), 1);
+        s.observe(0, 1); // not re-initialised yet: still cooling
         assert!(s.is_cooling(0, t0));
         assert_eq!(
             s.pick(t0, day(1), 1, &[true, false], &[]),
@@ -622,6 +645,12 @@ mod tests {
         let later = t0 + Duration::from_secs(30);
         assert!(!s.is_cooling(0, later));
         assert_eq!(s.pick(later, day(1), 1, &[true, true], &[]), Pick::Use(0));
+        s.finish(0, 1, 1);
+        // a re-initialisation ends the cool-down early
+        s.cool_down(0, later + Duration::from_secs(60), 1);
+        assert!(s.is_cooling(0, later));
+        s.observe(0, 2);
+        assert!(!s.is_cooling(0, later));
         // short ready slice: missing entries count as not ready
         let mut s = Selector::new([pacing(0, 0)]);
         assert_eq!(s.pick(t0, day(1), 1, &[], &[]), Pick::Unavailable);
@@ -697,6 +726,31 @@ mod tests {
         assert_eq!(st.len(), 2);
         assert_eq!(st[0].failed, 1);
         assert_eq!(st[1].sent, 2);
+        // once a's driver has re-initialised, a is back (long before the 60 s cool-down)
+        let a = &pool.modems()[0];
+        let back = a
+            .wait_for_state(WAIT, |s| *s == ModemState::Ready)
+            .await
+            .unwrap();
+        assert!(back.inits >= 2, "{back:?}");
+        let r = pool.submit(msg("three"), WAIT).await.unwrap();
+        assert_eq!(r.modem, "a");
+    }
+
+    #[tokio::test]
+    async fn a_single_modem_is_used_again_as_soon_as_it_recovers() {
+        let sa = SimModem::spawn(SimOptions::default()).unwrap();
+        let pool = Pool::new(vec![(modem("a", &sa).await, Pacing::default())]);
+        sa.inject(Fault::Silence);
+        let e = pool.submit(msg("lost"), WAIT).await.unwrap_err();
+        assert!(
+            matches!(&e, PoolError::NoModem { last: Some((_, err)), .. } if err.kind == SubmitErrorKind::Timeout),
+            "{e:?}"
+        );
+        sa.clear_faults();
+        // WAIT is far below the 60 s cool-down: only the re-init can let this through
+        let r = pool.submit(msg("again"), WAIT).await.unwrap();
+        assert_eq!(r.modem, "a");
     }
 
     #[tokio::test]
