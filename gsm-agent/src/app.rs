@@ -217,6 +217,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 dispatch: dispatch_stats.clone(),
                 link: link_stats.clone(),
                 modems: modem_status,
+                store: inbox.clone(),
+                admin_token: cfg.admin_token.clone(),
             });
             let stop = shutdown.clone();
             tracker.spawn(async move {
@@ -359,12 +361,28 @@ pub async fn status(addr: SocketAddr) -> anyhow::Result<crate::metrics::Status> 
 
 /// A minimal HTTP/1.0 GET (loopback status endpoint only), with a timeout.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    http_request(addr, "GET", path, None).await
+}
+
+/// A minimal HTTP/1.0 request to the agent's own endpoint, with a timeout.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+) -> anyhow::Result<String> {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr)
             .await
             .with_context(|| format!("connect to the agent's status endpoint {addr}"))?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
+        let auth = bearer
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        s.write_all(
+            format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
         let mut buf = Vec::new();
         s.take(4 << 20).read_to_end(&mut buf).await?;
         let text = String::from_utf8_lossy(&buf).into_owned();

@@ -249,12 +249,14 @@ impl Default for RawSms {
 #[serde(deny_unknown_fields, default)]
 struct RawMetrics {
     listen: Option<String>,
+    admin_token: Option<String>,
 }
 
 impl Default for RawMetrics {
     fn default() -> Self {
         Self {
             listen: Some("127.0.0.1:9465".into()),
+            admin_token: None,
         }
     }
 }
@@ -398,6 +400,8 @@ pub struct Config {
     pub inbox: crate::inbox::InboxConfig,
     pub sms: SmsConfig,
     pub metrics_listen: Option<SocketAddr>,
+    /// Bearer token for the endpoint's write operations (requeue); none disables them.
+    pub admin_token: Option<String>,
     pub modems: Vec<ModemEntry>,
     pub simulator: SimulatorConfig,
 }
@@ -552,6 +556,7 @@ impl Config {
                 retry,
             },
             metrics_listen,
+            admin_token: raw.metrics.admin_token.filter(|t| !t.is_empty()),
             modems,
             simulator: SimulatorConfig {
                 submit_delay: raw.simulator.submit_delay,

@@ -159,6 +159,8 @@ pub enum Change {
     },
     /// Give up, with the reason.
     Dead { seq: u64, reason: String },
+    /// An operator sends a dead letter again (attempts start over).
+    Requeue(u64),
 }
 
 enum Request {
@@ -302,12 +304,7 @@ impl Inbox {
         for kv in self.db.scan_prefix([b'x']).take(max) {
             let (k, v) = kv?;
             let seq = seq_of(&k).unwrap_or(0);
-            if v.len() < 2 {
-                continue;
-            }
-            let n = usize::from(u16::from_be_bytes([v[0], v[1]]));
-            let reason = String::from_utf8_lossy(v.get(2..2 + n).unwrap_or_default()).into_owned();
-            if let Some(r) = v.get(2 + n..).and_then(|b| Record::decode(seq, b)) {
+            if let Some((reason, r)) = decode_dead(seq, &v) {
                 out.push((seq, reason, r));
             }
         }
@@ -423,6 +420,12 @@ fn recover(db: &sled::Db, cfg: &InboxConfig, stats: &InboxStats) -> Result<(), I
     Ok(())
 }
 
+fn decode_dead(seq: u64, v: &[u8]) -> Option<(String, Record)> {
+    let n = usize::from(u16::from_be_bytes([*v.first()?, *v.get(1)?]));
+    let reason = String::from_utf8_lossy(v.get(2..2 + n)?).into_owned();
+    Some((reason, Record::decode(seq, v.get(2 + n..)?)?))
+}
+
 fn dead_value(reason: &str, r: &Record) -> Vec<u8> {
     let reason = &reason.as_bytes()[..reason.len().min(1024)];
     let mut v = Vec::with_capacity(2 + reason.len() + 64 + r.payload.len());
@@ -438,6 +441,14 @@ struct Committer {
     validator: Validator,
     stats: Arc<InboxStats>,
     notify: Arc<Notify>,
+}
+
+/// How a change moves the counters.
+enum Effect {
+    None,
+    Sent,
+    Dead,
+    Requeued,
 }
 
 enum Reply {
@@ -472,7 +483,7 @@ impl Committer {
         let mut replies = Vec::with_capacity(reqs.len());
         let mut fresh: HashSet<NotifId> = HashSet::new();
         let mut new_items = 0u64;
-        let (mut dup, mut rej, mut sent, mut dead) = (0u64, 0u64, 0u64, 0u64);
+        let (mut dup, mut rej, mut sent, mut dead, mut requeued) = (0u64, 0u64, 0u64, 0u64, 0u64);
         let now = now_ms();
         let mut queued = self.stats.queued.load(Ordering::Relaxed);
         for req in reqs {
@@ -503,9 +514,10 @@ impl Committer {
                 }
                 Request::Change { change, reply } => {
                     match self.apply_change(&mut batch, &change) {
-                        Ok(Some(true)) => sent += 1,
-                        Ok(Some(false)) => dead += 1,
-                        Ok(None) => {}
+                        Ok(Effect::Sent) => sent += 1,
+                        Ok(Effect::Dead) => dead += 1,
+                        Ok(Effect::Requeued) => requeued += 1,
+                        Ok(Effect::None) => {}
                         Err(e) => {
                             let _ = reply.send(Err(e));
                             continue;
@@ -526,10 +538,17 @@ impl Committer {
                 self.stats.stored.fetch_add(new_items, Ordering::Relaxed);
                 self.stats.duplicates.fetch_add(dup, Ordering::Relaxed);
                 self.stats.rejected.fetch_add(rej, Ordering::Relaxed);
-                self.stats
-                    .queued
-                    .store(queued.saturating_sub(sent + dead), Ordering::Relaxed);
+                self.stats.queued.store(
+                    (queued + requeued).saturating_sub(sent + dead),
+                    Ordering::Relaxed,
+                );
                 self.stats.dead.fetch_add(dead, Ordering::Relaxed);
+                let _ = self
+                    .stats
+                    .dead
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                        Some(d.saturating_sub(requeued))
+                    });
                 for r in replies {
                     match r {
                         Reply::Store(tx, outcomes) => {
@@ -540,7 +559,7 @@ impl Committer {
                         }
                     }
                 }
-                if new_items > 0 {
+                if new_items + requeued > 0 {
                     self.notify.notify_one();
                 }
             }
@@ -640,12 +659,29 @@ impl Committer {
         Outcome::Stored
     }
 
-    /// Adds a change to the batch. `Some(true)` = a notice left as sent, `Some(false)` = dead.
-    fn apply_change(&self, batch: &mut sled::Batch, c: &Change) -> Result<Option<bool>, String> {
+    /// Adds a change to the batch and says how it moves the counters.
+    fn apply_change(&self, batch: &mut sled::Batch, c: &Change) -> Result<Effect, String> {
         let seq = match c {
-            Change::InFlight(s) | Change::Sent(s) => *s,
+            Change::InFlight(s) | Change::Sent(s) | Change::Requeue(s) => *s,
             Change::Retry { seq, .. } | Change::Dead { seq, .. } => *seq,
         };
+        if let Change::Requeue(_) = c {
+            let dk = key(b'x', seq);
+            let v = self
+                .db
+                .get(dk)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("dead letter {seq} not found"))?;
+            let mut r = decode_dead(seq, &v)
+                .map(|(_, r)| r)
+                .ok_or_else(|| format!("corrupt dead letter {seq}"))?;
+            r.attempts = 0;
+            r.next_at_ms = 0;
+            r.in_flight = false;
+            batch.remove(&dk);
+            batch.insert(&key(b'q', seq), r.encode());
+            return Ok(Effect::Requeued);
+        }
         let k = key(b'q', seq);
         let cur = self
             .db
@@ -657,11 +693,11 @@ impl Committer {
             Change::InFlight(_) => {
                 r.in_flight = true;
                 batch.insert(&k, r.encode());
-                Ok(None)
+                Ok(Effect::None)
             }
             Change::Sent(_) => {
                 batch.remove(&k);
-                Ok(Some(true))
+                Ok(Effect::Sent)
             }
             Change::Retry {
                 attempts,
@@ -672,14 +708,15 @@ impl Committer {
                 r.attempts = *attempts;
                 r.next_at_ms = *next_at_ms;
                 batch.insert(&k, r.encode());
-                Ok(None)
+                Ok(Effect::None)
             }
             Change::Dead { reason, .. } => {
                 r.in_flight = false;
                 batch.remove(&k);
                 batch.insert(&key(b'x', seq), dead_value(reason, &r));
-                Ok(Some(false))
+                Ok(Effect::Dead)
             }
+            Change::Requeue(_) => Ok(Effect::None),
         }
     }
 }
@@ -815,6 +852,22 @@ mod tests {
         assert_eq!(next, Some(later));
         assert_eq!(inbox.ready(later, 10, &HashSet::new()).unwrap().0.len(), 1);
         assert_eq!(inbox.dead_letters(10).unwrap()[0].1, "+CMS ERROR: 21");
+        assert_eq!(inbox.stats.dead.load(Ordering::Relaxed), 1);
+        // An operator requeues it: it is due at once, with its attempts reset.
+        inbox.change(Change::Requeue(ready[1].seq)).await.unwrap();
+        assert!(inbox.dead_letters(10).unwrap().is_empty());
+        assert_eq!(inbox.stats.dead.load(Ordering::Relaxed), 0);
+        let (back, _) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!((back[0].seq, back[0].attempts), (ready[1].seq, 0));
+        inbox
+            .change(Change::Dead {
+                seq: ready[1].seq,
+                reason: "again".into(),
+            })
+            .await
+            .unwrap();
+        assert!(inbox.change(Change::Requeue(12345)).await.is_err());
         // A change for a notice that is gone is an error, not a panic.
         assert!(inbox.change(Change::Sent(ready[1].seq)).await.is_err());
     }

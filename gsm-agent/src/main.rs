@@ -66,6 +66,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// List the notices the agent gave up on, or send them again.
+    DeadLetters {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Agent endpoint (default: metrics.listen from the config).
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+        /// Requeue one dead letter by its seq, or "all" (needs metrics.admin_token).
+        #[arg(long)]
+        requeue: Option<String>,
+    },
     /// Start an agent on a simulated modem, send a sample notice through the real link and
     /// print the SMS the modem received.
     Demo {
@@ -159,6 +170,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 for m in &s.modems {
                     println!("modem: {m}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::DeadLetters {
+            config,
+            addr,
+            requeue,
+        } => {
+            let cfg = Config::load(config.as_deref())?;
+            let addr = addr.or(cfg.metrics_listen).ok_or_else(|| {
+                anyhow::anyhow!("no agent endpoint: metrics.listen is off; pass --addr")
+            })?;
+            match requeue {
+                Some(which) => {
+                    let path = format!("/dead-letters/requeue?seq={which}");
+                    let out =
+                        app::http_request(addr, "POST", &path, cfg.admin_token.as_deref()).await?;
+                    print!("{out}");
+                }
+                None => {
+                    let body = app::http_get(addr, "/dead-letters").await?;
+                    let list: Vec<mailbell_gsm_agent::metrics::DeadLetter> =
+                        serde_json::from_str(&body)?;
+                    if list.is_empty() {
+                        println!("no dead letters");
+                    }
+                    for d in list {
+                        println!(
+                            "{:>8}  {}  to {}  for {}  after {} attempt(s): {}",
+                            d.seq, d.id, d.to, d.recipient, d.attempts, d.reason
+                        );
+                    }
                 }
             }
             Ok(())

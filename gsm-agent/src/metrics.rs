@@ -1,12 +1,16 @@
-//! The agent's HTTP endpoint: `GET /metrics` (Prometheus text format) and `GET /status`
-//! (JSON, read by `mailbell-gsm-agent status`). Bound to loopback by default.
+//! The agent's HTTP endpoint, bound to loopback by default:
+//! - `GET /metrics`: Prometheus text format;
+//! - `GET /status`: JSON, read by `mailbell-gsm-agent status`;
+//! - `GET /dead-letters`: the notices given up, with their reasons (phone numbers masked);
+//! - `POST /dead-letters/requeue?seq=N` (or `seq=all`): send them again. Needs
+//!   `Authorization: Bearer <metrics.admin_token>`; without a configured token it is refused.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::header;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -14,7 +18,7 @@ use mailbell_link::net::ServerStats;
 use serde::Serialize;
 
 use crate::dispatch::DispatchStats;
-use crate::inbox::InboxStats;
+use crate::inbox::{Change, Inbox, InboxStats};
 use crate::modem::driver::{ModemState, ModemStatus};
 
 /// Everything the endpoint reports.
@@ -24,6 +28,21 @@ pub struct Sources {
     pub dispatch: Arc<DispatchStats>,
     pub link: Arc<ServerStats>,
     pub modems: Arc<dyn Fn() -> Vec<ModemStatus> + Send + Sync>,
+    /// For the dead-letter endpoints.
+    pub store: Inbox,
+    pub admin_token: Option<String>,
+}
+
+/// One dead letter as the endpoint shows it.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct DeadLetter {
+    pub seq: u64,
+    pub id: String,
+    pub reason: String,
+    pub to: String,
+    pub recipient: String,
+    pub attempts: u16,
+    pub received_at_ms: i64,
 }
 
 /// The `/status` document.
@@ -205,10 +224,97 @@ async fn status(State(src): State<Sources>) -> Json<Status> {
     Json(src.status())
 }
 
+async fn dead_letters(
+    State(src): State<Sources>,
+) -> Result<Json<Vec<DeadLetter>>, (StatusCode, String)> {
+    let inbox = src.store.clone();
+    let list = tokio::task::spawn_blocking(move || inbox.dead_letters(10_000))
+        .await
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(Json(
+        list.into_iter()
+            .map(|(seq, reason, r)| {
+                let n = r.notification();
+                DeadLetter {
+                    seq,
+                    id: r.id.to_string(),
+                    reason,
+                    to: n
+                        .as_ref()
+                        .and_then(|n| n.phone.parse::<crate::phone::E164>().ok())
+                        .map(|p| p.masked())
+                        .unwrap_or_else(|| "(invalid)".into()),
+                    recipient: n.map(|n| n.recipient).unwrap_or_default(),
+                    attempts: r.attempts,
+                    received_at_ms: r.received_at_ms,
+                }
+            })
+            .collect(),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct RequeueQuery {
+    seq: String,
+}
+
+async fn requeue(
+    State(src): State<Sources>,
+    headers: HeaderMap,
+    Query(q): Query<RequeueQuery>,
+) -> Result<String, (StatusCode, String)> {
+    let Some(token) = src.admin_token.as_deref() else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "requeue is disabled: set metrics.admin_token".into(),
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given != Some(token) {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "bad or missing admin token".into(),
+        ));
+    }
+    let seqs: Vec<u64> = if q.seq == "all" {
+        let inbox = src.store.clone();
+        tokio::task::spawn_blocking(move || inbox.dead_letters(usize::MAX))
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+            .into_iter()
+            .map(|(seq, _, _)| seq)
+            .collect()
+    } else {
+        vec![q.seq.parse().map_err(|_| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("seq {:?} is not a number or \"all\"", q.seq),
+            )
+        })?]
+    };
+    let mut n = 0;
+    for seq in seqs {
+        src.store
+            .change(Change::Requeue(seq))
+            .await
+            .map_err(|e| (StatusCode::NOT_FOUND, e.to_string()))?;
+        n += 1;
+    }
+    tracing::info!(requeued = n, "dead letters requeued by an operator");
+    Ok(format!("requeued {n}\n"))
+}
+
 /// The router.
 pub fn router(src: Sources) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/status", get(status))
+        .route("/dead-letters", get(dead_letters))
+        .route("/dead-letters/requeue", axum::routing::post(requeue))
         .with_state(src)
 }

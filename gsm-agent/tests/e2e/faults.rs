@@ -74,6 +74,42 @@ async fn a_rejected_number_is_dead_lettered_and_never_blocks_the_queue() {
     assert_eq!(s.failed_by_class.get("Permanent"), Some(&1), "{s:?}");
     assert_eq!(s.sent, 20);
     assert!(!texts(&sim).contains(&"notice #0".to_string()));
+    // The operator sees why, fixes the cause and sends it again.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&agent.config)
+            .output()
+            .unwrap()
+    };
+    let list = cli(&["dead-letters"]);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        text.contains("+CMS ERROR: 21") && text.contains("+86139****0000"),
+        "{text}"
+    );
+    let seq = text.split_whitespace().next().unwrap().to_string();
+    let anon = mailbell_gsm_agent::app::http_request(
+        agent.metrics,
+        "POST",
+        &format!("/dead-letters/requeue?seq={seq}"),
+        Some("wrong"),
+    )
+    .await;
+    assert!(anon.unwrap_err().to_string().contains("401"));
+    sim.set_rejected_number("none");
+    let out = cli(&["dead-letters", "--requeue", &seq]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("the requeued notice", 30, || {
+        texts(&sim).contains(&"notice #0".to_string())
+    })
+    .await;
+    assert_eq!(agent.status().await.dead_letters, 0);
     client.stop().await;
 }
 

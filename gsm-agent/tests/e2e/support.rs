@@ -19,6 +19,7 @@ use mailbell_link::{NotifId, Notification};
 use tokio_util::sync::CancellationToken;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mailbell-gsm-agent");
+pub const ADMIN_TOKEN: &str = "e2e-admin-token";
 
 /// A port that was free a moment ago (the agent must keep one address across restarts).
 pub fn free_port() -> u16 {
@@ -45,7 +46,7 @@ impl Agent {
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut toml = format!(
             "[agent]\ndata_dir = {:?}\n[link]\nlisten = \"{link}\"\nheartbeat = \"1s\"\ndead_after = \"5s\"\n\
-             [metrics]\nlisten = \"{metrics}\"\n",
+             [metrics]\nlisten = \"{metrics}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n",
             dir.join("data")
         );
         toml.push_str(extra);
