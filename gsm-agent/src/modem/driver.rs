@@ -937,6 +937,15 @@ impl Driver {
                             s.last_error = Some(e.to_string());
                         }
                     });
+                    // Leave Ready before answering, so no caller sees a stale Ready.
+                    match &next {
+                        Some(Next::Reinit(_)) => self.set_state(ModemState::Reinitialising),
+                        Some(Next::Reopen(_)) => self.set_state(ModemState::Reopening),
+                        Some(Next::Faulty(reason)) => {
+                            self.set_state(ModemState::Faulty(reason.clone()))
+                        }
+                        Some(Next::Stopped) | None => {}
+                    }
                     let _ = reply.send(result);
                     if let Some(next) = next {
                         return next;
@@ -1016,7 +1025,7 @@ impl Driver {
                 let class = kind.class();
                 if class == ErrorClass::Busy && next.is_none() && attempt < busy.max_attempts {
                     attempt += 1;
-                    let delay = busy.delay_before(attempt).min(self.cfg.command_timeout);
+                    let delay = busy.delay_before(attempt).min(self.poll_interval());
                     debug!(modem = %self.cfg.name, %kind, ?delay, attempt, "modem busy, retrying");
                     match self.pause(delay) {
                         Ok(()) => continue,
@@ -1076,8 +1085,8 @@ mod tests {
 
     fn cfg(name: &str, sim: &SimModem) -> ModemConfig {
         ModemConfig {
-            command_timeout: Duration::from_millis(400),
-            submit_timeout: Duration::from_millis(800),
+            command_timeout: Duration::from_millis(1000),
+            submit_timeout: Duration::from_millis(2000),
             reopen_backoff_max: Duration::from_millis(100),
             ..ModemConfig::new(name, sim.device_path())
         }
@@ -1218,7 +1227,7 @@ mod tests {
         let sim = SimModem::spawn(SimOptions::default()).unwrap();
         let h = spawn(cfg("m1", &sim));
         ready(&h).await;
-        sim.inject(Fault::Delay(Duration::from_millis(1500)));
+        sim.inject(Fault::Delay(Duration::from_millis(3000)));
         let e = h.submit(pdus("+8613800138000", "hi", 1)).await.unwrap_err();
         assert_eq!(e.kind, SubmitErrorKind::Timeout);
         assert!(e.maybe_sent);

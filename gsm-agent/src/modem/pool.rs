@@ -694,8 +694,8 @@ mod tests {
 
     async fn modem(name: &str, sim: &SimModem) -> ModemHandle {
         let h = driver::spawn(ModemConfig {
-            command_timeout: Duration::from_millis(400),
-            submit_timeout: Duration::from_millis(800),
+            command_timeout: Duration::from_millis(1000),
+            submit_timeout: Duration::from_millis(2000),
             reopen_backoff_max: Duration::from_millis(100),
             ..ModemConfig::new(name, sim.device_path())
         });
