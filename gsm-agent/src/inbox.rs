@@ -528,10 +528,17 @@ impl Committer {
                 Request::Stop => {}
             }
         }
+        let started = std::time::Instant::now();
         let result = self
             .db
             .apply_batch(batch)
             .and_then(|()| self.db.flush().map(|_| ()));
+        let took = started.elapsed();
+        if took > Duration::from_millis(100) {
+            warn!(?took, "slow inbox commit (disk)");
+        } else {
+            tracing::debug!(?took, "inbox commit");
+        }
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(()) => {
