@@ -582,6 +582,51 @@ mod tests {
         assert_eq!(c.sms.render.utc_offset_minutes, 480);
     }
 
+    /// `key = value` or a `[table]` header, as opposed to prose.
+    fn looks_like_toml(line: &str) -> bool {
+        let key_ok = |k: &str| {
+            !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.-".contains(c))
+        };
+        if let Some((k, _)) = line.split_once(" = ") {
+            return key_ok(k.trim_end());
+        }
+        let header = line.split(" #").next().unwrap_or("").trim_end();
+        let t = header.trim_start_matches('[').trim_end_matches(']');
+        header.starts_with('[') && header.ends_with(']') && key_ok(t)
+    }
+
+    #[test]
+    fn shipped_example_parses_to_the_defaults() {
+        let text = include_str!("../../config/gsm-agent.example.toml");
+        let ex = Config::from_toml(text, "gsm-agent.example.toml").unwrap();
+        let d = Config::from_toml("", "t").unwrap();
+        assert_eq!(format!("{:?}", ex.link), format!("{:?}", d.link));
+        assert_eq!(format!("{:?}", ex.inbox), format!("{:?}", d.inbox));
+        assert_eq!(
+            format!("{:?}", ex.sms.render.templates),
+            format!("{:?}", d.sms.render.templates)
+        );
+        assert_eq!(ex.sms.retry, d.sms.retry);
+        assert_eq!(ex.metrics_listen, d.metrics_listen);
+        assert_eq!(ex.data_dir, d.data_dir);
+        assert!(ex.modems.is_empty());
+        // Every commented-out key parses too.
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|r| looks_like_toml(r))
+                    .unwrap_or(l)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        if let Err(e) = Config::from_toml(&uncommented, "uncommented example") {
+            panic!("{e}");
+        }
+    }
+
     #[test]
     fn durations_and_offsets() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
