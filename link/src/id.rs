@@ -4,7 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A notification id: 16 random bytes, shown as 32 lowercase hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct NotifId(pub [u8; 16]);
 
 impl NotifId {

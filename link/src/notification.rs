@@ -44,12 +44,6 @@ pub struct Notification {
     pub text: Option<String>,
 }
 
-impl Default for NotifId {
-    fn default() -> Self {
-        NotifId([0; 16])
-    }
-}
-
 /// Why a payload could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]

@@ -1,5 +1,7 @@
 //! The async client and server over real mutual TLS on loopback, with in-memory stores.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

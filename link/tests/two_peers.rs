@@ -2,6 +2,8 @@
 //! sockets: frames are lost, duplicated, sessions cut mid-window and the receiver restarted.
 //! Whatever happens, every item ends up stored exactly once and the outbox drains.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 

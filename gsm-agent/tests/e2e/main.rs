@@ -1,6 +1,8 @@
 //! Black-box tests of the `mailbell-gsm-agent` binary: real mutual TLS on loopback, real sled
 //! files, simulated modems speaking AT over real pseudo-terminals.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod crash;
 mod faults;
 mod pipeline;
