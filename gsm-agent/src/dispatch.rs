@@ -97,7 +97,7 @@ impl<S: SmsSink> Dispatcher<S> {
             let mut next_due: Option<i64> = None;
             let free = concurrency.saturating_sub(busy.len());
             if free > 0 {
-                match self.inbox.ready(now_ms(), free, &busy) {
+                match self.inbox.ready_records(now_ms(), free, &busy) {
                     Ok((items, next)) => {
                         next_due = next;
                         for r in items {
@@ -341,7 +341,10 @@ mod tests {
         d.inbox
             .store("t".into(), vec![(n.id, n.encode_payload().unwrap())])
             .await;
-        let (mut r, _) = d.inbox.ready(i64::MAX, 10, &HashSet::new()).unwrap();
+        let (mut r, _) = d
+            .inbox
+            .ready_records(i64::MAX, 10, &HashSet::new())
+            .unwrap();
         r.pop().unwrap()
     }
 

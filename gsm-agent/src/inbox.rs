@@ -8,21 +8,28 @@
 //!
 //! Keys (one tree, prefixed, so one batch is atomic across them):
 //! ```text
-//! q <seq:u64be>   queued notice        -> record
-//! s <id:16>       seen id (dedupe)     -> received_at_ms:i64be
+//! i <id:16>       a notice, keyed by its id: the record while it is queued, then a
+//!                 tombstone 0xff <received_at_ms:i64be> that keeps the id known (dedupe)
 //! x <seq:u64be>   dead letter          -> reason_len:u16be reason record
 //! u <seq:u64be>   uncertain submit     -> record (in flight at the modem when the agent died)
 //! record = ver:u8(1) state:u8(0 queued, 1 in flight) attempts:u16be next_at_ms:i64be
-//!          received_at_ms:i64be id:16 peer_len:u8 peer payload
+//!          received_at_ms:i64be id:16 peer_len:u8 peer seq:u64be payload
 //! ```
-//! Dedupe entries outlive the notice: they are kept for `dedupe_retention` (default 30 days)
+//! Receipt costs one write: the record doubles as the dedupe entry. The order of the queue
+//! (by `seq`, from `generate_id`, so arrival order) is an in-memory index rebuilt from the
+//! records at start-up.
+//!
+//! Tombstones outlive the notice: they are kept for `dedupe_retention` (default 30 days)
 //! after receipt and then purged, so a sender that resends an id older than that would be
 //! treated as new. The mail-host outbox expires items long before that.
+//!
+//! Payload decoding and validation run on the caller's thread, before the committer, so the
+//! one serial thread does only the dedupe lookup and the write.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use mailbell_link::net::Inbox as LinkInbox;
@@ -82,10 +89,12 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
+const TOMBSTONE: u8 = 0xff;
+
 impl Record {
     fn encode(&self) -> Vec<u8> {
         let peer = &self.peer.as_bytes()[..self.peer.len().min(255)];
-        let mut v = Vec::with_capacity(38 + peer.len() + self.payload.len());
+        let mut v = Vec::with_capacity(46 + peer.len() + self.payload.len());
         v.push(1);
         v.push(u8::from(self.in_flight));
         v.extend_from_slice(&self.attempts.to_be_bytes());
@@ -94,11 +103,12 @@ impl Record {
         v.extend_from_slice(self.id.as_bytes());
         v.push(peer.len() as u8);
         v.extend_from_slice(peer);
+        v.extend_from_slice(&self.seq.to_be_bytes());
         v.extend_from_slice(&self.payload);
         v
     }
 
-    fn decode(seq: u64, v: &[u8]) -> Option<Self> {
+    fn decode(v: &[u8]) -> Option<Self> {
         if v.len() < 37 || v[0] != 1 {
             return None;
         }
@@ -108,6 +118,7 @@ impl Record {
         let id = NotifId(v[20..36].try_into().ok()?);
         let plen = usize::from(v[36]);
         let peer = std::str::from_utf8(v.get(37..37 + plen)?).ok()?.to_string();
+        let seq = u64::from_be_bytes(v.get(37 + plen..45 + plen)?.try_into().ok()?);
         Some(Self {
             seq,
             in_flight: v[1] == 1,
@@ -116,7 +127,7 @@ impl Record {
             received_at_ms,
             id,
             peer,
-            payload: v.get(37 + plen..)?.to_vec(),
+            payload: v.get(45 + plen..)?.to_vec(),
         })
     }
 
@@ -133,11 +144,18 @@ fn key(prefix: u8, seq: u64) -> [u8; 9] {
     k
 }
 
-fn seen_key(id: &NotifId) -> [u8; 17] {
+fn id_key(id: &NotifId) -> [u8; 17] {
     let mut k = [0u8; 17];
-    k[0] = b's';
+    k[0] = b'i';
     k[1..].copy_from_slice(id.as_bytes());
     k
+}
+
+fn tombstone(received_at_ms: i64) -> [u8; 9] {
+    let mut v = [0u8; 9];
+    v[0] = TOMBSTONE;
+    v[1..].copy_from_slice(&received_at_ms.to_be_bytes());
+    v
 }
 
 fn seq_of(k: &[u8]) -> Option<u64> {
@@ -149,7 +167,7 @@ fn seq_of(k: &[u8]) -> Option<u64> {
 pub enum Change {
     /// About to be handed to a modem: mark it so a crash leaves a trace.
     InFlight(u64),
-    /// The SMS went out: forget the notice.
+    /// The SMS went out: forget the notice (its id stays known).
     Sent(u64),
     /// Try again later.
     Retry {
@@ -163,10 +181,13 @@ pub enum Change {
     Requeue(u64),
 }
 
+/// A notice checked on the caller's thread: its payload, or the reason it is refused.
+type Checked = (NotifId, Result<Vec<u8>, String>);
+
 enum Request {
     Store {
         peer: Arc<str>,
-        batch: Vec<(NotifId, Vec<u8>)>,
+        batch: Vec<Checked>,
         reply: oneshot::Sender<Vec<Outcome>>,
     },
     Change {
@@ -175,6 +196,18 @@ enum Request {
     },
     Stop,
 }
+
+impl Request {
+    fn items(&self) -> usize {
+        match self {
+            Request::Store { batch, .. } => batch.len(),
+            Request::Change { .. } | Request::Stop => 1,
+        }
+    }
+}
+
+/// Items after which the committer stops collecting requests and commits.
+const COMMIT_ITEMS: usize = 64;
 
 /// Counters for metrics and status.
 #[derive(Debug, Default)]
@@ -188,13 +221,25 @@ pub struct InboxStats {
     pub uncertain: AtomicU64,
 }
 
+/// The queue order: seq -> (id, due time). Only the committer writes it, after a commit.
+#[derive(Default)]
+struct Index {
+    by_seq: BTreeMap<u64, (NotifId, i64)>,
+}
+
+fn lock(index: &Mutex<Index>) -> MutexGuard<'_, Index> {
+    index.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The inbox handle: cheap to clone, shared by link sessions and the dispatcher.
 #[derive(Clone)]
 pub struct Inbox {
     db: sled::Db,
     tx: mpsc::SyncSender<Request>,
     notify: Arc<Notify>,
-    committer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    index: Arc<Mutex<Index>>,
+    validator: Validator,
+    committer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     pub stats: Arc<InboxStats>,
 }
 
@@ -215,15 +260,15 @@ impl Inbox {
                 source,
             })?;
         let stats = Arc::new(InboxStats::default());
-        recover(&db, &cfg, &stats)?;
+        let index = Arc::new(Mutex::new(recover(&db, &cfg, &stats)?));
         let (tx, rx) = mpsc::sync_channel(4096);
         let notify = Arc::new(Notify::new());
         let committer = Committer {
             db: db.clone(),
             cfg,
-            validator,
             stats: stats.clone(),
             notify: notify.clone(),
+            index: index.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("inbox-commit".into())
@@ -233,7 +278,9 @@ impl Inbox {
             db,
             tx,
             notify,
-            committer: Arc::new(std::sync::Mutex::new(Some(handle))),
+            index,
+            validator,
+            committer: Arc::new(Mutex::new(Some(handle))),
             stats,
         })
     }
@@ -261,26 +308,42 @@ impl Inbox {
         now_ms: i64,
         max: usize,
         busy: &HashSet<u64>,
-    ) -> Result<(Vec<Record>, Option<i64>), InboxError> {
-        let mut out = Vec::new();
+    ) -> Result<(Vec<(u64, NotifId)>, Option<i64>), InboxError> {
+        let mut due = Vec::new();
         let mut next: Option<i64> = None;
-        for kv in self.db.scan_prefix([b'q']).take(100_000) {
-            let (k, v) = kv?;
-            let seq = seq_of(&k).ok_or_else(|| InboxError::Corrupt(hex::encode(&k)))?;
-            if busy.contains(&seq) {
+        let index = lock(&self.index);
+        for (seq, (id, at)) in &index.by_seq {
+            if busy.contains(seq) {
                 continue;
             }
-            let Some(r) = Record::decode(seq, &v) else {
-                return Err(InboxError::Corrupt(hex::encode(&k)));
-            };
-            if r.next_at_ms > now_ms {
-                next = Some(next.map_or(r.next_at_ms, |n: i64| n.min(r.next_at_ms)));
+            if *at > now_ms {
+                next = Some(next.map_or(*at, |n: i64| n.min(*at)));
                 continue;
             }
-            out.push(r);
-            if out.len() >= max {
+            if due.len() < max {
+                due.push((*seq, *id));
+            } else if next.is_some() {
                 break;
             }
+        }
+        Ok((due, next))
+    }
+
+    /// Queued notices due at `now_ms` with their records (see [`Inbox::ready`]).
+    pub fn ready_records(
+        &self,
+        now_ms: i64,
+        max: usize,
+        busy: &HashSet<u64>,
+    ) -> Result<(Vec<Record>, Option<i64>), InboxError> {
+        let (due, next) = self.ready(now_ms, max, busy)?;
+        let mut out = Vec::with_capacity(due.len());
+        for (seq, id) in due {
+            let v = self
+                .db
+                .get(id_key(&id))?
+                .ok_or_else(|| InboxError::Corrupt(format!("queued notice {seq} has no record")))?;
+            out.push(Record::decode(&v).ok_or_else(|| InboxError::Corrupt(id.to_string()))?);
         }
         Ok((out, next))
     }
@@ -298,13 +361,13 @@ impl Inbox {
             .map_err(InboxError::Corrupt)
     }
 
-    /// Dead letters, newest last: (seq, reason, record).
+    /// Dead letters, oldest first: (seq, reason, record).
     pub fn dead_letters(&self, max: usize) -> Result<Vec<(u64, String, Record)>, InboxError> {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix([b'x']).take(max) {
             let (k, v) = kv?;
             let seq = seq_of(&k).unwrap_or(0);
-            if let Some((reason, r)) = decode_dead(seq, &v) {
+            if let Some((reason, r)) = decode_dead(&v) {
                 out.push((seq, reason, r));
             }
         }
@@ -315,27 +378,32 @@ impl Inbox {
     pub fn uncertain(&self) -> Result<Vec<Record>, InboxError> {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix([b'u']) {
-            let (k, v) = kv?;
-            if let Some(r) = seq_of(&k).and_then(|s| Record::decode(s, &v)) {
+            let (_, v) = kv?;
+            if let Some(r) = Record::decode(&v) {
                 out.push(r);
             }
         }
         Ok(out)
     }
 
-    /// Drops dedupe entries older than the retention window; returns how many.
+    /// Drops dedupe tombstones older than the retention window; returns how many.
     pub fn purge_seen(&self, retention: Duration) -> Result<usize, InboxError> {
         let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         let mut batch = sled::Batch::default();
         let mut n = 0;
-        for kv in self.db.scan_prefix([b's']) {
+        for kv in self.db.scan_prefix([b'i']) {
             let (k, v) = kv?;
+            if v.first() != Some(&TOMBSTONE) {
+                continue;
+            }
             let at = v
-                .as_ref()
-                .try_into()
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
                 .map(i64::from_be_bytes)
                 .unwrap_or(i64::MAX);
             if at < cutoff {
+                // A compare-and-swap would be exact; a tombstone never turns back into a
+                // record, so removing it is safe.
                 batch.remove(k);
                 n += 1;
             }
@@ -343,12 +411,29 @@ impl Inbox {
         self.db.apply_batch(batch)?;
         Ok(n)
     }
+
+    fn check(&self, id: NotifId, payload: Vec<u8>) -> Checked {
+        let n = match Notification::decode_payload(id, &payload) {
+            Ok(n) => n,
+            Err(e) => return (id, Err(format!("malformed notification: {e}"))),
+        };
+        match (self.validator)(&n) {
+            Ok(()) => (id, Ok(payload)),
+            Err(reason) => (id, Err(reason)),
+        }
+    }
 }
 
 impl LinkInbox for Inbox {
-    async fn store(&self, peer: Arc<str>, batch: Vec<(NotifId, Vec<u8>)>) -> Vec<Outcome> {
+    /// Checks the batch here and queues it for the committer at once (not when first
+    /// polled), so that several batches handed over in a row share one group commit.
+    fn store(
+        &self,
+        peer: Arc<str>,
+        batch: Vec<(NotifId, Vec<u8>)>,
+    ) -> impl std::future::Future<Output = Vec<Outcome>> + Send {
         let n = batch.len();
-        let fail = |reason: &str| {
+        let fail = move |reason: &str| {
             vec![
                 Outcome::Rejected {
                     class: NackClass::RetryLater,
@@ -358,58 +443,75 @@ impl LinkInbox for Inbox {
                 n
             ]
         };
+        let checked: Vec<Checked> = batch
+            .into_iter()
+            .map(|(id, payload)| self.check(id, payload))
+            .collect();
         let (reply, rx) = oneshot::channel();
-        let req = Request::Store { peer, batch, reply };
-        // try_send first: the common case never leaves this thread.
-        let req = match self.tx.try_send(req) {
-            Ok(()) => None,
-            Err(mpsc::TrySendError::Full(req)) => Some(req),
-            Err(mpsc::TrySendError::Disconnected(_)) => return fail("agent inbox unavailable"),
+        let req = Request::Store {
+            peer,
+            batch: checked,
+            reply,
         };
-        if let Some(req) = req {
-            let tx = self.tx.clone();
-            match tokio::task::spawn_blocking(move || tx.send(req)).await {
-                Ok(Ok(())) => {}
-                _ => return fail("agent inbox unavailable"),
+        // try_send first: the common case never leaves this thread.
+        let queued = match self.tx.try_send(req) {
+            Ok(()) => Ok(None),
+            Err(mpsc::TrySendError::Full(req)) => Ok(Some(req)),
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(()),
+        };
+        let tx = self.tx.clone();
+        async move {
+            match queued {
+                Err(()) => return fail("agent inbox unavailable"),
+                Ok(Some(req)) => match tokio::task::spawn_blocking(move || tx.send(req)).await {
+                    Ok(Ok(())) => {}
+                    _ => return fail("agent inbox unavailable"),
+                },
+                Ok(None) => {}
             }
+            rx.await.unwrap_or_else(|_| fail("agent inbox unavailable"))
         }
-        rx.await.unwrap_or_else(|_| fail("agent inbox unavailable"))
     }
 }
 
-/// Moves in-flight records to the uncertain log and requeues or dead-letters them.
-fn recover(db: &sled::Db, cfg: &InboxConfig, stats: &InboxStats) -> Result<(), InboxError> {
+/// Builds the queue index; moves in-flight records to the uncertain log and requeues or
+/// dead-letters them.
+fn recover(db: &sled::Db, cfg: &InboxConfig, stats: &InboxStats) -> Result<Index, InboxError> {
     let mut batch = sled::Batch::default();
-    let (mut queued, mut uncertain) = (0u64, 0u64);
-    for kv in db.scan_prefix([b'q']) {
+    let mut index = Index::default();
+    let mut uncertain = 0u64;
+    for kv in db.scan_prefix([b'i']) {
         let (k, v) = kv?;
-        let seq = seq_of(&k).ok_or_else(|| InboxError::Corrupt(hex::encode(&k)))?;
-        let Some(mut r) = Record::decode(seq, &v) else {
+        if v.first() == Some(&TOMBSTONE) {
+            continue;
+        }
+        let Some(mut r) = Record::decode(&v) else {
             return Err(InboxError::Corrupt(hex::encode(&k)));
         };
-        queued += 1;
         if r.in_flight {
             uncertain += 1;
-            batch.insert(&key(b'u', seq), r.encode());
+            batch.insert(&key(b'u', r.seq), r.encode());
             r.in_flight = false;
             if cfg.resend_uncertain {
-                warn!(notif_id = %r.id, seq, "submit was in flight when the agent stopped; resending (policy resend_uncertain = true)");
-                batch.insert(&key(b'q', seq), r.encode());
+                warn!(notif_id = %r.id, seq = r.seq, "submit was in flight when the agent stopped; resending (policy resend_uncertain = true)");
+                batch.insert(&k, r.encode());
             } else {
-                warn!(notif_id = %r.id, seq, "submit was in flight when the agent stopped; not resending (policy resend_uncertain = false)");
-                queued -= 1;
-                batch.remove(&key(b'q', seq));
+                warn!(notif_id = %r.id, seq = r.seq, "submit was in flight when the agent stopped; not resending (policy resend_uncertain = false)");
+                batch.insert(&k, &tombstone(r.received_at_ms));
                 batch.insert(
-                    &key(b'x', seq),
+                    &key(b'x', r.seq),
                     dead_value("in flight when the agent stopped; not resent by policy", &r),
                 );
+                continue;
             }
         }
+        index.by_seq.insert(r.seq, (r.id, r.next_at_ms));
     }
     if uncertain > 0 {
         db.apply_batch(batch)?;
         db.flush()?;
     }
+    let queued = index.by_seq.len() as u64;
     let dead = db.scan_prefix([b'x']).count() as u64;
     stats.queued.store(queued, Ordering::Relaxed);
     stats.dead.store(dead, Ordering::Relaxed);
@@ -417,13 +519,13 @@ fn recover(db: &sled::Db, cfg: &InboxConfig, stats: &InboxStats) -> Result<(), I
         .uncertain
         .store(db.scan_prefix([b'u']).count() as u64, Ordering::Relaxed);
     info!(queued, dead, uncertain, "inbox opened");
-    Ok(())
+    Ok(index)
 }
 
-fn decode_dead(seq: u64, v: &[u8]) -> Option<(String, Record)> {
+fn decode_dead(v: &[u8]) -> Option<(String, Record)> {
     let n = usize::from(u16::from_be_bytes([*v.first()?, *v.get(1)?]));
     let reason = String::from_utf8_lossy(v.get(2..2 + n)?).into_owned();
-    Some((reason, Record::decode(seq, v.get(2 + n..)?)?))
+    Some((reason, Record::decode(v.get(2 + n..)?)?))
 }
 
 fn dead_value(reason: &str, r: &Record) -> Vec<u8> {
@@ -438,17 +540,9 @@ fn dead_value(reason: &str, r: &Record) -> Vec<u8> {
 struct Committer {
     db: sled::Db,
     cfg: InboxConfig,
-    validator: Validator,
     stats: Arc<InboxStats>,
     notify: Arc<Notify>,
-}
-
-/// How a change moves the counters.
-enum Effect {
-    None,
-    Sent,
-    Dead,
-    Requeued,
+    index: Arc<Mutex<Index>>,
 }
 
 enum Reply {
@@ -456,15 +550,25 @@ enum Reply {
     Change(oneshot::Sender<Result<(), String>>),
 }
 
+/// What a commit does to the index once it is durable.
+enum IndexOp {
+    Insert(u64, NotifId, i64),
+    Remove(u64),
+}
+
 impl Committer {
     fn run(self, rx: mpsc::Receiver<Request>) {
         'run: while let Ok(first) = rx.recv() {
             let mut stop = matches!(first, Request::Stop);
+            let mut items = first.items();
             let mut reqs = vec![first];
-            while reqs.len() < 1024 && !stop {
+            // Bounded group commit: enough items to amortise the flush, few enough that the
+            // first senders get their ACKs while later ones are still arriving.
+            while items < COMMIT_ITEMS && !stop {
                 match rx.try_recv() {
                     Ok(r) => {
                         stop = matches!(r, Request::Stop);
+                        items += r.items();
                         reqs.push(r);
                     }
                     Err(_) => break,
@@ -481,11 +585,11 @@ impl Committer {
     fn commit(&self, reqs: Vec<Request>) {
         let mut batch = sled::Batch::default();
         let mut replies = Vec::with_capacity(reqs.len());
+        let mut ops = Vec::new();
         let mut fresh: HashSet<NotifId> = HashSet::new();
-        let mut new_items = 0u64;
-        let (mut dup, mut rej, mut sent, mut dead, mut requeued) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        let (mut new_items, mut dup, mut rej, mut dead, mut requeued) = (0u64, 0, 0, 0u64, 0u64);
         let now = now_ms();
-        let mut queued = self.stats.queued.load(Ordering::Relaxed);
+        let mut queued = lock(&self.index).by_seq.len() as u64;
         for req in reqs {
             match req {
                 Request::Store {
@@ -494,27 +598,28 @@ impl Committer {
                     reply,
                 } => {
                     let mut outcomes = Vec::with_capacity(items.len());
-                    for (id, payload) in items {
-                        outcomes.push(self.admit(
+                    for (id, checked) in items {
+                        let o = self.admit(
                             &mut batch,
+                            &mut ops,
                             &mut fresh,
                             &peer,
                             id,
-                            payload,
+                            checked,
                             now,
                             &mut queued,
-                        ));
-                        match outcomes.last() {
-                            Some(Outcome::Stored) => new_items += 1,
-                            Some(Outcome::Duplicate) => dup += 1,
-                            _ => rej += 1,
+                        );
+                        match &o {
+                            Outcome::Stored => new_items += 1,
+                            Outcome::Duplicate => dup += 1,
+                            Outcome::Rejected { .. } => rej += 1,
                         }
+                        outcomes.push(o);
                     }
                     replies.push(Reply::Store(reply, outcomes));
                 }
                 Request::Change { change, reply } => {
-                    match self.apply_change(&mut batch, &change) {
-                        Ok(Effect::Sent) => sent += 1,
+                    match self.apply_change(&mut batch, &mut ops, &change) {
                         Ok(Effect::Dead) => dead += 1,
                         Ok(Effect::Requeued) => requeued += 1,
                         Ok(Effect::None) => {}
@@ -542,13 +647,25 @@ impl Committer {
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(()) => {
+                {
+                    let mut index = lock(&self.index);
+                    for op in ops {
+                        match op {
+                            IndexOp::Insert(seq, id, at) => {
+                                index.by_seq.insert(seq, (id, at));
+                            }
+                            IndexOp::Remove(seq) => {
+                                index.by_seq.remove(&seq);
+                            }
+                        }
+                    }
+                    self.stats
+                        .queued
+                        .store(index.by_seq.len() as u64, Ordering::Relaxed);
+                }
                 self.stats.stored.fetch_add(new_items, Ordering::Relaxed);
                 self.stats.duplicates.fetch_add(dup, Ordering::Relaxed);
                 self.stats.rejected.fetch_add(rej, Ordering::Relaxed);
-                self.stats.queued.store(
-                    (queued + requeued).saturating_sub(sent + dead),
-                    Ordering::Relaxed,
-                );
                 self.stats.dead.fetch_add(dead, Ordering::Relaxed);
                 let _ = self
                     .stats
@@ -599,39 +716,37 @@ impl Committer {
     fn admit(
         &self,
         batch: &mut sled::Batch,
+        ops: &mut Vec<IndexOp>,
         fresh: &mut HashSet<NotifId>,
         peer: &str,
         id: NotifId,
-        payload: Vec<u8>,
+        checked: Result<Vec<u8>, String>,
         now: i64,
         queued: &mut u64,
     ) -> Outcome {
-        let permanent = |reason: String| Outcome::Rejected {
-            class: NackClass::Permanent,
-            retry_after: Duration::ZERO,
+        let retry = |reason: String| Outcome::Rejected {
+            class: NackClass::RetryLater,
+            retry_after: Duration::from_secs(5),
             reason,
         };
         if fresh.contains(&id) {
             return Outcome::Duplicate;
         }
-        match self.db.contains_key(seen_key(&id)) {
+        match self.db.contains_key(id_key(&id)) {
             Ok(true) => return Outcome::Duplicate,
             Ok(false) => {}
-            Err(e) => {
+            Err(e) => return retry(format!("agent inbox store failed: {e}")),
+        }
+        let payload = match checked {
+            Ok(p) => p,
+            Err(reason) => {
                 return Outcome::Rejected {
-                    class: NackClass::RetryLater,
-                    retry_after: Duration::from_secs(5),
-                    reason: format!("agent inbox store failed: {e}"),
+                    class: NackClass::Permanent,
+                    retry_after: Duration::ZERO,
+                    reason,
                 }
             }
-        }
-        let n = match Notification::decode_payload(id, &payload) {
-            Ok(n) => n,
-            Err(e) => return permanent(format!("malformed notification: {e}")),
         };
-        if let Err(reason) = (self.validator)(&n) {
-            return permanent(reason);
-        }
         if *queued >= self.cfg.max_queued {
             return Outcome::Rejected {
                 class: NackClass::RetryLater,
@@ -641,13 +756,7 @@ impl Committer {
         }
         let seq = match self.db.generate_id() {
             Ok(s) => s,
-            Err(e) => {
-                return Outcome::Rejected {
-                    class: NackClass::RetryLater,
-                    retry_after: Duration::from_secs(5),
-                    reason: format!("agent inbox store failed: {e}"),
-                }
-            }
+            Err(e) => return retry(format!("agent inbox store failed: {e}")),
         };
         let r = Record {
             seq,
@@ -659,43 +768,59 @@ impl Committer {
             peer: peer.to_string(),
             payload,
         };
-        batch.insert(&key(b'q', seq), r.encode());
-        batch.insert(&seen_key(&id), &now.to_be_bytes());
+        batch.insert(&id_key(&id), r.encode());
+        ops.push(IndexOp::Insert(seq, id, 0));
         fresh.insert(id);
         *queued += 1;
         Outcome::Stored
     }
 
+    /// The queued record with this seq.
+    fn queued_record(&self, seq: u64) -> Result<Record, String> {
+        let id = lock(&self.index)
+            .by_seq
+            .get(&seq)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| format!("notice {seq} is not queued"))?;
+        let v = self
+            .db
+            .get(id_key(&id))
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("notice {seq} is not queued"))?;
+        Record::decode(&v).ok_or_else(|| format!("notice {seq} is not queued"))
+    }
+
     /// Adds a change to the batch and says how it moves the counters.
-    fn apply_change(&self, batch: &mut sled::Batch, c: &Change) -> Result<Effect, String> {
-        let seq = match c {
-            Change::InFlight(s) | Change::Sent(s) | Change::Requeue(s) => *s,
-            Change::Retry { seq, .. } | Change::Dead { seq, .. } => *seq,
-        };
-        if let Change::Requeue(_) = c {
-            let dk = key(b'x', seq);
+    fn apply_change(
+        &self,
+        batch: &mut sled::Batch,
+        ops: &mut Vec<IndexOp>,
+        c: &Change,
+    ) -> Result<Effect, String> {
+        if let Change::Requeue(seq) = c {
+            let dk = key(b'x', *seq);
             let v = self
                 .db
                 .get(dk)
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("dead letter {seq} not found"))?;
-            let mut r = decode_dead(seq, &v)
+            let mut r = decode_dead(&v)
                 .map(|(_, r)| r)
                 .ok_or_else(|| format!("corrupt dead letter {seq}"))?;
             r.attempts = 0;
             r.next_at_ms = 0;
             r.in_flight = false;
             batch.remove(&dk);
-            batch.insert(&key(b'q', seq), r.encode());
+            batch.insert(&id_key(&r.id), r.encode());
+            ops.push(IndexOp::Insert(r.seq, r.id, 0));
             return Ok(Effect::Requeued);
         }
-        let k = key(b'q', seq);
-        let cur = self
-            .db
-            .get(k)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("notice {seq} is not queued"))?;
-        let mut r = Record::decode(seq, &cur).ok_or_else(|| format!("corrupt notice {seq}"))?;
+        let seq = match c {
+            Change::InFlight(s) | Change::Sent(s) | Change::Requeue(s) => *s,
+            Change::Retry { seq, .. } | Change::Dead { seq, .. } => *seq,
+        };
+        let mut r = self.queued_record(seq)?;
+        let k = id_key(&r.id);
         match c {
             Change::InFlight(_) => {
                 r.in_flight = true;
@@ -703,8 +828,9 @@ impl Committer {
                 Ok(Effect::None)
             }
             Change::Sent(_) => {
-                batch.remove(&k);
-                Ok(Effect::Sent)
+                batch.insert(&k, &tombstone(r.received_at_ms));
+                ops.push(IndexOp::Remove(seq));
+                Ok(Effect::None)
             }
             Change::Retry {
                 attempts,
@@ -715,17 +841,26 @@ impl Committer {
                 r.attempts = *attempts;
                 r.next_at_ms = *next_at_ms;
                 batch.insert(&k, r.encode());
+                ops.push(IndexOp::Insert(seq, r.id, *next_at_ms));
                 Ok(Effect::None)
             }
             Change::Dead { reason, .. } => {
                 r.in_flight = false;
-                batch.remove(&k);
+                batch.insert(&k, &tombstone(r.received_at_ms));
                 batch.insert(&key(b'x', seq), dead_value(reason, &r));
+                ops.push(IndexOp::Remove(seq));
                 Ok(Effect::Dead)
             }
             Change::Requeue(_) => Ok(Effect::None),
         }
     }
+}
+
+/// How a change moves the counters.
+enum Effect {
+    None,
+    Dead,
+    Requeued,
 }
 
 #[cfg(test)]
@@ -772,7 +907,7 @@ mod tests {
                 &out[2],
                 Outcome::Rejected { class: NackClass::Permanent, reason, .. } if reason == "invalid phone number"
             ));
-            let (ready, _) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
+            let (ready, _) = inbox.ready_records(now_ms(), 10, &HashSet::new()).unwrap();
             assert_eq!(ready.len(), 1);
             inbox.change(Change::InFlight(ready[0].seq)).await.unwrap();
             inbox.close();
@@ -786,12 +921,12 @@ mod tests {
         let unc = inbox.uncertain().unwrap();
         assert_eq!(unc.len(), 1);
         assert_eq!(unc[0].id, a.0);
-        let (ready, _) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
+        let (ready, _) = inbox.ready_records(now_ms(), 10, &HashSet::new()).unwrap();
         assert_eq!(ready.len(), 1, "resent by the default policy");
         assert!(!ready[0].in_flight);
         inbox.change(Change::Sent(ready[0].seq)).await.unwrap();
         assert!(inbox
-            .ready(now_ms(), 10, &HashSet::new())
+            .ready_records(now_ms(), 10, &HashSet::new())
             .unwrap()
             .0
             .is_empty());
@@ -811,13 +946,13 @@ mod tests {
             inbox
                 .store("mx".into(), vec![notice("+441234567890")])
                 .await;
-            let (ready, _) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
+            let (ready, _) = inbox.ready_records(now_ms(), 10, &HashSet::new()).unwrap();
             inbox.change(Change::InFlight(ready[0].seq)).await.unwrap();
             inbox.close();
         }
         let inbox = Inbox::open(&path, cfg, validator()).unwrap();
         assert!(inbox
-            .ready(now_ms(), 10, &HashSet::new())
+            .ready_records(now_ms(), 10, &HashSet::new())
             .unwrap()
             .0
             .is_empty());
@@ -837,7 +972,7 @@ mod tests {
                 vec![notice("+441234567890"), notice("+441234567891")],
             )
             .await;
-        let (ready, _) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
+        let (ready, _) = inbox.ready_records(now_ms(), 10, &HashSet::new()).unwrap();
         let later = now_ms() + 60_000;
         inbox
             .change(Change::Retry {
@@ -854,17 +989,24 @@ mod tests {
             })
             .await
             .unwrap();
-        let (now_ready, next) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
+        let (now_ready, next) = inbox.ready_records(now_ms(), 10, &HashSet::new()).unwrap();
         assert!(now_ready.is_empty());
         assert_eq!(next, Some(later));
-        assert_eq!(inbox.ready(later, 10, &HashSet::new()).unwrap().0.len(), 1);
+        assert_eq!(
+            inbox
+                .ready_records(later, 10, &HashSet::new())
+                .unwrap()
+                .0
+                .len(),
+            1
+        );
         assert_eq!(inbox.dead_letters(10).unwrap()[0].1, "+CMS ERROR: 21");
         assert_eq!(inbox.stats.dead.load(Ordering::Relaxed), 1);
         // An operator requeues it: it is due at once, with its attempts reset.
         inbox.change(Change::Requeue(ready[1].seq)).await.unwrap();
         assert!(inbox.dead_letters(10).unwrap().is_empty());
         assert_eq!(inbox.stats.dead.load(Ordering::Relaxed), 0);
-        let (back, _) = inbox.ready(now_ms(), 10, &HashSet::new()).unwrap();
+        let (back, _) = inbox.ready_records(now_ms(), 10, &HashSet::new()).unwrap();
         assert_eq!(back.len(), 1);
         assert_eq!((back[0].seq, back[0].attempts), (ready[1].seq, 0));
         inbox
@@ -877,6 +1019,22 @@ mod tests {
         assert!(inbox.change(Change::Requeue(12345)).await.is_err());
         // A change for a notice that is gone is an error, not a panic.
         assert!(inbox.change(Change::Sent(ready[1].seq)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn sent_ids_stay_known_until_the_retention_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox =
+            Inbox::open(&dir.path().join("i"), InboxConfig::default(), validator()).unwrap();
+        let a = notice("+441234567890");
+        assert_eq!(inbox.store("mx".into(), vec![a.clone()]).await, vec![Outcome::Stored]);
+        let (ready, _) = inbox.ready_records(now_ms(), 10, &HashSet::new()).unwrap();
+        inbox.change(Change::Sent(ready[0].seq)).await.unwrap();
+        assert_eq!(inbox.store("mx".into(), vec![a.clone()]).await, vec![Outcome::Duplicate]);
+        assert_eq!(inbox.purge_seen(Duration::from_secs(3600)).unwrap(), 0);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(inbox.purge_seen(Duration::ZERO).unwrap(), 1);
+        assert_eq!(inbox.store("mx".into(), vec![a]).await, vec![Outcome::Stored]);
     }
 
     #[tokio::test]
@@ -915,10 +1073,10 @@ mod tests {
             peer: "mailhost".into(),
             payload: vec![1, 2, 3],
         };
-        assert_eq!(Record::decode(5, &r.encode()), Some(r.clone()));
+        assert_eq!(Record::decode(&r.encode()), Some(r.clone()));
         let enc = r.encode();
-        for cut in 0..37 {
-            assert_eq!(Record::decode(5, &enc[..cut]), None);
+        for cut in 0..45 {
+            assert_eq!(Record::decode(&enc[..cut]), None);
         }
     }
 }

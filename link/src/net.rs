@@ -3,7 +3,9 @@
 //! inbox. Every read and write has a timeout; the number of sessions is bounded; every task is
 //! tracked and stops on the cancellation token.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,6 +25,9 @@ use crate::id::NotifId;
 use crate::receiver::{self, Outcome, Receiver, ReceiverConfig, ReceiverError};
 use crate::sender::{self, Sender, SenderConfig, SenderEvent, SessionError};
 use crate::tls::{self, TlsError};
+
+/// Items per store request (see `server_session`).
+const STORE_CHUNK: usize = 32;
 
 /// A storage error from an outbox or inbox implementation.
 pub type StoreError = Box<dyn std::error::Error + Send + Sync>;
@@ -460,6 +465,35 @@ async fn close_gracefully<S: AsyncRead + AsyncWrite + Unpin>(
     .await;
 }
 
+/// Writes the ACK or NACK for each item of a stored batch.
+fn complete_stored(
+    rcv: &mut Receiver,
+    stats: &ServerStats,
+    ids: Vec<NotifId>,
+    outcomes: Vec<Outcome>,
+    out: &mut Vec<u8>,
+) {
+    let now = Instant::now();
+    for (i, id) in ids.into_iter().enumerate() {
+        let outcome = outcomes.get(i).cloned().unwrap_or(Outcome::Rejected {
+            class: frame::NackClass::RetryLater,
+            retry_after: Duration::from_secs(1),
+            reason: "inbox returned no outcome".into(),
+        });
+        let counter = match &outcome {
+            Outcome::Stored => &stats.stored,
+            Outcome::Duplicate => &stats.duplicates,
+            Outcome::Rejected {
+                class: frame::NackClass::Permanent,
+                ..
+            } => &stats.nacked_permanent,
+            Outcome::Rejected { .. } => &stats.nacked_retry,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        rcv.complete(id, outcome, now, out);
+    }
+}
+
 fn is_transient_accept_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -546,6 +580,9 @@ async fn server_session<I: Inbox>(
     let mut batch: Vec<(NotifId, Vec<u8>)> = Vec::with_capacity(usize::from(window));
     // Frames may already sit in the buffer behind the HELLO.
     let mut buffered = !inbuf.is_empty();
+    // Batches handed to the store, oldest first; answered in order.
+    type Storing<'a> = (Vec<NotifId>, Pin<Box<dyn Future<Output = Vec<Outcome>> + Send + 'a>>);
+    let mut storing: VecDeque<Storing<'_>> = VecDeque::new();
     let result: Result<(), LinkError> = async {
         loop {
             let deadline = rcv.next_deadline();
@@ -561,6 +598,16 @@ async fn server_session<I: Inbox>(
                     }
                 }
                 _ = std::future::ready(()), if buffered => {}
+                outcomes = async {
+                    match storing.front_mut() {
+                        Some((_, f)) => f.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                }, if !storing.is_empty() => {
+                    if let Some((ids, _)) = storing.pop_front() {
+                        complete_stored(&mut rcv, stats, ids, outcomes, &mut out);
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     rcv.poll(Instant::now(), &mut out)?;
                 }
@@ -604,30 +651,19 @@ async fn server_session<I: Inbox>(
             inbuf.drain(..at);
             decoded_all?;
             if !batch.is_empty() {
-                let items = std::mem::take(&mut batch);
+                // Hand the batch to the store and go on reading: the store group-commits
+                // whatever arrives meanwhile, so the window never waits on an idle disk.
+                // Small chunks let the store answer the first ones while it commits the rest,
+                // so the sender refills its window continuously instead of in lock-step.
+                let mut items = std::mem::take(&mut batch);
                 stats
                     .received
                     .fetch_add(items.len() as u64, Ordering::Relaxed);
-                let ids: Vec<NotifId> = items.iter().map(|(id, _)| *id).collect();
-                let outcomes = inbox.store(client.clone(), items).await;
-                let now = Instant::now();
-                for (i, id) in ids.into_iter().enumerate() {
-                    let outcome = outcomes.get(i).cloned().unwrap_or(Outcome::Rejected {
-                        class: frame::NackClass::RetryLater,
-                        retry_after: Duration::from_secs(1),
-                        reason: "inbox returned no outcome".into(),
-                    });
-                    let counter = match &outcome {
-                        Outcome::Stored => &stats.stored,
-                        Outcome::Duplicate => &stats.duplicates,
-                        Outcome::Rejected {
-                            class: frame::NackClass::Permanent,
-                            ..
-                        } => &stats.nacked_permanent,
-                        Outcome::Rejected { .. } => &stats.nacked_retry,
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    rcv.complete(id, outcome, now, &mut out);
+                while !items.is_empty() {
+                    let rest = items.split_off(items.len().min(STORE_CHUNK));
+                    let chunk = std::mem::replace(&mut items, rest);
+                    let ids: Vec<NotifId> = chunk.iter().map(|(id, _)| *id).collect();
+                    storing.push_back((ids, Box::pin(inbox.store(client.clone(), chunk))));
                 }
             }
             write_all(&mut stream, &mut out, s.io_timeout).await?;
