@@ -231,6 +231,9 @@ fn lock(index: &Mutex<Index>) -> MutexGuard<'_, Index> {
     index.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The earliest due time of a deferred notice, if any.
+pub type NextDue = Option<i64>;
+
 /// The inbox handle: cheap to clone, shared by link sessions and the dispatcher.
 #[derive(Clone)]
 pub struct Inbox {
@@ -308,7 +311,7 @@ impl Inbox {
         now_ms: i64,
         max: usize,
         busy: &HashSet<u64>,
-    ) -> Result<(Vec<(u64, NotifId)>, Option<i64>), InboxError> {
+    ) -> Result<(Vec<(u64, NotifId)>, NextDue), InboxError> {
         let mut due = Vec::new();
         let mut next: Option<i64> = None;
         let index = lock(&self.index);
