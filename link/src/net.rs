@@ -5,8 +5,8 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::Pin;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use crate::sender::{self, Sender, SenderConfig, SenderEvent, SessionError};
 use crate::tls::{self, TlsError};
 
 /// Items per store request (see `server_session`).
-const STORE_CHUNK: usize = 32;
+const STORE_CHUNK: usize = 64;
 
 /// A storage error from an outbox or inbox implementation.
 pub type StoreError = Box<dyn std::error::Error + Send + Sync>;
@@ -581,7 +581,10 @@ async fn server_session<I: Inbox>(
     // Frames may already sit in the buffer behind the HELLO.
     let mut buffered = !inbuf.is_empty();
     // Batches handed to the store, oldest first; answered in order.
-    type Storing<'a> = (Vec<NotifId>, Pin<Box<dyn Future<Output = Vec<Outcome>> + Send + 'a>>);
+    type Storing<'a> = (
+        Vec<NotifId>,
+        Pin<Box<dyn Future<Output = Vec<Outcome>> + Send + 'a>>,
+    );
     let mut storing: VecDeque<Storing<'_>> = VecDeque::new();
     let result: Result<(), LinkError> = async {
         loop {
