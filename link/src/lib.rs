@@ -16,6 +16,7 @@
 //! session start/end, `debug` for per-frame detail.
 
 pub mod frame;
+pub mod heartbeat;
 pub mod id;
 pub mod memory;
 pub mod net;

@@ -618,41 +618,40 @@ async fn server_session<I: Inbox>(
             buffered = false;
             let now = Instant::now();
             let mut at = 0;
-            let decoded_all: Result<(), LinkError> = loop {
-                let decoded = match frame::decode(&inbuf[at..], max_frame) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                        Frame::Bye {
-                            reason: format!("protocol error: {e}"),
-                        }
-                        .encode(&mut out);
-                        close_gracefully(&mut stream, &mut out, s.io_timeout).await;
-                        return Err(e.into());
-                    }
+            let decoded_all: Result<bool, LinkError> = loop {
+                let (f, n) = match frame::decode(&inbuf[at..], max_frame) {
+                    Ok(Some(x)) => x,
+                    Ok(None) => break Ok(true),
+                    Err(e) => break Err(e.into()),
                 };
-                let Some((f, n)) = decoded else { break Ok(()) };
                 at += n;
                 match rcv.on_frame(f, now, &mut out) {
                     Ok(Some(item)) => batch.push(item),
                     Ok(None) => {}
                     Err(ReceiverError::Bye(reason)) => {
                         info!(%reason, "sender closed the session");
-                        return Ok(());
+                        break Ok(false);
                     }
-                    Err(e) => {
-                        stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                        Frame::Bye {
-                            reason: format!("protocol error: {e}"),
-                        }
-                        .encode(&mut out);
-                        close_gracefully(&mut stream, &mut out, s.io_timeout).await;
-                        return Err(e.into());
+                    Err(e) => break Err(e.into()),
+                }
+            };
+            let decoded_all = match decoded_all {
+                Ok(go_on) => Ok(go_on),
+                Err(e) => {
+                    // One clear line to the peer, then close; nothing else is affected.
+                    stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    Frame::Bye {
+                        reason: format!("protocol error: {e}"),
                     }
+                    .encode(&mut out);
+                    close_gracefully(&mut stream, &mut out, s.io_timeout).await;
+                    Err(e)
                 }
             };
             inbuf.drain(..at);
-            decoded_all?;
+            if !decoded_all? {
+                return Ok(());
+            }
             if !batch.is_empty() {
                 // Hand the batch to the store and go on reading: the store group-commits
                 // whatever arrives meanwhile, so the window never waits on an idle disk.

@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::frame::{refuse, Frame, NackClass, DEFAULT_MAX_FRAME, MIN_MAX_FRAME};
+use crate::heartbeat::Heartbeat;
 use crate::id::NotifId;
 use crate::PROTOCOL_VERSION;
 
@@ -108,23 +109,17 @@ pub fn accept_hello(cfg: &ReceiverConfig, frame: Frame) -> Result<(Frame, u16, S
 
 /// The receiver state of one session.
 pub struct Receiver {
-    cfg: ReceiverConfig,
     window: usize,
     pending: HashSet<NotifId>,
-    last_rx: Instant,
-    last_tx: Instant,
-    nonce: u64,
+    beat: Heartbeat,
 }
 
 impl Receiver {
     pub fn new(cfg: ReceiverConfig, window: u16, now: Instant) -> Self {
         Self {
-            cfg,
             window: usize::from(window.max(1)),
             pending: HashSet::new(),
-            last_rx: now,
-            last_tx: now,
-            nonce: 0,
+            beat: Heartbeat::new(cfg.heartbeat, cfg.dead_after, now),
         }
     }
 
@@ -140,7 +135,7 @@ impl Receiver {
         now: Instant,
         out: &mut Vec<u8>,
     ) -> Result<Option<(NotifId, Vec<u8>)>, ReceiverError> {
-        self.last_rx = now;
+        self.beat.received(now);
         match frame {
             Frame::Notify { id, payload } => {
                 if self.pending.contains(&id) {
@@ -156,8 +151,7 @@ impl Receiver {
                 Ok(Some((id, payload)))
             }
             Frame::Ping { nonce } => {
-                Frame::Pong { nonce }.encode(out);
-                self.last_tx = now;
+                self.beat.pong(nonce, now, out);
                 Ok(None)
             }
             Frame::Pong { .. } => Ok(None),
@@ -184,25 +178,20 @@ impl Receiver {
             }
             .encode(out),
         }
-        self.last_tx = now;
+        self.beat.sent(now);
     }
 
     /// Sends heartbeats and detects a silent sender.
     pub fn poll(&mut self, now: Instant, out: &mut Vec<u8>) -> Result<(), ReceiverError> {
-        let silent = now.saturating_duration_since(self.last_rx);
-        if silent >= self.cfg.dead_after {
+        if let Some(silent) = self.beat.silent(now) {
             return Err(ReceiverError::Silent(silent));
         }
-        if now.saturating_duration_since(self.last_tx) >= self.cfg.heartbeat {
-            self.nonce += 1;
-            Frame::Ping { nonce: self.nonce }.encode(out);
-            self.last_tx = now;
-        }
+        self.beat.ping_if_idle(now, out);
         Ok(())
     }
 
     pub fn next_deadline(&self) -> Instant {
-        (self.last_tx + self.cfg.heartbeat).min(self.last_rx + self.cfg.dead_after)
+        self.beat.deadline()
     }
 }
 

@@ -17,6 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::frame::{Frame, NackClass, DEFAULT_MAX_FRAME};
+use crate::heartbeat::Heartbeat;
 use crate::id::NotifId;
 use crate::PROTOCOL_VERSION;
 
@@ -139,25 +140,19 @@ pub struct Sender {
     inflight: HashMap<NotifId, InFlight>,
     /// Send order; may hold ids already acknowledged (skipped lazily).
     order: VecDeque<NotifId>,
-    last_rx: Instant,
-    last_tx: Instant,
-    nonce: u64,
+    beat: Heartbeat,
     ignored_acks: u64,
 }
 
 impl Sender {
     pub fn new(cfg: SenderConfig, negotiated: Negotiated, now: Instant) -> Self {
         let window = usize::from(negotiated.window.max(1));
-        let mut cfg = cfg;
-        cfg.heartbeat = negotiated.heartbeat;
         Self {
+            beat: Heartbeat::new(negotiated.heartbeat, cfg.dead_after, now),
             cfg,
             window,
             inflight: HashMap::with_capacity(window),
             order: VecDeque::with_capacity(window * 2),
-            last_rx: now,
-            last_tx: now,
-            nonce: 0,
             ignored_acks: 0,
         }
     }
@@ -196,7 +191,7 @@ impl Sender {
             },
         );
         self.order.push_back(id);
-        self.last_tx = now;
+        self.beat.sent(now);
     }
 
     /// Handles one frame from the agent.
@@ -206,7 +201,7 @@ impl Sender {
         now: Instant,
         out: &mut Vec<u8>,
     ) -> Result<Option<SenderEvent>, SessionError> {
-        self.last_rx = now;
+        self.beat.received(now);
         match frame {
             Frame::Ack { id } => {
                 if self.inflight.remove(&id).is_some() {
@@ -236,8 +231,7 @@ impl Sender {
                 }))
             }
             Frame::Ping { nonce } => {
-                Frame::Pong { nonce }.encode(out);
-                self.last_tx = now;
+                self.beat.pong(nonce, now, out);
                 Ok(None)
             }
             Frame::Pong { .. } => Ok(None),
@@ -248,8 +242,7 @@ impl Sender {
 
     /// Resends timed-out items and sends heartbeats. Call at [`Sender::next_deadline`].
     pub fn poll(&mut self, now: Instant, out: &mut Vec<u8>) -> Result<(), SessionError> {
-        let silent = now.saturating_duration_since(self.last_rx);
-        if silent >= self.cfg.dead_after {
+        if let Some(silent) = self.beat.silent(now) {
             return Err(SessionError::Silent(silent));
         }
         // Resend in send order; `order` is oldest first, so stop at the first fresh item.
@@ -275,20 +268,16 @@ impl Sender {
             resent.push(id);
         }
         if !resent.is_empty() {
-            self.last_tx = now;
+            self.beat.sent(now);
         }
         self.order.extend(resent);
-        if now.saturating_duration_since(self.last_tx) >= self.cfg.heartbeat {
-            self.nonce += 1;
-            Frame::Ping { nonce: self.nonce }.encode(out);
-            self.last_tx = now;
-        }
+        self.beat.ping_if_idle(now, out);
         Ok(())
     }
 
     /// When [`Sender::poll`] next has something to do.
     pub fn next_deadline(&self) -> Instant {
-        let mut t = (self.last_tx + self.cfg.heartbeat).min(self.last_rx + self.cfg.dead_after);
+        let mut t = self.beat.deadline();
         if let Some(first) = self.order.iter().find_map(|id| self.inflight.get(id)) {
             t = t.min(first.sent_at + self.cfg.ack_timeout);
         }
