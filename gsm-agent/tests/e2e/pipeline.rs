@@ -197,3 +197,37 @@ async fn clients_without_the_right_certificate_are_refused() {
     assert!(agent.status().await.link_tls_failures >= 1);
     assert!(sim.received().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_notice_goes_out_as_a_concatenated_multipart_sms() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimModem::spawn(SimOptions::default()).unwrap();
+    let agent = Agent::start(dir.path(), &[sim.device_path()], "");
+    let outbox = MemoryOutbox::new();
+    let long = "会议纪要：".repeat(30); // 150 Chinese characters: three UCS-2 parts of 67
+    let n = Notification {
+        max_parts: 3,
+        text: Some(long.clone()),
+        ..sample_notification("+8613800138000")
+    };
+    push(&outbox, &n);
+    let client = agent.client(outbox.clone());
+    wait_until("three parts at the modem", 30, || sim.received().len() >= 3).await;
+    let parts = decoded(&sim);
+    assert_eq!(parts.len(), 3);
+    let refs: Vec<_> = parts
+        .iter()
+        .map(|p| p.concat.expect("concatenation UDH"))
+        .collect();
+    assert!(refs
+        .iter()
+        .all(|(r, total, _)| *r == refs[0].0 && *total == 3));
+    let mut seqs: Vec<u8> = refs.iter().map(|(_, _, s)| *s).collect();
+    seqs.sort();
+    assert_eq!(seqs, vec![1, 2, 3]);
+    let mut ordered = parts.clone();
+    ordered.sort_by_key(|p| p.concat.map(|c| c.2));
+    let joined: String = ordered.iter().map(|p| p.text.as_str()).collect();
+    assert_eq!(joined, long);
+    client.stop().await;
+}
