@@ -1,0 +1,1605 @@
+//! The mail host's durable outbox (sled): notices waiting for the GSM agent, the ones it asked
+//! us to retry later, and the ones it refused for good (dead letters).
+//!
+//! Every enqueue goes through one committer thread that applies all pending requests as one
+//! atomic sled batch and then flushes once (group commit): one fsync covers every notice that
+//! arrived meanwhile, from every MTA connection. [`Outbox::enqueue`] returns only after that
+//! flush, so a notice the MTA was told about survives a crash; a store error reaches the caller,
+//! which tempfails the MTA.
+//!
+//! The link client ([`mailbell_link::net::run_client`]) reads the outbox through the
+//! [`mailbell_link::net::Outbox`] trait. Its writes (ack, retry later, dead letter) are **not
+//! flushed**: after a crash they may be lost, which only means the notice is sent again and the
+//! agent, which de-duplicates by id, acknowledges it again (or refuses it again). Deleting
+//! acknowledged notices is handed to the committer thread, which deletes them in bulk, so the
+//! link client never waits for sled on an ACK; until then `ready` skips them.
+//!
+//! Keys (one tree, prefixed):
+//! ```text
+//! q <seq:u64be>                  queued notice, ready to send   -> record
+//! d <not_before_ms:u64be> <seq>  deferred by a retry-later NACK -> record
+//! x <seq:u64be>                  dead letter                    -> dead_at_ms:i64be reason_len:u16be reason record
+//! record = ver:u8(1) enqueued_at_ms:i64be attempts:u16be id:16 reason_len:u16be reason payload
+//! ```
+//! Sequence numbers come from `sled::Db::generate_id`, which is monotonic across restarts.
+//!
+//! Id index: the link client only ever acknowledges, defers or dead-letters ids that `ready`
+//! handed to it, so `ready` records each id's sequence number in memory and `acked` looks it up
+//! there instead of scanning. The index holds at most the queue's depth and is rebuilt as items
+//! are handed out again after a restart. (A persistent id index would double the sled writes
+//! per notice; at 5-10 µs per sled write that was the largest cost on the sender, see
+//! docs/benchmarks.md.) Notification ids are assigned once at intake and must be unique.
+//!
+//! Retry later: the client asks for items *after* the last sequence number it sent, so a
+//! deferred notice cannot keep its old place. It moves to the `d` range, ordered by due time.
+//! Each [`ready`](mailbell_link::net::Outbox::ready) call first promotes the deferred notices
+//! that are due back into `q` under a *new* sequence number, so they come after the client's
+//! cursor and are sent next. The client calls `ready` at least once a second while connected,
+//! so a due notice waits at most about a second.
+//!
+//! `ready` only offers sequence numbers up to the last flushed group commit, so a notice is
+//! normally never sent to the agent before it is durable here. (A promotion racing a group
+//! commit can expose that commit's notices a moment early; if that commit then fails, a notice
+//! whose enqueue reported an error may still be delivered, and the MTA's retry delivers it
+//! twice. Duplicates are the failure mode we accept; losses are not.)
+//!
+//! Expiry: a notice still queued `max_age` (default a day) after it was enqueued is moved to
+//! the dead letters by `ready` instead of being sent (`mailbell queue retry` can requeue it).
+//!
+//! One process owns the store at a time (sled locks it); a second open fails with
+//! [`OutboxError::Locked`].
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mailbell_link::net::{OutItem, Outbox as LinkOutbox, StoreError};
+use mailbell_link::notification::PayloadError;
+use mailbell_link::{NotifId, Notification};
+use tokio::sync::{oneshot, Notify};
+use tracing::{debug, error, info, warn};
+
+/// Outbox errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboxError {
+    #[error("open outbox at {}: {error}", path.display())]
+    Open { path: PathBuf, error: sled::Error },
+    #[error("outbox at {} is already open (by this or another process)", path.display())]
+    Locked { path: PathBuf },
+    #[error("outbox store: {0}")]
+    Store(sled::Error),
+    #[error("outbox committer is not running")]
+    Stopped,
+    #[error("outbox full ({depth} queued, limit {limit})")]
+    Full { depth: u64, limit: u64 },
+    #[error("cannot encode notification {id}: {error}")]
+    Encode { id: NotifId, error: PayloadError },
+    #[error("corrupt outbox record under key {0}")]
+    Corrupt(String),
+    #[error("cannot start the outbox committer: {0}")]
+    Spawn(std::io::Error),
+}
+
+impl From<sled::Error> for OutboxError {
+    fn from(e: sled::Error) -> Self {
+        OutboxError::Store(e)
+    }
+}
+
+/// Milliseconds since the Unix epoch; substituted in tests.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The system clock as a [`Clock`].
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    })
+}
+
+/// Tunables.
+#[derive(Clone)]
+pub struct OutboxConfig {
+    /// Above this many queued notices (ready plus deferred) `enqueue` fails with
+    /// [`OutboxError::Full`], so the MTA tempfails instead of the disk filling up.
+    pub max_depth: u64,
+    /// Notices not delivered within this long are moved to the dead letters as expired: an
+    /// arrival notice a day late is noise, and the agent remembers ids for de-duplication only
+    /// for a limited time (a week by default), so a much older resend could be sent twice.
+    pub max_age: Duration,
+    /// How long `open` waits for a store another handle still holds.
+    pub lock_wait: Duration,
+    /// Capacity of the channel to the committer, in requests.
+    pub channel_capacity: usize,
+    /// Most requests folded into one group commit.
+    pub max_batch_requests: usize,
+    pub clock: Clock,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            max_depth: 1_000_000,
+            max_age: Duration::from_secs(24 * 3600),
+            lock_wait: Duration::from_secs(2),
+            channel_capacity: 4096,
+            max_batch_requests: 1024,
+            clock: system_clock(),
+        }
+    }
+}
+
+impl std::fmt::Debug for OutboxConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxConfig")
+            .field("max_depth", &self.max_depth)
+            .field("max_age", &self.max_age)
+            .field("lock_wait", &self.lock_wait)
+            .field("channel_capacity", &self.channel_capacity)
+            .field("max_batch_requests", &self.max_batch_requests)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counters for metrics and status.
+#[derive(Debug, Default)]
+pub struct OutboxStats {
+    /// Group commits, each ending in one flush.
+    pub commits: AtomicU64,
+    /// Flushes of any kind (group commits, admin changes, close).
+    pub flushes: AtomicU64,
+    pub enqueued: AtomicU64,
+    pub acked: AtomicU64,
+    pub deferred: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Dead letters currently held.
+    pub dead: AtomicU64,
+}
+
+/// A queued notice, as `mailbell queue list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedItem {
+    pub seq: u64,
+    pub id: NotifId,
+    pub enqueued_at_ms: i64,
+    /// Retry-later NACKs received so far.
+    pub attempts: u16,
+    /// Set while deferred by a retry-later NACK: not offered before this time.
+    pub not_before_ms: Option<i64>,
+    /// The reason of the last retry-later NACK (empty if none).
+    pub last_reason: String,
+    /// The encoded notification (raw: the CLI masks the phone number).
+    pub payload: Vec<u8>,
+}
+
+impl QueuedItem {
+    /// The decoded notice.
+    pub fn notification(&self) -> Result<Notification, PayloadError> {
+        Notification::decode_payload(self.id, &self.payload)
+    }
+}
+
+/// A notice the agent refused for good.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub seq: u64,
+    pub id: NotifId,
+    pub dead_at_ms: i64,
+    pub reason: String,
+    pub enqueued_at_ms: i64,
+    pub attempts: u16,
+    pub payload: Vec<u8>,
+}
+
+impl DeadLetter {
+    /// The decoded notice.
+    pub fn notification(&self) -> Result<Notification, PayloadError> {
+        Notification::decode_payload(self.id, &self.payload)
+    }
+}
+
+/// Which dead letters [`Outbox::retry_dead`] puts back in the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Select {
+    All,
+    Id(NotifId),
+}
+
+const Q: u8 = b'q';
+const D: u8 = b'd';
+const X: u8 = b'x';
+
+fn seq_key(prefix: u8, seq: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = prefix;
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn deferred_key(not_before_ms: i64, seq: u64) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = D;
+    k[1..9].copy_from_slice(&u64::try_from(not_before_ms).unwrap_or(0).to_be_bytes());
+    k[9..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn be_u64(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
+}
+
+/// The sequence number in a q, x or d key.
+fn seq_of(k: &[u8]) -> Option<u64> {
+    match k.first()? {
+        &Q | &X if k.len() == 9 => be_u64(&k[1..]),
+        &D if k.len() == 17 => be_u64(&k[9..]),
+        _ => None,
+    }
+}
+
+/// The due time in a d key.
+fn not_before_of(k: &[u8]) -> Option<i64> {
+    let v = be_u64(k.get(1..9)?)?;
+    i64::try_from(v).ok()
+}
+
+fn corrupt(k: &[u8]) -> OutboxError {
+    OutboxError::Corrupt(hex::encode(k))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Record {
+    enqueued_at_ms: i64,
+    attempts: u16,
+    id: NotifId,
+    reason: String,
+    payload: Vec<u8>,
+}
+
+const RECORD_HEAD: usize = 1 + 8 + 2 + 16 + 2;
+const MAX_REASON: usize = 1024;
+
+fn truncated(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+impl Record {
+    fn encode(&self) -> Vec<u8> {
+        let reason = truncated(&self.reason, MAX_REASON).as_bytes();
+        let mut v = Vec::with_capacity(RECORD_HEAD + reason.len() + self.payload.len());
+        v.push(1);
+        v.extend_from_slice(&self.enqueued_at_ms.to_be_bytes());
+        v.extend_from_slice(&self.attempts.to_be_bytes());
+        v.extend_from_slice(self.id.as_bytes());
+        v.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+        v.extend_from_slice(reason);
+        v.extend_from_slice(&self.payload);
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<Self> {
+        if v.len() < RECORD_HEAD || v[0] != 1 {
+            return None;
+        }
+        let enqueued_at_ms = i64::from_be_bytes(v[1..9].try_into().ok()?);
+        let attempts = u16::from_be_bytes([v[9], v[10]]);
+        let id = NotifId(v[11..27].try_into().ok()?);
+        let rlen = usize::from(u16::from_be_bytes([v[27], v[28]]));
+        let reason = std::str::from_utf8(v.get(RECORD_HEAD..RECORD_HEAD + rlen)?)
+            .ok()?
+            .to_string();
+        Some(Self {
+            enqueued_at_ms,
+            attempts,
+            id,
+            reason,
+            payload: v[RECORD_HEAD + rlen..].to_vec(),
+        })
+    }
+
+    /// Just the id and payload, for the hot `ready` path.
+    fn id_and_payload(v: &[u8]) -> Option<(NotifId, Vec<u8>)> {
+        if v.len() < RECORD_HEAD || v[0] != 1 {
+            return None;
+        }
+        let id = NotifId(v[11..27].try_into().ok()?);
+        let rlen = usize::from(u16::from_be_bytes([v[27], v[28]]));
+        Some((id, v.get(RECORD_HEAD + rlen..)?.to_vec()))
+    }
+
+    fn enqueued_at(v: &[u8]) -> Option<i64> {
+        Some(i64::from_be_bytes(v.get(1..9)?.try_into().ok()?))
+    }
+
+    fn id_of(v: &[u8]) -> Option<NotifId> {
+        Some(NotifId(v.get(11..27)?.try_into().ok()?))
+    }
+}
+
+fn dead_value(dead_at_ms: i64, reason: &str, r: &Record) -> Vec<u8> {
+    let reason = truncated(reason, MAX_REASON).as_bytes();
+    let rec = r.encode();
+    let mut v = Vec::with_capacity(10 + reason.len() + rec.len());
+    v.extend_from_slice(&dead_at_ms.to_be_bytes());
+    v.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+    v.extend_from_slice(reason);
+    v.extend_from_slice(&rec);
+    v
+}
+
+fn decode_dead(seq: u64, v: &[u8]) -> Option<DeadLetter> {
+    let dead_at_ms = i64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let n = usize::from(u16::from_be_bytes(v.get(8..10)?.try_into().ok()?));
+    let reason = String::from_utf8_lossy(v.get(10..10 + n)?).into_owned();
+    let r = Record::decode(v.get(10 + n..)?)?;
+    Some(DeadLetter {
+        seq,
+        id: r.id,
+        dead_at_ms,
+        reason,
+        enqueued_at_ms: r.enqueued_at_ms,
+        attempts: r.attempts,
+        payload: r.payload,
+    })
+}
+
+type EnqueueReply = oneshot::Sender<Result<Vec<u64>, OutboxError>>;
+
+enum Request {
+    Enqueue {
+        items: Vec<(NotifId, Vec<u8>)>,
+        reply: EnqueueReply,
+    },
+    /// Acknowledged by the agent: delete these queued sequence numbers (not flushed).
+    Forget(Vec<u64>),
+    /// Move the deferred notices that are due back to the queue.
+    Promote,
+    /// Move dead letters back to the queue; answers how many.
+    RetryDead {
+        which: Select,
+        reply: mpsc::SyncSender<Result<usize, OutboxError>>,
+    },
+    /// Answers once every earlier request is done (tests).
+    #[cfg(test)]
+    Barrier(mpsc::SyncSender<()>),
+    Stop,
+}
+
+/// Deletions of acknowledged notices are applied in bulk, once this many are pending, after
+/// [`FORGET_IDLE`] without requests, or at close. Deleting each ACK batch at once, next to the
+/// range `ready` is reading, made `ready` slower and cost about a fifth of the drain rate
+/// (docs/benchmarks.md).
+const FORGET_BATCH: usize = 8192;
+/// Most expired notices one `ready` call moves to the dead letters, to bound its work.
+const MAX_EXPIRE: usize = 4096;
+const FORGET_IDLE: Duration = Duration::from_millis(20);
+
+/// What the link client holds: ids handed out by `ready`, and acknowledged sequence numbers
+/// whose deletion is still pending.
+#[derive(Default)]
+struct Tracker {
+    handed: HashMap<NotifId, u64>,
+    forgetting: HashSet<u64>,
+}
+
+/// State shared by every clone and the committer.
+struct Shared {
+    notify: Arc<Notify>,
+    /// Queued notices, ready plus deferred (acknowledged ones leave it at once).
+    depth: AtomicU64,
+    /// Highest sequence number known durable; `ready` offers nothing above it. Only the
+    /// committer creates queue entries and raises this, after its flush, so everything at or
+    /// below it is in the tree by then.
+    committed: AtomicU64,
+    /// Earliest due time in the `d` range (`i64::MAX`: none). Also serialises deferral and
+    /// promotion.
+    next_due: Mutex<i64>,
+    /// A promotion request is queued to the committer.
+    promote_requested: std::sync::atomic::AtomicBool,
+    tracker: Mutex<Tracker>,
+    clock: Clock,
+    max_age_ms: i64,
+}
+
+impl Shared {
+    fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    fn sub_depth(&self, n: u64) {
+        let _ = self
+            .depth
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                Some(d.saturating_sub(n))
+            });
+    }
+
+    /// Deletes acknowledged notices. Not flushed: a crash only brings them back, to be sent
+    /// again and de-duplicated by the agent.
+    fn forget(&self, db: &sled::Db, seqs: &[u64]) -> Result<(), OutboxError> {
+        let mut result = Ok(());
+        for &seq in seqs {
+            // Single removes, not a batch: a sled batch takes a process-wide write lock that
+            // waits for every flush in progress.
+            if let Err(e) = db.remove(seq_key(Q, seq)) {
+                result = Err(e.into());
+                break;
+            }
+        }
+        let mut t = lock(&self.tracker);
+        for seq in seqs {
+            t.forgetting.remove(seq);
+        }
+        result
+    }
+}
+
+/// The outbox handle: cheap to clone, shared by MTA intake, the link client and the admin CLI.
+#[derive(Clone)]
+pub struct Outbox {
+    db: sled::Db,
+    tx: mpsc::SyncSender<Request>,
+    shared: Arc<Shared>,
+    committer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    pub stats: Arc<OutboxStats>,
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox and starts the committer thread.
+    /// If another handle or process holds the store, waits up to `cfg.lock_wait` for it to
+    /// let go (a restarting daemon's predecessor, or sled's own I/O threads finishing after a
+    /// close) before failing with [`OutboxError::Locked`]. Blocking (sled recovery, the lock
+    /// wait): call it at startup or through `spawn_blocking`.
+    pub fn open(path: &Path, cfg: OutboxConfig) -> Result<Self, OutboxError> {
+        let give_up = std::time::Instant::now() + cfg.lock_wait;
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+            {
+                Ok(db) => break db,
+                // sled reports a held lock as an I/O error of kind Other with this text.
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= give_up {
+                        return Err(OutboxError::Locked {
+                            path: path.to_owned(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(error) => {
+                    return Err(OutboxError::Open {
+                        path: path.to_owned(),
+                        error,
+                    })
+                }
+            }
+        };
+        let stats = Arc::new(OutboxStats::default());
+        let mut ready = 0u64;
+        let mut committed = 0u64;
+        for k in db.scan_prefix([Q]).keys() {
+            let k = k?;
+            committed = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+            ready += 1;
+        }
+        let mut deferred = 0u64;
+        let mut next_due = i64::MAX;
+        for k in db.scan_prefix([D]).keys() {
+            let k = k?;
+            next_due = next_due.min(not_before_of(&k).ok_or_else(|| corrupt(&k))?);
+            deferred += 1;
+        }
+        let dead = db.scan_prefix([X]).count() as u64;
+        stats.dead.store(dead, Ordering::Relaxed);
+        info!(ready, deferred, dead, "outbox opened");
+        let shared = Arc::new(Shared {
+            notify: Arc::new(Notify::new()),
+            depth: AtomicU64::new(ready + deferred),
+            committed: AtomicU64::new(committed),
+            next_due: Mutex::new(next_due),
+            promote_requested: std::sync::atomic::AtomicBool::new(false),
+            tracker: Mutex::new(Tracker::default()),
+            clock: cfg.clock.clone(),
+            max_age_ms: i64::try_from(cfg.max_age.as_millis()).unwrap_or(i64::MAX),
+        });
+        let (tx, rx) = mpsc::sync_channel(cfg.channel_capacity.max(1));
+        let committer = Committer {
+            db: db.clone(),
+            max_depth: cfg.max_depth,
+            max_batch: cfg.max_batch_requests.max(1),
+            shared: shared.clone(),
+            stats: stats.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("outbox-commit".into())
+            .spawn(move || committer.run(rx))
+            .map_err(OutboxError::Spawn)?;
+        Ok(Self {
+            db,
+            tx,
+            shared,
+            committer: Arc::new(Mutex::new(Some(handle))),
+            stats,
+        })
+    }
+
+    /// Commits what is pending, stops the committer and flushes. Later enqueues through any
+    /// clone fail with [`OutboxError::Stopped`]; the store closes when the last clone is
+    /// dropped.
+    pub fn close(&self) {
+        let _ = self.tx.send(Request::Stop);
+        let handle = lock(&self.committer).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+        if let Err(e) = self.db.flush() {
+            error!(error = %e, "outbox flush on close failed");
+        }
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Queues notices; returns their sequence numbers, in order, once they are durable.
+    pub async fn enqueue(&self, items: Vec<Notification>) -> Result<Vec<u64>, OutboxError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut encoded = Vec::with_capacity(items.len());
+        for n in &items {
+            let payload = n
+                .encode_payload()
+                .map_err(|error| OutboxError::Encode { id: n.id, error })?;
+            encoded.push((n.id, payload));
+        }
+        let (reply, rx) = oneshot::channel();
+        let req = Request::Enqueue {
+            items: encoded,
+            reply,
+        };
+        // try_send first: the common case never leaves this thread.
+        match self.tx.try_send(req) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(req)) => {
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || tx.send(req))
+                    .await
+                    .map_err(|_| OutboxError::Stopped)?
+                    .map_err(|_| OutboxError::Stopped)?;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(OutboxError::Stopped),
+        }
+        rx.await.map_err(|_| OutboxError::Stopped)?
+    }
+
+    /// Queued notices (ready and deferred).
+    pub fn depth(&self) -> u64 {
+        self.shared.depth.load(Ordering::Acquire)
+    }
+
+    /// Signalled when new notices are queued.
+    pub fn notifier(&self) -> Arc<Notify> {
+        self.shared.notify.clone()
+    }
+
+    /// Up to `limit` queued notices: ready ones oldest first, then deferred ones by due time.
+    pub fn list(&self, limit: usize) -> Result<Vec<QueuedItem>, OutboxError> {
+        let mut out = Vec::new();
+        let queued = self.db.scan_prefix([Q]).map(|kv| (kv, false));
+        let deferred = self.db.scan_prefix([D]).map(|kv| (kv, true));
+        for (kv, is_deferred) in queued.chain(deferred) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = kv?;
+            let seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+            if !is_deferred && lock(&self.shared.tracker).forgetting.contains(&seq) {
+                continue;
+            }
+            let r = Record::decode(&v).ok_or_else(|| corrupt(&k))?;
+            out.push(QueuedItem {
+                seq,
+                id: r.id,
+                enqueued_at_ms: r.enqueued_at_ms,
+                attempts: r.attempts,
+                not_before_ms: if is_deferred { not_before_of(&k) } else { None },
+                last_reason: r.reason,
+                payload: r.payload,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` dead letters, oldest first.
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix([X]).take(limit) {
+            let (k, v) = kv?;
+            let seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+            out.push(decode_dead(seq, &v).ok_or_else(|| corrupt(&k))?);
+        }
+        Ok(out)
+    }
+
+    /// Puts dead letters back in the queue (under new sequence numbers, so a connected client
+    /// sends them next; their age limit restarts); returns how many. Flushed before returning.
+    /// Blocks until the committer has done it.
+    pub fn retry_dead(&self, which: Select) -> Result<usize, OutboxError> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.tx
+            .send(Request::RetryDead { which, reply })
+            .map_err(|_| OutboxError::Stopped)?;
+        rx.recv().map_err(|_| OutboxError::Stopped)?
+    }
+
+    /// Waits until the committer has handled every earlier request.
+    #[cfg(test)]
+    fn barrier(&self) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.tx.send(Request::Barrier(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
+    /// Deletes dead letters that died at least `older_than` ago (`Duration::ZERO`: all);
+    /// returns how many. Flushed before returning.
+    pub fn purge_dead(&self, older_than: Duration) -> Result<usize, OutboxError> {
+        let cutoff = self
+            .shared
+            .now()
+            .saturating_sub(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX));
+        let mut batch = sled::Batch::default();
+        let mut n = 0usize;
+        for kv in self.db.scan_prefix([X]) {
+            let (k, v) = kv?;
+            let seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+            let d = decode_dead(seq, &v).ok_or_else(|| corrupt(&k))?;
+            if d.dead_at_ms <= cutoff {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return Ok(0);
+        }
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        sub(&self.stats.dead, n as u64);
+        info!(count = n, "dead letters purged");
+        Ok(n)
+    }
+
+    /// Asks the committer to move deferred notices that are due back to the queue (under new
+    /// sequence numbers, after the client's cursor); they are offered from the next call on.
+    fn request_promotion(&self, now: i64) {
+        if *lock(&self.shared.next_due) > now
+            || self.shared.promote_requested.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        if self.tx.try_send(Request::Promote).is_err() {
+            // Busy or stopped: the next call asks again.
+            self.shared
+                .promote_requested
+                .store(false, Ordering::Release);
+        }
+    }
+
+    fn ready_items(&self, after: Option<u64>, max: usize) -> Result<Vec<OutItem>, OutboxError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let now = self.shared.now();
+        self.request_promotion(now);
+        let oldest = now.saturating_sub(self.shared.max_age_ms);
+        let start = match after {
+            None => 0,
+            Some(u64::MAX) => return Ok(Vec::new()),
+            Some(a) => a + 1,
+        };
+        let end = self.shared.committed.load(Ordering::Acquire);
+        if start > end {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(max.min(1024));
+        let mut expired = Vec::new();
+        {
+            // Held across the scan: only the committer's bulk deletions contend for it.
+            let mut t = lock(&self.shared.tracker);
+            for kv in self.db.range(seq_key(Q, start)..=seq_key(Q, end)) {
+                let (k, v) = kv?;
+                let seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+                if t.forgetting.contains(&seq) {
+                    // Acknowledged, deletion pending: never offered again.
+                    continue;
+                }
+                if Record::enqueued_at(&v).is_some_and(|at| at < oldest) {
+                    expired.push((k, v));
+                    if expired.len() >= MAX_EXPIRE {
+                        break;
+                    }
+                    continue;
+                }
+                let (id, payload) = Record::id_and_payload(&v).ok_or_else(|| corrupt(&k))?;
+                t.handed.insert(id, seq);
+                out.push(OutItem { seq, id, payload });
+                if out.len() >= max {
+                    break;
+                }
+            }
+        }
+        if !expired.is_empty() {
+            self.expire(expired, now)?;
+        }
+        Ok(out)
+    }
+
+    /// Moves queued notices older than `max_age` to the dead letters (not flushed, like the
+    /// link client's other writes).
+    fn expire(&self, items: Vec<(sled::IVec, sled::IVec)>, now: i64) -> Result<(), OutboxError> {
+        let reason = format!(
+            "expired: not delivered within {} s",
+            self.shared.max_age_ms / 1000
+        );
+        let mut batch = sled::Batch::default();
+        for (k, v) in &items {
+            let seq = seq_of(k).ok_or_else(|| corrupt(k))?;
+            let r = Record::decode(v).ok_or_else(|| corrupt(k))?;
+            batch.remove(k);
+            batch.insert(&seq_key(X, seq), dead_value(now, &reason, &r));
+        }
+        self.db.apply_batch(batch)?;
+        let n = items.len() as u64;
+        self.shared.sub_depth(n);
+        self.stats.dead_lettered.fetch_add(n, Ordering::Relaxed);
+        self.stats.dead.fetch_add(n, Ordering::Relaxed);
+        warn!(
+            count = n,
+            "undelivered notices expired; moved to the dead letters"
+        );
+        Ok(())
+    }
+
+    fn ack_items(&self, ids: &[NotifId]) -> Result<(), OutboxError> {
+        let seqs: Vec<u64> = {
+            let mut t = lock(&self.shared.tracker);
+            let seqs: Vec<u64> = ids.iter().filter_map(|id| t.handed.remove(id)).collect();
+            t.forgetting.extend(seqs.iter().copied());
+            seqs
+        };
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let n = seqs.len() as u64;
+        self.shared.sub_depth(n);
+        self.stats.acked.fetch_add(n, Ordering::Relaxed);
+        match self.tx.try_send(Request::Forget(seqs)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::TrySendError::Full(Request::Forget(seqs)))
+            | Err(mpsc::TrySendError::Disconnected(Request::Forget(seqs))) => {
+                self.shared.forget(&self.db, &seqs)
+            }
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// The key and record of a queued id: from the index of handed-out ids, else by a scan.
+    fn take_queued(&self, id: &NotifId) -> Result<Option<([u8; 9], Record)>, OutboxError> {
+        let seq = lock(&self.shared.tracker).handed.remove(id);
+        if let Some(seq) = seq {
+            let k = seq_key(Q, seq);
+            if let Some(v) = self.db.get(k)? {
+                return Ok(Some((k, Record::decode(&v).ok_or_else(|| corrupt(&k))?)));
+            }
+        }
+        for kv in self.db.scan_prefix([Q]) {
+            let (k, v) = kv?;
+            if Record::id_of(&v) == Some(*id) {
+                let seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+                let r = Record::decode(&v).ok_or_else(|| corrupt(&k))?;
+                return Ok(Some((seq_key(Q, seq), r)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn defer(&self, id: NotifId, after: Duration, reason: &str) -> Result<(), OutboxError> {
+        let mut next_due = lock(&self.shared.next_due);
+        let Some((k, mut r)) = self.take_queued(&id)? else {
+            debug!(notif_id = %id, "retry-later for a notice that is not queued; ignored");
+            return Ok(());
+        };
+        let seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+        let due = self
+            .shared
+            .now()
+            .saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX));
+        r.attempts = r.attempts.saturating_add(1);
+        r.reason = reason.to_string();
+        let mut batch = sled::Batch::default();
+        batch.remove(&k);
+        batch.insert(&deferred_key(due, seq), r.encode());
+        self.db.apply_batch(batch)?;
+        *next_due = (*next_due).min(due);
+        self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn bury(&self, id: NotifId, reason: &str) -> Result<(), OutboxError> {
+        let Some((k, r)) = self.take_queued(&id)? else {
+            debug!(notif_id = %id, "dead letter for a notice that is not queued; ignored");
+            return Ok(());
+        };
+        let seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+        let mut batch = sled::Batch::default();
+        batch.remove(&k);
+        batch.insert(&seq_key(X, seq), dead_value(self.shared.now(), reason, &r));
+        self.db.apply_batch(batch)?;
+        self.shared.sub_depth(1);
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.stats.dead.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn sub(counter: &AtomicU64, n: u64) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+        Some(d.saturating_sub(n))
+    });
+}
+
+impl LinkOutbox for Outbox {
+    fn ready(&self, after: Option<u64>, max: usize) -> Result<Vec<OutItem>, StoreError> {
+        Ok(self.ready_items(after, max)?)
+    }
+
+    fn acked(&self, ids: &[NotifId]) -> Result<(), StoreError> {
+        Ok(self.ack_items(ids)?)
+    }
+
+    fn dead_letter(&self, id: NotifId, reason: &str) -> Result<(), StoreError> {
+        Ok(self.bury(id, reason)?)
+    }
+
+    fn retry_later(&self, id: NotifId, after: Duration, reason: &str) -> Result<(), StoreError> {
+        Ok(self.defer(id, after, reason)?)
+    }
+
+    fn notifier(&self) -> Arc<Notify> {
+        self.shared.notify.clone()
+    }
+}
+
+struct Committer {
+    db: sled::Db,
+    max_depth: u64,
+    max_batch: usize,
+    shared: Arc<Shared>,
+    stats: Arc<OutboxStats>,
+}
+
+impl Committer {
+    fn run(self, rx: mpsc::Receiver<Request>) {
+        // Acknowledged sequence numbers whose deletion is pending (see `FORGET_BATCH`).
+        let mut forget: Vec<u64> = Vec::new();
+        loop {
+            let first = if forget.is_empty() {
+                match rx.recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                }
+            } else {
+                match rx.recv_timeout(FORGET_IDLE) {
+                    Ok(r) => r,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.forget(&mut forget);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            let mut stop = matches!(first, Request::Stop);
+            let mut reqs = vec![first];
+            while reqs.len() < self.max_batch && !stop {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        stop = matches!(r, Request::Stop);
+                        reqs.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(reqs, &mut forget);
+            if stop || forget.len() >= FORGET_BATCH {
+                self.forget(&mut forget);
+            }
+            if stop {
+                break;
+            }
+        }
+        self.forget(&mut forget);
+        info!("outbox committer stopped");
+    }
+
+    fn forget(&self, seqs: &mut Vec<u64>) {
+        if seqs.is_empty() {
+            return;
+        }
+        if let Err(e) = self.shared.forget(&self.db, seqs) {
+            warn!(error = %e, "cannot delete acknowledged notices; they will be sent again");
+        }
+        seqs.clear();
+    }
+
+    /// One group commit: every queue entry created by the requests (new notices, due deferred
+    /// ones, requeued dead letters) goes into one batch and one flush, under sequence numbers
+    /// generated here, in order; `committed` is raised only after the flush.
+    fn commit(&self, reqs: Vec<Request>, forget: &mut Vec<u64>) {
+        let mut round = Round::default();
+        let now = self.shared.now();
+        let depth = self.shared.depth.load(Ordering::Acquire);
+        let mut retries = Vec::new();
+        let mut promote = false;
+        #[cfg(test)]
+        let mut barriers = Vec::new();
+        for req in reqs {
+            let (items, reply) = match req {
+                Request::Enqueue { items, reply } => (items, reply),
+                Request::Forget(seqs) => {
+                    forget.extend(seqs);
+                    continue;
+                }
+                Request::Promote => {
+                    promote = true;
+                    continue;
+                }
+                Request::RetryDead { which, reply } => {
+                    retries.push((which, reply));
+                    continue;
+                }
+                #[cfg(test)]
+                Request::Barrier(tx) => {
+                    barriers.push(tx);
+                    continue;
+                }
+                Request::Stop => continue,
+            };
+            let queued = depth + round.enqueued;
+            if queued.saturating_add(items.len() as u64) > self.max_depth {
+                let _ = reply.send(Err(OutboxError::Full {
+                    depth: queued,
+                    limit: self.max_depth,
+                }));
+                continue;
+            }
+            // A request goes into the batch whole or not at all.
+            match self.place(items, now) {
+                Ok(ops) => {
+                    let mut seqs = Vec::with_capacity(ops.len());
+                    for (seq, record) in ops {
+                        round.insert(seq, record);
+                        seqs.push(seq);
+                    }
+                    round.enqueued += seqs.len() as u64;
+                    round.replies.push(Reply::Enqueue(reply, seqs));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        if promote {
+            self.shared
+                .promote_requested
+                .store(false, Ordering::Release);
+            if let Err(e) = self.promote(&mut round, now) {
+                // `next_due` is left as it was, so the next `ready` asks again.
+                warn!(error = %e, "cannot requeue deferred notices; will try again");
+            }
+        }
+        for (which, reply) in retries {
+            match self.requeue_dead(&mut round, which, now) {
+                Ok(n) => round.replies.push(Reply::Retry(reply, n)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        if round.is_empty() {
+            round.answer(Ok(()));
+        } else {
+            self.apply(round);
+        }
+        #[cfg(test)]
+        for tx in barriers {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Applies and flushes one group commit, then answers its callers.
+    fn apply(&self, round: Round) {
+        // Counted before the batch is visible, so depth never under-counts what `ready` sees.
+        let added = round.enqueued + round.requeued;
+        self.shared.depth.fetch_add(added, Ordering::AcqRel);
+        let applied = self.db.apply_batch(round.batch.clone());
+        let result = applied.clone().and_then(|()| self.db.flush().map(|_| ()));
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                self.shared
+                    .committed
+                    .fetch_max(round.max_seq, Ordering::AcqRel);
+                self.stats
+                    .enqueued
+                    .fetch_add(round.enqueued, Ordering::Relaxed);
+                sub(&self.stats.dead, round.requeued);
+                if round.requeued > 0 {
+                    info!(count = round.requeued, "dead letters queued again");
+                }
+                if round.promoted > 0 {
+                    debug!(count = round.promoted, "deferred notices due again");
+                }
+                let fresh = round.writes > 0;
+                round.answer(Ok(()));
+                if fresh {
+                    self.shared.notify.notify_one();
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "outbox commit failed; the MTA will be told to retry");
+                if applied.is_ok() {
+                    // In the tree but not known durable: undo it, or a later commit would
+                    // expose notices whose enqueue reported failure.
+                    if let Err(e) = self.db.apply_batch(round.undo.clone()) {
+                        warn!(error = %e, "cannot undo a failed outbox commit; notices may be sent twice");
+                    }
+                }
+                self.shared.sub_depth(added);
+                if round.promoted > 0 {
+                    let mut next_due = lock(&self.shared.next_due);
+                    *next_due = (*next_due).min(self.shared.now());
+                }
+                round.answer(Err(e));
+            }
+        }
+    }
+
+    /// Assigns sequence numbers to one request's notices and encodes their records.
+    fn place(
+        &self,
+        items: Vec<(NotifId, Vec<u8>)>,
+        now: i64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, OutboxError> {
+        let mut ops = Vec::with_capacity(items.len());
+        for (id, payload) in items {
+            let seq = self.db.generate_id()?;
+            let r = Record {
+                enqueued_at_ms: now,
+                attempts: 0,
+                id,
+                reason: String::new(),
+                payload,
+            };
+            ops.push((seq, r.encode()));
+        }
+        Ok(ops)
+    }
+
+    /// Adds the deferred notices that are due (at most 4096) to the round.
+    fn promote(&self, round: &mut Round, now: i64) -> Result<(), OutboxError> {
+        let mut next_due = lock(&self.shared.next_due);
+        let mut next = i64::MAX;
+        let mut moved = Vec::new();
+        for kv in self.db.scan_prefix([D]) {
+            let (k, v) = kv?;
+            let due = not_before_of(&k).ok_or_else(|| corrupt(&k))?;
+            if due > now {
+                next = due;
+                break;
+            }
+            if moved.len() >= 4096 {
+                next = now;
+                break;
+            }
+            moved.push((k, v));
+        }
+        for (k, v) in moved {
+            let seq = self.db.generate_id()?;
+            round.moved(k, v.clone(), seq, v.to_vec());
+            round.promoted += 1;
+        }
+        *next_due = next;
+        Ok(())
+    }
+
+    /// Adds the selected dead letters to the round; returns how many.
+    fn requeue_dead(
+        &self,
+        round: &mut Round,
+        which: Select,
+        now: i64,
+    ) -> Result<usize, OutboxError> {
+        let mut n = 0;
+        for kv in self.db.scan_prefix([X]) {
+            let (k, v) = kv?;
+            if round.taken.contains(&k) {
+                continue;
+            }
+            let seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+            let d = decode_dead(seq, &v).ok_or_else(|| corrupt(&k))?;
+            if matches!(which, Select::Id(id) if id != d.id) {
+                continue;
+            }
+            let r = Record {
+                // The age limit counts from the requeue.
+                enqueued_at_ms: now,
+                attempts: d.attempts,
+                id: d.id,
+                reason: d.reason,
+                payload: d.payload,
+            };
+            let new_seq = self.db.generate_id()?;
+            round.moved(k, v, new_seq, r.encode());
+            round.requeued += 1;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+enum Reply {
+    Enqueue(EnqueueReply, Vec<u64>),
+    Retry(mpsc::SyncSender<Result<usize, OutboxError>>, usize),
+}
+
+/// What one group commit writes, how to undo it, and whom to answer.
+#[derive(Default)]
+struct Round {
+    batch: sled::Batch,
+    undo: sled::Batch,
+    /// Keys moved to the queue in this round (a dead letter is requeued once).
+    taken: HashSet<sled::IVec>,
+    max_seq: u64,
+    /// Queue entries this round creates.
+    writes: u64,
+    enqueued: u64,
+    promoted: u64,
+    requeued: u64,
+    replies: Vec<Reply>,
+}
+
+impl Round {
+    fn insert(&mut self, seq: u64, record: Vec<u8>) {
+        let k = seq_key(Q, seq);
+        self.batch.insert(&k, record);
+        self.undo.remove(&k);
+        self.max_seq = self.max_seq.max(seq);
+        self.writes += 1;
+    }
+
+    /// Moves an entry (deferred or dead) to the queue under `seq`.
+    fn moved(&mut self, from: sled::IVec, old: sled::IVec, seq: u64, record: Vec<u8>) {
+        self.batch.remove(from.clone());
+        self.undo.insert(from.clone(), old);
+        self.taken.insert(from);
+        self.insert(seq, record);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.writes == 0
+    }
+
+    fn answer(self, result: Result<(), sled::Error>) {
+        for r in self.replies {
+            match (r, &result) {
+                (Reply::Enqueue(tx, seqs), Ok(())) => {
+                    let _ = tx.send(Ok(seqs));
+                }
+                (Reply::Retry(tx, n), Ok(())) => {
+                    let _ = tx.send(Ok(n));
+                }
+                (Reply::Enqueue(tx, _), Err(e)) => {
+                    let _ = tx.send(Err(OutboxError::Store(e.clone())));
+                }
+                (Reply::Retry(tx, _), Err(e)) => {
+                    let _ = tx.send(Err(OutboxError::Store(e.clone())));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::atomic::AtomicI64;
+
+    use super::*;
+
+    fn notice(i: u32) -> Notification {
+        Notification {
+            id: NotifId::random(),
+            phone: "+8613800138000".into(),
+            recipient: "zhang.wei@example.cn".into(),
+            from_addr: "li.na@example.org".into(),
+            subject: format!("会议安排 {i}"),
+            count: 1,
+            ..Default::default()
+        }
+    }
+
+    /// A clock the test moves by hand.
+    fn manual_clock() -> (Arc<AtomicI64>, OutboxConfig) {
+        let t = Arc::new(AtomicI64::new(1_700_000_000_000));
+        let c = t.clone();
+        let cfg = OutboxConfig {
+            clock: Arc::new(move || c.load(Ordering::SeqCst)),
+            ..Default::default()
+        };
+        (t, cfg)
+    }
+
+    fn ids(items: &[OutItem]) -> Vec<NotifId> {
+        items.iter().map(|i| i.id).collect()
+    }
+
+    #[tokio::test]
+    async fn enqueue_ready_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(&dir.path().join("o"), OutboxConfig::default()).unwrap();
+        let ns: Vec<_> = (0..3).map(notice).collect();
+        let seqs = ob.enqueue(ns.clone()).await.unwrap();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(ob.depth(), 3);
+        let ready = ob.ready(None, 10).unwrap();
+        assert_eq!(ids(&ready), ns.iter().map(|n| n.id).collect::<Vec<_>>());
+        assert_eq!(ready[1].seq, seqs[1]);
+        assert_eq!(ready[1].payload, ns[1].encode_payload().unwrap());
+        assert_eq!(
+            Notification::decode_payload(ready[2].id, &ready[2].payload).unwrap(),
+            ns[2]
+        );
+        // The cursor and the limit are honoured.
+        assert_eq!(ids(&ob.ready(Some(seqs[0]), 1).unwrap()), vec![ns[1].id]);
+        ob.acked(&[ns[0].id, ns[1].id]).unwrap();
+        // A second ack (a resend acknowledged twice) changes nothing.
+        ob.acked(&[ns[0].id]).unwrap();
+        assert_eq!(ob.depth(), 1);
+        assert_eq!(ids(&ob.ready(None, 10).unwrap()), vec![ns[2].id]);
+        assert_eq!(ob.stats.acked.load(Ordering::Relaxed), 2);
+        assert!(ob.enqueue(Vec::new()).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn acknowledged_items_are_never_offered_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(&dir.path().join("o"), OutboxConfig::default()).unwrap();
+        let ns: Vec<_> = (0..200).map(notice).collect();
+        ob.enqueue(ns.clone()).await.unwrap();
+        let first = ob.ready(None, 150).unwrap();
+        ob.acked(&ids(&first)).unwrap();
+        assert_eq!(ob.depth(), 50);
+        // A new session starts from the beginning: whether or not the deletions have been
+        // applied yet, it gets the 50 that are left.
+        let again = ob.ready(None, 10).unwrap();
+        assert_eq!(
+            ids(&again),
+            ns[150..160].iter().map(|n| n.id).collect::<Vec<_>>()
+        );
+        assert_eq!(ob.list(1000).unwrap().len(), 50);
+    }
+
+    /// Drives the outbox as the link client does while notices keep arriving and some are
+    /// deferred: every notice is offered (after the cursor) until acknowledged, none is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn client_loop_with_deferrals_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(&dir.path().join("o"), OutboxConfig::default()).unwrap();
+        let all: Vec<_> = (0..300).map(notice).collect();
+        let want: HashSet<NotifId> = all.iter().map(|n| n.id).collect();
+        let producer = {
+            let ob = ob.clone();
+            let all = all.clone();
+            tokio::spawn(async move {
+                for chunk in all.chunks(7) {
+                    ob.enqueue(chunk.to_vec()).await.unwrap();
+                }
+            })
+        };
+        let mut acked = HashSet::new();
+        let mut deferred = HashSet::new();
+        let mut cursor = None;
+        for _ in 0..100_000 {
+            if acked.len() == want.len() {
+                break;
+            }
+            let items = ob.ready(cursor, 16).unwrap();
+            if items.is_empty() {
+                ob.barrier();
+                tokio::task::yield_now().await;
+                continue;
+            }
+            for it in &items {
+                cursor = Some(it.seq);
+                // Defer every notice once (due at once), then acknowledge it.
+                if deferred.insert(it.id) && it.seq % 3 == 0 {
+                    ob.retry_later(it.id, Duration::ZERO, "busy").unwrap();
+                } else {
+                    ob.acked(&[it.id]).unwrap();
+                    assert!(acked.insert(it.id), "{} offered after its ack", it.id);
+                }
+            }
+        }
+        producer.await.unwrap();
+        assert_eq!(acked, want);
+        assert_eq!(ob.depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn durable_across_close_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o");
+        let ns: Vec<_> = (0..5).map(notice).collect();
+        let old_seqs = {
+            let ob = Outbox::open(&path, OutboxConfig::default()).unwrap();
+            let mut seqs = ob.enqueue(ns[..2].to_vec()).await.unwrap();
+            seqs.extend(ob.enqueue(ns[2..].to_vec()).await.unwrap());
+            assert_eq!(ob.ready(None, 10).unwrap().len(), 5);
+            // Acknowledged before close: deleted (by the committer) before it stops.
+            ob.acked(&[ns[1].id]).unwrap();
+            ob.close();
+            assert!(matches!(
+                ob.enqueue(vec![notice(9)]).await,
+                Err(OutboxError::Stopped)
+            ));
+            seqs
+        };
+        let ob = Outbox::open(&path, OutboxConfig::default()).unwrap();
+        assert_eq!(ob.depth(), 4);
+        let ready = ob.ready(None, 10).unwrap();
+        let want: Vec<_> = [0, 2, 3, 4].iter().map(|&i| ns[i].id).collect();
+        assert_eq!(ids(&ready), want);
+        assert_eq!(ready[0].seq, old_seqs[0]);
+        let listed = ob.list(10).unwrap();
+        assert_eq!(listed.len(), 4);
+        assert_eq!(listed[3].notification().unwrap(), ns[4]);
+        // New sequence numbers come after the old ones.
+        let new = ob.enqueue(vec![notice(5)]).await.unwrap();
+        assert!(new[0] > old_seqs[4]);
+    }
+
+    #[tokio::test]
+    async fn retry_later_defers_and_reappears_after_the_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (clock, cfg) = manual_clock();
+        let ob = Outbox::open(&dir.path().join("o"), cfg).unwrap();
+        let ns: Vec<_> = (0..3).map(notice).collect();
+        ob.enqueue(ns.clone()).await.unwrap();
+        let sent = ob.ready(None, 10).unwrap();
+        let cursor = sent[2].seq;
+        ob.retry_later(ns[0].id, Duration::from_secs(60), "modem busy")
+            .unwrap();
+        ob.acked(&[ns[1].id, ns[2].id]).unwrap();
+        assert!(ob.ready(Some(cursor), 10).unwrap().is_empty());
+        assert!(ob.ready(None, 10).unwrap().is_empty(), "not due yet");
+        assert_eq!(ob.depth(), 1);
+        let listed = ob.list(10).unwrap();
+        assert_eq!(
+            listed[0].not_before_ms,
+            Some(clock.load(Ordering::SeqCst) + 60_000)
+        );
+        assert_eq!(listed[0].attempts, 1);
+        assert_eq!(listed[0].last_reason, "modem busy");
+
+        clock.fetch_add(60_000, Ordering::SeqCst);
+        // The first call asks the committer to requeue it; it is offered once that is done.
+        let mut again = ob.ready(Some(cursor), 10).unwrap();
+        if again.is_empty() {
+            ob.barrier();
+            again = ob.ready(Some(cursor), 10).unwrap();
+        }
+        assert_eq!(ids(&again), vec![ns[0].id]);
+        assert!(again[0].seq > cursor);
+        let listed = ob.list(10).unwrap();
+        assert_eq!(listed[0].not_before_ms, None);
+        assert_eq!(listed[0].attempts, 1);
+        ob.acked(&[ns[0].id]).unwrap();
+        assert_eq!(ob.depth(), 0);
+        assert_eq!(ob.stats.deferred.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn deferred_notice_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o");
+        let (clock, cfg) = manual_clock();
+        let n = notice(1);
+        {
+            let ob = Outbox::open(&path, cfg.clone()).unwrap();
+            ob.enqueue(vec![n.clone()]).await.unwrap();
+            ob.retry_later(n.id, Duration::from_secs(5), "busy")
+                .unwrap();
+            ob.close();
+        }
+        let ob = Outbox::open(&path, cfg).unwrap();
+        assert_eq!(ob.depth(), 1);
+        assert!(ob.ready(None, 10).unwrap().is_empty());
+        clock.fetch_add(5_000, Ordering::SeqCst);
+        let mut again = ob.ready(None, 10).unwrap();
+        if again.is_empty() {
+            ob.barrier();
+            again = ob.ready(None, 10).unwrap();
+        }
+        assert_eq!(ids(&again), vec![n.id]);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_retry_and_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let (clock, cfg) = manual_clock();
+        let ob = Outbox::open(&dir.path().join("o"), cfg).unwrap();
+        let (a, b) = (notice(1), notice(2));
+        ob.enqueue(vec![a.clone(), b.clone()]).await.unwrap();
+        let sent = ob.ready(None, 10).unwrap();
+        ob.dead_letter(a.id, "invalid phone number").unwrap();
+        assert_eq!(ob.depth(), 1);
+        assert_eq!(ids(&ob.ready(None, 10).unwrap()), vec![b.id]);
+        let dead = ob.dead_letters(10).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].id, a.id);
+        assert_eq!(dead[0].reason, "invalid phone number");
+        assert_eq!(dead[0].notification().unwrap(), a);
+        // An ack for a dead letter does not delete it.
+        ob.acked(&[a.id]).unwrap();
+        assert_eq!(ob.dead_letters(10).unwrap().len(), 1);
+
+        assert_eq!(ob.retry_dead(Select::Id(b.id)).unwrap(), 0, "b is not dead");
+        assert_eq!(ob.retry_dead(Select::Id(a.id)).unwrap(), 1);
+        assert!(ob.dead_letters(10).unwrap().is_empty());
+        assert_eq!(ob.depth(), 2);
+        let again = ob.ready(Some(sent[1].seq), 10).unwrap();
+        assert_eq!(ids(&again), vec![a.id], "requeued after the cursor");
+
+        ob.dead_letter(a.id, "still invalid").unwrap();
+        ob.dead_letter(b.id, "also invalid").unwrap();
+        assert_eq!(ob.stats.dead.load(Ordering::Relaxed), 2);
+        assert_eq!(ob.purge_dead(Duration::from_secs(3600)).unwrap(), 0);
+        clock.fetch_add(7_200_000, Ordering::SeqCst);
+        assert_eq!(ob.purge_dead(Duration::from_secs(3600)).unwrap(), 2);
+        assert!(ob.dead_letters(10).unwrap().is_empty());
+        assert_eq!(ob.retry_dead(Select::All).unwrap(), 0);
+        assert_eq!(ob.depth(), 0);
+        // A purged id can be queued again.
+        ob.enqueue(vec![a.clone()]).await.unwrap();
+        assert_eq!(ids(&ob.ready(None, 10).unwrap()), vec![a.id]);
+    }
+
+    #[tokio::test]
+    async fn stale_notices_expire_to_the_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let (clock, cfg) = manual_clock();
+        let ob = Outbox::open(&dir.path().join("o"), cfg).unwrap();
+        let (old, fresh) = (notice(1), notice(2));
+        ob.enqueue(vec![old.clone()]).await.unwrap();
+        clock.fetch_add(23 * 3_600_000, Ordering::SeqCst);
+        ob.enqueue(vec![fresh.clone()]).await.unwrap();
+        clock.fetch_add(2 * 3_600_000, Ordering::SeqCst);
+        assert_eq!(ids(&ob.ready(None, 10).unwrap()), vec![fresh.id]);
+        assert_eq!(ob.depth(), 1);
+        let dead = ob.dead_letters(10).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].id, old.id);
+        assert!(dead[0].reason.starts_with("expired"), "{}", dead[0].reason);
+        // Requeued by the operator, it is sent (its age counts from the retry).
+        assert_eq!(ob.retry_dead(Select::Id(old.id)).unwrap(), 1);
+        assert_eq!(ids(&ob.ready(None, 10).unwrap()), vec![fresh.id, old.id]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_enqueues_are_group_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(&dir.path().join("o"), OutboxConfig::default()).unwrap();
+        let (tasks, per_task) = (50, 20);
+        let mut handles = Vec::new();
+        for t in 0..tasks {
+            let ob = ob.clone();
+            handles.push(tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for i in 0..per_task {
+                    seqs.extend(ob.enqueue(vec![notice(t * 100 + i)]).await.unwrap());
+                }
+                seqs
+            }));
+        }
+        let mut all = HashSet::new();
+        for h in handles {
+            for s in h.await.unwrap() {
+                assert!(all.insert(s), "duplicate seq {s}");
+            }
+        }
+        let total = u64::from(tasks * per_task);
+        assert_eq!(all.len() as u64, total);
+        assert_eq!(ob.depth(), total);
+        assert_eq!(ob.ready(None, 10_000).unwrap().len() as u64, total);
+        let commits = ob.stats.commits.load(Ordering::Relaxed);
+        assert!(commits < total, "{commits} commits for {total} notices");
+        assert_eq!(ob.stats.enqueued.load(Ordering::Relaxed), total);
+    }
+
+    #[tokio::test]
+    async fn full_outbox_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = OutboxConfig {
+            max_depth: 2,
+            ..Default::default()
+        };
+        let ob = Outbox::open(&dir.path().join("o"), cfg).unwrap();
+        ob.enqueue(vec![notice(1), notice(2)]).await.unwrap();
+        assert!(matches!(
+            ob.enqueue(vec![notice(3)]).await,
+            Err(OutboxError::Full { depth: 2, limit: 2 })
+        ));
+        assert_eq!(ob.depth(), 2);
+    }
+
+    #[tokio::test]
+    async fn second_open_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o");
+        let _ob = Outbox::open(&path, OutboxConfig::default()).unwrap();
+        let cfg = OutboxConfig {
+            lock_wait: Duration::ZERO,
+            ..Default::default()
+        };
+        let err = Outbox::open(&path, cfg)
+            .err()
+            .expect("second open must fail");
+        assert!(matches!(err, OutboxError::Locked { .. }), "{err:?}");
+        assert!(err.to_string().contains("already open"), "{err}");
+    }
+
+    #[test]
+    fn records_round_trip_and_reject_truncation() {
+        let r = Record {
+            enqueued_at_ms: 123,
+            attempts: 4,
+            id: NotifId::random(),
+            reason: "忙".into(),
+            payload: vec![1, 2, 3],
+        };
+        let enc = r.encode();
+        assert_eq!(Record::decode(&enc), Some(r.clone()));
+        assert_eq!(Record::id_and_payload(&enc), Some((r.id, vec![1, 2, 3])));
+        for cut in 0..RECORD_HEAD + 3 {
+            assert_eq!(Record::decode(&enc[..cut]), None, "cut at {cut}");
+        }
+        let d = decode_dead(7, &dead_value(99, "bad number", &r)).unwrap();
+        assert_eq!(
+            (d.seq, d.dead_at_ms, d.reason.as_str()),
+            (7, 99, "bad number")
+        );
+        assert_eq!((d.id, d.attempts, d.payload), (r.id, 4, vec![1, 2, 3]));
+        // Over-long reasons are cut on a character boundary.
+        let long = "错".repeat(MAX_REASON);
+        let cut = truncated(&long, MAX_REASON);
+        assert!(cut.len() <= MAX_REASON && long.starts_with(cut));
+    }
+}
