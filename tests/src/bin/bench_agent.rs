@@ -52,7 +52,9 @@ fn notice(tag: &str, i: usize) -> Notification {
 fn arrivals(sim: &mailbell_gsm_agent::sim::SimModem, tag: &str) -> HashMap<usize, Vec<Instant>> {
     let mut m: HashMap<usize, Vec<Instant>> = HashMap::new();
     for p in sim.received() {
-        let Ok(d) = decode_submit(&p.hex) else { continue };
+        let Ok(d) = decode_submit(&p.hex) else {
+            continue;
+        };
         if let Some(i) = d
             .text
             .strip_prefix(&format!("{tag} #"))
@@ -107,7 +109,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     outbox.push(n.id, n.encode_payload()?);
     let t = Instant::now();
     while arrivals(sim, "warmup").is_empty() {
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "warm-up SMS never arrived");
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "warm-up SMS never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
@@ -163,7 +168,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     if let (Some(first), Some(last)) = (times.iter().min(), times.iter().max()) {
         let secs = last.duration_since(*first).as_secs_f64().max(1e-9);
-        println!("agent throughput: {} SMS through one zero-latency simulated modem", args.burst);
+        println!(
+            "agent throughput: {} SMS through one zero-latency simulated modem",
+            args.burst
+        );
         println!(
             "  {} arrived; {:.0} SMS/s (first to last PDU, {:.2} s)  (target >= 100 SMS/s)",
             got.len(),
