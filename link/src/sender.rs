@@ -205,6 +205,7 @@ impl Sender {
         match frame {
             Frame::Ack { id } => {
                 if self.inflight.remove(&id).is_some() {
+                    self.prune_order();
                     Ok(Some(SenderEvent::Acked(id)))
                 } else {
                     self.ignored_acks += 1;
@@ -221,6 +222,7 @@ impl Sender {
                     self.ignored_acks += 1;
                     return Ok(None);
                 }
+                self.prune_order();
                 Ok(Some(match class {
                     NackClass::Permanent => SenderEvent::DeadLetter { id, reason },
                     NackClass::RetryLater => SenderEvent::RetryLater {
@@ -237,6 +239,17 @@ impl Sender {
             Frame::Pong { .. } => Ok(None),
             Frame::Bye { reason } => Err(SessionError::Bye(reason)),
             other => Err(SessionError::Unexpected(other.kind())),
+        }
+    }
+
+    /// Drops settled ids from the front of the send order, so that the order holds about one
+    /// window and [`Sender::next_deadline`] stays O(1) however long the session runs.
+    fn prune_order(&mut self) {
+        while let Some(front) = self.order.front() {
+            if self.inflight.contains_key(front) {
+                break;
+            }
+            self.order.pop_front();
         }
     }
 
@@ -370,6 +383,31 @@ mod tests {
         );
         assert_eq!(s.ignored_acks(), 2);
         assert_eq!(s.disconnect(), vec![b]);
+    }
+
+    #[test]
+    fn send_order_stays_one_window_long_in_a_long_session() {
+        let t0 = Instant::now();
+        let mut s = Sender::new(SenderConfig::default(), neg(), t0);
+        let mut out = Vec::new();
+        for _ in 0..10_000 {
+            let id = NotifId::random();
+            s.send(id, vec![], t0, &mut out);
+            s.on_frame(Frame::Ack { id }, t0, &mut out).unwrap();
+        }
+        assert!(s.order.len() <= 2, "order grew to {}", s.order.len());
+        // Out-of-order ACKs: the oldest unacknowledged id keeps the rest until it settles.
+        let (a, b) = (NotifId::random(), NotifId::random());
+        s.send(a, vec![], t0, &mut out);
+        s.send(b, vec![], t0, &mut out);
+        s.on_frame(Frame::Ack { id: b }, t0, &mut out).unwrap();
+        assert_eq!(s.order.len(), 2);
+        assert_eq!(
+            s.next_deadline(),
+            (t0 + SenderConfig::default().ack_timeout).min(s.beat.deadline())
+        );
+        s.on_frame(Frame::Ack { id: a }, t0, &mut out).unwrap();
+        assert!(s.order.is_empty());
     }
 
     #[test]
