@@ -27,7 +27,7 @@ use crate::sender::{self, Sender, SenderConfig, SenderEvent, SessionError};
 use crate::tls::{self, TlsError};
 
 /// Items per store request (see `server_session`).
-const STORE_CHUNK: usize = 32;
+const STORE_CHUNK: usize = 64;
 
 /// A storage error from an outbox or inbox implementation.
 pub type StoreError = Box<dyn std::error::Error + Send + Sync>;
