@@ -1,1 +1,35 @@
 //! Test support and benchmarks for mailbell (see tests/ and src/bin/).
+
+use std::future::Future;
+use std::process::ExitCode;
+
+/// The shared `main` of the benchmark binaries: logging to stderr (RUST_LOG, default warn),
+/// a multi-threaded runtime, and an exit status that fails only on a functional failure
+/// (`Ok(false)`) or an error, never because of speed.
+pub fn bench_main<F: Future<Output = anyhow::Result<bool>>>(run: F) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("error: a functional check failed (see above)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
