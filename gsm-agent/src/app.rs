@@ -100,17 +100,6 @@ fn validator(renderer: Arc<Renderer>) -> Validator {
     })
 }
 
-fn modem_config(m: &ModemEntry) -> ModemConfig {
-    let mut c = ModemConfig::new(m.name.clone(), m.device.clone());
-    c.baud = m.baud;
-    c.pin = m.pin.clone();
-    c.command_timeout = m.command_timeout;
-    c.submit_timeout = m.submit_timeout;
-    c.init_commands = m.init_commands.clone();
-    c.reopen_backoff_max = m.reopen_backoff_max;
-    c
-}
-
 /// Starts every part of the agent and returns once it is listening.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&cfg.data_dir)
@@ -140,32 +129,24 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         };
         let s = SimModem::spawn(opts).context("start the simulated modem")?;
         info!(device = %s.device_path().display(), "no modem configured; using a simulated modem");
+        let mut modem = ModemConfig::new("sim0", s.device_path());
+        modem.submit_timeout = Duration::from_secs(30);
+        modem.reopen_backoff_max = Duration::from_secs(5);
         entries.push(ModemEntry {
-            name: "sim0".into(),
-            device: s.device_path().to_path_buf(),
-            baud: 115_200,
-            pin: None,
-            command_timeout: Duration::from_secs(5),
-            submit_timeout: Duration::from_secs(30),
-            init_commands: vec![],
-            reopen_backoff_max: Duration::from_secs(5),
-            per_minute: cfg.simulator.per_minute,
-            per_day: cfg.simulator.per_day,
+            modem,
+            pacing: Pacing {
+                per_minute: cfg.simulator.per_minute,
+                per_day: cfg.simulator.per_day,
+            },
         });
         sim = Some(s);
     }
     let mut handles = Vec::new();
     let mut pool_modems = Vec::new();
     for e in &entries {
-        let h = driver::spawn(modem_config(e));
+        let h = driver::spawn(e.modem.clone());
         handles.push(h.clone());
-        pool_modems.push((
-            h,
-            Pacing {
-                per_minute: e.per_minute,
-                per_day: e.per_day,
-            },
-        ));
+        pool_modems.push((h, e.pacing.clone()));
     }
     let pool = Pool::new(pool_modems);
     let status_pool = pool.clone();

@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::modem::cms::{ErrorClass, RetryPolicy};
+use crate::modem::driver::ModemConfig;
+use crate::modem::pool::Pacing;
 use crate::render::{builtin_templates, RenderConfig, Template};
 
 /// Configuration errors.
@@ -346,19 +348,11 @@ pub struct LinkConfig {
     pub max_sessions: usize,
 }
 
-/// One serial modem.
+/// One serial modem: the driver's settings (its `Debug` hides the PIN) and the SIM's pacing.
 #[derive(Clone, Debug)]
 pub struct ModemEntry {
-    pub name: String,
-    pub device: PathBuf,
-    pub baud: u32,
-    pub pin: Option<String>,
-    pub command_timeout: Duration,
-    pub submit_timeout: Duration,
-    pub init_commands: Vec<String>,
-    pub reopen_backoff_max: Duration,
-    pub per_minute: u32,
-    pub per_day: u32,
+    pub modem: ModemConfig,
+    pub pacing: Pacing,
 }
 
 /// The simulated modem used when no `[[modem]]` is configured.
@@ -487,17 +481,19 @@ impl Config {
             if !names.insert(m.name.clone()) {
                 return Err(inv(format!("modem name {:?} is used twice", m.name)));
             }
+            let mut modem = ModemConfig::new(m.name, m.device);
+            modem.baud = m.baud;
+            modem.pin = m.pin;
+            modem.command_timeout = m.command_timeout;
+            modem.submit_timeout = m.submit_timeout;
+            modem.init_commands = m.init_commands;
+            modem.reopen_backoff_max = m.reopen_backoff_max;
             modems.push(ModemEntry {
-                name: m.name,
-                device: m.device,
-                baud: m.baud,
-                pin: m.pin,
-                command_timeout: m.command_timeout,
-                submit_timeout: m.submit_timeout,
-                init_commands: m.init_commands,
-                reopen_backoff_max: m.reopen_backoff_max,
-                per_minute: m.per_minute,
-                per_day: m.per_day,
+                modem,
+                pacing: Pacing {
+                    per_minute: m.per_minute,
+                    per_day: m.per_day,
+                },
             });
         }
         let mut retry = HashMap::new();
@@ -695,9 +691,13 @@ submit_timeout = "90s"
             "t",
         )
         .unwrap();
-        assert_eq!(c.modems[0].per_day, 500);
-        assert_eq!(c.modems[0].submit_timeout, Duration::from_secs(90));
-        assert_eq!(c.modems[0].baud, 115_200);
+        assert_eq!(c.modems[0].pacing.per_day, 500);
+        assert_eq!(c.modems[0].modem.submit_timeout, Duration::from_secs(90));
+        assert_eq!(c.modems[0].modem.baud, 115_200);
+        assert!(
+            !format!("{:?}", c.modems[0]).contains("1234"),
+            "the PIN never shows in Debug"
+        );
         assert_eq!(
             c.sms.render.templates["en"].single,
             "Mail for {recipient}: {subject}"
