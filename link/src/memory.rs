@@ -25,6 +25,8 @@ struct State {
     /// Items a retry-later NACK put off, with the time they are due. They get a new position
     /// (after any cursor) only when due, so a client's cursor never skips them.
     deferred: Vec<(Instant, NotifId, Vec<u8>)>,
+    /// Position of each item in `items`, so settling one does not scan the queue.
+    seq_of: HashMap<NotifId, u64>,
     settled: HashMap<NotifId, Settled>,
 }
 
@@ -54,6 +56,7 @@ impl MemoryOutbox {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut s) = self.lock() {
             s.items.insert(seq, (id, payload));
+            s.seq_of.insert(id, seq);
         }
         self.notify.notify_one();
     }
@@ -77,10 +80,15 @@ impl MemoryOutbox {
 
     fn settle(&self, id: NotifId, how: Settled) -> Result<(), StoreError> {
         let mut s = self.lock()?;
-        let before = s.items.len() + s.deferred.len();
-        s.items.retain(|_, (i, _)| *i != id);
-        s.deferred.retain(|(_, i, _)| *i != id);
-        if s.items.len() + s.deferred.len() != before {
+        let queued = match s.seq_of.remove(&id) {
+            Some(seq) => s.items.remove(&seq).is_some(),
+            None => {
+                let before = s.deferred.len();
+                s.deferred.retain(|(_, i, _)| *i != id);
+                s.deferred.len() != before
+            }
+        };
+        if queued {
             s.settled.insert(id, how);
         }
         drop(s);
@@ -98,6 +106,7 @@ impl Outbox for MemoryOutbox {
         for (_, id, p) in due {
             let seq = self.next.fetch_add(1, Ordering::Relaxed);
             s.items.insert(seq, (id, p));
+            s.seq_of.insert(id, seq);
         }
         let start = after.map_or(0, |a| a.saturating_add(1));
         Ok(s.items
@@ -124,7 +133,7 @@ impl Outbox for MemoryOutbox {
 
     fn retry_later(&self, id: NotifId, after: Duration, _reason: &str) -> Result<(), StoreError> {
         let mut s = self.lock()?;
-        let old = s.items.iter().find(|(_, (i, _))| *i == id).map(|(k, _)| *k);
+        let old = s.seq_of.remove(&id);
         if let Some((id, p)) = old.and_then(|k| s.items.remove(&k)) {
             s.deferred.push((Instant::now() + after, id, p));
         }

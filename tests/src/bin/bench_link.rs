@@ -27,6 +27,7 @@ use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use mailbell::outbox::{Outbox, OutboxConfig};
 use mailbell_gsm_agent::inbox::{Inbox, InboxConfig};
+use mailbell_link::memory::MemoryOutbox;
 use mailbell_link::net::{
     self, ClientSettings, ClientStats, Endpoint, Inbox as LinkInbox, OutItem, Outbox as LinkOutbox,
     ServerSettings, ServerStats, StoreError,
@@ -263,74 +264,11 @@ impl LinkOutbox for TimedOutbox {
     }
 }
 
-/// In-memory outbox (profiling aid: the link without the sender's sled costs).
-#[derive(Default)]
-struct MemOutbox {
-    next: AtomicU64,
-    items: Mutex<std::collections::BTreeMap<u64, (NotifId, Vec<u8>)>>,
-    seqs: Mutex<HashMap<NotifId, u64>>,
-    notify: Arc<Notify>,
-}
-
-impl MemOutbox {
-    fn push(&self, batch: &[Notification]) -> anyhow::Result<()> {
-        {
-            let mut items = lock(&self.items);
-            let mut seqs = lock(&self.seqs);
-            for n in batch {
-                let seq = self.next.fetch_add(1, Ordering::Relaxed);
-                items.insert(seq, (n.id, n.encode_payload()?));
-                seqs.insert(n.id, seq);
-            }
-        }
-        self.notify.notify_one();
-        Ok(())
-    }
-}
-
-impl LinkOutbox for MemOutbox {
-    fn ready(&self, after: Option<u64>, max: usize) -> Result<Vec<OutItem>, StoreError> {
-        let start = after.map_or(0, |a| a.saturating_add(1));
-        Ok(lock(&self.items)
-            .range(start..)
-            .take(max)
-            .map(|(seq, (id, p))| OutItem {
-                seq: *seq,
-                id: *id,
-                payload: p.clone(),
-            })
-            .collect())
-    }
-
-    fn acked(&self, ids: &[NotifId]) -> Result<(), StoreError> {
-        let mut items = lock(&self.items);
-        let mut seqs = lock(&self.seqs);
-        for id in ids {
-            if let Some(seq) = seqs.remove(id) {
-                items.remove(&seq);
-            }
-        }
-        Ok(())
-    }
-
-    fn dead_letter(&self, id: NotifId, _reason: &str) -> Result<(), StoreError> {
-        self.acked(&[id])
-    }
-
-    fn retry_later(&self, _id: NotifId, _after: Duration, _reason: &str) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    fn notifier(&self) -> Arc<Notify> {
-        self.notify.clone()
-    }
-}
-
 /// The sender's store under test.
 #[derive(Clone)]
 enum SenderStore {
     Sled(Outbox),
-    Memory(Arc<MemOutbox>),
+    Memory(Arc<MemoryOutbox>),
 }
 
 impl SenderStore {
@@ -339,7 +277,11 @@ impl SenderStore {
             SenderStore::Sled(o) => {
                 o.enqueue(batch.to_vec()).await?;
             }
-            SenderStore::Memory(m) => m.push(batch)?,
+            SenderStore::Memory(m) => {
+                for n in batch {
+                    m.push(n.id, n.encode_payload()?);
+                }
+            }
         }
         Ok(())
     }
@@ -354,7 +296,7 @@ impl SenderStore {
     fn depth(&self) -> u64 {
         match self {
             SenderStore::Sled(o) => o.depth(),
-            SenderStore::Memory(m) => lock(&m.items).len() as u64,
+            SenderStore::Memory(m) => m.pending() as u64,
         }
     }
 }
