@@ -205,11 +205,11 @@ impl<S: SmsSink> Dispatcher<S> {
         let parts: Vec<(usize, String)> = pdus.into_iter().map(|p| (p.tpdu_len, p.hex)).collect();
         let nparts = parts.len() as u64;
         if let Err(e) = self.inbox.change(Change::InFlight(r.seq)).await {
+            error!(error = %e, "cannot mark a notice in flight; retrying later");
             return Verdict::Retry {
                 attempts: r.attempts,
-                after: Duration::from_secs(5).max(Duration::from_millis(100)),
-            }
-            .log_store(&e);
+                after: Duration::from_secs(5),
+            };
         }
         let attempt_no = u32::from(r.attempts) + 1;
         match self.sink.submit(parts).await {
@@ -256,13 +256,6 @@ impl<S: SmsSink> Dispatcher<S> {
                 }
             }
         }
-    }
-}
-
-impl Verdict {
-    fn log_store(self, e: &crate::inbox::InboxError) -> Self {
-        error!(error = %e, "cannot mark a notice in flight; retrying later");
-        self
     }
 }
 
