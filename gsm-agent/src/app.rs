@@ -177,7 +177,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         let (inbox, shutdown, stats) = (inbox.clone(), shutdown.clone(), link_stats.clone());
         tracker.spawn(async move {
             if let Err(e) =
-                crate::server::serve(listener, settings, inbox, shutdown.clone(), stats).await
+                mailbell_link::net::serve(listener, settings, inbox, shutdown.clone(), stats).await
             {
                 error!(error = %e, "link listener failed");
                 shutdown.cancel();

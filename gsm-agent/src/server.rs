@@ -1,16 +1,14 @@
-//! The link listener: resolves the TLS material (operator files or a dev PKI) and serves the
-//! link into the inbox.
+//! The link listener setup: TLS material (operator files or a dev PKI), the bound socket and
+//! the server settings; `app` runs `mailbell_link::net::serve` with them into the inbox.
 
 use std::sync::Arc;
 
-use mailbell_link::net::{ServerSettings, ServerStats};
+use mailbell_link::net::ServerSettings;
 use mailbell_link::pki::{ensure_dev_pki, DevPkiPaths, PkiError};
 use mailbell_link::tls::{self, ServerTlsFiles, TlsError};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{LinkConfig, LinkTls};
-use crate::inbox::Inbox;
 
 /// Listener setup errors.
 #[derive(Debug, thiserror::Error)]
@@ -69,15 +67,4 @@ pub fn settings(
         io_timeout: cfg.io_timeout,
         max_sessions: cfg.max_sessions,
     }))
-}
-
-/// Serves the link until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    settings: Arc<ServerSettings>,
-    inbox: Inbox,
-    shutdown: CancellationToken,
-    stats: Arc<ServerStats>,
-) -> std::io::Result<()> {
-    mailbell_link::net::serve(listener, settings, inbox, shutdown, stats).await
 }
