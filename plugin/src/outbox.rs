@@ -19,6 +19,7 @@
 //! q <seq:u64be>                  queued notice, ready to send   -> record
 //! d <not_before_ms:u64be> <seq>  deferred by a retry-later NACK -> record
 //! x <seq:u64be>                  dead letter                    -> dead_at_ms:i64be reason_len:u16be reason record
+//! s <seq:u64be>                  staged intake record           -> opaque (the intake's encoding)
 //! record = ver:u8(1) enqueued_at_ms:i64be attempts:u16be id:16 reason_len:u16be reason payload
 //! ```
 //! Sequence numbers come from `sled::Db::generate_id`, which is monotonic across restarts.
@@ -45,6 +46,14 @@
 //!
 //! Expiry: a notice still queued `max_age` (default a day) after it was enqueued is moved to
 //! the dead letters by `ready` instead of being sent (`mailbell queue retry` can requeue it).
+//!
+//! Staging: the intake keeps arrivals that are not notices yet (waiting for Stalwart's delivery
+//! confirmation, held by quiet hours or a rate limit) in the same store, as opaque records in
+//! the `s` range. [`Outbox::stage`] writes them with the same group commit as `enqueue` (so the
+//! MTA's reply waits for one fsync shared by every connection), and [`Outbox::settle`] deletes
+//! or rewrites staged records and queues the notices made from them in **one** atomic batch,
+//! flushed before it returns: a crash either keeps the staged records or the notices, never
+//! both and never neither, so each arrival becomes a notice exactly once.
 //!
 //! One process owns the store at a time (sled locks it); a second open fails with
 //! [`OutboxError::Locked`].
@@ -158,6 +167,8 @@ pub struct OutboxStats {
     pub dead_lettered: AtomicU64,
     /// Dead letters currently held.
     pub dead: AtomicU64,
+    /// Staged intake records currently held.
+    pub staged: AtomicU64,
 }
 
 /// A queued notice, as `mailbell queue list` shows it.
@@ -212,6 +223,24 @@ pub enum Select {
 const Q: u8 = b'q';
 const D: u8 = b'd';
 const X: u8 = b'x';
+const S: u8 = b's';
+
+/// One atomic change of staged records plus the notices made from them; see [`Outbox::settle`].
+#[derive(Debug, Default)]
+pub struct Settle {
+    /// Staged records to delete.
+    pub remove: Vec<u64>,
+    /// Staged records to replace: (sequence number, new value).
+    pub rewrite: Vec<(u64, Vec<u8>)>,
+    /// Notices to queue.
+    pub enqueue: Vec<Notification>,
+}
+
+impl Settle {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.rewrite.is_empty() && self.enqueue.is_empty()
+    }
+}
 
 fn seq_key(prefix: u8, seq: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -235,7 +264,7 @@ fn be_u64(b: &[u8]) -> Option<u64> {
 /// The sequence number in a q, x or d key.
 fn seq_of(k: &[u8]) -> Option<u64> {
     match k.first()? {
-        &Q | &X if k.len() == 9 => be_u64(&k[1..]),
+        &Q | &X | &S if k.len() == 9 => be_u64(&k[1..]),
         &D if k.len() == 17 => be_u64(&k[9..]),
         _ => None,
     }
@@ -362,6 +391,18 @@ type EnqueueReply = oneshot::Sender<Result<Vec<u64>, OutboxError>>;
 
 enum Request {
     Enqueue {
+        items: Vec<(NotifId, Vec<u8>)>,
+        reply: EnqueueReply,
+    },
+    /// New staged records.
+    Stage {
+        values: Vec<Vec<u8>>,
+        reply: EnqueueReply,
+    },
+    /// Staged records changed and notices queued, atomically.
+    Settle {
+        remove: Vec<u64>,
+        rewrite: Vec<(u64, Vec<u8>)>,
         items: Vec<(NotifId, Vec<u8>)>,
         reply: EnqueueReply,
     },
@@ -508,7 +549,9 @@ impl Outbox {
         }
         let dead = db.scan_prefix([X]).count() as u64;
         stats.dead.store(dead, Ordering::Relaxed);
-        info!(ready, deferred, dead, "outbox opened");
+        let staged = db.scan_prefix([S]).count() as u64;
+        stats.staged.store(staged, Ordering::Relaxed);
+        info!(ready, deferred, dead, staged, "outbox opened");
         let shared = Arc::new(Shared {
             notify: Arc::new(Notify::new()),
             depth: AtomicU64::new(ready + deferred),
@@ -568,23 +611,76 @@ impl Outbox {
             encoded.push((n.id, payload));
         }
         let (reply, rx) = oneshot::channel();
-        let req = Request::Enqueue {
+        // try_send first: the common case never leaves this thread.
+        self.submit(Request::Enqueue {
             items: encoded,
             reply,
-        };
-        // try_send first: the common case never leaves this thread.
+        })
+        .await?;
+        rx.await.map_err(|_| OutboxError::Stopped)?
+    }
+
+    /// Stores opaque intake records; returns their sequence numbers, in order, once durable
+    /// (same group commit as [`enqueue`](Self::enqueue)). Fails with [`OutboxError::Full`]
+    /// when staged plus queued records would exceed the depth limit.
+    pub async fn stage(&self, values: Vec<Vec<u8>>) -> Result<Vec<u64>, OutboxError> {
+        if values.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.submit(Request::Stage { values, reply }).await?;
+        rx.await.map_err(|_| OutboxError::Stopped)?
+    }
+
+    /// Deletes and rewrites staged records and queues notices, all in one atomic batch, flushed
+    /// before it returns; answers the new notices' sequence numbers. Never refused for depth:
+    /// the records it consumes were already counted.
+    pub async fn settle(&self, s: Settle) -> Result<Vec<u64>, OutboxError> {
+        if s.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut items = Vec::with_capacity(s.enqueue.len());
+        for n in &s.enqueue {
+            let payload = n
+                .encode_payload()
+                .map_err(|error| OutboxError::Encode { id: n.id, error })?;
+            items.push((n.id, payload));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.submit(Request::Settle {
+            remove: s.remove,
+            rewrite: s.rewrite,
+            items,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| OutboxError::Stopped)?
+    }
+
+    /// Every staged record, in sequence order (the intake rebuilds its state from them at
+    /// start). Blocking.
+    pub fn staged(&self) -> Result<Vec<(u64, Vec<u8>)>, OutboxError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix([S]) {
+            let (k, v) = kv?;
+            out.push((seq_of(&k).ok_or_else(|| corrupt(&k))?, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Hands a request to the committer without blocking the runtime.
+    async fn submit(&self, req: Request) -> Result<(), OutboxError> {
         match self.tx.try_send(req) {
-            Ok(()) => {}
+            Ok(()) => Ok(()),
             Err(mpsc::TrySendError::Full(req)) => {
                 let tx = self.tx.clone();
                 tokio::task::spawn_blocking(move || tx.send(req))
                     .await
                     .map_err(|_| OutboxError::Stopped)?
-                    .map_err(|_| OutboxError::Stopped)?;
+                    .map_err(|_| OutboxError::Stopped)
             }
-            Err(mpsc::TrySendError::Disconnected(_)) => return Err(OutboxError::Stopped),
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(OutboxError::Stopped),
         }
-        rx.await.map_err(|_| OutboxError::Stopped)?
     }
 
     /// Queued notices (ready and deferred).
@@ -961,6 +1057,19 @@ impl Committer {
         for req in reqs {
             let (items, reply) = match req {
                 Request::Enqueue { items, reply } => (items, reply),
+                Request::Stage { values, reply } => {
+                    self.stage(&mut round, values, depth, reply);
+                    continue;
+                }
+                Request::Settle {
+                    remove,
+                    rewrite,
+                    items,
+                    reply,
+                } => {
+                    self.settle(&mut round, remove, rewrite, items, now, reply);
+                    continue;
+                }
                 Request::Forget(seqs) => {
                     forget.extend(seqs);
                     continue;
@@ -980,7 +1089,7 @@ impl Committer {
                 }
                 Request::Stop => continue,
             };
-            let queued = depth + round.enqueued;
+            let queued = depth + round.enqueued + self.staged_total(&round);
             if queued.saturating_add(items.len() as u64) > self.max_depth {
                 let _ = reply.send(Err(OutboxError::Full {
                     depth: queued,
@@ -1050,6 +1159,10 @@ impl Committer {
                     .enqueued
                     .fetch_add(round.enqueued, Ordering::Relaxed);
                 sub(&self.stats.dead, round.requeued);
+                self.stats
+                    .staged
+                    .fetch_add(round.staged_added, Ordering::AcqRel);
+                sub(&self.stats.staged, round.staged_removed);
                 if round.requeued > 0 {
                     info!(count = round.requeued, "dead letters queued again");
                 }
@@ -1079,6 +1192,97 @@ impl Committer {
                 round.answer(Err(e));
             }
         }
+    }
+
+    fn staged_total(&self, round: &Round) -> u64 {
+        (self.stats.staged.load(Ordering::Acquire) + round.staged_added)
+            .saturating_sub(round.staged_removed)
+    }
+
+    fn stage(&self, round: &mut Round, values: Vec<Vec<u8>>, depth: u64, reply: EnqueueReply) {
+        let held = depth + round.enqueued + self.staged_total(round);
+        if held.saturating_add(values.len() as u64) > self.max_depth {
+            let _ = reply.send(Err(OutboxError::Full {
+                depth: held,
+                limit: self.max_depth,
+            }));
+            return;
+        }
+        let mut seqs = Vec::with_capacity(values.len());
+        for v in values {
+            let seq = match self.db.generate_id() {
+                Ok(s) => s,
+                Err(e) => {
+                    // Nothing of this request is in the round yet apart from earlier values,
+                    // which stay harmlessly unreferenced only if the round fails; undo them.
+                    for s in seqs {
+                        round.unstage(s);
+                    }
+                    let _ = reply.send(Err(e.into()));
+                    return;
+                }
+            };
+            let k = seq_key(S, seq);
+            round.batch.insert(&k, v);
+            round.undo.remove(&k);
+            round.staged_added += 1;
+            round.other_writes += 1;
+            seqs.push(seq);
+        }
+        round.replies.push(Reply::Enqueue(reply, seqs));
+    }
+
+    fn settle(
+        &self,
+        round: &mut Round,
+        remove: Vec<u64>,
+        rewrite: Vec<(u64, Vec<u8>)>,
+        items: Vec<(NotifId, Vec<u8>)>,
+        now: i64,
+        reply: EnqueueReply,
+    ) {
+        let prepared = (|| -> Result<_, OutboxError> {
+            let mut olds = Vec::with_capacity(remove.len() + rewrite.len());
+            for &seq in remove.iter().chain(rewrite.iter().map(|(s, _)| s)) {
+                let k = seq_key(S, seq);
+                olds.push((k, self.db.get(k)?));
+            }
+            Ok((olds, self.place(items, now)?))
+        })();
+        let (olds, ops) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let mut values = rewrite.into_iter().map(|(_, v)| v);
+        for (i, (k, old)) in olds.into_iter().enumerate() {
+            let existed = old.is_some();
+            match old {
+                Some(old) => round.undo.insert(&k, old),
+                None => round.undo.remove(&k),
+            }
+            if i < remove.len() {
+                round.batch.remove(&k);
+                if existed {
+                    round.staged_removed += 1;
+                }
+            } else if let Some(v) = values.next() {
+                round.batch.insert(&k, v);
+                if !existed {
+                    round.staged_added += 1;
+                }
+            }
+            round.other_writes += 1;
+        }
+        let mut seqs = Vec::with_capacity(ops.len());
+        for (seq, record) in ops {
+            round.insert(seq, record);
+            seqs.push(seq);
+        }
+        round.enqueued += seqs.len() as u64;
+        round.replies.push(Reply::Enqueue(reply, seqs));
     }
 
     /// Assigns sequence numbers to one request's notices and encodes their records.
@@ -1179,6 +1383,10 @@ struct Round {
     max_seq: u64,
     /// Queue entries this round creates.
     writes: u64,
+    /// Staged records this round writes or deletes.
+    other_writes: u64,
+    staged_added: u64,
+    staged_removed: u64,
     enqueued: u64,
     promoted: u64,
     requeued: u64,
@@ -1203,7 +1411,15 @@ impl Round {
     }
 
     fn is_empty(&self) -> bool {
-        self.writes == 0
+        self.writes == 0 && self.other_writes == 0
+    }
+
+    /// Takes a staged insert of this round back out.
+    fn unstage(&mut self, seq: u64) {
+        let k = seq_key(S, seq);
+        self.batch.remove(&k);
+        self.staged_added = self.staged_added.saturating_sub(1);
+        self.other_writes = self.other_writes.saturating_sub(1);
     }
 
     fn answer(self, result: Result<(), sled::Error>) {
@@ -1259,6 +1475,67 @@ mod tests {
 
     fn ids(items: &[OutItem]) -> Vec<NotifId> {
         items.iter().map(|i| i.id).collect()
+    }
+
+    #[tokio::test]
+    async fn staged_records_settle_atomically_into_notices() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o");
+        let ob = Outbox::open(&path, OutboxConfig::default()).unwrap();
+        let seqs = ob
+            .stage(vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()])
+            .await
+            .unwrap();
+        assert_eq!(ob.stats.staged.load(Ordering::Relaxed), 3);
+        assert_eq!(ob.depth(), 0, "staged records are not notices");
+        assert!(ob.ready(None, 10).unwrap().is_empty());
+        let n = notice(1);
+        let q = ob
+            .settle(Settle {
+                remove: vec![seqs[0], seqs[2]],
+                rewrite: vec![(seqs[1], b"two, half done".to_vec())],
+                enqueue: vec![n.clone()],
+            })
+            .await
+            .unwrap();
+        assert_eq!(q.len(), 1);
+        assert_eq!(ids(&ob.ready(None, 10).unwrap()), vec![n.id]);
+        assert_eq!(ob.staged().unwrap(), vec![(seqs[1], b"two, half done".to_vec())]);
+        assert_eq!(ob.stats.staged.load(Ordering::Relaxed), 1);
+        ob.close();
+        drop(ob);
+        // Both halves of the settle survive a reopen.
+        let ob = Outbox::open(&path, OutboxConfig::default()).unwrap();
+        assert_eq!(ob.staged().unwrap(), vec![(seqs[1], b"two, half done".to_vec())]);
+        assert_eq!(ob.stats.staged.load(Ordering::Relaxed), 1);
+        assert_eq!(ids(&ob.ready(None, 10).unwrap()), vec![n.id]);
+    }
+
+    #[tokio::test]
+    async fn staging_counts_against_the_depth_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = OutboxConfig {
+            max_depth: 3,
+            ..Default::default()
+        };
+        let ob = Outbox::open(&dir.path().join("o"), cfg).unwrap();
+        ob.stage(vec![vec![1], vec![2]]).await.unwrap();
+        ob.enqueue(vec![notice(1)]).await.unwrap();
+        assert!(matches!(
+            ob.stage(vec![vec![3]]).await,
+            Err(OutboxError::Full { .. })
+        ));
+        // Settling is never refused: it only turns held records into notices.
+        let staged = ob.staged().unwrap();
+        ob.settle(Settle {
+            remove: staged.iter().map(|(s, _)| *s).collect(),
+            enqueue: vec![notice(2), notice(3)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(ob.depth(), 3);
+        assert_eq!(ob.stats.staged.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
