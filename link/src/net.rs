@@ -54,6 +54,28 @@ pub trait Outbox: Send + Sync + 'static {
     fn retry_later(&self, id: NotifId, after: Duration, reason: &str) -> Result<(), StoreError>;
     /// Signalled (with `notify_one`) whenever new items may be ready.
     fn notifier(&self) -> Arc<Notify>;
+    /// Told about every link session (for an audit log); the default ignores it. Called on
+    /// the client task: must not block.
+    fn session_event(&self, _event: SessionEvent<'_>) {}
+}
+
+/// What happened to a link session, for [`Outbox::session_event`].
+#[derive(Clone, Copy)]
+pub enum SessionEvent<'a> {
+    /// Connected, TLS and HELLO done.
+    Up { agent: &'a str, window: u16 },
+    /// An established session ended.
+    Down {
+        agent: &'a str,
+        reason: &'a dyn std::fmt::Display,
+        sent: u64,
+        acked: u64,
+    },
+    /// The agent could not be reached or refused the session.
+    Failed {
+        agent: &'a str,
+        reason: &'a dyn std::fmt::Display,
+    },
 }
 
 /// The receiver's durable store, as the link server sees it.
@@ -150,14 +172,47 @@ pub async fn run_client<O: Outbox + ?Sized>(
             let span = info_span!("link", agent = %ep.addr);
             let started = Instant::now();
             stats.sessions.fetch_add(1, Ordering::Relaxed);
+            let (sent0, acked0) = (
+                stats.sent.load(Ordering::Relaxed),
+                stats.acked.load(Ordering::Relaxed),
+            );
             let r = client_session(&settings, ep, &connector, &*outbox, &shutdown, &stats)
                 .instrument(span.clone())
                 .await;
             let _g = span.enter();
+            let counts = || {
+                (
+                    stats.sent.load(Ordering::Relaxed).saturating_sub(sent0),
+                    stats.acked.load(Ordering::Relaxed).saturating_sub(acked0),
+                )
+            };
             match r {
-                Ok(()) => return,
+                Ok(()) => {
+                    let (sent, acked) = counts();
+                    outbox.session_event(SessionEvent::Down {
+                        agent: &ep.addr,
+                        reason: &"shutting down",
+                        sent,
+                        acked,
+                    });
+                    return;
+                }
                 Err((e, connected)) => {
                     stats.session_errors.fetch_add(1, Ordering::Relaxed);
+                    if connected {
+                        let (sent, acked) = counts();
+                        outbox.session_event(SessionEvent::Down {
+                            agent: &ep.addr,
+                            reason: &e,
+                            sent,
+                            acked,
+                        });
+                    } else {
+                        outbox.session_event(SessionEvent::Failed {
+                            agent: &ep.addr,
+                            reason: &e,
+                        });
+                    }
                     if connected {
                         warn!(error = %e, "link session ended; reconnecting");
                         if started.elapsed() > settings.backoff_max {
@@ -275,6 +330,10 @@ async fn client_session<O: Outbox + ?Sized>(
     let neg = sender::check_welcome(&s.sender, welcome).map_err(|e| pre(e.into()))?;
     info!(window = neg.window, "link session established");
     stats.connected.fetch_add(1, Ordering::Relaxed);
+    outbox.session_event(SessionEvent::Up {
+        agent: &ep.addr,
+        window: neg.window,
+    });
     let on = |e| (e, true);
     let mut snd = Sender::new(s.sender.clone(), neg, Instant::now());
     let notify = outbox.notifier();
