@@ -25,6 +25,7 @@ pub mod pki;
 pub mod receiver;
 pub mod sender;
 pub mod tls;
+pub mod units;
 
 pub use frame::{Frame, NackClass};
 pub use id::NotifId;
