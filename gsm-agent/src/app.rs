@@ -12,7 +12,6 @@ use mailbell_link::pki::{ensure_dev_pki, DevPkiPaths};
 use mailbell_link::sender::SenderConfig;
 use mailbell_link::tls::{self, ClientTlsFiles};
 use mailbell_link::{NotifId, Notification};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -345,42 +344,20 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     http_request(addr, "GET", path, None).await
 }
 
-/// A minimal HTTP/1.0 request to the agent's own endpoint, with a timeout.
+/// A request to the agent's own endpoint; anything but 200 is an error carrying the answer.
 pub async fn http_request(
     addr: SocketAddr,
     method: &str,
     path: &str,
     bearer: Option<&str>,
 ) -> anyhow::Result<String> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connect to the agent's status endpoint {addr}"))?;
-        let auth = bearer
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        s.write_all(
-            format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-        let mut buf = Vec::new();
-        s.take(4 << 20).read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow!("malformed HTTP response"))?;
-        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-            bail!(
-                "status endpoint answered {}",
-                head.lines().next().unwrap_or("")
-            );
-        }
-        Ok(body.to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(10), fut)
+    let r = mailbell_link::http::request(addr, method, path, bearer, None, Duration::from_secs(10))
         .await
-        .map_err(|_| anyhow!("status endpoint {addr} timed out"))?
+        .with_context(|| format!("the agent's status endpoint {addr}"))?;
+    if r.status != 200 {
+        bail!("status endpoint answered {}: {}", r.status, r.body.trim());
+    }
+    Ok(r.body)
 }
 
 /// A sample notice like the mail host would send.

@@ -17,6 +17,7 @@
 
 pub mod frame;
 pub mod heartbeat;
+pub mod http;
 pub mod id;
 pub mod memory;
 pub mod net;
