@@ -351,7 +351,15 @@ pub async fn http_request(
     path: &str,
     bearer: Option<&str>,
 ) -> anyhow::Result<String> {
-    let r = mailbell_link::http::request(addr, method, path, bearer, None, Duration::from_secs(10))
+    let auth = bearer.map(|t| format!("Bearer {t}"));
+    let r = mailbell_link::http::request(
+        addr,
+        method,
+        path,
+        auth.as_deref(),
+        None,
+        Duration::from_secs(10),
+    )
         .await
         .with_context(|| format!("the agent's status endpoint {addr}"))?;
     if r.status != 200 {

@@ -36,12 +36,13 @@ pub struct Response {
     pub body: String,
 }
 
-/// Sends one request (`body` with its content type, if any) and reads the whole response.
+/// Sends one request (`authorization` is the header's whole value, e.g. `Bearer t` or
+/// `Basic …`; `body` comes with its content type) and reads the whole response.
 pub async fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
-    bearer: Option<&str>,
+    authorization: Option<&str>,
     body: Option<(&str, &[u8])>,
     timeout: Duration,
 ) -> Result<Response, HttpError> {
@@ -50,8 +51,8 @@ pub async fn request(
         let mut s = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|source| HttpError::Connect { addr, source })?;
-        let auth = bearer
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        let auth = authorization
+            .map(|t| format!("Authorization: {t}\r\n"))
             .unwrap_or_default();
         let (ctype, data) = match body {
             Some((t, d)) => (format!("Content-Type: {t}\r\n"), d),
@@ -120,7 +121,7 @@ mod tests {
             addr,
             "POST",
             "/x",
-            Some("t0k"),
+            Some("Bearer t0k"),
             Some(("text/plain", b"hello")),
             Duration::from_secs(5),
         )
