@@ -1,1 +1,69 @@
-fn main() {}
+//! `mailbell`: the mail-host daemon (`serve`) and its admin commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mailbell::cli::{self, LogArgs, QueueCmd, UserCmd};
+
+#[derive(Parser)]
+#[command(name = "mailbell", version, about = "SMS arrival notices for Stalwart and milter MTAs")]
+struct Cli {
+    /// Configuration file (TOML); without it, built-in defaults (a local instance).
+    #[arg(long, short, global = true, env = "MAILBELL_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon: Stalwart MTA hook + webhooks, milter, admin API, link to the agents.
+    Serve,
+    /// Manage registered users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Inspect and repair the outbox.
+    #[command(subcommand)]
+    Queue(QueueCmd),
+    /// Query the audit log.
+    Log(LogArgs),
+    /// Counters of the running daemon.
+    Status,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let serving = matches!(cli.cmd, Cmd::Serve);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| (if serving { "info" } else { "warn" }).into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mailbell: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = cli.config.as_deref();
+    let r = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Serve => mailbell::app::serve(config).await,
+            Cmd::User(c) => cli::user(config, c).await,
+            Cmd::Queue(c) => cli::queue(config, c).await,
+            Cmd::Log(a) => cli::log(config, a).await,
+            Cmd::Status => cli::status(config).await,
+        }
+    });
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailbell: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

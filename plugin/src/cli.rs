@@ -1,0 +1,545 @@
+//! The admin commands (`mailbell user|queue|log|status`). When the daemon runs, its stores are
+//! locked (sled allows one process), so the commands talk to its admin API (loopback, token
+//! from the config); when it does not answer, they open the stores directly.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Subcommand};
+use serde::de::DeserializeOwned;
+
+use crate::audit::{format_record, parse_since, AuditLog, AuditQuery, AuditRecord};
+use crate::config::Config;
+use crate::ops::{parse_select, CountReply, QueueEntry};
+use crate::outbox::{Outbox, OutboxConfig};
+use crate::users::{
+    parse_bool, parse_licence, ImportMode, ImportReport, QuietHours, User, UserPatch, UserStore,
+};
+
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// Register a user (fails if the address is taken).
+    Add {
+        address: String,
+        #[command(flatten)]
+        opts: UserOpts,
+        /// Alias addresses (repeat).
+        #[arg(long = "alias")]
+        aliases: Vec<String>,
+    },
+    /// Change some of a user's settings.
+    Set {
+        address: String,
+        #[command(flatten)]
+        opts: UserOpts,
+        #[arg(long = "add-alias")]
+        add_aliases: Vec<String>,
+        #[arg(long = "remove-alias")]
+        remove_aliases: Vec<String>,
+    },
+    /// Show one user (JSON).
+    Show { address: String },
+    /// List users, by address.
+    List {
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Delete a user.
+    Remove { address: String },
+    /// Import users from CSV (header row; columns address, phone, notify, licence_until,
+    /// quiet, rate_limit_secs, language, aliases, allow_senders, deny_senders, max_parts).
+    Import {
+        file: PathBuf,
+        /// upsert (default) or add (existing addresses are skipped).
+        #[arg(long, default_value = "upsert")]
+        mode: String,
+    },
+}
+
+#[derive(Debug, Args, Default)]
+pub struct UserOpts {
+    /// Phone number, E.164 ("+8613800138000"); "" removes it.
+    #[arg(long)]
+    phone: Option<String>,
+    /// on | off
+    #[arg(long)]
+    notify: Option<String>,
+    /// Licence end: YYYY-MM-DD, RFC 3339, or "none".
+    #[arg(long)]
+    licence: Option<String>,
+    /// Quiet hours "22:00-07:00" (local to intake.timezone), or "none".
+    #[arg(long)]
+    quiet: Option<String>,
+    /// At most one SMS per this many seconds ("default": the daemon's; 0: no limit).
+    #[arg(long = "rate-limit")]
+    rate_limit: Option<String>,
+    /// Template language ("zh", "en"; "" = agent default).
+    #[arg(long)]
+    language: Option<String>,
+    /// Only notify for these senders ("user@dom", "@dom", "*.dom"; repeat). "none" clears.
+    #[arg(long = "allow")]
+    allow: Vec<String>,
+    /// Never notify for these senders (repeat). "none" clears.
+    #[arg(long = "deny")]
+    deny: Vec<String>,
+    /// Most SMS parts per notice (0 = default).
+    #[arg(long = "max-parts")]
+    max_parts: Option<u8>,
+}
+
+fn list_opt(v: &[String]) -> Option<Vec<String>> {
+    match v {
+        [] => None,
+        [one] if one.eq_ignore_ascii_case("none") => Some(Vec::new()),
+        v => Some(v.to_vec()),
+    }
+}
+
+impl UserOpts {
+    fn patch(&self) -> anyhow::Result<UserPatch> {
+        Ok(UserPatch {
+            phone: self.phone.clone(),
+            notify: self
+                .notify
+                .as_deref()
+                .map(|s| parse_bool("notify", s))
+                .transpose()?,
+            licence_until: self.licence.as_deref().map(parse_licence).transpose()?,
+            quiet: self
+                .quiet
+                .as_deref()
+                .map(|s| {
+                    if s.eq_ignore_ascii_case("none") || s.is_empty() {
+                        Ok(None)
+                    } else {
+                        QuietHours::parse(s).map(Some)
+                    }
+                })
+                .transpose()?,
+            rate_limit_secs: self
+                .rate_limit
+                .as_deref()
+                .map(|s| {
+                    if s.eq_ignore_ascii_case("default") {
+                        Ok(None)
+                    } else {
+                        s.trim()
+                            .parse::<u32>()
+                            .map(Some)
+                            .map_err(|_| anyhow!("--rate-limit {s:?}: seconds or \"default\""))
+                    }
+                })
+                .transpose()?,
+            allow_senders: list_opt(&self.allow),
+            deny_senders: list_opt(&self.deny),
+            language: self.language.clone(),
+            max_parts: self.max_parts,
+            ..Default::default()
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCmd {
+    /// Notices waiting for the agent.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Show the dead letters instead.
+        #[arg(long)]
+        dead: bool,
+    },
+    /// Put dead letters back in the queue: a notice id, or "all".
+    Retry { which: String },
+    /// Delete dead letters (all, or those dead longer than --older-than, e.g. "7d").
+    Purge {
+        #[arg(long = "older-than")]
+        older_than: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Only this user's records (address as notified).
+    #[arg(long)]
+    user: Option<String>,
+    /// Only records about this notice.
+    #[arg(long)]
+    notice: Option<String>,
+    /// From this time: "2026-11-22", RFC 3339, or relative "2h", "7d".
+    #[arg(long)]
+    since: Option<String>,
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where the commands go.
+enum Target {
+    Api { addr: SocketAddr, token: String },
+    Local(Config),
+}
+
+const API_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn target(config: Option<&Path>) -> anyhow::Result<Target> {
+    let cfg = Config::load(config)?;
+    if let Some(addr) = cfg.admin_listen {
+        if tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            return Ok(Target::Api {
+                addr,
+                token: cfg.admin_token.clone(),
+            });
+        }
+    }
+    Ok(Target::Local(cfg))
+}
+
+async fn api<T: DeserializeOwned>(
+    addr: SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &[u8])>,
+) -> anyhow::Result<T> {
+    let auth = format!("Bearer {token}");
+    let r = mailbell_link::http::request(addr, method, path, Some(&auth), body, API_TIMEOUT)
+        .await
+        .context("the running daemon's admin API")?;
+    if !(200..300).contains(&r.status) {
+        let msg = serde_json::from_str::<serde_json::Value>(&r.body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| r.body.trim().to_owned());
+        bail!("{msg} (HTTP {})", r.status);
+    }
+    serde_json::from_str(&r.body).with_context(|| format!("unexpected answer: {}", r.body))
+}
+
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~@+".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn open_users(cfg: &Config) -> anyhow::Result<UserStore> {
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    Ok(UserStore::open(&cfg.users_path())?)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// `mailbell user …`
+pub async fn user(config: Option<&Path>, cmd: UserCmd) -> anyhow::Result<()> {
+    match target(config).await? {
+        Target::Api { addr, token } => user_api(addr, &token, cmd).await,
+        Target::Local(cfg) => tokio::task::spawn_blocking(move || user_local(&cfg, cmd)).await?,
+    }
+}
+
+async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result<()> {
+    let path = |a: &str| format!("/admin/v1/users/{}", enc(a));
+    match cmd {
+        UserCmd::Add {
+            address,
+            opts,
+            aliases,
+        } => {
+            let existing: anyhow::Result<User> = api(addr, token, "GET", &path(&address), None).await;
+            if existing.is_ok() {
+                bail!("user {address} exists (use `mailbell user set`)");
+            }
+            let mut u = User::new(&address);
+            let mut p = opts.patch()?;
+            p.add_aliases = aliases;
+            p.apply(&mut u);
+            let body = serde_json::to_vec(&u)?;
+            let u: User = api(addr, token, "PUT", &path(&address), Some(("application/json", &body))).await?;
+            print_json(&u)
+        }
+        UserCmd::Set {
+            address,
+            opts,
+            add_aliases,
+            remove_aliases,
+        } => {
+            let mut p = opts.patch()?;
+            p.add_aliases = add_aliases;
+            p.remove_aliases = remove_aliases;
+            if p.is_empty() {
+                bail!("nothing to change: give at least one option");
+            }
+            let body = serde_json::to_vec(&p)?;
+            let u: User = api(addr, token, "PATCH", &path(&address), Some(("application/json", &body))).await?;
+            print_json(&u)
+        }
+        UserCmd::Show { address } => {
+            let u: User = api(addr, token, "GET", &path(&address), None).await?;
+            print_json(&u)
+        }
+        UserCmd::List { after, limit } => {
+            let mut q = format!("/admin/v1/users?limit={limit}");
+            if let Some(a) = after {
+                q.push_str(&format!("&after={}", enc(&a)));
+            }
+            let page: serde_json::Value = api(addr, token, "GET", &q, None).await?;
+            print_json(&page)
+        }
+        UserCmd::Remove { address } => {
+            let v: serde_json::Value = api(addr, token, "DELETE", &path(&address), None).await?;
+            print_json(&v)
+        }
+        UserCmd::Import { file, mode } => {
+            let mode: ImportMode = mode.parse()?;
+            let data = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+            let m = if mode == ImportMode::AddOnly { "add" } else { "upsert" };
+            let r: ImportReport = api(
+                addr,
+                token,
+                "POST",
+                &format!("/admin/v1/users/import?mode={m}"),
+                Some(("text/csv", &data)),
+            )
+            .await?;
+            report(&r)
+        }
+    }
+}
+
+fn report(r: &ImportReport) -> anyhow::Result<()> {
+    println!(
+        "added {}, updated {}, skipped {}, failed {}",
+        r.added, r.updated, r.skipped, r.failed
+    );
+    for (line, msg) in &r.errors {
+        eprintln!("line {line}: {msg}");
+    }
+    if r.failed > 0 {
+        bail!("{} line(s) were not imported", r.failed);
+    }
+    Ok(())
+}
+
+fn user_local(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
+    let users = open_users(cfg)?;
+    let r = match cmd {
+        UserCmd::Add {
+            address,
+            opts,
+            aliases,
+        } => {
+            let mut u = User::new(&address);
+            let mut p = opts.patch()?;
+            p.add_aliases = aliases;
+            p.apply(&mut u);
+            print_json(&users.insert(u)?)
+        }
+        UserCmd::Set {
+            address,
+            opts,
+            add_aliases,
+            remove_aliases,
+        } => {
+            let mut p = opts.patch()?;
+            p.add_aliases = add_aliases;
+            p.remove_aliases = remove_aliases;
+            if p.is_empty() {
+                bail!("nothing to change: give at least one option");
+            }
+            print_json(&users.update(&address, &p)?)
+        }
+        UserCmd::Show { address } => match users.get(&address)? {
+            Some(u) => print_json(&u),
+            None => bail!("no such user: {address}"),
+        },
+        UserCmd::List { after, limit } => print_json(&users.list(after.as_deref(), limit)?),
+        UserCmd::Remove { address } => {
+            if !users.remove(&address)? {
+                bail!("no such user: {address}");
+            }
+            println!("removed {address}");
+            Ok(())
+        }
+        UserCmd::Import { file, mode } => {
+            let f = std::fs::File::open(&file).with_context(|| format!("open {}", file.display()))?;
+            report(&users.import_csv(f, mode.parse()?)?)
+        }
+    };
+    users.flush()?;
+    r
+}
+
+fn print_entries(items: &[QueueEntry]) {
+    if items.is_empty() {
+        println!("(empty)");
+    }
+    for e in items {
+        let when = chrono::DateTime::from_timestamp_millis(e.dead_at_ms.unwrap_or(e.enqueued_at_ms))
+            .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+            .unwrap_or_default();
+        println!(
+            "{} {when} to={} phone={} count={} attempts={} {}{}",
+            e.id,
+            e.recipient,
+            e.phone,
+            e.count,
+            e.attempts,
+            e.subject,
+            if e.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", e.reason)
+            }
+        );
+    }
+}
+
+fn open_outbox(cfg: &Config) -> anyhow::Result<Outbox> {
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    Ok(Outbox::open(
+        &cfg.outbox_path(),
+        OutboxConfig {
+            max_depth: cfg.outbox_max_depth,
+            max_age: cfg.outbox_max_age,
+            ..Default::default()
+        },
+    )?)
+}
+
+/// `mailbell queue …`
+pub async fn queue(config: Option<&Path>, cmd: QueueCmd) -> anyhow::Result<()> {
+    match target(config).await? {
+        Target::Api { addr, token } => match cmd {
+            QueueCmd::List { limit, dead } => {
+                let p = if dead { "/admin/v1/queue/dead" } else { "/admin/v1/queue" };
+                let items: Vec<QueueEntry> =
+                    api(addr, &token, "GET", &format!("{p}?limit={limit}"), None).await?;
+                print_entries(&items);
+                Ok(())
+            }
+            QueueCmd::Retry { which } => {
+                parse_select(&which).map_err(anyhow::Error::msg)?;
+                let r: CountReply = api(
+                    addr,
+                    &token,
+                    "POST",
+                    &format!("/admin/v1/queue/retry?id={}", enc(&which)),
+                    None,
+                )
+                .await?;
+                println!("{} dead letter(s) queued again", r.count);
+                Ok(())
+            }
+            QueueCmd::Purge { older_than } => {
+                let q = older_than
+                    .map(|o| format!("?older_than={}", enc(&o)))
+                    .unwrap_or_default();
+                let r: CountReply =
+                    api(addr, &token, "POST", &format!("/admin/v1/queue/purge{q}"), None).await?;
+                println!("{} dead letter(s) deleted", r.count);
+                Ok(())
+            }
+        },
+        Target::Local(cfg) => tokio::task::spawn_blocking(move || {
+            let ob = open_outbox(&cfg)?;
+            let r = match cmd {
+                QueueCmd::List { limit, dead } => {
+                    let items: Vec<QueueEntry> = if dead {
+                        ob.dead_letters(limit)?.iter().map(QueueEntry::from).collect()
+                    } else {
+                        ob.list(limit)?.iter().map(QueueEntry::from).collect()
+                    };
+                    print_entries(&items);
+                    Ok(())
+                }
+                QueueCmd::Retry { which } => {
+                    let n = ob.retry_dead(parse_select(&which).map_err(anyhow::Error::msg)?)?;
+                    println!("{n} dead letter(s) queued again");
+                    Ok(())
+                }
+                QueueCmd::Purge { older_than } => {
+                    let d = match older_than {
+                        Some(o) => mailbell_link::units::parse_duration(&o).map_err(anyhow::Error::msg)?,
+                        None => Duration::ZERO,
+                    };
+                    println!("{} dead letter(s) deleted", ob.purge_dead(d)?);
+                    Ok(())
+                }
+            };
+            ob.close();
+            r
+        })
+        .await?,
+    }
+}
+
+/// `mailbell log …`
+pub async fn log(config: Option<&Path>, a: LogArgs) -> anyhow::Result<()> {
+    let records: Vec<AuditRecord> = match target(config).await? {
+        Target::Api { addr, token } => {
+            let mut q = format!("/admin/v1/log?limit={}", a.limit);
+            for (k, v) in [("user", &a.user), ("notice", &a.notice), ("since", &a.since), ("until", &a.until)] {
+                if let Some(v) = v {
+                    q.push_str(&format!("&{k}={}", enc(v)));
+                }
+            }
+            api(addr, &token, "GET", &q, None).await?
+        }
+        Target::Local(cfg) => {
+            let now = chrono::Utc::now().timestamp_millis();
+            let query = AuditQuery {
+                user: a.user.clone(),
+                notice: a.notice.clone(),
+                since_ms: a.since.as_deref().map(|s| parse_since(s, now)).transpose()?,
+                until_ms: a.until.as_deref().map(|s| parse_since(s, now)).transpose()?,
+                limit: a.limit,
+            };
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<AuditRecord>> {
+                std::fs::create_dir_all(&cfg.data_dir)?;
+                let log = AuditLog::open(&cfg.audit_path(), cfg.audit.clone())?;
+                Ok(log.query(&query)?)
+            })
+            .await??
+        }
+    };
+    for r in &records {
+        if a.json {
+            println!("{}", serde_json::to_string(r)?);
+        } else {
+            println!("{}", format_record(r));
+        }
+    }
+    Ok(())
+}
+
+/// `mailbell status`: the running daemon's counters.
+pub async fn status(config: Option<&Path>) -> anyhow::Result<()> {
+    match target(config).await? {
+        Target::Api { addr, .. } => {
+            let r = mailbell_link::http::request(addr, "GET", "/status", None, None, API_TIMEOUT).await?;
+            println!("{}", r.body.trim());
+            Ok(())
+        }
+        Target::Local(_) => bail!("mailbell is not running (its admin API does not answer)"),
+    }
+}

@@ -1,0 +1,397 @@
+//! The mail side's configuration: TOML parsed once into typed values. Every key has a default,
+//! so an empty file (or none) runs a local instance: Stalwart endpoints, milter and admin API on
+//! loopback, a dev PKI, and one agent on 127.0.0.1:7465. config/mailbell.example.toml lists
+//! every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mailbell_link::net::Endpoint;
+use mailbell_link::units::de_duration;
+use serde::Deserialize;
+
+use crate::audit::AuditConfig;
+use crate::intake::IntakeConfig;
+use crate::milter::MilterConfig;
+use crate::stalwart::StalwartConfig;
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("parse {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    mailbell: RawMain,
+    listen: RawListen,
+    admin: RawAdmin,
+    stalwart: StalwartConfig,
+    stalwart_api: StalwartApi,
+    milter: MilterConfig,
+    intake: IntakeConfig,
+    link: RawLink,
+    outbox: RawOutbox,
+    audit: AuditConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMain {
+    data_dir: PathBuf,
+}
+
+impl Default for RawMain {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("var/mailbell"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawListen {
+    http: String,
+    milter: String,
+    admin: String,
+}
+
+impl Default for RawListen {
+    fn default() -> Self {
+        Self {
+            http: "127.0.0.1:8025".into(),
+            milter: "127.0.0.1:8901".into(),
+            admin: "127.0.0.1:8026".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    token: String,
+}
+
+/// Stalwart's management API, used only to learn which addresses belong to an account id
+/// (webhook confirmations name accounts by number).
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StalwartApi {
+    /// e.g. "http://127.0.0.1:8080"; empty = no account map (a confirmation then applies to
+    /// every waiting recipient of that message).
+    pub url: String,
+    pub user: String,
+    pub secret: String,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    addr: String,
+    #[serde(default = "default_server_name")]
+    server_name: String,
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLink {
+    agent: Vec<RawAgent>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    dev_pki: bool,
+    dev_pki_dir: Option<PathBuf>,
+    agent_names: Vec<String>,
+    client_name: String,
+    window: u16,
+    #[serde(deserialize_with = "de_duration")]
+    ack_timeout: Duration,
+    max_resends: u32,
+    #[serde(deserialize_with = "de_duration")]
+    heartbeat: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    dead_after: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    connect_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    io_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    backoff_min: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    backoff_max: Duration,
+}
+
+impl Default for RawLink {
+    fn default() -> Self {
+        let s = mailbell_link::sender::SenderConfig::default();
+        Self {
+            agent: vec![RawAgent {
+                addr: "127.0.0.1:7465".into(),
+                server_name: default_server_name(),
+            }],
+            ca: None,
+            cert: None,
+            key: None,
+            dev_pki: true,
+            dev_pki_dir: None,
+            agent_names: vec!["localhost".into(), "127.0.0.1".into()],
+            client_name: "mailhost".into(),
+            window: s.window,
+            ack_timeout: s.ack_timeout,
+            max_resends: s.max_resends,
+            heartbeat: s.heartbeat,
+            dead_after: s.dead_after,
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(10),
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawOutbox {
+    max_depth: u64,
+    #[serde(deserialize_with = "de_duration")]
+    max_age: Duration,
+}
+
+impl Default for RawOutbox {
+    fn default() -> Self {
+        let d = crate::outbox::OutboxConfig::default();
+        Self {
+            max_depth: d.max_depth,
+            max_age: d.max_age,
+        }
+    }
+}
+
+/// Where the link's certificates come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkTls {
+    Files {
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// Generate (once) a development CA and certificates in `dir`.
+    DevPki {
+        dir: PathBuf,
+        agent_names: Vec<String>,
+        client_name: String,
+    },
+}
+
+/// The link to the GSM agents.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    pub agents: Vec<Endpoint>,
+    pub tls: LinkTls,
+    pub sender: mailbell_link::sender::SenderConfig,
+    pub connect_timeout: Duration,
+    pub io_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// The parsed configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// Stalwart MTA hook + webhook listener.
+    pub http_listen: Option<SocketAddr>,
+    pub milter_listen: Option<SocketAddr>,
+    /// Admin API and /metrics.
+    pub admin_listen: Option<SocketAddr>,
+    pub admin_token: String,
+    pub stalwart: StalwartConfig,
+    pub stalwart_api: StalwartApi,
+    pub milter: MilterConfig,
+    pub intake: IntakeConfig,
+    pub link: LinkConfig,
+    pub outbox_max_depth: u64,
+    pub outbox_max_age: Duration,
+    pub audit: AuditConfig,
+}
+
+fn listen(key: &str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| ConfigError::Invalid(format!("listen.{key} {s:?} is not ip:port (or \"\" to turn it off)")))
+}
+
+impl Config {
+    /// Reads a file; a missing `path` means all defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            return Self::from_toml("", "(defaults)");
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML text (`origin` names it in errors).
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: origin.to_string(),
+            source: Box::new(source),
+        })?;
+        let inv = ConfigError::Invalid;
+        let data_dir = raw.mailbell.data_dir;
+        let l = raw.link;
+        if l.agent.is_empty() {
+            return Err(inv("link.agent: at least one agent is required".into()));
+        }
+        let mut agents = Vec::new();
+        for a in &l.agent {
+            if a.addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                return Err(inv(format!("link.agent addr {:?} is not host:port", a.addr)));
+            }
+            agents.push(Endpoint {
+                addr: a.addr.clone(),
+                server_name: a.server_name.clone(),
+            });
+        }
+        let tls = match (l.ca, l.cert, l.key) {
+            (Some(ca), Some(cert), Some(key)) => LinkTls::Files { ca, cert, key },
+            (None, None, None) if l.dev_pki => LinkTls::DevPki {
+                dir: l.dev_pki_dir.unwrap_or_else(|| data_dir.join("pki")),
+                agent_names: l.agent_names,
+                client_name: l.client_name.clone(),
+            },
+            (None, None, None) => {
+                return Err(inv(
+                    "link.ca, link.cert and link.key are required when link.dev_pki = false".into(),
+                ))
+            }
+            _ => {
+                return Err(inv(
+                    "set all of link.ca, link.cert and link.key, or none of them".into(),
+                ))
+            }
+        };
+        if l.window == 0 {
+            return Err(inv("link.window must be at least 1".into()));
+        }
+        if raw.intake.max_recipients == 0 {
+            return Err(inv("intake.max_recipients must be at least 1".into()));
+        }
+        mailbell_link::units::parse_utc_offset(&raw.intake.timezone)
+            .map_err(|e| inv(format!("intake.timezone: {e}")))?;
+        if raw.outbox.max_depth == 0 {
+            return Err(inv("outbox.max_depth must be at least 1".into()));
+        }
+        Ok(Self {
+            data_dir,
+            http_listen: listen("http", &raw.listen.http)?,
+            milter_listen: listen("milter", &raw.listen.milter)?,
+            admin_listen: listen("admin", &raw.listen.admin)?,
+            admin_token: raw.admin.token,
+            stalwart: raw.stalwart,
+            stalwart_api: raw.stalwart_api,
+            milter: raw.milter,
+            intake: raw.intake,
+            link: LinkConfig {
+                agents,
+                tls,
+                sender: mailbell_link::sender::SenderConfig {
+                    window: l.window,
+                    ack_timeout: l.ack_timeout,
+                    max_resends: l.max_resends,
+                    heartbeat: l.heartbeat,
+                    dead_after: l.dead_after,
+                    name: l.client_name,
+                },
+                connect_timeout: l.connect_timeout,
+                io_timeout: l.io_timeout,
+                backoff_min: l.backoff_min,
+                backoff_max: l.backoff_max.max(l.backoff_min),
+            },
+            outbox_max_depth: raw.outbox.max_depth,
+            outbox_max_age: raw.outbox.max_age,
+            audit: raw.audit,
+        })
+    }
+
+    pub fn outbox_path(&self) -> PathBuf {
+        self.data_dir.join("outbox")
+    }
+
+    pub fn users_path(&self) -> PathBuf {
+        self.data_dir.join("users")
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        self.data_dir.join("audit")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn empty_file_runs_locally() {
+        let c = Config::from_toml("", "t").unwrap();
+        assert_eq!(c.http_listen, Some("127.0.0.1:8025".parse().unwrap()));
+        assert_eq!(c.milter_listen, Some("127.0.0.1:8901".parse().unwrap()));
+        assert_eq!(c.link.agents[0].addr, "127.0.0.1:7465");
+        assert!(matches!(c.link.tls, LinkTls::DevPki { .. }));
+        assert!(c.admin_token.is_empty());
+    }
+
+    #[test]
+    fn the_shipped_example_parses_and_equals_the_defaults() {
+        let text = include_str!("../../config/mailbell.example.toml");
+        let c = Config::from_toml(text, "example").unwrap();
+        let d = Config::from_toml("", "defaults").unwrap();
+        assert_eq!(format!("{c:?}"), format!("{d:?}"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = |t: &str| Config::from_toml(t, "t").unwrap_err().to_string();
+        assert!(e("[listen]\nmilter = \"nope\"").contains("listen.milter"));
+        assert!(e("[link]\nagent = []").contains("link.agent"));
+        assert!(e("[link]\nca = \"/x\"").contains("link.ca"));
+        assert!(e("[intake]\ntimezone = \"CET\"").contains("intake.timezone"));
+        assert!(e("[intake]\nbogus = 1").contains("bogus"));
+        assert!(e("[link]\nack_timeout = \"soon\"").contains("duration"));
+    }
+
+    #[test]
+    fn empty_listen_turns_an_endpoint_off() {
+        let c = Config::from_toml("[listen]\nmilter = \"\"\nhttp = \"\"", "t").unwrap();
+        assert_eq!(c.milter_listen, None);
+        assert_eq!(c.http_listen, None);
+    }
+}

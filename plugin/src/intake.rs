@@ -1,0 +1,910 @@
+//! The intake: turns accepted messages into arrival notices for registered users, and decides
+//! when each notice goes out (delivery confirmation, quiet hours, rate limit with coalescing).
+//!
+//! ```text
+//! MTA endpoint ──accept──► stage one record per message (durable: the MTA's reply waits for it)
+//!                               │
+//!                               ▼ scheduler task (one, owns all state below)
+//!   entries: Wait (Stalwart: until message-ingest confirms) ─┐
+//!            Ready (milter; or confirmed) ──► filters, quiet hours, rate limit
+//!                                               │ send now      │ hold (coalesce per user)
+//!                                               ▼               ▼ window ends
+//!                                 settle: staged record rewritten/deleted + notice queued,
+//!                                         in one atomic, flushed batch (exactly once)
+//! ```
+//!
+//! Only recipients that are registered users with notification on, a valid licence and a phone
+//! number get an entry at all (checked at accept); the user record is read again when the
+//! notice is released, so turning notification off or a licence running out in the meantime
+//! drops held notices.
+//!
+//! What survives a crash: staged records with each entry's state (waiting, ready, done).
+//! What does not: per-user rate-limit clocks and hold windows (kept in memory); after a
+//! restart, ready entries are evaluated afresh, so a held burst may go out at once as one
+//! coalesced notice instead of at its window's end. Nothing accepted is lost and nothing is
+//! sent twice: an entry becomes "done" in the same batch that queues its notice.
+//!
+//! Stalwart's confirmations (`message-ingest.*` webhooks) are lossy, duplicated and unordered.
+//! A waiting entry whose confirmation never comes is released (or dropped, by configuration)
+//! `confirm_timeout` after arrival; duplicates find the entry done and change nothing.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailbell_link::{NotifId, Notification};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::arrival::{Accepted, Arrival, Ingest, IngestKind, Intake, IntakeError, Origin};
+use crate::audit::{AuditEvent, AuditLog};
+use crate::outbox::{Outbox, OutboxError, Settle};
+use crate::users::{User, UserStore};
+
+/// What to do with a notice whose delivery confirmation never arrived.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeoutPolicy {
+    /// Send it anyway (webhooks are lossy; a late notice beats none).
+    #[default]
+    Release,
+    /// Drop it (only notify on confirmed delivery).
+    Drop,
+}
+
+/// Intake tunables (`[intake]` in the config).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntakeConfig {
+    /// How long a Stalwart arrival waits for its `message-ingest` confirmation, in seconds.
+    pub confirm_timeout_secs: u64,
+    /// What happens when the confirmation does not come in time.
+    pub on_confirm_timeout: TimeoutPolicy,
+    /// Whether mail Stalwart filed as spam still notifies.
+    pub spam_notifies: bool,
+    /// Default per-user rate limit: at most one SMS per this many seconds; arrivals in between
+    /// are coalesced into one notice. 0 = no limit. A user's own setting wins.
+    pub rate_limit_secs: u32,
+    /// The time zone quiet hours are read in, as a UTC offset ("+08:00").
+    pub timezone: String,
+    /// Default SMS part limit for a notice (0 = the agent's default). A user's own wins.
+    pub max_parts: u8,
+    /// Most envelope recipients considered per message (the rest are ignored, with a log line).
+    pub max_recipients: usize,
+}
+
+impl Default for IntakeConfig {
+    fn default() -> Self {
+        Self {
+            confirm_timeout_secs: 600,
+            on_confirm_timeout: TimeoutPolicy::Release,
+            spam_notifies: false,
+            rate_limit_secs: 60,
+            timezone: "+00:00".into(),
+            max_parts: 0,
+            max_recipients: 1000,
+        }
+    }
+}
+
+/// Maps a Stalwart account id to the addresses of that account, when known.
+pub type AccountResolver = Arc<dyn Fn(u64) -> Option<Vec<String>> + Send + Sync>;
+
+/// Entry state as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum EntryState {
+    /// Waiting for Stalwart's delivery confirmation.
+    #[serde(rename = "w")]
+    Wait,
+    /// Delivered (or milter-accepted): to be notified.
+    #[serde(rename = "r")]
+    Ready,
+    /// Notified or dropped: nothing more to do.
+    #[serde(rename = "d")]
+    Done,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Entry {
+    /// The user's primary address.
+    #[serde(rename = "u")]
+    user: String,
+    /// The recipient as addressed (an alias, maybe).
+    #[serde(rename = "r")]
+    rcpt: String,
+    #[serde(rename = "s")]
+    state: EntryState,
+}
+
+/// One staged message: what every notice about it needs, and one entry per notified user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct StagedMsg {
+    #[serde(rename = "q", default, skip_serializing_if = "Option::is_none")]
+    queue_id: Option<u64>,
+    #[serde(rename = "t")]
+    received_at_ms: i64,
+    #[serde(rename = "fn", default)]
+    from_name: String,
+    #[serde(rename = "fa", default)]
+    from_addr: String,
+    #[serde(rename = "ef", default)]
+    env_from: String,
+    #[serde(rename = "sj", default)]
+    subject: String,
+    #[serde(rename = "e")]
+    entries: Vec<Entry>,
+}
+
+impl StagedMsg {
+    fn encode(&self) -> Vec<u8> {
+        // Plain data: serialising it cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    fn all_done(&self) -> bool {
+        self.entries.iter().all(|e| e.state == EntryState::Done)
+    }
+
+    fn sender(&self) -> &str {
+        if self.from_addr.is_empty() {
+            &self.env_from
+        } else {
+            &self.from_addr
+        }
+    }
+}
+
+/// Counters for /metrics.
+#[derive(Debug, Default)]
+pub struct IntakeStats {
+    pub messages: std::sync::atomic::AtomicU64,
+    pub notices_created: std::sync::atomic::AtomicU64,
+    pub unknown_recipients: std::sync::atomic::AtomicU64,
+    pub ineligible_recipients: std::sync::atomic::AtomicU64,
+    pub queued: std::sync::atomic::AtomicU64,
+    pub coalesced: std::sync::atomic::AtomicU64,
+    pub dropped: std::sync::atomic::AtomicU64,
+    pub confirmations: std::sync::atomic::AtomicU64,
+    pub unmatched_confirmations: std::sync::atomic::AtomicU64,
+    pub confirm_timeouts: std::sync::atomic::AtomicU64,
+    pub store_errors: std::sync::atomic::AtomicU64,
+}
+
+fn bump(c: &std::sync::atomic::AtomicU64, n: u64) {
+    c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+enum Cmd {
+    Staged(u64, StagedMsg),
+    Confirm(Vec<Ingest>, oneshot::Sender<Result<(), IntakeError>>),
+}
+
+/// A clock in Unix milliseconds (tests move it by hand).
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The intake handle the endpoints share.
+#[derive(Clone)]
+pub struct MailIntake {
+    outbox: Outbox,
+    users: UserStore,
+    audit: AuditLog,
+    tx: mpsc::UnboundedSender<Cmd>,
+    max_recipients: usize,
+    clock: Clock,
+    pub stats: Arc<IntakeStats>,
+}
+
+impl MailIntake {
+    /// Starts the scheduler task (on the current runtime) after loading the staged records.
+    pub fn start(
+        cfg: IntakeConfig,
+        outbox: Outbox,
+        users: UserStore,
+        audit: AuditLog,
+        accounts: Option<AccountResolver>,
+        clock: Clock,
+        shutdown: CancellationToken,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), IntakeStartError> {
+        let offset_secs = mailbell_link::units::parse_utc_offset(&cfg.timezone)
+            .map_err(IntakeStartError::Timezone)?
+            * 60;
+        let stats = Arc::new(IntakeStats::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut sched = Scheduler {
+            cfg: cfg.clone(),
+            offset_secs,
+            outbox: outbox.clone(),
+            users: users.clone(),
+            audit: audit.clone(),
+            accounts,
+            clock: clock.clone(),
+            stats: stats.clone(),
+            msgs: HashMap::new(),
+            by_queue: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            holds: HashMap::new(),
+            hold_timers: BinaryHeap::new(),
+            last_sent: HashMap::new(),
+        };
+        sched.load()?;
+        let handle = tokio::spawn(sched.run(rx, shutdown));
+        Ok((
+            Self {
+                outbox,
+                users,
+                audit,
+                tx,
+                max_recipients: cfg.max_recipients.max(1),
+                clock,
+                stats,
+            },
+            handle,
+        ))
+    }
+
+    /// The entries an arrival creates: one per distinct registered, eligible user.
+    fn entries(&self, arrival: &Arrival, now: i64) -> Vec<Entry> {
+        let mut out: Vec<Entry> = Vec::new();
+        let wait = matches!(arrival.origin, Origin::Stalwart { .. });
+        if arrival.rcpts.len() > self.max_recipients {
+            warn!(
+                rcpts = arrival.rcpts.len(),
+                max = self.max_recipients,
+                "too many recipients; the rest get no notice"
+            );
+        }
+        for rcpt in arrival.rcpts.iter().take(self.max_recipients) {
+            let Some(user) = self.users.lookup(rcpt) else {
+                bump(&self.stats.unknown_recipients, 1);
+                debug!(rcpt = %rcpt, "not a registered user");
+                continue;
+            };
+            if let Some(why) = user.ineligible(now) {
+                bump(&self.stats.ineligible_recipients, 1);
+                debug!(rcpt = %rcpt, reason = ?why, "user gets no notices");
+                continue;
+            }
+            if out.iter().any(|e| e.user == user.address) {
+                continue; // two aliases of one user: one notice
+            }
+            out.push(Entry {
+                user: user.address.clone(),
+                rcpt: rcpt.clone(),
+                state: if wait {
+                    EntryState::Wait
+                } else {
+                    EntryState::Ready
+                },
+            });
+        }
+        out
+    }
+}
+
+/// Why the intake could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IntakeStartError {
+    #[error("intake.timezone: {0}")]
+    Timezone(String),
+    #[error("cannot load staged arrivals: {0}")]
+    Load(#[from] OutboxError),
+}
+
+fn store_error(e: OutboxError) -> IntakeError {
+    match e {
+        OutboxError::Full { .. } => IntakeError::Full(e.to_string()),
+        OutboxError::Stopped => IntakeError::ShuttingDown,
+        e => IntakeError::Store(e.to_string()),
+    }
+}
+
+impl Intake for MailIntake {
+    async fn accept(&self, arrival: Arrival) -> Result<Accepted, IntakeError> {
+        bump(&self.stats.messages, 1);
+        let now = (self.clock)();
+        let entries = self.entries(&arrival, now);
+        if entries.is_empty() {
+            return Ok(Accepted { notices: 0 });
+        }
+        let h = &arrival.headers;
+        let msg = StagedMsg {
+            queue_id: match arrival.origin {
+                Origin::Stalwart { queue_id } => Some(queue_id),
+                Origin::Milter => None,
+            },
+            received_at_ms: arrival.received_at_ms,
+            from_name: h.from_name.clone(),
+            from_addr: h.from_addr.clone(),
+            env_from: arrival.env_from.clone(),
+            subject: h.subject.clone(),
+            entries,
+        };
+        let n = msg.entries.len();
+        let seqs = self
+            .outbox
+            .stage(vec![msg.encode()])
+            .await
+            .map_err(|e| {
+                bump(&self.stats.store_errors, 1);
+                store_error(e)
+            })?;
+        bump(&self.stats.notices_created, n as u64);
+        for e in &msg.entries {
+            self.audit.record(AuditEvent::Created {
+                notice: staged_ref(seqs[0], &e.user),
+                user: e.user.clone(),
+                queue_id: msg.queue_id,
+                from: msg.sender().to_owned(),
+                subject: msg.subject.clone(),
+            });
+        }
+        // Durable now; the scheduler takes it from here (or from the store after a restart).
+        let _ = self.tx.send(Cmd::Staged(seqs[0], msg));
+        Ok(Accepted { notices: n })
+    }
+
+    async fn confirm(&self, events: Vec<Ingest>) -> Result<(), IntakeError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Confirm(events, reply))
+            .map_err(|_| IntakeError::ShuttingDown)?;
+        rx.await.map_err(|_| IntakeError::ShuttingDown)?
+    }
+}
+
+impl MailIntake {
+    /// The user registry this intake reads.
+    pub fn users(&self) -> &UserStore {
+        &self.users
+    }
+
+    /// The audit log this intake writes.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+}
+
+/// How the audit log names a staged entry before it has a notice id.
+fn staged_ref(seq: u64, user: &str) -> String {
+    format!("s{seq}/{user}")
+}
+
+/// A position of one entry: (staged seq, entry index).
+type EntryRef = (u64, usize);
+
+#[derive(Default)]
+struct Hold {
+    entries: Vec<EntryRef>,
+    until_ms: i64,
+}
+
+struct Scheduler {
+    cfg: IntakeConfig,
+    offset_secs: i32,
+    outbox: Outbox,
+    users: UserStore,
+    audit: AuditLog,
+    accounts: Option<AccountResolver>,
+    clock: Clock,
+    stats: Arc<IntakeStats>,
+    msgs: HashMap<u64, StagedMsg>,
+    by_queue: HashMap<u64, Vec<u64>>,
+    /// (confirmation deadline, staged seq) of messages with waiting entries.
+    deadlines: BinaryHeap<Reverse<(i64, u64)>>,
+    holds: HashMap<String, Hold>,
+    hold_timers: BinaryHeap<Reverse<(i64, String)>>,
+    last_sent: HashMap<String, i64>,
+}
+
+/// Changes of one scheduler round, applied with one settle.
+#[derive(Default)]
+struct Round {
+    /// Staged messages changed this round (rewritten, or deleted when all done).
+    touched: Vec<u64>,
+    notices: Vec<Notification>,
+    audits: Vec<AuditEvent>,
+    sent_users: Vec<(String, i64)>,
+    replies: Vec<oneshot::Sender<Result<(), IntakeError>>>,
+}
+
+impl Round {
+    fn touch(&mut self, seq: u64) {
+        if !self.touched.contains(&seq) {
+            self.touched.push(seq);
+        }
+    }
+}
+
+const MAX_ROUND_CMDS: usize = 512;
+
+impl Scheduler {
+    fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    fn confirm_timeout_ms(&self) -> i64 {
+        i64::try_from(self.cfg.confirm_timeout_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
+    /// Rebuilds the in-memory state from the staged records.
+    fn load(&mut self) -> Result<(), OutboxError> {
+        self.msgs.clear();
+        self.by_queue.clear();
+        self.deadlines.clear();
+        self.holds.clear();
+        self.hold_timers.clear();
+        let mut bad = 0usize;
+        for (seq, v) in self.outbox.staged()? {
+            match serde_json::from_slice::<StagedMsg>(&v) {
+                Ok(m) => self.index(seq, m),
+                Err(e) => {
+                    bad += 1;
+                    error!(seq, error = %e, "unreadable staged arrival; left in the store");
+                }
+            }
+        }
+        info!(staged = self.msgs.len(), unreadable = bad, "intake state loaded");
+        Ok(())
+    }
+
+    fn index(&mut self, seq: u64, m: StagedMsg) {
+        if let Some(q) = m.queue_id {
+            self.by_queue.entry(q).or_default().push(seq);
+        }
+        if m.entries.iter().any(|e| e.state == EntryState::Wait) {
+            let deadline = m.received_at_ms.saturating_add(self.confirm_timeout_ms());
+            self.deadlines.push(Reverse((deadline, seq)));
+        }
+        self.msgs.insert(seq, m);
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, shutdown: CancellationToken) {
+        // Entries left ready by a previous run are evaluated at once.
+        let mut round = Round::default();
+        let ready: Vec<EntryRef> = self
+            .msgs
+            .iter()
+            .flat_map(|(seq, m)| {
+                m.entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.state == EntryState::Ready)
+                    .map(move |(i, _)| (*seq, i))
+            })
+            .collect();
+        let mut ready = ready;
+        ready.sort_unstable();
+        let now = self.now();
+        for r in ready {
+            self.release(r, now, &mut round);
+        }
+        self.finish(round).await;
+        loop {
+            let next = self.next_timer();
+            let sleep_for = next.map_or(Duration::from_secs(3600), |t| {
+                Duration::from_millis(u64::try_from(t - self.now()).unwrap_or(0))
+            });
+            let mut round = Round::default();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    self.command(cmd, &mut round);
+                    while round.replies.len() + round.touched.len() < MAX_ROUND_CMDS {
+                        match rx.try_recv() {
+                            Ok(cmd) => self.command(cmd, &mut round),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(sleep_for) => {}
+            }
+            self.timers(&mut round);
+            self.finish(round).await;
+        }
+        info!("intake scheduler stopped");
+    }
+
+    fn next_timer(&self) -> Option<i64> {
+        let a = self.deadlines.peek().map(|Reverse((t, _))| *t);
+        let b = self.hold_timers.peek().map(|Reverse((t, _))| *t);
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd, round: &mut Round) {
+        let now = self.now();
+        match cmd {
+            Cmd::Staged(seq, m) => {
+                let ready: Vec<usize> = m
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.state == EntryState::Ready)
+                    .map(|(i, _)| i)
+                    .collect();
+                self.index(seq, m);
+                for i in ready {
+                    self.release((seq, i), now, round);
+                }
+            }
+            Cmd::Confirm(events, reply) => {
+                for ev in events {
+                    self.confirm(&ev, now, round);
+                }
+                round.replies.push(reply);
+            }
+        }
+    }
+
+    /// Applies one `message-ingest` event.
+    fn confirm(&mut self, ev: &Ingest, now: i64, round: &mut Round) {
+        bump(&self.stats.confirmations, 1);
+        let Some(q) = ev.queue_id else { return };
+        let Some(seqs) = self.by_queue.get(&q).cloned() else {
+            bump(&self.stats.unmatched_confirmations, 1);
+            debug!(queue_id = q, "confirmation for no pending arrival (not ours, or done)");
+            return;
+        };
+        // Which users does this event concern? With an account map, that account's; without
+        // one, every waiting entry of the message.
+        let account: Option<Vec<String>> = match (&self.accounts, ev.account_id) {
+            (Some(resolve), Some(id)) => resolve(id),
+            _ => None,
+        };
+        let account_users: Option<Vec<String>> = account.map(|addrs| {
+            addrs
+                .iter()
+                .filter_map(|a| self.users.lookup(a).map(|u| u.address.clone()))
+                .collect()
+        });
+        let mut matched = false;
+        for seq in seqs {
+            let Some(m) = self.msgs.get_mut(&seq) else {
+                continue;
+            };
+            let mut hits = Vec::new();
+            for (i, e) in m.entries.iter_mut().enumerate() {
+                if e.state != EntryState::Wait {
+                    continue;
+                }
+                if let Some(us) = &account_users {
+                    if !us.contains(&e.user) {
+                        continue;
+                    }
+                }
+                hits.push(i);
+            }
+            for i in hits {
+                matched = true;
+                let notify = match ev.kind {
+                    IngestKind::Ham => true,
+                    IngestKind::Spam => self.cfg.spam_notifies,
+                    IngestKind::Duplicate => false,
+                };
+                if notify {
+                    self.set_state((seq, i), EntryState::Ready, round);
+                    self.release((seq, i), now, round);
+                } else {
+                    let reason = match ev.kind {
+                        IngestKind::Spam => "filed as spam",
+                        _ => "duplicate, not stored",
+                    };
+                    self.drop_entry((seq, i), reason, round);
+                }
+            }
+        }
+        if !matched {
+            bump(&self.stats.unmatched_confirmations, 1);
+        }
+    }
+
+    fn set_state(&mut self, (seq, i): EntryRef, state: EntryState, round: &mut Round) {
+        if let Some(e) = self.msgs.get_mut(&seq).and_then(|m| m.entries.get_mut(i)) {
+            if e.state != state {
+                e.state = state;
+                round.touch(seq);
+            }
+        }
+    }
+
+    fn drop_entry(&mut self, r: EntryRef, reason: &str, round: &mut Round) {
+        let Some(e) = self.entry(r) else { return };
+        let user = e.user.clone();
+        bump(&self.stats.dropped, 1);
+        round.audits.push(AuditEvent::Dropped {
+            notice: staged_ref(r.0, &user),
+            user,
+            reason: reason.to_owned(),
+        });
+        self.set_state(r, EntryState::Done, round);
+    }
+
+    fn entry(&self, (seq, i): EntryRef) -> Option<&Entry> {
+        self.msgs.get(&seq).and_then(|m| m.entries.get(i))
+    }
+
+    fn minute_of_day(&self, now: i64) -> u16 {
+        let local = now.div_euclid(1000) + i64::from(self.offset_secs);
+        u16::try_from(local.rem_euclid(86_400) / 60).unwrap_or(0)
+    }
+
+    /// A ready entry: drop it, hold it, or send it now.
+    fn release(&mut self, r: EntryRef, now: i64, round: &mut Round) {
+        let Some(e) = self.entry(r) else { return };
+        let Some(m) = self.msgs.get(&r.0) else { return };
+        let user_addr = e.user.clone();
+        let sender = m.sender().to_owned();
+        let Some(user) = self.users.lookup(&user_addr) else {
+            self.drop_entry(r, "no longer a registered user", round);
+            return;
+        };
+        if let Some(why) = user.ineligible(now) {
+            self.drop_entry(r, &format!("user gets no notices: {why:?}"), round);
+            return;
+        }
+        if !sender.is_empty() && !user.sender_allowed(&sender) {
+            self.drop_entry(r, &format!("sender {sender} filtered"), round);
+            return;
+        }
+        let hold_until = self.hold_until(&user, now);
+        let held = self.holds.get(&user.address).is_some_and(|h| !h.entries.is_empty());
+        if hold_until > now || held {
+            let until = hold_until.max(self.holds.get(&user.address).map_or(0, |h| h.until_ms));
+            self.hold(&user.address, r, until, round);
+            return;
+        }
+        self.send(&user, vec![r], now, round);
+    }
+
+    /// When the user may next get an SMS (<= now: at once).
+    fn hold_until(&self, user: &User, now: i64) -> i64 {
+        let mut until = now;
+        if let Some(q) = user.quiet {
+            let min = self.minute_of_day(now);
+            if q.contains(min) {
+                let left = i64::from(q.minutes_until_end(min));
+                // Back to the start of this minute, then forward to the window's end.
+                until = until.max(now - now.rem_euclid(60_000) + left * 60_000);
+            }
+        }
+        let window = user.rate_limit_secs.unwrap_or(self.cfg.rate_limit_secs);
+        if window > 0 {
+            if let Some(last) = self.last_sent.get(&user.address) {
+                until = until.max(last.saturating_add(i64::from(window) * 1000));
+            }
+        }
+        until
+    }
+
+    fn hold(&mut self, user: &str, r: EntryRef, until: i64, round: &mut Round) {
+        let h = self.holds.entry(user.to_owned()).or_default();
+        if h.entries.contains(&r) {
+            return;
+        }
+        h.entries.push(r);
+        if until > h.until_ms {
+            h.until_ms = until;
+            self.hold_timers.push(Reverse((until, user.to_owned())));
+        }
+        round.audits.push(AuditEvent::Held {
+            notice: staged_ref(r.0, user),
+            user: user.to_owned(),
+            reason: "quiet hours or rate limit".into(),
+            until_ms: until,
+        });
+    }
+
+    /// Queues one notice standing for `refs` (the newest one's sender and subject).
+    fn send(&mut self, user: &User, refs: Vec<EntryRef>, now: i64, round: &mut Round) {
+        let live: Vec<EntryRef> = refs
+            .into_iter()
+            .filter(|r| self.entry(*r).is_some_and(|e| e.state == EntryState::Ready))
+            .collect();
+        let Some(&newest) = live.iter().max_by_key(|r| {
+            (self.msgs.get(&r.0).map_or(0, |m| m.received_at_ms), r.0)
+        }) else {
+            return;
+        };
+        let (Some(m), Some(e)) = (self.msgs.get(&newest.0), self.entry(newest)) else {
+            return;
+        };
+        let count = u32::try_from(live.len()).unwrap_or(u32::MAX);
+        let n = Notification {
+            id: NotifId::random(),
+            phone: user.phone.clone(),
+            recipient: e.rcpt.clone(),
+            from_name: m.from_name.clone(),
+            from_addr: m.sender().to_owned(),
+            subject: m.subject.clone(),
+            received_at_ms: m.received_at_ms,
+            language: user.language.clone(),
+            count,
+            max_parts: if user.max_parts > 0 {
+                user.max_parts
+            } else {
+                self.cfg.max_parts
+            },
+            text: None,
+        };
+        let notice = n.id.to_string();
+        if count > 1 {
+            bump(&self.stats.coalesced, u64::from(count));
+            for r in &live {
+                round.audits.push(AuditEvent::Coalesced {
+                    notice: staged_ref(r.0, &user.address),
+                    user: user.address.clone(),
+                    into: notice.clone(),
+                    count,
+                });
+            }
+        }
+        round.audits.push(AuditEvent::Queued {
+            notice,
+            user: user.address.clone(),
+        });
+        for r in live {
+            self.set_state(r, EntryState::Done, round);
+        }
+        round.notices.push(n);
+        round.sent_users.push((user.address.clone(), now));
+        self.last_sent.insert(user.address.clone(), now);
+    }
+
+    /// Confirmation deadlines and hold windows that have come.
+    fn timers(&mut self, round: &mut Round) {
+        let now = self.now();
+        while let Some(Reverse((t, seq))) = self.deadlines.peek().cloned() {
+            if t > now {
+                break;
+            }
+            self.deadlines.pop();
+            let waiting: Vec<usize> = self.msgs.get(&seq).map_or_else(Vec::new, |m| {
+                m.entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.state == EntryState::Wait)
+                    .map(|(i, _)| i)
+                    .collect()
+            });
+            for i in waiting {
+                bump(&self.stats.confirm_timeouts, 1);
+                match self.cfg.on_confirm_timeout {
+                    TimeoutPolicy::Release => {
+                        debug!(seq, "no delivery confirmation in time; notifying anyway");
+                        self.set_state((seq, i), EntryState::Ready, round);
+                        self.release((seq, i), now, round);
+                    }
+                    TimeoutPolicy::Drop => {
+                        self.drop_entry((seq, i), "no delivery confirmation in time", round)
+                    }
+                }
+            }
+        }
+        while let Some(Reverse((t, user))) = self.hold_timers.peek().cloned() {
+            if t > now {
+                break;
+            }
+            self.hold_timers.pop();
+            let Some(h) = self.holds.get(&user) else {
+                continue;
+            };
+            if h.until_ms > now {
+                continue; // extended meanwhile; a later timer exists
+            }
+            let Some(h) = self.holds.remove(&user) else {
+                continue;
+            };
+            let Some(u) = self.users.lookup(&user) else {
+                for r in h.entries {
+                    self.drop_entry(r, "no longer a registered user", round);
+                }
+                continue;
+            };
+            if let Some(why) = u.ineligible(now) {
+                for r in h.entries {
+                    self.drop_entry(r, &format!("user gets no notices: {why:?}"), round);
+                }
+                continue;
+            }
+            // Quiet hours may still be on (e.g. a rate-limit window ended inside them).
+            self.last_sent.remove(&user);
+            let until = self.hold_until(&u, now);
+            if until > now {
+                let mut h = h;
+                h.until_ms = until;
+                self.hold_timers.push(Reverse((until, user.clone())));
+                self.holds.insert(user, h);
+                continue;
+            }
+            self.send(&u, h.entries, now, round);
+        }
+    }
+
+    /// Makes a round durable, then answers and logs it. On a store error the in-memory state
+    /// is rebuilt from the store (which still has everything the round did not commit).
+    async fn finish(&mut self, round: Round) {
+        let mut settle = Settle::default();
+        for seq in &round.touched {
+            match self.msgs.get(seq) {
+                Some(m) if m.all_done() => settle.remove.push(*seq),
+                Some(m) => settle.rewrite.push((*seq, m.encode())),
+                None => {}
+            }
+        }
+        settle.enqueue = round.notices;
+        let queued = settle.enqueue.len() as u64;
+        let result = if settle.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.outbox.settle(settle).await
+        };
+        match result {
+            Ok(_) => {
+                bump(&self.stats.queued, queued);
+                for seq in &round.touched {
+                    if self.msgs.get(seq).is_some_and(StagedMsg::all_done) {
+                        if let Some(m) = self.msgs.remove(seq) {
+                            if let Some(q) = m.queue_id {
+                                if let Some(v) = self.by_queue.get_mut(&q) {
+                                    v.retain(|s| s != seq);
+                                    if v.is_empty() {
+                                        self.by_queue.remove(&q);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                for a in round.audits {
+                    self.audit.record(a);
+                }
+                for r in round.replies {
+                    let _ = r.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                bump(&self.stats.store_errors, 1);
+                error!(error = %e, "cannot commit notices; state reloaded, will retry");
+                let err = store_error(e);
+                for r in round.replies {
+                    let _ = r.send(Err(IntakeError::Store(err.to_string())));
+                }
+                for (u, _) in round.sent_users {
+                    self.last_sent.remove(&u);
+                }
+                if let Err(e) = self.load() {
+                    error!(error = %e, "cannot reload intake state");
+                }
+                // Re-evaluate what is ready on the next timer tick.
+                let now = self.now();
+                let ready: Vec<EntryRef> = self
+                    .msgs
+                    .iter()
+                    .flat_map(|(seq, m)| {
+                        m.entries
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, e)| e.state == EntryState::Ready)
+                            .map(move |(i, _)| (*seq, i))
+                    })
+                    .collect();
+                for r in ready {
+                    if let Some(user) = self.entry(r).map(|e| e.user.clone()) {
+                        self.hold(&user, r, now + 1000, &mut Round::default());
+                    }
+                }
+            }
+        }
+    }
+}

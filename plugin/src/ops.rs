@@ -1,0 +1,401 @@
+//! Admin routes for the queue and the audit log (behind the admin token, see
+//! [`crate::admin::protect`]), plus `/metrics` (Prometheus text) and `/status` (JSON), which
+//! carry no personal data and need no token.
+//!
+//! ```text
+//! GET  /admin/v1/queue?limit=N            queued notices (phone numbers masked)
+//! GET  /admin/v1/queue/dead?limit=N       dead letters
+//! POST /admin/v1/queue/retry?id=HEX|all   dead letters back into the queue
+//! POST /admin/v1/queue/purge?older_than=7d   delete dead letters (default: all)
+//! GET  /admin/v1/log?user=U&notice=N&since=T&until=T&limit=N
+//! ```
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use mailbell_link::net::ClientStats;
+use mailbell_link::NotifId;
+use serde::{Deserialize, Serialize};
+
+use crate::admin::ApiError;
+use crate::audit::{parse_since, AuditLog, AuditQuery, AuditRecord, AuditStats};
+use crate::intake::IntakeStats;
+use crate::outbox::{DeadLetter, Outbox, OutboxStats, QueuedItem, Select};
+use crate::stalwart::StalwartStats;
+
+/// Everything `/metrics` reports.
+#[derive(Clone)]
+pub struct Metrics {
+    pub intake: Arc<IntakeStats>,
+    pub link: Arc<ClientStats>,
+    pub stalwart: Arc<StalwartStats>,
+    pub outbox: Arc<OutboxStats>,
+    pub audit: Arc<AuditStats>,
+}
+
+#[derive(Clone)]
+struct Ops {
+    outbox: Outbox,
+    audit: AuditLog,
+}
+
+/// Queue and log routes, unauthenticated: merge them before [`crate::admin::protect`].
+pub fn routes(outbox: Outbox, audit: AuditLog) -> Router {
+    Router::new()
+        .route("/admin/v1/queue", get(queue_list))
+        .route("/admin/v1/queue/dead", get(dead_list))
+        .route("/admin/v1/queue/retry", post(queue_retry))
+        .route("/admin/v1/queue/purge", post(queue_purge))
+        .route("/admin/v1/log", get(log_query))
+        .with_state(Ops { outbox, audit })
+}
+
+/// `/metrics` and `/status` (no token).
+pub fn public_routes(outbox: Outbox, metrics: Metrics) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/status", get(status))
+        .with_state((outbox, metrics))
+}
+
+/// Masks all but the last four digits of a phone number.
+pub fn mask_phone(p: &str) -> String {
+    let n = p.chars().count();
+    p.chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if i + 4 < n && c.is_ascii_digit() {
+                '*'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// A queued notice or dead letter as the API shows it.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Clone)]
+pub struct QueueEntry {
+    pub id: String,
+    pub seq: u64,
+    pub enqueued_at_ms: i64,
+    pub attempts: u16,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub not_before_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub dead_at_ms: Option<i64>,
+    pub reason: String,
+    pub recipient: String,
+    pub phone: String,
+    pub subject: String,
+    pub count: u32,
+}
+
+impl QueueEntry {
+    fn from_parts(
+        id: NotifId,
+        seq: u64,
+        payload: &[u8],
+        enqueued_at_ms: i64,
+        attempts: u16,
+        reason: String,
+    ) -> Self {
+        let n = mailbell_link::Notification::decode_payload(id, payload).unwrap_or_default();
+        Self {
+            id: id.to_string(),
+            seq,
+            enqueued_at_ms,
+            attempts,
+            not_before_ms: None,
+            dead_at_ms: None,
+            reason,
+            recipient: n.recipient,
+            phone: mask_phone(&n.phone),
+            subject: n.subject,
+            count: n.count,
+        }
+    }
+}
+
+impl From<&QueuedItem> for QueueEntry {
+    fn from(q: &QueuedItem) -> Self {
+        let mut e = Self::from_parts(
+            q.id,
+            q.seq,
+            &q.payload,
+            q.enqueued_at_ms,
+            q.attempts,
+            q.last_reason.clone(),
+        );
+        e.not_before_ms = q.not_before_ms;
+        e
+    }
+}
+
+impl From<&DeadLetter> for QueueEntry {
+    fn from(d: &DeadLetter) -> Self {
+        let mut e = Self::from_parts(
+            d.id,
+            d.seq,
+            &d.payload,
+            d.enqueued_at_ms,
+            d.attempts,
+            d.reason.clone(),
+        );
+        e.dead_at_ms = Some(d.dead_at_ms);
+        e
+    }
+}
+
+#[derive(Deserialize)]
+struct LimitQ {
+    limit: Option<usize>,
+}
+
+const MAX_LIST: usize = 10_000;
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+}
+
+fn bad_request(e: impl std::fmt::Display) -> Response {
+    ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response()
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, Response> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(internal)?
+        .map_err(internal)
+}
+
+async fn queue_list(State(o): State<Ops>, Query(q): Query<LimitQ>) -> Response {
+    let limit = q.limit.unwrap_or(100).min(MAX_LIST);
+    match blocking(move || o.outbox.list(limit).map_err(|e| e.to_string())).await {
+        Ok(items) => Json(items.iter().map(QueueEntry::from).collect::<Vec<_>>()).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn dead_list(State(o): State<Ops>, Query(q): Query<LimitQ>) -> Response {
+    let limit = q.limit.unwrap_or(100).min(MAX_LIST);
+    match blocking(move || o.outbox.dead_letters(limit).map_err(|e| e.to_string())).await {
+        Ok(items) => Json(items.iter().map(QueueEntry::from).collect::<Vec<_>>()).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct RetryQ {
+    id: String,
+}
+
+/// Parses "all" or a 32-hex-digit notice id.
+pub fn parse_select(s: &str) -> Result<Select, String> {
+    if s.eq_ignore_ascii_case("all") {
+        return Ok(Select::All);
+    }
+    let b = hex::decode(s.trim()).map_err(|_| format!("{s:?} is not a notice id (32 hex digits) or \"all\""))?;
+    let arr: [u8; 16] = b
+        .try_into()
+        .map_err(|_| format!("{s:?} is not a notice id (32 hex digits) or \"all\""))?;
+    Ok(Select::Id(NotifId(arr)))
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct CountReply {
+    pub count: usize,
+}
+
+async fn queue_retry(State(o): State<Ops>, Query(q): Query<RetryQ>) -> Response {
+    let which = match parse_select(&q.id) {
+        Ok(w) => w,
+        Err(e) => return bad_request(e),
+    };
+    let audit = o.audit.clone();
+    match blocking(move || o.outbox.retry_dead(which).map_err(|e| e.to_string())).await {
+        Ok(count) => {
+            audit.record(crate::audit::AuditEvent::Admin {
+                actor: "admin-api".into(),
+                action: "queue retry".into(),
+                target: q.id,
+            });
+            Json(CountReply { count }).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct PurgeQ {
+    older_than: Option<String>,
+}
+
+async fn queue_purge(State(o): State<Ops>, Query(q): Query<PurgeQ>) -> Response {
+    let older = match q.older_than.as_deref() {
+        None | Some("") => Duration::ZERO,
+        Some(s) => match mailbell_link::units::parse_duration(s) {
+            Ok(d) => d,
+            Err(e) => return bad_request(format!("older_than: {e}")),
+        },
+    };
+    let audit = o.audit.clone();
+    match blocking(move || o.outbox.purge_dead(older).map_err(|e| e.to_string())).await {
+        Ok(count) => {
+            audit.record(crate::audit::AuditEvent::Admin {
+                actor: "admin-api".into(),
+                action: "queue purge".into(),
+                target: format!("older than {older:?}"),
+            });
+            Json(CountReply { count }).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct LogQ {
+    user: Option<String>,
+    notice: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn log_query(State(o): State<Ops>, Query(q): Query<LogQ>) -> Response {
+    let now = chrono::Utc::now().timestamp_millis();
+    let since = match q.since.as_deref().map(|s| parse_since(s, now)).transpose() {
+        Ok(v) => v,
+        Err(e) => return bad_request(format!("since: {e}")),
+    };
+    let until = match q.until.as_deref().map(|s| parse_since(s, now)).transpose() {
+        Ok(v) => v,
+        Err(e) => return bad_request(format!("until: {e}")),
+    };
+    let query = AuditQuery {
+        user: q.user,
+        notice: q.notice,
+        since_ms: since,
+        until_ms: until,
+        limit: q.limit.unwrap_or(1000),
+    };
+    match blocking(move || o.audit.query(&query).map_err(|e| e.to_string())).await {
+        Ok(records) => Json::<Vec<AuditRecord>>(records).into_response(),
+        Err(r) => r,
+    }
+}
+
+fn line(out: &mut String, name: &str, help: &str, kind: &str, v: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+}
+
+fn val(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+async fn metrics_text(State((outbox, m)): State<(Outbox, Metrics)>) -> Response {
+    let mut o = String::new();
+    let i = &m.intake;
+    line(&mut o, "mailbell_messages_total", "Messages the MTA endpoints handed to the intake.", "counter", val(&i.messages));
+    line(&mut o, "mailbell_notices_created_total", "Notices created (one per notified recipient).", "counter", val(&i.notices_created));
+    line(&mut o, "mailbell_unknown_recipients_total", "Recipients that are not registered users.", "counter", val(&i.unknown_recipients));
+    line(&mut o, "mailbell_ineligible_recipients_total", "Registered recipients without notices (off, licence expired, no phone).", "counter", val(&i.ineligible_recipients));
+    line(&mut o, "mailbell_notices_queued_total", "Notices queued for the agent.", "counter", val(&i.queued));
+    line(&mut o, "mailbell_notices_coalesced_total", "Arrivals folded into a coalesced notice.", "counter", val(&i.coalesced));
+    line(&mut o, "mailbell_notices_dropped_total", "Arrivals not notified (spam, duplicate, filtered, timeout policy, ineligible at release).", "counter", val(&i.dropped));
+    line(&mut o, "mailbell_confirmations_total", "Stalwart delivery confirmations received.", "counter", val(&i.confirmations));
+    line(&mut o, "mailbell_confirmations_unmatched_total", "Confirmations matching no waiting notice.", "counter", val(&i.unmatched_confirmations));
+    line(&mut o, "mailbell_confirm_timeouts_total", "Notices whose confirmation did not come in time.", "counter", val(&i.confirm_timeouts));
+    line(&mut o, "mailbell_store_errors_total", "Store errors answered with a temporary failure.", "counter", val(&i.store_errors));
+    line(&mut o, "mailbell_outbox_depth", "Notices queued for the agent.", "gauge", outbox.depth());
+    line(&mut o, "mailbell_outbox_staged", "Arrivals staged (awaiting confirmation or held).", "gauge", val(&m.outbox.staged));
+    line(&mut o, "mailbell_outbox_dead", "Dead letters held.", "gauge", val(&m.outbox.dead));
+    line(&mut o, "mailbell_outbox_commits_total", "Group commits (one fsync each).", "counter", val(&m.outbox.commits));
+    line(&mut o, "mailbell_link_sessions_total", "Link sessions attempted.", "counter", val(&m.link.sessions));
+    line(&mut o, "mailbell_link_connected_total", "Link sessions established.", "counter", val(&m.link.connected));
+    line(&mut o, "mailbell_link_sent_total", "Notices sent to an agent (resends included).", "counter", val(&m.link.sent));
+    line(&mut o, "mailbell_link_acked_total", "Notices acknowledged by an agent.", "counter", val(&m.link.acked));
+    line(&mut o, "mailbell_link_dead_lettered_total", "Notices refused for good.", "counter", val(&m.link.dead_lettered));
+    line(&mut o, "mailbell_link_retry_later_total", "Retry-later answers from agents.", "counter", val(&m.link.retry_later));
+    line(&mut o, "mailbell_audit_dropped_total", "Audit events dropped (writer overloaded).", "counter", val(&m.audit.dropped));
+    let s = m.stalwart.snapshot();
+    let _ = writeln!(o, "# HELP mailbell_stalwart_counters Stalwart endpoint counters.\n# TYPE mailbell_stalwart_counters counter");
+    let pairs = [
+        ("hook_connect", s.hook_connect),
+        ("hook_ehlo", s.hook_ehlo),
+        ("hook_mail", s.hook_mail),
+        ("hook_rcpt", s.hook_rcpt),
+        ("hook_data", s.hook_data),
+        ("hook_unknown_stage", s.hook_unknown_stage),
+        ("hook_intake_errors", s.hook_intake_errors),
+        ("hook_bad_requests", s.hook_bad_requests),
+        ("hook_unauthorized", s.hook_unauthorized),
+        ("hook_too_large", s.hook_too_large),
+        ("webhook_batches", s.webhook_batches),
+        ("webhook_ingest_events", s.webhook_ingest_events),
+        ("webhook_ignored_events", s.webhook_ignored_events),
+        ("webhook_skipped_events", s.webhook_skipped_events),
+        ("webhook_bad_signatures", s.webhook_bad_signatures),
+        ("webhook_bad_requests", s.webhook_bad_requests),
+        ("webhook_too_large", s.webhook_too_large),
+        ("webhook_confirm_errors", s.webhook_confirm_errors),
+    ];
+    for (k, v) in pairs {
+        let _ = writeln!(o, "mailbell_stalwart_counters{{counter=\"{k}\"}} {v}");
+    }
+    ([("content-type", "text/plain; version=0.0.4")], o).into_response()
+}
+
+/// `/status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub outbox_depth: u64,
+    pub staged: u64,
+    pub dead: u64,
+    pub link_connected_sessions: u64,
+    pub link_acked: u64,
+    pub messages: u64,
+    pub notices_queued: u64,
+}
+
+async fn status(State((outbox, m)): State<(Outbox, Metrics)>) -> Response {
+    Json(Status {
+        outbox_depth: outbox.depth(),
+        staged: val(&m.outbox.staged),
+        dead: val(&m.outbox.dead),
+        link_connected_sessions: val(&m.link.connected),
+        link_acked: val(&m.link.acked),
+        messages: val(&m.intake.messages),
+        notices_queued: val(&m.intake.queued),
+    })
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phones_are_masked_but_the_tail_shows() {
+        assert_eq!(mask_phone("+8613800138000"), "+*********8000");
+        assert_eq!(mask_phone("123"), "123");
+    }
+
+    #[test]
+    fn select_parses_all_and_ids() {
+        assert_eq!(parse_select("ALL"), Ok(Select::All));
+        let id = NotifId::random();
+        assert_eq!(parse_select(&id.to_string()), Ok(Select::Id(id)));
+        assert!(parse_select("xyz").is_err());
+        assert!(parse_select("abcd").is_err());
+    }
+}

@@ -1,0 +1,154 @@
+//! The outbox as the link client sees it, with every hand-over, acknowledgement, deferral,
+//! dead letter and session recorded in the audit log.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use mailbell_link::net::{OutItem, Outbox as LinkOutbox, SessionEvent, StoreError};
+use mailbell_link::{NotifId, Notification};
+use tokio::sync::Notify;
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::outbox::Outbox;
+
+/// Most in-flight ids whose recipient is remembered for the audit log (beyond it, link events
+/// are logged without a user).
+const MAX_TRACKED: usize = 100_000;
+
+/// [`Outbox`] plus audit records.
+pub struct AuditedOutbox {
+    outbox: Outbox,
+    audit: AuditLog,
+    /// The agent of the current session.
+    agent: Mutex<String>,
+    /// Recipient of each notice handed to the link and not settled yet.
+    users: Mutex<HashMap<NotifId, String>>,
+}
+
+impl AuditedOutbox {
+    pub fn new(outbox: Outbox, audit: AuditLog) -> Self {
+        Self {
+            outbox,
+            audit,
+            agent: Mutex::new(String::new()),
+            users: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn agent(&self) -> String {
+        self.agent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn settled_user(&self, id: &NotifId) -> Option<String> {
+        self.users
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id)
+    }
+}
+
+impl LinkOutbox for AuditedOutbox {
+    fn ready(&self, after: Option<u64>, max: usize) -> Result<Vec<OutItem>, StoreError> {
+        let items = self.outbox.ready(after, max)?;
+        if items.is_empty() {
+            return Ok(items);
+        }
+        let agent = self.agent();
+        let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
+        for it in &items {
+            let user = Notification::decode_payload(it.id, &it.payload)
+                .ok()
+                .map(|n| n.recipient);
+            if let Some(u) = &user {
+                if users.len() < MAX_TRACKED {
+                    users.insert(it.id, u.clone());
+                }
+            }
+            self.audit.record(AuditEvent::Sent {
+                notice: it.id.to_string(),
+                user,
+                agent: agent.clone(),
+            });
+        }
+        Ok(items)
+    }
+
+    fn acked(&self, ids: &[NotifId]) -> Result<(), StoreError> {
+        self.outbox.acked(ids)?;
+        let agent = self.agent();
+        for id in ids {
+            self.audit.record(AuditEvent::Acked {
+                notice: id.to_string(),
+                user: self.settled_user(id),
+                agent: agent.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn dead_letter(&self, id: NotifId, reason: &str) -> Result<(), StoreError> {
+        self.outbox.dead_letter(id, reason)?;
+        self.audit.record(AuditEvent::DeadLettered {
+            notice: id.to_string(),
+            user: self.settled_user(&id),
+            reason: reason.to_owned(),
+        });
+        Ok(())
+    }
+
+    fn retry_later(&self, id: NotifId, after: Duration, reason: &str) -> Result<(), StoreError> {
+        self.outbox.retry_later(id, after, reason)?;
+        let user = self
+            .users
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned();
+        self.audit.record(AuditEvent::Deferred {
+            notice: id.to_string(),
+            user,
+            reason: reason.to_owned(),
+            retry_in_ms: u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
+        });
+        Ok(())
+    }
+
+    fn notifier(&self) -> Arc<Notify> {
+        LinkOutbox::notifier(&self.outbox)
+    }
+
+    fn session_event(&self, event: SessionEvent<'_>) {
+        let ev = match event {
+            SessionEvent::Up { agent, window } => {
+                *self.agent.lock().unwrap_or_else(PoisonError::into_inner) = agent.to_owned();
+                AuditEvent::SessionUp {
+                    agent: agent.to_owned(),
+                    addr: agent.to_owned(),
+                    window: u32::from(window),
+                }
+            }
+            SessionEvent::Down {
+                agent,
+                reason,
+                sent,
+                acked,
+            } => AuditEvent::SessionDown {
+                agent: agent.to_owned(),
+                addr: agent.to_owned(),
+                reason: reason.to_string(),
+                sent,
+                acked,
+            },
+            SessionEvent::Failed { agent, reason } => AuditEvent::ConnectFailed {
+                agent: agent.to_owned(),
+                addr: agent.to_owned(),
+                reason: reason.to_string(),
+            },
+        };
+        self.audit.record(ev);
+    }
+}
