@@ -1,1 +1,1146 @@
-//! (being written)
+//! The milter endpoint: an arrival notice for every message a milter client (Postfix,
+//! Sendmail, Stalwart) is about to accept.
+//!
+//! indymilter speaks the protocol; this module keeps what one message's notice needs and hands
+//! it to the [`Intake`] at end of message. It never rejects mail: the only verdict other than
+//! "accept" is a tempfail when the notice cannot be recorded, so the MTA keeps the message and
+//! retries.
+//!
+//! ```text
+//! packet = len:u32be cmd:u8 payload[len-1]          len <= 1 MiB (MAX_PACKET)
+//!
+//! O  negotiate  ask only for what the MTA offers: no DATA/EOH/unknown stages, no replies
+//!               before end of message (NR_*), no actions, no macros
+//! C  connect    client IP from the socket info, else the {client_addr} macro
+//! H  helo       HELO/EHLO name
+//! M  mail       starts a transaction: envelope sender, <> stripped, ESMTP args dropped
+//! R  rcpt       one envelope recipient, <> stripped, ESMTP args dropped
+//! L  header     offered to HeaderCollector; its bytes are counted
+//! B  body       bytes counted, never kept
+//! E  eom        Intake::accept: Ok -> accept, Err -> "451 4.3.0 mailbell: ..." tempfail
+//! A  abort      the transaction is dropped
+//! ```
+//!
+//! Each connection gets its own `milter{peer=..}` span and its own indymilter session; a
+//! [`FrameGuard`] watches the bytes underneath it, so garbage, oversized packets and
+//! transaction commands outside a transaction end that connection with a warning (indymilter
+//! itself only logs at trace level), while other connections carry on.
+
+use std::ffi::CStr;
+use std::future::{ready, Future};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use indymilter::{
+    Actions, Callbacks, Config, Context, EomContext, Listener, Macros, NegotiateContext, ProtoOpts,
+    SetErrorReply, SocketInfo, Status,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, info_span, warn, Instrument, Span};
+
+use crate::arrival::{Arrival, Intake, IntakeError, Origin};
+use crate::headers::HeaderCollector;
+
+/// Reply code and enhanced status code of the tempfail reply.
+const TEMPFAIL_CODE: &str = "451";
+const TEMPFAIL_XCODE: &str = "4.3.0";
+/// Longest tempfail reply text sent (an SMTP reply line is at most 512 bytes).
+const MAX_REPLY_TEXT: usize = 400;
+/// Longest HELO name or address kept; longer ones are cut.
+const MAX_NAME: usize = 512;
+/// Most recipients kept per message (Postfix's default `smtpd_recipient_limit`).
+const MAX_RCPTS: usize = 1000;
+/// Longest milter packet accepted, command byte included (indymilter's and libmilter's limit).
+const MAX_PACKET: u32 = 1024 * 1024;
+/// Consecutive failed `accept()` calls after which the listener counts as broken.
+const MAX_ACCEPT_FAILURES: u32 = 20;
+
+/// `[milter]` settings.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MilterConfig {
+    /// Most milter connections served at once; more wait in the listen backlog. Postfix holds
+    /// one per smtpd process, Stalwart one per message being filtered.
+    pub max_connections: NonZeroUsize,
+    /// Longest wait for the MTA's next packet (or for a reply to be sent); the connection is
+    /// closed after it. The MTA keeps its milter connection idle while its SMTP client thinks,
+    /// so this must exceed the MTA's own SMTP timeouts; the default is libmilter's.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Text of the `451 4.3.0` reply sent when the notice cannot be recorded; `{error}` is
+    /// replaced by the cause.
+    pub tempfail_reply: String,
+}
+
+impl Default for MilterConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: NonZeroUsize::new(100).unwrap_or(NonZeroUsize::MIN),
+            timeout: Duration::from_secs(7210),
+            tempfail_reply: "mailbell: cannot record the arrival notice ({error}), try again later"
+                .to_owned(),
+        }
+    }
+}
+
+/// Why [`serve`] stopped before it was told to.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MilterError {
+    #[error("milter listener cannot accept connections")]
+    Accept(#[source] io::Error),
+}
+
+/// Serves milter clients on `listener` until `shutdown` is cancelled, then waits for the open
+/// sessions to finish the command they are processing. Only a broken listener is an error;
+/// a failing connection is logged in its span and closed.
+pub async fn serve<I: Intake>(
+    listener: TcpListener,
+    intake: Arc<I>,
+    cfg: MilterConfig,
+    shutdown: CancellationToken,
+) -> Result<(), MilterError> {
+    let local = listener.local_addr().ok();
+    info!(addr = ?local, max_connections = cfg.max_connections.get(), "milter listening");
+    let limit = Arc::new(Semaphore::new(cfg.max_connections.get()));
+    let tracker = TaskTracker::new();
+    // Sessions stop on shutdown, and also when the listener breaks.
+    let stop = shutdown.child_token();
+    let shared = Arc::new(Shared {
+        intake,
+        reply: Arc::from(cfg.tempfail_reply.as_str()),
+        timeout: cfg.timeout,
+    });
+    let mut failures = 0u32;
+    let result = loop {
+        let permit = tokio::select! {
+            biased;
+            () = stop.cancelled() => break Ok(()),
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break Ok(()), // never closed
+            },
+        };
+        let accepted = tokio::select! {
+            biased;
+            () = stop.cancelled() => break Ok(()),
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                failures = 0;
+                tracker.spawn(connection(
+                    stream,
+                    peer,
+                    shared.clone(),
+                    stop.clone(),
+                    permit,
+                ));
+            }
+            Err(e) if is_per_connection(&e) => {
+                debug!(error = %e, "accept failed for one connection");
+            }
+            Err(e) => {
+                failures += 1;
+                if failures >= MAX_ACCEPT_FAILURES {
+                    error!(error = %e, failures, "milter listener broken, stopping");
+                    break Err(MilterError::Accept(e));
+                }
+                let backoff = Duration::from_millis(100 << failures.min(6));
+                warn!(error = %e, ?backoff, "cannot accept milter connections, retrying");
+                tokio::select! {
+                    () = stop.cancelled() => break Ok(()),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+            }
+        }
+    };
+    stop.cancel();
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
+    info!("milter stopped");
+    result
+}
+
+/// Accept errors that concern only the connection being accepted.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// What every connection of one [`serve`] shares.
+struct Shared<I> {
+    intake: Arc<I>,
+    reply: Arc<str>,
+    timeout: Duration,
+}
+
+/// One milter connection: its own indymilter `run` over a one-connection listener, so its
+/// callbacks carry the connection's span.
+async fn connection<I: Intake>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared<I>>,
+    stop: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let span = info_span!("milter", %peer);
+    let session = async {
+        debug!("connection accepted");
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let (closed_tx, closed_rx) = oneshot::channel::<()>();
+        let stream = Watched {
+            inner: stream,
+            span: Span::current(),
+            guard: FrameGuard::default(),
+            rejected: None,
+            end: End::Open,
+            last_activity: Instant::now(),
+            timeout: shared.timeout,
+            stopped: Box::pin(stop.clone().cancelled_owned()),
+            stop: stop.clone(),
+            _closed: closed_tx,
+        };
+        let config = Config {
+            max_connections: 1,
+            actions: Actions::empty(),
+            connection_timeout: shared.timeout,
+        };
+        let callbacks = callbacks(shared.intake.clone(), Span::current(), shared.reply.clone());
+        // The session ends when its stream is dropped (QUIT, EOF, error, timeout) or on stop;
+        // `run` then returns once the session task has finished its current command.
+        let done = async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                _ = closed_rx => {}
+            }
+        };
+        if let Err(e) = indymilter::run(OneConnection(Some(stream)), callbacks, config, done).await
+        {
+            // OneConnection never fails to accept.
+            debug!(error = %e, "milter session failed");
+        }
+    };
+    session.instrument(span).await;
+}
+
+/// A listener that yields one connection, then nothing.
+struct OneConnection<S>(Option<S>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Listener for OneConnection<S> {
+    type Io = S;
+
+    fn poll_accept(&mut self, _cx: &mut TaskContext<'_>) -> Poll<io::Result<S>> {
+        match self.0.take() {
+            Some(s) => Poll::Ready(Ok(s)),
+            None => Poll::Pending,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Callbacks
+
+/// Protocol options we would like: stages we do not need, and no replies before end of message
+/// (we never act before it). Only what the MTA offers is requested: indymilter closes the
+/// session if we ask for more, and Stalwart offers just NO_HELO | NO_EOH.
+fn wanted_opts(offered: ProtoOpts) -> ProtoOpts {
+    let wanted = ProtoOpts::NO_DATA
+        | ProtoOpts::NO_EOH
+        | ProtoOpts::NO_UNKNOWN
+        | ProtoOpts::NOREPLY_CONNECT
+        | ProtoOpts::NOREPLY_HELO
+        | ProtoOpts::NOREPLY_MAIL
+        | ProtoOpts::NOREPLY_RCPT
+        | ProtoOpts::NOREPLY_DATA
+        | ProtoOpts::NOREPLY_HEADER
+        | ProtoOpts::NOREPLY_EOH
+        | ProtoOpts::NOREPLY_BODY
+        | ProtoOpts::NOREPLY_UNKNOWN;
+    wanted & offered
+}
+
+fn callbacks<I: Intake>(intake: Arc<I>, span: Span, reply: Arc<str>) -> Callbacks<Session> {
+    let (s1, s2, s3, s4, s5, s6) = (
+        span.clone(),
+        span.clone(),
+        span.clone(),
+        span.clone(),
+        span.clone(),
+        span.clone(),
+    );
+    Callbacks::new()
+        .on_negotiate(move |cx, actions, opts| {
+            let _e = s1.enter();
+            Box::pin(ready(on_negotiate(cx, actions, opts)))
+        })
+        .on_connect(move |cx, host, socket| {
+            let _e = s2.enter();
+            Box::pin(ready(on_connect(cx, &host, socket)))
+        })
+        .on_helo(|cx, helo| {
+            let s = session(&mut cx.data);
+            s.helo = lossy(&helo, MAX_NAME);
+            Box::pin(ready(s.ack(ProtoOpts::NOREPLY_HELO)))
+        })
+        .on_mail(move |cx, args| {
+            let _e = s3.enter();
+            let s = session(&mut cx.data);
+            let from = args.first().map(|a| path(a)).unwrap_or_default();
+            debug!(from = %from, "mail transaction");
+            s.tx = Some(Transaction::new(from));
+            Box::pin(ready(s.ack(ProtoOpts::NOREPLY_MAIL)))
+        })
+        .on_rcpt(move |cx, args| {
+            let _e = s4.enter();
+            let s = session(&mut cx.data);
+            if let Some(rcpt) = args.first() {
+                s.tx().add_rcpt(path(rcpt));
+            }
+            Box::pin(ready(s.ack(ProtoOpts::NOREPLY_RCPT)))
+        })
+        .on_data(|cx| Box::pin(ready(session(&mut cx.data).ack(ProtoOpts::NOREPLY_DATA))))
+        .on_header(|cx, name, value| {
+            let s = session(&mut cx.data);
+            s.tx().add_header(&name, &value);
+            Box::pin(ready(s.ack(ProtoOpts::NOREPLY_HEADER)))
+        })
+        .on_eoh(|cx| Box::pin(ready(session(&mut cx.data).ack(ProtoOpts::NOREPLY_EOH))))
+        .on_body(|cx, chunk| {
+            let s = session(&mut cx.data);
+            s.tx().add_body(chunk.len());
+            Box::pin(ready(s.ack(ProtoOpts::NOREPLY_BODY)))
+        })
+        .on_eom(move |cx| {
+            let intake = intake.clone();
+            let reply = reply.clone();
+            Box::pin(async move { on_eom(cx, &*intake, &reply).await }.instrument(s5.clone()))
+        })
+        .on_abort(move |cx| {
+            let _e = s6.enter();
+            if let Some(s) = cx.data.as_mut() {
+                if s.tx.take().is_some() {
+                    debug!("mail transaction aborted");
+                }
+            }
+            Box::pin(ready(Status::Continue))
+        })
+        .on_unknown(|cx, _cmd| {
+            Box::pin(ready(session(&mut cx.data).ack(ProtoOpts::NOREPLY_UNKNOWN)))
+        })
+}
+
+fn on_negotiate(
+    cx: &mut NegotiateContext<Session>,
+    actions: Actions,
+    offered: ProtoOpts,
+) -> Status {
+    let opts = wanted_opts(offered);
+    debug!(?actions, ?offered, requested = ?opts, "negotiated");
+    cx.requested_actions = Actions::empty();
+    cx.requested_opts = opts;
+    cx.requested_macros.clear();
+    cx.data = Some(Session {
+        opts,
+        ..Session::default()
+    });
+    Status::Continue
+}
+
+fn on_connect(cx: &mut Context<Session>, host: &CStr, socket: SocketInfo) -> Status {
+    let ip = match socket {
+        SocketInfo::Inet(addr) => Some(addr.ip()),
+        _ => macro_ip(&cx.macros),
+    };
+    let s = session(&mut cx.data);
+    // A new SMTP connection (also after QUIT_NC): nothing of the previous one carries over.
+    *s = Session {
+        opts: s.opts,
+        client_ip: ip,
+        ..Session::default()
+    };
+    debug!(client_ip = ?ip, client_host = %host.to_string_lossy(), "client connected");
+    s.ack(ProtoOpts::NOREPLY_CONNECT)
+}
+
+async fn on_eom<I: Intake>(cx: &mut EomContext<Session>, intake: &I, reply: &str) -> Status {
+    let macro_ip = macro_ip(&cx.macros);
+    let queue_id = cx
+        .macros
+        .get(c"i")
+        .map(|v| lossy(v, MAX_NAME))
+        .unwrap_or_default();
+    let s = session(&mut cx.data);
+    if s.client_ip.is_none() {
+        s.client_ip = macro_ip;
+    }
+    let arrival = s.arrival(now_ms());
+    let (rcpts, size) = (arrival.rcpts.len(), arrival.size);
+    match intake.accept(arrival).await {
+        Ok(accepted) => {
+            info!(
+                queue_id,
+                rcpts,
+                size,
+                notices = accepted.notices,
+                "arrival recorded"
+            );
+            Status::Accept
+        }
+        Err(e) => {
+            if matches!(e, IntakeError::ShuttingDown) {
+                warn!(queue_id, error = %e, "arrival not recorded, tempfailing the message");
+            } else {
+                error!(queue_id, error = %e, "arrival not recorded, tempfailing the message");
+            }
+            let text = tempfail_text(reply, &e);
+            if let Err(re) = cx
+                .reply
+                .set_error_reply(TEMPFAIL_CODE, Some(TEMPFAIL_XCODE), [text])
+            {
+                warn!(error = %re, "tempfail reply text refused, sending a bare tempfail");
+            }
+            Status::Tempfail
+        }
+    }
+}
+
+/// The session data, created if negotiation somehow did not.
+fn session(data: &mut Option<Session>) -> &mut Session {
+    data.get_or_insert_with(Session::default)
+}
+
+/// The client IP from the `{client_addr}` macro (Stalwart and Sendmail send it; Sendmail
+/// writes IPv6 as `IPv6:2001:db8::1`).
+fn macro_ip(macros: &Macros) -> Option<IpAddr> {
+    parse_client_addr(&macros.get(c"{client_addr}")?.to_string_lossy())
+}
+
+fn parse_client_addr(v: &str) -> Option<IpAddr> {
+    let v = v.trim().trim_start_matches('[').trim_end_matches(']');
+    let v = match v.get(..5) {
+        Some(p) if p.eq_ignore_ascii_case("ipv6:") => &v[5..],
+        _ => v,
+    };
+    v.parse().ok()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+        .unwrap_or(0)
+}
+
+/// The tempfail reply text: `template` with `{error}` replaced, one line of printable text,
+/// `%` doubled (libmilter treats the text as a format string), cut to [`MAX_REPLY_TEXT`].
+fn tempfail_text(template: &str, error: &IntakeError) -> String {
+    let text = template.replace("{error}", &error.to_string());
+    let mut out = String::with_capacity(text.len().min(MAX_REPLY_TEXT));
+    for c in text.chars() {
+        let piece: &str = match c {
+            '%' => "%%",
+            c if c.is_control() => " ",
+            _ => {
+                if out.len() + c.len_utf8() > MAX_REPLY_TEXT {
+                    break;
+                }
+                out.push(c);
+                continue;
+            }
+        };
+        if out.len() + piece.len() > MAX_REPLY_TEXT {
+            break;
+        }
+        out.push_str(piece);
+    }
+    out.trim().to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-connection and per-message state (no I/O)
+
+/// One milter connection's state.
+#[derive(Debug, Default)]
+struct Session {
+    /// Negotiated protocol options (which stages expect no reply).
+    opts: ProtoOpts,
+    client_ip: Option<IpAddr>,
+    helo: String,
+    /// The message in progress, from MAIL to end of message or abort.
+    tx: Option<Transaction>,
+}
+
+impl Session {
+    /// The reply for a stage we never act on.
+    fn ack(&self, noreply: ProtoOpts) -> Status {
+        if self.opts.contains(noreply) {
+            Status::Noreply
+        } else {
+            Status::Continue
+        }
+    }
+
+    /// The transaction in progress (an empty one if MAIL was not seen).
+    fn tx(&mut self) -> &mut Transaction {
+        self.tx.get_or_insert_with(Transaction::default)
+    }
+
+    /// Ends the transaction in progress and describes it.
+    fn arrival(&mut self, received_at_ms: i64) -> Arrival {
+        let tx = self.tx.take().unwrap_or_default();
+        Arrival {
+            origin: Origin::Milter,
+            client_ip: self.client_ip,
+            helo: self.helo.clone(),
+            size: tx.size(),
+            env_from: tx.env_from,
+            rcpts: tx.rcpts,
+            headers: tx.headers.finish(),
+            received_at_ms,
+        }
+    }
+}
+
+/// One message: envelope, the header fields we decode, and byte counts. The body is counted,
+/// never kept.
+#[derive(Debug, Default)]
+struct Transaction {
+    env_from: String,
+    rcpts: Vec<String>,
+    rcpts_dropped: usize,
+    headers: HeaderCollector,
+    header_bytes: u64,
+    body_bytes: u64,
+}
+
+impl Transaction {
+    fn new(env_from: String) -> Self {
+        Self {
+            env_from,
+            ..Self::default()
+        }
+    }
+
+    fn add_rcpt(&mut self, rcpt: String) {
+        if self.rcpts.len() < MAX_RCPTS {
+            self.rcpts.push(rcpt);
+            return;
+        }
+        self.rcpts_dropped += 1;
+        if self.rcpts_dropped == 1 {
+            warn!(
+                max = MAX_RCPTS,
+                "too many recipients, the rest get no notice"
+            );
+        }
+    }
+
+    /// One header field as the MTA sends it (name, value without the CRLF).
+    fn add_header(&mut self, name: &CStr, value: &CStr) {
+        let (name, value) = (name.to_string_lossy(), value.to_bytes());
+        self.headers.add(&name, value);
+        // "Name: value\r\n"
+        let len = name.len() + value.len() + 4;
+        self.header_bytes = self.header_bytes.saturating_add(len as u64);
+    }
+
+    fn add_body(&mut self, len: usize) {
+        self.body_bytes = self.body_bytes.saturating_add(len as u64);
+    }
+
+    /// Approximate message size: header fields, the blank line, the body.
+    fn size(&self) -> u64 {
+        let blank = if self.header_bytes > 0 || self.body_bytes > 0 {
+            2
+        } else {
+            0
+        };
+        self.header_bytes
+            .saturating_add(blank)
+            .saturating_add(self.body_bytes)
+    }
+}
+
+/// An envelope path: `<a@b>` → `a@b`, `<>` → empty; lossy UTF-8, cut to [`MAX_NAME`].
+fn path(arg: &CStr) -> String {
+    let s = arg.to_string_lossy();
+    let s = s.trim();
+    let s = s.strip_prefix('<').unwrap_or(s);
+    let s = s.strip_suffix('>').unwrap_or(s);
+    cut(s.trim(), MAX_NAME).to_owned()
+}
+
+fn lossy(v: &CStr, max: usize) -> String {
+    cut(&v.to_string_lossy(), max).to_owned()
+}
+
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire guard
+
+/// Why the guard closed a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+enum FrameError {
+    #[error("milter packet with zero length")]
+    Empty,
+    #[error(
+        "milter packet of {0} bytes exceeds the {MAX_PACKET}-byte limit (not a milter client?)"
+    )]
+    Oversized(u32),
+    #[error("unknown milter command {0:#04x}")]
+    UnknownCommand(u8),
+    #[error("milter command '{}' {why}", char::from(*.cmd))]
+    OutOfOrder { cmd: u8, why: &'static str },
+}
+
+/// A bad packet: `valid` bytes of the input fed last precede it and may still be processed.
+#[derive(Debug, PartialEq, Eq)]
+struct Rejected {
+    valid: usize,
+    error: FrameError,
+}
+
+/// Follows the packet framing of the MTA's byte stream and rejects what indymilter would only
+/// drop silently or log at trace level: garbage, oversized packets, unknown commands, anything
+/// before option negotiation, and transaction commands (RCPT, DATA, header, body, end of
+/// message) outside a mail transaction. Finer ordering inside a transaction is indymilter's
+/// (like libmilter, it ignores such a command).
+#[derive(Debug, Default)]
+struct FrameGuard {
+    head: [u8; 5],
+    head_len: usize,
+    payload_left: usize,
+    negotiated: bool,
+    in_tx: bool,
+    quit: bool,
+}
+
+impl FrameGuard {
+    /// Follows the next bytes of the stream.
+    fn feed(&mut self, data: &[u8]) -> Result<(), Rejected> {
+        let mut pos = 0;
+        // Where in `data` the packet being read starts (0 if it started earlier).
+        let mut packet_start = 0;
+        while pos < data.len() {
+            if self.payload_left > 0 {
+                let take = self.payload_left.min(data.len() - pos);
+                pos += take;
+                self.payload_left -= take;
+                if self.payload_left == 0 {
+                    packet_start = pos;
+                }
+                continue;
+            }
+            self.head[self.head_len] = data[pos];
+            self.head_len += 1;
+            pos += 1;
+            if self.head_len < self.head.len() {
+                continue;
+            }
+            self.head_len = 0;
+            let [a, b, c, d, cmd] = self.head;
+            let len = u32::from_be_bytes([a, b, c, d]);
+            self.check(len, cmd).map_err(|error| Rejected {
+                valid: packet_start,
+                error,
+            })?;
+            // check() ensures 1 <= len <= MAX_PACKET.
+            self.payload_left = (len - 1) as usize;
+            if self.payload_left == 0 {
+                packet_start = pos;
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&mut self, len: u32, cmd: u8) -> Result<(), FrameError> {
+        if len == 0 {
+            return Err(FrameError::Empty);
+        }
+        if len > MAX_PACKET {
+            return Err(FrameError::Oversized(len));
+        }
+        if !b"ABCDEHKLMNOQRTU".contains(&cmd) {
+            return Err(FrameError::UnknownCommand(cmd));
+        }
+        let out_of_order = |why| Err(FrameError::OutOfOrder { cmd, why });
+        if !self.negotiated {
+            return match cmd {
+                b'O' => {
+                    self.negotiated = true;
+                    Ok(())
+                }
+                b'D' => Ok(()),
+                _ => out_of_order("before option negotiation"),
+            };
+        }
+        match cmd {
+            b'O' => out_of_order("repeats option negotiation"),
+            b'M' => {
+                self.in_tx = true;
+                Ok(())
+            }
+            b'R' | b'T' | b'L' | b'N' | b'B' | b'E' if !self.in_tx => {
+                out_of_order("outside a mail transaction")
+            }
+            b'E' | b'A' | b'C' | b'H' | b'K' => {
+                self.in_tx = false;
+                Ok(())
+            }
+            b'Q' => {
+                self.in_tx = false;
+                self.quit = true;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How the byte stream ended, as seen from underneath indymilter.
+#[derive(Debug)]
+enum End {
+    Open,
+    Eof,
+    Io(io::Error),
+}
+
+/// The connection's stream with a [`FrameGuard`] on its reads; logs in the connection's span
+/// why the connection closed, and signals the close by dropping `_closed`.
+struct Watched<S> {
+    inner: S,
+    span: Span,
+    guard: FrameGuard,
+    rejected: Option<FrameError>,
+    end: End,
+    last_activity: Instant,
+    timeout: Duration,
+    stop: CancellationToken,
+    /// Wakes a pending read on shutdown: indymilter stops the session, but its stream task
+    /// would otherwise keep the connection until the read times out.
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
+    _closed: oneshot::Sender<()>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(e) = this.rejected {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+        }
+        if this.stopped.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "milter shutting down",
+            )));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                if new.is_empty() {
+                    this.end = End::Eof;
+                    return Poll::Ready(Ok(()));
+                }
+                this.last_activity = Instant::now();
+                match this.guard.feed(new) {
+                    Ok(()) => Poll::Ready(Ok(())),
+                    Err(Rejected { valid, error }) => {
+                        warn!(parent: &this.span, %error, "malformed milter data, closing the connection");
+                        this.rejected = Some(error);
+                        if valid == 0 {
+                            buf.set_filled(before);
+                            Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, error)))
+                        } else {
+                            // Let the packets before the bad one through; the next read fails.
+                            buf.set_filled(before + valid);
+                            Poll::Ready(Ok(()))
+                        }
+                    }
+                }
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(this.failed(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                this.last_activity = Instant::now();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(this.failed(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<S> Watched<S> {
+    /// Records an I/O error (keeping the first) and hands it on.
+    fn failed(&mut self, e: io::Error) -> io::Error {
+        if matches!(self.end, End::Open) {
+            self.end = End::Io(io::Error::new(e.kind(), e.to_string()));
+        }
+        e
+    }
+}
+
+impl<S> Drop for Watched<S> {
+    fn drop(&mut self) {
+        let span = &self.span;
+        let mid_message = self.guard.in_tx;
+        if self.rejected.is_some() {
+            debug!(parent: span, "connection closed");
+        } else if self.guard.quit {
+            debug!(parent: span, "session ended");
+        } else if let End::Io(e) = &self.end {
+            info!(parent: span, error = %e, mid_message, "connection failed");
+        } else if matches!(self.end, End::Eof) {
+            if mid_message {
+                info!(parent: span, "MTA closed the connection in the middle of a message");
+            } else {
+                debug!(parent: span, "MTA closed the connection without QUIT");
+            }
+        } else if self.stop.is_cancelled() {
+            debug!(parent: span, "connection closed for shutdown");
+        } else if self.last_activity.elapsed() >= self.timeout {
+            info!(parent: span, timeout = ?self.timeout, mid_message, "connection closed after the idle timeout");
+        } else {
+            // indymilter ends a session this way only on a command it cannot parse or accept
+            // (bad payload, unsupported negotiation); it logs the detail at trace level.
+            warn!(parent: span, "milter session ended on a malformed or unsupported command (details at trace level)");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config parsing
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    parse_duration(&s).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "invalid duration {s:?}: expected e.g. \"500ms\", \"30s\", \"5m\" or \"2h\""
+        ))
+    })
+}
+
+/// A non-zero whole number of `ms`, `s`, `m` or `h`.
+fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let unit_ms = match unit.trim() {
+        "ms" => 1,
+        "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    n.checked_mul(unit_ms)
+        .map(Duration::from_millis)
+        .filter(|d| !d.is_zero())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use std::ffi::CString;
+
+    fn packet(cmd: u8, payload: &[u8]) -> Vec<u8> {
+        let mut p = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
+        p.push(cmd);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    /// A whole MTA side of a session: negotiation, two messages (one aborted), quit.
+    fn session_bytes() -> Vec<u8> {
+        let mut s = Vec::new();
+        s.extend(packet(b'D', b"C{client_addr}\x00192.0.2.1\x00"));
+        s.extend(packet(
+            b'O',
+            &[0, 0, 0, 6, 0, 0, 0, 0xff, 0, 0x1f, 0xff, 0xff],
+        ));
+        s.extend(packet(b'C', b"mx.example\x004\x00\x19192.0.2.1\x00"));
+        s.extend(packet(b'H', b"mx.example\x00"));
+        s.extend(packet(b'M', b"<a@example.org>\x00"));
+        s.extend(packet(b'R', b"<b@example.com>\x00"));
+        s.extend(packet(b'R', b"<c@example.com>\x00"));
+        s.extend(packet(b'T', b""));
+        s.extend(packet(b'L', b"Subject\x00hi\x00"));
+        s.extend(packet(b'N', b""));
+        s.extend(packet(b'B', &[b'x'; 300]));
+        s.extend(packet(b'E', b""));
+        s.extend(packet(b'M', b"<>\x00"));
+        s.extend(packet(b'A', b""));
+        s.extend(packet(b'U', b"NOOP\x00"));
+        s.extend(packet(b'Q', b""));
+        s
+    }
+
+    #[test]
+    fn guard_follows_a_whole_session() {
+        let mut g = FrameGuard::default();
+        g.feed(&session_bytes()).unwrap();
+        assert!(g.quit);
+        assert!(!g.in_tx);
+        assert_eq!((g.head_len, g.payload_left), (0, 0));
+    }
+
+    #[test]
+    fn guard_same_result_at_every_split() {
+        let bytes = session_bytes();
+        for i in 0..=bytes.len() {
+            let mut g = FrameGuard::default();
+            g.feed(&bytes[..i]).unwrap();
+            g.feed(&bytes[i..]).unwrap();
+            assert!(g.quit, "split at {i}");
+            assert_eq!((g.head_len, g.payload_left), (0, 0), "split at {i}");
+        }
+        let mut g = FrameGuard::default();
+        for b in &bytes {
+            g.feed(std::slice::from_ref(b)).unwrap();
+        }
+        assert!(g.quit);
+    }
+
+    #[test]
+    fn guard_rejects_garbage_and_oversized() {
+        let mut g = FrameGuard::default();
+        let e = g.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err();
+        assert_eq!(e.valid, 0);
+        assert!(matches!(e.error, FrameError::Oversized(0x4745_5420)));
+
+        let mut g = FrameGuard::default();
+        let mut bytes = packet(b'O', &[0; 12]);
+        bytes.extend_from_slice(&(MAX_PACKET + 1).to_be_bytes());
+        bytes.push(b'B');
+        let e = g.feed(&bytes).unwrap_err();
+        assert_eq!(e.error, FrameError::Oversized(MAX_PACKET + 1));
+        assert_eq!(e.valid, 17, "the negotiation packet before it stays valid");
+
+        let mut g = FrameGuard::default();
+        assert_eq!(
+            g.feed(&[0, 0, 0, 0, b'O']).unwrap_err().error,
+            FrameError::Empty
+        );
+
+        let mut g = FrameGuard::default();
+        assert_eq!(
+            g.feed(&packet(b'Z', b"")).unwrap_err().error,
+            FrameError::UnknownCommand(b'Z')
+        );
+    }
+
+    #[test]
+    fn guard_largest_packet_passes() {
+        let mut g = FrameGuard::default();
+        g.feed(&packet(b'O', &[0; 12])).unwrap();
+        g.feed(&packet(b'M', b"<>\x00")).unwrap();
+        g.feed(&MAX_PACKET.to_be_bytes()).unwrap();
+        g.feed(b"B").unwrap();
+        g.feed(&vec![0; MAX_PACKET as usize - 1]).unwrap();
+        g.feed(&packet(b'E', b"")).unwrap();
+    }
+
+    #[test]
+    fn guard_rejects_commands_out_of_order() {
+        let mut g = FrameGuard::default();
+        let e = g.feed(&packet(b'C', b"x\x00U")).unwrap_err();
+        assert!(matches!(e.error, FrameError::OutOfOrder { cmd: b'C', .. }));
+
+        let mut g = FrameGuard::default();
+        g.feed(&packet(b'O', &[0; 12])).unwrap();
+        let e = g.feed(&packet(b'R', b"<b@x>\x00")).unwrap_err();
+        assert!(matches!(e.error, FrameError::OutOfOrder { cmd: b'R', .. }));
+        assert_eq!(
+            e.error.to_string(),
+            "milter command 'R' outside a mail transaction"
+        );
+
+        // Body after the transaction was aborted.
+        let mut g = FrameGuard::default();
+        let mut bytes = packet(b'O', &[0; 12]);
+        bytes.extend(packet(b'M', b"<>\x00"));
+        bytes.extend(packet(b'A', b""));
+        let valid = bytes.len();
+        bytes.extend(packet(b'B', b"late"));
+        let e = g.feed(&bytes).unwrap_err();
+        assert_eq!(e.valid, valid);
+
+        let mut g = FrameGuard::default();
+        g.feed(&packet(b'O', &[0; 12])).unwrap();
+        assert!(g.feed(&packet(b'O', &[0; 12])).is_err());
+    }
+
+    #[test]
+    fn paths_lose_brackets() {
+        assert_eq!(path(c"<a@example.org>"), "a@example.org");
+        assert_eq!(path(c"<>"), "");
+        assert_eq!(path(c" b@example.org "), "b@example.org");
+        let long = CString::new(format!("<{}>", "é".repeat(400))).unwrap();
+        let p = path(&long);
+        assert!(p.len() <= MAX_NAME && p.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn client_addr_macro_forms() {
+        assert_eq!(
+            parse_client_addr("192.0.2.7"),
+            Some("192.0.2.7".parse().unwrap())
+        );
+        assert_eq!(
+            parse_client_addr("IPv6:2001:db8::1"),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(
+            parse_client_addr("[2001:db8::2]"),
+            Some("2001:db8::2".parse().unwrap())
+        );
+        assert_eq!(parse_client_addr("unknown"), None);
+        assert_eq!(parse_client_addr(""), None);
+    }
+
+    #[test]
+    fn tempfail_text_is_one_safe_line() {
+        let t = tempfail_text(
+            &MilterConfig::default().tempfail_reply,
+            &IntakeError::Store("disk\r\nfull 100%".into()),
+        );
+        assert_eq!(
+            t,
+            "mailbell: cannot record the arrival notice (notice store unavailable: disk  full 100%%), try again later"
+        );
+        let t = tempfail_text("{error}", &IntakeError::Full("é".repeat(1000)));
+        assert!(t.len() <= MAX_REPLY_TEXT);
+        assert!(t.starts_with("notice store full: é") && t.ends_with('é'));
+    }
+
+    #[test]
+    fn transaction_counts_and_caps() {
+        let mut tx = Transaction::new("a@example.org".into());
+        assert_eq!(tx.size(), 0);
+        tx.add_header(c"Subject", c"hello");
+        assert_eq!(tx.size(), "Subject: hello\r\n\r\n".len() as u64);
+        tx.add_body(1000);
+        tx.add_body(24);
+        assert_eq!(tx.size(), "Subject: hello\r\n\r\n".len() as u64 + 1024);
+        for i in 0..MAX_RCPTS + 5 {
+            tx.add_rcpt(format!("r{i}@example.com"));
+        }
+        assert_eq!(tx.rcpts.len(), MAX_RCPTS);
+        assert_eq!(tx.rcpts_dropped, 5);
+    }
+
+    #[test]
+    fn arrival_ends_the_transaction() {
+        let mut s = Session {
+            client_ip: Some("192.0.2.9".parse().unwrap()),
+            helo: "mx.example".into(),
+            ..Session::default()
+        };
+        s.tx = Some(Transaction::new("a@example.org".into()));
+        s.tx().add_rcpt("b@example.com".into());
+        s.tx().add_header(c"Subject", c"=?UTF-8?B?5L2g5aW9?=");
+        let a = s.arrival(42);
+        assert_eq!(a.origin, Origin::Milter);
+        assert_eq!(a.env_from, "a@example.org");
+        assert_eq!(a.rcpts, ["b@example.com"]);
+        assert_eq!(a.headers.subject, "你好");
+        assert_eq!(a.received_at_ms, 42);
+        assert!(s.tx.is_none());
+        let b = s.arrival(43);
+        assert!(b.rcpts.is_empty() && b.env_from.is_empty() && b.headers.subject.is_empty());
+        assert_eq!(b.helo, "mx.example");
+    }
+
+    #[test]
+    fn negotiation_asks_only_for_what_is_offered() {
+        let postfix = ProtoOpts::all();
+        let got = wanted_opts(postfix);
+        assert!(got.contains(ProtoOpts::NOREPLY_BODY | ProtoOpts::NOREPLY_HEADER));
+        assert!(!got.intersects(
+            ProtoOpts::NO_CONNECT
+                | ProtoOpts::NO_HELO
+                | ProtoOpts::NO_MAIL
+                | ProtoOpts::NO_RCPT
+                | ProtoOpts::NO_HEADER
+                | ProtoOpts::NO_BODY
+                | ProtoOpts::SKIP
+        ));
+        let stalwart = ProtoOpts::from_bits_retain(0x42);
+        assert_eq!(wanted_opts(stalwart), ProtoOpts::NO_EOH);
+        assert_eq!(wanted_opts(ProtoOpts::empty()), ProtoOpts::empty());
+    }
+
+    #[test]
+    fn config_defaults_and_toml() {
+        let d = MilterConfig::default();
+        assert_eq!(d.max_connections.get(), 100);
+        assert_eq!(d.timeout, Duration::from_secs(7210));
+        let c: MilterConfig = toml::from_str("max_connections = 8\ntimeout = \"5m\"\n").unwrap();
+        assert_eq!(c.max_connections.get(), 8);
+        assert_eq!(c.timeout, Duration::from_secs(300));
+        assert_eq!(c.tempfail_reply, d.tempfail_reply);
+        assert!(toml::from_str::<MilterConfig>("max_connections = 0").is_err());
+        assert!(toml::from_str::<MilterConfig>("timeout = \"0s\"").is_err());
+        assert!(toml::from_str::<MilterConfig>("timeout = \"5 parsecs\"").is_err());
+        assert!(toml::from_str::<MilterConfig>("max_conections = 8").is_err());
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+    }
+}
