@@ -1,0 +1,679 @@
+//! Black-box tests of the milter endpoint: `serve` on 127.0.0.1:0, talked to as an MTA would
+//! (indymilter-test's fake MTA, or a raw TCP client for malformed input).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use indymilter_test::{Actions, MacroStage, ProtoOpts, SocketInfo, Status, TestConnection};
+use mailbell::arrival::{Accepted, Arrival, Ingest, Intake, IntakeError, Origin};
+use mailbell::milter::{serve, MilterConfig, MilterError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+// ---------------------------------------------------------------------------------------------
+// Allocation high-water mark, to show a large body is not buffered.
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; we only count bytes.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                let grow = new_size - layout.size();
+                let live = LIVE.fetch_add(grow, Ordering::Relaxed) + grow;
+                PEAK.fetch_max(live, Ordering::Relaxed);
+            } else {
+                LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+// ---------------------------------------------------------------------------------------------
+// A test intake and a running server
+
+#[derive(Default)]
+struct TestIntake {
+    arrivals: Mutex<Vec<Arrival>>,
+    fail: AtomicBool,
+}
+
+impl TestIntake {
+    fn take(&self) -> Vec<Arrival> {
+        std::mem::take(&mut *self.arrivals.lock().unwrap())
+    }
+}
+
+impl Intake for TestIntake {
+    async fn accept(&self, arrival: Arrival) -> Result<Accepted, IntakeError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(IntakeError::Store("disk full".into()));
+        }
+        let notices = arrival.rcpts.len();
+        self.arrivals.lock().unwrap().push(arrival);
+        Ok(Accepted { notices })
+    }
+
+    async fn confirm(&self, _events: Vec<Ingest>) -> Result<(), IntakeError> {
+        Ok(())
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    intake: Arc<TestIntake>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), MilterError>>,
+}
+
+impl Server {
+    async fn start(cfg: MilterConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let intake = Arc::new(TestIntake::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, intake.clone(), cfg, shutdown.clone()));
+        Self {
+            addr,
+            intake,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn open(&self) -> TestConnection {
+        TestConnection::configure()
+            .read_timeout(Duration::from_secs(20))
+            .open_tcp(self.addr)
+            .await
+            .unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let res = tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("serve did not stop")
+            .unwrap();
+        assert!(res.is_ok(), "{res:?}");
+    }
+}
+
+/// A message as the MTA hands it over.
+struct Msg<'a> {
+    from: &'a str,
+    rcpts: &'a [&'a str],
+    headers: &'a [(&'a str, &'a str)],
+    body: &'a [u8],
+}
+
+impl Msg<'_> {
+    /// The size the milter reports: header fields ("Name: value\r\n"), blank line, body.
+    fn size(&self) -> u64 {
+        let h: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 4)
+            .sum();
+        (h + 2 + self.body.len()) as u64
+    }
+}
+
+/// Expect the status of a stage that does not reply when NR_* was negotiated.
+fn ok_or_noreply(s: Status) {
+    assert!(matches!(s, Status::Continue | Status::Noreply), "{s:?}");
+}
+
+async fn connect(conn: &mut TestConnection, ip: [u8; 4], helo: &str) {
+    ok_or_noreply(conn.connect("client.example", (ip, 40000)).await.unwrap());
+    ok_or_noreply(conn.helo(helo).await.unwrap());
+}
+
+/// Sends one message up to (not including) end of message, following the negotiated options.
+async fn send_until_eom(conn: &mut TestConnection, m: &Msg<'_>) {
+    let opts = conn.negotiated_opts();
+    ok_or_noreply(conn.mail([m.from, "BODY=8BITMIME"]).await.unwrap());
+    for r in m.rcpts {
+        ok_or_noreply(conn.rcpt([*r, "NOTIFY=NEVER"]).await.unwrap());
+    }
+    if !opts.contains(ProtoOpts::NO_DATA) {
+        ok_or_noreply(conn.data().await.unwrap());
+    }
+    for (n, v) in m.headers {
+        ok_or_noreply(conn.header(*n, *v).await.unwrap());
+    }
+    if !opts.contains(ProtoOpts::NO_EOH) {
+        ok_or_noreply(conn.eoh().await.unwrap());
+    }
+    if !m.body.is_empty() {
+        ok_or_noreply(conn.body(m.body.to_vec()).await.unwrap());
+    }
+}
+
+async fn send(conn: &mut TestConnection, m: &Msg<'_>) -> Status {
+    send_until_eom(conn, m).await;
+    let (_actions, status) = conn.eom().await.unwrap();
+    status
+}
+
+fn cfg() -> MilterConfig {
+    MilterConfig {
+        timeout: Duration::from_secs(30),
+        ..MilterConfig::default()
+    }
+}
+
+/// Reads until the server closes the connection; true if it did (EOF or reset).
+async fn closed_by_server(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+fn packet(cmd: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
+    p.push(cmd);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// Option negotiation as Postfix sends it (version 6, all actions, all options).
+fn optneg() -> Vec<u8> {
+    let mut p = 6u32.to_be_bytes().to_vec();
+    p.extend_from_slice(&0x1ffu32.to_be_bytes());
+    p.extend_from_slice(&0x1f_ffffu32.to_be_bytes());
+    packet(b'O', &p)
+}
+
+/// Log lines written while the guard is held (current-thread runtime: server tasks included).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        let sink = self.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::set_default(sub)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn plain_message() {
+    let server = Server::start(cfg()).await;
+    let mut conn = server.open().await;
+    // Postfix-like MTA (all options offered): no replies before end of message.
+    assert!(conn
+        .negotiated_opts()
+        .contains(ProtoOpts::NOREPLY_BODY | ProtoOpts::NOREPLY_HEADER));
+    assert!(!conn.negotiated_opts().contains(ProtoOpts::NO_BODY));
+    assert_eq!(conn.negotiated_actions(), Actions::empty());
+
+    connect(&mut conn, [192, 0, 2, 10], "mx.example.net").await;
+    let m = Msg {
+        from: "<alice@example.org>",
+        rcpts: &["<bob@example.com>"],
+        headers: &[
+            ("Received", "from mx.example.net by mail.example.com"),
+            ("From", "Alice Liddell <alice@example.org>"),
+            ("To", "bob@example.com"),
+            ("Subject", "Tea at four"),
+            ("Message-ID", "<m1@example.org>"),
+            ("Date", "Tue, 01 Jul 2025 10:00:00 +0000"),
+        ],
+        body: b"Dear Bob,\r\nsee you.\r\n",
+    };
+    assert_eq!(send(&mut conn, &m).await, Status::Accept);
+    conn.close().await.unwrap();
+
+    let arrivals = server.intake.take();
+    assert_eq!(arrivals.len(), 1);
+    let a = &arrivals[0];
+    assert_eq!(a.origin, Origin::Milter);
+    assert_eq!(a.client_ip, Some("192.0.2.10".parse().unwrap()));
+    assert_eq!(a.helo, "mx.example.net");
+    assert_eq!(a.env_from, "alice@example.org");
+    assert_eq!(a.rcpts, ["bob@example.com"]);
+    assert_eq!(a.headers.from_name, "Alice Liddell");
+    assert_eq!(a.headers.from_addr, "alice@example.org");
+    assert_eq!(a.headers.subject, "Tea at four");
+    assert_eq!(a.headers.message_id, "m1@example.org");
+    assert_eq!(a.headers.date_ms, Some(1_751_364_000_000));
+    assert_eq!(a.size, m.size());
+    assert!(a.received_at_ms > 1_700_000_000_000);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn chinese_subject_and_display_name() {
+    let server = Server::start(cfg()).await;
+    let mut conn = server.open().await;
+    connect(&mut conn, [198, 51, 100, 4], "mail.example.cn").await;
+    let m = Msg {
+        from: "<li@example.cn>",
+        rcpts: &["<wang@example.com>"],
+        headers: &[
+            // 李雷 in GBK, 你好，世界 in UTF-8.
+            ("From", "=?GBK?B?wO7A1w==?= <li@example.cn>"),
+            ("Subject", "=?UTF-8?B?5L2g5aW977yM5LiW55WM?="),
+        ],
+        body: b"\r\n",
+    };
+    assert_eq!(send(&mut conn, &m).await, Status::Accept);
+    // A GBK subject split over two encoded words and folded, on the same connection.
+    let m2 = Msg {
+        from: "<li@example.cn>",
+        rcpts: &["<wang@example.com>"],
+        headers: &[
+            ("From", "=?UTF-8?B?5byg5LiJ?= <zhang@example.cn>"),
+            ("Subject", "=?GBK?B?u+HS6Q==?=\r\n =?GBK?B?zajWqg==?="),
+        ],
+        body: b"",
+    };
+    assert_eq!(send(&mut conn, &m2).await, Status::Accept);
+    conn.close().await.unwrap();
+
+    let a = server.intake.take();
+    assert_eq!(a.len(), 2);
+    assert_eq!(a[0].headers.from_name, "李雷");
+    assert_eq!(a[0].headers.from_addr, "li@example.cn");
+    assert_eq!(a[0].headers.subject, "你好，世界");
+    assert_eq!(a[1].headers.from_name, "张三");
+    assert_eq!(a[1].headers.subject, "会议通知");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn messages_on_one_connection_do_not_share_state() {
+    let server = Server::start(cfg()).await;
+    let mut conn = server.open().await;
+    connect(&mut conn, [192, 0, 2, 20], "relay.example").await;
+
+    let first = Msg {
+        from: "<a@example.org>",
+        rcpts: &["<one@example.com>"],
+        headers: &[("Subject", "first"), ("Message-ID", "<1@example.org>")],
+        body: b"first body\r\n",
+    };
+    assert_eq!(send(&mut conn, &first).await, Status::Accept);
+
+    // A second message aborted after its headers (the client sent RSET).
+    let aborted = Msg {
+        from: "<ghost@example.org>",
+        rcpts: &["<ghost@example.com>"],
+        headers: &[("Subject", "leak"), ("From", "Ghost <ghost@example.org>")],
+        body: b"never seen",
+    };
+    send_until_eom(&mut conn, &aborted).await;
+    conn.abort().await.unwrap();
+
+    // A message aborted right after MAIL.
+    ok_or_noreply(conn.mail(["<ghost2@example.org>"]).await.unwrap());
+    conn.abort().await.unwrap();
+
+    // The third message has no Subject, From or Message-ID of its own.
+    let third = Msg {
+        from: "<>",
+        rcpts: &["<three@example.com>"],
+        headers: &[("X-Note", "bounce")],
+        body: b"",
+    };
+    assert_eq!(send(&mut conn, &third).await, Status::Accept);
+    conn.close().await.unwrap();
+
+    let a = server.intake.take();
+    assert_eq!(a.len(), 2);
+    assert_eq!(a[0].env_from, "a@example.org");
+    assert_eq!(a[0].rcpts, ["one@example.com"]);
+    assert_eq!(a[0].headers.subject, "first");
+    assert_eq!(a[0].size, first.size());
+    assert_eq!(a[1].env_from, "");
+    assert_eq!(a[1].rcpts, ["three@example.com"]);
+    assert_eq!(a[1].headers.subject, "");
+    assert_eq!(a[1].headers.from_addr, "");
+    assert_eq!(a[1].headers.message_id, "");
+    assert_eq!(a[1].size, third.size());
+    // Connection facts carry over.
+    assert_eq!(a[1].client_ip, Some("192.0.2.20".parse().unwrap()));
+    assert_eq!(a[1].helo, "relay.example");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn multiple_recipients_in_order() {
+    let server = Server::start(cfg()).await;
+    let mut conn = server.open().await;
+    connect(&mut conn, [192, 0, 2, 30], "mx.example").await;
+    let m = Msg {
+        from: "<news@example.org>",
+        rcpts: &["<c@example.com>", "<a@example.com>", "<b@example.net>"],
+        headers: &[("Subject", "weekly")],
+        body: b"hi\r\n",
+    };
+    assert_eq!(send(&mut conn, &m).await, Status::Accept);
+    conn.close().await.unwrap();
+    let a = server.intake.take();
+    assert_eq!(
+        a[0].rcpts,
+        ["c@example.com", "a@example.com", "b@example.net"]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn intake_failure_tempfails_with_the_cause() {
+    let server = Server::start(cfg()).await;
+    let mut conn = server.open().await;
+    connect(&mut conn, [192, 0, 2, 40], "mx.example").await;
+    let m = Msg {
+        from: "<a@example.org>",
+        rcpts: &["<b@example.com>"],
+        headers: &[("Subject", "x")],
+        body: b"x\r\n",
+    };
+    server.intake.fail.store(true, Ordering::SeqCst);
+    let status = send(&mut conn, &m).await;
+    let Status::Tempfail {
+        message: Some(text),
+    } = status
+    else {
+        panic!("expected a tempfail with a reply, got {status:?}");
+    };
+    assert_eq!(
+        text.to_str().unwrap(),
+        "451 4.3.0 mailbell: cannot record the arrival notice \
+         (notice store unavailable: disk full), try again later"
+    );
+    assert!(server.intake.take().is_empty());
+
+    // The MTA retries on the same connection once the store is back.
+    server.intake.fail.store(false, Ordering::SeqCst);
+    assert_eq!(send(&mut conn, &m).await, Status::Accept);
+    conn.close().await.unwrap();
+    assert_eq!(server.intake.take().len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn stalwart_style_client() {
+    // Stalwart offers protocol options 0x42, actions 0xFF (no SETSYMLIST), sends the
+    // {client_addr} macro before connect, and one connection per message.
+    let server = Server::start(cfg()).await;
+    let mut conn = TestConnection::configure()
+        .read_timeout(Duration::from_secs(20))
+        .available_opts(ProtoOpts::from_bits_retain(0x42))
+        .available_actions(Actions::from_bits_retain(0xff))
+        .open_tcp(server.addr)
+        .await
+        .unwrap();
+    assert_eq!(conn.negotiated_opts(), ProtoOpts::NO_EOH);
+    conn.macros(
+        MacroStage::Connect,
+        [
+            ("j", "mail.example.com"),
+            ("{client_addr}", "IPv6:2001:db8::25"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        conn.connect("unknown", SocketInfo::Unknown).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(conn.helo("sender.example").await.unwrap(), Status::Continue);
+    let m = Msg {
+        from: "<s@sender.example>",
+        rcpts: &["<r@example.com>"],
+        headers: &[("Subject", "from stalwart")],
+        body: b"body\r\n",
+    };
+    assert_eq!(send(&mut conn, &m).await, Status::Accept);
+    conn.close().await.unwrap();
+    let a = server.intake.take();
+    assert_eq!(a[0].client_ip, Some("2001:db8::25".parse().unwrap()));
+    assert_eq!(a[0].headers.subject, "from stalwart");
+    assert_eq!(a[0].size, m.size());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_input_closes_only_that_connection() {
+    let logs = Logs::default();
+    let _capture = logs.capture();
+    let server = Server::start(cfg()).await;
+
+    // A session in progress on another connection.
+    let mut busy = server.open().await;
+    connect(&mut busy, [192, 0, 2, 50], "mx.example").await;
+    let m = Msg {
+        from: "<a@example.org>",
+        rcpts: &["<b@example.com>"],
+        headers: &[("Subject", "survivor")],
+        body: b"x\r\n",
+    };
+    send_until_eom(&mut busy, &m).await;
+
+    // Not a milter client at all.
+    let mut raw = TcpStream::connect(server.addr).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: milter\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed_by_server(&mut raw).await, "garbage");
+
+    // A packet length beyond the limit after a valid negotiation.
+    let mut raw = TcpStream::connect(server.addr).await.unwrap();
+    let mut bytes = optneg();
+    bytes.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    bytes.push(b'B');
+    raw.write_all(&bytes).await.unwrap();
+    assert!(closed_by_server(&mut raw).await, "oversized");
+
+    // An unknown command byte.
+    let mut raw = TcpStream::connect(server.addr).await.unwrap();
+    let mut bytes = optneg();
+    bytes.extend(packet(b'z', b"zzz"));
+    raw.write_all(&bytes).await.unwrap();
+    assert!(closed_by_server(&mut raw).await, "unknown command");
+
+    // Recipient before any MAIL.
+    let mut raw = TcpStream::connect(server.addr).await.unwrap();
+    let mut bytes = optneg();
+    bytes.extend(packet(b'R', b"<b@example.com>\0"));
+    raw.write_all(&bytes).await.unwrap();
+    assert!(closed_by_server(&mut raw).await, "out of order");
+
+    // A connect packet indymilter cannot parse (unknown address family).
+    let mut raw = TcpStream::connect(server.addr).await.unwrap();
+    let mut bytes = optneg();
+    bytes.extend(packet(b'C', b"host\0X\0\0"));
+    raw.write_all(&bytes).await.unwrap();
+    assert!(closed_by_server(&mut raw).await, "bad payload");
+
+    // The busy session never noticed; a new session works too.
+    assert_eq!(busy.eom().await.unwrap().1, Status::Accept);
+    busy.close().await.unwrap();
+    let mut conn = server.open().await;
+    connect(&mut conn, [192, 0, 2, 51], "mx.example").await;
+    assert_eq!(send(&mut conn, &m).await, Status::Accept);
+    conn.close().await.unwrap();
+    assert_eq!(server.intake.take().len(), 2);
+    server.stop().await;
+
+    let text = logs.text();
+    let warned = |what: &str| {
+        text.lines()
+            .any(|l| l.contains("WARN") && l.contains("milter{peer=127.0.0.1:") && l.contains(what))
+    };
+    assert!(
+        warned("exceeds the 1048576-byte limit (not a milter client?)"),
+        "{text}"
+    );
+    assert!(warned("milter packet of 2147483647 bytes"), "{text}");
+    assert!(warned("unknown milter command 0x7a"), "{text}");
+    assert!(
+        warned("milter command 'R' outside a mail transaction"),
+        "{text}"
+    );
+    assert!(warned("malformed or unsupported command"), "{text}");
+}
+
+#[tokio::test]
+async fn large_body_is_counted_not_kept() {
+    const CHUNK: usize = 65_535;
+    const CHUNKS: usize = 320; // ~20 MiB
+    static DATA: [u8; CHUNK] = [b'x'; CHUNK];
+
+    let server = Server::start(cfg()).await;
+    let mut conn = server.open().await;
+    connect(&mut conn, [192, 0, 2, 60], "mx.example").await;
+    let headers: &[(&str, &str)] = &[("Subject", "big")];
+    send_until_eom(
+        &mut conn,
+        &Msg {
+            from: "<a@example.org>",
+            rcpts: &["<b@example.com>"],
+            headers,
+            body: b"",
+        },
+    )
+    .await;
+
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    for _ in 0..CHUNKS {
+        ok_or_noreply(conn.body(Bytes::from_static(&DATA)).await.unwrap());
+    }
+    assert_eq!(conn.eom().await.unwrap().1, Status::Accept);
+    let grown = PEAK.load(Ordering::Relaxed).saturating_sub(before);
+    conn.close().await.unwrap();
+
+    let body = (CHUNK * CHUNKS) as u64;
+    let a = server.intake.take();
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].size, ("Subject: big\r\n".len() + 2) as u64 + body);
+    // Buffering the body would take 20 MiB; counting it takes a chunk or two.
+    assert!(
+        grown < 8 << 20,
+        "allocations grew by {grown} bytes for a {body}-byte body"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn idle_connection_times_out() {
+    let server = Server::start(MilterConfig {
+        timeout: Duration::from_millis(300),
+        ..MilterConfig::default()
+    })
+    .await;
+    let mut raw = TcpStream::connect(server.addr).await.unwrap();
+    raw.write_all(&optneg()).await.unwrap();
+    assert!(closed_by_server(&mut raw).await);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connection_limit_holds_back_extra_clients() {
+    let server = Server::start(MilterConfig {
+        max_connections: NonZeroUsize::new(1).unwrap(),
+        ..cfg()
+    })
+    .await;
+    let first = server.open().await;
+
+    // The second client is accepted by the kernel but not served while the first is open.
+    let mut second = TcpStream::connect(server.addr).await.unwrap();
+    second.write_all(&optneg()).await.unwrap();
+    let mut head = [0u8; 5];
+    let early = tokio::time::timeout(Duration::from_millis(300), second.read_exact(&mut head));
+    assert!(
+        early.await.is_err(),
+        "second connection served beyond the limit"
+    );
+
+    first.close().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), second.read_exact(&mut head))
+        .await
+        .expect("second connection not served after the first closed")
+        .unwrap();
+    assert_eq!(head[4], b'O');
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_open_sessions() {
+    let server = Server::start(cfg()).await;
+    let mut conn = server.open().await;
+    connect(&mut conn, [192, 0, 2, 70], "mx.example").await;
+    let mut raw = TcpStream::connect(server.addr).await.unwrap();
+    raw.write_all(&optneg()).await.unwrap();
+    let mut head = [0u8; 5];
+    raw.read_exact(&mut head).await.unwrap();
+
+    let addr = server.addr;
+    server.stop().await;
+    assert!(closed_by_server(&mut raw).await);
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "listener still open"
+    );
+    drop(conn);
+}
