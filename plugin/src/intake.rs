@@ -180,6 +180,7 @@ fn bump(c: &std::sync::atomic::AtomicU64, n: u64) {
 enum Cmd {
     Staged(u64, StagedMsg),
     Confirm(Vec<Ingest>, oneshot::Sender<Result<(), IntakeError>>),
+    Tick(oneshot::Sender<Result<(), IntakeError>>),
 }
 
 /// A clock in Unix milliseconds (tests move it by hand).
@@ -360,6 +361,17 @@ impl Intake for MailIntake {
 }
 
 impl MailIntake {
+    /// Makes the scheduler handle everything sent to it so far and evaluate its timers against
+    /// the clock now; resolves when that is durable. The daemon never needs it (the scheduler
+    /// wakes on its own); tests with a manual clock do.
+    pub async fn tick(&self) -> Result<(), IntakeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Tick(reply))
+            .map_err(|_| IntakeError::ShuttingDown)?;
+        rx.await.map_err(|_| IntakeError::ShuttingDown)?
+    }
+
     /// The user registry this intake reads.
     pub fn users(&self) -> &UserStore {
         &self.users
@@ -544,6 +556,7 @@ impl Scheduler {
                 }
                 round.replies.push(reply);
             }
+            Cmd::Tick(reply) => round.replies.push(reply),
         }
     }
 
@@ -906,5 +919,443 @@ impl Scheduler {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use super::*;
+    use crate::arrival::HeaderFacts;
+    use crate::audit::AuditConfig;
+    use crate::users::QuietHours;
+
+    /// 2026-11-22 10:00:00 UTC.
+    const T0: i64 = 1_795_341_600_000;
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        intake: MailIntake,
+        outbox: Outbox,
+        users: UserStore,
+        audit: AuditLog,
+        now: Arc<AtomicI64>,
+        token: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn user(addr: &str, phone: &str) -> User {
+        let mut u = User::new(addr);
+        u.phone = phone.into();
+        u
+    }
+
+    async fn rig_with(cfg: IntakeConfig, users: Vec<User>, accounts: Option<AccountResolver>) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&dir.path().join("outbox"), Default::default()).unwrap();
+        let store = UserStore::open(&dir.path().join("users")).unwrap();
+        for u in users {
+            store.insert(u).unwrap();
+        }
+        let audit = AuditLog::open(&dir.path().join("audit"), AuditConfig::default()).unwrap();
+        start(dir, cfg, outbox, store, audit, accounts)
+    }
+
+    fn start(
+        dir: tempfile::TempDir,
+        cfg: IntakeConfig,
+        outbox: Outbox,
+        users: UserStore,
+        audit: AuditLog,
+        accounts: Option<AccountResolver>,
+    ) -> Rig {
+        let now = Arc::new(AtomicI64::new(T0));
+        let n = now.clone();
+        let token = CancellationToken::new();
+        let (intake, task) = MailIntake::start(
+            cfg,
+            outbox.clone(),
+            users.clone(),
+            audit.clone(),
+            accounts,
+            Arc::new(move || n.load(Ordering::SeqCst)),
+            token.clone(),
+        )
+        .unwrap();
+        Rig {
+            _dir: dir,
+            intake,
+            outbox,
+            users,
+            audit,
+            now,
+            token,
+            task,
+        }
+    }
+
+    async fn rig(users: Vec<User>) -> Rig {
+        rig_with(IntakeConfig::default(), users, None).await
+    }
+
+    impl Rig {
+        fn advance(&self, ms: i64) {
+            self.now.fetch_add(ms, Ordering::SeqCst);
+        }
+
+        async fn tick(&self) {
+            self.intake.tick().await.unwrap();
+        }
+
+        /// Queued notices, oldest first.
+        fn queued(&self) -> Vec<Notification> {
+            self.outbox
+                .list(1000)
+                .unwrap()
+                .iter()
+                .map(|q| q.notification().unwrap())
+                .collect()
+        }
+    }
+
+    fn arrival(origin: Origin, rcpts: &[&str], subject: &str, at: i64) -> Arrival {
+        Arrival {
+            origin,
+            client_ip: None,
+            helo: "mx.remote.example".into(),
+            env_from: "bounce@remote.example".into(),
+            rcpts: rcpts.iter().map(|s| s.to_string()).collect(),
+            headers: HeaderFacts {
+                from_name: "张伟".into(),
+                from_addr: "zhang.wei@remote.example".into(),
+                subject: subject.into(),
+                message_id: "m1@remote.example".into(),
+                date_ms: None,
+            },
+            size: 1234,
+            received_at_ms: at,
+        }
+    }
+
+    fn ingest(kind: IngestKind, queue_id: u64, account_id: Option<u64>) -> Ingest {
+        Ingest {
+            kind,
+            queue_id: Some(queue_id),
+            account_id,
+            document_id: Some(1),
+            message_id: "m1@remote.example".into(),
+            to: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn milter_arrival_notifies_registered_eligible_users_only() {
+        let mut off = user("off@example.com", "+8613800000001");
+        off.notify = false;
+        let mut expired = user("old@example.com", "+8613800000002");
+        expired.licence_until = Some(T0 - 1);
+        let mut alias = user("alice@example.com", "+8613800138000");
+        alias.aliases = vec!["a.li@example.com".into()];
+        alias.language = "zh".into();
+        let r = rig(vec![
+            alias,
+            off,
+            expired,
+            user("nophone@example.com", ""),
+        ])
+        .await;
+        let a = arrival(
+            Origin::Milter,
+            &[
+                "A.Li@Example.com",
+                "alice@example.com",
+                "off@example.com",
+                "old@example.com",
+                "nophone@example.com",
+                "stranger@example.com",
+            ],
+            "季度报告",
+            T0,
+        );
+        let got = r.intake.accept(a).await.unwrap();
+        assert_eq!(got.notices, 1, "two addresses of one user give one notice");
+        r.tick().await;
+        let q = r.queued();
+        assert_eq!(q.len(), 1);
+        let n = &q[0];
+        assert_eq!(n.phone, "+8613800138000");
+        assert_eq!(n.recipient, "A.Li@Example.com");
+        assert_eq!(n.from_name, "张伟");
+        assert_eq!(n.from_addr, "zhang.wei@remote.example");
+        assert_eq!(n.subject, "季度报告");
+        assert_eq!(n.received_at_ms, T0);
+        assert_eq!(n.language, "zh");
+        assert_eq!(n.count, 1);
+        assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 0);
+        let s = &r.intake.stats;
+        assert_eq!(s.unknown_recipients.load(Ordering::Relaxed), 1);
+        assert_eq!(s.ineligible_recipients.load(Ordering::Relaxed), 3);
+        // Nobody to notify: accepted, nothing stored.
+        let got = r
+            .intake
+            .accept(arrival(Origin::Milter, &["stranger@example.com"], "x", T0))
+            .await
+            .unwrap();
+        assert_eq!(got.notices, 0);
+        assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn stalwart_arrival_waits_for_ham_and_duplicates_change_nothing() {
+        let r = rig(vec![user("alice@test.local", "+8613800138000")]).await;
+        let q = 341_998_963_378_880_878;
+        r.intake
+            .accept(arrival(Origin::Stalwart { queue_id: q }, &["alice@test.local"], "s", T0))
+            .await
+            .unwrap();
+        r.tick().await;
+        assert!(r.queued().is_empty(), "not before the delivery is confirmed");
+        assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 1);
+        // A confirmation for some other message changes nothing.
+        r.intake.confirm(vec![ingest(IngestKind::Ham, 7, Some(2))]).await.unwrap();
+        assert!(r.queued().is_empty());
+        r.intake.confirm(vec![ingest(IngestKind::Ham, q, Some(2))]).await.unwrap();
+        assert_eq!(r.queued().len(), 1);
+        // Stalwart resends whole batches: the same confirmation again sends nothing.
+        r.intake.confirm(vec![ingest(IngestKind::Ham, q, Some(2))]).await.unwrap();
+        r.advance(3_600_000);
+        r.tick().await;
+        assert_eq!(r.queued().len(), 1);
+        assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn spam_and_duplicates_are_not_notified_unless_configured() {
+        let users = vec![user("alice@test.local", "+8613800138000")];
+        let r = rig(users.clone()).await;
+        for (q, kind) in [(1, IngestKind::Spam), (2, IngestKind::Duplicate)] {
+            r.intake
+                .accept(arrival(Origin::Stalwart { queue_id: q }, &["alice@test.local"], "s", T0))
+                .await
+                .unwrap();
+            r.intake.confirm(vec![ingest(kind, q, None)]).await.unwrap();
+        }
+        r.advance(3_600_000);
+        r.tick().await;
+        assert!(r.queued().is_empty());
+        assert_eq!(r.intake.stats.dropped.load(Ordering::Relaxed), 2);
+        let cfg = IntakeConfig {
+            spam_notifies: true,
+            ..Default::default()
+        };
+        let r = rig_with(cfg, users, None).await;
+        r.intake
+            .accept(arrival(Origin::Stalwart { queue_id: 1 }, &["alice@test.local"], "s", T0))
+            .await
+            .unwrap();
+        r.intake.confirm(vec![ingest(IngestKind::Spam, 1, None)]).await.unwrap();
+        assert_eq!(r.queued().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn missing_confirmation_releases_or_drops_after_the_timeout() {
+        for (policy, expect) in [(TimeoutPolicy::Release, 1), (TimeoutPolicy::Drop, 0)] {
+            let cfg = IntakeConfig {
+                on_confirm_timeout: policy,
+                confirm_timeout_secs: 300,
+                ..Default::default()
+            };
+            let r = rig_with(cfg, vec![user("alice@test.local", "+8613800138000")], None).await;
+            r.intake
+                .accept(arrival(Origin::Stalwart { queue_id: 9 }, &["alice@test.local"], "s", T0))
+                .await
+                .unwrap();
+            r.advance(299_000);
+            r.tick().await;
+            assert!(r.queued().is_empty(), "{policy:?}: too early");
+            r.advance(2_000);
+            r.tick().await;
+            assert_eq!(r.queued().len(), expect, "{policy:?}");
+            assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 0);
+            // A late confirmation finds nothing to do.
+            r.intake.confirm(vec![ingest(IngestKind::Ham, 9, None)]).await.unwrap();
+            assert_eq!(r.queued().len(), expect);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_inside_the_rate_limit_becomes_one_coalesced_notice() {
+        let mut u = user("alice@example.com", "+8613800138000");
+        u.rate_limit_secs = Some(300);
+        let r = rig(vec![u]).await;
+        for i in 0..5 {
+            r.advance(10_000);
+            let at = r.now.load(Ordering::SeqCst);
+            r.intake
+                .accept(arrival(Origin::Milter, &["alice@example.com"], &format!("m{i}"), at))
+                .await
+                .unwrap();
+            r.tick().await;
+        }
+        let q = r.queued();
+        assert_eq!(q.len(), 1, "the first one goes at once");
+        assert_eq!(q[0].subject, "m0");
+        r.advance(250_000); // 290 s after the first SMS
+        r.tick().await;
+        assert_eq!(r.queued().len(), 1, "still inside the window");
+        r.advance(20_000);
+        r.tick().await;
+        let q = r.queued();
+        assert_eq!(q.len(), 2);
+        assert_eq!(q[1].count, 4, "four arrivals in one SMS");
+        assert_eq!(q[1].subject, "m4", "with the newest one's subject");
+        assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 0);
+        assert_eq!(r.intake.stats.coalesced.load(Ordering::Relaxed), 4);
+        r.audit.flush().unwrap();
+        let log = r
+            .audit
+            .query(&crate::audit::AuditQuery {
+                user: Some("alice@example.com".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        let names: Vec<String> = log
+            .iter()
+            .map(|l| serde_json::to_value(&l.event).unwrap()["event"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(names.iter().filter(|n| *n == "created").count(), 5, "{names:?}");
+        assert_eq!(names.iter().filter(|n| *n == "held").count(), 4, "{names:?}");
+        assert_eq!(names.iter().filter(|n| *n == "coalesced").count(), 4, "{names:?}");
+        assert_eq!(names.iter().filter(|n| *n == "queued").count(), 2, "{names:?}");
+    }
+
+    #[tokio::test]
+    async fn quiet_hours_hold_until_the_window_ends() {
+        let mut u = user("alice@example.com", "+8613800138000");
+        // T0 is 10:00 UTC = 18:00 at +08:00; quiet 17:30-19:00 local.
+        u.quiet = Some(QuietHours::parse("17:30-19:00").unwrap());
+        u.rate_limit_secs = Some(0);
+        let cfg = IntakeConfig {
+            timezone: "+08:00".into(),
+            ..Default::default()
+        };
+        let r = rig_with(cfg, vec![u], None).await;
+        for s in ["a", "b"] {
+            r.intake
+                .accept(arrival(Origin::Milter, &["alice@example.com"], s, T0))
+                .await
+                .unwrap();
+        }
+        r.tick().await;
+        assert!(r.queued().is_empty());
+        r.advance(59 * 60_000);
+        r.tick().await;
+        assert!(r.queued().is_empty(), "18:59 is still quiet");
+        r.advance(60_000);
+        r.tick().await;
+        let q = r.queued();
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].count, 2);
+    }
+
+    #[tokio::test]
+    async fn sender_filters_and_users_switched_off_while_held() {
+        let mut u = user("alice@example.com", "+8613800138000");
+        u.deny_senders = vec!["@remote.example".into()];
+        let mut b = user("bob@example.com", "+8613800138001");
+        b.rate_limit_secs = Some(300);
+        let r = rig(vec![u, b]).await;
+        r.intake
+            .accept(arrival(Origin::Milter, &["alice@example.com", "bob@example.com"], "s", T0))
+            .await
+            .unwrap();
+        r.intake
+            .accept(arrival(Origin::Milter, &["bob@example.com"], "t", T0))
+            .await
+            .unwrap();
+        r.tick().await;
+        let q = r.queued();
+        assert_eq!(q.len(), 1, "alice filtered the sender; bob's second one is held");
+        assert_eq!(q[0].recipient, "bob@example.com");
+        // Bob turns notices off before his window ends: the held one is dropped.
+        r.users
+            .update(
+                "bob@example.com",
+                &crate::users::UserPatch {
+                    notify: Some(false),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        r.advance(301_000);
+        r.tick().await;
+        assert_eq!(r.queued().len(), 1);
+        assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 0);
+        assert_eq!(r.intake.stats.dropped.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn an_account_map_releases_only_that_users_notice() {
+        let accounts: AccountResolver = Arc::new(|id| match id {
+            2 => Some(vec!["alice@test.local".into()]),
+            3 => Some(vec!["bob@test.local".into()]),
+            _ => None,
+        });
+        let r = rig_with(
+            IntakeConfig::default(),
+            vec![user("alice@test.local", "+8613800138000"), user("bob@test.local", "+8613800138001")],
+            Some(accounts),
+        )
+        .await;
+        r.intake
+            .accept(arrival(
+                Origin::Stalwart { queue_id: 5 },
+                &["alice@test.local", "bob@test.local"],
+                "s",
+                T0,
+            ))
+            .await
+            .unwrap();
+        r.intake.confirm(vec![ingest(IngestKind::Ham, 5, Some(3))]).await.unwrap();
+        let q = r.queued();
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].recipient, "bob@test.local");
+        r.intake.confirm(vec![ingest(IngestKind::Spam, 5, Some(2))]).await.unwrap();
+        r.advance(3_600_000);
+        r.tick().await;
+        assert_eq!(r.queued().len(), 1, "alice's copy was spam");
+    }
+
+    #[tokio::test]
+    async fn waiting_arrivals_survive_a_restart() {
+        let r = rig(vec![user("alice@test.local", "+8613800138000")]).await;
+        r.intake
+            .accept(arrival(Origin::Stalwart { queue_id: 11 }, &["alice@test.local"], "s", T0))
+            .await
+            .unwrap();
+        r.tick().await;
+        r.token.cancel();
+        let Rig {
+            _dir,
+            outbox,
+            users,
+            audit,
+            intake,
+            task,
+            ..
+        } = r;
+        drop(intake);
+        task.await.unwrap();
+        outbox.close();
+        drop(outbox);
+        let outbox = Outbox::open(&_dir.path().join("outbox"), Default::default()).unwrap();
+        let r = start(_dir, IntakeConfig::default(), outbox, users, audit, None);
+        r.tick().await;
+        assert!(r.queued().is_empty());
+        r.intake.confirm(vec![ingest(IngestKind::Ham, 11, None)]).await.unwrap();
+        assert_eq!(r.queued().len(), 1);
     }
 }
