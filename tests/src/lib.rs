@@ -1,5 +1,7 @@
 //! Test support and benchmarks for mailbell (see tests/ and src/bin/).
 
+pub mod system;
+
 use std::future::Future;
 use std::process::ExitCode;
 

@@ -1,0 +1,216 @@
+//! The whole system in one process: a GSM agent on a simulated modem and the mail side
+//! (`mailbell serve`) linked to it over the real mutual-TLS link, with one dev PKI shared by
+//! both. Used by the demo (the README's first command), the end-to-end benchmark and tests.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use mailbell_gsm_agent::config::LinkTls as AgentTls;
+use mailbell_gsm_agent::modem::pdu::decode_submit;
+use mailbell_gsm_agent::sim::ReceivedPdu;
+use tokio_util::sync::CancellationToken;
+
+/// Both daemons, running.
+pub struct System {
+    pub agent: mailbell_gsm_agent::app::Running,
+    pub mail: mailbell::app::Running,
+    pub mail_config: mailbell::config::Config,
+    pub dir: PathBuf,
+}
+
+/// Webhook signing key the system is configured with.
+pub const WEBHOOK_KEY: &str = "demo-webhook-key";
+/// Admin token the system is configured with.
+pub const ADMIN_TOKEN: &str = "demo-admin-token";
+
+/// Starts the agent (simulated modem) and the mail side in `dir`, every listener on an
+/// ephemeral loopback port. `tweak` may change either configuration before start.
+pub async fn start(
+    dir: &Path,
+    tweak: impl FnOnce(&mut mailbell::config::Config, &mut mailbell_gsm_agent::config::Config),
+) -> anyhow::Result<System> {
+    let pki = dir.join("pki");
+    let mut agent_cfg = mailbell_gsm_agent::config::Config::from_toml("", "(defaults)")?;
+    agent_cfg.data_dir = dir.join("agent");
+    agent_cfg.link.listen = "127.0.0.1:0".parse()?;
+    agent_cfg.metrics_listen = Some("127.0.0.1:0".parse()?);
+    if let AgentTls::DevPki { dir: d, .. } = &mut agent_cfg.link.tls {
+        *d = pki.clone();
+    }
+    let mut mail_cfg = mailbell::config::Config::from_toml(
+        &format!(
+            "[mailbell]\ndata_dir = {:?}\n[listen]\nhttp = \"127.0.0.1:0\"\nmilter = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             [admin]\ntoken = \"{ADMIN_TOKEN}\"\n[stalwart]\nsignature_key = \"{WEBHOOK_KEY}\"\n\
+             [link]\ndev_pki_dir = {:?}\n",
+            dir.join("mail"),
+            pki
+        ),
+        "(system)",
+    )?;
+    tweak(&mut mail_cfg, &mut agent_cfg);
+    let agent = mailbell_gsm_agent::app::start(agent_cfg)
+        .await
+        .context("start the agent")?;
+    for a in &mut mail_cfg.link.agents {
+        a.addr = agent.link_addr.to_string();
+    }
+    let mail = mailbell::app::start(mail_cfg.clone(), CancellationToken::new())
+        .await
+        .context("start the mail side")?;
+    Ok(System {
+        agent,
+        mail,
+        mail_config: mail_cfg,
+        dir: dir.to_path_buf(),
+    })
+}
+
+impl System {
+    /// PDUs the simulated modem has accepted so far.
+    pub fn pdus(&self) -> Vec<ReceivedPdu> {
+        self.agent.sim.as_ref().map(|s| s.received()).unwrap_or_default()
+    }
+
+    /// Waits until the modem has accepted more than `before` PDUs; returns the new ones.
+    pub async fn wait_pdus(&self, before: usize, timeout: Duration) -> anyhow::Result<Vec<ReceivedPdu>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let got = self.pdus();
+            if got.len() > before {
+                return Ok(got[before..].to_vec());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the simulated modem received nothing within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until every modem of the agent reports ready (the simulated one takes about a
+    /// second to register).
+    pub async fn wait_modems_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let addr = self.agent.metrics_addr.context("agent without metrics endpoint")?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let m = mailbell_gsm_agent::app::http_get(addr, "/metrics").await?;
+            let ups: Vec<&str> = m.lines().filter(|l| l.starts_with("mailbell_modem_up{")).collect();
+            if !ups.is_empty() && ups.iter().all(|l| l.ends_with(" 1")) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("modems not ready within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Posts a Stalwart MTA-hook request body; returns the HTTP status and the answer.
+    pub async fn hook(&self, body: &str) -> anyhow::Result<(u16, String)> {
+        let addr = self.mail.http_addr.context("no Stalwart endpoint")?;
+        let r = mailbell_link::http::request(
+            addr,
+            "POST",
+            &self.mail_config.stalwart.hook_path,
+            None,
+            Some(("application/json", body.as_bytes())),
+            Duration::from_secs(30),
+        )
+        .await?;
+        Ok((r.status, r.body))
+    }
+
+    /// Posts a webhook batch signed like Stalwart does.
+    pub async fn webhook(&self, body: &str) -> anyhow::Result<(u16, String)> {
+        let addr = self.mail.http_addr.context("no Stalwart endpoint")?;
+        let sig = sign(WEBHOOK_KEY, body.as_bytes());
+        let r = signed_post(addr, &self.mail_config.stalwart.webhook_path, body, &sig).await?;
+        Ok((r.status, r.body))
+    }
+
+    pub async fn stop(self) {
+        self.mail.stop().await;
+        self.agent.stop().await;
+    }
+}
+
+/// base64(HMAC-SHA256(key, body)), as Stalwart's X-Signature.
+pub fn sign(key: &str, body: &[u8]) -> String {
+    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(ring::hmac::sign(&k, body).as_ref())
+}
+
+async fn signed_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &str,
+    sig: &str,
+) -> anyhow::Result<mailbell_link::http::Response> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!(
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nX-Signature: {sig}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.take(1 << 20).read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("malformed HTTP status")?;
+    Ok(mailbell_link::http::Response {
+        status,
+        body: body.to_string(),
+    })
+}
+
+/// A Stalwart data-stage MTA-hook request, shaped like the captured ones.
+pub fn hook_data_request(queue_id: u64, from: &str, rcpts: &[&str], headers: &[(&str, &str)], body: &str) -> String {
+    let to: Vec<serde_json::Value> = rcpts
+        .iter()
+        .map(|r| serde_json::json!({ "address": r }))
+        .collect();
+    let hdrs: Vec<serde_json::Value> = headers
+        .iter()
+        .map(|(n, v)| serde_json::json!([n, format!(" {v}\r\n")]))
+        .collect();
+    let size = headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>() + 2 + body.len();
+    serde_json::json!({
+        "context": {
+            "stage": "data",
+            "client": {"ip": "203.0.113.9", "port": 40000, "ptr": null, "helo": "mx.remote.example", "activeConnections": 1},
+            "server": {"name": "Stalwart v0.16.0", "port": 25, "ip": "127.0.0.1"},
+            "queue": {"id": format!("{queue_id:x}")},
+            "protocol": {"version": 1}
+        },
+        "envelope": {"from": {"address": from}, "to": to},
+        "message": {"headers": hdrs, "contents": body, "size": size}
+    })
+    .to_string()
+}
+
+/// A webhook batch with one `message-ingest.ham` event.
+pub fn ham_batch(queue_id: u64, account_id: u64) -> String {
+    serde_json::json!({"events": [{
+        "id": "1795357815506",
+        "createdAt": "2026-11-22T10:00:00Z",
+        "type": "message-ingest.ham",
+        "data": {
+            "spanId": 1, "accountId": account_id, "documentId": 1, "mailboxId": [0],
+            "messageId": "demo@remote.example", "size": 400, "queueId": queue_id,
+            "queueName": "local", "from": "sender@remote.example", "to": ["alice@example.com"]
+        }
+    }]})
+    .to_string()
+}
+
+/// Decodes a PDU the modem received into (destination, text).
+pub fn decode(p: &ReceivedPdu) -> anyhow::Result<(String, String)> {
+    let d = decode_submit(&p.hex)?;
+    Ok((d.destination, d.text))
+}
