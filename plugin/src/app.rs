@@ -212,11 +212,11 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     };
     if let Some(l) = admin {
         let token: Arc<str> = Arc::from(cfg.admin_token.as_str());
+        let admin_routes = crate::admin::user_routes(stores.users.clone()).merge(
+            crate::ops::routes(stores.outbox.clone(), stores.audit.clone()),
+        );
         let router = crate::admin::protect(
-            crate::admin::user_routes(stores.users.clone()).merge(crate::ops::routes(
-                stores.outbox.clone(),
-                stores.audit.clone(),
-            )),
+            crate::ops::audited(admin_routes, stores.audit.clone()),
             token,
         )
         .merge(crate::ops::public_routes(

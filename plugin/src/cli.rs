@@ -265,7 +265,8 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
             opts,
             aliases,
         } => {
-            let existing: anyhow::Result<User> = api(addr, token, "GET", &path(&address), None).await;
+            let existing: anyhow::Result<User> =
+                api(addr, token, "GET", &path(&address), None).await;
             if existing.is_ok() {
                 bail!("user {address} exists (use `mailbell user set`)");
             }
@@ -274,7 +275,14 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
             p.add_aliases = aliases;
             p.apply(&mut u);
             let body = serde_json::to_vec(&u)?;
-            let u: User = api(addr, token, "PUT", &path(&address), Some(("application/json", &body))).await?;
+            let u: User = api(
+                addr,
+                token,
+                "PUT",
+                &path(&address),
+                Some(("application/json", &body)),
+            )
+            .await?;
             print_json(&u)
         }
         UserCmd::Set {
@@ -290,7 +298,14 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
                 bail!("nothing to change: give at least one option");
             }
             let body = serde_json::to_vec(&p)?;
-            let u: User = api(addr, token, "PATCH", &path(&address), Some(("application/json", &body))).await?;
+            let u: User = api(
+                addr,
+                token,
+                "PATCH",
+                &path(&address),
+                Some(("application/json", &body)),
+            )
+            .await?;
             print_json(&u)
         }
         UserCmd::Show { address } => {
@@ -312,7 +327,11 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
         UserCmd::Import { file, mode } => {
             let mode: ImportMode = mode.parse()?;
             let data = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
-            let m = if mode == ImportMode::AddOnly { "add" } else { "upsert" };
+            let m = if mode == ImportMode::AddOnly {
+                "add"
+            } else {
+                "upsert"
+            };
             let r: ImportReport = api(
                 addr,
                 token,
@@ -381,7 +400,8 @@ fn user_local(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
             Ok(())
         }
         UserCmd::Import { file, mode } => {
-            let f = std::fs::File::open(&file).with_context(|| format!("open {}", file.display()))?;
+            let f =
+                std::fs::File::open(&file).with_context(|| format!("open {}", file.display()))?;
             report(&users.import_csv(f, mode.parse()?)?)
         }
     };
@@ -394,9 +414,10 @@ fn print_entries(items: &[QueueEntry]) {
         println!("(empty)");
     }
     for e in items {
-        let when = chrono::DateTime::from_timestamp_millis(e.dead_at_ms.unwrap_or(e.enqueued_at_ms))
-            .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-            .unwrap_or_default();
+        let when =
+            chrono::DateTime::from_timestamp_millis(e.dead_at_ms.unwrap_or(e.enqueued_at_ms))
+                .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                .unwrap_or_default();
         println!(
             "{} {when} to={} phone={} count={} attempts={} {}{}",
             e.id,
@@ -431,7 +452,11 @@ pub async fn queue(config: Option<&Path>, cmd: QueueCmd) -> anyhow::Result<()> {
     match target(config).await? {
         Target::Api { addr, token } => match cmd {
             QueueCmd::List { limit, dead } => {
-                let p = if dead { "/admin/v1/queue/dead" } else { "/admin/v1/queue" };
+                let p = if dead {
+                    "/admin/v1/queue/dead"
+                } else {
+                    "/admin/v1/queue"
+                };
                 let items: Vec<QueueEntry> =
                     api(addr, &token, "GET", &format!("{p}?limit={limit}"), None).await?;
                 print_entries(&items);
@@ -454,42 +479,54 @@ pub async fn queue(config: Option<&Path>, cmd: QueueCmd) -> anyhow::Result<()> {
                 let q = older_than
                     .map(|o| format!("?older_than={}", enc(&o)))
                     .unwrap_or_default();
-                let r: CountReply =
-                    api(addr, &token, "POST", &format!("/admin/v1/queue/purge{q}"), None).await?;
+                let r: CountReply = api(
+                    addr,
+                    &token,
+                    "POST",
+                    &format!("/admin/v1/queue/purge{q}"),
+                    None,
+                )
+                .await?;
                 println!("{} dead letter(s) deleted", r.count);
                 Ok(())
             }
         },
-        Target::Local(cfg) => tokio::task::spawn_blocking(move || {
-            let ob = open_outbox(&cfg)?;
-            let r = match cmd {
-                QueueCmd::List { limit, dead } => {
-                    let items: Vec<QueueEntry> = if dead {
-                        ob.dead_letters(limit)?.iter().map(QueueEntry::from).collect()
-                    } else {
-                        ob.list(limit)?.iter().map(QueueEntry::from).collect()
-                    };
-                    print_entries(&items);
-                    Ok(())
-                }
-                QueueCmd::Retry { which } => {
-                    let n = ob.retry_dead(parse_select(&which).map_err(anyhow::Error::msg)?)?;
-                    println!("{n} dead letter(s) queued again");
-                    Ok(())
-                }
-                QueueCmd::Purge { older_than } => {
-                    let d = match older_than {
-                        Some(o) => mailbell_link::units::parse_duration(&o).map_err(anyhow::Error::msg)?,
-                        None => Duration::ZERO,
-                    };
-                    println!("{} dead letter(s) deleted", ob.purge_dead(d)?);
-                    Ok(())
-                }
-            };
-            ob.close();
-            r
-        })
-        .await?,
+        Target::Local(cfg) => {
+            tokio::task::spawn_blocking(move || {
+                let ob = open_outbox(&cfg)?;
+                let r = match cmd {
+                    QueueCmd::List { limit, dead } => {
+                        let items: Vec<QueueEntry> = if dead {
+                            ob.dead_letters(limit)?
+                                .iter()
+                                .map(QueueEntry::from)
+                                .collect()
+                        } else {
+                            ob.list(limit)?.iter().map(QueueEntry::from).collect()
+                        };
+                        print_entries(&items);
+                        Ok(())
+                    }
+                    QueueCmd::Retry { which } => {
+                        let n = ob.retry_dead(parse_select(&which).map_err(anyhow::Error::msg)?)?;
+                        println!("{n} dead letter(s) queued again");
+                        Ok(())
+                    }
+                    QueueCmd::Purge { older_than } => {
+                        let d = match older_than {
+                            Some(o) => mailbell_link::units::parse_duration(&o)
+                                .map_err(anyhow::Error::msg)?,
+                            None => Duration::ZERO,
+                        };
+                        println!("{} dead letter(s) deleted", ob.purge_dead(d)?);
+                        Ok(())
+                    }
+                };
+                ob.close();
+                r
+            })
+            .await?
+        }
     }
 }
 
@@ -498,7 +535,12 @@ pub async fn log(config: Option<&Path>, a: LogArgs) -> anyhow::Result<()> {
     let records: Vec<AuditRecord> = match target(config).await? {
         Target::Api { addr, token } => {
             let mut q = format!("/admin/v1/log?limit={}", a.limit);
-            for (k, v) in [("user", &a.user), ("notice", &a.notice), ("since", &a.since), ("until", &a.until)] {
+            for (k, v) in [
+                ("user", &a.user),
+                ("notice", &a.notice),
+                ("since", &a.since),
+                ("until", &a.until),
+            ] {
                 if let Some(v) = v {
                     q.push_str(&format!("&{k}={}", enc(v)));
                 }
@@ -510,8 +552,16 @@ pub async fn log(config: Option<&Path>, a: LogArgs) -> anyhow::Result<()> {
             let query = AuditQuery {
                 user: a.user.clone(),
                 notice: a.notice.clone(),
-                since_ms: a.since.as_deref().map(|s| parse_since(s, now)).transpose()?,
-                until_ms: a.until.as_deref().map(|s| parse_since(s, now)).transpose()?,
+                since_ms: a
+                    .since
+                    .as_deref()
+                    .map(|s| parse_since(s, now))
+                    .transpose()?,
+                until_ms: a
+                    .until
+                    .as_deref()
+                    .map(|s| parse_since(s, now))
+                    .transpose()?,
                 limit: a.limit,
             };
             tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<AuditRecord>> {
@@ -536,7 +586,8 @@ pub async fn log(config: Option<&Path>, a: LogArgs) -> anyhow::Result<()> {
 pub async fn status(config: Option<&Path>) -> anyhow::Result<()> {
     match target(config).await? {
         Target::Api { addr, .. } => {
-            let r = mailbell_link::http::request(addr, "GET", "/status", None, None, API_TIMEOUT).await?;
+            let r = mailbell_link::http::request(addr, "GET", "/status", None, None, API_TIMEOUT)
+                .await?;
             println!("{}", r.body.trim());
             Ok(())
         }

@@ -238,10 +238,11 @@ fn listen(key: &str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
     if s.trim().is_empty() {
         return Ok(None);
     }
-    s.trim()
-        .parse()
-        .map(Some)
-        .map_err(|_| ConfigError::Invalid(format!("listen.{key} {s:?} is not ip:port (or \"\" to turn it off)")))
+    s.trim().parse().map(Some).map_err(|_| {
+        ConfigError::Invalid(format!(
+            "listen.{key} {s:?} is not ip:port (or \"\" to turn it off)"
+        ))
+    })
 }
 
 impl Config {
@@ -271,8 +272,14 @@ impl Config {
         }
         let mut agents = Vec::new();
         for a in &l.agent {
-            if a.addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
-                return Err(inv(format!("link.agent addr {:?} is not host:port", a.addr)));
+            if a.addr
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(inv(format!(
+                    "link.agent addr {:?} is not host:port",
+                    a.addr
+                )));
             }
             agents.push(Endpoint {
                 addr: a.addr.clone(),
@@ -305,6 +312,14 @@ impl Config {
         }
         mailbell_link::units::parse_utc_offset(&raw.intake.timezone)
             .map_err(|e| inv(format!("intake.timezone: {e}")))?;
+        if raw.milter.timeout.is_zero() {
+            return Err(inv("milter.timeout must be above zero".into()));
+        }
+        if raw.stalwart.body_timeout.is_zero() || raw.stalwart.intake_timeout.is_zero() {
+            return Err(inv(
+                "stalwart.body_timeout and stalwart.intake_timeout must be above zero".into(),
+            ));
+        }
         if raw.outbox.max_depth == 0 {
             return Err(inv("outbox.max_depth must be at least 1".into()));
         }
@@ -386,6 +401,8 @@ mod tests {
         assert!(e("[intake]\ntimezone = \"CET\"").contains("intake.timezone"));
         assert!(e("[intake]\nbogus = 1").contains("bogus"));
         assert!(e("[link]\nack_timeout = \"soon\"").contains("duration"));
+        assert!(e("[milter]\ntimeout = \"0s\"").contains("milter.timeout"));
+        assert!(e("[stalwart]\nintake_timeout = 0").contains("stalwart.body_timeout"));
     }
 
     #[test]

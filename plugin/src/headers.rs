@@ -16,6 +16,12 @@ pub const MAX_FIELD: usize = 4096;
 /// The fields we decode, lower-case.
 const WANTED: [&str; 4] = ["from", "subject", "message-id", "date"];
 
+/// Whether a header field is one [`HeaderCollector`] decodes (the others may be skipped unread).
+pub fn wants(name: &str) -> bool {
+    let name = name.trim();
+    WANTED.iter().any(|w| w.eq_ignore_ascii_case(name))
+}
+
 /// Collects the wanted header fields, then decodes them.
 #[derive(Debug, Default, Clone)]
 pub struct HeaderCollector {

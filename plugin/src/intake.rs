@@ -325,14 +325,10 @@ impl Intake for MailIntake {
             entries,
         };
         let n = msg.entries.len();
-        let seqs = self
-            .outbox
-            .stage(vec![msg.encode()])
-            .await
-            .map_err(|e| {
-                bump(&self.stats.store_errors, 1);
-                store_error(e)
-            })?;
+        let seqs = self.outbox.stage(vec![msg.encode()]).await.map_err(|e| {
+            bump(&self.stats.store_errors, 1);
+            store_error(e)
+        })?;
         bump(&self.stats.notices_created, n as u64);
         for e in &msg.entries {
             self.audit.record(AuditEvent::Created {
@@ -462,7 +458,11 @@ impl Scheduler {
                 }
             }
         }
-        info!(staged = self.msgs.len(), unreadable = bad, "intake state loaded");
+        info!(
+            staged = self.msgs.len(),
+            unreadable = bad,
+            "intake state loaded"
+        );
         Ok(())
     }
 
@@ -566,7 +566,10 @@ impl Scheduler {
         let Some(q) = ev.queue_id else { return };
         let Some(seqs) = self.by_queue.get(&q).cloned() else {
             bump(&self.stats.unmatched_confirmations, 1);
-            debug!(queue_id = q, "confirmation for no pending arrival (not ours, or done)");
+            debug!(
+                queue_id = q,
+                "confirmation for no pending arrival (not ours, or done)"
+            );
             return;
         };
         // Which users does this event concern? With an account map, that account's; without
@@ -671,7 +674,10 @@ impl Scheduler {
             return;
         }
         let hold_until = self.hold_until(&user, now);
-        let held = self.holds.get(&user.address).is_some_and(|h| !h.entries.is_empty());
+        let held = self
+            .holds
+            .get(&user.address)
+            .is_some_and(|h| !h.entries.is_empty());
         if hold_until > now || held {
             let until = hold_until.max(self.holds.get(&user.address).map_or(0, |h| h.until_ms));
             self.hold(&user.address, r, until, round);
@@ -724,9 +730,10 @@ impl Scheduler {
             .into_iter()
             .filter(|r| self.entry(*r).is_some_and(|e| e.state == EntryState::Ready))
             .collect();
-        let Some(&newest) = live.iter().max_by_key(|r| {
-            (self.msgs.get(&r.0).map_or(0, |m| m.received_at_ms), r.0)
-        }) else {
+        let Some(&newest) = live
+            .iter()
+            .max_by_key(|r| (self.msgs.get(&r.0).map_or(0, |m| m.received_at_ms), r.0))
+        else {
             return;
         };
         let (Some(m), Some(e)) = (self.msgs.get(&newest.0), self.entry(newest)) else {
@@ -953,7 +960,11 @@ mod tests {
         u
     }
 
-    async fn rig_with(cfg: IntakeConfig, users: Vec<User>, accounts: Option<AccountResolver>) -> Rig {
+    async fn rig_with(
+        cfg: IntakeConfig,
+        users: Vec<User>,
+        accounts: Option<AccountResolver>,
+    ) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(&dir.path().join("outbox"), Default::default()).unwrap();
         let store = UserStore::open(&dir.path().join("users")).unwrap();
@@ -1060,13 +1071,7 @@ mod tests {
         let mut alias = user("alice@example.com", "+8613800138000");
         alias.aliases = vec!["a.li@example.com".into()];
         alias.language = "zh".into();
-        let r = rig(vec![
-            alias,
-            off,
-            expired,
-            user("nophone@example.com", ""),
-        ])
-        .await;
+        let r = rig(vec![alias, off, expired, user("nophone@example.com", "")]).await;
         let a = arrival(
             Origin::Milter,
             &[
@@ -1113,19 +1118,36 @@ mod tests {
         let r = rig(vec![user("alice@test.local", "+8613800138000")]).await;
         let q = 341_998_963_378_880_878;
         r.intake
-            .accept(arrival(Origin::Stalwart { queue_id: q }, &["alice@test.local"], "s", T0))
+            .accept(arrival(
+                Origin::Stalwart { queue_id: q },
+                &["alice@test.local"],
+                "s",
+                T0,
+            ))
             .await
             .unwrap();
         r.tick().await;
-        assert!(r.queued().is_empty(), "not before the delivery is confirmed");
+        assert!(
+            r.queued().is_empty(),
+            "not before the delivery is confirmed"
+        );
         assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 1);
         // A confirmation for some other message changes nothing.
-        r.intake.confirm(vec![ingest(IngestKind::Ham, 7, Some(2))]).await.unwrap();
+        r.intake
+            .confirm(vec![ingest(IngestKind::Ham, 7, Some(2))])
+            .await
+            .unwrap();
         assert!(r.queued().is_empty());
-        r.intake.confirm(vec![ingest(IngestKind::Ham, q, Some(2))]).await.unwrap();
+        r.intake
+            .confirm(vec![ingest(IngestKind::Ham, q, Some(2))])
+            .await
+            .unwrap();
         assert_eq!(r.queued().len(), 1);
         // Stalwart resends whole batches: the same confirmation again sends nothing.
-        r.intake.confirm(vec![ingest(IngestKind::Ham, q, Some(2))]).await.unwrap();
+        r.intake
+            .confirm(vec![ingest(IngestKind::Ham, q, Some(2))])
+            .await
+            .unwrap();
         r.advance(3_600_000);
         r.tick().await;
         assert_eq!(r.queued().len(), 1);
@@ -1138,7 +1160,12 @@ mod tests {
         let r = rig(users.clone()).await;
         for (q, kind) in [(1, IngestKind::Spam), (2, IngestKind::Duplicate)] {
             r.intake
-                .accept(arrival(Origin::Stalwart { queue_id: q }, &["alice@test.local"], "s", T0))
+                .accept(arrival(
+                    Origin::Stalwart { queue_id: q },
+                    &["alice@test.local"],
+                    "s",
+                    T0,
+                ))
                 .await
                 .unwrap();
             r.intake.confirm(vec![ingest(kind, q, None)]).await.unwrap();
@@ -1153,10 +1180,18 @@ mod tests {
         };
         let r = rig_with(cfg, users, None).await;
         r.intake
-            .accept(arrival(Origin::Stalwart { queue_id: 1 }, &["alice@test.local"], "s", T0))
+            .accept(arrival(
+                Origin::Stalwart { queue_id: 1 },
+                &["alice@test.local"],
+                "s",
+                T0,
+            ))
             .await
             .unwrap();
-        r.intake.confirm(vec![ingest(IngestKind::Spam, 1, None)]).await.unwrap();
+        r.intake
+            .confirm(vec![ingest(IngestKind::Spam, 1, None)])
+            .await
+            .unwrap();
         assert_eq!(r.queued().len(), 1);
     }
 
@@ -1170,7 +1205,12 @@ mod tests {
             };
             let r = rig_with(cfg, vec![user("alice@test.local", "+8613800138000")], None).await;
             r.intake
-                .accept(arrival(Origin::Stalwart { queue_id: 9 }, &["alice@test.local"], "s", T0))
+                .accept(arrival(
+                    Origin::Stalwart { queue_id: 9 },
+                    &["alice@test.local"],
+                    "s",
+                    T0,
+                ))
                 .await
                 .unwrap();
             r.advance(299_000);
@@ -1181,7 +1221,10 @@ mod tests {
             assert_eq!(r.queued().len(), expect, "{policy:?}");
             assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 0);
             // A late confirmation finds nothing to do.
-            r.intake.confirm(vec![ingest(IngestKind::Ham, 9, None)]).await.unwrap();
+            r.intake
+                .confirm(vec![ingest(IngestKind::Ham, 9, None)])
+                .await
+                .unwrap();
             assert_eq!(r.queued().len(), expect);
         }
     }
@@ -1195,7 +1238,12 @@ mod tests {
             r.advance(10_000);
             let at = r.now.load(Ordering::SeqCst);
             r.intake
-                .accept(arrival(Origin::Milter, &["alice@example.com"], &format!("m{i}"), at))
+                .accept(arrival(
+                    Origin::Milter,
+                    &["alice@example.com"],
+                    &format!("m{i}"),
+                    at,
+                ))
                 .await
                 .unwrap();
             r.tick().await;
@@ -1224,12 +1272,33 @@ mod tests {
             .unwrap();
         let names: Vec<String> = log
             .iter()
-            .map(|l| serde_json::to_value(&l.event).unwrap()["event"].as_str().unwrap().to_owned())
+            .map(|l| {
+                serde_json::to_value(&l.event).unwrap()["event"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
             .collect();
-        assert_eq!(names.iter().filter(|n| *n == "created").count(), 5, "{names:?}");
-        assert_eq!(names.iter().filter(|n| *n == "held").count(), 4, "{names:?}");
-        assert_eq!(names.iter().filter(|n| *n == "coalesced").count(), 4, "{names:?}");
-        assert_eq!(names.iter().filter(|n| *n == "queued").count(), 2, "{names:?}");
+        assert_eq!(
+            names.iter().filter(|n| *n == "created").count(),
+            5,
+            "{names:?}"
+        );
+        assert_eq!(
+            names.iter().filter(|n| *n == "held").count(),
+            4,
+            "{names:?}"
+        );
+        assert_eq!(
+            names.iter().filter(|n| *n == "coalesced").count(),
+            4,
+            "{names:?}"
+        );
+        assert_eq!(
+            names.iter().filter(|n| *n == "queued").count(),
+            2,
+            "{names:?}"
+        );
     }
 
     #[tokio::test]
@@ -1269,7 +1338,12 @@ mod tests {
         b.rate_limit_secs = Some(300);
         let r = rig(vec![u, b]).await;
         r.intake
-            .accept(arrival(Origin::Milter, &["alice@example.com", "bob@example.com"], "s", T0))
+            .accept(arrival(
+                Origin::Milter,
+                &["alice@example.com", "bob@example.com"],
+                "s",
+                T0,
+            ))
             .await
             .unwrap();
         r.intake
@@ -1278,7 +1352,11 @@ mod tests {
             .unwrap();
         r.tick().await;
         let q = r.queued();
-        assert_eq!(q.len(), 1, "alice filtered the sender; bob's second one is held");
+        assert_eq!(
+            q.len(),
+            1,
+            "alice filtered the sender; bob's second one is held"
+        );
         assert_eq!(q[0].recipient, "bob@example.com");
         // Bob turns notices off before his window ends: the held one is dropped.
         r.users
@@ -1306,7 +1384,10 @@ mod tests {
         });
         let r = rig_with(
             IntakeConfig::default(),
-            vec![user("alice@test.local", "+8613800138000"), user("bob@test.local", "+8613800138001")],
+            vec![
+                user("alice@test.local", "+8613800138000"),
+                user("bob@test.local", "+8613800138001"),
+            ],
             Some(accounts),
         )
         .await;
@@ -1319,11 +1400,17 @@ mod tests {
             ))
             .await
             .unwrap();
-        r.intake.confirm(vec![ingest(IngestKind::Ham, 5, Some(3))]).await.unwrap();
+        r.intake
+            .confirm(vec![ingest(IngestKind::Ham, 5, Some(3))])
+            .await
+            .unwrap();
         let q = r.queued();
         assert_eq!(q.len(), 1);
         assert_eq!(q[0].recipient, "bob@test.local");
-        r.intake.confirm(vec![ingest(IngestKind::Spam, 5, Some(2))]).await.unwrap();
+        r.intake
+            .confirm(vec![ingest(IngestKind::Spam, 5, Some(2))])
+            .await
+            .unwrap();
         r.advance(3_600_000);
         r.tick().await;
         assert_eq!(r.queued().len(), 1, "alice's copy was spam");
@@ -1333,7 +1420,12 @@ mod tests {
     async fn waiting_arrivals_survive_a_restart() {
         let r = rig(vec![user("alice@test.local", "+8613800138000")]).await;
         r.intake
-            .accept(arrival(Origin::Stalwart { queue_id: 11 }, &["alice@test.local"], "s", T0))
+            .accept(arrival(
+                Origin::Stalwart { queue_id: 11 },
+                &["alice@test.local"],
+                "s",
+                T0,
+            ))
             .await
             .unwrap();
         r.tick().await;
@@ -1355,7 +1447,10 @@ mod tests {
         let r = start(_dir, IntakeConfig::default(), outbox, users, audit, None);
         r.tick().await;
         assert!(r.queued().is_empty());
-        r.intake.confirm(vec![ingest(IngestKind::Ham, 11, None)]).await.unwrap();
+        r.intake
+            .confirm(vec![ingest(IngestKind::Ham, 11, None)])
+            .await
+            .unwrap();
         assert_eq!(r.queued().len(), 1);
     }
 }

@@ -57,6 +57,33 @@ pub fn routes(outbox: Outbox, audit: AuditLog) -> Router {
         .with_state(Ops { outbox, audit })
 }
 
+/// Records every changing admin request (method, path, answer) in the audit log. Layer it on
+/// the admin routes inside [`crate::admin::protect`], so only authorised requests are recorded.
+pub fn audited(routes: Router, audit: AuditLog) -> Router {
+    routes.layer(axum::middleware::from_fn_with_state(audit, audit_admin))
+}
+
+async fn audit_admin(
+    State(audit): State<AuditLog>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = req.method().clone();
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
+    let resp = next.run(req).await;
+    if method != axum::http::Method::GET && method != axum::http::Method::HEAD {
+        audit.record(crate::audit::AuditEvent::Admin {
+            actor: "admin-api".into(),
+            action: format!("{method} -> {}", resp.status().as_u16()),
+            target,
+        });
+    }
+    resp
+}
+
 /// `/metrics` and `/status` (no token).
 pub fn public_routes(outbox: Outbox, metrics: Metrics) -> Router {
     Router::new()
@@ -204,7 +231,8 @@ pub fn parse_select(s: &str) -> Result<Select, String> {
     if s.eq_ignore_ascii_case("all") {
         return Ok(Select::All);
     }
-    let b = hex::decode(s.trim()).map_err(|_| format!("{s:?} is not a notice id (32 hex digits) or \"all\""))?;
+    let b = hex::decode(s.trim())
+        .map_err(|_| format!("{s:?} is not a notice id (32 hex digits) or \"all\""))?;
     let arr: [u8; 16] = b
         .try_into()
         .map_err(|_| format!("{s:?} is not a notice id (32 hex digits) or \"all\""))?;
@@ -221,16 +249,8 @@ async fn queue_retry(State(o): State<Ops>, Query(q): Query<RetryQ>) -> Response 
         Ok(w) => w,
         Err(e) => return bad_request(e),
     };
-    let audit = o.audit.clone();
     match blocking(move || o.outbox.retry_dead(which).map_err(|e| e.to_string())).await {
-        Ok(count) => {
-            audit.record(crate::audit::AuditEvent::Admin {
-                actor: "admin-api".into(),
-                action: "queue retry".into(),
-                target: q.id,
-            });
-            Json(CountReply { count }).into_response()
-        }
+        Ok(count) => Json(CountReply { count }).into_response(),
         Err(r) => r,
     }
 }
@@ -248,16 +268,8 @@ async fn queue_purge(State(o): State<Ops>, Query(q): Query<PurgeQ>) -> Response 
             Err(e) => return bad_request(format!("older_than: {e}")),
         },
     };
-    let audit = o.audit.clone();
     match blocking(move || o.outbox.purge_dead(older).map_err(|e| e.to_string())).await {
-        Ok(count) => {
-            audit.record(crate::audit::AuditEvent::Admin {
-                actor: "admin-api".into(),
-                action: "queue purge".into(),
-                target: format!("older than {older:?}"),
-            });
-            Json(CountReply { count }).into_response()
-        }
+        Ok(count) => Json(CountReply { count }).into_response(),
         Err(r) => r,
     }
 }
@@ -295,7 +307,10 @@ async fn log_query(State(o): State<Ops>, Query(q): Query<LogQ>) -> Response {
 }
 
 fn line(out: &mut String, name: &str, help: &str, kind: &str, v: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+    );
 }
 
 fn val(c: &AtomicU64) -> u64 {
@@ -305,28 +320,160 @@ fn val(c: &AtomicU64) -> u64 {
 async fn metrics_text(State((outbox, m)): State<(Outbox, Metrics)>) -> Response {
     let mut o = String::new();
     let i = &m.intake;
-    line(&mut o, "mailbell_messages_total", "Messages the MTA endpoints handed to the intake.", "counter", val(&i.messages));
-    line(&mut o, "mailbell_notices_created_total", "Notices created (one per notified recipient).", "counter", val(&i.notices_created));
-    line(&mut o, "mailbell_unknown_recipients_total", "Recipients that are not registered users.", "counter", val(&i.unknown_recipients));
-    line(&mut o, "mailbell_ineligible_recipients_total", "Registered recipients without notices (off, licence expired, no phone).", "counter", val(&i.ineligible_recipients));
-    line(&mut o, "mailbell_notices_queued_total", "Notices queued for the agent.", "counter", val(&i.queued));
-    line(&mut o, "mailbell_notices_coalesced_total", "Arrivals folded into a coalesced notice.", "counter", val(&i.coalesced));
-    line(&mut o, "mailbell_notices_dropped_total", "Arrivals not notified (spam, duplicate, filtered, timeout policy, ineligible at release).", "counter", val(&i.dropped));
-    line(&mut o, "mailbell_confirmations_total", "Stalwart delivery confirmations received.", "counter", val(&i.confirmations));
-    line(&mut o, "mailbell_confirmations_unmatched_total", "Confirmations matching no waiting notice.", "counter", val(&i.unmatched_confirmations));
-    line(&mut o, "mailbell_confirm_timeouts_total", "Notices whose confirmation did not come in time.", "counter", val(&i.confirm_timeouts));
-    line(&mut o, "mailbell_store_errors_total", "Store errors answered with a temporary failure.", "counter", val(&i.store_errors));
-    line(&mut o, "mailbell_outbox_depth", "Notices queued for the agent.", "gauge", outbox.depth());
-    line(&mut o, "mailbell_outbox_staged", "Arrivals staged (awaiting confirmation or held).", "gauge", val(&m.outbox.staged));
-    line(&mut o, "mailbell_outbox_dead", "Dead letters held.", "gauge", val(&m.outbox.dead));
-    line(&mut o, "mailbell_outbox_commits_total", "Group commits (one fsync each).", "counter", val(&m.outbox.commits));
-    line(&mut o, "mailbell_link_sessions_total", "Link sessions attempted.", "counter", val(&m.link.sessions));
-    line(&mut o, "mailbell_link_connected_total", "Link sessions established.", "counter", val(&m.link.connected));
-    line(&mut o, "mailbell_link_sent_total", "Notices sent to an agent (resends included).", "counter", val(&m.link.sent));
-    line(&mut o, "mailbell_link_acked_total", "Notices acknowledged by an agent.", "counter", val(&m.link.acked));
-    line(&mut o, "mailbell_link_dead_lettered_total", "Notices refused for good.", "counter", val(&m.link.dead_lettered));
-    line(&mut o, "mailbell_link_retry_later_total", "Retry-later answers from agents.", "counter", val(&m.link.retry_later));
-    line(&mut o, "mailbell_audit_dropped_total", "Audit events dropped (writer overloaded).", "counter", val(&m.audit.dropped));
+    line(
+        &mut o,
+        "mailbell_messages_total",
+        "Messages the MTA endpoints handed to the intake.",
+        "counter",
+        val(&i.messages),
+    );
+    line(
+        &mut o,
+        "mailbell_notices_created_total",
+        "Notices created (one per notified recipient).",
+        "counter",
+        val(&i.notices_created),
+    );
+    line(
+        &mut o,
+        "mailbell_unknown_recipients_total",
+        "Recipients that are not registered users.",
+        "counter",
+        val(&i.unknown_recipients),
+    );
+    line(
+        &mut o,
+        "mailbell_ineligible_recipients_total",
+        "Registered recipients without notices (off, licence expired, no phone).",
+        "counter",
+        val(&i.ineligible_recipients),
+    );
+    line(
+        &mut o,
+        "mailbell_notices_queued_total",
+        "Notices queued for the agent.",
+        "counter",
+        val(&i.queued),
+    );
+    line(
+        &mut o,
+        "mailbell_notices_coalesced_total",
+        "Arrivals folded into a coalesced notice.",
+        "counter",
+        val(&i.coalesced),
+    );
+    line(
+        &mut o,
+        "mailbell_notices_dropped_total",
+        "Arrivals not notified (spam, duplicate, filtered, timeout policy, ineligible at release).",
+        "counter",
+        val(&i.dropped),
+    );
+    line(
+        &mut o,
+        "mailbell_confirmations_total",
+        "Stalwart delivery confirmations received.",
+        "counter",
+        val(&i.confirmations),
+    );
+    line(
+        &mut o,
+        "mailbell_confirmations_unmatched_total",
+        "Confirmations matching no waiting notice.",
+        "counter",
+        val(&i.unmatched_confirmations),
+    );
+    line(
+        &mut o,
+        "mailbell_confirm_timeouts_total",
+        "Notices whose confirmation did not come in time.",
+        "counter",
+        val(&i.confirm_timeouts),
+    );
+    line(
+        &mut o,
+        "mailbell_store_errors_total",
+        "Store errors answered with a temporary failure.",
+        "counter",
+        val(&i.store_errors),
+    );
+    line(
+        &mut o,
+        "mailbell_outbox_depth",
+        "Notices queued for the agent.",
+        "gauge",
+        outbox.depth(),
+    );
+    line(
+        &mut o,
+        "mailbell_outbox_staged",
+        "Arrivals staged (awaiting confirmation or held).",
+        "gauge",
+        val(&m.outbox.staged),
+    );
+    line(
+        &mut o,
+        "mailbell_outbox_dead",
+        "Dead letters held.",
+        "gauge",
+        val(&m.outbox.dead),
+    );
+    line(
+        &mut o,
+        "mailbell_outbox_commits_total",
+        "Group commits (one fsync each).",
+        "counter",
+        val(&m.outbox.commits),
+    );
+    line(
+        &mut o,
+        "mailbell_link_sessions_total",
+        "Link sessions attempted.",
+        "counter",
+        val(&m.link.sessions),
+    );
+    line(
+        &mut o,
+        "mailbell_link_connected_total",
+        "Link sessions established.",
+        "counter",
+        val(&m.link.connected),
+    );
+    line(
+        &mut o,
+        "mailbell_link_sent_total",
+        "Notices sent to an agent (resends included).",
+        "counter",
+        val(&m.link.sent),
+    );
+    line(
+        &mut o,
+        "mailbell_link_acked_total",
+        "Notices acknowledged by an agent.",
+        "counter",
+        val(&m.link.acked),
+    );
+    line(
+        &mut o,
+        "mailbell_link_dead_lettered_total",
+        "Notices refused for good.",
+        "counter",
+        val(&m.link.dead_lettered),
+    );
+    line(
+        &mut o,
+        "mailbell_link_retry_later_total",
+        "Retry-later answers from agents.",
+        "counter",
+        val(&m.link.retry_later),
+    );
+    line(
+        &mut o,
+        "mailbell_audit_dropped_total",
+        "Audit events dropped (writer overloaded).",
+        "counter",
+        val(&m.audit.dropped),
+    );
     let s = m.stalwart.snapshot();
     let _ = writeln!(o, "# HELP mailbell_stalwart_counters Stalwart endpoint counters.\n# TYPE mailbell_stalwart_counters counter");
     let pairs = [

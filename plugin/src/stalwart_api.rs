@@ -87,7 +87,9 @@ fn parse_page(body: &str) -> Result<(Vec<(u64, Vec<String>)>, u64), String> {
 /// Splits "http://host:port" into a socket address (plain HTTP on a trusted network only).
 fn api_addr(url: &str) -> Result<SocketAddr, String> {
     let rest = url.strip_prefix("http://").ok_or_else(|| {
-        format!("stalwart_api.url {url:?}: only http:// on loopback or a private network is supported")
+        format!(
+            "stalwart_api.url {url:?}: only http:// on loopback or a private network is supported"
+        )
     })?;
     let host = rest.trim_end_matches('/');
     use std::net::ToSocketAddrs;
@@ -105,7 +107,8 @@ struct Map {
 async fn fetch_all(addr: SocketAddr, auth: &str) -> Result<HashMap<u64, Vec<String>>, String> {
     let mut out = HashMap::new();
     for page in 1.. {
-        let path = format!("/api/principal?types=individual&fields=name,emails&page={page}&limit={PAGE}");
+        let path =
+            format!("/api/principal?types=individual&fields=name,emails&page={page}&limit={PAGE}");
         let r = mailbell_link::http::request(
             addr,
             "GET",
@@ -117,7 +120,11 @@ async fn fetch_all(addr: SocketAddr, auth: &str) -> Result<HashMap<u64, Vec<Stri
         .await
         .map_err(|e| e.to_string())?;
         if r.status != 200 {
-            return Err(format!("Stalwart API answered {}: {}", r.status, r.body.trim()));
+            return Err(format!(
+                "Stalwart API answered {}: {}",
+                r.status,
+                r.body.trim()
+            ));
         }
         let (items, total) = parse_page(&r.body)?;
         let n = items.len();
@@ -160,10 +167,13 @@ pub fn resolver(cfg: &StalwartApi) -> anyhow::Result<Option<AccountResolver>> {
             match fetch_all(addr, &auth).await {
                 Ok(accounts) => {
                     info!(accounts = accounts.len(), "Stalwart account list loaded");
-                    *m.accounts.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        accounts;
+                    *m.accounts
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = accounts;
                 }
-                Err(e) => warn!(error = %e, "cannot read Stalwart's account list; confirmations apply per message until it works"),
+                Err(e) => {
+                    warn!(error = %e, "cannot read Stalwart's account list; confirmations apply per message until it works")
+                }
             }
             if Arc::strong_count(&m) == 1 {
                 break; // the resolver is gone
@@ -178,7 +188,10 @@ pub fn resolver(cfg: &StalwartApi) -> anyhow::Result<Option<AccountResolver>> {
             .get(&id)
             .cloned();
         if hit.is_none() {
-            debug!(account_id = id, "unknown Stalwart account; refreshing the list");
+            debug!(
+                account_id = id,
+                "unknown Stalwart account; refreshing the list"
+            );
             map.wake.notify_one();
         }
         hit

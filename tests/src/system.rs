@@ -25,6 +25,21 @@ pub const WEBHOOK_KEY: &str = "demo-webhook-key";
 /// Admin token the system is configured with.
 pub const ADMIN_TOKEN: &str = "demo-admin-token";
 
+/// The mail side's configuration in `dir`: every listener on an ephemeral loopback port, the
+/// admin token and webhook key above, the dev PKI in `dir/pki`.
+pub fn mail_config(dir: &Path) -> anyhow::Result<mailbell::config::Config> {
+    Ok(mailbell::config::Config::from_toml(
+        &format!(
+            "[mailbell]\ndata_dir = {:?}\n[listen]\nhttp = \"127.0.0.1:0\"\nmilter = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             [admin]\ntoken = \"{ADMIN_TOKEN}\"\n[stalwart]\nsignature_key = \"{WEBHOOK_KEY}\"\n\
+             [link]\ndev_pki_dir = {:?}\n",
+            dir.join("mail"),
+            dir.join("pki")
+        ),
+        "(system)",
+    )?)
+}
+
 /// Starts the agent (simulated modem) and the mail side in `dir`, every listener on an
 /// ephemeral loopback port. `tweak` may change either configuration before start.
 pub async fn start(
@@ -39,16 +54,7 @@ pub async fn start(
     if let AgentTls::DevPki { dir: d, .. } = &mut agent_cfg.link.tls {
         *d = pki.clone();
     }
-    let mut mail_cfg = mailbell::config::Config::from_toml(
-        &format!(
-            "[mailbell]\ndata_dir = {:?}\n[listen]\nhttp = \"127.0.0.1:0\"\nmilter = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
-             [admin]\ntoken = \"{ADMIN_TOKEN}\"\n[stalwart]\nsignature_key = \"{WEBHOOK_KEY}\"\n\
-             [link]\ndev_pki_dir = {:?}\n",
-            dir.join("mail"),
-            pki
-        ),
-        "(system)",
-    )?;
+    let mut mail_cfg = mail_config(dir)?;
     tweak(&mut mail_cfg, &mut agent_cfg);
     let agent = mailbell_gsm_agent::app::start(agent_cfg)
         .await
@@ -70,11 +76,19 @@ pub async fn start(
 impl System {
     /// PDUs the simulated modem has accepted so far.
     pub fn pdus(&self) -> Vec<ReceivedPdu> {
-        self.agent.sim.as_ref().map(|s| s.received()).unwrap_or_default()
+        self.agent
+            .sim
+            .as_ref()
+            .map(|s| s.received())
+            .unwrap_or_default()
     }
 
     /// Waits until the modem has accepted more than `before` PDUs; returns the new ones.
-    pub async fn wait_pdus(&self, before: usize, timeout: Duration) -> anyhow::Result<Vec<ReceivedPdu>> {
+    pub async fn wait_pdus(
+        &self,
+        before: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<ReceivedPdu>> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let got = self.pdus();
@@ -91,11 +105,17 @@ impl System {
     /// Waits until every modem of the agent reports ready (the simulated one takes about a
     /// second to register).
     pub async fn wait_modems_ready(&self, timeout: Duration) -> anyhow::Result<()> {
-        let addr = self.agent.metrics_addr.context("agent without metrics endpoint")?;
+        let addr = self
+            .agent
+            .metrics_addr
+            .context("agent without metrics endpoint")?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let m = mailbell_gsm_agent::app::http_get(addr, "/metrics").await?;
-            let ups: Vec<&str> = m.lines().filter(|l| l.starts_with("mailbell_modem_up{")).collect();
+            let ups: Vec<&str> = m
+                .lines()
+                .filter(|l| l.starts_with("mailbell_modem_up{"))
+                .collect();
             if !ups.is_empty() && ups.iter().all(|l| l.ends_with(" 1")) {
                 return Ok(());
             }
@@ -124,9 +144,7 @@ impl System {
     /// Posts a webhook batch signed like Stalwart does.
     pub async fn webhook(&self, body: &str) -> anyhow::Result<(u16, String)> {
         let addr = self.mail.http_addr.context("no Stalwart endpoint")?;
-        let sig = sign(WEBHOOK_KEY, body.as_bytes());
-        let r = signed_post(addr, &self.mail_config.stalwart.webhook_path, body, &sig).await?;
-        Ok((r.status, r.body))
+        post_webhook(addr, &self.mail_config.stalwart.webhook_path, body).await
     }
 
     pub async fn stop(self) {
@@ -139,6 +157,16 @@ impl System {
 pub fn sign(key: &str, body: &[u8]) -> String {
     let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
     base64::engine::general_purpose::STANDARD.encode(ring::hmac::sign(&k, body).as_ref())
+}
+
+/// Posts a webhook batch to `addr` signed with [`WEBHOOK_KEY`]; returns status and answer.
+pub async fn post_webhook(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
+    let r = signed_post(addr, path, body, &sign(WEBHOOK_KEY, body.as_bytes())).await?;
+    Ok((r.status, r.body))
 }
 
 async fn signed_post(
@@ -155,9 +183,15 @@ async fn signed_post(
     );
     s.write_all(req.as_bytes()).await?;
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), s.take(1 << 20).read_to_end(&mut buf)).await??;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        s.take(1 << 20).read_to_end(&mut buf),
+    )
+    .await??;
     let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
     let status = head
         .split_whitespace()
         .nth(1)
@@ -170,7 +204,13 @@ async fn signed_post(
 }
 
 /// A Stalwart data-stage MTA-hook request, shaped like the captured ones.
-pub fn hook_data_request(queue_id: u64, from: &str, rcpts: &[&str], headers: &[(&str, &str)], body: &str) -> String {
+pub fn hook_data_request(
+    queue_id: u64,
+    from: &str,
+    rcpts: &[&str],
+    headers: &[(&str, &str)],
+    body: &str,
+) -> String {
     let to: Vec<serde_json::Value> = rcpts
         .iter()
         .map(|r| serde_json::json!({ "address": r }))
@@ -179,7 +219,12 @@ pub fn hook_data_request(queue_id: u64, from: &str, rcpts: &[&str], headers: &[(
         .iter()
         .map(|(n, v)| serde_json::json!([n, format!(" {v}\r\n")]))
         .collect();
-    let size = headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>() + 2 + body.len();
+    let size = headers
+        .iter()
+        .map(|(n, v)| n.len() + v.len() + 4)
+        .sum::<usize>()
+        + 2
+        + body.len();
     serde_json::json!({
         "context": {
             "stage": "data",

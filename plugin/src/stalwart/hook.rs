@@ -38,10 +38,6 @@ pub(crate) const MAX_RCPTS: usize = 1000;
 /// unsized ones are streamed.
 const INLINE_BODY: u64 = 256 * 1024;
 
-/// Header fields whose values are read; the values of all others are skipped unread. Must
-/// cover what [`HeaderCollector`] decodes (it ignores anything else).
-const DECODED_FIELDS: [&str; 4] = ["from", "subject", "message-id", "date"];
-
 pub(crate) const ACCEPT: &str = r#"{"action":"accept"}"#;
 pub(crate) const REJECT_TEMPFAIL: &str = r#"{"action":"reject","response":{"status":451,"enhanced_status":"4.3.0","message":"mailbell: cannot record the arrival notice, try again later","disconnect":false}}"#;
 
@@ -277,7 +273,7 @@ impl<'de> Deserialize<'de> for Rcpts {
 }
 
 /// `message.headers`: `[[name, value], ...]` fed straight into a [`HeaderCollector`]; values
-/// of fields not in [`DECODED_FIELDS`] are skipped unread.
+/// of fields [`crate::headers::wants`] does not name are skipped unread.
 #[derive(Debug, Default)]
 struct Headers(HeaderCollector);
 
@@ -318,10 +314,7 @@ impl<'de> Visitor<'de> for Field<'_> {
         let name: String = seq
             .next_element()?
             .ok_or_else(|| de::Error::invalid_length(0, &"a [name, value] header field"))?;
-        let wanted = DECODED_FIELDS
-            .iter()
-            .any(|w| w.eq_ignore_ascii_case(name.trim()));
-        if wanted {
+        if crate::headers::wants(&name) {
             let value: String = seq
                 .next_element()?
                 .ok_or_else(|| de::Error::invalid_length(1, &"a [name, value] header field"))?;

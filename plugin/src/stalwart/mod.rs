@@ -49,8 +49,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use ring::hmac;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use tokio::sync::Semaphore;
+
+use mailbell_link::units::de_duration;
 
 use crate::arrival::Intake;
 
@@ -124,38 +126,7 @@ fn redacted(set: bool) -> &'static str {
     }
 }
 
-/// Accepts "250ms", "30s", "2m", "1h" or a bare number of seconds (string or integer).
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Secs(u64),
-        Text(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::Secs(s) => Ok(Duration::from_secs(s)),
-        Raw::Text(t) => parse_duration(&t).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "invalid duration {t:?} (expected e.g. \"500ms\", \"30s\", \"2m\", \"1h\")"
-            ))
-        }),
-    }
-}
 
-fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let ms = match unit.trim() {
-        "ms" => n,
-        "" | "s" => n.checked_mul(1_000)?,
-        "m" => n.checked_mul(60_000)?,
-        "h" => n.checked_mul(3_600_000)?,
-        _ => return None,
-    };
-    Some(Duration::from_millis(ms))
-}
 
 /// Counters for `/metrics`. All relaxed; read them with [`StalwartStats::snapshot`].
 #[derive(Debug, Default)]
@@ -453,19 +424,6 @@ mod tests {
         let s = format!("{c:?}");
         assert!(!s.contains("s3cret-key") && !s.contains("t0ken"), "{s}");
         assert!(s.contains("<set>"));
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("1d"), None);
-        assert_eq!(parse_duration("s"), None);
-        assert_eq!(parse_duration("-1s"), None);
-        assert_eq!(parse_duration("99999999999999999999s"), None);
     }
 
     #[test]

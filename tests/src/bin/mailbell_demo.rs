@@ -50,11 +50,17 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     if let Some(a) = m.admin_addr {
         println!("  admin API         : http://{a}/admin/v1/users  (Bearer {ADMIN_TOKEN}); metrics: http://{a}/metrics");
     }
-    println!("  GSM agent link    : {} (mutual TLS, dev PKI in {})", sys.agent.link_addr, args.dir.join("pki").display());
+    println!(
+        "  GSM agent link    : {} (mutual TLS, dev PKI in {})",
+        sys.agent.link_addr,
+        args.dir.join("pki").display()
+    );
     if let Some(sim) = &sys.agent.sim {
         println!("  simulated modem   : {}", sim.device_path().display());
     }
-    println!("  registered user   : alice@example.com (alias a.li@example.com) -> +86138****8000, zh");
+    println!(
+        "  registered user   : alice@example.com (alias a.li@example.com) -> +86138****8000, zh"
+    );
 
     sys.wait_modems_ready(Duration::from_secs(30)).await?;
     let queue_id: u64 = 0x4bf0_63fd_0800_36e;
@@ -67,7 +73,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         &[
             ("From", "=?UTF-8?B?5byg5Lyf?= <zhang.wei@remote.example>"),
             ("To", "a.li@example.com"),
-            ("Subject", "=?UTF-8?B?5YWz5LqO5LiL5ZGo6aG555uu6K+E5a6h5Lya6K6u55qE5a6J5o6S?="),
+            (
+                "Subject",
+                "=?UTF-8?B?5YWz5LqO5LiL5ZGo6aG555uu6K+E5a6h5Lya6K6u55qE5a6J5o6S?=",
+            ),
             ("Message-ID", "<demo@remote.example>"),
         ],
         "您好，\r\n附件是会议议程。\r\n",
@@ -81,12 +90,19 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let mut ok = true;
     for p in &pdus {
         let (to, text) = system::decode(p)?;
-        println!("  modem received    : AT+CMGS={} to {}", p.tpdu_len, mask(&to));
+        println!(
+            "  modem received    : AT+CMGS={} to {}",
+            p.tpdu_len,
+            mask(&to)
+        );
         println!("  PDU               : {}", p.hex);
         println!("  SMS text          : {text}");
         ok &= text.contains("关于下周项目评审会议的安排") && text.contains("张伟");
     }
-    println!("  hook -> modem     : {:.1} ms", elapsed.as_secs_f64() * 1000.0);
+    println!(
+        "  hook -> modem     : {:.1} ms",
+        elapsed.as_secs_f64() * 1000.0
+    );
     if !args.once {
         println!("serving; Ctrl-C stops. Try: mailbell --config <file> user list, or point an MTA at the endpoints above.");
         let _ = tokio::signal::ctrl_c().await;

@@ -1,0 +1,274 @@
+//! The whole system in one process (tests/src/system.rs): the admin API, audit log, metrics
+//! and the Stalwart path through the real link to the simulated modem.
+
+use std::time::Duration;
+
+use mailbell::users::User;
+use mailbell_tests::system::{self, ADMIN_TOKEN};
+
+fn alice() -> User {
+    let mut u = User::new("alice@example.com");
+    u.phone = "+8613800138000".into();
+    u.language = "en".into();
+    u
+}
+
+async fn admin(
+    sys: &system::System,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let r = mailbell_link::http::request(
+        sys.mail.admin_addr.unwrap(),
+        method,
+        path,
+        Some(&format!("Bearer {ADMIN_TOKEN}")),
+        body.map(|b| ("application/json", b.as_bytes())),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let v = serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null);
+    (r.status, v)
+}
+
+fn events(log: &serde_json::Value) -> Vec<String> {
+    log.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["event"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalwart_delivery_is_notified_logged_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = system::start(dir.path(), |m, _| m.intake.rate_limit_secs = 0)
+        .await
+        .unwrap();
+    sys.mail.stores.users.upsert(alice()).unwrap();
+    sys.wait_modems_ready(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let q = 0x4bf0_63ec_5c00_16e_u64;
+    let req = system::hook_data_request(
+        q,
+        "carol@remote.example",
+        &["alice@example.com", "stranger@example.com"],
+        &[
+            ("From", "Carol Sender <carol@remote.example>"),
+            ("Subject", "Quarterly figures"),
+        ],
+        "Hello Alice,\r\n",
+    );
+    assert_eq!(
+        sys.hook(&req).await.unwrap(),
+        (200, r#"{"action":"accept"}"#.to_owned())
+    );
+    // A forged confirmation is refused and releases nothing.
+    let forged = system::ham_batch(q, 2);
+    let addr = sys.mail.http_addr.unwrap();
+    let r = mailbell_link::http::request(
+        addr,
+        "POST",
+        "/stalwart/events",
+        None,
+        Some(("application/json", forged.as_bytes())),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 401);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        sys.pdus().is_empty(),
+        "released without a valid confirmation"
+    );
+    let (status, _) = sys.webhook(&system::ham_batch(q, 2)).await.unwrap();
+    assert_eq!(status, 200);
+    let pdus = sys.wait_pdus(0, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(pdus.len(), 1);
+    let (to, text) = system::decode(&pdus[0]).unwrap();
+    assert_eq!(to, "+8613800138000");
+    assert!(
+        text.contains("Quarterly figures") && text.contains("Carol Sender"),
+        "{text}"
+    );
+
+    // The audit log has the notice's whole history and the link session.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let names = loop {
+        let (status, log) = admin(&sys, "GET", "/admin/v1/log?user=alice@example.com", None).await;
+        assert_eq!(status, 200);
+        let names = events(&log);
+        if names.iter().any(|n| n == "acked") || tokio::time::Instant::now() > deadline {
+            break names;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for e in ["created", "queued", "sent", "acked"] {
+        assert!(names.iter().any(|n| n == e), "{e} missing from {names:?}");
+    }
+    let (_, all) = admin(&sys, "GET", "/admin/v1/log?since=1h", None).await;
+    assert!(
+        events(&all).iter().any(|n| n == "session-up"),
+        "{:?}",
+        events(&all)
+    );
+
+    // An admin change is applied at once and audited.
+    let (status, u) = admin(
+        &sys,
+        "PATCH",
+        "/admin/v1/users/alice@example.com",
+        Some(r#"{"notify":false}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{u}");
+    assert_eq!(u["notify"], false);
+    let req = system::hook_data_request(
+        q + 1,
+        "carol@remote.example",
+        &["alice@example.com"],
+        &[("Subject", "again")],
+        "x",
+    );
+    assert_eq!(sys.hook(&req).await.unwrap().0, 200);
+    sys.webhook(&system::ham_batch(q + 1, 2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sys.pdus().len(), 1, "notices are off");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, log) = admin(&sys, "GET", "/admin/v1/log?since=1h", None).await;
+        let found =
+            log.as_array().unwrap().iter().any(|r| {
+                r["event"] == "admin" && r["target"] == "/admin/v1/users/alice@example.com"
+            });
+        if found {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "admin change not audited: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Metrics and status, no token needed.
+    let m = mailbell_link::http::request(
+        sys.mail.admin_addr.unwrap(),
+        "GET",
+        "/metrics",
+        None,
+        None,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(m.status, 200);
+    assert!(m.body.contains("mailbell_messages_total 2"), "{}", m.body);
+    assert!(
+        m.body.contains("mailbell_unknown_recipients_total 1"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body.contains("counter=\"webhook_bad_signatures\"} 1"),
+        "{}",
+        m.body
+    );
+    // Without the token the admin API refuses.
+    let r = mailbell_link::http::request(
+        sys.mail.admin_addr.unwrap(),
+        "GET",
+        "/admin/v1/queue",
+        None,
+        None,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 401);
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_agent_the_queue_holds_notices_in_arrival_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = system::mail_config(dir.path()).unwrap();
+    cfg.intake.rate_limit_secs = 0;
+    // Nothing listens there: the link keeps failing and backing off.
+    cfg.link.agents[0].addr = "127.0.0.1:9".into();
+    let mail = mailbell::app::start(cfg.clone(), tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    mail.stores.users.upsert(alice()).unwrap();
+    let addr = mail.http_addr.unwrap();
+    for i in 0..3u64 {
+        let req = system::hook_data_request(
+            100 + i,
+            "c@r.example",
+            &["alice@example.com"],
+            &[("Subject", &format!("n{i}"))],
+            "x",
+        );
+        let r = mailbell_link::http::request(
+            addr,
+            "POST",
+            &cfg.stalwart.hook_path,
+            None,
+            Some(("application/json", req.as_bytes())),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+        let (status, _) = system::post_webhook(
+            addr,
+            &cfg.stalwart.webhook_path,
+            &system::ham_batch(100 + i, 2),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200);
+    }
+    let r = mailbell_link::http::request(
+        mail.admin_addr.unwrap(),
+        "GET",
+        "/admin/v1/queue",
+        Some(&format!("Bearer {ADMIN_TOKEN}")),
+        None,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let q: Vec<serde_json::Value> = serde_json::from_str(&r.body).unwrap();
+    let subjects: Vec<&str> = q.iter().map(|e| e["subject"].as_str().unwrap()).collect();
+    assert_eq!(subjects, ["n0", "n1", "n2"], "queued in arrival order");
+    assert_eq!(q[0]["phone"], "+*********8000", "phone masked");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, log) = {
+        let r = mailbell_link::http::request(
+            mail.admin_addr.unwrap(),
+            "GET",
+            "/admin/v1/log?since=1h",
+            Some(&format!("Bearer {ADMIN_TOKEN}")),
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        (
+            r.status,
+            serde_json::from_str::<serde_json::Value>(&r.body).unwrap(),
+        )
+    };
+    assert!(
+        events(&log).iter().any(|e| e == "connect-failed"),
+        "link failures are audited: {:?}",
+        events(&log)
+    );
+    mail.stop().await;
+}
