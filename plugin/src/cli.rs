@@ -185,7 +185,7 @@ pub struct LogArgs {
 /// Where the commands go.
 enum Target {
     Api { addr: SocketAddr, token: String },
-    Local(Config),
+    Local(Box<Config>),
 }
 
 const API_TIMEOUT: Duration = Duration::from_secs(60);
@@ -203,7 +203,7 @@ async fn target(config: Option<&Path>) -> anyhow::Result<Target> {
             });
         }
     }
-    Ok(Target::Local(cfg))
+    Ok(Target::Local(Box::new(cfg)))
 }
 
 async fn api<T: DeserializeOwned>(

@@ -60,8 +60,11 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
-/// Parses one page of the principal list into (account id, addresses).
-fn parse_page(body: &str) -> Result<(Vec<(u64, Vec<String>)>, u64), String> {
+/// Account id and its addresses.
+type Account = (u64, Vec<String>);
+
+/// Parses one page of the principal list into accounts and the total count.
+fn parse_page(body: &str) -> Result<(Vec<Account>, u64), String> {
     let r: ListReply =
         serde_json::from_str(body).map_err(|e| format!("unexpected principal list: {e}"))?;
     let items = r

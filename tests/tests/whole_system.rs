@@ -1,6 +1,8 @@
 //! The whole system in one process (tests/src/system.rs): the admin API, audit log, metrics
 //! and the Stalwart path through the real link to the simulated modem.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use mailbell::users::User;
@@ -51,7 +53,7 @@ async fn stalwart_delivery_is_notified_logged_and_counted() {
     sys.wait_modems_ready(Duration::from_secs(30))
         .await
         .unwrap();
-    let q = 0x4bf0_63ec_5c00_16e_u64;
+    let q = 0x04bf_063e_c5c0_016e_u64;
     let req = system::hook_data_request(
         q,
         "carol@remote.example",

@@ -63,7 +63,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     );
 
     sys.wait_modems_ready(Duration::from_secs(30)).await?;
-    let queue_id: u64 = 0x4bf0_63fd_0800_36e;
+    let queue_id: u64 = 0x04bf_063f_d080_036e;
     let before = sys.pdus().len();
     let t0 = Instant::now();
     let req = system::hook_data_request(
