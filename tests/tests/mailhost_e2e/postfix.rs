@@ -1,0 +1,349 @@
+//! Interop with a real MTA: a private Postfix instance (test-peers.md §2.1, /etc/postfix
+//! untouched) with mailbell as its milter, fed by swaks. The notice reaches the simulated modem
+//! as a PDU whose decoded text carries the decoded RFC 2047 subject and display name; an
+//! unregistered recipient gets no SMS; with mailbell down Postfix answers 451, so the mail is
+//! never accepted without its notice.
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+use crate::support::*;
+
+const PHONE: &str = "+8613800138000";
+
+/// A private Postfix instance under `dir`, stopped by its master PID when dropped.
+struct Postfix {
+    dir: PathBuf,
+    smtp: SocketAddr,
+    /// `script -qec "postfix -c DIR start-fg"`: Postfix reports fatal errors only to syslog or
+    /// a terminal, and there is no syslog here.
+    wrapper: Option<Child>,
+}
+
+impl Postfix {
+    fn start(dir: &Path, milter: SocketAddr) -> Postfix {
+        let smtp = free_addr();
+        let etc = dir.join("etc");
+        for d in ["etc", "spool", "data", "mail"] {
+            std::fs::create_dir_all(dir.join(d)).expect("postfix directories");
+        }
+        let d = dir.display();
+        // main.cf allows no comments at the end of a line.
+        let main_cf = format!(
+            "compatibility_level = 3.6\n\
+             queue_directory = {d}/spool\n\
+             data_directory = {d}/data\n\
+             maillog_file = {d}/postfix.log\n\
+             maillog_file_prefixes = {d}\n\
+             myhostname = mta.test.invalid\n\
+             mydestination =\n\
+             inet_interfaces = 127.0.0.1\n\
+             inet_protocols = ipv4\n\
+             mynetworks = 127.0.0.0/8\n\
+             smtpd_relay_restrictions = permit_mynetworks, reject\n\
+             virtual_mailbox_domains = dest.example\n\
+             virtual_mailbox_base = {d}/mail\n\
+             virtual_mailbox_maps = static:inbox/\n\
+             virtual_uid_maps = static:65534\n\
+             virtual_gid_maps = static:65534\n\
+             default_transport = error:no outbound mail in tests\n\
+             smtpd_milters = inet:{milter}\n\
+             non_smtpd_milters = inet:{milter}\n\
+             milter_default_action = tempfail\n\
+             milter_protocol = 6\n"
+        );
+        let master_cf = format!(
+            "{smtp} inet n - n - - smtpd\n\
+             pickup unix n - n 60 1 pickup\n\
+             cleanup unix n - n - 0 cleanup\n\
+             qmgr unix n - n 300 1 qmgr\n\
+             rewrite unix - - n - - trivial-rewrite\n\
+             bounce unix - - n - 0 bounce\n\
+             defer unix - - n - 0 bounce\n\
+             trace unix - - n - 0 bounce\n\
+             verify unix - - n - 1 verify\n\
+             flush unix n - n 1000? 0 flush\n\
+             proxymap unix - - n - - proxymap\n\
+             showq unix n - n - - showq\n\
+             error unix - - n - - error\n\
+             retry unix - - n - - error\n\
+             discard unix - - n - - discard\n\
+             virtual unix - n n - - virtual\n\
+             anvil unix - - n - 1 anvil\n\
+             scache unix - - n - 1 scache\n\
+             postlog unix-dgram n - n - 1 postlogd\n"
+        );
+        std::fs::write(etc.join("main.cf"), main_cf).expect("write main.cf");
+        std::fs::write(etc.join("master.cf"), master_cf).expect("write master.cf");
+        run_ok(Command::new("chown").arg("postfix").arg(dir.join("data")));
+        run_ok(
+            Command::new("chown")
+                .arg("nobody:nogroup")
+                .arg(dir.join("mail")),
+        );
+        let etc_s = etc.display().to_string();
+        let check = Command::new("script")
+            .args(["-qec", &format!("postfix -c {etc_s} check"), "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run postfix check");
+        assert!(
+            check.status.success(),
+            "postfix check failed: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        let out = std::fs::File::create(dir.join("postfix-start-fg.out")).expect("log file");
+        let wrapper = Command::new("script")
+            .args(["-qec", &format!("postfix -c {etc_s} start-fg"), "/dev/null"])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start postfix");
+        let mut pf = Postfix {
+            dir: dir.to_path_buf(),
+            smtp,
+            wrapper: Some(wrapper),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect_timeout(&smtp, Duration::from_millis(500)).is_err() {
+            if let Some(Ok(Some(s))) = pf.wrapper.as_mut().map(|w| w.try_wait()) {
+                panic!(
+                    "postfix exited at start ({s}):\n{}\n{}",
+                    std::fs::read_to_string(dir.join("postfix-start-fg.out")).unwrap_or_default(),
+                    std::fs::read_to_string(dir.join("postfix.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postfix did not listen on {smtp}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pf
+    }
+
+    fn master_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.dir.join("spool/pid/master.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// swaks against this instance; the exit code tells the SMTP outcome (test-peers.md §3).
+    fn swaks(&self, args: &[&str]) -> Output {
+        Command::new("swaks")
+            .arg("--server")
+            .arg(self.smtp.to_string())
+            .args(["--helo", "client.remote.example", "--timeout", "60"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run swaks")
+    }
+
+    /// Messages delivered to the virtual mailbox.
+    fn delivered(&self) -> usize {
+        std::fs::read_dir(self.dir.join("mail/inbox/new"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("postfix.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let pid = self.master_pid();
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if let Some(mut w) = self.wrapper.take() {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(_)) = w.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    if let Some(pid) = pid {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                    let _ = w.kill();
+                    let _ = w.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("run a setup command");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An RFC 2047 encoded-word (UTF-8, base64).
+fn b_word(text: &str) -> String {
+    format!(
+        "=?UTF-8?B?{}?=",
+        base64::engine::general_purpose::STANDARD.encode(text)
+    )
+}
+
+fn transcript(o: &Output) -> String {
+    format!(
+        "exit {}\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// swaks for one message from 张三 <zhang@remote.example>.
+fn send(pf: &Postfix, to: &str, subject: &str) -> Output {
+    let from_header = format!("From: {} <zhang@remote.example>", b_word("张三"));
+    let subject_header = format!("Subject: {}", b_word(subject));
+    pf.swaks(&[
+        "--from",
+        "zhang@remote.example",
+        "--to",
+        to,
+        "--header",
+        &from_header,
+        "--header",
+        &subject_header,
+        "--body",
+        "正文 body line\n",
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() {
+    if !require(&["postfix", "swaks", "script", "chown"], true) {
+        return;
+    }
+    bins();
+    let started = Instant::now();
+    let scratch = Scratch::new("postfix");
+    let dir = scratch.path();
+    // Postfix daemons run as postfix/nobody and must reach their directories below this one.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let pki = dir.join("pki");
+    let agent = Agent::start(dir, free_addr(), &pki);
+    let mut mail = Mailbell::start(dir, agent.link, &pki, "rate_limit_secs = 0");
+
+    // Register through the admin CLI (it finds the running daemon's admin API).
+    let added = mail.cli_ok(&[
+        "user",
+        "add",
+        "alice@dest.example",
+        "--phone",
+        PHONE,
+        "--language",
+        "zh",
+    ]);
+    assert!(added.contains("alice@dest.example"), "{added}");
+    let shown = mail.cli_ok(&["user", "show", "alice@dest.example"]);
+    assert!(shown.contains(PHONE) && shown.contains("\"zh\""), "{shown}");
+
+    let pf = Postfix::start(&dir.join("postfix"), mail.milter);
+
+    // 1. A Chinese subject and display name, RFC 2047 encoded, reach the phone decoded.
+    let subject = "测试邮件：季度报表";
+    let r = send(&pf, "alice@dest.example", subject);
+    assert!(r.status.success(), "swaks: {}", transcript(&r));
+    wait_until("the first PDU", 60, || !agent.pdus().is_empty()).await;
+    let pdus = agent.pdus();
+    assert_eq!(pdus.len(), 1, "{pdus:?}");
+    assert_eq!(pdus[0].destination, PHONE);
+    let text = &pdus[0].text;
+    assert!(text.contains(subject), "subject not in SMS text {text:?}");
+    assert!(
+        text.contains("张三"),
+        "display name not in SMS text {text:?}"
+    );
+    assert!(
+        !text.contains("=?UTF-8?"),
+        "SMS text carries an undecoded encoded-word: {text:?}"
+    );
+    assert!(text.contains("alice"), "recipient not in SMS text {text:?}");
+
+    // 2. An unregistered recipient: Postfix delivers the mail, nobody gets an SMS. A later
+    // message to alice is the barrier: once its PDU is there, bob's would have been too.
+    let r = send(&pf, "bob@dest.example", "给鲍勃的信");
+    assert!(r.status.success(), "swaks: {}", transcript(&r));
+    let r = send(&pf, "alice@dest.example", "第二封");
+    assert!(r.status.success(), "swaks: {}", transcript(&r));
+    wait_until("the second PDU", 60, || agent.pdus().len() >= 2).await;
+    let pdus = agent.pdus();
+    assert_eq!(pdus.len(), 2, "{pdus:?}");
+    assert!(pdus[1].text.contains("第二封"), "{pdus:?}");
+    assert!(pdus.iter().all(|p| p.destination == PHONE), "{pdus:?}");
+    assert!(!pdus.iter().any(|p| p.text.contains("鲍勃")), "{pdus:?}");
+    wait_until("three messages in the mailbox", 60, || pf.delivered() == 3).await;
+    // The audit log (through the CLI) names alice's notices and nothing for bob.
+    let mut alice_log = String::new();
+    wait_until("alice's audit records", 30, || {
+        alice_log = mail.cli_ok(&["log", "--user", "alice@dest.example"]);
+        alice_log.contains("第二封")
+    })
+    .await;
+    assert!(alice_log.contains(subject), "{alice_log}");
+    let bob_log = mail.cli_ok(&["log", "--user", "bob@dest.example"]);
+    assert!(bob_log.trim().is_empty(), "{bob_log}");
+
+    // 3. mailbell stopped: Postfix answers 451 (milter_default_action = tempfail) and keeps
+    // nothing, so the sender retries; the mail is never taken without its notice.
+    mail.daemon.stop();
+    let r = send(&pf, "alice@dest.example", "重试");
+    let t = transcript(&r);
+    assert!(!r.status.success(), "accepted with mailbell down: {t}");
+    assert!(t.contains("<** 451"), "no 451 from Postfix: {t}");
+    let code = r.status.code();
+    assert!(
+        matches!(code, Some(23..=26)),
+        "swaks exit {code:?} is not an SMTP rejection: {t}"
+    );
+    assert_eq!(
+        pf.delivered(),
+        3,
+        "a message went in while mailbell was down"
+    );
+    eprintln!("mailbell down: swaks exit {code:?}");
+
+    // The sender's retry, once mailbell is back, goes through with its notice.
+    mail.daemon.restart();
+    let r = send(&pf, "alice@dest.example", "重试");
+    assert!(r.status.success(), "swaks: {}", transcript(&r));
+    wait_until("the retried message's PDU", 60, || agent.pdus().len() >= 3).await;
+    let pdus = agent.pdus();
+    assert_eq!(pdus.len(), 3, "{pdus:?}");
+    assert!(pdus[2].text.contains("重试"), "{pdus:?}");
+    wait_until("four messages in the mailbox", 60, || pf.delivered() == 4).await;
+    assert!(
+        pf.log().contains("milter"),
+        "the Postfix log does not mention the milter at all:\n{}",
+        pf.log()
+    );
+    drop(pf);
+    eprintln!("postfix interop: {:.1} s", started.elapsed().as_secs_f64());
+}
