@@ -266,26 +266,80 @@ async fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() 
     assert!(shown.contains(PHONE) && shown.contains("\"zh\""), "{shown}");
 
     let pf = Postfix::start(&dir.join("postfix"), mail.milter);
+    let mut seen = 0;
 
     // 1. A Chinese subject and display name, RFC 2047 encoded, reach the phone decoded.
     let subject = "测试邮件：季度报表";
     let r = send(&pf, "alice@dest.example", subject);
     assert!(r.status.success(), "swaks: {}", transcript(&r));
-    wait_until("the first PDU", 60, || !agent.pdus().is_empty()).await;
-    let pdus = agent.pdus();
-    assert_eq!(pdus.len(), 1, "{pdus:?}");
-    assert_eq!(pdus[0].destination, PHONE);
-    let text = &pdus[0].text;
+    let text = next_sms(&agent, &mut seen).await;
     assert!(text.contains(subject), "subject not in SMS text {text:?}");
     assert!(
         text.contains("张三"),
         "display name not in SMS text {text:?}"
     );
-    assert!(
-        !text.contains("=?UTF-8?"),
-        "SMS text carries an undecoded encoded-word: {text:?}"
-    );
     assert!(text.contains("alice"), "recipient not in SMS text {text:?}");
+
+    // 1b. What Chinese mail clients send: a GB2312 display name, and a subject folded over two
+    // lines as two encoded-words (Q then B) that decode to one run of text (RFC 2047 §6.2).
+    let data = dir.join("gb2312.eml");
+    std::fs::write(
+        &data,
+        format!(
+            "From: =?gb2312?B?{name}?= <li@remote.example>\r\n\
+             To: alice@dest.example\r\n\
+             Subject: =?UTF-8?Q?{q}?=\r\n =?UTF-8?B?{b}?=\r\n\
+             Date: Sun, 22 Nov 2026 10:00:00 +0800\r\n\
+             Message-ID: <gb2312-1@remote.example>\r\n\
+             MIME-Version: 1.0\r\n\
+             Content-Type: text/plain; charset=gb2312\r\n\
+             \r\n\
+             body\r\n",
+            // 李四 in GB2312
+            name = base64::engine::general_purpose::STANDARD.encode([0xC0, 0xEE, 0xCB, 0xC4]),
+            q = q_encode("会议"),
+            b = base64::engine::general_purpose::STANDARD.encode("改期通知"),
+        ),
+    )
+    .unwrap();
+    let r = pf.swaks(&[
+        "--from",
+        "li@remote.example",
+        "--to",
+        "alice@dest.example",
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "swaks: {}", transcript(&r));
+    let text = next_sms(&agent, &mut seen).await;
+    assert!(
+        text.contains("会议改期通知"),
+        "subject not in SMS text {text:?}"
+    );
+    assert!(
+        text.contains("李四"),
+        "GB2312 display name not in SMS text {text:?}"
+    );
+
+    // 1c. Mail submitted locally (sendmail -> pickup -> cleanup) passes non_smtpd_milters.
+    let mut sm = Command::new("sendmail")
+        .arg("-C")
+        .arg(pf.dir.join("etc"))
+        .args(["-f", "local@mta.test.invalid", "alice@dest.example"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("run Postfix's sendmail");
+    {
+        use std::io::Write as _;
+        let mut stdin = sm.stdin.take().unwrap();
+        write!(stdin, "Subject: {}\n\nlocal\n", b_word("本地投递")).unwrap();
+    }
+    assert!(sm.wait().unwrap().success(), "sendmail -C failed");
+    let text = next_sms(&agent, &mut seen).await;
+    assert!(
+        text.contains("本地投递"),
+        "subject not in SMS text {text:?}"
+    );
 
     // 2. An unregistered recipient: Postfix delivers the mail, nobody gets an SMS. A later
     // message to alice is the barrier: once its PDU is there, bob's would have been too.
@@ -293,13 +347,9 @@ async fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() 
     assert!(r.status.success(), "swaks: {}", transcript(&r));
     let r = send(&pf, "alice@dest.example", "第二封");
     assert!(r.status.success(), "swaks: {}", transcript(&r));
-    wait_until("the second PDU", 60, || agent.pdus().len() >= 2).await;
-    let pdus = agent.pdus();
-    assert_eq!(pdus.len(), 2, "{pdus:?}");
-    assert!(pdus[1].text.contains("第二封"), "{pdus:?}");
-    assert!(pdus.iter().all(|p| p.destination == PHONE), "{pdus:?}");
-    assert!(!pdus.iter().any(|p| p.text.contains("鲍勃")), "{pdus:?}");
-    wait_until("three messages in the mailbox", 60, || pf.delivered() == 3).await;
+    let text = next_sms(&agent, &mut seen).await;
+    assert!(text.contains("第二封"), "{text:?}");
+    wait_until("five messages in the mailbox", 60, || pf.delivered() == 5).await;
     // The audit log (through the CLI) names alice's notices and nothing for bob.
     let mut alice_log = String::new();
     wait_until("alice's audit records", 30, || {
@@ -317,7 +367,11 @@ async fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() 
     let r = send(&pf, "alice@dest.example", "重试");
     let t = transcript(&r);
     assert!(!r.status.success(), "accepted with mailbell down: {t}");
-    assert!(t.contains("<** 451"), "no 451 from Postfix: {t}");
+    assert!(
+        t.contains("<** 451"),
+        "no 451 from Postfix: {t}\n{}",
+        pf.log()
+    );
     let code = r.status.code();
     assert!(
         matches!(code, Some(23..=26)),
@@ -325,25 +379,53 @@ async fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() 
     );
     assert_eq!(
         pf.delivered(),
-        3,
+        5,
         "a message went in while mailbell was down"
     );
-    eprintln!("mailbell down: swaks exit {code:?}");
 
     // The sender's retry, once mailbell is back, goes through with its notice.
     mail.daemon.restart();
     let r = send(&pf, "alice@dest.example", "重试");
     assert!(r.status.success(), "swaks: {}", transcript(&r));
-    wait_until("the retried message's PDU", 60, || agent.pdus().len() >= 3).await;
-    let pdus = agent.pdus();
-    assert_eq!(pdus.len(), 3, "{pdus:?}");
-    assert!(pdus[2].text.contains("重试"), "{pdus:?}");
-    wait_until("four messages in the mailbox", 60, || pf.delivered() == 4).await;
-    assert!(
-        pf.log().contains("milter"),
-        "the Postfix log does not mention the milter at all:\n{}",
-        pf.log()
-    );
+    let text = next_sms(&agent, &mut seen).await;
+    assert!(text.contains("重试"), "{text:?}");
+    wait_until("six messages in the mailbox", 60, || pf.delivered() == 6).await;
     drop(pf);
-    eprintln!("postfix interop: {:.1} s", started.elapsed().as_secs_f64());
+    // Nothing more arrived (bob's notice, a duplicate).
+    assert_eq!(agent.pdus().len(), seen);
+    eprintln!(
+        "postfix interop: {:.1} s (swaks exit {code:?} with mailbell down)",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Waits for the next PDU; checks it went to alice's phone as plain decoded text, and that
+/// it came alone. Returns its text.
+async fn next_sms(agent: &Agent, seen: &mut usize) -> String {
+    let want = *seen + 1;
+    wait_until(&format!("PDU #{want}"), 60, || agent.pdus().len() >= want).await;
+    let pdus = agent.pdus();
+    assert_eq!(pdus.len(), want, "unexpected extra PDUs: {pdus:?}");
+    *seen = want;
+    let sms = &pdus[want - 1];
+    assert_eq!(sms.destination, PHONE, "{sms:?}");
+    assert!(
+        !sms.text.contains("=?"),
+        "SMS text carries an undecoded encoded-word: {:?}",
+        sms.text
+    );
+    sms.text.clone()
+}
+
+/// RFC 2047 Q encoding of UTF-8 text (every byte but letters and digits as =XX).
+fn q_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                char::from(b).to_string()
+            } else {
+                format!("={b:02X}")
+            }
+        })
+        .collect()
 }
