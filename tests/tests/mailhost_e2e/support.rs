@@ -12,7 +12,9 @@
 //! `CARGO_TARGET_DIR`, `--target-dir`, `--release`, `--profile` and `--target` without
 //! re-implementing cargo's rules. The build is a no-op when the binaries are fresh (cargo's
 //! fingerprints decide) and makes sure they are never stale against the sources this test was
-//! built from. `MAILBELL_E2E_BIN_DIR=<dir>` skips the build and takes the binaries from `<dir>`
+//! built from. The variables cargo sets for a running test (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`)
+//! are not passed on: build scripts that watch them (ring's) would otherwise rebuild, twice per
+//! run. `MAILBELL_E2E_BIN_DIR=<dir>` skips the build and takes the binaries from `<dir>`
 //! (prebuilt, e.g. an installed release).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -72,6 +74,27 @@ fn build_bins() -> Bins {
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
+    // cargo runs this test with the package's own variables set (CARGO_MANIFEST_DIR,
+    // CARGO_PKG_NAME, ...). Build scripts such as ring's and cc's rerun when those change, so
+    // passing them on would rebuild ring and everything above it here, and again in the next
+    // plain `cargo build`.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || k.starts_with("CARGO_BIN_")
+            || matches!(
+                &*k,
+                "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "OUT_DIR"
+            )
+        {
+            cmd.env_remove(&*k);
+        }
+    }
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
         .args([
             "build",
