@@ -77,6 +77,9 @@ pub enum IngestKind {
     Spam,
     /// Suppressed as a duplicate: nothing stored.
     Duplicate,
+    /// `queue.queue-message`: Stalwart queued the message (it passed every later filter and was
+    /// accepted). Not a delivery yet, but the evidence a confirmation timeout needs.
+    Queued,
 }
 
 /// How the intake answered an arrival.

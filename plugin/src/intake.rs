@@ -74,6 +74,13 @@ pub struct IntakeConfig {
     pub max_parts: u8,
     /// Most envelope recipients considered per message (the rest are ignored, with a log line).
     pub max_recipients: usize,
+    /// Only release on timeout what Stalwart reported as queued (`queue.queue-message`): a
+    /// message rejected after mailbell's hook (a later hook, a Sieve script, Stalwart's own hook
+    /// timeout) is never queued, and the sender's retries would each give an SMS. Needs
+    /// `queue.queue-message` in the webhook's events. Off: release every timed-out arrival.
+    pub timeout_requires_queued: bool,
+    /// Sub-address separator: `alice+news@example.com` is alice's mail. "" turns it off.
+    pub subaddress_separator: String,
 }
 
 impl Default for IntakeConfig {
@@ -86,6 +93,8 @@ impl Default for IntakeConfig {
             timezone: "+00:00".into(),
             max_parts: 0,
             max_recipients: 1000,
+            timeout_requires_queued: true,
+            subaddress_separator: "+".into(),
         }
     }
 }
@@ -136,6 +145,9 @@ struct StagedMsg {
     subject: String,
     #[serde(rename = "e")]
     entries: Vec<Entry>,
+    /// Stalwart reported the message queued (`queue.queue-message`).
+    #[serde(rename = "qd", default, skip_serializing_if = "std::ops::Not::not")]
+    queued: bool,
 }
 
 impl StagedMsg {
@@ -194,6 +206,7 @@ pub struct MailIntake {
     audit: AuditLog,
     tx: mpsc::UnboundedSender<Cmd>,
     max_recipients: usize,
+    subaddress: Option<char>,
     clock: Clock,
     pub stats: Arc<IntakeStats>,
 }
@@ -239,6 +252,7 @@ impl MailIntake {
                 audit,
                 tx,
                 max_recipients: cfg.max_recipients.max(1),
+                subaddress: cfg.subaddress_separator.chars().next(),
                 clock,
                 stats,
             },
@@ -258,7 +272,11 @@ impl MailIntake {
             );
         }
         for rcpt in arrival.rcpts.iter().take(self.max_recipients) {
-            let Some(user) = self.users.lookup(rcpt) else {
+            let Some(user) = self
+                .users
+                .lookup(rcpt)
+                .or_else(|| self.users.lookup(&base_address(rcpt, self.subaddress?)?))
+            else {
                 bump(&self.stats.unknown_recipients, 1);
                 debug!(rcpt = %rcpt, "not a registered user");
                 continue;
@@ -323,6 +341,7 @@ impl Intake for MailIntake {
             env_from: arrival.env_from.clone(),
             subject: h.subject.clone(),
             entries,
+            queued: false,
         };
         let n = msg.entries.len();
         let seqs = self.outbox.stage(vec![msg.encode()]).await.map_err(|e| {
@@ -377,6 +396,13 @@ impl MailIntake {
     pub fn audit(&self) -> &AuditLog {
         &self.audit
     }
+}
+
+/// `alice+news@example.com` → `alice@example.com` (None when there is no tag).
+fn base_address(addr: &str, sep: char) -> Option<String> {
+    let (local, domain) = addr.rsplit_once('@')?;
+    let (base, _tag) = local.split_once(sep)?;
+    (!base.is_empty()).then(|| format!("{base}@{domain}"))
 }
 
 /// How the audit log names a staged entry before it has a notice id.
@@ -564,6 +590,17 @@ impl Scheduler {
     fn confirm(&mut self, ev: &Ingest, now: i64, round: &mut Round) {
         bump(&self.stats.confirmations, 1);
         let Some(q) = ev.queue_id else { return };
+        if ev.kind == IngestKind::Queued {
+            for seq in self.by_queue.get(&q).cloned().unwrap_or_default() {
+                if let Some(m) = self.msgs.get_mut(&seq) {
+                    if !m.queued {
+                        m.queued = true;
+                        round.touch(seq);
+                    }
+                }
+            }
+            return;
+        }
         let Some(seqs) = self.by_queue.get(&q).cloned() else {
             bump(&self.stats.unmatched_confirmations, 1);
             debug!(
@@ -606,7 +643,7 @@ impl Scheduler {
                 let notify = match ev.kind {
                     IngestKind::Ham => true,
                     IngestKind::Spam => self.cfg.spam_notifies,
-                    IngestKind::Duplicate => false,
+                    IngestKind::Duplicate | IngestKind::Queued => false,
                 };
                 if notify {
                     self.set_state((seq, i), EntryState::Ready, round);
@@ -797,9 +834,17 @@ impl Scheduler {
                     .map(|(i, _)| i)
                     .collect()
             });
+            let queued =
+                self.msgs.get(&seq).is_some_and(|m| m.queued) || !self.cfg.timeout_requires_queued;
             for i in waiting {
                 bump(&self.stats.confirm_timeouts, 1);
                 match self.cfg.on_confirm_timeout {
+                    TimeoutPolicy::Release if !queued => self.drop_entry(
+                        (seq, i),
+                        "no delivery confirmation, and Stalwart never reported it queued \
+                         (rejected after the hook?)",
+                        round,
+                    ),
                     TimeoutPolicy::Release => {
                         debug!(seq, "no delivery confirmation in time; notifying anyway");
                         self.set_state((seq, i), EntryState::Ready, round);
@@ -1197,12 +1242,21 @@ mod tests {
 
     #[tokio::test]
     async fn missing_confirmation_releases_or_drops_after_the_timeout() {
-        for (policy, expect) in [(TimeoutPolicy::Release, 1), (TimeoutPolicy::Drop, 0)] {
+        // (policy, Stalwart reported it queued, needs that evidence, SMS expected)
+        let cases = [
+            (TimeoutPolicy::Release, true, true, 1),
+            (TimeoutPolicy::Release, false, true, 0),
+            (TimeoutPolicy::Release, false, false, 1),
+            (TimeoutPolicy::Drop, true, true, 0),
+        ];
+        for (policy, queued, requires, expect) in cases {
             let cfg = IntakeConfig {
                 on_confirm_timeout: policy,
                 confirm_timeout_secs: 300,
+                timeout_requires_queued: requires,
                 ..Default::default()
             };
+            let case = format!("{policy:?} queued={queued} requires={requires}");
             let r = rig_with(cfg, vec![user("alice@test.local", "+8613800138000")], None).await;
             r.intake
                 .accept(arrival(
@@ -1213,20 +1267,98 @@ mod tests {
                 ))
                 .await
                 .unwrap();
+            if queued {
+                r.intake
+                    .confirm(vec![ingest(IngestKind::Queued, 9, None)])
+                    .await
+                    .unwrap();
+                assert!(r.queued().is_empty(), "{case}: queued is not delivered");
+            }
             r.advance(299_000);
             r.tick().await;
-            assert!(r.queued().is_empty(), "{policy:?}: too early");
+            assert!(r.queued().is_empty(), "{case}: too early");
             r.advance(2_000);
             r.tick().await;
-            assert_eq!(r.queued().len(), expect, "{policy:?}");
-            assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 0);
+            assert_eq!(r.queued().len(), expect, "{case}");
+            assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 0, "{case}");
             // A late confirmation finds nothing to do.
             r.intake
                 .confirm(vec![ingest(IngestKind::Ham, 9, None)])
                 .await
                 .unwrap();
-            assert_eq!(r.queued().len(), expect);
+            assert_eq!(r.queued().len(), expect, "{case}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_queued_evidence_survives_a_restart() {
+        let r = rig(vec![user("alice@test.local", "+8613800138000")]).await;
+        r.intake
+            .accept(arrival(
+                Origin::Stalwart { queue_id: 12 },
+                &["alice@test.local"],
+                "s",
+                T0,
+            ))
+            .await
+            .unwrap();
+        r.intake
+            .confirm(vec![ingest(IngestKind::Queued, 12, None)])
+            .await
+            .unwrap();
+        r.token.cancel();
+        let Rig {
+            _dir,
+            outbox,
+            users,
+            audit,
+            intake,
+            task,
+            ..
+        } = r;
+        drop(intake);
+        task.await.unwrap();
+        outbox.close();
+        drop(outbox);
+        let outbox = Outbox::open(&_dir.path().join("outbox"), Default::default()).unwrap();
+        let r = start(_dir, IntakeConfig::default(), outbox, users, audit, None);
+        r.advance(601_000);
+        r.tick().await;
+        assert_eq!(r.queued().len(), 1, "released on timeout: it was queued");
+    }
+
+    #[tokio::test]
+    async fn sub_addresses_reach_their_user() {
+        let r = rig(vec![user("alice@example.com", "+8613800138000")]).await;
+        let got = r
+            .intake
+            .accept(arrival(
+                Origin::Milter,
+                &["alice+news@example.com", "+x@example.com"],
+                "s",
+                T0,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(got.notices, 1);
+        r.tick().await;
+        assert_eq!(r.queued()[0].recipient, "alice+news@example.com");
+        let cfg = IntakeConfig {
+            subaddress_separator: String::new(),
+            ..Default::default()
+        };
+        let r = rig_with(cfg, vec![user("alice@example.com", "+8613800138000")], None).await;
+        let got = r
+            .intake
+            .accept(arrival(
+                Origin::Milter,
+                &["alice+news@example.com"],
+                "s",
+                T0,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(got.notices, 0, "separator turned off");
     }
 
     #[tokio::test]

@@ -110,6 +110,8 @@ pub(crate) fn parse_batch(body: &[u8]) -> Result<Batch, BatchError> {
             Some("message-ingest.ham") => IngestKind::Ham,
             Some("message-ingest.spam") => IngestKind::Spam,
             Some("message-ingest.duplicate") => IngestKind::Duplicate,
+            // 0.15 name; upstream 0.16 calls it queue.message-queued.
+            Some("queue.queue-message" | "queue.message-queued") => IngestKind::Queued,
             Some(_) => {
                 batch.ignored += 1;
                 continue;
@@ -339,9 +341,14 @@ mod tests {
     #[test]
     fn two_hams_with_exact_ids() {
         let (body, _) = fixture(B08);
-        let b = parse_batch(body.as_bytes()).unwrap();
-        assert_eq!(b.ignored, 4);
+        let mut b = parse_batch(body.as_bytes()).unwrap();
+        assert_eq!(b.ignored, 3);
         assert!(b.skipped.is_empty());
+        // The batch also has the queue.queue-message of the same message.
+        let queued: Vec<_> = b.ingests.iter().filter(|i| i.kind == IngestKind::Queued).collect();
+        assert_eq!(queued.len(), 1);
+        assert_eq!(queued[0].queue_id, Some(341998967854203758));
+        b.ingests.retain(|i| i.kind != IngestKind::Queued);
         let to = vec!["alice@test.local".to_string(), "bob@test.local".to_string()];
         assert_eq!(
             b.ingests,
