@@ -5,9 +5,12 @@
 //! # Where the binaries come from
 //!
 //! `CARGO_BIN_EXE_*` only exists for binaries of the package under test, and these two belong to
-//! other packages. So [`bins`] runs `cargo build --bins -p mailbell -p mailbell-gsm-agent` once
-//! per test process, with the same profile and target directory as this test binary, and
-//! returns the paths cargo writes them to. Both are derived from `std::env::current_exe()`: a
+//! other packages. So [`bins`] runs `cargo build --bins -p mailbell -p mailbell-gsm-agent
+//! -p mailbell-tests` once per test process, with the same profile and target directory as this
+//! test binary, and returns the paths cargo writes them to. `-p mailbell-tests` (whose binaries
+//! `cargo test` builds anyway) makes the feature set the same as this test's and as
+//! `cargo test --workspace`'s (its tempfile turns on bitflags/std), so the daemons are not
+//! compiled a second time with other features. Both are derived from `std::env::current_exe()`: a
 //! test binary lives in `<target-dir>/[<triple>/]<profile-dir>/deps/`, which follows
 //! `CARGO_TARGET_DIR`, `--target-dir`, `--release`, `--profile` and `--target` without
 //! re-implementing cargo's rules. The build is a no-op when the binaries are fresh (cargo's
@@ -103,6 +106,8 @@ fn build_bins() -> Bins {
             "mailbell",
             "-p",
             "mailbell-gsm-agent",
+            "-p",
+            "mailbell-tests",
         ])
         .args(["--profile", &profile])
         .arg("--target-dir")
