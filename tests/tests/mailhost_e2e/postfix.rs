@@ -236,8 +236,8 @@ fn send(pf: &Postfix, to: &str, subject: &str) -> Output {
     ])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() {
+#[test]
+fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() {
     if !require(&["postfix", "swaks", "script", "chown"], true) {
         return;
     }
@@ -272,7 +272,7 @@ async fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() 
     let subject = "测试邮件：季度报表";
     let r = send(&pf, "alice@dest.example", subject);
     assert!(r.status.success(), "swaks: {}", transcript(&r));
-    let text = next_sms(&agent, &mut seen).await;
+    let text = next_sms(&agent, &mut seen);
     assert!(text.contains(subject), "subject not in SMS text {text:?}");
     assert!(
         text.contains("张三"),
@@ -311,7 +311,7 @@ async fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() 
         data.to_str().unwrap(),
     ]);
     assert!(r.status.success(), "swaks: {}", transcript(&r));
-    let text = next_sms(&agent, &mut seen).await;
+    let text = next_sms(&agent, &mut seen);
     assert!(
         text.contains("会议改期通知"),
         "subject not in SMS text {text:?}"
@@ -335,7 +335,7 @@ async fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() 
         write!(stdin, "Subject: {}\n\nlocal\n", b_word("本地投递")).unwrap();
     }
     assert!(sm.wait().unwrap().success(), "sendmail -C failed");
-    let text = next_sms(&agent, &mut seen).await;
+    let text = next_sms(&agent, &mut seen);
     assert!(
         text.contains("本地投递"),
         "subject not in SMS text {text:?}"
@@ -347,16 +347,15 @@ async fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() 
     assert!(r.status.success(), "swaks: {}", transcript(&r));
     let r = send(&pf, "alice@dest.example", "第二封");
     assert!(r.status.success(), "swaks: {}", transcript(&r));
-    let text = next_sms(&agent, &mut seen).await;
+    let text = next_sms(&agent, &mut seen);
     assert!(text.contains("第二封"), "{text:?}");
-    wait_until("five messages in the mailbox", 60, || pf.delivered() == 5).await;
+    wait_for("five messages in the mailbox", 60, || pf.delivered() == 5);
     // The audit log (through the CLI) names alice's notices and nothing for bob.
     let mut alice_log = String::new();
-    wait_until("alice's audit records", 30, || {
+    wait_for("alice's audit records", 30, || {
         alice_log = mail.cli_ok(&["log", "--user", "alice@dest.example"]);
         alice_log.contains("第二封")
-    })
-    .await;
+    });
     assert!(alice_log.contains(subject), "{alice_log}");
     let bob_log = mail.cli_ok(&["log", "--user", "bob@dest.example"]);
     assert!(bob_log.trim().is_empty(), "{bob_log}");
@@ -387,9 +386,9 @@ async fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() 
     mail.daemon.restart();
     let r = send(&pf, "alice@dest.example", "重试");
     assert!(r.status.success(), "swaks: {}", transcript(&r));
-    let text = next_sms(&agent, &mut seen).await;
+    let text = next_sms(&agent, &mut seen);
     assert!(text.contains("重试"), "{text:?}");
-    wait_until("six messages in the mailbox", 60, || pf.delivered() == 6).await;
+    wait_for("six messages in the mailbox", 60, || pf.delivered() == 6);
     drop(pf);
     // Nothing more arrived (bob's notice, a duplicate).
     assert_eq!(agent.pdus().len(), seen);
@@ -401,9 +400,9 @@ async fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() 
 
 /// Waits for the next PDU; checks it went to alice's phone as plain decoded text, and that
 /// it came alone. Returns its text.
-async fn next_sms(agent: &Agent, seen: &mut usize) -> String {
+fn next_sms(agent: &Agent, seen: &mut usize) -> String {
     let want = *seen + 1;
-    wait_until(&format!("PDU #{want}"), 60, || agent.pdus().len() >= want).await;
+    wait_for(&format!("PDU #{want}"), 60, || agent.pdus().len() >= want);
     let pdus = agent.pdus();
     assert_eq!(pdus.len(), want, "unexpected extra PDUs: {pdus:?}");
     *seen = want;

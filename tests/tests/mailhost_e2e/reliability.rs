@@ -114,9 +114,12 @@ async fn kill_9_mailbell_while_mail_flows_every_accepted_notice_exactly_once() {
     let scratch = Scratch::new("kill9");
     let dir = scratch.path().to_path_buf();
     let pki = dir.join("pki");
-    let agent = Agent::start(&dir, free_addr(), &pki);
-    let mail = Mailbell::start(&dir, agent.link, &pki, INTAKE);
-    register(&mail, &dir, USERS);
+    let (agent, mail) = blocking(|| {
+        let agent = Agent::start(&dir, free_addr(), &pki);
+        let mail = Mailbell::start(&dir, agent.link, &pki, INTAKE);
+        register(&mail, &dir, USERS);
+        (agent, mail)
+    });
     let milter: SocketAddr = mail.milter;
 
     // Kill points: message numbers, spread over the run, each at a random place.
@@ -175,7 +178,7 @@ async fn kill_9_mailbell_while_mail_flows_every_accepted_notice_exactly_once() {
                 }
                 let jitter = rand::thread_rng().gen_range(0..30);
                 tokio::time::sleep(Duration::from_millis(jitter)).await;
-                mail.daemon.kill9();
+                blocking(|| mail.daemon.kill9());
                 let down = rand::thread_rng().gen_range(0..300);
                 tokio::time::sleep(Duration::from_millis(down)).await;
                 mail = tokio::task::spawn_blocking(move || {
@@ -282,8 +285,11 @@ async fn agent_down_outbox_holds_everything_then_delivers_in_arrival_order_per_u
     let pki = dir.join("pki");
     // The agent's address is fixed now; nothing listens there until the end.
     let mut agent = Agent::configure(&dir, free_addr(), &pki);
-    let mut mail = Mailbell::start(&dir, agent.link, &pki, INTAKE);
-    register(&mail, &dir, USERS);
+    let mut mail = blocking(|| {
+        let mail = Mailbell::start(&dir, agent.link, &pki, INTAKE);
+        register(&mail, &dir, USERS);
+        mail
+    });
 
     // One MTA connection, so arrival order is the order sent.
     let mut rng = rand::thread_rng();
@@ -299,7 +305,7 @@ async fn agent_down_outbox_holds_everything_then_delivers_in_arrival_order_per_u
 
     // Everything is held in the outbox, as `mailbell queue list` shows.
     let queued_lines = |mail: &Mailbell| -> Vec<String> {
-        mail.cli_ok(&["queue", "list", "--limit", "100000"])
+        blocking(|| mail.cli_ok(&["queue", "list", "--limit", "100000"]))
             .lines()
             .filter(|l| l.contains("rel-"))
             .map(str::to_owned)
@@ -323,13 +329,13 @@ async fn agent_down_outbox_holds_everything_then_delivers_in_arrival_order_per_u
 
     // A crash while the agent is away loses nothing either (and the CLI then reads the
     // store directly, as no daemon answers).
-    mail.daemon.kill9();
+    blocking(|| mail.daemon.kill9());
     assert_eq!(queued_lines(&mail).len(), MESSAGES);
-    mail.daemon.restart();
+    blocking(|| mail.daemon.restart());
     assert_eq!(queued_lines(&mail).len(), MESSAGES);
 
     // The agent comes up: all delivered, in arrival order per user.
-    agent.daemon.start();
+    blocking(|| agent.daemon.start());
     wait_until("every notice at the modem", 240, || {
         agent.pdus().len() >= MESSAGES
     })

@@ -145,8 +145,8 @@ pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
-/// A scratch directory that is kept (and its path printed) when the test fails, so the
-/// daemons' logs can be read.
+/// A scratch directory that is kept (and its path printed) when the test fails or
+/// `MAILHOST_E2E_KEEP` is set, so the daemons' logs can be read.
 pub struct Scratch(Option<tempfile::TempDir>);
 
 impl Scratch {
@@ -165,9 +165,9 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("MAILHOST_E2E_KEEP").is_some() {
             if let Some(d) = self.0.take() {
-                eprintln!("test failed: logs and state kept in {}", d.keep().display());
+                eprintln!("logs and state kept in {}", d.keep().display());
             }
         }
     }
@@ -482,6 +482,24 @@ pub fn require(tools: &[&str], need_root: bool) -> bool {
 fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// Polls `cond` until it holds; fails the test after `secs`. For tests without a runtime.
+pub fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs blocking work (starting or killing a process, the CLI) from a multi-threaded tokio test
+/// without stalling the tasks on this worker.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
 }
 
 /// Polls `cond` until it holds; fails the test after `secs`.
