@@ -106,9 +106,16 @@ async fn wait_drained(mail: &Mailbell, agent: &Agent, secs: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mailbell_while_mail_flows_every_accepted_notice_exactly_once() {
     const USERS: usize = 20;
-    const MESSAGES: usize = 2000;
-    const KILLS: usize = 5;
     const PRODUCERS: usize = 4;
+    // A longer soak: MAILHOST_E2E_MESSAGES=20000 MAILHOST_E2E_KILLS=40
+    let env = |k: &str, default: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let messages = env("MAILHOST_E2E_MESSAGES", 2000).max(100);
+    let kills = env("MAILHOST_E2E_KILLS", 5).min(messages / 20);
     bins();
     let started = Instant::now();
     let scratch = Scratch::new("kill9");
@@ -124,14 +131,14 @@ async fn kill_9_mailbell_while_mail_flows_every_accepted_notice_exactly_once() {
 
     // Kill points: message numbers, spread over the run, each at a random place.
     let mut rng = rand::thread_rng();
-    let span = MESSAGES / (KILLS + 1);
-    let kill_at: Vec<usize> = (1..=KILLS)
+    let span = messages / (kills + 1);
+    let kill_at: Vec<usize> = (1..=kills)
         .map(|n| n * span + rng.gen_range(0..span / 2))
         .collect();
 
     // Producers: each message number is taken once; the outcome is what the MTA saw.
     let next = Arc::new(AtomicUsize::new(0));
-    let outcomes: Arc<Mutex<Vec<Option<Outcome>>>> = Arc::new(Mutex::new(vec![None; MESSAGES]));
+    let outcomes: Arc<Mutex<Vec<Option<Outcome>>>> = Arc::new(Mutex::new(vec![None; messages]));
     let mut producers = Vec::new();
     for _ in 0..PRODUCERS {
         let next = next.clone();
@@ -140,7 +147,7 @@ async fn kill_9_mailbell_while_mail_flows_every_accepted_notice_exactly_once() {
             let mut conn = None;
             loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= MESSAGES {
+                if i >= messages {
                     break;
                 }
                 let k = (i * 7 + i / USERS) % USERS;
@@ -202,7 +209,7 @@ async fn kill_9_mailbell_while_mail_flows_every_accepted_notice_exactly_once() {
         .iter()
         .map(|o| o.clone().expect("every message was tried"))
         .collect();
-    let accepted: Vec<usize> = (0..MESSAGES)
+    let accepted: Vec<usize> = (0..messages)
         .filter(|&i| outcomes[i] == Outcome::Accepted)
         .collect();
     let tempfailed = outcomes
@@ -219,8 +226,8 @@ async fn kill_9_mailbell_while_mail_flows_every_accepted_notice_exactly_once() {
         .collect();
     assert!(other.is_empty(), "unexpected milter verdicts: {other:?}");
     assert!(
-        accepted.len() >= MESSAGES * 9 / 10,
-        "only {} of {MESSAGES} accepted ({tempfailed} tempfail, {broken} broken)",
+        accepted.len() >= messages * 9 / 10,
+        "only {} of {messages} accepted ({tempfailed} tempfail, {broken} broken)",
         accepted.len()
     );
 
@@ -253,7 +260,7 @@ async fn kill_9_mailbell_while_mail_flows_every_accepted_notice_exactly_once() {
         .count();
     let a = agent.status().await;
     eprintln!(
-        "kill -9 x{KILLS}: {MESSAGES} messages, {} accepted, {tempfailed} tempfail, {broken} broken \
+        "kill -9 x{kills}: {messages} messages, {} accepted, {tempfailed} tempfail, {broken} broken \
          ({unaccepted_delivered} of those notified); fed in {:.1} s, all delivered after {:.1} s; \
          agent: received {}, duplicate ids {}, sent {}",
         accepted.len(),
