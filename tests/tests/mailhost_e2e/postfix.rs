@@ -238,7 +238,7 @@ fn send(pf: &Postfix, to: &str, subject: &str) -> Output {
 
 #[test]
 fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() {
-    if !require(&["postfix", "swaks", "script", "chown"], true) {
+    if !require(&["postfix", "sendmail", "swaks", "script", "chown"], true) {
         return;
     }
     bins();
