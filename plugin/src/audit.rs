@@ -1394,6 +1394,9 @@ impl State {
 /// open segment. Returns the file's length after.
 fn cut_unfinished_line(file: &mut File, path: &Path) -> io::Result<u64> {
     let len = file.seek(SeekFrom::End(0))?;
+    if len == 0 {
+        return Ok(0);
+    }
     let mut buf = vec![0u8; 64 << 10];
     let mut end = len;
     while end > 0 {

@@ -474,6 +474,13 @@ async fn metrics_text(State((outbox, m)): State<(Outbox, Metrics)>) -> Response 
         "counter",
         val(&m.audit.dropped),
     );
+    line(
+        &mut o,
+        "mailbell_audit_stored_bytes",
+        "Size of the audit log files.",
+        "gauge",
+        val(&m.audit.stored_bytes),
+    );
     let s = m.stalwart.snapshot();
     let _ = writeln!(o, "# HELP mailbell_stalwart_counters Stalwart endpoint counters.\n# TYPE mailbell_stalwart_counters counter");
     let pairs = [
