@@ -31,6 +31,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,17 @@ struct Args {
     /// How long to wait for the last PDUs after the last message, seconds.
     #[arg(long, default_value_t = 60.0)]
     drain: f64,
+    /// Write one CSV line per message to this file (`<via>` is replaced by milter or hook):
+    /// index, scheduled send (ms from the start), MTA wait, accept -> PDU (ms; empty if none).
+    #[arg(long)]
+    timeline: Option<String>,
+    /// Write counters of every stage, sampled each millisecond by a thread of its own, to this
+    /// CSV file (time ms, runtime heartbeat lag ms, then cumulative counts: messages accepted by
+    /// the intake, notices queued, outbox commits, link sent, link acked, agent received,
+    /// agent stored, inbox commits, SMS dispatched). Times share their origin with
+    /// `--timeline`. Shows which stage stops during a latency spike.
+    #[arg(long)]
+    stages: Option<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -183,6 +195,10 @@ async fn send(
     }
 }
 
+fn ms_between(a: Instant, b: Instant) -> f64 {
+    b.saturating_duration_since(a).as_secs_f64() * 1000.0
+}
+
 fn print_hist(label: &str, h: &Histogram<u64>) {
     println!(
         "    {label:<28} {}",
@@ -196,6 +212,7 @@ async fn run_via(
     via: Via,
     tag: char,
     qid_base: u64,
+    origin: Instant,
 ) -> anyhow::Result<bool> {
     let total = (args.rate * args.seconds).round() as usize;
     let body = body_text(args.body);
@@ -271,7 +288,18 @@ async fn run_via(
         histogram(),
     );
     let (mut missing, mut dups, mut before) = (0usize, 0usize, 0usize);
+    let mut csv = String::from("i,sched_ms,mta_wait_ms,accept_to_pdu_ms\n");
+    sent.sort_by_key(|s| s.i);
     for s in &sent {
+        let pdu_ms = got.get(&s.i).map_or(String::new(), |at| {
+            format!("{:.3}", ms_between(s.accepted, at[0]))
+        });
+        csv.push_str(&format!(
+            "{},{:.3},{:.3},{pdu_ms}\n",
+            s.i,
+            ms_between(origin, s.sched),
+            ms_between(s.started, s.accepted)
+        ));
         record(&mut mta, s.accepted - s.started);
         record(&mut late, s.started.saturating_duration_since(s.sched));
         let Some(at) = got.get(&s.i) else {
@@ -290,6 +318,10 @@ async fn run_via(
         if let Some(c) = s.confirmed {
             record(&mut confirm_pdu, pdu.saturating_duration_since(c));
         }
+    }
+    if let Some(path) = &args.timeline {
+        let path = path.replace("<via>", if via == Via::Milter { "milter" } else { "hook" });
+        std::fs::write(&path, csv).with_context(|| format!("write {path}"))?;
     }
     let name = match via {
         Via::Milter => "milter (end of message accepted -> PDU; no confirmation wait)",
@@ -401,12 +433,84 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         Via::Both => vec![(Via::Milter, 'M'), (Via::Hook, 'H')],
         v => vec![(v, if v == Via::Milter { 'M' } else { 'H' })],
     };
+    let origin = Instant::now();
+    let sampler = args.stages.as_ref().map(|_| Sampler::start(&sys, origin));
     let mut ok = true;
     for (k, (via, tag)) in vias.into_iter().enumerate() {
-        ok &= run_via(&sys, &args, via, tag, (k as u64 + 2) << 40).await?;
+        ok &= run_via(&sys, &args, via, tag, (k as u64 + 2) << 40, origin).await?;
+    }
+    if let (Some(s), Some(path)) = (sampler, &args.stages) {
+        std::fs::write(path, s.finish()).with_context(|| format!("write {path}"))?;
     }
     sys.stop().await;
     Ok(ok)
+}
+
+/// Samples the stage counters every millisecond on a thread of its own, plus the lag of a
+/// heartbeat task on the runtime (a stalled runtime shows as a growing lag).
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<String>,
+    beat: tokio::task::JoinHandle<()>,
+}
+
+impl Sampler {
+    fn start(sys: &System, origin: Instant) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let heartbeat = Arc::new(AtomicU64::new(0));
+        let hb = heartbeat.clone();
+        let beat = tokio::spawn(async move {
+            loop {
+                hb.store(micros_since(origin), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        let intake = sys.mail.intake.stats.clone();
+        let outbox = sys.mail.stores.outbox.stats.clone();
+        let link = sys.mail.link_stats.clone();
+        let server = sys.agent.link_stats.clone();
+        let inbox = sys.agent.inbox.stats.clone();
+        let dispatch = sys.agent.dispatch_stats.clone();
+        let st = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            let mut csv = String::from(
+                "t_ms,runtime_lag_ms,messages,queued,outbox_commits,link_sent,link_acked,\
+                 agent_received,agent_stored,inbox_commits,dispatched\n",
+            );
+            while !st.load(Ordering::Relaxed) {
+                let now = micros_since(origin);
+                let lag = now.saturating_sub(r(&heartbeat));
+                csv.push_str(&format!(
+                    "{:.3},{:.3},{},{},{},{},{},{},{},{},{}\n",
+                    now as f64 / 1000.0,
+                    lag as f64 / 1000.0,
+                    r(&intake.messages),
+                    r(&intake.queued),
+                    r(&outbox.commits),
+                    r(&link.sent),
+                    r(&link.acked),
+                    r(&server.received),
+                    r(&server.stored),
+                    r(&inbox.commits),
+                    r(&dispatch.sent),
+                ));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            csv
+        });
+        Sampler { stop, thread, beat }
+    }
+
+    fn finish(self) -> String {
+        self.stop.store(true, Ordering::Relaxed);
+        self.beat.abort();
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+fn micros_since(origin: Instant) -> u64 {
+    u64::try_from(origin.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 fn main() -> ExitCode {
