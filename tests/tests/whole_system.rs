@@ -274,3 +274,108 @@ async fn with_no_agent_the_queue_holds_notices_in_arrival_order() {
     );
     mail.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_tempfails_the_mta_and_dead_letters_can_be_retried_and_purged() {
+    use mailbell_link::net::Outbox as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = system::mail_config(dir.path()).unwrap();
+    cfg.intake.rate_limit_secs = 0;
+    cfg.outbox_max_depth = 2;
+    cfg.link.agents[0].addr = "127.0.0.1:9".into();
+    let mail = mailbell::app::start(cfg.clone(), tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    mail.stores.users.upsert(alice()).unwrap();
+    let addr = mail.http_addr.unwrap();
+    let mut answers = Vec::new();
+    for i in 0..3u64 {
+        let req = system::hook_data_request(
+            200 + i,
+            "c@r.example",
+            &["alice@example.com"],
+            &[("Subject", &format!("f{i}"))],
+            "x",
+        );
+        let r = mailbell_link::http::request(
+            addr,
+            "POST",
+            &cfg.stalwart.hook_path,
+            None,
+            Some(("application/json", req.as_bytes())),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        answers.push((r.status, r.body));
+    }
+    assert_eq!(answers[0].1, r#"{"action":"accept"}"#);
+    assert_eq!(answers[1].1, r#"{"action":"accept"}"#);
+    let third: serde_json::Value = serde_json::from_str(&answers[2].1).unwrap();
+    assert_eq!(third["action"], "reject", "{third}");
+    assert_eq!(
+        third["response"]["status"], 451,
+        "a full queue is a temporary failure"
+    );
+
+    // Dead letters through the admin API: the link refused one for good.
+    for i in 0..2u64 {
+        let (s, _) = system::post_webhook(
+            addr,
+            &cfg.stalwart.webhook_path,
+            &system::ham_batch(200 + i, 2),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s, 200);
+    }
+    let ob = &mail.stores.outbox;
+    let ready = ob.ready(None, 10).unwrap();
+    assert_eq!(ready.len(), 2);
+    ob.dead_letter(ready[0].id, "test: permanent refusal")
+        .unwrap();
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let admin = |method: &'static str, path: String| {
+        let bearer = bearer.clone();
+        let a = mail.admin_addr.unwrap();
+        async move {
+            let r = mailbell_link::http::request(
+                a,
+                method,
+                &path,
+                Some(&bearer),
+                None,
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+            (
+                r.status,
+                serde_json::from_str::<serde_json::Value>(&r.body).unwrap_or_default(),
+            )
+        }
+    };
+    let (s, dead) = admin("GET", "/admin/v1/queue/dead".into()).await;
+    assert_eq!(s, 200);
+    assert_eq!(dead.as_array().unwrap().len(), 1);
+    assert_eq!(dead[0]["reason"], "test: permanent refusal");
+    let (s, e) = admin("POST", "/admin/v1/queue/retry?id=nothex".into()).await;
+    assert_eq!(s, 400, "{e}");
+    let (s, n) = admin("POST", format!("/admin/v1/queue/retry?id={}", ready[0].id)).await;
+    assert_eq!((s, n["count"].as_u64()), (200, Some(1)));
+    let (_, q) = admin("GET", "/admin/v1/queue".into()).await;
+    assert_eq!(q.as_array().unwrap().len(), 2, "back in the queue");
+    let again = ob.ready(None, 10).unwrap();
+    ob.dead_letter(again[0].id, "refused again").unwrap();
+    let (s, n) = admin("POST", "/admin/v1/queue/purge?older_than=1h".into()).await;
+    assert_eq!(
+        (s, n["count"].as_u64()),
+        (200, Some(0)),
+        "too young to purge"
+    );
+    let (s, n) = admin("POST", "/admin/v1/queue/purge".into()).await;
+    assert_eq!((s, n["count"].as_u64()), (200, Some(1)));
+    let (_, dead) = admin("GET", "/admin/v1/queue/dead".into()).await;
+    assert!(dead.as_array().unwrap().is_empty());
+    mail.stop().await;
+}
