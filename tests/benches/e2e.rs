@@ -24,6 +24,11 @@
 //! includes the intake's settle commit, the link round trip, the agent's durable inbox, its
 //! dispatcher and the AT+CMGS dialogue. PDUs are matched to messages by the subject in the
 //! SMS text. A notice missing (or sent twice) at the end fails the run; speed never does.
+//!
+//! A thread samples the counters of every stage each millisecond, and each run ends with
+//! "where notices waited": the most notices waiting between intake and queue, on the link and
+//! in the agent (stored but not yet sent), and for how long five or more did, so a tail can be
+//! traced to its stage (`--stages` writes the samples, `--timeline` each message's figures).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -81,11 +86,11 @@ struct Args {
     /// index, scheduled send (ms from the start), MTA wait, accept -> PDU (ms; empty if none).
     #[arg(long)]
     timeline: Option<String>,
-    /// Write counters of every stage, sampled each millisecond by a thread of its own, to this
-    /// CSV file (time ms, runtime heartbeat lag ms, then cumulative counts: messages accepted by
-    /// the intake, notices queued, outbox commits, link sent, link acked, agent received,
-    /// agent stored, inbox commits, SMS dispatched). Times share their origin with
-    /// `--timeline`. Shows which stage stops during a latency spike.
+    /// Write the stage counters behind the "where notices waited" lines, sampled each
+    /// millisecond by a thread of its own, to this CSV file (time ms, runtime heartbeat lag ms,
+    /// then cumulative counts: messages accepted by the intake, notices queued, outbox commits,
+    /// link sent, link acked, agent received, agent stored, inbox commits, SMS sent). Times
+    /// share their origin with `--timeline`. Shows which stage stops during a latency spike.
     #[arg(long)]
     stages: Option<String>,
     /// Passed by `cargo bench`; ignored.
@@ -213,6 +218,7 @@ async fn run_via(
     tag: char,
     qid_base: u64,
     origin: Instant,
+    sampler: &Sampler,
 ) -> anyhow::Result<bool> {
     let total = (args.rate * args.seconds).round() as usize;
     let body = body_text(args.body);
@@ -360,6 +366,14 @@ async fn run_via(
             "MISSED"
         }
     );
+    println!(
+        "{}",
+        sampler.summary(
+            u64::try_from(t0.saturating_duration_since(origin).as_micros()).unwrap_or(0),
+            micros_since(origin),
+            via
+        )
+    );
     if before > 0 {
         println!("    note: {before} PDUs arrived before the client had read the reply");
     }
@@ -434,23 +448,41 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         v => vec![(v, if v == Via::Milter { 'M' } else { 'H' })],
     };
     let origin = Instant::now();
-    let sampler = args.stages.as_ref().map(|_| Sampler::start(&sys, origin));
+    let sampler = Sampler::start(&sys, origin);
     let mut ok = true;
     for (k, (via, tag)) in vias.into_iter().enumerate() {
-        ok &= run_via(&sys, &args, via, tag, (k as u64 + 2) << 40, origin).await?;
+        ok &= run_via(
+            &sys,
+            &args,
+            via,
+            tag,
+            (k as u64 + 2) << 40,
+            origin,
+            &sampler,
+        )
+        .await?;
     }
-    if let (Some(s), Some(path)) = (sampler, &args.stages) {
-        std::fs::write(path, s.finish()).with_context(|| format!("write {path}"))?;
+    let csv = sampler.finish();
+    if let Some(path) = &args.stages {
+        std::fs::write(path, csv).with_context(|| format!("write {path}"))?;
     }
     sys.stop().await;
     Ok(ok)
 }
 
+/// One sample: time and heartbeat lag (µs since the origin), then the counters of
+/// [`STAGE_COLUMNS`].
+type Sample = (u64, u64, [u64; 9]);
+
+const STAGE_COLUMNS: &str = "messages,queued,outbox_commits,link_sent,link_acked,\
+                             agent_received,agent_stored,inbox_commits,dispatched";
+
 /// Samples the stage counters every millisecond on a thread of its own, plus the lag of a
 /// heartbeat task on the runtime (a stalled runtime shows as a growing lag).
 struct Sampler {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<String>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     beat: tokio::task::JoinHandle<()>,
 }
 
@@ -471,41 +503,107 @@ impl Sampler {
         let server = sys.agent.link_stats.clone();
         let inbox = sys.agent.inbox.stats.clone();
         let dispatch = sys.agent.dispatch_stats.clone();
-        let st = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
-            let mut csv = String::from(
-                "t_ms,runtime_lag_ms,messages,queued,outbox_commits,link_sent,link_acked,\
-                 agent_received,agent_stored,inbox_commits,dispatched\n",
-            );
-            while !st.load(Ordering::Relaxed) {
-                let now = micros_since(origin);
-                let lag = now.saturating_sub(r(&heartbeat));
-                csv.push_str(&format!(
-                    "{:.3},{:.3},{},{},{},{},{},{},{},{},{}\n",
-                    now as f64 / 1000.0,
-                    lag as f64 / 1000.0,
-                    r(&intake.messages),
-                    r(&intake.queued),
-                    r(&outbox.commits),
-                    r(&link.sent),
-                    r(&link.acked),
-                    r(&server.received),
-                    r(&server.stored),
-                    r(&inbox.commits),
-                    r(&dispatch.sent),
-                ));
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            csv
-        });
-        Sampler { stop, thread, beat }
+        let samples = Arc::new(Mutex::new(Vec::with_capacity(120_000)));
+        let (st, out) = (stop.clone(), samples.clone());
+        let thread = std::thread::Builder::new()
+            .name("bench-sampler".into())
+            .spawn(move || {
+                let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+                while !st.load(Ordering::Relaxed) {
+                    let now = micros_since(origin);
+                    let lag = now.saturating_sub(r(&heartbeat));
+                    let row = [
+                        r(&intake.messages),
+                        r(&intake.queued),
+                        r(&outbox.commits),
+                        r(&link.sent),
+                        r(&link.acked),
+                        r(&server.received),
+                        r(&server.stored),
+                        r(&inbox.commits),
+                        r(&dispatch.sent),
+                    ];
+                    out.lock().unwrap().push((now, lag, row));
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+            .ok();
+        Sampler {
+            stop,
+            samples,
+            thread,
+            beat,
+        }
     }
 
-    fn finish(self) -> String {
+    /// Where notices waited between `from` and `to` (µs since the origin): the largest number
+    /// waiting at each stage, how long five or more waited there, and the runtime's largest
+    /// heartbeat lag.
+    fn summary(&self, from: u64, to: u64, via: Via) -> String {
+        let samples = self.samples.lock().unwrap();
+        let (mut max, mut long, mut lag) = ([0u64; 3], [0u64; 3], 0u64);
+        let mut prev_t = None;
+        for (t, l, c) in samples.iter().filter(|s| s.0 >= from && s.0 <= to) {
+            let dt = prev_t.map_or(0, |p| t - p);
+            prev_t = Some(*t);
+            lag = lag.max(*l);
+            let waiting = [
+                c[0].saturating_sub(c[1]),
+                c[1].saturating_sub(c[6]),
+                c[6].saturating_sub(c[8]),
+            ];
+            for i in 0..3 {
+                max[i] = max[i].max(waiting[i]);
+                if waiting[i] >= 5 {
+                    long[i] += dt;
+                }
+            }
+        }
+        let first = if via == Via::Hook {
+            "intake (accepted -> queued, incl. the webhook)"
+        } else {
+            "intake (accepted -> queued)"
+        };
+        let names = [
+            first,
+            "link (queued -> agent stored)",
+            "agent (stored -> SMS sent)",
+        ];
+        let mut out = format!(
+            "    where notices waited (sampled every ms; runtime heartbeat lag max {:.1} ms):",
+            lag as f64 / 1000.0
+        );
+        for i in 0..3 {
+            out.push_str(&format!(
+                "\n      {:<48} max {:>4} waiting, {:>6.0} ms with >= 5",
+                names[i],
+                max[i],
+                long[i] as f64 / 1000.0
+            ));
+        }
+        out
+    }
+
+    /// Stops sampling; the samples as CSV.
+    fn finish(mut self) -> String {
         self.stop.store(true, Ordering::Relaxed);
         self.beat.abort();
-        self.thread.join().unwrap_or_default()
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let mut csv = format!("t_ms,runtime_lag_ms,{STAGE_COLUMNS}\n");
+        for (t, l, c) in self.samples.lock().unwrap().iter() {
+            csv.push_str(&format!(
+                "{:.3},{:.3}",
+                *t as f64 / 1000.0,
+                *l as f64 / 1000.0
+            ));
+            for v in c {
+                csv.push_str(&format!(",{v}"));
+            }
+            csv.push('\n');
+        }
+        csv
     }
 }
 
