@@ -5,6 +5,7 @@
 //! cargo bench -p mailbell-tests --bench intake                      # hook, then milter
 //! cargo bench -p mailbell-tests --bench intake -- --mode milter --seconds 20
 //! cargo bench -p mailbell-tests --bench intake -- --rate 10000      # paced, for latency
+//! cargo bench -p mailbell-tests --bench intake -- --size 65536      # bigger messages
 //! cargo bench -p mailbell-tests --bench intake -- --help
 //! ```
 //!
@@ -27,6 +28,11 @@
 //! at the same quantile. Closed loop by default (each connection sends its next message when
 //! the reply comes: the throughput figure); `--rate` paces the connections instead, which is
 //! how to read added latency at a given load.
+//!
+//! Also printed: the outbox's group commits per second and notices per commit, the audit
+//! log's events, CPU per thread name from /proc (the client's own threads included: on two
+//! cores the MTA competes too), the load average and a write+fsync probe of the data
+//! directory's disk at the start, since other work on the machine moves every figure.
 //!
 //! At the end the outbox must hold exactly `notify` x accepted messages (queued notices for the
 //! milter, waiting staged entries for the hook), counted again after the daemon is stopped and
@@ -611,8 +617,8 @@ async fn run_mode(
         );
     }
     println!(
-        "  outbox: {} group commits/s (fsyncs; one per {:.2} ms), {:.1} notices and {:.1} \
-         messages per commit; flushes {}",
+        "  outbox: {} group commits/s (one sled flush each: write + sync_file_range; one per \
+         {:.2} ms), {:.1} notices and {:.1} messages per commit; flushes {}",
         thousands(commits as f64 / span),
         span * 1000.0 / commits.max(1) as f64,
         notices as f64 / commits.max(1) as f64,
