@@ -271,12 +271,19 @@ impl Inbox {
                 path: path.display().to_string(),
                 source,
             })?;
+        let synced = mailbell_link::durable::SyncedFlush::open(path).map_err(|e| {
+            InboxError::Open {
+                path: path.display().to_string(),
+                source: sled::Error::Io(e),
+            }
+        })?;
         let stats = Arc::new(InboxStats::default());
         let index = Arc::new(Mutex::new(recover(&db, &cfg, &stats)?));
         let (tx, rx) = mpsc::sync_channel(4096);
         let notify = Arc::new(Notify::new());
         let committer = Committer {
             db: db.clone(),
+            synced,
             cfg,
             stats: stats.clone(),
             notify: notify.clone(),
@@ -550,6 +557,8 @@ fn dead_value(reason: &str, r: &Record) -> Vec<u8> {
 
 struct Committer {
     db: sled::Db,
+    /// Every commit is flushed through it: sled's flush plus an fdatasync.
+    synced: mailbell_link::durable::SyncedFlush,
     cfg: InboxConfig,
     stats: Arc<InboxStats>,
     notify: Arc<Notify>,
@@ -649,7 +658,7 @@ impl Committer {
         let result = self
             .db
             .apply_batch(batch)
-            .and_then(|()| self.db.flush().map(|_| ()));
+            .and_then(|()| self.synced.flush(&self.db).map(|_| ()));
         let took = started.elapsed();
         if took > Duration::from_millis(100) {
             warn!(?took, "slow inbox commit (disk)");

@@ -15,6 +15,7 @@
 //! Logging: `warn` for a peer that breaks the protocol or fails authentication, `info` for
 //! session start/end, `debug` for per-frame detail.
 
+pub mod durable;
 pub mod frame;
 pub mod heartbeat;
 pub mod http;

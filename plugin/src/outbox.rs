@@ -494,6 +494,8 @@ impl Shared {
 #[derive(Clone)]
 pub struct Outbox {
     db: sled::Db,
+    /// Flushes that promise durability go through it (sled's flush plus an fdatasync).
+    synced: Arc<mailbell_link::durable::SyncedFlush>,
     tx: mpsc::SyncSender<Request>,
     shared: Arc<Shared>,
     committer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
@@ -532,6 +534,12 @@ impl Outbox {
                 }
             }
         };
+        let synced = Arc::new(
+            mailbell_link::durable::SyncedFlush::open(path).map_err(|e| OutboxError::Open {
+                path: path.to_owned(),
+                error: sled::Error::Io(e),
+            })?,
+        );
         let stats = Arc::new(OutboxStats::default());
         let mut ready = 0u64;
         let mut committed = 0u64;
@@ -565,6 +573,7 @@ impl Outbox {
         let (tx, rx) = mpsc::sync_channel(cfg.channel_capacity.max(1));
         let committer = Committer {
             db: db.clone(),
+            synced: synced.clone(),
             max_depth: cfg.max_depth,
             max_batch: cfg.max_batch_requests.max(1),
             shared: shared.clone(),
@@ -576,6 +585,7 @@ impl Outbox {
             .map_err(OutboxError::Spawn)?;
         Ok(Self {
             db,
+            synced,
             tx,
             shared,
             committer: Arc::new(Mutex::new(Some(handle))),
@@ -774,7 +784,7 @@ impl Outbox {
             return Ok(0);
         }
         self.db.apply_batch(batch)?;
-        self.db.flush()?;
+        self.synced.flush(&self.db)?;
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         sub(&self.stats.dead, n as u64);
         info!(count = n, "dead letters purged");
@@ -984,6 +994,7 @@ impl LinkOutbox for Outbox {
 
 struct Committer {
     db: sled::Db,
+    synced: Arc<mailbell_link::durable::SyncedFlush>,
     max_depth: u64,
     max_batch: usize,
     shared: Arc<Shared>,
@@ -1147,7 +1158,9 @@ impl Committer {
         let added = round.enqueued + round.requeued;
         self.shared.depth.fetch_add(added, Ordering::AcqRel);
         let applied = self.db.apply_batch(round.batch.clone());
-        let result = applied.clone().and_then(|()| self.db.flush().map(|_| ()));
+        let result = applied
+            .clone()
+            .and_then(|()| self.synced.flush(&self.db).map(|_| ()));
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         match result {
