@@ -2,16 +2,22 @@
 //! when each notice goes out (delivery confirmation, quiet hours, rate limit with coalescing).
 //!
 //! ```text
-//! MTA endpoint ──accept──► stage one record per message (durable: the MTA's reply waits for it)
+//! MTA endpoint ──accept──► scheduler task (one, owns all state below); the MTA's reply waits
+//!                          until the round that took the arrival is durable
 //!                               │
-//!                               ▼ scheduler task (one, owns all state below)
 //!   entries: Wait (Stalwart: until message-ingest confirms) ─┐
 //!            Ready (milter; or confirmed) ──► filters, quiet hours, rate limit
 //!                                               │ send now      │ hold (coalesce per user)
 //!                                               ▼               ▼ window ends
-//!                                 settle: staged record rewritten/deleted + notice queued,
-//!                                         in one atomic, flushed batch (exactly once)
+//!                                 settle: staged record written/rewritten/deleted + notices
+//!                                         queued, in one atomic, flushed batch (exactly once)
 //! ```
+//!
+//! Each scheduler round (every command that arrived meanwhile: arrivals, confirmations, timers)
+//! ends in one settle. Rounds are pipelined: the next round is computed while the previous one
+//! commits; answers (the MTA's reply, the webhook's 200) go out when their round is durable.
+//! An arrival whose entries can all be notified at once never becomes a staged record: its
+//! notices are queued directly, so a milter message costs one commit and its notices' inserts.
 //!
 //! Only recipients that are registered users with notification on, a valid licence and a phone
 //! number get an entry at all (checked at accept); the user record is read again when the
@@ -190,7 +196,9 @@ fn bump(c: &std::sync::atomic::AtomicU64, n: u64) {
 }
 
 enum Cmd {
-    Staged(u64, StagedMsg),
+    Arrive(StagedMsg, oneshot::Sender<Result<(), IntakeError>>),
+    /// A round's commit failed: rebuild the state from the store.
+    Reload,
     Confirm(Vec<Ingest>, oneshot::Sender<Result<(), IntakeError>>),
     Tick(oneshot::Sender<Result<(), IntakeError>>),
 }
@@ -201,7 +209,6 @@ pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 /// The intake handle the endpoints share.
 #[derive(Clone)]
 pub struct MailIntake {
-    outbox: Outbox,
     users: UserStore,
     audit: AuditLog,
     tx: mpsc::UnboundedSender<Cmd>,
@@ -228,6 +235,7 @@ impl MailIntake {
         let stats = Arc::new(IntakeStats::default());
         let (tx, rx) = mpsc::unbounded_channel();
         let mut sched = Scheduler {
+            me: tx.downgrade(),
             cfg: cfg.clone(),
             offset_secs,
             outbox: outbox.clone(),
@@ -247,7 +255,6 @@ impl MailIntake {
         let handle = tokio::spawn(sched.run(rx, shutdown));
         Ok((
             Self {
-                outbox,
                 users,
                 audit,
                 tx,
@@ -344,22 +351,11 @@ impl Intake for MailIntake {
             queued: false,
         };
         let n = msg.entries.len();
-        let seqs = self.outbox.stage(vec![msg.encode()]).await.map_err(|e| {
-            bump(&self.stats.store_errors, 1);
-            store_error(e)
-        })?;
-        bump(&self.stats.notices_created, n as u64);
-        for e in &msg.entries {
-            self.audit.record(AuditEvent::Created {
-                notice: staged_ref(seqs[0], &e.user),
-                user: e.user.clone(),
-                queue_id: msg.queue_id,
-                from: msg.sender().to_owned(),
-                subject: msg.subject.clone(),
-            });
-        }
-        // Durable now; the scheduler takes it from here (or from the store after a restart).
-        let _ = self.tx.send(Cmd::Staged(seqs[0], msg));
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Arrive(msg, reply))
+            .map_err(|_| IntakeError::ShuttingDown)?;
+        rx.await.map_err(|_| IntakeError::ShuttingDown)??;
         Ok(Accepted { notices: n })
     }
 
@@ -420,6 +416,8 @@ struct Hold {
 }
 
 struct Scheduler {
+    /// To tell itself to reload after a failed commit.
+    me: mpsc::WeakUnboundedSender<Cmd>,
     cfg: IntakeConfig,
     offset_secs: i32,
     outbox: Outbox,
@@ -440,8 +438,12 @@ struct Scheduler {
 /// Changes of one scheduler round, applied with one settle.
 #[derive(Default)]
 struct Round {
-    /// Staged messages changed this round (rewritten, or deleted when all done).
+    /// Staged messages changed this round (written, rewritten, or deleted when all done).
     touched: Vec<u64>,
+    /// Messages that arrived this round: not in the store yet.
+    fresh: std::collections::HashSet<u64>,
+    /// Arrivals accepted this round (counted against the depth limit).
+    arrivals: u64,
     notices: Vec<Notification>,
     audits: Vec<AuditEvent>,
     sent_users: Vec<(String, i64)>,
@@ -563,7 +565,35 @@ impl Scheduler {
     fn command(&mut self, cmd: Cmd, round: &mut Round) {
         let now = self.now();
         match cmd {
-            Cmd::Staged(seq, m) => {
+            Cmd::Arrive(m, reply) => {
+                let (held, limit) = self.outbox.held();
+                let n = m.entries.len() as u64;
+                if held + round.arrivals + n > limit {
+                    bump(&self.stats.store_errors, 1);
+                    let _ = reply.send(Err(IntakeError::Full(format!(
+                        "{held} notices held, limit {limit}"
+                    ))));
+                    return;
+                }
+                let seq = match self.outbox.reserve_seq() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        bump(&self.stats.store_errors, 1);
+                        let _ = reply.send(Err(store_error(e)));
+                        return;
+                    }
+                };
+                round.arrivals += n;
+                bump(&self.stats.notices_created, n);
+                for e in &m.entries {
+                    round.audits.push(AuditEvent::Created {
+                        notice: staged_ref(seq, &e.user),
+                        user: e.user.clone(),
+                        queue_id: m.queue_id,
+                        from: m.sender().to_owned(),
+                        subject: m.subject.clone(),
+                    });
+                }
                 let ready: Vec<usize> = m
                     .entries
                     .iter()
@@ -572,10 +602,14 @@ impl Scheduler {
                     .map(|(i, _)| i)
                     .collect();
                 self.index(seq, m);
+                round.fresh.insert(seq);
+                round.touch(seq);
                 for i in ready {
                     self.release((seq, i), now, round);
                 }
+                round.replies.push(reply);
             }
+            Cmd::Reload => self.reload(),
             Cmd::Confirm(events, reply) => {
                 for ev in events {
                     self.confirm(&ev, now, round);
@@ -896,79 +930,101 @@ impl Scheduler {
         }
     }
 
-    /// Makes a round durable, then answers and logs it. On a store error the in-memory state
-    /// is rebuilt from the store (which still has everything the round did not commit).
+    /// Hands a round to the outbox and moves on; a task answers and logs the round once it
+    /// is durable. On a store error it answers with the error and has the scheduler rebuild
+    /// its state from the store (which has every round that did commit).
     async fn finish(&mut self, round: Round) {
         let mut settle = Settle::default();
         for seq in &round.touched {
+            let fresh = round.fresh.contains(seq);
             match self.msgs.get(seq) {
+                Some(m) if m.all_done() && fresh => {}
                 Some(m) if m.all_done() => settle.remove.push(*seq),
+                Some(m) if fresh => settle.insert.push((*seq, m.encode())),
                 Some(m) => settle.rewrite.push((*seq, m.encode())),
                 None => {}
             }
         }
+        // Done messages leave memory now; if the commit fails, the reload brings back what
+        // the store still has.
+        for seq in &round.touched {
+            if self.msgs.get(seq).is_some_and(StagedMsg::all_done) {
+                self.forget(*seq);
+            }
+        }
         settle.enqueue = round.notices;
         let queued = settle.enqueue.len() as u64;
-        let result = if settle.is_empty() {
-            Ok(Vec::new())
-        } else {
-            self.outbox.settle(settle).await
-        };
-        match result {
-            Ok(_) => {
-                bump(&self.stats.queued, queued);
-                for seq in &round.touched {
-                    if self.msgs.get(seq).is_some_and(StagedMsg::all_done) {
-                        if let Some(m) = self.msgs.remove(seq) {
-                            if let Some(q) = m.queue_id {
-                                if let Some(v) = self.by_queue.get_mut(&q) {
-                                    v.retain(|s| s != seq);
-                                    if v.is_empty() {
-                                        self.by_queue.remove(&q);
-                                    }
-                                }
-                            }
-                        }
+        let receipt = self.outbox.settle_begin(settle).await;
+        let stats = self.stats.clone();
+        let audit = self.audit.clone();
+        let me = self.me.clone();
+        let (audits, replies) = (round.audits, round.replies);
+        let done = async move {
+            let result = match receipt {
+                Ok(rx) => rx.await.unwrap_or(Err(OutboxError::Stopped)),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(_) => {
+                    bump(&stats.queued, queued);
+                    for a in audits {
+                        audit.record(a);
+                    }
+                    for r in replies {
+                        let _ = r.send(Ok(()));
                     }
                 }
-                for a in round.audits {
-                    self.audit.record(a);
-                }
-                for r in round.replies {
-                    let _ = r.send(Ok(()));
+                Err(e) => {
+                    bump(&stats.store_errors, 1);
+                    error!(error = %e, "cannot commit notices; the MTA is told to retry, state reloaded");
+                    let err = store_error(e);
+                    for r in replies {
+                        let _ = r.send(Err(IntakeError::Store(err.to_string())));
+                    }
+                    if let Some(me) = me.upgrade() {
+                        let _ = me.send(Cmd::Reload);
+                    }
                 }
             }
-            Err(e) => {
-                bump(&self.stats.store_errors, 1);
-                error!(error = %e, "cannot commit notices; state reloaded, will retry");
-                let err = store_error(e);
-                for r in round.replies {
-                    let _ = r.send(Err(IntakeError::Store(err.to_string())));
-                }
-                for (u, _) in round.sent_users {
-                    self.last_sent.remove(&u);
-                }
-                if let Err(e) = self.load() {
-                    error!(error = %e, "cannot reload intake state");
-                }
-                // Re-evaluate what is ready on the next timer tick.
-                let now = self.now();
-                let ready: Vec<EntryRef> = self
-                    .msgs
-                    .iter()
-                    .flat_map(|(seq, m)| {
-                        m.entries
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, e)| e.state == EntryState::Ready)
-                            .map(move |(i, _)| (*seq, i))
-                    })
-                    .collect();
-                for r in ready {
-                    if let Some(user) = self.entry(r).map(|e| e.user.clone()) {
-                        self.hold(&user, r, now + 1000, &mut Round::default());
+        };
+        tokio::spawn(done);
+    }
+
+    fn forget(&mut self, seq: u64) {
+        if let Some(m) = self.msgs.remove(&seq) {
+            if let Some(q) = m.queue_id {
+                if let Some(v) = self.by_queue.get_mut(&q) {
+                    v.retain(|s| *s != seq);
+                    if v.is_empty() {
+                        self.by_queue.remove(&q);
                     }
                 }
+            }
+        }
+    }
+
+    /// After a failed commit: the store is the truth. Rate-limit clocks are forgotten and
+    /// ready entries are held a second, then evaluated afresh.
+    fn reload(&mut self) {
+        self.last_sent.clear();
+        if let Err(e) = self.load() {
+            error!(error = %e, "cannot reload intake state");
+        }
+        let now = self.now();
+        let ready: Vec<EntryRef> = self
+            .msgs
+            .iter()
+            .flat_map(|(seq, m)| {
+                m.entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.state == EntryState::Ready)
+                    .map(move |(i, _)| (*seq, i))
+            })
+            .collect();
+        for r in ready {
+            if let Some(user) = self.entry(r).map(|e| e.user.clone()) {
+                self.hold(&user, r, now + 1000, &mut Round::default());
             }
         }
     }

@@ -228,6 +228,8 @@ const S: u8 = b's';
 /// One atomic change of staged records plus the notices made from them; see [`Outbox::settle`].
 #[derive(Debug, Default)]
 pub struct Settle {
+    /// New staged records, under sequence numbers from [`Outbox::reserve_seq`].
+    pub insert: Vec<(u64, Vec<u8>)>,
     /// Staged records to delete.
     pub remove: Vec<u64>,
     /// Staged records to replace: (sequence number, new value).
@@ -238,7 +240,10 @@ pub struct Settle {
 
 impl Settle {
     pub fn is_empty(&self) -> bool {
-        self.remove.is_empty() && self.rewrite.is_empty() && self.enqueue.is_empty()
+        self.insert.is_empty()
+            && self.remove.is_empty()
+            && self.rewrite.is_empty()
+            && self.enqueue.is_empty()
     }
 }
 
@@ -389,6 +394,9 @@ fn decode_dead(seq: u64, v: &[u8]) -> Option<DeadLetter> {
 
 type EnqueueReply = oneshot::Sender<Result<Vec<u64>, OutboxError>>;
 
+/// The result of a [`Outbox::settle_begin`]: the new notices' sequence numbers once durable.
+pub type SettleReceipt = oneshot::Receiver<Result<Vec<u64>, OutboxError>>;
+
 enum Request {
     Enqueue {
         items: Vec<(NotifId, Vec<u8>)>,
@@ -401,6 +409,7 @@ enum Request {
     },
     /// Staged records changed and notices queued, atomically.
     Settle {
+        insert: Vec<(u64, Vec<u8>)>,
         remove: Vec<u64>,
         rewrite: Vec<(u64, Vec<u8>)>,
         items: Vec<(NotifId, Vec<u8>)>,
@@ -494,6 +503,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct Outbox {
     db: sled::Db,
+    max_depth: u64,
     /// Flushes that promise durability go through it (sled's flush plus an fdatasync).
     synced: Arc<mailbell_link::durable::SyncedFlush>,
     tx: mpsc::SyncSender<Request>,
@@ -585,6 +595,7 @@ impl Outbox {
             .map_err(OutboxError::Spawn)?;
         Ok(Self {
             db,
+            max_depth: cfg.max_depth,
             synced,
             tx,
             shared,
@@ -646,8 +657,20 @@ impl Outbox {
     /// before it returns; answers the new notices' sequence numbers. Never refused for depth:
     /// the records it consumes were already counted.
     pub async fn settle(&self, s: Settle) -> Result<Vec<u64>, OutboxError> {
+        self.settle_begin(s)
+            .await?
+            .await
+            .map_err(|_| OutboxError::Stopped)?
+    }
+
+    /// [`settle`](Self::settle) without waiting for the commit: returns once the committer has
+    /// the request, with the receiver of its result. Requests commit in the order they are
+    /// begun, so a caller may begin the next before the previous one is durable.
+    pub async fn settle_begin(&self, s: Settle) -> Result<SettleReceipt, OutboxError> {
         if s.is_empty() {
-            return Ok(Vec::new());
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Ok(Vec::new()));
+            return Ok(rx);
         }
         let mut items = Vec::with_capacity(s.enqueue.len());
         for n in &s.enqueue {
@@ -658,13 +681,28 @@ impl Outbox {
         }
         let (reply, rx) = oneshot::channel();
         self.submit(Request::Settle {
+            insert: s.insert,
             remove: s.remove,
             rewrite: s.rewrite,
             items,
             reply,
         })
         .await?;
-        rx.await.map_err(|_| OutboxError::Stopped)?
+        Ok(rx)
+    }
+
+    /// A sequence number for a new staged record ([`Settle::insert`]); unique and increasing
+    /// across restarts.
+    pub fn reserve_seq(&self) -> Result<u64, OutboxError> {
+        Ok(self.db.generate_id()?)
+    }
+
+    /// Staged records plus queued notices, and the limit on them.
+    pub fn held(&self) -> (u64, u64) {
+        (
+            self.depth() + self.stats.staged.load(Ordering::Acquire),
+            self.max_depth,
+        )
     }
 
     /// Every staged record, in sequence order (the intake rebuilds its state from them at
@@ -1073,12 +1111,13 @@ impl Committer {
                     continue;
                 }
                 Request::Settle {
+                    insert,
                     remove,
                     rewrite,
                     items,
                     reply,
                 } => {
-                    self.settle(&mut round, remove, rewrite, items, now, reply);
+                    self.settle(&mut round, insert, remove, rewrite, items, now, reply);
                     continue;
                 }
                 Request::Forget(seqs) => {
@@ -1245,9 +1284,11 @@ impl Committer {
         round.replies.push(Reply::Enqueue(reply, seqs));
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn settle(
         &self,
         round: &mut Round,
+        insert: Vec<(u64, Vec<u8>)>,
         remove: Vec<u64>,
         rewrite: Vec<(u64, Vec<u8>)>,
         items: Vec<(NotifId, Vec<u8>)>,
@@ -1269,6 +1310,13 @@ impl Committer {
                 return;
             }
         };
+        for (seq, v) in insert {
+            let k = seq_key(S, seq);
+            round.batch.insert(&k, v);
+            round.undo.remove(&k);
+            round.staged_added += 1;
+            round.other_writes += 1;
+        }
         let mut values = rewrite.into_iter().map(|(_, v)| v);
         for (i, (k, old)) in olds.into_iter().enumerate() {
             let existed = old.is_some();
@@ -1503,8 +1551,11 @@ mod tests {
         assert_eq!(ob.depth(), 0, "staged records are not notices");
         assert!(ob.ready(None, 10).unwrap().is_empty());
         let n = notice(1);
+        let fresh = ob.reserve_seq().unwrap();
+        assert!(fresh > seqs[2]);
         let q = ob
             .settle(Settle {
+                insert: vec![(fresh, b"four".to_vec())],
                 remove: vec![seqs[0], seqs[2]],
                 rewrite: vec![(seqs[1], b"two, half done".to_vec())],
                 enqueue: vec![n.clone()],
@@ -1513,13 +1564,28 @@ mod tests {
             .unwrap();
         assert_eq!(q.len(), 1);
         assert_eq!(ids(&ob.ready(None, 10).unwrap()), vec![n.id]);
-        assert_eq!(ob.staged().unwrap(), vec![(seqs[1], b"two, half done".to_vec())]);
-        assert_eq!(ob.stats.staged.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            ob.staged().unwrap(),
+            vec![
+                (seqs[1], b"two, half done".to_vec()),
+                (fresh, b"four".to_vec())
+            ]
+        );
+        assert_eq!(ob.stats.staged.load(Ordering::Relaxed), 2);
+        ob.settle(Settle {
+            remove: vec![fresh],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         ob.close();
         drop(ob);
         // Both halves of the settle survive a reopen.
         let ob = Outbox::open(&path, OutboxConfig::default()).unwrap();
-        assert_eq!(ob.staged().unwrap(), vec![(seqs[1], b"two, half done".to_vec())]);
+        assert_eq!(
+            ob.staged().unwrap(),
+            vec![(seqs[1], b"two, half done".to_vec())]
+        );
         assert_eq!(ob.stats.staged.load(Ordering::Relaxed), 1);
         assert_eq!(ids(&ob.ready(None, 10).unwrap()), vec![n.id]);
     }
