@@ -617,7 +617,7 @@ async fn run_mode(
         );
     }
     println!(
-        "  outbox: {} group commits/s (one sled flush each: write + sync_file_range; one per \
+        "  outbox: {} group commits/s (one sled flush + fdatasync each; one per \
          {:.2} ms), {:.1} notices and {:.1} messages per commit; flushes {}",
         thousands(commits as f64 / span),
         span * 1000.0 / commits.max(1) as f64,
