@@ -360,8 +360,8 @@ pub async fn http_request(
         None,
         Duration::from_secs(10),
     )
-        .await
-        .with_context(|| format!("the agent's status endpoint {addr}"))?;
+    .await
+    .with_context(|| format!("the agent's status endpoint {addr}"))?;
     if r.status != 200 {
         bail!("status endpoint answered {}: {}", r.status, r.body.trim());
     }

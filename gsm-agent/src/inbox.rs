@@ -271,12 +271,11 @@ impl Inbox {
                 path: path.display().to_string(),
                 source,
             })?;
-        let synced = mailbell_link::durable::SyncedFlush::open(path).map_err(|e| {
-            InboxError::Open {
+        let synced =
+            mailbell_link::durable::SyncedFlush::open(path).map_err(|e| InboxError::Open {
                 path: path.display().to_string(),
                 source: sled::Error::Io(e),
-            }
-        })?;
+            })?;
         let stats = Arc::new(InboxStats::default());
         let index = Arc::new(Mutex::new(recover(&db, &cfg, &stats)?));
         let (tx, rx) = mpsc::sync_channel(4096);

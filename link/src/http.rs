@@ -65,7 +65,10 @@ pub async fn request(
         s.write_all(head.as_bytes()).await.map_err(io)?;
         s.write_all(data).await.map_err(io)?;
         let mut buf = Vec::new();
-        s.take(MAX_RESPONSE).read_to_end(&mut buf).await.map_err(io)?;
+        s.take(MAX_RESPONSE)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(io)?;
         parse(&buf).ok_or(HttpError::Malformed { addr })
     };
     tokio::time::timeout(timeout, fut)
@@ -115,7 +118,9 @@ mod tests {
             let req = String::from_utf8_lossy(&b[..n]).to_string();
             assert!(req.contains("Authorization: Bearer t0k"), "{req}");
             assert!(req.ends_with("hello"), "{req}");
-            s.write_all(b"HTTP/1.0 200 OK\r\n\r\n{\"ok\":true}").await.unwrap();
+            s.write_all(b"HTTP/1.0 200 OK\r\n\r\n{\"ok\":true}")
+                .await
+                .unwrap();
         });
         let r = request(
             addr,

@@ -105,7 +105,10 @@ pub enum IntakeError {
 /// The one intake both endpoints feed.
 pub trait Intake: Send + Sync + 'static {
     /// Records the notices this arrival creates; resolves once they are durable.
-    fn accept(&self, arrival: Arrival) -> impl Future<Output = Result<Accepted, IntakeError>> + Send;
+    fn accept(
+        &self,
+        arrival: Arrival,
+    ) -> impl Future<Output = Result<Accepted, IntakeError>> + Send;
     /// Applies delivery confirmations from a webhook batch; resolves once they are durable.
     fn confirm(&self, events: Vec<Ingest>) -> impl Future<Output = Result<(), IntakeError>> + Send;
 }

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use mailbell::cli::{self, LogArgs, QueueCmd, UserCmd};
 
 #[derive(Parser)]
-#[command(name = "mailbell", version, about = "SMS arrival notices for Stalwart and milter MTAs")]
+#[command(
+    name = "mailbell",
+    version,
+    about = "SMS arrival notices for Stalwart and milter MTAs"
+)]
 struct Cli {
     /// Configuration file (TOML); without it, built-in defaults (a local instance).
     #[arg(long, short, global = true, env = "MAILBELL_CONFIG")]

@@ -868,8 +868,6 @@ impl<S> Drop for Watched<S> {
 // ---------------------------------------------------------------------------------------------
 // Config parsing
 
-
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

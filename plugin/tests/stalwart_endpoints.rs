@@ -544,11 +544,22 @@ async fn captured_batches_verify_and_yield_ingests() {
         assert_eq!(r.status, 200, "{}: {}", f.name, r.body);
     }
     let raw = srv.intake.batches();
-    let queued = raw.iter().flatten().filter(|i| i.kind == IngestKind::Queued).count();
-    assert!(queued >= 4, "queue.queue-message events are passed on too: {queued}");
+    let queued = raw
+        .iter()
+        .flatten()
+        .filter(|i| i.kind == IngestKind::Queued)
+        .count();
+    assert!(
+        queued >= 4,
+        "queue.queue-message events are passed on too: {queued}"
+    );
     let got: Vec<Vec<Ingest>> = raw
         .into_iter()
-        .map(|b| b.into_iter().filter(|i| i.kind != IngestKind::Queued).collect::<Vec<_>>())
+        .map(|b| {
+            b.into_iter()
+                .filter(|i| i.kind != IngestKind::Queued)
+                .collect::<Vec<_>>()
+        })
         .filter(|b| !b.is_empty())
         .collect();
     // Batches with message-ingest events: 06, 08, 12, 28.

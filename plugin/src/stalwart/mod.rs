@@ -126,8 +126,6 @@ fn redacted(set: bool) -> &'static str {
     }
 }
 
-
-
 /// Counters for `/metrics`. All relaxed; read them with [`StalwartStats::snapshot`].
 #[derive(Debug, Default)]
 pub struct StalwartStats {

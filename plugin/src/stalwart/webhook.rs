@@ -345,7 +345,11 @@ mod tests {
         assert_eq!(b.ignored, 3);
         assert!(b.skipped.is_empty());
         // The batch also has the queue.queue-message of the same message.
-        let queued: Vec<_> = b.ingests.iter().filter(|i| i.kind == IngestKind::Queued).collect();
+        let queued: Vec<_> = b
+            .ingests
+            .iter()
+            .filter(|i| i.kind == IngestKind::Queued)
+            .collect();
         assert_eq!(queued.len(), 1);
         assert_eq!(queued[0].queue_id, Some(341998967854203758));
         b.ingests.retain(|i| i.kind != IngestKind::Queued);
