@@ -169,6 +169,10 @@ pub struct OutboxStats {
     pub dead: AtomicU64,
     /// Staged intake records currently held.
     pub staged: AtomicU64,
+    /// Time group commits spent applying their batch, and flushing it (sled flush plus
+    /// fdatasync), in microseconds.
+    pub commit_apply_us: AtomicU64,
+    pub commit_flush_us: AtomicU64,
 }
 
 /// A queued notice, as `mailbell queue list` shows it.
@@ -1196,10 +1200,19 @@ impl Committer {
         // Counted before the batch is visible, so depth never under-counts what `ready` sees.
         let added = round.enqueued + round.requeued;
         self.shared.depth.fetch_add(added, Ordering::AcqRel);
+        let t0 = std::time::Instant::now();
         let applied = self.db.apply_batch(round.batch.clone());
+        let t1 = std::time::Instant::now();
         let result = applied
             .clone()
             .and_then(|()| self.synced.flush(&self.db).map(|_| ()));
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.stats
+            .commit_apply_us
+            .fetch_add(us(t1 - t0), Ordering::Relaxed);
+        self.stats
+            .commit_flush_us
+            .fetch_add(us(t1.elapsed()), Ordering::Relaxed);
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         match result {

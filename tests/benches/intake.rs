@@ -380,6 +380,8 @@ struct Snapshot {
     at: Instant,
     commits: u64,
     flushes: u64,
+    apply_us: u64,
+    flush_us: u64,
     messages: u64,
     notices: u64,
     audit_recorded: u64,
@@ -397,6 +399,8 @@ impl Snapshot {
             at: Instant::now(),
             commits: r(&m.stores.outbox.stats.commits),
             flushes: r(&m.stores.outbox.stats.flushes),
+            apply_us: r(&m.stores.outbox.stats.commit_apply_us),
+            flush_us: r(&m.stores.outbox.stats.commit_flush_us),
             messages: r(&m.intake.stats.messages),
             notices: r(&m.intake.stats.notices_created),
             audit_recorded: r(&audit.recorded),
@@ -624,6 +628,11 @@ async fn run_mode(
         notices as f64 / commits.max(1) as f64,
         msgs as f64 / commits.max(1) as f64,
         snap1.flushes - snap0.flushes
+    );
+    println!(
+        "  commit time: apply {:.3} ms + flush/fdatasync {:.3} ms per commit on average",
+        (snap1.apply_us - snap0.apply_us) as f64 / 1000.0 / commits.max(1) as f64,
+        (snap1.flush_us - snap0.flush_us) as f64 / 1000.0 / commits.max(1) as f64,
     );
     println!(
         "  audit: {} events/s recorded, {} written, {} dropped (channel full)",
