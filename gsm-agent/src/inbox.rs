@@ -261,16 +261,32 @@ fn now_ms() -> i64 {
 
 impl Inbox {
     /// Opens (or creates) the inbox, recovers submits that were in flight, and starts the
-    /// committer thread.
+    /// committer thread. Waits up to 2 s for a store another handle still holds (a restarting
+    /// agent's predecessor, or sled's I/O threads finishing after a close). Blocking.
     pub fn open(path: &Path, cfg: InboxConfig, validator: Validator) -> Result<Self, InboxError> {
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|source| InboxError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
+        // A predecessor's sled I/O threads may hold the lock for a moment after its close.
+        let give_up = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < give_up =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(source) => {
+                    return Err(InboxError::Open {
+                        path: path.display().to_string(),
+                        source,
+                    })
+                }
+            }
+        };
         let synced =
             mailbell_link::durable::SyncedFlush::open(path).map_err(|e| InboxError::Open {
                 path: path.display().to_string(),
@@ -553,6 +569,9 @@ fn dead_value(reason: &str, r: &Record) -> Vec<u8> {
     v.extend_from_slice(&r.encode());
     v
 }
+
+/// How long `open` waits for a store another handle still holds.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 struct Committer {
     db: sled::Db,
