@@ -54,12 +54,13 @@ use anyhow::Context;
 use clap::Parser;
 use hdrhistogram::Histogram;
 use mailbell::outbox::{Outbox, OutboxConfig};
+use mailbell_tests::cpu::{process_cpu, thread_cpu};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::{
     body_text, cpu_by_name, format_cpu, header_bytes, headers, histogram, hook_request,
-    json_escape, load_average, process_cpu, quantiles, record, thousands, thread_cpu, user_addr,
-    HttpConn, MilterClient, MilterMessage, TICKS,
+    json_escape, load_average, quantiles, record, thousands, user_addr, HttpConn, MilterClient,
+    MilterMessage, TICKS,
 };
 use tokio_util::sync::CancellationToken;
 

@@ -1,5 +1,6 @@
 //! Test support and benchmarks for mailbell (see tests/ and src/bin/).
 
+pub mod cpu;
 pub mod system;
 
 use std::future::Future;

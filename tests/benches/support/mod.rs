@@ -149,44 +149,6 @@ pub fn thousands(x: f64) -> String {
 
 // ---- CPU from /proc --------------------------------------------------------------------------
 
-/// CPU ticks per (thread id, thread name).
-pub fn thread_cpu() -> HashMap<(u32, String), u64> {
-    let mut out = HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Ok(tid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        if let Some((name, ticks)) = parse_stat(&stat) {
-            out.insert((tid, name), ticks);
-        }
-    }
-    out
-}
-
-/// (comm, utime + stime) from a /proc stat line.
-fn parse_stat(stat: &str) -> Option<(String, u64)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let name = stat.get(open + 1..close)?.to_string();
-    let f: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
-    let u: u64 = f.get(11)?.parse().ok()?;
-    let s: u64 = f.get(12)?.parse().ok()?;
-    Some((name, u + s))
-}
-
-pub fn process_cpu() -> u64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| parse_stat(&s))
-        .map_or(0, |(_, t)| t)
-}
-
 /// Clock ticks per second of /proc (USER_HZ; 100 on every Linux this runs on).
 pub const TICKS: f64 = 100.0;
 
