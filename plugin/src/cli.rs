@@ -91,6 +91,30 @@ pub struct UserOpts {
     max_parts: Option<u8>,
 }
 
+/// The user `user add` registers.
+fn new_user(address: &str, opts: &UserOpts, aliases: Vec<String>) -> anyhow::Result<User> {
+    let mut u = User::new(address);
+    let mut p = opts.patch()?;
+    p.add_aliases = aliases;
+    p.apply(&mut u);
+    Ok(u)
+}
+
+/// The change `user set` makes (an empty one is an error).
+fn change(
+    opts: &UserOpts,
+    add_aliases: Vec<String>,
+    remove_aliases: Vec<String>,
+) -> anyhow::Result<UserPatch> {
+    let mut p = opts.patch()?;
+    p.add_aliases = add_aliases;
+    p.remove_aliases = remove_aliases;
+    if p.is_empty() {
+        bail!("nothing to change: give at least one option");
+    }
+    Ok(p)
+}
+
 fn list_opt(v: &[String]) -> Option<Vec<String>> {
     match v {
         [] => None,
@@ -270,10 +294,7 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
             if existing.is_ok() {
                 bail!("user {address} exists (use `mailbell user set`)");
             }
-            let mut u = User::new(&address);
-            let mut p = opts.patch()?;
-            p.add_aliases = aliases;
-            p.apply(&mut u);
+            let u = new_user(&address, &opts, aliases)?;
             let body = serde_json::to_vec(&u)?;
             let u: User = api(
                 addr,
@@ -291,12 +312,7 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
             add_aliases,
             remove_aliases,
         } => {
-            let mut p = opts.patch()?;
-            p.add_aliases = add_aliases;
-            p.remove_aliases = remove_aliases;
-            if p.is_empty() {
-                bail!("nothing to change: give at least one option");
-            }
+            let p = change(&opts, add_aliases, remove_aliases)?;
             let body = serde_json::to_vec(&p)?;
             let u: User = api(
                 addr,
@@ -366,27 +382,13 @@ fn user_local(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
             address,
             opts,
             aliases,
-        } => {
-            let mut u = User::new(&address);
-            let mut p = opts.patch()?;
-            p.add_aliases = aliases;
-            p.apply(&mut u);
-            print_json(&users.insert(u)?)
-        }
+        } => print_json(&users.insert(new_user(&address, &opts, aliases)?)?),
         UserCmd::Set {
             address,
             opts,
             add_aliases,
             remove_aliases,
-        } => {
-            let mut p = opts.patch()?;
-            p.add_aliases = add_aliases;
-            p.remove_aliases = remove_aliases;
-            if p.is_empty() {
-                bail!("nothing to change: give at least one option");
-            }
-            print_json(&users.update(&address, &p)?)
-        }
+        } => print_json(&users.update(&address, &change(&opts, add_aliases, remove_aliases)?)?),
         UserCmd::Show { address } => match users.get(&address)? {
             Some(u) => print_json(&u),
             None => bail!("no such user: {address}"),
