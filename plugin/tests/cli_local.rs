@@ -1,0 +1,122 @@
+//! The admin CLI against the stores directly (no daemon running): what an operator runs
+//! before the first start or while mailbell is stopped.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mailbell");
+
+fn run(config: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn ok(config: &Path, args: &[&str]) -> String {
+    let o = run(config, args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn fails(config: &Path, args: &[&str]) -> String {
+    let o = run(config, args);
+    assert!(!o.status.success(), "{args:?} should fail");
+    String::from_utf8(o.stderr).unwrap()
+}
+
+#[test]
+fn users_queue_and_log_without_a_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailbell.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mailbell]\ndata_dir = {:?}\n[listen]\nadmin = \"\"\n",
+            dir.path().join("data")
+        ),
+    )
+    .unwrap();
+    let out = ok(
+        &config,
+        &[
+            "user",
+            "add",
+            "Alice@Example.com",
+            "--phone",
+            "+86 138-0013-8000",
+            "--alias",
+            "a.li@example.com",
+            "--quiet",
+            "22:00-07:00",
+            "--language",
+            "zh",
+        ],
+    );
+    let u: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(u["address"], "alice@example.com");
+    assert_eq!(u["phone"], "+8613800138000");
+    let err = fails(
+        &config,
+        &[
+            "user",
+            "add",
+            "alice@example.com",
+            "--phone",
+            "+8613800138000",
+        ],
+    );
+    assert!(err.contains("alice@example.com"), "{err}");
+    let err = fails(
+        &config,
+        &["user", "add", "bob@example.com", "--phone", "12345"],
+    );
+    assert!(err.to_lowercase().contains("phone"), "{err}");
+    let out = ok(
+        &config,
+        &["user", "set", "a.li@example.com", "--notify", "off"],
+    );
+    assert!(out.contains("\"notify\": false"), "{out}");
+    let err = fails(&config, &["user", "set", "alice@example.com"]);
+    assert!(err.contains("nothing to change"), "{err}");
+    let csv = dir.path().join("users.csv");
+    std::fs::write(
+        &csv,
+        "address,phone,notify\ncarol@example.com,+8613800138001,on\nbad-address,+8613800138002,on\n",
+    )
+    .unwrap();
+    let o = run(&config, &["user", "import", csv.to_str().unwrap()]);
+    assert!(!o.status.success(), "a bad line fails the command");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("added 1"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("line 3"));
+    let list = ok(&config, &["user", "list"]);
+    assert!(
+        list.contains("carol@example.com") && list.contains("alice@example.com"),
+        "{list}"
+    );
+    ok(&config, &["user", "remove", "carol@example.com"]);
+    let err = fails(&config, &["user", "show", "carol@example.com"]);
+    assert!(err.contains("no such user"), "{err}");
+    assert_eq!(ok(&config, &["queue", "list"]).trim(), "(empty)");
+    assert!(ok(&config, &["queue", "retry", "all"]).contains("0 dead letter"));
+    let err = fails(&config, &["queue", "retry", "not-an-id"]);
+    assert!(err.contains("notice id"), "{err}");
+    ok(
+        &config,
+        &["log", "--user", "alice@example.com", "--since", "1d"],
+    );
+    let err = fails(&config, &["log", "--since", "yesterday-ish"]);
+    assert!(!err.is_empty());
+    let err = fails(&config, &["status"]);
+    assert!(err.contains("not running"), "{err}");
+}
