@@ -1114,6 +1114,27 @@ mod tests {
     }
 
     impl Rig {
+        /// Stops the scheduler, closes and reopens the outbox, starts a new scheduler on it
+        /// (a daemon restart; the clock starts again at T0).
+        async fn restart(self) -> Rig {
+            self.token.cancel();
+            let Rig {
+                _dir,
+                outbox,
+                users,
+                audit,
+                intake,
+                task,
+                ..
+            } = self;
+            drop(intake);
+            task.await.unwrap();
+            outbox.close();
+            drop(outbox);
+            let outbox = Outbox::open(&_dir.path().join("outbox"), Default::default()).unwrap();
+            start(_dir, IntakeConfig::default(), outbox, users, audit, None)
+        }
+
         fn advance(&self, ms: i64) {
             self.now.fetch_add(ms, Ordering::SeqCst);
         }
@@ -1362,22 +1383,7 @@ mod tests {
             .confirm(vec![ingest(IngestKind::Queued, 12, None)])
             .await
             .unwrap();
-        r.token.cancel();
-        let Rig {
-            _dir,
-            outbox,
-            users,
-            audit,
-            intake,
-            task,
-            ..
-        } = r;
-        drop(intake);
-        task.await.unwrap();
-        outbox.close();
-        drop(outbox);
-        let outbox = Outbox::open(&_dir.path().join("outbox"), Default::default()).unwrap();
-        let r = start(_dir, IntakeConfig::default(), outbox, users, audit, None);
+        let r = r.restart().await;
         r.advance(601_000);
         r.tick().await;
         assert_eq!(r.queued().len(), 1, "released on timeout: it was queued");
@@ -1617,22 +1623,7 @@ mod tests {
             .await
             .unwrap();
         r.tick().await;
-        r.token.cancel();
-        let Rig {
-            _dir,
-            outbox,
-            users,
-            audit,
-            intake,
-            task,
-            ..
-        } = r;
-        drop(intake);
-        task.await.unwrap();
-        outbox.close();
-        drop(outbox);
-        let outbox = Outbox::open(&_dir.path().join("outbox"), Default::default()).unwrap();
-        let r = start(_dir, IntakeConfig::default(), outbox, users, audit, None);
+        let r = r.restart().await;
         r.tick().await;
         assert!(r.queued().is_empty());
         r.intake

@@ -35,6 +35,49 @@ async fn admin(
     (r.status, v)
 }
 
+/// The mail side alone, its link pointed at a port nothing listens on; alice registered.
+async fn mail_without_agent(
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut mailbell::config::Config),
+) -> (mailbell::app::Running, mailbell::config::Config) {
+    let mut cfg = system::mail_config(dir).unwrap();
+    cfg.intake.rate_limit_secs = 0;
+    cfg.link.agents[0].addr = "127.0.0.1:9".into();
+    tweak(&mut cfg);
+    let mail = mailbell::app::start(cfg.clone(), tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    mail.stores.users.upsert(alice()).unwrap();
+    (mail, cfg)
+}
+
+/// Posts a data-stage hook request for one message to alice; returns status and answer.
+async fn hook_to_alice(
+    mail: &mailbell::app::Running,
+    cfg: &mailbell::config::Config,
+    queue_id: u64,
+    subject: &str,
+) -> (u16, String) {
+    let req = system::hook_data_request(
+        queue_id,
+        "c@r.example",
+        &["alice@example.com"],
+        &[("Subject", subject)],
+        "x",
+    );
+    let r = mailbell_link::http::request(
+        mail.http_addr.unwrap(),
+        "POST",
+        &cfg.stalwart.hook_path,
+        None,
+        Some(("application/json", req.as_bytes())),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    (r.status, r.body)
+}
+
 fn events(log: &serde_json::Value) -> Vec<String> {
     log.as_array()
         .unwrap()
@@ -198,34 +241,12 @@ async fn stalwart_delivery_is_notified_logged_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_agent_the_queue_holds_notices_in_arrival_order() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = system::mail_config(dir.path()).unwrap();
-    cfg.intake.rate_limit_secs = 0;
-    // Nothing listens there: the link keeps failing and backing off.
-    cfg.link.agents[0].addr = "127.0.0.1:9".into();
-    let mail = mailbell::app::start(cfg.clone(), tokio_util::sync::CancellationToken::new())
-        .await
-        .unwrap();
-    mail.stores.users.upsert(alice()).unwrap();
+    // Nothing listens where the link goes: it keeps failing and backing off.
+    let (mail, cfg) = mail_without_agent(dir.path(), |_| {}).await;
     let addr = mail.http_addr.unwrap();
     for i in 0..3u64 {
-        let req = system::hook_data_request(
-            100 + i,
-            "c@r.example",
-            &["alice@example.com"],
-            &[("Subject", &format!("n{i}"))],
-            "x",
-        );
-        let r = mailbell_link::http::request(
-            addr,
-            "POST",
-            &cfg.stalwart.hook_path,
-            None,
-            Some(("application/json", req.as_bytes())),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
-        assert_eq!(r.status, 200);
+        let (status, _) = hook_to_alice(&mail, &cfg, 100 + i, &format!("n{i}")).await;
+        assert_eq!(status, 200);
         let (status, _) = system::post_webhook(
             addr,
             &cfg.stalwart.webhook_path,
@@ -279,35 +300,11 @@ async fn with_no_agent_the_queue_holds_notices_in_arrival_order() {
 async fn a_full_queue_tempfails_the_mta_and_dead_letters_can_be_retried_and_purged() {
     use mailbell_link::net::Outbox as _;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = system::mail_config(dir.path()).unwrap();
-    cfg.intake.rate_limit_secs = 0;
-    cfg.outbox_max_depth = 2;
-    cfg.link.agents[0].addr = "127.0.0.1:9".into();
-    let mail = mailbell::app::start(cfg.clone(), tokio_util::sync::CancellationToken::new())
-        .await
-        .unwrap();
-    mail.stores.users.upsert(alice()).unwrap();
+    let (mail, cfg) = mail_without_agent(dir.path(), |c| c.outbox_max_depth = 2).await;
     let addr = mail.http_addr.unwrap();
     let mut answers = Vec::new();
     for i in 0..3u64 {
-        let req = system::hook_data_request(
-            200 + i,
-            "c@r.example",
-            &["alice@example.com"],
-            &[("Subject", &format!("f{i}"))],
-            "x",
-        );
-        let r = mailbell_link::http::request(
-            addr,
-            "POST",
-            &cfg.stalwart.hook_path,
-            None,
-            Some(("application/json", req.as_bytes())),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
-        answers.push((r.status, r.body));
+        answers.push(hook_to_alice(&mail, &cfg, 200 + i, &format!("f{i}")).await);
     }
     assert_eq!(answers[0].1, r#"{"action":"accept"}"#);
     assert_eq!(answers[1].1, r#"{"action":"accept"}"#);
