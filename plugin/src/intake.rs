@@ -210,7 +210,6 @@ pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 #[derive(Clone)]
 pub struct MailIntake {
     users: UserStore,
-    audit: AuditLog,
     tx: mpsc::UnboundedSender<Cmd>,
     max_recipients: usize,
     subaddress: Option<char>,
@@ -238,9 +237,9 @@ impl MailIntake {
             me: tx.downgrade(),
             cfg: cfg.clone(),
             offset_secs,
-            outbox: outbox.clone(),
+            outbox,
             users: users.clone(),
-            audit: audit.clone(),
+            audit,
             accounts,
             clock: clock.clone(),
             stats: stats.clone(),
@@ -256,7 +255,6 @@ impl MailIntake {
         Ok((
             Self {
                 users,
-                audit,
                 tx,
                 max_recipients: cfg.max_recipients.max(1),
                 subaddress: cfg.subaddress_separator.chars().next(),
@@ -381,16 +379,6 @@ impl MailIntake {
             .send(Cmd::Tick(reply))
             .map_err(|_| IntakeError::ShuttingDown)?;
         rx.await.map_err(|_| IntakeError::ShuttingDown)?
-    }
-
-    /// The user registry this intake reads.
-    pub fn users(&self) -> &UserStore {
-        &self.users
-    }
-
-    /// The audit log this intake writes.
-    pub fn audit(&self) -> &AuditLog {
-        &self.audit
     }
 }
 

@@ -49,10 +49,10 @@
 //!
 //! Staging: the intake keeps arrivals that are not notices yet (waiting for Stalwart's delivery
 //! confirmation, held by quiet hours or a rate limit) in the same store, as opaque records in
-//! the `s` range. [`Outbox::stage`] writes them with the same group commit as `enqueue` (so the
-//! MTA's reply waits for one fsync shared by every connection), and [`Outbox::settle`] deletes
-//! or rewrites staged records and queues the notices made from them in **one** atomic batch,
-//! flushed before it returns: a crash either keeps the staged records or the notices, never
+//! the `s` range (sequence numbers from [`Outbox::reserve_seq`]). [`Outbox::settle`] writes,
+//! rewrites or deletes staged records and queues the notices made from them in **one** atomic
+//! batch, in the same group commit as `enqueue` (one fsync shared by every MTA connection),
+//! flushed before it answers: a crash either keeps the staged records or the notices, never
 //! both and never neither, so each arrival becomes a notice exactly once.
 //!
 //! One process owns the store at a time (sled locks it); a second open fails with
@@ -406,11 +406,6 @@ enum Request {
         items: Vec<(NotifId, Vec<u8>)>,
         reply: EnqueueReply,
     },
-    /// New staged records.
-    Stage {
-        values: Vec<Vec<u8>>,
-        reply: EnqueueReply,
-    },
     /// Staged records changed and notices queued, atomically.
     Settle {
         insert: Vec<(u64, Vec<u8>)>,
@@ -628,32 +623,12 @@ impl Outbox {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let mut encoded = Vec::with_capacity(items.len());
-        for n in &items {
-            let payload = n
-                .encode_payload()
-                .map_err(|error| OutboxError::Encode { id: n.id, error })?;
-            encoded.push((n.id, payload));
-        }
         let (reply, rx) = oneshot::channel();
-        // try_send first: the common case never leaves this thread.
         self.submit(Request::Enqueue {
-            items: encoded,
+            items: encode_all(&items)?,
             reply,
         })
         .await?;
-        rx.await.map_err(|_| OutboxError::Stopped)?
-    }
-
-    /// Stores opaque intake records; returns their sequence numbers, in order, once durable
-    /// (same group commit as [`enqueue`](Self::enqueue)). Fails with [`OutboxError::Full`]
-    /// when staged plus queued records would exceed the depth limit.
-    pub async fn stage(&self, values: Vec<Vec<u8>>) -> Result<Vec<u64>, OutboxError> {
-        if values.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (reply, rx) = oneshot::channel();
-        self.submit(Request::Stage { values, reply }).await?;
         rx.await.map_err(|_| OutboxError::Stopped)?
     }
 
@@ -676,13 +651,7 @@ impl Outbox {
             let _ = tx.send(Ok(Vec::new()));
             return Ok(rx);
         }
-        let mut items = Vec::with_capacity(s.enqueue.len());
-        for n in &s.enqueue {
-            let payload = n
-                .encode_payload()
-                .map_err(|error| OutboxError::Encode { id: n.id, error })?;
-            items.push((n.id, payload));
-        }
+        let items = encode_all(&s.enqueue)?;
         let (reply, rx) = oneshot::channel();
         self.submit(Request::Settle {
             insert: s.insert,
@@ -720,7 +689,8 @@ impl Outbox {
         Ok(out)
     }
 
-    /// Hands a request to the committer without blocking the runtime.
+    /// Hands a request to the committer without blocking the runtime (`try_send` first: the
+    /// common case never leaves this thread).
     async fn submit(&self, req: Request) -> Result<(), OutboxError> {
         match self.tx.try_send(req) {
             Ok(()) => Ok(()),
@@ -1006,6 +976,18 @@ impl Outbox {
     }
 }
 
+/// Each notice's id and encoded payload.
+fn encode_all(items: &[Notification]) -> Result<Vec<(NotifId, Vec<u8>)>, OutboxError> {
+    items
+        .iter()
+        .map(|n| {
+            n.encode_payload()
+                .map(|p| (n.id, p))
+                .map_err(|error| OutboxError::Encode { id: n.id, error })
+        })
+        .collect()
+}
+
 fn sub(counter: &AtomicU64, n: u64) {
     let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
         Some(d.saturating_sub(n))
@@ -1110,10 +1092,6 @@ impl Committer {
         for req in reqs {
             let (items, reply) = match req {
                 Request::Enqueue { items, reply } => (items, reply),
-                Request::Stage { values, reply } => {
-                    self.stage(&mut round, values, depth, reply);
-                    continue;
-                }
                 Request::Settle {
                     insert,
                     remove,
@@ -1262,39 +1240,6 @@ impl Committer {
     fn staged_total(&self, round: &Round) -> u64 {
         (self.stats.staged.load(Ordering::Acquire) + round.staged_added)
             .saturating_sub(round.staged_removed)
-    }
-
-    fn stage(&self, round: &mut Round, values: Vec<Vec<u8>>, depth: u64, reply: EnqueueReply) {
-        let held = depth + round.enqueued + self.staged_total(round);
-        if held.saturating_add(values.len() as u64) > self.max_depth {
-            let _ = reply.send(Err(OutboxError::Full {
-                depth: held,
-                limit: self.max_depth,
-            }));
-            return;
-        }
-        let mut seqs = Vec::with_capacity(values.len());
-        for v in values {
-            let seq = match self.db.generate_id() {
-                Ok(s) => s,
-                Err(e) => {
-                    // Nothing of this request is in the round yet apart from earlier values,
-                    // which stay harmlessly unreferenced only if the round fails; undo them.
-                    for s in seqs {
-                        round.unstage(s);
-                    }
-                    let _ = reply.send(Err(e.into()));
-                    return;
-                }
-            };
-            let k = seq_key(S, seq);
-            round.batch.insert(&k, v);
-            round.undo.remove(&k);
-            round.staged_added += 1;
-            round.other_writes += 1;
-            seqs.push(seq);
-        }
-        round.replies.push(Reply::Enqueue(reply, seqs));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1488,14 +1433,6 @@ impl Round {
         self.writes == 0 && self.other_writes == 0
     }
 
-    /// Takes a staged insert of this round back out.
-    fn unstage(&mut self, seq: u64) {
-        let k = seq_key(S, seq);
-        self.batch.remove(&k);
-        self.staged_added = self.staged_added.saturating_sub(1);
-        self.other_writes = self.other_writes.saturating_sub(1);
-    }
-
     fn answer(self, result: Result<(), sled::Error>) {
         for r in self.replies {
             match (r, &result) {
@@ -1556,10 +1493,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("o");
         let ob = Outbox::open(&path, OutboxConfig::default()).unwrap();
-        let seqs = ob
-            .stage(vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()])
-            .await
-            .unwrap();
+        let seqs: Vec<u64> = (0..3).map(|_| ob.reserve_seq().unwrap()).collect();
+        ob.settle(Settle {
+            insert: seqs
+                .iter()
+                .zip([&b"one"[..], b"two", b"three"])
+                .map(|(s, v)| (*s, v.to_vec()))
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         assert_eq!(ob.stats.staged.load(Ordering::Relaxed), 3);
         assert_eq!(ob.depth(), 0, "staged records are not notices");
         assert!(ob.ready(None, 10).unwrap().is_empty());
@@ -1611,10 +1555,18 @@ mod tests {
             ..Default::default()
         };
         let ob = Outbox::open(&dir.path().join("o"), cfg).unwrap();
-        ob.stage(vec![vec![1], vec![2]]).await.unwrap();
+        let s = [ob.reserve_seq().unwrap(), ob.reserve_seq().unwrap()];
+        ob.settle(Settle {
+            insert: vec![(s[0], vec![1]), (s[1], vec![2])],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         ob.enqueue(vec![notice(1)]).await.unwrap();
+        // What the intake checks before taking another arrival.
+        assert_eq!(ob.held(), (3, 3));
         assert!(matches!(
-            ob.stage(vec![vec![3]]).await,
+            ob.enqueue(vec![notice(9)]).await,
             Err(OutboxError::Full { .. })
         ));
         // Settling is never refused: it only turns held records into notices.
