@@ -345,8 +345,8 @@ pub(crate) async fn handle<I: Intake>(State(sh): State<Arc<Shared<I>>>, req: Req
 
 async fn answer<I: Intake>(sh: &Shared<I>, req: Request) -> Response {
     let stats = &sh.stats;
-    if let Some(check) = &sh.hook_token {
-        if !check.allows(req.headers()) {
+    if let Some(token) = &sh.cfg.hook_token {
+        if !crate::admin::authorized(req.headers(), token) {
             bump(&stats.hook_unauthorized);
             tracing::warn!("hook request without the configured bearer token");
             return text_response(

@@ -282,12 +282,10 @@ pub fn router_with_stats<I: Intake>(
             "stalwart webhook signature_key is not configured: every webhook will be refused"
         );
     }
-    let hook_token = cfg.hook_token.as_deref().map(TokenCheck::new);
     let shared = Arc::new(Shared {
         intake,
         streams: Semaphore::new(cfg.max_parallel_streams.max(1)),
         webhook_key,
-        hook_token,
         stats,
         cfg,
     });
@@ -304,38 +302,8 @@ struct Shared<I> {
     stats: Arc<StalwartStats>,
     /// `None` when no signature key is configured.
     webhook_key: Option<hmac::Key>,
-    hook_token: Option<TokenCheck>,
     /// Permits for streamed (large) hook bodies.
     streams: Semaphore,
-}
-
-/// Constant-time bearer token check: compares HMACs of the presented and the expected token.
-struct TokenCheck {
-    key: hmac::Key,
-    expected: hmac::Tag,
-}
-
-impl TokenCheck {
-    fn new(token: &str) -> Self {
-        let key = hmac::Key::new(hmac::HMAC_SHA256, b"mailbell stalwart hook token");
-        let expected = hmac::sign(&key, token.as_bytes());
-        Self { key, expected }
-    }
-
-    /// True if `headers` carry `Authorization: Bearer <token>`.
-    fn allows(&self, headers: &HeaderMap) -> bool {
-        let Some(given) = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, rest) = v.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then_some(rest.trim())
-            })
-        else {
-            return false;
-        };
-        hmac::verify(&self.key, given.as_bytes(), self.expected.as_ref()).is_ok()
-    }
 }
 
 /// The peer's address, if the server was started with connect info.
@@ -426,17 +394,18 @@ mod tests {
 
     #[test]
     fn token_check() {
-        let t = TokenCheck::new("abc");
+        // The hook token is checked like the admin token.
+        let allows = |h: &HeaderMap| crate::admin::authorized(h, "abc");
         let mut h = HeaderMap::new();
-        assert!(!t.allows(&h));
+        assert!(!allows(&h));
         h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
-        assert!(t.allows(&h));
+        assert!(allows(&h));
         h.insert(header::AUTHORIZATION, "bearer  abc ".parse().unwrap());
-        assert!(t.allows(&h));
+        assert!(allows(&h));
         h.insert(header::AUTHORIZATION, "Bearer abcd".parse().unwrap());
-        assert!(!t.allows(&h));
+        assert!(!allows(&h));
         h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
-        assert!(!t.allows(&h));
+        assert!(!allows(&h));
     }
 
     #[test]
