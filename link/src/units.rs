@@ -1,8 +1,50 @@
-//! Units shared by both daemons' configuration files: durations and UTC offsets.
+//! What both daemons' configuration files share: reading and parsing TOML with errors that
+//! name the file, durations and UTC offsets.
 
+use std::path::Path;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("parse {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The text of a configuration file and the name errors give it; no `path` means all
+/// defaults (empty text).
+pub fn read_config(path: Option<&Path>) -> Result<(String, String), ConfigError> {
+    let Some(path) = path else {
+        return Ok((String::new(), "(defaults)".into()));
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok((text, path.display().to_string()))
+}
+
+/// Parses TOML text into the raw configuration (`origin` names it in errors).
+pub fn parse_toml<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|source| ConfigError::Parse {
+        path: origin.to_string(),
+        source: Box::new(source),
+    })
+}
 
 /// A duration written as `"250ms"`, `"10s"`, `"5m"`, `"2h"` or `"30d"`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

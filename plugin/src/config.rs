@@ -8,31 +8,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mailbell_link::net::Endpoint;
-use mailbell_link::units::de_duration;
+pub use mailbell_link::units::ConfigError;
+use mailbell_link::units::{de_duration, parse_toml, read_config};
 use serde::Deserialize;
 
 use crate::audit::AuditConfig;
 use crate::intake::IntakeConfig;
 use crate::milter::MilterConfig;
 use crate::stalwart::StalwartConfig;
-
-/// Configuration errors.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    #[error("read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("parse {path}: {source}")]
-    Parse {
-        path: String,
-        source: Box<toml::de::Error>,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -248,22 +231,13 @@ fn listen(key: &str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
 impl Config {
     /// Reads a file; a missing `path` means all defaults.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let Some(path) = path else {
-            return Self::from_toml("", "(defaults)");
-        };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml(&text, &path.display().to_string())
+        let (text, origin) = read_config(path)?;
+        Self::from_toml(&text, &origin)
     }
 
     /// Parses TOML text (`origin` names it in errors).
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: origin.to_string(),
-            source: Box::new(source),
-        })?;
+        let raw: RawConfig = parse_toml(text, origin)?;
         let inv = ConfigError::Invalid;
         let data_dir = raw.mailbell.data_dir;
         let l = raw.link;
