@@ -1123,6 +1123,19 @@ mod tests {
             start(_dir, IntakeConfig::default(), outbox, users, audit, None)
         }
 
+        /// A Stalwart arrival for alice@test.local, subject "s", at T0.
+        async fn alice_via_stalwart(&self, queue_id: u64) {
+            self.intake
+                .accept(arrival(
+                    Origin::Stalwart { queue_id },
+                    &["alice@test.local"],
+                    "s",
+                    T0,
+                ))
+                .await
+                .unwrap();
+        }
+
         fn advance(&self, ms: i64) {
             self.now.fetch_add(ms, Ordering::SeqCst);
         }
@@ -1289,15 +1302,7 @@ mod tests {
             ..Default::default()
         };
         let r = rig_with(cfg, users, None).await;
-        r.intake
-            .accept(arrival(
-                Origin::Stalwart { queue_id: 1 },
-                &["alice@test.local"],
-                "s",
-                T0,
-            ))
-            .await
-            .unwrap();
+        r.alice_via_stalwart(1).await;
         r.intake
             .confirm(vec![ingest(IngestKind::Spam, 1, None)])
             .await
@@ -1323,15 +1328,7 @@ mod tests {
             };
             let case = format!("{policy:?} queued={queued} requires={requires}");
             let r = rig_with(cfg, vec![user("alice@test.local", "+8613800138000")], None).await;
-            r.intake
-                .accept(arrival(
-                    Origin::Stalwart { queue_id: 9 },
-                    &["alice@test.local"],
-                    "s",
-                    T0,
-                ))
-                .await
-                .unwrap();
+            r.alice_via_stalwart(9).await;
             if queued {
                 r.intake
                     .confirm(vec![ingest(IngestKind::Queued, 9, None)])
@@ -1358,15 +1355,7 @@ mod tests {
     #[tokio::test]
     async fn the_queued_evidence_survives_a_restart() {
         let r = rig(vec![user("alice@test.local", "+8613800138000")]).await;
-        r.intake
-            .accept(arrival(
-                Origin::Stalwart { queue_id: 12 },
-                &["alice@test.local"],
-                "s",
-                T0,
-            ))
-            .await
-            .unwrap();
+        r.alice_via_stalwart(12).await;
         r.intake
             .confirm(vec![ingest(IngestKind::Queued, 12, None)])
             .await
@@ -1601,15 +1590,7 @@ mod tests {
     #[tokio::test]
     async fn waiting_arrivals_survive_a_restart() {
         let r = rig(vec![user("alice@test.local", "+8613800138000")]).await;
-        r.intake
-            .accept(arrival(
-                Origin::Stalwart { queue_id: 11 },
-                &["alice@test.local"],
-                "s",
-                T0,
-            ))
-            .await
-            .unwrap();
+        r.alice_via_stalwart(11).await;
         r.tick().await;
         let r = r.restart().await;
         r.tick().await;
