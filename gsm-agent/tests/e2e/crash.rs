@@ -65,12 +65,9 @@ async fn kill_9_while_streaming_loses_nothing_and_duplicates_at_most_one_per_cra
     wait_until("the outbox to drain", 300, || outbox.pending() == 0).await;
     wait_until("every notice at the modem", 300, || tally(&sim).len() == N).await;
     // Let the agent finish anything still queued, then compare.
-    wait_until("agent queue empty", 120, || {
-        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(agent.status()))
-            .queued
-            == 0
-    })
-    .await;
+    agent
+        .status_when("agent queue empty", 120, |s| s.queued == 0)
+        .await;
     let t = tally(&sim);
     let lost: Vec<_> = (0..N).filter(|i| !t.contains_key(i)).collect();
     assert!(lost.is_empty(), "lost: {lost:?}");

@@ -43,7 +43,7 @@ async fn cms_500_and_plain_error_are_retried_and_the_message_goes_out() {
         texts(&sim).contains(&"notice #2".to_string())
     })
     .await;
-    let s = agent.status().await;
+    let s = agent.status_when("2 sent", 10, |s| s.sent == 2).await;
     assert_eq!(s.failed_by_class.get("Unknown"), Some(&1), "{s:?}");
     assert_eq!(s.failed_by_class.get("Transient"), Some(&1), "{s:?}");
     assert_eq!(s.sent, 2);
@@ -66,11 +66,11 @@ async fn a_rejected_number_is_dead_lettered_and_never_blocks_the_queue() {
     }
     let client = agent.client(outbox.clone());
     wait_until("20 good notices", 60, || texts(&sim).len() >= 20).await;
-    wait_until("dead letter recorded", 20, || {
-        futures_lite_block(agent.status()).dead_letters == 1
-    })
-    .await;
-    let s = agent.status().await;
+    let s = agent
+        .status_when("dead letter and 20 sent", 20, |s| {
+            s.dead_letters == 1 && s.sent == 20
+        })
+        .await;
     assert_eq!(s.failed_by_class.get("Permanent"), Some(&1), "{s:?}");
     assert_eq!(s.sent, 20);
     assert!(!texts(&sim).contains(&"notice #0".to_string()));
@@ -113,11 +113,6 @@ async fn a_rejected_number_is_dead_lettered_and_never_blocks_the_queue() {
     client.stop().await;
 }
 
-/// Polls an async status from a sync predicate (the runtime has two workers).
-fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_modem_times_out_is_reinitialised_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
@@ -130,21 +125,22 @@ async fn a_silent_modem_times_out_is_reinitialised_and_recovers() {
     sim.inject(Fault::Silence);
     push(&outbox, &numbered(2, "+8613800138000"));
     // The submit times out (3 s) and the modem is taken out of service to re-initialise.
-    wait_until("the modem to leave the Ready state", 30, || {
-        let s = futures_lite_block(agent.status());
-        s.modems
-            .iter()
-            .any(|m| m["state"] != "Ready" || m["failed"].as_u64() > Some(0))
-    })
-    .await;
+    agent
+        .status_when("the modem to leave the Ready state", 30, |s| {
+            s.modems
+                .iter()
+                .any(|m| m["state"] != "Ready" || m["failed"].as_u64() > Some(0))
+        })
+        .await;
     assert!(!texts(&sim).contains(&"notice #2".to_string()));
     sim.clear_faults();
     wait_until("second SMS after recovery", 60, || {
         texts(&sim).contains(&"notice #2".to_string())
     })
     .await;
-    let s = agent.status().await;
-    assert_eq!(s.sent, 2);
+    agent.status_when("2 sent", 10, |s| s.sent == 2).await;
+    let twos = texts(&sim).iter().filter(|t| *t == "notice #2").count();
+    assert_eq!(twos, 1, "the timed-out notice went out exactly once");
     client.stop().await;
 }
 
@@ -157,11 +153,11 @@ async fn a_vanished_modem_leaves_the_other_modem_working() {
     let outbox = MemoryOutbox::new();
     let client = agent.client(outbox.clone());
     // Wait until both modems are up, then pull one out.
-    wait_until("both modems ready", 30, || {
-        let s = futures_lite_block(agent.status());
-        s.modems.len() == 2 && s.modems.iter().all(|m| m["state"] == "Ready")
-    })
-    .await;
+    agent
+        .status_when("both modems ready", 30, |s| {
+            s.modems.len() == 2 && s.modems.iter().all(|m| m["state"] == "Ready")
+        })
+        .await;
     a.inject(Fault::Hangup);
     for i in 1..=30 {
         push(&outbox, &numbered(i, "+8613800138000"));

@@ -54,7 +54,7 @@ async fn chinese_and_english_notices_reach_the_modem_as_pdus() {
         en_sms.text
     );
     assert_eq!(outbox.outcome(&zh.id), Some(Settled::Acked));
-    let s = agent.status().await;
+    let s = agent.status_when("2 sent", 10, |s| s.sent == 2).await;
     assert_eq!((s.received, s.sent, s.queued), (2, 2, 0));
     client.stop().await;
 }

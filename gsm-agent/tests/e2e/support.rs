@@ -143,6 +143,28 @@ impl Agent {
             .expect("agent status")
     }
 
+    /// Polls the status until `cond` holds; counters move after the modem answers, so a
+    /// test that saw the SMS at the simulator waits here before reading them.
+    pub async fn status_when(
+        &self,
+        what: &str,
+        secs: u64,
+        cond: impl Fn(&Status) -> bool,
+    ) -> Status {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.status().await;
+            if cond(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {secs} s waiting for {what}: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Starts a link client draining `outbox` into this agent.
     pub fn client(&self, outbox: Arc<MemoryOutbox>) -> Client {
         let stop = CancellationToken::new();
