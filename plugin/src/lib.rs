@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod headers;
 pub mod intake;
+mod journal;
 pub mod milter;
 pub mod ops;
 pub mod outbox;

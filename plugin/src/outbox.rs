@@ -2,14 +2,16 @@
 //! us to retry later, and the ones it refused for good (dead letters).
 //!
 //! Every enqueue goes through one committer thread that applies all pending requests as one
-//! atomic sled batch and then flushes once (group commit): one fsync covers every notice that
-//! arrived meanwhile, from every MTA connection. [`Outbox::enqueue`] returns only after that
-//! flush, so a notice the MTA was told about survives a crash; a store error reaches the caller,
-//! which tempfails the MTA.
+//! atomic sled batch and makes it durable once (group commit): the batch is appended to the
+//! outbox's write-ahead journal and one `fdatasync` covers every notice that arrived
+//! meanwhile, from every MTA connection ([`crate::journal`]; sled itself is flushed at
+//! checkpoints, every second). [`Outbox::enqueue`] returns only after that, so a notice the
+//! MTA was told about survives a crash; a store error reaches the caller, which tempfails the
+//! MTA.
 //!
 //! The link client ([`mailbell_link::net::run_client`]) reads the outbox through the
-//! [`mailbell_link::net::Outbox`] trait. Its writes (ack, retry later, dead letter) are **not
-//! flushed**: after a crash they may be lost, which only means the notice is sent again and the
+//! [`mailbell_link::net::Outbox`] trait. Its writes (ack, retry later, dead letter) are
+//! journaled but **not synced**: after a crash they may be lost, which only means the notice is sent again and the
 //! agent, which de-duplicates by id, acknowledges it again (or refuses it again). Deleting
 //! acknowledged notices is handed to the committer thread, which deletes them in bulk, so the
 //! link client never waits for sled on an ACK; until then `ready` skips them.
@@ -38,7 +40,7 @@
 //! cursor and are sent next. The client calls `ready` at least once a second while connected,
 //! so a due notice waits at most about a second.
 //!
-//! `ready` only offers sequence numbers up to the last flushed group commit, so a notice is
+//! `ready` only offers sequence numbers up to the last durable group commit, so a notice is
 //! normally never sent to the agent before it is durable here. (A promotion racing a group
 //! commit can expose that commit's notices a moment early; if that commit then fails, a notice
 //! whose enqueue reported an error may still be delivered, and the MTA's retry delivers it
@@ -67,6 +69,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use mailbell_link::net::{OutItem, Outbox as LinkOutbox, StoreError};
 use mailbell_link::notification::PayloadError;
 use mailbell_link::{NotifId, Notification};
+
+use crate::journal::{Apply, Journal, Ops, WriteError};
 use tokio::sync::{oneshot, Notify};
 use tracing::{debug, error, info, warn};
 
@@ -157,9 +161,9 @@ impl std::fmt::Debug for OutboxConfig {
 /// Counters for metrics and status.
 #[derive(Debug, Default)]
 pub struct OutboxStats {
-    /// Group commits, each ending in one flush.
+    /// Group commits, each ending in one journal `fdatasync`.
     pub commits: AtomicU64,
-    /// Flushes of any kind (group commits, admin changes, close).
+    /// Synced writes of any kind (group commits, admin changes, close).
     pub flushes: AtomicU64,
     pub enqueued: AtomicU64,
     pub acked: AtomicU64,
@@ -169,8 +173,8 @@ pub struct OutboxStats {
     pub dead: AtomicU64,
     /// Staged intake records currently held.
     pub staged: AtomicU64,
-    /// Time group commits spent applying their batch, and flushing it (sled flush plus
-    /// fdatasync), in microseconds.
+    /// Time group commits spent applying their batch to sled, and appending it to the
+    /// journal with its `fdatasync`, in microseconds.
     pub commit_apply_us: AtomicU64,
     pub commit_flush_us: AtomicU64,
 }
@@ -414,7 +418,7 @@ enum Request {
         items: Vec<(NotifId, Vec<u8>)>,
         reply: EnqueueReply,
     },
-    /// Acknowledged by the agent: delete these queued sequence numbers (not flushed).
+    /// Acknowledged by the agent: delete these queued sequence numbers (not synced).
     Forget(Vec<u64>),
     /// Move the deferred notices that are due back to the queue.
     Promote,
@@ -437,6 +441,10 @@ const FORGET_BATCH: usize = 8192;
 /// Most expired notices one `ready` call moves to the dead letters, to bound its work.
 const MAX_EXPIRE: usize = 4096;
 const FORGET_IDLE: Duration = Duration::from_millis(20);
+/// sled is flushed (and the journal emptied) this often, or sooner when a journal segment
+/// reaches [`CHECKPOINT_BYTES`]; a crash replays at most about this much.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+const CHECKPOINT_BYTES: u64 = 16 << 20;
 
 /// What the link client holds: ids handed out by `ready`, and acknowledged sequence numbers
 /// whose deletion is still pending.
@@ -452,7 +460,7 @@ struct Shared {
     /// Queued notices, ready plus deferred (acknowledged ones leave it at once).
     depth: AtomicU64,
     /// Highest sequence number known durable; `ready` offers nothing above it. Only the
-    /// committer creates queue entries and raises this, after its flush, so everything at or
+    /// committer creates queue entries and raises this, after its sync, so everything at or
     /// below it is in the tree by then.
     committed: AtomicU64,
     /// Earliest due time in the `d` range (`i64::MAX`: none). Also serialises deferral and
@@ -463,6 +471,8 @@ struct Shared {
     tracker: Mutex<Tracker>,
     clock: Clock,
     max_age_ms: i64,
+    /// Every write to the tree goes through it (see [`crate::journal`]).
+    journal: Arc<Journal>,
 }
 
 impl Shared {
@@ -478,18 +488,20 @@ impl Shared {
             });
     }
 
-    /// Deletes acknowledged notices. Not flushed: a crash only brings them back, to be sent
+    /// Deletes acknowledged notices. Not synced: a crash may bring them back, to be sent
     /// again and de-duplicated by the agent.
     fn forget(&self, db: &sled::Db, seqs: &[u64]) -> Result<(), OutboxError> {
-        let mut result = Ok(());
+        let mut ops = Ops::default();
         for &seq in seqs {
-            // Single removes, not a batch: a sled batch takes a process-wide write lock that
-            // waits for every flush in progress.
-            if let Err(e) = db.remove(seq_key(Q, seq)) {
-                result = Err(e.into());
-                break;
-            }
+            ops.remove(&seq_key(Q, seq)[..]);
         }
+        // Single removes, not a batch: a sled batch takes a process-wide write lock that waits
+        // for every flush in progress.
+        let result = self
+            .journal
+            .write(db, &ops, false, Apply::EachOp)
+            .map(drop)
+            .map_err(|e| OutboxError::Store(e.into()));
         let mut t = lock(&self.tracker);
         for seq in seqs {
             t.forgetting.remove(seq);
@@ -503,8 +515,6 @@ impl Shared {
 pub struct Outbox {
     db: sled::Db,
     max_depth: u64,
-    /// Flushes that promise durability go through it (sled's flush plus an fdatasync).
-    synced: Arc<mailbell_link::durable::SyncedFlush>,
     tx: mpsc::SyncSender<Request>,
     shared: Arc<Shared>,
     committer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
@@ -549,6 +559,17 @@ impl Outbox {
                 error: sled::Error::Io(e),
             })?,
         );
+        let (journal, replayed) =
+            Journal::open(&path.join("journal"), &db, &synced, CHECKPOINT_BYTES).map_err(
+                |error| OutboxError::Open {
+                    path: path.to_owned(),
+                    error,
+                },
+            )?;
+        if replayed.torn > 0 {
+            warn!(?replayed, "outbox journal had a torn record (a crash during a commit that was never answered)");
+        }
+        let journal = Arc::new(journal);
         let stats = Arc::new(OutboxStats::default());
         let mut ready = 0u64;
         let mut committed = 0u64;
@@ -578,11 +599,20 @@ impl Outbox {
             tracker: Mutex::new(Tracker::default()),
             clock: cfg.clock.clone(),
             max_age_ms: i64::try_from(cfg.max_age.as_millis()).unwrap_or(i64::MAX),
+            journal: journal.clone(),
         });
+        let checkpointer = {
+            let (db, synced) = (db.clone(), synced.clone());
+            std::thread::Builder::new()
+                .name("outbox-checkpoint".into())
+                .spawn(move || journal.run_checkpoints(&db, &synced, CHECKPOINT_EVERY))
+                .map_err(OutboxError::Spawn)?
+        };
         let (tx, rx) = mpsc::sync_channel(cfg.channel_capacity.max(1));
         let committer = Committer {
             db: db.clone(),
             synced: synced.clone(),
+            checkpointer: Some(checkpointer),
             max_depth: cfg.max_depth,
             max_batch: cfg.max_batch_requests.max(1),
             shared: shared.clone(),
@@ -595,7 +625,6 @@ impl Outbox {
         Ok(Self {
             db,
             max_depth: cfg.max_depth,
-            synced,
             tx,
             shared,
             committer: Arc::new(Mutex::new(Some(handle))),
@@ -781,7 +810,7 @@ impl Outbox {
             .shared
             .now()
             .saturating_sub(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX));
-        let mut batch = sled::Batch::default();
+        let mut batch = Ops::default();
         let mut n = 0usize;
         for kv in self.db.scan_prefix([X]) {
             let (k, v) = kv?;
@@ -795,12 +824,20 @@ impl Outbox {
         if n == 0 {
             return Ok(0);
         }
-        self.db.apply_batch(batch)?;
-        self.synced.flush(&self.db)?;
+        self.write(&batch, true)?;
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         sub(&self.stats.dead, n as u64);
         info!(count = n, "dead letters purged");
         Ok(n)
+    }
+
+    /// One atomic write through the journal (`sync`: durable before it returns).
+    fn write(&self, ops: &Ops, sync: bool) -> Result<(), OutboxError> {
+        self.shared
+            .journal
+            .write(&self.db, ops, sync, Apply::Batch)
+            .map(drop)
+            .map_err(|e| OutboxError::Store(e.into()))
     }
 
     /// Asks the committer to move deferred notices that are due back to the queue (under new
@@ -868,21 +905,21 @@ impl Outbox {
         Ok(out)
     }
 
-    /// Moves queued notices older than `max_age` to the dead letters (not flushed, like the
+    /// Moves queued notices older than `max_age` to the dead letters (not synced, like the
     /// link client's other writes).
     fn expire(&self, items: Vec<(sled::IVec, sled::IVec)>, now: i64) -> Result<(), OutboxError> {
         let reason = format!(
             "expired: not delivered within {} s",
             self.shared.max_age_ms / 1000
         );
-        let mut batch = sled::Batch::default();
+        let mut batch = Ops::default();
         for (k, v) in &items {
             let seq = seq_of(k).ok_or_else(|| corrupt(k))?;
             let r = Record::decode(v).ok_or_else(|| corrupt(k))?;
             batch.remove(k);
-            batch.insert(&seq_key(X, seq), dead_value(now, &reason, &r));
+            batch.insert(&seq_key(X, seq)[..], dead_value(now, &reason, &r));
         }
-        self.db.apply_batch(batch)?;
+        self.write(&batch, false)?;
         let n = items.len() as u64;
         self.shared.sub_depth(n);
         self.stats.dead_lettered.fetch_add(n, Ordering::Relaxed);
@@ -950,10 +987,10 @@ impl Outbox {
             .saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX));
         r.attempts = r.attempts.saturating_add(1);
         r.reason = reason.to_string();
-        let mut batch = sled::Batch::default();
-        batch.remove(&k);
-        batch.insert(&deferred_key(due, seq), r.encode());
-        self.db.apply_batch(batch)?;
+        let mut batch = Ops::default();
+        batch.remove(&k[..]);
+        batch.insert(&deferred_key(due, seq)[..], r.encode());
+        self.write(&batch, false)?;
         *next_due = (*next_due).min(due);
         self.stats.deferred.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -965,10 +1002,13 @@ impl Outbox {
             return Ok(());
         };
         let seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
-        let mut batch = sled::Batch::default();
-        batch.remove(&k);
-        batch.insert(&seq_key(X, seq), dead_value(self.shared.now(), reason, &r));
-        self.db.apply_batch(batch)?;
+        let mut batch = Ops::default();
+        batch.remove(&k[..]);
+        batch.insert(
+            &seq_key(X, seq)[..],
+            dead_value(self.shared.now(), reason, &r),
+        );
+        self.write(&batch, false)?;
         self.shared.sub_depth(1);
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         self.stats.dead.fetch_add(1, Ordering::Relaxed);
@@ -1019,6 +1059,8 @@ impl LinkOutbox for Outbox {
 struct Committer {
     db: sled::Db,
     synced: Arc<mailbell_link::durable::SyncedFlush>,
+    /// The checkpoint thread, stopped and joined when the committer ends.
+    checkpointer: Option<std::thread::JoinHandle<()>>,
     max_depth: u64,
     max_batch: usize,
     shared: Arc<Shared>,
@@ -1026,7 +1068,7 @@ struct Committer {
 }
 
 impl Committer {
-    fn run(self, rx: mpsc::Receiver<Request>) {
+    fn run(mut self, rx: mpsc::Receiver<Request>) {
         // Acknowledged sequence numbers whose deletion is pending (see `FORGET_BATCH`).
         let mut forget: Vec<u64> = Vec::new();
         loop {
@@ -1065,6 +1107,14 @@ impl Committer {
             }
         }
         self.forget(&mut forget);
+        // Nothing writes any more: a last checkpoint leaves sled flushed and the journal empty.
+        self.shared.journal.stop_checkpoints();
+        if let Some(h) = self.checkpointer.take() {
+            let _ = h.join();
+        }
+        if let Err(e) = self.shared.journal.checkpoint(&self.db, &self.synced) {
+            warn!(error = %e, "outbox checkpoint at stop failed; the journal is replayed at the next start");
+        }
         info!("outbox committer stopped");
     }
 
@@ -1079,8 +1129,8 @@ impl Committer {
     }
 
     /// One group commit: every queue entry created by the requests (new notices, due deferred
-    /// ones, requeued dead letters) goes into one batch and one flush, under sequence numbers
-    /// generated here, in order; `committed` is raised only after the flush.
+    /// ones, requeued dead letters) goes into one batch and one journal sync, under sequence
+    /// numbers generated here, in order; `committed` is raised only after the sync.
     fn commit(&self, reqs: Vec<Request>, forget: &mut Vec<u64>) {
         let mut round = Round::default();
         let now = self.shared.now();
@@ -1173,24 +1223,30 @@ impl Committer {
         }
     }
 
-    /// Applies and flushes one group commit, then answers its callers.
+    /// Applies and journals one group commit (synced), then answers its callers.
     fn apply(&self, round: Round) {
         // Counted before the batch is visible, so depth never under-counts what `ready` sees.
         let added = round.enqueued + round.requeued;
         self.shared.depth.fetch_add(added, Ordering::AcqRel);
-        let t0 = std::time::Instant::now();
-        let applied = self.db.apply_batch(round.batch.clone());
-        let t1 = std::time::Instant::now();
-        let result = applied
-            .clone()
-            .and_then(|()| self.synced.flush(&self.db).map(|_| ()));
+        // Single sled operations: a sled batch would wait for a checkpoint's flush in progress;
+        // the journal record, synced first, makes the commit atomic across a crash.
+        let written = self
+            .shared
+            .journal
+            .write(&self.db, &round.batch, true, Apply::EachOp);
         let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.stats
-            .commit_apply_us
-            .fetch_add(us(t1 - t0), Ordering::Relaxed);
-        self.stats
-            .commit_flush_us
-            .fetch_add(us(t1.elapsed()), Ordering::Relaxed);
+        let result = match written {
+            Ok((apply, append)) => {
+                self.stats
+                    .commit_apply_us
+                    .fetch_add(us(apply), Ordering::Relaxed);
+                self.stats
+                    .commit_flush_us
+                    .fetch_add(us(append), Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         match result {
@@ -1219,14 +1275,23 @@ impl Committer {
                 }
             }
             Err(e) => {
-                error!(error = %e, "outbox commit failed; the MTA will be told to retry");
-                if applied.is_ok() {
-                    // In the tree but not known durable: undo it, or a later commit would
-                    // expose notices whose enqueue reported failure.
-                    if let Err(e) = self.db.apply_batch(round.undo.clone()) {
-                        warn!(error = %e, "cannot undo a failed outbox commit; notices may be sent twice");
+                let e = match e {
+                    WriteError::NotJournaled(e) | WriteError::NotApplied(e) => {
+                        // Reported as failed, so undo it: in the tree (some of it may be
+                        // there) and in the journal (the failed record may have reached the
+                        // disk), or a later commit or a restart would expose notices whose
+                        // enqueue reported failure.
+                        let undo =
+                            self.shared
+                                .journal
+                                .write(&self.db, &round.undo, true, Apply::Batch);
+                        if let Err(u) = undo {
+                            warn!(error = ?u, "cannot undo a failed outbox commit; notices may be sent twice");
+                        }
+                        e
                     }
-                }
+                };
+                error!(error = %e, "outbox commit failed; the MTA will be told to retry");
                 self.shared.sub_depth(added);
                 if round.promoted > 0 {
                     let mut next_due = lock(&self.shared.next_due);
@@ -1270,8 +1335,8 @@ impl Committer {
         };
         for (seq, v) in insert {
             let k = seq_key(S, seq);
-            round.batch.insert(&k, v);
-            round.undo.remove(&k);
+            round.batch.insert(&k[..], v);
+            round.undo.remove(&k[..]);
             round.staged_added += 1;
             round.other_writes += 1;
         }
@@ -1279,16 +1344,16 @@ impl Committer {
         for (i, (k, old)) in olds.into_iter().enumerate() {
             let existed = old.is_some();
             match old {
-                Some(old) => round.undo.insert(&k, old),
-                None => round.undo.remove(&k),
+                Some(old) => round.undo.insert(&k[..], old),
+                None => round.undo.remove(&k[..]),
             }
             if i < remove.len() {
-                round.batch.remove(&k);
+                round.batch.remove(&k[..]);
                 if existed {
                     round.staged_removed += 1;
                 }
             } else if let Some(v) = values.next() {
-                round.batch.insert(&k, v);
+                round.batch.insert(&k[..], v);
                 if !existed {
                     round.staged_added += 1;
                 }
@@ -1395,8 +1460,8 @@ enum Reply {
 /// What one group commit writes, how to undo it, and whom to answer.
 #[derive(Default)]
 struct Round {
-    batch: sled::Batch,
-    undo: sled::Batch,
+    batch: Ops,
+    undo: Ops,
     /// Keys moved to the queue in this round (a dead letter is requeued once).
     taken: HashSet<sled::IVec>,
     max_seq: u64,
@@ -1415,8 +1480,8 @@ struct Round {
 impl Round {
     fn insert(&mut self, seq: u64, record: Vec<u8>) {
         let k = seq_key(Q, seq);
-        self.batch.insert(&k, record);
-        self.undo.remove(&k);
+        self.batch.insert(&k[..], record);
+        self.undo.remove(&k[..]);
         self.max_seq = self.max_seq.max(seq);
         self.writes += 1;
     }

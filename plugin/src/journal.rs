@@ -1,0 +1,750 @@
+//! The outbox's write-ahead journal: a durable commit is one append and one `fdatasync`.
+//!
+//! Without it every group commit ended in a sled flush (`pwrite`, then `sync_file_range`,
+//! which waits for the pages) plus an `fdatasync` of sled's log: 0.3–0.55 ms per commit on
+//! this disk, and sled's I/O threads took about a quarter of a core at 10,000 messages/s.
+//! With it a commit appends its writes to the journal, `fdatasync`s it (one write+fsync) and
+//! applies them to sled in memory; sled is flushed only at checkpoints (docs/benchmarks.md).
+//!
+//! Rules that make this safe:
+//! - Every write to the outbox tree goes through [`Journal::write`], which appends it to the
+//!   journal (synced, for a commit) and then applies it to sled, under one lock. So the
+//!   journal holds every write since the last checkpoint in the order sled saw them, and sled
+//!   never holds a write the journal may lose: the committer can apply a commit as single
+//!   sled operations, which (unlike a sled batch) do not wait for a sled flush in progress.
+//! - A record is a list of whole-value puts and deletes. Replaying them in order over any
+//!   state sled recovered to (sled recovers a prefix of its writes, at or after the last
+//!   checkpoint) ends in the state of the last journaled write: a key's value is set by the
+//!   last write to it, and that write is in the journal.
+//! - A checkpoint seals the current segment and starts a new one (under the lock), flushes
+//!   sled with `fdatasync` (everything in the sealed segments was applied before), then
+//!   deletes the sealed segments. A failed flush keeps them for the next try.
+//! - A record is `len:u32le crc32:u32le body`. A crash in the middle of an append leaves a torn
+//!   record, which ends its segment at recovery; that write was never reported durable.
+//! - A failed append is cut off the file again (`set_len`), so later records stay readable;
+//!   if even that fails, the segment is sealed and the next write starts a new one.
+//!
+//! Files: `<outbox dir>/journal/<number:020>.wal`, replayed in number order by
+//! [`Journal::open`], which then flushes sled and deletes them.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use mailbell_link::durable::SyncedFlush;
+use sled::IVec;
+use tracing::{info, warn};
+
+/// Record header: body length and CRC-32 of the body.
+const HEADER: usize = 8;
+const PUT: u8 = 1;
+const DELETE: u8 = 0;
+
+/// Puts and deletes for one atomic write, in order (a later write to a key wins, as in a
+/// sled batch).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Ops(Vec<(IVec, Option<IVec>)>);
+
+impl Ops {
+    pub(crate) fn insert(&mut self, k: impl Into<IVec>, v: impl Into<IVec>) {
+        self.0.push((k.into(), Some(v.into())));
+    }
+
+    pub(crate) fn remove(&mut self, k: impl Into<IVec>) {
+        self.0.push((k.into(), None));
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn batch(&self) -> sled::Batch {
+        let mut b = sled::Batch::default();
+        for (k, v) in &self.0 {
+            match v {
+                Some(v) => b.insert(k.clone(), v.clone()),
+                None => b.remove(k.clone()),
+            }
+        }
+        b
+    }
+
+    /// Appends one framed record holding these writes to `out`. Fails on a key over 64 KiB
+    /// or a value or record over 4 GiB (the outbox writes none).
+    fn encode_into(&self, out: &mut Vec<u8>) -> io::Result<()> {
+        let too_big = |_| io::Error::new(io::ErrorKind::InvalidInput, "journal record too large");
+        let start = out.len();
+        out.extend_from_slice(&[0; HEADER]);
+        for (k, v) in &self.0 {
+            out.push(if v.is_some() { PUT } else { DELETE });
+            let klen = u16::try_from(k.len()).map_err(too_big)?;
+            out.extend_from_slice(&klen.to_le_bytes());
+            out.extend_from_slice(k);
+            if let Some(v) = v {
+                let vlen = u32::try_from(v.len()).map_err(too_big)?;
+                out.extend_from_slice(&vlen.to_le_bytes());
+                out.extend_from_slice(v);
+            }
+        }
+        let body = &out[start + HEADER..];
+        let len = u32::try_from(body.len()).map_err(too_big)?;
+        let crc = crc32fast::hash(body);
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        out[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
+        Ok(())
+    }
+
+    /// Decodes one record body; `None` if it does not parse.
+    fn decode(mut body: &[u8]) -> Option<Self> {
+        fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            if b.len() < n {
+                return None;
+            }
+            let (head, rest) = b.split_at(n);
+            *b = rest;
+            Some(head)
+        }
+        let mut ops = Vec::new();
+        while !body.is_empty() {
+            let tag = take(&mut body, 1)?[0];
+            let klen = u16::from_le_bytes(take(&mut body, 2)?.try_into().ok()?);
+            let k = IVec::from(take(&mut body, usize::from(klen))?);
+            match tag {
+                PUT => {
+                    let vlen = u32::from_le_bytes(take(&mut body, 4)?.try_into().ok()?);
+                    let v = take(&mut body, usize::try_from(vlen).ok()?)?;
+                    ops.push((k, Some(IVec::from(v))));
+                }
+                DELETE => ops.push((k, None)),
+                _ => return None,
+            }
+        }
+        Some(Self(ops))
+    }
+}
+
+/// Why [`Journal::write`] failed.
+#[derive(Debug)]
+pub(crate) enum WriteError {
+    /// The append (or its sync) failed: sled is untouched and the partial record was cut off
+    /// again, unless that failed too (then the segment was sealed, and the record may or may
+    /// not be replayed after a crash: a caller that reports failure journals an undo).
+    NotJournaled(sled::Error),
+    /// Journaled, but sled refused some of the writes: they are replayed at the next start.
+    NotApplied(sled::Error),
+}
+
+impl From<WriteError> for sled::Error {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::NotApplied(e) | WriteError::NotJournaled(e) => e,
+        }
+    }
+}
+
+/// How [`Journal::write`] applies the writes to sled.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Apply {
+    /// One atomic sled batch (a sled batch waits for a flush in progress).
+    Batch,
+    /// One sled operation each: for bulk deletions that need not be atomic.
+    EachOp,
+}
+
+/// What [`Journal::open`] found and replayed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Replayed {
+    pub segments: usize,
+    pub records: usize,
+    pub writes: usize,
+    /// Segments that ended in a torn or damaged record (a crash during an append).
+    pub torn: usize,
+}
+
+struct Segment {
+    /// `None` after a failed append could not be cut off: the next write opens a new segment.
+    file: Option<File>,
+    number: u64,
+    /// Bytes of whole records in the file.
+    len: u64,
+}
+
+struct State {
+    seg: Segment,
+    /// Segments already replaced, deleted by the next checkpoint that flushes sled.
+    sealed: Vec<u64>,
+    /// Something was written since the last checkpoint started.
+    dirty: bool,
+    buf: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Wake {
+    stop: bool,
+    kick: bool,
+}
+
+/// The journal of one outbox.
+pub(crate) struct Journal {
+    dir: PathBuf,
+    state: Mutex<State>,
+    /// A segment this long asks for a checkpoint at once instead of at the next interval.
+    checkpoint_bytes: u64,
+    wake: Mutex<Wake>,
+    cond: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:020}.wal"))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn io_err(context: String, e: io::Error) -> sled::Error {
+    sled::Error::Io(io::Error::new(e.kind(), format!("{context}: {e}")))
+}
+
+impl Journal {
+    /// Opens the journal in `dir` (created if missing) for the sled tree `db`: replays every
+    /// segment left by a crash, in order, flushes sled (`synced`) and deletes them, then
+    /// starts a new segment. Blocking.
+    pub(crate) fn open(
+        dir: &Path,
+        db: &sled::Db,
+        synced: &SyncedFlush,
+        checkpoint_bytes: u64,
+    ) -> Result<(Self, Replayed), sled::Error> {
+        fs::create_dir_all(dir).map_err(|e| io_err(format!("create {}", dir.display()), e))?;
+        let mut numbers = Vec::new();
+        let listing =
+            fs::read_dir(dir).map_err(|e| io_err(format!("list {}", dir.display()), e))?;
+        for entry in listing {
+            let entry = entry.map_err(|e| io_err(format!("list {}", dir.display()), e))?;
+            let name = entry.file_name();
+            let number = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".wal"))
+                .and_then(|n| n.parse::<u64>().ok());
+            match number {
+                Some(n) => numbers.push(n),
+                None => warn!(file = ?name, dir = %dir.display(), "not a journal segment; ignored"),
+            }
+        }
+        numbers.sort_unstable();
+        let mut replayed = Replayed::default();
+        for &n in &numbers {
+            let path = segment_path(dir, n);
+            let data =
+                fs::read(&path).map_err(|e| io_err(format!("read {}", path.display()), e))?;
+            let (records, writes, torn) = replay(&data, db).map_err(|e| match e {
+                ReplayError::Store(e) => e,
+                ReplayError::Corrupt(at) => sled::Error::Io(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "journal segment {} has a record at byte {at} whose checksum matches \
+                         but which does not parse",
+                        path.display()
+                    ),
+                )),
+            })?;
+            replayed.segments += usize::from(!data.is_empty());
+            replayed.records += records;
+            replayed.writes += writes;
+            if torn {
+                replayed.torn += 1;
+                warn!(segment = %path.display(), "journal segment ends in a torn record (a crash during an append); its earlier records were replayed");
+            }
+        }
+        // The new segment's directory sync (open_next) also makes these deletions durable.
+        if !numbers.is_empty() {
+            synced.flush(db)?;
+            for &n in &numbers {
+                let path = segment_path(dir, n);
+                fs::remove_file(&path)
+                    .map_err(|e| io_err(format!("remove {}", path.display()), e))?;
+            }
+        }
+        if replayed.segments > 0 {
+            info!(
+                segments = replayed.segments,
+                records = replayed.records,
+                writes = replayed.writes,
+                "outbox journal replayed"
+            );
+        }
+        let next = numbers.last().map_or(1, |n| n + 1);
+        let mut state = State {
+            seg: Segment {
+                file: None,
+                number: next - 1,
+                len: 0,
+            },
+            sealed: Vec::new(),
+            dirty: false,
+            buf: Vec::new(),
+        };
+        open_next(dir, &mut state.seg)?;
+        Ok((
+            Self {
+                dir: dir.to_owned(),
+                state: Mutex::new(state),
+                checkpoint_bytes,
+                wake: Mutex::new(Wake::default()),
+                cond: Condvar::new(),
+            },
+            replayed,
+        ))
+    }
+
+    /// Appends `ops` to the journal (then `fdatasync`s it if `sync`) and applies them to `db`.
+    /// Returns how long the apply and the append took.
+    pub(crate) fn write(
+        &self,
+        db: &sled::Db,
+        ops: &Ops,
+        sync: bool,
+        apply: Apply,
+    ) -> Result<(Duration, Duration), WriteError> {
+        if ops.is_empty() {
+            return Ok((Duration::ZERO, Duration::ZERO));
+        }
+        let mut guard = lock(&self.state);
+        let t0 = Instant::now();
+        let st = &mut *guard;
+        st.buf.clear();
+        ops.encode_into(&mut st.buf)
+            .map_err(|e| WriteError::NotJournaled(sled::Error::Io(e)))?;
+        self.append(st, sync).map_err(WriteError::NotJournaled)?;
+        st.dirty = true;
+        let t1 = Instant::now();
+        match apply {
+            Apply::Batch => db.apply_batch(ops.batch()),
+            Apply::EachOp => ops.0.iter().try_for_each(|(k, v)| match v {
+                Some(v) => db.insert(k, v.clone()).map(drop),
+                None => db.remove(k).map(drop),
+            }),
+        }
+        .map_err(WriteError::NotApplied)?;
+        let full = st.seg.len >= self.checkpoint_bytes;
+        drop(guard);
+        if full {
+            self.kick();
+        }
+        Ok((t1.elapsed(), t1 - t0))
+    }
+
+    fn append(&self, st: &mut State, sync: bool) -> Result<(), sled::Error> {
+        if st.seg.file.is_none() {
+            open_next(&self.dir, &mut st.seg)?;
+        }
+        let Some(file) = st.seg.file.as_mut() else {
+            return Err(io_err("journal".into(), io::ErrorKind::NotFound.into()));
+        };
+        let written =
+            file.write_all(&st.buf)
+                .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
+        match written {
+            Ok(()) => {
+                st.seg.len += st.buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Cut the partial record off (the file is opened for appending, so the next
+                // record then starts right after the last whole one).
+                if let Err(cut) = file.set_len(st.seg.len).and_then(|()| file.sync_data()) {
+                    warn!(error = %cut, segment = st.seg.number, "cannot cut a failed journal append off; starting a new segment");
+                    st.sealed.push(st.seg.number);
+                    st.seg.file = None;
+                }
+                Err(io_err(
+                    format!(
+                        "append to {}",
+                        segment_path(&self.dir, st.seg.number).display()
+                    ),
+                    e,
+                ))
+            }
+        }
+    }
+
+    /// Makes everything written so far durable in sled itself and deletes the segments that
+    /// held it. Returns whether there was anything to do.
+    pub(crate) fn checkpoint(
+        &self,
+        db: &sled::Db,
+        synced: &SyncedFlush,
+    ) -> Result<bool, sled::Error> {
+        let sealed = {
+            let mut st = lock(&self.state);
+            if !st.dirty && st.sealed.is_empty() {
+                return Ok(false);
+            }
+            if st.dirty {
+                let old = st.seg.number;
+                let had_file = st.seg.file.is_some();
+                open_next(&self.dir, &mut st.seg)?;
+                if had_file {
+                    st.sealed.push(old);
+                }
+                st.dirty = false;
+            }
+            st.sealed.clone()
+        };
+        // Every write in the sealed segments reached sled before they were sealed.
+        synced.flush(db)?;
+        for &n in &sealed {
+            let path = segment_path(&self.dir, n);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(format!("remove {}", path.display()), e)),
+            }
+        }
+        // The deletions must be durable before anything newer is checkpointed: a sealed
+        // segment coming back after a crash would replay old values over newer ones.
+        sync_dir(&self.dir).map_err(|e| io_err(format!("sync {}", self.dir.display()), e))?;
+        lock(&self.state).sealed.retain(|n| !sealed.contains(n));
+        Ok(true)
+    }
+
+    /// Bytes in the current segment.
+    #[cfg(test)]
+    fn segment_len(&self) -> u64 {
+        lock(&self.state).seg.len
+    }
+
+    /// Asks [`run_checkpoints`](Self::run_checkpoints) for a checkpoint now.
+    fn kick(&self) {
+        lock(&self.wake).kick = true;
+        self.cond.notify_one();
+    }
+
+    /// Ends [`run_checkpoints`](Self::run_checkpoints).
+    pub(crate) fn stop_checkpoints(&self) {
+        lock(&self.wake).stop = true;
+        self.cond.notify_one();
+    }
+
+    /// Checkpoints every `every`, or at once when a segment reaches the size limit, until
+    /// [`stop_checkpoints`](Self::stop_checkpoints). Run on its own thread: sled's flush then
+    /// never runs on the committer's thread.
+    pub(crate) fn run_checkpoints(&self, db: &sled::Db, synced: &SyncedFlush, every: Duration) {
+        loop {
+            {
+                let mut w = lock(&self.wake);
+                if !w.stop && !w.kick {
+                    w = self
+                        .cond
+                        .wait_timeout(w, every)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                if w.stop {
+                    return;
+                }
+                w.kick = false;
+            }
+            if let Err(e) = self.checkpoint(db, synced) {
+                warn!(error = %e, "outbox checkpoint failed; the journal keeps everything and it is tried again");
+                std::thread::sleep(every.min(Duration::from_secs(1)));
+            }
+        }
+    }
+}
+
+/// Starts segment `seg.number + 1` (its directory entry synced) and makes it current.
+fn open_next(dir: &Path, seg: &mut Segment) -> Result<(), sled::Error> {
+    let number = seg.number + 1;
+    let path = segment_path(dir, number);
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|f| {
+            // A leftover (a segment created just before a crash, never written) is emptied.
+            f.set_len(0)?;
+            Ok(f)
+        })
+        .map_err(|e| io_err(format!("create {}", path.display()), e))?;
+    sync_dir(dir).map_err(|e| io_err(format!("sync {}", dir.display()), e))?;
+    *seg = Segment {
+        file: Some(file),
+        number,
+        len: 0,
+    };
+    Ok(())
+}
+
+enum ReplayError {
+    Store(sled::Error),
+    /// A record whose checksum matches but whose body does not parse, at this offset.
+    Corrupt(usize),
+}
+
+/// Applies the records of one segment to `db` in order; stops at a torn record. Returns the
+/// records and writes applied and whether the segment ended in a torn record.
+fn replay(data: &[u8], db: &sled::Db) -> Result<(usize, usize, bool), ReplayError> {
+    let (mut at, mut records, mut writes) = (0usize, 0usize, 0usize);
+    while at < data.len() {
+        let Some(header) = data.get(at..at + HEADER) else {
+            return Ok((records, writes, true));
+        };
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let Some(body) = data.get(at + HEADER..at + HEADER + len) else {
+            return Ok((records, writes, true));
+        };
+        if crc32fast::hash(body) != crc {
+            return Ok((records, writes, true));
+        }
+        let ops = Ops::decode(body).ok_or(ReplayError::Corrupt(at))?;
+        db.apply_batch(ops.batch()).map_err(ReplayError::Store)?;
+        records += 1;
+        writes += ops.0.len();
+        at += HEADER + len;
+    }
+    Ok((records, writes, false))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    struct Store {
+        db: sled::Db,
+        synced: SyncedFlush,
+        journal: Journal,
+        replayed: Replayed,
+    }
+
+    fn open(dir: &Path) -> Store {
+        let db = sled::Config::new().path(dir).open().unwrap();
+        let synced = SyncedFlush::open(dir).unwrap();
+        let (journal, replayed) =
+            Journal::open(&dir.join("journal"), &db, &synced, 1 << 20).unwrap();
+        Store {
+            db,
+            synced,
+            journal,
+            replayed,
+        }
+    }
+
+    fn put(k: &str, v: &str) -> Ops {
+        let mut o = Ops::default();
+        o.insert(k.as_bytes(), v.as_bytes());
+        o
+    }
+
+    fn get(db: &sled::Db, k: &str) -> Option<String> {
+        db.get(k)
+            .unwrap()
+            .map(|v| String::from_utf8(v.to_vec()).unwrap())
+    }
+
+    fn segments(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<_> = fs::read_dir(dir.join("journal"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Copies the journal of `from` next to a fresh, empty store at `to`: what a crash leaves
+    /// when sled lost everything since the last checkpoint.
+    fn journal_only(from: &Path, to: &Path) {
+        fs::create_dir_all(to.join("journal")).unwrap();
+        for seg in segments(from) {
+            fs::copy(&seg, to.join("journal").join(seg.file_name().unwrap())).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_store_that_lost_its_unflushed_writes_gets_them_back_from_the_journal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let s = open(&a);
+        s.journal
+            .write(&s.db, &put("k1", "one"), true, Apply::Batch)
+            .unwrap();
+        let mut ops = put("k2", "two");
+        ops.remove(&b"k1"[..]);
+        ops.insert(&b"k3"[..], &b"three"[..]);
+        ops.insert(&b"k3"[..], &b"three, rewritten"[..]);
+        s.journal.write(&s.db, &ops, true, Apply::EachOp).unwrap();
+        journal_only(&a, &b);
+
+        let r = open(&b);
+        assert_eq!(
+            r.replayed,
+            Replayed {
+                segments: 1,
+                records: 2,
+                writes: 5,
+                torn: 0
+            }
+        );
+        assert_eq!(get(&r.db, "k1"), None);
+        assert_eq!(get(&r.db, "k2").as_deref(), Some("two"));
+        assert_eq!(get(&r.db, "k3").as_deref(), Some("three, rewritten"));
+        // Replayed, flushed and deleted: only the new, empty segment is left.
+        let left = segments(&b);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(fs::metadata(&left[0]).unwrap().len(), 0);
+        drop(r);
+        // And the replayed writes are in sled itself now.
+        let again = open(&b);
+        assert_eq!(again.replayed, Replayed::default());
+        assert_eq!(get(&again.db, "k3").as_deref(), Some("three, rewritten"));
+    }
+
+    #[test]
+    fn replaying_over_a_store_that_kept_some_writes_ends_in_the_same_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let s = open(&a);
+        s.journal
+            .write(&s.db, &put("k", "first"), true, Apply::Batch)
+            .unwrap();
+        s.journal
+            .write(&s.db, &put("gone", "x"), true, Apply::Batch)
+            .unwrap();
+        let mut del = Ops::default();
+        del.remove(&b"gone"[..]);
+        s.journal.write(&s.db, &del, true, Apply::Batch).unwrap();
+        s.journal
+            .write(&s.db, &put("k", "last"), true, Apply::Batch)
+            .unwrap();
+        // The crashed store had kept a later prefix of the writes (and an older value).
+        {
+            let db = sled::Config::new().path(&b).open().unwrap();
+            db.insert("k", "first").unwrap();
+            db.flush().unwrap();
+        }
+        journal_only(&a, &b);
+        let r = open(&b);
+        assert_eq!(r.replayed.records, 4);
+        assert_eq!(get(&r.db, "k").as_deref(), Some("last"));
+        assert_eq!(get(&r.db, "gone"), None);
+    }
+
+    #[test]
+    fn a_torn_last_record_ends_the_replay_and_the_earlier_ones_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let s = open(&a);
+        for i in 0..3 {
+            s.journal
+                .write(&s.db, &put(&format!("k{i}"), "v"), true, Apply::Batch)
+                .unwrap();
+        }
+        journal_only(&a, &b);
+        // A crash in the middle of the third append: its last bytes never arrived.
+        let seg = segments(&b).pop().unwrap();
+        let len = fs::metadata(&seg).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        let r = open(&b);
+        assert_eq!((r.replayed.records, r.replayed.torn), (2, 1));
+        assert_eq!(get(&r.db, "k1").as_deref(), Some("v"));
+        assert_eq!(get(&r.db, "k2"), None);
+
+        // A flipped byte is caught by the checksum the same way.
+        let c = tmp.path().join("c");
+        journal_only(&a, &c);
+        let seg = segments(&c).pop().unwrap();
+        let mut data = fs::read(&seg).unwrap();
+        let last = data.len() - 1;
+        data[last] ^= 0xff;
+        fs::write(&seg, data).unwrap();
+        let r = open(&c);
+        assert_eq!((r.replayed.records, r.replayed.torn), (2, 1));
+    }
+
+    #[test]
+    fn a_record_that_checks_out_but_does_not_parse_stops_the_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("j");
+        fs::create_dir_all(dir.join("journal")).unwrap();
+        let body = [7u8, 1, 0, b'k'];
+        let mut rec = (body.len() as u32).to_le_bytes().to_vec();
+        rec.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        rec.extend_from_slice(&body);
+        fs::write(dir.join("journal").join(format!("{:020}.wal", 4)), rec).unwrap();
+        let db = sled::Config::new().path(&dir).open().unwrap();
+        let synced = SyncedFlush::open(&dir).unwrap();
+        let err = Journal::open(&dir.join("journal"), &db, &synced, 1 << 20)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("does not parse"), "{err}");
+        // Nothing was deleted: the operator can look at it.
+        assert_eq!(segments(&dir).len(), 1);
+    }
+
+    #[test]
+    fn a_checkpoint_flushes_sled_and_deletes_the_sealed_segments() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        let s = open(&dir);
+        assert!(
+            !s.journal.checkpoint(&s.db, &s.synced).unwrap(),
+            "nothing to do"
+        );
+        s.journal
+            .write(&s.db, &put("k", "v"), true, Apply::Batch)
+            .unwrap();
+        assert!(s.journal.segment_len() > 0);
+        let before = segments(&dir);
+        assert!(s.journal.checkpoint(&s.db, &s.synced).unwrap());
+        let after = segments(&dir);
+        assert_eq!(after.len(), 1);
+        assert_ne!(before, after, "a new segment replaced the sealed one");
+        assert_eq!(s.journal.segment_len(), 0);
+        drop(s);
+        // sled alone has the write now.
+        fs::remove_dir_all(dir.join("journal")).unwrap();
+        let r = open(&dir);
+        assert_eq!(get(&r.db, "k").as_deref(), Some("v"));
+    }
+
+    #[test]
+    fn the_checkpoint_thread_runs_on_its_interval_and_when_kicked_by_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        let db = sled::Config::new().path(&dir).open().unwrap();
+        let synced = SyncedFlush::open(&dir).unwrap();
+        // Tiny size limit: every write asks for a checkpoint at once.
+        let (journal, _) = Journal::open(&dir.join("journal"), &db, &synced, 1).unwrap();
+        let journal = std::sync::Arc::new(journal);
+        let thread = {
+            let (j, db) = (journal.clone(), db.clone());
+            std::thread::spawn(move || j.run_checkpoints(&db, &synced, Duration::from_secs(3600)))
+        };
+        journal
+            .write(&db, &put("k", "v"), true, Apply::Batch)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while journal.segment_len() > 0 {
+            assert!(Instant::now() < deadline, "no checkpoint after a kick");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        journal.stop_checkpoints();
+        thread.join().unwrap();
+        assert_eq!(segments(&dir).len(), 1);
+    }
+}
