@@ -16,6 +16,10 @@
 //!   state sled recovered to (sled recovers a prefix of its writes, at or after the last
 //!   checkpoint) ends in the state of the last journaled write: a key's value is set by the
 //!   last write to it, and that write is in the journal.
+//! - The outbox's committer appends a commit with [`Journal::append_deferred`] and has another
+//!   thread apply it; its keys are new or were read after every earlier commit was applied,
+//!   so no other write to them can come between. A checkpoint waits until every deferred
+//!   record of the segments it seals is applied.
 //! - A checkpoint seals the current segment and starts a new one (under the lock), flushes
 //!   sled with `fdatasync` (everything in the sealed segments was applied before), then
 //!   deletes the sealed segments. A failed flush keeps them for the next try.
@@ -58,6 +62,14 @@ impl Ops {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Applies the writes as single sled operations, in order.
+    pub(crate) fn apply(&self, db: &sled::Db) -> Result<(), sled::Error> {
+        self.0.iter().try_for_each(|(k, v)| match v {
+            Some(v) => db.insert(k, v.clone()).map(drop),
+            None => db.remove(k).map(drop),
+        })
     }
 
     fn batch(&self) -> sled::Batch {
@@ -173,11 +185,21 @@ struct Segment {
 
 struct State {
     seg: Segment,
+    /// Records appended by [`Journal::append_deferred`] so far (their tickets).
+    deferred: u64,
     /// Segments already replaced, deleted by the next checkpoint that flushes sled.
     sealed: Vec<u64>,
     /// Something was written since the last checkpoint started.
     dirty: bool,
     buf: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Applied {
+    ticket: u64,
+    /// A deferred record could not be applied: sled lacks it until the next start replays
+    /// the journal, so checkpoints must not delete segments any more.
+    failed: bool,
 }
 
 #[derive(Default)]
@@ -190,6 +212,9 @@ struct Wake {
 pub(crate) struct Journal {
     dir: PathBuf,
     state: Mutex<State>,
+    /// Highest ticket of a deferred record applied to sled ([`Journal::applied`]).
+    applied: Mutex<Applied>,
+    applied_cond: Condvar,
     /// A segment this long asks for a checkpoint at once instead of at the next interval.
     checkpoint_bytes: u64,
     wake: Mutex<Wake>,
@@ -289,6 +314,7 @@ impl Journal {
             },
             sealed: Vec::new(),
             dirty: false,
+            deferred: 0,
             buf: Vec::new(),
         };
         open_next(dir, &mut state.seg)?;
@@ -296,6 +322,8 @@ impl Journal {
             Self {
                 dir: dir.to_owned(),
                 state: Mutex::new(state),
+                applied: Mutex::new(Applied::default()),
+                applied_cond: Condvar::new(),
                 checkpoint_bytes,
                 wake: Mutex::new(Wake::default()),
                 cond: Condvar::new(),
@@ -327,10 +355,7 @@ impl Journal {
         let t1 = Instant::now();
         match apply {
             Apply::Batch => db.apply_batch(ops.batch()),
-            Apply::EachOp => ops.0.iter().try_for_each(|(k, v)| match v {
-                Some(v) => db.insert(k, v.clone()).map(drop),
-                None => db.remove(k).map(drop),
-            }),
+            Apply::EachOp => ops.apply(db),
         }
         .map_err(WriteError::NotApplied)?;
         let full = st.seg.len >= self.checkpoint_bytes;
@@ -339,6 +364,60 @@ impl Journal {
             self.kick();
         }
         Ok((t1.elapsed(), t1 - t0))
+    }
+
+    /// Appends `ops` (then `fdatasync`s if `sync`) without applying them: the caller applies
+    /// them later, in ticket order, with [`Ops::apply`] and reports each with
+    /// [`applied`](Self::applied). Until then checkpoints wait for them and
+    /// [`caught_up`](Self::caught_up) blocks. Returns the ticket and the append's duration.
+    pub(crate) fn append_deferred(
+        &self,
+        ops: &Ops,
+        sync: bool,
+    ) -> Result<(u64, Duration), sled::Error> {
+        let mut guard = lock(&self.state);
+        let t0 = Instant::now();
+        let st = &mut *guard;
+        st.buf.clear();
+        ops.encode_into(&mut st.buf).map_err(sled::Error::Io)?;
+        self.append(st, sync)?;
+        st.dirty = true;
+        st.deferred += 1;
+        let ticket = st.deferred;
+        let full = st.seg.len >= self.checkpoint_bytes;
+        drop(guard);
+        if full {
+            self.kick();
+        }
+        Ok((ticket, t0.elapsed()))
+    }
+
+    /// The deferred record `ticket` (and every earlier one) is in sled; `ok: false` if
+    /// applying it failed (then sled lacks it until a restart replays the journal, and
+    /// checkpoints stop deleting segments so that replay has it).
+    pub(crate) fn applied(&self, ticket: u64, ok: bool) {
+        let mut a = lock(&self.applied);
+        a.ticket = a.ticket.max(ticket);
+        a.failed |= !ok;
+        drop(a);
+        self.applied_cond.notify_all();
+    }
+
+    /// Waits until every deferred record appended before this call is applied to sled: a
+    /// reader that saw a commit answered then reads it.
+    pub(crate) fn caught_up(&self) {
+        let target = lock(&self.state).deferred;
+        self.wait_applied(target);
+    }
+
+    fn wait_applied(&self, target: u64) {
+        let mut a = lock(&self.applied);
+        while a.ticket < target {
+            a = self
+                .applied_cond
+                .wait(a)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 
     fn append(&self, st: &mut State, sync: bool) -> Result<(), sled::Error> {
@@ -382,7 +461,7 @@ impl Journal {
         db: &sled::Db,
         synced: &SyncedFlush,
     ) -> Result<bool, sled::Error> {
-        let sealed = {
+        let (sealed, deferred) = {
             let mut st = lock(&self.state);
             if !st.dirty && st.sealed.is_empty() {
                 return Ok(false);
@@ -396,9 +475,16 @@ impl Journal {
                 }
                 st.dirty = false;
             }
-            st.sealed.clone()
+            (st.sealed.clone(), st.deferred)
         };
-        // Every write in the sealed segments reached sled before they were sealed.
+        // Every write in the sealed segments is in sled once the deferred ones are applied.
+        self.wait_applied(deferred);
+        if lock(&self.applied).failed {
+            return Err(io_err(
+                "checkpoint".into(),
+                io::Error::other("a commit could not be applied to sled; the journal is kept for the next start to replay"),
+            ));
+        }
         synced.flush(db)?;
         for &n in &sealed {
             let path = segment_path(&self.dir, n);
@@ -746,5 +832,47 @@ mod tests {
         journal.stop_checkpoints();
         thread.join().unwrap();
         assert_eq!(segments(&dir).len(), 1);
+    }
+
+    #[test]
+    fn a_checkpoint_waits_until_deferred_records_are_applied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        let s = open(&dir);
+        let ops = put("k", "v");
+        let (ticket, _) = s.journal.append_deferred(&ops, true).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let h = scope.spawn(|| {
+                let r = s.journal.checkpoint(&s.db, &s.synced);
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                r
+            });
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(
+                !done.load(std::sync::atomic::Ordering::SeqCst),
+                "flushed before the apply"
+            );
+            ops.apply(&s.db).unwrap();
+            s.journal.applied(ticket, true);
+            assert!(h.join().unwrap().unwrap());
+        });
+        drop(s);
+        fs::remove_dir_all(dir.join("journal")).unwrap();
+        assert_eq!(get(&open(&dir).db, "k").as_deref(), Some("v"));
+    }
+
+    #[test]
+    fn after_a_failed_apply_checkpoints_keep_the_journal_for_the_next_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let s = open(&a);
+        let (ticket, _) = s.journal.append_deferred(&put("k", "v"), true).unwrap();
+        s.journal.applied(ticket, false);
+        let err = s.journal.checkpoint(&s.db, &s.synced).unwrap_err();
+        assert!(err.to_string().contains("could not be applied"), "{err}");
+        // The record is still there for the next start.
+        journal_only(&a, &b);
+        assert_eq!(get(&open(&b).db, "k").as_deref(), Some("v"));
     }
 }

@@ -7,7 +7,9 @@
 //! meanwhile, from every MTA connection ([`crate::journal`]; sled itself is flushed at
 //! checkpoints, every second). [`Outbox::enqueue`] returns only after that, so a notice the
 //! MTA was told about survives a crash; a store error reaches the caller, which tempfails the
-//! MTA.
+//! MTA. A second thread (`outbox-apply`) then puts the commit into sled while the next one is
+//! being synced; the readers (`ready`, `list`, `staged`, …) first wait for every commit
+//! answered before they were called, so a caller always reads what it was told is durable.
 //!
 //! The link client ([`mailbell_link::net::run_client`]) reads the outbox through the
 //! [`mailbell_link::net::Outbox`] trait. Its writes (ack, retry later, dead letter) are
@@ -70,7 +72,7 @@ use mailbell_link::net::{OutItem, Outbox as LinkOutbox, StoreError};
 use mailbell_link::notification::PayloadError;
 use mailbell_link::{NotifId, Notification};
 
-use crate::journal::{Apply, Journal, Ops, WriteError};
+use crate::journal::{Apply, Journal, Ops};
 use tokio::sync::{oneshot, Notify};
 use tracing::{debug, error, info, warn};
 
@@ -445,6 +447,8 @@ const FORGET_IDLE: Duration = Duration::from_millis(20);
 /// reaches [`CHECKPOINT_BYTES`]; a crash replays at most about this much.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 const CHECKPOINT_BYTES: u64 = 16 << 20;
+/// Durable commits waiting to be applied to sled; beyond it the committer waits.
+const APPLY_QUEUE: usize = 64;
 
 /// What the link client holds: ids handed out by `ready`, and acknowledged sequence numbers
 /// whose deletion is still pending.
@@ -609,10 +613,20 @@ impl Outbox {
                 .map_err(OutboxError::Spawn)?
         };
         let (tx, rx) = mpsc::sync_channel(cfg.channel_capacity.max(1));
+        let (applier_tx, applier_rx) = mpsc::sync_channel(APPLY_QUEUE);
+        let applier = {
+            let (db, shared, stats) = (db.clone(), shared.clone(), stats.clone());
+            std::thread::Builder::new()
+                .name("outbox-apply".into())
+                .spawn(move || run_applier(&db, &shared, &stats, &applier_rx))
+                .map_err(OutboxError::Spawn)?
+        };
         let committer = Committer {
             db: db.clone(),
             synced: synced.clone(),
             checkpointer: Some(checkpointer),
+            applier_tx: Some(applier_tx),
+            applier: Some(applier),
             max_depth: cfg.max_depth,
             max_batch: cfg.max_batch_requests.max(1),
             shared: shared.clone(),
@@ -710,6 +724,7 @@ impl Outbox {
     /// Every staged record, in sequence order (the intake rebuilds its state from them at
     /// start). Blocking.
     pub fn staged(&self) -> Result<Vec<(u64, Vec<u8>)>, OutboxError> {
+        self.shared.journal.caught_up();
         let mut out = Vec::new();
         for kv in self.db.scan_prefix([S]) {
             let (k, v) = kv?;
@@ -746,6 +761,7 @@ impl Outbox {
 
     /// Up to `limit` queued notices: ready ones oldest first, then deferred ones by due time.
     pub fn list(&self, limit: usize) -> Result<Vec<QueuedItem>, OutboxError> {
+        self.shared.journal.caught_up();
         let mut out = Vec::new();
         let queued = self.db.scan_prefix([Q]).map(|kv| (kv, false));
         let deferred = self.db.scan_prefix([D]).map(|kv| (kv, true));
@@ -774,6 +790,7 @@ impl Outbox {
 
     /// Up to `limit` dead letters, oldest first.
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
+        self.shared.journal.caught_up();
         let mut out = Vec::new();
         for kv in self.db.scan_prefix([X]).take(limit) {
             let (k, v) = kv?;
@@ -810,6 +827,7 @@ impl Outbox {
             .shared
             .now()
             .saturating_sub(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX));
+        self.shared.journal.caught_up();
         let mut batch = Ops::default();
         let mut n = 0usize;
         for kv in self.db.scan_prefix([X]) {
@@ -860,6 +878,8 @@ impl Outbox {
         if max == 0 {
             return Ok(Vec::new());
         }
+        // An enqueue that has returned is offered (the applier may still be putting it in).
+        self.shared.journal.caught_up();
         let now = self.shared.now();
         self.request_promotion(now);
         let oldest = now.saturating_sub(self.shared.max_age_ms);
@@ -1061,6 +1081,9 @@ struct Committer {
     synced: Arc<mailbell_link::durable::SyncedFlush>,
     /// The checkpoint thread, stopped and joined when the committer ends.
     checkpointer: Option<std::thread::JoinHandle<()>>,
+    /// Durable commits on their way into sled, and the thread applying them.
+    applier_tx: Option<mpsc::SyncSender<ApplyJob>>,
+    applier: Option<std::thread::JoinHandle<()>>,
     max_depth: u64,
     max_batch: usize,
     shared: Arc<Shared>,
@@ -1107,6 +1130,10 @@ impl Committer {
             }
         }
         self.forget(&mut forget);
+        drop(self.applier_tx.take());
+        if let Some(h) = self.applier.take() {
+            let _ = h.join();
+        }
         // Nothing writes any more: a last checkpoint leaves sled flushed and the journal empty.
         self.shared.journal.stop_checkpoints();
         if let Some(h) = self.checkpointer.take() {
@@ -1132,6 +1159,19 @@ impl Committer {
     /// ones, requeued dead letters) goes into one batch and one journal sync, under sequence
     /// numbers generated here, in order; `committed` is raised only after the sync.
     fn commit(&self, reqs: Vec<Request>, forget: &mut Vec<u64>) {
+        // What this round reads from sled (old values of staged records, the deferred and dead
+        // ranges) must include every earlier commit, some of which the applier may still be
+        // putting in.
+        let reads = reqs.iter().any(|r| match r {
+            Request::Settle {
+                remove, rewrite, ..
+            } => !remove.is_empty() || !rewrite.is_empty(),
+            Request::Promote | Request::RetryDead { .. } => true,
+            _ => false,
+        });
+        if reads {
+            self.shared.journal.caught_up();
+        }
         let mut round = Round::default();
         let now = self.shared.now();
         let depth = self.shared.depth.load(Ordering::Acquire);
@@ -1224,36 +1264,18 @@ impl Committer {
     }
 
     /// Applies and journals one group commit (synced), then answers its callers.
-    fn apply(&self, round: Round) {
+    fn apply(&self, mut round: Round) {
         // Counted before the batch is visible, so depth never under-counts what `ready` sees.
         let added = round.enqueued + round.requeued;
         self.shared.depth.fetch_add(added, Ordering::AcqRel);
-        // Single sled operations: a sled batch would wait for a checkpoint's flush in progress;
-        // the journal record, synced first, makes the commit atomic across a crash.
-        let written = self
-            .shared
-            .journal
-            .write(&self.db, &round.batch, true, Apply::EachOp);
-        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let result = match written {
-            Ok((apply, append)) => {
-                self.stats
-                    .commit_apply_us
-                    .fetch_add(us(apply), Ordering::Relaxed);
-                self.stats
-                    .commit_flush_us
-                    .fetch_add(us(append), Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => Err(e),
-        };
+        let appended = self.shared.journal.append_deferred(&round.batch, true);
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-        match result {
-            Ok(()) => {
-                self.shared
-                    .committed
-                    .fetch_max(round.max_seq, Ordering::AcqRel);
+        match appended {
+            Ok((ticket, took)) => {
+                self.stats
+                    .commit_flush_us
+                    .fetch_add(micros(took), Ordering::Relaxed);
                 self.stats
                     .enqueued
                     .fetch_add(round.enqueued, Ordering::Relaxed);
@@ -1268,29 +1290,32 @@ impl Committer {
                 if round.promoted > 0 {
                     debug!(count = round.promoted, "deferred notices due again");
                 }
-                let fresh = round.writes > 0;
+                let job = ApplyJob {
+                    ticket,
+                    ops: std::mem::take(&mut round.batch),
+                    max_seq: round.max_seq,
+                    fresh: round.writes > 0,
+                };
+                // Durable: answer now; the applier puts it into sled (and lets `ready` see
+                // it) while the next commit is being synced.
                 round.answer(Ok(()));
-                if fresh {
-                    self.shared.notify.notify_one();
+                if let Some(tx) = &self.applier_tx {
+                    if tx.send(job).is_err() {
+                        error!("outbox applier stopped; queued notices wait for the next start");
+                    }
                 }
             }
             Err(e) => {
-                let e = match e {
-                    WriteError::NotJournaled(e) | WriteError::NotApplied(e) => {
-                        // Reported as failed, so undo it: in the tree (some of it may be
-                        // there) and in the journal (the failed record may have reached the
-                        // disk), or a later commit or a restart would expose notices whose
-                        // enqueue reported failure.
-                        let undo =
-                            self.shared
-                                .journal
-                                .write(&self.db, &round.undo, true, Apply::Batch);
-                        if let Err(u) = undo {
-                            warn!(error = ?u, "cannot undo a failed outbox commit; notices may be sent twice");
-                        }
-                        e
-                    }
-                };
+                // Nothing reached sled. If the failed record could not be cut off the journal,
+                // a replay would apply it: journal the undo after it (applying the undo
+                // changes nothing in sled).
+                if let Err(u) = self
+                    .shared
+                    .journal
+                    .write(&self.db, &round.undo, true, Apply::Batch)
+                {
+                    warn!(error = ?u, "cannot journal the undo of a failed outbox commit; notices may be sent twice");
+                }
                 error!(error = %e, "outbox commit failed; the MTA will be told to retry");
                 self.shared.sub_depth(added);
                 if round.promoted > 0 {
@@ -1450,6 +1475,43 @@ impl Committer {
         }
         Ok(n)
     }
+}
+
+/// A durable commit for the applier.
+struct ApplyJob {
+    ticket: u64,
+    ops: Ops,
+    max_seq: u64,
+    /// It queues notices: wake the link client.
+    fresh: bool,
+}
+
+/// Puts durable commits into sled in order, then lets `ready` offer them.
+fn run_applier(db: &sled::Db, shared: &Shared, stats: &OutboxStats, rx: &mpsc::Receiver<ApplyJob>) {
+    for job in rx {
+        let t0 = std::time::Instant::now();
+        let applied = job.ops.apply(db);
+        stats
+            .commit_apply_us
+            .fetch_add(micros(t0.elapsed()), Ordering::Relaxed);
+        match applied {
+            Ok(()) => {
+                shared.committed.fetch_max(job.max_seq, Ordering::AcqRel);
+                shared.journal.applied(job.ticket, true);
+                if job.fresh {
+                    shared.notify.notify_one();
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "cannot apply a durable outbox commit to sled; it is in the journal, and the next start replays it: restart mailbell");
+                shared.journal.applied(job.ticket, false);
+            }
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 enum Reply {
