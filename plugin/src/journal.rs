@@ -23,23 +23,31 @@
 //! - A checkpoint seals the current segment and starts a new one (under the lock), flushes
 //!   sled with `fdatasync` (everything in the sealed segments was applied before), then
 //!   deletes the sealed segments. A failed flush keeps them for the next try.
-//! - A record is `len:u32le crc32:u32le body`. A crash in the middle of an append leaves a torn
-//!   record, which ends its segment at recovery; that write was never reported durable.
-//! - A failed append is cut off the file again (`set_len`), so later records stay readable;
-//!   if even that fails, the segment is sealed and the next write starts a new one.
+//! - A record is `len:u32le crc32:u32le body`, the CRC taken over the segment's number and the
+//!   body. Replay stops at the first record that does not check out: a torn append (a crash
+//!   during it: that write was never reported durable) or the old data of a recycled file.
+//! - Segment files are recycled: a checkpoint keeps one sealed file as the spare that the next
+//!   segment is renamed from, and records overwrite its old data in place. An `fdatasync` of
+//!   a write that does not grow the file has no metadata to commit, so it costs one disk write
+//!   instead of also an ext4 journal commit (which also waits for other files' data, such as
+//!   sled's and the audit log's): measured here 0.12 ms instead of 0.19–0.25 ms at p50.
+//! - A failed append is simply overwritten by the next one (records go at an offset, not at
+//!   the file's end).
 //!
 //! Files: `<outbox dir>/journal/<number:020>.wal`, replayed in number order by
-//! [`Journal::open`], which then flushes sled and deletes them.
+//! [`Journal::open`], which then flushes sled and recycles or deletes them; `spare` is the
+//! recycled file waiting to become the next segment.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use mailbell_link::durable::SyncedFlush;
 use sled::IVec;
-use tracing::{info, warn};
+use tracing::warn;
 
 /// Record header: body length and CRC-32 of the body.
 const HEADER: usize = 8;
@@ -85,7 +93,7 @@ impl Ops {
 
     /// Appends one framed record holding these writes to `out`. Fails on a key over 64 KiB
     /// or a value or record over 4 GiB (the outbox writes none).
-    fn encode_into(&self, out: &mut Vec<u8>) -> io::Result<()> {
+    fn encode_into(&self, out: &mut Vec<u8>, salt: u64) -> io::Result<()> {
         let too_big = |_| io::Error::new(io::ErrorKind::InvalidInput, "journal record too large");
         let start = out.len();
         out.extend_from_slice(&[0; HEADER]);
@@ -102,7 +110,7 @@ impl Ops {
         }
         let body = &out[start + HEADER..];
         let len = u32::try_from(body.len()).map_err(too_big)?;
-        let crc = crc32fast::hash(body);
+        let crc = checksum(salt, body);
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
         out[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
         Ok(())
@@ -137,12 +145,22 @@ impl Ops {
     }
 }
 
+/// The CRC of a record body in segment `salt`: a recycled file's old records do not check out.
+fn checksum(salt: u64, body: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&salt.to_le_bytes());
+    h.update(body);
+    h.finalize()
+}
+
+const SPARE: &str = "spare";
+
 /// Why [`Journal::write`] failed.
 #[derive(Debug)]
 pub(crate) enum WriteError {
-    /// The append (or its sync) failed: sled is untouched and the partial record was cut off
-    /// again, unless that failed too (then the segment was sealed, and the record may or may
-    /// not be replayed after a crash: a caller that reports failure journals an undo).
+    /// The append (or its sync) failed: sled is untouched. The next record overwrites it; if
+    /// none comes, a replay may still find it whole (a caller that reports the failure
+    /// journals an undo).
     NotJournaled(sled::Error),
     /// Journaled, but sled refused some of the writes: they are replayed at the next start.
     NotApplied(sled::Error),
@@ -171,15 +189,15 @@ pub(crate) struct Replayed {
     pub segments: usize,
     pub records: usize,
     pub writes: usize,
-    /// Segments that ended in a torn or damaged record (a crash during an append).
+    /// Segments whose replay stopped at a record that does not check out: a torn append
+    /// (a crash during it), a damaged one, or the old data of a recycled file.
     pub torn: usize,
 }
 
 struct Segment {
-    /// `None` after a failed append could not be cut off: the next write opens a new segment.
-    file: Option<File>,
+    file: File,
     number: u64,
-    /// Bytes of whole records in the file.
+    /// Bytes of whole records in the file (a recycled file has old data after them).
     len: u64,
 }
 
@@ -187,8 +205,10 @@ struct State {
     seg: Segment,
     /// Records appended by [`Journal::append_deferred`] so far (their tickets).
     deferred: u64,
-    /// Segments already replaced, deleted by the next checkpoint that flushes sled.
+    /// Segments already replaced, recycled or deleted by the next checkpoint that flushes sled.
     sealed: Vec<u64>,
+    /// `journal/spare` exists: the next segment is renamed from it.
+    spare: bool,
     /// Something was written since the last checkpoint started.
     dirty: bool,
     buf: Vec<u8>,
@@ -260,6 +280,7 @@ impl Journal {
                 .and_then(|n| n.parse::<u64>().ok());
             match number {
                 Some(n) => numbers.push(n),
+                None if name == SPARE => {}
                 None => warn!(file = ?name, dir = %dir.display(), "not a journal segment; ignored"),
             }
         }
@@ -269,7 +290,7 @@ impl Journal {
             let path = segment_path(dir, n);
             let data =
                 fs::read(&path).map_err(|e| io_err(format!("read {}", path.display()), e))?;
-            let (records, writes, torn) = replay(&data, db).map_err(|e| match e {
+            let (records, writes, torn) = replay(&data, db, n).map_err(|e| match e {
                 ReplayError::Store(e) => e,
                 ReplayError::Corrupt(at) => sled::Error::Io(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -285,39 +306,25 @@ impl Journal {
             replayed.writes += writes;
             if torn {
                 replayed.torn += 1;
-                warn!(segment = %path.display(), "journal segment ends in a torn record (a crash during an append); its earlier records were replayed");
             }
         }
-        // The new segment's directory sync (open_next) also makes these deletions durable.
+        let mut spare = dir.join(SPARE).exists();
         if !numbers.is_empty() {
             synced.flush(db)?;
+            // The new segment's directory sync (open_next) makes these durable.
             for &n in &numbers {
-                let path = segment_path(dir, n);
-                fs::remove_file(&path)
-                    .map_err(|e| io_err(format!("remove {}", path.display()), e))?;
+                retire(dir, n, &mut spare)?;
             }
         }
-        if replayed.segments > 0 {
-            info!(
-                segments = replayed.segments,
-                records = replayed.records,
-                writes = replayed.writes,
-                "outbox journal replayed"
-            );
-        }
-        let next = numbers.last().map_or(1, |n| n + 1);
-        let mut state = State {
-            seg: Segment {
-                file: None,
-                number: next - 1,
-                len: 0,
-            },
+        let last = numbers.last().copied().unwrap_or(0);
+        let state = State {
+            seg: next_segment(dir, last, &mut spare)?,
             sealed: Vec::new(),
+            spare,
             dirty: false,
             deferred: 0,
             buf: Vec::new(),
         };
-        open_next(dir, &mut state.seg)?;
         Ok((
             Self {
                 dir: dir.to_owned(),
@@ -348,7 +355,7 @@ impl Journal {
         let t0 = Instant::now();
         let st = &mut *guard;
         st.buf.clear();
-        ops.encode_into(&mut st.buf)
+        ops.encode_into(&mut st.buf, st.seg.number)
             .map_err(|e| WriteError::NotJournaled(sled::Error::Io(e)))?;
         self.append(st, sync).map_err(WriteError::NotJournaled)?;
         st.dirty = true;
@@ -379,7 +386,8 @@ impl Journal {
         let t0 = Instant::now();
         let st = &mut *guard;
         st.buf.clear();
-        ops.encode_into(&mut st.buf).map_err(sled::Error::Io)?;
+        ops.encode_into(&mut st.buf, st.seg.number)
+            .map_err(sled::Error::Io)?;
         self.append(st, sync)?;
         st.dirty = true;
         st.deferred += 1;
@@ -421,36 +429,26 @@ impl Journal {
     }
 
     fn append(&self, st: &mut State, sync: bool) -> Result<(), sled::Error> {
-        if st.seg.file.is_none() {
-            open_next(&self.dir, &mut st.seg)?;
-        }
-        let Some(file) = st.seg.file.as_mut() else {
-            return Err(io_err("journal".into(), io::ErrorKind::NotFound.into()));
-        };
-        let written =
-            file.write_all(&st.buf)
-                .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
+        let file = &st.seg.file;
+        let written = file.write_all_at(&st.buf, st.seg.len).and_then(|()| {
+            if sync {
+                file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
         match written {
             Ok(()) => {
                 st.seg.len += st.buf.len() as u64;
                 Ok(())
             }
-            Err(e) => {
-                // Cut the partial record off (the file is opened for appending, so the next
-                // record then starts right after the last whole one).
-                if let Err(cut) = file.set_len(st.seg.len).and_then(|()| file.sync_data()) {
-                    warn!(error = %cut, segment = st.seg.number, "cannot cut a failed journal append off; starting a new segment");
-                    st.sealed.push(st.seg.number);
-                    st.seg.file = None;
-                }
-                Err(io_err(
-                    format!(
-                        "append to {}",
-                        segment_path(&self.dir, st.seg.number).display()
-                    ),
-                    e,
-                ))
-            }
+            Err(e) => Err(io_err(
+                format!(
+                    "append to {}",
+                    segment_path(&self.dir, st.seg.number).display()
+                ),
+                e,
+            )),
         }
     }
 
@@ -468,11 +466,9 @@ impl Journal {
             }
             if st.dirty {
                 let old = st.seg.number;
-                let had_file = st.seg.file.is_some();
-                open_next(&self.dir, &mut st.seg)?;
-                if had_file {
-                    st.sealed.push(old);
-                }
+                let State { seg, spare, .. } = &mut *st;
+                open_next(&self.dir, seg, spare)?;
+                st.sealed.push(old);
                 st.dirty = false;
             }
             (st.sealed.clone(), st.deferred)
@@ -486,18 +482,16 @@ impl Journal {
             ));
         }
         synced.flush(db)?;
-        for &n in &sealed {
-            let path = segment_path(&self.dir, n);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(format!("remove {}", path.display()), e)),
+        {
+            let mut st = lock(&self.state);
+            for &n in &sealed {
+                retire(&self.dir, n, &mut st.spare)?;
+                st.sealed.retain(|s| *s != n);
             }
         }
-        // The deletions must be durable before anything newer is checkpointed: a sealed
-        // segment coming back after a crash would replay old values over newer ones.
+        // Durable before anything newer is checkpointed: a sealed segment coming back after
+        // a crash, behind a newer one that is gone, would replay old values over newer ones.
         sync_dir(&self.dir).map_err(|e| io_err(format!("sync {}", self.dir.display()), e))?;
-        lock(&self.state).sealed.retain(|n| !sealed.contains(n));
         Ok(true)
     }
 
@@ -546,27 +540,58 @@ impl Journal {
     }
 }
 
-/// Starts segment `seg.number + 1` (its directory entry synced) and makes it current.
-fn open_next(dir: &Path, seg: &mut Segment) -> Result<(), sled::Error> {
-    let number = seg.number + 1;
+/// Makes segment `seg.number + 1` current (renamed from the spare file if there is one; its
+/// directory entry synced).
+fn open_next(dir: &Path, seg: &mut Segment, spare: &mut bool) -> Result<(), sled::Error> {
+    *seg = next_segment(dir, seg.number, spare)?;
+    Ok(())
+}
+
+/// Segment `after + 1`, see [`open_next`].
+fn next_segment(dir: &Path, after: u64, spare: &mut bool) -> Result<Segment, sled::Error> {
+    let number = after + 1;
     let path = segment_path(dir, number);
+    if *spare {
+        let from = dir.join(SPARE);
+        match fs::rename(&from, &path) {
+            Ok(()) => *spare = false,
+            Err(e) => {
+                warn!(error = %e, "cannot reuse the journal's spare file; starting a new one");
+                *spare = false;
+                let _ = fs::remove_file(&from);
+            }
+        }
+    }
     let file = OpenOptions::new()
         .create(true)
-        .append(true)
+        // A file renamed from the spare keeps its blocks: records overwrite them in place.
+        .truncate(false)
+        .read(true)
+        .write(true)
         .open(&path)
-        .and_then(|f| {
-            // A leftover (a segment created just before a crash, never written) is emptied.
-            f.set_len(0)?;
-            Ok(f)
-        })
         .map_err(|e| io_err(format!("create {}", path.display()), e))?;
     sync_dir(dir).map_err(|e| io_err(format!("sync {}", dir.display()), e))?;
-    *seg = Segment {
-        file: Some(file),
+    Ok(Segment {
+        file,
         number,
         len: 0,
+    })
+}
+
+/// A segment whose writes are all in flushed sled: kept as the spare if there is none (its
+/// blocks are reused in place), else deleted. The caller syncs the directory.
+fn retire(dir: &Path, number: u64, spare: &mut bool) -> Result<(), sled::Error> {
+    let path = segment_path(dir, number);
+    let done = if *spare {
+        fs::remove_file(&path)
+    } else {
+        fs::rename(&path, dir.join(SPARE)).map(|()| *spare = true)
     };
-    Ok(())
+    match done {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(format!("retire {}", path.display()), e)),
+    }
 }
 
 enum ReplayError {
@@ -577,7 +602,7 @@ enum ReplayError {
 
 /// Applies the records of one segment to `db` in order; stops at a torn record. Returns the
 /// records and writes applied and whether the segment ended in a torn record.
-fn replay(data: &[u8], db: &sled::Db) -> Result<(usize, usize, bool), ReplayError> {
+fn replay(data: &[u8], db: &sled::Db, salt: u64) -> Result<(usize, usize, bool), ReplayError> {
     let (mut at, mut records, mut writes) = (0usize, 0usize, 0usize);
     while at < data.len() {
         let Some(header) = data.get(at..at + HEADER) else {
@@ -588,7 +613,7 @@ fn replay(data: &[u8], db: &sled::Db) -> Result<(usize, usize, bool), ReplayErro
         let Some(body) = data.get(at + HEADER..at + HEADER + len) else {
             return Ok((records, writes, true));
         };
-        if crc32fast::hash(body) != crc {
+        if len == 0 || checksum(salt, body) != crc {
             return Ok((records, writes, true));
         }
         let ops = Ops::decode(body).ok_or(ReplayError::Corrupt(at))?;
@@ -642,6 +667,7 @@ mod tests {
         let mut v: Vec<_> = fs::read_dir(dir.join("journal"))
             .unwrap()
             .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "wal"))
             .collect();
         v.sort();
         v
@@ -684,14 +710,15 @@ mod tests {
         assert_eq!(get(&r.db, "k1"), None);
         assert_eq!(get(&r.db, "k2").as_deref(), Some("two"));
         assert_eq!(get(&r.db, "k3").as_deref(), Some("three, rewritten"));
-        // Replayed, flushed and deleted: only the new, empty segment is left.
+        // Replayed, flushed and retired: only the new segment is left (the old file, recycled
+        // into it, still holds the old records, which no longer check out).
         let left = segments(&b);
         assert_eq!(left.len(), 1, "{left:?}");
-        assert_eq!(fs::metadata(&left[0]).unwrap().len(), 0);
+        assert!(fs::metadata(&left[0]).unwrap().len() > 0);
         drop(r);
         // And the replayed writes are in sled itself now.
         let again = open(&b);
-        assert_eq!(again.replayed, Replayed::default());
+        assert_eq!((again.replayed.records, again.replayed.writes), (0, 0));
         assert_eq!(get(&again.db, "k3").as_deref(), Some("three, rewritten"));
     }
 
@@ -769,7 +796,7 @@ mod tests {
         fs::create_dir_all(dir.join("journal")).unwrap();
         let body = [7u8, 1, 0, b'k'];
         let mut rec = (body.len() as u32).to_le_bytes().to_vec();
-        rec.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        rec.extend_from_slice(&checksum(4, &body).to_le_bytes());
         rec.extend_from_slice(&body);
         fs::write(dir.join("journal").join(format!("{:020}.wal", 4)), rec).unwrap();
         let db = sled::Config::new().path(&dir).open().unwrap();
@@ -874,5 +901,46 @@ mod tests {
         // The record is still there for the next start.
         journal_only(&a, &b);
         assert_eq!(get(&open(&b).db, "k").as_deref(), Some("v"));
+    }
+
+    #[test]
+    fn a_recycled_file_replays_only_its_new_records() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, copy) = (tmp.path().join("s"), tmp.path().join("copy"));
+        let s = open(&dir);
+        for i in 0..50 {
+            s.journal
+                .write(&s.db, &put(&format!("old{i}"), "x"), true, Apply::Batch)
+                .unwrap();
+        }
+        let first = segments(&dir).pop().unwrap();
+        let first_len = fs::metadata(&first).unwrap().len();
+        // Segment 1 becomes the spare; segment 2 is new.
+        assert!(s.journal.checkpoint(&s.db, &s.synced).unwrap());
+        assert!(dir.join("journal").join(SPARE).exists());
+        s.journal
+            .write(&s.db, &put("mid", "x"), true, Apply::Batch)
+            .unwrap();
+        // Segment 3 is the old segment 1, renamed: same blocks, old records still in it.
+        assert!(s.journal.checkpoint(&s.db, &s.synced).unwrap());
+        let third = segments(&dir).pop().unwrap();
+        assert_eq!(fs::metadata(&third).unwrap().len(), first_len);
+        s.journal
+            .write(&s.db, &put("new1", "a"), true, Apply::Batch)
+            .unwrap();
+        s.journal
+            .write(&s.db, &put("new2", "b"), true, Apply::Batch)
+            .unwrap();
+        assert_eq!(
+            fs::metadata(&third).unwrap().len(),
+            first_len,
+            "written in place"
+        );
+
+        journal_only(&dir, &copy);
+        let r = open(&copy);
+        assert_eq!(r.replayed.records, 2, "{:?}", r.replayed);
+        assert_eq!(get(&r.db, "new2").as_deref(), Some("b"));
+        assert_eq!(get(&r.db, "old7"), None, "the old records do not check out");
     }
 }

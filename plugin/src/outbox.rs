@@ -570,8 +570,8 @@ impl Outbox {
                     error,
                 },
             )?;
-        if replayed.torn > 0 {
-            warn!(?replayed, "outbox journal had a torn record (a crash during a commit that was never answered)");
+        if replayed.records > 0 {
+            info!(?replayed, "outbox: commits not yet in sled at the last stop were replayed");
         }
         let journal = Arc::new(journal);
         let stats = Arc::new(OutboxStats::default());
@@ -976,6 +976,7 @@ impl Outbox {
 
     /// The key and record of a queued id: from the index of handed-out ids, else by a scan.
     fn take_queued(&self, id: &NotifId) -> Result<Option<([u8; 9], Record)>, OutboxError> {
+        self.shared.journal.caught_up();
         let seq = lock(&self.shared.tracker).handed.remove(id);
         if let Some(seq) = seq {
             let k = seq_key(Q, seq);
