@@ -176,7 +176,7 @@ pub async fn run_client<O: Outbox + ?Sized>(
                 stats.sent.load(Ordering::Relaxed),
                 stats.acked.load(Ordering::Relaxed),
             );
-            let r = client_session(&settings, ep, &connector, &*outbox, &shutdown, &stats)
+            let r = client_session(&settings, ep, &connector, &outbox, &shutdown, &stats)
                 .instrument(span.clone())
                 .await;
             let _g = span.enter();
@@ -289,7 +289,7 @@ async fn client_session<O: Outbox + ?Sized>(
     s: &ClientSettings,
     ep: &Endpoint,
     connector: &TlsConnector,
-    outbox: &O,
+    outbox: &Arc<O>,
     shutdown: &CancellationToken,
     stats: &ClientStats,
 ) -> Result<(), (LinkError, bool)> {
@@ -344,7 +344,14 @@ async fn client_session<O: Outbox + ?Sized>(
             // Fill the window from the outbox.
             let cap = snd.capacity();
             if cap > 0 {
-                let items = outbox.ready(cursor, cap).map_err(LinkError::Store)?;
+                // A store read may block (disk, or a commit being applied): off the workers.
+                let items = {
+                    let o = outbox.clone();
+                    tokio::task::spawn_blocking(move || o.ready(cursor, cap))
+                        .await
+                        .map_err(|e| LinkError::Store(e.into()))?
+                        .map_err(LinkError::Store)?
+                };
                 let now = Instant::now();
                 for item in items {
                     cursor = Some(item.seq);

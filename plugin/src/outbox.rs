@@ -571,7 +571,10 @@ impl Outbox {
                 },
             )?;
         if replayed.records > 0 {
-            info!(?replayed, "outbox: commits not yet in sled at the last stop were replayed");
+            info!(
+                ?replayed,
+                "outbox: commits not yet in sled at the last stop were replayed"
+            );
         }
         let journal = Arc::new(journal);
         let stats = Arc::new(OutboxStats::default());
