@@ -207,8 +207,6 @@ struct State {
     deferred: u64,
     /// Segments already replaced, recycled or deleted by the next checkpoint that flushes sled.
     sealed: Vec<u64>,
-    /// `journal/spare` exists: the next segment is renamed from it.
-    spare: bool,
     /// Something was written since the last checkpoint started.
     dirty: bool,
     buf: Vec<u8>,
@@ -232,6 +230,9 @@ struct Wake {
 pub(crate) struct Journal {
     dir: PathBuf,
     state: Mutex<State>,
+    /// `journal/spare` exists: the next segment is renamed from it. Held for a whole
+    /// checkpoint, so checkpoints never overlap.
+    spare: Mutex<bool>,
     /// Highest ticket of a deferred record applied to sled ([`Journal::applied`]).
     applied: Mutex<Applied>,
     applied_cond: Condvar,
@@ -311,7 +312,7 @@ impl Journal {
         let mut spare = dir.join(SPARE).exists();
         if !numbers.is_empty() {
             synced.flush(db)?;
-            // The new segment's directory sync (open_next) makes these durable.
+            // The new segment's directory sync (next_segment) makes these durable.
             for &n in &numbers {
                 retire(dir, n, &mut spare)?;
             }
@@ -320,7 +321,6 @@ impl Journal {
         let state = State {
             seg: next_segment(dir, last, &mut spare)?,
             sealed: Vec::new(),
-            spare,
             dirty: false,
             deferred: 0,
             buf: Vec::new(),
@@ -329,6 +329,7 @@ impl Journal {
             Self {
                 dir: dir.to_owned(),
                 state: Mutex::new(state),
+                spare: Mutex::new(spare),
                 applied: Mutex::new(Applied::default()),
                 applied_cond: Condvar::new(),
                 checkpoint_bytes,
@@ -459,16 +460,28 @@ impl Journal {
         db: &sled::Db,
         synced: &SyncedFlush,
     ) -> Result<bool, sled::Error> {
+        // One checkpoint at a time; the guard also owns the spare flag.
+        let mut spare = lock(&self.spare);
+        let (dirty, current, any_sealed) = {
+            let st = lock(&self.state);
+            (st.dirty, st.seg.number, !st.sealed.is_empty())
+        };
+        if !dirty && !any_sealed {
+            return Ok(false);
+        }
+        // The next segment is made ready, its directory entry synced, before the lock is
+        // taken: a directory sync commits the file system's journal, which can take
+        // milliseconds, and every commit waits for that lock.
+        let next = if dirty {
+            Some(next_segment(&self.dir, current, &mut spare)?)
+        } else {
+            None
+        };
         let (sealed, deferred) = {
             let mut st = lock(&self.state);
-            if !st.dirty && st.sealed.is_empty() {
-                return Ok(false);
-            }
-            if st.dirty {
-                let old = st.seg.number;
-                let State { seg, spare, .. } = &mut *st;
-                open_next(&self.dir, seg, spare)?;
-                st.sealed.push(old);
+            if let Some(seg) = next {
+                let old = std::mem::replace(&mut st.seg, seg);
+                st.sealed.push(old.number);
                 st.dirty = false;
             }
             (st.sealed.clone(), st.deferred)
@@ -482,16 +495,13 @@ impl Journal {
             ));
         }
         synced.flush(db)?;
-        {
-            let mut st = lock(&self.state);
-            for &n in &sealed {
-                retire(&self.dir, n, &mut st.spare)?;
-                st.sealed.retain(|s| *s != n);
-            }
+        for &n in &sealed {
+            retire(&self.dir, n, &mut spare)?;
         }
         // Durable before anything newer is checkpointed: a sealed segment coming back after
         // a crash, behind a newer one that is gone, would replay old values over newer ones.
         sync_dir(&self.dir).map_err(|e| io_err(format!("sync {}", self.dir.display()), e))?;
+        lock(&self.state).sealed.retain(|n| !sealed.contains(n));
         Ok(true)
     }
 
@@ -540,14 +550,8 @@ impl Journal {
     }
 }
 
-/// Makes segment `seg.number + 1` current (renamed from the spare file if there is one; its
-/// directory entry synced).
-fn open_next(dir: &Path, seg: &mut Segment, spare: &mut bool) -> Result<(), sled::Error> {
-    *seg = next_segment(dir, seg.number, spare)?;
-    Ok(())
-}
-
-/// Segment `after + 1`, see [`open_next`].
+/// Segment `after + 1`: renamed from the spare file if there is one, else a new file; its
+/// directory entry synced.
 fn next_segment(dir: &Path, after: u64, spare: &mut bool) -> Result<Segment, sled::Error> {
     let number = after + 1;
     let path = segment_path(dir, number);
