@@ -412,6 +412,16 @@ impl Journal {
         self.applied_cond.notify_all();
     }
 
+    /// The applier is gone without finishing (it panicked): waiters are released instead of
+    /// waiting forever, and checkpoints keep the journal for the next start to replay.
+    pub(crate) fn abandon(&self) {
+        let mut a = lock(&self.applied);
+        a.ticket = u64::MAX;
+        a.failed = true;
+        drop(a);
+        self.applied_cond.notify_all();
+    }
+
     /// Waits until every deferred record appended before this call is applied to sled: a
     /// reader that saw a commit answered then reads it.
     pub(crate) fn caught_up(&self) {
@@ -946,5 +956,15 @@ mod tests {
         assert_eq!(r.replayed.records, 2, "{:?}", r.replayed);
         assert_eq!(get(&r.db, "new2").as_deref(), Some("b"));
         assert_eq!(get(&r.db, "old7"), None, "the old records do not check out");
+    }
+
+    #[test]
+    fn an_abandoned_applier_releases_the_readers_and_keeps_the_journal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = open(&tmp.path().join("s"));
+        s.journal.append_deferred(&put("k", "v"), true).unwrap();
+        s.journal.abandon();
+        s.journal.caught_up();
+        assert!(s.journal.checkpoint(&s.db, &s.synced).is_err());
     }
 }

@@ -1492,6 +1492,17 @@ struct ApplyJob {
 
 /// Puts durable commits into sled in order, then lets `ready` offer them.
 fn run_applier(db: &sled::Db, shared: &Shared, stats: &OutboxStats, rx: &mpsc::Receiver<ApplyJob>) {
+    /// Releases the readers if this thread unwinds.
+    struct Unwinding<'a>(&'a Journal);
+    impl Drop for Unwinding<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                error!("outbox applier failed; queued notices wait for the next start: restart mailbell");
+                self.0.abandon();
+            }
+        }
+    }
+    let _guard = Unwinding(&shared.journal);
     for job in rx {
         let t0 = std::time::Instant::now();
         let applied = job.ops.apply(db);
