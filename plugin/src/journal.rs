@@ -352,25 +352,16 @@ impl Journal {
         if ops.is_empty() {
             return Ok((Duration::ZERO, Duration::ZERO));
         }
-        let mut guard = lock(&self.state);
+        let mut st = lock(&self.state);
         let t0 = Instant::now();
-        let st = &mut *guard;
-        st.buf.clear();
-        ops.encode_into(&mut st.buf, st.seg.number)
-            .map_err(|e| WriteError::NotJournaled(sled::Error::Io(e)))?;
-        self.append(st, sync).map_err(WriteError::NotJournaled)?;
-        st.dirty = true;
+        self.append(&mut st, ops, sync)
+            .map_err(WriteError::NotJournaled)?;
         let t1 = Instant::now();
         match apply {
             Apply::Batch => db.apply_batch(ops.batch()),
             Apply::EachOp => ops.apply(db),
         }
         .map_err(WriteError::NotApplied)?;
-        let full = st.seg.len >= self.checkpoint_bytes;
-        drop(guard);
-        if full {
-            self.kick();
-        }
         Ok((t1.elapsed(), t1 - t0))
     }
 
@@ -383,22 +374,11 @@ impl Journal {
         ops: &Ops,
         sync: bool,
     ) -> Result<(u64, Duration), sled::Error> {
-        let mut guard = lock(&self.state);
+        let mut st = lock(&self.state);
         let t0 = Instant::now();
-        let st = &mut *guard;
-        st.buf.clear();
-        ops.encode_into(&mut st.buf, st.seg.number)
-            .map_err(sled::Error::Io)?;
-        self.append(st, sync)?;
-        st.dirty = true;
+        self.append(&mut st, ops, sync)?;
         st.deferred += 1;
-        let ticket = st.deferred;
-        let full = st.seg.len >= self.checkpoint_bytes;
-        drop(guard);
-        if full {
-            self.kick();
-        }
-        Ok((ticket, t0.elapsed()))
+        Ok((st.deferred, t0.elapsed()))
     }
 
     /// The deferred record `ticket` (and every earlier one) is in sled; `ok: false` if
@@ -439,7 +419,12 @@ impl Journal {
         }
     }
 
-    fn append(&self, st: &mut State, sync: bool) -> Result<(), sled::Error> {
+    /// Encodes `ops` as one record and writes it at the end of the current segment's records
+    /// (then `fdatasync`s if `sync`); asks for a checkpoint once the segment is full.
+    fn append(&self, st: &mut State, ops: &Ops, sync: bool) -> Result<(), sled::Error> {
+        st.buf.clear();
+        ops.encode_into(&mut st.buf, st.seg.number)
+            .map_err(sled::Error::Io)?;
         let file = &st.seg.file;
         let written = file.write_all_at(&st.buf, st.seg.len).and_then(|()| {
             if sync {
@@ -451,6 +436,12 @@ impl Journal {
         match written {
             Ok(()) => {
                 st.seg.len += st.buf.len() as u64;
+                st.dirty = true;
+                if st.seg.len >= self.checkpoint_bytes {
+                    // Only the wake-up lock is taken: the checkpoint thread never holds it
+                    // while it waits for the journal lock.
+                    self.kick();
+                }
                 Ok(())
             }
             Err(e) => Err(io_err(
