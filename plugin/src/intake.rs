@@ -496,21 +496,8 @@ impl Scheduler {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, shutdown: CancellationToken) {
         // Entries left ready by a previous run are evaluated at once.
         let mut round = Round::default();
-        let ready: Vec<EntryRef> = self
-            .msgs
-            .iter()
-            .flat_map(|(seq, m)| {
-                m.entries
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, e)| e.state == EntryState::Ready)
-                    .map(move |(i, _)| (*seq, i))
-            })
-            .collect();
-        let mut ready = ready;
-        ready.sort_unstable();
         let now = self.now();
-        for r in ready {
+        for r in self.ready_entries() {
             self.release(r, now, &mut round);
         }
         self.finish(round).await;
@@ -539,6 +526,23 @@ impl Scheduler {
             self.finish(round).await;
         }
         info!("intake scheduler stopped");
+    }
+
+    /// Every entry in the ready state, in sequence order.
+    fn ready_entries(&self) -> Vec<EntryRef> {
+        let mut ready: Vec<EntryRef> = self
+            .msgs
+            .iter()
+            .flat_map(|(seq, m)| {
+                m.entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.state == EntryState::Ready)
+                    .map(move |(i, _)| (*seq, i))
+            })
+            .collect();
+        ready.sort_unstable();
+        ready
     }
 
     fn next_timer(&self) -> Option<i64> {
@@ -999,18 +1003,7 @@ impl Scheduler {
             error!(error = %e, "cannot reload intake state");
         }
         let now = self.now();
-        let ready: Vec<EntryRef> = self
-            .msgs
-            .iter()
-            .flat_map(|(seq, m)| {
-                m.entries
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, e)| e.state == EntryState::Ready)
-                    .map(move |(i, _)| (*seq, i))
-            })
-            .collect();
-        for r in ready {
+        for r in self.ready_entries() {
             if let Some(user) = self.entry(r).map(|e| e.user.clone()) {
                 self.hold(&user, r, now + 1000, &mut Round::default());
             }
