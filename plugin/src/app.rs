@@ -174,18 +174,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             cfg.stalwart.clone(),
             stalwart_stats.clone(),
         );
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            let r = axum::serve(
-                l,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await;
-            if let Err(e) = r {
-                error!(error = %e, "Stalwart endpoint server failed");
-            }
-        });
+        serve_http(&tasks, l, router, &shutdown, "Stalwart endpoint");
     }
 
     let milter = bind("the milter", cfg.milter_listen).await?;
@@ -223,18 +212,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             stores.outbox.clone(),
             running_stats,
         ));
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            let r = axum::serve(
-                l,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await;
-            if let Err(e) = r {
-                error!(error = %e, "admin API server failed");
-            }
-        });
+        serve_http(&tasks, l, router, &shutdown, "admin API");
     }
     info!(
         http = ?http_addr,
@@ -290,4 +268,27 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// Serves `router` on `listener` until `shutdown`, as a tracked task; `what` names it in the
+/// error log.
+fn serve_http(
+    tasks: &TaskTracker,
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: &CancellationToken,
+    what: &'static str,
+) {
+    let token = shutdown.clone();
+    tasks.spawn(async move {
+        let r = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await;
+        if let Err(e) = r {
+            error!(error = %e, "{what} server failed");
+        }
+    });
 }
