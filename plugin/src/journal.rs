@@ -42,6 +42,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -203,8 +204,6 @@ struct Segment {
 
 struct State {
     seg: Segment,
-    /// Records appended by [`Journal::append_deferred`] so far (their tickets).
-    deferred: u64,
     /// Segments already replaced, recycled or deleted by the next checkpoint that flushes sled.
     sealed: Vec<u64>,
     /// Something was written since the last checkpoint started.
@@ -230,6 +229,8 @@ struct Wake {
 pub(crate) struct Journal {
     dir: PathBuf,
     state: Mutex<State>,
+    /// Records appended by [`Journal::append_deferred`] so far (their tickets).
+    deferred: AtomicU64,
     /// `journal/spare` exists: the next segment is renamed from it. Held for a whole
     /// checkpoint, so checkpoints never overlap.
     spare: Mutex<bool>,
@@ -322,13 +323,13 @@ impl Journal {
             seg: next_segment(dir, last, &mut spare)?,
             sealed: Vec::new(),
             dirty: false,
-            deferred: 0,
             buf: Vec::new(),
         };
         Ok((
             Self {
                 dir: dir.to_owned(),
                 state: Mutex::new(state),
+                deferred: AtomicU64::new(0),
                 spare: Mutex::new(spare),
                 applied: Mutex::new(Applied::default()),
                 applied_cond: Condvar::new(),
@@ -377,8 +378,10 @@ impl Journal {
         let mut st = lock(&self.state);
         let t0 = Instant::now();
         self.append(&mut st, ops, sync)?;
-        st.deferred += 1;
-        Ok((st.deferred, t0.elapsed()))
+        // Raised under the journal lock, so a checkpoint's seal and this count agree.
+        let ticket = self.deferred.fetch_add(1, Ordering::AcqRel) + 1;
+        drop(st);
+        Ok((ticket, t0.elapsed()))
     }
 
     /// The deferred record `ticket` (and every earlier one) is in sled; `ok: false` if
@@ -405,7 +408,8 @@ impl Journal {
     /// Waits until every deferred record appended before this call is applied to sled: a
     /// reader that saw a commit answered then reads it.
     pub(crate) fn caught_up(&self) {
-        let target = lock(&self.state).deferred;
+        // No journal lock here: a reader must not wait for a commit's fdatasync.
+        let target = self.deferred.load(Ordering::Acquire);
         self.wait_applied(target);
     }
 
@@ -485,7 +489,7 @@ impl Journal {
                 st.sealed.push(old.number);
                 st.dirty = false;
             }
-            (st.sealed.clone(), st.deferred)
+            (st.sealed.clone(), self.deferred.load(Ordering::Acquire))
         };
         // Every write in the sealed segments is in sled once the deferred ones are applied.
         self.wait_applied(deferred);
