@@ -20,13 +20,25 @@
 //!
 //! Keys (one tree, prefixed):
 //! ```text
-//! q <seq:u64be>                  queued notice, ready to send   -> record
-//! d <not_before_ms:u64be> <seq>  deferred by a retry-later NACK -> record
-//! x <seq:u64be>                  dead letter                    -> dead_at_ms:i64be reason_len:u16be reason record
-//! s <seq:u64be>                  staged intake record           -> opaque (the intake's encoding)
+//! q <seq:u64be>                  queued notices of one group commit -> group
+//! d <not_before_ms:u64be> <seq>  deferred by a retry-later NACK     -> record
+//! x <seq:u64be>                  dead letter                        -> dead_at_ms:i64be reason_len:u16be reason record
+//! s <seq:u64be>                  staged intake record               -> opaque (the intake's encoding)
+//! group  = ver:u8(2) count:u32be { seq:u64be len:u32be record }*count   (seqs rising, the first = the key's)
 //! record = ver:u8(1) enqueued_at_ms:i64be attempts:u16be id:16 reason_len:u16be reason payload
 //! ```
 //! Sequence numbers come from `sled::Db::generate_id`, which is monotonic across restarts.
+//!
+//! Groups: the notices a group commit queues are **one** sled value under the first one's
+//! sequence number, not one value each. sled copies a leaf for every insert, so a milter
+//! message with five notices cost five inserts, the largest CPU cost of the intake after the
+//! protocol itself (docs/benchmarks.md); one insert per commit costs a tenth of that. Commits
+//! take sequence numbers in order, so groups cover disjoint ranges: the group holding `seq` is
+//! the last `q` key at or below it. An ACK, a retry-later, a dead letter or an expiry takes
+//! single members out, rewriting the group without them (or deleting it once empty), under a
+//! lock that makes these read-modify-writes one at a time; the link client's ACKs are applied
+//! in bulk, so a group is usually deleted whole. A `q` value that is a bare record (stores
+//! written before groups) is a group of one.
 //!
 //! Id index: the link client only ever acknowledges, defers or dead-letters ids that `ready`
 //! handed to it, so `ready` records each id's sequence number in memory and `acked` looks it up
@@ -295,6 +307,63 @@ fn corrupt(k: &[u8]) -> OutboxError {
     OutboxError::Corrupt(hex::encode(k))
 }
 
+/// First byte of a `q` value holding a group; a single record (a store written before groups)
+/// starts with its own version, 1.
+const GROUP_VERSION: u8 = 2;
+/// Per member: sequence number and record length.
+const MEMBER_HEAD: usize = 8 + 4;
+
+/// The members of a `q` value, `(sequence number, record)` in sequence order. `key_seq` is
+/// the key's sequence number: a single record is its only member.
+fn decode_group(key_seq: u64, v: &[u8]) -> Option<Vec<(u64, &[u8])>> {
+    match *v.first()? {
+        1 => Some(vec![(key_seq, v)]),
+        GROUP_VERSION => {
+            let n = usize::try_from(u32::from_be_bytes(v.get(1..5)?.try_into().ok()?)).ok()?;
+            let mut out = Vec::with_capacity(n.min(v.len() / MEMBER_HEAD));
+            let mut at = 5;
+            let mut last = None;
+            for _ in 0..n {
+                let seq = be_u64(v.get(at..at + 8)?)?;
+                let len = usize::try_from(u32::from_be_bytes(
+                    v.get(at + 8..at + MEMBER_HEAD)?.try_into().ok()?,
+                ))
+                .ok()?;
+                let record = v.get(at + MEMBER_HEAD..(at + MEMBER_HEAD).checked_add(len)?)?;
+                // In order, none below the key: groups cover disjoint ranges of the queue.
+                if seq < key_seq || last.is_some_and(|l| seq <= l) {
+                    return None;
+                }
+                last = Some(seq);
+                out.push((seq, record));
+                at += MEMBER_HEAD + len;
+            }
+            (at == v.len()).then_some(out)
+        }
+        _ => None,
+    }
+}
+
+fn encode_group<'a>(members: impl ExactSizeIterator<Item = (u64, &'a [u8])>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(5 + members.len() * 320);
+    v.push(GROUP_VERSION);
+    v.extend_from_slice(
+        &u32::try_from(members.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    for (seq, record) in members {
+        v.extend_from_slice(&seq.to_be_bytes());
+        v.extend_from_slice(
+            &u32::try_from(record.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        v.extend_from_slice(record);
+    }
+    v
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -473,6 +542,9 @@ struct Shared {
     /// A promotion request is queued to the committer.
     promote_requested: std::sync::atomic::AtomicBool,
     tracker: Mutex<Tracker>,
+    /// Held while a group of queued notices is read, changed and written back (acks, retry
+    /// later, dead letters, expiry), so two such changes never lose each other's.
+    groups: Mutex<()>,
     clock: Clock,
     max_age_ms: i64,
     /// Every write to the tree goes through it (see [`crate::journal`]).
@@ -495,22 +567,76 @@ impl Shared {
     /// Deletes acknowledged notices. Not synced: a crash may bring them back, to be sent
     /// again and de-duplicated by the agent.
     fn forget(&self, db: &sled::Db, seqs: &[u64]) -> Result<(), OutboxError> {
-        let mut ops = Ops::default();
-        for &seq in seqs {
-            ops.remove(&seq_key(Q, seq)[..]);
-        }
-        // Single removes, not a batch: a sled batch takes a process-wide write lock that waits
-        // for every flush in progress.
-        let result = self
-            .journal
-            .write(db, &ops, false, Apply::EachOp)
-            .map(drop)
-            .map_err(|e| OutboxError::Store(e.into()));
+        let result = {
+            let _groups = lock(&self.groups);
+            self.take_members(db, seqs).and_then(|(ops, _)| {
+                // Single writes, not a batch: a sled batch takes a process-wide write lock
+                // that waits for every flush in progress. Each is a whole group's value.
+                self.journal
+                    .write(db, &ops, false, Apply::EachOp)
+                    .map(drop)
+                    .map_err(|e| OutboxError::Store(e.into()))
+            })
+        };
         let mut t = lock(&self.tracker);
         for seq in seqs {
             t.forgetting.remove(seq);
         }
         result
+    }
+}
+
+impl Shared {
+    /// Takes the queued notices `seqs` out of their groups: the writes that put each group
+    /// back without them (or delete it when none is left), and each taken notice's sequence
+    /// number and record. Sequence numbers not queued are skipped. Call with `groups` locked
+    /// and write the result before unlocking.
+    #[allow(clippy::type_complexity)]
+    fn take_members(
+        &self,
+        db: &sled::Db,
+        seqs: &[u64],
+    ) -> Result<(Ops, Vec<(u64, Vec<u8>)>), OutboxError> {
+        let mut seqs = seqs.to_vec();
+        seqs.sort_unstable();
+        seqs.dedup();
+        let mut ops = Ops::default();
+        let mut taken = Vec::new();
+        let mut i = 0;
+        while i < seqs.len() {
+            let Some((k, v)) = group_at(db, seqs[i])? else {
+                i += 1;
+                continue;
+            };
+            let key_seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+            let members = decode_group(key_seq, &v).ok_or_else(|| corrupt(&k))?;
+            let last = members.last().map_or(key_seq, |m| m.0);
+            // The sequence numbers this group can hold; the first one is past it if none.
+            let here = &seqs[i..i + seqs[i..].partition_point(|&s| s <= last).max(1)];
+            i += here.len();
+            let (gone, keep): (Vec<_>, Vec<_>) = members
+                .into_iter()
+                .partition(|(s, _)| here.binary_search(s).is_ok());
+            if gone.is_empty() {
+                continue;
+            }
+            if keep.is_empty() {
+                ops.remove(k);
+            } else {
+                ops.insert(k, encode_group(keep.into_iter()));
+            }
+            taken.extend(gone.into_iter().map(|(s, r)| (s, r.to_vec())));
+        }
+        Ok((ops, taken))
+    }
+}
+
+/// The `q` entry that holds queued sequence number `seq` if anything does: the last one at
+/// or below it.
+fn group_at(db: &sled::Db, seq: u64) -> Result<Option<(sled::IVec, sled::IVec)>, OutboxError> {
+    match db.range(seq_key(Q, 0)..=seq_key(Q, seq)).next_back() {
+        Some(kv) => Ok(Some(kv?)),
+        None => Ok(None),
     }
 }
 
@@ -580,10 +706,14 @@ impl Outbox {
         let stats = Arc::new(OutboxStats::default());
         let mut ready = 0u64;
         let mut committed = 0u64;
-        for k in db.scan_prefix([Q]).keys() {
-            let k = k?;
-            committed = seq_of(&k).ok_or_else(|| corrupt(&k))?;
-            ready += 1;
+        for kv in db.scan_prefix([Q]) {
+            let (k, v) = kv?;
+            let key_seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+            let members = decode_group(key_seq, &v).ok_or_else(|| corrupt(&k))?;
+            if let Some(&(last, _)) = members.last() {
+                committed = last;
+            }
+            ready += members.len() as u64;
         }
         let mut deferred = 0u64;
         let mut next_due = i64::MAX;
@@ -604,6 +734,7 @@ impl Outbox {
             next_due: Mutex::new(next_due),
             promote_requested: std::sync::atomic::AtomicBool::new(false),
             tracker: Mutex::new(Tracker::default()),
+            groups: Mutex::new(()),
             clock: cfg.clock.clone(),
             max_age_ms: i64::try_from(cfg.max_age.as_millis()).unwrap_or(i64::MAX),
             journal: journal.clone(),
@@ -766,27 +897,37 @@ impl Outbox {
     pub fn list(&self, limit: usize) -> Result<Vec<QueuedItem>, OutboxError> {
         self.shared.journal.caught_up();
         let mut out = Vec::new();
-        let queued = self.db.scan_prefix([Q]).map(|kv| (kv, false));
-        let deferred = self.db.scan_prefix([D]).map(|kv| (kv, true));
-        for (kv, is_deferred) in queued.chain(deferred) {
+        let item = |seq, not_before_ms, r: Record| QueuedItem {
+            seq,
+            id: r.id,
+            enqueued_at_ms: r.enqueued_at_ms,
+            attempts: r.attempts,
+            not_before_ms,
+            last_reason: r.reason,
+            payload: r.payload,
+        };
+        'queued: for kv in self.db.scan_prefix([Q]) {
+            let (k, v) = kv?;
+            let key_seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+            for (seq, rec) in decode_group(key_seq, &v).ok_or_else(|| corrupt(&k))? {
+                if out.len() >= limit {
+                    break 'queued;
+                }
+                if lock(&self.shared.tracker).forgetting.contains(&seq) {
+                    continue;
+                }
+                let r = Record::decode(rec).ok_or_else(|| corrupt(&k))?;
+                out.push(item(seq, None, r));
+            }
+        }
+        for kv in self.db.scan_prefix([D]) {
             if out.len() >= limit {
                 break;
             }
             let (k, v) = kv?;
             let seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
-            if !is_deferred && lock(&self.shared.tracker).forgetting.contains(&seq) {
-                continue;
-            }
             let r = Record::decode(&v).ok_or_else(|| corrupt(&k))?;
-            out.push(QueuedItem {
-                seq,
-                id: r.id,
-                enqueued_at_ms: r.enqueued_at_ms,
-                attempts: r.attempts,
-                not_before_ms: if is_deferred { not_before_of(&k) } else { None },
-                last_reason: r.reason,
-                payload: r.payload,
-            });
+            out.push(item(seq, not_before_of(&k), r));
         }
         Ok(out)
     }
@@ -900,25 +1041,36 @@ impl Outbox {
         {
             // Held across the scan: only the committer's bulk deletions contend for it.
             let mut t = lock(&self.shared.tracker);
-            for kv in self.db.range(seq_key(Q, start)..=seq_key(Q, end)) {
+            // From the group holding `start` (if that one is still queued).
+            let from = match group_at(&self.db, start)? {
+                Some((k, _)) => k.to_vec(),
+                None => seq_key(Q, start).to_vec(),
+            };
+            'scan: for kv in self.db.range(from..=seq_key(Q, end).to_vec()) {
                 let (k, v) = kv?;
-                let seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
-                if t.forgetting.contains(&seq) {
-                    // Acknowledged, deletion pending: never offered again.
-                    continue;
-                }
-                if Record::enqueued_at(&v).is_some_and(|at| at < oldest) {
-                    expired.push((k, v));
-                    if expired.len() >= MAX_EXPIRE {
-                        break;
+                let key_seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+                for (seq, rec) in decode_group(key_seq, &v).ok_or_else(|| corrupt(&k))? {
+                    // Before the cursor, or in a commit `committed` does not cover yet.
+                    if seq < start || seq > end {
+                        continue;
                     }
-                    continue;
-                }
-                let (id, payload) = Record::id_and_payload(&v).ok_or_else(|| corrupt(&k))?;
-                t.handed.insert(id, seq);
-                out.push(OutItem { seq, id, payload });
-                if out.len() >= max {
-                    break;
+                    if t.forgetting.contains(&seq) {
+                        // Acknowledged, deletion pending: never offered again.
+                        continue;
+                    }
+                    if Record::enqueued_at(rec).is_some_and(|at| at < oldest) {
+                        expired.push(seq);
+                        if expired.len() >= MAX_EXPIRE {
+                            break 'scan;
+                        }
+                        continue;
+                    }
+                    let (id, payload) = Record::id_and_payload(rec).ok_or_else(|| corrupt(&k))?;
+                    t.handed.insert(id, seq);
+                    out.push(OutItem { seq, id, payload });
+                    if out.len() >= max {
+                        break 'scan;
+                    }
                 }
             }
         }
@@ -930,20 +1082,23 @@ impl Outbox {
 
     /// Moves queued notices older than `max_age` to the dead letters (not synced, like the
     /// link client's other writes).
-    fn expire(&self, items: Vec<(sled::IVec, sled::IVec)>, now: i64) -> Result<(), OutboxError> {
+    fn expire(&self, seqs: Vec<u64>, now: i64) -> Result<(), OutboxError> {
         let reason = format!(
             "expired: not delivered within {} s",
             self.shared.max_age_ms / 1000
         );
-        let mut batch = Ops::default();
-        for (k, v) in &items {
-            let seq = seq_of(k).ok_or_else(|| corrupt(k))?;
-            let r = Record::decode(v).ok_or_else(|| corrupt(k))?;
-            batch.remove(k);
-            batch.insert(&seq_key(X, seq)[..], dead_value(now, &reason, &r));
+        let _groups = lock(&self.shared.groups);
+        // Only what is still queued: an ACK may have come in since the scan.
+        let (mut batch, taken) = self.shared.take_members(&self.db, &seqs)?;
+        if taken.is_empty() {
+            return Ok(());
+        }
+        for (seq, rec) in &taken {
+            let r = Record::decode(rec).ok_or_else(|| corrupt(&seq_key(Q, *seq)))?;
+            batch.insert(&seq_key(X, *seq)[..], dead_value(now, &reason, &r));
         }
         self.write(&batch, false)?;
-        let n = items.len() as u64;
+        let n = taken.len() as u64;
         self.shared.sub_depth(n);
         self.stats.dead_lettered.fetch_add(n, Ordering::Relaxed);
         self.stats.dead.fetch_add(n, Ordering::Relaxed);
@@ -977,42 +1132,63 @@ impl Outbox {
         }
     }
 
-    /// The key and record of a queued id: from the index of handed-out ids, else by a scan.
-    fn take_queued(&self, id: &NotifId) -> Result<Option<([u8; 9], Record)>, OutboxError> {
+    /// The sequence number of a queued id: from the index of handed-out ids, else by a scan.
+    /// Call with `groups` locked.
+    fn find_queued(&self, id: &NotifId) -> Result<Option<u64>, OutboxError> {
         self.shared.journal.caught_up();
-        let seq = lock(&self.shared.tracker).handed.remove(id);
-        if let Some(seq) = seq {
-            let k = seq_key(Q, seq);
-            if let Some(v) = self.db.get(k)? {
-                return Ok(Some((k, Record::decode(&v).ok_or_else(|| corrupt(&k))?)));
+        let holds = |key_seq: u64, v: &[u8], seq: Option<u64>| -> Option<Option<u64>> {
+            let found = decode_group(key_seq, v)?
+                .into_iter()
+                .find(|(s, r)| seq.is_none_or(|q| q == *s) && Record::id_of(r) == Some(*id))
+                .map(|(s, _)| s);
+            Some(found)
+        };
+        let handed = lock(&self.shared.tracker).handed.remove(id);
+        if let Some(seq) = handed {
+            if let Some((k, v)) = group_at(&self.db, seq)? {
+                let key_seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+                if let Some(found) = holds(key_seq, &v, Some(seq)).ok_or_else(|| corrupt(&k))? {
+                    return Ok(Some(found));
+                }
             }
         }
         for kv in self.db.scan_prefix([Q]) {
             let (k, v) = kv?;
-            if Record::id_of(&v) == Some(*id) {
-                let seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
-                let r = Record::decode(&v).ok_or_else(|| corrupt(&k))?;
-                return Ok(Some((seq_key(Q, seq), r)));
+            let key_seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
+            if let Some(found) = holds(key_seq, &v, None).ok_or_else(|| corrupt(&k))? {
+                return Ok(Some(found));
             }
         }
         Ok(None)
     }
 
+    /// Takes a queued id out of its group: the writes doing that and its sequence number and
+    /// record. Call with `groups` locked and write the result before unlocking.
+    fn take_queued(&self, id: &NotifId) -> Result<Option<(Ops, u64, Record)>, OutboxError> {
+        let Some(seq) = self.find_queued(id)? else {
+            return Ok(None);
+        };
+        let (ops, taken) = self.shared.take_members(&self.db, &[seq])?;
+        let Some((seq, rec)) = taken.into_iter().next() else {
+            return Ok(None);
+        };
+        let r = Record::decode(&rec).ok_or_else(|| corrupt(&seq_key(Q, seq)))?;
+        Ok(Some((ops, seq, r)))
+    }
+
     fn defer(&self, id: NotifId, after: Duration, reason: &str) -> Result<(), OutboxError> {
         let mut next_due = lock(&self.shared.next_due);
-        let Some((k, mut r)) = self.take_queued(&id)? else {
+        let _groups = lock(&self.shared.groups);
+        let Some((mut batch, seq, mut r)) = self.take_queued(&id)? else {
             debug!(notif_id = %id, "retry-later for a notice that is not queued; ignored");
             return Ok(());
         };
-        let seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
         let due = self
             .shared
             .now()
             .saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX));
         r.attempts = r.attempts.saturating_add(1);
         r.reason = reason.to_string();
-        let mut batch = Ops::default();
-        batch.remove(&k[..]);
         batch.insert(&deferred_key(due, seq)[..], r.encode());
         self.write(&batch, false)?;
         *next_due = (*next_due).min(due);
@@ -1021,13 +1197,11 @@ impl Outbox {
     }
 
     fn bury(&self, id: NotifId, reason: &str) -> Result<(), OutboxError> {
-        let Some((k, r)) = self.take_queued(&id)? else {
+        let _groups = lock(&self.shared.groups);
+        let Some((mut batch, seq, r)) = self.take_queued(&id)? else {
             debug!(notif_id = %id, "dead letter for a notice that is not queued; ignored");
             return Ok(());
         };
-        let seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
-        let mut batch = Ops::default();
-        batch.remove(&k[..]);
         batch.insert(
             &seq_key(X, seq)[..],
             dead_value(self.shared.now(), reason, &r),
@@ -1269,6 +1443,7 @@ impl Committer {
 
     /// Applies and journals one group commit (synced), then answers its callers.
     fn apply(&self, mut round: Round) {
+        round.seal();
         // Counted before the batch is visible, so depth never under-counts what `ready` sees.
         let added = round.enqueued + round.requeued;
         self.shared.depth.fetch_add(added, Ordering::AcqRel);
@@ -1539,6 +1714,9 @@ enum Reply {
 struct Round {
     batch: Ops,
     undo: Ops,
+    /// The queue entries this round creates, `(seq, record)` in sequence order: one `q` value
+    /// under the first one's sequence number (see [`Round::seal`]).
+    group: Vec<(u64, Vec<u8>)>,
     /// Keys moved to the queue in this round (a dead letter is requeued once).
     taken: HashSet<sled::IVec>,
     max_seq: u64,
@@ -1556,11 +1734,20 @@ struct Round {
 
 impl Round {
     fn insert(&mut self, seq: u64, record: Vec<u8>) {
-        let k = seq_key(Q, seq);
-        self.batch.insert(&k[..], record);
-        self.undo.remove(&k[..]);
+        self.group.push((seq, record));
         self.max_seq = self.max_seq.max(seq);
         self.writes += 1;
+    }
+
+    /// Puts the round's new queue entries into the batch, as one group.
+    fn seal(&mut self) {
+        if let Some(&(first, _)) = self.group.first() {
+            let k = seq_key(Q, first);
+            let members = self.group.iter().map(|(s, r)| (*s, r.as_slice()));
+            self.batch.insert(&k[..], encode_group(members));
+            self.undo.remove(&k[..]);
+            self.group.clear();
+        }
     }
 
     /// Moves an entry (deferred or dead) to the queue under `seq`.
@@ -2064,5 +2251,135 @@ mod tests {
         let long = "错".repeat(MAX_REASON);
         let cut = truncated(&long, MAX_REASON);
         assert!(cut.len() <= MAX_REASON && long.starts_with(cut));
+    }
+
+    #[test]
+    fn groups_round_trip_and_reject_damage() {
+        let recs: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| {
+                Record {
+                    enqueued_at_ms: 1,
+                    attempts: 0,
+                    id: NotifId::random(),
+                    reason: String::new(),
+                    payload: vec![i; usize::from(i) * 7],
+                }
+                .encode()
+            })
+            .collect();
+        let members = [
+            (10u64, &recs[0][..]),
+            (11, &recs[1][..]),
+            (15, &recs[2][..]),
+        ];
+        let enc = encode_group(members.iter().copied());
+        assert_eq!(decode_group(10, &enc).unwrap(), members.to_vec());
+        // A value written before groups is a group of one under its key's number.
+        assert_eq!(decode_group(4, &recs[0]).unwrap(), vec![(4, &recs[0][..])]);
+        for cut in 0..enc.len() {
+            assert_eq!(decode_group(10, &enc[..cut]), None, "cut at {cut}");
+        }
+        let mut longer = enc.clone();
+        longer.push(0);
+        assert_eq!(decode_group(10, &longer), None, "trailing bytes");
+        // Members below the key, or out of order, are damage.
+        assert_eq!(decode_group(11, &enc), None);
+        let swapped = encode_group([(11u64, &recs[0][..]), (10, &recs[1][..])].into_iter());
+        assert_eq!(decode_group(10, &swapped), None);
+        let mut unknown = enc;
+        unknown[0] = 9;
+        assert_eq!(decode_group(10, &unknown), None);
+    }
+
+    /// One group commit is one `q` value; acks, retry-later and dead letters take single
+    /// members out of it, and what is left survives a reopen.
+    #[tokio::test]
+    async fn members_of_one_commit_leave_their_group_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o");
+        let ob = Outbox::open(&path, OutboxConfig::default()).unwrap();
+        let ns: Vec<_> = (0..6).map(notice).collect();
+        ob.enqueue(ns.clone()).await.unwrap();
+        ob.shared.journal.caught_up();
+        assert_eq!(ob.db.scan_prefix([Q]).count(), 1, "one commit, one value");
+        let ready = ob.ready(None, 10).unwrap();
+        assert_eq!(ids(&ready), ns.iter().map(|n| n.id).collect::<Vec<_>>());
+        // The middle of the group: acked, deferred, dead-lettered.
+        ob.acked(&[ns[1].id, ns[4].id]).unwrap();
+        ob.retry_later(ns[2].id, Duration::from_secs(3600), "busy")
+            .unwrap();
+        ob.dead_letter(ns[3].id, "no such number").unwrap();
+        ob.barrier();
+        // Reading from inside the group (the cursor past its first member) works too.
+        assert_eq!(
+            ids(&ob.ready(Some(ready[0].seq), 10).unwrap()),
+            vec![ns[5].id]
+        );
+        ob.close();
+        drop(ob);
+        let ob = Outbox::open(&path, OutboxConfig::default()).unwrap();
+        assert_eq!(ob.depth(), 3, "two queued and one deferred");
+        assert_eq!(ids(&ob.ready(None, 10).unwrap()), vec![ns[0].id, ns[5].id]);
+        let listed: Vec<_> = ob.list(10).unwrap().into_iter().map(|i| i.id).collect();
+        assert_eq!(listed, vec![ns[0].id, ns[5].id, ns[2].id]);
+        let dead = ob.dead_letters(10).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (dead[0].id, dead[0].reason.as_str()),
+            (ns[3].id, "no such number")
+        );
+        // The last members gone, the group's value goes too.
+        ob.acked(&[ns[0].id, ns[5].id]).unwrap();
+        ob.barrier();
+        ob.close();
+        drop(ob);
+        let ob = Outbox::open(&path, OutboxConfig::default()).unwrap();
+        assert!(ob.ready(None, 10).unwrap().is_empty());
+        assert_eq!(ob.db.scan_prefix([Q]).count(), 0);
+        assert_eq!(ob.depth(), 1, "the deferred one");
+    }
+
+    /// A store written before groups keeps one record per `q` key: it is read, sent and
+    /// acknowledged like any other.
+    #[tokio::test]
+    async fn a_store_from_before_groups_is_read_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o");
+        let ns: Vec<_> = (0..2).map(notice).collect();
+        {
+            let db = sled::open(&path).unwrap();
+            for (seq, n) in [7u64, 9].into_iter().zip(&ns) {
+                let r = Record {
+                    enqueued_at_ms: 1_700_000_000_000,
+                    attempts: 0,
+                    id: n.id,
+                    reason: String::new(),
+                    payload: n.encode_payload().unwrap(),
+                };
+                db.insert(seq_key(Q, seq), r.encode()).unwrap();
+                let _ = db.generate_id().unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let (_, cfg) = manual_clock();
+        let ob = Outbox::open(&path, cfg).unwrap();
+        assert_eq!(ob.depth(), 2);
+        let ready = ob.ready(None, 10).unwrap();
+        assert_eq!(
+            ready.iter().map(|i| (i.seq, i.id)).collect::<Vec<_>>(),
+            vec![(7, ns[0].id), (9, ns[1].id)]
+        );
+        assert_eq!(
+            Notification::decode_payload(ready[1].id, &ready[1].payload).unwrap(),
+            ns[1]
+        );
+        let fresh = notice(3);
+        ob.enqueue(vec![fresh.clone()]).await.unwrap();
+        ob.acked(&[ns[0].id]).unwrap();
+        ob.barrier();
+        assert_eq!(
+            ids(&ob.ready(Some(7), 10).unwrap()),
+            vec![ns[1].id, fresh.id]
+        );
     }
 }
