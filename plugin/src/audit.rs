@@ -75,7 +75,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -539,7 +539,15 @@ impl Default for AuditQuery {
 type Reply = mpsc::SyncSender<Result<(), io::Error>>;
 
 enum Msg {
-    Event { at_ms: i64, event: AuditEvent },
+    Event {
+        at_ms: i64,
+        event: AuditEvent,
+    },
+    /// Several events at once: one channel slot and at most one wakeup of the writer.
+    Events {
+        at_ms: i64,
+        events: Vec<AuditEvent>,
+    },
     Flush(Reply),
     Stop,
 }
@@ -567,6 +575,9 @@ struct Inner {
     pending_rx: Mutex<Option<mpsc::Receiver<Msg>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     drop_warn: RateLimit,
+    /// Events in the channel; the channel's capacity bounds this, not its slots.
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
     /// Held (not used) for its file lock, until the last clone is dropped.
     _lock: sled::Db,
 }
@@ -615,6 +626,8 @@ impl AuditLog {
                 pending_rx: Mutex::new(Some(rx)),
                 writer: Mutex::new(None),
                 drop_warn: RateLimit::new(1000),
+                queued: Arc::new(AtomicUsize::new(0)),
+                capacity: cfg.channel_capacity.max(1),
                 _lock: lock,
             }),
         })
@@ -631,21 +644,49 @@ impl AuditLog {
 
     /// Records `event` as happening at `at_ms` (ms since the Unix epoch).
     pub fn record_at(&self, at_ms: i64, event: AuditEvent) {
-        let stats = &self.inner.store.stats;
-        match self.inner.tx.try_send(Msg::Event { at_ms, event }) {
-            Ok(()) => {
-                stats.recorded.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                let dropped = stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if self.inner.drop_warn.allow(now_ms()) {
-                    let why = match e {
+        self.send(1, Msg::Event { at_ms, event });
+    }
+
+    /// Records `events` as happening now, in order, as one message to the writer (a scheduler
+    /// round's events: one wakeup of the writer instead of one per event). Dropped whole if
+    /// they do not all fit in the channel's capacity.
+    pub fn record_all(&self, events: Vec<AuditEvent>) {
+        match events.len() {
+            0 => {}
+            n => self.send(
+                n,
+                Msg::Events {
+                    at_ms: now_ms(),
+                    events,
+                },
+            ),
+        }
+    }
+
+    fn send(&self, n: usize, msg: Msg) {
+        let inner = &*self.inner;
+        let stats = &inner.store.stats;
+        let why = if inner.queued.fetch_add(n, Ordering::AcqRel) + n > inner.capacity {
+            inner.queued.fetch_sub(n, Ordering::AcqRel);
+            "the writer is behind"
+        } else {
+            match inner.tx.try_send(msg) {
+                Ok(()) => {
+                    stats.recorded.fetch_add(n as u64, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    inner.queued.fetch_sub(n, Ordering::AcqRel);
+                    match e {
                         mpsc::TrySendError::Full(_) => "the writer is behind",
                         mpsc::TrySendError::Disconnected(_) => "the writer has stopped",
-                    };
-                    warn!(dropped, "audit events dropped: {why}");
+                    }
                 }
             }
+        };
+        let dropped = stats.dropped.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        if inner.drop_warn.allow(now_ms()) {
+            warn!(dropped, "audit events dropped: {why}");
         }
     }
 
@@ -713,6 +754,7 @@ impl Inner {
         };
         let writer = Writer {
             store: self.store.clone(),
+            queued: self.queued.clone(),
             sync_tx,
             syncer,
         };
@@ -1827,6 +1869,8 @@ fn sync_files(rx: mpsc::Receiver<SyncJob>, stats: &AuditStats) {
 /// between groups.
 struct Writer {
     store: Arc<Store>,
+    /// Events in the channel (see `Inner::queued`).
+    queued: Arc<AtomicUsize>,
     sync_tx: mpsc::SyncSender<SyncJob>,
     syncer: std::thread::JoinHandle<()>,
 }
@@ -1854,16 +1898,27 @@ impl Writer {
                 let mut msg = Some(first);
                 let mut taken = 0usize;
                 while let Some(m) = msg.take() {
+                    let mut write = |at_ms, event| {
+                        if let Err(e) = store.write(&mut st, at_ms, event, &mut line, &mut scratch)
+                        {
+                            store.stats.errors.fetch_add(1, Ordering::Relaxed);
+                            if error_warn.allow(now_ms()) {
+                                error!(error = %e, "audit log write failed");
+                            }
+                            st.error.get_or_insert(e);
+                        }
+                    };
                     match m {
                         Msg::Event { at_ms, event } => {
-                            if let Err(e) =
-                                store.write(&mut st, at_ms, event, &mut line, &mut scratch)
-                            {
-                                store.stats.errors.fetch_add(1, Ordering::Relaxed);
-                                if error_warn.allow(now_ms()) {
-                                    error!(error = %e, "audit log write failed");
-                                }
-                                st.error.get_or_insert(e);
+                            self.queued.fetch_sub(1, Ordering::AcqRel);
+                            write(at_ms, event);
+                            flush_at
+                                .get_or_insert_with(|| Instant::now() + store.limits.flush_every);
+                        }
+                        Msg::Events { at_ms, events } => {
+                            self.queued.fetch_sub(events.len(), Ordering::AcqRel);
+                            for event in events {
+                                write(at_ms, event);
                             }
                             flush_at
                                 .get_or_insert_with(|| Instant::now() + store.limits.flush_every);
@@ -3023,6 +3078,38 @@ mod tests {
         other.record(created("late", "u"));
         assert_eq!(stats.dropped.load(Ordering::Relaxed), 9);
         assert!(matches!(other.flush(), Err(AuditError::Stopped)));
+    }
+
+    /// A batch is one channel message, but the capacity still counts events: a batch that does
+    /// not fit is dropped whole, and what is written keeps the recording order.
+    #[test]
+    fn batches_count_against_the_capacity_by_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AuditConfig {
+            channel_capacity: 5,
+            ..Default::default()
+        };
+        let log = AuditLog::open_paused(&dir.path().join("audit"), &cfg, LOCK_WAIT).unwrap();
+        let batch = |names: &[&str]| names.iter().map(|n| created(n, "u")).collect::<Vec<_>>();
+        log.record_all(batch(&["a1", "a2", "a3"]));
+        log.record_all(batch(&["b1", "b2", "b3"]));
+        log.record_all(Vec::new());
+        log.record(created("c1", "u"));
+        log.record_all(batch(&["d1"]));
+        let stats = log.stats();
+        assert_eq!(stats.recorded.load(Ordering::Relaxed), 5);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 3, "b dropped whole");
+        log.start_writer().unwrap();
+        log.flush().unwrap();
+        assert_eq!(
+            notices(&log.query(&q()).unwrap()),
+            ["a1", "a2", "a3", "c1", "d1"]
+        );
+        // Written events free their room.
+        log.record_all(batch(&["e1", "e2", "e3", "e4", "e5"]));
+        log.flush().unwrap();
+        assert_eq!(stats.written.load(Ordering::Relaxed), 10);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 3);
     }
 
     #[test]

@@ -959,9 +959,7 @@ impl Scheduler {
             match result {
                 Ok(_) => {
                     bump(&stats.queued, queued);
-                    for a in audits {
-                        audit.record(a);
-                    }
+                    audit.record_all(audits);
                     for r in replies {
                         let _ = r.send(Ok(()));
                     }

@@ -59,6 +59,7 @@ impl LinkOutbox for AuditedOutbox {
         }
         let agent = self.agent();
         let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut events = Vec::with_capacity(items.len());
         for it in &items {
             let user = Notification::decode_payload(it.id, &it.payload)
                 .ok()
@@ -68,25 +69,28 @@ impl LinkOutbox for AuditedOutbox {
                     users.insert(it.id, u.clone());
                 }
             }
-            self.audit.record(AuditEvent::Sent {
+            events.push(AuditEvent::Sent {
                 notice: it.id.to_string(),
                 user,
                 agent: agent.clone(),
             });
         }
+        self.audit.record_all(events);
         Ok(items)
     }
 
     fn acked(&self, ids: &[NotifId]) -> Result<(), StoreError> {
         self.outbox.acked(ids)?;
         let agent = self.agent();
-        for id in ids {
-            self.audit.record(AuditEvent::Acked {
+        let events = ids
+            .iter()
+            .map(|id| AuditEvent::Acked {
                 notice: id.to_string(),
                 user: self.settled_user(id),
                 agent: agent.clone(),
-            });
-        }
+            })
+            .collect();
+        self.audit.record_all(events);
         Ok(())
     }
 
