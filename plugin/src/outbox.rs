@@ -2003,6 +2003,81 @@ mod tests {
         assert_eq!(ob.depth(), 0);
     }
 
+    /// ACKs (the committer's bulk deletes and the client's own when the committer is busy),
+    /// retry-later and dead letters rewrite the same groups from three threads at once; none
+    /// loses another's change.
+    #[test]
+    fn concurrent_changes_to_one_group_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o");
+        let ob = Outbox::open(&path, OutboxConfig::default()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let all: Vec<_> = (0..600).map(notice).collect();
+        // Two commits: two groups of 300.
+        for half in all.chunks(300) {
+            rt.block_on(ob.enqueue(half.to_vec())).unwrap();
+        }
+        let items = ob.ready(None, 1000).unwrap();
+        assert_eq!(items.len(), 600);
+        let ids: Vec<NotifId> = items.iter().map(|i| i.id).collect();
+        let part = |r: usize| ids.iter().copied().skip(r).step_by(3).collect::<Vec<_>>();
+        let (ack, defer, bury) = (part(0), part(1), part(2));
+        std::thread::scope(|s| {
+            let o = ob.clone();
+            s.spawn(move || {
+                for (i, chunk) in ack.chunks(10).enumerate() {
+                    if i % 2 == 0 {
+                        o.acked(chunk).unwrap();
+                    } else {
+                        // The path an ACK takes when the committer's queue is full.
+                        for id in chunk {
+                            let seq = lock(&o.shared.tracker).handed.remove(id).unwrap();
+                            o.shared.sub_depth(1);
+                            o.shared.forget(&o.db, &[seq]).unwrap();
+                        }
+                    }
+                }
+            });
+            let o = ob.clone();
+            s.spawn(move || {
+                for id in defer {
+                    o.retry_later(id, Duration::from_secs(3600), "busy")
+                        .unwrap();
+                }
+            });
+            let o = ob.clone();
+            s.spawn(move || {
+                for id in bury {
+                    o.dead_letter(id, "refused").unwrap();
+                }
+            });
+        });
+        ob.close();
+        drop(ob);
+        let ob = Outbox::open(&path, OutboxConfig::default()).unwrap();
+        assert!(
+            ob.ready(None, 1000).unwrap().is_empty(),
+            "nothing left queued"
+        );
+        let deferred: HashSet<NotifId> = ob.list(1000).unwrap().iter().map(|i| i.id).collect();
+        assert_eq!(deferred, part(1).into_iter().collect());
+        let dead: HashSet<NotifId> = ob
+            .dead_letters(1000)
+            .unwrap()
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(dead, part(2).into_iter().collect());
+        assert_eq!(ob.depth(), 200);
+        assert_eq!(
+            ob.db.scan_prefix([Q]).count(),
+            0,
+            "emptied groups are deleted"
+        );
+    }
+
     #[tokio::test]
     async fn durable_across_close_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
