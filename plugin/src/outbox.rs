@@ -312,6 +312,10 @@ fn corrupt(k: &[u8]) -> OutboxError {
 const GROUP_VERSION: u8 = 2;
 /// Per member: sequence number and record length.
 const MEMBER_HEAD: usize = 8 + 4;
+/// Most notices in one group (about 80 KB). A commit that queues more (a requeue of many dead
+/// letters, a big `enqueue`) makes several groups, so taking one member out never rewrites
+/// megabytes.
+const GROUP_MAX: usize = 256;
 
 /// The members of a `q` value, `(sequence number, record)` in sequence order. `key_seq` is
 /// the key's sequence number: a single record is its only member.
@@ -1714,8 +1718,8 @@ enum Reply {
 struct Round {
     batch: Ops,
     undo: Ops,
-    /// The queue entries this round creates, `(seq, record)` in sequence order: one `q` value
-    /// under the first one's sequence number (see [`Round::seal`]).
+    /// The queue entries this round creates, `(seq, record)` in sequence order: `q` values of
+    /// up to [`GROUP_MAX`] under their first one's sequence number (see [`Round::seal`]).
     group: Vec<(u64, Vec<u8>)>,
     /// Keys moved to the queue in this round (a dead letter is requeued once).
     taken: HashSet<sled::IVec>,
@@ -1739,15 +1743,16 @@ impl Round {
         self.writes += 1;
     }
 
-    /// Puts the round's new queue entries into the batch, as one group.
+    /// Puts the round's new queue entries into the batch as groups of at most
+    /// [`GROUP_MAX`].
     fn seal(&mut self) {
-        if let Some(&(first, _)) = self.group.first() {
-            let k = seq_key(Q, first);
-            let members = self.group.iter().map(|(s, r)| (*s, r.as_slice()));
+        for chunk in self.group.chunks(GROUP_MAX) {
+            let k = seq_key(Q, chunk[0].0);
+            let members = chunk.iter().map(|(s, r)| (*s, r.as_slice()));
             self.batch.insert(&k[..], encode_group(members));
             self.undo.remove(&k[..]);
-            self.group.clear();
         }
+        self.group.clear();
     }
 
     /// Moves an entry (deferred or dead) to the queue under `seq`.
@@ -2377,6 +2382,23 @@ mod tests {
         ob.enqueue(ns.clone()).await.unwrap();
         ob.shared.journal.caught_up();
         assert_eq!(ob.db.scan_prefix([Q]).count(), 1, "one commit, one value");
+        // A bigger commit is cut into groups of at most GROUP_MAX.
+        let many: Vec<_> = (0..(2 * GROUP_MAX + 3) as u32).map(notice).collect();
+        ob.enqueue(many.clone()).await.unwrap();
+        ob.shared.journal.caught_up();
+        let sizes: Vec<usize> = ob
+            .db
+            .scan_prefix([Q])
+            .skip(1)
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                decode_group(seq_of(&k).unwrap(), &v).unwrap().len()
+            })
+            .collect();
+        assert_eq!(sizes, vec![GROUP_MAX, GROUP_MAX, 3]);
+        let all = ob.ready(None, 10_000).unwrap();
+        assert_eq!(all.len(), 6 + many.len());
+        ob.acked(&ids(&all[6..])).unwrap();
         let ready = ob.ready(None, 10).unwrap();
         assert_eq!(ids(&ready), ns.iter().map(|n| n.id).collect::<Vec<_>>());
         // The middle of the group: acked, deferred, dead-lettered.
