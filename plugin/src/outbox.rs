@@ -29,8 +29,8 @@
 //! ```
 //! Sequence numbers come from `sled::Db::generate_id`, which is monotonic across restarts.
 //!
-//! Groups: the notices a group commit queues are **one** sled value under the first one's
-//! sequence number, not one value each. sled copies a leaf for every insert, so a milter
+//! Groups: the notices a group commit queues are **one** sled value (up to 256 notices) under
+//! the first one's sequence number, not one value each. sled copies a leaf for every insert, so a milter
 //! message with five notices cost five inserts, the largest CPU cost of the intake after the
 //! protocol itself (docs/benchmarks.md); one insert per commit costs a tenth of that. Commits
 //! take sequence numbers in order, so groups cover disjoint ranges: the group holding `seq` is
