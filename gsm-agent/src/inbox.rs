@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use mailbell_link::durable::{open_waiting, OpenWaiting};
 use mailbell_link::net::Inbox as LinkInbox;
 use mailbell_link::receiver::Outcome;
 use mailbell_link::{NackClass, NotifId, Notification};
@@ -46,6 +47,8 @@ use tracing::{error, info, warn};
 pub enum InboxError {
     #[error("open inbox at {path}: {source}")]
     Open { path: String, source: sled::Error },
+    #[error("inbox at {path} is already open (by this or another process)")]
+    Locked { path: String },
     #[error("inbox store: {0}")]
     Store(#[from] sled::Error),
     #[error("inbox committer is not running")]
@@ -265,28 +268,18 @@ impl Inbox {
     /// agent's predecessor, or sled's I/O threads finishing after a close). Blocking.
     pub fn open(path: &Path, cfg: InboxConfig, validator: Validator) -> Result<Self, InboxError> {
         // A predecessor's sled I/O threads may hold the lock for a moment after its close.
-        let give_up = std::time::Instant::now() + LOCK_WAIT;
-        let db = loop {
-            match sled::Config::new()
-                .path(path)
-                .mode(sled::Mode::HighThroughput)
-                .open()
-            {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < give_up =>
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(source) => {
-                    return Err(InboxError::Open {
-                        path: path.display().to_string(),
-                        source,
-                    })
-                }
-            }
-        };
+        let config = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput);
+        let db = open_waiting(&config, LOCK_WAIT).map_err(|e| match e {
+            OpenWaiting::Locked => InboxError::Locked {
+                path: path.display().to_string(),
+            },
+            OpenWaiting::Sled(source) => InboxError::Open {
+                path: path.display().to_string(),
+                source,
+            },
+        })?;
         let synced =
             mailbell_link::durable::SyncedFlush::open(path).map_err(|e| InboxError::Open {
                 path: path.display().to_string(),

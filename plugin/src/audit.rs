@@ -80,6 +80,7 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
+use mailbell_link::durable::{open_waiting, OpenWaiting};
 use tracing::{error, info, warn};
 
 /// Most events the writer takes off the channel before looking at its timers.
@@ -789,32 +790,19 @@ impl Drop for Inner {
 /// Takes the directory's lock: a sled store at `<path>/lock`, which holds an exclusive
 /// `flock` while open. Waits up to `wait` for a predecessor to let go.
 fn take_lock(path: &Path, wait: Duration) -> Result<sled::Db, AuditError> {
-    let give_up = Instant::now() + wait;
-    loop {
-        match sled::Config::new()
-            .path(path.join(LOCK_DIR))
-            .cache_capacity(1 << 20)
-            .flush_every_ms(None)
-            .open()
-        {
-            Ok(db) => return Ok(db),
-            // sled reports a held lock as an I/O error of kind Other with this text.
-            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                if Instant::now() >= give_up {
-                    return Err(AuditError::Locked {
-                        path: path.to_owned(),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(error) => {
-                return Err(AuditError::Lock {
-                    path: path.to_owned(),
-                    error,
-                })
-            }
-        }
-    }
+    let config = sled::Config::new()
+        .path(path.join(LOCK_DIR))
+        .cache_capacity(1 << 20)
+        .flush_every_ms(None);
+    open_waiting(&config, wait).map_err(|e| match e {
+        OpenWaiting::Locked => AuditError::Locked {
+            path: path.to_owned(),
+        },
+        OpenWaiting::Sled(error) => AuditError::Lock {
+            path: path.to_owned(),
+            error,
+        },
+    })
 }
 
 /// A segment file: the period it covers and its part number.

@@ -80,6 +80,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use mailbell_link::durable::{open_waiting, OpenWaiting};
 use mailbell_link::net::{OutItem, Outbox as LinkOutbox, StoreError};
 use mailbell_link::notification::PayloadError;
 use mailbell_link::{NotifId, Notification};
@@ -662,31 +663,18 @@ impl Outbox {
     /// close) before failing with [`OutboxError::Locked`]. Blocking (sled recovery, the lock
     /// wait): call it at startup or through `spawn_blocking`.
     pub fn open(path: &Path, cfg: OutboxConfig) -> Result<Self, OutboxError> {
-        let give_up = std::time::Instant::now() + cfg.lock_wait;
-        let db = loop {
-            match sled::Config::new()
-                .path(path)
-                .mode(sled::Mode::HighThroughput)
-                .open()
-            {
-                Ok(db) => break db,
-                // sled reports a held lock as an I/O error of kind Other with this text.
-                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                    if std::time::Instant::now() >= give_up {
-                        return Err(OutboxError::Locked {
-                            path: path.to_owned(),
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(error) => {
-                    return Err(OutboxError::Open {
-                        path: path.to_owned(),
-                        error,
-                    })
-                }
-            }
-        };
+        let config = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput);
+        let db = open_waiting(&config, cfg.lock_wait).map_err(|e| match e {
+            OpenWaiting::Locked => OutboxError::Locked {
+                path: path.to_owned(),
+            },
+            OpenWaiting::Sled(error) => OutboxError::Open {
+                path: path.to_owned(),
+                error,
+            },
+        })?;
         let synced = Arc::new(
             mailbell_link::durable::SyncedFlush::open(path).map_err(|e| OutboxError::Open {
                 path: path.to_owned(),

@@ -51,8 +51,9 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use mailbell_link::durable::{open_waiting, OpenWaiting};
 use serde::{Deserialize, Deserializer, Serialize};
 use sled::Transactional;
 use tracing::{info, warn};
@@ -634,27 +635,15 @@ impl UserStore {
 
     /// [`open`](Self::open) with a chosen lock wait.
     pub fn open_with(path: &Path, lock_wait: Duration) -> Result<Self, UserError> {
-        let give_up = Instant::now() + lock_wait;
-        let db = loop {
-            match sled::Config::new().path(path).open() {
-                Ok(db) => break db,
-                // sled reports a held lock as an I/O error of kind Other with this text.
-                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                    if Instant::now() >= give_up {
-                        return Err(UserError::Locked {
-                            path: path.to_owned(),
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(error) => {
-                    return Err(UserError::Open {
-                        path: path.to_owned(),
-                        error,
-                    })
-                }
-            }
-        };
+        let db = open_waiting(&sled::Config::new().path(path), lock_wait).map_err(|e| match e {
+            OpenWaiting::Locked => UserError::Locked {
+                path: path.to_owned(),
+            },
+            OpenWaiting::Sled(error) => UserError::Open {
+                path: path.to_owned(),
+                error,
+            },
+        })?;
         let users = db.open_tree("users")?;
         let aliases = db.open_tree("aliases")?;
         let mut index = Index::default();
@@ -1507,6 +1496,7 @@ impl Row {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn store() -> (tempfile::TempDir, UserStore) {
         let dir = tempfile::tempdir().unwrap();
