@@ -540,11 +540,7 @@ impl Default for AuditQuery {
 type Reply = mpsc::SyncSender<Result<(), io::Error>>;
 
 enum Msg {
-    Event {
-        at_ms: i64,
-        event: AuditEvent,
-    },
-    /// Several events at once: one channel slot and at most one wakeup of the writer.
+    /// Events recorded together: one channel slot and at most one wakeup of the writer.
     Events {
         at_ms: i64,
         events: Vec<AuditEvent>,
@@ -645,33 +641,27 @@ impl AuditLog {
 
     /// Records `event` as happening at `at_ms` (ms since the Unix epoch).
     pub fn record_at(&self, at_ms: i64, event: AuditEvent) {
-        self.send(1, Msg::Event { at_ms, event });
+        self.send(at_ms, vec![event]);
     }
 
     /// Records `events` as happening now, in order, as one message to the writer (a scheduler
     /// round's events: one wakeup of the writer instead of one per event). Dropped whole if
     /// they do not all fit in the channel's capacity.
     pub fn record_all(&self, events: Vec<AuditEvent>) {
-        match events.len() {
-            0 => {}
-            n => self.send(
-                n,
-                Msg::Events {
-                    at_ms: now_ms(),
-                    events,
-                },
-            ),
+        if !events.is_empty() {
+            self.send(now_ms(), events);
         }
     }
 
-    fn send(&self, n: usize, msg: Msg) {
+    fn send(&self, at_ms: i64, events: Vec<AuditEvent>) {
+        let n = events.len();
         let inner = &*self.inner;
         let stats = &inner.store.stats;
         let why = if inner.queued.fetch_add(n, Ordering::AcqRel) + n > inner.capacity {
             inner.queued.fetch_sub(n, Ordering::AcqRel);
             "the writer is behind"
         } else {
-            match inner.tx.try_send(msg) {
+            match inner.tx.try_send(Msg::Events { at_ms, events }) {
                 Ok(()) => {
                     stats.recorded.fetch_add(n as u64, Ordering::Relaxed);
                     return;
@@ -1886,27 +1876,19 @@ impl Writer {
                 let mut msg = Some(first);
                 let mut taken = 0usize;
                 while let Some(m) = msg.take() {
-                    let mut write = |at_ms, event| {
-                        if let Err(e) = store.write(&mut st, at_ms, event, &mut line, &mut scratch)
-                        {
-                            store.stats.errors.fetch_add(1, Ordering::Relaxed);
-                            if error_warn.allow(now_ms()) {
-                                error!(error = %e, "audit log write failed");
-                            }
-                            st.error.get_or_insert(e);
-                        }
-                    };
                     match m {
-                        Msg::Event { at_ms, event } => {
-                            self.queued.fetch_sub(1, Ordering::AcqRel);
-                            write(at_ms, event);
-                            flush_at
-                                .get_or_insert_with(|| Instant::now() + store.limits.flush_every);
-                        }
                         Msg::Events { at_ms, events } => {
                             self.queued.fetch_sub(events.len(), Ordering::AcqRel);
                             for event in events {
-                                write(at_ms, event);
+                                if let Err(e) =
+                                    store.write(&mut st, at_ms, event, &mut line, &mut scratch)
+                                {
+                                    store.stats.errors.fetch_add(1, Ordering::Relaxed);
+                                    if error_warn.allow(now_ms()) {
+                                        error!(error = %e, "audit log write failed");
+                                    }
+                                    st.error.get_or_insert(e);
+                                }
                             }
                             flush_at
                                 .get_or_insert_with(|| Instant::now() + store.limits.flush_every);
