@@ -349,6 +349,13 @@ fn decode_group(key_seq: u64, v: &[u8]) -> Option<Vec<(u64, &[u8])>> {
     }
 }
 
+/// The members of the `q` entry `k` → `v`; a damaged entry is an error naming its key.
+fn group_members<'a>(k: &[u8], v: &'a [u8]) -> Result<Vec<(u64, &'a [u8])>, OutboxError> {
+    seq_of(k)
+        .and_then(|key_seq| decode_group(key_seq, v))
+        .ok_or_else(|| corrupt(k))
+}
+
 fn encode_group<'a>(members: impl ExactSizeIterator<Item = (u64, &'a [u8])>) -> Vec<u8> {
     let mut v = Vec::with_capacity(5 + members.len() * 320);
     v.push(GROUP_VERSION);
@@ -613,9 +620,8 @@ impl Shared {
                 i += 1;
                 continue;
             };
-            let key_seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
-            let members = decode_group(key_seq, &v).ok_or_else(|| corrupt(&k))?;
-            let last = members.last().map_or(key_seq, |m| m.0);
+            let members = group_members(&k, &v)?;
+            let last = members.last().map_or(0, |m| m.0);
             // The sequence numbers this group can hold; the first one is past it if none.
             let here = &seqs[i..i + seqs[i..].partition_point(|&s| s <= last).max(1)];
             i += here.len();
@@ -700,8 +706,7 @@ impl Outbox {
         let mut committed = 0u64;
         for kv in db.scan_prefix([Q]) {
             let (k, v) = kv?;
-            let key_seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
-            let members = decode_group(key_seq, &v).ok_or_else(|| corrupt(&k))?;
+            let members = group_members(&k, &v)?;
             if let Some(&(last, _)) = members.last() {
                 committed = last;
             }
@@ -900,8 +905,7 @@ impl Outbox {
         };
         'queued: for kv in self.db.scan_prefix([Q]) {
             let (k, v) = kv?;
-            let key_seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
-            for (seq, rec) in decode_group(key_seq, &v).ok_or_else(|| corrupt(&k))? {
+            for (seq, rec) in group_members(&k, &v)? {
                 if out.len() >= limit {
                     break 'queued;
                 }
@@ -1040,8 +1044,7 @@ impl Outbox {
             };
             'scan: for kv in self.db.range(from..=seq_key(Q, end).to_vec()) {
                 let (k, v) = kv?;
-                let key_seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
-                for (seq, rec) in decode_group(key_seq, &v).ok_or_else(|| corrupt(&k))? {
+                for (seq, rec) in group_members(&k, &v)? {
                     // Before the cursor, or in a commit `committed` does not cover yet.
                     if seq < start || seq > end {
                         continue;
@@ -1128,27 +1131,22 @@ impl Outbox {
     /// Call with `groups` locked.
     fn find_queued(&self, id: &NotifId) -> Result<Option<u64>, OutboxError> {
         self.shared.journal.caught_up();
-        let holds = |key_seq: u64, v: &[u8], seq: Option<u64>| -> Option<Option<u64>> {
-            let found = decode_group(key_seq, v)?
-                .into_iter()
-                .find(|(s, r)| seq.is_none_or(|q| q == *s) && Record::id_of(r) == Some(*id))
-                .map(|(s, _)| s);
-            Some(found)
-        };
+        let is_it = |r: &[u8]| Record::id_of(r) == Some(*id);
         let handed = lock(&self.shared.tracker).handed.remove(id);
         if let Some(seq) = handed {
             if let Some((k, v)) = group_at(&self.db, seq)? {
-                let key_seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
-                if let Some(found) = holds(key_seq, &v, Some(seq)).ok_or_else(|| corrupt(&k))? {
-                    return Ok(Some(found));
+                if group_members(&k, &v)?
+                    .iter()
+                    .any(|(s, r)| *s == seq && is_it(r))
+                {
+                    return Ok(Some(seq));
                 }
             }
         }
         for kv in self.db.scan_prefix([Q]) {
             let (k, v) = kv?;
-            let key_seq = seq_of(&k).ok_or_else(|| corrupt(&k))?;
-            if let Some(found) = holds(key_seq, &v, None).ok_or_else(|| corrupt(&k))? {
-                return Ok(Some(found));
+            if let Some((s, _)) = group_members(&k, &v)?.into_iter().find(|(_, r)| is_it(r)) {
+                return Ok(Some(s));
             }
         }
         Ok(None)
