@@ -8,6 +8,8 @@
 //!   resends and de-duplication. They take time as an argument and do no I/O.
 //! - [`tls`] and [`pki`]: rustls mutual-TLS configuration and a dev PKI generator (rcgen).
 //! - [`net`]: the thin tokio shell that runs the state machines over a TLS stream.
+//! - [`listen`]: accepting under caps: slots before accept, eviction of unproven peers,
+//!   per-source caps, accept errors retried with a pause (shared by both daemons).
 //! - [`memory`]: an in-memory outbox for one-off sends and tests.
 //!
 //! The wire format is documented in docs/protocol.md.
@@ -20,6 +22,7 @@ pub mod frame;
 pub mod heartbeat;
 pub mod http;
 pub mod id;
+pub mod listen;
 pub mod memory;
 pub mod net;
 pub mod notification;

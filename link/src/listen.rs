@@ -1,0 +1,722 @@
+//! Accepting connections so that no peer can take a listener down by holding connections.
+//!
+//! Every listener of both daemons (the milter, the Stalwart endpoints, the admin API, the
+//! agent's link and status ports) accepts through an [`Acceptor`]:
+//!
+//! - **A slot is taken before `accept()`.** The number of connections that have not proved
+//!   anything yet (no complete HTTP request, no milter negotiation, no TLS handshake) never
+//!   passes `max_pending`, so neither do the descriptors they hold.
+//! - **The unproven are evicted, oldest first.** When every pending slot is taken, the oldest
+//!   unproven connection is told to close ([`Ticket::evicted`]) and its slot goes to the new
+//!   one. A real peer proves itself within milliseconds of connecting, so a flood of idle
+//!   connections cannot lock it out; it only churns through itself.
+//! - **A per-source cap** (optional): a source address that already holds `max_per_source`
+//!   unproven connections has further ones closed at once, so one host cannot take the pool.
+//! - **Proof trades the pending slot for a session slot** ([`Ticket::promote`]): sessions are
+//!   bounded by the caller's own semaphore, and the pending slot is released for the next peer.
+//! - **`accept()` errors never end a listener while it can go on.** Errors that concern one
+//!   connection are skipped. Running out of descriptors, memory or buffers (EMFILE, ENFILE,
+//!   ENOMEM, ENOBUFS) is logged once per episode and retried after a growing pause
+//!   (10 ms … 1 s) for as long as the process lives. Any other error means the socket itself is
+//!   unusable: [`Acceptor::accept`] returns it, and the daemon exits non-zero so that its
+//!   supervisor restarts it.
+//!
+//! Each acceptor keeps [`ListenerStats`] for the daemons' `/metrics`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tracing::{debug, error, info, warn};
+
+/// First pause after a resource error; it doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(10);
+/// Longest pause between two `accept()` attempts while resources are exhausted.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How long an eviction may take before the next oldest unproven connection goes too.
+const EVICT_WAIT: Duration = Duration::from_millis(50);
+/// While resources stay exhausted, a reminder is logged this often.
+const REMIND_EVERY: Duration = Duration::from_secs(30);
+
+/// Limits of one listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Most connections that have not proved themselves yet (slots taken before `accept()`).
+    pub max_pending: usize,
+    /// Most unproven connections from one source address (`None`: no per-source cap).
+    pub max_per_source: Option<usize>,
+}
+
+/// Counters of one listener (monotonic unless noted), for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections open now, proven or not (gauge).
+    pub open: AtomicU64,
+    /// Connections open now that have not proved themselves (gauge).
+    pub pending: AtomicU64,
+    /// Times a new connection found every pending slot taken.
+    pub at_capacity: AtomicU64,
+    /// Unproven connections closed to make room for a newer one.
+    pub evicted: AtomicU64,
+    /// Connections closed at once because their source held `max_per_source` already.
+    pub refused_per_source: AtomicU64,
+    /// Connections closed because they did not prove themselves in time (counted by the
+    /// protocol that runs the timer).
+    pub timed_out: AtomicU64,
+    /// `accept()` errors of any kind.
+    pub accept_errors: AtomicU64,
+    /// Pauses taken because descriptors, memory or buffers ran out.
+    pub accept_backoffs: AtomicU64,
+}
+
+impl ListenerStats {
+    /// The counters as `(name suffix, value, is_gauge)`, in a fixed order, for Prometheus text:
+    /// `mailbell_listener_<suffix>{listener="..."}`.
+    pub fn samples(&self) -> [(&'static str, u64, bool); 9] {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            ("connections_accepted_total", g(&self.accepted), false),
+            ("connections_open", g(&self.open), true),
+            ("connections_pending", g(&self.pending), true),
+            ("at_capacity_total", g(&self.at_capacity), false),
+            ("evicted_total", g(&self.evicted), false),
+            (
+                "refused_per_source_total",
+                g(&self.refused_per_source),
+                false,
+            ),
+            ("timed_out_total", g(&self.timed_out), false),
+            ("accept_errors_total", g(&self.accept_errors), false),
+            ("accept_backoffs_total", g(&self.accept_backoffs), false),
+        ]
+    }
+}
+
+/// Help texts for [`ListenerStats::samples`], by suffix.
+pub fn sample_help(suffix: &str) -> &'static str {
+    match suffix {
+        "connections_accepted_total" => "Connections accepted.",
+        "connections_open" => "Connections open now.",
+        "connections_pending" => "Connections open now that have not proved themselves yet.",
+        "at_capacity_total" => "Times a new connection found every pending slot taken.",
+        "evicted_total" => "Unproven connections closed to make room for a newer one.",
+        "refused_per_source_total" => "Connections closed because their source held too many.",
+        "timed_out_total" => "Connections closed for not proving themselves in time.",
+        "accept_errors_total" => "accept() errors.",
+        "accept_backoffs_total" => "Pauses taken because descriptors, memory or buffers ran out.",
+        _ => "",
+    }
+}
+
+/// Writes one listener's counters as Prometheus text (`# HELP`/`# TYPE` lines included when
+/// `headers`; write them once, for the first listener of a family).
+pub fn write_prometheus(out: &mut String, listener: &str, stats: &ListenerStats, headers: bool) {
+    use std::fmt::Write as _;
+    for (suffix, value, gauge) in stats.samples() {
+        let name = format!("mailbell_listener_{suffix}");
+        if headers {
+            let kind = if gauge { "gauge" } else { "counter" };
+            let _ = writeln!(out, "# HELP {name} {}", sample_help(suffix));
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+        }
+        let _ = writeln!(out, "{name}{{listener=\"{listener}\"}} {value}");
+    }
+}
+
+/// What an `accept()` error means for the listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcceptFailure {
+    /// It concerned the one connection being accepted: try again at once.
+    Connection,
+    /// Descriptors, memory or buffers ran out: pause, then try again.
+    Resources,
+    /// The listening socket is unusable.
+    Fatal,
+}
+
+/// Classifies an `accept()` error (accept(2): the network errors listed there are to be
+/// treated like EAGAIN).
+pub fn classify(e: &io::Error) -> AcceptFailure {
+    match e.raw_os_error() {
+        Some(
+            libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOMEM | libc_errno::ENOBUFS,
+        ) => return AcceptFailure::Resources,
+        Some(
+            libc_errno::EBADF | libc_errno::EINVAL | libc_errno::ENOTSOCK | libc_errno::EFAULT,
+        ) => return AcceptFailure::Fatal,
+        _ => {}
+    }
+    match e.kind() {
+        io::ErrorKind::OutOfMemory => AcceptFailure::Resources,
+        io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported => AcceptFailure::Fatal,
+        _ => AcceptFailure::Connection,
+    }
+}
+
+/// Linux errno values used by [`classify`] (kept here so the link crate needs no libc).
+mod libc_errno {
+    pub const EBADF: i32 = 9;
+    pub const ENOMEM: i32 = 12;
+    pub const EFAULT: i32 = 14;
+    pub const EINVAL: i32 = 22;
+    pub const ENFILE: i32 = 23;
+    pub const EMFILE: i32 = 24;
+    pub const ENOTSOCK: i32 = 88;
+    pub const ENOBUFS: i32 = 105;
+}
+
+/// The listening socket cannot go on.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} listener on {addr} cannot accept connections")]
+pub struct ListenError {
+    pub what: &'static str,
+    pub addr: String,
+    #[source]
+    pub source: io::Error,
+}
+
+/// The unproven connections of one acceptor, oldest first.
+#[derive(Default)]
+struct PendingSet {
+    next_id: u64,
+    /// Evictable connections by acceptance order.
+    order: BTreeMap<u64, CancellationToken>,
+    /// Unproven connections per source address.
+    per_source: HashMap<IpAddr, usize>,
+}
+
+struct Shared {
+    pending: Mutex<PendingSet>,
+    stats: Arc<ListenerStats>,
+}
+
+impl Shared {
+    fn set(&self) -> std::sync::MutexGuard<'_, PendingSet> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Accepts connections under [`Limits`]; see the module docs.
+pub struct Acceptor {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+    limits: Limits,
+    shared: Arc<Shared>,
+    what: &'static str,
+    /// Resource-error episode: when it started, pauses so far, last reminder.
+    exhausted: Option<(Instant, u32, Instant)>,
+}
+
+/// One accepted connection.
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// Its place in the pending pool; drop it (with the stream) to close.
+    pub ticket: Ticket,
+}
+
+impl Acceptor {
+    /// `what` names the listener in logs and errors.
+    pub fn new(
+        listener: TcpListener,
+        limits: Limits,
+        what: &'static str,
+        stats: Arc<ListenerStats>,
+    ) -> Self {
+        let max = limits.max_pending.max(1);
+        Self {
+            listener,
+            slots: Arc::new(Semaphore::new(max)),
+            limits: Limits {
+                max_pending: max,
+                max_per_source: limits.max_per_source.map(|n| n.max(1)),
+            },
+            shared: Arc::new(Shared {
+                pending: Mutex::new(PendingSet::default()),
+                stats,
+            }),
+            what,
+            exhausted: None,
+        }
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<ListenerStats> {
+        &self.shared.stats
+    }
+
+    /// Waits for a pending slot (evicting the oldest unproven connection when all are taken),
+    /// then for a connection. `Ok(None)` once `stop` is cancelled; `Err` only when the listening
+    /// socket cannot go on.
+    pub async fn accept(
+        &mut self,
+        stop: &CancellationToken,
+    ) -> Result<Option<Accepted>, ListenError> {
+        loop {
+            let permit = match self.slot(stop).await {
+                Some(p) => p,
+                None => return Ok(None),
+            };
+            let accepted = tokio::select! {
+                biased;
+                () = stop.cancelled() => return Ok(None),
+                r = self.listener.accept() => r,
+            };
+            let stats = self.shared.stats.clone();
+            match accepted {
+                Ok((stream, peer)) => {
+                    if let Some((since, pauses, _)) = self.exhausted.take() {
+                        info!(
+                            listener = self.what,
+                            pauses,
+                            after = ?since.elapsed(),
+                            "accepting connections again"
+                        );
+                    }
+                    stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    match self.register(peer.ip(), permit) {
+                        Some(ticket) => {
+                            return Ok(Some(Accepted {
+                                stream,
+                                peer,
+                                ticket,
+                            }))
+                        }
+                        None => {
+                            stats.refused_per_source.fetch_add(1, Ordering::Relaxed);
+                            debug!(listener = self.what, %peer, "too many unproven connections from this source, closed");
+                            drop(stream);
+                        }
+                    }
+                }
+                Err(e) => {
+                    drop(permit);
+                    stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    match classify(&e) {
+                        AcceptFailure::Connection => {
+                            debug!(listener = self.what, error = %e, "accept failed for one connection");
+                        }
+                        AcceptFailure::Resources => {
+                            let pause = self.note_exhausted(&e);
+                            stats.accept_backoffs.fetch_add(1, Ordering::Relaxed);
+                            tokio::select! {
+                                () = stop.cancelled() => return Ok(None),
+                                () = tokio::time::sleep(pause) => {}
+                            }
+                        }
+                        AcceptFailure::Fatal => {
+                            let addr = self
+                                .listener
+                                .local_addr()
+                                .map(|a| a.to_string())
+                                .unwrap_or_else(|_| "?".into());
+                            error!(listener = self.what, %addr, error = %e, "listener cannot go on");
+                            return Err(ListenError {
+                                what: self.what,
+                                addr,
+                                source: e,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A pending slot: a free one, or the oldest unproven connection's once it has closed.
+    async fn slot(&self, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        self.shared
+            .stats
+            .at_capacity
+            .fetch_add(1, Ordering::Relaxed);
+        loop {
+            let oldest = {
+                let mut set = self.shared.set();
+                let first = set.order.keys().next().copied();
+                first.and_then(|id| set.order.remove(&id))
+            };
+            let evicting = oldest.is_some();
+            if let Some(token) = oldest {
+                self.shared.stats.evicted.fetch_add(1, Ordering::Relaxed);
+                token.cancel();
+            }
+            // An evicted connection closes as soon as its task runs; if it proved itself in
+            // the meantime (and so keeps its slot), the next oldest goes.
+            let wait = if evicting { EVICT_WAIT } else { Duration::MAX };
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return None,
+                p = self.slots.clone().acquire_owned() => return p.ok(),
+                () = sleep_or_forever(wait) => {}
+            }
+        }
+    }
+
+    fn register(&self, ip: IpAddr, permit: OwnedSemaphorePermit) -> Option<Ticket> {
+        let evict = CancellationToken::new();
+        let id = {
+            let mut set = self.shared.set();
+            let count = set.per_source.entry(ip).or_insert(0);
+            if self.limits.max_per_source.is_some_and(|max| *count >= max) {
+                return None;
+            }
+            *count += 1;
+            let id = set.next_id;
+            set.next_id += 1;
+            set.order.insert(id, evict.clone());
+            id
+        };
+        let stats = &self.shared.stats;
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        stats.pending.fetch_add(1, Ordering::Relaxed);
+        Some(Ticket {
+            id,
+            ip,
+            pending: true,
+            permit: Some(permit),
+            session: None,
+            evict,
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Starts or continues a resource-error episode; returns the pause before the next try.
+    fn note_exhausted(&mut self, e: &io::Error) -> Duration {
+        let now = Instant::now();
+        let (since, pauses, reminded) = self.exhausted.get_or_insert((now, 0, now));
+        *pauses += 1;
+        if *pauses == 1 {
+            warn!(listener = self.what, error = %e, "out of resources, pausing accept() and retrying");
+        } else if now.duration_since(*reminded) >= REMIND_EVERY {
+            *reminded = now;
+            warn!(
+                listener = self.what,
+                error = %e,
+                pauses = *pauses,
+                since = ?now.duration_since(*since),
+                "still out of resources, still retrying"
+            );
+        }
+        let shift = (*pauses - 1).min(7);
+        (MIN_BACKOFF * (1u32 << shift)).min(MAX_BACKOFF)
+    }
+}
+
+async fn sleep_or_forever(d: Duration) {
+    if d == Duration::MAX {
+        std::future::pending::<()>().await
+    } else {
+        tokio::time::sleep(d).await
+    }
+}
+
+/// A connection's place in its acceptor: a pending slot until it proves itself, then
+/// (optionally) a session slot. Dropping it frees whatever it holds.
+pub struct Ticket {
+    id: u64,
+    ip: IpAddr,
+    /// Still unproven: listed for eviction and counted against its source.
+    pending: bool,
+    permit: Option<OwnedSemaphorePermit>,
+    session: Option<OwnedSemaphorePermit>,
+    evict: CancellationToken,
+    shared: Arc<Shared>,
+}
+
+impl Ticket {
+    /// Resolves when the acceptor wants this unproven connection's slot for a newer one: close
+    /// the connection then. Never resolves once the connection has proved itself.
+    pub fn evicted(&self) -> WaitForCancellationFuture<'_> {
+        self.evict.cancelled()
+    }
+
+    /// Whether the acceptor has asked this connection to close.
+    pub fn is_evicted(&self) -> bool {
+        self.evict.is_cancelled()
+    }
+
+    /// The peer proved itself: it can no longer be evicted, and no longer counts against the
+    /// per-source cap. It keeps its pending slot (use [`promote`](Self::promote) to trade it
+    /// for a session slot instead).
+    pub fn proven(&mut self) {
+        self.leave_pending();
+    }
+
+    /// The peer proved itself: waits for a slot of `sessions`, then releases the pending slot.
+    /// While it waits it can no longer be evicted.
+    pub async fn promote(&mut self, sessions: Arc<Semaphore>) -> Result<(), AcquireError> {
+        self.leave_pending();
+        let session = sessions.acquire_owned().await?;
+        self.session = Some(session);
+        self.permit = None;
+        Ok(())
+    }
+
+    /// Counts one timeout of an unproven connection.
+    pub fn timed_out(&self) {
+        self.shared.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn leave_pending(&mut self) {
+        if !std::mem::take(&mut self.pending) {
+            return;
+        }
+        {
+            let mut set = self.shared.set();
+            set.order.remove(&self.id);
+            if let Some(n) = set.per_source.get_mut(&self.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    set.per_source.remove(&self.ip);
+                }
+            }
+        }
+        self.shared.stats.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.leave_pending();
+        self.shared.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpSocket;
+
+    async fn acceptor(limits: Limits) -> Acceptor {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Acceptor::new(l, limits, "test", Arc::new(ListenerStats::default()))
+    }
+
+    async fn connect_from(src: &str, to: SocketAddr) -> TcpStream {
+        let s = TcpSocket::new_v4().unwrap();
+        s.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        s.connect(to).await.unwrap()
+    }
+
+    fn load(a: &AtomicU64) -> u64 {
+        a.load(Ordering::Relaxed)
+    }
+
+    /// Reads until EOF or reset: the server closed the connection.
+    async fn closed(mut s: TcpStream) -> bool {
+        let mut b = [0u8; 16];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn the_oldest_unproven_connection_makes_room() {
+        let mut a = acceptor(Limits {
+            max_pending: 2,
+            max_per_source: None,
+        })
+        .await;
+        let addr = a.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let _c1 = connect_from("127.0.0.1", addr).await;
+        let first = a.accept(&stop).await.unwrap().unwrap();
+        let _c2 = connect_from("127.0.0.1", addr).await;
+        let mut second = a.accept(&stop).await.unwrap().unwrap();
+        assert!(!first.ticket.is_evicted());
+        // The third connection finds both slots taken: the first (oldest) is asked to go.
+        let _c3 = connect_from("127.0.0.1", addr).await;
+        let third = tokio::spawn(async move {
+            let got = a.accept(&stop).await.unwrap().unwrap();
+            (a, got)
+        });
+        tokio::time::timeout(Duration::from_secs(5), first.ticket.evicted())
+            .await
+            .expect("oldest evicted");
+        assert!(!second.ticket.is_evicted());
+        second.ticket.proven();
+        drop(first);
+        let (a, third) = third.await.unwrap();
+        assert_eq!(load(&a.stats().evicted), 1);
+        assert_eq!(load(&a.stats().at_capacity), 1);
+        assert_eq!(load(&a.stats().accepted), 3);
+        assert_eq!(load(&a.stats().open), 2);
+        assert_eq!(
+            load(&a.stats().pending),
+            1,
+            "second is proven, third pending"
+        );
+        drop(third);
+        drop(second);
+        assert_eq!(load(&a.stats().open), 0);
+        assert_eq!(load(&a.stats().pending), 0);
+    }
+
+    #[tokio::test]
+    async fn proven_connections_are_never_evicted() {
+        let mut a = acceptor(Limits {
+            max_pending: 1,
+            max_per_source: None,
+        })
+        .await;
+        let addr = a.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let _c1 = connect_from("127.0.0.1", addr).await;
+        let mut first = a.accept(&stop).await.unwrap().unwrap();
+        first.ticket.proven();
+        let _c2 = connect_from("127.0.0.1", addr).await;
+        let stop2 = stop.clone();
+        let waiting = tokio::spawn(async move { a.accept(&stop2).await.map(|r| r.is_some()) });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!first.ticket.is_evicted());
+        assert!(
+            !waiting.is_finished(),
+            "no slot while the proven one holds it"
+        );
+        drop(first);
+        assert!(tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap());
+    }
+
+    #[tokio::test]
+    async fn promotion_frees_the_pending_slot() {
+        let mut a = acceptor(Limits {
+            max_pending: 1,
+            max_per_source: None,
+        })
+        .await;
+        let addr = a.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let sessions = Arc::new(Semaphore::new(1));
+        let _c1 = connect_from("127.0.0.1", addr).await;
+        let mut first = a.accept(&stop).await.unwrap().unwrap();
+        first.ticket.promote(sessions.clone()).await.unwrap();
+        assert_eq!(sessions.available_permits(), 0);
+        // The pending slot is free again: the next accept needs no eviction.
+        let _c2 = connect_from("127.0.0.1", addr).await;
+        let second = a.accept(&stop).await.unwrap().unwrap();
+        assert_eq!(load(&a.stats().at_capacity), 0);
+        assert_eq!(load(&a.stats().open), 2);
+        assert_eq!(load(&a.stats().pending), 1);
+        drop(first);
+        assert_eq!(sessions.available_permits(), 1);
+        drop(second);
+    }
+
+    #[tokio::test]
+    async fn one_source_cannot_take_the_pool() {
+        let mut a = acceptor(Limits {
+            max_pending: 8,
+            max_per_source: Some(2),
+        })
+        .await;
+        let addr = a.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let _c1 = connect_from("127.0.0.2", addr).await;
+        let mut first = a.accept(&stop).await.unwrap().unwrap();
+        let _c2 = connect_from("127.0.0.2", addr).await;
+        let _second = a.accept(&stop).await.unwrap().unwrap();
+        // The third from 127.0.0.2 is closed at once; one from 127.0.0.3 gets in.
+        let c3 = connect_from("127.0.0.2", addr).await;
+        let _c4 = connect_from("127.0.0.3", addr).await;
+        let other = a.accept(&stop).await.unwrap().unwrap();
+        assert_eq!(other.peer.ip().to_string(), "127.0.0.3");
+        assert!(closed(c3).await);
+        assert_eq!(load(&a.stats().refused_per_source), 1);
+        // A proven connection no longer counts against its source.
+        first.ticket.proven();
+        let _c5 = connect_from("127.0.0.2", addr).await;
+        let again = a.accept(&stop).await.unwrap().unwrap();
+        assert_eq!(again.peer.ip().to_string(), "127.0.0.2");
+    }
+
+    #[tokio::test]
+    async fn stop_ends_a_waiting_accept() {
+        let mut a = acceptor(Limits {
+            max_pending: 1,
+            max_per_source: None,
+        })
+        .await;
+        let stop = CancellationToken::new();
+        let s2 = stop.clone();
+        let t = tokio::spawn(async move { a.accept(&s2).await.map(|r| r.is_none()) });
+        stop.cancel();
+        assert!(t.await.unwrap().unwrap());
+    }
+
+    #[test]
+    fn accept_errors_are_classified() {
+        let os = io::Error::from_raw_os_error;
+        assert_eq!(classify(&os(24)), AcceptFailure::Resources); // EMFILE
+        assert_eq!(classify(&os(23)), AcceptFailure::Resources); // ENFILE
+        assert_eq!(classify(&os(12)), AcceptFailure::Resources); // ENOMEM
+        assert_eq!(classify(&os(105)), AcceptFailure::Resources); // ENOBUFS
+        assert_eq!(classify(&os(103)), AcceptFailure::Connection); // ECONNABORTED
+        assert_eq!(classify(&os(71)), AcceptFailure::Connection); // EPROTO
+        assert_eq!(classify(&os(1)), AcceptFailure::Connection); // EPERM (firewall)
+        assert_eq!(classify(&os(9)), AcceptFailure::Fatal); // EBADF
+        assert_eq!(classify(&os(22)), AcceptFailure::Fatal); // EINVAL: not listening
+        assert_eq!(classify(&os(88)), AcceptFailure::Fatal); // ENOTSOCK
+    }
+
+    #[test]
+    fn resource_pauses_grow_to_a_second() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut a = rt.block_on(acceptor(Limits {
+            max_pending: 1,
+            max_per_source: None,
+        }));
+        let e = io::Error::from_raw_os_error(24);
+        let pauses: Vec<_> = (0..10).map(|_| a.note_exhausted(&e)).collect();
+        assert_eq!(pauses[0], Duration::from_millis(10));
+        assert_eq!(pauses[1], Duration::from_millis(20));
+        assert_eq!(pauses[6], Duration::from_millis(640));
+        assert_eq!(pauses[7], Duration::from_secs(1));
+        assert_eq!(pauses[9], Duration::from_secs(1));
+    }
+
+    #[test]
+    fn prometheus_text_names_the_listener() {
+        let st = ListenerStats::default();
+        st.accepted.store(3, Ordering::Relaxed);
+        let mut out = String::new();
+        write_prometheus(&mut out, "milter", &st, true);
+        write_prometheus(&mut out, "http", &st, false);
+        assert!(out.contains("# TYPE mailbell_listener_connections_open gauge\n"));
+        assert!(
+            out.contains("mailbell_listener_connections_accepted_total{listener=\"milter\"} 3\n")
+        );
+        assert!(out.contains("mailbell_listener_connections_accepted_total{listener=\"http\"} 3\n"));
+        assert_eq!(
+            out.matches("# TYPE mailbell_listener_evicted_total")
+                .count(),
+            1
+        );
+    }
+}
