@@ -47,7 +47,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::arrival::{Accepted, Arrival, Ingest, IngestKind, Intake, IntakeError, Origin};
 use crate::audit::{AuditEvent, AuditLog};
-use crate::outbox::{Outbox, OutboxError, Settle};
+use crate::outbox::{Admission, Outbox, OutboxError, Settle, StagedRecord};
 use crate::users::{User, UserStore};
 
 /// What to do with a notice whose delivery confirmation never arrived.
@@ -166,6 +166,25 @@ impl StagedMsg {
         self.entries.iter().all(|e| e.state == EntryState::Done)
     }
 
+    /// Entries not notified or dropped yet: the most notices the record can still become,
+    /// what it counts against `[outbox] max_depth`.
+    fn pending(&self) -> u32 {
+        let n = self
+            .entries
+            .iter()
+            .filter(|e| e.state != EntryState::Done)
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    fn record(&self, seq: u64) -> StagedRecord {
+        StagedRecord {
+            seq,
+            notices: self.pending(),
+            value: self.encode(),
+        }
+    }
+
     fn sender(&self) -> &str {
         if self.from_addr.is_empty() {
             &self.env_from
@@ -249,6 +268,7 @@ impl MailIntake {
             holds: HashMap::new(),
             hold_timers: BinaryHeap::new(),
             last_sent: HashMap::new(),
+            miscounted: Vec::new(),
         };
         sched.load()?;
         let handle = tokio::spawn(sched.run(rx, shutdown));
@@ -320,7 +340,9 @@ pub enum IntakeStartError {
 
 fn store_error(e: OutboxError) -> IntakeError {
     match e {
-        OutboxError::Full { .. } => IntakeError::Full(e.to_string()),
+        OutboxError::Full { held, limit } => {
+            IntakeError::Full(format!("{held} notices held, limit {limit}"))
+        }
         OutboxError::Stopped => IntakeError::ShuttingDown,
         e => IntakeError::Store(e.to_string()),
     }
@@ -421,6 +443,9 @@ struct Scheduler {
     holds: HashMap<String, Hold>,
     hold_timers: BinaryHeap<Reverse<(i64, String)>>,
     last_sent: HashMap<String, i64>,
+    /// Staged records whose stored notice count is not their pending entries (written before
+    /// the count was stored): rewritten by the next round.
+    miscounted: Vec<u64>,
 }
 
 /// Changes of one scheduler round, applied with one settle.
@@ -430,8 +455,8 @@ struct Round {
     touched: Vec<u64>,
     /// Messages that arrived this round: not in the store yet.
     fresh: std::collections::HashSet<u64>,
-    /// Arrivals accepted this round (counted against the depth limit).
-    arrivals: u64,
+    /// Room under `[outbox] max_depth` taken by the arrivals accepted this round.
+    admitted: Admission,
     notices: Vec<Notification>,
     audits: Vec<AuditEvent>,
     sent_users: Vec<(String, i64)>,
@@ -464,10 +489,17 @@ impl Scheduler {
         self.deadlines.clear();
         self.holds.clear();
         self.hold_timers.clear();
+        self.miscounted.clear();
         let mut bad = 0usize;
-        for (seq, v) in self.outbox.staged()? {
-            match serde_json::from_slice::<StagedMsg>(&v) {
-                Ok(m) => self.index(seq, m),
+        for r in self.outbox.staged()? {
+            let seq = r.seq;
+            match serde_json::from_slice::<StagedMsg>(&r.value) {
+                Ok(m) => {
+                    if m.pending() != r.notices {
+                        self.miscounted.push(seq);
+                    }
+                    self.index(seq, m);
+                }
                 Err(e) => {
                     bad += 1;
                     error!(seq, error = %e, "unreadable staged arrival; left in the store");
@@ -477,9 +509,17 @@ impl Scheduler {
         info!(
             staged = self.msgs.len(),
             unreadable = bad,
+            recount = self.miscounted.len(),
             "intake state loaded"
         );
         Ok(())
+    }
+
+    /// Has the round rewrite the records [`load`](Self::load) found miscounted.
+    fn recount(&mut self, round: &mut Round) {
+        for seq in std::mem::take(&mut self.miscounted) {
+            round.touch(seq);
+        }
     }
 
     fn index(&mut self, seq: u64, m: StagedMsg) {
@@ -496,6 +536,7 @@ impl Scheduler {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, shutdown: CancellationToken) {
         // Entries left ready by a previous run are evaluated at once.
         let mut round = Round::default();
+        self.recount(&mut round);
         let now = self.now();
         for r in self.ready_entries() {
             self.release(r, now, &mut round);
@@ -558,15 +599,18 @@ impl Scheduler {
         let now = self.now();
         match cmd {
             Cmd::Arrive(m, reply) => {
-                let (held, limit) = self.outbox.held();
+                // Room for every notice the arrival can become, before anything is written
+                // or answered; it counts at once, so the rounds after this one (pipelined
+                // while it commits) see it.
                 let n = m.entries.len() as u64;
-                if held + round.arrivals + n > limit {
-                    bump(&self.stats.store_errors, 1);
-                    let _ = reply.send(Err(IntakeError::Full(format!(
-                        "{held} notices held, limit {limit}"
-                    ))));
-                    return;
-                }
+                let room = match self.outbox.admit(n) {
+                    Ok(room) => room,
+                    Err(e) => {
+                        bump(&self.stats.store_errors, 1);
+                        let _ = reply.send(Err(store_error(e)));
+                        return;
+                    }
+                };
                 let seq = match self.outbox.reserve_seq() {
                     Ok(s) => s,
                     Err(e) => {
@@ -575,7 +619,7 @@ impl Scheduler {
                         return;
                     }
                 };
-                round.arrivals += n;
+                round.admitted.merge(room);
                 bump(&self.stats.notices_created, n);
                 for e in &m.entries {
                     round.audits.push(AuditEvent::Created {
@@ -601,7 +645,10 @@ impl Scheduler {
                 }
                 round.replies.push(reply);
             }
-            Cmd::Reload => self.reload(),
+            Cmd::Reload => {
+                self.reload();
+                self.recount(round);
+            }
             Cmd::Confirm(events, reply) => {
                 for ev in events {
                     self.confirm(&ev, now, round);
@@ -932,8 +979,8 @@ impl Scheduler {
             match self.msgs.get(seq) {
                 Some(m) if m.all_done() && fresh => {}
                 Some(m) if m.all_done() => settle.remove.push(*seq),
-                Some(m) if fresh => settle.insert.push((*seq, m.encode())),
-                Some(m) => settle.rewrite.push((*seq, m.encode())),
+                Some(m) if fresh => settle.insert.push(m.record(*seq)),
+                Some(m) => settle.rewrite.push(m.record(*seq)),
                 None => {}
             }
         }
@@ -945,6 +992,7 @@ impl Scheduler {
             }
         }
         settle.enqueue = round.notices;
+        settle.admitted = round.admitted;
         let queued = settle.enqueue.len() as u64;
         let receipt = self.outbox.settle_begin(settle).await;
         let stats = self.stats.clone();
@@ -1086,6 +1134,31 @@ mod tests {
             token,
             task,
         }
+    }
+
+    /// A rig whose outbox holds at most `max_depth` notices.
+    async fn rig_depth(users: Vec<User>, max_depth: u64) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::outbox::OutboxConfig {
+            max_depth,
+            ..Default::default()
+        };
+        let outbox = Outbox::open(&dir.path().join("outbox"), cfg).unwrap();
+        let store = UserStore::open(&dir.path().join("users")).unwrap();
+        for u in users {
+            store.insert(u).unwrap();
+        }
+        let audit = AuditLog::open(&dir.path().join("audit"), AuditConfig::default()).unwrap();
+        start(dir, IntakeConfig::default(), outbox, store, audit, None)
+    }
+
+    /// `n` registered users, u0@test.local ...
+    fn users(n: usize) -> (Vec<User>, Vec<String>) {
+        let us: Vec<User> = (0..n)
+            .map(|i| user(&format!("u{i}@test.local"), &format!("+86138000{i:05}")))
+            .collect();
+        let addrs = us.iter().map(|u| u.address.clone()).collect();
+        (us, addrs)
     }
 
     async fn rig(users: Vec<User>) -> Rig {
@@ -1413,6 +1486,11 @@ mod tests {
         let q = r.queued();
         assert_eq!(q.len(), 1, "the first one goes at once");
         assert_eq!(q[0].subject, "m0");
+        assert_eq!(
+            r.outbox.held().0,
+            5,
+            "one queued and four held, all counted"
+        );
         r.advance(250_000); // 290 s after the first SMS
         r.tick().await;
         assert_eq!(r.queued().len(), 1, "still inside the window");
@@ -1421,6 +1499,7 @@ mod tests {
         let q = r.queued();
         assert_eq!(q.len(), 2);
         assert_eq!(q[1].count, 4, "four arrivals in one SMS");
+        assert_eq!(r.outbox.held().0, 2, "coalescing frees room");
         assert_eq!(q[1].subject, "m4", "with the newest one's subject");
         assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 0);
         assert_eq!(r.intake.stats.coalesced.load(Ordering::Relaxed), 4);
@@ -1482,6 +1561,7 @@ mod tests {
         }
         r.tick().await;
         assert!(r.queued().is_empty());
+        assert_eq!(r.outbox.held().0, 2, "held by quiet hours, counted");
         r.advance(59 * 60_000);
         r.tick().await;
         assert!(r.queued().is_empty(), "18:59 is still quiet");
@@ -1490,6 +1570,7 @@ mod tests {
         let q = r.queued();
         assert_eq!(q.len(), 1);
         assert_eq!(q[0].count, 2);
+        assert_eq!(r.outbox.held().0, 1, "two held became one notice");
     }
 
     #[tokio::test]
@@ -1591,5 +1672,134 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.queued().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn every_unconfirmed_notice_counts_and_a_crossing_arrival_is_refused_whole() {
+        let (us, addrs) = users(6);
+        let to: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let r = rig_depth(us, 10).await;
+        let stalwart = |q| arrival(Origin::Stalwart { queue_id: q }, &to, "s", T0);
+        let ok = r.intake.accept(stalwart(1)).await.unwrap();
+        assert_eq!(ok.notices, 6);
+        assert_eq!(
+            r.outbox.held(),
+            (6, 10),
+            "six notices wait for a confirmation"
+        );
+        // Six more would cross the limit while those are unconfirmed: refused whole.
+        let e = r.intake.accept(stalwart(2)).await.unwrap_err();
+        assert!(matches!(e, IntakeError::Full(_)), "{e}");
+        assert_eq!(e.to_string(), "notice store full: 6 notices held, limit 10");
+        assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 1);
+        assert_eq!(r.intake.stats.store_errors.load(Ordering::Relaxed), 1);
+        // Four fit exactly.
+        let four = arrival(Origin::Stalwart { queue_id: 3 }, &to[..4], "s", T0);
+        r.intake.accept(four).await.unwrap();
+        assert_eq!(r.outbox.held().0, 10);
+        // Confirmed: six queued; the other four are then inside their users' rate-limit
+        // window and held. Still ten notices.
+        for q in [1, 3] {
+            r.intake
+                .confirm(vec![ingest(IngestKind::Ham, q, None)])
+                .await
+                .unwrap();
+        }
+        assert_eq!(r.queued().len(), 6);
+        assert_eq!(r.outbox.held().0, 10);
+        let e = r.intake.accept(stalwart(4)).await.unwrap_err();
+        assert!(matches!(e, IntakeError::Full(_)), "{e}");
+        // The agent takes the six queued ones: room for six.
+        use mailbell_link::net::Outbox as _;
+        let sent = r.outbox.ready(None, 10).unwrap();
+        let ids: Vec<NotifId> = sent.iter().map(|i| i.id).collect();
+        r.outbox.acked(&ids).unwrap();
+        assert_eq!(r.outbox.held().0, 4);
+        r.intake.accept(stalwart(5)).await.unwrap();
+        assert_eq!(r.outbox.held().0, 10);
+        // A restart counts the same from the store (the held four go out at once then).
+        let r = r.restart().await;
+        r.tick().await;
+        assert_eq!(r.outbox.held().0, 10);
+        assert_eq!(r.queued().len(), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_arrivals_across_pipelined_rounds_stay_under_the_limit() {
+        let (us, addrs) = users(6);
+        let r = rig_depth(us, 20).await;
+        let tasks: Vec<_> = (0..10u64)
+            .map(|q| {
+                let intake = r.intake.clone();
+                let to = addrs.clone();
+                tokio::spawn(async move {
+                    let to: Vec<&str> = to.iter().map(String::as_str).collect();
+                    intake
+                        .accept(arrival(Origin::Stalwart { queue_id: q }, &to, "s", T0))
+                        .await
+                })
+            })
+            .collect();
+        let (mut ok, mut full) = (0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(a) => {
+                    assert_eq!(a.notices, 6);
+                    ok += 1;
+                }
+                Err(IntakeError::Full(_)) => full += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(
+            (ok, full),
+            (3, 7),
+            "3 x 6 = 18 fit under 20, a fourth would not"
+        );
+        r.tick().await;
+        assert_eq!(r.outbox.held().0, 18);
+        assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_record_stored_with_the_wrong_count_is_recounted_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&dir.path().join("outbox"), Default::default()).unwrap();
+        let store = UserStore::open(&dir.path().join("users")).unwrap();
+        let audit = AuditLog::open(&dir.path().join("audit"), AuditConfig::default()).unwrap();
+        let m = StagedMsg {
+            queue_id: Some(5),
+            received_at_ms: T0,
+            from_name: String::new(),
+            from_addr: "li.na@example.org".into(),
+            env_from: String::new(),
+            subject: "s".into(),
+            entries: ["a", "b", "c"]
+                .iter()
+                .map(|u| Entry {
+                    user: format!("{u}@test.local"),
+                    rcpt: format!("{u}@test.local"),
+                    state: EntryState::Wait,
+                })
+                .collect(),
+            queued: false,
+        };
+        // As a store written before records carried their count reads (one each).
+        let seq = outbox.reserve_seq().unwrap();
+        outbox
+            .settle(Settle {
+                insert: vec![StagedRecord {
+                    notices: 1,
+                    ..m.record(seq)
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(outbox.held().0, 1);
+        let r = start(dir, IntakeConfig::default(), outbox, store, audit, None);
+        r.tick().await;
+        assert_eq!(r.outbox.held().0, 3);
+        assert_eq!(r.outbox.staged().unwrap(), vec![m.record(seq)]);
     }
 }

@@ -413,6 +413,28 @@ async fn metrics_text(State((outbox, m)): State<(Outbox, Metrics)>) -> Response 
     );
     line(
         &mut o,
+        "mailbell_outbox_staged_notices",
+        "Notices the staged arrivals stand for (awaiting confirmation or held).",
+        "gauge",
+        val(&m.outbox.staged_notices),
+    );
+    let (held, max_depth) = outbox.held();
+    line(
+        &mut o,
+        "mailbell_outbox_held",
+        "Notices counted against [outbox] max_depth: queued, staged, and admitted arrivals still committing.",
+        "gauge",
+        held,
+    );
+    line(
+        &mut o,
+        "mailbell_outbox_max_depth",
+        "[outbox] max_depth: above it arrivals get a temporary failure.",
+        "gauge",
+        max_depth,
+    );
+    line(
+        &mut o,
         "mailbell_outbox_dead",
         "Dead letters held.",
         "gauge",
@@ -514,6 +536,12 @@ async fn metrics_text(State((outbox, m)): State<(Outbox, Metrics)>) -> Response 
 pub struct Status {
     pub outbox_depth: u64,
     pub staged: u64,
+    /// Notices counted against `max_depth`, and the limit (0 from a daemon before they were
+    /// reported).
+    #[serde(default)]
+    pub outbox_held: u64,
+    #[serde(default)]
+    pub outbox_max_depth: u64,
     pub dead: u64,
     pub link_connected_sessions: u64,
     pub link_acked: u64,
@@ -522,9 +550,12 @@ pub struct Status {
 }
 
 async fn status(State((outbox, m)): State<(Outbox, Metrics)>) -> Response {
+    let (outbox_held, outbox_max_depth) = outbox.held();
     Json(Status {
         outbox_depth: outbox.depth(),
         staged: val(&m.outbox.staged),
+        outbox_held,
+        outbox_max_depth,
         dead: val(&m.outbox.dead),
         link_connected_sessions: val(&m.link.connected),
         link_acked: val(&m.link.acked),

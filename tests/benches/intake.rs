@@ -694,8 +694,8 @@ async fn run_mode(
             )?;
             let staged = ob.staged()?;
             let mut entries = 0u64;
-            for (_, v) in &staged {
-                let v: serde_json::Value = serde_json::from_slice(v)?;
+            for r in &staged {
+                let v: serde_json::Value = serde_json::from_slice(&r.value)?;
                 entries += v["e"].as_array().map_or(0, |a| a.len() as u64);
             }
             let q = ob.depth();

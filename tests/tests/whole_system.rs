@@ -374,5 +374,78 @@ async fn a_full_queue_tempfails_the_mta_and_dead_letters_can_be_retried_and_purg
     assert_eq!((s, n["count"].as_u64()), (200, Some(1)));
     let (_, dead) = admin("GET", "/admin/v1/queue/dead".into()).await;
     assert!(dead.as_array().unwrap().is_empty());
+    // Dead letters do not count against max_depth: one queued notice, room for one more.
+    assert_eq!(ob.held(), (1, 2));
+    let answer = hook_to_alice(&mail, &cfg, 210, "after the dead letters").await;
+    assert_eq!(answer.1, r#"{"action":"accept"}"#);
+    let answer = hook_to_alice(&mail, &cfg, 211, "one too many").await;
+    assert!(answer.1.contains(r#""status":451"#), "{}", answer.1);
+    mail.stop().await;
+}
+
+/// Issue 8: a hook request for many registered recipients counts one notice each while they
+/// wait for their delivery confirmation, and one that would pass the limit is refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_for_many_recipients_counts_every_unconfirmed_notice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mail, cfg) = mail_without_agent(dir.path(), |c| c.outbox_max_depth = 5).await;
+    let rcpts = ["alice@example.com", "bob@example.com", "carol@example.com"];
+    for (i, a) in rcpts.iter().enumerate().skip(1) {
+        let mut u = User::new(a);
+        u.phone = format!("+861380013800{i}");
+        mail.stores.users.upsert(u).unwrap();
+    }
+    let hook = |queue_id: u64, to: &'static [&'static str]| {
+        let req = system::hook_data_request(queue_id, "c@r.example", to, &[("Subject", "s")], "x");
+        let (addr, path) = (mail.http_addr.unwrap(), cfg.stalwart.hook_path.clone());
+        async move {
+            let r = mailbell_link::http::request(
+                addr,
+                "POST",
+                &path,
+                None,
+                Some(("application/json", req.as_bytes())),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+            assert_eq!(r.status, 200);
+            serde_json::from_str::<serde_json::Value>(&r.body).unwrap()
+        }
+    };
+    const ALL: &[&str] = &["alice@example.com", "bob@example.com", "carol@example.com"];
+    assert_eq!(hook(300, ALL).await["action"], "accept");
+    let ob = &mail.stores.outbox;
+    assert_eq!(
+        ob.held(),
+        (3, 5),
+        "three notices wait for their confirmation"
+    );
+    assert_eq!(ob.depth(), 0);
+    let refused = hook(301, ALL).await;
+    assert_eq!(refused["action"], "reject", "{refused}");
+    assert_eq!(refused["response"]["status"], 451);
+    assert_eq!(refused["response"]["enhanced_status"], "4.3.0");
+    assert_eq!(ob.held().0, 3, "refused whole: none of its notices is held");
+    assert_eq!(hook(302, &ALL[..2]).await["action"], "accept");
+    assert_eq!(ob.held().0, 5);
+    let m = mailbell_link::http::request(
+        mail.admin_addr.unwrap(),
+        "GET",
+        "/metrics",
+        None,
+        None,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    for want in [
+        "mailbell_outbox_held 5\n",
+        "mailbell_outbox_max_depth 5\n",
+        "mailbell_outbox_staged_notices 5\n",
+        "mailbell_outbox_depth 0\n",
+    ] {
+        assert!(m.body.contains(want), "{want:?} in {}", m.body);
+    }
     mail.stop().await;
 }
