@@ -25,6 +25,20 @@
 //! [`FrameGuard`] watches the bytes underneath it, so garbage, oversized packets and
 //! transaction commands outside a transaction end that connection with a warning (indymilter
 //! itself only logs at trace level), while other connections carry on.
+//!
+//! A connection is accepted through [`mailbell_link::listen::Acceptor`] and goes through two
+//! phases:
+//!
+//! ```text
+//! accepted ── OPTNEG arrived whole ──► negotiated (indymilter session)
+//!   pending slot (max_pending),          session slot (max_connections), waited for at
+//!   evictable, oldest first;             most negotiate_timeout; never evicted;
+//!   closed after negotiate_timeout       a started packet must arrive within
+//!                                        command_timeout, between packets the idle timeout
+//! ```
+//!
+//! The first phase reads the bare socket through the guard; the bytes it read are handed to
+//! indymilter first once the connection has its session slot.
 
 use std::ffi::CStr;
 use std::future::{ready, Future};
