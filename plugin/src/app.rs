@@ -183,8 +183,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         let mc = cfg.milter.clone();
         let token = shutdown.clone();
         let i = intake_arc.clone();
+        let stats = Arc::new(mailbell_link::listen::ListenerStats::default());
         tasks.spawn(async move {
-            if let Err(e) = crate::milter::serve(l, i, mc, token).await {
+            if let Err(e) = crate::milter::serve(l, i, mc, stats, token).await {
                 error!(error = %e, "milter server failed");
             }
         });

@@ -286,8 +286,14 @@ impl Config {
         }
         mailbell_link::units::parse_utc_offset(&raw.intake.timezone)
             .map_err(|e| inv(format!("intake.timezone: {e}")))?;
-        if raw.milter.timeout.is_zero() {
-            return Err(inv("milter.timeout must be above zero".into()));
+        if raw.milter.timeout.is_zero()
+            || raw.milter.negotiate_timeout.is_zero()
+            || raw.milter.command_timeout.is_zero()
+        {
+            return Err(inv(
+                "milter.timeout, milter.negotiate_timeout and milter.command_timeout must be above zero"
+                    .into(),
+            ));
         }
         if raw.stalwart.body_timeout.is_zero() || raw.stalwart.intake_timeout.is_zero() {
             return Err(inv(
@@ -376,6 +382,8 @@ mod tests {
         assert!(e("[intake]\nbogus = 1").contains("bogus"));
         assert!(e("[link]\nack_timeout = \"soon\"").contains("duration"));
         assert!(e("[milter]\ntimeout = \"0s\"").contains("milter.timeout"));
+        assert!(e("[milter]\nnegotiate_timeout = \"0s\"").contains("milter.negotiate_timeout"));
+        assert!(e("[milter]\ncommand_timeout = 0").contains("milter.command_timeout"));
         assert!(e("[stalwart]\nintake_timeout = 0").contains("stalwart.body_timeout"));
     }
 

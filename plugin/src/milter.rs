@@ -25,29 +25,45 @@
 //! [`FrameGuard`] watches the bytes underneath it, so garbage, oversized packets and
 //! transaction commands outside a transaction end that connection with a warning (indymilter
 //! itself only logs at trace level), while other connections carry on.
+//!
+//! A connection is accepted through [`mailbell_link::listen::Acceptor`] and goes through two
+//! phases:
+//!
+//! ```text
+//! accepted ── OPTNEG arrived whole ──► negotiated (indymilter session)
+//!   pending slot (max_pending),          session slot (max_connections), waited for at
+//!   evictable, oldest first;             most negotiate_timeout; never evicted;
+//!   closed after negotiate_timeout       a started packet must arrive within
+//!                                        command_timeout, between packets the idle timeout
+//! ```
+//!
+//! The first phase reads the bare socket through the guard; the bytes it read are handed to
+//! indymilter first once the connection has its session slot.
 
 use std::ffi::CStr;
 use std::future::{ready, Future};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::{Bytes, BytesMut};
 use indymilter::{
     Actions, Callbacks, Config, Context, EomContext, Listener, Macros, NegotiateContext, ProtoOpts,
     SetErrorReply, SocketInfo, Status,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
+use mailbell_link::listen::{Accepted, Acceptor, Limits, ListenError, ListenerStats, Ticket};
 use mailbell_link::units::de_duration;
 
 use crate::arrival::{Arrival, Intake, IntakeError, Origin};
@@ -64,16 +80,30 @@ const MAX_NAME: usize = 512;
 const MAX_RCPTS: usize = 1000;
 /// Longest milter packet accepted, command byte included (indymilter's and libmilter's limit).
 const MAX_PACKET: u32 = 1024 * 1024;
-/// Consecutive failed `accept()` calls after which the listener counts as broken.
-const MAX_ACCEPT_FAILURES: u32 = 20;
+/// Most bytes read before option negotiation (macros the MTA may send first, then OPTNEG).
+const MAX_PRE_NEGOTIATION: usize = 64 * 1024;
+/// Events of one kind closer together than this belong to one episode, logged once.
+const EPISODE_GAP: Duration = Duration::from_secs(60);
 
 /// `[milter]` settings.
 #[derive(Clone, Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MilterConfig {
-    /// Most milter connections served at once; more wait in the listen backlog. Postfix holds
-    /// one per smtpd process, Stalwart one per message being filtered.
+    /// Most milter sessions served at once. Postfix holds one per smtpd process, Stalwart one
+    /// per message being filtered. A connection takes a session slot only once it has sent its
+    /// option negotiation; one that finds them all taken waits up to `negotiate_timeout`.
     pub max_connections: NonZeroUsize,
+    /// Most connections that have not negotiated yet; when all are taken the oldest is closed
+    /// to make room. Default: twice `max_connections`.
+    pub max_pending: Option<NonZeroUsize>,
+    /// A new connection must have sent its option negotiation (the MTA's first packet) within
+    /// this, or it is closed. The MTA sends it as soon as it connects.
+    #[serde(deserialize_with = "de_duration")]
+    pub negotiate_timeout: Duration,
+    /// Once the first byte of a packet has arrived, the whole packet must arrive within this,
+    /// or the connection is closed.
+    #[serde(deserialize_with = "de_duration")]
+    pub command_timeout: Duration,
     /// Longest wait for the MTA's next packet (or for a reply to be sent); the connection is
     /// closed after it. The MTA keeps its milter connection idle while its SMTP client thinks,
     /// so this must exceed the MTA's own SMTP timeouts; the default is libmilter's.
@@ -88,6 +118,9 @@ impl Default for MilterConfig {
     fn default() -> Self {
         Self {
             max_connections: NonZeroUsize::new(100).unwrap_or(NonZeroUsize::MIN),
+            max_pending: None,
+            negotiate_timeout: Duration::from_secs(10),
+            command_timeout: Duration::from_secs(10),
             timeout: Duration::from_secs(7210),
             tempfail_reply: "mailbell: cannot record the arrival notice ({error}), try again later"
                 .to_owned(),
@@ -95,153 +128,298 @@ impl Default for MilterConfig {
     }
 }
 
+impl MilterConfig {
+    /// `max_pending`, or its default: twice `max_connections`.
+    pub fn max_pending(&self) -> usize {
+        self.max_pending.map_or(
+            self.max_connections.get().saturating_mul(2),
+            NonZeroUsize::get,
+        )
+    }
+}
+
 /// Why [`serve`] stopped before it was told to.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MilterError {
-    #[error("milter listener cannot accept connections")]
-    Accept(#[source] io::Error),
+    /// The listening socket cannot go on; the daemon should exit non-zero.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
 }
 
 /// Serves milter clients on `listener` until `shutdown` is cancelled, then waits for the open
-/// sessions to finish the command they are processing. Only a broken listener is an error;
-/// a failing connection is logged in its span and closed.
+/// sessions to finish the command they are processing.
+///
+/// Connections are accepted through an [`Acceptor`] (no per-source cap: an MTA connects from
+/// one address with many connections) whose counters are kept in `stats`, for `/metrics` as
+/// listener `"milter"`. A connection holds a pending slot until its option negotiation has
+/// arrived (evictable, `negotiate_timeout`), then a session slot (`max_connections`). Only a
+/// listening socket that cannot go on is an error; a failing connection is logged in its span
+/// and closed.
 pub async fn serve<I: Intake>(
     listener: TcpListener,
     intake: Arc<I>,
     cfg: MilterConfig,
+    stats: Arc<ListenerStats>,
     shutdown: CancellationToken,
 ) -> Result<(), MilterError> {
     let local = listener.local_addr().ok();
-    info!(addr = ?local, max_connections = cfg.max_connections.get(), "milter listening");
-    let limit = Arc::new(Semaphore::new(cfg.max_connections.get()));
+    let limits = Limits {
+        max_pending: cfg.max_pending(),
+        max_per_source: None,
+    };
+    info!(
+        addr = ?local,
+        max_connections = cfg.max_connections.get(),
+        max_pending = limits.max_pending,
+        "milter listening"
+    );
+    let mut acceptor = Acceptor::new(listener, limits, "milter", stats);
     let tracker = TaskTracker::new();
     // Sessions stop on shutdown, and also when the listener breaks.
     let stop = shutdown.child_token();
     let shared = Arc::new(Shared {
         intake,
         reply: Arc::from(cfg.tempfail_reply.as_str()),
+        sessions: Arc::new(Semaphore::new(cfg.max_connections.get())),
         timeout: cfg.timeout,
+        negotiate_timeout: cfg.negotiate_timeout,
+        command_timeout: cfg.command_timeout,
+        evictions: Episode::default(),
+        not_negotiated: Episode::default(),
+        no_session_slot: Episode::default(),
     });
-    let mut failures = 0u32;
     let result = loop {
-        let permit = tokio::select! {
-            biased;
-            () = stop.cancelled() => break Ok(()),
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break Ok(()), // never closed
-            },
-        };
-        let accepted = tokio::select! {
-            biased;
-            () = stop.cancelled() => break Ok(()),
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                failures = 0;
-                tracker.spawn(connection(
-                    stream,
-                    peer,
-                    shared.clone(),
-                    stop.clone(),
-                    permit,
-                ));
+        match acceptor.accept(&stop).await {
+            Ok(Some(accepted)) => {
+                tracker.spawn(connection(accepted, shared.clone(), stop.clone()));
             }
-            Err(e) if is_per_connection(&e) => {
-                debug!(error = %e, "accept failed for one connection");
-            }
-            Err(e) => {
-                failures += 1;
-                if failures >= MAX_ACCEPT_FAILURES {
-                    error!(error = %e, failures, "milter listener broken, stopping");
-                    break Err(MilterError::Accept(e));
-                }
-                let backoff = Duration::from_millis(100 << failures.min(6));
-                warn!(error = %e, ?backoff, "cannot accept milter connections, retrying");
-                tokio::select! {
-                    () = stop.cancelled() => break Ok(()),
-                    () = tokio::time::sleep(backoff) => {}
-                }
-            }
+            Ok(None) => break Ok(()),
+            // The acceptor has logged it.
+            Err(e) => break Err(MilterError::from(e)),
         }
     };
     stop.cancel();
-    drop(listener);
+    drop(acceptor);
     tracker.close();
     tracker.wait().await;
     info!("milter stopped");
     result
 }
 
-/// Accept errors that concern only the connection being accepted.
-fn is_per_connection(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
-    )
-}
-
 /// What every connection of one [`serve`] shares.
 struct Shared<I> {
     intake: Arc<I>,
     reply: Arc<str>,
+    /// `max_connections`: taken once a connection has negotiated.
+    sessions: Arc<Semaphore>,
     timeout: Duration,
+    negotiate_timeout: Duration,
+    command_timeout: Duration,
+    evictions: Episode,
+    not_negotiated: Episode,
+    no_session_slot: Episode,
 }
 
-/// One milter connection: its own indymilter `run` over a one-connection listener, so its
-/// callbacks carry the connection's span.
+/// A kind of event that comes in floods (a thousand idle connections time out together): the
+/// first of an episode is logged at warn, the rest at debug, until none has come for
+/// [`EPISODE_GAP`]. The counters in `/metrics` have the numbers.
+#[derive(Default)]
+struct Episode {
+    last: Mutex<Option<Instant>>,
+}
+
+impl Episode {
+    /// Notes one event; true if it starts a new episode.
+    fn starts(&self) -> bool {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let new = last.is_none_or(|t| now.duration_since(t) >= EPISODE_GAP);
+        *last = Some(now);
+        new
+    }
+}
+
+/// One milter connection: the pre-negotiation phase on the bare socket, then its own
+/// indymilter `run` over a one-connection listener, so its callbacks carry the connection's
+/// span. The ticket (pending slot, then session slot) lives as long as the connection.
 async fn connection<I: Intake>(
-    stream: TcpStream,
-    peer: SocketAddr,
+    accepted: Accepted,
     shared: Arc<Shared<I>>,
     stop: CancellationToken,
-    _permit: OwnedSemaphorePermit,
 ) {
+    let Accepted {
+        mut stream,
+        peer,
+        mut ticket,
+    } = accepted;
     let span = info_span!("milter", %peer);
-    let session = async {
+    let session = async move {
         debug!("connection accepted");
         if let Err(e) = stream.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let (closed_tx, closed_rx) = oneshot::channel::<()>();
-        let stream = Watched {
-            inner: stream,
-            span: Span::current(),
-            guard: FrameGuard::default(),
-            rejected: None,
-            end: End::Open,
-            last_activity: Instant::now(),
-            timeout: shared.timeout,
-            stopped: Box::pin(stop.clone().cancelled_owned()),
-            stop: stop.clone(),
-            _closed: closed_tx,
-        };
-        let config = Config {
-            max_connections: 1,
-            actions: Actions::empty(),
-            connection_timeout: shared.timeout,
-        };
-        let callbacks = callbacks(shared.intake.clone(), Span::current(), shared.reply.clone());
-        // The session ends when its stream is dropped (QUIT, EOF, error, timeout) or on stop;
-        // `run` then returns once the session task has finished its current command.
-        let done = async move {
-            tokio::select! {
-                () = stop.cancelled() => {}
-                _ = closed_rx => {}
+        let (guard, replay) =
+            match negotiation(&mut stream, &ticket, shared.negotiate_timeout, &stop).await {
+                Ok(proven) => proven,
+                Err(why) => {
+                    unproven(why, &ticket, &shared);
+                    return;
+                }
+            };
+        // Proven: trade the pending slot for a session slot, waiting no longer than a
+        // negotiation may take.
+        let promoted = tokio::select! {
+            biased;
+            () = stop.cancelled() => {
+                debug!("connection closed for shutdown");
+                return;
             }
+            r = tokio::time::timeout(
+                shared.negotiate_timeout,
+                ticket.promote(shared.sessions.clone()),
+            ) => r,
         };
-        if let Err(e) = indymilter::run(OneConnection(Some(stream)), callbacks, config, done).await
-        {
-            // OneConnection never fails to accept.
-            debug!(error = %e, "milter session failed");
+        match promoted {
+            Ok(Ok(())) => {}
+            // Never closed.
+            Ok(Err(_)) => return,
+            Err(_) => {
+                ticket.timed_out();
+                if shared.no_session_slot.starts() {
+                    warn!(
+                        wait = ?shared.negotiate_timeout,
+                        "every milter session slot stayed taken, closing a negotiated connection (raise [milter] max_connections?); more at debug level"
+                    );
+                } else {
+                    debug!("no session slot freed in time, connection closed");
+                }
+                return;
+            }
         }
+        run_session(stream, guard, replay, &shared, stop).await;
+        drop(ticket);
     };
     session.instrument(span).await;
+}
+
+/// Why a connection closed before it negotiated.
+#[derive(Debug)]
+enum Unproven {
+    Shutdown,
+    Closed,
+    Evicted,
+    TimedOut,
+    Rejected(FrameError),
+    Failed(io::Error),
+}
+
+/// Reads the MTA's first packets on the bare socket until option negotiation has arrived
+/// whole, within `limit`, unless the acceptor wants the slot first. Returns the guard that
+/// followed them and the bytes read, for indymilter.
+async fn negotiation(
+    stream: &mut TcpStream,
+    ticket: &Ticket,
+    limit: Duration,
+    stop: &CancellationToken,
+) -> Result<(FrameGuard, Bytes), Unproven> {
+    let mut guard = FrameGuard::default();
+    let mut read = BytesMut::new();
+    let mut chunk = [0u8; 1024];
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
+    while !guard.proven {
+        let n = tokio::select! {
+            biased;
+            () = stop.cancelled() => return Err(Unproven::Shutdown),
+            r = stream.read(&mut chunk) => r.map_err(Unproven::Failed)?,
+            () = ticket.evicted() => return Err(Unproven::Evicted),
+            () = &mut deadline => return Err(Unproven::TimedOut),
+        };
+        let new = chunk.get(..n).unwrap_or_default();
+        if new.is_empty() {
+            return Err(Unproven::Closed);
+        }
+        guard
+            .feed(new)
+            .map_err(|rejected| Unproven::Rejected(rejected.error))?;
+        read.extend_from_slice(new);
+    }
+    Ok((guard, read.freeze()))
+}
+
+/// Logs and counts a connection that closed before it negotiated.
+fn unproven<I>(why: Unproven, ticket: &Ticket, shared: &Shared<I>) {
+    match why {
+        Unproven::Shutdown => debug!("connection closed for shutdown"),
+        Unproven::Closed => debug!("closed by the peer before option negotiation"),
+        Unproven::Failed(e) => debug!(error = %e, "connection failed before option negotiation"),
+        Unproven::Rejected(error) => {
+            warn!(%error, "malformed milter data, closing the connection");
+        }
+        Unproven::Evicted => {
+            if shared.evictions.starts() {
+                warn!("every pending milter slot is taken by connections that have not negotiated, closing the oldest to make room; more at debug level");
+            } else {
+                debug!("closed to make room: not negotiated yet");
+            }
+        }
+        Unproven::TimedOut => {
+            ticket.timed_out();
+            let limit = shared.negotiate_timeout;
+            if shared.not_negotiated.starts() {
+                warn!(?limit, "closing milter connections that did not negotiate in time; more at debug level");
+            } else {
+                debug!(?limit, "not negotiated in time, connection closed");
+            }
+        }
+    }
+}
+
+/// The negotiated connection's indymilter session, over a [`Watched`] stream that first hands
+/// indymilter the bytes read while negotiating.
+async fn run_session<I: Intake>(
+    stream: TcpStream,
+    guard: FrameGuard,
+    replay: Bytes,
+    shared: &Shared<I>,
+    stop: CancellationToken,
+) {
+    let (closed_tx, closed_rx) = oneshot::channel::<()>();
+    let stream = Watched {
+        inner: stream,
+        span: Span::current(),
+        guard,
+        rejected: None,
+        end: End::Open,
+        last_activity: Instant::now(),
+        timeout: shared.timeout,
+        stopped: Box::pin(stop.clone().cancelled_owned()),
+        stop: stop.clone(),
+        _closed: closed_tx,
+        replay,
+        command_timeout: shared.command_timeout,
+        stall: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        stall_packet: None,
+    };
+    let config = Config {
+        max_connections: 1,
+        actions: Actions::empty(),
+        connection_timeout: shared.timeout,
+    };
+    let callbacks = callbacks(shared.intake.clone(), Span::current(), shared.reply.clone());
+    // The session ends when its stream is dropped (QUIT, EOF, error, timeout) or on stop;
+    // `run` then returns once the session task has finished its current command.
+    let done = async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            _ = closed_rx => {}
+        }
+    };
+    if let Err(e) = indymilter::run(OneConnection(Some(stream)), callbacks, config, done).await {
+        // OneConnection never fails to accept.
+        debug!(error = %e, "milter session failed");
+    }
 }
 
 /// A listener that yields one connection, then nothing.
@@ -623,6 +801,8 @@ enum FrameError {
     UnknownCommand(u8),
     #[error("milter command '{}' {why}", char::from(*.cmd))]
     OutOfOrder { cmd: u8, why: &'static str },
+    #[error("more than {MAX_PRE_NEGOTIATION} bytes before option negotiation")]
+    LongPreamble,
 }
 
 /// A bad packet: `valid` bytes of the input fed last precede it and may still be processed.
@@ -637,12 +817,26 @@ struct Rejected {
 /// before option negotiation, and transaction commands (RCPT, DATA, header, body, end of
 /// message) outside a mail transaction. Finer ordering inside a transaction is indymilter's
 /// (like libmilter, it ignores such a command).
-#[derive(Debug, Default)]
+///
+/// It also tells the connection where it stands: [`proven`](Self::proven) once option
+/// negotiation has arrived whole (the connection may then take a session slot), and
+/// [`in_packet`](Self::in_packet) between the first and the last byte of a packet (the command
+/// timeout runs) as opposed to between packets (the idle timeout runs).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct FrameGuard {
     head: [u8; 5],
     head_len: usize,
     payload_left: usize,
+    /// Command of the packet being read (or last read).
+    cmd: u8,
+    /// Bytes announced by packet headers up to and including option negotiation.
+    preamble: usize,
+    /// Option negotiation's header has been accepted.
     negotiated: bool,
+    /// Option negotiation has arrived whole.
+    proven: bool,
+    /// Packets that have arrived whole.
+    packets: u64,
     in_tx: bool,
     quit: bool,
 }
@@ -659,6 +853,7 @@ impl FrameGuard {
                 pos += take;
                 self.payload_left -= take;
                 if self.payload_left == 0 {
+                    self.complete();
                     packet_start = pos;
                 }
                 continue;
@@ -677,12 +872,27 @@ impl FrameGuard {
                 error,
             })?;
             // check() ensures 1 <= len <= MAX_PACKET.
+            self.cmd = cmd;
             self.payload_left = (len - 1) as usize;
             if self.payload_left == 0 {
+                self.complete();
                 packet_start = pos;
             }
         }
         Ok(())
+    }
+
+    /// Between the first and the last byte of a packet.
+    fn in_packet(&self) -> bool {
+        self.head_len > 0 || self.payload_left > 0
+    }
+
+    /// The packet being read has arrived whole.
+    fn complete(&mut self) {
+        self.packets += 1;
+        if self.cmd == b'O' {
+            self.proven = true;
+        }
     }
 
     fn check(&mut self, len: u32, cmd: u8) -> Result<(), FrameError> {
@@ -697,6 +907,11 @@ impl FrameGuard {
         }
         let out_of_order = |why| Err(FrameError::OutOfOrder { cmd, why });
         if !self.negotiated {
+            // Length field and packet: all of it is read before the connection is proven.
+            self.preamble = self.preamble.saturating_add(len as usize + 4);
+            if self.preamble > MAX_PRE_NEGOTIATION {
+                return Err(FrameError::LongPreamble);
+            }
             return match cmd {
                 b'O' => {
                     self.negotiated = true;
@@ -735,6 +950,8 @@ enum End {
     Open,
     Eof,
     Io(io::Error),
+    /// A packet did not arrive whole within the command timeout.
+    Stalled,
 }
 
 /// The connection's stream with a [`FrameGuard`] on its reads; logs in the connection's span
@@ -752,6 +969,13 @@ struct Watched<S> {
     /// would otherwise keep the connection until the read times out.
     stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     _closed: oneshot::Sender<()>,
+    /// Bytes read (and followed by `guard`) while negotiating, handed to indymilter first.
+    replay: Bytes,
+    /// Longest wait for the rest of a packet once it has started.
+    command_timeout: Duration,
+    /// Runs out `command_timeout` after a read found the packet `stall_packet` incomplete.
+    stall: Pin<Box<Sleep>>,
+    stall_packet: Option<u64>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
@@ -769,6 +993,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
                 io::ErrorKind::ConnectionAborted,
                 "milter shutting down",
             )));
+        }
+        if let Some(replayed) = this.poll_replay(buf) {
+            return replayed;
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
@@ -796,7 +1023,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
                 }
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(this.failed(e))),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => this.poll_stall(cx),
         }
     }
 }
@@ -828,6 +1055,42 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 }
 
 impl<S> Watched<S> {
+    /// Hands out the bytes read while negotiating, if any are left (the guard has seen them).
+    fn poll_replay(&mut self, buf: &mut ReadBuf<'_>) -> Option<Poll<io::Result<()>>> {
+        if self.replay.is_empty() || buf.remaining() == 0 {
+            return None;
+        }
+        let n = self.replay.len().min(buf.remaining());
+        buf.put_slice(&self.replay.split_to(n));
+        Some(Poll::Ready(Ok(())))
+    }
+
+    /// Called when the socket has nothing to read. Inside a packet, the rest must come within
+    /// `command_timeout` of the first read that found it missing; between packets the wait is
+    /// indymilter's idle `timeout`.
+    fn poll_stall(&mut self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        if !self.guard.in_packet() {
+            return Poll::Pending;
+        }
+        let packet = self.guard.packets;
+        if self.stall_packet != Some(packet) {
+            self.stall_packet = Some(packet);
+            self.stall
+                .as_mut()
+                .reset(Instant::now() + self.command_timeout);
+        }
+        if self.stall.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if matches!(self.end, End::Open) {
+            self.end = End::Stalled;
+        }
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "milter packet incomplete after the command timeout",
+        )))
+    }
+
     /// Records an I/O error (keeping the first) and hands it on.
     fn failed(&mut self, e: io::Error) -> io::Error {
         if matches!(self.end, End::Open) {
@@ -845,6 +1108,8 @@ impl<S> Drop for Watched<S> {
             debug!(parent: span, "connection closed");
         } else if self.guard.quit {
             debug!(parent: span, "session ended");
+        } else if matches!(self.end, End::Stalled) {
+            info!(parent: span, command_timeout = ?self.command_timeout, cmd = %char::from(self.guard.cmd), mid_message, "milter packet incomplete after the command timeout, connection closed");
         } else if let End::Io(e) = &self.end {
             info!(parent: span, error = %e, mid_message, "connection failed");
         } else if matches!(self.end, End::Eof) {
@@ -931,6 +1196,66 @@ mod tests {
             g.feed(std::slice::from_ref(b)).unwrap();
         }
         assert!(g.quit);
+    }
+
+    #[test]
+    fn guard_state_is_the_same_at_every_split() {
+        let bytes = session_bytes();
+        let mut whole = FrameGuard::default();
+        whole.feed(&bytes).unwrap();
+        for i in 0..=bytes.len() {
+            // One piece up to i, against byte by byte up to i.
+            let mut g = FrameGuard::default();
+            g.feed(&bytes[..i]).unwrap();
+            let mut bytewise = FrameGuard::default();
+            for b in &bytes[..i] {
+                bytewise.feed(std::slice::from_ref(b)).unwrap();
+            }
+            assert_eq!(g, bytewise, "state after {i} bytes");
+            g.feed(&bytes[i..]).unwrap();
+            assert_eq!(g, whole, "split at {i}");
+        }
+    }
+
+    #[test]
+    fn guard_tells_negotiation_and_packet_boundaries() {
+        let macros = packet(b'D', b"C{client_addr}\x00192.0.2.1\x00");
+        let optneg = packet(b'O', &[0, 0, 0, 6, 0, 0, 0, 0xff, 0, 0x1f, 0xff, 0xff]);
+        let mut g = FrameGuard::default();
+        assert!(!g.in_packet() && !g.proven && g.packets == 0);
+        g.feed(&macros[..1]).unwrap();
+        assert!(g.in_packet(), "one byte of a length field");
+        g.feed(&macros[1..]).unwrap();
+        assert!(!g.in_packet() && !g.proven && g.packets == 1);
+        g.feed(&optneg[..5]).unwrap();
+        assert!(g.in_packet() && !g.proven, "header only");
+        g.feed(&optneg[5..optneg.len() - 1]).unwrap();
+        assert!(g.in_packet() && !g.proven, "one byte short");
+        g.feed(&optneg[optneg.len() - 1..]).unwrap();
+        assert!(!g.in_packet() && g.proven && g.packets == 2);
+        // A packet without payload is whole with its header.
+        g.feed(&packet(b'A', b"")[..4]).unwrap();
+        assert!(g.in_packet());
+        g.feed(b"A").unwrap();
+        assert!(!g.in_packet() && g.packets == 3);
+    }
+
+    #[test]
+    fn guard_caps_what_comes_before_negotiation() {
+        let macros = packet(b'D', &[b'x'; 30_000]);
+        let mut g = FrameGuard::default();
+        g.feed(&macros).unwrap();
+        g.feed(&macros).unwrap();
+        let e = g.feed(&macros).unwrap_err();
+        assert_eq!(e.error, FrameError::LongPreamble);
+        assert!(!g.proven);
+        // After negotiation, only the packet limit applies.
+        let mut g = FrameGuard::default();
+        g.feed(&packet(b'O', &[0; 12])).unwrap();
+        g.feed(&packet(b'M', b"<>\x00")).unwrap();
+        for _ in 0..4 {
+            g.feed(&packet(b'B', &[b'x'; 30_000])).unwrap();
+        }
     }
 
     #[test]
@@ -1106,9 +1431,21 @@ mod tests {
     fn config_defaults_and_toml() {
         let d = MilterConfig::default();
         assert_eq!(d.max_connections.get(), 100);
+        assert_eq!(d.max_pending(), 200);
+        assert_eq!(d.negotiate_timeout, Duration::from_secs(10));
+        assert_eq!(d.command_timeout, Duration::from_secs(10));
         assert_eq!(d.timeout, Duration::from_secs(7210));
+        let c: MilterConfig = toml::from_str(
+            "max_pending = 50\nnegotiate_timeout = \"3s\"\ncommand_timeout = \"500ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_pending(), 50);
+        assert_eq!(c.negotiate_timeout, Duration::from_secs(3));
+        assert_eq!(c.command_timeout, Duration::from_millis(500));
+        assert!(toml::from_str::<MilterConfig>("max_pending = 0").is_err());
         let c: MilterConfig = toml::from_str("max_connections = 8\ntimeout = \"5m\"\n").unwrap();
         assert_eq!(c.max_connections.get(), 8);
+        assert_eq!(c.max_pending(), 16, "twice max_connections");
         assert_eq!(c.timeout, Duration::from_secs(300));
         assert_eq!(c.tempfail_reply, d.tempfail_reply);
         assert!(toml::from_str::<MilterConfig>("max_connections = 0").is_err());

@@ -7,14 +7,15 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use indymilter_test::{Actions, MacroStage, ProtoOpts, SocketInfo, Status, TestConnection};
 use mailbell::arrival::{Accepted, Arrival, Ingest, Intake, IntakeError, Origin};
 use mailbell::milter::{serve, MilterConfig, MilterError};
+use mailbell_link::listen::ListenerStats;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -96,6 +97,7 @@ impl Intake for TestIntake {
 struct Server {
     addr: SocketAddr,
     intake: Arc<TestIntake>,
+    stats: Arc<ListenerStats>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), MilterError>>,
 }
@@ -106,10 +108,18 @@ impl Server {
         let addr = listener.local_addr().unwrap();
         let intake = Arc::new(TestIntake::default());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, intake.clone(), cfg, shutdown.clone()));
+        let stats = Arc::new(ListenerStats::default());
+        let task = tokio::spawn(serve(
+            listener,
+            intake.clone(),
+            cfg,
+            stats.clone(),
+            shutdown.clone(),
+        ));
         Self {
             addr,
             intake,
+            stats,
             shutdown,
             task,
         }
@@ -121,6 +131,25 @@ impl Server {
             .open_tcp(self.addr)
             .await
             .unwrap()
+    }
+
+    /// One of the listener's counters.
+    fn count(&self, counter: fn(&ListenerStats) -> &AtomicU64) -> u64 {
+        counter(&self.stats).load(Ordering::Relaxed)
+    }
+
+    /// Waits (up to 20 s) until a counter reaches `at_least`.
+    async fn wait_for(&self, counter: fn(&ListenerStats) -> &AtomicU64, at_least: u64) {
+        let waited = tokio::time::timeout(Duration::from_secs(20), async {
+            while self.count(counter) < at_least {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        assert!(
+            waited.await.is_ok(),
+            "counter at {} after 20 s, expected {at_least}",
+            self.count(counter)
+        );
     }
 
     async fn stop(self) {
@@ -676,4 +705,210 @@ async fn shutdown_closes_open_sessions() {
         "listener still open"
     );
     drop(conn);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections that prove nothing, and stalled packets
+
+/// A small message, sent whole on an open connection; true if it was accepted.
+async fn one_message(conn: &mut TestConnection, subject: &str) -> bool {
+    let m = Msg {
+        from: "<a@example.org>",
+        rcpts: &["<b@example.com>"],
+        headers: &[("Subject", subject)],
+        body: b"x\r\n",
+    };
+    send(conn, &m).await == Status::Accept
+}
+
+/// `n` connections that never send a byte.
+async fn idle_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut idle = Vec::with_capacity(n);
+    for _ in 0..n {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+    }
+    idle
+}
+
+/// A real session from connect to the end of one message, within `limit`.
+async fn served_within(server: &Server, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let served = tokio::time::timeout(limit, async {
+        let mut conn = server.open().await;
+        connect(&mut conn, [192, 0, 2, 80], "mx.example").await;
+        let ok = one_message(&mut conn, "through the flood").await;
+        conn.close().await.unwrap();
+        ok
+    });
+    assert!(
+        served.await.expect("real session not served in time"),
+        "message not accepted"
+    );
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn idle_connections_do_not_lock_out_a_real_session() {
+    // The case: 150 silent connections against max_connections = 100. With the default
+    // pending pool (200) they only take pending slots; with a small one the oldest are evicted.
+    // Either way the real session is served at once, not after the negotiation timeout.
+    for max_pending in [None, NonZeroUsize::new(20)] {
+        let server = Server::start(MilterConfig {
+            max_pending,
+            negotiate_timeout: Duration::from_secs(60),
+            ..cfg()
+        })
+        .await;
+        assert_eq!(server.count(|s| &s.accepted), 0);
+        let idle = idle_connections(server.addr, 150).await;
+        let took = served_within(&server, Duration::from_secs(2)).await;
+        let evicted = server.count(|s| &s.evicted);
+        if max_pending.is_some() {
+            assert!(evicted >= 100, "{evicted} evicted with 20 pending slots");
+        } else {
+            assert_eq!(evicted, 0);
+        }
+        assert_eq!(server.intake.take().len(), 1);
+        eprintln!("max_pending {max_pending:?}: served in {took:?}, {evicted} evicted");
+        drop(idle);
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_never_negotiates_is_closed() {
+    let logs = Logs::default();
+    let _capture = logs.capture();
+    let limit = Duration::from_millis(300);
+    let server = Server::start(MilterConfig {
+        negotiate_timeout: limit,
+        ..cfg()
+    })
+    .await;
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    // Half an option negotiation is no negotiation either.
+    let mut half = TcpStream::connect(server.addr).await.unwrap();
+    half.write_all(&optneg()[..9]).await.unwrap();
+    assert!(closed_by_server(&mut silent).await, "silent");
+    assert!(closed_by_server(&mut half).await, "half");
+    assert!(started.elapsed() >= limit / 2, "closed before the timeout");
+    server.wait_for(|s| &s.timed_out, 2).await;
+    assert_eq!(server.count(|s| &s.pending), 0);
+    // A session negotiated in time is untouched by the timer.
+    let mut conn = server.open().await;
+    tokio::time::sleep(limit * 2).await;
+    connect(&mut conn, [192, 0, 2, 81], "mx.example").await;
+    assert!(one_message(&mut conn, "negotiated").await);
+    conn.close().await.unwrap();
+    server.stop().await;
+
+    // Two timeouts, one warning.
+    let text = logs.text();
+    let warnings = text
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("did not negotiate in time"))
+        .count();
+    assert_eq!(warnings, 1, "{text}");
+}
+
+#[tokio::test]
+async fn a_stalled_packet_is_closed_but_an_idle_session_stays() {
+    let logs = Logs::default();
+    let _capture = logs.capture();
+    let command_timeout = Duration::from_millis(300);
+    let server = Server::start(MilterConfig {
+        command_timeout,
+        timeout: Duration::from_secs(30),
+        ..cfg()
+    })
+    .await;
+
+    // Idle between packets for three command timeouts: the idle timeout applies, not the
+    // command timeout.
+    let mut idle = server.open().await;
+    connect(&mut idle, [192, 0, 2, 82], "mx.example").await;
+    tokio::time::sleep(command_timeout * 3).await;
+    assert!(one_message(&mut idle, "after a pause").await);
+    tokio::time::sleep(command_timeout * 3).await;
+    assert!(one_message(&mut idle, "after another pause").await);
+
+    // A packet whose length arrives and whose rest never does.
+    let mut raw = TcpStream::connect(server.addr).await.unwrap();
+    raw.write_all(&optneg()).await.unwrap();
+    let mut head = [0u8; 5];
+    raw.read_exact(&mut head).await.unwrap();
+    let started = Instant::now();
+    let helo = packet(b'H', b"mx.example\x00");
+    raw.write_all(&helo[..7]).await.unwrap();
+    assert!(closed_by_server(&mut raw).await, "stalled packet");
+    assert!(
+        started.elapsed() >= command_timeout / 2,
+        "closed before the timeout"
+    );
+
+    // Only a length byte of the next packet, after a whole one.
+    let mut raw = TcpStream::connect(server.addr).await.unwrap();
+    let mut bytes = optneg();
+    bytes.push(0);
+    raw.write_all(&bytes).await.unwrap();
+    assert!(closed_by_server(&mut raw).await, "stalled length");
+
+    // The idle session is still there.
+    assert!(one_message(&mut idle, "still here").await);
+    idle.close().await.unwrap();
+    assert_eq!(server.intake.take().len(), 3);
+    server.stop().await;
+
+    let text = logs.text();
+    let stalled = text
+        .lines()
+        .filter(|l| l.contains("incomplete after the command timeout, connection closed"))
+        .count();
+    assert_eq!(stalled, 2, "{text}");
+}
+
+#[tokio::test]
+async fn a_negotiated_session_is_never_evicted() {
+    let server = Server::start(MilterConfig {
+        max_pending: NonZeroUsize::new(5),
+        ..cfg()
+    })
+    .await;
+    // Negotiated and in the middle of a message when the flood comes.
+    let mut conn = server.open().await;
+    connect(&mut conn, [192, 0, 2, 83], "mx.example").await;
+    let m = Msg {
+        from: "<a@example.org>",
+        rcpts: &["<b@example.com>"],
+        headers: &[("Subject", "during the flood")],
+        body: b"x\r\n",
+    };
+    send_until_eom(&mut conn, &m).await;
+    let idle = idle_connections(server.addr, 100).await;
+    server.wait_for(|s| &s.evicted, 95).await;
+    assert_eq!(conn.eom().await.unwrap().1, Status::Accept);
+    assert!(one_message(&mut conn, "after the flood").await);
+    conn.close().await.unwrap();
+    assert_eq!(server.intake.take().len(), 2);
+    drop(idle);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_negotiated_connection_waits_for_a_session_slot_only_so_long() {
+    let server = Server::start(MilterConfig {
+        max_connections: NonZeroUsize::new(1).unwrap(),
+        negotiate_timeout: Duration::from_millis(300),
+        ..cfg()
+    })
+    .await;
+    let first = server.open().await;
+    let mut second = TcpStream::connect(server.addr).await.unwrap();
+    second.write_all(&optneg()).await.unwrap();
+    assert!(closed_by_server(&mut second).await);
+    server.wait_for(|s| &s.timed_out, 1).await;
+    first.close().await.unwrap();
+    served_within(&server, Duration::from_secs(5)).await;
+    server.stop().await;
 }
