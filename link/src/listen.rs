@@ -11,7 +11,8 @@
 //!   one. A real peer proves itself within milliseconds of connecting, so a flood of idle
 //!   connections cannot lock it out; it only churns through itself.
 //! - **A per-source cap** (optional): a source address that already holds `max_per_source`
-//!   unproven connections has further ones closed at once, so one host cannot take the pool.
+//!   unproven connections loses the oldest of them to each new one, so one host cannot take the
+//!   pool, and a flood from a real peer's own address (NAT, the same box) cannot lock it out.
 //! - **Proof trades the pending slot for a session slot** ([`Ticket::promote`]): sessions are
 //!   bounded by the caller's own semaphore, and the pending slot is released for the next peer.
 //! - **`accept()` errors never end a listener while it can go on.** Errors that concern one
@@ -39,6 +40,8 @@ use tracing::{debug, error, info, warn};
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 /// Longest pause between two `accept()` attempts while resources are exhausted.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Per-connection `accept()` errors in a row retried at once; after them, pauses.
+const MAX_QUICK_RETRIES: u32 = 8;
 /// How long an eviction may take before the next oldest unproven connection goes too.
 const EVICT_WAIT: Duration = Duration::from_millis(50);
 /// While resources stay exhausted, a reminder is logged this often.
@@ -66,7 +69,8 @@ pub struct ListenerStats {
     pub at_capacity: AtomicU64,
     /// Unproven connections closed to make room for a newer one.
     pub evicted: AtomicU64,
-    /// Connections closed at once because their source held `max_per_source` already.
+    /// Unproven connections closed because their source held `max_per_source` already (the
+    /// source's oldest goes; a new one is refused only while all of them are already closing).
     pub refused_per_source: AtomicU64,
     /// Connections closed because they did not prove themselves in time (counted by the
     /// protocol that runs the timer).
@@ -108,7 +112,9 @@ pub fn sample_help(suffix: &str) -> &'static str {
         "connections_pending" => "Connections open now that have not proved themselves yet.",
         "at_capacity_total" => "Times a new connection found every pending slot taken.",
         "evicted_total" => "Unproven connections closed to make room for a newer one.",
-        "refused_per_source_total" => "Connections closed because their source held too many.",
+        "refused_per_source_total" => {
+            "Unproven connections closed because their source held too many."
+        }
         "timed_out_total" => "Connections closed for not proving themselves in time.",
         "accept_errors_total" => "accept() errors.",
         "accept_backoffs_total" => "Pauses taken because descriptors, memory or buffers ran out.",
@@ -187,8 +193,8 @@ pub struct ListenError {
 #[derive(Default)]
 struct PendingSet {
     next_id: u64,
-    /// Evictable connections by acceptance order.
-    order: BTreeMap<u64, CancellationToken>,
+    /// Evictable connections by acceptance order, with their source.
+    order: BTreeMap<u64, (IpAddr, CancellationToken)>,
     /// Unproven connections per source address.
     per_source: HashMap<IpAddr, usize>,
 }
@@ -213,6 +219,8 @@ pub struct Acceptor {
     what: &'static str,
     /// Resource-error episode: when it started, pauses so far, last reminder.
     exhausted: Option<(Instant, u32, Instant)>,
+    /// Per-connection `accept()` errors in a row.
+    failures: u32,
 }
 
 /// One accepted connection.
@@ -245,6 +253,7 @@ impl Acceptor {
             }),
             what,
             exhausted: None,
+            failures: 0,
         }
     }
 
@@ -278,6 +287,7 @@ impl Acceptor {
             let stats = self.shared.stats.clone();
             match accepted {
                 Ok((stream, peer)) => {
+                    self.failures = 0;
                     if let Some((since, pauses, _)) = self.exhausted.take() {
                         info!(
                             listener = self.what,
@@ -308,6 +318,17 @@ impl Acceptor {
                     match classify(&e) {
                         AcceptFailure::Connection => {
                             debug!(listener = self.what, error = %e, "accept failed for one connection");
+                            // A per-connection error that repeats without end would spin: after
+                            // a few in a row, pause as for exhausted resources.
+                            self.failures += 1;
+                            if self.failures > MAX_QUICK_RETRIES {
+                                let pause = self.note_exhausted(&e);
+                                stats.accept_backoffs.fetch_add(1, Ordering::Relaxed);
+                                tokio::select! {
+                                    () = stop.cancelled() => return Ok(None),
+                                    () = tokio::time::sleep(pause) => {}
+                                }
+                            }
                         }
                         AcceptFailure::Resources => {
                             let pause = self.note_exhausted(&e);
@@ -349,7 +370,7 @@ impl Acceptor {
             let oldest = {
                 let mut set = self.shared.set();
                 let first = set.order.keys().next().copied();
-                first.and_then(|id| set.order.remove(&id))
+                first.and_then(|id| set.order.remove(&id)).map(|(_, t)| t)
             };
             let evicting = oldest.is_some();
             if let Some(token) = oldest {
@@ -372,14 +393,32 @@ impl Acceptor {
         let evict = CancellationToken::new();
         let id = {
             let mut set = self.shared.set();
-            let count = set.per_source.entry(ip).or_insert(0);
-            if self.limits.max_per_source.is_some_and(|max| *count >= max) {
-                return None;
+            let count = set.per_source.get(&ip).copied().unwrap_or(0);
+            if self.limits.max_per_source.is_some_and(|max| count >= max) {
+                // The source's oldest unproven connection goes: a flood from the same address
+                // as a real peer churns through itself instead of locking the peer out.
+                let oldest = set
+                    .order
+                    .iter()
+                    .find(|(_, (src, _))| *src == ip)
+                    .map(|(id, _)| *id);
+                let token = oldest.and_then(|id| set.order.remove(&id));
+                match token {
+                    Some((_, token)) => {
+                        token.cancel();
+                        self.shared
+                            .stats
+                            .refused_per_source
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Every one of them is already on its way out.
+                    None => return None,
+                }
             }
-            *count += 1;
+            *set.per_source.entry(ip).or_insert(0) += 1;
             let id = set.next_id;
             set.next_id += 1;
-            set.order.insert(id, evict.clone());
+            set.order.insert(id, (ip, evict.clone()));
             id
         };
         let stats = &self.shared.stats;
@@ -503,7 +542,6 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use tokio::io::AsyncReadExt;
     use tokio::net::TcpSocket;
 
     async fn acceptor(limits: Limits) -> Acceptor {
@@ -519,15 +557,6 @@ mod tests {
 
     fn load(a: &AtomicU64) -> u64 {
         a.load(Ordering::Relaxed)
-    }
-
-    /// Reads until EOF or reset: the server closed the connection.
-    async fn closed(mut s: TcpStream) -> bool {
-        let mut b = [0u8; 16];
-        matches!(
-            tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
-            Ok(Ok(0) | Err(_))
-        )
     }
 
     #[tokio::test]
@@ -636,20 +665,33 @@ mod tests {
         let addr = a.local_addr().unwrap();
         let stop = CancellationToken::new();
         let _c1 = connect_from("127.0.0.2", addr).await;
-        let mut first = a.accept(&stop).await.unwrap().unwrap();
+        let first = a.accept(&stop).await.unwrap().unwrap();
         let _c2 = connect_from("127.0.0.2", addr).await;
-        let _second = a.accept(&stop).await.unwrap().unwrap();
-        // The third from 127.0.0.2 is closed at once; one from 127.0.0.3 gets in.
-        let c3 = connect_from("127.0.0.2", addr).await;
+        let mut second = a.accept(&stop).await.unwrap().unwrap();
+        // The third from 127.0.0.2 takes the place of the oldest from there; one from
+        // 127.0.0.3 is not affected.
+        let _c3 = connect_from("127.0.0.2", addr).await;
+        let third = a.accept(&stop).await.unwrap().unwrap();
+        assert_eq!(third.peer.ip().to_string(), "127.0.0.2");
+        tokio::time::timeout(Duration::from_secs(5), first.ticket.evicted())
+            .await
+            .expect("the source's oldest is evicted");
+        assert!(!second.ticket.is_evicted());
         let _c4 = connect_from("127.0.0.3", addr).await;
         let other = a.accept(&stop).await.unwrap().unwrap();
         assert_eq!(other.peer.ip().to_string(), "127.0.0.3");
-        assert!(closed(c3).await);
         assert_eq!(load(&a.stats().refused_per_source), 1);
+        assert_eq!(
+            load(&a.stats().evicted),
+            0,
+            "no global eviction: the pool has room"
+        );
+        drop(first);
         // A proven connection no longer counts against its source.
-        first.ticket.proven();
+        second.ticket.proven();
         let _c5 = connect_from("127.0.0.2", addr).await;
         let again = a.accept(&stop).await.unwrap().unwrap();
+        assert!(!third.ticket.is_evicted());
         assert_eq!(again.peer.ip().to_string(), "127.0.0.2");
     }
 
