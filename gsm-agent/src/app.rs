@@ -51,6 +51,8 @@ pub struct Running {
     pub inbox: Inbox,
     pub dispatch_stats: Arc<DispatchStats>,
     pub link_stats: Arc<ServerStats>,
+    /// Set when a listener failed for good; `serve` then ends with this error (non-zero exit).
+    failure: Arc<std::sync::OnceLock<anyhow::Error>>,
     modems: Vec<ModemHandle>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -172,13 +174,19 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let listener = crate::server::bind(&cfg.link).await?;
     let link_addr = listener.local_addr()?;
     let link_stats = Arc::new(ServerStats::default());
+    let failure = Arc::new(std::sync::OnceLock::new());
     {
         let (inbox, shutdown, stats) = (inbox.clone(), shutdown.clone(), link_stats.clone());
+        let failure = failure.clone();
         tracker.spawn(async move {
+            // `serve` retries resource errors (EMFILE, ...) itself; an error here means the
+            // listening socket is unusable: stop, and exit non-zero so the supervisor restarts us.
             if let Err(e) =
                 mailbell_link::net::serve(listener, settings, inbox, shutdown.clone(), stats).await
             {
-                error!(error = %e, "link listener failed");
+                let e = anyhow::Error::new(e);
+                error!(error = format!("{e:#}"), "link listener failed");
+                let _ = failure.set(e);
                 shutdown.cancel();
             }
         });
@@ -242,6 +250,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         inbox,
         dispatch_stats,
         link_stats,
+        failure,
         modems: handles,
         shutdown,
         tracker,
@@ -259,8 +268,12 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         _ = term.recv() => info!("SIGTERM received; shutting down"),
         _ = stop.cancelled() => error!("a listener failed; shutting down"),
     }
+    let failure = running.failure.clone();
     running.stop().await;
-    Ok(())
+    match failure.get() {
+        Some(e) => Err(anyhow!("{e:#}")),
+        None => Ok(()),
+    }
 }
 
 /// Client-side TLS for `send-test`: explicit files, or the dev PKI the config points at.

@@ -65,6 +65,12 @@ struct RawLink {
     #[serde(deserialize_with = "de_duration")]
     io_timeout: Duration,
     max_sessions: usize,
+    #[serde(deserialize_with = "de_duration")]
+    tls_handshake_timeout: Duration,
+    max_handshakes: usize,
+    max_handshakes_per_source: usize,
+    #[serde(deserialize_with = "de_duration")]
+    session_wait: Duration,
 }
 
 impl Default for RawLink {
@@ -85,6 +91,10 @@ impl Default for RawLink {
             handshake_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(10),
             max_sessions: 64,
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 128,
+            max_handshakes_per_source: 8,
+            session_wait: Duration::from_secs(5),
         }
     }
 }
@@ -282,9 +292,18 @@ pub struct LinkConfig {
     pub tls: LinkTls,
     pub allowed_clients: Vec<String>,
     pub receiver: mailbell_link::receiver::ReceiverConfig,
+    /// The HELLO wait, from the end of the TLS handshake.
     pub handshake_timeout: Duration,
     pub io_timeout: Duration,
     pub max_sessions: usize,
+    /// From accept to an authorised TLS session.
+    pub tls_handshake_timeout: Duration,
+    /// Connections in the TLS handshake at once (the pending pool).
+    pub max_handshakes: usize,
+    /// Connections in the TLS handshake at once from one source address (`None`: no cap).
+    pub max_handshakes_per_source: Option<usize>,
+    /// How long an authorised connection waits for a session slot before REFUSE BUSY.
+    pub session_wait: Duration,
 }
 
 /// One serial modem: the driver's settings (its `Debug` hides the PIN) and the SIM's pacing.
@@ -375,6 +394,15 @@ impl Config {
                 ))
             }
         };
+        if raw.link.max_sessions == 0 {
+            return Err(inv("link.max_sessions must be at least 1".into()));
+        }
+        if raw.link.max_handshakes == 0 {
+            return Err(inv("link.max_handshakes must be at least 1".into()));
+        }
+        if raw.link.tls_handshake_timeout.is_zero() {
+            return Err(inv("link.tls_handshake_timeout must be above 0".into()));
+        }
         if raw.link.window == 0 {
             return Err(inv("link.window must be at least 1".into()));
         }
@@ -467,6 +495,11 @@ impl Config {
                 handshake_timeout: raw.link.handshake_timeout,
                 io_timeout: raw.link.io_timeout,
                 max_sessions: raw.link.max_sessions,
+                tls_handshake_timeout: raw.link.tls_handshake_timeout,
+                max_handshakes: raw.link.max_handshakes,
+                max_handshakes_per_source: (raw.link.max_handshakes_per_source > 0)
+                    .then_some(raw.link.max_handshakes_per_source),
+                session_wait: raw.link.session_wait,
             },
             inbox: crate::inbox::InboxConfig {
                 dedupe_retention: raw.inbox.dedupe_retention,
@@ -506,6 +539,26 @@ mod tests {
         assert!(c.modems.is_empty());
         assert!(c.sms.render.templates.contains_key("zh"));
         assert_eq!(c.sms.render.utc_offset_minutes, 480);
+        assert_eq!(c.link.max_handshakes, 128);
+        assert_eq!(c.link.max_handshakes_per_source, Some(8));
+        assert_eq!(c.link.tls_handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.link.session_wait, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn handshake_limits_parse() {
+        let c = Config::from_toml(
+            "[link]\ntls_handshake_timeout = \"2s\"\nmax_handshakes = 16\nmax_handshakes_per_source = 0\nsession_wait = \"250ms\"",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.link.tls_handshake_timeout, Duration::from_secs(2));
+        assert_eq!(c.link.max_handshakes, 16);
+        assert_eq!(
+            c.link.max_handshakes_per_source, None,
+            "0: no per-source cap"
+        );
+        assert_eq!(c.link.session_wait, Duration::from_millis(250));
     }
 
     /// `key = value` or a `[table]` header, as opposed to prose.
@@ -569,6 +622,8 @@ mod tests {
         assert!(e.to_string().contains("link.listen"), "{e}");
         let e = Config::from_toml("[link]\nlisen = \"x\"", "t").unwrap_err();
         assert!(e.to_string().contains("lisen"), "{e}");
+        let e = Config::from_toml("[link]\nmax_handshakes = 0", "t").unwrap_err();
+        assert!(e.to_string().contains("link.max_handshakes"), "{e}");
         let e = Config::from_toml("[link]\nca = \"ca.pem\"", "t").unwrap_err();
         assert!(e.to_string().contains("none of them"), "{e}");
         let e = Config::from_toml(

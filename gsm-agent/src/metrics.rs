@@ -172,6 +172,12 @@ impl Sources {
             "counter",
             s.link_protocol_errors,
         );
+        g(
+            "mailbell_link_refused_busy_total",
+            "Authorised link connections refused as busy: no session slot freed in time.",
+            "counter",
+            self.link.refused_busy.load(Ordering::Relaxed),
+        );
         let _ = writeln!(o, "# HELP mailbell_agent_sms_failed_total SMS failures by error class.\n# TYPE mailbell_agent_sms_failed_total counter");
         for (class, n) in &s.failed_by_class {
             let _ = writeln!(
@@ -203,6 +209,8 @@ impl Sources {
                 m.failed
             );
         }
+        // The link listener's pending pool, evictions, per-source refusals and TLS timeouts.
+        mailbell_link::listen::write_prometheus(&mut o, "link", &self.link.listener, true);
         o
     }
 }

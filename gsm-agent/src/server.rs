@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use mailbell_link::net::ServerSettings;
+use mailbell_link::net::{ServerSettings, UnprovenLimits};
 use mailbell_link::pki::{ensure_dev_pki, DevPkiPaths, PkiError};
 use mailbell_link::tls::{self, ServerTlsFiles, TlsError};
 use tokio::net::TcpListener;
@@ -66,5 +66,11 @@ pub fn settings(
         handshake_timeout: cfg.handshake_timeout,
         io_timeout: cfg.io_timeout,
         max_sessions: cfg.max_sessions,
+        unproven: UnprovenLimits {
+            max_handshakes: cfg.max_handshakes,
+            max_per_source: cfg.max_handshakes_per_source,
+            tls_timeout: cfg.tls_handshake_timeout,
+            session_wait: cfg.session_wait,
+        },
     }))
 }

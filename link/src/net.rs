@@ -15,6 +15,7 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,6 +23,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::frame::{self, Frame, FrameError, DEFAULT_MAX_FRAME};
 use crate::id::NotifId;
+use crate::listen::{Accepted, Acceptor, Limits, ListenError, ListenerStats, Ticket};
 use crate::receiver::{self, Outcome, Receiver, ReceiverConfig, ReceiverError};
 use crate::sender::{self, Sender, SenderConfig, SenderEvent, SessionError};
 use crate::tls::{self, TlsError};
@@ -431,82 +433,329 @@ pub struct ServerSettings {
     /// Client certificate names allowed in (empty: any certificate from the CA).
     pub allowed_client_names: Vec<String>,
     pub receiver: ReceiverConfig,
-    /// Limit for the TLS handshake and the HELLO.
+    /// Limit for the HELLO, counted from the end of the TLS handshake.
     pub handshake_timeout: Duration,
     /// Limit for every write.
     pub io_timeout: Duration,
+    /// Sessions served at once. Only connections that finished the TLS handshake and passed
+    /// the client-name check take a session slot.
     pub max_sessions: usize,
+    /// Connections that have not finished the TLS handshake yet.
+    pub unproven: UnprovenLimits,
+}
+
+/// Limits for connections that have not proved themselves yet: from `accept()` until the TLS
+/// handshake and the client-name check are done (see [`serve`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnprovenLimits {
+    /// Most connections in the TLS handshake at once (the pending pool). When all are taken,
+    /// the oldest is closed to make room for a new one.
+    pub max_handshakes: usize,
+    /// Most connections in the TLS handshake from one source address (`None`: no cap);
+    /// further ones are closed at once.
+    pub max_per_source: Option<usize>,
+    /// Limit for the TCP-accept-to-authorised part: the TLS handshake and the client check.
+    pub tls_timeout: Duration,
+    /// How long an authorised connection waits for a session slot before it is refused with
+    /// REFUSE `BUSY`.
+    pub session_wait: Duration,
+}
+
+impl Default for UnprovenLimits {
+    fn default() -> Self {
+        Self {
+            max_handshakes: 128,
+            max_per_source: Some(8),
+            tls_timeout: Duration::from_secs(10),
+            session_wait: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Counters a server keeps (for metrics).
 #[derive(Debug, Default)]
 pub struct ServerStats {
+    /// Sessions holding a session slot now (at most `max_sessions`).
     pub sessions_active: AtomicU64,
+    /// Connections that got a session slot.
     pub sessions_total: AtomicU64,
+    /// TLS handshakes that failed or timed out, and clients whose name is not allowed.
     pub tls_failures: AtomicU64,
+    /// REFUSE frames sent (`refused_busy` included).
     pub refused: AtomicU64,
+    /// Authorised connections refused with REFUSE `BUSY`: no session slot freed in time.
+    pub refused_busy: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub received: AtomicU64,
     pub stored: AtomicU64,
     pub duplicates: AtomicU64,
     pub nacked_permanent: AtomicU64,
     pub nacked_retry: AtomicU64,
+    /// The listener's accept counters: pending pool, evictions, per-source refusals, TLS
+    /// handshake timeouts, accept errors.
+    pub listener: Arc<ListenerStats>,
 }
 
-/// Accepts sessions until `shutdown`, then waits for them to finish. Only a listener failure
-/// is an error; a failing session ends that session alone.
+/// How often, at most, [`serve`] logs a warning that unproven connections are being closed.
+const PRESSURE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Accepts sessions until `shutdown`, then waits for them to finish. A failing connection ends
+/// that connection alone; only a listening socket that cannot go on ends `serve` early (its
+/// sessions are told BYE first), with the error.
+///
+/// Connections go through [`listen::Acceptor`]: a connection takes a slot of the pending pool
+/// (`unproven.max_handshakes`, at most `unproven.max_per_source` per source address) before
+/// `accept()`, and keeps it through the TLS handshake and the client-name check, within
+/// `unproven.tls_timeout`. Until then it can be closed to make room for a newer connection.
+/// Once authorised, it trades that slot for one of `max_sessions` (waiting at most
+/// `unproven.session_wait`, else REFUSE `BUSY`), and the HELLO follows within
+/// `handshake_timeout`. So a flood of idle TCP connections churns through the pending pool and
+/// never holds a session slot.
 pub async fn serve<I: Inbox>(
     listener: TcpListener,
     settings: Arc<ServerSettings>,
     inbox: I,
     shutdown: CancellationToken,
     stats: Arc<ServerStats>,
-) -> io::Result<()> {
-    let acceptor = TlsAcceptor::from(settings.tls.clone());
-    let limit = Arc::new(Semaphore::new(settings.max_sessions.max(1)));
+) -> Result<(), ListenError> {
+    let tls = TlsAcceptor::from(settings.tls.clone());
+    let sessions = Arc::new(Semaphore::new(settings.max_sessions.max(1)));
+    let mut acceptor = Acceptor::new(
+        listener,
+        Limits {
+            max_pending: settings.unproven.max_handshakes,
+            max_per_source: settings.unproven.max_per_source,
+        },
+        "link",
+        stats.listener.clone(),
+    );
+    let pressure = Arc::new(PressureLog::new(&stats));
+    // Our own token, so that a failed listener can end its sessions before returning.
+    let stop = shutdown.child_token();
     let tracker = TaskTracker::new();
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+    let result = loop {
+        let Accepted {
+            stream,
+            peer,
+            ticket,
+        } = match acceptor.accept(&stop).await {
+            Ok(Some(a)) => a,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
         };
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) if is_transient_accept_error(&e) => {
-                    warn!(error = %e, "accept failed; continuing");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            },
+        pressure.note(&stats);
+        let conn = Conn {
+            settings: settings.clone(),
+            tls: tls.clone(),
+            sessions: sessions.clone(),
+            stop: stop.clone(),
+            stats: stats.clone(),
+            pressure: pressure.clone(),
         };
-        let settings = settings.clone();
-        let acceptor = acceptor.clone();
         let inbox = inbox.clone();
-        let shutdown = shutdown.clone();
-        let stats = stats.clone();
         tracker.spawn(
-            async move {
-                let _permit = permit;
-                stats.sessions_total.fetch_add(1, Ordering::Relaxed);
-                stats.sessions_active.fetch_add(1, Ordering::Relaxed);
-                match server_session(tcp, &settings, &acceptor, inbox, &shutdown, &stats).await {
-                    Ok(()) => info!("link session closed"),
-                    Err(e) => warn!(error = %e, "link session ended"),
-                }
-                stats.sessions_active.fetch_sub(1, Ordering::Relaxed);
-            }
-            .instrument(info_span!("link", peer = %peer, client = tracing::field::Empty)),
+            conn.run(stream, ticket, inbox)
+                .instrument(info_span!("link", peer = %peer, client = tracing::field::Empty)),
         );
-    }
+    };
+    stop.cancel();
     tracker.close();
     tracker.wait().await;
-    Ok(())
+    result
+}
+
+/// What one connection task needs from [`serve`].
+struct Conn {
+    settings: Arc<ServerSettings>,
+    tls: TlsAcceptor,
+    sessions: Arc<Semaphore>,
+    stop: CancellationToken,
+    stats: Arc<ServerStats>,
+    pressure: Arc<PressureLog>,
+}
+
+impl Conn {
+    /// One connection: TLS and authorisation as an unproven connection, then a session slot,
+    /// then the session.
+    async fn run<I: Inbox>(self, tcp: TcpStream, mut ticket: Ticket, inbox: I) {
+        let s = &*self.settings;
+        let stats = &*self.stats;
+        // Unproven: evictable, under the short TLS timeout.
+        let proved = tokio::select! {
+            biased;
+            () = self.stop.cancelled() => return,
+            () = ticket.evicted() => {
+                debug!("closed before its TLS handshake finished, to make room for a newer connection");
+                self.pressure.note(stats);
+                return;
+            }
+            r = tokio::time::timeout(s.unproven.tls_timeout, tls_handshake(tcp, s, &self.tls)) => r,
+        };
+        let (mut stream, client) = match proved {
+            Ok(Ok(Proof::Authorised(stream, client))) => (stream, client),
+            Ok(Ok(Proof::NotAuthorised(mut stream, e))) => {
+                stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "client certificate not authorised");
+                // The TLS session is up, so the client can be told why it is turned away.
+                let mut out = Vec::new();
+                Frame::Refuse {
+                    code: frame::refuse::NOT_AUTHORISED,
+                    reason: format!("client certificate not authorised: {e}"),
+                }
+                .encode(&mut out);
+                tokio::select! {
+                    () = ticket.evicted() => {}
+                    () = close_gracefully(&mut stream, &mut out, s.io_timeout) => {}
+                }
+                return;
+            }
+            Ok(Err(e)) => {
+                stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                debug!(error = %e, "tls handshake failed");
+                self.pressure.note(stats);
+                return;
+            }
+            Err(_) => {
+                stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                ticket.timed_out();
+                debug!(timeout = ?s.unproven.tls_timeout, "tls handshake timed out");
+                self.pressure.note(stats);
+                return;
+            }
+        };
+        tracing::Span::current().record("client", &*client);
+        // Proven: trade the pending slot for a session slot, or say BUSY.
+        let promoted = tokio::select! {
+            () = self.stop.cancelled() => return,
+            r = tokio::time::timeout(s.unproven.session_wait, ticket.promote(self.sessions.clone())) => r,
+        };
+        match promoted {
+            Ok(Ok(())) => {}
+            // The semaphore is never closed.
+            Ok(Err(_)) => return,
+            Err(_) => {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                stats.refused_busy.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    max_sessions = s.max_sessions,
+                    waited = ?s.unproven.session_wait,
+                    "every session slot taken; refusing as busy"
+                );
+                self.pressure.note(stats);
+                let mut out = Vec::new();
+                Frame::Refuse {
+                    code: frame::refuse::BUSY,
+                    reason: format!(
+                        "agent busy: all {} sessions in use, retry later",
+                        s.max_sessions
+                    ),
+                }
+                .encode(&mut out);
+                close_gracefully(&mut stream, &mut out, s.io_timeout).await;
+                return;
+            }
+        }
+        stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+        stats.sessions_active.fetch_add(1, Ordering::Relaxed);
+        match server_session(stream, client, s, inbox, &self.stop, stats).await {
+            Ok(()) => info!("link session closed"),
+            Err(e) => warn!(error = %e, "link session ended"),
+        }
+        stats.sessions_active.fetch_sub(1, Ordering::Relaxed);
+        drop(ticket);
+    }
+}
+
+/// The result of the unproven phase that needs more than closing the connection.
+enum Proof {
+    Authorised(TlsStream<TcpStream>, Arc<str>),
+    NotAuthorised(TlsStream<TcpStream>, TlsError),
+}
+
+/// The TLS handshake and the client-name check.
+async fn tls_handshake(
+    tcp: TcpStream,
+    s: &ServerSettings,
+    acceptor: &TlsAcceptor,
+) -> Result<Proof, io::Error> {
+    tcp.set_nodelay(true)?;
+    let stream = acceptor.accept(tcp).await?;
+    Ok(
+        match tls::authorize_client(stream.get_ref().1, &s.allowed_client_names) {
+            Ok(name) => Proof::Authorised(stream, name.into()),
+            Err(e) => Proof::NotAuthorised(stream, e),
+        },
+    )
+}
+
+/// Warns, at most once per [`PRESSURE_LOG_EVERY`], that unproven connections were closed
+/// (evicted, timed out, refused per source, failed TLS) or authorised ones refused as busy, so
+/// that a flood shows in the log as one line a minute; each connection is logged at `debug`.
+struct PressureLog {
+    state: std::sync::Mutex<PressureState>,
+}
+
+struct PressureState {
+    /// No warning before this instant.
+    quiet_until: Instant,
+    /// The counters at the last warning.
+    seen: [u64; 5],
+}
+
+impl PressureLog {
+    fn new(stats: &ServerStats) -> Self {
+        Self {
+            state: std::sync::Mutex::new(PressureState {
+                quiet_until: Instant::now(),
+                seen: Self::counters(stats),
+            }),
+        }
+    }
+
+    fn counters(stats: &ServerStats) -> [u64; 5] {
+        let l = &stats.listener;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            g(&l.evicted),
+            g(&l.timed_out),
+            g(&l.refused_per_source),
+            g(&stats.tls_failures),
+            g(&stats.refused_busy),
+        ]
+    }
+
+    fn note(&self, stats: &ServerStats) {
+        let now = Instant::now();
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if now < st.quiet_until {
+            return;
+        }
+        let counters = Self::counters(stats);
+        let d: Vec<u64> = counters
+            .iter()
+            .zip(st.seen)
+            .map(|(now, then)| now.saturating_sub(then))
+            .collect();
+        if d.iter().all(|&n| n == 0) {
+            return;
+        }
+        st.seen = counters;
+        st.quiet_until = now + PRESSURE_LOG_EVERY;
+        drop(st);
+        warn!(
+            evicted = d[0],
+            tls_timed_out = d[1],
+            refused_per_source = d[2],
+            tls_failed = d[3],
+            refused_busy = d[4],
+            pending = stats.listener.pending.load(Ordering::Relaxed),
+            sessions = stats.sessions_active.load(Ordering::Relaxed),
+            "link connections closed before their session started (counts since the last such warning; at most one a minute, details at debug)"
+        );
+    }
 }
 
 /// Writes the last frames, closes our side and drains what the peer still sends for a moment,
@@ -560,54 +809,14 @@ fn complete_stored(
     }
 }
 
-fn is_transient_accept_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
-    ) || e.raw_os_error() == Some(24) // EMFILE: wait for descriptors to free up
-        || e.raw_os_error() == Some(23)
-}
-
 async fn server_session<I: Inbox>(
-    tcp: TcpStream,
+    mut stream: TlsStream<TcpStream>,
+    client: Arc<str>,
     s: &ServerSettings,
-    acceptor: &TlsAcceptor,
     inbox: I,
     shutdown: &CancellationToken,
     stats: &ServerStats,
 ) -> Result<(), LinkError> {
-    tcp.set_nodelay(true)?;
-    let mut stream = match tokio::time::timeout(s.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(st)) => st,
-        Ok(Err(e)) => {
-            stats.tls_failures.fetch_add(1, Ordering::Relaxed);
-            return Err(LinkError::Handshake(e));
-        }
-        Err(_) => {
-            stats.tls_failures.fetch_add(1, Ordering::Relaxed);
-            return Err(LinkError::Timeout("tls handshake"));
-        }
-    };
-    let client = match tls::authorize_client(stream.get_ref().1, &s.allowed_client_names) {
-        Ok(name) => name,
-        Err(e) => {
-            stats.tls_failures.fetch_add(1, Ordering::Relaxed);
-            // The TLS session is up, so the client can be told why it is turned away.
-            let mut out = Vec::new();
-            Frame::Refuse {
-                code: frame::refuse::NOT_AUTHORISED,
-                reason: format!("client certificate not authorised: {e}"),
-            }
-            .encode(&mut out);
-            close_gracefully(&mut stream, &mut out, s.io_timeout).await;
-            return Err(e.into());
-        }
-    };
-    let client: Arc<str> = client.into();
-    tracing::Span::current().record("client", &*client);
     let mut inbuf = Vec::with_capacity(64 * 1024);
     let mut out = Vec::with_capacity(16 * 1024);
     let hello = with_timeout(

@@ -3,20 +3,22 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mailbell_link::frame::{self, Frame, DEFAULT_MAX_FRAME};
+use mailbell_link::listen::ListenError;
 use mailbell_link::memory::{MemoryOutbox, Settled};
 use mailbell_link::net::{
-    self, ClientSettings, ClientStats, Endpoint, Inbox, ServerSettings, ServerStats,
+    self, ClientSettings, ClientStats, Endpoint, Inbox, ServerSettings, ServerStats, UnprovenLimits,
 };
 use mailbell_link::pki::{ensure_dev_pki, DevPkiPaths};
 use mailbell_link::receiver::{Outcome, ReceiverConfig};
 use mailbell_link::sender::SenderConfig;
 use mailbell_link::{tls, NackClass, NotifId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Default)]
@@ -55,9 +57,20 @@ struct Rig {
     inbox: MemInbox,
     stop: CancellationToken,
     stats: Arc<ServerStats>,
+    served: tokio::task::JoinHandle<Result<(), ListenError>>,
 }
 
 async fn start_server() -> Rig {
+    start_server_with(|_| {}).await
+}
+
+/// A server on 127.0.0.1:0 with the dev PKI; `tune` adjusts the settings first.
+async fn start_server_with(tune: impl FnOnce(&mut ServerSettings)) -> Rig {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_server_on(listener, tune)
+}
+
+fn start_server_on(listener: TcpListener, tune: impl FnOnce(&mut ServerSettings)) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let pki = ensure_dev_pki(
         dir.path(),
@@ -66,22 +79,23 @@ async fn start_server() -> Rig {
         false,
     )
     .unwrap();
-    let settings = Arc::new(ServerSettings {
+    let mut settings = ServerSettings {
         tls: tls::server_config(&pki.server_files(vec![])).unwrap(),
         allowed_client_names: vec![],
         receiver: ReceiverConfig::default(),
         handshake_timeout: Duration::from_secs(5),
         io_timeout: Duration::from_secs(5),
         max_sessions: 16,
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        unproven: UnprovenLimits::default(),
+    };
+    tune(&mut settings);
     let addr = listener.local_addr().unwrap().to_string();
     let inbox = MemInbox::default();
     let stop = CancellationToken::new();
     let stats = Arc::new(ServerStats::default());
-    tokio::spawn(net::serve(
+    let served = tokio::spawn(net::serve(
         listener,
-        settings,
+        Arc::new(settings),
         inbox.clone(),
         stop.clone(),
         stats.clone(),
@@ -93,6 +107,7 @@ async fn start_server() -> Rig {
         inbox,
         stop,
         stats,
+        served,
     }
 }
 
@@ -316,4 +331,297 @@ async fn garbage_and_oversized_frames_close_only_that_session() {
     );
     stop.cancel();
     task.await.unwrap();
+}
+
+// --- Connections that have not proved themselves (issue 8) -------------------------------
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+/// A bare TCP connection to `to` from the loopback address `src`.
+async fn connect_from(src: &str, to: &str) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.connect(to.parse().unwrap()))
+        .await
+        .unwrap_or_else(|_| panic!("connect from {src}: the listener stopped accepting"))
+        .unwrap()
+}
+
+/// Whether the server closes `s` (EOF or reset) within `within`.
+async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut b = [0u8; 256];
+    tokio::time::timeout(within, async {
+        while let Ok(n) = s.read(&mut b).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Starts a mail-host client with one notice queued; returns once the agent has stored it.
+async fn deliver_one(rig: &Rig, within: Duration) -> ClientStats {
+    let outbox = MemoryOutbox::new();
+    let id = NotifId::random();
+    outbox.push(id, b"hello".to_vec());
+    let stop = CancellationToken::new();
+    let stats = Arc::new(ClientStats::default());
+    let settings = client_settings(
+        rig,
+        vec![Endpoint {
+            addr: rig.addr.clone(),
+            server_name: "localhost".into(),
+        }],
+    );
+    let task = tokio::spawn(net::run_client(
+        settings,
+        outbox.clone(),
+        stop.clone(),
+        stats.clone(),
+    ));
+    let delivered = tokio::time::timeout(within, async {
+        while outbox.outcome(&id) != Some(Settled::Acked) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    assert!(
+        delivered.is_ok(),
+        "the mail host could not deliver within {within:?}; server {:?}",
+        rig.stats
+    );
+    assert!(rig.inbox.seen.lock().unwrap().contains(&id));
+    Arc::into_inner(stats).unwrap()
+}
+
+/// 700 TCP connections that never send a byte, from 100 addresses (127.0.0.1 among them): the
+/// mail host still connects, delivers, and reconnects, and the flood never holds a session
+/// slot. With session slots taken before the handshake (before issue 8), the flood held all
+/// of them and the client's TLS handshake timed out.
+#[tokio::test]
+async fn a_bare_tcp_flood_does_not_lock_out_the_mail_host() {
+    let rig = start_server_with(|s| {
+        s.max_sessions = 4;
+        // Far longer than the test: the flood is never cleared by the handshake timeout.
+        s.unproven = UnprovenLimits {
+            max_handshakes: 32,
+            max_per_source: Some(8),
+            tls_timeout: Duration::from_secs(120),
+            session_wait: Duration::from_secs(5),
+        };
+        s.handshake_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let listener = rig.stats.listener.clone();
+    let mut flood = Vec::new();
+    for i in 0..700u32 {
+        // 127.0.0.1 holds a few (below the per-source cap, so the mail host's own address
+        // still has room); the rest come from 127.0.0.2 ..= 127.0.0.100.
+        let src = if i % 140 == 0 {
+            "127.0.0.1".to_owned()
+        } else {
+            format!("127.0.0.{}", 2 + i % 99)
+        };
+        flood.push(connect_from(&src, &rig.addr).await);
+    }
+    wait_for("the flood to be accepted", || {
+        load(&listener.accepted) >= 700
+    })
+    .await;
+    assert_eq!(load(&rig.stats.sessions_total), 0, "{:?}", rig.stats);
+    assert!(load(&listener.pending) <= 32, "{listener:?}");
+    assert!(load(&listener.evicted) > 0, "{listener:?}");
+
+    // The mail host gets in promptly (far below the 120 s handshake timeout) and delivers.
+    let first = deliver_one(&rig, Duration::from_secs(5)).await;
+    assert_eq!(load(&first.connected), 1);
+    // More flood while the first session is gone; then the mail host reconnects.
+    for i in 0..200u32 {
+        flood.push(connect_from(&format!("127.0.0.{}", 2 + i % 99), &rig.addr).await);
+    }
+    let second = deliver_one(&rig, Duration::from_secs(5)).await;
+    assert_eq!(load(&second.connected), 1);
+
+    // Only the mail host's two sessions ever took a session slot.
+    assert_eq!(load(&rig.stats.sessions_total), 2, "{:?}", rig.stats);
+    assert!(load(&listener.pending) <= 32, "{listener:?}");
+    assert!(load(&listener.accepted) >= 902, "{listener:?}");
+    rig.stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), rig.served)
+        .await
+        .expect("serve stops")
+        .unwrap()
+        .unwrap();
+    drop(flood);
+}
+
+/// A connection that sends nothing, and one that dribbles a ClientHello, are closed after
+/// `tls_handshake_timeout`, not after the (longer) HELLO wait, and counted as timed out.
+#[tokio::test]
+async fn a_slow_tls_handshake_is_closed_after_its_own_timeout() {
+    let rig = start_server_with(|s| {
+        s.unproven.tls_timeout = Duration::from_millis(300);
+        s.handshake_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let listener = rig.stats.listener.clone();
+    let mut silent = connect_from("127.0.0.1", &rig.addr).await;
+    let mut dribbling = connect_from("127.0.0.1", &rig.addr).await;
+    // A TLS handshake record header announcing 512 bytes, then one byte every 50 ms.
+    dribbling
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = dribbling.split();
+    let dribble = async {
+        loop {
+            if wr.write_all(&[0x01]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let dribbled_closed = tokio::select! {
+        () = dribble => true,
+        closed = async {
+            let mut b = [0u8; 64];
+            loop {
+                match rd.read(&mut b).await {
+                    Ok(0) | Err(_) => return true,
+                    Ok(_) => {}
+                }
+            }
+        } => closed,
+        () = tokio::time::sleep(Duration::from_secs(20)) => false,
+    };
+    assert!(dribbled_closed, "the dribbled handshake is still open");
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(20)).await,
+        "the silent connection is still open"
+    );
+    wait_for("both timeouts counted", || load(&listener.timed_out) == 2).await;
+    assert_eq!(load(&rig.stats.tls_failures), 2);
+    assert_eq!(load(&rig.stats.sessions_total), 0);
+    wait_for("the pool to empty", || load(&listener.pending) == 0).await;
+    rig.stop.cancel();
+}
+
+/// Beyond `max_handshakes_per_source` unproven connections from one address, further ones
+/// are closed at once, while other addresses (the mail host's among them) get in.
+#[tokio::test]
+async fn one_address_cannot_hold_more_than_its_share_of_handshakes() {
+    let rig = start_server_with(|s| {
+        s.unproven = UnprovenLimits {
+            max_handshakes: 16,
+            max_per_source: Some(2),
+            tls_timeout: Duration::from_secs(120),
+            session_wait: Duration::from_secs(5),
+        };
+    })
+    .await;
+    let listener = rig.stats.listener.clone();
+    let _a = connect_from("127.0.0.2", &rig.addr).await;
+    let _b = connect_from("127.0.0.2", &rig.addr).await;
+    wait_for("two pending", || load(&listener.pending) == 2).await;
+    let mut c = connect_from("127.0.0.2", &rig.addr).await;
+    // "At once": long before the 120 s handshake timeout.
+    assert!(
+        closed_within(&mut c, Duration::from_secs(10)).await,
+        "the third connection from 127.0.0.2 is still open"
+    );
+    assert_eq!(load(&listener.refused_per_source), 1);
+    let mut d = connect_from("127.0.0.3", &rig.addr).await;
+    wait_for("127.0.0.3 pending", || load(&listener.pending) == 3).await;
+    assert!(!closed_within(&mut d, Duration::from_millis(200)).await);
+    deliver_one(&rig, Duration::from_secs(5)).await;
+    assert_eq!(load(&listener.refused_per_source), 1);
+    assert_eq!(load(&listener.evicted), 0);
+    rig.stop.cancel();
+}
+
+/// With every session slot taken, an authorised client waits `session_wait`, then gets a
+/// REFUSE BUSY it can act on (instead of hanging in the listen backlog).
+#[tokio::test]
+async fn an_authorised_client_beyond_max_sessions_is_refused_as_busy() {
+    let rig = start_server_with(|s| {
+        s.max_sessions = 1;
+        s.unproven.session_wait = Duration::from_millis(200);
+    })
+    .await;
+    let mut hello = Vec::new();
+    Frame::Hello {
+        version: 1,
+        window: 8,
+        max_frame: DEFAULT_MAX_FRAME,
+        name: "first".into(),
+    }
+    .encode(&mut hello);
+    let mut first = raw_session(&rig).await;
+    first.write_all(&hello).await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), first.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        frame::decode(&buf[..n], DEFAULT_MAX_FRAME),
+        Ok(Some((Frame::Welcome { .. }, _)))
+    ));
+    let mut second = raw_session(&rig).await;
+    second.write_all(&hello).await.unwrap();
+    let frames = read_frames_until_close(&mut second).await;
+    match frames.as_slice() {
+        [Frame::Refuse { code, reason }] => {
+            assert_eq!(*code, frame::refuse::BUSY);
+            assert!(reason.contains("busy"), "{reason}");
+        }
+        other => panic!("expected one REFUSE, got {other:?}"),
+    }
+    assert_eq!(load(&rig.stats.refused_busy), 1);
+    assert_eq!(load(&rig.stats.sessions_total), 1);
+    assert_eq!(load(&rig.stats.listener.pending), 0);
+    rig.stop.cancel();
+}
+
+/// A listening socket that cannot go on ends `serve` with a `ListenError` (the agent turns it
+/// into a non-zero exit); it is not retried forever.
+#[tokio::test]
+async fn an_unusable_listening_socket_ends_serve_with_an_error() {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let same_socket = std_listener.try_clone().unwrap();
+    let rig = start_server_on(TcpListener::from_std(std_listener).unwrap(), |_| {});
+    // A session is up when the socket breaks: it is told BYE, and `serve` still returns.
+    let mut s = raw_session(&rig).await;
+    let mut hello = Vec::new();
+    Frame::Hello {
+        version: 1,
+        window: 8,
+        max_frame: DEFAULT_MAX_FRAME,
+        name: "up".into(),
+    }
+    .encode(&mut hello);
+    s.write_all(&hello).await.unwrap();
+    // Shut the listening socket down under the server: accept() fails with EINVAL.
+    socket2::SockRef::from(&same_socket)
+        .shutdown(std::net::Shutdown::Both)
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), rig.served)
+        .await
+        .expect("serve returns")
+        .unwrap()
+        .expect_err("a fatal listener error");
+    assert_eq!(err.what, "link");
+    assert!(err.to_string().contains("cannot accept"), "{err}");
+    let frames = read_frames_until_close(&mut s).await;
+    assert!(
+        matches!(frames.last(), Some(Frame::Bye { .. })),
+        "{frames:?}"
+    );
 }

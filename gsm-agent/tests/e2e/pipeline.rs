@@ -231,3 +231,53 @@ async fn a_long_notice_goes_out_as_a_concatenated_multipart_sms() {
     assert_eq!(joined, long);
     client.stop().await;
 }
+
+/// Issue 8: 700 TCP connections that never send a byte, from 100 loopback addresses, with the
+/// default limits. `send-test` (a fresh mail-host session) still gets in and is acknowledged,
+/// a second time too, and /metrics shows the flood in the link listener's counters. Before,
+/// the flood took every session slot and `send-test` failed with `tls handshake timed out`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_gets_through_a_bare_tcp_flood_on_the_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimModem::spawn(SimOptions::default()).unwrap();
+    let agent = Agent::start(dir.path(), &[sim.device_path()], "");
+    let link = agent.link.to_string();
+    let tls = agent.client_tls();
+    let mut flood = Vec::new();
+    for i in 0..700u32 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("127.0.0.{}:0", 2 + i % 100).parse().unwrap())
+            .unwrap();
+        let c = tokio::time::timeout(Duration::from_secs(10), s.connect(agent.link))
+            .await
+            .expect("the link listener stopped accepting")
+            .unwrap();
+        flood.push(c);
+    }
+    for round in 0..2 {
+        let n = sample_notification("+8613800138000");
+        send_one(&link, "localhost", &tls, n, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("send-test {round} during the flood: {e:#}"));
+    }
+    let metrics = mailbell_gsm_agent::app::http_get(agent.metrics, "/metrics")
+        .await
+        .unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}{{listener=\"link\"}} ")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(value("mailbell_listener_connections_accepted_total") >= 702);
+    assert!(value("mailbell_listener_evicted_total") > 0, "{metrics}");
+    assert!(value("mailbell_listener_connections_pending") <= 128);
+    let s = agent.status().await;
+    assert!(
+        s.link_sessions_total >= 2 && s.link_sessions_total < 10,
+        "{s:?}"
+    );
+    drop(flood);
+}

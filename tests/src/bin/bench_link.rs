@@ -533,6 +533,7 @@ async fn run_mode(
         handshake_timeout: Duration::from_secs(5),
         io_timeout: Duration::from_secs(10),
         max_sessions: 4,
+        unproven: net::UnprovenLimits::default(),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.context("bind")?;
     let addr = listener.local_addr().context("local addr")?.to_string();
