@@ -400,9 +400,9 @@ async fn deliver_one(rig: &Rig, within: Duration) -> ClientStats {
     Arc::into_inner(stats).unwrap()
 }
 
-/// 700 TCP connections that never send a byte, from 100 addresses (127.0.0.1 among them): the
-/// mail host still connects, delivers, and reconnects, and the flood never holds a session
-/// slot. With session slots taken before the handshake (before issue 8), the flood held all
+/// 700 TCP connections that never send a byte, from 100 addresses, 100 of them from the mail
+/// host's own address 127.0.0.1 (far past its per-source cap): the mail host still connects,
+/// delivers, and reconnects, and the flood never holds a session slot. With session slots taken before the handshake (before issue 8), the flood held all
 /// of them and the client's TLS handshake timed out.
 #[tokio::test]
 async fn a_bare_tcp_flood_does_not_lock_out_the_mail_host() {
@@ -421,9 +421,9 @@ async fn a_bare_tcp_flood_does_not_lock_out_the_mail_host() {
     let listener = rig.stats.listener.clone();
     let mut flood = Vec::new();
     for i in 0..700u32 {
-        // 127.0.0.1 holds a few (below the per-source cap, so the mail host's own address
-        // still has room); the rest come from 127.0.0.2 ..= 127.0.0.100.
-        let src = if i % 140 == 0 {
+        // Every 7th from 127.0.0.1, the mail host's own address (100 > the cap of 8: its
+        // oldest give way); the rest from 127.0.0.2 ..= 127.0.0.100.
+        let src = if i % 7 == 0 {
             "127.0.0.1".to_owned()
         } else {
             format!("127.0.0.{}", 2 + i % 99)
@@ -437,6 +437,7 @@ async fn a_bare_tcp_flood_does_not_lock_out_the_mail_host() {
     assert_eq!(load(&rig.stats.sessions_total), 0, "{:?}", rig.stats);
     assert!(load(&listener.pending) <= 32, "{listener:?}");
     assert!(load(&listener.evicted) > 0, "{listener:?}");
+    assert!(load(&listener.refused_per_source) >= 92, "{listener:?}");
 
     // The mail host gets in promptly (far below the 120 s handshake timeout) and delivers.
     let first = deliver_one(&rig, Duration::from_secs(5)).await;
@@ -512,8 +513,8 @@ async fn a_slow_tls_handshake_is_closed_after_its_own_timeout() {
     rig.stop.cancel();
 }
 
-/// Beyond `max_handshakes_per_source` unproven connections from one address, further ones
-/// are closed at once, while other addresses (the mail host's among them) get in.
+/// Beyond `max_handshakes_per_source` unproven connections from one address, each new one
+/// closes that address's oldest, while other addresses (the mail host's among them) get in.
 #[tokio::test]
 async fn one_address_cannot_hold_more_than_its_share_of_handshakes() {
     let rig = start_server_with(|s| {
@@ -526,16 +527,19 @@ async fn one_address_cannot_hold_more_than_its_share_of_handshakes() {
     })
     .await;
     let listener = rig.stats.listener.clone();
-    let _a = connect_from("127.0.0.2", &rig.addr).await;
-    let _b = connect_from("127.0.0.2", &rig.addr).await;
+    let mut a = connect_from("127.0.0.2", &rig.addr).await;
+    let mut b = connect_from("127.0.0.2", &rig.addr).await;
     wait_for("two pending", || load(&listener.pending) == 2).await;
     let mut c = connect_from("127.0.0.2", &rig.addr).await;
-    // "At once": long before the 120 s handshake timeout.
+    // "At once": long before the 120 s handshake timeout, the oldest from there goes.
     assert!(
-        closed_within(&mut c, Duration::from_secs(10)).await,
-        "the third connection from 127.0.0.2 is still open"
+        closed_within(&mut a, Duration::from_secs(10)).await,
+        "the oldest connection from 127.0.0.2 is still open"
     );
     assert_eq!(load(&listener.refused_per_source), 1);
+    assert!(!closed_within(&mut b, Duration::from_millis(100)).await);
+    assert!(!closed_within(&mut c, Duration::from_millis(100)).await);
+    wait_for("two pending from 127.0.0.2", || load(&listener.pending) == 2).await;
     let mut d = connect_from("127.0.0.3", &rig.addr).await;
     wait_for("127.0.0.3 pending", || load(&listener.pending) == 3).await;
     assert!(!closed_within(&mut d, Duration::from_millis(200)).await);
