@@ -251,8 +251,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             let acceptor = Acceptor::new(l, limits, "status", listener_stats);
             let (stop, failures) = (shutdown.clone(), failures.clone());
             tracker.spawn(async move {
-                let r = mailbell_link::http_server::serve(acceptor, router, hc, http_stats, stop)
-                    .await;
+                let r =
+                    mailbell_link::http_server::serve(acceptor, router, hc, http_stats, stop).await;
                 if let Err(e) = r {
                     failures.fail(format!("status listener failed: {e}: {}", e.source));
                 }

@@ -14,8 +14,8 @@ use crate::modem::driver::ModemConfig;
 use crate::modem::pool::Pacing;
 use crate::render::{builtin_templates, RenderConfig, Template};
 
-pub use mailbell_link::units::{de_duration, parse_duration, parse_utc_offset, ConfigError};
 use mailbell_link::http_server::HttpConfig;
+pub use mailbell_link::units::{de_duration, parse_duration, parse_utc_offset, ConfigError};
 use mailbell_link::units::{parse_toml, read_config};
 
 #[derive(Debug, Deserialize, Default)]

@@ -213,8 +213,7 @@ impl Sources {
             self.listeners.iter().map(|(n, s)| (*n, &**s)).collect();
         mailbell_link::listen::write_prometheus_all(&mut o, &listeners);
         if !self.http.is_empty() {
-            let http: Vec<(&str, &HttpStats)> =
-                self.http.iter().map(|(n, s)| (*n, &**s)).collect();
+            let http: Vec<(&str, &HttpStats)> = self.http.iter().map(|(n, s)| (*n, &**s)).collect();
             mailbell_link::http_server::write_prometheus(&mut o, &http);
         }
         o

@@ -405,8 +405,8 @@ fn spawn_http(
     let acceptor = Acceptor::new(l.listener, limits, l.name, listener_stats);
     let (stop, failures) = (shutdown.clone(), failures.clone());
     tasks.spawn(async move {
-        let r = mailbell_link::http_server::serve(acceptor, l.router, l.cfg, http_stats, stop)
-            .await;
+        let r =
+            mailbell_link::http_server::serve(acceptor, l.router, l.cfg, http_stats, stop).await;
         if let Err(e) = r {
             failures.fail(format!("{e}: {}", e.source));
         }

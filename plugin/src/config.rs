@@ -321,7 +321,9 @@ impl Config {
             .get_or_insert(STALWART_MAX_CONNECTIONS);
         let mut http_admin = raw.http.admin;
         http_admin.validate("http.admin").map_err(inv)?;
-        http_admin.max_connections.get_or_insert(ADMIN_MAX_CONNECTIONS);
+        http_admin
+            .max_connections
+            .get_or_insert(ADMIN_MAX_CONNECTIONS);
         if raw.outbox.max_depth == 0 {
             return Err(inv("outbox.max_depth must be at least 1".into()));
         }
@@ -388,7 +390,10 @@ mod tests {
         assert!(c.admin_token.is_empty());
         assert_eq!(c.http_stalwart.header_timeout, Duration::from_secs(10));
         assert_eq!(c.http_stalwart.idle_timeout, Duration::from_secs(15));
-        assert_eq!(c.http_stalwart.max_connections, Some(STALWART_MAX_CONNECTIONS));
+        assert_eq!(
+            c.http_stalwart.max_connections,
+            Some(STALWART_MAX_CONNECTIONS)
+        );
         assert_eq!(c.http_admin.max_connections, Some(ADMIN_MAX_CONNECTIONS));
         let c = Config::from_toml(
             "[http.admin]\nheader_timeout = \"2s\"\nmax_connections = 8\nmax_per_source = 4",
