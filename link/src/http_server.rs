@@ -655,3 +655,314 @@ impl AsyncWrite for ProgressIo {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::listen::ListenerStats;
+    use axum::routing::{get, post};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    struct Server {
+        addr: SocketAddr,
+        listener: Arc<ListenerStats>,
+        http: Arc<HttpStats>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<Result<(), ListenError>>,
+    }
+
+    fn quick() -> HttpConfig {
+        HttpConfig {
+            header_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(3),
+            body_timeout: Duration::from_secs(4),
+            write_timeout: Duration::from_secs(2),
+            shutdown_timeout: Duration::from_secs(5),
+            max_connections: Some(4),
+            max_per_source: 0,
+        }
+    }
+
+    async fn start(cfg: HttpConfig) -> Server {
+        let router = Router::new()
+            .route(
+                "/peer",
+                get(|ConnectInfo(p): ConnectInfo<SocketAddr>| async move { p.to_string() }),
+            )
+            .route(
+                "/echo",
+                post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+            )
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    "done"
+                }),
+            );
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let listener = Arc::new(ListenerStats::default());
+        let acceptor = Acceptor::new(
+            l,
+            cfg.limits(cfg.max_connections.unwrap_or(4)),
+            "test",
+            listener.clone(),
+        );
+        let http = Arc::new(HttpStats::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(acceptor, router, cfg, http.clone(), stop.clone()));
+        Server {
+            addr,
+            listener,
+            http,
+            stop,
+            task,
+        }
+    }
+
+    /// Reads until EOF (or reset); returns what came. Fails if the server keeps it open for
+    /// `within` (on the test's clock).
+    async fn read_to_close(s: &mut TcpStream, within: Duration) -> Vec<u8> {
+        let mut out = Vec::new();
+        let r = tokio::time::timeout(within, async {
+            let mut b = [0u8; 4096];
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => out.extend_from_slice(&b[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "still open after {within:?}");
+        out
+    }
+
+    /// Reads one response with a `content-length` (no close).
+    async fn read_response(s: &mut TcpStream) -> String {
+        let mut out = Vec::new();
+        let mut b = [0u8; 1024];
+        loop {
+            let n = s.read(&mut b).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&b[..n]);
+            let text = String::from_utf8_lossy(&out).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if body.len() >= len {
+                    return text;
+                }
+            }
+        }
+    }
+
+    const GET_PEER: &[u8] = b"GET /peer HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dribbled_header_is_closed_at_the_header_timeout() {
+        let srv = start(quick()).await;
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        let started = Instant::now();
+        let writer = async {
+            for b in GET_PEER.iter().take(GET_PEER.len() - 1) {
+                if s.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        // Dribbles for longer than the header timeout; the server closes in between.
+        writer.await;
+        read_to_close(&mut s, Duration::from_secs(1)).await;
+        assert!(started.elapsed() >= Duration::from_secs(2));
+        assert_eq!(srv.http.header_timeouts.load(Ordering::Relaxed), 1);
+        assert_eq!(srv.listener.timed_out.load(Ordering::Relaxed), 1);
+        assert_eq!(srv.http.requests.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_closed_at_the_header_timeout() {
+        let srv = start(quick()).await;
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        let started = Instant::now();
+        read_to_close(&mut s, Duration::from_secs(10)).await;
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert_eq!(srv.http.header_timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_serves_then_idles_out() {
+        let srv = start(quick()).await;
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        let local = s.local_addr().unwrap();
+        s.write_all(GET_PEER).await.unwrap();
+        let r = read_response(&mut s).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(
+            r.ends_with(&local.to_string()),
+            "ConnectInfo reaches the router: {r}"
+        );
+        // A second request on the same connection after a pause shorter than idle_timeout.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        s.write_all(GET_PEER).await.unwrap();
+        assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+        let idle_from = Instant::now();
+        read_to_close(&mut s, Duration::from_secs(10)).await;
+        let took = idle_from.elapsed();
+        assert!(
+            took >= Duration::from_secs(3) && took < Duration::from_secs(4),
+            "{took:?}"
+        );
+        assert_eq!(srv.http.idle_timeouts.load(Ordering::Relaxed), 1);
+        assert_eq!(srv.http.requests.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_header_after_idle_has_its_own_timeout() {
+        let srv = start(quick()).await;
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(GET_PEER).await.unwrap();
+        read_response(&mut s).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The first byte of the next request ends the idle wait; the head then has 2 s.
+        s.write_all(b"GET /pe").await.unwrap();
+        let from = Instant::now();
+        read_to_close(&mut s, Duration::from_secs(10)).await;
+        let took = from.elapsed();
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert_eq!(srv.http.header_timeouts.load(Ordering::Relaxed), 1);
+        // A proven connection's header timeout is not an unproven one's.
+        assert_eq!(srv.listener.timed_out.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dribbled_body_is_closed_at_the_body_timeout() {
+        let srv = start(quick()).await;
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+            .await
+            .unwrap();
+        let from = Instant::now();
+        for _ in 0..30 {
+            if s.write_all(b"a").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        read_to_close(&mut s, Duration::from_secs(1)).await;
+        assert!(from.elapsed() >= Duration::from_secs(4));
+        assert_eq!(srv.http.body_timeouts.load(Ordering::Relaxed), 1);
+        // A whole body is fine.
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+            .await
+            .unwrap();
+        assert!(read_response(&mut s).await.ends_with("\r\n\r\n3"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_handler_is_not_a_timeout() {
+        let srv = start(quick()).await;
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_response(&mut s).await.ends_with("done"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_idle_connections_does_not_lock_out_a_request() {
+        let srv = start(quick()).await;
+        let mut idle = Vec::new();
+        for _ in 0..12 {
+            idle.push(TcpStream::connect(srv.addr).await.unwrap());
+        }
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(GET_PEER).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(1), read_response(&mut s))
+            .await
+            .expect("served during the flood");
+        assert!(r.starts_with("HTTP/1.1 200"));
+        assert!(srv.listener.evicted.load(Ordering::Relaxed) >= 9);
+        assert!(srv.listener.open.load(Ordering::Relaxed) <= 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_lets_a_request_in_flight_finish() {
+        let srv = start(quick()).await;
+        let mut busy = TcpStream::connect(srv.addr).await.unwrap();
+        busy.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut unproven = TcpStream::connect(srv.addr).await.unwrap();
+        // Let both be accepted and the request reach the handler.
+        while srv.http.requests.load(Ordering::Relaxed) == 0
+            || srv.listener.open.load(Ordering::Relaxed) < 2
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        srv.stop.cancel();
+        read_to_close(&mut unproven, Duration::from_millis(100)).await;
+        let r = read_to_close(&mut busy, Duration::from_secs(5)).await;
+        assert!(String::from_utf8_lossy(&r).ends_with("done"));
+        srv.task.await.unwrap().unwrap();
+        assert!(TcpStream::connect(srv.addr).await.is_err());
+    }
+
+    #[test]
+    fn config_parses_and_checks() {
+        let c: HttpConfig = toml::from_str(
+            "header_timeout = \"5s\"\nidle_timeout = 7\nmax_connections = 9\nmax_per_source = 2",
+        )
+        .unwrap();
+        assert_eq!(c.header_timeout, Duration::from_secs(5));
+        assert_eq!(c.idle_timeout, Duration::from_secs(7));
+        assert_eq!(c.body_timeout, HttpConfig::default().body_timeout);
+        assert_eq!(
+            c.limits(100),
+            Limits {
+                max_pending: 9,
+                max_per_source: Some(2)
+            }
+        );
+        assert_eq!(HttpConfig::default().limits(100).max_pending, 100);
+        assert!(toml::from_str::<HttpConfig>("nope = 1").is_err());
+        let zero = HttpConfig {
+            write_timeout: Duration::ZERO,
+            ..HttpConfig::default()
+        };
+        assert!(zero
+            .validate("http")
+            .unwrap_err()
+            .contains("http.write_timeout"));
+    }
+
+    #[test]
+    fn prometheus_text_has_one_family_each() {
+        let a = HttpStats::default();
+        a.idle_timeouts.store(3, Ordering::Relaxed);
+        let mut out = String::new();
+        write_prometheus(
+            &mut out,
+            &[("stalwart", &a), ("admin", &HttpStats::default())],
+        );
+        assert!(
+            out.contains("mailbell_http_timeouts_total{listener=\"stalwart\",phase=\"idle\"} 3\n")
+        );
+        assert_eq!(out.matches("# TYPE").count(), 2);
+    }
+}
