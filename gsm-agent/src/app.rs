@@ -1,4 +1,7 @@
 //! Wires the agent together: `serve`, `send-test`, `status`, `demo` and `pki`.
+//!
+//! A listener that cannot go on (its socket failed) stops the whole agent, and `serve` returns
+//! the error so that the process exits non-zero and its supervisor restarts it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -6,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use mailbell_link::http_server::HttpStats;
+use mailbell_link::listen::{Acceptor, ListenerStats};
 use mailbell_link::memory::{MemoryOutbox, Settled};
 use mailbell_link::net::{self, ClientSettings, ClientStats, Endpoint, ServerStats};
 use mailbell_link::pki::{ensure_dev_pki, DevPkiPaths};
@@ -51,11 +56,36 @@ pub struct Running {
     pub inbox: Inbox,
     pub dispatch_stats: Arc<DispatchStats>,
     pub link_stats: Arc<ServerStats>,
-    /// Set when a listener failed for good; `serve` then ends with this error (non-zero exit).
-    failure: Arc<std::sync::OnceLock<anyhow::Error>>,
     modems: Vec<ModemHandle>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    failures: Failures,
+}
+
+/// The first fatal error of any task (a listener that cannot go on). Recording one also
+/// cancels the agent's shutdown token, so everything stops.
+#[derive(Clone)]
+struct Failures {
+    shutdown: CancellationToken,
+    first: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Failures {
+    fn fail(&self, what: String) {
+        error!(error = %what, "a listener failed; shutting down");
+        self.first
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(what);
+        self.shutdown.cancel();
+    }
+
+    fn error(&self) -> Option<String> {
+        self.first
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 impl Running {
@@ -82,6 +112,12 @@ impl Running {
     /// A token that stops the agent when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// The error of the listener that failed, if one did (the shutdown token is then
+    /// cancelled too).
+    pub fn failure(&self) -> Option<anyhow::Error> {
+        self.failures.error().map(|e| anyhow!(e))
     }
 }
 
@@ -156,6 +192,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let failures = Failures {
+        shutdown: shutdown.clone(),
+        first: Arc::default(),
+    };
     let dispatch_stats = Arc::new(DispatchStats::default());
     let dispatcher = Arc::new(Dispatcher {
         inbox: inbox.clone(),
@@ -174,20 +214,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let listener = crate::server::bind(&cfg.link).await?;
     let link_addr = listener.local_addr()?;
     let link_stats = Arc::new(ServerStats::default());
-    let failure = Arc::new(std::sync::OnceLock::new());
     {
         let (inbox, shutdown, stats) = (inbox.clone(), shutdown.clone(), link_stats.clone());
-        let failure = failure.clone();
+        let failures = failures.clone();
         tracker.spawn(async move {
             // `serve` retries resource errors (EMFILE, ...) itself; an error here means the
             // listening socket is unusable: stop, and exit non-zero so the supervisor restarts us.
             if let Err(e) =
                 mailbell_link::net::serve(listener, settings, inbox, shutdown.clone(), stats).await
             {
-                let e = anyhow::Error::new(e);
-                error!(error = format!("{e:#}"), "link listener failed");
-                let _ = failure.set(e);
-                shutdown.cancel();
+                failures.fail(format!("link listener failed: {e}"));
             }
         });
     }
@@ -200,6 +236,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 .await
                 .with_context(|| format!("bind metrics listener on {addr}"))?;
             let a = l.local_addr()?;
+            let listener_stats = Arc::new(ListenerStats::default());
+            let http_stats = Arc::new(HttpStats::default());
             let router = crate::metrics::router(crate::metrics::Sources {
                 inbox: inbox.stats.clone(),
                 dispatch: dispatch_stats.clone(),
@@ -207,14 +245,21 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 modems: modem_status,
                 store: inbox.clone(),
                 admin_token: cfg.admin_token.clone(),
+                listeners: vec![
+                    ("link", link_stats.listener.clone()),
+                    ("status", listener_stats.clone()),
+                ],
+                http: vec![("status", http_stats.clone())],
             });
-            let stop = shutdown.clone();
+            let hc = cfg.metrics_http.clone();
+            let limits = hc.limits(hc.max_connections.unwrap_or(1));
+            let acceptor = Acceptor::new(l, limits, "status", listener_stats);
+            let (stop, failures) = (shutdown.clone(), failures.clone());
             tracker.spawn(async move {
-                let r = axum::serve(l, router)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
+                let r =
+                    mailbell_link::http_server::serve(acceptor, router, hc, http_stats, stop).await;
                 if let Err(e) = r {
-                    error!(error = %e, "metrics listener failed");
+                    failures.fail(format!("status listener failed: {e}: {}", e.source));
                 }
             });
             info!(addr = %a, "metrics listening");
@@ -250,10 +295,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         inbox,
         dispatch_stats,
         link_stats,
-        failure,
         modems: handles,
         shutdown,
         tracker,
+        failures,
     })
 }
 
@@ -268,10 +313,11 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         _ = term.recv() => info!("SIGTERM received; shutting down"),
         _ = stop.cancelled() => error!("a listener failed; shutting down"),
     }
-    let failure = running.failure.clone();
+    let failure = running.failure();
     running.stop().await;
-    match failure.get() {
-        Some(e) => Err(anyhow!("{e:#}")),
+    match failure {
+        // Non-zero exit: the supervisor restarts the agent.
+        Some(e) => Err(e),
         None => Ok(()),
     }
 }

@@ -14,6 +14,7 @@ use crate::modem::driver::ModemConfig;
 use crate::modem::pool::Pacing;
 use crate::render::{builtin_templates, RenderConfig, Template};
 
+use mailbell_link::http_server::HttpConfig;
 pub use mailbell_link::units::{de_duration, parse_duration, parse_utc_offset, ConfigError};
 use mailbell_link::units::{parse_toml, read_config};
 
@@ -201,13 +202,19 @@ impl Default for RawSms {
 struct RawMetrics {
     listen: Option<String>,
     admin_token: Option<String>,
+    http: HttpConfig,
 }
+
+/// Connections open at once on the status/metrics endpoint when `[metrics.http]
+/// max_connections` is not set.
+pub const STATUS_MAX_CONNECTIONS: usize = 64;
 
 impl Default for RawMetrics {
     fn default() -> Self {
         Self {
             listen: Some("127.0.0.1:9465".into()),
             admin_token: None,
+            http: HttpConfig::default(),
         }
     }
 }
@@ -354,6 +361,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Bearer token for the endpoint's write operations (requeue); none disables them.
     pub admin_token: Option<String>,
+    /// The status/metrics endpoint's HTTP server (`max_connections` always set).
+    pub metrics_http: HttpConfig,
     pub modems: Vec<ModemEntry>,
     pub simulator: SimulatorConfig,
 }
@@ -433,6 +442,11 @@ impl Config {
                     .map_err(|_| inv(format!("metrics.listen {s:?} is not ip:port")))?,
             ),
         };
+        let mut metrics_http = raw.metrics.http;
+        metrics_http.validate("metrics.http").map_err(inv)?;
+        metrics_http
+            .max_connections
+            .get_or_insert(STATUS_MAX_CONNECTIONS);
         let mut names = std::collections::HashSet::new();
         let mut modems = Vec::new();
         for m in raw.modem {
@@ -516,6 +530,7 @@ impl Config {
             },
             metrics_listen,
             admin_token: raw.metrics.admin_token.filter(|t| !t.is_empty()),
+            metrics_http,
             modems,
             simulator: SimulatorConfig {
                 submit_delay: raw.simulator.submit_delay,
@@ -561,6 +576,17 @@ mod tests {
         assert_eq!(c.link.session_wait, Duration::from_millis(250));
     }
 
+    #[test]
+    fn status_http_defaults_and_keys() {
+        let c = Config::from_toml("", "t").unwrap();
+        assert_eq!(c.metrics_http.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.metrics_http.max_connections, Some(STATUS_MAX_CONNECTIONS));
+        let c = Config::from_toml("[metrics.http]\nidle_timeout = \"3s\"", "t").unwrap();
+        assert_eq!(c.metrics_http.idle_timeout, Duration::from_secs(3));
+        let e = Config::from_toml("[metrics.http]\nbody_timeout = \"0s\"", "t").unwrap_err();
+        assert!(e.to_string().contains("metrics.http.body_timeout"), "{e}");
+    }
+
     /// `key = value` or a `[table]` header, as opposed to prose.
     fn looks_like_toml(line: &str) -> bool {
         let key_ok = |k: &str| {
@@ -589,6 +615,7 @@ mod tests {
         );
         assert_eq!(ex.sms.retry, d.sms.retry);
         assert_eq!(ex.metrics_listen, d.metrics_listen);
+        assert_eq!(ex.metrics_http, d.metrics_http);
         assert_eq!(ex.data_dir, d.data_dir);
         assert!(ex.modems.is_empty());
         // Every commented-out key parses too.

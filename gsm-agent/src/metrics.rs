@@ -14,6 +14,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use mailbell_link::http_server::HttpStats;
+use mailbell_link::listen::ListenerStats;
 use mailbell_link::net::ServerStats;
 use serde::Serialize;
 
@@ -31,6 +33,10 @@ pub struct Sources {
     /// For the dead-letter endpoints.
     pub store: Inbox,
     pub admin_token: Option<String>,
+    /// Every listener's accept counters, by `listener` label ("status", "link").
+    pub listeners: Vec<(&'static str, Arc<ListenerStats>)>,
+    /// Every HTTP listener's request and timeout counters, by `listener` label.
+    pub http: Vec<(&'static str, Arc<HttpStats>)>,
 }
 
 /// One dead letter as the endpoint shows it.
@@ -209,8 +215,13 @@ impl Sources {
                 m.failed
             );
         }
-        // The link listener's pending pool, evictions, per-source refusals and TLS timeouts.
-        mailbell_link::listen::write_prometheus(&mut o, "link", &self.link.listener, true);
+        let listeners: Vec<(&str, &ListenerStats)> =
+            self.listeners.iter().map(|(n, s)| (*n, &**s)).collect();
+        mailbell_link::listen::write_prometheus_all(&mut o, &listeners);
+        if !self.http.is_empty() {
+            let http: Vec<(&str, &HttpStats)> = self.http.iter().map(|(n, s)| (*n, &**s)).collect();
+            mailbell_link::http_server::write_prometheus(&mut o, &http);
+        }
         o
     }
 }

@@ -10,6 +10,8 @@
 //! - [`net`]: the thin tokio shell that runs the state machines over a TLS stream.
 //! - [`listen`]: accepting under caps: slots before accept, eviction of unproven peers,
 //!   per-source caps, accept errors retried with a pause (shared by both daemons).
+//! - [`http_server`]: the hardened HTTP/1 server behind every HTTP listener (timeouts for
+//!   headers, idle keep-alive, bodies and writes; connection caps through [`listen`]).
 //! - [`memory`]: an in-memory outbox for one-off sends and tests.
 //!
 //! The wire format is documented in docs/protocol.md.
@@ -21,6 +23,7 @@ pub mod durable;
 pub mod frame;
 pub mod heartbeat;
 pub mod http;
+pub mod http_server;
 pub mod id;
 pub mod listen;
 pub mod memory;

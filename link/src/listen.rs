@@ -137,6 +137,29 @@ pub fn write_prometheus(out: &mut String, listener: &str, stats: &ListenerStats,
     }
 }
 
+/// Writes the counters of several listeners as Prometheus text, each family once with all its
+/// listeners together (the text format wants a family's samples in one group, which calling
+/// [`write_prometheus`] per listener does not give).
+pub fn write_prometheus_all(out: &mut String, listeners: &[(&str, &ListenerStats)]) {
+    use std::fmt::Write as _;
+    let all: Vec<_> = listeners
+        .iter()
+        .map(|(name, stats)| (*name, stats.samples()))
+        .collect();
+    let Some((_, first)) = all.first() else {
+        return;
+    };
+    for (i, (suffix, _, gauge)) in first.iter().enumerate() {
+        let name = format!("mailbell_listener_{suffix}");
+        let kind = if *gauge { "gauge" } else { "counter" };
+        let _ = writeln!(out, "# HELP {name} {}", sample_help(suffix));
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (listener, samples) in &all {
+            let _ = writeln!(out, "{name}{{listener=\"{listener}\"}} {}", samples[i].1);
+        }
+    }
+}
+
 /// What an `accept()` error means for the listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AcceptFailure {
@@ -760,5 +783,31 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn prometheus_families_stay_together() {
+        let a = ListenerStats::default();
+        let b = ListenerStats::default();
+        b.evicted.store(2, Ordering::Relaxed);
+        let mut out = String::new();
+        write_prometheus_all(&mut out, &[("stalwart", &a), ("admin", &b)]);
+        let lines: Vec<&str> = out.lines().collect();
+        let i = lines
+            .iter()
+            .position(|l| *l == "# TYPE mailbell_listener_evicted_total counter")
+            .unwrap();
+        assert_eq!(
+            lines[i + 1],
+            "mailbell_listener_evicted_total{listener=\"stalwart\"} 0"
+        );
+        assert_eq!(
+            lines[i + 2],
+            "mailbell_listener_evicted_total{listener=\"admin\"} 2"
+        );
+        assert_eq!(out.matches("# TYPE ").count(), 9);
+        let mut none = String::new();
+        write_prometheus_all(&mut none, &[]);
+        assert!(none.is_empty());
     }
 }

@@ -1,12 +1,20 @@
 //! `mailbell serve`: opens the stores, starts the intake, the link client and the listeners
 //! (Stalwart endpoints, milter, admin API), and stops them all on the cancellation token.
+//!
+//! The HTTP listeners run on [`mailbell_link::http_server`] (header, idle, body and write
+//! timeouts; a connection cap taken before accept). A task that cannot go on (a listener whose
+//! socket fails, the intake scheduler) is reported through [`Running::failed`]: `serve` then
+//! shuts everything down and returns the error, so the process exits non-zero and its
+//! supervisor restarts it.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Context;
+use mailbell_link::http_server::{HttpConfig, HttpStats};
+use mailbell_link::listen::{Acceptor, ListenerStats};
 use mailbell_link::net::{ClientSettings, ClientStats};
 use mailbell_link::pki::ensure_dev_pki;
 use mailbell_link::tls::{self, ClientTlsFiles};
@@ -94,9 +102,44 @@ pub struct Running {
     pub stalwart_stats: Arc<StalwartStats>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    failures: Failures,
+}
+
+/// The first fatal error of any task; cancelling `failed` wakes [`Running::failed`].
+#[derive(Clone, Default)]
+struct Failures {
+    failed: CancellationToken,
+    first: Arc<Mutex<Option<String>>>,
+}
+
+impl Failures {
+    fn fail(&self, what: String) {
+        error!(error = %what, "a task cannot go on; shutting down");
+        self.first
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(what);
+        self.failed.cancel();
+    }
+
+    fn error(&self) -> Option<String> {
+        self.first
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 impl Running {
+    /// Resolves with the error once a listener or another essential task has failed for good.
+    pub async fn failed(&self) -> anyhow::Error {
+        self.failures.failed.cancelled().await;
+        anyhow::anyhow!(self
+            .failures
+            .error()
+            .unwrap_or_else(|| "a task failed".into()))
+    }
+
     pub fn intake_stats(&self) -> &IntakeStats {
         &self.intake.stats
     }
@@ -137,11 +180,15 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         shutdown.clone(),
     )?;
     let tasks = TaskTracker::new();
-    tasks.spawn(async move {
-        if let Err(e) = intake_task.await {
-            error!(error = %e, "intake scheduler failed");
-        }
-    });
+    let failures = Failures::default();
+    {
+        let failures = failures.clone();
+        tasks.spawn(async move {
+            if let Err(e) = intake_task.await {
+                failures.fail(format!("intake scheduler failed: {e:#}"));
+            }
+        });
+    }
 
     let settings = ClientSettings {
         agents: cfg.link.agents.clone(),
@@ -157,15 +204,20 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         stores.outbox.clone(),
         stores.audit.clone(),
     ));
-    tasks.spawn(mailbell_link::net::run_client(
-        settings,
-        sender,
-        shutdown.clone(),
-        link_stats.clone(),
-    ));
+    {
+        let (failures, stop, stats) = (failures.clone(), shutdown.clone(), link_stats.clone());
+        tasks.spawn(async move {
+            mailbell_link::net::run_client(settings, sender, stop.clone(), stats).await;
+            if !stop.is_cancelled() {
+                failures.fail("the link client stopped".into());
+            }
+        });
+    }
 
     let intake_arc = Arc::new(intake.clone());
     let stalwart_stats = Arc::new(StalwartStats::default());
+    let mut listener_stats: Vec<(&'static str, Arc<ListenerStats>)> = Vec::new();
+    let mut http_stats: Vec<(&'static str, Arc<HttpStats>)> = Vec::new();
     let http = bind("the Stalwart endpoints", cfg.http_listen).await?;
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(l) = http {
@@ -174,7 +226,25 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             cfg.stalwart.clone(),
             stalwart_stats.clone(),
         );
-        serve_http(&tasks, l, router, &shutdown, "Stalwart endpoint");
+        // The hook answers 408 itself after stalwart.body_timeout; the connection's own body
+        // deadline comes a little later so that answer gets out.
+        let mut hc = cfg.http_stalwart.clone();
+        hc.body_timeout = hc
+            .body_timeout
+            .max(cfg.stalwart.body_timeout + std::time::Duration::from_secs(1));
+        let (ls, hs) = serve_http(
+            &tasks,
+            HttpListener {
+                listener: l,
+                name: "stalwart",
+                router,
+                cfg: hc,
+            },
+            &shutdown,
+            &failures,
+        );
+        listener_stats.push(("stalwart", ls));
+        http_stats.push(("stalwart", hs));
     }
 
     let milter = bind("the milter", cfg.milter_listen).await?;
@@ -183,22 +253,33 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         let mc = cfg.milter.clone();
         let token = shutdown.clone();
         let i = intake_arc.clone();
-        let stats = Arc::new(mailbell_link::listen::ListenerStats::default());
+        let failures = failures.clone();
+        let stats = Arc::new(ListenerStats::default());
+        listener_stats.push(("milter", stats.clone()));
         tasks.spawn(async move {
             if let Err(e) = crate::milter::serve(l, i, mc, stats, token).await {
-                error!(error = %e, "milter server failed");
+                failures.fail(format!("milter listener failed: {e:#}"));
             }
         });
     }
 
     let admin = bind("the admin API", cfg.admin_listen).await?;
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    // The admin listener's counters exist before its router, which reports them.
+    let admin_listener_stats = Arc::new(ListenerStats::default());
+    let admin_http_stats = Arc::new(HttpStats::default());
+    if admin.is_some() {
+        listener_stats.push(("admin", admin_listener_stats.clone()));
+        http_stats.push(("admin", admin_http_stats.clone()));
+    }
     let running_stats = crate::ops::Metrics {
         intake: intake.stats.clone(),
         link: link_stats.clone(),
         stalwart: stalwart_stats.clone(),
         outbox: stores.outbox.stats.clone(),
         audit: stores.audit.stats(),
+        listeners: listener_stats,
+        http: http_stats,
     };
     if let Some(l) = admin {
         let token: Arc<str> = Arc::from(cfg.admin_token.as_str());
@@ -213,7 +294,19 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             stores.outbox.clone(),
             running_stats,
         ));
-        serve_http(&tasks, l, router, &shutdown, "admin API");
+        spawn_http(
+            &tasks,
+            HttpListener {
+                listener: l,
+                name: "admin",
+                router,
+                cfg: cfg.http_admin.clone(),
+            },
+            admin_listener_stats,
+            admin_http_stats,
+            &shutdown,
+            &failures,
+        );
     }
     info!(
         http = ?http_addr,
@@ -235,6 +328,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         stalwart_stats,
         tasks,
         shutdown,
+        failures,
     })
 }
 
@@ -243,10 +337,16 @@ pub async fn serve(config: Option<&Path>) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
     let shutdown = CancellationToken::new();
     let running = start(cfg, shutdown.clone()).await?;
-    wait_for_signal().await;
+    let failure = tokio::select! {
+        () = wait_for_signal() => None,
+        e = running.failed() => Some(e),
+    };
     info!("shutting down");
     running.stop().await;
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 async fn wait_for_signal() {
@@ -271,25 +371,46 @@ async fn wait_for_signal() {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown`, as a tracked task; `what` names it in the
-/// error log.
+/// One HTTP listener to serve.
+struct HttpListener {
+    listener: TcpListener,
+    /// The `listener` label in /metrics and the name in logs.
+    name: &'static str,
+    router: axum::Router,
+    cfg: HttpConfig,
+}
+
+/// Serves `l` with fresh counters, which it returns.
 fn serve_http(
     tasks: &TaskTracker,
-    listener: TcpListener,
-    router: axum::Router,
+    l: HttpListener,
     shutdown: &CancellationToken,
-    what: &'static str,
+    failures: &Failures,
+) -> (Arc<ListenerStats>, Arc<HttpStats>) {
+    let ls = Arc::new(ListenerStats::default());
+    let hs = Arc::new(HttpStats::default());
+    spawn_http(tasks, l, ls.clone(), hs.clone(), shutdown, failures);
+    (ls, hs)
+}
+
+/// Serves `l` on the hardened HTTP server until `shutdown`, as a tracked task; a listener
+/// failure is reported to `failures`.
+fn spawn_http(
+    tasks: &TaskTracker,
+    l: HttpListener,
+    listener_stats: Arc<ListenerStats>,
+    http_stats: Arc<HttpStats>,
+    shutdown: &CancellationToken,
+    failures: &Failures,
 ) {
-    let token = shutdown.clone();
+    let limits = l.cfg.limits(l.cfg.max_connections.unwrap_or(1));
+    let acceptor = Acceptor::new(l.listener, limits, l.name, listener_stats);
+    let (stop, failures) = (shutdown.clone(), failures.clone());
     tasks.spawn(async move {
-        let r = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { token.cancelled().await })
-        .await;
+        let r =
+            mailbell_link::http_server::serve(acceptor, l.router, l.cfg, http_stats, stop).await;
         if let Err(e) = r {
-            error!(error = %e, "{what} server failed");
+            failures.fail(format!("{e}: {}", e.source));
         }
     });
 }

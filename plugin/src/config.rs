@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use mailbell_link::http_server::HttpConfig;
 use mailbell_link::net::Endpoint;
 pub use mailbell_link::units::ConfigError;
 use mailbell_link::units::{de_duration, parse_toml, read_config};
@@ -30,7 +31,22 @@ struct RawConfig {
     link: RawLink,
     outbox: RawOutbox,
     audit: AuditConfig,
+    http: RawHttp,
 }
+
+/// `[http.stalwart]` and `[http.admin]`: each HTTP listener's timeouts and connection cap.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawHttp {
+    stalwart: HttpConfig,
+    admin: HttpConfig,
+}
+
+/// Connections open at once on the Stalwart endpoints when `[http.stalwart] max_connections`
+/// is not set (Stalwart opens one per hook call and per webhook batch).
+pub const STALWART_MAX_CONNECTIONS: usize = 512;
+/// Connections open at once on the admin API and /metrics by default.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -215,6 +231,10 @@ pub struct Config {
     pub outbox_max_depth: u64,
     pub outbox_max_age: Duration,
     pub audit: AuditConfig,
+    /// The Stalwart endpoints' HTTP server (`max_connections` always set).
+    pub http_stalwart: HttpConfig,
+    /// The admin API's HTTP server (`max_connections` always set).
+    pub http_admin: HttpConfig,
 }
 
 fn listen(key: &str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
@@ -300,6 +320,16 @@ impl Config {
                 "stalwart.body_timeout and stalwart.intake_timeout must be above zero".into(),
             ));
         }
+        let mut http_stalwart = raw.http.stalwart;
+        http_stalwart.validate("http.stalwart").map_err(inv)?;
+        http_stalwart
+            .max_connections
+            .get_or_insert(STALWART_MAX_CONNECTIONS);
+        let mut http_admin = raw.http.admin;
+        http_admin.validate("http.admin").map_err(inv)?;
+        http_admin
+            .max_connections
+            .get_or_insert(ADMIN_MAX_CONNECTIONS);
         if raw.outbox.max_depth == 0 {
             return Err(inv("outbox.max_depth must be at least 1".into()));
         }
@@ -332,6 +362,8 @@ impl Config {
             outbox_max_depth: raw.outbox.max_depth,
             outbox_max_age: raw.outbox.max_age,
             audit: raw.audit,
+            http_stalwart,
+            http_admin,
         })
     }
 
@@ -362,6 +394,22 @@ mod tests {
         assert_eq!(c.link.agents[0].addr, "127.0.0.1:7465");
         assert!(matches!(c.link.tls, LinkTls::DevPki { .. }));
         assert!(c.admin_token.is_empty());
+        assert_eq!(c.http_stalwart.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_stalwart.idle_timeout, Duration::from_secs(15));
+        assert_eq!(
+            c.http_stalwart.max_connections,
+            Some(STALWART_MAX_CONNECTIONS)
+        );
+        assert_eq!(c.http_admin.max_connections, Some(ADMIN_MAX_CONNECTIONS));
+        let c = Config::from_toml(
+            "[http.admin]\nheader_timeout = \"2s\"\nmax_connections = 8\nmax_per_source = 4",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.http_admin.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.http_admin.limits(1).max_pending, 8);
+        assert_eq!(c.http_admin.limits(1).max_per_source, Some(4));
+        assert_eq!(c.http_stalwart.limits(1).max_per_source, None);
     }
 
     #[test]
@@ -385,6 +433,9 @@ mod tests {
         assert!(e("[milter]\nnegotiate_timeout = \"0s\"").contains("milter.negotiate_timeout"));
         assert!(e("[milter]\ncommand_timeout = 0").contains("milter.command_timeout"));
         assert!(e("[stalwart]\nintake_timeout = 0").contains("stalwart.body_timeout"));
+        assert!(e("[http.admin]\nidle_timeout = \"0s\"").contains("http.admin.idle_timeout"));
+        assert!(e("[http.stalwart]\nmax_connections = 0").contains("http.stalwart.max_connections"));
+        assert!(e("[http.stalwart]\nkeepalive = 1").contains("keepalive"));
     }
 
     #[test]

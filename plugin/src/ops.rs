@@ -24,6 +24,9 @@ use mailbell_link::net::ClientStats;
 use mailbell_link::NotifId;
 use serde::{Deserialize, Serialize};
 
+use mailbell_link::http_server::HttpStats;
+use mailbell_link::listen::ListenerStats;
+
 use crate::admin::ApiError;
 use crate::audit::{parse_since, AuditLog, AuditQuery, AuditRecord, AuditStats};
 use crate::intake::IntakeStats;
@@ -38,6 +41,10 @@ pub struct Metrics {
     pub stalwart: Arc<StalwartStats>,
     pub outbox: Arc<OutboxStats>,
     pub audit: Arc<AuditStats>,
+    /// Every listener's accept counters, by `listener` label ("stalwart", "admin", "milter").
+    pub listeners: Vec<(&'static str, Arc<ListenerStats>)>,
+    /// Every HTTP listener's request and timeout counters, by `listener` label.
+    pub http: Vec<(&'static str, Arc<HttpStats>)>,
 }
 
 #[derive(Clone)]
@@ -527,6 +534,13 @@ async fn metrics_text(State((outbox, m)): State<(Outbox, Metrics)>) -> Response 
     ];
     for (k, v) in pairs {
         let _ = writeln!(o, "mailbell_stalwart_counters{{counter=\"{k}\"}} {v}");
+    }
+    let listeners: Vec<(&str, &ListenerStats)> =
+        m.listeners.iter().map(|(n, s)| (*n, &**s)).collect();
+    mailbell_link::listen::write_prometheus_all(&mut o, &listeners);
+    if !m.http.is_empty() {
+        let http: Vec<(&str, &HttpStats)> = m.http.iter().map(|(n, s)| (*n, &**s)).collect();
+        mailbell_link::http_server::write_prometheus(&mut o, &http);
     }
     ([("content-type", "text/plain; version=0.0.4")], o).into_response()
 }

@@ -6,4 +6,5 @@
 mod crash;
 mod faults;
 mod pipeline;
+mod status_http;
 mod support;

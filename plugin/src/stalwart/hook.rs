@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::body::{self, BodyError, StreamError};
+use super::caps::{CapExceeded, CappedReader, FieldCaps};
 use super::{bump, content_length, excerpt, json_response, peer_of, text_response, Shared};
 use crate::arrival::{Arrival, Intake, Origin};
 use crate::headers::HeaderCollector;
@@ -77,10 +78,12 @@ impl Stage {
     }
 }
 
-/// Why a hook request cannot be used. Each is answered 400.
+/// Why a hook request cannot be used. Each is answered 400, except `TooLarge` (413).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub(crate) enum HookError {
+    #[error(transparent)]
+    TooLarge(CapExceeded),
     #[error("invalid hook request JSON: {0}")]
     Json(serde_json::Error),
     #[error("data stage without context.queue.id")]
@@ -108,16 +111,21 @@ pub(crate) struct HookRequest {
 
 impl HookRequest {
     pub(crate) fn from_slice(body: &[u8]) -> Result<Self, HookError> {
+        FieldCaps::new().feed(body).map_err(HookError::TooLarge)?;
         serde_json::from_slice::<Wire>(body)
             .map(Self::from)
             .map_err(HookError::Json)
     }
 
-    /// Parses from a reader without holding the body (see `body.rs`).
+    /// Parses from a reader without holding the body (see `body.rs`); stops reading at the
+    /// first field over its cap (see `caps.rs`).
     pub(crate) fn from_reader(r: &mut dyn BufRead) -> Result<Self, HookError> {
-        serde_json::from_reader::<_, Wire>(r)
-            .map(Self::from)
-            .map_err(HookError::Json)
+        let mut capped = CappedReader::new(r);
+        let parsed = serde_json::from_reader::<_, Wire>(&mut capped);
+        if let Some(e) = capped.exceeded() {
+            return Err(HookError::TooLarge(e.clone()));
+        }
+        parsed.map(Self::from).map_err(HookError::Json)
     }
 
     /// Recipients beyond [`MAX_RCPTS`] that were dropped.
@@ -452,6 +460,11 @@ async fn read_request<I: Intake>(sh: &Shared<I>, req: Request) -> Result<HookReq
                 bump(&stats.hook_too_large);
                 return too_large(limit);
             }
+            StreamError::Parse(HookError::TooLarge(cap)) => {
+                bump(&stats.hook_too_large);
+                tracing::warn!(error = %cap, "hook field over its cap");
+                return text_response(StatusCode::PAYLOAD_TOO_LARGE, cap.to_string());
+            }
             StreamError::Body(BodyError::Timeout) => (StatusCode::REQUEST_TIMEOUT, e.to_string()),
             StreamError::Task(_) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             _ => (StatusCode::BAD_REQUEST, e.to_string()),
@@ -657,6 +670,90 @@ mod tests {
             .unwrap();
         assert_eq!(a.headers.subject, "Hi");
         assert_eq!(a.env_from, "");
+    }
+
+    /// A prefix, then `fill` bytes up to `total`, counting what was read.
+    struct Endless {
+        prefix: Vec<u8>,
+        fill: u8,
+        total: usize,
+        pos: usize,
+    }
+
+    impl std::io::Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.total - self.pos);
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = self.prefix.get(self.pos + i).copied().unwrap_or(self.fill);
+            }
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    /// An oversized field stops the parser at its cap: it neither reads nor keeps the rest
+    /// (before the caps, serde_json copied the whole 64 MB string before any check).
+    #[test]
+    fn the_parser_stops_reading_at_a_field_cap() {
+        let data = r#"{"context":{"stage":"data","queue":{"id":"1"}},"envelope":{"from":{"address":"a@b"},"to":[{"address":""#;
+        let cases = [
+            (
+                r#"{"context":{"stage":""#,
+                "stage",
+                super::super::caps::MAX_SHORT,
+            ),
+            (
+                r#"{"context":{"stage":"ehlo","client":{"helo":""#,
+                "helo",
+                super::super::caps::MAX_ADDRESS,
+            ),
+            (data, "address", super::super::caps::MAX_ADDRESS),
+            (
+                r#"{"context":{"stage":"data"},"message":{"headers":[["Subject",""#,
+                "headers item",
+                super::super::caps::MAX_STRING,
+            ),
+        ];
+        for (prefix, field, limit) in cases {
+            let mut src = Endless {
+                prefix: prefix.as_bytes().to_vec(),
+                fill: b'a',
+                total: 64 << 20,
+                pos: 0,
+            };
+            let r = {
+                let mut r = std::io::BufReader::new(&mut src);
+                HookRequest::from_reader(&mut r)
+            };
+            let Err(HookError::TooLarge(e)) = r else {
+                panic!("{field}: {r:?}");
+            };
+            assert!(e.to_string().contains(field), "{e}");
+            let read = src.pos as u64;
+            assert!(
+                read <= prefix.len() as u64 + limit + 8192,
+                "{field}: read {read} bytes for a cap of {limit}"
+            );
+        }
+        // The body itself is not capped: it is skipped as it streams.
+        let mut body = br#"{"context":{"stage":"data","queue":{"id":"1"}},"envelope":{"to":[]},"message":{"headers":[],"size":1,"contents":""#.to_vec();
+        body.extend(std::iter::repeat_n(b'a', 1 << 20));
+        body.extend(br#""}}"#);
+        let mut r = std::io::BufReader::new(&body[..]);
+        assert!(HookRequest::from_reader(&mut r)
+            .unwrap()
+            .into_arrival(0)
+            .is_ok());
+        assert!(HookRequest::from_slice(&body).is_ok());
+        // The inline path has the same caps.
+        let helo = format!(
+            r#"{{"context":{{"stage":"ehlo","client":{{"helo":"{}"}}}}}}"#,
+            "h".repeat(2000)
+        );
+        assert!(matches!(
+            HookRequest::from_slice(helo.as_bytes()),
+            Err(HookError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -21,9 +21,15 @@
 //!   [`Intake::confirm`]; every other event type is counted and dropped. The signature is checked
 //!   on the raw body before any parsing; without a configured key every batch is refused.
 //!
-//! Stalwart treats any non-2xx answer or timeout from the hook as an error and (with its default
-//! `options.tempfail-on-error = true`) answers the SMTP client `451 4.3.5`, so a malformed hook
-//! request never loses mail. A non-2xx webhook answer makes Stalwart resend the whole batch.
+//! * Every field of a hook request other than `message.contents` has a size cap (`caps.rs`),
+//!   enforced on the bytes before the parser copies anything: a request over one is answered
+//!   413, a malformed one 400, so one request costs a few MB at most whatever its fields hold.
+//!
+//! Stalwart treats any non-2xx answer or timeout from the hook as an error (its hook client,
+//! `smtp/src/inbound/hooks/client.rs`) and, with its default `options.tempfail-on-error =
+//! true`, answers the SMTP client `451 4.3.5` (`hooks/message.rs`), so a 400 or 413 never loses
+//! mail: the sending MTA retries. With `tempfail-on-error = false` Stalwart would accept the
+//! message instead (no notice); keep the default. A non-2xx webhook answer makes Stalwart resend the whole batch.
 //!
 //! Logs: one span per request (`stalwart_hook` / `stalwart_webhook`, with `peer`, `stage`,
 //! `queue_id`); warn for a peer mistake (bad request, bad signature) and for a refused arrival;
@@ -34,6 +40,7 @@
 //! [`Intake::confirm`]: crate::arrival::Intake::confirm
 
 mod body;
+mod caps;
 mod hook;
 mod webhook;
 
@@ -167,7 +174,7 @@ pub struct StatsSnapshot {
     pub hook_bad_requests: u64,
     /// Hook requests without the configured bearer token (401).
     pub hook_unauthorized: u64,
-    /// Hook requests over `max_hook_body` (413).
+    /// Hook requests over `max_hook_body` or with a field over its cap (413).
     pub hook_too_large: u64,
     /// Webhook batches with a valid signature and a well-formed body.
     pub webhook_batches: u64,
