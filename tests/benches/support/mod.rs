@@ -42,21 +42,13 @@ pub fn default_log_filter() {
 /// The disk as the stores see it right now: `write` of 4 KiB appended plus `fsync`, 50 times
 /// in `dir`; "p50 x  p99 y  max z ms".
 pub fn fsync_probe(dir: &std::path::Path) -> String {
-    use std::io::Write;
-    let path = dir.join("fsync-probe");
-    let Ok(mut f) = std::fs::File::create(&path) else {
+    let Some(samples) = mailbell_tests::disk::fsync_samples(dir, 50) else {
         return "unknown".into();
     };
-    let block = [0x5au8; 4096];
     let mut h = histogram();
-    for _ in 0..50 {
-        let t = Instant::now();
-        if f.write_all(&block).and_then(|()| f.sync_all()).is_err() {
-            return "unknown".into();
-        }
-        record(&mut h, t.elapsed());
+    for t in samples {
+        record(&mut h, t);
     }
-    let _ = std::fs::remove_file(&path);
     quantiles(&h, &[0.5, 0.99, 1.0])
 }
 
