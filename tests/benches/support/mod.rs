@@ -24,13 +24,7 @@ pub fn bench_dir() -> anyhow::Result<tempfile::TempDir> {
     })
 }
 
-/// The 1-, 5- and 15-minute load averages: other work on the machine skews the figures.
-pub fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".into())
-}
+pub use mailbell_tests::cpu::load_average;
 
 /// Quiets the link client's "agent unreachable" warnings unless RUST_LOG says otherwise.
 pub fn default_log_filter() {

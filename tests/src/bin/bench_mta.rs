@@ -18,7 +18,9 @@
 //!
 //! Printed per session count: messages per second accepted alone and with mailbell (messages /
 //! smtp-source's wall time), their ratio, and the milliseconds mailbell adds per message
-//! (1000/rate_with − 1000/rate_alone; meaningful at 1 session, where messages do not overlap).
+//! (1000/rate_with − 1000/rate_alone; meaningful at 1 session, where messages do not overlap),
+//! and the CPU time this process (mailbell, the agent and its simulated modem: everything a
+//! notice costs on this machine, down to its SMS) spent per message.
 //! After each run the benchmark waits until every copy is in its mailbox (Postfix: the virtual
 //! Maildir; Stalwart: IMAP STATUS of each account) and, with mailbell, until every recipient's
 //! notice was created and its SMS reached the simulated modem. A lost or extra message, notice
@@ -40,6 +42,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use clap::{Parser, ValueEnum};
 use mailbell::users::User;
+use mailbell_tests::cpu::{load_average, process_cpu};
 use mailbell_tests::postfix::{self, Postfix};
 use mailbell_tests::stalwart::{self, Stalwart, HOOK_TOKEN};
 use mailbell_tests::system::{self, System};
@@ -141,10 +144,14 @@ async fn run_in(args: &Args, dir: &Path) -> anyhow::Result<bool> {
         sys.wait_modems_ready(Duration::from_secs(30)).await?;
         println!(
             "bench_mta: {} messages of {} B payload per run, each to {USERS} registered users; \
-             mailbell + agent on a zero-delay simulated modem in this process; {} cores",
+             mailbell + agent on a zero-delay simulated modem in this process; {} cores, \
+             load average {}; disk: 4 KiB write+fsync {} (mailbell commits each message's \
+             notices before it answers the MTA)",
             args.messages,
             args.size,
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            load_average(),
+            fsync_probe(dir),
         );
         let mut ok = true;
         if matches!(args.mta, Mta::Postfix | Mta::All) {
@@ -304,10 +311,6 @@ async fn bench_stalwart(args: &Args, dir: &Path, sys: &System) -> anyhow::Result
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_default()
     );
-    println!(
-        "  disk: 4 KiB write+fsync {} (mailbell commits each hook's notices before it answers)",
-        fsync_probe(dir)
-    );
     bench_pair(
         args,
         sys,
@@ -323,6 +326,9 @@ async fn bench_stalwart(args: &Args, dir: &Path, sys: &System) -> anyhow::Result
 /// What one smtp-source run gave.
 struct Run {
     rate: f64,
+    /// CPU time of this process (mailbell, agent, simulated modem) per message, from the first
+    /// message until every SMS was at the modem.
+    cpu_ms: f64,
     ok: bool,
 }
 
@@ -343,15 +349,15 @@ async fn bench_pair(
             .ok;
     }
     println!(
-        "  {:>8}  {:>11}  {:>13}  {:>6}  {:>13}",
-        "sessions", "alone msg/s", "mailbell msg/s", "ratio", "added ms/msg"
+        "  {:>8}  {:>11}  {:>13}  {:>6}  {:>13}  {:>19}",
+        "sessions", "alone msg/s", "mailbell msg/s", "ratio", "added ms/msg", "mailbell CPU ms/msg"
     );
     for &s in &args.sessions {
         let a = one_run(args, sys, domain, alone, false, s, args.messages).await?;
         let w = one_run(args, sys, domain, with, true, s, args.messages).await?;
         ok &= a.ok && w.ok;
         println!(
-            "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}",
+            "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}  {:>19.2}",
             s,
             a.rate,
             w.rate,
@@ -360,7 +366,8 @@ async fn bench_pair(
                 format!("{:+.2}", 1000.0 / w.rate - 1000.0 / a.rate)
             } else {
                 "(overlaps)".into()
-            }
+            },
+            w.cpu_ms
         );
     }
     Ok(ok)
@@ -384,6 +391,7 @@ async fn one_run(
     let delivered0 = peer.delivered(domain).await?;
     let copies = (messages * USERS) as u64;
 
+    let cpu0 = process_cpu();
     let started = Instant::now();
     smtp_source(peer.smtp(), sessions, messages, args.size, domain, deadline).await?;
     let elapsed = started.elapsed();
@@ -414,8 +422,11 @@ async fn one_run(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // /proc counts in USER_HZ ticks, 100 per second on Linux.
+    let cpu_ms = process_cpu().saturating_sub(cpu0) as f64 * 10.0 / messages as f64;
     Ok(Run {
         rate: messages as f64 / elapsed.as_secs_f64(),
+        cpu_ms,
         ok,
     })
 }
