@@ -226,14 +226,12 @@ fn on_path(tool: &str) -> bool {
 }
 
 async fn bench_postfix(args: &Args, dir: &Path, sys: &System) -> anyhow::Result<bool> {
-    let missing: Vec<&str> = ["postfix", "smtp-source", "script", "chown"]
-        .into_iter()
-        .filter(|t| !on_path(t))
-        .collect();
+    const TOOLS: [&str; 4] = ["postfix", "smtp-source", "script", "chown"];
+    let missing: Vec<&str> = TOOLS.into_iter().filter(|t| !on_path(t)).collect();
     if !missing.is_empty() || !postfix::is_root() {
         println!(
             "\npostfix: SKIPPED (needs root and {}; missing: {})",
-            "postfix, smtp-source, script, chown",
+            TOOLS.join(", "),
             if missing.is_empty() {
                 "root".to_owned()
             } else {
