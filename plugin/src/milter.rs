@@ -45,6 +45,7 @@ use std::future::{ready, Future};
 use std::io;
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context as TaskContext, Poll};
@@ -978,7 +979,7 @@ struct Watched<S> {
     stall_packet: Option<u64>,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+impl<S: AsyncRead + AsFd + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
@@ -1006,6 +1007,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
                     return Poll::Ready(Ok(()));
                 }
                 this.last_activity = Instant::now();
+                ack_now(&this.inner);
                 match this.guard.feed(new) {
                     Ok(()) => Poll::Ready(Ok(())),
                     Err(Rejected { valid, error }) => {
@@ -1052,6 +1054,24 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
+}
+
+/// Acknowledges what was just read at once (TCP_QUICKACK; Linux clears it again by itself, so
+/// it is set after every read).
+///
+/// We negotiate no reply for most stages (NR_*), so Postfix writes several commands in a row
+/// without waiting for an answer, on a socket with Nagle's algorithm on: a small write waits
+/// until the previous one is acknowledged. Our kernel, which had seen us answer promptly
+/// (negotiation), delays that ACK by up to 40 ms for a reply to ride on, and no reply comes.
+/// A real Postfix 3.7 stalled this way on every message, between the envelope smtpd sends and
+/// the headers and body cleanup sends: docs/benchmarks.md, "Real MTAs".
+fn ack_now<S: AsFd>(stream: &S) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_quickack(true) {
+        debug!(error = %e, "cannot set TCP_QUICKACK");
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = stream;
 }
 
 impl<S> Watched<S> {

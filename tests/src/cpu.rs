@@ -30,6 +30,14 @@ pub fn process_cpu() -> u64 {
         .map_or(0, |(_, t)| t)
 }
 
+/// The 1-, 5- and 15-minute load averages: other work on the machine skews the figures.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// (comm, utime + stime) from a /proc stat line.
 pub fn parse_stat(stat: &str) -> Option<(String, u64)> {
     let open = stat.find('(')?;

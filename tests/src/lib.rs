@@ -1,6 +1,9 @@
 //! Test support and benchmarks for mailbell (see tests/ and src/bin/).
 
 pub mod cpu;
+pub mod disk;
+pub mod postfix;
+pub mod stalwart;
 pub mod system;
 
 use std::future::Future;

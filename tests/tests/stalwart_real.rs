@@ -26,25 +26,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader as StdBufReader};
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use base64::Engine;
 use mailbell::users::User;
+use mailbell_tests::stalwart::{self, Reserved, Stalwart, ADMIN, DOMAIN, HOOK_TOKEN};
 use mailbell_tests::system::{self, System};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-
-/// The stanza operators are told to add to Stalwart's config.toml.
-const SHIPPED_STANZA: &str = include_str!("../../config/stalwart/mailbell-0.15.toml");
-const ADMIN: (&str, &str) = ("admin", "adminpass");
-const HOOK_TOKEN: &str = "stalwart-real-hook-token";
-const DOMAIN: &str = "test.local";
 
 const ALICE: &str = "alice@test.local";
 const ALICE_PHONE: &str = "+8613800138000";
@@ -62,7 +54,7 @@ const STEP: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalwart_hook_and_webhook_release_the_sms() {
-    let Some(bin) = stalwart_binary() else {
+    let Some(bin) = stalwart::binary() else {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("CI=true but no stalwart binary (PATH, $STALWART_BIN, ~/.cargo/bin): install stalwart-lite");
         }
@@ -75,10 +67,10 @@ async fn stalwart_hook_and_webhook_release_the_sms() {
     let dir = tempfile::tempdir().unwrap();
 
     // Stalwart first, so that its principals exist when mailbell loads the account map.
-    let mailbell_http = Reserved::new();
-    let mut stalwart = Stalwart::start(&bin, dir.path(), mailbell_http.addr).unwrap();
+    let mailbell_http = Reserved::new().unwrap();
+    let mut stalwart = Stalwart::start(&bin, dir.path(), Some(mailbell_http.addr)).unwrap();
     stalwart.wait_ready(STEP).await.unwrap();
-    stalwart.setup_principals().await.unwrap();
+    setup_principals(&stalwart).await.unwrap();
 
     let http = mailbell_http.release();
     let api_url = format!("http://{}", stalwart.http);
@@ -208,254 +200,20 @@ fn message(to: &str, id: &str) -> String {
     )
 }
 
-/// The `stalwart` binary: `$STALWART_BIN`, then PATH, then `~/.cargo/bin`.
-fn stalwart_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("STALWART_BIN") {
-        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+/// The local domain, alice, bob (who may not receive mail) and carol.
+async fn setup_principals(stalwart: &Stalwart) -> anyhow::Result<()> {
+    stalwart.add_domain(DOMAIN).await?;
+    for addr in [ALICE, BOB, CAROL] {
+        stalwart.add_user(addr).await?;
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin"));
-    std::env::split_paths(&path)
-        .chain(home)
-        .map(|d| d.join("stalwart"))
-        .find(|p| p.is_file())
-}
-
-/// A loopback port held open until [`Reserved::release`], so that nothing else takes it while
-/// Stalwart is configured to call it.
-struct Reserved {
-    listener: StdTcpListener,
-    addr: SocketAddr,
-}
-
-impl Reserved {
-    fn new() -> Self {
-        let listener = StdTcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        Self { listener, addr }
-    }
-
-    fn release(self) -> SocketAddr {
-        drop(self.listener);
-        self.addr
-    }
-}
-
-/// A running Stalwart; killed (and its log shown, if the test failed) on drop.
-struct Stalwart {
-    child: Child,
-    log: PathBuf,
-    smtp: SocketAddr,
-    http: SocketAddr,
-}
-
-impl Stalwart {
-    /// Writes the base configuration plus the shipped stanza (pointing at `mailbell`) into
-    /// `dir` and starts the binary.
-    fn start(bin: &Path, dir: &Path, mailbell: SocketAddr) -> anyhow::Result<Self> {
-        let root = dir.join("stalwart");
-        std::fs::create_dir_all(root.join("data"))?;
-        // Free ports, released just before Stalwart binds them.
-        let (smtp, http) = (Reserved::new().release(), Reserved::new().release());
-        let config = root.join("config.toml");
-        let text = format!(
-            "{}\n{}",
-            base_config(&root, smtp, http),
-            shipped_stanza(mailbell)?
-        );
-        std::fs::write(&config, text)?;
-        let log = root.join("stalwart.log");
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new(bin)
-            .arg("--config")
-            .arg(&config)
-            .current_dir(&root)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("start {}", bin.display()))?;
-        Ok(Self {
-            child,
-            log,
-            smtp,
-            http,
-        })
-    }
-
-    fn auth() -> String {
-        let b64 = base64::engine::general_purpose::STANDARD;
-        format!("Basic {}", b64.encode(format!("{}:{}", ADMIN.0, ADMIN.1)))
-    }
-
-    /// One management API call; fails unless HTTP 200 without an `error` member.
-    async fn api(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<serde_json::Value>,
-    ) -> anyhow::Result<serde_json::Value> {
-        let data = body.map(|b| b.to_string());
-        let r = mailbell_link::http::request(
-            self.http,
-            method,
-            path,
-            Some(&Self::auth()),
-            data.as_deref().map(|d| ("application/json", d.as_bytes())),
-            Duration::from_secs(10),
-        )
-        .await?;
-        let v: serde_json::Value = serde_json::from_str(&r.body)
-            .with_context(|| format!("{method} {path}: HTTP {} {:?}", r.status, r.body))?;
-        ensure!(
-            r.status == 200 && v.get("error").is_none(),
-            "{method} {path}: HTTP {} {}",
-            r.status,
-            r.body
-        );
-        Ok(v)
-    }
-
-    /// Waits until the management API answers (or the process exits).
-    async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("stalwart exited at startup ({status}); see its log below");
-            }
-            if self
-                .api("GET", "/api/principal?types=domain", None)
-                .await
-                .is_ok()
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("stalwart's API not up within {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// The local domain, alice, bob (who may not receive mail) and carol.
-    async fn setup_principals(&self) -> anyhow::Result<()> {
-        use serde_json::json;
-        self.api(
-            "POST",
-            "/api/principal",
-            Some(json!({"type": "domain", "name": DOMAIN})),
-        )
-        .await?;
-        for addr in [ALICE, BOB, CAROL] {
-            let name = addr.split('@').next().unwrap_or(addr);
-            self.api(
-                "POST",
-                "/api/principal",
-                Some(json!({
-                    "type": "individual", "name": name, "secrets": [format!("{name}pw")],
-                    "emails": [addr], "roles": ["user"]
-                })),
-            )
-            .await?;
-        }
-        self.api(
+    stalwart
+        .api(
             "PATCH",
             "/api/principal/bob",
-            Some(json!([{"action": "addItem", "field": "disabledPermissions", "value": "email-receive"}])),
+            Some(serde_json::json!([{"action": "addItem", "field": "disabledPermissions", "value": "email-receive"}])),
         )
         .await?;
-        Ok(())
-    }
-}
-
-impl Drop for Stalwart {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            if let Ok(f) = std::fs::File::open(&self.log) {
-                let lines: Vec<String> =
-                    StdBufReader::new(f).lines().map_while(Result::ok).collect();
-                eprintln!("---- last lines of {} ----", self.log.display());
-                for l in &lines[lines.len().saturating_sub(60)..] {
-                    eprintln!("{l}");
-                }
-            }
-        }
-    }
-}
-
-/// Research §8's offline configuration: SMTP and HTTP on loopback, SQLite, no TLS, no spam
-/// filter downloads, unauthenticated SMTP on a port other than 25.
-fn base_config(root: &Path, smtp: SocketAddr, http: SocketAddr) -> String {
-    format!(
-        r#"[server]
-hostname = "mail.{DOMAIN}"
-
-[server.listener.smtp]
-bind = ["{smtp}"]
-protocol = "smtp"
-tls.enable = false
-
-[server.listener.http]
-bind = ["{http}"]
-protocol = "http"
-tls.enable = false
-
-[storage]
-data = "db"
-blob = "db"
-fts = "db"
-lookup = "db"
-directory = "internal"
-
-[store.db]
-type = "sqlite"
-path = "{db}"
-
-[directory.internal]
-type = "internal"
-store = "db"
-
-[tracer.stdout]
-type = "stdout"
-level = "info"
-ansi = false
-enable = true
-
-[authentication.fallback-admin]
-user = "{user}"
-secret = "{secret}"
-
-[session.auth]
-require = false
-
-[spam-filter]
-enable = false
-resource = "file:///dev/null"
-pyzor.enable = false
-"#,
-        db = root.join("data/stalwart.sqlite3").display(),
-        user = ADMIN.0,
-        secret = ADMIN.1,
-    )
-}
-
-/// The shipped stanza with its ADAPT values set for this run (each must be present).
-fn shipped_stanza(mailbell: SocketAddr) -> anyhow::Result<String> {
-    let mut text = SHIPPED_STANZA.to_owned();
-    for (from, to) in [
-        ("http://127.0.0.1:8025/", format!("http://{mailbell}/")),
-        ("change-me-hook-token", HOOK_TOKEN.to_owned()),
-        ("change-me-webhook-secret", system::WEBHOOK_KEY.to_owned()),
-    ] {
-        ensure!(
-            text.contains(from),
-            "the shipped stanza no longer contains {from:?}"
-        );
-        text = text.replace(from, &to);
-    }
-    Ok(text)
+    Ok(())
 }
 
 /// Polls `done` every 20 ms for up to [`STEP`].

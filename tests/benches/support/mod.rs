@@ -24,13 +24,7 @@ pub fn bench_dir() -> anyhow::Result<tempfile::TempDir> {
     })
 }
 
-/// The 1-, 5- and 15-minute load averages: other work on the machine skews the figures.
-pub fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".into())
-}
+pub use mailbell_tests::cpu::load_average;
 
 /// Quiets the link client's "agent unreachable" warnings unless RUST_LOG says otherwise.
 pub fn default_log_filter() {
@@ -42,21 +36,13 @@ pub fn default_log_filter() {
 /// The disk as the stores see it right now: `write` of 4 KiB appended plus `fsync`, 50 times
 /// in `dir`; "p50 x  p99 y  max z ms".
 pub fn fsync_probe(dir: &std::path::Path) -> String {
-    use std::io::Write;
-    let path = dir.join("fsync-probe");
-    let Ok(mut f) = std::fs::File::create(&path) else {
+    let Some(samples) = mailbell_tests::disk::fsync_samples(dir, 50) else {
         return "unknown".into();
     };
-    let block = [0x5au8; 4096];
     let mut h = histogram();
-    for _ in 0..50 {
-        let t = Instant::now();
-        if f.write_all(&block).and_then(|()| f.sync_all()).is_err() {
-            return "unknown".into();
-        }
-        record(&mut h, t.elapsed());
+    for t in samples {
+        record(&mut h, t);
     }
-    let _ = std::fs::remove_file(&path);
     quantiles(&h, &[0.5, 0.99, 1.0])
 }
 

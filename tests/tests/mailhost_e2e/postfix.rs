@@ -4,202 +4,16 @@
 //! unregistered recipient gets no SMS; with mailbell down Postfix answers 451, so the mail is
 //! never accepted without its notice.
 
-use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
 
 use base64::Engine;
+use mailbell_tests::postfix::Postfix;
 
 use crate::support::*;
 
 const PHONE: &str = "+8613800138000";
-
-/// A private Postfix instance under `dir`, stopped by its master PID when dropped.
-struct Postfix {
-    dir: PathBuf,
-    smtp: SocketAddr,
-    /// `script -qec "postfix -c DIR start-fg"`: Postfix reports fatal errors only to syslog or
-    /// a terminal, and there is no syslog here.
-    wrapper: Option<Child>,
-}
-
-impl Postfix {
-    fn start(dir: &Path, milter: SocketAddr) -> Postfix {
-        let smtp = free_addr();
-        let etc = dir.join("etc");
-        for d in ["etc", "spool", "data", "mail"] {
-            std::fs::create_dir_all(dir.join(d)).expect("postfix directories");
-        }
-        let d = dir.display();
-        // main.cf allows no comments at the end of a line.
-        let main_cf = format!(
-            "compatibility_level = 3.6\n\
-             queue_directory = {d}/spool\n\
-             data_directory = {d}/data\n\
-             maillog_file = {d}/postfix.log\n\
-             maillog_file_prefixes = {d}\n\
-             myhostname = mta.test.invalid\n\
-             mydestination =\n\
-             inet_interfaces = 127.0.0.1\n\
-             inet_protocols = ipv4\n\
-             mynetworks = 127.0.0.0/8\n\
-             smtpd_relay_restrictions = permit_mynetworks, reject\n\
-             virtual_mailbox_domains = dest.example\n\
-             virtual_mailbox_base = {d}/mail\n\
-             virtual_mailbox_maps = static:inbox/\n\
-             virtual_uid_maps = static:65534\n\
-             virtual_gid_maps = static:65534\n\
-             default_transport = error:no outbound mail in tests\n\
-             smtpd_milters = inet:{milter}\n\
-             non_smtpd_milters = inet:{milter}\n\
-             milter_default_action = tempfail\n\
-             milter_protocol = 6\n"
-        );
-        let master_cf = format!(
-            "{smtp} inet n - n - - smtpd\n\
-             pickup unix n - n 60 1 pickup\n\
-             cleanup unix n - n - 0 cleanup\n\
-             qmgr unix n - n 300 1 qmgr\n\
-             rewrite unix - - n - - trivial-rewrite\n\
-             bounce unix - - n - 0 bounce\n\
-             defer unix - - n - 0 bounce\n\
-             trace unix - - n - 0 bounce\n\
-             verify unix - - n - 1 verify\n\
-             flush unix n - n 1000? 0 flush\n\
-             proxymap unix - - n - - proxymap\n\
-             showq unix n - n - - showq\n\
-             error unix - - n - - error\n\
-             retry unix - - n - - error\n\
-             discard unix - - n - - discard\n\
-             virtual unix - n n - - virtual\n\
-             anvil unix - - n - 1 anvil\n\
-             scache unix - - n - 1 scache\n\
-             postlog unix-dgram n - n - 1 postlogd\n"
-        );
-        std::fs::write(etc.join("main.cf"), main_cf).expect("write main.cf");
-        std::fs::write(etc.join("master.cf"), master_cf).expect("write master.cf");
-        run_ok(Command::new("chown").arg("postfix").arg(dir.join("data")));
-        run_ok(
-            Command::new("chown")
-                .arg("nobody:nogroup")
-                .arg(dir.join("mail")),
-        );
-        let etc_s = etc.display().to_string();
-        let check = Command::new("script")
-            .args(["-qec", &format!("postfix -c {etc_s} check"), "/dev/null"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run postfix check");
-        assert!(
-            check.status.success(),
-            "postfix check failed: {}",
-            String::from_utf8_lossy(&check.stdout)
-        );
-        let out = std::fs::File::create(dir.join("postfix-start-fg.out")).expect("log file");
-        let wrapper = Command::new("script")
-            .args(["-qec", &format!("postfix -c {etc_s} start-fg"), "/dev/null"])
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start postfix");
-        let mut pf = Postfix {
-            dir: dir.to_path_buf(),
-            smtp,
-            wrapper: Some(wrapper),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect_timeout(&smtp, Duration::from_millis(500)).is_err() {
-            if let Some(Ok(Some(s))) = pf.wrapper.as_mut().map(|w| w.try_wait()) {
-                panic!(
-                    "postfix exited at start ({s}):\n{}\n{}",
-                    std::fs::read_to_string(dir.join("postfix-start-fg.out")).unwrap_or_default(),
-                    std::fs::read_to_string(dir.join("postfix.log")).unwrap_or_default()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "postfix did not listen on {smtp}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        pf
-    }
-
-    fn master_pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.dir.join("spool/pid/master.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-
-    /// swaks against this instance; the exit code tells the SMTP outcome (test-peers.md §3).
-    fn swaks(&self, args: &[&str]) -> Output {
-        Command::new("swaks")
-            .arg("--server")
-            .arg(self.smtp.to_string())
-            .args(["--helo", "client.remote.example", "--timeout", "60"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run swaks")
-    }
-
-    /// Messages delivered to the virtual mailbox.
-    fn delivered(&self) -> usize {
-        std::fs::read_dir(self.dir.join("mail/inbox/new"))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("postfix.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Postfix {
-    fn drop(&mut self) {
-        let pid = self.master_pid();
-        if let Some(pid) = pid {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        if let Some(mut w) = self.wrapper.take() {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if let Ok(Some(_)) = w.try_wait() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    if let Some(pid) = pid {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                    let _ = w.kill();
-                    let _ = w.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
-fn run_ok(cmd: &mut Command) {
-    let out = cmd.output().expect("run a setup command");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// An RFC 2047 encoded-word (UTF-8, base64).
 fn b_word(text: &str) -> String {
@@ -234,6 +48,7 @@ fn send(pf: &Postfix, to: &str, subject: &str) -> Output {
         "--body",
         "正文 body line\n",
     ])
+    .expect("run swaks")
 }
 
 #[test]
@@ -265,7 +80,7 @@ fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() {
     let shown = mail.cli_ok(&["user", "show", "alice@dest.example"]);
     assert!(shown.contains(PHONE) && shown.contains("\"zh\""), "{shown}");
 
-    let pf = Postfix::start(&dir.join("postfix"), mail.milter);
+    let pf = Postfix::start(&dir.join("postfix"), Some(mail.milter)).expect("start postfix");
     let mut seen = 0;
 
     // 1. A Chinese subject and display name, RFC 2047 encoded, reach the phone decoded.
@@ -302,14 +117,16 @@ fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() {
         ),
     )
     .unwrap();
-    let r = pf.swaks(&[
-        "--from",
-        "li@remote.example",
-        "--to",
-        "alice@dest.example",
-        "--data",
-        data.to_str().unwrap(),
-    ]);
+    let r = pf
+        .swaks(&[
+            "--from",
+            "li@remote.example",
+            "--to",
+            "alice@dest.example",
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .expect("run swaks");
     assert!(r.status.success(), "swaks: {}", transcript(&r));
     let text = next_sms(&agent, &mut seen);
     assert!(

@@ -465,7 +465,7 @@ pub fn require(tools: &[&str], need_root: bool) -> bool {
         })
         .map(|t| t.to_string())
         .collect();
-    if need_root && !is_root() {
+    if need_root && !mailbell_tests::postfix::is_root() {
         missing.push("root (postfix refuses other users)".into());
     }
     if missing.is_empty() {
@@ -476,12 +476,6 @@ pub fn require(tools: &[&str], need_root: bool) -> bool {
     }
     eprintln!("skipping: missing {}", missing.join(", "));
     false
-}
-
-/// Whether this process runs as root (`/proc/self` belongs to the effective user).
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// Polls `cond` until it holds; fails the test after `secs`. For tests without a runtime.

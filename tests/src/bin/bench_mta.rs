@@ -1,0 +1,483 @@
+//! Real-MTA benchmark: how fast a real Postfix (milter) and a real Stalwart (MTA hook +
+//! webhook, the shipped stanza) accept mail with mailbell in the loop, beside the same MTA
+//! alone, fed by Postfix's `smtp-source`.
+//!
+//! ```text
+//! cargo run --release -p mailbell-tests --bin bench_mta -- [--mta postfix|stalwart|all]
+//!     [--messages 1000] [--sessions 1,20] [--size 4096] [--timeout 300]
+//! ```
+//!
+//! One process holds the whole mail side (`mailbell_tests::system`: `mailbell serve` and a GSM
+//! agent on a zero-delay simulated modem over the real mutual-TLS link, every store durable)
+//! with five registered users, `bench@<domain>` and `2bench@` .. `5bench@<domain>` (the
+//! recipients smtp-source `-t bench@<domain> -r 5` sends to), no rate limit. For each MTA two instances run on loopback:
+//! one alone, one with mailbell (Postfix: `smtpd_milters`, `milter_default_action = tempfail`;
+//! Stalwart: the shipped `config/stalwart/mailbell-0.15.toml` stanza). For each `--sessions`
+//! count, `smtp-source -s S -m N -l SIZE -r 5` runs against the instance alone, then against
+//! the one with mailbell (a new SMTP session per message, as smtp-source does without `-d`).
+//!
+//! Printed per session count: messages per second accepted alone and with mailbell (messages /
+//! smtp-source's wall time), their ratio, and the milliseconds mailbell adds per message
+//! (1000/rate_with − 1000/rate_alone; meaningful at 1 session, where messages do not overlap),
+//! and the CPU time this process (mailbell, the agent and its simulated modem: everything a
+//! notice costs on this machine, down to its SMS) spent per message.
+//! After each run the benchmark waits until every copy is in its mailbox (Postfix: the virtual
+//! Maildir; Stalwart: IMAP STATUS of each account) and, with mailbell, until every recipient's
+//! notice was created and its SMS reached the simulated modem. A lost or extra message, notice
+//! or SMS fails the run (exit status 1); speed never does.
+//!
+//! Postfix needs root, `postfix`, `smtp-source`, `script` and `chown`; Stalwart needs a
+//! `stalwart` binary (`$STALWART_BIN`, PATH or `~/.cargo/bin`): a missing one is reported and
+//! skipped. Everything listens on 127.0.0.1; every child process is killed when the benchmark
+//! ends, fails, panics or gets Ctrl-C. `--keep` keeps the scratch directory (logs, config).
+//! Results: docs/benchmarks.md, "Real MTAs".
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{ExitCode, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use clap::{Parser, ValueEnum};
+use mailbell::users::User;
+use mailbell_tests::cpu::{load_average, process_cpu};
+use mailbell_tests::postfix::{self, Postfix};
+use mailbell_tests::stalwart::{self, Stalwart, HOOK_TOKEN};
+use mailbell_tests::system::{self, System};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mta {
+    Postfix,
+    Stalwart,
+    All,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Real Postfix / Stalwart fed by smtp-source, alone and with mailbell")]
+struct Args {
+    /// Which MTA to run.
+    #[arg(long, value_enum, default_value = "all")]
+    mta: Mta,
+    /// Messages per run (each to the five registered users).
+    #[arg(long, default_value_t = 1000)]
+    messages: usize,
+    /// Parallel SMTP sessions, one run each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,20")]
+    sessions: Vec<usize>,
+    /// Payload bytes of each message (smtp-source -l; headers not included).
+    #[arg(long, default_value_t = 4096)]
+    size: usize,
+    /// Longest run (smtp-source, then the wait for mailboxes and SMS), seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Keep the scratch directory (configs and logs of every peer) and print its path.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// Registered users, and smtp-source's recipients per message (`-r`).
+const USERS: usize = 5;
+/// The sender of every message.
+const SENDER: &str = "sender@remote.example";
+/// Messages each instance takes before the timed runs (processes forked, caches warm).
+const WARMUP: usize = 20;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    mailbell_tests::bench_main(async move {
+        tokio::select! {
+            r = run(args) => r,
+            r = interrupted() => {
+                r?;
+                bail!("interrupted; every peer stopped")
+            }
+        }
+    })
+}
+
+/// Ctrl-C or SIGTERM (`timeout`, a CI job's cancel): the run is dropped, so are its guards.
+async fn interrupted() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("wait for Ctrl-C"),
+        _ = term.recv() => Ok(()),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    ensure!(args.messages > 0, "--messages must be at least 1");
+    ensure!(
+        !args.sessions.is_empty() && args.sessions.iter().all(|s| *s > 0),
+        "--sessions must list positive counts"
+    );
+    let scratch = tempfile::Builder::new()
+        .prefix("bench-mta-")
+        .tempdir()
+        .context("scratch directory")?;
+    let dir = scratch.path();
+    // Postfix's daemons run as postfix/nobody and must reach their directories below this one.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let r = run_in(&args, dir).await;
+    if args.keep {
+        eprintln!("scratch kept in {}", scratch.keep().display());
+    }
+    r
+}
+
+async fn run_in(args: &Args, dir: &Path) -> anyhow::Result<bool> {
+    let max_sessions = args.sessions.iter().copied().max().unwrap_or(1);
+    let sys = system::start(dir, |m, a| {
+        m.intake.rate_limit_secs = 0;
+        m.intake.confirm_timeout_secs = 600;
+        m.stalwart.hook_token = Some(HOOK_TOKEN.into());
+        m.milter.max_connections =
+            std::num::NonZeroUsize::new(max_sessions + 16).unwrap_or(std::num::NonZeroUsize::MIN);
+        a.simulator.submit_delay = Duration::ZERO;
+        a.simulator.per_minute = 0;
+        a.simulator.per_day = 0;
+    })
+    .await?;
+    let r = async {
+        sys.wait_modems_ready(Duration::from_secs(30)).await?;
+        println!(
+            "bench_mta: {} messages of {} B payload per run, each to {USERS} registered users; \
+             mailbell + agent on a zero-delay simulated modem in this process; {} cores, \
+             load average {}; disk: 4 KiB write+fsync {} (mailbell commits each message's \
+             notices before it answers the MTA)",
+            args.messages,
+            args.size,
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            load_average(),
+            fsync_probe(dir),
+        );
+        let mut ok = true;
+        if matches!(args.mta, Mta::Postfix | Mta::All) {
+            ok &= bench_postfix(args, dir, &sys).await?;
+        }
+        if matches!(args.mta, Mta::Stalwart | Mta::All) {
+            ok &= bench_stalwart(args, dir, &sys).await?;
+        }
+        Ok(ok)
+    }
+    .await;
+    sys.stop().await;
+    r
+}
+
+/// The five registered users' addresses at `domain`, as smtp-source `-t bench@domain -r 5`
+/// names its recipients: the address itself, then `2bench@` .. `5bench@`.
+fn users(domain: &str) -> Vec<String> {
+    (1..=USERS)
+        .map(|i| match i {
+            1 => format!("bench@{domain}"),
+            _ => format!("{i}bench@{domain}"),
+        })
+        .collect()
+}
+
+fn register(sys: &System, domain: &str) -> anyhow::Result<()> {
+    for (i, addr) in users(domain).into_iter().enumerate() {
+        let mut u = User::new(&addr);
+        u.phone = format!("+861380013800{i}");
+        u.language = "en".into();
+        sys.mail.stores.users.upsert(u)?;
+    }
+    Ok(())
+}
+
+// ---- the MTAs -------------------------------------------------------------------------------
+
+/// One MTA instance under test.
+enum Peer {
+    Postfix(Postfix),
+    Stalwart(Stalwart),
+}
+
+impl Peer {
+    fn smtp(&self) -> SocketAddr {
+        match self {
+            Peer::Postfix(p) => p.smtp,
+            Peer::Stalwart(s) => s.smtp,
+        }
+    }
+
+    /// Copies delivered to the registered users' mailboxes so far.
+    async fn delivered(&self, domain: &str) -> anyhow::Result<u64> {
+        match self {
+            Peer::Postfix(p) => Ok(p.delivered() as u64),
+            Peer::Stalwart(s) => {
+                let mut n = 0;
+                for u in users(domain) {
+                    n += s.inbox_count(&u).await?;
+                }
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// Is a program on PATH?
+fn on_path(tool: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|d| d.join(tool).is_file())
+}
+
+async fn bench_postfix(args: &Args, dir: &Path, sys: &System) -> anyhow::Result<bool> {
+    const TOOLS: [&str; 4] = ["postfix", "smtp-source", "script", "chown"];
+    let missing: Vec<&str> = TOOLS.into_iter().filter(|t| !on_path(t)).collect();
+    if !missing.is_empty() || !postfix::is_root() {
+        println!(
+            "\npostfix: SKIPPED (needs root and {}; missing: {})",
+            TOOLS.join(", "),
+            if missing.is_empty() {
+                "root".to_owned()
+            } else {
+                missing.join(", ")
+            }
+        );
+        return Ok(true);
+    }
+    let domain = postfix::DOMAIN;
+    register(sys, domain)?;
+    let milter = sys.mail.milter_addr.context("mailbell has no milter")?;
+    let (alone, with) = tokio::task::block_in_place(|| {
+        anyhow::Ok((
+            Postfix::start(&dir.join("postfix-alone"), None)?,
+            Postfix::start(&dir.join("postfix-milter"), Some(milter))?,
+        ))
+    })?;
+    println!(
+        "\nPostfix {} (private instances on loopback; with mailbell = smtpd_milters, milter_protocol 6)",
+        postfix_version()
+    );
+    let ok = bench_pair(
+        args,
+        sys,
+        domain,
+        &Peer::Postfix(alone),
+        &Peer::Postfix(with),
+    )
+    .await?;
+    Ok(ok)
+}
+
+fn postfix_version() -> String {
+    std::process::Command::new("postconf")
+        .args(["-h", "mail_version"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+async fn bench_stalwart(args: &Args, dir: &Path, sys: &System) -> anyhow::Result<bool> {
+    let Some(bin) = stalwart::binary() else {
+        println!(
+            "\nstalwart: SKIPPED (no stalwart binary on PATH, in $STALWART_BIN or ~/.cargo/bin)"
+        );
+        return Ok(true);
+    };
+    if !on_path("smtp-source") {
+        println!("\nstalwart: SKIPPED (smtp-source, from the postfix package, is missing)");
+        return Ok(true);
+    }
+    let domain = stalwart::DOMAIN;
+    register(sys, domain)?;
+    let http = sys
+        .mail
+        .http_addr
+        .context("mailbell has no HTTP listener")?;
+    let mut alone = Stalwart::start(&bin, &dir.join("stalwart-alone"), None)?;
+    let mut with = Stalwart::start(&bin, &dir.join("stalwart-mailbell"), Some(http))?;
+    for s in [&mut alone, &mut with] {
+        s.wait_ready(Duration::from_secs(60)).await?;
+        s.add_domain(domain).await?;
+        for u in users(domain) {
+            s.add_user(&u).await?;
+        }
+    }
+    println!(
+        "\nStalwart {} (SQLite; with mailbell = the shipped stanza: MTA hook at data + webhook)",
+        std::process::Command::new(&bin)
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    );
+    bench_pair(
+        args,
+        sys,
+        domain,
+        &Peer::Stalwart(alone),
+        &Peer::Stalwart(with),
+    )
+    .await
+}
+
+// ---- runs -----------------------------------------------------------------------------------
+
+/// What one smtp-source run gave.
+struct Run {
+    rate: f64,
+    /// CPU time of this process (mailbell, agent, simulated modem) per message, from the first
+    /// message until every SMS was at the modem.
+    cpu_ms: f64,
+    ok: bool,
+}
+
+/// Warms both instances up, then runs every session count alone and with mailbell; prints a
+/// table. Returns whether every message, notice and SMS arrived.
+async fn bench_pair(
+    args: &Args,
+    sys: &System,
+    domain: &str,
+    alone: &Peer,
+    with: &Peer,
+) -> anyhow::Result<bool> {
+    let max_sessions = args.sessions.iter().copied().max().unwrap_or(1);
+    let mut ok = true;
+    for (peer, mailbell) in [(alone, false), (with, true)] {
+        ok &= one_run(args, sys, domain, peer, mailbell, max_sessions, WARMUP)
+            .await?
+            .ok;
+    }
+    println!(
+        "  {:>8}  {:>11}  {:>13}  {:>6}  {:>13}  {:>19}",
+        "sessions", "alone msg/s", "mailbell msg/s", "ratio", "added ms/msg", "mailbell CPU ms/msg"
+    );
+    for &s in &args.sessions {
+        let a = one_run(args, sys, domain, alone, false, s, args.messages).await?;
+        let w = one_run(args, sys, domain, with, true, s, args.messages).await?;
+        ok &= a.ok && w.ok;
+        println!(
+            "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}  {:>19.2}",
+            s,
+            a.rate,
+            w.rate,
+            w.rate / a.rate,
+            if s == 1 {
+                format!("{:+.2}", 1000.0 / w.rate - 1000.0 / a.rate)
+            } else {
+                "(overlaps)".into()
+            },
+            w.cpu_ms
+        );
+    }
+    Ok(ok)
+}
+
+/// One smtp-source run of `messages` over `sessions` against `peer`; then waits until every
+/// copy is delivered and, with mailbell, every notice created and every SMS at the modem.
+async fn one_run(
+    args: &Args,
+    sys: &System,
+    domain: &str,
+    peer: &Peer,
+    mailbell: bool,
+    sessions: usize,
+    messages: usize,
+) -> anyhow::Result<Run> {
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let stats = sys.mail.intake_stats();
+    let notices0 = stats.notices_created.load(Ordering::Relaxed);
+    let pdus0 = sys.pdus().len();
+    let delivered0 = peer.delivered(domain).await?;
+    let copies = (messages * USERS) as u64;
+
+    let cpu0 = process_cpu();
+    let started = Instant::now();
+    smtp_source(peer.smtp(), sessions, messages, args.size, domain, deadline).await?;
+    let elapsed = started.elapsed();
+
+    let mut ok = true;
+    let mut delivered;
+    loop {
+        delivered = peer.delivered(domain).await? - delivered0;
+        let notices = stats.notices_created.load(Ordering::Relaxed) - notices0;
+        let pdus = (sys.pdus().len() - pdus0) as u64;
+        let done = if mailbell {
+            delivered >= copies && notices >= copies && pdus >= copies
+        } else {
+            delivered >= copies
+        };
+        if done || Instant::now() > deadline {
+            let want_notices = if mailbell { copies } else { 0 };
+            if delivered != copies || notices != want_notices || pdus != want_notices {
+                eprintln!(
+                    "FAILED: {} at {sessions} sessions: {messages} messages x {USERS} recipients: \
+                     {delivered} of {copies} copies delivered, {notices} of {want_notices} \
+                     notices, {pdus} of {want_notices} SMS",
+                    if mailbell { "with mailbell" } else { "alone" }
+                );
+                ok = false;
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // /proc counts in USER_HZ ticks, 100 per second on Linux.
+    let cpu_ms = process_cpu().saturating_sub(cpu0) as f64 * 10.0 / messages as f64;
+    Ok(Run {
+        rate: messages as f64 / elapsed.as_secs_f64(),
+        cpu_ms,
+        ok,
+    })
+}
+
+/// `smtp-source -s S -m N -l SIZE -r 5 -f SENDER -t bench@DOMAIN ADDR`; killed at `deadline`.
+async fn smtp_source(
+    addr: SocketAddr,
+    sessions: usize,
+    messages: usize,
+    size: usize,
+    domain: &str,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    let child = tokio::process::Command::new("smtp-source")
+        .args(["-s", &sessions.to_string()])
+        .args(["-m", &messages.to_string()])
+        .args(["-l", &size.to_string()])
+        .args(["-r", &USERS.to_string()])
+        .args(["-f", SENDER])
+        .args(["-t", &format!("bench@{domain}")])
+        .args(["-M", "client.remote.example"])
+        .arg(addr.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start smtp-source")?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let out = tokio::time::timeout(left, child.wait_with_output())
+        .await
+        .context("smtp-source did not finish within --timeout (killed)")?
+        .context("smtp-source")?;
+    ensure!(
+        out.status.success() && out.stderr.is_empty(),
+        "smtp-source against {addr} ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Median and worst of 50 4 KiB write+fsync pairs in `dir`.
+fn fsync_probe(dir: &Path) -> String {
+    let Some(mut times) = mailbell_tests::disk::fsync_samples(dir, 50) else {
+        return "unknown".into();
+    };
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    format!(
+        "p50 {:.2} ms, max {:.2} ms",
+        ms(times[times.len() / 2]),
+        ms(times[times.len() - 1])
+    )
+}
