@@ -19,6 +19,7 @@ pub fn bench_main<F: Future<Output = anyhow::Result<bool>>>(run: F) -> ExitCode 
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

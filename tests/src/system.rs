@@ -46,6 +46,15 @@ pub async fn start(
     dir: &Path,
     tweak: impl FnOnce(&mut mailbell::config::Config, &mut mailbell_gsm_agent::config::Config),
 ) -> anyhow::Result<System> {
+    start_via(dir, tweak, |agent| agent).await
+}
+
+/// [`start`], with the mail side's link pointed at `via(agent's link address)` (a relay, say).
+pub async fn start_via(
+    dir: &Path,
+    tweak: impl FnOnce(&mut mailbell::config::Config, &mut mailbell_gsm_agent::config::Config),
+    via: impl FnOnce(std::net::SocketAddr) -> std::net::SocketAddr,
+) -> anyhow::Result<System> {
     let pki = dir.join("pki");
     let mut agent_cfg = mailbell_gsm_agent::config::Config::from_toml("", "(defaults)")?;
     agent_cfg.data_dir = dir.join("agent");
@@ -59,8 +68,9 @@ pub async fn start(
     let agent = mailbell_gsm_agent::app::start(agent_cfg)
         .await
         .context("start the agent")?;
+    let link_addr = via(agent.link_addr);
     for a in &mut mail_cfg.link.agents {
-        a.addr = agent.link_addr.to_string();
+        a.addr = link_addr.to_string();
     }
     let mail = mailbell::app::start(mail_cfg.clone(), CancellationToken::new())
         .await

@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release -p mailbell-tests --bin bench_mta -- [--mta postfix|stalwart|all]
 //!     [--messages 1000] [--sessions 1,20] [--size 4096] [--timeout 300]
+//!     [--agent during|after]
 //! ```
 //!
 //! One process holds the whole mail side (`mailbell_tests::system`: `mailbell serve` and a GSM
@@ -15,6 +16,10 @@
 //! Stalwart: the shipped `config/stalwart/mailbell-0.15.toml` stanza). For each `--sessions`
 //! count, `smtp-source -s S -m N -l SIZE -r 5` runs against the instance alone, then against
 //! the one with mailbell (a new SMTP session per message, as smtp-source does without `-d`).
+//!
+//! With `--agent after` the mail side's link goes through a relay that is held shut while
+//! smtp-source runs: the notices wait in mailbell's durable outbox and the agent takes them
+//! afterwards, as an agent on its own modem host would not compete for the mail host's cores.
 //!
 //! Printed per session count: messages per second accepted alone and with mailbell (messages /
 //! smtp-source's wall time), their ratio, and the milliseconds mailbell adds per message
@@ -54,6 +59,19 @@ enum Mta {
     All,
 }
 
+/// When the GSM agent takes the notices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum AgentMode {
+    /// While the MTA takes the mail: the agent, its inbox and the simulated modem compete
+    /// with the MTA and mailbell for this machine's cores.
+    During,
+    /// After each timed run: the link is held shut while smtp-source runs (the mail side keeps
+    /// the notices in its durable outbox), then opened, and the run waits for every SMS. The
+    /// rates then show what mailbell costs the MTA on its own host, as with the agent on the
+    /// modem host the design puts it on.
+    After,
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "Real Postfix / Stalwart fed by smtp-source, alone and with mailbell")]
 struct Args {
@@ -75,6 +93,9 @@ struct Args {
     /// Keep the scratch directory (configs and logs of every peer) and print its path.
     #[arg(long)]
     keep: bool,
+    /// When the agent takes the notices of a timed run with mailbell.
+    #[arg(long, value_enum, default_value = "during")]
+    agent: AgentMode,
 }
 
 /// Registered users, and smtp-source's recipients per message (`-r`).
@@ -129,36 +150,53 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
 async fn run_in(args: &Args, dir: &Path) -> anyhow::Result<bool> {
     let max_sessions = args.sessions.iter().copied().max().unwrap_or(1);
-    let sys = system::start(dir, |m, a| {
-        m.intake.rate_limit_secs = 0;
-        m.intake.confirm_timeout_secs = 600;
-        m.stalwart.hook_token = Some(HOOK_TOKEN.into());
-        m.milter.max_connections =
-            std::num::NonZeroUsize::new(max_sessions + 16).unwrap_or(std::num::NonZeroUsize::MIN);
-        a.simulator.submit_delay = Duration::ZERO;
-        a.simulator.per_minute = 0;
-        a.simulator.per_day = 0;
-    })
+    let gate = LinkGate::bind().await?;
+    let sys = system::start_via(
+        dir,
+        |m, a| {
+            // Reconnect at once when the gate opens.
+            m.link.backoff_min = Duration::from_millis(50);
+            m.link.backoff_max = Duration::from_millis(200);
+            m.intake.rate_limit_secs = 0;
+            m.intake.confirm_timeout_secs = 600;
+            m.stalwart.hook_token = Some(HOOK_TOKEN.into());
+            m.milter.max_connections = std::num::NonZeroUsize::new(max_sessions + 16)
+                .unwrap_or(std::num::NonZeroUsize::MIN);
+            a.simulator.submit_delay = Duration::ZERO;
+            a.simulator.per_minute = 0;
+            a.simulator.per_day = 0;
+        },
+        |agent| match args.agent {
+            // Only this mode needs the gate; the other links the mail side straight to it.
+            AgentMode::After => gate.forward_to(agent),
+            AgentMode::During => agent,
+        },
+    )
     .await?;
     let r = async {
         sys.wait_modems_ready(Duration::from_secs(30)).await?;
         println!(
             "bench_mta: {} messages of {} B payload per run, each to {USERS} registered users; \
-             mailbell + agent on a zero-delay simulated modem in this process; {} cores, \
+             mailbell + agent on a zero-delay simulated modem in this process, the agent \
+             taking the notices {}; {} cores, \
              load average {}; disk: 4 KiB write+fsync {} (mailbell commits each message's \
              notices before it answers the MTA)",
             args.messages,
             args.size,
+            match args.agent {
+                AgentMode::During => "during each run",
+                AgentMode::After => "after each run (link held shut while smtp-source runs)",
+            },
             std::thread::available_parallelism().map_or(1, |n| n.get()),
             load_average(),
             fsync_probe(dir),
         );
         let mut ok = true;
         if matches!(args.mta, Mta::Postfix | Mta::All) {
-            ok &= bench_postfix(args, dir, &sys).await?;
+            ok &= bench_postfix(args, dir, &sys, &gate).await?;
         }
         if matches!(args.mta, Mta::Stalwart | Mta::All) {
-            ok &= bench_stalwart(args, dir, &sys).await?;
+            ok &= bench_stalwart(args, dir, &sys, &gate).await?;
         }
         Ok(ok)
     }
@@ -225,7 +263,12 @@ fn on_path(tool: &str) -> bool {
     std::env::split_paths(&path).any(|d| d.join(tool).is_file())
 }
 
-async fn bench_postfix(args: &Args, dir: &Path, sys: &System) -> anyhow::Result<bool> {
+async fn bench_postfix(
+    args: &Args,
+    dir: &Path,
+    sys: &System,
+    gate: &LinkGate,
+) -> anyhow::Result<bool> {
     const TOOLS: [&str; 4] = ["postfix", "smtp-source", "script", "chown"];
     let missing: Vec<&str> = TOOLS.into_iter().filter(|t| !on_path(t)).collect();
     if !missing.is_empty() || !postfix::is_root() {
@@ -256,6 +299,7 @@ async fn bench_postfix(args: &Args, dir: &Path, sys: &System) -> anyhow::Result<
     let ok = bench_pair(
         args,
         sys,
+        gate,
         domain,
         &Peer::Postfix(alone),
         &Peer::Postfix(with),
@@ -274,7 +318,12 @@ fn postfix_version() -> String {
         .unwrap_or_default()
 }
 
-async fn bench_stalwart(args: &Args, dir: &Path, sys: &System) -> anyhow::Result<bool> {
+async fn bench_stalwart(
+    args: &Args,
+    dir: &Path,
+    sys: &System,
+    gate: &LinkGate,
+) -> anyhow::Result<bool> {
     let Some(bin) = stalwart::binary() else {
         println!(
             "\nstalwart: SKIPPED (no stalwart binary on PATH, in $STALWART_BIN or ~/.cargo/bin)"
@@ -312,6 +361,7 @@ async fn bench_stalwart(args: &Args, dir: &Path, sys: &System) -> anyhow::Result
     bench_pair(
         args,
         sys,
+        gate,
         domain,
         &Peer::Stalwart(alone),
         &Peer::Stalwart(with),
@@ -335,6 +385,7 @@ struct Run {
 async fn bench_pair(
     args: &Args,
     sys: &System,
+    gate: &LinkGate,
     domain: &str,
     alone: &Peer,
     with: &Peer,
@@ -342,17 +393,26 @@ async fn bench_pair(
     let max_sessions = args.sessions.iter().copied().max().unwrap_or(1);
     let mut ok = true;
     for (peer, mailbell) in [(alone, false), (with, true)] {
-        ok &= one_run(args, sys, domain, peer, mailbell, max_sessions, WARMUP)
-            .await?
-            .ok;
+        ok &= one_run(
+            args,
+            sys,
+            gate,
+            domain,
+            peer,
+            mailbell,
+            max_sessions,
+            WARMUP,
+        )
+        .await?
+        .ok;
     }
     println!(
         "  {:>8}  {:>11}  {:>13}  {:>6}  {:>13}  {:>19}",
         "sessions", "alone msg/s", "mailbell msg/s", "ratio", "added ms/msg", "mailbell CPU ms/msg"
     );
     for &s in &args.sessions {
-        let a = one_run(args, sys, domain, alone, false, s, args.messages).await?;
-        let w = one_run(args, sys, domain, with, true, s, args.messages).await?;
+        let a = one_run(args, sys, gate, domain, alone, false, s, args.messages).await?;
+        let w = one_run(args, sys, gate, domain, with, true, s, args.messages).await?;
         ok &= a.ok && w.ok;
         println!(
             "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}  {:>19.2}",
@@ -376,6 +436,7 @@ async fn bench_pair(
 async fn one_run(
     args: &Args,
     sys: &System,
+    gate: &LinkGate,
     domain: &str,
     peer: &Peer,
     mailbell: bool,
@@ -389,10 +450,16 @@ async fn one_run(
     let delivered0 = peer.delivered(domain).await?;
     let copies = (messages * USERS) as u64;
 
+    let hold = mailbell && args.agent == AgentMode::After && messages != WARMUP;
+    if hold {
+        gate.set_open(false);
+    }
     let cpu0 = process_cpu();
     let started = Instant::now();
-    smtp_source(peer.smtp(), sessions, messages, args.size, domain, deadline).await?;
+    let sent = smtp_source(peer.smtp(), sessions, messages, args.size, domain, deadline).await;
     let elapsed = started.elapsed();
+    gate.set_open(true);
+    sent?;
 
     let mut ok = true;
     let mut delivered;
@@ -480,4 +547,74 @@ fn fsync_probe(dir: &Path) -> String {
         ms(times[times.len() / 2]),
         ms(times[times.len() - 1])
     )
+}
+
+// ---- the link gate ----------------------------------------------------------------------------
+
+/// A relay between the mail side's link client and the agent that can be held shut: while
+/// shut it closes every connection at once (the client backs off and keeps its notices).
+struct LinkGate {
+    addr: SocketAddr,
+    listener: std::sync::Mutex<Option<tokio::net::TcpListener>>,
+    open: tokio::sync::watch::Sender<bool>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl LinkGate {
+    async fn bind() -> anyhow::Result<Self> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("bind the link gate")?;
+        Ok(Self {
+            addr: l.local_addr()?,
+            listener: std::sync::Mutex::new(Some(l)),
+            open: tokio::sync::watch::channel(true).0,
+            task: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Starts relaying to `agent`; returns the address the mail side connects to.
+    fn forward_to(&self, agent: SocketAddr) -> SocketAddr {
+        let listener = self.listener.lock().ok().and_then(|mut l| l.take());
+        if let Some(l) = listener {
+            let open = self.open.subscribe();
+            let task = tokio::spawn(async move {
+                let mut conns = tokio::task::JoinSet::new();
+                while let Ok((mut inbound, _)) = l.accept().await {
+                    if !*open.borrow() {
+                        continue; // dropped: closed at once
+                    }
+                    let mut shut = open.clone();
+                    conns.spawn(async move {
+                        let Ok(mut out) = tokio::net::TcpStream::connect(agent).await else {
+                            return;
+                        };
+                        let _ = inbound.set_nodelay(true);
+                        let _ = out.set_nodelay(true);
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                            _ = shut.wait_for(|o| !*o) => {}
+                        }
+                    });
+                }
+            });
+            if let Ok(mut t) = self.task.lock() {
+                *t = Some(task);
+            }
+        }
+        self.addr
+    }
+
+    /// Opens or shuts the gate; shutting it also cuts the sessions going through it.
+    fn set_open(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+}
+
+impl Drop for LinkGate {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.lock().ok().and_then(|mut t| t.take()) {
+            t.abort();
+        }
+    }
 }
