@@ -340,14 +340,14 @@ impl Child_ {
         self.wait_for_any(&[what], within)
     }
 
-    /// Waits for a log line containing any of `what` (colours stripped).
+    /// Waits for a log line containing any of `what` (and checks it has no colour codes).
     fn wait_for_any(&mut self, what: &[&str], within: Duration) -> String {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(l) => {
-                    let l = strip_ansi(&l);
+                    let l = plain(&l);
                     self.seen.push(l.clone());
                     if what.iter().any(|w| l.contains(w)) {
                         return l;
@@ -373,24 +373,18 @@ impl Drop for Child_ {
     }
 }
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut esc = false;
-    for c in s.chars() {
-        if esc {
-            esc = c != 'm';
-        } else if c == '\u{1b}' {
-            esc = true;
-        } else {
-            out.push(c);
-        }
-    }
-    out
+/// The daemon's log off a terminal is plain text: no colour codes for journald or a file.
+fn plain(s: &str) -> String {
+    assert!(
+        !s.contains('\u{1b}'),
+        "colour codes in a log written to a pipe: {s:?}"
+    );
+    s.to_owned()
 }
 
 /// `name=Some(127.0.0.1:port)` from the "mailbell serving" line.
 fn addr_in(line: &str, name: &str) -> SocketAddr {
-    let line = strip_ansi(line);
+    let line = plain(line);
     let key = format!("{name}=Some(");
     let from = line
         .find(&key)
