@@ -93,6 +93,11 @@ struct Args {
     /// Keep the scratch directory (configs and logs of every peer) and print its path.
     #[arg(long)]
     keep: bool,
+    /// Send to recipients nobody registered (`nobody@`, `2nobody@` ..): mailbell's milter or
+    /// hook still sees every message but creates no notice and writes nothing, so the "with
+    /// mailbell" rate is the MTA's own cost of calling out, the floor under mailbell's.
+    #[arg(long)]
+    unregistered: bool,
     /// When the agent takes the notices of a timed run with mailbell.
     #[arg(long, value_enum, default_value = "during")]
     agent: AgentMode,
@@ -324,6 +329,12 @@ async fn bench_stalwart(
     sys: &System,
     gate: &LinkGate,
 ) -> anyhow::Result<bool> {
+    if args.unregistered {
+        println!(
+            "\nstalwart: SKIPPED (--unregistered needs mailboxes nobody registered: Postfix only)"
+        );
+        return Ok(true);
+    }
     let Some(bin) = stalwart::binary() else {
         println!(
             "\nstalwart: SKIPPED (no stalwart binary on PATH, in $STALWART_BIN or ~/.cargo/bin)"
@@ -377,6 +388,11 @@ struct Run {
     /// CPU time of this process (mailbell, agent, simulated modem) per message, from the first
     /// message until every SMS was at the modem.
     cpu_ms: f64,
+    /// The same while smtp-source ran (with `--agent after`: the mail side alone).
+    cpu_during_ms: f64,
+    /// Outbox group commits while smtp-source ran, and their mean journal append + fdatasync.
+    commits: u64,
+    commit_ms: f64,
     ok: bool,
 }
 
@@ -407,15 +423,21 @@ async fn bench_pair(
         .ok;
     }
     println!(
-        "  {:>8}  {:>11}  {:>13}  {:>6}  {:>13}  {:>19}",
-        "sessions", "alone msg/s", "mailbell msg/s", "ratio", "added ms/msg", "mailbell CPU ms/msg"
+        "  {:>8}  {:>11}  {:>13}  {:>6}  {:>13}  {:>19}  {:>17}",
+        "sessions",
+        "alone msg/s",
+        "mailbell msg/s",
+        "ratio",
+        "added ms/msg",
+        "mailbell CPU ms/msg",
+        "of it during run"
     );
     for &s in &args.sessions {
         let a = one_run(args, sys, gate, domain, alone, false, s, args.messages).await?;
         let w = one_run(args, sys, gate, domain, with, true, s, args.messages).await?;
         ok &= a.ok && w.ok;
         println!(
-            "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}  {:>19.2}",
+            "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}  {:>19.2}  {:>17.2}",
             s,
             a.rate,
             w.rate,
@@ -425,7 +447,15 @@ async fn bench_pair(
             } else {
                 "(overlaps)".into()
             },
-            w.cpu_ms
+            w.cpu_ms,
+            w.cpu_during_ms
+        );
+        println!(
+            "            with mailbell: {} durable commits while smtp-source ran ({:.2} messages each), \
+             journal append + fdatasync {:.2} ms on average",
+            w.commits,
+            args.messages as f64 / w.commits.max(1) as f64,
+            w.commit_ms
         );
     }
     Ok(ok)
@@ -454,10 +484,26 @@ async fn one_run(
     if hold {
         gate.set_open(false);
     }
+    let ostats = &sys.mail.stores.outbox.stats;
+    let (commits0, flush0) = (
+        ostats.commits.load(Ordering::Relaxed),
+        ostats.commit_flush_us.load(Ordering::Relaxed),
+    );
     let cpu0 = process_cpu();
     let started = Instant::now();
-    let sent = smtp_source(peer.smtp(), sessions, messages, args.size, domain, deadline).await;
+    let local = if args.unregistered { "nobody" } else { "bench" };
+    let sent = smtp_source(
+        peer.smtp(),
+        (sessions, messages, args.size),
+        local,
+        domain,
+        deadline,
+    )
+    .await;
     let elapsed = started.elapsed();
+    let cpu_during = process_cpu().saturating_sub(cpu0);
+    let commits = ostats.commits.load(Ordering::Relaxed) - commits0;
+    let flush_us = ostats.commit_flush_us.load(Ordering::Relaxed) - flush0;
     gate.set_open(true);
     sent?;
 
@@ -467,13 +513,14 @@ async fn one_run(
         delivered = peer.delivered(domain).await? - delivered0;
         let notices = stats.notices_created.load(Ordering::Relaxed) - notices0;
         let pdus = (sys.pdus().len() - pdus0) as u64;
-        let done = if mailbell {
+        let notifies = mailbell && !args.unregistered;
+        let done = if notifies {
             delivered >= copies && notices >= copies && pdus >= copies
         } else {
             delivered >= copies
         };
         if done || Instant::now() > deadline {
-            let want_notices = if mailbell { copies } else { 0 };
+            let want_notices = if notifies { copies } else { 0 };
             if delivered != copies || notices != want_notices || pdus != want_notices {
                 eprintln!(
                     "FAILED: {} at {sessions} sessions: {messages} messages x {USERS} recipients: \
@@ -492,16 +539,18 @@ async fn one_run(
     Ok(Run {
         rate: messages as f64 / elapsed.as_secs_f64(),
         cpu_ms,
+        cpu_during_ms: cpu_during as f64 * 10.0 / messages as f64,
+        commits,
+        commit_ms: flush_us as f64 / 1000.0 / commits.max(1) as f64,
         ok,
     })
 }
 
-/// `smtp-source -s S -m N -l SIZE -r 5 -f SENDER -t bench@DOMAIN ADDR`; killed at `deadline`.
+/// `smtp-source -s S -m N -l SIZE -r 5 -f SENDER -t LOCAL@DOMAIN ADDR`; killed at `deadline`.
 async fn smtp_source(
     addr: SocketAddr,
-    sessions: usize,
-    messages: usize,
-    size: usize,
+    (sessions, messages, size): (usize, usize, usize),
+    local: &str,
     domain: &str,
     deadline: Instant,
 ) -> anyhow::Result<()> {
@@ -511,7 +560,7 @@ async fn smtp_source(
         .args(["-l", &size.to_string()])
         .args(["-r", &USERS.to_string()])
         .args(["-f", SENDER])
-        .args(["-t", &format!("bench@{domain}")])
+        .args(["-t", &format!("{local}@{domain}")])
         .args(["-M", "client.remote.example"])
         .arg(addr.to_string())
         .stdin(Stdio::null())
