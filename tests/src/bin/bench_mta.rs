@@ -411,8 +411,7 @@ async fn bench_pair(
     for (peer, mailbell) in [(alone, false), (with, true)] {
         ok &= one_run(
             args,
-            sys,
-            gate,
+            (sys, gate),
             domain,
             peer,
             mailbell,
@@ -433,8 +432,8 @@ async fn bench_pair(
         "of it during run"
     );
     for &s in &args.sessions {
-        let a = one_run(args, sys, gate, domain, alone, false, s, args.messages).await?;
-        let w = one_run(args, sys, gate, domain, with, true, s, args.messages).await?;
+        let a = one_run(args, (sys, gate), domain, alone, false, s, args.messages).await?;
+        let w = one_run(args, (sys, gate), domain, with, true, s, args.messages).await?;
         ok &= a.ok && w.ok;
         println!(
             "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}  {:>19.2}  {:>17.2}",
@@ -465,8 +464,7 @@ async fn bench_pair(
 /// copy is delivered and, with mailbell, every notice created and every SMS at the modem.
 async fn one_run(
     args: &Args,
-    sys: &System,
-    gate: &LinkGate,
+    (sys, gate): (&System, &LinkGate),
     domain: &str,
     peer: &Peer,
     mailbell: bool,
