@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release -p mailbell-tests --bin bench_mta -- [--mta postfix|stalwart|all]
 //!     [--messages 1000] [--sessions 1,20] [--size 4096] [--timeout 300]
-//!     [--agent during|after]
+//!     [--agent during|after] [--unregistered] [--repeat N]
 //! ```
 //!
 //! One process holds the whole mail side (`mailbell_tests::system`: `mailbell serve` and a GSM
@@ -93,6 +93,10 @@ struct Args {
     /// Keep the scratch directory (configs and logs of every peer) and print its path.
     #[arg(long)]
     keep: bool,
+    /// Runs of each session count, alone and with mailbell taking turns; with more than one,
+    /// the medians are printed too.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Send to recipients nobody registered (`nobody@`, `2nobody@` ..): mailbell's milter or
     /// hook still sees every message but creates no notice and writes nothing, so the "with
     /// mailbell" rate is the MTA's own cost of calling out, the floor under mailbell's.
@@ -135,6 +139,7 @@ async fn interrupted() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<bool> {
     ensure!(args.messages > 0, "--messages must be at least 1");
+    ensure!(args.repeat > 0, "--repeat must be at least 1");
     ensure!(
         !args.sessions.is_empty() && args.sessions.iter().all(|s| *s > 0),
         "--sessions must list positive counts"
@@ -432,32 +437,76 @@ async fn bench_pair(
         "of it during run"
     );
     for &s in &args.sessions {
-        let a = one_run(args, (sys, gate), domain, alone, false, s, args.messages).await?;
-        let w = one_run(args, (sys, gate), domain, with, true, s, args.messages).await?;
-        ok &= a.ok && w.ok;
-        println!(
-            "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}  {:>19.2}  {:>17.2}",
-            s,
-            a.rate,
-            w.rate,
-            w.rate / a.rate,
-            if s == 1 {
-                format!("{:+.2}", 1000.0 / w.rate - 1000.0 / a.rate)
+        // Alone and with mailbell take turns, so drift of the machine hits both alike.
+        let mut pairs = Vec::with_capacity(args.repeat);
+        for turn in 0..args.repeat {
+            let (a, w) = if turn % 2 == 0 {
+                let a = one_run(args, (sys, gate), domain, alone, false, s, args.messages).await?;
+                (
+                    a,
+                    one_run(args, (sys, gate), domain, with, true, s, args.messages).await?,
+                )
             } else {
-                "(overlaps)".into()
-            },
-            w.cpu_ms,
-            w.cpu_during_ms
-        );
-        println!(
-            "            with mailbell: {} durable commits while smtp-source ran ({:.2} messages each), \
-             journal append + fdatasync {:.2} ms on average",
-            w.commits,
-            args.messages as f64 / w.commits.max(1) as f64,
-            w.commit_ms
-        );
+                let w = one_run(args, (sys, gate), domain, with, true, s, args.messages).await?;
+                (
+                    one_run(args, (sys, gate), domain, alone, false, s, args.messages).await?,
+                    w,
+                )
+            };
+            ok &= a.ok && w.ok;
+            println!(
+                "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}  {:>19.2}  {:>17.2}",
+                s,
+                a.rate,
+                w.rate,
+                w.rate / a.rate,
+                added_ms(s, a.rate, w.rate),
+                w.cpu_ms,
+                w.cpu_during_ms
+            );
+            println!(
+                "            with mailbell: {} durable commits while smtp-source ran ({:.2} messages each), \
+                 journal append + fdatasync {:.2} ms on average",
+                w.commits,
+                args.messages as f64 / w.commits.max(1) as f64,
+                w.commit_ms
+            );
+            pairs.push((a.rate, w.rate));
+        }
+        if pairs.len() > 1 {
+            let alone_rate = median(pairs.iter().map(|p| p.0));
+            let with_rate = median(pairs.iter().map(|p| p.1));
+            println!(
+                "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}  (median of {} alternating pairs; ratio of medians)",
+                s,
+                alone_rate,
+                with_rate,
+                with_rate / alone_rate,
+                added_ms(s, alone_rate, with_rate),
+                pairs.len()
+            );
+        }
     }
     Ok(ok)
+}
+
+/// What mailbell adds per message at 1 session (messages do not overlap there).
+fn added_ms(sessions: usize, alone: f64, with: f64) -> String {
+    if sessions == 1 {
+        format!("{:+.2}", 1000.0 / with - 1000.0 / alone)
+    } else {
+        "(overlaps)".into()
+    }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// One smtp-source run of `messages` over `sessions` against `peer`; then waits until every
