@@ -511,7 +511,7 @@ async fn metrics_text(State((outbox, m)): State<(Outbox, Metrics)>) -> Response 
         val(&m.audit.stored_bytes),
     );
     let s = m.stalwart.snapshot();
-    let _ = writeln!(o, "# HELP mailbell_stalwart_counters Stalwart endpoint counters.\n# TYPE mailbell_stalwart_counters counter");
+    let _ = writeln!(o, "# HELP mailbell_stalwart_events_total Stalwart endpoint counters.\n# TYPE mailbell_stalwart_events_total counter");
     let pairs = [
         ("hook_connect", s.hook_connect),
         ("hook_ehlo", s.hook_ehlo),
@@ -533,7 +533,7 @@ async fn metrics_text(State((outbox, m)): State<(Outbox, Metrics)>) -> Response 
         ("webhook_confirm_errors", s.webhook_confirm_errors),
     ];
     for (k, v) in pairs {
-        let _ = writeln!(o, "mailbell_stalwart_counters{{counter=\"{k}\"}} {v}");
+        let _ = writeln!(o, "mailbell_stalwart_events_total{{counter=\"{k}\"}} {v}");
     }
     let listeners: Vec<(&str, &ListenerStats)> =
         m.listeners.iter().map(|(n, s)| (*n, &**s)).collect();

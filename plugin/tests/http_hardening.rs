@@ -284,14 +284,12 @@ fn promtool_check(dir: &std::path::Path, text: &str) {
                 std::env::var("CI").as_deref() != Ok("true"),
                 "promtool missing under CI"
             );
+            eprintln!("SKIP: promtool not installed; /metrics not checked by it");
         }
         Ok(o) => {
-            // Lint warnings (e.g. counters without _total from elsewhere) are printed but only
-            // a parse error fails the check here.
-            let err = String::from_utf8_lossy(&o.stderr).to_string()
+            let said = String::from_utf8_lossy(&o.stderr).to_string()
                 + &String::from_utf8_lossy(&o.stdout);
-            assert!(!err.contains("error while linting"), "{err}");
-            assert!(!err.to_lowercase().contains("parse"), "{err}");
+            assert!(o.status.success(), "promtool check metrics: {said}\n{text}");
         }
         Err(e) => panic!("sh: {e}"),
     }

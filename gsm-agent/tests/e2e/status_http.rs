@@ -109,5 +109,50 @@ async fn the_status_port_closes_slow_and_idle_clients() {
     }
     assert!(sent < 30, "{sent} body bytes dribbled before the close");
     closed_within(&mut s, Duration::from_secs(5)).await;
+
+    // What Prometheus scrapes passes promtool (listener and HTTP families included).
+    let r =
+        mailbell_link::http::request(addr, "GET", "/metrics", None, None, Duration::from_secs(5))
+            .await
+            .unwrap();
+    assert_eq!(r.status, 200);
+    promtool_check(&r.body);
     agent.stop().await;
+}
+
+/// `promtool check metrics` on `text` (a visible skip outside CI when promtool is missing).
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "promtool missing under CI"
+            );
+            eprintln!("SKIP: promtool not installed; the agent's /metrics not checked by it");
+            return;
+        }
+        Err(e) => panic!("promtool: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {said}\n{text}"
+    );
 }
