@@ -247,6 +247,10 @@ impl<R: Read> CappedReader<R> {
 
 impl<R: Read> Read for CappedReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // Once over a cap, never read on: a caller that tries again gets the same error.
+        if let Some(e) = self.caps.exceeded() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e.clone()));
+        }
         let n = self.inner.read(buf)?;
         self.caps
             .feed(&buf[..n])
@@ -347,6 +351,38 @@ mod tests {
         );
         assert_eq!(check(&"[".repeat(MAX_DEPTH)), Ok(()));
         assert_eq!(check(&"[".repeat(MAX_DEPTH + 1)), Err(CapExceeded::Depth));
+    }
+
+    /// A reader asked again after a cap was passed answers the same error and reads nothing
+    /// more of the request (serde_json may ask more than once).
+    #[test]
+    fn the_reader_reads_nothing_after_a_cap() {
+        let json = format!(r#"{{"context":{{"stage":"{}"}}}}"#, long(MAX_SHORT + 10));
+        let mut src = std::io::Cursor::new(json.into_bytes());
+        let mut r = CappedReader::new(&mut src);
+        let mut buf = [0u8; 64];
+        let mut err = None;
+        for _ in 0..100 {
+            match r.read(&mut buf) {
+                Ok(_) => {}
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::InvalidData));
+        let at = src_position(&r);
+        for _ in 0..3 {
+            let e = r.read(&mut buf).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        }
+        assert_eq!(src_position(&r), at, "read on after the cap");
+        assert!(r.exceeded().is_some());
+    }
+
+    fn src_position(r: &CappedReader<&mut std::io::Cursor<Vec<u8>>>) -> u64 {
+        r.inner.position()
     }
 
     /// The same input split at every byte position is judged the same.
