@@ -364,6 +364,7 @@ mod tests {
         let mut err = None;
         for _ in 0..100 {
             match r.read(&mut buf) {
+                Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {
                     err = Some(e);
