@@ -105,6 +105,11 @@ struct Args {
     /// When the agent takes the notices of a timed run with mailbell.
     #[arg(long, value_enum, default_value = "during")]
     agent: AgentMode,
+    /// Put the mail side's state (outbox, journal, audit, users) in a fresh directory under
+    /// this one instead of beside the MTAs' queues: a separate disk, or tmpfs to see what the
+    /// shared disk's fsyncs cost.
+    #[arg(long)]
+    mailbell_dir: Option<std::path::PathBuf>,
 }
 
 /// Registered users, and smtp-source's recipients per message (`-r`).
@@ -151,18 +156,28 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let dir = scratch.path();
     // Postfix's daemons run as postfix/nobody and must reach their directories below this one.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-    let r = run_in(&args, dir).await;
+    let mail_scratch = match &args.mailbell_dir {
+        Some(parent) => Some(
+            tempfile::Builder::new()
+                .prefix("bench-mta-mailbell-")
+                .tempdir_in(parent)
+                .with_context(|| format!("--mailbell-dir {}", parent.display()))?,
+        ),
+        None => None,
+    };
+    let mail_dir = mail_scratch.as_ref().map_or(dir, |d| d.path());
+    let r = run_in(&args, dir, mail_dir).await;
     if args.keep {
         eprintln!("scratch kept in {}", scratch.keep().display());
     }
     r
 }
 
-async fn run_in(args: &Args, dir: &Path) -> anyhow::Result<bool> {
+async fn run_in(args: &Args, dir: &Path, mail_dir: &Path) -> anyhow::Result<bool> {
     let max_sessions = args.sessions.iter().copied().max().unwrap_or(1);
     let gate = LinkGate::bind().await?;
     let sys = system::start_via(
-        dir,
+        mail_dir,
         |m, a| {
             // Reconnect at once when the gate opens.
             m.link.backoff_min = Duration::from_millis(50);
@@ -199,7 +214,7 @@ async fn run_in(args: &Args, dir: &Path) -> anyhow::Result<bool> {
             },
             std::thread::available_parallelism().map_or(1, |n| n.get()),
             load_average(),
-            fsync_probe(dir),
+            fsync_probe(mail_dir),
         );
         let mut ok = true;
         if matches!(args.mta, Mta::Postfix | Mta::All) {
@@ -390,6 +405,9 @@ async fn bench_stalwart(
 /// What one smtp-source run gave.
 struct Run {
     rate: f64,
+    /// Messages per second from the first message until every copy was in its mailbox (the
+    /// MTA's end-to-end rate; Postfix's in-flow control slows acceptance to delivery anyway).
+    delivered_rate: f64,
     /// CPU time of this process (mailbell, agent, simulated modem) per message, from the first
     /// message until every SMS was at the modem.
     cpu_ms: f64,
@@ -427,14 +445,15 @@ async fn bench_pair(
         .ok;
     }
     println!(
-        "  {:>8}  {:>11}  {:>13}  {:>6}  {:>13}  {:>19}  {:>17}",
+        "  {:>8}  {:>11}  {:>13}  {:>6}  {:>13}  {:>19}  {:>17}  {:>28}",
         "sessions",
         "alone msg/s",
         "mailbell msg/s",
         "ratio",
         "added ms/msg",
         "mailbell CPU ms/msg",
-        "of it during run"
+        "of it during run",
+        "delivered msg/s alone/with"
     );
     for &s in &args.sessions {
         // Alone and with mailbell take turns, so drift of the machine hits both alike.
@@ -455,14 +474,20 @@ async fn bench_pair(
             };
             ok &= a.ok && w.ok;
             println!(
-                "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}  {:>19.2}  {:>17.2}",
+                "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}  {:>19.2}  {:>17.2}  {:>28}",
                 s,
                 a.rate,
                 w.rate,
                 w.rate / a.rate,
                 added_ms(s, a.rate, w.rate),
                 w.cpu_ms,
-                w.cpu_during_ms
+                w.cpu_during_ms,
+                format!(
+                    "{:.1} / {:.1} = {:.2}",
+                    a.delivered_rate,
+                    w.delivered_rate,
+                    w.delivered_rate / a.delivered_rate
+                )
             );
             println!(
                 "            with mailbell: {} durable commits while smtp-source ran ({:.2} messages each), \
@@ -471,19 +496,27 @@ async fn bench_pair(
                 args.messages as f64 / w.commits.max(1) as f64,
                 w.commit_ms
             );
-            pairs.push((a.rate, w.rate));
+            pairs.push((a.rate, w.rate, a.delivered_rate, w.delivered_rate));
         }
         if pairs.len() > 1 {
             let alone_rate = median(pairs.iter().map(|p| p.0));
             let with_rate = median(pairs.iter().map(|p| p.1));
+            let (alone_delivered, with_delivered) = (
+                median(pairs.iter().map(|p| p.2)),
+                median(pairs.iter().map(|p| p.3)),
+            );
             println!(
-                "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}  (median of {} alternating pairs; ratio of medians)",
+                "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}  (median of {} alternating pairs; ratio of medians; \
+                 delivered {:.1} / {:.1} = {:.2})",
                 s,
                 alone_rate,
                 with_rate,
                 with_rate / alone_rate,
                 added_ms(s, alone_rate, with_rate),
-                pairs.len()
+                pairs.len(),
+                alone_delivered,
+                with_delivered,
+                with_delivered / alone_delivered
             );
         }
     }
@@ -556,8 +589,12 @@ async fn one_run(
 
     let mut ok = true;
     let mut delivered;
+    let mut all_delivered = None;
     loop {
         delivered = peer.delivered(domain).await? - delivered0;
+        if delivered >= copies && all_delivered.is_none() {
+            all_delivered = Some(started.elapsed());
+        }
         let notices = stats.notices_created.load(Ordering::Relaxed) - notices0;
         let pdus = (sys.pdus().len() - pdus0) as u64;
         let notifies = mailbell && !args.unregistered;
@@ -579,12 +616,16 @@ async fn one_run(
             }
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // /proc counts in USER_HZ ticks, 100 per second on Linux.
     let cpu_ms = process_cpu().saturating_sub(cpu0) as f64 * 10.0 / messages as f64;
     Ok(Run {
         rate: messages as f64 / elapsed.as_secs_f64(),
+        delivered_rate: messages as f64
+            / all_delivered
+                .unwrap_or_else(|| started.elapsed())
+                .as_secs_f64(),
         cpu_ms,
         cpu_during_ms: cpu_during as f64 * 10.0 / messages as f64,
         commits,
