@@ -25,10 +25,10 @@ use tracing::{error, info};
 
 use crate::audit::AuditLog;
 use crate::config::{Config, LinkTls};
-use crate::intake::{IntakeStats, MailIntake};
-use crate::outbox::{Outbox, OutboxConfig};
-use crate::sender::AuditedOutbox;
-use crate::stalwart::StalwartStats;
+use crate::mta::stalwart::StalwartStats;
+use crate::notify::intake::{IntakeStats, MailIntake};
+use crate::notify::outbox::{Outbox, OutboxConfig};
+use crate::notify::sender::AuditedOutbox;
 use crate::users::UserStore;
 
 /// The stores one daemon owns.
@@ -169,7 +169,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let stores = tokio::task::spawn_blocking(move || Stores::open(&c)).await??;
     let tls_files = client_tls_files(&cfg.link.tls)?;
     let tls = tls::client_config(&tls_files).context("link TLS")?;
-    let accounts = crate::stalwart_api::resolver(&cfg.stalwart_api)?;
+    let accounts = crate::mta::stalwart_api::resolver(&cfg.stalwart_api)?;
     let (intake, intake_task) = MailIntake::start(
         cfg.intake.clone(),
         stores.outbox.clone(),
@@ -221,7 +221,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let http = bind("the Stalwart endpoints", cfg.http_listen).await?;
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(l) = http {
-        let router = crate::stalwart::router_with_stats(
+        let router = crate::mta::stalwart::router_with_stats(
             intake_arc.clone(),
             cfg.stalwart.clone(),
             stalwart_stats.clone(),
@@ -257,7 +257,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         let stats = Arc::new(ListenerStats::default());
         listener_stats.push(("milter", stats.clone()));
         tasks.spawn(async move {
-            if let Err(e) = crate::milter::serve(l, i, mc, stats, token).await {
+            if let Err(e) = crate::mta::milter::serve(l, i, mc, stats, token).await {
                 failures.fail(format!("milter listener failed: {e:#}"));
             }
         });
@@ -272,7 +272,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         listener_stats.push(("admin", admin_listener_stats.clone()));
         http_stats.push(("admin", admin_http_stats.clone()));
     }
-    let running_stats = crate::ops::Metrics {
+    let running_stats = crate::admin::ops::Metrics {
         intake: intake.stats.clone(),
         link: link_stats.clone(),
         stalwart: stalwart_stats.clone(),
@@ -283,14 +283,14 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     };
     if let Some(l) = admin {
         let token: Arc<str> = Arc::from(cfg.admin_token.as_str());
-        let admin_routes = crate::admin::user_routes(stores.users.clone()).merge(
-            crate::ops::routes(stores.outbox.clone(), stores.audit.clone()),
+        let admin_routes = crate::admin::api::user_routes(stores.users.clone()).merge(
+            crate::admin::ops::routes(stores.outbox.clone(), stores.audit.clone()),
         );
-        let router = crate::admin::protect(
-            crate::ops::audited(admin_routes, stores.audit.clone()),
+        let router = crate::admin::api::protect(
+            crate::admin::ops::audited(admin_routes, stores.audit.clone()),
             token,
         )
-        .merge(crate::ops::public_routes(
+        .merge(crate::admin::ops::public_routes(
             stores.outbox.clone(),
             running_stats,
         ));

@@ -14,9 +14,9 @@ use mailbell_link::units::{de_duration, parse_toml, read_config};
 use serde::Deserialize;
 
 use crate::audit::AuditConfig;
-use crate::intake::IntakeConfig;
-use crate::milter::MilterConfig;
-use crate::stalwart::StalwartConfig;
+use crate::mta::milter::MilterConfig;
+use crate::mta::stalwart::StalwartConfig;
+use crate::notify::intake::IntakeConfig;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -177,7 +177,7 @@ struct RawOutbox {
 
 impl Default for RawOutbox {
     fn default() -> Self {
-        let d = crate::outbox::OutboxConfig::default();
+        let d = crate::notify::outbox::OutboxConfig::default();
         Self {
             max_depth: d.max_depth,
             max_age: d.max_age,

@@ -1,18 +1,22 @@
 //! mailbell mail-host side: MTA intake (Stalwart MTA hook + webhooks, milter), user registry,
 //! durable outbox to the GSM agent.
+//!
+//! Grouped by concern; the data flows top to bottom and imports only point down:
+//!
+//! - [`mta`]: the MTA endpoints (Stalwart MTA hook and webhooks, the Stalwart API client, the
+//!   milter) and header decoding. They turn what the MTA says into an [`notify::arrival`].
+//! - [`notify`]: from an arrival to notices on the wire: intake (who gets a notice), the
+//!   durable outbox and its journal, and the sender that hands notices to the link.
+//! - [`admin`]: the admin HTTP API, the operator routes (queue, log, metrics, status) and the
+//!   `mailbell` CLI.
+//! - The stores the others write to: the user registry ([`users`]) and the audit log
+//!   ([`audit`]).
+//! - [`config`] (the TOML file) and [`app`] (which starts everything) sit on top.
 pub mod admin;
 pub mod app;
-pub mod arrival;
 pub mod audit;
-pub mod cli;
+pub mod bearer;
 pub mod config;
-pub mod headers;
-pub mod intake;
-mod journal;
-pub mod milter;
-pub mod ops;
-pub mod outbox;
-pub mod sender;
-pub mod stalwart;
-pub mod stalwart_api;
+pub mod mta;
+pub mod notify;
 pub mod users;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mailbell::cli::{self, LogArgs, QueueCmd, UserCmd};
+use mailbell::admin::cli::{self, LogArgs, QueueCmd, UserCmd};
 
 #[derive(Parser)]
 #[command(

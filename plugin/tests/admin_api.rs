@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mailbell::admin;
+use mailbell::admin::api;
 use mailbell::users::{User, UserStore};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,7 +30,7 @@ impl Drop for Server {
 async fn start(token: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let users = UserStore::open(&dir.path().join("users")).unwrap();
-    let app = admin::router(users.clone(), Arc::from(token));
+    let app = api::router(users.clone(), Arc::from(token));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use indymilter_test::{Actions, MacroStage, ProtoOpts, SocketInfo, Status, TestConnection};
-use mailbell::arrival::{Accepted, Arrival, Ingest, Intake, IntakeError, Origin};
-use mailbell::milter::{serve, MilterConfig, MilterError};
+use mailbell::mta::milter::{serve, MilterConfig, MilterError};
+use mailbell::notify::arrival::{Accepted, Arrival, Ingest, Intake, IntakeError, Origin};
 use mailbell_link::listen::ListenerStats;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

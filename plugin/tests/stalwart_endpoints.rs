@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mailbell::arrival::{
+use mailbell::mta::stalwart::{router_with_stats, StalwartConfig, StalwartStats};
+use mailbell::notify::arrival::{
     Accepted, Arrival, HeaderFacts, Ingest, IngestKind, Intake, IntakeError, Origin,
 };
-use mailbell::stalwart::{router_with_stats, StalwartConfig, StalwartStats};
 use ring::hmac;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

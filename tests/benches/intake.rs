@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use hdrhistogram::Histogram;
-use mailbell::outbox::{Outbox, OutboxConfig};
+use mailbell::notify::outbox::{Outbox, OutboxConfig};
 use mailbell_tests::cpu::{process_cpu, thread_cpu};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

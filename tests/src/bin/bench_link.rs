@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use mailbell::outbox::{Outbox, OutboxConfig};
+use mailbell::notify::outbox::{Outbox, OutboxConfig};
 use mailbell_gsm_agent::inbox::{Inbox, InboxConfig};
 use mailbell_link::memory::MemoryOutbox;
 use mailbell_link::net::{

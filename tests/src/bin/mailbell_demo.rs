@@ -112,5 +112,5 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 }
 
 fn mask(p: &str) -> String {
-    mailbell::ops::mask_phone(p)
+    mailbell::admin::ops::mask_phone(p)
 }

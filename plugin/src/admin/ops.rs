@@ -1,5 +1,5 @@
 //! Admin routes for the queue and the audit log (behind the admin token, see
-//! [`crate::admin::protect`]), plus `/metrics` (Prometheus text) and `/status` (JSON), which
+//! [`crate::admin::api::protect`]), plus `/metrics` (Prometheus text) and `/status` (JSON), which
 //! carry no personal data and need no token.
 //!
 //! ```text
@@ -27,11 +27,11 @@ use serde::{Deserialize, Serialize};
 use mailbell_link::http_server::HttpStats;
 use mailbell_link::listen::ListenerStats;
 
-use crate::admin::ApiError;
+use crate::admin::api::ApiError;
 use crate::audit::{parse_since, AuditLog, AuditQuery, AuditRecord, AuditStats};
-use crate::intake::IntakeStats;
-use crate::outbox::{DeadLetter, Outbox, OutboxStats, QueuedItem, Select};
-use crate::stalwart::StalwartStats;
+use crate::mta::stalwart::StalwartStats;
+use crate::notify::intake::IntakeStats;
+use crate::notify::outbox::{DeadLetter, Outbox, OutboxStats, QueuedItem, Select};
 
 /// Everything `/metrics` reports.
 #[derive(Clone)]
@@ -53,7 +53,7 @@ struct Ops {
     audit: AuditLog,
 }
 
-/// Queue and log routes, unauthenticated: merge them before [`crate::admin::protect`].
+/// Queue and log routes, unauthenticated: merge them before [`crate::admin::api::protect`].
 pub fn routes(outbox: Outbox, audit: AuditLog) -> Router {
     Router::new()
         .route("/admin/v1/queue", get(queue_list))
@@ -65,7 +65,7 @@ pub fn routes(outbox: Outbox, audit: AuditLog) -> Router {
 }
 
 /// Records every changing admin request (method, path, answer) in the audit log. Layer it on
-/// the admin routes inside [`crate::admin::protect`], so only authorised requests are recorded.
+/// the admin routes inside [`crate::admin::api::protect`], so only authorised requests are recorded.
 pub fn audited(routes: Router, audit: AuditLog) -> Router {
     routes.layer(axum::middleware::from_fn_with_state(audit, audit_admin))
 }

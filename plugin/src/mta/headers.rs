@@ -8,7 +8,7 @@
 
 use mail_parser::MessageParser;
 
-use crate::arrival::HeaderFacts;
+use crate::notify::arrival::HeaderFacts;
 
 /// Longest raw value kept for one field; the rest is cut (a subject is at most an SMS anyway).
 pub const MAX_FIELD: usize = 4096;

@@ -12,7 +12,7 @@
 //!                  <-   200 | 401 bad signature | 400 not a batch | 503 not recorded (Stalwart resends)
 //! ```
 //!
-//! * The hook's `data` stage becomes an [`Arrival`](crate::arrival::Arrival) for
+//! * The hook's `data` stage becomes an [`Arrival`](crate::notify::arrival::Arrival) for
 //!   [`Intake::accept`]; the other stages are accepted at once (`hook.rs` keeps the seam for
 //!   blocklists). The data-stage body carries the whole message (`message.contents`, up to
 //!   Stalwart's 100 MB default), so it is parsed while it streams in and the body text is skipped
@@ -35,9 +35,9 @@
 //! `queue_id`); warn for a peer mistake (bad request, bad signature) and for a refused arrival;
 //! debug for every call; nothing from the message body is ever logged.
 //!
-//! [`Ingest`]: crate::arrival::Ingest
-//! [`Intake::accept`]: crate::arrival::Intake::accept
-//! [`Intake::confirm`]: crate::arrival::Intake::confirm
+//! [`Ingest`]: crate::notify::arrival::Ingest
+//! [`Intake::accept`]: crate::notify::arrival::Intake::accept
+//! [`Intake::confirm`]: crate::notify::arrival::Intake::confirm
 
 mod body;
 mod caps;
@@ -61,7 +61,7 @@ use tokio::sync::Semaphore;
 
 use mailbell_link::units::de_duration;
 
-use crate::arrival::Intake;
+use crate::notify::arrival::Intake;
 
 /// `[stalwart]` section of the daemon's configuration.
 #[derive(Clone, Deserialize)]
@@ -402,7 +402,7 @@ mod tests {
     #[test]
     fn token_check() {
         // The hook token is checked like the admin token.
-        let allows = |h: &HeaderMap| crate::admin::authorized(h, "abc");
+        let allows = |h: &HeaderMap| crate::bearer::authorized(h, "abc");
         let mut h = HeaderMap::new();
         assert!(!allows(&h));
         h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());

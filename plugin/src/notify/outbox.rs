@@ -4,7 +4,7 @@
 //! Every enqueue goes through one committer thread that applies all pending requests as one
 //! atomic sled batch and makes it durable once (group commit): the batch is appended to the
 //! outbox's write-ahead journal and one `fdatasync` covers every notice that arrived
-//! meanwhile, from every MTA connection ([`crate::journal`]; sled itself is flushed at
+//! meanwhile, from every MTA connection ([`crate::notify::journal`]; sled itself is flushed at
 //! checkpoints, every second). [`Outbox::enqueue`] returns only after that, so a notice the
 //! MTA was told about survives a crash; a store error reaches the caller, which tempfails the
 //! MTA. A second thread (`outbox-apply`) then puts the commit into sled while the next one is
@@ -106,7 +106,7 @@ use mailbell_link::net::{OutItem, Outbox as LinkOutbox, StoreError};
 use mailbell_link::notification::PayloadError;
 use mailbell_link::{NotifId, Notification};
 
-use crate::journal::{Apply, Journal, Ops};
+use crate::notify::journal::{Apply, Journal, Ops};
 use tokio::sync::{oneshot, Notify};
 use tracing::{debug, error, info, warn};
 
@@ -676,7 +676,7 @@ struct Shared {
     groups: Mutex<()>,
     clock: Clock,
     max_age_ms: i64,
-    /// Every write to the tree goes through it (see [`crate::journal`]).
+    /// Every write to the tree goes through it (see [`crate::notify::journal`]).
     journal: Arc<Journal>,
 }
 

@@ -10,10 +10,10 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
 
+use crate::admin::ops::{parse_select, CountReply, QueueEntry};
 use crate::audit::{format_record, parse_since, AuditLog, AuditQuery, AuditRecord};
 use crate::config::Config;
-use crate::ops::{parse_select, CountReply, QueueEntry};
-use crate::outbox::{Outbox, OutboxConfig};
+use crate::notify::outbox::{Outbox, OutboxConfig};
 use crate::users::{
     parse_bool, parse_licence, ImportMode, ImportReport, QuietHours, User, UserPatch, UserStore,
 };

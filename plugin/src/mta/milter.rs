@@ -67,8 +67,8 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 use mailbell_link::listen::{Accepted, Acceptor, Limits, ListenError, ListenerStats, Ticket};
 use mailbell_link::units::de_duration;
 
-use crate::arrival::{Arrival, Intake, IntakeError, Origin};
-use crate::headers::HeaderCollector;
+use crate::mta::headers::HeaderCollector;
+use crate::notify::arrival::{Arrival, Intake, IntakeError, Origin};
 
 /// Reply code and enhanced status code of the tempfail reply.
 const TEMPFAIL_CODE: &str = "451";

@@ -274,8 +274,8 @@ mod tests {
     #[test]
     fn ordinary_requests_pass() {
         for f in [
-            include_str!("../../tests/fixtures/stalwart/mta-hook-data-plain.json"),
-            include_str!("../../tests/fixtures/stalwart/mta-hook-data-chinese.json"),
+            include_str!("../../../tests/fixtures/stalwart/mta-hook-data-plain.json"),
+            include_str!("../../../tests/fixtures/stalwart/mta-hook-data-chinese.json"),
         ] {
             let v: serde_json::Value = serde_json::from_str(f).unwrap();
             let body = v["body_raw"].as_str().unwrap();

@@ -29,8 +29,8 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::header::WWW_AUTHENTICATE;
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -38,6 +38,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::bearer::authorized;
 use crate::users::{
     normalize_address, ImportMode, ImportReport, User, UserError, UserPatch, UserStore,
     MAX_LIST_LIMIT,
@@ -109,33 +110,6 @@ pub async fn require_token(State(token): State<Arc<str>>, req: Request, next: Ne
         return resp;
     }
     next.run(req).await
-}
-
-/// Whether `headers` carry `Authorization: Bearer <token>`. Compares SHA-256 digests in
-/// constant time, so neither the content nor the length of the token leaks through timing.
-/// Always false for an empty `token`.
-pub fn authorized(headers: &HeaderMap, token: &str) -> bool {
-    if token.is_empty() {
-        return false;
-    }
-    let Some(value) = headers.get(AUTHORIZATION) else {
-        return false;
-    };
-    let value = value.as_bytes();
-    let Some((scheme, given)) = value.split_at_checked(7) else {
-        return false;
-    };
-    if !scheme.eq_ignore_ascii_case(b"bearer ") {
-        return false;
-    }
-    let given = given.trim_ascii();
-    let a = ring::digest::digest(&ring::digest::SHA256, given);
-    let b = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    a.as_ref()
-        .iter()
-        .zip(b.as_ref())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
 }
 
 /// An error reply: `{"error": message}` with a status.
@@ -379,24 +353,6 @@ async fn method_not_allowed() -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(value: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(AUTHORIZATION, HeaderValue::from_str(value).unwrap());
-        h
-    }
-
-    #[test]
-    fn bearer_token_check() {
-        assert!(authorized(&headers("Bearer s3cret"), "s3cret"));
-        assert!(authorized(&headers("bearer  s3cret "), "s3cret"));
-        assert!(!authorized(&headers("Bearer s3cre"), "s3cret"));
-        assert!(!authorized(&headers("Bearer s3cret2"), "s3cret"));
-        assert!(!authorized(&headers("Basic s3cret"), "s3cret"));
-        assert!(!authorized(&headers("s3cret"), "s3cret"));
-        assert!(!authorized(&headers("Bearer "), ""));
-        assert!(!authorized(&HeaderMap::new(), "s3cret"));
-    }
 
     #[test]
     fn user_errors_map_to_statuses() {

@@ -10,7 +10,7 @@ use mailbell_link::{NotifId, Notification};
 use tokio::sync::Notify;
 
 use crate::audit::{AuditEvent, AuditLog};
-use crate::outbox::Outbox;
+use crate::notify::outbox::Outbox;
 
 /// Most in-flight ids whose recipient is remembered for the audit log (beyond it, link events
 /// are logged without a user).

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use super::body::{self, BodyError};
 use super::{add, bump, content_length, excerpt, peer_of, text_response, Shared};
-use crate::arrival::{Ingest, IngestKind, Intake};
+use crate::notify::arrival::{Ingest, IngestKind, Intake};
 
 /// Header carrying the signature.
 const SIGNATURE_HEADER: &str = "x-signature";
@@ -300,9 +300,9 @@ mod tests {
         hmac::Key::new(hmac::HMAC_SHA256, b"test-secret")
     }
 
-    const B06: &str = include_str!("../../tests/fixtures/stalwart/webhook-batch-06.json");
-    const B08: &str = include_str!("../../tests/fixtures/stalwart/webhook-batch-08.json");
-    const B04: &str = include_str!("../../tests/fixtures/stalwart/webhook-batch-04.json");
+    const B06: &str = include_str!("../../../tests/fixtures/stalwart/webhook-batch-06.json");
+    const B08: &str = include_str!("../../../tests/fixtures/stalwart/webhook-batch-08.json");
+    const B04: &str = include_str!("../../../tests/fixtures/stalwart/webhook-batch-04.json");
 
     #[test]
     fn captured_batches_verify() {

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::config::StalwartApi;
-use crate::intake::AccountResolver;
+use crate::notify::intake::AccountResolver;
 
 /// Shortest interval between two refreshes.
 pub const MIN_REFRESH: Duration = Duration::from_secs(10);

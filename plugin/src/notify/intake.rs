@@ -45,9 +45,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::arrival::{Accepted, Arrival, Ingest, IngestKind, Intake, IntakeError, Origin};
 use crate::audit::{AuditEvent, AuditLog};
-use crate::outbox::{Admission, Outbox, OutboxError, Settle, StagedRecord};
+use crate::notify::arrival::{Accepted, Arrival, Ingest, IngestKind, Intake, IntakeError, Origin};
+use crate::notify::outbox::{Admission, Outbox, OutboxError, Settle, StagedRecord};
 use crate::users::{User, UserStore};
 
 /// What to do with a notice whose delivery confirmation never arrived.
@@ -1064,8 +1064,8 @@ mod tests {
     use std::sync::atomic::{AtomicI64, Ordering};
 
     use super::*;
-    use crate::arrival::HeaderFacts;
     use crate::audit::AuditConfig;
+    use crate::notify::arrival::HeaderFacts;
     use crate::users::QuietHours;
 
     /// 2026-11-22 10:00:00 UTC.
@@ -1139,7 +1139,7 @@ mod tests {
     /// A rig whose outbox holds at most `max_depth` notices.
     async fn rig_depth(users: Vec<User>, max_depth: u64) -> Rig {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = crate::outbox::OutboxConfig {
+        let cfg = crate::notify::outbox::OutboxConfig {
             max_depth,
             ..Default::default()
         };

@@ -28,8 +28,8 @@ use tracing::Instrument;
 use super::body::{self, BodyError, StreamError};
 use super::caps::{CapExceeded, CappedReader, FieldCaps};
 use super::{bump, content_length, excerpt, json_response, peer_of, text_response, Shared};
-use crate::arrival::{Arrival, Intake, Origin};
-use crate::headers::HeaderCollector;
+use crate::mta::headers::HeaderCollector;
+use crate::notify::arrival::{Arrival, Intake, Origin};
 
 /// Most envelope recipients kept from one request (Stalwart's default limit is 100); the rest
 /// are dropped with a warning.
@@ -281,7 +281,7 @@ impl<'de> Deserialize<'de> for Rcpts {
 }
 
 /// `message.headers`: `[[name, value], ...]` fed straight into a [`HeaderCollector`]; values
-/// of fields [`crate::headers::wants`] does not name are skipped unread.
+/// of fields [`crate::mta::headers::wants`] does not name are skipped unread.
 #[derive(Debug, Default)]
 struct Headers(HeaderCollector);
 
@@ -322,7 +322,7 @@ impl<'de> Visitor<'de> for Field<'_> {
         let name: String = seq
             .next_element()?
             .ok_or_else(|| de::Error::invalid_length(0, &"a [name, value] header field"))?;
-        if crate::headers::wants(&name) {
+        if crate::mta::headers::wants(&name) {
             let value: String = seq
                 .next_element()?
                 .ok_or_else(|| de::Error::invalid_length(1, &"a [name, value] header field"))?;
@@ -354,7 +354,7 @@ pub(crate) async fn handle<I: Intake>(State(sh): State<Arc<Shared<I>>>, req: Req
 async fn answer<I: Intake>(sh: &Shared<I>, req: Request) -> Response {
     let stats = &sh.stats;
     if let Some(token) = &sh.cfg.hook_token {
-        if !crate::admin::authorized(req.headers(), token) {
+        if !crate::bearer::authorized(req.headers(), token) {
             bump(&stats.hook_unauthorized);
             tracing::warn!("hook request without the configured bearer token");
             return text_response(
@@ -492,7 +492,7 @@ fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arrival::HeaderFacts;
+    use crate::notify::arrival::HeaderFacts;
     use bytes::Bytes;
     use std::net::Ipv4Addr;
     use tokio::sync::mpsc;
@@ -502,10 +502,12 @@ mod tests {
         v["body_raw"].as_str().unwrap().to_owned()
     }
 
-    const PLAIN: &str = include_str!("../../tests/fixtures/stalwart/mta-hook-data-plain.json");
-    const CHINESE: &str = include_str!("../../tests/fixtures/stalwart/mta-hook-data-chinese.json");
-    const CONNECT: &str = include_str!("../../tests/fixtures/stalwart/mta-hook-connect.json");
-    const RCPT2: &str = include_str!("../../tests/fixtures/stalwart/mta-hook-rcpt-chinese-2.json");
+    const PLAIN: &str = include_str!("../../../tests/fixtures/stalwart/mta-hook-data-plain.json");
+    const CHINESE: &str =
+        include_str!("../../../tests/fixtures/stalwart/mta-hook-data-chinese.json");
+    const CONNECT: &str = include_str!("../../../tests/fixtures/stalwart/mta-hook-connect.json");
+    const RCPT2: &str =
+        include_str!("../../../tests/fixtures/stalwart/mta-hook-rcpt-chinese-2.json");
 
     #[test]
     fn plain_data_stage() {
