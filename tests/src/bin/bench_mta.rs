@@ -233,12 +233,27 @@ async fn run_in(args: &Args, dir: &Path, mail_dir: &Path) -> anyhow::Result<bool
 /// The five registered users' addresses at `domain`, as smtp-source `-t bench@domain -r 5`
 /// names its recipients: the address itself, then `2bench@` .. `5bench@`.
 fn users(domain: &str) -> Vec<String> {
+    mailboxes("bench", domain)
+}
+
+/// smtp-source's recipients for `-t LOCAL@domain -r 5`: `LOCAL@`, then `2LOCAL@` .. `5LOCAL@`.
+fn mailboxes(local: &str, domain: &str) -> Vec<String> {
     (1..=USERS)
         .map(|i| match i {
-            1 => format!("bench@{domain}"),
-            _ => format!("{i}bench@{domain}"),
+            1 => format!("{local}@{domain}"),
+            _ => format!("{i}{local}@{domain}"),
         })
         .collect()
+}
+
+/// The local part smtp-source sends to: registered users, or with `--unregistered` mailboxes
+/// nobody registered with mailbell.
+fn rcpt_local(args: &Args) -> &'static str {
+    if args.unregistered {
+        "nobody"
+    } else {
+        "bench"
+    }
 }
 
 fn register(sys: &System, domain: &str) -> anyhow::Result<()> {
@@ -267,13 +282,13 @@ impl Peer {
         }
     }
 
-    /// Copies delivered to the registered users' mailboxes so far.
-    async fn delivered(&self, domain: &str) -> anyhow::Result<u64> {
+    /// Copies delivered to the recipients' mailboxes so far.
+    async fn delivered(&self, local: &str, domain: &str) -> anyhow::Result<u64> {
         match self {
             Peer::Postfix(p) => Ok(p.delivered() as u64),
             Peer::Stalwart(s) => {
                 let mut n = 0;
-                for u in users(domain) {
+                for u in mailboxes(local, domain) {
                     n += s.inbox_count(&u).await?;
                 }
                 Ok(n)
@@ -349,12 +364,6 @@ async fn bench_stalwart(
     sys: &System,
     gate: &LinkGate,
 ) -> anyhow::Result<bool> {
-    if args.unregistered {
-        println!(
-            "\nstalwart: SKIPPED (--unregistered needs mailboxes nobody registered: Postfix only)"
-        );
-        return Ok(true);
-    }
     let Some(bin) = stalwart::binary() else {
         println!(
             "\nstalwart: SKIPPED (no stalwart binary on PATH, in $STALWART_BIN or ~/.cargo/bin)"
@@ -376,7 +385,9 @@ async fn bench_stalwart(
     for s in [&mut alone, &mut with] {
         s.wait_ready(Duration::from_secs(60)).await?;
         s.add_domain(domain).await?;
-        for u in users(domain) {
+        // Warm-up and timed runs go to the same recipients: registered users, or with
+        // --unregistered Stalwart accounts mailbell does not know.
+        for u in mailboxes(rcpt_local(args), domain) {
             s.add_user(&u).await?;
         }
     }
@@ -557,7 +568,8 @@ async fn one_run(
     let stats = sys.mail.intake_stats();
     let notices0 = stats.notices_created.load(Ordering::Relaxed);
     let pdus0 = sys.pdus().len();
-    let delivered0 = peer.delivered(domain).await?;
+    let local = rcpt_local(args);
+    let delivered0 = peer.delivered(local, domain).await?;
     let copies = (messages * USERS) as u64;
 
     let hold = mailbell && args.agent == AgentMode::After && messages != WARMUP;
@@ -571,7 +583,6 @@ async fn one_run(
     );
     let cpu0 = process_cpu();
     let started = Instant::now();
-    let local = if args.unregistered { "nobody" } else { "bench" };
     let sent = smtp_source(
         peer.smtp(),
         (sessions, messages, args.size),
@@ -591,7 +602,7 @@ async fn one_run(
     let mut delivered;
     let mut all_delivered = None;
     loop {
-        delivered = peer.delivered(domain).await? - delivered0;
+        delivered = peer.delivered(local, domain).await? - delivered0;
         if delivered >= copies && all_delivered.is_none() {
             all_delivered = Some(started.elapsed());
         }
