@@ -1084,7 +1084,7 @@ fn strip_address(s: &str) -> &str {
 }
 
 /// The map key for an address: stripped and lower-cased, not validated.
-fn address_key(s: &str) -> String {
+pub fn address_key(s: &str) -> String {
     strip_address(s).to_lowercase()
 }
 
