@@ -291,3 +291,54 @@ async fn user_commands_read_the_same_through_the_daemon_and_without_it() {
     );
     assert!(!at(18).0 && at(18).2.contains("no such user carol@example.com"));
 }
+
+#[test]
+fn without_a_config_file_nothing_is_created_in_the_current_directory() {
+    let cwd = tempfile::tempdir().unwrap();
+    let default = cwd.path().join("etc-mailbell.toml");
+    let bare = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .current_dir(cwd.path())
+            .env_remove("MAILBELL_CONFIG")
+            .env("MAILBELL_DEFAULT_CONFIG", &default)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["user", "list"][..],
+        &["serve"],
+        &["status"],
+        &["queue", "list"],
+    ] {
+        let o = bare(args);
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("--config") && err.contains("MAILBELL_CONFIG"),
+            "{args:?}: {err}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(cwd.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // The default file, once it exists, is used; status names it and the data directory.
+    let data = cwd.path().join("state");
+    std::fs::write(
+        &default,
+        format!("[mailbell]\ndata_dir = {data:?}\n[listen]\nadmin = \"\"\n"),
+    )
+    .unwrap();
+    let o = bare(&["user", "list"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(data.join("users").exists());
+    let o = bare(&["status"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!("config: {}", default.display()))
+            && out.contains(&format!("data_dir: {}", data.display())),
+        "{out}"
+    );
+    assert!(!o.status.success(), "not running");
+}

@@ -630,8 +630,16 @@ pub async fn log(config: Option<&Path>, a: LogArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `mailbell status`: the running daemon's counters.
+/// `mailbell status`: the configuration file and data directory in use, then the running
+/// daemon's counters.
 pub async fn status(config: Option<&Path>) -> anyhow::Result<()> {
+    let cfg = Config::load(config)?;
+    println!(
+        "config: {}",
+        config.map_or_else(|| "(built-in defaults)".into(), |p| p.display().to_string())
+    );
+    let data_dir = std::path::absolute(&cfg.data_dir).unwrap_or_else(|_| cfg.data_dir.clone());
+    println!("data_dir: {}", data_dir.display());
     match target(config).await? {
         Target::Api { addr, .. } => {
             let r = mailbell_link::http::request(addr, "GET", "/status", None, None, API_TIMEOUT)
