@@ -48,6 +48,8 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Directories 0750, files 0640: phone numbers are personal data.
+    mailbell::admin::ownership::restrict_umask();
     let serving = matches!(cli.cmd, Cmd::Serve);
     tracing_subscriber::fmt()
         .with_env_filter(

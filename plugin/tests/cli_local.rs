@@ -342,3 +342,91 @@ fn without_a_config_file_nothing_is_created_in_the_current_directory() {
     );
     assert!(!o.status.success(), "not running");
 }
+
+#[test]
+fn state_is_created_0750_and_0640() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailbell.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &config,
+        format!("[mailbell]\ndata_dir = {data:?}\n[listen]\nadmin = \"\"\n"),
+    )
+    .unwrap();
+    ok(
+        &config,
+        &[
+            "user",
+            "add",
+            "alice@example.com",
+            "--phone",
+            "+8613800138000",
+        ],
+    );
+    ok(&config, &["queue", "list"]);
+    ok(&config, &["log"]);
+    fn walk(p: &Path, seen: &mut Vec<(std::path::PathBuf, u32, bool)>) {
+        let m = std::fs::metadata(p).unwrap();
+        seen.push((p.to_owned(), m.permissions().mode() & 0o7777, m.is_dir()));
+        if m.is_dir() {
+            for e in std::fs::read_dir(p).unwrap() {
+                walk(&e.unwrap().path(), seen);
+            }
+        }
+    }
+    let mut seen = Vec::new();
+    walk(&data, &mut seen);
+    assert!(seen.len() > 5, "{seen:?}");
+    for (p, mode, is_dir) in seen {
+        if is_dir {
+            assert_eq!(mode, 0o750, "{}", p.display());
+        } else {
+            assert_eq!(mode & 0o027, 0, "{} is {mode:o}", p.display());
+        }
+    }
+}
+
+/// Root against a data directory of the daemon's user: refused, nothing created. Runs when
+/// the tests run as root (as in CI); the decision itself is unit-tested in
+/// `admin::ownership`.
+#[test]
+fn root_refuses_to_touch_the_daemon_users_data_directory() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    if std::fs::metadata(dir.path()).unwrap().uid() != 0 {
+        eprintln!("skipping root_refuses_to_touch_the_daemon_users_data_directory: not root");
+        return;
+    }
+    let config = dir.path().join("mailbell.toml");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+    std::fs::write(
+        &config,
+        format!("[mailbell]\ndata_dir = {data:?}\n[listen]\nadmin = \"\"\n"),
+    )
+    .unwrap();
+    for args in [
+        &[
+            "user",
+            "add",
+            "alice@example.com",
+            "--phone",
+            "+8613800138000",
+        ][..],
+        &["user", "list"],
+        &["queue", "list"],
+        &["log"],
+    ] {
+        let err = fails(&config, args);
+        assert!(
+            err.contains("uid 65534") && err.contains("sudo -u"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0);
+    // Its owner (or root on root's own directory) goes ahead.
+    std::os::unix::fs::chown(&data, Some(0), Some(0)).unwrap();
+    ok(&config, &["user", "list"]);
+}

@@ -229,6 +229,7 @@ async fn target(config: Option<&Path>) -> anyhow::Result<Target> {
             });
         }
     }
+    crate::admin::ownership::check(&cfg.data_dir)?;
     Ok(Target::Local(Box::new(cfg)))
 }
 
