@@ -149,6 +149,20 @@ fn user_commands(dir: &Path) -> Vec<Vec<String>> {
     )
     .unwrap();
     let csv = csv.to_str().unwrap().to_owned();
+    let change = dir.join("change.csv");
+    std::fs::write(
+        &change,
+        "address,phone,quiet\nalice@example.com,+8613800138009,-\nzed@example.com,+8613800138005,\n",
+    )
+    .unwrap();
+    let change = change.to_str().unwrap().to_owned();
+    let twice = dir.join("twice.csv");
+    std::fs::write(
+        &twice,
+        "address,phone\nzed@example.com,+8613800138005\nZed@example.com,+8613800138006\n",
+    )
+    .unwrap();
+    let twice = twice.to_str().unwrap().to_owned();
     let missing = dir.join("missing.csv").to_str().unwrap().to_owned();
     let lines = [
         "user add Alice@Example.com --phone +8613800138000 --alias a.li@example.com --quiet 22:00-07:00",
@@ -172,6 +186,10 @@ fn user_commands(dir: &Path) -> Vec<Vec<String>> {
         "user remove carol@example.com",
         "user show carol@example.com",
         "user list",
+        "user import CHANGE --dry-run",
+        "user show alice@example.com",
+        "user import TWICE",
+        "user list",
     ];
     lines
         .iter()
@@ -180,6 +198,8 @@ fn user_commands(dir: &Path) -> Vec<Vec<String>> {
                 .map(|w| match w {
                     "CSV" => csv.clone(),
                     "MISSING" => missing.clone(),
+                    "CHANGE" => change.clone(),
+                    "TWICE" => twice.clone(),
                     w => w.to_owned(),
                 })
                 .collect()
@@ -290,6 +310,27 @@ async fn user_commands_read_the_same_through_the_daemon_and_without_it() {
         &(true, "removed carol@example.com\n".into(), String::new())
     );
     assert!(!at(18).0 && at(18).2.contains("no such user carol@example.com"));
+    assert_eq!(
+        at(21),
+        &(
+            true,
+            "line 2: would update alice@example.com: phone, quiet\n\
+             line 3: would add zed@example.com\n\
+             dry run, nothing written: would have added 1, updated 1, skipped 0, failed 0, unchanged 0\n"
+                .into(),
+            String::new()
+        )
+    );
+    assert_eq!(at(22), at(7), "the dry run wrote nothing");
+    assert!(
+        !at(23).0
+            && at(23)
+                .2
+                .contains("line 3: zed@example.com appears on more than one line (2, 3)"),
+        "{:?}",
+        at(23)
+    );
+    assert_eq!(at(24), at(20));
 }
 
 #[test]

@@ -16,8 +16,8 @@ use crate::audit::{format_record, parse_since, AuditLog, AuditQuery, AuditRecord
 use crate::config::Config;
 use crate::notify::outbox::{Outbox, OutboxConfig};
 use crate::users::{
-    address_key, parse_bool, parse_licence, ImportMode, ImportReport, QuietHours, User, UserError,
-    UserPatch, UserStore, MAX_LIST_LIMIT,
+    address_key, parse_bool, parse_licence, ImportMode, ImportOptions, ImportReport, QuietHours,
+    User, UserError, UserPatch, UserStore, MAX_LIST_LIMIT,
 };
 
 #[derive(Debug, Subcommand)]
@@ -54,11 +54,15 @@ pub enum UserCmd {
     Remove { address: String },
     /// Import users from CSV (header row; columns address, phone, notify, licence_until,
     /// quiet, rate_limit_secs, language, aliases, allow_senders, deny_senders, max_parts).
+    /// An empty cell keeps the user's value, "-" clears it.
     Import {
         file: PathBuf,
         /// upsert (default) or add (existing addresses are skipped).
         #[arg(long, default_value = "upsert")]
         mode: String,
+        /// Report what would change, write nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -372,7 +376,11 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
             println!("removed {}", address_key(&address));
             Ok(())
         }
-        UserCmd::Import { file, mode } => {
+        UserCmd::Import {
+            file,
+            mode,
+            dry_run,
+        } => {
             let mode: ImportMode = mode.parse()?;
             let data = read_csv(&file)?;
             let m = if mode == ImportMode::AddOnly {
@@ -384,7 +392,7 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
                 addr,
                 token,
                 "POST",
-                &format!("/admin/v1/users/import?mode={m}"),
+                &format!("/admin/v1/users/import?mode={m}&dry_run={dry_run}"),
                 Some(("text/csv", &data)),
             )
             .await?;
@@ -394,9 +402,15 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
 }
 
 fn report(r: &ImportReport) -> anyhow::Result<()> {
+    if r.dry_run {
+        for (line, change) in &r.changes {
+            println!("line {line}: would {change}");
+        }
+        print!("dry run, nothing written: would have ");
+    }
     println!(
-        "added {}, updated {}, skipped {}, failed {}",
-        r.added, r.updated, r.skipped, r.failed
+        "added {}, updated {}, skipped {}, failed {}, unchanged {}",
+        r.added, r.updated, r.skipped, r.failed, r.unchanged
     );
     for (line, msg) in &r.errors {
         eprintln!("line {line}: {msg}");
@@ -448,10 +462,14 @@ fn user_local(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
             println!("removed {}", address_key(&address));
             Ok(())
         }
-        UserCmd::Import { file, mode } => {
+        UserCmd::Import {
+            file,
+            mode,
+            dry_run,
+        } => {
             let mode = mode.parse()?;
             let data = read_csv(&file)?;
-            report(&users.import_csv(&data[..], mode)?)
+            report(&users.import_csv_with(&data[..], ImportOptions { mode, dry_run })?)
         }
     };
     users.flush()?;
