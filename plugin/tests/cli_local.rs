@@ -467,6 +467,9 @@ fn root_refuses_to_touch_the_daemon_users_data_directory() {
         );
     }
     assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0);
+    // status opens nothing, so it only says the daemon is not running.
+    let err = fails(&config, &["status"]);
+    assert!(err.contains("not running"), "{err}");
     // Its owner (or root on root's own directory) goes ahead.
     std::os::unix::fs::chown(&data, Some(0), Some(0)).unwrap();
     ok(&config, &["user", "list"]);

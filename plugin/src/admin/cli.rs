@@ -220,7 +220,21 @@ enum Target {
 
 const API_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The daemon's admin API when it answers; else the stores, once [`ownership::check`] lets
+/// this process open them.
+///
+/// [`ownership::check`]: crate::admin::ownership::check
 async fn target(config: Option<&Path>) -> anyhow::Result<Target> {
+    let t = reach(config).await?;
+    if let Target::Local(cfg) = &t {
+        crate::admin::ownership::check(&cfg.data_dir)?;
+    }
+    Ok(t)
+}
+
+/// Where the commands would go, without the ownership check (for `status`, which opens
+/// nothing).
+async fn reach(config: Option<&Path>) -> anyhow::Result<Target> {
     let cfg = Config::load(config)?;
     if let Some(addr) = cfg.admin_listen {
         if tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
@@ -233,7 +247,6 @@ async fn target(config: Option<&Path>) -> anyhow::Result<Target> {
             });
         }
     }
-    crate::admin::ownership::check(&cfg.data_dir)?;
     Ok(Target::Local(Box::new(cfg)))
 }
 
@@ -659,7 +672,7 @@ pub async fn status(config: Option<&Path>) -> anyhow::Result<()> {
     );
     let data_dir = std::path::absolute(&cfg.data_dir).unwrap_or_else(|_| cfg.data_dir.clone());
     println!("data_dir: {}", data_dir.display());
-    match target(config).await? {
+    match reach(config).await? {
         Target::Api { addr, .. } => {
             let r = mailbell_link::http::request(addr, "GET", "/status", None, None, API_TIMEOUT)
                 .await?;
