@@ -248,6 +248,24 @@ fn listen(key: &str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
     })
 }
 
+/// Where the daemon and the admin commands look without `--config` or `MAILBELL_CONFIG`.
+pub const DEFAULT_PATH: &str = "/etc/mailbell/mailbell.toml";
+
+/// The configuration file to use: the one named (`--config`, `MAILBELL_CONFIG`), else
+/// `default` ([`DEFAULT_PATH`]) when it exists. Nothing else: without a file the commands would
+/// create state under the current directory, which the daemon never sees.
+pub fn locate(named: Option<&Path>, default: &Path) -> Result<PathBuf, ConfigError> {
+    match named {
+        Some(p) => Ok(p.to_owned()),
+        None if default.exists() => Ok(default.to_owned()),
+        None => Err(ConfigError::Invalid(format!(
+            "no configuration file: {} does not exist; give one with --config FILE or \
+             MAILBELL_CONFIG=FILE (config/mailbell.example.toml lists every key)",
+            default.display()
+        ))),
+    }
+}
+
 impl Config {
     /// Reads a file; a missing `path` means all defaults.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
@@ -436,6 +454,23 @@ mod tests {
         assert!(e("[http.admin]\nidle_timeout = \"0s\"").contains("http.admin.idle_timeout"));
         assert!(e("[http.stalwart]\nmax_connections = 0").contains("http.stalwart.max_connections"));
         assert!(e("[http.stalwart]\nkeepalive = 1").contains("keepalive"));
+    }
+
+    #[test]
+    fn the_file_is_named_or_the_default_never_the_current_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = dir.path().join("mailbell.toml");
+        let named = Path::new("/elsewhere/m.toml");
+        assert_eq!(locate(Some(named), &default).unwrap(), named);
+        let e = locate(None, &default).unwrap_err().to_string();
+        assert!(
+            e.contains("--config") && e.contains("MAILBELL_CONFIG"),
+            "{e}"
+        );
+        assert!(e.contains(&default.display().to_string()), "{e}");
+        std::fs::write(&default, "").unwrap();
+        assert_eq!(locate(None, &default).unwrap(), default);
+        assert_eq!(locate(Some(named), &default).unwrap(), named);
     }
 
     #[test]

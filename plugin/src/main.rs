@@ -13,9 +13,19 @@ use mailbell::admin::cli::{self, LogArgs, QueueCmd, UserCmd};
     about = "SMS arrival notices for Stalwart and milter MTAs"
 )]
 struct Cli {
-    /// Configuration file (TOML); without it, built-in defaults (a local instance).
+    /// Configuration file (TOML) [default: /etc/mailbell/mailbell.toml when it exists]
     #[arg(long, short, global = true, env = "MAILBELL_CONFIG")]
     config: Option<PathBuf>,
+    /// Where to look without --config (tests point it elsewhere).
+    #[arg(
+        long = "default-config",
+        global = true,
+        hide = true,
+        env = "MAILBELL_DEFAULT_CONFIG",
+        hide_env = true,
+        default_value = mailbell::config::DEFAULT_PATH
+    )]
+    default_config: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -38,6 +48,8 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Directories 0750, files 0640: phone numbers are personal data.
+    mailbell::admin::ownership::restrict_umask();
     let serving = matches!(cli.cmd, Cmd::Serve);
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -55,7 +67,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let config = cli.config.as_deref();
+    let config = match mailbell::config::locate(cli.config.as_deref(), &cli.default_config) {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("mailbell: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = Some(config.as_path());
     let r = rt.block_on(async {
         match cli.cmd {
             Cmd::Serve => mailbell::app::serve(config).await,

@@ -27,23 +27,30 @@
 //! ```text
 //! address,phone,notify,licence_until,quiet,rate_limit_secs,language,aliases,allow_senders,deny_senders,max_parts
 //! alice@example.com,+44 7700 900123,yes,2026-12-31,22:00-07:00,300,en,a@example.com;al@example.com,,*.spam.example,0
-//! bob@example.com,+8613800138000,,none,,,zh,,,,
+//! bob@example.com,+8613800138000,,-,,,zh,,,,
 //! ```
 //! - The header row is required; only `address` is mandatory, columns may come in any order,
 //!   and an unknown or repeated column is an error naming it (nothing is imported then).
 //! - Cells are trimmed. List columns (`aliases`, `allow_senders`, `deny_senders`) separate
-//!   items with `;`.
-//! - A column the file has sets that field for every row; an empty cell means the default
-//!   (no phone, notify on, no expiry, no quiet hours, daemon default rate limit, agent default
-//!   language, no aliases/filters, default parts). A column the file does not have leaves an
-//!   existing user's field as it is, so a file with `address,notify` only toggles notices.
+//!   items with `;` and replace the user's list.
+//! - An import never loses data silently. An empty cell, like a column the file does not
+//!   have, keeps an existing user's value (a new user gets the default: no phone, notify on,
+//!   no expiry, no quiet hours, daemon default rate limit, agent default language, no
+//!   aliases/filters, default parts). The cell [`CSV_CLEAR`] (`-`) resets a field to that
+//!   default. So a file with `address,phone` only changes phone numbers.
 //! - `notify`: `yes|no|true|false|on|off|1|0`. `licence_until`: `YYYY-MM-DD` (end of that day,
 //!   UTC), RFC 3339, Unix milliseconds, or `none`. `quiet`: `HH:MM-HH:MM` or `none`.
-//!   `rate_limit_secs`: seconds, `0` for no limit, empty or `default` for the daemon default.
+//!   `rate_limit_secs`: seconds, `0` for no limit, `default` for the daemon default.
 //! - A bad line is reported with its line number (the header is line 1) and skipped; the
-//!   other lines are imported. In [`ImportMode::AddOnly`] existing users are skipped, not
-//!   changed. Lines are written in chunks of [`IMPORT_CHUNK`], each one sled transaction and
-//!   one flush; an I/O error while reading stops the import after the chunks already written.
+//!   other lines are imported. So is a line naming an address or alias that belonged to
+//!   another user before the import (it is not taken over, even if an earlier line frees it),
+//!   and every line of an address that appears more than once in the file. In
+//!   [`ImportMode::AddOnly`] existing users are skipped, not changed; a line that changes
+//!   nothing counts as unchanged.
+//! - The file is read and parsed whole before anything is written (a read error writes
+//!   nothing); then lines are written in chunks of [`IMPORT_CHUNK`], each one sled
+//!   transaction and one flush. A dry run ([`ImportOptions::dry_run`]) does everything but
+//!   write, and lists what each line would change (field names, not values).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -564,6 +571,17 @@ impl FromStr for ImportMode {
     }
 }
 
+/// How [`UserStore::import_csv_with`] imports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImportOptions {
+    pub mode: ImportMode,
+    /// Check every line and count what would change, but write nothing.
+    pub dry_run: bool,
+}
+
+/// The cell that clears a field in a CSV import (an empty cell keeps it).
+pub const CSV_CLEAR: &str = "-";
+
 /// Outcome of a CSV import.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImportReport {
@@ -575,6 +593,16 @@ pub struct ImportReport {
     pub failed: u64,
     /// `(line, message)` for the first [`MAX_IMPORT_ERRORS`] rejected lines.
     pub errors: Vec<(u64, String)>,
+    /// Existing users the file leaves exactly as they were.
+    #[serde(default)]
+    pub unchanged: u64,
+    /// Nothing was written: the counts say what the import would do.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// In a dry run, `(line, "add <address>" | "update <address>: <fields>")` for the first
+    /// [`MAX_IMPORT_ERRORS`] lines that would change something.
+    #[serde(default)]
+    pub changes: Vec<(u64, String)>,
 }
 
 impl ImportReport {
@@ -839,6 +867,22 @@ impl UserStore {
         r: R,
         mode: ImportMode,
     ) -> Result<ImportReport, UserError> {
+        self.import_csv_with(
+            r,
+            ImportOptions {
+                mode,
+                dry_run: false,
+            },
+        )
+    }
+
+    /// [`import_csv`](Self::import_csv), optionally as a dry run. The whole file is read and
+    /// parsed before anything is written, so a read error or a header error writes nothing.
+    pub fn import_csv_with<R: std::io::Read>(
+        &self,
+        r: R,
+        opts: ImportOptions,
+    ) -> Result<ImportReport, UserError> {
         let mut rdr = csv::ReaderBuilder::new()
             .has_headers(true)
             .trim(csv::Trim::All)
@@ -849,81 +893,179 @@ impl UserStore {
             Err(e) => return Err(UserError::CsvHeader(e.to_string())),
         };
         let columns = Columns::from_header(&headers)?;
-        let mut report = ImportReport::default();
+        let mut report = ImportReport {
+            dry_run: opts.dry_run,
+            ..ImportReport::default()
+        };
         let mut record = csv::StringRecord::new();
+        let mut rows: Vec<(u64, Row)> = Vec::new();
+        // Lines rejected, reported in line order at the end.
+        let mut failed: Vec<(u64, String)> = Vec::new();
+        loop {
+            match rdr.read_record(&mut record) {
+                Ok(false) => break,
+                Ok(true) => {
+                    let line = record.position().map_or(0, |p| p.line());
+                    if record.iter().all(str::is_empty) {
+                        continue; // a blank line
+                    }
+                    match columns.parse(&record) {
+                        Ok(row) => rows.push((line, row)),
+                        Err(e) => failed.push((line, e.to_string())),
+                    }
+                }
+                Err(e) if e.is_io_error() => return Err(UserError::Csv(e)),
+                Err(e) => {
+                    let line = e.position().map_or(0, |p| p.line());
+                    let message = match e.kind() {
+                        csv::ErrorKind::UnequalLengths {
+                            expected_len, len, ..
+                        } => format!("expected {expected_len} fields, found {len}"),
+                        csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_owned(),
+                        _ => e.to_string(),
+                    };
+                    failed.push((line, message));
+                }
+            }
+        }
+        // One row per address: which of two would win is a guess, so neither is imported.
+        let mut lines_of: HashMap<&str, Vec<u64>> = HashMap::new();
+        for (line, row) in &rows {
+            lines_of.entry(&row.address).or_default().push(*line);
+        }
+        let repeated: HashMap<String, String> = lines_of
+            .into_iter()
+            .filter(|(_, lines)| lines.len() > 1)
+            .map(|(a, lines)| {
+                let lines: Vec<String> = lines.iter().map(u64::to_string).collect();
+                (a.to_owned(), lines.join(", "))
+            })
+            .collect();
+        let rows: Vec<(u64, Row)> = rows
+            .into_iter()
+            .filter_map(|(line, row)| match repeated.get(&row.address) {
+                Some(lines) => {
+                    failed.push((
+                        line,
+                        format!(
+                            "{} appears on more than one line ({lines}); none of them is imported",
+                            row.address
+                        ),
+                    ));
+                    None
+                }
+                None => Some((line, row)),
+            })
+            .collect();
+
         let _w = self.writer();
-        let mut eof = false;
-        while !eof {
-            let mut rows = Vec::with_capacity(IMPORT_CHUNK);
-            // Lines rejected in this chunk, reported in line order.
-            let mut failed: Vec<(u64, String)> = Vec::new();
-            while rows.len() < IMPORT_CHUNK {
-                match rdr.read_record(&mut record) {
-                    Ok(false) => {
-                        eof = true;
-                        break;
-                    }
-                    Ok(true) => {
-                        let line = record.position().map_or(0, |p| p.line());
-                        if record.iter().all(str::is_empty) {
-                            continue; // a blank line
-                        }
-                        match columns.parse(&record) {
-                            Ok(row) => rows.push((line, row)),
-                            Err(e) => failed.push((line, e.to_string())),
-                        }
-                    }
-                    Err(e) if e.is_io_error() => return Err(UserError::Csv(e)),
-                    Err(e) => {
-                        let line = e.position().map_or(0, |p| p.line());
-                        let message = match e.kind() {
-                            csv::ErrorKind::UnequalLengths {
-                                expected_len, len, ..
-                            } => format!("expected {expected_len} fields, found {len}"),
-                            csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_owned(),
-                            _ => e.to_string(),
-                        };
-                        failed.push((line, message));
-                    }
-                }
-            }
-            if rows.is_empty() {
-                for (line, message) in failed {
-                    report.error(line, message);
-                }
-                continue;
-            }
+        // Who held each address and alias the file names, before the import.
+        let before: HashMap<String, String> = {
+            let index = self.read_index();
+            rows.iter()
+                .flat_map(|(_, row)| {
+                    std::iter::once(row.address.clone())
+                        .chain(row.aliases.iter().flatten().map(|a| address_key(a)))
+                })
+                .filter_map(|k| {
+                    let owner = index.by_key.get(&k)?.address.clone();
+                    Some((k, owner))
+                })
+                .collect()
+        };
+        // A dry run stages the whole file in one change set and drops it.
+        let chunk = if opts.dry_run {
+            usize::MAX
+        } else {
+            IMPORT_CHUNK
+        };
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
             let staged = {
                 let index = self.read_index();
                 let mut st = Staged::new(&index);
-                for (line, row) in rows {
+                for (line, row) in rows.by_ref().take(chunk) {
                     let existing = st.current(&row.address);
-                    if existing.is_some() && mode == ImportMode::AddOnly {
+                    if existing.is_some() && opts.mode == ImportMode::AddOnly {
                         report.skipped += 1;
                         continue;
                     }
-                    let mut user =
-                        existing.map_or_else(|| User::new(&row.address), |u| (*u).clone());
+                    let mut user = existing
+                        .as_deref()
+                        .map_or_else(|| User::new(&row.address), User::clone);
                     row.apply(&mut user);
-                    match user.validated().and_then(|u| st.put(u)) {
-                        Ok(true) => report.added += 1,
-                        Ok(false) => report.updated += 1,
+                    let user = match user.validated() {
+                        Ok(u) => u,
+                        Err(e) => {
+                            failed.push((line, e.to_string()));
+                            continue;
+                        }
+                    };
+                    if existing.as_deref() == Some(&user) {
+                        report.unchanged += 1;
+                        continue;
+                    }
+                    // An alias another user held before the import stays theirs, even if an
+                    // earlier line of the file let go of it: the result never depends on the
+                    // order of the lines.
+                    if let Some((key, owner)) = std::iter::once(&user.address)
+                        .chain(&user.aliases)
+                        .find_map(|k| {
+                            before
+                                .get(k)
+                                .filter(|o| **o != user.address)
+                                .map(|o| (k, o))
+                        })
+                    {
+                        failed.push((
+                            line,
+                            UserError::AliasConflict {
+                                alias: key.clone(),
+                                owner: owner.clone(),
+                            }
+                            .to_string(),
+                        ));
+                        continue;
+                    }
+                    let change = match existing.as_deref() {
+                        None => format!("add {}", user.address),
+                        Some(old) => format!(
+                            "update {}: {}",
+                            user.address,
+                            changed_fields(old, &user).join(", ")
+                        ),
+                    };
+                    match st.put(user) {
+                        Ok(created) => {
+                            if created {
+                                report.added += 1;
+                            } else {
+                                report.updated += 1;
+                            }
+                            if opts.dry_run && report.changes.len() < MAX_IMPORT_ERRORS {
+                                report.changes.push((line, change));
+                            }
+                        }
                         Err(e) => failed.push((line, e.to_string())),
                     }
                 }
                 st.finish()
             };
-            self.commit(staged)?;
-            failed.sort_by_key(|(line, _)| *line);
-            for (line, message) in failed {
-                report.error(line, message);
+            if !opts.dry_run {
+                self.commit(staged)?;
             }
+        }
+        failed.sort_by_key(|(line, _)| *line);
+        for (line, message) in failed {
+            report.error(line, message);
         }
         info!(
             added = report.added,
             updated = report.updated,
+            unchanged = report.unchanged,
             skipped = report.skipped,
             failed = report.failed,
+            dry_run = opts.dry_run,
             "users imported"
         );
         Ok(report)
@@ -1084,7 +1226,7 @@ fn strip_address(s: &str) -> &str {
 }
 
 /// The map key for an address: stripped and lower-cased, not validated.
-fn address_key(s: &str) -> String {
+pub fn address_key(s: &str) -> String {
     strip_address(s).to_lowercase()
 }
 
@@ -1302,6 +1444,31 @@ pub fn parse_bool(field: &'static str, s: &str) -> Result<bool, UserError> {
     }
 }
 
+/// The names of the fields that differ (CSV column names), for a dry run's report; the
+/// values are left out (phone numbers are personal data).
+fn changed_fields(old: &User, new: &User) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut diff = |name, changed: bool| {
+        if changed {
+            out.push(name);
+        }
+    };
+    diff("phone", old.phone != new.phone);
+    diff("notify", old.notify != new.notify);
+    diff("licence_until", old.licence_until != new.licence_until);
+    diff("quiet", old.quiet != new.quiet);
+    diff(
+        "rate_limit_secs",
+        old.rate_limit_secs != new.rate_limit_secs,
+    );
+    diff("language", old.language != new.language);
+    diff("aliases", old.aliases != new.aliases);
+    diff("allow_senders", old.allow_senders != new.allow_senders);
+    diff("deny_senders", old.deny_senders != new.deny_senders);
+    diff("max_parts", old.max_parts != new.max_parts);
+    out
+}
+
 /// CSV columns, in documentation order.
 pub const CSV_COLUMNS: [&str; 11] = [
     "address",
@@ -1398,60 +1565,53 @@ impl Columns {
                 .collect()
         };
         let address = normalize_address(self.cell(record, 0).unwrap_or(""))?;
+        // An empty cell (or a column the file lacks) keeps the field; CSV_CLEAR resets it.
+        let field = |column: usize| -> Option<Option<&str>> {
+            match self.cell(record, column)? {
+                "" => None,
+                CSV_CLEAR => Some(None),
+                s => Some(Some(s)),
+            }
+        };
         Ok(Row {
             address,
-            phone: self.cell(record, 1).map(str::to_owned),
-            notify: self
-                .cell(record, 2)
-                .map(|s| {
-                    if s.is_empty() {
-                        Ok(true)
-                    } else {
-                        parse_bool("notify", s)
-                    }
+            phone: field(1).map(|v| v.unwrap_or("").to_owned()),
+            notify: field(2)
+                .map(|v| v.map_or(Ok(true), |s| parse_bool("notify", s)))
+                .transpose()?,
+            licence_until: field(3)
+                .map(|v| v.map_or(Ok(None), parse_licence))
+                .transpose()?,
+            quiet: field(4)
+                .map(|v| match v {
+                    None => Ok(None),
+                    Some(s) if s.eq_ignore_ascii_case("none") => Ok(None),
+                    Some(s) => QuietHours::parse(s).map(Some),
                 })
                 .transpose()?,
-            licence_until: self.cell(record, 3).map(parse_licence).transpose()?,
-            quiet: self
-                .cell(record, 4)
-                .map(|s| {
-                    if s.is_empty() || s.eq_ignore_ascii_case("none") {
-                        Ok(None)
-                    } else {
-                        QuietHours::parse(s).map(Some)
-                    }
+            rate_limit_secs: field(5)
+                .map(|v| match v {
+                    None => Ok(None),
+                    Some(s) if s.eq_ignore_ascii_case("default") => Ok(None),
+                    Some(s) => s.parse().map(Some).map_err(|_| UserError::InvalidField {
+                        field: "rate_limit_secs",
+                        input: s.to_owned(),
+                        reason: "expected seconds (0 = no limit) or default",
+                    }),
                 })
                 .transpose()?,
-            rate_limit_secs: self
-                .cell(record, 5)
-                .map(|s| {
-                    if s.is_empty() || s.eq_ignore_ascii_case("default") {
-                        Ok(None)
-                    } else {
-                        s.parse().map(Some).map_err(|_| UserError::InvalidField {
-                            field: "rate_limit_secs",
-                            input: s.to_owned(),
-                            reason: "expected seconds (0 = no limit) or default",
-                        })
-                    }
-                })
-                .transpose()?,
-            language: self.cell(record, 6).map(str::to_owned),
-            aliases: self.cell(record, 7).map(list),
-            allow_senders: self.cell(record, 8).map(list),
-            deny_senders: self.cell(record, 9).map(list),
-            max_parts: self
-                .cell(record, 10)
-                .map(|s| {
-                    if s.is_empty() {
-                        Ok(0)
-                    } else {
-                        s.parse().map_err(|_| UserError::InvalidField {
-                            field: "max_parts",
-                            input: s.to_owned(),
-                            reason: "expected 0 to 255 (0 = default)",
-                        })
-                    }
+            language: field(6).map(|v| v.unwrap_or("").to_owned()),
+            aliases: field(7).map(|v| v.map(list).unwrap_or_default()),
+            allow_senders: field(8).map(|v| v.map(list).unwrap_or_default()),
+            deny_senders: field(9).map(|v| v.map(list).unwrap_or_default()),
+            max_parts: field(10)
+                .map(|v| match v {
+                    None => Ok(0),
+                    Some(s) => s.parse().map_err(|_| UserError::InvalidField {
+                        field: "max_parts",
+                        input: s.to_owned(),
+                        reason: "expected 0 to 255 (0 = default)",
+                    }),
                 })
                 .transpose()?,
         })
@@ -1894,7 +2054,7 @@ carol@example.com,+447700900125,maybe,,,,
 dave@example.com,+447700900126,no,never,25:00-07:00,,
 erin@example.com,+447700900127,,,,al@example.com,
 frank@example.com,+447700900128
-keep@example.com,,off,,,,
+keep@example.com,-,off,,,,
 
 gina@example.com,+447700900129,1,1767225600000,none,,
 ";
@@ -1923,7 +2083,7 @@ gina@example.com,+447700900129,1,1767225600000,none,,
         assert_eq!(a.aliases, ["al@example.com", "alice2@example.com"]);
         assert_eq!(a.deny_senders, ["*.spam.example"]);
         assert_eq!(a.licence_until, parse_licence("2026-12-31").unwrap());
-        // A present column with an empty cell resets the field; absent columns are kept.
+        // "-" clears a field; empty cells and absent columns keep it.
         let k = s.lookup("keep@example.com").unwrap();
         assert!(!k.notify);
         assert_eq!(k.phone, "");
@@ -1939,6 +2099,116 @@ gina@example.com,+447700900129,1,1767225600000,none,,
             .unwrap();
         assert_eq!((r.added, r.updated, r.skipped, r.failed), (1, 0, 1, 0));
         assert!(!s.lookup("keep@example.com").unwrap().notify);
+    }
+
+    #[test]
+    fn csv_import_never_destroys_data_silently() {
+        let (_dir, s) = store();
+        let csv = "\
+address,phone,notify,licence_until,quiet,rate_limit_secs,language,aliases,max_parts
+alice@example.com,+8613800138000,on,2027-06-30,22:00-07:00,300,zh,a.li@example.com,2
+bob@example.com,+8613800138001,on,,,,,b@example.com,
+";
+        let r = s.import_csv(csv.as_bytes(), ImportMode::Upsert).unwrap();
+        assert_eq!((r.added, r.failed), (2, 0), "{r:?}");
+        let alice = s.get("alice@example.com").unwrap().unwrap();
+
+        // Blank cells keep every field: only the phone changes.
+        let r = s
+            .import_csv(
+                "address,phone,notify,licence_until,quiet,rate_limit_secs,language,aliases,max_parts\n\
+                 alice@example.com,+8613800138009,,,,,,,\n"
+                    .as_bytes(),
+                ImportMode::Upsert,
+            )
+            .unwrap();
+        assert_eq!((r.updated, r.failed), (1, 0), "{r:?}");
+        let now = s.get("alice@example.com").unwrap().unwrap();
+        assert_eq!(
+            now,
+            User {
+                phone: "+8613800138009".into(),
+                ..alice.clone()
+            }
+        );
+
+        // Another user's alias is a conflict by line number, not taken over, even when an
+        // earlier line lets go of it; the same address twice is an error and neither line
+        // is imported.
+        let r = s
+            .import_csv(
+                "address,aliases,language\n\
+                 bob@example.com,-,\n\
+                 carol@example.com,a.li@example.com,\n\
+                 dave@example.com,b@example.com,\n\
+                 erin@example.com,,en\n\
+                 Erin@example.com,,zh\n"
+                    .as_bytes(),
+                ImportMode::Upsert,
+            )
+            .unwrap();
+        assert_eq!((r.updated, r.added, r.failed), (1, 0, 4), "{r:?}");
+        let lines: Vec<u64> = r.errors.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, [3, 4, 5, 6]);
+        assert!(
+            r.errors[0].1.contains(
+                "a.li@example.com is already the address or an alias of alice@example.com"
+            ),
+            "{r:?}"
+        );
+        assert!(r.errors[1].1.contains("of bob@example.com"), "{r:?}");
+        assert!(r.errors[2].1.contains("more than one line (5, 6)"), "{r:?}");
+        assert_eq!(
+            s.lookup("a.li@example.com").unwrap().address,
+            "alice@example.com"
+        );
+        assert!(s.lookup("b@example.com").is_none(), "bob let go of it");
+        assert!(s.lookup("carol@example.com").is_none());
+        assert!(s.lookup("erin@example.com").is_none());
+
+        // "-" clears; a dry run reports and writes nothing.
+        let clear = "address,quiet,licence_until,language,aliases\nalice@example.com,-,-,-,-\nfrank@example.com,,,en,\nbob@example.com,,,,\n";
+        let r = s
+            .import_csv_with(
+                clear.as_bytes(),
+                ImportOptions {
+                    mode: ImportMode::Upsert,
+                    dry_run: true,
+                },
+            )
+            .unwrap();
+        assert!(r.dry_run);
+        assert_eq!(
+            (r.added, r.updated, r.unchanged, r.failed),
+            (1, 1, 1, 0),
+            "{r:?}"
+        );
+        assert_eq!(
+            r.changes,
+            [
+                (
+                    2,
+                    "update alice@example.com: licence_until, quiet, language, aliases".to_owned()
+                ),
+                (3, "add frank@example.com".to_owned())
+            ]
+        );
+        assert_eq!(s.get("alice@example.com").unwrap().unwrap(), now);
+        assert!(s.get("frank@example.com").unwrap().is_none());
+        let r = s.import_csv(clear.as_bytes(), ImportMode::Upsert).unwrap();
+        assert_eq!((r.added, r.updated, r.unchanged), (1, 1, 1), "{r:?}");
+        let cleared = s.get("alice@example.com").unwrap().unwrap();
+        assert_eq!(
+            cleared,
+            User {
+                quiet: None,
+                licence_until: None,
+                language: String::new(),
+                aliases: Vec::new(),
+                ..now
+            }
+        );
+        assert!(r.changes.is_empty(), "listed only in a dry run");
     }
 
     #[test]
@@ -1990,7 +2260,7 @@ gina@example.com,+447700900129,1,1767225600000,none,,
         let started = Instant::now();
         let r = s.import_csv(csv.as_bytes(), ImportMode::Upsert).unwrap();
         println!("re-imported (all updates) in {:?}", started.elapsed());
-        assert_eq!((r.added, r.updated), (0, 10_000));
+        assert_eq!((r.added, r.updated, r.unchanged), (0, 0, 10_000));
         drop(s);
         let started = Instant::now();
         let s = UserStore::open(&dir.path().join("users")).unwrap();

@@ -1,5 +1,6 @@
 //! The admin CLI against the stores directly (no daemon running): what an operator runs
-//! before the first start or while mailbell is stopped.
+//! before the first start or while mailbell is stopped; and the same commands through a
+//! running daemon's admin API, which must read exactly the same.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -119,4 +120,357 @@ fn users_queue_and_log_without_a_daemon() {
     assert!(!err.is_empty());
     let err = fails(&config, &["status"]);
     assert!(err.contains("not running"), "{err}");
+}
+
+/// (succeeded, stdout, stderr) of each command.
+type Transcript = Vec<(bool, String, String)>;
+
+fn run_all(config: &Path, commands: &[Vec<String>]) -> Transcript {
+    commands
+        .iter()
+        .map(|c| {
+            let args: Vec<&str> = c.iter().map(String::as_str).collect();
+            let o = run(config, &args);
+            (
+                o.status.success(),
+                String::from_utf8(o.stdout).unwrap(),
+                String::from_utf8(o.stderr).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Every `user` command, successes and failures alike.
+fn user_commands(dir: &Path) -> Vec<Vec<String>> {
+    let csv = dir.join("users.csv");
+    std::fs::write(
+        &csv,
+        "address,phone,notify\ncarol@example.com,+8613800138001,on\nbad-address,+8613800138002,on\n",
+    )
+    .unwrap();
+    let csv = csv.to_str().unwrap().to_owned();
+    let change = dir.join("change.csv");
+    std::fs::write(
+        &change,
+        "address,phone,quiet\nalice@example.com,+8613800138009,-\nzed@example.com,+8613800138005,\n",
+    )
+    .unwrap();
+    let change = change.to_str().unwrap().to_owned();
+    let twice = dir.join("twice.csv");
+    std::fs::write(
+        &twice,
+        "address,phone\nzed@example.com,+8613800138005\nZed@example.com,+8613800138006\n",
+    )
+    .unwrap();
+    let twice = twice.to_str().unwrap().to_owned();
+    let missing = dir.join("missing.csv").to_str().unwrap().to_owned();
+    let lines = [
+        "user add Alice@Example.com --phone +8613800138000 --alias a.li@example.com --quiet 22:00-07:00",
+        "user add alice@example.com --phone +8613800138000",
+        "user add a.li@example.com --phone +8613800138000",
+        "user add bob@example.com --phone 12345",
+        "user set a.li@example.com --notify off --add-alias al@example.com",
+        "user set nobody@example.com --notify off",
+        "user set alice@example.com",
+        "user show AL@example.com",
+        "user show nobody@example.com",
+        "user list",
+        "user list --limit 1",
+        "user list --limit 1 --after alice@example.com",
+        "user list --limit 0",
+        "user import CSV",
+        "user import CSV --mode add",
+        "user import MISSING",
+        "user remove a.li@example.com",
+        "user remove Carol@example.com",
+        "user remove carol@example.com",
+        "user show carol@example.com",
+        "user list",
+        "user import CHANGE --dry-run",
+        "user show alice@example.com",
+        "user import TWICE",
+        "user list",
+    ];
+    lines
+        .iter()
+        .map(|l| {
+            l.split(' ')
+                .map(|w| match w {
+                    "CSV" => csv.clone(),
+                    "MISSING" => missing.clone(),
+                    "CHANGE" => change.clone(),
+                    "TWICE" => twice.clone(),
+                    w => w.to_owned(),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_commands_read_the_same_through_the_daemon_and_without_it() {
+    const TOKEN: &str = "cli-test-token-0123456789";
+    // Without the daemon: its own data directory, no admin API configured.
+    let local = tempfile::tempdir().unwrap();
+    let local_config = local.path().join("mailbell.toml");
+    std::fs::write(
+        &local_config,
+        format!(
+            "[mailbell]\ndata_dir = {:?}\n[listen]\nadmin = \"\"\n",
+            local.path().join("data")
+        ),
+    )
+    .unwrap();
+    // Through the daemon: a real one on loopback port 0, then a config naming its address.
+    let served = tempfile::tempdir().unwrap();
+    let data = served.path().join("data");
+    let daemon = mailbell::config::Config::from_toml(
+        &format!(
+            "[mailbell]\ndata_dir = {data:?}\n[listen]\nhttp = \"\"\nmilter = \"\"\n\
+             admin = \"127.0.0.1:0\"\n[admin]\ntoken = \"{TOKEN}\"\n\
+             [[link.agent]]\naddr = \"127.0.0.1:9\"\n"
+        ),
+        "test",
+    )
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = mailbell::app::start(daemon, shutdown).await.unwrap();
+    let admin = running.admin_addr.unwrap();
+    let served_config = served.path().join("mailbell.toml");
+    std::fs::write(
+        &served_config,
+        format!(
+            "[mailbell]\ndata_dir = {data:?}\n[listen]\nadmin = \"{admin}\"\n[admin]\ntoken = \"{TOKEN}\"\n"
+        ),
+    )
+    .unwrap();
+
+    // One set of input files, so that the two transcripts name the same paths.
+    let files = tempfile::tempdir().unwrap();
+    let commands = user_commands(files.path());
+    let c = commands.clone();
+    let (without, through) = tokio::task::spawn_blocking(move || {
+        let without = run_all(&local_config, &c);
+        let through = run_all(&served_config, &c);
+        (without, through)
+    })
+    .await
+    .unwrap();
+    // The daemon's registry holds what the commands left (alice; carol removed).
+    assert_eq!(running.stores.users.len(), 1);
+    assert!(running.stores.users.lookup("al@example.com").is_some());
+    running.stop().await;
+
+    for ((c, w), t) in commands.iter().zip(&without).zip(&through) {
+        assert_eq!(
+            w,
+            t,
+            "`mailbell {}` differs (left: without the daemon)",
+            c.join(" ")
+        );
+    }
+    // A few answers pinned down, so "the same" is also right.
+    let at = |i: usize| &without[i];
+    assert!(
+        at(0).0 && at(0).1.contains("\"a.li@example.com\""),
+        "{:?}",
+        at(0)
+    );
+    assert!(
+        !at(1).0 && at(1).2.contains("already exists"),
+        "{:?}",
+        at(1)
+    );
+    assert!(!at(3).0 && at(3).2.contains("phone"), "{:?}", at(3));
+    assert!(
+        !at(5).0 && at(5).2.contains("no such user nobody@example.com"),
+        "{:?}",
+        at(5)
+    );
+    assert!(
+        !at(6).0 && at(6).2.contains("nothing to change"),
+        "{:?}",
+        at(6)
+    );
+    assert!(
+        at(10).1.contains("\"next\": \"alice@example.com\""),
+        "{:?}",
+        at(10)
+    );
+    assert!(!at(12).0, "{:?}", at(12));
+    assert!(!at(13).0 && at(13).1.contains("added 1") && at(13).2.contains("line 3"));
+    assert!(at(14).1.contains("skipped 1"), "{:?}", at(14));
+    assert!(
+        !at(16).0 && at(16).2.contains("alias of alice@example.com"),
+        "{:?}",
+        at(16)
+    );
+    assert_eq!(
+        at(17),
+        &(true, "removed carol@example.com\n".into(), String::new())
+    );
+    assert!(!at(18).0 && at(18).2.contains("no such user carol@example.com"));
+    assert_eq!(
+        at(21),
+        &(
+            true,
+            "line 2: would update alice@example.com: phone, quiet\n\
+             line 3: would add zed@example.com\n\
+             dry run, nothing written: would have added 1, updated 1, skipped 0, failed 0, unchanged 0\n"
+                .into(),
+            String::new()
+        )
+    );
+    assert_eq!(at(22), at(7), "the dry run wrote nothing");
+    assert!(
+        !at(23).0
+            && at(23)
+                .2
+                .contains("line 3: zed@example.com appears on more than one line (2, 3)"),
+        "{:?}",
+        at(23)
+    );
+    assert_eq!(at(24), at(20));
+}
+
+#[test]
+fn without_a_config_file_nothing_is_created_in_the_current_directory() {
+    let cwd = tempfile::tempdir().unwrap();
+    let default = cwd.path().join("etc-mailbell.toml");
+    let bare = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .current_dir(cwd.path())
+            .env_remove("MAILBELL_CONFIG")
+            .env("MAILBELL_DEFAULT_CONFIG", &default)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["user", "list"][..],
+        &["serve"],
+        &["status"],
+        &["queue", "list"],
+    ] {
+        let o = bare(args);
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("--config") && err.contains("MAILBELL_CONFIG"),
+            "{args:?}: {err}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(cwd.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // The default file, once it exists, is used; status names it and the data directory.
+    let data = cwd.path().join("state");
+    std::fs::write(
+        &default,
+        format!("[mailbell]\ndata_dir = {data:?}\n[listen]\nadmin = \"\"\n"),
+    )
+    .unwrap();
+    let o = bare(&["user", "list"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(data.join("users").exists());
+    let o = bare(&["status"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!("config: {}", default.display()))
+            && out.contains(&format!("data_dir: {}", data.display())),
+        "{out}"
+    );
+    assert!(!o.status.success(), "not running");
+}
+
+#[test]
+fn state_is_created_0750_and_0640() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailbell.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &config,
+        format!("[mailbell]\ndata_dir = {data:?}\n[listen]\nadmin = \"\"\n"),
+    )
+    .unwrap();
+    ok(
+        &config,
+        &[
+            "user",
+            "add",
+            "alice@example.com",
+            "--phone",
+            "+8613800138000",
+        ],
+    );
+    ok(&config, &["queue", "list"]);
+    ok(&config, &["log"]);
+    fn walk(p: &Path, seen: &mut Vec<(std::path::PathBuf, u32, bool)>) {
+        let m = std::fs::metadata(p).unwrap();
+        seen.push((p.to_owned(), m.permissions().mode() & 0o7777, m.is_dir()));
+        if m.is_dir() {
+            for e in std::fs::read_dir(p).unwrap() {
+                walk(&e.unwrap().path(), seen);
+            }
+        }
+    }
+    let mut seen = Vec::new();
+    walk(&data, &mut seen);
+    assert!(seen.len() > 5, "{seen:?}");
+    for (p, mode, is_dir) in seen {
+        if is_dir {
+            assert_eq!(mode, 0o750, "{}", p.display());
+        } else {
+            assert_eq!(mode & 0o027, 0, "{} is {mode:o}", p.display());
+        }
+    }
+}
+
+/// Root against a data directory of the daemon's user: refused, nothing created. Runs when
+/// the tests run as root (as in CI); the decision itself is unit-tested in
+/// `admin::ownership`.
+#[test]
+fn root_refuses_to_touch_the_daemon_users_data_directory() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    if std::fs::metadata(dir.path()).unwrap().uid() != 0 {
+        eprintln!("skipping root_refuses_to_touch_the_daemon_users_data_directory: not root");
+        return;
+    }
+    let config = dir.path().join("mailbell.toml");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+    std::fs::write(
+        &config,
+        format!("[mailbell]\ndata_dir = {data:?}\n[listen]\nadmin = \"\"\n"),
+    )
+    .unwrap();
+    for args in [
+        &[
+            "user",
+            "add",
+            "alice@example.com",
+            "--phone",
+            "+8613800138000",
+        ][..],
+        &["user", "list"],
+        &["queue", "list"],
+        &["log"],
+    ] {
+        let err = fails(&config, args);
+        assert!(
+            err.contains("uid 65534") && err.contains("sudo -u"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0);
+    // status opens nothing, so it only says the daemon is not running.
+    let err = fails(&config, &["status"]);
+    assert!(err.contains("not running"), "{err}");
+    // Its owner (or root on root's own directory) goes ahead.
+    std::os::unix::fs::chown(&data, Some(0), Some(0)).unwrap();
+    ok(&config, &["user", "list"]);
 }

@@ -12,8 +12,9 @@
 //!                                                    body: User JSON; "address" may be omitted
 //! PATCH  /admin/v1/users/{address}                   200 User | 404; body: UserPatch JSON
 //! DELETE /admin/v1/users/{address}                   204 | 404 (primary address only)
-//! POST   /admin/v1/users/import?mode=upsert|add      200 ImportReport; body: CSV (users.rs docs),
-//!                                                    at most 64 MiB
+//! POST   /admin/v1/users/import?mode=upsert|add[&dry_run=true]
+//!                                                    200 ImportReport; body: CSV (users.rs docs),
+//!                                                    at most 64 MiB; dry_run writes nothing
 //! errors: {"error": "<message>"} with 400 (bad input), 401, 403, 404, 405, 409 (alias or
 //!         address taken), 413 (body too large), 503 (store error: retry), 500
 //! ```
@@ -40,8 +41,8 @@ use tracing::{info, warn};
 
 use crate::bearer::authorized;
 use crate::users::{
-    normalize_address, ImportMode, ImportReport, User, UserError, UserPatch, UserStore,
-    MAX_LIST_LIMIT,
+    normalize_address, ImportMode, ImportOptions, ImportReport, User, UserError, UserPatch,
+    UserStore, MAX_LIST_LIMIT,
 };
 
 /// Largest CSV body `POST /admin/v1/users/import` accepts.
@@ -312,6 +313,9 @@ async fn delete_user(
 #[serde(deny_unknown_fields)]
 struct ImportQuery {
     mode: Option<String>,
+    /// `true`: report what would change, write nothing.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 async fn import_users(
@@ -326,7 +330,11 @@ async fn import_users(
     };
     let body = body?;
     let bytes = body.len();
-    let report = blocking(move || users.import_csv(&body[..], mode)).await?;
+    let opts = ImportOptions {
+        mode,
+        dry_run: q.dry_run,
+    };
+    let report = blocking(move || users.import_csv_with(&body[..], opts)).await?;
     info!(
         bytes,
         ?mode,
@@ -334,6 +342,8 @@ async fn import_users(
         updated = report.updated,
         skipped = report.skipped,
         failed = report.failed,
+        unchanged = report.unchanged,
+        dry_run = q.dry_run,
         "admin: users imported"
     );
     Ok(Json(report))

@@ -10,12 +10,14 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
 
+use crate::admin::api::UserPage;
 use crate::admin::ops::{parse_select, CountReply, QueueEntry};
 use crate::audit::{format_record, parse_since, AuditLog, AuditQuery, AuditRecord};
 use crate::config::Config;
 use crate::notify::outbox::{Outbox, OutboxConfig};
 use crate::users::{
-    parse_bool, parse_licence, ImportMode, ImportReport, QuietHours, User, UserPatch, UserStore,
+    address_key, parse_bool, parse_licence, ImportMode, ImportOptions, ImportReport, QuietHours,
+    User, UserError, UserPatch, UserStore, MAX_LIST_LIMIT,
 };
 
 #[derive(Debug, Subcommand)]
@@ -52,11 +54,15 @@ pub enum UserCmd {
     Remove { address: String },
     /// Import users from CSV (header row; columns address, phone, notify, licence_until,
     /// quiet, rate_limit_secs, language, aliases, allow_senders, deny_senders, max_parts).
+    /// An empty cell keeps the user's value, "-" clears it.
     Import {
         file: PathBuf,
         /// upsert (default) or add (existing addresses are skipped).
         #[arg(long, default_value = "upsert")]
         mode: String,
+        /// Report what would change, write nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -214,7 +220,21 @@ enum Target {
 
 const API_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The daemon's admin API when it answers; else the stores, once [`ownership::check`] lets
+/// this process open them.
+///
+/// [`ownership::check`]: crate::admin::ownership::check
 async fn target(config: Option<&Path>) -> anyhow::Result<Target> {
+    let t = reach(config).await?;
+    if let Target::Local(cfg) = &t {
+        crate::admin::ownership::check(&cfg.data_dir)?;
+    }
+    Ok(t)
+}
+
+/// Where the commands would go, without the ownership check (for `status`, which opens
+/// nothing).
+async fn reach(config: Option<&Path>) -> anyhow::Result<Target> {
     let cfg = Config::load(config)?;
     if let Some(addr) = cfg.admin_listen {
         if tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
@@ -230,13 +250,16 @@ async fn target(config: Option<&Path>) -> anyhow::Result<Target> {
     Ok(Target::Local(Box::new(cfg)))
 }
 
-async fn api<T: DeserializeOwned>(
+/// One admin API call; the body of a 2xx answer. An error answer becomes its message: bad
+/// input, an unknown user and a conflict read as they do without the daemon (the message is
+/// the registry's own); other statuses are named.
+async fn call(
     addr: SocketAddr,
     token: &str,
     method: &str,
     path: &str,
     body: Option<(&str, &[u8])>,
-) -> anyhow::Result<T> {
+) -> anyhow::Result<String> {
     let auth = format!("Bearer {token}");
     let r = mailbell_link::http::request(addr, method, path, Some(&auth), body, API_TIMEOUT)
         .await
@@ -246,9 +269,24 @@ async fn api<T: DeserializeOwned>(
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
             .unwrap_or_else(|| r.body.trim().to_owned());
+        if matches!(r.status, 400 | 404 | 409) {
+            bail!("{msg}");
+        }
         bail!("{msg} (HTTP {})", r.status);
     }
-    serde_json::from_str(&r.body).with_context(|| format!("unexpected answer: {}", r.body))
+    Ok(r.body)
+}
+
+/// [`call`] with a JSON answer.
+async fn api<T: DeserializeOwned>(
+    addr: SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &[u8])>,
+) -> anyhow::Result<T> {
+    let body = call(addr, token, method, path, body).await?;
+    serde_json::from_str(&body).with_context(|| format!("unexpected answer: {body}"))
 }
 
 fn enc(s: &str) -> String {
@@ -273,12 +311,20 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `mailbell user …`
+/// `mailbell user …`: the same output and exit status whether the daemon runs (admin API)
+/// or not (the registry opened here).
 pub async fn user(config: Option<&Path>, cmd: UserCmd) -> anyhow::Result<()> {
+    if let UserCmd::List { limit: 0, .. } = cmd {
+        bail!("limit must be at least 1");
+    }
     match target(config).await? {
         Target::Api { addr, token } => user_api(addr, &token, cmd).await,
         Target::Local(cfg) => tokio::task::spawn_blocking(move || user_local(&cfg, cmd)).await?,
     }
+}
+
+fn read_csv(file: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(file).with_context(|| format!("read {}", file.display()))
 }
 
 async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result<()> {
@@ -289,18 +335,19 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
             opts,
             aliases,
         } => {
+            // Checked here first, as the registry does without the daemon.
+            let u = new_user(&address, &opts, aliases)?.validated()?;
             let existing: anyhow::Result<User> =
-                api(addr, token, "GET", &path(&address), None).await;
+                api(addr, token, "GET", &path(&u.address), None).await;
             if existing.is_ok() {
-                bail!("user {address} exists (use `mailbell user set`)");
+                return Err(UserError::Exists { address: u.address }.into());
             }
-            let u = new_user(&address, &opts, aliases)?;
             let body = serde_json::to_vec(&u)?;
             let u: User = api(
                 addr,
                 token,
                 "PUT",
-                &path(&address),
+                &path(&u.address),
                 Some(("application/json", &body)),
             )
             .await?;
@@ -333,16 +380,22 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
             if let Some(a) = after {
                 q.push_str(&format!("&after={}", enc(&a)));
             }
-            let page: serde_json::Value = api(addr, token, "GET", &q, None).await?;
+            let page: UserPage = api(addr, token, "GET", &q, None).await?;
             print_json(&page)
         }
         UserCmd::Remove { address } => {
-            let v: serde_json::Value = api(addr, token, "DELETE", &path(&address), None).await?;
-            print_json(&v)
+            // 204, no body.
+            call(addr, token, "DELETE", &path(&address), None).await?;
+            println!("removed {}", address_key(&address));
+            Ok(())
         }
-        UserCmd::Import { file, mode } => {
+        UserCmd::Import {
+            file,
+            mode,
+            dry_run,
+        } => {
             let mode: ImportMode = mode.parse()?;
-            let data = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+            let data = read_csv(&file)?;
             let m = if mode == ImportMode::AddOnly {
                 "add"
             } else {
@@ -352,7 +405,7 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
                 addr,
                 token,
                 "POST",
-                &format!("/admin/v1/users/import?mode={m}"),
+                &format!("/admin/v1/users/import?mode={m}&dry_run={dry_run}"),
                 Some(("text/csv", &data)),
             )
             .await?;
@@ -362,9 +415,15 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
 }
 
 fn report(r: &ImportReport) -> anyhow::Result<()> {
+    if r.dry_run {
+        for (line, change) in &r.changes {
+            println!("line {line}: would {change}");
+        }
+        print!("dry run, nothing written: would have ");
+    }
     println!(
-        "added {}, updated {}, skipped {}, failed {}",
-        r.added, r.updated, r.skipped, r.failed
+        "added {}, updated {}, skipped {}, failed {}, unchanged {}",
+        r.added, r.updated, r.skipped, r.failed, r.unchanged
     );
     for (line, msg) in &r.errors {
         eprintln!("line {line}: {msg}");
@@ -391,20 +450,39 @@ fn user_local(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
         } => print_json(&users.update(&address, &change(&opts, add_aliases, remove_aliases)?)?),
         UserCmd::Show { address } => match users.get(&address)? {
             Some(u) => print_json(&u),
-            None => bail!("no such user: {address}"),
+            None => Err(UserError::NotFound {
+                address: address_key(&address),
+            }
+            .into()),
         },
-        UserCmd::List { after, limit } => print_json(&users.list(after.as_deref(), limit)?),
+        UserCmd::List { after, limit } => {
+            // The page the admin API answers.
+            let limit = limit.min(MAX_LIST_LIMIT);
+            let users = users.list(after.as_deref(), limit)?;
+            let next = match users.last() {
+                Some(last) if users.len() == limit => Some(last.address.clone()),
+                _ => None,
+            };
+            print_json(&UserPage { users, next })
+        }
         UserCmd::Remove { address } => {
             if !users.remove(&address)? {
-                bail!("no such user: {address}");
+                return Err(UserError::NotFound {
+                    address: address_key(&address),
+                }
+                .into());
             }
-            println!("removed {address}");
+            println!("removed {}", address_key(&address));
             Ok(())
         }
-        UserCmd::Import { file, mode } => {
-            let f =
-                std::fs::File::open(&file).with_context(|| format!("open {}", file.display()))?;
-            report(&users.import_csv(f, mode.parse()?)?)
+        UserCmd::Import {
+            file,
+            mode,
+            dry_run,
+        } => {
+            let mode = mode.parse()?;
+            let data = read_csv(&file)?;
+            report(&users.import_csv_with(&data[..], ImportOptions { mode, dry_run })?)
         }
     };
     users.flush()?;
@@ -584,9 +662,17 @@ pub async fn log(config: Option<&Path>, a: LogArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `mailbell status`: the running daemon's counters.
+/// `mailbell status`: the configuration file and data directory in use, then the running
+/// daemon's counters.
 pub async fn status(config: Option<&Path>) -> anyhow::Result<()> {
-    match target(config).await? {
+    let cfg = Config::load(config)?;
+    println!(
+        "config: {}",
+        config.map_or_else(|| "(built-in defaults)".into(), |p| p.display().to_string())
+    );
+    let data_dir = std::path::absolute(&cfg.data_dir).unwrap_or_else(|_| cfg.data_dir.clone());
+    println!("data_dir: {}", data_dir.display());
+    match reach(config).await? {
         Target::Api { addr, .. } => {
             let r = mailbell_link::http::request(addr, "GET", "/status", None, None, API_TIMEOUT)
                 .await?;
