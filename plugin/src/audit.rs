@@ -146,8 +146,10 @@ impl From<io::Error> for AuditError {
     }
 }
 
-/// One audited happening. `notice` is the notice's id: the 32 hex digits of its `NotifId`, or
-/// the intake's record id before it has one.
+/// One audited happening. `notice` is the notice's id: the 32 hex digits of its `NotifId`,
+/// the same from `created` to `acked` (records written by versions before that used
+/// `s<seq>/<user>` until `queued`). `user` is the registered user's primary address, also for
+/// mail addressed to an alias or a sub-address.
 ///
 /// JSON form: the variant name in kebab case under `event`, then the fields:
 /// `{"event":"dead-lettered","notice":"…","user":"alice","reason":"…"}`.
@@ -158,11 +160,12 @@ pub enum AuditEvent {
     Created {
         notice: String,
         user: String,
-        queue_id: Option<u64>,
+        queue_id: Option<QueueId>,
         from: String,
         subject: String,
     },
-    /// Held back: quiet hours, rate limit, awaiting delivery confirmation.
+    /// Held back: `reason` is "quiet hours until <time>" or "rate limit until <time>" (in the
+    /// intake's time zone).
     Held {
         notice: String,
         user: String,
@@ -176,7 +179,8 @@ pub enum AuditEvent {
         into: String,
         count: u32,
     },
-    /// Not sent: spam, duplicate, filtered, confirmation timeout with drop policy, ineligible.
+    /// Not sent: notifications off, licence expired, no phone number, sender filter, spam,
+    /// duplicate, confirmation timeout with drop policy, user removed.
     Dropped {
         notice: String,
         user: String,
@@ -237,6 +241,25 @@ pub enum AuditEvent {
         action: String,
         target: String,
     },
+}
+
+/// The MTA's queue id of the message a notice was made from: Stalwart's number (a JSON
+/// number, as in records written before milter queue ids were kept) or the text a milter
+/// client gave (Postfix's `{i}` macro, a JSON string).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum QueueId {
+    Stalwart(u64),
+    Mta(String),
+}
+
+impl std::fmt::Display for QueueId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueueId::Stalwart(n) => write!(f, "{n}"),
+            QueueId::Mta(s) => f.write_str(s),
+        }
+    }
 }
 
 impl AuditEvent {
@@ -321,12 +344,15 @@ impl AuditEvent {
             AuditEvent::Created {
                 notice,
                 user,
+                queue_id,
                 from,
                 subject,
-                ..
             } => {
                 f(notice);
                 f(user);
+                if let Some(QueueId::Mta(q)) = queue_id {
+                    f(q);
+                }
                 f(from);
                 f(subject);
             }
@@ -2130,7 +2156,7 @@ pub fn format_record(r: &AuditRecord) -> String {
             id_field(line, "notice", notice);
             field(line, "user", user);
             if let Some(q) = queue_id {
-                let _ = write!(line, " queue_id={q}");
+                id_field(line, "queue_id", &q.to_string());
             }
             field(line, "from", from);
             field(line, "subject", subject);
@@ -2352,7 +2378,7 @@ mod tests {
         AuditEvent::Created {
             notice: n.into(),
             user: user.into(),
-            queue_id: Some(7),
+            queue_id: Some(QueueId::Stalwart(7)),
             from: "bob@example.org".into(),
             subject: "hello".into(),
         }
@@ -3198,7 +3224,7 @@ mod tests {
                 AuditEvent::Created {
                     notice: "0123456789abcdef0123456789abcdef".into(),
                     user: "alice".into(),
-                    queue_id: Some(42),
+                    queue_id: Some(QueueId::Stalwart(42)),
                     from: "bob@example.org".into(),
                     subject: "Lunch at 12?\nforged line".into(),
                 }
@@ -3334,7 +3360,7 @@ mod tests {
                 0 => AuditEvent::Created {
                     notice,
                     user,
-                    queue_id: Some(k),
+                    queue_id: Some(QueueId::Stalwart(k)),
                     from: "sender@example.org".into(),
                     subject: "Quarterly figures".into(),
                 },
