@@ -92,6 +92,9 @@ pub const MAX_QUERY_LIMIT: usize = 100_000;
 /// Most lines one query reads before giving up with [`AuditError::TooBroad`]: about 15 GB of
 /// log (150 bytes a line), twice the default `max_records`.
 pub const MAX_SCAN: u64 = 100_000_000;
+/// Most lines [`AuditLog::query_page`] reads in all to count the records it leaves out (about
+/// 1.5 GB, a second or so from the page cache); past it the count is a lower bound.
+pub const MAX_COUNT_SCAN: u64 = 10_000_000;
 
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -551,6 +554,27 @@ pub struct AuditQuery {
     pub limit: usize,
 }
 
+/// One page of a query: the newest `limit` matching records, oldest first, and how many older
+/// ones matched too ([`AuditLog::query_page`]).
+///
+/// ```text
+/// {"records":[{"at_ms":…,"seq":…,"event":"created",…},…],"omitted":295,"omitted_exact":true}
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuditPage {
+    pub records: Vec<AuditRecord>,
+    /// Older matching records not in `records`.
+    pub omitted: u64,
+    /// Whether `omitted` is exact (false: at least that many; the query stopped counting).
+    pub omitted_exact: bool,
+}
+
+/// Records a query left out (see [`AuditPage`]).
+struct LeftOut {
+    count: u64,
+    exact: bool,
+}
+
 impl Default for AuditQuery {
     fn default() -> Self {
         Self {
@@ -710,14 +734,27 @@ impl AuditLog {
     /// Records matching `q`, oldest first: the first `limit` of them. Sees every event the
     /// writer has taken off the channel. Blocking.
     pub fn query(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, AuditError> {
-        self.inner.store.query(q, false)
+        Ok(self.inner.store.query(q, false, false)?.0)
     }
 
     /// Records matching `q`, oldest first: the last (newest) `limit` of them. Blocking.
     pub fn query_latest(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, AuditError> {
-        let mut out = self.inner.store.query(q, true)?;
+        let (mut out, _) = self.inner.store.query(q, true, false)?;
         out.reverse();
         Ok(out)
+    }
+
+    /// [`query_latest`](Self::query_latest), and how many older matching records it left
+    /// out: counted exactly while the whole query reads at most [`MAX_COUNT_SCAN`] lines, a
+    /// lower bound beyond (`omitted_exact` false). Blocking.
+    pub fn query_page(&self, q: &AuditQuery) -> Result<AuditPage, AuditError> {
+        let (mut records, left) = self.inner.store.query(q, true, true)?;
+        records.reverse();
+        Ok(AuditPage {
+            records,
+            omitted: left.count,
+            omitted_exact: left.exact,
+        })
     }
 
     /// Deletes the segments past the retention period (relative to `now_ms`), then the oldest
@@ -1351,11 +1388,24 @@ impl Store {
         }
     }
 
-    fn query(&self, q: &AuditQuery, newest: bool) -> Result<Vec<AuditRecord>, AuditError> {
+    /// The best `limit` records (`newest` first, or oldest), and, when `count`, how many
+    /// matching records it left out.
+    fn query(
+        &self,
+        q: &AuditQuery,
+        newest: bool,
+        count: bool,
+    ) -> Result<(Vec<AuditRecord>, LeftOut), AuditError> {
         let limit = q.limit.min(MAX_QUERY_LIMIT);
         let since = q.since_ms.unwrap_or(i64::MIN);
-        if limit == 0 || q.until_ms.is_some_and(|u| since >= u) {
-            return Ok(Vec::new());
+        if q.until_ms.is_some_and(|u| since >= u) || (limit == 0 && !count) {
+            return Ok((
+                Vec::new(),
+                LeftOut {
+                    count: 0,
+                    exact: true,
+                },
+            ));
         }
         let user = q.user.as_deref().map(str::to_lowercase);
         let notice = q.notice.as_deref().map(str::to_ascii_lowercase);
@@ -1370,15 +1420,15 @@ impl Store {
             }),
             (None, None) => None,
         };
-        let mut segments: Vec<SegKey> = {
+        let mut segments: Vec<(SegKey, u64)> = {
             let mut st = lock(&self.state);
             // What the writer holds in its buffers is visible too. A failure here is the
             // writer's to report (at the next flush).
             let _ = self.flush_buffers(&mut st);
             st.segments
-                .keys()
-                .filter(|k| k.end_ms() > since && q.until_ms.is_none_or(|u| k.start_ms < u))
-                .copied()
+                .iter()
+                .filter(|(k, _)| k.end_ms() > since && q.until_ms.is_none_or(|u| k.start_ms < u))
+                .map(|(k, i)| (*k, i.lines))
                 .collect()
         };
         let mut scan = Scan {
@@ -1391,13 +1441,20 @@ impl Store {
             best: BinaryHeap::new(),
             lines: 0,
             unreadable: 0,
+            count,
+            omitted: 0,
         };
-        segments.sort_by_key(|k| (scan.bound(k), *k));
+        segments.sort_by_key(|(k, _)| (scan.bound(k), *k));
         let mut buf = Vec::new();
         let mut folded = Vec::new();
-        for k in &segments {
+        let mut exact = true;
+        for (k, lines) in &segments {
             if scan.cannot_improve(scan.bound(k)) {
-                break;
+                // Only counting from here on: within the budget, or not at all.
+                if !count || scan.lines.saturating_add(*lines) > MAX_COUNT_SCAN {
+                    exact = false;
+                    break;
+                }
             }
             let mut file = match File::open(self.path(k)) {
                 Ok(f) => f,
@@ -1427,7 +1484,13 @@ impl Store {
                 "audit query skipped lines that do not decode"
             );
         }
-        Ok(out)
+        Ok((
+            out,
+            LeftOut {
+                count: scan.omitted,
+                exact,
+            },
+        ))
     }
 }
 
@@ -1676,6 +1739,9 @@ struct Scan {
     best: BinaryHeap<Candidate>,
     lines: u64,
     unreadable: u64,
+    /// Whether to count the matching records left out of `best`.
+    count: bool,
+    omitted: u64,
 }
 
 impl Scan {
@@ -1700,7 +1766,8 @@ impl Scan {
 
     /// Whether the result is complete for every record with a key of at least `key`.
     fn cannot_improve(&self, key: (i64, u64)) -> bool {
-        self.best.len() >= self.limit && self.best.peek().is_some_and(|w| w.key < key)
+        self.best.len() >= self.limit
+            && (self.limit == 0 || self.best.peek().is_some_and(|w| w.key < key))
     }
 
     /// Takes a run of whole lines.
@@ -1794,7 +1861,12 @@ impl Scan {
             return;
         }
         let key = self.key(at_ms, seq);
-        if self.best.len() >= self.limit && self.best.peek().is_some_and(|w| key >= w.key) {
+        if self.best.len() >= self.limit
+            && (self.limit == 0 || self.best.peek().is_some_and(|w| key >= w.key))
+        {
+            if self.count {
+                self.count_left_out(decoded, raw);
+            }
             return;
         }
         let entry = match decoded {
@@ -1816,6 +1888,20 @@ impl Scan {
         self.best.push(Candidate { key, entry });
         if self.best.len() > self.limit {
             self.best.pop();
+            self.omitted += 1;
+        }
+    }
+
+    /// Counts a line that matched the time range but is not kept, if it matches the filters.
+    fn count_left_out(&mut self, decoded: Option<AuditRecord>, raw: &[u8]) {
+        if self.user.is_none() && self.notice.is_none() {
+            self.omitted += 1;
+            return;
+        }
+        match decoded.map_or_else(|| serde_json::from_slice::<AuditRecord>(raw), Ok) {
+            Ok(r) if self.keep(&r) => self.omitted += 1,
+            Ok(_) => {}
+            Err(_) => self.unreadable += 1,
         }
     }
 
@@ -2786,6 +2872,64 @@ mod tests {
         assert_eq!(by("ab12"), ["AB12"]);
         assert_eq!(by("A\"B"), ["a\"b"]);
         assert!(by("b1").is_empty());
+    }
+
+    #[test]
+    fn a_page_keeps_the_newest_and_counts_what_it_left_out() {
+        let t0 = hour_base();
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_with(
+            dir.path(),
+            AuditConfig {
+                segment_secs: 60,
+                ..Default::default()
+            },
+        );
+        // 1,295 records over about 22 minutes (22 segments); every fifth one is bob's.
+        for i in 0..1295_i64 {
+            let u = if i % 5 == 0 { "bob" } else { "alice" };
+            log.record_at(t0 + i * 1000, created(&format!("n{i}"), u));
+        }
+        log.flush().unwrap();
+        let page = log.query_page(&q()).unwrap();
+        assert_eq!(page.records.len(), 1000);
+        assert_eq!((page.omitted, page.omitted_exact), (295, true));
+        assert_eq!(page.records[0].event.notice(), Some("n295"), "oldest first");
+        assert_eq!(page.records[999].event.notice(), Some("n1294"));
+        // Paging back: everything before the oldest one printed.
+        let older = log
+            .query_page(&AuditQuery {
+                until_ms: Some(page.records[0].at_ms),
+                ..q()
+            })
+            .unwrap();
+        assert_eq!((older.records.len(), older.omitted), (295, 0));
+        assert_eq!(older.records[294].event.notice(), Some("n294"));
+        // Filtered: only bob's count.
+        let bob = log
+            .query_page(&AuditQuery {
+                limit: 10,
+                ..user_q("bob")
+            })
+            .unwrap();
+        assert_eq!(notices(&bob.records)[9], "n1290");
+        assert_eq!((bob.omitted, bob.omitted_exact), (249, true));
+        let one = log
+            .query_page(&AuditQuery {
+                limit: 1,
+                ..AuditQuery {
+                    notice: Some("n7".into()),
+                    ..q()
+                }
+            })
+            .unwrap();
+        assert_eq!((notices(&one.records), one.omitted), (vec!["n7".into()], 0));
+        // Nothing left out: nothing said.
+        let all = log.query_page(&AuditQuery { limit: 2000, ..q() }).unwrap();
+        assert_eq!((all.records.len(), all.omitted), (1295, 0));
+        // Counting only.
+        let none = log.query_page(&AuditQuery { limit: 0, ..q() }).unwrap();
+        assert_eq!((none.records.len(), none.omitted), (0, 1295));
     }
 
     #[test]

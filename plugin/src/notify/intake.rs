@@ -242,6 +242,58 @@ impl StagedMsg {
     }
 }
 
+/// A notice not in the queue yet, as `mailbell queue list --held` shows it: waiting for
+/// Stalwart's delivery confirmation, or held by quiet hours or the rate limit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingNotice {
+    /// The notice id (as in the audit log).
+    pub id: String,
+    /// The registered user.
+    pub user: String,
+    /// The recipient as addressed.
+    pub recipient: String,
+    pub received_at_ms: i64,
+    pub from: String,
+    pub subject: String,
+    /// "awaiting delivery confirmation", "quiet hours until …", "rate limit until …", or
+    /// "ready" (to be evaluated at once).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<i64>,
+}
+
+/// The notices the staged records still stand for, oldest arrival first, at most `limit`;
+/// records that do not decode are skipped (the intake logs them at start).
+pub fn pending_notices(records: &[StagedRecord], limit: usize) -> Vec<PendingNotice> {
+    let mut out = Vec::new();
+    for r in records {
+        let Ok(m) = serde_json::from_slice::<StagedMsg>(&r.value) else {
+            continue;
+        };
+        for e in m.entries.iter().filter(|e| e.state != EntryState::Done) {
+            if out.len() >= limit {
+                return out;
+            }
+            let (state, until_ms) = match (&e.state, &e.hold) {
+                (EntryState::Wait, _) => ("awaiting delivery confirmation".to_owned(), None),
+                (_, Some(h)) => (h.why.clone(), Some(h.until_ms)),
+                _ => ("ready".to_owned(), None),
+            };
+            out.push(PendingNotice {
+                id: e.id.clone(),
+                user: e.user.clone(),
+                recipient: e.rcpt.clone(),
+                received_at_ms: m.received_at_ms,
+                from: m.sender().to_owned(),
+                subject: m.subject.clone(),
+                state,
+                until_ms,
+            });
+        }
+    }
+    out
+}
+
 /// Why a registered user gets no notice, as the audit log says it.
 fn ineligible_reason(why: Ineligible) -> &'static str {
     match why {
@@ -1955,6 +2007,50 @@ mod tests {
             .map(|e| e.name())
             .collect();
         assert_eq!(names, ["created", "queued"]);
+    }
+
+    #[tokio::test]
+    async fn held_notices_are_listed_with_why() {
+        let mut u = user("alice@example.com", "+8613800138000");
+        u.quiet = Some(QuietHours::parse("17:30-19:00").unwrap());
+        let cfg = IntakeConfig {
+            timezone: "+08:00".into(),
+            ..Default::default()
+        };
+        let r = rig_with(cfg, vec![u, user("bob@test.local", "+8613800138001")], None).await;
+        r.intake
+            .accept(arrival(Origin::Milter, &["alice@example.com"], "q", T0))
+            .await
+            .unwrap();
+        r.intake
+            .accept(arrival(
+                Origin::Stalwart { queue_id: 3 },
+                &["bob@test.local"],
+                "w",
+                T0,
+            ))
+            .await
+            .unwrap();
+        r.tick().await;
+        let got = pending_notices(&r.outbox.staged().unwrap(), 10);
+        let states: Vec<(&str, &str, Option<i64>)> = got
+            .iter()
+            .map(|p| (p.user.as_str(), p.state.as_str(), p.until_ms))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (
+                    "alice@example.com",
+                    "quiet hours until 2026-11-22T19:00:00+08:00",
+                    Some(T0 + 3_600_000)
+                ),
+                ("bob@test.local", "awaiting delivery confirmation", None),
+            ]
+        );
+        let held = r.history(&got[0].id);
+        assert_eq!(held[0].name(), "created", "{held:?}");
+        assert_eq!(pending_notices(&r.outbox.staged().unwrap(), 1).len(), 1);
     }
 
     /// The committer records a round's events before the link can see its notices, so a
