@@ -200,10 +200,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         backoff_max: cfg.link.backoff_max,
     };
     let link_stats = Arc::new(ClientStats::default());
-    let sender = Arc::new(AuditedOutbox::new(
-        stores.outbox.clone(),
-        stores.audit.clone(),
-    ));
+    let sender = Arc::new(
+        AuditedOutbox::new(stores.outbox.clone(), stores.audit.clone())
+            .resolving_users(intake.user_resolver()),
+    );
     {
         let (failures, stop, stats) = (failures.clone(), shutdown.clone(), link_stats.clone());
         tasks.spawn(async move {

@@ -310,13 +310,19 @@ async fn plain_message() {
         ],
         body: b"Dear Bob,\r\nsee you.\r\n",
     };
-    assert_eq!(send(&mut conn, &m).await, Status::Accept);
+    send_until_eom(&mut conn, &m).await;
+    // Postfix sends its queue id as {i} with end of message (milter_end_of_data_macros).
+    conn.macros(MacroStage::Eom, [("i", "4XyZ1c2d3e")])
+        .await
+        .unwrap();
+    assert_eq!(conn.eom().await.unwrap().1, Status::Accept);
     conn.close().await.unwrap();
 
     let arrivals = server.intake.take();
     assert_eq!(arrivals.len(), 1);
     let a = &arrivals[0];
     assert_eq!(a.origin, Origin::Milter);
+    assert_eq!(a.mta_queue_id.as_deref(), Some("4XyZ1c2d3e"));
     assert_eq!(a.client_ip, Some("192.0.2.10".parse().unwrap()));
     assert_eq!(a.helo, "mx.example.net");
     assert_eq!(a.env_from, "alice@example.org");

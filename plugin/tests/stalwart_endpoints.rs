@@ -295,6 +295,7 @@ async fn data_fixtures_give_the_right_arrivals() {
             },
             size: 334,
             received_at_ms: plain.received_at_ms,
+            mta_queue_id: None,
         }
     );
 

@@ -12,8 +12,9 @@ use serde::de::DeserializeOwned;
 
 use crate::admin::api::UserPage;
 use crate::admin::ops::{parse_select, CountReply, QueueEntry};
-use crate::audit::{format_record, parse_since, AuditLog, AuditQuery, AuditRecord};
+use crate::audit::{format_record, parse_since, AuditLog, AuditPage, AuditQuery};
 use crate::config::Config;
+use crate::notify::intake::{pending_notices, PendingNotice};
 use crate::notify::outbox::{Outbox, OutboxConfig};
 use crate::users::{
     address_key, parse_bool, parse_licence, ImportMode, ImportOptions, ImportReport, QuietHours,
@@ -180,8 +181,12 @@ pub enum QueueCmd {
         #[arg(long, default_value_t = 100)]
         limit: usize,
         /// Show the dead letters instead.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "held")]
         dead: bool,
+        /// Show the notices not queued yet instead: held by quiet hours or the rate limit, or
+        /// awaiting Stalwart's delivery confirmation.
+        #[arg(long)]
+        held: bool,
     },
     /// Put dead letters back in the queue: a notice id, or "all".
     Retry { which: String },
@@ -194,7 +199,8 @@ pub enum QueueCmd {
 
 #[derive(Debug, Args)]
 pub struct LogArgs {
-    /// Only this user's records (address as notified).
+    /// Only this registered user's records (the primary address; mail to an alias or a
+    /// sub-address is filed under it).
     #[arg(long)]
     user: Option<String>,
     /// Only records about this notice.
@@ -203,8 +209,10 @@ pub struct LogArgs {
     /// From this time: "2026-11-22", RFC 3339, or relative "2h", "7d".
     #[arg(long)]
     since: Option<String>,
+    /// Before this time (same forms as --since).
     #[arg(long)]
     until: Option<String>,
+    /// Most records printed: the newest ones; stderr says how many older ones were left out.
     #[arg(long, default_value_t = 1000)]
     limit: usize,
     /// One JSON object per line.
@@ -515,6 +523,21 @@ fn print_entries(items: &[QueueEntry]) {
     }
 }
 
+fn print_pending(items: &[PendingNotice]) {
+    if items.is_empty() {
+        println!("(empty)");
+    }
+    for p in items {
+        let when = chrono::DateTime::from_timestamp_millis(p.received_at_ms)
+            .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+            .unwrap_or_default();
+        println!(
+            "{} {when} user={} to={} from={} [{}] {}",
+            p.id, p.user, p.recipient, p.from, p.state, p.subject
+        );
+    }
+}
+
 fn open_outbox(cfg: &Config) -> anyhow::Result<Outbox> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     Ok(Outbox::open(
@@ -531,7 +554,21 @@ fn open_outbox(cfg: &Config) -> anyhow::Result<Outbox> {
 pub async fn queue(config: Option<&Path>, cmd: QueueCmd) -> anyhow::Result<()> {
     match target(config).await? {
         Target::Api { addr, token } => match cmd {
-            QueueCmd::List { limit, dead } => {
+            QueueCmd::List {
+                limit, held: true, ..
+            } => {
+                let items: Vec<PendingNotice> = api(
+                    addr,
+                    &token,
+                    "GET",
+                    &format!("/admin/v1/queue/held?limit={limit}"),
+                    None,
+                )
+                .await?;
+                print_pending(&items);
+                Ok(())
+            }
+            QueueCmd::List { limit, dead, .. } => {
                 let p = if dead {
                     "/admin/v1/queue/dead"
                 } else {
@@ -575,7 +612,13 @@ pub async fn queue(config: Option<&Path>, cmd: QueueCmd) -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || {
                 let ob = open_outbox(&cfg)?;
                 let r = match cmd {
-                    QueueCmd::List { limit, dead } => {
+                    QueueCmd::List {
+                        limit, held: true, ..
+                    } => {
+                        print_pending(&pending_notices(&ob.staged()?, limit));
+                        Ok(())
+                    }
+                    QueueCmd::List { limit, dead, .. } => {
                         let items: Vec<QueueEntry> = if dead {
                             ob.dead_letters(limit)?
                                 .iter()
@@ -612,9 +655,9 @@ pub async fn queue(config: Option<&Path>, cmd: QueueCmd) -> anyhow::Result<()> {
 
 /// `mailbell log …`
 pub async fn log(config: Option<&Path>, a: LogArgs) -> anyhow::Result<()> {
-    let records: Vec<AuditRecord> = match target(config).await? {
+    let page: AuditPage = match target(config).await? {
         Target::Api { addr, token } => {
-            let mut q = format!("/admin/v1/log?limit={}", a.limit);
+            let mut q = format!("/admin/v1/log/page?limit={}", a.limit);
             for (k, v) in [
                 ("user", &a.user),
                 ("notice", &a.notice),
@@ -644,22 +687,55 @@ pub async fn log(config: Option<&Path>, a: LogArgs) -> anyhow::Result<()> {
                     .transpose()?,
                 limit: a.limit,
             };
-            tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<AuditRecord>> {
+            tokio::task::spawn_blocking(move || -> anyhow::Result<AuditPage> {
                 std::fs::create_dir_all(&cfg.data_dir)?;
                 let log = AuditLog::open(&cfg.audit_path(), cfg.audit.clone())?;
-                Ok(log.query(&query)?)
+                Ok(log.query_page(&query)?)
             })
             .await??
         }
     };
-    for r in &records {
+    for r in &page.records {
         if a.json {
             println!("{}", serde_json::to_string(r)?);
         } else {
             println!("{}", format_record(r));
         }
     }
+    if let Some(note) = left_out_note(&page) {
+        eprintln!("{note}");
+    }
     Ok(())
+}
+
+/// What `mailbell log` says on stderr when it printed only the newest records.
+fn left_out_note(page: &AuditPage) -> Option<String> {
+    if page.omitted == 0 {
+        return None;
+    }
+    let at_least = if page.omitted_exact { "" } else { "at least " };
+    let mut note = format!(
+        "mailbell log: printed the newest {} matching record(s); {at_least}{} older one(s) left out.",
+        page.records.len(),
+        page.omitted
+    );
+    match page
+        .records
+        .first()
+        .and_then(|r| chrono::DateTime::from_timestamp_millis(r.at_ms + 1))
+    {
+        Some(t) => note.push_str(&format!(
+            " Older ones: add --until {} (the oldest printed millisecond is printed again), \
+             narrow with --since, or raise --limit (at most {}).",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            crate::audit::MAX_QUERY_LIMIT
+        )),
+        None => note.push_str(&format!(
+            " Raise --limit (at most {}) or narrow with --since/--until.",
+            crate::audit::MAX_QUERY_LIMIT
+        )),
+    }
+    Some(note)
 }
 
 /// `mailbell status`: the configuration file and data directory in use, then the running

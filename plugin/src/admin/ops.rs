@@ -4,10 +4,16 @@
 //!
 //! ```text
 //! GET  /admin/v1/queue?limit=N            queued notices (phone numbers masked)
+//! GET  /admin/v1/queue/held?limit=N       notices not queued yet: held (quiet hours, rate
+//!                                         limit) or awaiting Stalwart's delivery confirmation
 //! GET  /admin/v1/queue/dead?limit=N       dead letters
 //! POST /admin/v1/queue/retry?id=HEX|all   dead letters back into the queue
 //! POST /admin/v1/queue/purge?older_than=7d   delete dead letters (default: all)
 //! GET  /admin/v1/log?user=U&notice=N&since=T&until=T&limit=N
+//!                                         the newest `limit` (1000) matching records, oldest
+//!                                         first, as a JSON array
+//! GET  /admin/v1/log/page?…same…          the same as {"records":[…],"omitted":N,
+//!                                         "omitted_exact":bool}: how many older ones matched
 //! ```
 
 use std::fmt::Write as _;
@@ -28,9 +34,9 @@ use mailbell_link::http_server::HttpStats;
 use mailbell_link::listen::ListenerStats;
 
 use crate::admin::api::ApiError;
-use crate::audit::{parse_since, AuditLog, AuditQuery, AuditRecord, AuditStats};
+use crate::audit::{parse_since, AuditLog, AuditPage, AuditQuery, AuditRecord, AuditStats};
 use crate::mta::stalwart::StalwartStats;
-use crate::notify::intake::IntakeStats;
+use crate::notify::intake::{pending_notices, IntakeStats, PendingNotice};
 use crate::notify::outbox::{DeadLetter, Outbox, OutboxStats, QueuedItem, Select};
 
 /// Everything `/metrics` reports.
@@ -57,10 +63,12 @@ struct Ops {
 pub fn routes(outbox: Outbox, audit: AuditLog) -> Router {
     Router::new()
         .route("/admin/v1/queue", get(queue_list))
+        .route("/admin/v1/queue/held", get(held_list))
         .route("/admin/v1/queue/dead", get(dead_list))
         .route("/admin/v1/queue/retry", post(queue_retry))
         .route("/admin/v1/queue/purge", post(queue_purge))
         .route("/admin/v1/log", get(log_query))
+        .route("/admin/v1/log/page", get(log_page))
         .with_state(Ops { outbox, audit })
 }
 
@@ -220,6 +228,21 @@ async fn queue_list(State(o): State<Ops>, Query(q): Query<LimitQ>) -> Response {
     }
 }
 
+async fn held_list(State(o): State<Ops>, Query(q): Query<LimitQ>) -> Response {
+    let limit = q.limit.unwrap_or(100).min(MAX_LIST);
+    match blocking(move || {
+        o.outbox
+            .staged()
+            .map(|r| pending_notices(&r, limit))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    {
+        Ok(items) => Json::<Vec<PendingNotice>>(items).into_response(),
+        Err(r) => r,
+    }
+}
+
 async fn dead_list(State(o): State<Ops>, Query(q): Query<LimitQ>) -> Response {
     let limit = q.limit.unwrap_or(100).min(MAX_LIST);
     match blocking(move || o.outbox.dead_letters(limit).map_err(|e| e.to_string())).await {
@@ -290,25 +313,48 @@ struct LogQ {
     limit: Option<usize>,
 }
 
-async fn log_query(State(o): State<Ops>, Query(q): Query<LogQ>) -> Response {
+/// The query of a `/admin/v1/log` request; the error is the bad request's message.
+fn audit_query(q: LogQ) -> Result<AuditQuery, String> {
     let now = chrono::Utc::now().timestamp_millis();
-    let since = match q.since.as_deref().map(|s| parse_since(s, now)).transpose() {
-        Ok(v) => v,
-        Err(e) => return bad_request(format!("since: {e}")),
-    };
-    let until = match q.until.as_deref().map(|s| parse_since(s, now)).transpose() {
-        Ok(v) => v,
-        Err(e) => return bad_request(format!("until: {e}")),
-    };
-    let query = AuditQuery {
+    let since = q
+        .since
+        .as_deref()
+        .map(|s| parse_since(s, now))
+        .transpose()
+        .map_err(|e| format!("since: {e}"))?;
+    let until = q
+        .until
+        .as_deref()
+        .map(|s| parse_since(s, now))
+        .transpose()
+        .map_err(|e| format!("until: {e}"))?;
+    Ok(AuditQuery {
         user: q.user,
         notice: q.notice,
         since_ms: since,
         until_ms: until,
         limit: q.limit.unwrap_or(1000),
+    })
+}
+
+async fn log_query(State(o): State<Ops>, Query(q): Query<LogQ>) -> Response {
+    let query = match audit_query(q) {
+        Ok(q) => q,
+        Err(e) => return bad_request(e),
     };
-    match blocking(move || o.audit.query(&query).map_err(|e| e.to_string())).await {
+    match blocking(move || o.audit.query_latest(&query).map_err(|e| e.to_string())).await {
         Ok(records) => Json::<Vec<AuditRecord>>(records).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn log_page(State(o): State<Ops>, Query(q): Query<LogQ>) -> Response {
+    let query = match audit_query(q) {
+        Ok(q) => q,
+        Err(e) => return bad_request(e),
+    };
+    match blocking(move || o.audit.query_page(&query).map_err(|e| e.to_string())).await {
+        Ok(page) => Json::<AuditPage>(page).into_response(),
         Err(r) => r,
     }
 }

@@ -573,7 +573,7 @@ async fn on_eom<I: Intake>(cx: &mut EomContext<Session>, intake: &I, reply: &str
     if s.client_ip.is_none() {
         s.client_ip = macro_ip;
     }
-    let arrival = s.arrival(now_ms());
+    let arrival = s.arrival(now_ms(), (!queue_id.is_empty()).then(|| queue_id.clone()));
     let (rcpts, size) = (arrival.rcpts.len(), arrival.size);
     match intake.accept(arrival).await {
         Ok(accepted) => {
@@ -686,8 +686,8 @@ impl Session {
         self.tx.get_or_insert_with(Transaction::default)
     }
 
-    /// Ends the transaction in progress and describes it.
-    fn arrival(&mut self, received_at_ms: i64) -> Arrival {
+    /// Ends the transaction in progress and describes it; `queue_id` is the MTA's (`{i}`).
+    fn arrival(&mut self, received_at_ms: i64, queue_id: Option<String>) -> Arrival {
         let tx = self.tx.take().unwrap_or_default();
         Arrival {
             origin: Origin::Milter,
@@ -698,6 +698,7 @@ impl Session {
             rcpts: tx.rcpts,
             headers: tx.headers.finish(),
             received_at_ms,
+            mta_queue_id: queue_id,
         }
     }
 }
@@ -1416,14 +1417,15 @@ mod tests {
         s.tx = Some(Transaction::new("a@example.org".into()));
         s.tx().add_rcpt("b@example.com".into());
         s.tx().add_header(c"Subject", c"=?UTF-8?B?5L2g5aW9?=");
-        let a = s.arrival(42);
+        let a = s.arrival(42, Some("4XyZ1c2d3e".into()));
         assert_eq!(a.origin, Origin::Milter);
+        assert_eq!(a.mta_queue_id.as_deref(), Some("4XyZ1c2d3e"));
         assert_eq!(a.env_from, "a@example.org");
         assert_eq!(a.rcpts, ["b@example.com"]);
         assert_eq!(a.headers.subject, "你好");
         assert_eq!(a.received_at_ms, 42);
         assert!(s.tx.is_none());
-        let b = s.arrival(43);
+        let b = s.arrival(43, None);
         assert!(b.rcpts.is_empty() && b.env_from.is_empty() && b.headers.subject.is_empty());
         assert_eq!(b.helo, "mx.example");
     }

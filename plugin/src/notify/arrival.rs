@@ -37,6 +37,9 @@ pub struct Arrival {
     pub size: u64,
     /// When the message arrived, Unix milliseconds.
     pub received_at_ms: i64,
+    /// The queue id a milter client gave (Postfix's `{i}` macro), for the audit log; `None`
+    /// when it sent none, and for Stalwart (its queue id is in [`Origin::Stalwart`]).
+    pub mta_queue_id: Option<String>,
 }
 
 /// The header fields a notice needs, decoded.

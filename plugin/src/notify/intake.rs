@@ -20,9 +20,14 @@
 //! notices are queued directly, so a milter message costs one commit and its notices' inserts.
 //!
 //! Only recipients that are registered users with notification on, a valid licence and a phone
-//! number get an entry at all (checked at accept); the user record is read again when the
-//! notice is released, so turning notification off or a licence running out in the meantime
-//! drops held notices.
+//! number get an entry at all (checked at accept; the others get a `created` and a `dropped`
+//! audit record saying why); the user record is read again when the notice is released, so
+//! turning notification off or a licence running out in the meantime drops held notices.
+//!
+//! Each entry gets its notice id at accept, stored with it: every audit record of the notice
+//! carries it, and the notice queued for it has it as its `NotifId` (a coalesced notice: the
+//! newest entry's). A round's audit events are recorded by the outbox committer once the
+//! round is durable and before the link can see its notices, so they come before the link's.
 //!
 //! What survives a crash: staged records with each entry's state (waiting, ready, done).
 //! What does not: per-user rate-limit clocks and hold windows (kept in memory); after a
@@ -45,10 +50,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::audit::{AuditEvent, AuditLog};
+use crate::audit::{AuditEvent, AuditLog, QueueId};
 use crate::notify::arrival::{Accepted, Arrival, Ingest, IngestKind, Intake, IntakeError, Origin};
-use crate::notify::outbox::{Admission, Outbox, OutboxError, Settle, StagedRecord};
-use crate::users::{User, UserStore};
+use crate::notify::outbox::{Admission, OnDurable, Outbox, OutboxError, Settle, StagedRecord};
+use crate::users::{Ineligible, User, UserStore};
 
 /// What to do with a notice whose delivery confirmation never arrived.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -132,6 +137,28 @@ struct Entry {
     rcpt: String,
     #[serde(rename = "s")]
     state: EntryState,
+    /// The notice id (32 hex digits), from creation on: the audit log's `created`, `held`,
+    /// `queued`, `sent`, `acked` of this entry all carry it, and the notice queued for it
+    /// (alone, or as the newest of a coalesced group) has it as its `NotifId`. Empty in
+    /// records written before ids were stored: [`Scheduler::index`] gives those one.
+    #[serde(rename = "n", default, skip_serializing_if = "String::is_empty")]
+    id: String,
+    /// Why and until when the entry is held (quiet hours, rate limit), for `queue list --held`.
+    #[serde(rename = "h", default, skip_serializing_if = "Option::is_none")]
+    hold: Option<HoldNote>,
+}
+
+/// A held entry's reason as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct HoldNote {
+    #[serde(rename = "w")]
+    why: String,
+    #[serde(rename = "u")]
+    until_ms: i64,
+}
+
+fn new_notice_id() -> String {
+    NotifId::random().to_string()
 }
 
 /// One staged message: what every notice about it needs, and one entry per notified user.
@@ -139,6 +166,9 @@ struct Entry {
 struct StagedMsg {
     #[serde(rename = "q", default, skip_serializing_if = "Option::is_none")]
     queue_id: Option<u64>,
+    /// A milter client's queue id (Postfix's `{i}`), for the audit log.
+    #[serde(rename = "mq", default, skip_serializing_if = "Option::is_none")]
+    mta_queue_id: Option<String>,
     #[serde(rename = "t")]
     received_at_ms: i64,
     #[serde(rename = "fn", default)]
@@ -192,6 +222,85 @@ impl StagedMsg {
             &self.from_addr
         }
     }
+
+    /// The MTA's queue id, as the audit log records it.
+    fn audit_queue_id(&self) -> Option<QueueId> {
+        self.queue_id
+            .map(QueueId::Stalwart)
+            .or_else(|| self.mta_queue_id.clone().map(QueueId::Mta))
+    }
+
+    /// The `created` record of an entry.
+    fn created(&self, e: &Entry) -> AuditEvent {
+        AuditEvent::Created {
+            notice: e.id.clone(),
+            user: e.user.clone(),
+            queue_id: self.audit_queue_id(),
+            from: self.sender().to_owned(),
+            subject: self.subject.clone(),
+        }
+    }
+}
+
+/// A notice not in the queue yet, as `mailbell queue list --held` shows it: waiting for
+/// Stalwart's delivery confirmation, or held by quiet hours or the rate limit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingNotice {
+    /// The notice id (as in the audit log).
+    pub id: String,
+    /// The registered user.
+    pub user: String,
+    /// The recipient as addressed.
+    pub recipient: String,
+    pub received_at_ms: i64,
+    pub from: String,
+    pub subject: String,
+    /// "awaiting delivery confirmation", "quiet hours until …", "rate limit until …", or
+    /// "ready" (to be evaluated at once).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<i64>,
+}
+
+/// The notices the staged records still stand for, oldest arrival first, at most `limit`;
+/// records that do not decode are skipped (the intake logs them at start).
+pub fn pending_notices(records: &[StagedRecord], limit: usize) -> Vec<PendingNotice> {
+    let mut out = Vec::new();
+    for r in records {
+        let Ok(m) = serde_json::from_slice::<StagedMsg>(&r.value) else {
+            continue;
+        };
+        for e in m.entries.iter().filter(|e| e.state != EntryState::Done) {
+            if out.len() >= limit {
+                return out;
+            }
+            let (state, until_ms) = match (&e.state, &e.hold) {
+                (EntryState::Wait, _) => ("awaiting delivery confirmation".to_owned(), None),
+                (_, Some(h)) => (h.why.clone(), Some(h.until_ms)),
+                _ => ("ready".to_owned(), None),
+            };
+            out.push(PendingNotice {
+                id: e.id.clone(),
+                user: e.user.clone(),
+                recipient: e.rcpt.clone(),
+                received_at_ms: m.received_at_ms,
+                from: m.sender().to_owned(),
+                subject: m.subject.clone(),
+                state,
+                until_ms,
+            });
+        }
+    }
+    out
+}
+
+/// Why a registered user gets no notice, as the audit log says it.
+fn ineligible_reason(why: Ineligible) -> &'static str {
+    match why {
+        Ineligible::NotifyOff => "notifications off",
+        Ineligible::LicenceExpired => "licence expired",
+        Ineligible::NoPhone => "no phone number",
+    }
 }
 
 /// Counters for /metrics.
@@ -229,6 +338,7 @@ pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 #[derive(Clone)]
 pub struct MailIntake {
     users: UserStore,
+    audit: AuditLog,
     tx: mpsc::UnboundedSender<Cmd>,
     max_recipients: usize,
     subaddress: Option<char>,
@@ -258,7 +368,7 @@ impl MailIntake {
             offset_secs,
             outbox,
             users: users.clone(),
-            audit,
+            audit: audit.clone(),
             accounts,
             clock: clock.clone(),
             stats: stats.clone(),
@@ -275,6 +385,7 @@ impl MailIntake {
         Ok((
             Self {
                 users,
+                audit,
                 tx,
                 max_recipients: cfg.max_recipients.max(1),
                 subaddress: cfg.subaddress_separator.chars().next(),
@@ -285,9 +396,24 @@ impl MailIntake {
         ))
     }
 
-    /// The entries an arrival creates: one per distinct registered, eligible user.
-    fn entries(&self, arrival: &Arrival, now: i64) -> Vec<Entry> {
+    /// The registered user (primary address) mail to `rcpt` reaches: by address, alias or
+    /// sub-address, as at intake.
+    fn registered(&self, rcpt: &str) -> Option<Arc<User>> {
+        registered(&self.users, self.subaddress, rcpt)
+    }
+
+    /// Maps a recipient as addressed to its registered user's address, for the audit
+    /// records of the link side ([`crate::notify::sender::AuditedOutbox::resolving_users`]).
+    pub fn user_resolver(&self) -> crate::notify::sender::UserResolver {
+        let (users, sep) = (self.users.clone(), self.subaddress);
+        Arc::new(move |rcpt| registered(&users, sep, rcpt).map(|u| u.address.clone()))
+    }
+
+    /// The entries an arrival creates: one per distinct registered, eligible user; and the
+    /// registered users who get none, with why.
+    fn entries(&self, arrival: &Arrival, now: i64) -> (Vec<Entry>, Vec<(Entry, Ineligible)>) {
         let mut out: Vec<Entry> = Vec::new();
+        let mut skipped: Vec<(Entry, Ineligible)> = Vec::new();
         let wait = matches!(arrival.origin, Origin::Stalwart { .. });
         if arrival.rcpts.len() > self.max_recipients {
             warn!(
@@ -297,24 +423,17 @@ impl MailIntake {
             );
         }
         for rcpt in arrival.rcpts.iter().take(self.max_recipients) {
-            let Some(user) = self
-                .users
-                .lookup(rcpt)
-                .or_else(|| self.users.lookup(&base_address(rcpt, self.subaddress?)?))
-            else {
+            let Some(user) = self.registered(rcpt) else {
                 bump(&self.stats.unknown_recipients, 1);
                 debug!(rcpt = %rcpt, "not a registered user");
                 continue;
             };
-            if let Some(why) = user.ineligible(now) {
-                bump(&self.stats.ineligible_recipients, 1);
-                debug!(rcpt = %rcpt, reason = ?why, "user gets no notices");
-                continue;
-            }
-            if out.iter().any(|e| e.user == user.address) {
+            if out.iter().any(|e| e.user == user.address)
+                || skipped.iter().any(|(e, _)| e.user == user.address)
+            {
                 continue; // two aliases of one user: one notice
             }
-            out.push(Entry {
+            let entry = Entry {
                 user: user.address.clone(),
                 rcpt: rcpt.clone(),
                 state: if wait {
@@ -322,9 +441,18 @@ impl MailIntake {
                 } else {
                     EntryState::Ready
                 },
-            });
+                id: new_notice_id(),
+                hold: None,
+            };
+            if let Some(why) = user.ineligible(now) {
+                bump(&self.stats.ineligible_recipients, 1);
+                debug!(rcpt = %rcpt, reason = ?why, "user gets no notices");
+                skipped.push((entry, why));
+                continue;
+            }
+            out.push(entry);
         }
-        out
+        (out, skipped)
     }
 }
 
@@ -352,8 +480,8 @@ impl Intake for MailIntake {
     async fn accept(&self, arrival: Arrival) -> Result<Accepted, IntakeError> {
         bump(&self.stats.messages, 1);
         let now = (self.clock)();
-        let entries = self.entries(&arrival, now);
-        if entries.is_empty() {
+        let (entries, skipped) = self.entries(&arrival, now);
+        if entries.is_empty() && skipped.is_empty() {
             return Ok(Accepted { notices: 0 });
         }
         let h = &arrival.headers;
@@ -362,6 +490,7 @@ impl Intake for MailIntake {
                 Origin::Stalwart { queue_id } => Some(queue_id),
                 Origin::Milter => None,
             },
+            mta_queue_id: arrival.mta_queue_id.clone(),
             received_at_ms: arrival.received_at_ms,
             from_name: h.from_name.clone(),
             from_addr: h.from_addr.clone(),
@@ -370,6 +499,24 @@ impl Intake for MailIntake {
             entries,
             queued: false,
         };
+        if !skipped.is_empty() {
+            // Registered users who get no SMS: the decision is on record, under a notice id of
+            // its own. Nothing else ever happens to these notices, so they need not wait for
+            // the commit of the others.
+            let mut events = Vec::with_capacity(skipped.len() * 2);
+            for (e, why) in &skipped {
+                events.push(msg.created(e));
+                events.push(AuditEvent::Dropped {
+                    notice: e.id.clone(),
+                    user: e.user.clone(),
+                    reason: ineligible_reason(*why).to_owned(),
+                });
+            }
+            self.audit.record_all(events);
+        }
+        if msg.entries.is_empty() {
+            return Ok(Accepted { notices: 0 });
+        }
         let n = msg.entries.len();
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -404,6 +551,14 @@ impl MailIntake {
     }
 }
 
+/// The registered user mail to `rcpt` reaches: by address or alias, else by the address
+/// without its sub-address tag.
+fn registered(users: &UserStore, sep: Option<char>, rcpt: &str) -> Option<Arc<User>> {
+    users
+        .lookup(rcpt)
+        .or_else(|| users.lookup(&base_address(rcpt, sep?)?))
+}
+
 /// `alice+news@example.com` → `alice@example.com` (None when there is no tag).
 fn base_address(addr: &str, sep: char) -> Option<String> {
     let (local, domain) = addr.rsplit_once('@')?;
@@ -411,18 +566,34 @@ fn base_address(addr: &str, sep: char) -> Option<String> {
     (!base.is_empty()).then(|| format!("{base}@{domain}"))
 }
 
-/// How the audit log names a staged entry before it has a notice id.
-fn staged_ref(seq: u64, user: &str) -> String {
-    format!("s{seq}/{user}")
-}
-
 /// A position of one entry: (staged seq, entry index).
 type EntryRef = (u64, usize);
+
+/// What keeps a user's notices back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum HoldWhy {
+    QuietHours,
+    #[default]
+    RateLimit,
+    /// A commit failed; ready entries wait a second before they are evaluated again.
+    Retry,
+}
+
+impl HoldWhy {
+    fn as_str(self) -> &'static str {
+        match self {
+            HoldWhy::QuietHours => "quiet hours",
+            HoldWhy::RateLimit => "rate limit",
+            HoldWhy::Retry => "store error, retrying",
+        }
+    }
+}
 
 #[derive(Default)]
 struct Hold {
     entries: Vec<EntryRef>,
     until_ms: i64,
+    why: HoldWhy,
 }
 
 struct Scheduler {
@@ -522,7 +693,12 @@ impl Scheduler {
         }
     }
 
-    fn index(&mut self, seq: u64, m: StagedMsg) {
+    fn index(&mut self, seq: u64, mut m: StagedMsg) {
+        for e in &mut m.entries {
+            if e.id.is_empty() {
+                e.id = new_notice_id();
+            }
+        }
         if let Some(q) = m.queue_id {
             self.by_queue.entry(q).or_default().push(seq);
         }
@@ -622,13 +798,7 @@ impl Scheduler {
                 round.admitted.merge(room);
                 bump(&self.stats.notices_created, n);
                 for e in &m.entries {
-                    round.audits.push(AuditEvent::Created {
-                        notice: staged_ref(seq, &e.user),
-                        user: e.user.clone(),
-                        queue_id: m.queue_id,
-                        from: m.sender().to_owned(),
-                        subject: m.subject.clone(),
-                    });
+                    round.audits.push(m.created(e));
                 }
                 let ready: Vec<usize> = m
                     .entries
@@ -723,7 +893,7 @@ impl Scheduler {
                     self.release((seq, i), now, round);
                 } else {
                     let reason = match ev.kind {
-                        IngestKind::Spam => "filed as spam",
+                        IngestKind::Spam => "spam (filed as junk)",
                         _ => "duplicate, not stored",
                     };
                     self.drop_entry((seq, i), reason, round);
@@ -746,10 +916,10 @@ impl Scheduler {
 
     fn drop_entry(&mut self, r: EntryRef, reason: &str, round: &mut Round) {
         let Some(e) = self.entry(r) else { return };
-        let user = e.user.clone();
+        let (user, notice) = (e.user.clone(), e.id.clone());
         bump(&self.stats.dropped, 1);
         round.audits.push(AuditEvent::Dropped {
-            notice: staged_ref(r.0, &user),
+            notice,
             user,
             reason: reason.to_owned(),
         });
@@ -776,47 +946,71 @@ impl Scheduler {
             return;
         };
         if let Some(why) = user.ineligible(now) {
-            self.drop_entry(r, &format!("user gets no notices: {why:?}"), round);
+            self.drop_entry(r, ineligible_reason(why), round);
             return;
         }
         if !sender.is_empty() && !user.sender_allowed(&sender) {
-            self.drop_entry(r, &format!("sender {sender} filtered"), round);
+            self.drop_entry(r, &format!("sender filter: {sender} is not allowed"), round);
             return;
         }
-        let hold_until = self.hold_until(&user, now);
+        let (hold_until, why) = self.hold_until(&user, now);
         let held = self
             .holds
             .get(&user.address)
-            .is_some_and(|h| !h.entries.is_empty());
-        if hold_until > now || held {
-            let until = hold_until.max(self.holds.get(&user.address).map_or(0, |h| h.until_ms));
-            self.hold(&user.address, r, until, round);
+            .filter(|h| !h.entries.is_empty())
+            .map(|h| (h.until_ms, h.why));
+        if hold_until > now || held.is_some() {
+            let (until, why) = match held {
+                Some((until, why)) if until >= hold_until => (until, why),
+                _ => (hold_until, why),
+            };
+            self.hold(&user.address, r, until, why, round);
             return;
         }
         self.send(&user, vec![r], now, round);
     }
 
-    /// When the user may next get an SMS (<= now: at once).
-    fn hold_until(&self, user: &User, now: i64) -> i64 {
+    /// When the user may next get an SMS (<= now: at once), and what holds it back until
+    /// then (the later of quiet hours' end and the rate limit's).
+    fn hold_until(&self, user: &User, now: i64) -> (i64, HoldWhy) {
         let mut until = now;
+        let mut why = HoldWhy::RateLimit;
         if let Some(q) = user.quiet {
             let min = self.minute_of_day(now);
             if q.contains(min) {
                 let left = i64::from(q.minutes_until_end(min));
                 // Back to the start of this minute, then forward to the window's end.
                 until = until.max(now - now.rem_euclid(60_000) + left * 60_000);
+                why = HoldWhy::QuietHours;
             }
         }
         let window = user.rate_limit_secs.unwrap_or(self.cfg.rate_limit_secs);
         if window > 0 {
             if let Some(last) = self.last_sent.get(&user.address) {
-                until = until.max(last.saturating_add(i64::from(window) * 1000));
+                let end = last.saturating_add(i64::from(window) * 1000);
+                if end > until {
+                    until = end;
+                    why = HoldWhy::RateLimit;
+                }
             }
         }
-        until
+        (until, why)
     }
 
-    fn hold(&mut self, user: &str, r: EntryRef, until: i64, round: &mut Round) {
+    /// "quiet hours until 2026-11-22T19:00:00+08:00" (in the configured time zone).
+    fn hold_reason(&self, why: HoldWhy, until_ms: i64) -> String {
+        let at = chrono::FixedOffset::east_opt(self.offset_secs)
+            .zip(chrono::DateTime::from_timestamp_millis(until_ms))
+            .map(|(tz, t)| {
+                t.with_timezone(&tz)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            })
+            .unwrap_or_else(|| format!("{until_ms} ms"));
+        format!("{} until {at}", why.as_str())
+    }
+
+    /// Holds entry `r` of `user` until `until` (or the user's hold's end, if later).
+    fn hold(&mut self, user: &str, r: EntryRef, until: i64, why: HoldWhy, round: &mut Round) {
         let h = self.holds.entry(user.to_owned()).or_default();
         if h.entries.contains(&r) {
             return;
@@ -824,14 +1018,30 @@ impl Scheduler {
         h.entries.push(r);
         if until > h.until_ms {
             h.until_ms = until;
+            h.why = why;
             self.hold_timers.push(Reverse((until, user.to_owned())));
         }
+        let (until, why) = (h.until_ms, h.why);
+        self.note_hold(r, user, until, why, round);
+    }
+
+    /// Records that entry `r` is held (audit and the staged record).
+    fn note_hold(&mut self, r: EntryRef, user: &str, until: i64, why: HoldWhy, round: &mut Round) {
+        let reason = self.hold_reason(why, until);
+        let Some(e) = self.msgs.get_mut(&r.0).and_then(|m| m.entries.get_mut(r.1)) else {
+            return;
+        };
         round.audits.push(AuditEvent::Held {
-            notice: staged_ref(r.0, user),
+            notice: e.id.clone(),
             user: user.to_owned(),
-            reason: "quiet hours or rate limit".into(),
+            reason: reason.clone(),
             until_ms: until,
         });
+        e.hold = Some(HoldNote {
+            why: reason,
+            until_ms: until,
+        });
+        round.touch(r.0);
     }
 
     /// Queues one notice standing for `refs` (the newest one's sender and subject).
@@ -850,8 +1060,13 @@ impl Scheduler {
             return;
         };
         let count = u32::try_from(live.len()).unwrap_or(u32::MAX);
+        // The newest entry's id: its `created` record names the sender and subject the SMS
+        // shows; the others are recorded as coalesced into it.
+        let id =
+            e.id.parse::<NotifId>()
+                .unwrap_or_else(|_| NotifId::random());
         let n = Notification {
-            id: NotifId::random(),
+            id,
             phone: user.phone.clone(),
             recipient: e.rcpt.clone(),
             from_name: m.from_name.clone(),
@@ -870,9 +1085,12 @@ impl Scheduler {
         let notice = n.id.to_string();
         if count > 1 {
             bump(&self.stats.coalesced, u64::from(count));
-            for r in &live {
+            for r in live.iter().filter(|r| **r != newest) {
+                let Some(other) = self.entry(*r) else {
+                    continue;
+                };
                 round.audits.push(AuditEvent::Coalesced {
-                    notice: staged_ref(r.0, &user.address),
+                    notice: other.id.clone(),
                     user: user.address.clone(),
                     into: notice.clone(),
                     count,
@@ -951,16 +1169,20 @@ impl Scheduler {
             };
             if let Some(why) = u.ineligible(now) {
                 for r in h.entries {
-                    self.drop_entry(r, &format!("user gets no notices: {why:?}"), round);
+                    self.drop_entry(r, ineligible_reason(why), round);
                 }
                 continue;
             }
             // Quiet hours may still be on (e.g. a rate-limit window ended inside them).
             self.last_sent.remove(&user);
-            let until = self.hold_until(&u, now);
+            let (until, why) = self.hold_until(&u, now);
             if until > now {
                 let mut h = h;
                 h.until_ms = until;
+                h.why = why;
+                for r in &h.entries {
+                    self.note_hold(*r, &user, until, why, round);
+                }
                 self.hold_timers.push(Reverse((until, user.clone())));
                 self.holds.insert(user, h);
                 continue;
@@ -993,12 +1215,18 @@ impl Scheduler {
         }
         settle.enqueue = round.notices;
         settle.admitted = round.admitted;
+        // The round's audit events are recorded by the committer once the round is durable
+        // and before the link can see its notices: a notice's `queued` always comes before
+        // its `sent`.
+        if !round.audits.is_empty() {
+            let (audit, audits) = (self.audit.clone(), round.audits);
+            settle.on_durable = Some(OnDurable::new(move || audit.record_all(audits)));
+        }
         let queued = settle.enqueue.len() as u64;
         let receipt = self.outbox.settle_begin(settle).await;
         let stats = self.stats.clone();
-        let audit = self.audit.clone();
         let me = self.me.clone();
-        let (audits, replies) = (round.audits, round.replies);
+        let replies = round.replies;
         let done = async move {
             let result = match receipt {
                 Ok(rx) => rx.await.unwrap_or(Err(OutboxError::Stopped)),
@@ -1007,7 +1235,6 @@ impl Scheduler {
             match result {
                 Ok(_) => {
                     bump(&stats.queued, queued);
-                    audit.record_all(audits);
                     for r in replies {
                         let _ = r.send(Ok(()));
                     }
@@ -1051,7 +1278,7 @@ impl Scheduler {
         let now = self.now();
         for r in self.ready_entries() {
             if let Some(user) = self.entry(r).map(|e| e.user.clone()) {
-                self.hold(&user, r, now + 1000, &mut Round::default());
+                self.hold(&user, r, now + 1000, HoldWhy::Retry, &mut Round::default());
             }
         }
     }
@@ -1208,6 +1435,34 @@ mod tests {
             self.intake.tick().await.unwrap();
         }
 
+        /// Every audit event about notice `id`, in the order recorded.
+        fn history(&self, id: &str) -> Vec<AuditEvent> {
+            self.audit.flush().unwrap();
+            self.audit
+                .query(&crate::audit::AuditQuery {
+                    notice: Some(id.into()),
+                    ..Default::default()
+                })
+                .unwrap()
+                .into_iter()
+                .map(|r| r.event)
+                .collect()
+        }
+
+        /// Every audit event filed under `user`, in the order recorded.
+        fn user_log(&self, user: &str) -> Vec<AuditEvent> {
+            self.audit.flush().unwrap();
+            self.audit
+                .query(&crate::audit::AuditQuery {
+                    user: Some(user.into()),
+                    ..Default::default()
+                })
+                .unwrap()
+                .into_iter()
+                .map(|r| r.event)
+                .collect()
+        }
+
         /// Queued notices, oldest first.
         fn queued(&self) -> Vec<Notification> {
             self.outbox
@@ -1235,6 +1490,7 @@ mod tests {
             },
             size: 1234,
             received_at_ms: at,
+            mta_queue_id: None,
         }
     }
 
@@ -1361,6 +1617,15 @@ mod tests {
         r.tick().await;
         assert!(r.queued().is_empty());
         assert_eq!(r.intake.stats.dropped.load(Ordering::Relaxed), 2);
+        let log = r.user_log("alice@test.local");
+        let AuditEvent::Created { notice, .. } = &log[0] else {
+            panic!("{log:?}")
+        };
+        assert!(
+            matches!(&log[1], AuditEvent::Dropped { notice: n, reason, .. }
+                if n == notice && reason == "spam (filed as junk)"),
+            "{log:?}"
+        );
         let cfg = IntakeConfig {
             spam_notifies: true,
             ..Default::default()
@@ -1532,14 +1797,38 @@ mod tests {
         );
         assert_eq!(
             names.iter().filter(|n| *n == "coalesced").count(),
-            4,
-            "{names:?}"
+            3,
+            "the three older ones, into the newest: {names:?}"
         );
         assert_eq!(
             names.iter().filter(|n| *n == "queued").count(),
             2,
             "{names:?}"
         );
+        // The coalesced SMS has the newest arrival's notice id, from `created` on; the
+        // others name it as what they were folded into.
+        let story = r.history(&q[1].id.to_string());
+        let names: Vec<&str> = story.iter().map(|e| e.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "created",
+                "held",
+                "coalesced",
+                "coalesced",
+                "coalesced",
+                "queued"
+            ],
+            "{story:?}"
+        );
+        let AuditEvent::Created { subject, .. } = &story[0] else {
+            panic!("{story:?}")
+        };
+        assert_eq!(subject, "m4");
+        let AuditEvent::Held { reason, .. } = &story[1] else {
+            panic!("{story:?}")
+        };
+        assert_eq!(reason, "rate limit until 2026-11-22T10:05:10Z", "{story:?}");
     }
 
     #[tokio::test]
@@ -1571,6 +1860,15 @@ mod tests {
         assert_eq!(q.len(), 1);
         assert_eq!(q[0].count, 2);
         assert_eq!(r.outbox.held().0, 1, "two held became one notice");
+        let reasons: Vec<String> = r
+            .history(&q[0].id.to_string())
+            .into_iter()
+            .filter_map(|e| match e {
+                AuditEvent::Held { reason, .. } => Some(reason),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reasons, ["quiet hours until 2026-11-22T19:00:00+08:00"]);
     }
 
     #[tokio::test]
@@ -1601,6 +1899,12 @@ mod tests {
             "alice filtered the sender; bob's second one is held"
         );
         assert_eq!(q[0].recipient, "bob@example.com");
+        let alice = r.user_log("alice@example.com");
+        assert!(
+            matches!(&alice[..], [AuditEvent::Created { notice: a, .. }, AuditEvent::Dropped { notice: b, reason, .. }]
+                if a == b && reason == "sender filter: zhang.wei@remote.example is not allowed"),
+            "{alice:?}"
+        );
         // Bob turns notices off before his window ends: the held one is dropped.
         r.users
             .update(
@@ -1616,6 +1920,211 @@ mod tests {
         assert_eq!(r.queued().len(), 1);
         assert_eq!(r.outbox.stats.staged.load(Ordering::Relaxed), 0);
         assert_eq!(r.intake.stats.dropped.load(Ordering::Relaxed), 2);
+        let bob = r.user_log("bob@example.com");
+        assert!(
+            matches!(bob.last(), Some(AuditEvent::Dropped { reason, .. }) if reason == "notifications off"),
+            "{bob:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_notice_id_from_creation_on_and_every_decision_on_record() {
+        let mut alice = user("alice@example.com", "+8613800138000");
+        alice.aliases = vec!["a.li@example.com".into()];
+        let mut off = user("off@example.com", "+8613800000001");
+        off.notify = false;
+        let mut expired = user("old@example.com", "+8613800000002");
+        expired.licence_until = Some(T0 - 1);
+        let r = rig(vec![alice, off, expired, user("nophone@example.com", "")]).await;
+        let mut a = arrival(
+            Origin::Milter,
+            &[
+                "A.Li@Example.com",
+                "off@example.com",
+                "old@example.com",
+                "nophone@example.com",
+            ],
+            "季度报告",
+            T0,
+        );
+        a.mta_queue_id = Some("4XyZ1c2d3e".into());
+        assert_eq!(r.intake.accept(a).await.unwrap().notices, 1);
+        r.tick().await;
+        let q = r.queued();
+        let id = q[0].id.to_string();
+        // The notice's whole story under its one id, filed under the registered user
+        // although the mail was addressed to an alias, with the MTA's queue id.
+        let story = r.history(&id);
+        assert_eq!(
+            story,
+            [
+                AuditEvent::Created {
+                    notice: id.clone(),
+                    user: "alice@example.com".into(),
+                    queue_id: Some(QueueId::Mta("4XyZ1c2d3e".into())),
+                    from: "zhang.wei@remote.example".into(),
+                    subject: "季度报告".into(),
+                },
+                AuditEvent::Queued {
+                    notice: id.clone(),
+                    user: "alice@example.com".into(),
+                },
+            ]
+        );
+        assert_eq!(r.user_log("alice@example.com"), story);
+        // Registered users who get no SMS: created and dropped, with why.
+        for (u, why) in [
+            ("off@example.com", "notifications off"),
+            ("old@example.com", "licence expired"),
+            ("nophone@example.com", "no phone number"),
+        ] {
+            let log = r.user_log(u);
+            let [AuditEvent::Created { notice: a, .. }, AuditEvent::Dropped {
+                notice: b, reason, ..
+            }] = &log[..]
+            else {
+                panic!("{u}: {log:?}")
+            };
+            assert_eq!((a, reason.as_str()), (b, why), "{u}");
+            assert!(a.parse::<NotifId>().is_ok() && *a != id, "{u}: {a}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalwart_notice_keeps_its_id_across_a_restart() {
+        let r = rig(vec![user("alice@test.local", "+8613800138000")]).await;
+        r.alice_via_stalwart(7).await;
+        let r = r.restart().await;
+        r.intake
+            .confirm(vec![ingest(IngestKind::Ham, 7, None)])
+            .await
+            .unwrap();
+        let q = r.queued();
+        assert_eq!(q.len(), 1);
+        let names: Vec<&str> = r
+            .history(&q[0].id.to_string())
+            .iter()
+            .map(|e| e.name())
+            .collect();
+        assert_eq!(names, ["created", "queued"]);
+    }
+
+    #[tokio::test]
+    async fn held_notices_are_listed_with_why() {
+        let mut u = user("alice@example.com", "+8613800138000");
+        u.quiet = Some(QuietHours::parse("17:30-19:00").unwrap());
+        let cfg = IntakeConfig {
+            timezone: "+08:00".into(),
+            ..Default::default()
+        };
+        let r = rig_with(cfg, vec![u, user("bob@test.local", "+8613800138001")], None).await;
+        r.intake
+            .accept(arrival(Origin::Milter, &["alice@example.com"], "q", T0))
+            .await
+            .unwrap();
+        r.intake
+            .accept(arrival(
+                Origin::Stalwart { queue_id: 3 },
+                &["bob@test.local"],
+                "w",
+                T0,
+            ))
+            .await
+            .unwrap();
+        r.tick().await;
+        let got = pending_notices(&r.outbox.staged().unwrap(), 10);
+        let states: Vec<(&str, &str, Option<i64>)> = got
+            .iter()
+            .map(|p| (p.user.as_str(), p.state.as_str(), p.until_ms))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (
+                    "alice@example.com",
+                    "quiet hours until 2026-11-22T19:00:00+08:00",
+                    Some(T0 + 3_600_000)
+                ),
+                ("bob@test.local", "awaiting delivery confirmation", None),
+            ]
+        );
+        let held = r.history(&got[0].id);
+        assert_eq!(held[0].name(), "created", "{held:?}");
+        assert_eq!(pending_notices(&r.outbox.staged().unwrap(), 1).len(), 1);
+    }
+
+    /// The committer records a round's events before the link can see its notices, so a
+    /// notice's `queued` always comes before its `sent` (they used to race: the round's task
+    /// recorded `queued` after the sender had already recorded `sent`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_is_always_recorded_before_sent() {
+        use crate::notify::sender::AuditedOutbox;
+        use mailbell_link::net::Outbox as _;
+        let (us, addrs) = users(20);
+        let r = rig(us).await;
+        let sender = Arc::new(AuditedOutbox::new(r.outbox.clone(), r.audit.clone()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let link = {
+            let (sender, stop) = (sender.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut after = None;
+                let mut sent = 0;
+                let give_up = std::time::Instant::now() + Duration::from_secs(60);
+                while (!stop.load(Ordering::SeqCst) || sent < 300)
+                    && std::time::Instant::now() < give_up
+                {
+                    let items = sender.ready(after, 64).unwrap();
+                    if let Some(last) = items.last() {
+                        after = Some(last.seq);
+                    }
+                    sent += items.len();
+                    let ids: Vec<NotifId> = items.iter().map(|i| i.id).collect();
+                    sender.acked(&ids).unwrap();
+                    if items.is_empty() {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        };
+        for i in 0..300 {
+            // No rate limit in the way: each user's clock moves a window on.
+            r.advance(61_000);
+            let at = r.now.load(Ordering::SeqCst);
+            r.intake
+                .accept(arrival(Origin::Milter, &[&addrs[i % 20]], "s", at))
+                .await
+                .unwrap();
+        }
+        stop.store(true, Ordering::SeqCst);
+        tokio::task::spawn_blocking(move || link.join().unwrap())
+            .await
+            .unwrap();
+        r.audit.flush().unwrap();
+        let log = r
+            .audit
+            .query(&crate::audit::AuditQuery {
+                limit: 10_000,
+                ..Default::default()
+            })
+            .unwrap();
+        let mut queued_at: HashMap<String, u64> = HashMap::new();
+        let mut checked = 0;
+        for rec in &log {
+            match &rec.event {
+                AuditEvent::Queued { notice, .. } => {
+                    queued_at.insert(notice.clone(), rec.seq);
+                }
+                AuditEvent::Sent { notice, .. } => {
+                    assert!(
+                        queued_at.contains_key(notice),
+                        "sent before queued: {notice}"
+                    );
+                    checked += 1;
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(checked, 300);
     }
 
     #[tokio::test]
@@ -1769,6 +2278,7 @@ mod tests {
         let audit = AuditLog::open(&dir.path().join("audit"), AuditConfig::default()).unwrap();
         let m = StagedMsg {
             queue_id: Some(5),
+            mta_queue_id: None,
             received_at_ms: T0,
             from_name: String::new(),
             from_addr: "li.na@example.org".into(),
@@ -1780,6 +2290,9 @@ mod tests {
                     user: format!("{u}@test.local"),
                     rcpt: format!("{u}@test.local"),
                     state: EntryState::Wait,
+                    // As written before entries carried their notice id.
+                    id: String::new(),
+                    hold: None,
                 })
                 .collect(),
             queued: false,
@@ -1800,6 +2313,15 @@ mod tests {
         let r = start(dir, IntakeConfig::default(), outbox, store, audit, None);
         r.tick().await;
         assert_eq!(r.outbox.held().0, 3);
-        assert_eq!(r.outbox.staged().unwrap(), vec![m.record(seq)]);
+        let stored = r.outbox.staged().unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!((stored[0].seq, stored[0].notices), (seq, 3));
+        // Rewritten with the notice ids the entries were given at load.
+        let mut got: StagedMsg = serde_json::from_slice(&stored[0].value).unwrap();
+        for e in &mut got.entries {
+            assert!(e.id.parse::<NotifId>().is_ok(), "{:?}", e.id);
+            e.id.clear();
+        }
+        assert_eq!(got, m);
     }
 }

@@ -302,6 +302,31 @@ pub struct Settle {
     /// The room [`Outbox::admit`] gave the arrivals this change records; the commit gives it
     /// back as it counts what it wrote.
     pub admitted: Admission,
+    /// Run by the committer once the change is durable, before its notices can be offered
+    /// to the link; dropped unrun if it is not written.
+    pub on_durable: Option<OnDurable>,
+}
+
+/// Work that must happen after a [`Settle`] is durable and before anything can see its
+/// notices: the intake records its audit events (`created` … `queued`) here, so that they
+/// always come before the link's (`sent`, `acked`). It runs on the committer thread: it must
+/// not block.
+pub struct OnDurable(Box<dyn FnOnce() + Send>);
+
+impl OnDurable {
+    pub fn new(f: impl FnOnce() + Send + 'static) -> Self {
+        Self(Box::new(f))
+    }
+
+    fn run(self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for OnDurable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnDurable")
+    }
 }
 
 /// Room under `max_depth` for notices not committed yet, from [`Outbox::admit`]. The commit
@@ -608,11 +633,11 @@ enum Request {
     },
     /// Staged records changed and notices queued, atomically.
     Settle {
-        insert: Vec<StagedRecord>,
-        remove: Vec<u64>,
-        rewrite: Vec<StagedRecord>,
+        /// Boxed: keeps every request small as it moves through the channel.
+        staged: Box<StagedChange>,
         items: Vec<(NotifId, Vec<u8>)>,
         admitted: Admission,
+        on_durable: Option<OnDurable>,
         reply: EnqueueReply,
     },
     /// Acknowledged by the agent: delete these queued sequence numbers (not synced).
@@ -1007,11 +1032,14 @@ impl Outbox {
         let items = encode_all(&s.enqueue)?;
         let (reply, rx) = oneshot::channel();
         self.submit(Request::Settle {
-            insert: s.insert,
-            remove: s.remove,
-            rewrite: s.rewrite,
+            staged: Box::new(StagedChange {
+                insert: s.insert,
+                remove: s.remove,
+                rewrite: s.rewrite,
+            }),
             items,
             admitted: s.admitted,
+            on_durable: s.on_durable,
             reply,
         })
         .await?;
@@ -1532,9 +1560,9 @@ impl Committer {
         // ranges) must include every earlier commit, some of which the applier may still be
         // putting in.
         let reads = reqs.iter().any(|r| match r {
-            Request::Settle {
-                remove, rewrite, ..
-            } => !remove.is_empty() || !rewrite.is_empty(),
+            Request::Settle { staged, .. } => {
+                !staged.remove.is_empty() || !staged.rewrite.is_empty()
+            }
             Request::Promote | Request::RetryDead { .. } => true,
             _ => false,
         });
@@ -1555,19 +1583,15 @@ impl Committer {
                     reply,
                 } => (items, admitted, reply),
                 Request::Settle {
-                    insert,
-                    remove,
-                    rewrite,
+                    staged,
                     items,
                     admitted,
+                    on_durable,
                     reply,
                 } => {
-                    let staged = StagedChange {
-                        insert,
-                        remove,
-                        rewrite,
-                    };
-                    self.settle(&mut round, staged, items, admitted, now, reply);
+                    if self.settle(&mut round, *staged, items, admitted, now, reply) {
+                        round.on_durable.extend(on_durable);
+                    }
                     continue;
                 }
                 Request::Forget(seqs) => {
@@ -1625,6 +1649,7 @@ impl Committer {
             }
         }
         if round.is_empty() {
+            round.durable();
             round.answer(Ok(()));
         } else {
             self.apply(round);
@@ -1685,7 +1710,9 @@ impl Committer {
                     fresh: round.writes > 0,
                 };
                 // Durable: answer now; the applier puts it into sled (and lets `ready` see
-                // it) while the next commit is being synced.
+                // it) while the next commit is being synced. What must come before `ready`
+                // can offer the notices runs first.
+                round.durable();
                 round.answer(Ok(()));
                 if let Some(tx) = &self.applier_tx {
                     if tx.send(job).is_err() {
@@ -1717,7 +1744,8 @@ impl Committer {
 
     /// Adds one settle to the round: its staged writes (each counted from the record's value
     /// before the round, or before an earlier request of the same round changed it) and its
-    /// notices. A settle goes into the batch whole or not at all.
+    /// notices. A settle goes into the batch whole or not at all; false if it was refused
+    /// (answered with the error).
     fn settle(
         &self,
         round: &mut Round,
@@ -1726,7 +1754,7 @@ impl Committer {
         admitted: Admission,
         now: i64,
         reply: EnqueueReply,
-    ) {
+    ) -> bool {
         let StagedChange {
             insert,
             remove,
@@ -1756,7 +1784,7 @@ impl Committer {
             Ok(p) => p,
             Err(e) => {
                 let _ = reply.send(Err(e));
-                return;
+                return false;
             }
         };
         for ((seq, new), before) in writes.into_iter().zip(befores) {
@@ -1797,6 +1825,7 @@ impl Committer {
         round.enqueued += seqs.len() as u64;
         round.admitted.merge(admitted);
         round.replies.push(Reply::Enqueue(reply, seqs));
+        true
     }
 
     /// Assigns sequence numbers to one request's notices and encodes their records.
@@ -1982,6 +2011,8 @@ struct Round {
     promoted: u64,
     requeued: u64,
     replies: Vec<Reply>,
+    /// Of the settles in the round, run once it is durable.
+    on_durable: Vec<OnDurable>,
 }
 
 impl Round {
@@ -2013,6 +2044,13 @@ impl Round {
 
     fn is_empty(&self) -> bool {
         self.writes == 0 && self.other_writes == 0
+    }
+
+    /// Runs what the round's settles wait for once it is durable.
+    fn durable(&mut self) {
+        for f in std::mem::take(&mut self.on_durable) {
+            f.run();
+        }
     }
 
     fn answer(self, result: Result<(), sled::Error>) {
@@ -2083,6 +2121,42 @@ mod tests {
 
     fn ids_of(notices: &[Notification]) -> Vec<NotifId> {
         notices.iter().map(|n| n.id).collect()
+    }
+
+    /// What a settle runs once durable (the intake's audit records) runs before anything can
+    /// see its notices, so the link's records of them always come after.
+    #[tokio::test]
+    async fn on_durable_runs_before_the_notices_can_be_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(&dir.path().join("o"), OutboxConfig::default()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..20 {
+            let (db, tx) = (ob.db.clone(), tx.clone());
+            let before = ob.list(100).unwrap().len();
+            ob.settle(Settle {
+                enqueue: vec![notice(i), notice(i + 100)],
+                on_durable: Some(OnDurable::new(move || {
+                    // Items in the queue as `ready` would read them (the applier's sled).
+                    let visible: usize = db
+                        .scan_prefix([Q])
+                        .map(|kv| {
+                            let (k, v) = kv.unwrap();
+                            group_members(&k, &v).unwrap().len()
+                        })
+                        .sum();
+                    tx.send((before, visible)).unwrap();
+                })),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let (before, visible) = rx.recv().unwrap();
+            assert_eq!(
+                visible, before,
+                "round {i}: its notices were not visible yet"
+            );
+            assert_eq!(ob.list(100).unwrap().len(), before + 2);
+        }
     }
 
     #[tokio::test]

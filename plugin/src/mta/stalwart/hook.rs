@@ -156,6 +156,7 @@ impl HookRequest {
             headers: message.headers.0.finish(),
             size,
             received_at_ms,
+            mta_queue_id: None,
         })
     }
 }
@@ -533,6 +534,7 @@ mod tests {
                 },
                 size: 334,
                 received_at_ms: 7,
+                mta_queue_id: None,
             }
         );
     }

@@ -70,6 +70,13 @@
 //!
 //! One process owns the directory at a time (the lock store); a second open waits up to two
 //! seconds and then fails with [`AuditError::Locked`].
+//!
+//! # Layout
+//!
+//! This file: the events, the handle ([`AuditLog`]) and its configuration; `segments`: the
+//! files, the manifest and the state shared by the writer and the queries; `writer`: the
+//! writer and `audit-sync` threads; `query`: the scan behind every query; `format`:
+//! `--since` times and the one-line text form.
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -83,6 +90,17 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
 use mailbell_link::durable::{open_waiting, OpenWaiting};
 use tracing::{error, info, warn};
 
+mod format;
+mod query;
+mod segments;
+mod writer;
+
+#[cfg(test)]
+use format::mask_phones;
+pub use format::{format_record, parse_since};
+use segments::*;
+use writer::*;
+
 /// Most events the writer takes off the channel before looking at its timers.
 pub const MAX_BATCH: usize = 4096;
 /// Longest string field stored; longer ones are cut (at a character boundary) by the writer.
@@ -92,6 +110,9 @@ pub const MAX_QUERY_LIMIT: usize = 100_000;
 /// Most lines one query reads before giving up with [`AuditError::TooBroad`]: about 15 GB of
 /// log (150 bytes a line), twice the default `max_records`.
 pub const MAX_SCAN: u64 = 100_000_000;
+/// Most lines [`AuditLog::query_page`] reads in all to count the records it leaves out (about
+/// 1.5 GB, a second or so from the page cache); past it the count is a lower bound.
+pub const MAX_COUNT_SCAN: u64 = 10_000_000;
 
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -146,8 +167,10 @@ impl From<io::Error> for AuditError {
     }
 }
 
-/// One audited happening. `notice` is the notice's id: the 32 hex digits of its `NotifId`, or
-/// the intake's record id before it has one.
+/// One audited happening. `notice` is the notice's id: the 32 hex digits of its `NotifId`,
+/// the same from `created` to `acked` (records written by versions before that used
+/// `s<seq>/<user>` until `queued`). `user` is the registered user's primary address, also for
+/// mail addressed to an alias or a sub-address.
 ///
 /// JSON form: the variant name in kebab case under `event`, then the fields:
 /// `{"event":"dead-lettered","notice":"…","user":"alice","reason":"…"}`.
@@ -158,11 +181,12 @@ pub enum AuditEvent {
     Created {
         notice: String,
         user: String,
-        queue_id: Option<u64>,
+        queue_id: Option<QueueId>,
         from: String,
         subject: String,
     },
-    /// Held back: quiet hours, rate limit, awaiting delivery confirmation.
+    /// Held back: `reason` is "quiet hours until <time>" or "rate limit until <time>" (in the
+    /// intake's time zone).
     Held {
         notice: String,
         user: String,
@@ -176,7 +200,8 @@ pub enum AuditEvent {
         into: String,
         count: u32,
     },
-    /// Not sent: spam, duplicate, filtered, confirmation timeout with drop policy, ineligible.
+    /// Not sent: notifications off, licence expired, no phone number, sender filter, spam,
+    /// duplicate, confirmation timeout with drop policy, user removed.
     Dropped {
         notice: String,
         user: String,
@@ -237,6 +262,25 @@ pub enum AuditEvent {
         action: String,
         target: String,
     },
+}
+
+/// The MTA's queue id of the message a notice was made from: Stalwart's number (a JSON
+/// number, as in records written before milter queue ids were kept) or the text a milter
+/// client gave (Postfix's `{i}` macro, a JSON string).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum QueueId {
+    Stalwart(u64),
+    Mta(String),
+}
+
+impl std::fmt::Display for QueueId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueueId::Stalwart(n) => write!(f, "{n}"),
+            QueueId::Mta(s) => f.write_str(s),
+        }
+    }
 }
 
 impl AuditEvent {
@@ -321,12 +365,15 @@ impl AuditEvent {
             AuditEvent::Created {
                 notice,
                 user,
+                queue_id,
                 from,
                 subject,
-                ..
             } => {
                 f(notice);
                 f(user);
+                if let Some(QueueId::Mta(q)) = queue_id {
+                    f(q);
+                }
                 f(from);
                 f(subject);
             }
@@ -525,6 +572,27 @@ pub struct AuditQuery {
     pub limit: usize,
 }
 
+/// One page of a query: the newest `limit` matching records, oldest first, and how many older
+/// ones matched too ([`AuditLog::query_page`]).
+///
+/// ```text
+/// {"records":[{"at_ms":…,"seq":…,"event":"created",…},…],"omitted":295,"omitted_exact":true}
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuditPage {
+    pub records: Vec<AuditRecord>,
+    /// Older matching records not in `records`.
+    pub omitted: u64,
+    /// Whether `omitted` is exact (false: at least that many; the query stopped counting).
+    pub omitted_exact: bool,
+}
+
+/// Records a query left out (see [`AuditPage`]).
+struct LeftOut {
+    count: u64,
+    exact: bool,
+}
+
 impl Default for AuditQuery {
     fn default() -> Self {
         Self {
@@ -684,14 +752,27 @@ impl AuditLog {
     /// Records matching `q`, oldest first: the first `limit` of them. Sees every event the
     /// writer has taken off the channel. Blocking.
     pub fn query(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, AuditError> {
-        self.inner.store.query(q, false)
+        Ok(self.inner.store.query(q, false, false)?.0)
     }
 
     /// Records matching `q`, oldest first: the last (newest) `limit` of them. Blocking.
     pub fn query_latest(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, AuditError> {
-        let mut out = self.inner.store.query(q, true)?;
+        let (mut out, _) = self.inner.store.query(q, true, false)?;
         out.reverse();
         Ok(out)
+    }
+
+    /// [`query_latest`](Self::query_latest), and how many older matching records it left
+    /// out: counted exactly while the whole query reads at most [`MAX_COUNT_SCAN`] lines, a
+    /// lower bound beyond (`omitted_exact` false). Blocking.
+    pub fn query_page(&self, q: &AuditQuery) -> Result<AuditPage, AuditError> {
+        let (mut records, left) = self.inner.store.query(q, true, true)?;
+        records.reverse();
+        Ok(AuditPage {
+            records,
+            omitted: left.count,
+            omitted_exact: left.exact,
+        })
     }
 
     /// Deletes the segments past the retention period (relative to `now_ms`), then the oldest
@@ -795,1214 +876,6 @@ fn take_lock(path: &Path, wait: Duration) -> Result<sled::Db, AuditError> {
     })
 }
 
-/// A segment file: the period it covers and its part number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-struct SegKey {
-    start_ms: i64,
-    span_ms: i64,
-    part: u32,
-}
-
-impl SegKey {
-    fn end_ms(&self) -> i64 {
-        self.start_ms.saturating_add(self.span_ms)
-    }
-
-    /// `audit-<start_ms>-<span>s.jsonl`, or `audit-<start_ms>-<span>s.<part>.jsonl`.
-    fn file_name(&self) -> String {
-        let span_s = self.span_ms / 1000;
-        match self.part {
-            0 => format!(
-                "{SEGMENT_PREFIX}{}-{span_s}s{SEGMENT_SUFFIX}",
-                self.start_ms
-            ),
-            p => format!(
-                "{SEGMENT_PREFIX}{}-{span_s}s.{p}{SEGMENT_SUFFIX}",
-                self.start_ms
-            ),
-        }
-    }
-
-    /// The key of a segment file's name; `None` for any other name, and for a name that is
-    /// not written the way [`file_name`](Self::file_name) writes it.
-    fn parse(name: &str) -> Option<Self> {
-        let mid = name
-            .strip_prefix(SEGMENT_PREFIX)?
-            .strip_suffix(SEGMENT_SUFFIX)?;
-        let (base, part) = match mid.split_once('.') {
-            Some((b, p)) => (b, p.parse().ok()?),
-            None => (mid, 0),
-        };
-        let (start, span) = base.rsplit_once('-')?;
-        let span_s: i64 = span.strip_suffix('s')?.parse().ok()?;
-        let key = Self {
-            start_ms: start.parse().ok()?,
-            span_ms: span_s.checked_mul(1000).filter(|s| *s > 0)?,
-            part,
-        };
-        (key.file_name() == name).then_some(key)
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct SegInfo {
-    bytes: u64,
-    lines: u64,
-}
-
-/// What open found on disk.
-struct Survey {
-    segments: BTreeMap<SegKey, SegInfo>,
-    next_seq: u64,
-}
-
-/// Lists the segments with their sizes and line counts, and finds the next `seq`. Lines are
-/// counted only in what was appended since the `segments` file was saved (everything, for
-/// segments it does not list or lists as larger than they are).
-fn survey(dir: &Path) -> io::Result<Survey> {
-    let saved = read_manifest(dir);
-    let mut next_seq = saved.as_ref().map_or(0, |m| m.next_seq);
-    let mut segments = BTreeMap::new();
-    let mut buf = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(key) = name.to_str().and_then(SegKey::parse) else {
-            continue;
-        };
-        let len = entry.metadata()?.len();
-        let known = saved
-            .as_ref()
-            .and_then(|m| m.segments.get(&key))
-            .filter(|i| i.bytes <= len)
-            .copied()
-            .unwrap_or_default();
-        let mut lines = known.lines;
-        if known.bytes < len {
-            let mut file = File::open(entry.path())?;
-            file.seek(SeekFrom::Start(known.bytes))?;
-            read_lines(&mut file, &mut buf, |chunk| {
-                lines += count_lines(chunk);
-                if let Some(seq) = last_seq(chunk) {
-                    next_seq = next_seq.max(seq.saturating_add(1));
-                }
-                Ok::<_, io::Error>(())
-            })?;
-        }
-        segments.insert(key, SegInfo { bytes: len, lines });
-    }
-    Ok(Survey { segments, next_seq })
-}
-
-/// The `seq` of the last line of `chunk` that has one (in a file, the largest).
-fn last_seq(chunk: &[u8]) -> Option<u64> {
-    chunk
-        .strip_suffix(b"\n")?
-        .rsplit(|b| *b == b'\n')
-        .find_map(|line| parse_prefix(line).map(|(_, seq)| seq))
-}
-
-struct Manifest {
-    next_seq: u64,
-    segments: HashMap<SegKey, SegInfo>,
-}
-
-/// Reads `<dir>/segments`:
-/// ```text
-/// mailbell audit segments 1
-/// next_seq <n>
-/// <file name> <bytes> <lines>
-/// ```
-/// `None` when it is missing or malformed (then open counts everything).
-fn read_manifest(dir: &Path) -> Option<Manifest> {
-    let text = std::fs::read_to_string(dir.join(MANIFEST)).ok()?;
-    let mut lines = text.lines();
-    if lines.next()? != MANIFEST_HEADER {
-        return None;
-    }
-    let next_seq = lines.next()?.strip_prefix("next_seq ")?.parse().ok()?;
-    let mut segments = HashMap::new();
-    for line in lines {
-        let mut f = line.split(' ');
-        let (Some(name), Some(bytes), Some(count), None) = (f.next(), f.next(), f.next(), f.next())
-        else {
-            return None;
-        };
-        let info = SegInfo {
-            bytes: bytes.parse().ok()?,
-            lines: count.parse().ok()?,
-        };
-        segments.insert(SegKey::parse(name)?, info);
-    }
-    Some(Manifest { next_seq, segments })
-}
-
-/// The limits of a log, from its config.
-struct Limits {
-    span_ms: i64,
-    segment_max_bytes: u64,
-    retention_ms: Option<i64>,
-    max_records: u64,
-    max_bytes: Option<u64>,
-    flush_every: Duration,
-}
-
-impl Limits {
-    fn new(cfg: &AuditConfig) -> Self {
-        let secs = cfg.segment_secs.clamp(1, MAX_SEGMENT_SECS);
-        Self {
-            span_ms: i64::try_from(secs * 1000).unwrap_or(DAY_MS),
-            segment_max_bytes: cfg.segment_max_bytes.max(1),
-            retention_ms: (cfg.retention_days > 0)
-                .then(|| i64::from(cfg.retention_days).saturating_mul(DAY_MS)),
-            max_records: cfg.max_records,
-            max_bytes: (cfg.max_bytes > 0).then_some(cfg.max_bytes),
-            flush_every: Duration::from_millis(cfg.flush_interval_ms.max(MIN_FLUSH_MS)),
-        }
-    }
-}
-
-/// The files, shared by the handle (queries, prune) and the writer.
-struct Store {
-    dir: PathBuf,
-    limits: Limits,
-    state: Mutex<State>,
-    stats: Arc<AuditStats>,
-}
-
-struct State {
-    segments: BTreeMap<SegKey, SegInfo>,
-    open: HashMap<SegKey, OpenSegment>,
-    /// Where the last record went, for the next one of the same period.
-    current: Option<SegKey>,
-    next_seq: u64,
-    /// Closed files with writes not yet given to the syncer.
-    unsynced: Vec<Arc<File>>,
-    /// The first write error since the last flush.
-    error: Option<io::Error>,
-    /// The counts changed since the `segments` file was saved.
-    counts_dirty: bool,
-    /// A segment was begun or deleted since the `segments` file was saved.
-    segments_changed: bool,
-    /// A segment was begun since the writer last looked (time to apply retention).
-    begun: bool,
-}
-
-struct OpenSegment {
-    out: BufWriter<SharedFile>,
-    file: Arc<File>,
-    /// Written since the writer last closed idle files.
-    used: bool,
-    /// Written since the last sync was asked for.
-    unsynced: bool,
-}
-
-/// A file written through a `BufWriter` and synced from another thread.
-/// An open segment's file as the writer's buffer sees it: appends, and every
-/// [`WRITEBACK_EVERY`] bytes asks the kernel to start writing the new bytes to disk.
-///
-/// Without that, a second of events (about 15 MB at 100,000 events/s) sits dirty in the page
-/// cache until `audit-sync`'s `fdatasync`, which then writes it all at once; the outbox's
-/// commit `fdatasync`s queue behind that burst on the same disk, and the MTA's replies stall
-/// for milliseconds once a second (docs/benchmarks.md). Started early, in small pieces, the
-/// writes spread over the second and the sync has little left to do (as RocksDB's
-/// `bytes_per_sync`).
-struct SharedFile {
-    file: Arc<File>,
-    /// Where the next write lands (the file is opened for appending at this length).
-    end: u64,
-    /// Start of the bytes not yet handed to writeback.
-    kicked: u64,
-}
-
-impl SharedFile {
-    fn new(file: Arc<File>, len: u64) -> Self {
-        Self {
-            file,
-            end: len,
-            kicked: len,
-        }
-    }
-}
-
-impl Write for SharedFile {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = (&*self.file).write(buf)?;
-        self.end += n as u64;
-        if self.end - self.kicked >= WRITEBACK_EVERY {
-            start_writeback(&self.file, self.kicked, self.end - self.kicked);
-            self.kicked = self.end;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        (&*self.file).flush()
-    }
-}
-
-/// Starts writing `len` bytes at `offset` of `file` to disk without waiting for them
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). Only a hint: durability still comes from the
-/// `fdatasync` of `audit-sync`, so an error is ignored.
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (
-        libc::off64_t::try_from(offset),
-        libc::off64_t::try_from(len),
-    ) else {
-        return;
-    };
-    // SAFETY: the descriptor is open for as long as `file` is borrowed, and
-    // sync_file_range reads no memory of ours.
-    let _ = unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
-    };
-}
-
-#[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
-
-impl Store {
-    fn new(dir: &Path, cfg: &AuditConfig, found: Survey) -> Self {
-        let stats = Arc::new(AuditStats::default());
-        let state = State {
-            segments: found.segments,
-            open: HashMap::new(),
-            current: None,
-            next_seq: found.next_seq,
-            unsynced: Vec::new(),
-            error: None,
-            counts_dirty: true,
-            segments_changed: true,
-            begun: false,
-        };
-        state.publish_totals(&stats);
-        Self {
-            dir: dir.to_owned(),
-            limits: Limits::new(cfg),
-            state: Mutex::new(state),
-            stats,
-        }
-    }
-
-    fn path(&self, key: &SegKey) -> PathBuf {
-        self.dir.join(key.file_name())
-    }
-
-    /// Appends one event, as the next `seq`, to the segment of its time.
-    fn write(
-        &self,
-        st: &mut State,
-        at_ms: i64,
-        mut event: AuditEvent,
-        line: &mut Vec<u8>,
-        scratch: &mut Vec<u8>,
-    ) -> io::Result<()> {
-        if let Some(u) = event.user_mut() {
-            if u.bytes().any(|b| !b.is_ascii() || b.is_ascii_uppercase()) {
-                *u = u.to_lowercase();
-            }
-        }
-        event.clamp(MAX_FIELD_BYTES);
-        encode_line(line, scratch, at_ms, st.next_seq, &event)?;
-        let key = self.target(st, at_ms)?;
-        let Some(seg) = st.open.get_mut(&key) else {
-            return Err(io::Error::other("audit segment not open"));
-        };
-        if let Err(e) = seg.out.write_all(line) {
-            st.discard(&key);
-            return Err(e);
-        }
-        seg.used = true;
-        seg.unsynced = true;
-        st.next_seq += 1;
-        let n = line.len() as u64;
-        let info = st.segments.entry(key).or_default();
-        info.bytes += n;
-        info.lines += 1;
-        st.counts_dirty = true;
-        self.stats.written.fetch_add(1, Ordering::Relaxed);
-        self.stats.stored.fetch_add(1, Ordering::Relaxed);
-        self.stats.stored_bytes.fetch_add(n, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// The open segment a record of `at_ms` goes to: the last part of its period, or a new
-    /// part when that one is full.
-    fn target(&self, st: &mut State, at_ms: i64) -> io::Result<SegKey> {
-        let span_ms = self.limits.span_ms;
-        let start_ms = at_ms.div_euclid(span_ms).saturating_mul(span_ms);
-        let max = self.limits.segment_max_bytes;
-        if let Some(k) = st.current {
-            if k.start_ms == start_ms
-                && k.span_ms == span_ms
-                && st.segments.get(&k).is_some_and(|i| i.bytes < max)
-                && st.open.contains_key(&k)
-            {
-                return Ok(k);
-            }
-        }
-        let first = SegKey {
-            start_ms,
-            span_ms,
-            part: 0,
-        };
-        let last = st
-            .segments
-            .range(
-                first..=SegKey {
-                    part: u32::MAX,
-                    ..first
-                },
-            )
-            .next_back()
-            .map(|(k, i)| (*k, *i));
-        let key = match last {
-            Some((k, i)) if i.bytes < max || k.part == u32::MAX => k,
-            Some((k, _)) => {
-                st.close(&k);
-                SegKey {
-                    part: k.part + 1,
-                    ..k
-                }
-            }
-            None => first,
-        };
-        if !st.open.contains_key(&key) {
-            self.open_segment(st, key)?;
-        }
-        st.current = Some(key);
-        Ok(key)
-    }
-
-    /// Opens a segment for appending, first cutting off a line a crash left unfinished.
-    fn open_segment(&self, st: &mut State, key: SegKey) -> io::Result<()> {
-        if st.open.len() >= MAX_OPEN {
-            let others: Vec<SegKey> = st.open.keys().copied().collect();
-            for k in others {
-                st.close(&k);
-            }
-        }
-        let path = self.path(&key);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)?;
-        let len = cut_unfinished_line(&mut file, &path)?;
-        if !st.segments.contains_key(&key) {
-            st.segments_changed = true;
-            st.begun = true;
-        }
-        let info = st.segments.entry(key).or_default();
-        if info.bytes != len {
-            info.bytes = len;
-            st.counts_dirty = true;
-            st.publish_totals(&self.stats);
-        }
-        let file = Arc::new(file);
-        st.open.insert(
-            key,
-            OpenSegment {
-                out: BufWriter::with_capacity(WRITE_BUFFER, SharedFile::new(file.clone(), len)),
-                file,
-                used: true,
-                unsynced: false,
-            },
-        );
-        Ok(())
-    }
-
-    /// Hands every buffered line to the OS. A file that fails is closed, its buffer dropped;
-    /// the error is kept for the next flush and returned.
-    fn flush_buffers(&self, st: &mut State) -> io::Result<()> {
-        let mut failed = Vec::new();
-        let mut first = None;
-        for (k, seg) in &mut st.open {
-            if let Err(e) = seg.out.flush() {
-                failed.push(*k);
-                first.get_or_insert(e);
-            }
-        }
-        for k in &failed {
-            st.discard(k);
-        }
-        match first {
-            Some(e) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                let copy = io::Error::new(e.kind(), e.to_string());
-                st.error.get_or_insert(e);
-                Err(copy)
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// Saves the `segments` file (after [`flush_buffers`](Self::flush_buffers), so the sizes
-    /// are those on disk).
-    fn save_manifest(&self, st: &mut State) -> io::Result<()> {
-        use std::fmt::Write as _;
-        let mut text = format!("{MANIFEST_HEADER}\nnext_seq {}\n", st.next_seq);
-        for (k, i) in &st.segments {
-            let _ = writeln!(text, "{} {} {}", k.file_name(), i.bytes, i.lines);
-        }
-        let tmp = self.dir.join(MANIFEST_TMP);
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, self.dir.join(MANIFEST))?;
-        st.counts_dirty = false;
-        st.segments_changed = false;
-        Ok(())
-    }
-
-    fn over_caps(&self) -> bool {
-        self.stats.stored.load(Ordering::Relaxed) > self.limits.max_records
-            || self
-                .limits
-                .max_bytes
-                .is_some_and(|m| self.stats.stored_bytes.load(Ordering::Relaxed) > m)
-    }
-
-    /// Deletes the segments that ended before the retention period (relative to `now_ms`),
-    /// then the oldest while a cap is passed, never the newest one nor the one being written.
-    fn prune(&self, now_ms: i64) -> io::Result<u64> {
-        let mut st = lock(&self.state);
-        let cutoff = self.limits.retention_ms.map(|r| now_ms.saturating_sub(r));
-        let mut lines: u64 = st.segments.values().map(|i| i.lines).sum();
-        let mut bytes: u64 = st.segments.values().map(|i| i.bytes).sum();
-        let newest = st.segments.keys().next_back().copied();
-        let mut doomed = Vec::new();
-        for (k, i) in &st.segments {
-            let expired = cutoff.is_some_and(|c| k.end_ms() <= c);
-            let over =
-                lines > self.limits.max_records || self.limits.max_bytes.is_some_and(|m| bytes > m);
-            if !expired && !over {
-                continue;
-            }
-            if !expired && (Some(*k) == newest || Some(*k) == st.current) {
-                continue;
-            }
-            doomed.push(*k);
-            lines = lines.saturating_sub(i.lines);
-            bytes = bytes.saturating_sub(i.bytes);
-        }
-        let mut removed = 0;
-        let mut first_err = None;
-        for k in doomed {
-            st.discard(&k);
-            match std::fs::remove_file(self.path(&k)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    error!(file = %k.file_name(), error = %e, "audit log: cannot delete a segment");
-                    first_err.get_or_insert(e);
-                    continue;
-                }
-            }
-            if let Some(i) = st.segments.remove(&k) {
-                removed += i.lines;
-            }
-            st.segments_changed = true;
-        }
-        if removed > 0 || st.segments_changed {
-            self.stats.pruned.fetch_add(removed, Ordering::Relaxed);
-            st.publish_totals(&self.stats);
-            if removed > 0 {
-                info!(records = removed, "audit log pruned");
-            }
-            // The manifest is a cache: failing to save it costs a longer open, nothing else.
-            if self.flush_buffers(&mut st).is_ok() {
-                if let Err(e) = self.save_manifest(&mut st) {
-                    warn!(error = %e, "audit log: cannot save the segments file");
-                }
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(removed),
-        }
-    }
-
-    fn query(&self, q: &AuditQuery, newest: bool) -> Result<Vec<AuditRecord>, AuditError> {
-        let limit = q.limit.min(MAX_QUERY_LIMIT);
-        let since = q.since_ms.unwrap_or(i64::MIN);
-        if limit == 0 || q.until_ms.is_some_and(|u| since >= u) {
-            return Ok(Vec::new());
-        }
-        let user = q.user.as_deref().map(str::to_lowercase);
-        let notice = q.notice.as_deref().map(str::to_ascii_lowercase);
-        let needle = match (&notice, &user) {
-            (Some(n), _) => Some(Needle {
-                text: json_string(n).to_ascii_lowercase(),
-                fold: true,
-            }),
-            (None, Some(u)) => Some(Needle {
-                text: format!("\"user\":{}", json_string(u)),
-                fold: false,
-            }),
-            (None, None) => None,
-        };
-        let mut segments: Vec<SegKey> = {
-            let mut st = lock(&self.state);
-            // What the writer holds in its buffers is visible too. A failure here is the
-            // writer's to report (at the next flush).
-            let _ = self.flush_buffers(&mut st);
-            st.segments
-                .keys()
-                .filter(|k| k.end_ms() > since && q.until_ms.is_none_or(|u| k.start_ms < u))
-                .copied()
-                .collect()
-        };
-        let mut scan = Scan {
-            since,
-            until: q.until_ms,
-            newest,
-            limit,
-            user,
-            notice,
-            best: BinaryHeap::new(),
-            lines: 0,
-            unreadable: 0,
-        };
-        segments.sort_by_key(|k| (scan.bound(k), *k));
-        let mut buf = Vec::new();
-        let mut folded = Vec::new();
-        for k in &segments {
-            if scan.cannot_improve(scan.bound(k)) {
-                break;
-            }
-            let mut file = match File::open(self.path(k)) {
-                Ok(f) => f,
-                // Deleted by retention since the list was taken.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(AuditError::Store(e)),
-            };
-            read_lines(&mut file, &mut buf, |chunk| {
-                scan.chunk(chunk, needle.as_ref(), &mut folded)
-            })?;
-        }
-        let mut out = Vec::with_capacity(scan.best.len());
-        for c in scan.best.into_sorted_vec() {
-            match c.entry {
-                Entry::Decoded(r) => out.push(r),
-                // A line the writer finished always decodes, so this does not leave out a
-                // record that a bad line pushed out of the result.
-                Entry::Raw(raw) => match serde_json::from_slice(&raw) {
-                    Ok(r) => out.push(r),
-                    Err(_) => scan.unreadable += 1,
-                },
-            }
-        }
-        if scan.unreadable > 0 {
-            warn!(
-                lines = scan.unreadable,
-                "audit query skipped lines that do not decode"
-            );
-        }
-        Ok(out)
-    }
-}
-
-impl State {
-    /// Closes a segment after handing its buffer to the OS.
-    fn close(&mut self, key: &SegKey) {
-        if let Some(mut seg) = self.open.remove(key) {
-            if let Err(e) = seg.out.flush() {
-                self.error.get_or_insert(e);
-            }
-            if seg.unsynced {
-                self.unsynced.push(seg.file);
-            }
-        }
-        if self.current == Some(*key) {
-            self.current = None;
-        }
-    }
-
-    /// Closes a segment, dropping what its buffer holds (after a write error, or before
-    /// deleting it).
-    fn discard(&mut self, key: &SegKey) {
-        if let Some(seg) = self.open.remove(key) {
-            let (_file, _lost) = seg.out.into_parts();
-        }
-        if self.current == Some(*key) {
-            self.current = None;
-        }
-    }
-
-    /// Closes the segments not written since the last call.
-    fn close_idle(&mut self) {
-        let idle: Vec<SegKey> = self
-            .open
-            .iter()
-            .filter(|(_, s)| !s.used)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in &idle {
-            self.close(k);
-        }
-        for s in self.open.values_mut() {
-            s.used = false;
-        }
-    }
-
-    /// The files written since the last call (to sync them).
-    fn take_unsynced(&mut self) -> Vec<Arc<File>> {
-        let mut files = std::mem::take(&mut self.unsynced);
-        for s in self.open.values_mut() {
-            if std::mem::take(&mut s.unsynced) {
-                files.push(s.file.clone());
-            }
-        }
-        files
-    }
-
-    fn publish_totals(&self, stats: &AuditStats) {
-        let lines = self.segments.values().map(|i| i.lines).sum();
-        let bytes = self.segments.values().map(|i| i.bytes).sum();
-        stats.stored.store(lines, Ordering::Relaxed);
-        stats.stored_bytes.store(bytes, Ordering::Relaxed);
-    }
-}
-
-/// Cuts a last line that has no newline (a crash in the middle of a write) off the end of an
-/// open segment. Returns the file's length after.
-fn cut_unfinished_line(file: &mut File, path: &Path) -> io::Result<u64> {
-    let len = file.seek(SeekFrom::End(0))?;
-    if len == 0 {
-        return Ok(0);
-    }
-    let mut buf = vec![0u8; 64 << 10];
-    let mut end = len;
-    while end > 0 {
-        let start = end.saturating_sub(buf.len() as u64);
-        let block = &mut buf[..(end - start) as usize];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(block)?;
-        if end == len && block.last() == Some(&b'\n') {
-            return Ok(len);
-        }
-        if let Some(i) = block.iter().rposition(|b| *b == b'\n') {
-            end = start + i as u64 + 1;
-            break;
-        }
-        end = start;
-    }
-    warn!(
-        file = %path.display(),
-        bytes = len - end,
-        "audit log: cutting off an unfinished last line"
-    );
-    file.set_len(end)?;
-    Ok(end)
-}
-
-/// Encodes one line: `{"at_ms":…,"seq":…,` then the event's JSON without its opening brace,
-/// then a newline (the same JSON as [`AuditRecord`]'s).
-fn encode_line(
-    out: &mut Vec<u8>,
-    scratch: &mut Vec<u8>,
-    at_ms: i64,
-    seq: u64,
-    event: &AuditEvent,
-) -> io::Result<()> {
-    scratch.clear();
-    serde_json::to_writer(&mut *scratch, event)?;
-    let Some((b'{', fields)) = scratch.split_first() else {
-        return Err(io::Error::other("an audit event is not a JSON object"));
-    };
-    out.clear();
-    write!(out, "{{\"at_ms\":{at_ms},\"seq\":{seq},")?;
-    out.extend_from_slice(fields);
-    out.push(b'\n');
-    Ok(())
-}
-
-/// The `at_ms` and `seq` that start a line the writer wrote, read without decoding the rest.
-fn parse_prefix(line: &[u8]) -> Option<(i64, u64)> {
-    let rest = line.strip_prefix(b"{\"at_ms\":")?;
-    let (neg, rest) = match rest.strip_prefix(b"-") {
-        Some(r) => (true, r),
-        None => (false, rest),
-    };
-    let (mag, rest) = parse_digits(rest)?;
-    let at = if neg {
-        0i64.checked_sub_unsigned(mag)?
-    } else {
-        i64::try_from(mag).ok()?
-    };
-    let rest = rest.strip_prefix(b",\"seq\":")?;
-    let (seq, rest) = parse_digits(rest)?;
-    rest.starts_with(b",").then_some((at, seq))
-}
-
-fn parse_digits(s: &[u8]) -> Option<(u64, &[u8])> {
-    let n = s.iter().take_while(|b| b.is_ascii_digit()).count();
-    if n == 0 || n > 20 {
-        return None;
-    }
-    let mut v: u64 = 0;
-    for b in &s[..n] {
-        v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
-    }
-    Some((v, &s[n..]))
-}
-
-fn count_lines(chunk: &[u8]) -> u64 {
-    chunk.iter().filter(|b| **b == b'\n').count() as u64
-}
-
-/// Reads `file` from where it stands to its end and calls `f` with runs of whole lines, each
-/// ending in a newline. A last line without its newline (being written, or cut by a crash) is
-/// left out; a line longer than [`READ_CHUNK`] is skipped.
-fn read_lines<E: From<io::Error>>(
-    file: &mut File,
-    buf: &mut Vec<u8>,
-    mut f: impl FnMut(&[u8]) -> Result<(), E>,
-) -> Result<(), E> {
-    buf.resize(READ_CHUNK, 0);
-    let mut filled = 0;
-    let mut skipping = false;
-    loop {
-        let n = match file.read(&mut buf[filled..]) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let old = filled;
-        filled += n;
-        let Some(last) = buf[old..filled].iter().rposition(|b| *b == b'\n') else {
-            if filled == buf.len() {
-                // One line fills the buffer: drop it, and the rest of it that follows.
-                skipping = true;
-                filled = 0;
-            }
-            continue;
-        };
-        let end = old + last + 1;
-        let mut lines = &buf[..end];
-        if std::mem::take(&mut skipping) {
-            let first = lines.iter().position(|b| *b == b'\n').unwrap_or(0);
-            lines = &lines[first + 1..];
-        }
-        f(lines)?;
-        buf.copy_within(end..filled, 0);
-        filled -= end;
-    }
-}
-
-fn json_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_default()
-}
-
-/// What a query looks for in the raw text before decoding a line. `fold`: search the text
-/// ASCII-lowercased (for notice ids, which are stored as given).
-struct Needle {
-    text: String,
-    fold: bool,
-}
-
-/// A record a query keeps, ordered by `key`: smaller is better.
-struct Candidate {
-    key: (i64, u64),
-    entry: Entry,
-}
-
-/// A kept record, decoded or (when the query has no filter that needs decoding) still the raw
-/// line: a newest-first query reads lines oldest first, so nearly every line is kept for a
-/// while, and decoding them all would cost ten times the rest of the scan.
-enum Entry {
-    Decoded(AuditRecord),
-    Raw(Vec<u8>),
-}
-
-impl PartialEq for Candidate {
-    fn eq(&self, other: &Self) -> bool {
-        self.key == other.key
-    }
-}
-
-impl Eq for Candidate {}
-
-impl PartialOrd for Candidate {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Candidate {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.key.cmp(&other.key)
-    }
-}
-
-/// One query's progress: the best `limit` records so far (a max-heap: its top is the worst).
-struct Scan {
-    since: i64,
-    until: Option<i64>,
-    newest: bool,
-    limit: usize,
-    user: Option<String>,
-    notice: Option<String>,
-    best: BinaryHeap<Candidate>,
-    lines: u64,
-    unreadable: u64,
-}
-
-impl Scan {
-    /// The order of records: by (at_ms, seq), reversed for newest-first (`!x` reverses the
-    /// order of integers without overflowing).
-    fn key(&self, at_ms: i64, seq: u64) -> (i64, u64) {
-        if self.newest {
-            (!at_ms, !seq)
-        } else {
-            (at_ms, seq)
-        }
-    }
-
-    /// No record of segment `k` has a smaller key than this.
-    fn bound(&self, k: &SegKey) -> (i64, u64) {
-        if self.newest {
-            (!(k.end_ms().saturating_sub(1)), 0)
-        } else {
-            (k.start_ms, 0)
-        }
-    }
-
-    /// Whether the result is complete for every record with a key of at least `key`.
-    fn cannot_improve(&self, key: (i64, u64)) -> bool {
-        self.best.len() >= self.limit && self.best.peek().is_some_and(|w| w.key < key)
-    }
-
-    /// Takes a run of whole lines.
-    fn chunk(
-        &mut self,
-        chunk: &[u8],
-        needle: Option<&Needle>,
-        folded: &mut Vec<u8>,
-    ) -> Result<(), AuditError> {
-        self.lines += count_lines(chunk);
-        if self.lines > MAX_SCAN {
-            return Err(AuditError::TooBroad { scanned: MAX_SCAN });
-        }
-        let Some(needle) = needle else {
-            for line in chunk
-                .strip_suffix(b"\n")
-                .unwrap_or(chunk)
-                .split(|b| *b == b'\n')
-            {
-                self.line(line);
-            }
-            return Ok(());
-        };
-        let hay: &[u8] = if needle.fold {
-            folded.clear();
-            folded.extend_from_slice(chunk);
-            folded.make_ascii_lowercase();
-            folded
-        } else {
-            chunk
-        };
-        // Positions in `hay` are positions in `chunk`: folding keeps every byte in place.
-        match std::str::from_utf8(hay) {
-            Ok(text) => {
-                let mut done = 0;
-                for (at, _) in text.match_indices(needle.text.as_str()) {
-                    if at < done {
-                        continue;
-                    }
-                    let start = hay[..at]
-                        .iter()
-                        .rposition(|b| *b == b'\n')
-                        .map_or(0, |i| i + 1);
-                    let end = hay[at..]
-                        .iter()
-                        .position(|b| *b == b'\n')
-                        .map_or(hay.len(), |i| at + i);
-                    self.line(&chunk[start..end]);
-                    done = end;
-                }
-            }
-            Err(_) => {
-                // Not UTF-8 somewhere (a damaged file): line by line, skipping bad lines.
-                let mut start = 0;
-                for end in hay
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, b)| **b == b'\n')
-                    .map(|(i, _)| i)
-                {
-                    let found = std::str::from_utf8(&hay[start..end])
-                        .is_ok_and(|t| t.contains(needle.text.as_str()));
-                    if found {
-                        self.line(&chunk[start..end]);
-                    }
-                    start = end + 1;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes one line (without its newline).
-    fn line(&mut self, raw: &[u8]) {
-        let mut decoded = None;
-        let (at_ms, seq) = match parse_prefix(raw) {
-            Some(p) => p,
-            None => match serde_json::from_slice::<AuditRecord>(raw) {
-                Ok(r) => {
-                    let p = (r.at_ms, r.seq);
-                    decoded = Some(r);
-                    p
-                }
-                Err(_) => {
-                    self.unreadable += 1;
-                    return;
-                }
-            },
-        };
-        if at_ms < self.since || self.until.is_some_and(|u| at_ms >= u) {
-            return;
-        }
-        let key = self.key(at_ms, seq);
-        if self.best.len() >= self.limit && self.best.peek().is_some_and(|w| key >= w.key) {
-            return;
-        }
-        let entry = match decoded {
-            Some(r) => Entry::Decoded(r),
-            None if self.user.is_none() && self.notice.is_none() => Entry::Raw(raw.to_vec()),
-            None => match serde_json::from_slice::<AuditRecord>(raw) {
-                Ok(r) => Entry::Decoded(r),
-                Err(_) => {
-                    self.unreadable += 1;
-                    return;
-                }
-            },
-        };
-        if let Entry::Decoded(r) = &entry {
-            if !self.keep(r) {
-                return;
-            }
-        }
-        self.best.push(Candidate { key, entry });
-        if self.best.len() > self.limit {
-            self.best.pop();
-        }
-    }
-
-    fn keep(&self, r: &AuditRecord) -> bool {
-        self.notice.as_deref().is_none_or(|n| r.event.mentions(n))
-            && self.user.as_deref().is_none_or(|u| {
-                r.event
-                    .user()
-                    .is_some_and(|ru| ru == u || ru.to_lowercase() == u)
-            })
-    }
-}
-
-/// A request to the syncer: sync these files, then answer (for [`AuditLog::flush`]).
-struct SyncJob {
-    files: Vec<Arc<File>>,
-    reply: Option<Reply>,
-}
-
-/// The `audit-sync` thread: `fdatasync`s the files the writer handed to the OS, so the
-/// writer never waits for the disk. A failed periodic sync is reported by the next flush.
-fn sync_files(rx: mpsc::Receiver<SyncJob>, stats: &AuditStats) {
-    let error_warn = RateLimit::new(1000);
-    let mut failed: Option<io::Error> = None;
-    for job in rx {
-        let mut result = Ok(());
-        for f in &job.files {
-            if let Err(e) = f.sync_data() {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                if error_warn.allow(now_ms()) {
-                    error!(error = %e, "audit log sync failed");
-                }
-                if result.is_ok() {
-                    result = Err(e);
-                }
-            }
-        }
-        match job.reply {
-            Some(reply) => {
-                let _ = reply.send(match failed.take() {
-                    Some(e) => Err(e),
-                    None => result,
-                });
-            }
-            None => {
-                if let Err(e) = result {
-                    failed.get_or_insert(e);
-                }
-            }
-        }
-    }
-}
-
-/// Writes events in channel order; flushes, syncs, saves the `segments` file and prunes
-/// between groups.
-struct Writer {
-    store: Arc<Store>,
-    /// Events in the channel (see `Inner::queued`).
-    queued: Arc<AtomicUsize>,
-    sync_tx: mpsc::SyncSender<SyncJob>,
-    syncer: std::thread::JoinHandle<()>,
-}
-
-impl Writer {
-    fn run(self, rx: mpsc::Receiver<Msg>) {
-        let store = &*self.store;
-        let error_warn = RateLimit::new(1000);
-        let mut line = Vec::with_capacity(1024);
-        let mut scratch = Vec::with_capacity(1024);
-        let mut flush_at: Option<Instant> = None;
-        let mut next_prune = Instant::now();
-        let mut next_manifest = Instant::now() + MANIFEST_EVERY;
-        loop {
-            let wake = flush_at.map_or(next_prune, |f| f.min(next_prune));
-            let first = match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
-                Ok(m) => Some(m),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            };
-            let mut stop = false;
-            let mut prune = false;
-            if let Some(first) = first {
-                let mut st = lock(&store.state);
-                let mut msg = Some(first);
-                let mut taken = 0usize;
-                while let Some(m) = msg.take() {
-                    match m {
-                        Msg::Events { at_ms, events } => {
-                            self.queued.fetch_sub(events.len(), Ordering::AcqRel);
-                            for event in events {
-                                if let Err(e) =
-                                    store.write(&mut st, at_ms, event, &mut line, &mut scratch)
-                                {
-                                    store.stats.errors.fetch_add(1, Ordering::Relaxed);
-                                    if error_warn.allow(now_ms()) {
-                                        error!(error = %e, "audit log write failed");
-                                    }
-                                    st.error.get_or_insert(e);
-                                }
-                            }
-                            flush_at
-                                .get_or_insert_with(|| Instant::now() + store.limits.flush_every);
-                        }
-                        Msg::Flush(reply) => {
-                            self.sync(store, &mut st, Some(reply), true);
-                            flush_at = None;
-                        }
-                        Msg::Stop => {
-                            stop = true;
-                            break;
-                        }
-                    }
-                    taken += 1;
-                    if taken >= MAX_BATCH {
-                        break;
-                    }
-                    msg = rx.try_recv().ok();
-                }
-                prune = std::mem::take(&mut st.begun);
-            }
-            if stop {
-                break;
-            }
-            let now = Instant::now();
-            if flush_at.is_some_and(|f| now >= f) {
-                let mut st = lock(&store.state);
-                let save = st.segments_changed || now >= next_manifest;
-                self.sync(store, &mut st, None, save);
-                if save {
-                    next_manifest = now + MANIFEST_EVERY;
-                }
-                st.close_idle();
-                flush_at = None;
-            }
-            if now >= next_prune {
-                prune = true;
-                next_prune = now + PRUNE_EVERY;
-            }
-            if prune || store.over_caps() {
-                if let Err(e) = store.prune(now_ms()) {
-                    error!(error = %e, "audit log prune failed");
-                }
-            }
-        }
-        // Stopped, or every handle is gone: write, sync and save everything.
-        let (reply, done) = mpsc::sync_channel(1);
-        {
-            let mut st = lock(&store.state);
-            self.sync(store, &mut st, Some(reply), true);
-            let open: Vec<SegKey> = st.open.keys().copied().collect();
-            for k in &open {
-                st.close(k);
-            }
-        }
-        match done.recv() {
-            Ok(Ok(())) | Err(_) => {}
-            Ok(Err(e)) => error!(error = %e, "audit log: the last sync failed"),
-        }
-        drop(self.sync_tx);
-        let _ = self.syncer.join();
-    }
-
-    /// Hands the buffers to the OS and the written files to the syncer; with a reply (a
-    /// flush), the syncer answers once they are on disk, or this answers at once with the
-    /// write error met since the last flush.
-    fn sync(&self, store: &Store, st: &mut State, reply: Option<Reply>, save: bool) {
-        let flushed = store.flush_buffers(st).is_ok();
-        if flushed && save && (st.counts_dirty || st.segments_changed) {
-            if let Err(e) = store.save_manifest(st) {
-                warn!(error = %e, "audit log: cannot save the segments file");
-            }
-        }
-        let files = st.take_unsynced();
-        match reply {
-            Some(reply) => match st.error.take() {
-                Some(e) => {
-                    let _ = reply.send(Err(e));
-                    // Still sync what was written.
-                    if let Err(
-                        mpsc::TrySendError::Full(job) | mpsc::TrySendError::Disconnected(job),
-                    ) = self.sync_tx.try_send(SyncJob { files, reply: None })
-                    {
-                        st.unsynced.extend(job.files);
-                    }
-                }
-                None => {
-                    if self
-                        .sync_tx
-                        .send(SyncJob {
-                            files,
-                            reply: Some(reply),
-                        })
-                        .is_err()
-                    {
-                        error!("audit log: the sync thread has stopped");
-                    }
-                }
-            },
-            None => {
-                if files.is_empty() {
-                    return;
-                }
-                if let Err(mpsc::TrySendError::Full(job) | mpsc::TrySendError::Disconnected(job)) =
-                    self.sync_tx.try_send(SyncJob { files, reply: None })
-                {
-                    // The syncer is still busy: these go with the next sync.
-                    st.unsynced.extend(job.files);
-                }
-            }
-        }
-    }
-}
-
 /// Allows one event per `every_ms`; lock-free, for the hot path.
 #[derive(Debug)]
 struct RateLimit {
@@ -2048,284 +921,6 @@ fn truncate_at_char(s: &mut String, max: usize) {
     }
 }
 
-/// Parses a `--since`/`--until` argument into ms since the Unix epoch: a date
-/// (`2026-11-22`, midnight UTC), an RFC 3339 time (`2026-11-22T10:00:00Z`, `…+01:00`), a UTC
-/// time without offset (`2026-11-22T10:00`, `2026-11-22 10:00:00`), or a span back from
-/// `now_ms`: a whole number with `s`, `m`, `h`, `d` or `w` (`90m`, `2h`, `7d`).
-pub fn parse_since(s: &str, now_ms: i64) -> Result<i64, AuditError> {
-    let bad = |reason| AuditError::BadTime {
-        input: s.chars().take(64).collect(),
-        reason,
-    };
-    let t = s.trim();
-    if t.is_empty() {
-        return Err(bad("empty"));
-    }
-    if let Some(unit) = t.chars().last().filter(char::is_ascii_alphabetic) {
-        let digits = &t[..t.len() - 1];
-        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-            let unit_ms: i64 = match unit {
-                's' => 1000,
-                'm' => 60_000,
-                'h' => 3_600_000,
-                'd' => DAY_MS,
-                'w' => 7 * DAY_MS,
-                _ => return Err(bad("unknown unit (use s, m, h, d or w)")),
-            };
-            let n: i64 = digits.parse().map_err(|_| bad("number too large"))?;
-            return n
-                .checked_mul(unit_ms)
-                .and_then(|back| now_ms.checked_sub(back))
-                .ok_or_else(|| bad("too far back"));
-        }
-    }
-    if let Ok(d) = NaiveDate::parse_from_str(t, "%Y-%m-%d") {
-        return d
-            .and_hms_opt(0, 0, 0)
-            .map(|dt| dt.and_utc().timestamp_millis())
-            .ok_or_else(|| bad("not a valid date"));
-    }
-    if let Ok(dt) = DateTime::parse_from_rfc3339(t) {
-        return Ok(dt.timestamp_millis());
-    }
-    for fmt in [
-        "%Y-%m-%dT%H:%M:%S",
-        "%Y-%m-%d %H:%M:%S",
-        "%Y-%m-%dT%H:%M",
-        "%Y-%m-%d %H:%M",
-    ] {
-        if let Ok(dt) = NaiveDateTime::parse_from_str(t, fmt) {
-            return Ok(dt.and_utc().timestamp_millis());
-        }
-    }
-    Err(bad(
-        "expected YYYY-MM-DD, an RFC 3339 time or a span like 90m, 2h, 7d",
-    ))
-}
-
-/// One line for humans: the UTC time (RFC 3339, ms), the event name, then `key=value` fields.
-/// Free text is quoted and escaped when it has spaces, quotes or control characters (so a
-/// subject cannot forge a line), and digit runs that look like phone numbers are masked.
-///
-/// ```text
-/// 2026-11-22T10:00:00.000Z created notice=4f… user=alice queue_id=42 from=bob@example.org subject="Lunch?"
-/// ```
-pub fn format_record(r: &AuditRecord) -> String {
-    use std::fmt::Write as _;
-    let mut out = match DateTime::<Utc>::from_timestamp_millis(r.at_ms) {
-        Some(t) => t.to_rfc3339_opts(SecondsFormat::Millis, true),
-        None => format!("@{}ms", r.at_ms),
-    };
-    out.push(' ');
-    out.push_str(r.event.name());
-    let line = &mut out;
-    match &r.event {
-        AuditEvent::Created {
-            notice,
-            user,
-            queue_id,
-            from,
-            subject,
-        } => {
-            id_field(line, "notice", notice);
-            field(line, "user", user);
-            if let Some(q) = queue_id {
-                let _ = write!(line, " queue_id={q}");
-            }
-            field(line, "from", from);
-            field(line, "subject", subject);
-        }
-        AuditEvent::Held {
-            notice,
-            user,
-            reason,
-            until_ms,
-        } => {
-            id_field(line, "notice", notice);
-            field(line, "user", user);
-            field(line, "reason", reason);
-            match DateTime::<Utc>::from_timestamp_millis(*until_ms) {
-                Some(t) => {
-                    let _ = write!(
-                        line,
-                        " until={}",
-                        t.to_rfc3339_opts(SecondsFormat::Secs, true)
-                    );
-                }
-                None => {
-                    let _ = write!(line, " until_ms={until_ms}");
-                }
-            }
-        }
-        AuditEvent::Coalesced {
-            notice,
-            user,
-            into,
-            count,
-        } => {
-            id_field(line, "notice", notice);
-            field(line, "user", user);
-            id_field(line, "into", into);
-            let _ = write!(line, " count={count}");
-        }
-        AuditEvent::Dropped {
-            notice,
-            user,
-            reason,
-        } => {
-            id_field(line, "notice", notice);
-            field(line, "user", user);
-            field(line, "reason", reason);
-        }
-        AuditEvent::Queued { notice, user } => {
-            id_field(line, "notice", notice);
-            field(line, "user", user);
-        }
-        AuditEvent::Sent {
-            notice,
-            user,
-            agent,
-        }
-        | AuditEvent::Acked {
-            notice,
-            user,
-            agent,
-        } => {
-            id_field(line, "notice", notice);
-            opt_field(line, "user", user.as_deref());
-            field(line, "agent", agent);
-        }
-        AuditEvent::Deferred {
-            notice,
-            user,
-            reason,
-            retry_in_ms,
-        } => {
-            id_field(line, "notice", notice);
-            opt_field(line, "user", user.as_deref());
-            field(line, "reason", reason);
-            let _ = write!(line, " retry_in_ms={retry_in_ms}");
-        }
-        AuditEvent::DeadLettered {
-            notice,
-            user,
-            reason,
-        } => {
-            id_field(line, "notice", notice);
-            opt_field(line, "user", user.as_deref());
-            field(line, "reason", reason);
-        }
-        AuditEvent::Requeued { notice, by } => {
-            id_field(line, "notice", notice);
-            field(line, "by", by);
-        }
-        AuditEvent::SessionUp {
-            agent,
-            addr,
-            window,
-        } => {
-            field(line, "agent", agent);
-            field(line, "addr", addr);
-            let _ = write!(line, " window={window}");
-        }
-        AuditEvent::SessionDown {
-            agent,
-            addr,
-            reason,
-            sent,
-            acked,
-        } => {
-            field(line, "agent", agent);
-            field(line, "addr", addr);
-            field(line, "reason", reason);
-            let _ = write!(line, " sent={sent} acked={acked}");
-        }
-        AuditEvent::ConnectFailed {
-            agent,
-            addr,
-            reason,
-        } => {
-            field(line, "agent", agent);
-            field(line, "addr", addr);
-            field(line, "reason", reason);
-        }
-        AuditEvent::Admin {
-            actor,
-            action,
-            target,
-        } => {
-            field(line, "actor", actor);
-            field(line, "action", action);
-            field(line, "target", target);
-        }
-    }
-    out
-}
-
-fn field(out: &mut String, k: &str, v: &str) {
-    use std::fmt::Write as _;
-    let _ = write!(out, " {k}={}", quote(&mask_phones(v)));
-}
-
-/// Ids are printed as they are: a hex id may hold a long run of digits.
-fn id_field(out: &mut String, k: &str, v: &str) {
-    use std::fmt::Write as _;
-    let _ = write!(out, " {k}={}", quote(v));
-}
-
-fn opt_field(out: &mut String, k: &str, v: Option<&str>) {
-    match v {
-        Some(v) => field(out, k, v),
-        None => out.push_str(&format!(" {k}=-")),
-    }
-}
-
-/// `v` as is when it is a plain token, else in double quotes with Rust escapes.
-fn quote(v: &str) -> String {
-    let plain = !v.is_empty()
-        && v != "-"
-        && v.chars()
-            .all(|c| !c.is_whitespace() && !c.is_control() && c != '"' && c != '\\' && c != '=');
-    if plain {
-        v.to_owned()
-    } else {
-        format!("{v:?}")
-    }
-}
-
-/// Masks runs that look like phone numbers: 8 or more digits in a row (or `+` and 7 or more),
-/// keeping the first 3 and the last 2 digits (`+33612345678` gives `+336******78`). Numbers written with spaces or
-/// dashes are not recognised; none should reach the audit log anyway.
-fn mask_phones(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = String::with_capacity(s.len());
-    let mut i = 0;
-    let mut copied = 0;
-    while i < b.len() {
-        let plus = b.get(i) == Some(&b'+');
-        let start = if plus { i + 1 } else { i };
-        let mut end = start;
-        while b.get(end).is_some_and(u8::is_ascii_digit) {
-            end += 1;
-        }
-        let digits = end - start;
-        // Only at the start of a digit run, not in its middle.
-        let at_run_start = i == 0 || !b.get(i - 1).is_some_and(u8::is_ascii_digit);
-        if at_run_start && (digits >= 8 || (plus && digits >= 7)) {
-            out.push_str(&s[copied..start]);
-            out.push_str(&s[start..start + 3]);
-            out.extend(std::iter::repeat_n('*', digits - 5));
-            out.push_str(&s[end - 2..end]);
-            copied = end;
-            i = end;
-        } else {
-            i = if end > i { end } else { i + 1 };
-        }
-    }
-    out.push_str(&s[copied..]);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -2352,7 +947,7 @@ mod tests {
         AuditEvent::Created {
             notice: n.into(),
             user: user.into(),
-            queue_id: Some(7),
+            queue_id: Some(QueueId::Stalwart(7)),
             from: "bob@example.org".into(),
             subject: "hello".into(),
         }
@@ -2760,6 +1355,64 @@ mod tests {
         assert_eq!(by("ab12"), ["AB12"]);
         assert_eq!(by("A\"B"), ["a\"b"]);
         assert!(by("b1").is_empty());
+    }
+
+    #[test]
+    fn a_page_keeps_the_newest_and_counts_what_it_left_out() {
+        let t0 = hour_base();
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_with(
+            dir.path(),
+            AuditConfig {
+                segment_secs: 60,
+                ..Default::default()
+            },
+        );
+        // 1,295 records over about 22 minutes (22 segments); every fifth one is bob's.
+        for i in 0..1295_i64 {
+            let u = if i % 5 == 0 { "bob" } else { "alice" };
+            log.record_at(t0 + i * 1000, created(&format!("n{i}"), u));
+        }
+        log.flush().unwrap();
+        let page = log.query_page(&q()).unwrap();
+        assert_eq!(page.records.len(), 1000);
+        assert_eq!((page.omitted, page.omitted_exact), (295, true));
+        assert_eq!(page.records[0].event.notice(), Some("n295"), "oldest first");
+        assert_eq!(page.records[999].event.notice(), Some("n1294"));
+        // Paging back: everything before the oldest one printed.
+        let older = log
+            .query_page(&AuditQuery {
+                until_ms: Some(page.records[0].at_ms),
+                ..q()
+            })
+            .unwrap();
+        assert_eq!((older.records.len(), older.omitted), (295, 0));
+        assert_eq!(older.records[294].event.notice(), Some("n294"));
+        // Filtered: only bob's count.
+        let bob = log
+            .query_page(&AuditQuery {
+                limit: 10,
+                ..user_q("bob")
+            })
+            .unwrap();
+        assert_eq!(notices(&bob.records)[9], "n1290");
+        assert_eq!((bob.omitted, bob.omitted_exact), (249, true));
+        let one = log
+            .query_page(&AuditQuery {
+                limit: 1,
+                ..AuditQuery {
+                    notice: Some("n7".into()),
+                    ..q()
+                }
+            })
+            .unwrap();
+        assert_eq!((notices(&one.records), one.omitted), (vec!["n7".into()], 0));
+        // Nothing left out: nothing said.
+        let all = log.query_page(&AuditQuery { limit: 2000, ..q() }).unwrap();
+        assert_eq!((all.records.len(), all.omitted), (1295, 0));
+        // Counting only.
+        let none = log.query_page(&AuditQuery { limit: 0, ..q() }).unwrap();
+        assert_eq!((none.records.len(), none.omitted), (0, 1295));
     }
 
     #[test]
@@ -3198,7 +1851,7 @@ mod tests {
                 AuditEvent::Created {
                     notice: "0123456789abcdef0123456789abcdef".into(),
                     user: "alice".into(),
-                    queue_id: Some(42),
+                    queue_id: Some(QueueId::Stalwart(42)),
                     from: "bob@example.org".into(),
                     subject: "Lunch at 12?\nforged line".into(),
                 }
@@ -3334,7 +1987,7 @@ mod tests {
                 0 => AuditEvent::Created {
                     notice,
                     user,
-                    queue_id: Some(k),
+                    queue_id: Some(QueueId::Stalwart(k)),
                     from: "sender@example.org".into(),
                     subject: "Quarterly figures".into(),
                 },
