@@ -126,6 +126,12 @@ pub enum RenderError {
     Empty,
     #[error("text does not fit in {max_parts} sms parts even after truncation")]
     DoesNotFit { max_parts: u8 },
+    #[error("text needs {parts} sms parts, more than the {max_parts} allowed (a notice may ask for up to sms.max_parts_cap = {cap})")]
+    LiteralTooLong {
+        parts: usize,
+        max_parts: u8,
+        cap: u8,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,6 +216,21 @@ impl Renderer {
             m => m,
         };
         wanted.min(self.max_parts_cap).max(1)
+    }
+
+    /// Checks a literal text (`send-test`) against the part budget of `n`: it is sent as is,
+    /// never cut, so one over the budget is refused at receipt rather than dead-lettered.
+    pub fn check_literal(&self, n: &Notification, text: &str) -> Result<(), RenderError> {
+        let max_parts = self.max_parts_for(n);
+        let parts = pdu::measure(text).parts;
+        if parts > usize::from(max_parts) {
+            return Err(RenderError::LiteralTooLong {
+                parts,
+                max_parts,
+                cap: self.max_parts_cap,
+            });
+        }
+        Ok(())
     }
 
     /// The SMS text for `n`, within [`Renderer::max_parts_for`] parts.
@@ -829,6 +850,28 @@ mod tests {
         let text = r.render(&n).unwrap();
         assert_eq!(pdu::measure(&text).parts, 1);
         assert!(text.contains("x…@example.com：来自 …，主题：…，"), "{text}");
+    }
+
+    #[test]
+    fn literal_text_over_the_part_budget_is_refused() {
+        let r = renderer();
+        let mut n = notice("en", "A", "s");
+        let two_parts = "x".repeat(161);
+        assert_eq!(
+            r.check_literal(&n, &two_parts),
+            Err(RenderError::LiteralTooLong {
+                parts: 2,
+                max_parts: 1,
+                cap: 4
+            })
+        );
+        assert!(r.check_literal(&n, &"x".repeat(160)).is_ok());
+        n.max_parts = 2;
+        assert!(r.check_literal(&n, &two_parts).is_ok());
+        // Above the cap the cap applies.
+        n.max_parts = 9;
+        let e = r.check_literal(&n, &"长".repeat(5 * 67)).unwrap_err();
+        assert!(e.to_string().contains("max_parts_cap = 4"), "{e}");
     }
 
     #[test]
