@@ -536,6 +536,7 @@ pub fn sample_notification(phone: &str) -> Notification {
         id: NotifId::random(),
         phone: phone.to_string(),
         recipient: "alice@example.com".into(),
+        sole_address: true,
         from_name: "张伟".into(),
         from_addr: "zhang.wei@example.cn".into(),
         subject: "关于下周项目评审会议的安排 (Project review next week)".into(),
