@@ -12,7 +12,10 @@ use anyhow::{anyhow, bail, Context};
 use mailbell_link::http_server::HttpStats;
 use mailbell_link::listen::{Acceptor, ListenerStats};
 use mailbell_link::memory::{MemoryOutbox, Settled};
-use mailbell_link::net::{self, ClientSettings, ClientStats, Endpoint, ServerStats};
+use mailbell_link::net::{
+    self, ClientSettings, ClientStats, Endpoint, OutItem, Outbox, ServerStats, SessionEvent,
+    StoreError,
+};
 use mailbell_link::pki::{ensure_dev_pki, DevPkiPaths};
 use mailbell_link::sender::SenderConfig;
 use mailbell_link::tls::{self, ClientTlsFiles};
@@ -128,7 +131,7 @@ fn validator(renderer: Arc<Renderer>) -> Validator {
             .map_err(|e| format!("invalid phone number: {e}"))?;
         match &n.text {
             Some(t) if t.trim().is_empty() => Err("empty text".to_string()),
-            Some(_) => Ok(()),
+            Some(t) => renderer.check_literal(n, t).map_err(|e| e.to_string()),
             None => renderer
                 .render(n)
                 .map(|_| ())
@@ -322,7 +325,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
 }
 
-/// Client-side TLS for `send-test`: explicit files, or the dev PKI the config points at.
+/// Client-side TLS for `send-test`: explicit files, or the client certificate of the dev PKI
+/// the config points at. The dev PKI must exist already (the agent creates it when it starts):
+/// a client that made its own CA would only fail the handshake.
 pub fn client_tls(
     cfg: &Config,
     explicit: Option<ClientTlsFiles>,
@@ -331,12 +336,85 @@ pub fn client_tls(
         return Ok(f);
     }
     match &cfg.link.tls {
-        LinkTls::DevPki { dir, names } => {
-            Ok(ensure_dev_pki(dir, names, "mailhost", false)?.client_files())
+        LinkTls::DevPki { dir, .. } => {
+            let files = DevPkiPaths::in_dir(dir).client_files();
+            for f in [&files.ca, &files.cert, &files.key] {
+                if !f.is_file() {
+                    bail!(
+                        "no dev PKI client certificate at {} (the agent creates its dev PKI when \
+                         it first starts): start the agent with this config first, or pass \
+                         --ca, --cert and --key",
+                        f.display()
+                    );
+                }
+            }
+            Ok(files)
         }
         LinkTls::Files { .. } => bail!(
             "the agent uses operator certificates: pass --ca, --cert and --key for a client certificate"
         ),
+    }
+}
+
+/// An outbox for one send that also keeps the first failure to reach the agent, so a caller
+/// can report it at once instead of retrying until its deadline.
+struct OneShot {
+    inner: Arc<MemoryOutbox>,
+    unreachable: std::sync::Mutex<Option<String>>,
+}
+
+impl OneShot {
+    fn unreachable(&self) -> Option<String> {
+        self.unreachable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Whether a failure to reach the agent is the answer (connection refused, a name that does
+/// not resolve, a certificate one side does not trust) rather than something that may pass
+/// (a timeout or a reset while the agent is busy), which is retried until the deadline.
+fn is_final(reason: &str) -> bool {
+    let r = reason.to_ascii_lowercase();
+    [
+        "refused",
+        "certificate",
+        "alert",
+        "failed to lookup",
+        "dns name",
+    ]
+    .iter()
+    .any(|w| r.contains(w))
+}
+
+impl Outbox for OneShot {
+    fn ready(&self, after: Option<u64>, max: usize) -> Result<Vec<OutItem>, StoreError> {
+        self.inner.ready(after, max)
+    }
+    fn acked(&self, ids: &[NotifId]) -> Result<(), StoreError> {
+        self.inner.acked(ids)
+    }
+    fn dead_letter(&self, id: NotifId, reason: &str) -> Result<(), StoreError> {
+        self.inner.dead_letter(id, reason)
+    }
+    fn retry_later(&self, id: NotifId, after: Duration, reason: &str) -> Result<(), StoreError> {
+        self.inner.retry_later(id, after, reason)
+    }
+    fn notifier(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.notifier()
+    }
+    fn session_event(&self, event: SessionEvent<'_>) {
+        if let SessionEvent::Failed { reason, .. } = event {
+            let reason = reason.to_string();
+            if is_final(&reason) {
+                self.unreachable
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_or_insert(reason);
+                self.inner.settled.notify_waiters();
+            }
+        }
     }
 }
 
@@ -351,6 +429,10 @@ pub async fn send_one(
     let outbox = MemoryOutbox::new();
     let id = n.id;
     outbox.push(id, n.encode_payload().context("encode notification")?);
+    let oneshot = Arc::new(OneShot {
+        inner: outbox.clone(),
+        unreachable: std::sync::Mutex::new(None),
+    });
     let settings = ClientSettings {
         agents: vec![Endpoint {
             addr: agent.to_string(),
@@ -369,7 +451,7 @@ pub async fn send_one(
     let stop = CancellationToken::new();
     let task = tokio::spawn(net::run_client(
         settings,
-        outbox.clone(),
+        oneshot.clone(),
         stop.clone(),
         Arc::new(ClientStats::default()),
     ));
@@ -377,7 +459,10 @@ pub async fn send_one(
         loop {
             let settled = outbox.settled.notified();
             if let Some(o) = outbox.outcome(&id) {
-                return o;
+                return Ok(o);
+            }
+            if let Some(reason) = oneshot.unreachable() {
+                return Err(reason);
             }
             settled.await;
         }
@@ -387,8 +472,13 @@ pub async fn send_one(
     let _ = task.await;
     match waited {
         Err(_) => bail!("no answer from the agent at {agent} within {timeout:?}"),
-        Ok(Settled::Acked) => Ok(()),
-        Ok(Settled::Dead(reason)) => bail!("agent refused the notice: {reason}"),
+        Ok(Ok(Settled::Acked)) => Ok(()),
+        Ok(Ok(Settled::Dead(reason))) => bail!("agent refused the notice: {reason}"),
+        Ok(Err(reason)) if reason.contains("certificate") => bail!(
+            "cannot reach the agent at {agent}: {reason} (is the CA the one that signed the \
+             agent's certificate, and does the certificate name {server_name}?)"
+        ),
+        Ok(Err(reason)) => bail!("cannot reach the agent at {agent}: {reason}"),
     }
 }
 
@@ -427,12 +517,26 @@ pub async fn http_request(
     Ok(r.body)
 }
 
+/// The notice `send-test` sends: a literal text to `phone`, for no mailbox.
+pub fn test_notification(phone: &str, text: String, max_parts: Option<u8>) -> Notification {
+    Notification {
+        id: NotifId::random(),
+        phone: phone.to_string(),
+        received_at_ms: chrono::Utc::now().timestamp_millis(),
+        count: 1,
+        max_parts: max_parts.unwrap_or(0),
+        text: Some(text),
+        ..Notification::default()
+    }
+}
+
 /// A sample notice like the mail host would send.
 pub fn sample_notification(phone: &str) -> Notification {
     Notification {
         id: NotifId::random(),
         phone: phone.to_string(),
         recipient: "alice@example.com".into(),
+        sole_address: true,
         from_name: "张伟".into(),
         from_addr: "zhang.wei@example.cn".into(),
         subject: "关于下周项目评审会议的安排 (Project review next week)".into(),

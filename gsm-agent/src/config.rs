@@ -18,6 +18,30 @@ use mailbell_link::http_server::HttpConfig;
 pub use mailbell_link::units::{de_duration, parse_duration, parse_utc_offset, ConfigError};
 use mailbell_link::units::{parse_toml, read_config};
 
+/// The environment variable that names the configuration file when `--config` is not given.
+pub const CONFIG_ENV: &str = "MAILBELL_GSM_AGENT_CONFIG";
+
+/// The configuration file used when neither `--config` nor [`CONFIG_ENV`] names one.
+pub const DEFAULT_CONFIG: &str = "/etc/mailbell/gsm-agent.toml";
+
+/// The configuration file a command uses: the one named (by `--config` or [`CONFIG_ENV`]),
+/// else `default` when it exists. Never nothing: an agent without a file would keep its state
+/// in the current directory, where the running daemon never looks.
+pub fn resolve_path(named: Option<&Path>, default: &Path) -> Result<PathBuf, ConfigError> {
+    if let Some(p) = named {
+        return Ok(p.to_path_buf());
+    }
+    if default.is_file() {
+        return Ok(default.to_path_buf());
+    }
+    Err(ConfigError::Invalid(format!(
+        "no configuration file: {} does not exist; pass --config FILE or set {CONFIG_ENV} \
+         (config/gsm-agent.example.toml lists every key; `mailbell-gsm-agent demo` runs \
+         without one)",
+        default.display()
+    )))
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct RawConfig {
@@ -545,6 +569,25 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_path_named_then_default_then_an_error_naming_the_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = dir.path().join("gsm-agent.toml");
+        let named = dir.path().join("other.toml");
+        // Named wins, whether or not the default exists (reading it reports a missing file).
+        assert_eq!(resolve_path(Some(&named), &default).unwrap(), named);
+        let e = resolve_path(None, &default).unwrap_err().to_string();
+        assert!(
+            e.contains(&default.display().to_string())
+                && e.contains("--config")
+                && e.contains(CONFIG_ENV),
+            "{e}"
+        );
+        std::fs::write(&default, "").unwrap();
+        assert_eq!(resolve_path(None, &default).unwrap(), default);
+        assert_eq!(resolve_path(Some(&named), &default).unwrap(), named);
+    }
 
     #[test]
     fn empty_file_gives_working_defaults() {

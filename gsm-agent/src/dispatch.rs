@@ -78,8 +78,23 @@ pub struct Dispatcher<S: SmsSink> {
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     Sent,
-    Retry { attempts: u16, after: Duration },
-    Dead(String),
+    Retry {
+        attempts: u16,
+        after: Duration,
+    },
+    /// Give up after `attempts` submits to a modem (0 when none was tried).
+    Dead {
+        attempts: u16,
+        reason: String,
+    },
+}
+
+/// Given up before a modem saw this attempt: the attempts so far stand.
+fn dead_before_submit(r: &Record, reason: String) -> Verdict {
+    Verdict::Dead {
+        attempts: r.attempts,
+        reason,
+    }
 }
 
 fn now_ms() -> i64 {
@@ -154,8 +169,9 @@ impl<S: SmsSink> Dispatcher<S> {
                 attempts: *attempts,
                 next_at_ms: now_ms() + i64::try_from(after.as_millis()).unwrap_or(i64::MAX / 2),
             },
-            Verdict::Dead(reason) => Change::Dead {
+            Verdict::Dead { attempts, reason } => Change::Dead {
                 seq: r.seq,
+                attempts: *attempts,
                 reason: reason.clone(),
             },
         };
@@ -164,9 +180,9 @@ impl<S: SmsSink> Dispatcher<S> {
             Verdict::Retry { .. } => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
             }
-            Verdict::Dead(reason) => {
+            Verdict::Dead { attempts, reason } => {
                 self.stats.dead.fetch_add(1, Ordering::Relaxed);
-                warn!(notif_id = %r.id, seq = r.seq, %reason, "notice dead-lettered");
+                warn!(notif_id = %r.id, seq = r.seq, attempts, %reason, "notice dead-lettered");
             }
         }
         if let Err(e) = self.inbox.change(change).await {
@@ -179,17 +195,17 @@ impl<S: SmsSink> Dispatcher<S> {
 
     async fn attempt(&self, r: &Record) -> Verdict {
         let Some(n) = r.notification() else {
-            return Verdict::Dead("malformed notification payload".into());
+            return dead_before_submit(r, "malformed notification payload".into());
         };
         let dest: E164 = match n.phone.parse() {
             Ok(d) => d,
-            Err(e) => return Verdict::Dead(format!("invalid phone number: {e}")),
+            Err(e) => return dead_before_submit(r, format!("invalid phone number: {e}")),
         };
         let text = match &n.text {
             Some(t) => t.clone(),
             None => match self.renderer.render(&n) {
                 Ok(t) => t,
-                Err(e) => return Verdict::Dead(format!("cannot render SMS: {e}")),
+                Err(e) => return dead_before_submit(r, format!("cannot render SMS: {e}")),
             },
         };
         let opts = SubmitOptions {
@@ -200,7 +216,7 @@ impl<S: SmsSink> Dispatcher<S> {
         };
         let pdus = match encode_submit(&dest, &text, &opts) {
             Ok(p) => p,
-            Err(e) => return Verdict::Dead(format!("cannot encode SMS: {e}")),
+            Err(e) => return dead_before_submit(r, format!("cannot encode SMS: {e}")),
         };
         let parts: Vec<(usize, String)> = pdus.into_iter().map(|p| (p.tpdu_len, p.hex)).collect();
         let nparts = parts.len() as u64;
@@ -212,6 +228,8 @@ impl<S: SmsSink> Dispatcher<S> {
             };
         }
         let attempt_no = u32::from(r.attempts) + 1;
+        // The submits a modem has seen, this one included.
+        let tried = u16::try_from(attempt_no).unwrap_or(u16::MAX);
         match self.sink.submit(parts).await {
             Ok(modem) => {
                 self.stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -231,26 +249,32 @@ impl<S: SmsSink> Dispatcher<S> {
                 if f.maybe_sent {
                     self.stats.maybe_sent.fetch_add(1, Ordering::Relaxed);
                     if !self.resend_uncertain {
-                        return Verdict::Dead(format!(
-                            "{} (the SMS may have been sent; not resent by policy)",
-                            f.reason
-                        ));
+                        return Verdict::Dead {
+                            attempts: tried,
+                            reason: format!(
+                                "{} (the SMS may have been sent; not resent by policy)",
+                                f.reason
+                            ),
+                        };
                     }
                 }
                 let policy = self.sms.policy(f.class);
                 let max = policy.max_attempts.min(u32::from(self.sms.max_attempts));
                 if attempt_no >= max {
-                    Verdict::Dead(format!(
-                        "{} ({:?}, attempt {attempt_no} of {max})",
-                        f.reason, f.class
-                    ))
+                    Verdict::Dead {
+                        attempts: tried,
+                        reason: format!(
+                            "{} ({:?}, attempt {attempt_no} of {max})",
+                            f.reason, f.class
+                        ),
+                    }
                 } else {
                     let after = policy
                         .delay_before(attempt_no + 1)
                         .max(Duration::from_secs(1));
                     warn!(notif_id = %n.id, to = %dest.masked(), reason = %f.reason, class = ?f.class, ?after, "sms failed; will retry");
                     Verdict::Retry {
-                        attempts: u16::try_from(attempt_no).unwrap_or(u16::MAX),
+                        attempts: tried,
                         after,
                     }
                 }
@@ -350,13 +374,19 @@ mod tests {
         ])
         .await;
         let r = queue(&d, "+8613800138000").await;
-        assert!(matches!(d.attempt(&r).await, Verdict::Dead(m) if m.contains("Permanent")));
+        assert!(matches!(
+            d.attempt(&r).await,
+            Verdict::Dead { attempts: 1, reason } if reason.contains("Permanent")
+        ));
         let v = d.attempt(&r).await;
         assert!(
             matches!(v, Verdict::Retry { attempts: 1, after } if after >= Duration::from_secs(60)),
             "{v:?}"
         );
-        assert!(matches!(d.attempt(&r).await, Verdict::Dead(_)));
+        assert!(matches!(
+            d.attempt(&r).await,
+            Verdict::Dead { attempts: 1, .. }
+        ));
         assert_eq!(d.attempt(&r).await, Verdict::Sent);
     }
 
@@ -365,7 +395,10 @@ mod tests {
         let (_d, d) = setup(vec![fail(ErrorClass::Unknown)]).await;
         let mut r = queue(&d, "+8613800138000").await;
         r.attempts = 2; // the third attempt of a class allowing three
-        assert!(matches!(d.attempt(&r).await, Verdict::Dead(m) if m.contains("attempt 3 of 3")));
+        assert!(matches!(
+            d.attempt(&r).await,
+            Verdict::Dead { attempts: 3, reason } if reason.contains("attempt 3 of 3")
+        ));
     }
 
     #[tokio::test]
@@ -373,7 +406,7 @@ mod tests {
         let (_d, d) = setup(vec![]).await;
         let r = queue(&d, "0800-FLOWERS").await;
         assert!(
-            matches!(d.attempt(&r).await, Verdict::Dead(m) if m.contains("invalid phone number"))
+            matches!(d.attempt(&r).await, Verdict::Dead { attempts: 0, reason } if reason.contains("invalid phone number"))
         );
         assert_eq!(d.sink.calls.load(Ordering::Relaxed), 0);
     }

@@ -185,8 +185,12 @@ pub enum Change {
         attempts: u16,
         next_at_ms: i64,
     },
-    /// Give up, with the reason.
-    Dead { seq: u64, reason: String },
+    /// Give up after `attempts` submits to a modem, with the reason.
+    Dead {
+        seq: u64,
+        attempts: u16,
+        reason: String,
+    },
     /// An operator sends a dead letter again (attempts start over).
     Requeue(u64),
 }
@@ -523,6 +527,8 @@ fn recover(db: &sled::Db, cfg: &InboxConfig, stats: &InboxStats) -> Result<Index
                 batch.insert(&k, r.encode());
             } else {
                 warn!(notif_id = %r.id, seq = r.seq, "submit was in flight when the agent stopped; not resending (policy resend_uncertain = false)");
+                // The submit in flight was an attempt the modem saw.
+                r.attempts = r.attempts.saturating_add(1);
                 batch.insert(&k, &tombstone(r.received_at_ms, &r.id));
                 batch.insert(
                     &key(b'x', r.seq),
@@ -876,8 +882,11 @@ impl Committer {
                 ops.push(IndexOp::Insert(seq, r.id, *next_at_ms));
                 Ok(Effect::None)
             }
-            Change::Dead { reason, .. } => {
+            Change::Dead {
+                attempts, reason, ..
+            } => {
                 r.in_flight = false;
+                r.attempts = *attempts;
                 batch.insert(&k, &tombstone(r.received_at_ms, &r.id));
                 batch.insert(&key(b'x', seq), dead_value(reason, &r));
                 ops.push(IndexOp::Remove(seq));
@@ -991,6 +1000,7 @@ mod tests {
         let dead = inbox.dead_letters(10).unwrap();
         assert_eq!(dead.len(), 1);
         assert!(dead[0].1.contains("not resent by policy"));
+        assert_eq!(dead[0].2.attempts, 1, "the submit in flight counts");
     }
 
     #[tokio::test]
@@ -1017,6 +1027,7 @@ mod tests {
         inbox
             .change(Change::Dead {
                 seq: ready[1].seq,
+                attempts: 1,
                 reason: "+CMS ERROR: 21".into(),
             })
             .await
@@ -1032,7 +1043,9 @@ mod tests {
                 .len(),
             1
         );
-        assert_eq!(inbox.dead_letters(10).unwrap()[0].1, "+CMS ERROR: 21");
+        let dead = inbox.dead_letters(10).unwrap();
+        assert_eq!(dead[0].1, "+CMS ERROR: 21");
+        assert_eq!(dead[0].2.attempts, 1, "the modem saw it once");
         assert_eq!(inbox.stats.dead.load(Ordering::Relaxed), 1);
         // An operator requeues it: it is due at once, with its attempts reset.
         inbox.change(Change::Requeue(ready[1].seq)).await.unwrap();
@@ -1044,6 +1057,7 @@ mod tests {
         inbox
             .change(Change::Dead {
                 seq: ready[1].seq,
+                attempts: 0,
                 reason: "again".into(),
             })
             .await

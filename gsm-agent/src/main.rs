@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use mailbell_gsm_agent::{app, config::Config};
+use mailbell_gsm_agent::app;
+use mailbell_gsm_agent::config::{self, Config};
 use mailbell_link::tls::ClientTlsFiles;
 
 #[derive(Parser)]
@@ -19,6 +20,19 @@ struct Cli {
     /// Log as JSON lines (default: human-readable). Filter with RUST_LOG.
     #[arg(long, global = true)]
     log_json: bool,
+    /// Configuration file (TOML). Without it: /etc/mailbell/gsm-agent.toml when it exists,
+    /// else the command stops (`demo` and `pki` need none).
+    #[arg(long, short, global = true, env = config::CONFIG_ENV)]
+    config: Option<PathBuf>,
+    /// Where the configuration file is looked for without --config (for tests).
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        env = "MAILBELL_GSM_AGENT_DEFAULT_CONFIG",
+        default_value = config::DEFAULT_CONFIG
+    )]
+    default_config: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -26,39 +40,38 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent.
-    Serve {
-        /// Configuration file (TOML); defaults apply without one.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
+    Serve,
     /// Send one test SMS through the agent's link and pipeline.
     SendTest {
         /// Destination, E.164 (+8613800138000).
         #[arg(long)]
         to: String,
-        /// Literal SMS text.
+        /// Literal SMS text; refused when it needs more parts than the budget.
         #[arg(long)]
         text: String,
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        /// SMS parts the text may take (default: the agent's sms.default_max_parts; capped by
+        /// sms.max_parts_cap).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
+        max_parts: Option<u8>,
         /// Agent address (default: link.listen from the config).
         #[arg(long)]
         agent: Option<String>,
         /// Name the agent's certificate must carry.
         #[arg(long, default_value = "localhost")]
         server_name: String,
-        /// CA, client certificate and key (default: the dev PKI from the config).
+        /// CA that signed the agent's certificate; with --cert and --key, all three or none
+        /// (default: the dev PKI of the config, which the agent created).
         #[arg(long, requires_all = ["cert", "key"])]
         ca: Option<PathBuf>,
-        #[arg(long)]
+        /// Client certificate (needs --ca and --key).
+        #[arg(long, requires_all = ["ca", "key"])]
         cert: Option<PathBuf>,
-        #[arg(long)]
+        /// Client key (needs --ca and --cert).
+        #[arg(long, requires_all = ["ca", "cert"])]
         key: Option<PathBuf>,
     },
     /// Show per-modem state, queue depths and counters of a running agent.
     Status {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
         /// Status endpoint (default: metrics.listen from the config).
         #[arg(long)]
         addr: Option<SocketAddr>,
@@ -68,8 +81,6 @@ enum Cmd {
     },
     /// List the notices the agent gave up on, or send them again.
     DeadLetters {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
         /// Agent endpoint (default: metrics.listen from the config).
         #[arg(long)]
         addr: Option<SocketAddr>,
@@ -114,27 +125,30 @@ fn init_tracing(json: bool) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let load = || -> anyhow::Result<Config> {
+        let path = config::resolve_path(cli.config.as_deref(), &cli.default_config)?;
+        Ok(Config::load(Some(&path))?)
+    };
     match cli.cmd {
-        Cmd::Serve { config } => app::serve(Config::load(config.as_deref())?).await,
+        Cmd::Serve => app::serve(load()?).await,
         Cmd::SendTest {
             to,
             text,
-            config,
+            max_parts,
             agent,
             server_name,
             ca,
             cert,
             key,
         } => {
-            let cfg = Config::load(config.as_deref())?;
+            let cfg = load()?;
             let explicit = match (ca, cert, key) {
                 (Some(ca), Some(cert), Some(key)) => Some(ClientTlsFiles { ca, cert, key }),
                 _ => None,
             };
             let files = app::client_tls(&cfg, explicit)?;
             let agent = agent.unwrap_or_else(|| cfg.link.listen.to_string());
-            let mut n = app::sample_notification(&to);
-            n.text = Some(text);
+            let n = app::test_notification(&to, text, max_parts);
             let id = n.id;
             app::send_one(&agent, &server_name, &files, n, Duration::from_secs(20)).await?;
             println!(
@@ -142,8 +156,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Status { config, addr, json } => {
-            let cfg = Config::load(config.as_deref())?;
+        Cmd::Status { addr, json } => {
+            let cfg = load()?;
             let addr = addr.or(cfg.metrics_listen).ok_or_else(|| {
                 anyhow::anyhow!("no status endpoint: metrics.listen is off; pass --addr")
             })?;
@@ -176,12 +190,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::DeadLetters {
-            config,
-            addr,
-            requeue,
-        } => {
-            let cfg = Config::load(config.as_deref())?;
+        Cmd::DeadLetters { addr, requeue } => {
+            let cfg = load()?;
             let addr = addr.or(cfg.metrics_listen).ok_or_else(|| {
                 anyhow::anyhow!("no agent endpoint: metrics.listen is off; pass --addr")
             })?;
@@ -200,9 +210,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         println!("no dead letters");
                     }
                     for d in list {
+                        // A send-test notice is for no mailbox.
+                        let mailbox = if d.recipient.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  for {}", d.recipient)
+                        };
                         println!(
-                            "{:>8}  {}  to {}  for {}  after {} attempt(s): {}",
-                            d.seq, d.id, d.to, d.recipient, d.attempts, d.reason
+                            "{:>8}  {}  to {}{mailbox}  after {} attempt(s): {}",
+                            d.seq, d.id, d.to, d.attempts, d.reason
                         );
                     }
                 }
@@ -249,5 +265,70 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mailbell-gsm-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn send_test_client_files_are_all_three_or_none() {
+        let base = ["send-test", "--to", "+8613800138000", "--text", "x"];
+        let with = |extra: &[&str]| parse(&[&base[..], extra].concat());
+        for partial in [
+            &["--cert", "c.pem", "--key", "c.key"][..],
+            &["--ca", "ca.pem"],
+            &["--cert", "c.pem"],
+            &["--ca", "ca.pem", "--key", "c.key"],
+        ] {
+            let e = with(partial)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                e.contains("required arguments were not provided"),
+                "{partial:?}: {e}"
+            );
+        }
+        assert!(with(&["--ca", "a", "--cert", "b", "--key", "c"]).is_ok());
+        assert!(with(&[]).is_ok());
+    }
+
+    #[test]
+    fn send_test_takes_max_parts() {
+        let cli = parse(&[
+            "send-test",
+            "--to",
+            "+8613800138000",
+            "--text",
+            "x",
+            "--max-parts",
+            "3",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.cmd,
+            Cmd::SendTest {
+                max_parts: Some(3),
+                ..
+            }
+        ));
+        assert!(parse(&["send-test", "--to", "+1", "--text", "x", "--max-parts", "0"]).is_err());
+    }
+
+    #[test]
+    fn config_is_global_and_the_default_path_can_be_moved() {
+        let cli = parse(&["status", "--config", "/x/a.toml"]).unwrap();
+        assert_eq!(
+            cli.config.as_deref(),
+            Some(std::path::Path::new("/x/a.toml"))
+        );
+        let cli = parse(&["--default-config", "/nowhere/g.toml", "serve"]).unwrap();
+        assert_eq!(cli.default_config, PathBuf::from("/nowhere/g.toml"));
     }
 }

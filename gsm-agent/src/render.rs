@@ -1,18 +1,23 @@
 //! SMS text from an arrival notice and a per-language template.
 //!
 //! ```text
-//! template     = { literal | "{" name "}" | "{{" | "}}" }
+//! template     = { item | "{[" { item } "]}" }
+//! item         = literal | "{" name "}" | "{{" | "}}"
 //! name         = recipient | sender | subject | time | count
-//! {sender}     = the decoded display name, or the address when the name is empty
+//! {[ … ]}      = left out with what it holds when it holds {recipient} and the notice says the
+//!                recipient is the user's only address (nothing to tell apart)
+//! {recipient}  = the registered address the mail reached, as the mail host sends it
+//! {sender}     = the decoded display name; the address when there is none, or when the name is
+//!                still MIME-encoded (`=?UTF-8?B?…?=` that the mail host could not decode)
 //! {time}       = received_at in the configured UTC offset, chrono strftime (default %m-%d %H:%M)
 //! {count}      = messages a coalesced notice stands for; count > 1 picks the coalesced template
 //! ```
 //! Header-derived fields (recipient, sender, subject) lose control and invisible formatting
 //! characters, get whitespace runs collapsed to one space, and curly quotes and dashes turned
 //! into ASCII so English text stays in GSM-7. The result always fits the part budget as
-//! [`pdu::measure`] counts it: when it is too long the subject is cut first, then the sender,
-//! then the local part of the recipient, each ending in "…" (or "..." when "…" would be the
-//! only thing forcing UCS-2).
+//! [`pdu::measure`] counts it: when it is too long a sender shown as an address becomes its
+//! local part first, then the subject is cut, then the sender, then the local part of the
+//! recipient, each ending in "…" (or "..." when "…" would be the only thing forcing UCS-2).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -70,17 +75,18 @@ pub fn builtin_templates() -> BTreeMap<String, Template> {
     m.insert(
         "zh".to_owned(),
         Template {
-            single: "新邮件 {recipient}：来自 {sender}，主题：{subject}，{time}".to_owned(),
-            coalesced: "{count}封新邮件 {recipient}：最新来自 {sender}，主题：{subject}，{time}"
-                .to_owned(),
+            single: "新邮件{[ {recipient}]}：来自 {sender}，主题：{subject}，{time}".to_owned(),
+            coalesced:
+                "{count}封新邮件{[ {recipient}]}：最新来自 {sender}，主题：{subject}，{time}"
+                    .to_owned(),
         },
     );
     m.insert(
         "en".to_owned(),
         Template {
-            single: "New mail for {recipient} from {sender}: {subject} ({time})".to_owned(),
+            single: "New mail{[ for {recipient}]} from {sender}: {subject} ({time})".to_owned(),
             coalesced:
-                "{count} new messages for {recipient}, latest from {sender}: {subject} ({time})"
+                "{count} new messages{[ for {recipient}]}, latest from {sender}: {subject} ({time})"
                     .to_owned(),
         },
     );
@@ -107,6 +113,11 @@ pub enum RenderError {
         language: String,
         kind: &'static str,
     },
+    #[error("unclosed or nested '{{[' section in the {kind} template for language {language:?}")]
+    UnclosedSection {
+        language: String,
+        kind: &'static str,
+    },
     #[error("the {kind} template for language {language:?} is empty")]
     EmptyTemplate {
         language: String,
@@ -126,6 +137,12 @@ pub enum RenderError {
     Empty,
     #[error("text does not fit in {max_parts} sms parts even after truncation")]
     DoesNotFit { max_parts: u8 },
+    #[error("text needs {parts} sms parts, more than the {max_parts} allowed (a notice may ask for up to sms.max_parts_cap = {cap})")]
+    LiteralTooLong {
+        parts: usize,
+        max_parts: u8,
+        cap: u8,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,6 +158,17 @@ enum Field {
 enum Segment {
     Literal(String),
     Field(Field),
+    /// `{[ … ]}`: left out when it holds a field the notice leaves out.
+    Section(Vec<Segment>),
+}
+
+/// Whether `field` appears in `segs` (in a section too).
+fn uses(segs: &[Segment], field: Field) -> bool {
+    segs.iter().any(|s| match s {
+        Segment::Field(f) => *f == field,
+        Segment::Section(inner) => uses(inner, field),
+        Segment::Literal(_) => false,
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -212,6 +240,21 @@ impl Renderer {
         wanted.min(self.max_parts_cap).max(1)
     }
 
+    /// Checks a literal text (`send-test`) against the part budget of `n`: it is sent as is,
+    /// never cut, so one over the budget is refused at receipt rather than dead-lettered.
+    pub fn check_literal(&self, n: &Notification, text: &str) -> Result<(), RenderError> {
+        let max_parts = self.max_parts_for(n);
+        let parts = pdu::measure(text).parts;
+        if parts > usize::from(max_parts) {
+            return Err(RenderError::LiteralTooLong {
+                parts,
+                max_parts,
+                cap: self.max_parts_cap,
+            });
+        }
+        Ok(())
+    }
+
     /// The SMS text for `n`, within [`Renderer::max_parts_for`] parts.
     pub fn render(&self, n: &Notification) -> Result<String, RenderError> {
         let tpl = self.template_for(&n.language);
@@ -228,9 +271,18 @@ impl Renderer {
             None => (recipient.as_str(), ""),
         };
         let mut sender = sanitize(&n.from_name);
-        if sender.is_empty() {
+        if still_encoded(&sender) {
+            sender.clear();
+        }
+        let sender_is_address = sender.is_empty();
+        if sender_is_address {
             sender = sanitize(&n.from_addr);
         }
+        // A sender shown as an address gives way to its local part before the subject is cut.
+        let sender_local = match sender.rfind('@') {
+            Some(at) if sender_is_address && at > 0 => sender[..at].to_owned(),
+            _ => sender.clone(),
+        };
         let mut subject = sanitize(&n.subject);
         if subject.is_empty() {
             subject = tpl.no_subject.to_owned();
@@ -239,6 +291,7 @@ impl Renderer {
         let count = n.count.to_string();
 
         let mut v = Values {
+            omit_recipient: n.sole_address,
             recipient_local: Piece::new(local),
             recipient_domain: domain,
             sender: Piece::new(&sender),
@@ -255,6 +308,13 @@ impl Renderer {
         if fits(&text) {
             return Ok(text);
         }
+        if sender_local != sender {
+            v.sender = Piece::new(&sender_local);
+            let text = finish(segs, &v);
+            if fits(&text) {
+                return Ok(text);
+            }
+        }
         // No prefix longer than this many characters can fit, whatever the alphabet.
         let most = pdu::capacity(Alphabet::Gsm7, max_parts);
         for which in [Cut::Subject, Cut::Sender, Cut::RecipientLocal] {
@@ -263,7 +323,7 @@ impl Renderer {
                 Cut::Sender => Field::Sender,
                 Cut::RecipientLocal => Field::Recipient,
             };
-            if !segs.contains(&Segment::Field(field)) {
+            if !uses(segs, field) || (field == Field::Recipient && v.omit_recipient) {
                 continue;
             }
             let len = v.piece(which).full.chars().count();
@@ -336,13 +396,38 @@ fn parse_template(
     kind: &'static str,
 ) -> Result<Vec<Segment>, RenderError> {
     let mut segs = Vec::new();
+    // The segments before the open section, while one is open.
+    let mut outer: Option<Vec<Segment>> = None;
     let mut lit = String::new();
     let mut chars = src.chars().peekable();
+    let unclosed = || RenderError::UnclosedSection {
+        language: language.to_owned(),
+        kind,
+    };
     while let Some(c) = chars.next() {
         match c {
             '{' if chars.peek() == Some(&'{') => {
                 chars.next();
                 lit.push('{');
+            }
+            '{' if chars.peek() == Some(&'[') => {
+                chars.next();
+                if outer.is_some() {
+                    return Err(unclosed());
+                }
+                if !lit.is_empty() {
+                    segs.push(Segment::Literal(std::mem::take(&mut lit)));
+                }
+                outer = Some(std::mem::take(&mut segs));
+            }
+            ']' if chars.peek() == Some(&'}') && outer.is_some() => {
+                chars.next();
+                if !lit.is_empty() {
+                    segs.push(Segment::Literal(std::mem::take(&mut lit)));
+                }
+                let inner = std::mem::take(&mut segs);
+                segs = outer.take().unwrap_or_default();
+                segs.push(Segment::Section(inner));
             }
             '{' => {
                 let mut name = String::new();
@@ -390,6 +475,9 @@ fn parse_template(
             c => lit.push(c),
         }
     }
+    if outer.is_some() {
+        return Err(unclosed());
+    }
     if !lit.is_empty() {
         segs.push(Segment::Literal(lit));
     }
@@ -403,6 +491,13 @@ fn parse_template(
         });
     }
     Ok(segs)
+}
+
+/// Whether a display name still holds a MIME encoded word (`=?charset?B|Q?…?=`): the mail host
+/// could not decode it, and the SMS shows the address instead of the raw encoding.
+fn still_encoded(name: &str) -> bool {
+    name.find("=?")
+        .is_some_and(|start| name[start + 2..].contains("?="))
 }
 
 /// Cleans a header-derived value for an SMS: drops control and invisible formatting characters
@@ -477,6 +572,8 @@ impl<'a> Piece<'a> {
 }
 
 struct Values<'a> {
+    /// The recipient is the user's only address: sections holding it are left out.
+    omit_recipient: bool,
     recipient_local: Piece<'a>,
     recipient_domain: &'a str,
     sender: Piece<'a>,
@@ -511,20 +608,29 @@ impl<'a> Values<'a> {
 
 fn assemble(segs: &[Segment], v: &Values<'_>, ellipsis: &str) -> String {
     let mut out = String::new();
+    assemble_into(&mut out, segs, v, ellipsis);
+    out
+}
+
+fn assemble_into(out: &mut String, segs: &[Segment], v: &Values<'_>, ellipsis: &str) {
     for s in segs {
         match s {
+            Segment::Section(inner) => {
+                if !(v.omit_recipient && uses(inner, Field::Recipient)) {
+                    assemble_into(out, inner, v, ellipsis);
+                }
+            }
             Segment::Literal(l) => out.push_str(l),
             Segment::Field(Field::Recipient) => {
-                v.recipient_local.push(&mut out, ellipsis);
+                v.recipient_local.push(out, ellipsis);
                 out.push_str(v.recipient_domain);
             }
-            Segment::Field(Field::Sender) => v.sender.push(&mut out, ellipsis),
-            Segment::Field(Field::Subject) => v.subject.push(&mut out, ellipsis),
+            Segment::Field(Field::Sender) => v.sender.push(out, ellipsis),
+            Segment::Field(Field::Subject) => v.subject.push(out, ellipsis),
             Segment::Field(Field::Time) => out.push_str(v.time),
             Segment::Field(Field::Count) => out.push_str(v.count),
         }
     }
-    out
 }
 
 /// The text with cut fields ending in "…", or in "..." when "…" would be the only
@@ -829,6 +935,123 @@ mod tests {
         let text = r.render(&n).unwrap();
         assert_eq!(pdu::measure(&text).parts, 1);
         assert!(text.contains("x…@example.com：来自 …，主题：…，"), "{text}");
+    }
+
+    #[test]
+    fn sole_address_leaves_the_recipient_out() {
+        let r = renderer();
+        let mut n = notice("zh", "张三", "你好");
+        n.sole_address = true;
+        assert_eq!(
+            r.render(&n).unwrap(),
+            "新邮件：来自 张三，主题：你好，01-02 15:04"
+        );
+        n.language = "en".to_owned();
+        assert_eq!(
+            r.render(&n).unwrap(),
+            "New mail from 张三: 你好 (01-02 15:04)"
+        );
+        n.count = 2;
+        assert_eq!(
+            r.render(&n).unwrap(),
+            "2 new messages, latest from 张三: 你好 (01-02 15:04)"
+        );
+        // A template that names {recipient} outside a section always shows it.
+        let mut cfg = RenderConfig::default();
+        cfg.templates.insert(
+            "x".to_owned(),
+            Template {
+                single: "{recipient}: {subject}".to_owned(),
+                coalesced: "{count}".to_owned(),
+            },
+        );
+        let mut n = notice("x", "A", "hi");
+        n.sole_address = true;
+        assert_eq!(
+            Renderer::new(cfg).unwrap().render(&n).unwrap(),
+            "alice@example.com: hi"
+        );
+    }
+
+    /// Issue 9: full receiver and sender addresses left `主题：T7-7ee5 afte…` of the subject.
+    #[test]
+    fn one_part_chinese_sms_keeps_the_subject_readable() {
+        let r = renderer();
+        let subject = "T7-7ee5 after restart 项目评审";
+        let mut n = notice("zh", "", subject);
+        n.recipient = "a.li@hl.test".to_owned();
+        n.from_addr = "project.office@remote-company.example.com".to_owned();
+        n.sole_address = true;
+        let text = r.render(&n).unwrap();
+        assert_eq!(pdu::measure(&text).parts, 1, "{text}");
+        assert_eq!(
+            text,
+            format!("新邮件：来自 project.office，主题：{subject}，01-02 15:04")
+        );
+        // With room to spare the sender's address is shown whole.
+        n.from_addr = "bob@hl.test".to_owned();
+        assert!(r.render(&n).unwrap().contains("来自 bob@hl.test，"));
+    }
+
+    #[test]
+    fn undecodable_sender_name_falls_back_to_the_address() {
+        let r = renderer();
+        for raw in ["=?UTF-8?B?!!!notbase64?=", "x =?gb2312?Q?=D5=C5?= y"] {
+            let text = r.render(&notice("en", raw, "hi")).unwrap();
+            assert_eq!(
+                text, "New mail for alice@example.com from zhang.san@example.cn: hi (01-02 15:04)",
+                "{raw}"
+            );
+        }
+        // An ordinary name with "=?" in it stays.
+        let text = r.render(&notice("en", "a =? b", "hi")).unwrap();
+        assert!(text.contains("from a =? b:"), "{text}");
+    }
+
+    #[test]
+    fn section_syntax_errors() {
+        let check = |single: &str| {
+            let mut cfg = RenderConfig::default();
+            cfg.templates.insert(
+                "x".to_owned(),
+                Template {
+                    single: single.to_owned(),
+                    coalesced: "{count}".to_owned(),
+                },
+            );
+            Renderer::new(cfg).err()
+        };
+        assert!(matches!(
+            check("a {[ for {recipient} b"),
+            Some(RenderError::UnclosedSection { .. })
+        ));
+        assert!(matches!(
+            check("{[ {[ {recipient} ]} ]}"),
+            Some(RenderError::UnclosedSection { .. })
+        ));
+        assert_eq!(check("[x]{[ for {recipient}]} {subject}"), None);
+    }
+
+    #[test]
+    fn literal_text_over_the_part_budget_is_refused() {
+        let r = renderer();
+        let mut n = notice("en", "A", "s");
+        let two_parts = "x".repeat(161);
+        assert_eq!(
+            r.check_literal(&n, &two_parts),
+            Err(RenderError::LiteralTooLong {
+                parts: 2,
+                max_parts: 1,
+                cap: 4
+            })
+        );
+        assert!(r.check_literal(&n, &"x".repeat(160)).is_ok());
+        n.max_parts = 2;
+        assert!(r.check_literal(&n, &two_parts).is_ok());
+        // Above the cap the cap applies.
+        n.max_parts = 9;
+        let e = r.check_literal(&n, &"长".repeat(5 * 67)).unwrap_err();
+        assert!(e.to_string().contains("max_parts_cap = 4"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //!         8 message count (u32be, >= 1; > 1 for a coalesced notice)
 //!         9 maximum SMS parts (u8; 0 = agent default)
 //!        10 literal SMS text (UTF-8): replaces the agent's template (operator test messages)
+//!        11 sole address (u8 1; absent = 0): the recipient is the user's only address, so
+//!           the SMS may leave it out
 //! ```
 //! The notification id travels in the frame header, not in the payload, so that a receiver can
 //! always answer a payload it cannot decode with a NACK naming the id.
@@ -24,8 +26,10 @@ pub struct Notification {
     pub id: NotifId,
     /// Destination phone number, E.164 with a leading `+`.
     pub phone: String,
-    /// The mailbox that received the message.
+    /// The registered address (primary or alias, as registered) that received the message.
     pub recipient: String,
+    /// The recipient is the user's only address: the SMS need not name it.
+    pub sole_address: bool,
     /// Decoded display name of the sender (may be empty).
     pub from_name: String,
     /// Envelope or header sender address.
@@ -72,6 +76,7 @@ const T_LANG: u8 = 7;
 const T_COUNT: u8 = 8;
 const T_MAX_PARTS: u8 = 9;
 const T_TEXT: u8 = 10;
+const T_SOLE_ADDRESS: u8 = 11;
 
 fn put(out: &mut Vec<u8>, tag: u8, value: &[u8]) -> Result<(), PayloadError> {
     let len = u16::try_from(value.len()).map_err(|_| PayloadError::TooLong { tag })?;
@@ -115,6 +120,9 @@ impl Notification {
         if let Some(text) = &self.text {
             put(&mut out, T_TEXT, text.as_bytes())?;
         }
+        if self.sole_address {
+            put(&mut out, T_SOLE_ADDRESS, &[1])?;
+        }
         Ok(out)
     }
 
@@ -148,6 +156,7 @@ impl Notification {
                 T_COUNT => n.count = u32::from_be_bytes(fixed(tag, v)?),
                 T_MAX_PARTS => n.max_parts = fixed::<1>(tag, v)?[0],
                 T_TEXT => n.text = Some(text(tag, v)?),
+                T_SOLE_ADDRESS => n.sole_address = fixed::<1>(tag, v)?[0] != 0,
                 _ => {}
             }
         }
@@ -164,6 +173,7 @@ mod tests {
             id: NotifId::random(),
             phone: "+8613800138000".into(),
             recipient: "alice@example.com".into(),
+            sole_address: true,
             from_name: "张三".into(),
             from_addr: "zhang@example.cn".into(),
             subject: "会议通知 Meeting".into(),
@@ -187,6 +197,18 @@ mod tests {
         let mut n = sample();
         n.text = Some("test message".into());
         let p = n.encode_payload().unwrap();
+        assert_eq!(Notification::decode_payload(n.id, &p).unwrap(), n);
+    }
+
+    #[test]
+    fn sole_address_is_absent_unless_set() {
+        let mut n = sample();
+        n.sole_address = false;
+        let p = n.encode_payload().unwrap();
+        assert!(
+            !p.contains(&T_SOLE_ADDRESS),
+            "an older agent sees the same payload"
+        );
         assert_eq!(Notification::decode_payload(n.id, &p).unwrap(), n);
     }
 

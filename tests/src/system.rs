@@ -84,6 +84,28 @@ pub async fn start_via(
 }
 
 impl System {
+    /// Writes `DIR/mailbell.toml`, a configuration for the admin CLI that names the running
+    /// mail side's data directory, admin address and token (absolute paths), so that
+    /// `mailbell --config DIR/mailbell.toml user list` reaches it. Returns the path.
+    pub fn write_cli_config(&self) -> anyhow::Result<PathBuf> {
+        let admin = self
+            .mail
+            .admin_addr
+            .context("the mail side has no admin listener")?;
+        let dir = std::path::absolute(&self.dir)?;
+        let path = dir.join("mailbell.toml");
+        let text = format!(
+            "# Written by the demo for `mailbell --config {} ...` while it runs.\n\
+             [mailbell]\ndata_dir = {:?}\n[listen]\nadmin = \"{admin}\"\n\
+             [admin]\ntoken = \"{ADMIN_TOKEN}\"\n[link]\ndev_pki_dir = {:?}\n",
+            path.display(),
+            dir.join("mail"),
+            dir.join("pki")
+        );
+        std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+        Ok(path)
+    }
+
     /// PDUs the simulated modem has accepted so far.
     pub fn pdus(&self) -> Vec<ReceivedPdu> {
         self.agent

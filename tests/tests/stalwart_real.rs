@@ -138,7 +138,11 @@ async fn scenarios(stalwart: &Stalwart, sys: &System) -> anyhow::Result<()> {
         text.contains(FROM_NAME),
         "sender name missing from {text:?}"
     );
-    ensure!(text.contains(ALICE), "recipient missing from {text:?}");
+    // Alice has one address: the SMS leaves it out and keeps room for the subject (issue 9).
+    ensure!(
+        !text.contains(ALICE),
+        "recipient of a one-address user in {text:?}"
+    );
     ensure!(
         stat(&intake.confirm_timeouts) == 0,
         "released by the confirmation timeout, not by the webhook"

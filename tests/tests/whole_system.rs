@@ -449,3 +449,21 @@ async fn a_hook_for_many_recipients_counts_every_unconfirmed_notice() {
     }
     mail.stop().await;
 }
+
+/// Issue 9: the demo's closing hint `mailbell --config <file> user list` works as printed: the
+/// file it writes names the running mail side's admin address, token and data directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_cli_config_reaches_the_running_mail_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = system::start(dir.path(), |_, _| {}).await.unwrap();
+    let path = sys.write_cli_config().unwrap();
+    assert!(path.is_absolute(), "{}", path.display());
+    let cfg = mailbell::config::Config::load(Some(&path)).unwrap();
+    assert_eq!(cfg.admin_listen, sys.mail.admin_addr);
+    assert_eq!(cfg.admin_token, ADMIN_TOKEN);
+    assert_eq!(
+        cfg.data_dir,
+        std::path::absolute(dir.path()).unwrap().join("mail")
+    );
+    sys.stop().await;
+}

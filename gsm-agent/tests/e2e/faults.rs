@@ -89,6 +89,8 @@ async fn a_rejected_number_is_dead_lettered_and_never_blocks_the_queue() {
         text.contains("+CMS ERROR: 21") && text.contains("+86139****0000"),
         "{text}"
     );
+    // The modem saw it once (issue 9: it used to say "after 0 attempt(s)").
+    assert!(text.contains("after 1 attempt(s)"), "{text}");
     let seq = text.split_whitespace().next().unwrap().to_string();
     let anon = mailbell_gsm_agent::app::http_request(
         agent.metrics,

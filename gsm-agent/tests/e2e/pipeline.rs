@@ -176,7 +176,8 @@ async fn clients_without_the_right_certificate_are_refused() {
     )
     .await
     .unwrap_err();
-    assert!(e.to_string().contains("no answer"), "{e}");
+    // Reported at once with the agent's TLS alert (issue 9), not after the deadline.
+    assert!(e.to_string().contains("cannot reach the agent"), "{e}");
     if require_tool("openssl") {
         // No client certificate at all: TLS 1.3 "certificate required" (alert 116).
         let out = Command::new("sh")
@@ -280,4 +281,145 @@ async fn send_test_gets_through_a_bare_tcp_flood_on_the_link() {
         "{s:?}"
     );
     drop(flood);
+}
+
+/// Issue 9 §2, `send-test` as an operator meets it: no config means the default file or a
+/// message naming the options; client files are all three or none; a text over the part
+/// budget is refused before "accepted"; connection refused and an untrusted agent certificate
+/// are reported at once; no dev CA appears as a side effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_reports_what_is_wrong_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let send_test = |extra: &[&str]| {
+        let started = std::time::Instant::now();
+        let out = Command::new(BIN)
+            .args(["send-test", "--to", "+8613800138000"])
+            .args(extra)
+            .env_remove("MAILBELL_GSM_AGENT_CONFIG")
+            .env(
+                "MAILBELL_GSM_AGENT_DEFAULT_CONFIG",
+                dir.path().join("etc/gsm-agent.toml"),
+            )
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            started.elapsed(),
+        )
+    };
+    // No --config, no env, no default file: a message naming the options, nothing created.
+    let (ok, _, err, _) = send_test(&["--text", "x"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--config") && err.contains("MAILBELL_GSM_AGENT_CONFIG"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "state in the cwd"
+    );
+
+    // A config whose dev PKI was never created: send-test does not create a CA of its own.
+    let unstarted = dir.path().join("unstarted.toml");
+    std::fs::write(
+        &unstarted,
+        format!("[agent]\ndata_dir = {:?}\n", dir.path().join("unstarted")),
+    )
+    .unwrap();
+    let (ok, _, err, _) = send_test(&["--text", "x", "--config", unstarted.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("no dev PKI"), "{err}");
+    assert!(
+        !dir.path().join("unstarted").exists(),
+        "a dev CA was created"
+    );
+
+    // --cert and --key without --ca are refused, not replaced by the dev PKI.
+    let (ok, _, err, _) = send_test(&[
+        "--text",
+        "x",
+        "--config",
+        unstarted.to_str().unwrap(),
+        "--cert",
+        "c.pem",
+        "--key",
+        "c.key",
+    ]);
+    assert!(!ok && err.contains("--ca"), "{err}");
+
+    // Connection refused: at once, with the cause.
+    let other = dir.path().join("other-pki");
+    let pki = Command::new(BIN)
+        .args(["pki", "--dir"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(pki.status.success());
+    let files = |f: &str| other.join(f).to_str().unwrap().to_owned();
+    let client = [
+        "--ca".to_owned(),
+        files("ca.pem"),
+        "--cert".to_owned(),
+        files("mailhost.pem"),
+        "--key".to_owned(),
+        files("mailhost.key"),
+    ];
+    let client: Vec<&str> = client.iter().map(String::as_str).collect();
+    let closed = format!("127.0.0.1:{}", free_port());
+    let args = [
+        &[
+            "--text",
+            "x",
+            "--config",
+            unstarted.to_str().unwrap(),
+            "--agent",
+            &closed,
+        ][..],
+        &client,
+    ]
+    .concat();
+    let (ok, _, err, took) = send_test(&args);
+    assert!(!ok);
+    assert!(
+        err.contains("refused") && !err.contains("no answer"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}: {err}");
+
+    // A running agent whose certificate the given CA did not sign: at once, naming the
+    // certificate.
+    let sim = SimModem::spawn(SimOptions::default()).unwrap();
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let mut agent = Agent::start(&agent_dir, &[sim.device_path()], "");
+    let config = agent.config.to_str().unwrap().to_owned();
+    let link = agent.link.to_string();
+    let args = [
+        &["--text", "x", "--config", &config, "--agent", &link][..],
+        &client,
+    ]
+    .concat();
+    let (ok, _, err, took) = send_test(&args);
+    assert!(!ok);
+    assert!(
+        err.contains("certificate") && !err.contains("no answer"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}: {err}");
+
+    // Over the part budget (one part by default): refused before "accepted"; with
+    // --max-parts 2 the same text goes out.
+    let long = "x".repeat(200);
+    let (ok, out, err, _) = send_test(&["--text", &long, "--config", &config]);
+    assert!(!ok && !out.contains("accepted"), "{out}");
+    assert!(err.contains("needs 2 sms parts"), "{err}");
+    let (ok, out, err, _) = send_test(&["--text", &long, "--config", &config, "--max-parts", "2"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("accepted by the agent"), "{out}");
+    wait_until("the two-part test SMS", 20, || sim.received().len() >= 2).await;
+    assert!(agent.stop().success());
 }

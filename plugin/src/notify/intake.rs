@@ -566,6 +566,23 @@ fn base_address(addr: &str, sep: char) -> Option<String> {
     (!base.is_empty()).then(|| format!("{base}@{domain}"))
 }
 
+/// The address of `user` that `rcpt` reached, as registered (lower-case): what the SMS shows
+/// as `{recipient}`, never the sender's spelling. A sub-address or an address the user no
+/// longer has gives the primary address.
+fn registered_address(user: &User, rcpt: &str) -> String {
+    let key = rcpt
+        .trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .trim()
+        .to_lowercase();
+    std::iter::once(&user.address)
+        .chain(&user.aliases)
+        .find(|a| **a == key)
+        .unwrap_or(&user.address)
+        .clone()
+}
+
 /// A position of one entry: (staged seq, entry index).
 type EntryRef = (u64, usize);
 
@@ -1068,7 +1085,8 @@ impl Scheduler {
         let n = Notification {
             id,
             phone: user.phone.clone(),
-            recipient: e.rcpt.clone(),
+            recipient: registered_address(user, &e.rcpt),
+            sole_address: user.aliases.is_empty(),
             from_name: m.from_name.clone(),
             from_addr: m.sender().to_owned(),
             subject: m.subject.clone(),
@@ -1535,7 +1553,10 @@ mod tests {
         assert_eq!(q.len(), 1);
         let n = &q[0];
         assert_eq!(n.phone, "+8613800138000");
-        assert_eq!(n.recipient, "A.Li@Example.com");
+        // The alias as registered, not the sender's spelling (issue 9); she has two
+        // addresses, so the SMS names the one the mail reached.
+        assert_eq!(n.recipient, "a.li@example.com");
+        assert!(!n.sole_address);
         assert_eq!(n.from_name, "张伟");
         assert_eq!(n.from_addr, "zhang.wei@remote.example");
         assert_eq!(n.subject, "季度报告");
@@ -1710,7 +1731,9 @@ mod tests {
             .unwrap();
         assert_eq!(got.notices, 1);
         r.tick().await;
-        assert_eq!(r.queued()[0].recipient, "alice+news@example.com");
+        // The registered address, and her only one: the SMS need not name it.
+        assert_eq!(r.queued()[0].recipient, "alice@example.com");
+        assert!(r.queued()[0].sole_address);
         let cfg = IntakeConfig {
             subaddress_separator: String::new(),
             ..Default::default()

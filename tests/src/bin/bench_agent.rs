@@ -37,6 +37,7 @@ fn notice(tag: &str, i: usize) -> Notification {
         id: NotifId::random(),
         phone: "+8613800138000".into(),
         recipient: "alice@example.com".into(),
+        sole_address: false,
         from_name: "张伟".into(),
         from_addr: "zhang.wei@example.cn".into(),
         subject: format!("{tag} {i}"),

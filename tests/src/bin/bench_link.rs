@@ -150,6 +150,7 @@ fn notice(bytes: Option<usize>) -> Notification {
         id: NotifId::random(),
         phone: "+8613800138000".into(),
         recipient: "zhang.wei@corp.example.com.cn".into(),
+        sole_address: false,
         from_name: "李娜（财务部）".into(),
         from_addr: "li.na@finance.example.com.cn".into(),
         subject: "关于第三季度预算调整的通知及相关附件，请于周五前确认".into(),

@@ -104,7 +104,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         elapsed.as_secs_f64() * 1000.0
     );
     if !args.once {
-        println!("serving; Ctrl-C stops. Try: mailbell --config <file> user list, or point an MTA at the endpoints above.");
+        let cli = sys.write_cli_config()?;
+        println!(
+            "serving; Ctrl-C stops. Try: mailbell --config {} user list, or point an MTA at the endpoints above.",
+            cli.display()
+        );
         let _ = tokio::signal::ctrl_c().await;
     }
     sys.stop().await;
