@@ -213,8 +213,8 @@ impl Stalwart {
             .await?;
         loop {
             read_line(&mut rd, &mut line, step).await?;
-            if line.starts_with("a ") {
-                ensure!(line[2..].starts_with("OK"), "IMAP: {line}");
+            if let Some(answer) = line.strip_prefix("a ") {
+                ensure!(answer.starts_with("OK"), "IMAP: {line}");
                 break;
             }
         }
