@@ -120,3 +120,21 @@ fn users_queue_and_log_without_a_daemon() {
     let err = fails(&config, &["status"]);
     assert!(err.contains("not running"), "{err}");
 }
+
+/// A configuration error names its cause once (the cause is the error's `source()`, not also
+/// part of its message).
+#[test]
+fn a_missing_config_file_names_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("mailbell.toml");
+    for cmd in [&["serve"][..], &["status"], &["user", "list"]] {
+        let err = fails(&missing, cmd);
+        assert!(err.contains("mailbell.toml"), "{cmd:?}: {err}");
+        assert_eq!(
+            err.matches("No such file or directory").count(),
+            1,
+            "{cmd:?}: {err}"
+        );
+    }
+}
+
