@@ -13,6 +13,8 @@
 //! - [`http_server`]: the hardened HTTP/1 server behind every HTTP listener (timeouts for
 //!   headers, idle keep-alive, bodies and writes; connection caps through [`listen`]).
 //! - [`memory`]: an in-memory outbox for one-off sends and tests.
+//! - [`units`] and [`logging`]: what both daemons share around the link: reading config
+//!   files, durations, and the log subscriber (`--log-json`, `RUST_LOG`, `NO_COLOR`).
 //!
 //! The wire format is documented in docs/protocol.md.
 //!
@@ -26,6 +28,7 @@ pub mod http;
 pub mod http_server;
 pub mod id;
 pub mod listen;
+pub mod logging;
 pub mod memory;
 pub mod net;
 pub mod notification;

@@ -138,3 +138,60 @@ fn a_missing_config_file_names_its_cause_once() {
     }
 }
 
+/// `mailbell --log-json serve` logs one JSON object per line; without it, and off a terminal
+/// or with `NO_COLOR`, plain text with no escape codes.
+#[test]
+fn log_json_and_no_color() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailbell.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mailbell]\ndata_dir = {:?}\n[listen]\nhttp = \"127.0.0.1:0\"\n\
+             milter = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[link]\ndev_pki_dir = {:?}\n\
+             [[link.agent]]\naddr = \"127.0.0.1:9\"\n",
+            dir.path().join("data"),
+            dir.path().join("pki"),
+        ),
+    )
+    .unwrap();
+    for json in [true, false] {
+        let mut cmd = Command::new(BIN);
+        if json {
+            cmd.arg("--log-json");
+        }
+        let mut child = cmd
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = Vec::new();
+        let serving = loop {
+            let Some(Ok(l)) = lines.next() else {
+                panic!("no \"mailbell serving\" line; got:\n{}", seen.join("\n"));
+            };
+            assert!(!l.contains('\u{1b}'), "colour codes: {l:?}");
+            if json {
+                let v: serde_json::Value = serde_json::from_str(&l)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"));
+                assert!(v.get("level").is_some() && v.get("fields").is_some(), "{l}");
+            } else {
+                assert!(!l.starts_with('{'), "{l}");
+            }
+            seen.push(l.clone());
+            if l.contains("mailbell serving") {
+                break l;
+            }
+        };
+        assert!(!serving.is_empty());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
