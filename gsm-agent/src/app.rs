@@ -250,6 +250,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                     ("status", listener_stats.clone()),
                 ],
                 http: vec![("status", http_stats.clone())],
+                certificates: vec![("cert", files.cert.clone()), ("ca", files.ca.clone())],
             });
             let hc = cfg.metrics_http.clone();
             let limits = hc.limits(hc.max_connections.unwrap_or(1));

@@ -125,6 +125,19 @@ pub struct ClientStats {
     pub dead_lettered: AtomicU64,
     pub retry_later: AtomicU64,
     pub session_errors: AtomicU64,
+    /// The agent the session is up with: its index in [`ClientSettings::agents`] plus one,
+    /// 0 while no session is up. Read it with [`ClientStats::up_agent`].
+    pub up: AtomicU64,
+}
+
+impl ClientStats {
+    /// The index (in [`ClientSettings::agents`]) of the agent a session is up with, if any.
+    pub fn up_agent(&self) -> Option<usize> {
+        match self.up.load(Ordering::Relaxed) {
+            0 => None,
+            n => usize::try_from(n - 1).ok(),
+        }
+    }
 }
 
 /// Why a client session ended. Logged with `%e`, so each cause is in `Display` and none is
@@ -199,7 +212,7 @@ pub async fn run_client<O: Outbox + ?Sized>(
     let mut backoff = settings.backoff_min;
     while !shutdown.is_cancelled() {
         let mut progressed = false;
-        for ep in &settings.agents {
+        for (index, ep) in settings.agents.iter().enumerate() {
             if shutdown.is_cancelled() {
                 return;
             }
@@ -210,9 +223,10 @@ pub async fn run_client<O: Outbox + ?Sized>(
                 stats.sent.load(Ordering::Relaxed),
                 stats.acked.load(Ordering::Relaxed),
             );
-            let r = client_session(&settings, ep, &connector, &outbox, &shutdown, &stats)
+            let r = client_session(&settings, index, &connector, &outbox, &shutdown, &stats)
                 .instrument(span.clone())
                 .await;
+            stats.up.store(0, Ordering::Relaxed);
             let _g = span.enter();
             let counts = || {
                 (
@@ -321,12 +335,13 @@ async fn write_all<S: AsyncWrite + Unpin>(
 /// One session. `Err((e, true))` means the session had been established.
 async fn client_session<O: Outbox + ?Sized>(
     s: &ClientSettings,
-    ep: &Endpoint,
+    index: usize,
     connector: &TlsConnector,
     outbox: &Arc<O>,
     shutdown: &CancellationToken,
     stats: &ClientStats,
 ) -> Result<(), (LinkError, bool)> {
+    let ep = &s.agents[index];
     let pre = |e| (e, false);
     let tcp = tokio::time::timeout(s.connect_timeout, TcpStream::connect(&ep.addr))
         .await
@@ -364,6 +379,9 @@ async fn client_session<O: Outbox + ?Sized>(
     let neg = sender::check_welcome(&s.sender, welcome).map_err(|e| pre(e.into()))?;
     info!(window = neg.window, "link session established");
     stats.connected.fetch_add(1, Ordering::Relaxed);
+    stats
+        .up
+        .store(u64::try_from(index).map_or(0, |i| i + 1), Ordering::Relaxed);
     outbox.session_event(SessionEvent::Up {
         agent: &ep.addr,
         window: neg.window,

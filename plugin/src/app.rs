@@ -248,6 +248,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     }
 
     let milter = bind("the milter", cfg.milter_listen).await?;
+    let milter_stats = Arc::new(crate::mta::milter::MilterStats::default());
     let milter_addr = milter.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(l) = milter {
         let mc = cfg.milter.clone();
@@ -256,8 +257,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         let failures = failures.clone();
         let stats = Arc::new(ListenerStats::default());
         listener_stats.push(("milter", stats.clone()));
+        let ms = milter_stats.clone();
         tasks.spawn(async move {
-            if let Err(e) = crate::mta::milter::serve(l, i, mc, stats, token).await {
+            if let Err(e) = crate::mta::milter::serve(l, i, mc, stats, ms, token).await {
                 failures.fail(format!("milter listener failed: {e:#}"));
             }
         });
@@ -278,6 +280,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         stalwart: stalwart_stats.clone(),
         outbox: stores.outbox.stats.clone(),
         audit: stores.audit.stats(),
+        milter: milter_addr.map(|_| milter_stats.clone()),
+        agents: cfg.link.agents.iter().map(|a| a.addr.clone()).collect(),
+        certificates: vec![
+            ("cert", tls_files.cert.clone()),
+            ("ca", tls_files.ca.clone()),
+        ],
         listeners: listener_stats,
         http: http_stats,
     };

@@ -263,10 +263,30 @@ async fn metrics_name_each_listener() {
         "mailbell_listener_connections_open{listener=\"admin\"} 1",
         "mailbell_http_timeouts_total{listener=\"stalwart\",phase=\"header\"} 1",
         "mailbell_http_requests_total{listener=\"admin\"} 1",
+        // No agent listens at 127.0.0.1:9: the link is down.
+        "mailbell_link_up{agent=\"127.0.0.1:9\"} 0",
+        "mailbell_milter_sessions_total 0",
+        "mailbell_milter_eom_duration_seconds_bucket{le=\"+Inf\"} 0",
+        "mailbell_tls_cert_expiry_timestamp_seconds{file=\"cert\"} ",
+        "mailbell_tls_cert_expiry_timestamp_seconds{file=\"ca\"} ",
     ] {
         assert!(text.contains(line), "{line} missing from:\n{text}");
     }
     promtool_check(dir.path(), text);
+    // /status names its figures for what they are: running totals end in _total, and the link
+    // state is the agent a session is up with now.
+    let mut s = TcpStream::connect(running.admin_addr.unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let r = response(&mut s).await;
+    let status: serde_json::Value =
+        serde_json::from_str(r.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(status["link_up_agent"], serde_json::Value::Null, "{status}");
+    assert_eq!(status["link_sessions_established_total"], 0, "{status}");
+    assert!(status.get("link_connected_sessions").is_none(), "{status}");
     running.stop().await;
 }
 
