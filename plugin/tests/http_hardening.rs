@@ -290,6 +290,16 @@ async fn metrics_name_each_listener() {
     running.stop().await;
 }
 
+/// Reports a test skipped for a missing system peer so that plain `cargo test` shows it:
+/// libtest captures what `eprintln!` prints, not what is written to the stderr handle itself.
+/// Under `CI=true` callers fail instead of skipping.
+fn skip(reason: &str) {
+    use std::io::Write as _;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("test");
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {reason}");
+}
+
 /// `promtool check metrics` on `text`, when promtool is installed (it must be under CI).
 fn promtool_check(dir: &std::path::Path, text: &str) {
     let path = dir.join("metrics.txt");
@@ -304,7 +314,7 @@ fn promtool_check(dir: &std::path::Path, text: &str) {
                 std::env::var("CI").as_deref() != Ok("true"),
                 "promtool missing under CI"
             );
-            eprintln!("SKIP: promtool not installed; /metrics not checked by it");
+            skip("promtool not installed; /metrics not checked by it");
         }
         Ok(o) => {
             let said = String::from_utf8_lossy(&o.stderr).to_string()

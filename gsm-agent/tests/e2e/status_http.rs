@@ -120,6 +120,7 @@ async fn the_status_port_closes_slow_and_idle_clients() {
     agent.stop().await;
 }
 
+
 /// `promtool check metrics` on `text` (a visible skip outside CI when promtool is missing).
 fn promtool_check(text: &str) {
     use std::io::Write;
@@ -137,7 +138,7 @@ fn promtool_check(text: &str) {
                 std::env::var("CI").as_deref() != Ok("true"),
                 "promtool missing under CI"
             );
-            eprintln!("SKIP: promtool not installed; the agent's /metrics not checked by it");
+            crate::support::skip("promtool not installed; the agent's /metrics not checked by it");
             return;
         }
         Err(e) => panic!("promtool: {e}"),
