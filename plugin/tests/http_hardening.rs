@@ -287,7 +287,70 @@ async fn metrics_name_each_listener() {
     assert_eq!(status["link_up_agent"], serde_json::Value::Null, "{status}");
     assert_eq!(status["link_sessions_established_total"], 0, "{status}");
     assert!(status.get("link_connected_sessions").is_none(), "{status}");
+    // Every metric the shipped alert rules use for the mail side is on its /metrics.
+    for name in rule_metrics("mailbell-mail") {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "alert rules use {name}, which /metrics does not have:\n{text}"
+        );
+    }
     running.stop().await;
+}
+
+/// The metric names the alert rules of `group` in config/prometheus/mailbell-alerts.yml use.
+fn rule_metrics(group: &str) -> Vec<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/prometheus/mailbell-alerts.yml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let start = text
+        .find(&format!("- name: {group}\n"))
+        .unwrap_or_else(|| panic!("no group {group} in {path}"));
+    let rest = &text[start + 1..];
+    let section = &rest[..rest.find("- name: ").unwrap_or(rest.len())];
+    let mut names: Vec<String> = section
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:"))
+        .flat_map(|e| {
+            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("mailbell_"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(!names.is_empty(), "no metrics in group {group}");
+    names
+}
+
+/// The shipped alert rules pass `promtool check rules` (a visible skip outside CI when
+/// promtool is missing).
+#[test]
+fn alert_rules_pass_promtool() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/prometheus/mailbell-alerts.yml"
+    );
+    match Command::new("promtool")
+        .args(["check", "rules", path])
+        .output()
+    {
+        Ok(o) => {
+            let said = String::from_utf8_lossy(&o.stderr).to_string()
+                + &String::from_utf8_lossy(&o.stdout);
+            assert!(o.status.success(), "promtool check rules: {said}");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "promtool missing under CI"
+            );
+            skip("promtool not installed; the alert rules not checked by it");
+        }
+        Err(e) => panic!("promtool: {e}"),
+    }
 }
 
 /// Reports a test skipped for a missing system peer so that plain `cargo test` shows it:
