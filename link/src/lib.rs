@@ -13,8 +13,9 @@
 //! - [`http_server`]: the hardened HTTP/1 server behind every HTTP listener (timeouts for
 //!   headers, idle keep-alive, bodies and writes; connection caps through [`listen`]).
 //! - [`memory`]: an in-memory outbox for one-off sends and tests.
-//! - [`units`] and [`logging`]: what both daemons share around the link: reading config
-//!   files, durations, and the log subscriber (`--log-json`, `RUST_LOG`, `NO_COLOR`).
+//! - [`units`], [`logging`] and [`systemd`]: what both daemons share around the link: reading
+//!   config files, durations, the log subscriber (`--log-json`, `RUST_LOG`, `NO_COLOR`), and
+//!   the readiness notification for `Type=notify` units.
 //!
 //! The wire format is documented in docs/protocol.md.
 //!
@@ -35,6 +36,7 @@ pub mod notification;
 pub mod pki;
 pub mod receiver;
 pub mod sender;
+pub mod systemd;
 pub mod tls;
 pub mod units;
 

@@ -21,7 +21,7 @@ use mailbell_link::tls::{self, ClientTlsFiles};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::audit::AuditLog;
 use crate::config::{Config, LinkTls};
@@ -345,6 +345,11 @@ pub async fn serve(config: Option<&Path>) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
     let shutdown = CancellationToken::new();
     let running = start(cfg, shutdown.clone()).await?;
+    // Every listener is bound: units ordered after this one (Postfix) may start.
+    match mailbell_link::systemd::notify_ready() {
+        Ok(sent) => debug!(sent, "readiness notification"),
+        Err(e) => warn!(error = %e, "cannot tell systemd that mailbell is ready"),
+    }
     let failure = tokio::select! {
         () = wait_for_signal() => None,
         e = running.failed() => Some(e),

@@ -139,7 +139,8 @@ fn a_missing_config_file_names_its_cause_once() {
 }
 
 /// `mailbell --log-json serve` logs one JSON object per line; without it, and off a terminal
-/// or with `NO_COLOR`, plain text with no escape codes.
+/// or with `NO_COLOR`, plain text with no escape codes. Once serving it sends `READY=1` to
+/// `$NOTIFY_SOCKET` (systemd `Type=notify`).
 #[test]
 fn log_json_and_no_color() {
     use std::io::{BufRead, BufReader};
@@ -156,6 +157,11 @@ fn log_json_and_no_color() {
         ),
     )
     .unwrap();
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
     for json in [true, false] {
         let mut cmd = Command::new(BIN);
         if json {
@@ -167,6 +173,7 @@ fn log_json_and_no_color() {
             .arg("serve")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .env("NOTIFY_SOCKET", &notify_path)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -191,6 +198,10 @@ fn log_json_and_no_color() {
             }
         };
         assert!(!serving.is_empty());
+        // Type=notify: once listening, the daemon tells systemd it is ready.
+        let mut buf = [0u8; 64];
+        let n = notify.recv(&mut buf).expect("READY=1 on $NOTIFY_SOCKET");
+        assert_eq!(&buf[..n], b"READY=1");
         let _ = child.kill();
         let _ = child.wait();
     }
