@@ -253,6 +253,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                     ("status", listener_stats.clone()),
                 ],
                 http: vec![("status", http_stats.clone())],
+                certificates: vec![("cert", files.cert.clone()), ("ca", files.ca.clone())],
             });
             let hc = cfg.metrics_http.clone();
             let limits = hc.limits(hc.max_connections.unwrap_or(1));
@@ -308,6 +309,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 /// `serve`: runs until SIGTERM or Ctrl-C.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let running = start(cfg).await?;
+    // Every listener is bound: units ordered after this one may start.
+    match mailbell_link::systemd::notify_ready() {
+        Ok(sent) => tracing::debug!(sent, "readiness notification"),
+        Err(e) => warn!(error = %e, "cannot tell systemd that the agent is ready"),
+    }
     let stop = running.shutdown_token();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install SIGTERM handler")?;

@@ -603,6 +603,11 @@ mod tests {
         assert_eq!(c.link.session_wait, Duration::from_secs(5));
     }
 
+    /// An error as `main` prints it: the message and its causes (`{:#}` of the anyhow chain).
+    fn chain(e: ConfigError) -> String {
+        format!("{:#}", anyhow::Error::from(e))
+    }
+
     #[test]
     fn handshake_limits_parse() {
         let c = Config::from_toml(
@@ -626,7 +631,9 @@ mod tests {
         assert_eq!(c.metrics_http.max_connections, Some(STATUS_MAX_CONNECTIONS));
         let c = Config::from_toml("[metrics.http]\nidle_timeout = \"3s\"", "t").unwrap();
         assert_eq!(c.metrics_http.idle_timeout, Duration::from_secs(3));
-        let e = Config::from_toml("[metrics.http]\nbody_timeout = \"0s\"", "t").unwrap_err();
+        let e = Config::from_toml("[metrics.http]\nbody_timeout = \"0s\"", "t")
+            .map_err(chain)
+            .unwrap_err();
         assert!(e.to_string().contains("metrics.http.body_timeout"), "{e}");
     }
 
@@ -688,19 +695,27 @@ mod tests {
 
     #[test]
     fn bad_keys_and_values_are_named() {
-        let e = Config::from_toml("[link]\nlisten = \"nowhere\"", "t").unwrap_err();
+        let e = Config::from_toml("[link]\nlisten = \"nowhere\"", "t")
+            .map_err(chain)
+            .unwrap_err();
         assert!(e.to_string().contains("link.listen"), "{e}");
-        let e = Config::from_toml("[link]\nlisen = \"x\"", "t").unwrap_err();
+        let e = Config::from_toml("[link]\nlisen = \"x\"", "t")
+            .map_err(chain)
+            .unwrap_err();
         assert!(e.to_string().contains("lisen"), "{e}");
-        let e = Config::from_toml("[link]\nmax_handshakes = 0", "t").unwrap_err();
+        let e = Config::from_toml("[link]\nmax_handshakes = 0", "t")
+            .map_err(chain)
+            .unwrap_err();
         assert!(e.to_string().contains("link.max_handshakes"), "{e}");
-        let e = Config::from_toml("[link]\nca = \"ca.pem\"", "t").unwrap_err();
+        let e = Config::from_toml("[link]\nca = \"ca.pem\"", "t")
+            .map_err(chain)
+            .unwrap_err();
         assert!(e.to_string().contains("none of them"), "{e}");
         let e = Config::from_toml(
             "[[modem]]\nname = \"a\"\ndevice = \"/dev/ttyUSB0\"\n[[modem]]\nname = \"a\"\ndevice = \"/dev/ttyUSB1\"",
             "t",
         )
-        .unwrap_err();
+        .map_err(chain).unwrap_err();
         assert!(e.to_string().contains("used twice"), "{e}");
     }
 
@@ -724,7 +739,9 @@ mod tests {
             c.sms.policy(ErrorClass::Busy),
             ErrorClass::Busy.retry_policy()
         );
-        let e = Config::from_toml("[sms.retry.sometimes]\nattempts = 2", "t").unwrap_err();
+        let e = Config::from_toml("[sms.retry.sometimes]\nattempts = 2", "t")
+            .map_err(chain)
+            .unwrap_err();
         assert!(e.to_string().contains("unknown error class"), "{e}");
     }
 

@@ -45,7 +45,7 @@ use tracing::{error, info, warn};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum InboxError {
-    #[error("open inbox at {path}: {source}")]
+    #[error("open inbox at {path}")]
     Open { path: String, source: sled::Error },
     #[error("inbox at {path} is already open (by this or another process)")]
     Locked { path: String },

@@ -17,7 +17,7 @@ use mailbell_link::tls::ClientTlsFiles;
     about = "mailbell GSM agent: arrival notices in, SMS out"
 )]
 struct Cli {
-    /// Log as JSON lines (default: human-readable). Filter with RUST_LOG.
+    /// Log as JSON lines (default: human-readable). Filter with RUST_LOG; NO_COLOR turns colour off.
     #[arg(long, global = true)]
     log_json: bool,
     /// Configuration file (TOML). Without it: /etc/mailbell/gsm-agent.toml when it exists,
@@ -107,21 +107,6 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // journald and log files get plain text; colour only on a terminal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -251,7 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_json);
+    mailbell_link::logging::init(cli.log_json, "info");
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

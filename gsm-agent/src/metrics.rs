@@ -37,6 +37,8 @@ pub struct Sources {
     pub listeners: Vec<(&'static str, Arc<ListenerStats>)>,
     /// Every HTTP listener's request and timeout counters, by `listener` label.
     pub http: Vec<(&'static str, Arc<HttpStats>)>,
+    /// The link's certificate files by role ("cert", "ca"), for their expiry.
+    pub certificates: Vec<(&'static str, std::path::PathBuf)>,
 }
 
 /// One dead letter as the endpoint shows it.
@@ -222,6 +224,12 @@ impl Sources {
             let http: Vec<(&str, &HttpStats)> = self.http.iter().map(|(n, s)| (*n, &**s)).collect();
             mailbell_link::http_server::write_prometheus(&mut o, &http);
         }
+        let certs: Vec<(&str, &std::path::Path)> = self
+            .certificates
+            .iter()
+            .map(|(r, p)| (*r, p.as_path()))
+            .collect();
+        mailbell_link::tls::write_cert_expiry(&mut o, &certs);
         o
     }
 }

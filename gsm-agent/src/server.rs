@@ -10,15 +10,15 @@ use tokio::net::TcpListener;
 
 use crate::config::{LinkConfig, LinkTls};
 
-/// Listener setup errors.
+/// Listener setup errors; each cause is the `source()`, not repeated in `Display`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServerError {
-    #[error("dev PKI: {0}")]
+    #[error("dev PKI")]
     Pki(#[from] PkiError),
-    #[error("link TLS: {0}")]
+    #[error("link TLS")]
     Tls(#[from] TlsError),
-    #[error("bind link listener on {addr}: {source}")]
+    #[error("bind link listener on {addr}")]
     Bind {
         addr: std::net::SocketAddr,
         source: std::io::Error,

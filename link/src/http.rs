@@ -9,19 +9,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Largest response read.
 pub const MAX_RESPONSE: u64 = 16 << 20;
 
-/// Why a request failed.
+/// Why a request failed. Each cause is in `Display` (callers print it with `{e}`) and is not
+/// also a `source()`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HttpError {
-    #[error("connect to {addr}: {source}")]
+    #[error("connect to {addr}: {cause}")]
     Connect {
         addr: SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{addr}: {source}")]
+    #[error("{addr}: {cause}")]
     Io {
         addr: SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{addr} timed out")]
     Timeout { addr: SocketAddr },
@@ -46,11 +47,11 @@ pub async fn request(
     body: Option<(&str, &[u8])>,
     timeout: Duration,
 ) -> Result<Response, HttpError> {
-    let io = |source| HttpError::Io { addr, source };
+    let io = |cause| HttpError::Io { addr, cause };
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr)
             .await
-            .map_err(|source| HttpError::Connect { addr, source })?;
+            .map_err(|cause| HttpError::Connect { addr, cause })?;
         let auth = authorization
             .map(|t| format!("Authorization: {t}\r\n"))
             .unwrap_or_default();

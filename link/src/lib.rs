@@ -13,6 +13,9 @@
 //! - [`http_server`]: the hardened HTTP/1 server behind every HTTP listener (timeouts for
 //!   headers, idle keep-alive, bodies and writes; connection caps through [`listen`]).
 //! - [`memory`]: an in-memory outbox for one-off sends and tests.
+//! - [`units`], [`logging`] and [`systemd`]: what both daemons share around the link: reading
+//!   config files, durations, the log subscriber (`--log-json`, `RUST_LOG`, `NO_COLOR`), and
+//!   the readiness notification for `Type=notify` units.
 //!
 //! The wire format is documented in docs/protocol.md.
 //!
@@ -26,12 +29,14 @@ pub mod http;
 pub mod http_server;
 pub mod id;
 pub mod listen;
+pub mod logging;
 pub mod memory;
 pub mod net;
 pub mod notification;
 pub mod pki;
 pub mod receiver;
 pub mod sender;
+pub mod systemd;
 pub mod tls;
 pub mod units;
 

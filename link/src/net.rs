@@ -125,34 +125,79 @@ pub struct ClientStats {
     pub dead_lettered: AtomicU64,
     pub retry_later: AtomicU64,
     pub session_errors: AtomicU64,
+    /// The agent the session is up with: its index in [`ClientSettings::agents`] plus one,
+    /// 0 while no session is up. Read it with [`ClientStats::up_agent`].
+    pub up: AtomicU64,
 }
 
-/// Why a client session ended.
+impl ClientStats {
+    /// The index (in [`ClientSettings::agents`]) of the agent a session is up with, if any.
+    pub fn up_agent(&self) -> Option<usize> {
+        match self.up.load(Ordering::Relaxed) {
+            0 => None,
+            n => usize::try_from(n - 1).ok(),
+        }
+    }
+}
+
+/// Why a client session ended. Logged with `%e`, so each cause is in `Display` and none is
+/// also a `source()` (printed once either way).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LinkError {
-    #[error("connect to {addr}: {source}")]
-    Connect { addr: String, source: io::Error },
+    #[error("connect to {addr}: {cause}")]
+    Connect { addr: String, cause: io::Error },
     #[error("connect to {addr} timed out")]
     ConnectTimeout { addr: String },
-    #[error("tls: {0}")]
-    Tls(#[from] TlsError),
+    #[error("tls: {}", with_causes(.0))]
+    Tls(TlsError),
     #[error("tls handshake: {0}")]
     Handshake(io::Error),
     #[error("i/o: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error("{0} timed out")]
     Timeout(&'static str),
     #[error("peer closed the connection")]
     Closed,
     #[error("invalid frame: {0}")]
-    Frame(#[from] FrameError),
+    Frame(FrameError),
     #[error(transparent)]
     Session(#[from] SessionError),
     #[error(transparent)]
     Receiver(#[from] ReceiverError),
     #[error("store: {0}")]
     Store(StoreError),
+}
+
+/// An error and its `source()` chain on one line: [`TlsError`] keeps its cause in `source()`,
+/// which a log line of [`LinkError`] would otherwise lose.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+impl From<TlsError> for LinkError {
+    fn from(e: TlsError) -> Self {
+        Self::Tls(e)
+    }
+}
+
+impl From<io::Error> for LinkError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+impl From<FrameError> for LinkError {
+    fn from(e: FrameError) -> Self {
+        Self::Frame(e)
+    }
 }
 
 /// Runs the client until `shutdown`: connects to the first reachable agent, sends everything
@@ -167,7 +212,7 @@ pub async fn run_client<O: Outbox + ?Sized>(
     let mut backoff = settings.backoff_min;
     while !shutdown.is_cancelled() {
         let mut progressed = false;
-        for ep in &settings.agents {
+        for (index, ep) in settings.agents.iter().enumerate() {
             if shutdown.is_cancelled() {
                 return;
             }
@@ -178,9 +223,10 @@ pub async fn run_client<O: Outbox + ?Sized>(
                 stats.sent.load(Ordering::Relaxed),
                 stats.acked.load(Ordering::Relaxed),
             );
-            let r = client_session(&settings, ep, &connector, &outbox, &shutdown, &stats)
+            let r = client_session(&settings, index, &connector, &outbox, &shutdown, &stats)
                 .instrument(span.clone())
                 .await;
+            stats.up.store(0, Ordering::Relaxed);
             let _g = span.enter();
             let counts = || {
                 (
@@ -289,12 +335,13 @@ async fn write_all<S: AsyncWrite + Unpin>(
 /// One session. `Err((e, true))` means the session had been established.
 async fn client_session<O: Outbox + ?Sized>(
     s: &ClientSettings,
-    ep: &Endpoint,
+    index: usize,
     connector: &TlsConnector,
     outbox: &Arc<O>,
     shutdown: &CancellationToken,
     stats: &ClientStats,
 ) -> Result<(), (LinkError, bool)> {
+    let ep = &s.agents[index];
     let pre = |e| (e, false);
     let tcp = tokio::time::timeout(s.connect_timeout, TcpStream::connect(&ep.addr))
         .await
@@ -303,10 +350,10 @@ async fn client_session<O: Outbox + ?Sized>(
                 addr: ep.addr.clone(),
             })
         })?
-        .map_err(|source| {
+        .map_err(|cause| {
             pre(LinkError::Connect {
                 addr: ep.addr.clone(),
-                source,
+                cause,
             })
         })?;
     tcp.set_nodelay(true).map_err(|e| pre(e.into()))?;
@@ -332,6 +379,9 @@ async fn client_session<O: Outbox + ?Sized>(
     let neg = sender::check_welcome(&s.sender, welcome).map_err(|e| pre(e.into()))?;
     info!(window = neg.window, "link session established");
     stats.connected.fetch_add(1, Ordering::Relaxed);
+    stats
+        .up
+        .store(u64::try_from(index).map_or(0, |i| i + 1), Ordering::Relaxed);
     outbox.session_event(SessionEvent::Up {
         agent: &ep.addr,
         window: neg.window,
@@ -948,4 +998,33 @@ async fn server_session<I: Inbox>(
     }
     .await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Printed whole (`{:#}` of an anyhow chain, or a log line's `%e`), every cause shows once.
+    #[test]
+    fn each_cause_of_a_link_error_is_printed_once() {
+        let refused = LinkError::Connect {
+            addr: "127.0.0.1:9".into(),
+            cause: io::Error::from(io::ErrorKind::ConnectionRefused),
+        };
+        assert_eq!(
+            with_causes(&refused),
+            "connect to 127.0.0.1:9: connection refused"
+        );
+        let tls = LinkError::from(TlsError::Read {
+            path: "/etc/mailbell/pki/ca.pem".into(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        });
+        assert_eq!(tls.to_string(), with_causes(&tls));
+        assert_eq!(
+            tls.to_string(),
+            "tls: cannot read /etc/mailbell/pki/ca.pem: entity not found"
+        );
+        let io = LinkError::from(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert_eq!(with_causes(&io), "i/o: broken pipe");
+    }
 }

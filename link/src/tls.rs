@@ -115,6 +115,9 @@ pub enum TlsError {
     /// The client's certificate could not be parsed.
     #[error("client certificate cannot be parsed: {0}")]
     BadPeerCertificate(String),
+    /// A certificate file's first certificate cannot be parsed.
+    #[error("certificate in {} cannot be parsed: {reason}", path.display())]
+    BadCertificate { path: PathBuf, reason: String },
     /// The agent name is neither a DNS name nor an IP address.
     #[error("invalid agent name {name:?}")]
     InvalidServerName { name: String },
@@ -147,6 +150,41 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         });
     }
     Ok(certs)
+}
+
+/// When the first certificate in a PEM file expires (`notAfter`), in Unix seconds. Both
+/// daemons report it for each of their TLS files as
+/// `mailbell_tls_cert_expiry_timestamp_seconds`, read again at every scrape so that a rotated
+/// file shows at once.
+pub fn cert_not_after(path: &Path) -> Result<i64, TlsError> {
+    let certs = load_certs(path)?;
+    let bad = |reason: String| TlsError::BadCertificate {
+        path: path.to_owned(),
+        reason,
+    };
+    let first = certs.first().ok_or_else(|| bad("no certificate".into()))?;
+    let (_, x509) = x509_parser::parse_x509_certificate(first).map_err(|e| bad(e.to_string()))?;
+    Ok(x509.validity().not_after.timestamp())
+}
+
+/// Appends `mailbell_tls_cert_expiry_timestamp_seconds{file=...}` for each certificate file
+/// (`file` is the role: "ca", "cert"); a file that cannot be read is left out and logged at
+/// debug (the missing series is what an alert sees).
+pub fn write_cert_expiry(out: &mut String, files: &[(&str, &Path)]) {
+    use std::fmt::Write as _;
+    let name = "mailbell_tls_cert_expiry_timestamp_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} When the link certificate expires (notAfter, Unix seconds).\n# TYPE {name} gauge"
+    );
+    for (role, path) in files {
+        match cert_not_after(path) {
+            Ok(t) => {
+                let _ = writeln!(out, "{name}{{file=\"{role}\"}} {t}");
+            }
+            Err(e) => tracing::debug!(error = %e, role, "certificate expiry not reported"),
+        }
+    }
 }
 
 /// Loads the first private key in a PEM file.
@@ -299,6 +337,29 @@ mod tests {
         let names = ["localhost".to_owned(), "127.0.0.1".to_owned()];
         let paths = ensure_dev_pki(dir.path(), &names, "mailhost", false).unwrap();
         (dir, paths)
+    }
+
+    #[test]
+    fn cert_expiry_is_reported_per_file() {
+        let (_dir, p) = dev_pki();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let leaf = cert_not_after(&p.agent_cert).unwrap();
+        assert!(leaf > now + 86_400, "{leaf} vs {now}");
+        let mut out = String::new();
+        write_cert_expiry(
+            &mut out,
+            &[("cert", &p.agent_cert), ("ca", Path::new("/nonexistent"))],
+        );
+        assert!(
+            out.contains(&format!(
+                "mailbell_tls_cert_expiry_timestamp_seconds{{file=\"cert\"}} {leaf}\n"
+            )),
+            "{out}"
+        );
+        assert!(!out.contains("file=\"ca\""), "{out}");
     }
 
     type ServerStream = tokio_rustls::server::TlsStream<tokio::io::DuplexStream>;

@@ -7,16 +7,17 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
-/// Configuration errors.
+/// Configuration errors. The cause of `Read` and `Parse` is their `source()`, not part of
+/// their `Display`: `{:#}` of an `anyhow` chain prints it once.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    #[error("read {path}: {source}")]
+    #[error("read {path}")]
     Read {
         path: String,
         source: std::io::Error,
     },
-    #[error("parse {path}: {source}")]
+    #[error("parse {path}")]
     Parse {
         path: String,
         source: Box<toml::de::Error>,

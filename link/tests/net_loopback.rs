@@ -201,8 +201,12 @@ async fn client_drains_outbox_and_fails_over_from_a_dead_agent() {
         rig.inbox.seen.lock().unwrap().contains(&late)
     })
     .await;
+    // The session is up with the second agent in the list (`mailbell_link_up`), and down
+    // once the client has stopped.
+    assert_eq!(stats.up_agent(), Some(1));
     stop.cancel();
     task.await.unwrap();
+    assert_eq!(stats.up_agent(), None);
     rig.stop.cancel();
 }
 

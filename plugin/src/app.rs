@@ -21,7 +21,7 @@ use mailbell_link::tls::{self, ClientTlsFiles};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::audit::AuditLog;
 use crate::config::{Config, LinkTls};
@@ -248,6 +248,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     }
 
     let milter = bind("the milter", cfg.milter_listen).await?;
+    let milter_stats = Arc::new(crate::mta::milter::MilterStats::default());
     let milter_addr = milter.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(l) = milter {
         let mc = cfg.milter.clone();
@@ -256,8 +257,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         let failures = failures.clone();
         let stats = Arc::new(ListenerStats::default());
         listener_stats.push(("milter", stats.clone()));
+        let ms = milter_stats.clone();
         tasks.spawn(async move {
-            if let Err(e) = crate::mta::milter::serve(l, i, mc, stats, token).await {
+            if let Err(e) = crate::mta::milter::serve(l, i, mc, stats, ms, token).await {
                 failures.fail(format!("milter listener failed: {e:#}"));
             }
         });
@@ -278,6 +280,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         stalwart: stalwart_stats.clone(),
         outbox: stores.outbox.stats.clone(),
         audit: stores.audit.stats(),
+        milter: milter_addr.map(|_| milter_stats.clone()),
+        agents: cfg.link.agents.iter().map(|a| a.addr.clone()).collect(),
+        certificates: vec![
+            ("cert", tls_files.cert.clone()),
+            ("ca", tls_files.ca.clone()),
+        ],
         listeners: listener_stats,
         http: http_stats,
     };
@@ -337,6 +345,11 @@ pub async fn serve(config: Option<&Path>) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
     let shutdown = CancellationToken::new();
     let running = start(cfg, shutdown.clone()).await?;
+    // Every listener is bound: units ordered after this one (Postfix) may start.
+    match mailbell_link::systemd::notify_ready() {
+        Ok(sent) => debug!(sent, "readiness notification"),
+        Err(e) => warn!(error = %e, "cannot tell systemd that mailbell is ready"),
+    }
     let failure = tokio::select! {
         () = wait_for_signal() => None,
         e = running.failed() => Some(e),

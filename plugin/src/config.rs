@@ -430,6 +430,11 @@ mod tests {
         assert_eq!(c.http_stalwart.limits(1).max_per_source, None);
     }
 
+    /// An error as `main` prints it: the message and its causes (`{:#}` of the anyhow chain).
+    fn chain(e: ConfigError) -> String {
+        format!("{:#}", anyhow::Error::from(e))
+    }
+
     #[test]
     fn the_shipped_example_parses_and_equals_the_defaults() {
         let text = include_str!("../../config/mailbell.example.toml");
@@ -440,7 +445,12 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let e = |t: &str| Config::from_toml(t, "t").unwrap_err().to_string();
+        let e = |t: &str| {
+            Config::from_toml(t, "t")
+                .map_err(chain)
+                .unwrap_err()
+                .to_string()
+        };
         assert!(e("[listen]\nmilter = \"nope\"").contains("listen.milter"));
         assert!(e("[link]\nagent = []").contains("link.agent"));
         assert!(e("[link]\nca = \"/x\"").contains("link.ca"));

@@ -13,6 +13,9 @@ use mailbell::admin::cli::{self, LogArgs, QueueCmd, UserCmd};
     about = "SMS arrival notices for Stalwart and milter MTAs"
 )]
 struct Cli {
+    /// Log as JSON lines (default: human-readable). Filter with RUST_LOG; NO_COLOR turns colour off.
+    #[arg(long, global = true)]
+    log_json: bool,
     /// Configuration file (TOML) [default: /etc/mailbell/mailbell.toml when it exists]
     #[arg(long, short, global = true, env = "MAILBELL_CONFIG")]
     config: Option<PathBuf>,
@@ -51,15 +54,7 @@ fn main() -> ExitCode {
     // Directories 0750, files 0640: phone numbers are personal data.
     mailbell::admin::ownership::restrict_umask();
     let serving = matches!(cli.cmd, Cmd::Serve);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| (if serving { "info" } else { "warn" }).into()),
-        )
-        .with_writer(std::io::stderr)
-        // journald and log files get plain text; colour only on a terminal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    mailbell_link::logging::init(cli.log_json, if serving { "info" } else { "warn" });
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -474,3 +474,89 @@ fn root_refuses_to_touch_the_daemon_users_data_directory() {
     std::os::unix::fs::chown(&data, Some(0), Some(0)).unwrap();
     ok(&config, &["user", "list"]);
 }
+
+/// A configuration error names its cause once (the cause is the error's `source()`, not also
+/// part of its message).
+#[test]
+fn a_missing_config_file_names_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("mailbell.toml");
+    for cmd in [&["serve"][..], &["status"], &["user", "list"]] {
+        let err = fails(&missing, cmd);
+        assert!(err.contains("mailbell.toml"), "{cmd:?}: {err}");
+        assert_eq!(
+            err.matches("No such file or directory").count(),
+            1,
+            "{cmd:?}: {err}"
+        );
+    }
+}
+
+/// `mailbell --log-json serve` logs one JSON object per line; without it, and off a terminal
+/// or with `NO_COLOR`, plain text with no escape codes. Once serving it sends `READY=1` to
+/// `$NOTIFY_SOCKET` (systemd `Type=notify`).
+#[test]
+fn log_json_and_no_color() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailbell.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mailbell]\ndata_dir = {:?}\n[listen]\nhttp = \"127.0.0.1:0\"\n\
+             milter = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[link]\ndev_pki_dir = {:?}\n\
+             [[link.agent]]\naddr = \"127.0.0.1:9\"\n",
+            dir.path().join("data"),
+            dir.path().join("pki"),
+        ),
+    )
+    .unwrap();
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    for json in [true, false] {
+        let mut cmd = Command::new(BIN);
+        if json {
+            cmd.arg("--log-json");
+        }
+        let mut child = cmd
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = Vec::new();
+        let serving = loop {
+            let Some(Ok(l)) = lines.next() else {
+                panic!("no \"mailbell serving\" line; got:\n{}", seen.join("\n"));
+            };
+            assert!(!l.contains('\u{1b}'), "colour codes: {l:?}");
+            if json {
+                let v: serde_json::Value = serde_json::from_str(&l)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"));
+                assert!(v.get("level").is_some() && v.get("fields").is_some(), "{l}");
+            } else {
+                assert!(!l.starts_with('{'), "{l}");
+            }
+            seen.push(l.clone());
+            if l.contains("mailbell serving") {
+                break l;
+            }
+        };
+        assert!(!serving.is_empty());
+        // Type=notify: once listening, the daemon tells systemd it is ready.
+        let mut buf = [0u8; 64];
+        let n = notify.recv(&mut buf).expect("READY=1 on $NOTIFY_SOCKET");
+        assert_eq!(&buf[..n], b"READY=1");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

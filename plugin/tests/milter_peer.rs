@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use indymilter_test::{Actions, MacroStage, ProtoOpts, SocketInfo, Status, TestConnection};
-use mailbell::mta::milter::{serve, MilterConfig, MilterError};
+use mailbell::mta::milter::{serve, MilterConfig, MilterError, MilterStats};
 use mailbell::notify::arrival::{Accepted, Arrival, Ingest, Intake, IntakeError, Origin};
 use mailbell_link::listen::ListenerStats;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -98,6 +98,7 @@ struct Server {
     addr: SocketAddr,
     intake: Arc<TestIntake>,
     stats: Arc<ListenerStats>,
+    milter_stats: Arc<MilterStats>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), MilterError>>,
 }
@@ -109,17 +110,20 @@ impl Server {
         let intake = Arc::new(TestIntake::default());
         let shutdown = CancellationToken::new();
         let stats = Arc::new(ListenerStats::default());
+        let milter_stats = Arc::new(MilterStats::default());
         let task = tokio::spawn(serve(
             listener,
             intake.clone(),
             cfg,
             stats.clone(),
+            milter_stats.clone(),
             shutdown.clone(),
         ));
         Self {
             addr,
             intake,
             stats,
+            milter_stats,
             shutdown,
             task,
         }
@@ -484,6 +488,24 @@ async fn intake_failure_tempfails_with_the_cause() {
     assert_eq!(send(&mut conn, &m).await, Status::Accept);
     conn.close().await.unwrap();
     assert_eq!(server.intake.take().len(), 1);
+
+    // /metrics counts the session, both messages and the tempfail, and times both verdicts.
+    let ms = &server.milter_stats;
+    assert_eq!(ms.sessions.load(Ordering::Relaxed), 1);
+    assert_eq!(ms.messages.load(Ordering::Relaxed), 2);
+    assert_eq!(ms.tempfails.load(Ordering::Relaxed), 1);
+    let mut text = String::new();
+    ms.write_prometheus(&mut text);
+    for line in [
+        "mailbell_milter_sessions_total 1\n",
+        "mailbell_milter_messages_total 2\n",
+        "mailbell_milter_tempfails_total 1\n",
+        "# TYPE mailbell_milter_eom_duration_seconds histogram\n",
+        "mailbell_milter_eom_duration_seconds_bucket{le=\"+Inf\"} 2\n",
+        "mailbell_milter_eom_duration_seconds_count 2\n",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from:\n{text}");
+    }
     server.stop().await;
 }
 

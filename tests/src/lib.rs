@@ -9,6 +9,16 @@ pub mod system;
 use std::future::Future;
 use std::process::ExitCode;
 
+/// Reports a test skipped for a missing system peer so that plain `cargo test` shows it:
+/// libtest captures what `eprintln!` prints, not what is written to the stderr handle itself.
+/// Under `CI=true` callers fail instead of skipping.
+pub fn skip(reason: &str) {
+    use std::io::Write as _;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("test");
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {reason}");
+}
+
 /// The shared `main` of the benchmark binaries: logging to stderr (RUST_LOG, default warn),
 /// a multi-threaded runtime, and an exit status that fails only on a functional failure
 /// (`Ok(false)`) or an error, never because of speed.

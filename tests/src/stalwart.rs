@@ -1,7 +1,7 @@
 //! A real Stalwart (`stalwart`, e.g. crates.io stalwart-lite 0.16.0 = the 0.15 code base) as a
-//! child process in a fresh directory: research/stalwart-integration.md §8's offline boot (spam
-//! filter and pyzor off, no TLS, `session.auth.require = false`, SQLite, free loopback ports
-//! for SMTP, HTTP and IMAP), plus, when a mailbell address is given, the shipped stanza
+//! child process in a fresh directory, booted for an offline host (spam filter and pyzor off,
+//! default inbound limiters off, no TLS, `session.auth.require = false`, SQLite, free loopback
+//! ports for SMTP, HTTP and IMAP), plus, when a mailbell address is given, the shipped stanza
 //! `config/stalwart/mailbell-0.15.toml` pointing at it. Killed (and its log shown, if the
 //! thread is panicking) when dropped.
 //!
@@ -270,7 +270,7 @@ async fn read_line(
     Ok(())
 }
 
-/// Research §8's offline configuration: SMTP, HTTP and IMAP on loopback, SQLite, no TLS, no
+/// The offline configuration: SMTP, HTTP and IMAP on loopback, SQLite, no TLS, no
 /// spam filter downloads, unauthenticated SMTP on a port other than 25, plaintext IMAP LOGIN.
 fn base_config(root: &Path, smtp: SocketAddr, http: SocketAddr, imap: SocketAddr) -> String {
     format!(

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod config_errors;
 mod crash;
 mod faults;
 mod pipeline;

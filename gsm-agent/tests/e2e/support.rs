@@ -252,6 +252,16 @@ pub async fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Reports a test skipped for a missing system peer so that plain `cargo test` shows it:
+/// libtest captures what `eprintln!` prints, not what is written to the stderr handle itself.
+/// Under `CI=true` callers fail instead of skipping.
+pub fn skip(reason: &str) {
+    use std::io::Write as _;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("test");
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {reason}");
+}
+
 /// Under CI a missing system tool is a failure; elsewhere the test is skipped with a note.
 pub fn require_tool(name: &str) -> bool {
     let found = Command::new("sh")
@@ -264,7 +274,7 @@ pub fn require_tool(name: &str) -> bool {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("{name} is required under CI=true");
         }
-        eprintln!("skipping: {name} not installed");
+        skip(&format!("{name} not installed"));
     }
     found
 }

@@ -35,6 +35,7 @@ use mailbell_link::listen::ListenerStats;
 
 use crate::admin::api::ApiError;
 use crate::audit::{parse_since, AuditLog, AuditPage, AuditQuery, AuditRecord, AuditStats};
+use crate::mta::milter::MilterStats;
 use crate::mta::stalwart::StalwartStats;
 use crate::notify::intake::{pending_notices, IntakeStats, PendingNotice};
 use crate::notify::outbox::{DeadLetter, Outbox, OutboxStats, QueuedItem, Select};
@@ -47,6 +48,12 @@ pub struct Metrics {
     pub stalwart: Arc<StalwartStats>,
     pub outbox: Arc<OutboxStats>,
     pub audit: Arc<AuditStats>,
+    /// The milter's sessions, messages, tempfails and latency (`None`: no milter listener).
+    pub milter: Option<Arc<MilterStats>>,
+    /// The configured agents' addresses, in `[[link.agent]]` order (`mailbell_link_up`).
+    pub agents: Vec<String>,
+    /// The link's certificate files by role ("cert", "ca"), for their expiry.
+    pub certificates: Vec<(&'static str, std::path::PathBuf)>,
     /// Every listener's accept counters, by `listener` label ("stalwart", "admin", "milter").
     pub listeners: Vec<(&'static str, Arc<ListenerStats>)>,
     /// Every HTTP listener's request and timeout counters, by `listener` label.
@@ -366,6 +373,13 @@ fn line(out: &mut String, name: &str, help: &str, kind: &str, v: u64) {
     );
 }
 
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 fn val(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
@@ -542,6 +556,28 @@ async fn metrics_text(State((outbox, m)): State<(Outbox, Metrics)>) -> Response 
         "counter",
         val(&m.link.retry_later),
     );
+    let up = m.link.up_agent();
+    let _ = writeln!(
+        o,
+        "# HELP mailbell_link_up Whether a link session is up with this agent (1) or not (0).\n# TYPE mailbell_link_up gauge"
+    );
+    for (i, agent) in m.agents.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "mailbell_link_up{{agent=\"{}\"}} {}",
+            label_value(agent),
+            u8::from(up == Some(i))
+        );
+    }
+    if let Some(milter) = &m.milter {
+        milter.write_prometheus(&mut o);
+    }
+    let certs: Vec<(&str, &std::path::Path)> = m
+        .certificates
+        .iter()
+        .map(|(r, p)| (*r, p.as_path()))
+        .collect();
+    mailbell_link::tls::write_cert_expiry(&mut o, &certs);
     line(
         &mut o,
         "mailbell_audit_dropped_total",
@@ -603,10 +639,15 @@ pub struct Status {
     #[serde(default)]
     pub outbox_max_depth: u64,
     pub dead: u64,
-    pub link_connected_sessions: u64,
-    pub link_acked: u64,
-    pub messages: u64,
-    pub notices_queued: u64,
+    /// The agent a link session is up with now (`None`: the link is down).
+    pub link_up_agent: Option<String>,
+    /// Link sessions established since the daemon started (a running total, not the sessions
+    /// up now).
+    pub link_sessions_established_total: u64,
+    /// Since the daemon started, like every `_total` here.
+    pub link_acked_total: u64,
+    pub messages_total: u64,
+    pub notices_queued_total: u64,
 }
 
 async fn status(State((outbox, m)): State<(Outbox, Metrics)>) -> Response {
@@ -617,10 +658,11 @@ async fn status(State((outbox, m)): State<(Outbox, Metrics)>) -> Response {
         outbox_held,
         outbox_max_depth,
         dead: val(&m.outbox.dead),
-        link_connected_sessions: val(&m.link.connected),
-        link_acked: val(&m.link.acked),
-        messages: val(&m.intake.messages),
-        notices_queued: val(&m.intake.queued),
+        link_up_agent: m.link.up_agent().and_then(|i| m.agents.get(i).cloned()),
+        link_sessions_established_total: val(&m.link.connected),
+        link_acked_total: val(&m.link.acked),
+        messages_total: val(&m.intake.messages),
+        notices_queued_total: val(&m.intake.queued),
     })
     .into_response()
 }

@@ -47,6 +47,7 @@ use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -139,6 +140,89 @@ impl MilterConfig {
     }
 }
 
+/// Upper bounds (seconds) of the end-of-message latency histogram's buckets.
+const EOM_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// The milter's counters, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct MilterStats {
+    /// Sessions that negotiated (one per MTA milter connection that got a session slot).
+    pub sessions: AtomicU64,
+    /// Messages that reached end of message.
+    pub messages: AtomicU64,
+    /// Messages answered with a tempfail (the notice could not be recorded).
+    pub tempfails: AtomicU64,
+    /// End-of-message latency (recording the arrival, until the verdict): a count per bucket
+    /// of [`EOM_BUCKETS`] (not cumulative), the last one for everything slower.
+    eom_buckets: [AtomicU64; EOM_BUCKETS.len() + 1],
+    eom_sum_micros: AtomicU64,
+}
+
+impl MilterStats {
+    /// Notes one end-of-message verdict that took `took`.
+    fn observe_eom(&self, took: Duration, tempfail: bool) {
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        if tempfail {
+            self.tempfails.fetch_add(1, Ordering::Relaxed);
+        }
+        let secs = took.as_secs_f64();
+        let i = EOM_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(EOM_BUCKETS.len());
+        self.eom_buckets[i].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.eom_sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Appends the counters and the latency histogram in the Prometheus text format.
+    pub fn write_prometheus(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        for (name, help, c) in [
+            (
+                "mailbell_milter_sessions_total",
+                "Milter sessions negotiated.",
+                &self.sessions,
+            ),
+            (
+                "mailbell_milter_messages_total",
+                "Messages that reached the milter's end of message.",
+                &self.messages,
+            ),
+            (
+                "mailbell_milter_tempfails_total",
+                "Messages the milter answered with a tempfail (notice not recorded).",
+                &self.tempfails,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v(c)
+            );
+        }
+        let name = "mailbell_milter_eom_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from end of message to the milter's verdict (recording the arrival).\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (i, b) in EOM_BUCKETS.iter().enumerate() {
+            cumulative += v(&self.eom_buckets[i]);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        cumulative += v(&self.eom_buckets[EOM_BUCKETS.len()]);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        // Micros to seconds: exact enough for a sum of latencies.
+        #[allow(clippy::cast_precision_loss)]
+        let sum = v(&self.eom_sum_micros) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
+
 /// Why [`serve`] stopped before it was told to.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -153,7 +237,8 @@ pub enum MilterError {
 ///
 /// Connections are accepted through an [`Acceptor`] (no per-source cap: an MTA connects from
 /// one address with many connections) whose counters are kept in `stats`, for `/metrics` as
-/// listener `"milter"`. A connection holds a pending slot until its option negotiation has
+/// listener `"milter"`, and its sessions, messages, tempfails and end-of-message latency in
+/// `milter_stats`. A connection holds a pending slot until its option negotiation has
 /// arrived (evictable, `negotiate_timeout`), then a session slot (`max_connections`). Only a
 /// listening socket that cannot go on is an error; a failing connection is logged in its span
 /// and closed.
@@ -162,6 +247,7 @@ pub async fn serve<I: Intake>(
     intake: Arc<I>,
     cfg: MilterConfig,
     stats: Arc<ListenerStats>,
+    milter_stats: Arc<MilterStats>,
     shutdown: CancellationToken,
 ) -> Result<(), MilterError> {
     let local = listener.local_addr().ok();
@@ -189,6 +275,7 @@ pub async fn serve<I: Intake>(
         evictions: Episode::default(),
         not_negotiated: Episode::default(),
         no_session_slot: Episode::default(),
+        stats: milter_stats,
     });
     let result = loop {
         match acceptor.accept(&stop).await {
@@ -220,6 +307,7 @@ struct Shared<I> {
     evictions: Episode,
     not_negotiated: Episode,
     no_session_slot: Episode,
+    stats: Arc<MilterStats>,
 }
 
 /// A kind of event that comes in floods (a thousand idle connections time out together): the
@@ -408,7 +496,13 @@ async fn run_session<I: Intake>(
         actions: Actions::empty(),
         connection_timeout: shared.timeout,
     };
-    let callbacks = callbacks(shared.intake.clone(), Span::current(), shared.reply.clone());
+    shared.stats.sessions.fetch_add(1, Ordering::Relaxed);
+    let callbacks = callbacks(
+        shared.intake.clone(),
+        Span::current(),
+        shared.reply.clone(),
+        shared.stats.clone(),
+    );
     // The session ends when its stream is dropped (QUIT, EOF, error, timeout) or on stop;
     // `run` then returns once the session task has finished its current command.
     let done = async move {
@@ -459,7 +553,12 @@ fn wanted_opts(offered: ProtoOpts) -> ProtoOpts {
     wanted & offered
 }
 
-fn callbacks<I: Intake>(intake: Arc<I>, span: Span, reply: Arc<str>) -> Callbacks<Session> {
+fn callbacks<I: Intake>(
+    intake: Arc<I>,
+    span: Span,
+    reply: Arc<str>,
+    stats: Arc<MilterStats>,
+) -> Callbacks<Session> {
     let (s1, s2, s3, s4, s5, s6) = (
         span.clone(),
         span.clone(),
@@ -513,7 +612,16 @@ fn callbacks<I: Intake>(intake: Arc<I>, span: Span, reply: Arc<str>) -> Callback
         .on_eom(move |cx| {
             let intake = intake.clone();
             let reply = reply.clone();
-            Box::pin(async move { on_eom(cx, &*intake, &reply).await }.instrument(s5.clone()))
+            let stats = stats.clone();
+            Box::pin(
+                async move {
+                    let started = Instant::now();
+                    let status = on_eom(cx, &*intake, &reply).await;
+                    stats.observe_eom(started.elapsed(), status == Status::Tempfail);
+                    status
+                }
+                .instrument(s5.clone()),
+            )
         })
         .on_abort(move |cx| {
             let _e = s6.enter();

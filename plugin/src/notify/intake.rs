@@ -462,7 +462,7 @@ impl MailIntake {
 pub enum IntakeStartError {
     #[error("intake.timezone: {0}")]
     Timezone(String),
-    #[error("cannot load staged arrivals: {0}")]
+    #[error("cannot load staged arrivals")]
     Load(#[from] OutboxError),
 }
 

@@ -474,7 +474,7 @@ pub fn require(tools: &[&str], need_root: bool) -> bool {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("required under CI=true: {}", missing.join(", "));
     }
-    eprintln!("skipping: missing {}", missing.join(", "));
+    mailbell_tests::skip(&format!("missing {}", missing.join(", ")));
     false
 }
 
