@@ -153,9 +153,22 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         validator(renderer.clone()),
     )?;
 
-    // Modems: the configured serial ports, or one simulated modem on a pseudo-terminal.
+    // Modems: the configured serial ports, or one simulated modem on a pseudo-terminal when
+    // the configuration asks for it (never as a silent fallback).
     let mut entries = cfg.modems.clone();
     let mut sim = None;
+    match (entries.is_empty(), cfg.simulator.enable) {
+        (true, false) => anyhow::bail!(
+            "no modem configured: add a [[modem]] section (name, device) for each GSM modem, \
+             or set [simulator] enable = true to run on a simulated modem (nothing reaches a phone)"
+        ),
+        (false, true) => anyhow::bail!(
+            "[simulator] enable = true and {} [[modem]] section(s): a simulated modem does not \
+             run beside real ones; remove one of the two",
+            entries.len()
+        ),
+        _ => {}
+    }
     if entries.is_empty() {
         let opts = SimOptions {
             submit_delay: cfg.simulator.submit_delay,
@@ -168,7 +181,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             ..SimOptions::default()
         };
         let s = SimModem::spawn(opts).context("start the simulated modem")?;
-        info!(device = %s.device_path().display(), "no modem configured; using a simulated modem");
+        warn!(device = %s.device_path().display(), "[simulator] enable = true: SMS go to a simulated modem, not to phones");
         let mut modem = ModemConfig::new("sim0", s.device_path());
         modem.submit_timeout = Duration::from_secs(30);
         modem.reopen_backoff_max = Duration::from_secs(5);
@@ -558,6 +571,7 @@ pub fn sample_notification(phone: &str) -> Notification {
 /// prints the SMS that reached the modem.
 pub async fn demo(dir: &Path) -> anyhow::Result<()> {
     let mut cfg = Config::from_toml("", "(defaults)")?;
+    cfg.simulator.enable = true;
     cfg.data_dir = dir.to_path_buf();
     cfg.link.listen = "127.0.0.1:0".parse()?;
     cfg.metrics_listen = Some("127.0.0.1:0".parse()?);

@@ -246,6 +246,7 @@ impl Default for RawMetrics {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawSimulator {
+    enable: bool,
     #[serde(deserialize_with = "de_duration")]
     submit_delay: Duration,
     pdu_log: Option<PathBuf>,
@@ -256,6 +257,7 @@ struct RawSimulator {
 impl Default for RawSimulator {
     fn default() -> Self {
         Self {
+            enable: false,
             submit_delay: Duration::ZERO,
             pdu_log: None,
             per_minute: 0,
@@ -344,9 +346,11 @@ pub struct ModemEntry {
     pub pacing: Pacing,
 }
 
-/// The simulated modem used when no `[[modem]]` is configured.
+/// The simulated modem, which runs only when asked for (`[simulator] enable = true`) and no
+/// `[[modem]]` is configured: an agent with no modem never falls back to it silently.
 #[derive(Clone, Debug)]
 pub struct SimulatorConfig {
+    pub enable: bool,
     pub submit_delay: Duration,
     pub pdu_log: Option<PathBuf>,
     pub per_minute: u32,
@@ -557,6 +561,7 @@ impl Config {
             metrics_http,
             modems,
             simulator: SimulatorConfig {
+                enable: raw.simulator.enable,
                 submit_delay: raw.simulator.submit_delay,
                 pdu_log: raw.simulator.pdu_log,
                 per_minute: raw.simulator.per_minute,

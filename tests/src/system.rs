@@ -57,6 +57,8 @@ pub async fn start_via(
 ) -> anyhow::Result<System> {
     let pki = dir.join("pki");
     let mut agent_cfg = mailbell_gsm_agent::config::Config::from_toml("", "(defaults)")?;
+    // The whole system on one machine: the agent on its simulated modem, asked for.
+    agent_cfg.simulator.enable = true;
     agent_cfg.data_dir = dir.join("agent");
     agent_cfg.link.listen = "127.0.0.1:0".parse()?;
     agent_cfg.metrics_listen = Some("127.0.0.1:0".parse()?);

@@ -31,6 +31,7 @@ async fn the_status_port_closes_slow_and_idle_clients() {
         "test",
     )
     .unwrap();
+    cfg.simulator.enable = true;
     cfg.data_dir = dir.path().to_path_buf();
     cfg.link.listen = "127.0.0.1:0".parse().unwrap();
     cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());

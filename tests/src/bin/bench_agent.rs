@@ -74,6 +74,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     };
     let mut cfg = Config::from_toml("", "bench")?;
     cfg.data_dir = dir.path().to_path_buf();
+    cfg.simulator.enable = cfg.modems.is_empty();
     cfg.link.listen = "127.0.0.1:0".parse()?;
     cfg.metrics_listen = None;
     if let mailbell_gsm_agent::config::LinkTls::DevPki { dir: d, .. } = &mut cfg.link.tls {

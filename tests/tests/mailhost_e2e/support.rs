@@ -312,7 +312,7 @@ impl Agent {
             "[agent]\ndata_dir = {data:?}\n\
              [link]\nlisten = \"{link}\"\ndev_pki_dir = {pki:?}\nheartbeat = \"1s\"\ndead_after = \"5s\"\n\
              [metrics]\nlisten = \"{metrics}\"\n\
-             [simulator]\npdu_log = {pdu_log:?}\n",
+             [simulator]\nenable = true\npdu_log = {pdu_log:?}\n",
             data = dir.join("agent-data"),
         );
         Agent {
