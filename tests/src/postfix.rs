@@ -1,4 +1,4 @@
-//! A private Postfix instance (research/test-peers.md §2.1, /etc/postfix untouched): its own
+//! A private Postfix instance (Debian's postfix package, /etc/postfix untouched): its own
 //! main.cf/master.cf under a scratch directory, one SMTP listener on loopback, every domain
 //! `dest.example` address delivered to one virtual Maildir, and optionally a milter. Started in
 //! the foreground under `script(1)` (Postfix reports fatal errors only to syslog or a terminal,

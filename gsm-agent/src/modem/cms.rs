@@ -3,8 +3,8 @@
 //! A modem reports a failed submission as `+CMS ERROR: <n>` (3GPP TS 27.005 §3.2.5, with the
 //! network causes of TS 24.011 and TS 23.040 passed through) and a failed general command as
 //! `+CME ERROR: <n>` (TS 27.007 §9.2). The gateways we replace treat every code alike and either
-//! block the queue on a poison message or give up on a temporary one (research/anchors.md §1,
-//! §5.3). Here each code maps to an [`ErrorClass`], and each class carries a [`RetryPolicy`]:
+//! block the queue on a poison message or give up on a temporary one (Gammu SMSD's
+//! `MaxRetries`, default 1, applies to every failure alike). Here each code maps to an [`ErrorClass`], and each class carries a [`RetryPolicy`]:
 //!
 //! ```text
 //! CMS code                          class                   what the agent does
@@ -284,7 +284,7 @@ mod tests {
     use super::*;
     use ErrorClass::*;
 
-    /// Every row of research/anchors.md §5.3.
+    /// Every row of the class table in this module's docs.
     #[test]
     fn cms_table_of_anchors_5_3() {
         let rows: &[(&[u16], ErrorClass)] = &[
