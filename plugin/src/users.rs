@@ -54,6 +54,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::Write as _;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -156,6 +157,8 @@ pub enum UserError {
     CsvHeader(String),
     #[error("read csv: {0}")]
     Csv(csv::Error),
+    #[error("write export: {0}")]
+    Export(std::io::Error),
 }
 
 impl From<sled::Error> for UserError {
@@ -176,6 +179,7 @@ impl UserError {
                 | UserError::Corrupt { .. }
                 | UserError::Encode(_)
                 | UserError::Csv(_)
+                | UserError::Export(_)
         )
     }
 }
@@ -851,6 +855,22 @@ impl UserStore {
         Ok(out)
     }
 
+    /// Writes every user, by address, to `w` in `format` (see [`Exporter`]); no page cap.
+    /// Users are read one at a time: a write during the export may or may not be in it.
+    /// Returns the number of users written.
+    pub fn export<W: std::io::Write>(&self, format: ExportFormat, w: W) -> Result<u64, UserError> {
+        let mut out = Exporter::new(format, w)?;
+        for item in self.inner.users.iter() {
+            let (k, v) = item?;
+            let user: User = serde_json::from_slice(&v).map_err(|error| UserError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                error,
+            })?;
+            out.write(&user)?;
+        }
+        out.finish()
+    }
+
     /// Number of users (not counting aliases).
     pub fn len(&self) -> usize {
         self.read_index().users
@@ -1483,6 +1503,137 @@ pub const CSV_COLUMNS: [&str; 11] = [
     "deny_senders",
     "max_parts",
 ];
+
+/// What `mailbell user export` writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    /// The import CSV (header row, [`CSV_COLUMNS`]).
+    #[default]
+    Csv,
+    /// A JSON array of [`User`], one per line.
+    Json,
+}
+
+impl FromStr for ExportFormat {
+    type Err = UserError;
+    fn from_str(s: &str) -> Result<Self, UserError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "csv" => Ok(ExportFormat::Csv),
+            "json" => Ok(ExportFormat::Json),
+            _ => Err(UserError::InvalidField {
+                field: "export format",
+                input: s.to_owned(),
+                reason: "expected csv or json",
+            }),
+        }
+    }
+}
+
+/// Writes users as `mailbell user export` prints them, the same whether they come from the
+/// store or from the admin API's pages.
+///
+/// The CSV is what [`UserStore::import_csv`] reads back to the same users: a header row of
+/// [`CSV_COLUMNS`], then every cell filled; a field at its default is written as
+/// [`CSV_CLEAR`] (an empty cell would keep the importing registry's value), so importing an
+/// export over an existing registry also resets those fields. JSON is an array with one
+/// [`User`] per line.
+pub struct Exporter<W: std::io::Write> {
+    out: ExportOut<W>,
+    count: u64,
+}
+
+enum ExportOut<W: std::io::Write> {
+    Csv(Box<csv::Writer<W>>),
+    Json(std::io::BufWriter<W>),
+}
+
+impl<W: std::io::Write> Exporter<W> {
+    /// Starts the export (writes the CSV header or the opening bracket).
+    pub fn new(format: ExportFormat, w: W) -> Result<Self, UserError> {
+        let out = match format {
+            ExportFormat::Csv => {
+                let mut c = csv::WriterBuilder::new().has_headers(false).from_writer(w);
+                c.write_record(CSV_COLUMNS).map_err(export_error)?;
+                ExportOut::Csv(Box::new(c))
+            }
+            ExportFormat::Json => {
+                let mut b = std::io::BufWriter::new(w);
+                b.write_all(b"[").map_err(UserError::Export)?;
+                ExportOut::Json(b)
+            }
+        };
+        Ok(Exporter { out, count: 0 })
+    }
+
+    pub fn write(&mut self, user: &User) -> Result<(), UserError> {
+        match &mut self.out {
+            ExportOut::Csv(c) => c.write_record(csv_record(user)).map_err(export_error)?,
+            ExportOut::Json(b) => {
+                let sep: &[u8] = if self.count == 0 { b"\n" } else { b",\n" };
+                b.write_all(sep).map_err(UserError::Export)?;
+                serde_json::to_writer(&mut *b, user).map_err(UserError::Encode)?;
+            }
+        }
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Ends the export and flushes it; the number of users written.
+    pub fn finish(self) -> Result<u64, UserError> {
+        match self.out {
+            ExportOut::Csv(mut c) => c.flush().map_err(UserError::Export)?,
+            ExportOut::Json(mut b) => {
+                let end: &[u8] = if self.count == 0 { b"]\n" } else { b"\n]\n" };
+                b.write_all(end).map_err(UserError::Export)?;
+                b.flush().map_err(UserError::Export)?;
+            }
+        }
+        Ok(self.count)
+    }
+}
+
+fn export_error(e: csv::Error) -> UserError {
+    match e.into_kind() {
+        csv::ErrorKind::Io(e) => UserError::Export(e),
+        k => UserError::Export(std::io::Error::other(format!("{k:?}"))),
+    }
+}
+
+/// One user as an import line, in [`CSV_COLUMNS`] order: every cell filled, [`CSV_CLEAR`]
+/// for a field at its default (an empty cell would keep the importing registry's value).
+fn csv_record(u: &User) -> [String; CSV_COLUMNS.len()] {
+    let or_clear = |s: &str| {
+        if s.is_empty() {
+            CSV_CLEAR.to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    // A list of the one item "-" (a valid pattern) would read back as "clear": "-;" is it.
+    let list = |v: &[String]| match v.join(";") {
+        s if s == CSV_CLEAR => format!("{CSV_CLEAR};"),
+        s => or_clear(&s),
+    };
+    [
+        u.address.clone(),
+        or_clear(&u.phone),
+        if u.notify { "yes" } else { "no" }.to_owned(),
+        // RFC 3339 to the millisecond: the stored value exactly.
+        u.licence_until
+            .map_or_else(|| CSV_CLEAR.to_owned(), |ms| format_licence(Some(ms))),
+        u.quiet
+            .as_ref()
+            .map_or_else(|| CSV_CLEAR.to_owned(), QuietHours::to_string),
+        u.rate_limit_secs
+            .map_or_else(|| CSV_CLEAR.to_owned(), |s| s.to_string()),
+        or_clear(&u.language),
+        list(&u.aliases),
+        list(&u.allow_senders),
+        list(&u.deny_senders),
+        u.max_parts.to_string(),
+    ]
+}
 
 /// Which record field each known column is in.
 struct Columns {
@@ -2276,5 +2427,104 @@ bob@example.com,+8613800138001,on,,,,,b@example.com,
             .map(|u| u.address)
             .collect();
         assert_eq!(tail, ["user99@example.com", "user9@example.com"]);
+    }
+
+    /// Every field away from its default, and at it, in one registry.
+    fn varied_users() -> Vec<User> {
+        vec![
+            User {
+                aliases: vec!["a.li@example.com".into(), "al@example.com".into()],
+                notify: false,
+                licence_until: parse_licence("2026-12-31").unwrap(),
+                quiet: Some(QuietHours::parse("22:00-07:00").unwrap()),
+                rate_limit_secs: Some(300),
+                allow_senders: vec!["*.work.example".into(), "@friends.example".into()],
+                deny_senders: vec!["spam@work.example".into()],
+                language: "pt-BR".into(),
+                max_parts: 3,
+                ..user("alice@example.com", "+447700900123")
+            },
+            // Defaults everywhere: every cell "-", so an import resets them.
+            User::new("bob@example.com"),
+            User {
+                licence_until: Some(1_234_567),
+                quiet: Some(QuietHours::parse("00:00-23:59").unwrap()),
+                rate_limit_secs: Some(0),
+                deny_senders: vec!["-".into()],
+                ..user("carol@example.com", "+8613800138000")
+            },
+        ]
+    }
+
+    fn export(s: &UserStore, format: ExportFormat) -> String {
+        let mut out = Vec::new();
+        s.export(format, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn export_imports_back_to_the_same_registry() {
+        let (_d, s) = store();
+        for u in varied_users() {
+            s.insert(u).unwrap();
+        }
+        let csv = export(&s, ExportFormat::Csv);
+        let json = export(&s, ExportFormat::Json);
+        // Into an empty registry: the same users, so the same export.
+        let (_d2, empty) = store();
+        let r = empty
+            .import_csv(csv.as_bytes(), ImportMode::Upsert)
+            .unwrap();
+        assert_eq!((r.added, r.failed), (3, 0), "{:?}", r.errors);
+        assert_eq!(empty.list(None, 10).unwrap(), s.list(None, 10).unwrap());
+        assert_eq!(export(&empty, ExportFormat::Csv), csv);
+        assert_eq!(export(&empty, ExportFormat::Json), json);
+        // Over a registry where every field differs: the export wins everywhere.
+        let (_d3, other) = store();
+        for u in varied_users() {
+            let mut changed = User {
+                aliases: vec![format!("x.{}", u.address)],
+                notify: !u.notify,
+                licence_until: Some(5),
+                quiet: Some(QuietHours::parse("01:00-02:00").unwrap()),
+                rate_limit_secs: Some(7),
+                allow_senders: vec!["other.example".into()],
+                deny_senders: vec!["x@other.example".into()],
+                language: "zh".into(),
+                max_parts: 9,
+                ..user(&u.address, "+15550001111")
+            };
+            changed.address.clone_from(&u.address);
+            other.insert(changed).unwrap();
+        }
+        let r = other
+            .import_csv(csv.as_bytes(), ImportMode::Upsert)
+            .unwrap();
+        assert_eq!((r.updated, r.failed), (3, 0), "{:?}", r.errors);
+        assert_eq!(export(&other, ExportFormat::Csv), csv);
+        // JSON: the users themselves.
+        let back: Vec<User> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s.list(None, 10).unwrap());
+        let (_d4, none) = store();
+        assert_eq!(export(&none, ExportFormat::Json), "[]\n");
+        assert_eq!(
+            export(&none, ExportFormat::Csv),
+            format!("{}\n", CSV_COLUMNS.join(","))
+        );
+    }
+
+    #[test]
+    fn export_has_no_page_cap() {
+        let (_d, s) = store();
+        let n = MAX_LIST_LIMIT + 500;
+        let mut csv = String::from("address,phone\n");
+        for i in 0..n {
+            csv.push_str(&format!("user{i}@example.com,+4477009{i:05}\n"));
+        }
+        s.import_csv(csv.as_bytes(), ImportMode::Upsert).unwrap();
+        let out = export(&s, ExportFormat::Csv);
+        assert_eq!(out.lines().count(), n + 1);
+        let json: Vec<User> = serde_json::from_str(&export(&s, ExportFormat::Json)).unwrap();
+        assert_eq!(json.len(), n);
     }
 }

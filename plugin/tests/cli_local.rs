@@ -190,6 +190,9 @@ fn user_commands(dir: &Path) -> Vec<Vec<String>> {
         "user show alice@example.com",
         "user import TWICE",
         "user list",
+        "user export",
+        "user export --format json",
+        "user export --format xml",
     ];
     lines
         .iter()
@@ -331,6 +334,48 @@ async fn user_commands_read_the_same_through_the_daemon_and_without_it() {
         at(23)
     );
     assert_eq!(at(24), at(20));
+    let csv = &at(25).1;
+    assert_eq!(
+        at(25),
+        &(
+            true,
+            "address,phone,notify,licence_until,quiet,rate_limit_secs,language,aliases,\
+             allow_senders,deny_senders,max_parts\n\
+             alice@example.com,+8613800138000,no,-,22:00-07:00,-,-,\
+             a.li@example.com;al@example.com,-,-,0\n"
+                .into(),
+            String::new()
+        )
+    );
+    let json: Vec<mailbell::users::User> = serde_json::from_str(&at(26).1).unwrap();
+    assert_eq!(json.len(), 1);
+    assert_eq!(json[0].aliases, ["a.li@example.com", "al@example.com"]);
+    assert!(
+        !at(27).0 && at(27).2.contains("expected csv or json"),
+        "{:?}",
+        at(27)
+    );
+
+    // The export restores: imported into an empty registry, it exports the same again.
+    let fresh = tempfile::tempdir().unwrap();
+    let fresh_config = fresh.path().join("mailbell.toml");
+    std::fs::write(
+        &fresh_config,
+        format!(
+            "[mailbell]\ndata_dir = {:?}\n[listen]\nadmin = \"\"\n",
+            fresh.path().join("data")
+        ),
+    )
+    .unwrap();
+    let backup = fresh.path().join("users.csv");
+    std::fs::write(&backup, csv).unwrap();
+    let out = ok(&fresh_config, &["user", "import", backup.to_str().unwrap()]);
+    assert!(out.contains("added 1,"), "{out}");
+    assert_eq!(&ok(&fresh_config, &["user", "export"]), csv);
+    assert_eq!(
+        ok(&fresh_config, &["user", "export", "--format", "json"]),
+        at(26).1
+    );
 }
 
 #[test]

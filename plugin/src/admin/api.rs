@@ -15,6 +15,8 @@
 //! POST   /admin/v1/users/import?mode=upsert|add[&dry_run=true]
 //!                                                    200 ImportReport; body: CSV (users.rs docs),
 //!                                                    at most 64 MiB; dry_run writes nothing
+//! GET    /admin/v1/users/export?format=csv|json      200 every user, no page cap: the import CSV
+//!                                                    (text/csv) or a JSON array of User
 //! errors: {"error": "<message>"} with 400 (bad input), 401, 403, 404, 405, 409 (alias or
 //!         address taken), 413 (body too large), 503 (store error: retry), 500
 //! ```
@@ -30,7 +32,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::header::WWW_AUTHENTICATE;
+use axum::http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -41,8 +43,8 @@ use tracing::{info, warn};
 
 use crate::bearer::authorized;
 use crate::users::{
-    normalize_address, ImportMode, ImportOptions, ImportReport, User, UserError, UserPatch,
-    UserStore, MAX_LIST_LIMIT,
+    normalize_address, ExportFormat, ImportMode, ImportOptions, ImportReport, User, UserError,
+    UserPatch, UserStore, MAX_LIST_LIMIT,
 };
 
 /// Largest CSV body `POST /admin/v1/users/import` accepts.
@@ -62,6 +64,7 @@ pub fn router(users: UserStore, token: Arc<str>) -> Router {
 pub fn user_routes(users: UserStore) -> Router {
     Router::new()
         .route("/admin/v1/users", get(list_users))
+        .route("/admin/v1/users/export", get(export_users))
         .route(
             "/admin/v1/users/import",
             post(import_users).layer(DefaultBodyLimit::max(MAX_IMPORT_BODY)),
@@ -347,6 +350,38 @@ async fn import_users(
         "admin: users imported"
     );
     Ok(Json(report))
+}
+
+/// `GET /admin/v1/users/export` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportQuery {
+    format: Option<String>,
+}
+
+/// The whole registry in one answer, built off the async workers (the registry is loaded in
+/// memory already, so the answer is about its size again).
+async fn export_users(
+    State(users): State<UserStore>,
+    query: Result<Query<ExportQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query?;
+    let format: ExportFormat = match q.format.as_deref() {
+        None => ExportFormat::Csv,
+        Some(f) => f.parse()?,
+    };
+    let (count, body) = blocking(move || {
+        let mut body = Vec::new();
+        let count = users.export(format, &mut body)?;
+        Ok((count, body))
+    })
+    .await?;
+    info!(count, ?format, bytes = body.len(), "admin: users exported");
+    let content_type = match format {
+        ExportFormat::Csv => "text/csv; charset=utf-8",
+        ExportFormat::Json => "application/json",
+    };
+    Ok(([(CONTENT_TYPE, content_type)], body).into_response())
 }
 
 async fn not_found() -> ApiError {

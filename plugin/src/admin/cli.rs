@@ -17,8 +17,8 @@ use crate::config::Config;
 use crate::notify::intake::{pending_notices, PendingNotice};
 use crate::notify::outbox::{Outbox, OutboxConfig};
 use crate::users::{
-    address_key, parse_bool, parse_licence, ImportMode, ImportOptions, ImportReport, QuietHours,
-    User, UserError, UserPatch, UserStore, MAX_LIST_LIMIT,
+    address_key, parse_bool, parse_licence, ExportFormat, Exporter, ImportMode, ImportOptions,
+    ImportReport, QuietHours, User, UserError, UserPatch, UserStore, MAX_LIST_LIMIT,
 };
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +53,13 @@ pub enum UserCmd {
     },
     /// Delete a user.
     Remove { address: String },
+    /// Print every user (no page cap): CSV that `user import` reads back to the same
+    /// registry, or JSON. Use for backups: `mailbell user export > users.csv`.
+    Export {
+        /// csv (default) or json.
+        #[arg(long, default_value = "csv")]
+        format: String,
+    },
     /// Import users from CSV (header row; columns address, phone, notify, licence_until,
     /// quiet, rate_limit_secs, language, aliases, allow_senders, deny_senders, max_parts).
     /// An empty cell keeps the user's value, "-" clears it.
@@ -391,6 +398,29 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
             let page: UserPage = api(addr, token, "GET", &q, None).await?;
             print_json(&page)
         }
+        UserCmd::Export { format } => {
+            // Pages of the list route (each well under the client's response cap), written
+            // as the registry writes them without the daemon.
+            let format: ExportFormat = format.parse()?;
+            let mut out = Exporter::new(format, std::io::stdout())?;
+            let mut after: Option<String> = None;
+            loop {
+                let mut q = format!("/admin/v1/users?limit={MAX_LIST_LIMIT}");
+                if let Some(a) = &after {
+                    q.push_str(&format!("&after={}", enc(a)));
+                }
+                let page: UserPage = api(addr, token, "GET", &q, None).await?;
+                for u in &page.users {
+                    out.write(u)?;
+                }
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            out.finish()?;
+            Ok(())
+        }
         UserCmd::Remove { address } => {
             // 204, no body.
             call(addr, token, "DELETE", &path(&address), None).await?;
@@ -472,6 +502,11 @@ fn user_local(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
                 _ => None,
             };
             print_json(&UserPage { users, next })
+        }
+        UserCmd::Export { format } => {
+            let format: ExportFormat = format.parse()?;
+            users.export(format, std::io::stdout().lock())?;
+            Ok(())
         }
         UserCmd::Remove { address } => {
             if !users.remove(&address)? {
