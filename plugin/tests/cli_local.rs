@@ -605,3 +605,64 @@ fn log_json_and_no_color() {
         let _ = child.wait();
     }
 }
+
+/// More users than a page of `user list`: the export through the daemon pages through them
+/// all, reads the same as the export without the daemon and as the export route's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_pages_through_every_user() {
+    const TOKEN: &str = "cli-test-token-0123456789";
+    let served = tempfile::tempdir().unwrap();
+    let data = served.path().join("data");
+    let daemon = mailbell::config::Config::from_toml(
+        &format!(
+            "[mailbell]\ndata_dir = {data:?}\n[listen]\nhttp = \"\"\nmilter = \"\"\n\
+             admin = \"127.0.0.1:0\"\n[admin]\ntoken = \"{TOKEN}\"\n\
+             [[link.agent]]\naddr = \"127.0.0.1:9\"\n"
+        ),
+        "test",
+    )
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = mailbell::app::start(daemon, shutdown).await.unwrap();
+    let admin = running.admin_addr.unwrap();
+    let config = served.path().join("mailbell.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mailbell]\ndata_dir = {data:?}\n[listen]\nadmin = \"{admin}\"\n[admin]\ntoken = \"{TOKEN}\"\n"
+        ),
+    )
+    .unwrap();
+    let n = 2_345;
+    let mut csv = String::from("address,phone,quiet\n");
+    for i in 0..n {
+        csv.push_str(&format!("user{i}@example.com,+4477009{i:05},22:00-07:00\n"));
+    }
+    let file = served.path().join("many.csv");
+    std::fs::write(&file, csv).unwrap();
+    let c = config.clone();
+    let through = tokio::task::spawn_blocking(move || {
+        ok(&c, &["user", "import", file.to_str().unwrap()]);
+        ok(&c, &["user", "export"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(through.lines().count(), n + 1);
+    let route = mailbell_link::http::request(
+        admin,
+        "GET",
+        "/admin/v1/users/export?format=csv",
+        Some(&format!("Bearer {TOKEN}")),
+        None,
+        std::time::Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert_eq!(route.status, 200);
+    assert_eq!(route.body, through);
+    running.stop().await;
+    let without = tokio::task::spawn_blocking(move || ok(&config, &["user", "export"]))
+        .await
+        .unwrap();
+    assert_eq!(without, through);
+}
