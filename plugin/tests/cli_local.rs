@@ -575,7 +575,7 @@ fn relative_paths_resolve_against_the_config_files_directory() {
     let o = Command::new(BIN)
         .arg("--config")
         .arg(&config)
-        .args(["user", "add", "bob@example.com", "--phone", "12345"])
+        .args(["user", "add", "bob@example.com", "--phone", "+447700900123"])
         .current_dir(&cwd)
         .env("RUST_LOG", "warn")
         .output()
