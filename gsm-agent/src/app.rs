@@ -142,17 +142,8 @@ fn validator(renderer: Arc<Renderer>) -> Validator {
 
 /// Starts every part of the agent and returns once it is listening.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
-    let renderer = Arc::new(Renderer::new(cfg.sms.render.clone()).context("sms templates")?);
-    let (files, dev_pki) = crate::server::resolve_tls(&cfg.link)?;
-    let settings = crate::server::settings(&cfg.link, &files)?;
-    let inbox = Inbox::open(
-        &cfg.data_dir.join("inbox"),
-        cfg.inbox.clone(),
-        validator(renderer.clone()),
-    )?;
-
+    // Everything that can be checked is checked before the data directory and the stores are
+    // created, so that a failed start leaves nothing behind.
     // Modems: the configured serial ports, or one simulated modem on a pseudo-terminal when
     // the configuration asks for it (never as a silent fallback).
     let mut entries = cfg.modems.clone();
@@ -169,6 +160,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         ),
         _ => {}
     }
+    cfg.check_paths()?;
+    let renderer = Arc::new(Renderer::new(cfg.sms.render.clone()).context("sms templates")?);
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create agent.data_dir {}", cfg.data_dir.display()))?;
+    let (files, dev_pki) = crate::server::resolve_tls(&cfg.link)?;
+    let settings = crate::server::settings(&cfg.link, &files)?;
+    let inbox = Inbox::open(
+        &cfg.data_dir.join("inbox"),
+        cfg.inbox.clone(),
+        validator(renderer.clone()),
+    )?;
+
     if entries.is_empty() {
         let opts = SimOptions {
             submit_delay: cfg.simulator.submit_delay,
@@ -321,7 +324,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
 /// `serve`: runs until SIGTERM or Ctrl-C.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let running = start(cfg).await?;
+    let data_dir = cfg.data_dir.clone();
+    let fresh = !data_dir.exists();
+    let running = match start(cfg).await {
+        Ok(r) => r,
+        Err(e) => {
+            // A failed start leaves nothing behind: a data directory this start created goes.
+            if fresh {
+                let _ = std::fs::remove_dir_all(&data_dir);
+            }
+            return Err(e);
+        }
+    };
     // Every listener is bound: units ordered after this one may start.
     match mailbell_link::systemd::notify_ready() {
         Ok(sent) => tracing::debug!(sent, "readiness notification"),

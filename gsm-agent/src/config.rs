@@ -15,6 +15,7 @@ use crate::modem::pool::Pacing;
 use crate::render::{builtin_templates, RenderConfig, Template};
 
 use mailbell_link::http_server::HttpConfig;
+use mailbell_link::paths;
 pub use mailbell_link::units::{de_duration, parse_duration, parse_utc_offset, ConfigError};
 use mailbell_link::units::{parse_toml, read_config};
 
@@ -396,10 +397,53 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads a file; a missing `path` means all defaults.
+    /// Reads a file; a missing `path` means all defaults. Relative paths in the file resolve
+    /// against the file's directory.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let (text, origin) = read_config(path)?;
-        Self::from_toml(&text, &origin)
+        let mut c = Self::from_toml(&text, &origin)?;
+        if let Some(p) = path {
+            c.resolve_paths(&paths::base_dir(p));
+        }
+        Ok(c)
+    }
+
+    /// Makes every path key absolute against `base` (the config file's directory).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        self.data_dir = paths::resolve(base, &self.data_dir);
+        match &mut self.link.tls {
+            LinkTls::Files { ca, cert, key } => {
+                for p in [ca, cert, key] {
+                    *p = paths::resolve(base, p);
+                }
+            }
+            LinkTls::DevPki { dir, .. } => *dir = paths::resolve(base, dir),
+        }
+        if let Some(p) = &mut self.simulator.pdu_log {
+            *p = paths::resolve(base, p);
+        }
+        for m in &mut self.modems {
+            m.modem.device = paths::resolve(base, &m.modem.device);
+        }
+    }
+
+    /// Checks, before anything is created, that the certificate files can be read and that
+    /// the data directory (and the dev PKI's, and the simulator's PDU log's) exists or can be
+    /// created. An error names the key and the path.
+    pub fn check_paths(&self) -> Result<(), ConfigError> {
+        paths::check_dir_creatable("agent.data_dir", &self.data_dir)?;
+        match &self.link.tls {
+            LinkTls::Files { ca, cert, key } => {
+                paths::check_readable_file("link.ca", ca)?;
+                paths::check_readable_file("link.cert", cert)?;
+                paths::check_readable_file("link.key", key)?;
+            }
+            LinkTls::DevPki { dir, .. } => paths::check_dir_creatable("link.dev_pki_dir", dir)?,
+        }
+        if let Some(p) = &self.simulator.pdu_log {
+            paths::check_file_creatable("simulator.pdu_log", p)?;
+        }
+        Ok(())
     }
 
     /// Parses TOML text (`origin` names it in errors).
@@ -592,6 +636,28 @@ mod tests {
         std::fs::write(&default, "").unwrap();
         assert_eq!(resolve_path(None, &default).unwrap(), default);
         assert_eq!(resolve_path(Some(&named), &default).unwrap(), named);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_files_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gsm-agent.toml");
+        std::fs::write(
+            &file,
+            "[agent]\ndata_dir = \"state\"\n[simulator]\npdu_log = \"log/pdus.jsonl\"\n\
+             [[modem]]\nname = \"m0\"\ndevice = \"/dev/ttyUSB0\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file)).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("state"));
+        assert!(
+            matches!(&c.link.tls, LinkTls::DevPki { dir: d, .. } if *d == dir.path().join("state/pki"))
+        );
+        assert_eq!(c.simulator.pdu_log, Some(dir.path().join("log/pdus.jsonl")));
+        assert_eq!(c.modems[0].modem.device, Path::new("/dev/ttyUSB0"));
+        // Text without a file keeps its paths as written.
+        let c = Config::from_toml("[agent]\ndata_dir = \"state\"", "t").unwrap();
+        assert_eq!(c.data_dir, Path::new("state"));
     }
 
     #[test]

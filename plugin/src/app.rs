@@ -165,10 +165,12 @@ async fn bind(what: &str, addr: Option<SocketAddr>) -> anyhow::Result<Option<Tcp
 
 /// Starts the daemon; returns once every listener is bound.
 pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    let c = cfg.clone();
-    let stores = tokio::task::spawn_blocking(move || Stores::open(&c)).await??;
+    // Paths and certificates first: a bad one stops the start before any store is created.
+    cfg.check_paths()?;
     let tls_files = client_tls_files(&cfg.link.tls)?;
     let tls = tls::client_config(&tls_files).context("link TLS")?;
+    let c = cfg.clone();
+    let stores = tokio::task::spawn_blocking(move || Stores::open(&c)).await??;
     let accounts = crate::mta::stalwart_api::resolver(&cfg.stalwart_api)?;
     let (intake, intake_task) = MailIntake::start(
         cfg.intake.clone(),
@@ -344,7 +346,18 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
 pub async fn serve(config: Option<&Path>) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
     let shutdown = CancellationToken::new();
-    let running = start(cfg, shutdown.clone()).await?;
+    let data_dir = cfg.data_dir.clone();
+    let fresh = !data_dir.exists();
+    let running = match start(cfg, shutdown.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            // A failed start leaves nothing behind: a data directory this start created goes.
+            if fresh {
+                let _ = std::fs::remove_dir_all(&data_dir);
+            }
+            return Err(e);
+        }
+    };
     // Every listener is bound: units ordered after this one (Postfix) may start.
     match mailbell_link::systemd::notify_ready() {
         Ok(sent) => debug!(sent, "readiness notification"),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use mailbell_link::http_server::HttpConfig;
 use mailbell_link::net::Endpoint;
+use mailbell_link::paths;
 pub use mailbell_link::units::ConfigError;
 use mailbell_link::units::{de_duration, parse_toml, read_config};
 use serde::Deserialize;
@@ -267,10 +268,44 @@ pub fn locate(named: Option<&Path>, default: &Path) -> Result<PathBuf, ConfigErr
 }
 
 impl Config {
-    /// Reads a file; a missing `path` means all defaults.
+    /// Reads a file; a missing `path` means all defaults. Relative paths in the file resolve
+    /// against the file's directory.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let (text, origin) = read_config(path)?;
-        Self::from_toml(&text, &origin)
+        let mut c = Self::from_toml(&text, &origin)?;
+        if let Some(p) = path {
+            c.resolve_paths(&paths::base_dir(p));
+        }
+        Ok(c)
+    }
+
+    /// Makes every path key absolute against `base` (the config file's directory).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        self.data_dir = paths::resolve(base, &self.data_dir);
+        match &mut self.link.tls {
+            LinkTls::Files { ca, cert, key } => {
+                for p in [ca, cert, key] {
+                    *p = paths::resolve(base, p);
+                }
+            }
+            LinkTls::DevPki { dir, .. } => *dir = paths::resolve(base, dir),
+        }
+    }
+
+    /// Checks, before anything is created, that the certificate files can be read and that
+    /// the data directory (and the dev PKI's) exists or can be created. An error names the key
+    /// and the path.
+    pub fn check_paths(&self) -> Result<(), ConfigError> {
+        paths::check_dir_creatable("mailbell.data_dir", &self.data_dir)?;
+        match &self.link.tls {
+            LinkTls::Files { ca, cert, key } => {
+                paths::check_readable_file("link.ca", ca)?;
+                paths::check_readable_file("link.cert", cert)?;
+                paths::check_readable_file("link.key", key)?;
+            }
+            LinkTls::DevPki { dir, .. } => paths::check_dir_creatable("link.dev_pki_dir", dir)?,
+        }
+        Ok(())
     }
 
     /// Parses TOML text (`origin` names it in errors).
@@ -481,6 +516,35 @@ mod tests {
         std::fs::write(&default, "").unwrap();
         assert_eq!(locate(None, &default).unwrap(), default);
         assert_eq!(locate(Some(named), &default).unwrap(), named);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_files_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mailbell.toml");
+        std::fs::write(
+            &file,
+            "[mailbell]\ndata_dir = \"state\"\n[link]\nca = \"pki/ca.pem\"\n\
+             cert = \"/abs/c.pem\"\nkey = \"pki/c.key\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file)).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("state"));
+        assert_eq!(
+            c.link.tls,
+            LinkTls::Files {
+                ca: dir.path().join("pki/ca.pem"),
+                cert: PathBuf::from("/abs/c.pem"),
+                key: dir.path().join("pki/c.key"),
+            }
+        );
+        let e = c.check_paths().unwrap_err().to_string();
+        let ca = dir.path().join("pki/ca.pem").display().to_string();
+        assert!(e.starts_with(&format!("link.ca {ca}: ")), "{e}");
+        assert!(!dir.path().join("state").exists());
+        // Text without a file keeps its paths as written.
+        let c = Config::from_toml("[mailbell]\ndata_dir = \"state\"", "t").unwrap();
+        assert_eq!(c.data_dir, Path::new("state"));
     }
 
     #[test]

@@ -666,3 +666,63 @@ async fn export_pages_through_every_user() {
         .unwrap();
     assert_eq!(without, through);
 }
+
+/// A relative `data_dir` means relative to the config file's directory, whatever the current
+/// directory of the command.
+#[test]
+fn relative_paths_resolve_against_the_config_files_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etc = tmp.path().join("etc");
+    let cwd = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&cwd).unwrap();
+    let config = etc.join("mailbell.toml");
+    std::fs::write(&config, "[mailbell]\ndata_dir = \"state\"\n").unwrap();
+    let o = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["user", "add", "bob@example.com", "--phone", "+447700900123"])
+        .current_dir(&cwd)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(etc.join("state/users").is_dir());
+    assert!(!cwd.join("state").exists());
+}
+
+/// A certificate that is not there stops `serve` before any store is created: the error
+/// names the key and the resolved path once, and no data directory is left behind.
+#[test]
+fn a_missing_certificate_fails_the_start_and_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etc = tmp.path().join("etc");
+    let cwd = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(etc.join("pki")).unwrap();
+    std::fs::create_dir_all(&cwd).unwrap();
+    std::fs::write(etc.join("pki/ca.pem"), "").unwrap();
+    let config = etc.join("mailbell.toml");
+    std::fs::write(
+        &config,
+        "[mailbell]\ndata_dir = \"state\"\n[link]\ndev_pki = false\nca = \"pki/ca.pem\"\n\
+         cert = \"pki/client.pem\"\nkey = \"pki/client.key\"\n",
+    )
+    .unwrap();
+    let o = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .current_dir(&cwd)
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let path = etc.join("pki/client.pem").display().to_string();
+    assert!(err.contains(&format!("link.cert {path}")), "{err}");
+    assert_eq!(err.matches(&path).count(), 1, "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert!(!etc.join("state").exists(), "{err}");
+    assert!(!cwd.join("state").exists(), "{err}");
+}

@@ -61,3 +61,62 @@ fn no_modem_is_an_error_not_a_simulated_modem() {
     assert!(!ok, "{err}");
     assert!(err.contains("does not run beside real ones"), "{err}");
 }
+
+/// Certificate paths resolve against the config file's directory, not the current directory;
+/// a missing one stops the start before anything is created, naming the key and the resolved
+/// path once.
+#[test]
+fn a_missing_certificate_fails_the_start_and_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etc = tmp.path().join("etc");
+    let cwd = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(etc.join("pki")).unwrap();
+    std::fs::create_dir_all(&cwd).unwrap();
+    std::fs::write(etc.join("pki/ca.pem"), "").unwrap();
+    let config = etc.join("gsm-agent.toml");
+    std::fs::write(
+        &config,
+        "[agent]\ndata_dir = \"state\"\n[link]\nlisten = \"127.0.0.1:0\"\ndev_pki = false\n\
+         ca = \"pki/ca.pem\"\ncert = \"pki/agent.pem\"\nkey = \"pki/agent.key\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n[simulator]\nenable = true\n",
+    )
+    .unwrap();
+    let o = Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .current_dir(&cwd)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let path = etc.join("pki/agent.pem").display().to_string();
+    assert!(err.contains(&format!("link.cert {path}")), "{err}");
+    assert_eq!(err.matches(&path).count(), 1, "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert!(!etc.join("state").exists(), "{err}");
+    assert!(!cwd.join("state").exists(), "{err}");
+}
+
+/// An agent that stops for want of a modem leaves no data directory behind either.
+#[test]
+fn a_failed_start_creates_no_data_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("gsm-agent.toml");
+    std::fs::write(
+        &config,
+        "[agent]\ndata_dir = \"state\"\n[link]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let o = Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .current_dir(tmp.path())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(!tmp.path().join("state").exists());
+}
