@@ -33,6 +33,7 @@ pub mod logging;
 pub mod memory;
 pub mod net;
 pub mod notification;
+pub mod phone;
 pub mod pki;
 pub mod receiver;
 pub mod sender;
