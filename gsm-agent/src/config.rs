@@ -760,6 +760,15 @@ mod tests {
         assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
         assert!(parse_duration("ten seconds").is_err());
         assert!(parse_duration("5 fortnights").is_err());
+        assert!(parse_duration("10").is_err());
+        let e = Config::from_toml("[link]\nheartbeat = \"10\"", "t").unwrap_err();
+        let e = format!(
+            "{e}: {}",
+            std::error::Error::source(&e)
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        );
+        assert!(e.contains("no unit"), "{e}");
         assert_eq!(parse_utc_offset("-05:30"), Ok(-330));
         assert!(parse_utc_offset("08:00").is_err());
     }

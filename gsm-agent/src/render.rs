@@ -24,6 +24,7 @@ use std::fmt::Write as _;
 
 use chrono::format::{Item, StrftimeItems};
 use chrono::{DateTime, FixedOffset};
+use mailbell_link::notification::MAX_SMS_PARTS;
 use mailbell_link::Notification;
 
 use crate::modem::pdu::{self, Alphabet};
@@ -135,6 +136,8 @@ pub enum RenderError {
     TimestampOutOfRange(i64),
     #[error("rendered text is empty")]
     Empty,
+    #[error("sms.max_parts_cap = {0} is more than the {max} parts a notice may ask for", max = MAX_SMS_PARTS)]
+    MaxPartsCapTooHigh(u8),
     #[error("text does not fit in {max_parts} sms parts even after truncation")]
     DoesNotFit { max_parts: u8 },
     #[error("text needs {parts} sms parts, more than the {max_parts} allowed (a notice may ask for up to sms.max_parts_cap = {cap})")]
@@ -220,6 +223,9 @@ impl Renderer {
         }
         if cfg.max_parts_cap == 0 {
             return Err(RenderError::ZeroMaxParts("max_parts_cap"));
+        }
+        if cfg.max_parts_cap > MAX_SMS_PARTS {
+            return Err(RenderError::MaxPartsCapTooHigh(cfg.max_parts_cap));
         }
         Ok(Renderer {
             templates,
@@ -1115,6 +1121,13 @@ mod tests {
                 ..base()
             }),
             Err(RenderError::ZeroMaxParts("max_parts_cap"))
+        ));
+        assert!(matches!(
+            Renderer::new(RenderConfig {
+                max_parts_cap: MAX_SMS_PARTS + 1,
+                ..base()
+            }),
+            Err(RenderError::MaxPartsCapTooHigh(_))
         ));
     }
 

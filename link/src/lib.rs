@@ -34,6 +34,7 @@ pub mod memory;
 pub mod net;
 pub mod notification;
 pub mod paths;
+pub mod phone;
 pub mod pki;
 pub mod receiver;
 pub mod sender;

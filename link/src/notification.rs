@@ -20,6 +20,25 @@
 
 use crate::id::NotifId;
 
+/// The languages the agent has a built-in template for (tag 7). The mail side accepts only
+/// these (or a subtag of one, e.g. "en-US", which the agent renders with "en"), so a user is
+/// never registered with a language no agent renders.
+pub const BUILTIN_LANGUAGES: &[&str] = &["zh", "en"];
+
+/// Whether the agent has a built-in template for `tag`: a [`BUILTIN_LANGUAGES`] entry or a
+/// subtag of one, case-insensitive; the empty tag (agent default) too.
+pub fn is_builtin_language(tag: &str) -> bool {
+    let primary = tag.split(['-', '_']).next().unwrap_or_default();
+    tag.is_empty()
+        || BUILTIN_LANGUAGES
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case(primary))
+}
+
+/// The most SMS parts a notice may ask for (tag 9) and an agent sends (its `sms.max_parts_cap`
+/// may not exceed it).
+pub const MAX_SMS_PARTS: u8 = 10;
+
 /// One arrival notice, as the mail host built it.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Notification {
@@ -167,6 +186,16 @@ impl Notification {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn builtin_languages() {
+        for ok in ["", "zh", "EN", "en-US", "zh_CN"] {
+            assert!(is_builtin_language(ok), "{ok}");
+        }
+        for bad in ["fr", "pt-BR", "-en"] {
+            assert!(!is_builtin_language(bad), "{bad}");
+        }
+    }
 
     fn sample() -> Notification {
         Notification {

@@ -47,7 +47,8 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, Co
     })
 }
 
-/// A duration written as `"250ms"`, `"10s"`, `"5m"`, `"2h"` or `"30d"`.
+/// A duration written as `"250ms"`, `"10s"`, `"5m"`, `"2h"` or `"30d"`. The unit is required:
+/// `"10"` is an error, not ten seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -59,7 +60,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("invalid duration {s:?}: expected e.g. \"10s\""))?;
     let secs = match unit.trim() {
         "ms" => n / 1000.0,
-        "s" | "" => n,
+        "" => {
+            return Err(format!(
+                "duration {s:?} has no unit: expected e.g. \"{s}s\""
+            ))
+        }
+        "s" => n,
         "m" | "min" => n * 60.0,
         "h" => n * 3600.0,
         "d" => n * 86_400.0,
@@ -110,7 +116,8 @@ mod tests {
     fn durations_and_offsets() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("2").is_err());
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("-1s").is_err());
         assert_eq!(parse_utc_offset("+08:00"), Ok(480));

@@ -492,6 +492,7 @@ mod tests {
         assert!(e("[intake]\ntimezone = \"CET\"").contains("intake.timezone"));
         assert!(e("[intake]\nbogus = 1").contains("bogus"));
         assert!(e("[link]\nack_timeout = \"soon\"").contains("duration"));
+        assert!(e("[link]\nack_timeout = \"10\"").contains("no unit"));
         assert!(e("[milter]\ntimeout = \"0s\"").contains("milter.timeout"));
         assert!(e("[milter]\nnegotiate_timeout = \"0s\"").contains("milter.negotiate_timeout"));
         assert!(e("[milter]\ncommand_timeout = 0").contains("milter.command_timeout"));

@@ -62,6 +62,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use mailbell_link::durable::{open_waiting, OpenWaiting};
+use mailbell_link::notification::{is_builtin_language, MAX_SMS_PARTS};
 use serde::{Deserialize, Deserializer, Serialize};
 use sled::Transactional;
 use tracing::{info, warn};
@@ -151,6 +152,8 @@ pub enum UserError {
     NotFound { address: String },
     #[error("user {address} already exists")]
     Exists { address: String },
+    #[error("notifications are on but {address} has no phone (give --phone, or --notify off)")]
+    NotifyWithoutPhone { address: String },
     #[error("{alias} is an alias of {owner}, not a primary address")]
     IsAlias { alias: String, owner: String },
     #[error("csv header: {0}")]
@@ -420,6 +423,16 @@ impl User {
         self.allow_senders.is_empty() || self.allow_senders.iter().any(matches)
     }
 
+    /// [`UserError::NotifyWithoutPhone`] if notifications are on and there is no phone.
+    pub fn check_phone_for_notify(&self) -> Result<(), UserError> {
+        if self.notify && self.phone.is_empty() {
+            return Err(UserError::NotifyWithoutPhone {
+                address: self.address.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Checks every field and returns the user normalised: addresses and patterns
     /// lower-cased, duplicates and an alias equal to the address dropped, phone compacted.
     pub fn validated(mut self) -> Result<User, UserError> {
@@ -449,6 +462,13 @@ impl User {
         self.allow_senders = normalize_patterns(&self.allow_senders, "allowed sender patterns")?;
         self.deny_senders = normalize_patterns(&self.deny_senders, "denied sender patterns")?;
         self.language = normalize_language(&self.language)?;
+        if self.max_parts > MAX_SMS_PARTS {
+            return Err(UserError::InvalidField {
+                field: "max_parts",
+                input: self.max_parts.to_string(),
+                reason: "more parts than an agent sends (at most 10)",
+            });
+        }
         Ok(self)
     }
 }
@@ -776,13 +796,23 @@ impl UserStore {
     }
 
     /// Stores `user` only if its address is new; [`UserError::Exists`] otherwise.
+    /// A user with notifications on must have a phone
+    /// ([`UserError::NotifyWithoutPhone`]); `mailbell user add` and `POST /admin/v1/users`
+    /// come here. (A CSV import may still register a user without a phone.)
     pub fn insert(&self, user: User) -> Result<User, UserError> {
         let user = user.validated()?;
+        user.check_phone_for_notify()?;
         let _w = self.writer();
         let staged = {
             let index = self.read_index();
             let mut st = Staged::new(&index);
-            if st.resolve(&user.address).is_some() {
+            if let Some(owner) = st.resolve(&user.address) {
+                if owner.address != user.address {
+                    return Err(UserError::IsAlias {
+                        alias: user.address,
+                        owner: owner.address.clone(),
+                    });
+                }
                 return Err(UserError::Exists {
                     address: user.address,
                 });
@@ -807,6 +837,9 @@ impl UserStore {
             let mut user = (*current).clone();
             patch.apply(&mut user);
             let user = user.validated()?;
+            if patch.notify.is_some() || patch.phone.is_some() {
+                user.check_phone_for_notify()?;
+            }
             st.put(user.clone())?;
             (user, st.finish())
         };
@@ -1411,7 +1444,10 @@ fn normalize_language(s: &str) -> Result<String, UserError> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
-        return Err(bad("expected a language tag such as zh, en or pt-BR"));
+        return Err(bad("expected a language tag such as zh, en or en-US"));
+    }
+    if !is_builtin_language(l) {
+        return Err(bad("the agent has no template for it (built-in: zh, en)"));
     }
     Ok(l.to_owned())
 }
@@ -2155,14 +2191,83 @@ mod tests {
     #[test]
     fn insert_refuses_existing() {
         let (_dir, s) = store();
-        s.insert(user("a@example.com", "")).unwrap();
+        s.insert(user("a@example.com", "+447700900123")).unwrap();
         assert!(matches!(
-            s.insert(user("A@example.com", "")),
+            s.insert(user("A@example.com", "+447700900123")),
             Err(UserError::Exists { .. })
         ));
         let saved = s.save(user("a@example.com", "+447700900123")).unwrap();
         assert!(!saved.created);
         assert!(s.save(user("b@example.com", "")).unwrap().created);
+    }
+
+    #[test]
+    fn add_and_set_validation() {
+        let (_dir, s) = store();
+        // Notifications on without a phone.
+        let e = s.insert(user("a@example.com", "")).unwrap_err();
+        assert!(matches!(e, UserError::NotifyWithoutPhone { .. }), "{e}");
+        let off = User {
+            notify: false,
+            ..user("a@example.com", "")
+        };
+        s.insert(off).unwrap();
+        let on = UserPatch {
+            notify: Some(true),
+            ..UserPatch::default()
+        };
+        assert!(matches!(
+            s.update("a@example.com", &on),
+            Err(UserError::NotifyWithoutPhone { .. })
+        ));
+        let phone = UserPatch {
+            notify: Some(true),
+            phone: Some("+447700900123".into()),
+            ..UserPatch::default()
+        };
+        s.update("a@example.com", &phone).unwrap();
+
+        // Adding someone's alias names the owner.
+        let mut b = user("b@example.com", "+447700900124");
+        b.aliases = vec!["bee@example.com".into()];
+        s.insert(b).unwrap();
+        let e = s
+            .insert(user("Bee@example.com", "+447700900125"))
+            .unwrap_err();
+        assert!(
+            matches!(e, UserError::IsAlias { ref owner, .. } if owner == "b@example.com"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("b@example.com"), "{e}");
+
+        // A language no agent renders, and more parts than an agent sends.
+        for lang in ["fr", "pt-BR"] {
+            let u = User {
+                language: lang.into(),
+                ..user("c@example.com", "+447700900126")
+            };
+            assert!(
+                matches!(s.insert(u), Err(UserError::InvalidLanguage { .. })),
+                "{lang}"
+            );
+        }
+        let u = User {
+            language: "en-US".into(),
+            max_parts: MAX_SMS_PARTS,
+            ..user("c@example.com", "+447700900126")
+        };
+        s.insert(u).unwrap();
+        let parts = UserPatch {
+            max_parts: Some(MAX_SMS_PARTS + 1),
+            ..UserPatch::default()
+        };
+        assert!(matches!(
+            s.update("c@example.com", &parts),
+            Err(UserError::InvalidField {
+                field: "max_parts",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -42,14 +42,20 @@ pub enum UserCmd {
         #[arg(long = "remove-alias")]
         remove_aliases: Vec<String>,
     },
-    /// Show one user (JSON).
-    Show { address: String },
-    /// List users, by address.
+    /// Show one user (text; --json for the admin API's document).
+    Show {
+        address: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List users, by address (one line each; --json for the admin API's page).
     List {
         #[arg(long)]
         after: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        #[arg(long)]
+        json: bool,
     },
     /// Delete a user.
     Remove { address: String },
@@ -197,8 +203,13 @@ pub enum QueueCmd {
     },
     /// Put dead letters back in the queue: a notice id, or "all".
     Retry { which: String },
-    /// Delete dead letters (all, or those dead longer than --older-than, e.g. "7d").
+    /// Delete dead letters: --all, or those dead longer than --older-than (e.g. "7d"). One
+    /// of the two is required, so a bare `queue purge` deletes nothing.
+    #[command(group(clap::ArgGroup::new("selection").required(true).args(["all", "older_than"])))]
     Purge {
+        /// Delete every dead letter.
+        #[arg(long)]
+        all: bool,
         #[arg(long = "older-than")]
         older_than: Option<String>,
     },
@@ -326,6 +337,98 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A licence expiry as the operator wrote it: the day for an end-of-day expiry
+/// (`2027-06-30`), else the UTC time; `never` for none.
+fn licence_text(until: Option<i64>) -> String {
+    let Some(ms) = until else {
+        return "never".into();
+    };
+    let Some(t) = chrono::DateTime::from_timestamp_millis(ms) else {
+        return ms.to_string();
+    };
+    if ms % 86_400_000 == 0 {
+        if let Some(day) = chrono::DateTime::from_timestamp_millis(ms - 1) {
+            return day.format("%Y-%m-%d").to_string();
+        }
+    }
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+/// The human lines of `mailbell user show`.
+fn user_text(u: &User) -> String {
+    let or = |s: &str, none: &str| {
+        if s.is_empty() {
+            none.to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    let rate = match u.rate_limit_secs {
+        None => "daemon default".to_owned(),
+        Some(0) => "none".to_owned(),
+        Some(n) => format!("{n}s"),
+    };
+    let parts = match u.max_parts {
+        0 => "agent default".to_owned(),
+        n => n.to_string(),
+    };
+    format!(
+        "address        {}\naliases        {}\nphone          {}\nnotify         {}\n\
+         licence until  {}\nquiet hours    {}\nrate limit     {rate}\nlanguage       {}\n\
+         max parts      {parts}\nallow senders  {}\ndeny senders   {}",
+        u.address,
+        list(&u.aliases),
+        or(&u.phone, "-"),
+        if u.notify { "on" } else { "off" },
+        licence_text(u.licence_until),
+        u.quiet.map_or_else(|| "-".to_owned(), |q| q.to_string()),
+        or(&u.language, "agent default"),
+        list(&u.allow_senders),
+        list(&u.deny_senders),
+    )
+}
+
+fn print_user(u: &User, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(u);
+    }
+    println!("{}", user_text(u));
+    Ok(())
+}
+
+/// One line per user: address, phone, notify, licence, quiet hours, language.
+fn print_page(page: &UserPage, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(page);
+    }
+    for u in &page.users {
+        println!(
+            "{}  {}  notify={}  licence={}  quiet={}  lang={}",
+            u.address,
+            if u.phone.is_empty() { "-" } else { &u.phone },
+            if u.notify { "on" } else { "off" },
+            licence_text(u.licence_until),
+            u.quiet.map_or_else(|| "-".to_owned(), |q| q.to_string()),
+            if u.language.is_empty() {
+                "-"
+            } else {
+                &u.language
+            },
+        );
+    }
+    if let Some(next) = &page.next {
+        println!("more: --after {next}");
+    }
+    Ok(())
+}
+
 /// `mailbell user …`: the same output and exit status whether the daemon runs (admin API)
 /// or not (the registry opened here).
 pub async fn user(config: Option<&Path>, cmd: UserCmd) -> anyhow::Result<()> {
@@ -386,17 +489,17 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
             .await?;
             print_json(&u)
         }
-        UserCmd::Show { address } => {
+        UserCmd::Show { address, json } => {
             let u: User = api(addr, token, "GET", &path(&address), None).await?;
-            print_json(&u)
+            print_user(&u, json)
         }
-        UserCmd::List { after, limit } => {
+        UserCmd::List { after, limit, json } => {
             let mut q = format!("/admin/v1/users?limit={limit}");
             if let Some(a) = after {
                 q.push_str(&format!("&after={}", enc(&a)));
             }
             let page: UserPage = api(addr, token, "GET", &q, None).await?;
-            print_json(&page)
+            print_page(&page, json)
         }
         UserCmd::Export { format } => {
             // Pages of the list route (each well under the client's response cap), written
@@ -486,14 +589,14 @@ fn user_local(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
             add_aliases,
             remove_aliases,
         } => print_json(&users.update(&address, &change(&opts, add_aliases, remove_aliases)?)?),
-        UserCmd::Show { address } => match users.get(&address)? {
-            Some(u) => print_json(&u),
+        UserCmd::Show { address, json } => match users.get(&address)? {
+            Some(u) => print_user(&u, json),
             None => Err(UserError::NotFound {
                 address: address_key(&address),
             }
             .into()),
         },
-        UserCmd::List { after, limit } => {
+        UserCmd::List { after, limit, json } => {
             // The page the admin API answers.
             let limit = limit.min(MAX_LIST_LIMIT);
             let users = users.list(after.as_deref(), limit)?;
@@ -501,7 +604,7 @@ fn user_local(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
                 Some(last) if users.len() == limit => Some(last.address.clone()),
                 _ => None,
             };
-            print_json(&UserPage { users, next })
+            print_page(&UserPage { users, next }, json)
         }
         UserCmd::Export { format } => {
             let format: ExportFormat = format.parse()?;
@@ -627,7 +730,7 @@ pub async fn queue(config: Option<&Path>, cmd: QueueCmd) -> anyhow::Result<()> {
                 println!("{} dead letter(s) queued again", r.count);
                 Ok(())
             }
-            QueueCmd::Purge { older_than } => {
+            QueueCmd::Purge { older_than, .. } => {
                 let q = older_than
                     .map(|o| format!("?older_than={}", enc(&o)))
                     .unwrap_or_default();
@@ -670,7 +773,7 @@ pub async fn queue(config: Option<&Path>, cmd: QueueCmd) -> anyhow::Result<()> {
                         println!("{n} dead letter(s) queued again");
                         Ok(())
                     }
-                    QueueCmd::Purge { older_than } => {
+                    QueueCmd::Purge { older_than, .. } => {
                         let d = match older_than {
                             Some(o) => mailbell_link::units::parse_duration(&o)
                                 .map_err(anyhow::Error::msg)?,
@@ -791,5 +894,50 @@ pub async fn status(config: Option<&Path>) -> anyhow::Result<()> {
             Ok(())
         }
         Target::Local(_) => bail!("mailbell is not running (its admin API does not answer)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Q {
+        #[command(subcommand)]
+        cmd: QueueCmd,
+    }
+
+    #[test]
+    fn user_text_shows_quiet_hours_and_licence_date() {
+        let mut u = User::new("a@example.com");
+        u.quiet = Some(crate::users::QuietHours::parse("22:00-07:00").unwrap());
+        u.licence_until = crate::users::parse_licence("2027-06-30").unwrap();
+        let t = user_text(&u);
+        assert!(t.contains("quiet hours    22:00-07:00"), "{t}");
+        assert!(t.contains("licence until  2027-06-30"), "{t}");
+        assert_eq!(licence_text(None), "never");
+    }
+
+    #[test]
+    fn queue_purge_needs_a_selection() {
+        assert!(Q::try_parse_from(["q", "purge"]).is_err());
+        assert!(matches!(
+            Q::try_parse_from(["q", "purge", "--all"]).unwrap().cmd,
+            QueueCmd::Purge {
+                all: true,
+                older_than: None
+            }
+        ));
+        assert!(matches!(
+            Q::try_parse_from(["q", "purge", "--older-than", "7d"])
+                .unwrap()
+                .cmd,
+            QueueCmd::Purge {
+                all: false,
+                older_than: Some(_)
+            }
+        ));
+        assert!(Q::try_parse_from(["q", "purge", "--all", "--older-than", "7d"]).is_err());
     }
 }

@@ -114,20 +114,8 @@ pub fn public_routes(outbox: Outbox, metrics: Metrics) -> Router {
         .with_state((outbox, metrics))
 }
 
-/// Masks all but the last four digits of a phone number.
-pub fn mask_phone(p: &str) -> String {
-    let n = p.chars().count();
-    p.chars()
-        .enumerate()
-        .map(|(i, c)| {
-            if i + 4 < n && c.is_ascii_digit() {
-                '*'
-            } else {
-                c
-            }
-        })
-        .collect()
-}
+/// Phone numbers are shown as both daemons show them (`+86138****8000`).
+pub use mailbell_link::phone::mask_phone;
 
 /// A queued notice or dead letter as the API shows it.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Clone)]
@@ -673,7 +661,7 @@ mod tests {
 
     #[test]
     fn phones_are_masked_but_the_tail_shows() {
-        assert_eq!(mask_phone("+8613800138000"), "+*********8000");
+        assert_eq!(mask_phone("+8613800138000"), "+86138****8000");
         assert_eq!(mask_phone("123"), "123");
     }
 

@@ -1342,7 +1342,8 @@ mod tests {
         let outbox = Outbox::open(&dir.path().join("outbox"), Default::default()).unwrap();
         let store = UserStore::open(&dir.path().join("users")).unwrap();
         for u in users {
-            store.insert(u).unwrap();
+            // save, not insert: some users here deliberately have no phone.
+            store.save(u).unwrap();
         }
         let audit = AuditLog::open(&dir.path().join("audit"), AuditConfig::default()).unwrap();
         start(dir, cfg, outbox, store, audit, accounts)

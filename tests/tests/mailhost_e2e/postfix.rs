@@ -78,7 +78,10 @@ fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() {
     ]);
     assert!(added.contains("alice@dest.example"), "{added}");
     let shown = mail.cli_ok(&["user", "show", "alice@dest.example"]);
-    assert!(shown.contains(PHONE) && shown.contains("\"zh\""), "{shown}");
+    assert!(
+        shown.contains(PHONE) && shown.contains("language       zh"),
+        "{shown}"
+    );
 
     let pf = Postfix::start(&dir.join("postfix"), Some(mail.milter)).expect("start postfix");
     let mut seen = 0;
