@@ -296,7 +296,7 @@ async fn user_commands_read_the_same_through_the_daemon_and_without_it() {
         at(6)
     );
     assert!(
-        at(10).1.contains("\"next\": \"alice@example.com\""),
+        at(10).1.contains("more: --after alice@example.com"),
         "{:?}",
         at(10)
     );

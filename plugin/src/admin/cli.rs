@@ -457,8 +457,18 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
             let u = new_user(&address, &opts, aliases)?.validated()?;
             let existing: anyhow::Result<User> =
                 api(addr, token, "GET", &path(&u.address), None).await;
-            if existing.is_ok() {
-                return Err(UserError::Exists { address: u.address }.into());
+            // The API finds a user by address or alias: an alias names its owner, as the
+            // registry does without the daemon.
+            if let Ok(owner) = existing {
+                return Err(if owner.address == u.address {
+                    UserError::Exists { address: u.address }
+                } else {
+                    UserError::IsAlias {
+                        alias: u.address,
+                        owner: owner.address,
+                    }
+                }
+                .into());
             }
             let body = serde_json::to_vec(&u)?;
             let u: User = api(
