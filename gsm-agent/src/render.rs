@@ -793,19 +793,23 @@ mod tests {
         );
     }
 
+    /// What `Renderer::new` says of a configuration whose one template has `single` as its
+    /// single-notice text.
+    fn template_error(single: &str) -> Option<RenderError> {
+        let mut cfg = RenderConfig::default();
+        cfg.templates.insert(
+            "x".to_owned(),
+            Template {
+                single: single.to_owned(),
+                coalesced: "{count}".to_owned(),
+            },
+        );
+        Renderer::new(cfg).err()
+    }
+
     #[test]
     fn template_syntax_errors() {
-        let check = |single: &str| {
-            let mut cfg = RenderConfig::default();
-            cfg.templates.insert(
-                "x".to_owned(),
-                Template {
-                    single: single.to_owned(),
-                    coalesced: "{count}".to_owned(),
-                },
-            );
-            Renderer::new(cfg).err()
-        };
+        let check = template_error;
         assert!(matches!(
             check("a {subject"),
             Some(RenderError::UnclosedPlaceholder { .. })
@@ -1016,17 +1020,7 @@ mod tests {
 
     #[test]
     fn section_syntax_errors() {
-        let check = |single: &str| {
-            let mut cfg = RenderConfig::default();
-            cfg.templates.insert(
-                "x".to_owned(),
-                Template {
-                    single: single.to_owned(),
-                    coalesced: "{count}".to_owned(),
-                },
-            );
-            Renderer::new(cfg).err()
-        };
+        let check = template_error;
         assert!(matches!(
             check("a {[ for {recipient} b"),
             Some(RenderError::UnclosedSection { .. })
