@@ -1456,26 +1456,25 @@ mod tests {
 
         /// Every audit event about notice `id`, in the order recorded.
         fn history(&self, id: &str) -> Vec<AuditEvent> {
-            self.audit.flush().unwrap();
-            self.audit
-                .query(&crate::audit::AuditQuery {
-                    notice: Some(id.into()),
-                    ..Default::default()
-                })
-                .unwrap()
-                .into_iter()
-                .map(|r| r.event)
-                .collect()
+            self.events(crate::audit::AuditQuery {
+                notice: Some(id.into()),
+                ..Default::default()
+            })
         }
 
         /// Every audit event filed under `user`, in the order recorded.
         fn user_log(&self, user: &str) -> Vec<AuditEvent> {
+            self.events(crate::audit::AuditQuery {
+                user: Some(user.into()),
+                ..Default::default()
+            })
+        }
+
+        /// The events `query` selects, once everything recorded so far is on disk.
+        fn events(&self, query: crate::audit::AuditQuery) -> Vec<AuditEvent> {
             self.audit.flush().unwrap();
             self.audit
-                .query(&crate::audit::AuditQuery {
-                    user: Some(user.into()),
-                    ..Default::default()
-                })
+                .query(&query)
                 .unwrap()
                 .into_iter()
                 .map(|r| r.event)
