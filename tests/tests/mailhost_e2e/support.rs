@@ -120,11 +120,21 @@ fn build_bins() -> Bins {
         .stdin(Stdio::null())
         .output()
         .expect("run cargo build for the daemons");
-    assert!(
-        out.status.success(),
-        "cargo build of the daemons failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        // CI shows the head of a long failure message; the `Compiling` lines would fill it
+        // and hide the error, which comes last.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("Compiling "))
+            .collect();
+        let tail = &lines[lines.len().saturating_sub(80)..];
+        panic!(
+            "cargo build of the daemons failed ({}); its last lines:\n{}",
+            out.status,
+            tail.join("\n")
+        );
+    }
     eprintln!(
         "daemons built (profile {profile}) in {:.1} s",
         started.elapsed().as_secs_f64()
