@@ -1,22 +1,23 @@
 //! The agent's HTTP endpoint, bound to loopback by default:
-//! - `GET /metrics`: Prometheus text format;
+//! - `GET /metrics`: Prometheus text format (collectors of `mailbell_link::metrics`);
 //! - `GET /status`: JSON, read by `mailbell-gsm-agent status`;
 //! - `GET /dead-letters`: the notices given up, with their reasons (phone numbers masked);
 //! - `POST /dead-letters/requeue?seq=N` (or `seq=all`): send them again. Needs
 //!   `Authorization: Bearer <metrics.admin_token>`; without a configured token it is refused.
 
-use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use mailbell_link::http_server::HttpStats;
-use mailbell_link::listen::ListenerStats;
+use mailbell_link::http_server::{HttpCollector, HttpStats};
+use mailbell_link::listen::{ListenerCollector, ListenerStats};
+use mailbell_link::metrics::{self, Collector, Registry};
 use mailbell_link::net::ServerStats;
+use mailbell_link::tls::CertExpiryCollector;
+use prometheus_client::encoding::DescriptorEncoder;
 use serde::Serialize;
 
 use crate::dispatch::DispatchStats;
@@ -101,150 +102,155 @@ impl Sources {
         }
     }
 
-    /// Prometheus text exposition.
-    pub fn prometheus(&self) -> String {
-        let s = self.status();
-        let mut o = String::new();
-        let mut g = |name: &str, help: &str, kind: &str, v: u64| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        };
-        g(
-            "mailbell_agent_queue_depth",
-            "Notices waiting in the inbox.",
-            "gauge",
-            s.queued,
-        );
-        g(
-            "mailbell_agent_dead_letters",
-            "Notices given up.",
-            "gauge",
-            s.dead_letters,
-        );
-        g(
-            "mailbell_agent_uncertain_submits",
-            "Submits in flight when the agent stopped.",
-            "gauge",
-            s.uncertain,
-        );
-        g(
-            "mailbell_agent_received_total",
-            "Notices stored from the link.",
-            "counter",
-            s.received,
-        );
-        g(
-            "mailbell_agent_duplicates_total",
-            "Notices received again and de-duplicated.",
-            "counter",
-            s.duplicates,
-        );
-        g(
-            "mailbell_agent_rejected_total",
-            "Notices refused with a NACK.",
-            "counter",
-            s.rejected,
-        );
-        g(
-            "mailbell_agent_sms_sent_total",
-            "SMS sent.",
-            "counter",
-            s.sent,
-        );
-        g(
-            "mailbell_agent_sms_retried_total",
-            "SMS rescheduled after a failure.",
-            "counter",
-            s.retried,
-        );
-        g(
-            "mailbell_link_sessions_active",
-            "Open link sessions.",
-            "gauge",
-            s.link_sessions_active,
-        );
-        g(
-            "mailbell_link_sessions_total",
-            "Link sessions accepted.",
-            "counter",
-            s.link_sessions_total,
-        );
-        g(
-            "mailbell_link_tls_failures_total",
-            "Link TLS handshakes or client checks that failed.",
-            "counter",
-            s.link_tls_failures,
-        );
-        g(
-            "mailbell_link_protocol_errors_total",
-            "Link sessions closed for a protocol error.",
-            "counter",
-            s.link_protocol_errors,
-        );
-        g(
-            "mailbell_link_refused_busy_total",
-            "Authorised link connections refused as busy: no session slot freed in time.",
-            "counter",
-            self.link.refused_busy.load(Ordering::Relaxed),
-        );
-        let _ = writeln!(o, "# HELP mailbell_agent_sms_failed_total SMS failures by error class.\n# TYPE mailbell_agent_sms_failed_total counter");
-        for (class, n) in &s.failed_by_class {
-            let _ = writeln!(
-                o,
-                "mailbell_agent_sms_failed_total{{class=\"{class}\"}} {n}"
-            );
-        }
-        let _ = writeln!(o, "# HELP mailbell_modem_up Modem ready to send (1) or not (0).\n# TYPE mailbell_modem_up gauge");
-        let modems = (self.modems)();
-        for m in &modems {
-            let up = u8::from(m.state == ModemState::Ready);
-            let _ = writeln!(o, "mailbell_modem_up{{modem=\"{}\"}} {up}", escape(&m.name));
-        }
-        let _ = writeln!(o, "# HELP mailbell_modem_sent_total PDUs accepted by the SMSC per modem.\n# TYPE mailbell_modem_sent_total counter");
-        for m in &modems {
-            let _ = writeln!(
-                o,
-                "mailbell_modem_sent_total{{modem=\"{}\"}} {}",
-                escape(&m.name),
-                m.sent
-            );
-        }
-        let _ = writeln!(o, "# HELP mailbell_modem_failed_total Failed submissions per modem.\n# TYPE mailbell_modem_failed_total counter");
-        for m in &modems {
-            let _ = writeln!(
-                o,
-                "mailbell_modem_failed_total{{modem=\"{}\"}} {}",
-                escape(&m.name),
-                m.failed
-            );
-        }
-        let listeners: Vec<(&str, &ListenerStats)> =
-            self.listeners.iter().map(|(n, s)| (*n, &**s)).collect();
-        mailbell_link::listen::write_prometheus_all(&mut o, &listeners);
-        if !self.http.is_empty() {
-            let http: Vec<(&str, &HttpStats)> = self.http.iter().map(|(n, s)| (*n, &**s)).collect();
-            mailbell_link::http_server::write_prometheus(&mut o, &http);
-        }
-        let certs: Vec<(&str, &std::path::Path)> = self
-            .certificates
-            .iter()
-            .map(|(r, p)| (*r, p.as_path()))
-            .collect();
-        mailbell_link::tls::write_cert_expiry(&mut o, &certs);
-        o
+    /// The registry `/metrics` encodes: the agent's own figures and the listener, HTTP and
+    /// certificate families shared with the mail side.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::default();
+        r.register_collector(Box::new(AgentCollector {
+            inbox: self.inbox.clone(),
+            dispatch: self.dispatch.clone(),
+            link: self.link.clone(),
+            modems: self.modems.clone(),
+        }));
+        r.register_collector(Box::new(ListenerCollector {
+            listeners: self.listeners.clone(),
+        }));
+        r.register_collector(Box::new(HttpCollector {
+            listeners: self.http.clone(),
+        }));
+        r.register_collector(Box::new(CertExpiryCollector {
+            files: self.certificates.clone(),
+        }));
+        r
     }
 }
 
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Exposes the inbox, dispatch, link-server and modem figures, read at scrape time.
+struct AgentCollector {
+    inbox: Arc<InboxStats>,
+    dispatch: Arc<DispatchStats>,
+    link: Arc<ServerStats>,
+    modems: Arc<dyn Fn() -> Vec<ModemStatus> + Send + Sync>,
 }
 
-async fn metrics(State(src): State<Sources>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        src.prometheus(),
-    )
+impl std::fmt::Debug for AgentCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (i, l) = (&self.inbox, &self.link);
+        for (name, help, v) in [
+            (
+                "mailbell_agent_queue_depth",
+                "Notices waiting in the inbox.",
+                &i.queued,
+            ),
+            ("mailbell_agent_dead_letters", "Notices given up.", &i.dead),
+            (
+                "mailbell_agent_uncertain_submits",
+                "Submits in flight when the agent stopped.",
+                &i.uncertain,
+            ),
+            (
+                "mailbell_link_sessions_active",
+                "Open link sessions.",
+                &l.sessions_active,
+            ),
+        ] {
+            metrics::gauge(&mut enc, name, help, r(v))?;
+        }
+        for (name, help, v) in [
+            (
+                "mailbell_agent_received_total",
+                "Notices stored from the link.",
+                &i.stored,
+            ),
+            (
+                "mailbell_agent_duplicates_total",
+                "Notices received again and de-duplicated.",
+                &i.duplicates,
+            ),
+            (
+                "mailbell_agent_rejected_total",
+                "Notices refused with a NACK.",
+                &i.rejected,
+            ),
+            (
+                "mailbell_agent_sms_sent_total",
+                "SMS sent.",
+                &self.dispatch.sent,
+            ),
+            (
+                "mailbell_agent_sms_retried_total",
+                "SMS rescheduled after a failure.",
+                &self.dispatch.retried,
+            ),
+            (
+                "mailbell_link_sessions_total",
+                "Link sessions accepted.",
+                &l.sessions_total,
+            ),
+            (
+                "mailbell_link_tls_failures_total",
+                "Link TLS handshakes or client checks that failed.",
+                &l.tls_failures,
+            ),
+            (
+                "mailbell_link_protocol_errors_total",
+                "Link sessions closed for a protocol error.",
+                &l.protocol_errors,
+            ),
+            (
+                "mailbell_link_refused_busy_total",
+                "Authorised link connections refused as busy: no session slot freed in time.",
+                &l.refused_busy,
+            ),
+        ] {
+            metrics::counter(&mut enc, name, help, r(v))?;
+        }
+        let failed = self
+            .dispatch
+            .failed
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        metrics::counter_family(
+            &mut enc,
+            "mailbell_agent_sms_failed_total",
+            "SMS failures by error class.",
+            failed
+                .iter()
+                .map(|(class, n)| ([("class", class.as_str())], *n)),
+        )?;
+        let modems = (self.modems)();
+        let by_modem = |v: fn(&ModemStatus) -> u64| {
+            modems
+                .iter()
+                .map(move |m| ([("modem", m.name.as_str())], v(m)))
+        };
+        metrics::gauge_family(
+            &mut enc,
+            "mailbell_modem_up",
+            "Modem ready to send (1) or not (0).",
+            by_modem(|m| u64::from(m.state == ModemState::Ready)),
+        )?;
+        metrics::counter_family(
+            &mut enc,
+            "mailbell_modem_sent_total",
+            "PDUs accepted by the SMSC per modem.",
+            by_modem(|m| m.sent),
+        )?;
+        metrics::counter_family(
+            &mut enc,
+            "mailbell_modem_failed_total",
+            "Failed submissions per modem.",
+            by_modem(|m| m.failed),
+        )
+    }
 }
 
 async fn status(State(src): State<Sources>) -> Json<Status> {
@@ -338,10 +344,99 @@ async fn requeue(
 
 /// The router.
 pub fn router(src: Sources) -> Router {
+    let registry = Arc::new(src.registry());
     Router::new()
-        .route("/metrics", get(metrics))
+        .route(
+            "/metrics",
+            get(|State(r): State<Arc<Registry>>| metrics::scrape(r)).with_state(registry),
+        )
         .route("/status", get(status))
         .route("/dead-letters", get(dead_letters))
         .route("/dead-letters/requeue", axum::routing::post(requeue))
         .with_state(src)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    fn modem(name: &str, state: ModemState, sent: u64, failed: u64) -> ModemStatus {
+        ModemStatus {
+            name: name.into(),
+            state,
+            sent,
+            failed,
+            last_error: None,
+            signal: None,
+            inits: 1,
+        }
+    }
+
+    #[test]
+    fn agent_families_follow_the_stats() {
+        let inbox = Arc::new(InboxStats::default());
+        let dispatch = Arc::new(DispatchStats::default());
+        let link = Arc::new(ServerStats::default());
+        let modems = Arc::new(Mutex::new(vec![modem(
+            "ttyUSB0",
+            ModemState::Initialising,
+            0,
+            0,
+        )]));
+        let m = modems.clone();
+        let collector = AgentCollector {
+            inbox: inbox.clone(),
+            dispatch: dispatch.clone(),
+            link: link.clone(),
+            modems: Arc::new(move || m.lock().unwrap().clone()),
+        };
+        let collector = Arc::new(collector);
+        let before = metrics::encode_one(collector.clone());
+        for line in [
+            "mailbell_agent_queue_depth 0\n",
+            "mailbell_agent_sms_sent_total 0\n",
+            "mailbell_modem_up{modem=\"ttyUSB0\"} 0\n",
+            // No failure yet: the family is declared, without samples.
+            "# TYPE mailbell_agent_sms_failed_total counter\n",
+        ] {
+            assert!(before.contains(line), "{line:?} missing from:\n{before}");
+        }
+        assert!(!before.contains("mailbell_agent_sms_failed_total{"));
+
+        inbox.queued.store(7, Ordering::Relaxed);
+        inbox.stored.store(9, Ordering::Relaxed);
+        dispatch.sent.store(5, Ordering::Relaxed);
+        dispatch
+            .failed
+            .lock()
+            .unwrap()
+            .insert("ModemFault".into(), 2);
+        link.sessions_active.store(1, Ordering::Relaxed);
+        link.refused_busy.store(4, Ordering::Relaxed);
+        *modems.lock().unwrap() = vec![
+            modem("ttyUSB0", ModemState::Ready, 12, 1),
+            modem("a\"b", ModemState::Faulty("no SIM".into()), 0, 3),
+        ];
+        let after = metrics::encode_one(collector);
+        for line in [
+            "# TYPE mailbell_agent_queue_depth gauge\n",
+            "mailbell_agent_queue_depth 7\n",
+            "# TYPE mailbell_agent_received_total counter\n",
+            "mailbell_agent_received_total 9\n",
+            "mailbell_agent_sms_sent_total 5\n",
+            "mailbell_agent_sms_failed_total{class=\"ModemFault\"} 2\n",
+            "mailbell_link_sessions_active 1\n",
+            "mailbell_link_refused_busy_total 4\n",
+            "mailbell_modem_up{modem=\"ttyUSB0\"} 1\n",
+            "mailbell_modem_up{modem=\"a\\\"b\"} 0\n",
+            "mailbell_modem_sent_total{modem=\"ttyUSB0\"} 12\n",
+            "mailbell_modem_failed_total{modem=\"a\\\"b\"} 3\n",
+        ] {
+            assert!(after.contains(line), "{line:?} missing from:\n{after}");
+        }
+        // Every family once.
+        assert_eq!(after.matches("# TYPE ").count(), 17, "{after}");
+    }
 }

@@ -153,40 +153,42 @@ pub struct HttpStats {
     pub write_timeouts: AtomicU64,
 }
 
-/// Writes the HTTP counters of several listeners as Prometheus text, one family at a time.
-pub fn write_prometheus(out: &mut String, listeners: &[(&str, &HttpStats)]) {
-    use std::fmt::Write as _;
-    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let _ = writeln!(
-        out,
-        "# HELP mailbell_http_requests_total HTTP requests received (headers complete).\n\
-         # TYPE mailbell_http_requests_total counter"
-    );
-    for (name, s) in listeners {
-        let _ = writeln!(
-            out,
-            "mailbell_http_requests_total{{listener=\"{name}\"}} {}",
-            g(&s.requests)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP mailbell_http_timeouts_total HTTP connections closed by a timeout, by phase.\n\
-         # TYPE mailbell_http_timeouts_total counter"
-    );
-    for (name, s) in listeners {
-        for (phase, v) in [
-            ("header", &s.header_timeouts),
-            ("idle", &s.idle_timeouts),
-            ("body", &s.body_timeouts),
-            ("write", &s.write_timeouts),
-        ] {
-            let _ = writeln!(
-                out,
-                "mailbell_http_timeouts_total{{listener=\"{name}\",phase=\"{phase}\"}} {}",
-                g(v)
-            );
+/// Exposes the [`HttpStats`] of a daemon's HTTP listeners: `mailbell_http_requests_total` and
+/// `mailbell_http_timeouts_total` by `phase`, a sample per listener. Nothing is written for no
+/// listener.
+#[derive(Debug, Clone, Default)]
+pub struct HttpCollector {
+    pub listeners: Vec<(&'static str, Arc<HttpStats>)>,
+}
+
+impl crate::metrics::Collector for HttpCollector {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        if self.listeners.is_empty() {
+            return Ok(());
         }
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        crate::metrics::counter_family(
+            &mut enc,
+            "mailbell_http_requests_total",
+            "HTTP requests received (headers complete).",
+            self.listeners
+                .iter()
+                .map(|(l, s)| ([("listener", *l)], g(&s.requests))),
+        )?;
+        crate::metrics::counter_family(
+            &mut enc,
+            "mailbell_http_timeouts_total",
+            "HTTP connections closed by a timeout, by phase.",
+            self.listeners.iter().flat_map(|(l, s)| {
+                [
+                    ("header", &s.header_timeouts),
+                    ("idle", &s.idle_timeouts),
+                    ("body", &s.body_timeouts),
+                    ("write", &s.write_timeouts),
+                ]
+                .map(|(phase, v)| ([("listener", *l), ("phase", phase)], g(v)))
+            }),
+        )
     }
 }
 
@@ -952,17 +954,26 @@ mod tests {
     }
 
     #[test]
-    fn prometheus_text_has_one_family_each() {
-        let a = HttpStats::default();
+    fn http_families_follow_the_stats() {
+        let a = Arc::new(HttpStats::default());
+        let collector = HttpCollector {
+            listeners: vec![("stalwart", a.clone()), ("admin", Arc::default())],
+        };
+        let before = crate::metrics::encode_one(collector.clone());
+        assert!(before
+            .contains("mailbell_http_timeouts_total{listener=\"stalwart\",phase=\"idle\"} 0\n"));
         a.idle_timeouts.store(3, Ordering::Relaxed);
-        let mut out = String::new();
-        write_prometheus(
-            &mut out,
-            &[("stalwart", &a), ("admin", &HttpStats::default())],
+        a.requests.store(5, Ordering::Relaxed);
+        let out = crate::metrics::encode_one(collector);
+        assert!(
+            out.contains("mailbell_http_timeouts_total{listener=\"stalwart\",phase=\"idle\"} 3\n"),
+            "{out}"
         );
         assert!(
-            out.contains("mailbell_http_timeouts_total{listener=\"stalwart\",phase=\"idle\"} 3\n")
+            out.contains("mailbell_http_timeouts_total{listener=\"admin\",phase=\"write\"} 0\n")
         );
+        assert!(out.contains("mailbell_http_requests_total{listener=\"stalwart\"} 5\n"));
         assert_eq!(out.matches("# TYPE").count(), 2);
+        assert!(crate::metrics::encode_one(HttpCollector::default()).is_empty());
     }
 }

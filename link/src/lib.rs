@@ -12,6 +12,8 @@
 //!   per-source caps, accept errors retried with a pause (shared by both daemons).
 //! - [`http_server`]: the hardened HTTP/1 server behind every HTTP listener (timeouts for
 //!   headers, idle keep-alive, bodies and writes; connection caps through [`listen`]).
+//! - [`metrics`]: `/metrics` of both daemons: the `prometheus-client` registry, encoder and
+//!   the helpers the collectors of each stats source use.
 //! - [`memory`]: an in-memory outbox for one-off sends and tests.
 //! - [`units`], [`logging`] and [`systemd`]: what both daemons share around the link: reading
 //!   config files, durations, the log subscriber (`--log-json`, `RUST_LOG`, `NO_COLOR`), and
@@ -31,6 +33,7 @@ pub mod id;
 pub mod listen;
 pub mod logging;
 pub mod memory;
+pub mod metrics;
 pub mod net;
 pub mod notification;
 pub mod paths;

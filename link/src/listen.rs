@@ -22,7 +22,8 @@
 //!   unusable: [`Acceptor::accept`] returns it, and the daemon exits non-zero so that its
 //!   supervisor restarts it.
 //!
-//! Each acceptor keeps [`ListenerStats`] for the daemons' `/metrics`.
+//! Each acceptor keeps [`ListenerStats`], exposed on the daemons' `/metrics` by a
+//! [`ListenerCollector`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -81,82 +82,92 @@ pub struct ListenerStats {
     pub accept_backoffs: AtomicU64,
 }
 
-impl ListenerStats {
-    /// The counters as `(name suffix, value, is_gauge)`, in a fixed order, for Prometheus text:
-    /// `mailbell_listener_<suffix>{listener="..."}`.
-    pub fn samples(&self) -> [(&'static str, u64, bool); 9] {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        [
-            ("connections_accepted_total", g(&self.accepted), false),
-            ("connections_open", g(&self.open), true),
-            ("connections_pending", g(&self.pending), true),
-            ("at_capacity_total", g(&self.at_capacity), false),
-            ("evicted_total", g(&self.evicted), false),
-            (
-                "refused_per_source_total",
-                g(&self.refused_per_source),
-                false,
-            ),
-            ("timed_out_total", g(&self.timed_out), false),
-            ("accept_errors_total", g(&self.accept_errors), false),
-            ("accept_backoffs_total", g(&self.accept_backoffs), false),
-        ]
-    }
+/// Which counter of a [`ListenerStats`] a family shows.
+type StatsField = fn(&ListenerStats) -> &AtomicU64;
+
+/// The `mailbell_listener_*` families of every listener of a daemon, read at scrape time:
+/// `(name, help, is_gauge, field)` in exposition order.
+const LISTENER_FAMILIES: [(&str, &str, bool, StatsField); 9] = [
+    (
+        "mailbell_listener_connections_accepted_total",
+        "Connections accepted.",
+        false,
+        |s| &s.accepted,
+    ),
+    (
+        "mailbell_listener_connections_open",
+        "Connections open now.",
+        true,
+        |s| &s.open,
+    ),
+    (
+        "mailbell_listener_connections_pending",
+        "Connections open now that have not proved themselves yet.",
+        true,
+        |s| &s.pending,
+    ),
+    (
+        "mailbell_listener_at_capacity_total",
+        "Times a new connection found every pending slot taken.",
+        false,
+        |s| &s.at_capacity,
+    ),
+    (
+        "mailbell_listener_evicted_total",
+        "Unproven connections closed to make room for a newer one.",
+        false,
+        |s| &s.evicted,
+    ),
+    (
+        "mailbell_listener_refused_per_source_total",
+        "Unproven connections closed because their source held too many.",
+        false,
+        |s| &s.refused_per_source,
+    ),
+    (
+        "mailbell_listener_timed_out_total",
+        "Connections closed for not proving themselves in time.",
+        false,
+        |s| &s.timed_out,
+    ),
+    (
+        "mailbell_listener_accept_errors_total",
+        "accept() errors.",
+        false,
+        |s| &s.accept_errors,
+    ),
+    (
+        "mailbell_listener_accept_backoffs_total",
+        "Pauses taken because descriptors, memory or buffers ran out.",
+        false,
+        |s| &s.accept_backoffs,
+    ),
+];
+
+/// Exposes the [`ListenerStats`] of a daemon's listeners, each family once with a sample per
+/// listener (`listener="milter"`, ...). Nothing is written for no listener.
+#[derive(Debug, Clone, Default)]
+pub struct ListenerCollector {
+    pub listeners: Vec<(&'static str, Arc<ListenerStats>)>,
 }
 
-/// Help texts for [`ListenerStats::samples`], by suffix.
-pub fn sample_help(suffix: &str) -> &'static str {
-    match suffix {
-        "connections_accepted_total" => "Connections accepted.",
-        "connections_open" => "Connections open now.",
-        "connections_pending" => "Connections open now that have not proved themselves yet.",
-        "at_capacity_total" => "Times a new connection found every pending slot taken.",
-        "evicted_total" => "Unproven connections closed to make room for a newer one.",
-        "refused_per_source_total" => {
-            "Unproven connections closed because their source held too many."
+impl crate::metrics::Collector for ListenerCollector {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        if self.listeners.is_empty() {
+            return Ok(());
         }
-        "timed_out_total" => "Connections closed for not proving themselves in time.",
-        "accept_errors_total" => "accept() errors.",
-        "accept_backoffs_total" => "Pauses taken because descriptors, memory or buffers ran out.",
-        _ => "",
-    }
-}
-
-/// Writes one listener's counters as Prometheus text (`# HELP`/`# TYPE` lines included when
-/// `headers`; write them once, for the first listener of a family).
-pub fn write_prometheus(out: &mut String, listener: &str, stats: &ListenerStats, headers: bool) {
-    use std::fmt::Write as _;
-    for (suffix, value, gauge) in stats.samples() {
-        let name = format!("mailbell_listener_{suffix}");
-        if headers {
-            let kind = if gauge { "gauge" } else { "counter" };
-            let _ = writeln!(out, "# HELP {name} {}", sample_help(suffix));
-            let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (name, help, is_gauge, field) in LISTENER_FAMILIES {
+            let samples = self
+                .listeners
+                .iter()
+                .map(|(l, s)| ([("listener", *l)], field(s).load(Ordering::Relaxed)));
+            if is_gauge {
+                crate::metrics::gauge_family(&mut enc, name, help, samples)?;
+            } else {
+                crate::metrics::counter_family(&mut enc, name, help, samples)?;
+            }
         }
-        let _ = writeln!(out, "{name}{{listener=\"{listener}\"}} {value}");
-    }
-}
-
-/// Writes the counters of several listeners as Prometheus text, each family once with all its
-/// listeners together (the text format wants a family's samples in one group, which calling
-/// [`write_prometheus`] per listener does not give).
-pub fn write_prometheus_all(out: &mut String, listeners: &[(&str, &ListenerStats)]) {
-    use std::fmt::Write as _;
-    let all: Vec<_> = listeners
-        .iter()
-        .map(|(name, stats)| (*name, stats.samples()))
-        .collect();
-    let Some((_, first)) = all.first() else {
-        return;
-    };
-    for (i, (suffix, _, gauge)) in first.iter().enumerate() {
-        let name = format!("mailbell_listener_{suffix}");
-        let kind = if *gauge { "gauge" } else { "counter" };
-        let _ = writeln!(out, "# HELP {name} {}", sample_help(suffix));
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (listener, samples) in &all {
-            let _ = writeln!(out, "{name}{{listener=\"{listener}\"}} {}", samples[i].1);
-        }
+        Ok(())
     }
 }
 
@@ -767,32 +778,20 @@ mod tests {
     }
 
     #[test]
-    fn prometheus_text_names_the_listener() {
-        let st = ListenerStats::default();
-        st.accepted.store(3, Ordering::Relaxed);
-        let mut out = String::new();
-        write_prometheus(&mut out, "milter", &st, true);
-        write_prometheus(&mut out, "http", &st, false);
-        assert!(out.contains("# TYPE mailbell_listener_connections_open gauge\n"));
-        assert!(
-            out.contains("mailbell_listener_connections_accepted_total{listener=\"milter\"} 3\n")
-        );
-        assert!(out.contains("mailbell_listener_connections_accepted_total{listener=\"http\"} 3\n"));
-        assert_eq!(
-            out.matches("# TYPE mailbell_listener_evicted_total")
-                .count(),
-            1
-        );
-    }
-
-    #[test]
-    fn prometheus_families_stay_together() {
-        let a = ListenerStats::default();
-        let b = ListenerStats::default();
+    fn listener_families_follow_the_stats() {
+        let a = Arc::new(ListenerStats::default());
+        let b = Arc::new(ListenerStats::default());
+        let collector = ListenerCollector {
+            listeners: vec![("stalwart", a.clone()), ("admin", b.clone())],
+        };
+        let before = crate::metrics::encode_one(collector.clone());
+        assert!(before.contains("mailbell_listener_evicted_total{listener=\"admin\"} 0\n"));
         b.evicted.store(2, Ordering::Relaxed);
-        let mut out = String::new();
-        write_prometheus_all(&mut out, &[("stalwart", &a), ("admin", &b)]);
+        a.accepted.store(3, Ordering::Relaxed);
+        a.open.store(1, Ordering::Relaxed);
+        let out = crate::metrics::encode_one(collector);
         let lines: Vec<&str> = out.lines().collect();
+        // Each family once, its listeners together (the text format wants one group).
         let i = lines
             .iter()
             .position(|l| *l == "# TYPE mailbell_listener_evicted_total counter")
@@ -805,9 +804,13 @@ mod tests {
             lines[i + 2],
             "mailbell_listener_evicted_total{listener=\"admin\"} 2"
         );
+        assert!(
+            out.contains("mailbell_listener_connections_accepted_total{listener=\"stalwart\"} 3\n")
+        );
+        assert!(out.contains("# TYPE mailbell_listener_connections_open gauge\n"));
+        assert!(out.contains("mailbell_listener_connections_open{listener=\"stalwart\"} 1\n"));
         assert_eq!(out.matches("# TYPE ").count(), 9);
-        let mut none = String::new();
-        write_prometheus_all(&mut none, &[]);
-        assert!(none.is_empty());
+        assert_eq!(out.matches("# HELP ").count(), 9);
+        assert!(crate::metrics::encode_one(ListenerCollector::default()).is_empty());
     }
 }

@@ -167,23 +167,33 @@ pub fn cert_not_after(path: &Path) -> Result<i64, TlsError> {
     Ok(x509.validity().not_after.timestamp())
 }
 
-/// Appends `mailbell_tls_cert_expiry_timestamp_seconds{file=...}` for each certificate file
-/// (`file` is the role: "ca", "cert"); a file that cannot be read is left out and logged at
-/// debug (the missing series is what an alert sees).
-pub fn write_cert_expiry(out: &mut String, files: &[(&str, &Path)]) {
-    use std::fmt::Write as _;
-    let name = "mailbell_tls_cert_expiry_timestamp_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} When the link certificate expires (notAfter, Unix seconds).\n# TYPE {name} gauge"
-    );
-    for (role, path) in files {
-        match cert_not_after(path) {
-            Ok(t) => {
-                let _ = writeln!(out, "{name}{{file=\"{role}\"}} {t}");
-            }
-            Err(e) => tracing::debug!(error = %e, role, "certificate expiry not reported"),
-        }
+/// Exposes `mailbell_tls_cert_expiry_timestamp_seconds{file=...}` for each certificate file
+/// (`file` is the role: "ca", "cert"), read again at every scrape so that a rotated file shows
+/// at once; a file that cannot be read is left out and logged at debug (the missing series is
+/// what an alert sees).
+#[derive(Debug, Clone, Default)]
+pub struct CertExpiryCollector {
+    pub files: Vec<(&'static str, PathBuf)>,
+}
+
+impl crate::metrics::Collector for CertExpiryCollector {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        let known = self
+            .files
+            .iter()
+            .filter_map(|(role, path)| match cert_not_after(path) {
+                Ok(t) => Some(([("file", *role)], t)),
+                Err(e) => {
+                    tracing::debug!(error = %e, role, "certificate expiry not reported");
+                    None
+                }
+            });
+        crate::metrics::gauge_family(
+            &mut enc,
+            "mailbell_tls_cert_expiry_timestamp_seconds",
+            "When the link certificate expires (notAfter, Unix seconds).",
+            known,
+        )
     }
 }
 
@@ -348,11 +358,12 @@ mod tests {
             .as_secs() as i64;
         let leaf = cert_not_after(&p.agent_cert).unwrap();
         assert!(leaf > now + 86_400, "{leaf} vs {now}");
-        let mut out = String::new();
-        write_cert_expiry(
-            &mut out,
-            &[("cert", &p.agent_cert), ("ca", Path::new("/nonexistent"))],
-        );
+        let out = crate::metrics::encode_one(CertExpiryCollector {
+            files: vec![
+                ("cert", p.agent_cert.clone()),
+                ("ca", PathBuf::from("/nonexistent")),
+            ],
+        });
         assert!(
             out.contains(&format!(
                 "mailbell_tls_cert_expiry_timestamp_seconds{{file=\"cert\"}} {leaf}\n"

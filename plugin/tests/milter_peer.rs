@@ -494,8 +494,7 @@ async fn intake_failure_tempfails_with_the_cause() {
     assert_eq!(ms.sessions.load(Ordering::Relaxed), 1);
     assert_eq!(ms.messages.load(Ordering::Relaxed), 2);
     assert_eq!(ms.tempfails.load(Ordering::Relaxed), 1);
-    let mut text = String::new();
-    ms.write_prometheus(&mut text);
+    let text = mailbell_link::metrics::encode_one(ms.clone());
     for line in [
         "mailbell_milter_sessions_total 1\n",
         "mailbell_milter_messages_total 2\n",

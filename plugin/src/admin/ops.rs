@@ -1,5 +1,6 @@
 //! Admin routes for the queue and the audit log (behind the admin token, see
-//! [`crate::admin::api::protect`]), plus `/metrics` (Prometheus text) and `/status` (JSON), which
+//! [`crate::admin::api::protect`]), plus `/metrics` (Prometheus text, see [`Metrics::registry`])
+//! and `/status` (JSON), which
 //! carry no personal data and need no token.
 //!
 //! ```text
@@ -16,7 +17,6 @@
 //!                                         "omitted_exact":bool}: how many older ones matched
 //! ```
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,8 +30,11 @@ use mailbell_link::net::ClientStats;
 use mailbell_link::NotifId;
 use serde::{Deserialize, Serialize};
 
-use mailbell_link::http_server::HttpStats;
-use mailbell_link::listen::ListenerStats;
+use mailbell_link::http_server::{HttpCollector, HttpStats};
+use mailbell_link::listen::{ListenerCollector, ListenerStats};
+use mailbell_link::metrics::{self, Collector, Registry};
+use mailbell_link::tls::CertExpiryCollector;
+use prometheus_client::encoding::DescriptorEncoder;
 
 use crate::admin::api::ApiError;
 use crate::audit::{parse_since, AuditLog, AuditPage, AuditQuery, AuditRecord, AuditStats};
@@ -108,8 +111,13 @@ async fn audit_admin(
 
 /// `/metrics` and `/status` (no token).
 pub fn public_routes(outbox: Outbox, metrics: Metrics) -> Router {
+    let registry = Arc::new(metrics.registry(outbox.clone()));
     Router::new()
-        .route("/metrics", get(metrics_text))
+        .route(
+            "/metrics",
+            get(|State(r): State<Arc<Registry>>| mailbell_link::metrics::scrape(r))
+                .with_state(registry),
+        )
         .route("/status", get(status))
         .with_state((outbox, metrics))
 }
@@ -354,265 +362,205 @@ async fn log_page(State(o): State<Ops>, Query(q): Query<LogQ>) -> Response {
     }
 }
 
-fn line(out: &mut String, name: &str, help: &str, kind: &str, v: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-    );
-}
-
-/// A Prometheus label value: backslash, quote and newline escaped.
-fn label_value(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 fn val(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
 
-async fn metrics_text(State((outbox, m)): State<(Outbox, Metrics)>) -> Response {
-    let mut o = String::new();
-    let i = &m.intake;
-    line(
-        &mut o,
-        "mailbell_messages_total",
-        "Messages the MTA endpoints handed to the intake.",
-        "counter",
-        val(&i.messages),
-    );
-    line(
-        &mut o,
-        "mailbell_notices_created_total",
-        "Notices created (one per notified recipient).",
-        "counter",
-        val(&i.notices_created),
-    );
-    line(
-        &mut o,
-        "mailbell_unknown_recipients_total",
-        "Recipients that are not registered users.",
-        "counter",
-        val(&i.unknown_recipients),
-    );
-    line(
-        &mut o,
-        "mailbell_ineligible_recipients_total",
-        "Registered recipients without notices (off, licence expired, no phone).",
-        "counter",
-        val(&i.ineligible_recipients),
-    );
-    line(
-        &mut o,
-        "mailbell_notices_queued_total",
-        "Notices queued for the agent.",
-        "counter",
-        val(&i.queued),
-    );
-    line(
-        &mut o,
-        "mailbell_notices_coalesced_total",
-        "Arrivals folded into a coalesced notice.",
-        "counter",
-        val(&i.coalesced),
-    );
-    line(
-        &mut o,
-        "mailbell_notices_dropped_total",
-        "Arrivals not notified (spam, duplicate, filtered, timeout policy, ineligible at release).",
-        "counter",
-        val(&i.dropped),
-    );
-    line(
-        &mut o,
-        "mailbell_confirmations_total",
-        "Stalwart delivery confirmations received.",
-        "counter",
-        val(&i.confirmations),
-    );
-    line(
-        &mut o,
-        "mailbell_confirmations_unmatched_total",
-        "Confirmations matching no waiting notice.",
-        "counter",
-        val(&i.unmatched_confirmations),
-    );
-    line(
-        &mut o,
-        "mailbell_confirm_timeouts_total",
-        "Notices whose confirmation did not come in time.",
-        "counter",
-        val(&i.confirm_timeouts),
-    );
-    line(
-        &mut o,
-        "mailbell_store_errors_total",
-        "Store errors answered with a temporary failure.",
-        "counter",
-        val(&i.store_errors),
-    );
-    line(
-        &mut o,
-        "mailbell_outbox_depth",
-        "Notices queued for the agent.",
-        "gauge",
-        outbox.depth(),
-    );
-    line(
-        &mut o,
-        "mailbell_outbox_staged",
-        "Arrivals staged (awaiting confirmation or held).",
-        "gauge",
-        val(&m.outbox.staged),
-    );
-    line(
-        &mut o,
-        "mailbell_outbox_staged_notices",
-        "Notices the staged arrivals stand for (awaiting confirmation or held).",
-        "gauge",
-        val(&m.outbox.staged_notices),
-    );
-    let (held, max_depth) = outbox.held();
-    line(
-        &mut o,
-        "mailbell_outbox_held",
-        "Notices counted against [outbox] max_depth: queued, staged, and admitted arrivals still committing.",
-        "gauge",
-        held,
-    );
-    line(
-        &mut o,
-        "mailbell_outbox_max_depth",
-        "[outbox] max_depth: above it arrivals get a temporary failure.",
-        "gauge",
-        max_depth,
-    );
-    line(
-        &mut o,
-        "mailbell_outbox_dead",
-        "Dead letters held.",
-        "gauge",
-        val(&m.outbox.dead),
-    );
-    line(
-        &mut o,
-        "mailbell_outbox_commits_total",
-        "Group commits (one fsync each).",
-        "counter",
-        val(&m.outbox.commits),
-    );
-    line(
-        &mut o,
-        "mailbell_link_sessions_total",
-        "Link sessions attempted.",
-        "counter",
-        val(&m.link.sessions),
-    );
-    line(
-        &mut o,
-        "mailbell_link_connected_total",
-        "Link sessions established.",
-        "counter",
-        val(&m.link.connected),
-    );
-    line(
-        &mut o,
-        "mailbell_link_sent_total",
-        "Notices sent to an agent (resends included).",
-        "counter",
-        val(&m.link.sent),
-    );
-    line(
-        &mut o,
-        "mailbell_link_acked_total",
-        "Notices acknowledged by an agent.",
-        "counter",
-        val(&m.link.acked),
-    );
-    line(
-        &mut o,
-        "mailbell_link_dead_lettered_total",
-        "Notices refused for good.",
-        "counter",
-        val(&m.link.dead_lettered),
-    );
-    line(
-        &mut o,
-        "mailbell_link_retry_later_total",
-        "Retry-later answers from agents.",
-        "counter",
-        val(&m.link.retry_later),
-    );
-    let up = m.link.up_agent();
-    let _ = writeln!(
-        o,
-        "# HELP mailbell_link_up Whether a link session is up with this agent (1) or not (0).\n# TYPE mailbell_link_up gauge"
-    );
-    for (i, agent) in m.agents.iter().enumerate() {
-        let _ = writeln!(
-            o,
-            "mailbell_link_up{{agent=\"{}\"}} {}",
-            label_value(agent),
-            u8::from(up == Some(i))
-        );
+impl Metrics {
+    /// The registry `/metrics` encodes: the mail side's own figures, the milter's, and the
+    /// listener, HTTP and certificate families shared with the agent.
+    pub fn registry(&self, outbox: Outbox) -> Registry {
+        let mut r = Registry::default();
+        r.register_collector(Box::new(MailCollector {
+            outbox,
+            metrics: self.clone(),
+        }));
+        if let Some(milter) = &self.milter {
+            r.register_collector(Box::new(milter.clone()));
+        }
+        r.register_collector(Box::new(CertExpiryCollector {
+            files: self.certificates.clone(),
+        }));
+        r.register_collector(Box::new(ListenerCollector {
+            listeners: self.listeners.clone(),
+        }));
+        r.register_collector(Box::new(HttpCollector {
+            listeners: self.http.clone(),
+        }));
+        r
     }
-    if let Some(milter) = &m.milter {
-        milter.write_prometheus(&mut o);
+}
+
+/// Exposes the intake, outbox, link, audit and Stalwart figures, read at scrape time.
+struct MailCollector {
+    outbox: Outbox,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for MailCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailCollector").finish_non_exhaustive()
     }
-    let certs: Vec<(&str, &std::path::Path)> = m
-        .certificates
-        .iter()
-        .map(|(r, p)| (*r, p.as_path()))
-        .collect();
-    mailbell_link::tls::write_cert_expiry(&mut o, &certs);
-    line(
-        &mut o,
-        "mailbell_audit_dropped_total",
-        "Audit events dropped (writer overloaded).",
-        "counter",
-        val(&m.audit.dropped),
-    );
-    line(
-        &mut o,
-        "mailbell_audit_stored_bytes",
-        "Size of the audit log files.",
-        "gauge",
-        val(&m.audit.stored_bytes),
-    );
-    let s = m.stalwart.snapshot();
-    let _ = writeln!(o, "# HELP mailbell_stalwart_events_total Stalwart endpoint counters.\n# TYPE mailbell_stalwart_events_total counter");
-    let pairs = [
-        ("hook_connect", s.hook_connect),
-        ("hook_ehlo", s.hook_ehlo),
-        ("hook_mail", s.hook_mail),
-        ("hook_rcpt", s.hook_rcpt),
-        ("hook_data", s.hook_data),
-        ("hook_unknown_stage", s.hook_unknown_stage),
-        ("hook_intake_errors", s.hook_intake_errors),
-        ("hook_bad_requests", s.hook_bad_requests),
-        ("hook_unauthorized", s.hook_unauthorized),
-        ("hook_too_large", s.hook_too_large),
-        ("webhook_batches", s.webhook_batches),
-        ("webhook_ingest_events", s.webhook_ingest_events),
-        ("webhook_ignored_events", s.webhook_ignored_events),
-        ("webhook_skipped_events", s.webhook_skipped_events),
-        ("webhook_bad_signatures", s.webhook_bad_signatures),
-        ("webhook_bad_requests", s.webhook_bad_requests),
-        ("webhook_too_large", s.webhook_too_large),
-        ("webhook_confirm_errors", s.webhook_confirm_errors),
-    ];
-    for (k, v) in pairs {
-        let _ = writeln!(o, "mailbell_stalwart_events_total{{counter=\"{k}\"}} {v}");
+}
+
+impl Collector for MailCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let (m, i, l) = (&self.metrics, &self.metrics.intake, &self.metrics.link);
+        for (name, help, v) in [
+            (
+                "mailbell_messages_total",
+                "Messages the MTA endpoints handed to the intake.",
+                &i.messages,
+            ),
+            (
+                "mailbell_notices_created_total",
+                "Notices created (one per notified recipient).",
+                &i.notices_created,
+            ),
+            (
+                "mailbell_unknown_recipients_total",
+                "Recipients that are not registered users.",
+                &i.unknown_recipients,
+            ),
+            (
+                "mailbell_ineligible_recipients_total",
+                "Registered recipients without notices (off, licence expired, no phone).",
+                &i.ineligible_recipients,
+            ),
+            (
+                "mailbell_notices_queued_total",
+                "Notices queued for the agent.",
+                &i.queued,
+            ),
+            (
+                "mailbell_notices_coalesced_total",
+                "Arrivals folded into a coalesced notice.",
+                &i.coalesced,
+            ),
+            (
+                "mailbell_notices_dropped_total",
+                "Arrivals not notified (spam, duplicate, filtered, timeout policy, ineligible at release).",
+                &i.dropped,
+            ),
+            (
+                "mailbell_confirmations_total",
+                "Stalwart delivery confirmations received.",
+                &i.confirmations,
+            ),
+            (
+                "mailbell_confirmations_unmatched_total",
+                "Confirmations matching no waiting notice.",
+                &i.unmatched_confirmations,
+            ),
+            (
+                "mailbell_confirm_timeouts_total",
+                "Notices whose confirmation did not come in time.",
+                &i.confirm_timeouts,
+            ),
+            (
+                "mailbell_store_errors_total",
+                "Store errors answered with a temporary failure.",
+                &i.store_errors,
+            ),
+            (
+                "mailbell_outbox_commits_total",
+                "Group commits (one fsync each).",
+                &m.outbox.commits,
+            ),
+            (
+                "mailbell_link_sessions_total",
+                "Link sessions attempted.",
+                &l.sessions,
+            ),
+            (
+                "mailbell_link_connected_total",
+                "Link sessions established.",
+                &l.connected,
+            ),
+            (
+                "mailbell_link_sent_total",
+                "Notices sent to an agent (resends included).",
+                &l.sent,
+            ),
+            (
+                "mailbell_link_acked_total",
+                "Notices acknowledged by an agent.",
+                &l.acked,
+            ),
+            (
+                "mailbell_link_dead_lettered_total",
+                "Notices refused for good.",
+                &l.dead_lettered,
+            ),
+            (
+                "mailbell_link_retry_later_total",
+                "Retry-later answers from agents.",
+                &l.retry_later,
+            ),
+            (
+                "mailbell_audit_dropped_total",
+                "Audit events dropped (writer overloaded).",
+                &m.audit.dropped,
+            ),
+        ] {
+            metrics::counter(&mut enc, name, help, val(v))?;
+        }
+        let (held, max_depth) = self.outbox.held();
+        for (name, help, v) in [
+            (
+                "mailbell_outbox_depth",
+                "Notices queued for the agent.",
+                self.outbox.depth(),
+            ),
+            (
+                "mailbell_outbox_staged",
+                "Arrivals staged (awaiting confirmation or held).",
+                val(&m.outbox.staged),
+            ),
+            (
+                "mailbell_outbox_staged_notices",
+                "Notices the staged arrivals stand for (awaiting confirmation or held).",
+                val(&m.outbox.staged_notices),
+            ),
+            (
+                "mailbell_outbox_held",
+                "Notices counted against [outbox] max_depth: queued, staged, and admitted arrivals still committing.",
+                held,
+            ),
+            (
+                "mailbell_outbox_max_depth",
+                "[outbox] max_depth: above it arrivals get a temporary failure.",
+                max_depth,
+            ),
+            ("mailbell_outbox_dead", "Dead letters held.", val(&m.outbox.dead)),
+            (
+                "mailbell_audit_stored_bytes",
+                "Size of the audit log files.",
+                val(&m.audit.stored_bytes),
+            ),
+        ] {
+            metrics::gauge(&mut enc, name, help, v)?;
+        }
+        let up = l.up_agent();
+        metrics::gauge_family(
+            &mut enc,
+            "mailbell_link_up",
+            "Whether a link session is up with this agent (1) or not (0).",
+            m.agents
+                .iter()
+                .enumerate()
+                .map(|(n, agent)| ([("agent", agent.as_str())], u64::from(up == Some(n)))),
+        )?;
+        metrics::counter_family(
+            &mut enc,
+            "mailbell_stalwart_events_total",
+            "Stalwart endpoint counters.",
+            m.stalwart
+                .snapshot()
+                .pairs()
+                .map(|(k, v)| ([("counter", k)], v)),
+        )
     }
-    let listeners: Vec<(&str, &ListenerStats)> =
-        m.listeners.iter().map(|(n, s)| (*n, &**s)).collect();
-    mailbell_link::listen::write_prometheus_all(&mut o, &listeners);
-    if !m.http.is_empty() {
-        let http: Vec<(&str, &HttpStats)> = m.http.iter().map(|(n, s)| (*n, &**s)).collect();
-        mailbell_link::http_server::write_prometheus(&mut o, &http);
-    }
-    ([("content-type", "text/plain; version=0.0.4")], o).into_response()
 }
 
 /// `/status`.
@@ -672,5 +620,81 @@ mod tests {
         assert_eq!(parse_select(&id.to_string()), Ok(Select::Id(id)));
         assert!(parse_select("xyz").is_err());
         assert!(parse_select("abcd").is_err());
+    }
+
+    #[tokio::test]
+    async fn mail_families_follow_the_stats() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&dir.path().join("outbox"), Default::default()).unwrap();
+        let metrics = Metrics {
+            intake: Arc::default(),
+            link: Arc::default(),
+            stalwart: Arc::default(),
+            outbox: outbox.stats.clone(),
+            audit: Arc::default(),
+            milter: Some(Arc::default()),
+            agents: vec!["agent-a:7443".into(), "agent-b:7443".into()],
+            certificates: vec![("cert", dir.path().join("missing.pem"))],
+            listeners: vec![("milter", Arc::default())],
+            http: vec![("admin", Arc::default())],
+        };
+        let registry = metrics.registry(outbox.clone());
+        let before = mailbell_link::metrics::encode(&registry).unwrap();
+        for line in [
+            "mailbell_messages_total 0\n",
+            "mailbell_outbox_depth 0\n",
+            "mailbell_link_up{agent=\"agent-a:7443\"} 0\n",
+            "mailbell_link_up{agent=\"agent-b:7443\"} 0\n",
+            "mailbell_stalwart_events_total{counter=\"webhook_confirm_errors\"} 0\n",
+            "mailbell_milter_sessions_total 0\n",
+            "mailbell_listener_connections_open{listener=\"milter\"} 0\n",
+            "mailbell_http_requests_total{listener=\"admin\"} 0\n",
+            // An unreadable certificate leaves its series out, not the family.
+            "# TYPE mailbell_tls_cert_expiry_timestamp_seconds gauge\n",
+        ] {
+            assert!(before.contains(line), "{line:?} missing from:\n{before}");
+        }
+        assert_eq!(
+            before.matches("mailbell_stalwart_events_total{").count(),
+            18
+        );
+
+        metrics.intake.messages.store(3, Ordering::Relaxed);
+        metrics.intake.store_errors.store(1, Ordering::Relaxed);
+        metrics.outbox.dead.store(2, Ordering::Relaxed);
+        metrics.audit.dropped.store(6, Ordering::Relaxed);
+        metrics.link.acked.store(8, Ordering::Relaxed);
+        // Up with the second agent (its index plus one).
+        metrics.link.up.store(2, Ordering::Relaxed);
+        let n = mailbell_link::Notification {
+            id: NotifId::random(),
+            phone: "+8613800138000".into(),
+            recipient: "zhang.wei@example.cn".into(),
+            count: 1,
+            ..Default::default()
+        };
+        outbox.enqueue(vec![n]).await.unwrap();
+        let after = mailbell_link::metrics::encode(&registry).unwrap();
+        for line in [
+            "# TYPE mailbell_messages_total counter\n",
+            "mailbell_messages_total 3\n",
+            "mailbell_store_errors_total 1\n",
+            "# TYPE mailbell_outbox_depth gauge\n",
+            "mailbell_outbox_depth 1\n",
+            "mailbell_outbox_dead 2\n",
+            "mailbell_audit_dropped_total 6\n",
+            "mailbell_link_acked_total 8\n",
+            "mailbell_link_up{agent=\"agent-a:7443\"} 0\n",
+            "mailbell_link_up{agent=\"agent-b:7443\"} 1\n",
+        ] {
+            assert!(after.contains(line), "{line:?} missing from:\n{after}");
+        }
+        // Each family once, whatever the number of collectors.
+        let mut types: Vec<&str> = after.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        let all = types.len();
+        types.sort_unstable();
+        types.dedup();
+        assert_eq!(types.len(), all);
+        outbox.close();
     }
 }

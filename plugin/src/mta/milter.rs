@@ -57,6 +57,10 @@ use indymilter::{
     Actions, Callbacks, Config, Context, EomContext, Listener, Macros, NegotiateContext, ProtoOpts,
     SetErrorReply, SocketInfo, Status,
 };
+use mailbell_link::metrics::{self, Collector};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Semaphore};
@@ -145,8 +149,8 @@ const EOM_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// The milter's counters, for `/metrics`.
-#[derive(Debug, Default)]
+/// The milter's counters, for `/metrics` (it is their collector).
+#[derive(Debug)]
 pub struct MilterStats {
     /// Sessions that negotiated (one per MTA milter connection that got a session slot).
     pub sessions: AtomicU64,
@@ -154,10 +158,20 @@ pub struct MilterStats {
     pub messages: AtomicU64,
     /// Messages answered with a tempfail (the notice could not be recorded).
     pub tempfails: AtomicU64,
-    /// End-of-message latency (recording the arrival, until the verdict): a count per bucket
-    /// of [`EOM_BUCKETS`] (not cumulative), the last one for everything slower.
-    eom_buckets: [AtomicU64; EOM_BUCKETS.len() + 1],
-    eom_sum_micros: AtomicU64,
+    /// End-of-message latency in seconds (recording the arrival, until the verdict), in the
+    /// buckets of [`EOM_BUCKETS`].
+    eom: Histogram,
+}
+
+impl Default for MilterStats {
+    fn default() -> Self {
+        Self {
+            sessions: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            tempfails: AtomicU64::new(0),
+            eom: Histogram::new(EOM_BUCKETS),
+        }
+    }
 }
 
 impl MilterStats {
@@ -167,19 +181,13 @@ impl MilterStats {
         if tempfail {
             self.tempfails.fetch_add(1, Ordering::Relaxed);
         }
-        let secs = took.as_secs_f64();
-        let i = EOM_BUCKETS
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(EOM_BUCKETS.len());
-        self.eom_buckets[i].fetch_add(1, Ordering::Relaxed);
-        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.eom_sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.eom.observe(took.as_secs_f64());
     }
+}
 
-    /// Appends the counters and the latency histogram in the Prometheus text format.
-    pub fn write_prometheus(&self, out: &mut String) {
-        use std::fmt::Write as _;
+/// The counters and the latency histogram.
+impl Collector for MilterStats {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
         for (name, help, c) in [
             (
@@ -198,28 +206,14 @@ impl MilterStats {
                 &self.tempfails,
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v(c)
-            );
+            metrics::counter(&mut enc, name, help, v(c))?;
         }
-        let name = "mailbell_milter_eom_duration_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time from end of message to the milter's verdict (recording the arrival).\n# TYPE {name} histogram"
-        );
-        let mut cumulative = 0;
-        for (i, b) in EOM_BUCKETS.iter().enumerate() {
-            cumulative += v(&self.eom_buckets[i]);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
-        }
-        cumulative += v(&self.eom_buckets[EOM_BUCKETS.len()]);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        // Micros to seconds: exact enough for a sum of latencies.
-        #[allow(clippy::cast_precision_loss)]
-        let sum = v(&self.eom_sum_micros) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+        self.eom.encode(enc.encode_descriptor(
+            "mailbell_milter_eom_duration_seconds",
+            "Time from end of message to the milter's verdict (recording the arrival).",
+            None,
+            MetricType::Histogram,
+        )?)
     }
 }
 
@@ -1581,5 +1575,45 @@ mod tests {
         assert!(toml::from_str::<MilterConfig>("max_connections = 0").is_err());
         assert!(toml::from_str::<MilterConfig>("timeout = \"5 parsecs\"").is_err());
         assert!(toml::from_str::<MilterConfig>("max_conections = 8").is_err());
+    }
+
+    #[test]
+    fn milter_families_follow_the_verdicts() {
+        let stats = Arc::new(MilterStats::default());
+        let empty = metrics::encode_one(stats.clone());
+        assert!(
+            empty.contains("mailbell_milter_messages_total 0\n"),
+            "{empty}"
+        );
+        assert!(empty.contains("mailbell_milter_eom_duration_seconds_count 0\n"));
+        stats.sessions.fetch_add(1, Ordering::Relaxed);
+        stats.observe_eom(Duration::from_micros(300), false);
+        stats.observe_eom(Duration::from_millis(20), true);
+        stats.observe_eom(Duration::from_secs(3), false);
+        let text = metrics::encode_one(stats);
+        for line in [
+            "# TYPE mailbell_milter_sessions_total counter\n",
+            "mailbell_milter_sessions_total 1\n",
+            "mailbell_milter_messages_total 3\n",
+            "mailbell_milter_tempfails_total 1\n",
+            "# TYPE mailbell_milter_eom_duration_seconds histogram\n",
+            // Cumulative: 300 µs is in every bucket, 20 ms from 25 ms on, 3 s only in +Inf.
+            "mailbell_milter_eom_duration_seconds_bucket{le=\"0.0005\"} 1\n",
+            "mailbell_milter_eom_duration_seconds_bucket{le=\"0.01\"} 1\n",
+            "mailbell_milter_eom_duration_seconds_bucket{le=\"0.025\"} 2\n",
+            "mailbell_milter_eom_duration_seconds_bucket{le=\"2.5\"} 2\n",
+            "mailbell_milter_eom_duration_seconds_bucket{le=\"+Inf\"} 3\n",
+            "mailbell_milter_eom_duration_seconds_count 3\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+        assert_eq!(text.matches("_bucket{").count(), EOM_BUCKETS.len() + 1);
+        let sum: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("mailbell_milter_eom_duration_seconds_sum "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((sum - 3.0203).abs() < 1e-9, "{sum}");
     }
 }

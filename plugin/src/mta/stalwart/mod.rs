@@ -195,39 +195,28 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
-    /// (metric name, value) pairs, in a stable order, for a text exposition.
+    /// `(counter, value)` pairs in a stable order, as `/metrics` shows them:
+    /// `mailbell_stalwart_events_total{counter="hook_connect"}`, ...
     pub fn pairs(&self) -> [(&'static str, u64); 18] {
         [
-            ("stalwart_hook_connect", self.hook_connect),
-            ("stalwart_hook_ehlo", self.hook_ehlo),
-            ("stalwart_hook_mail", self.hook_mail),
-            ("stalwart_hook_rcpt", self.hook_rcpt),
-            ("stalwart_hook_data", self.hook_data),
-            ("stalwart_hook_unknown_stage", self.hook_unknown_stage),
-            ("stalwart_hook_intake_errors", self.hook_intake_errors),
-            ("stalwart_hook_bad_requests", self.hook_bad_requests),
-            ("stalwart_hook_unauthorized", self.hook_unauthorized),
-            ("stalwart_hook_too_large", self.hook_too_large),
-            ("stalwart_webhook_batches", self.webhook_batches),
-            ("stalwart_webhook_ingest_events", self.webhook_ingest_events),
-            (
-                "stalwart_webhook_ignored_events",
-                self.webhook_ignored_events,
-            ),
-            (
-                "stalwart_webhook_skipped_events",
-                self.webhook_skipped_events,
-            ),
-            (
-                "stalwart_webhook_bad_signatures",
-                self.webhook_bad_signatures,
-            ),
-            ("stalwart_webhook_bad_requests", self.webhook_bad_requests),
-            ("stalwart_webhook_too_large", self.webhook_too_large),
-            (
-                "stalwart_webhook_confirm_errors",
-                self.webhook_confirm_errors,
-            ),
+            ("hook_connect", self.hook_connect),
+            ("hook_ehlo", self.hook_ehlo),
+            ("hook_mail", self.hook_mail),
+            ("hook_rcpt", self.hook_rcpt),
+            ("hook_data", self.hook_data),
+            ("hook_unknown_stage", self.hook_unknown_stage),
+            ("hook_intake_errors", self.hook_intake_errors),
+            ("hook_bad_requests", self.hook_bad_requests),
+            ("hook_unauthorized", self.hook_unauthorized),
+            ("hook_too_large", self.hook_too_large),
+            ("webhook_batches", self.webhook_batches),
+            ("webhook_ingest_events", self.webhook_ingest_events),
+            ("webhook_ignored_events", self.webhook_ignored_events),
+            ("webhook_skipped_events", self.webhook_skipped_events),
+            ("webhook_bad_signatures", self.webhook_bad_signatures),
+            ("webhook_bad_requests", self.webhook_bad_requests),
+            ("webhook_too_large", self.webhook_too_large),
+            ("webhook_confirm_errors", self.webhook_confirm_errors),
         ]
     }
 }
