@@ -344,12 +344,8 @@ async fn requeue(
 
 /// The router.
 pub fn router(src: Sources) -> Router {
-    let registry = Arc::new(src.registry());
     Router::new()
-        .route(
-            "/metrics",
-            get(|State(r): State<Arc<Registry>>| metrics::scrape(r)).with_state(registry),
-        )
+        .route("/metrics", metrics::route(src.registry()))
         .route("/status", get(status))
         .route("/dead-letters", get(dead_letters))
         .route("/dead-letters/requeue", axum::routing::post(requeue))

@@ -5,7 +5,7 @@
 //! path with one relaxed add. Each stats source has a [`Collector`] that reads its atomics at
 //! scrape time and encodes them through the crate's encoder, so nothing is counted twice and
 //! no component takes a registry. A daemon registers its collectors in one [`Registry`] at
-//! startup; [`scrape`] encodes it in the Prometheus text format (version 0.0.4, the format
+//! startup; its [`route`] encodes it at every scrape in the Prometheus text format (version 0.0.4, the format
 //! `promtool check metrics` reads; no `# EOF`, and counters keep their `_total` name in
 //! `# HELP`/`# TYPE`).
 //!
@@ -16,8 +16,10 @@
 use std::fmt;
 use std::sync::Arc;
 
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, MethodRouter};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -36,9 +38,14 @@ pub fn encode(registry: &Registry) -> Result<String, fmt::Error> {
     Ok(out)
 }
 
-/// The answer to `GET /metrics`: `registry` encoded off the async threads (collectors may
+/// The `GET /metrics` route of a daemon: `registry`, encoded at every scrape.
+pub fn route<S: Clone + Send + Sync + 'static>(registry: Registry) -> MethodRouter<S> {
+    get(scrape).with_state(Arc::new(registry))
+}
+
+/// The answer to `GET /metrics`: the registry encoded off the async threads (collectors may
 /// read files, such as the certificates for their expiry), or 500 when a collector failed.
-pub async fn scrape(registry: Arc<Registry>) -> Response {
+async fn scrape(State(registry): State<Arc<Registry>>) -> Response {
     match tokio::task::spawn_blocking(move || encode(&registry)).await {
         Ok(Ok(text)) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
         Ok(Err(fmt::Error)) => {
@@ -176,7 +183,7 @@ mod tests {
     async fn scrape_answers_with_the_text_format() {
         let mut r = Registry::default();
         r.register_collector(Box::new(Two(1)));
-        let resp = scrape(Arc::new(r)).await;
+        let resp = scrape(State(Arc::new(r))).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(
             resp.headers()[header::CONTENT_TYPE],
@@ -197,7 +204,7 @@ mod tests {
     async fn a_failing_collector_is_a_500() {
         let mut r = Registry::default();
         r.register_collector(Box::new(Broken));
-        let resp = scrape(Arc::new(r)).await;
+        let resp = scrape(State(Arc::new(r))).await;
         assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

@@ -111,12 +111,10 @@ async fn audit_admin(
 
 /// `/metrics` and `/status` (no token).
 pub fn public_routes(outbox: Outbox, metrics: Metrics) -> Router {
-    let registry = Arc::new(metrics.registry(outbox.clone()));
     Router::new()
         .route(
             "/metrics",
-            get(|State(r): State<Arc<Registry>>| mailbell_link::metrics::scrape(r))
-                .with_state(registry),
+            mailbell_link::metrics::route(metrics.registry(outbox.clone())),
         )
         .route("/status", get(status))
         .with_state((outbox, metrics))
