@@ -371,6 +371,20 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("file=\"ca\""), "{out}");
+
+        // Read again at every scrape: a rotated file shows at once.
+        let rotated = p.dir.join("rotated.pem");
+        std::fs::copy(&p.agent_cert, &rotated).unwrap();
+        let collector = CertExpiryCollector {
+            files: vec![("cert", rotated.clone())],
+        };
+        let line =
+            |t: i64| format!("mailbell_tls_cert_expiry_timestamp_seconds{{file=\"cert\"}} {t}\n");
+        assert!(crate::metrics::encode_one(collector.clone()).contains(&line(leaf)));
+        std::fs::copy(&p.ca_cert, &rotated).unwrap();
+        let ca = cert_not_after(&p.ca_cert).unwrap();
+        assert_ne!(ca, leaf);
+        assert!(crate::metrics::encode_one(collector).contains(&line(ca)));
     }
 
     type ServerStream = tokio_rustls::server::TlsStream<tokio::io::DuplexStream>;
