@@ -160,6 +160,9 @@ pub enum UserError {
     CsvHeader(String),
     #[error("read csv: {0}")]
     Csv(csv::Error),
+    /// The JSON file as a whole is unreadable (not an array of objects, not UTF-8).
+    #[error("json import: {0}")]
+    JsonImport(String),
     #[error("write export: {0}")]
     Export(std::io::Error),
 }
@@ -936,51 +939,54 @@ impl UserStore {
         r: R,
         opts: ImportOptions,
     ) -> Result<ImportReport, UserError> {
-        let mut rdr = csv::ReaderBuilder::new()
-            .has_headers(true)
-            .trim(csv::Trim::All)
-            .from_reader(r);
-        let headers = match rdr.headers() {
-            Ok(h) => h.clone(),
-            Err(e) if e.is_io_error() => return Err(UserError::Csv(e)),
-            Err(e) => return Err(UserError::CsvHeader(e.to_string())),
-        };
-        let columns = Columns::from_header(&headers)?;
+        let (rows, failed) = parse_csv_rows(r)?;
+        self.import_rows(rows, failed, opts)
+    }
+
+    /// Imports users from what `mailbell user export --format json` writes: a JSON array of
+    /// user objects with the [`User`] field names. As with CSV, a field the object leaves out
+    /// keeps the user's value, and `null` clears `licence_until`, `quiet` and
+    /// `rate_limit_secs`; an export names every field, so importing it restores each user
+    /// exactly. Problems with one object are reported by the line it starts on; a file that
+    /// is not a JSON array is an error and writes nothing.
+    pub fn import_json_with<R: std::io::Read>(
+        &self,
+        mut r: R,
+        opts: ImportOptions,
+    ) -> Result<ImportReport, UserError> {
+        let mut data = String::new();
+        r.read_to_string(&mut data)
+            .map_err(|e| UserError::JsonImport(e.to_string()))?;
+        let (rows, failed) = parse_json_rows(&data)?;
+        self.import_rows(rows, failed, opts)
+    }
+
+    /// Imports in `format` ([`import_csv_with`](Self::import_csv_with) or
+    /// [`import_json_with`](Self::import_json_with)).
+    pub fn import_with<R: std::io::Read>(
+        &self,
+        format: ExportFormat,
+        r: R,
+        opts: ImportOptions,
+    ) -> Result<ImportReport, UserError> {
+        match format {
+            ExportFormat::Csv => self.import_csv_with(r, opts),
+            ExportFormat::Json => self.import_json_with(r, opts),
+        }
+    }
+
+    /// Writes parsed rows (from either format): the checks that need the whole file and the
+    /// registry, then the changes.
+    fn import_rows(
+        &self,
+        rows: Vec<(u64, Row)>,
+        mut failed: Vec<(u64, String)>,
+        opts: ImportOptions,
+    ) -> Result<ImportReport, UserError> {
         let mut report = ImportReport {
             dry_run: opts.dry_run,
             ..ImportReport::default()
         };
-        let mut record = csv::StringRecord::new();
-        let mut rows: Vec<(u64, Row)> = Vec::new();
-        // Lines rejected, reported in line order at the end.
-        let mut failed: Vec<(u64, String)> = Vec::new();
-        loop {
-            match rdr.read_record(&mut record) {
-                Ok(false) => break,
-                Ok(true) => {
-                    let line = record.position().map_or(0, |p| p.line());
-                    if record.iter().all(str::is_empty) {
-                        continue; // a blank line
-                    }
-                    match columns.parse(&record) {
-                        Ok(row) => rows.push((line, row)),
-                        Err(e) => failed.push((line, e.to_string())),
-                    }
-                }
-                Err(e) if e.is_io_error() => return Err(UserError::Csv(e)),
-                Err(e) => {
-                    let line = e.position().map_or(0, |p| p.line());
-                    let message = match e.kind() {
-                        csv::ErrorKind::UnequalLengths {
-                            expected_len, len, ..
-                        } => format!("expected {expected_len} fields, found {len}"),
-                        csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_owned(),
-                        _ => e.to_string(),
-                    };
-                    failed.push((line, message));
-                }
-            }
-        }
         // One row per address: which of two would win is a guess, so neither is imported.
         let mut lines_of: HashMap<&str, Vec<u64>> = HashMap::new();
         for (line, row) in &rows {
@@ -1539,6 +1545,135 @@ pub const CSV_COLUMNS: [&str; 11] = [
     "deny_senders",
     "max_parts",
 ];
+
+/// The rows of an import file by line, and the lines that could not be read with why.
+type ParsedRows = (Vec<(u64, Row)>, Vec<(u64, String)>);
+
+/// Rows of an import CSV, with the lines that could not be parsed. Reads the whole input;
+/// an I/O error or a bad header is an error.
+fn parse_csv_rows<R: std::io::Read>(r: R) -> Result<ParsedRows, UserError> {
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .trim(csv::Trim::All)
+        .from_reader(r);
+    let headers = match rdr.headers() {
+        Ok(h) => h.clone(),
+        Err(e) if e.is_io_error() => return Err(UserError::Csv(e)),
+        Err(e) => return Err(UserError::CsvHeader(e.to_string())),
+    };
+    let columns = Columns::from_header(&headers)?;
+    let mut record = csv::StringRecord::new();
+    let mut rows: Vec<(u64, Row)> = Vec::new();
+    // Lines rejected, reported in line order at the end.
+    let mut failed: Vec<(u64, String)> = Vec::new();
+    loop {
+        match rdr.read_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {
+                let line = record.position().map_or(0, |p| p.line());
+                if record.iter().all(str::is_empty) {
+                    continue; // a blank line
+                }
+                match columns.parse(&record) {
+                    Ok(row) => rows.push((line, row)),
+                    Err(e) => failed.push((line, e.to_string())),
+                }
+            }
+            Err(e) if e.is_io_error() => return Err(UserError::Csv(e)),
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                let message = match e.kind() {
+                    csv::ErrorKind::UnequalLengths {
+                        expected_len, len, ..
+                    } => format!("expected {expected_len} fields, found {len}"),
+                    csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_owned(),
+                    _ => e.to_string(),
+                };
+                failed.push((line, message));
+            }
+        }
+    }
+    Ok((rows, failed))
+}
+
+/// One object of a JSON import: the [`User`] fields, each optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonRow {
+    address: String,
+    #[serde(default)]
+    aliases: Option<Vec<String>>,
+    #[serde(default)]
+    phone: Option<String>,
+    #[serde(default)]
+    notify: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
+    licence_until: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "present")]
+    quiet: Option<Option<QuietHours>>,
+    #[serde(default, deserialize_with = "present")]
+    rate_limit_secs: Option<Option<u32>>,
+    #[serde(default)]
+    allow_senders: Option<Vec<String>>,
+    #[serde(default)]
+    deny_senders: Option<Vec<String>>,
+    #[serde(default)]
+    language: Option<String>,
+    #[serde(default)]
+    max_parts: Option<u8>,
+}
+
+/// Rows of a JSON import, each with the line its object starts on, and the objects that
+/// could not be read.
+fn parse_json_rows(data: &str) -> Result<ParsedRows, UserError> {
+    let items: Vec<&serde_json::value::RawValue> = serde_json::from_str(data)
+        .map_err(|e| UserError::JsonImport(format!("expected an array of user objects: {e}")))?;
+    let mut rows = Vec::with_capacity(items.len());
+    let mut failed = Vec::new();
+    for raw in items {
+        // The object's place in `data`, for its line number.
+        let offset = (raw.get().as_ptr() as usize).saturating_sub(data.as_ptr() as usize);
+        let line = 1 + data.as_bytes()[..offset.min(data.len())]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count() as u64;
+        // serde_path_to_error names the field; serde_json's own message only has a position.
+        let row = serde_path_to_error::deserialize::<_, JsonRow>(
+            &mut serde_json::Deserializer::from_str(raw.get()),
+        )
+        .map_err(|e| {
+            // serde_json's position is inside the object; the report gives the object's line.
+            let message = e.inner().to_string();
+            let message = message
+                .rsplit_once(" at line ")
+                .map_or(message.as_str(), |(m, _)| m);
+            match e.path().to_string().as_str() {
+                "." => message.to_owned(),
+                path => format!("{path}: {message}"),
+            }
+        })
+        .and_then(|j| {
+            Ok(Row {
+                address: normalize_address(&j.address).map_err(|e| e.to_string())?,
+                phone: j.phone,
+                notify: j.notify,
+                licence_until: j.licence_until,
+                quiet: j.quiet,
+                rate_limit_secs: j.rate_limit_secs,
+                language: j.language,
+                aliases: j.aliases,
+                allow_senders: j.allow_senders,
+                deny_senders: j.deny_senders,
+                max_parts: j.max_parts,
+            })
+        });
+        match row {
+            Ok(row) => rows.push((line, row)),
+            Err(e) => failed.push((line, e)),
+        }
+    }
+    Ok((rows, failed))
+}
 
 /// What `mailbell user export` writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -2609,15 +2744,84 @@ bob@example.com,+8613800138001,on,,,,,b@example.com,
             .unwrap();
         assert_eq!((r.updated, r.failed), (3, 0), "{:?}", r.errors);
         assert_eq!(export(&other, ExportFormat::Csv), csv);
-        // JSON: the users themselves.
+        // JSON: the users themselves, and an import of it restores them over the changes.
         let back: Vec<User> = serde_json::from_str(&json).unwrap();
         assert_eq!(back, s.list(None, 10).unwrap());
+        let (_d5, from_json) = store();
+        let r = from_json
+            .import_json_with(json.as_bytes(), ImportOptions::default())
+            .unwrap();
+        assert_eq!((r.added, r.failed), (3, 0), "{:?}", r.errors);
+        assert_eq!(export(&from_json, ExportFormat::Json), json);
+        let r = other
+            .import_json_with(json.as_bytes(), ImportOptions::default())
+            .unwrap();
+        assert_eq!(
+            (r.updated, r.unchanged, r.failed),
+            (0, 3, 0),
+            "{:?}",
+            r.errors
+        );
         let (_d4, none) = store();
         assert_eq!(export(&none, ExportFormat::Json), "[]\n");
         assert_eq!(
             export(&none, ExportFormat::Csv),
             format!("{}\n", CSV_COLUMNS.join(","))
         );
+    }
+
+    /// JSON import follows the CSV rules: an absent field keeps the value, null clears it,
+    /// bad objects are reported by the line they start on and the rest still imports, and a
+    /// file that is not an array writes nothing.
+    #[test]
+    fn json_import_keeps_absent_fields_clears_nulls_and_names_lines() {
+        let (_d, s) = store();
+        s.insert(User {
+            quiet: Some(QuietHours::parse("22:00-07:00").unwrap()),
+            licence_until: Some(1_900_000_000_000),
+            aliases: vec!["a.li@example.com".into()],
+            language: "en".into(),
+            ..user("alice@example.com", "+8613800138000")
+        })
+        .unwrap();
+        let file = r#"[
+{"address": "Alice@Example.com", "phone": "+8613900139000", "quiet": null},
+{"address": "bob@example.com", "phone": "+447700900123",
+ "notify": "yes"},
+{"address": "carol@example.com", "phone": "+447700900124", "colour": "red"},
+{"address": "dave@example.com", "phone": "+447700900125", "aliases": ["a.li@example.com"]},
+{"address": "erin@example.com", "phone": "+447700900126"}
+]"#;
+        let r = s
+            .import_json_with(file.as_bytes(), ImportOptions::default())
+            .unwrap();
+        assert_eq!((r.added, r.updated, r.failed), (1, 1, 3), "{:?}", r.errors);
+        let lines: Vec<u64> = r.errors.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, [3, 5, 6], "{:?}", r.errors);
+        assert_eq!(
+            r.errors[0].1,
+            "notify: invalid type: string \"yes\", expected a boolean"
+        );
+        assert!(r.errors[1].1.contains("colour"), "{:?}", r.errors);
+        assert!(
+            r.errors[2].1.contains("alice@example.com"),
+            "{:?}",
+            r.errors
+        );
+        let alice = s.get("alice@example.com").unwrap().unwrap();
+        assert_eq!(alice.phone, "+8613900139000");
+        assert_eq!(alice.quiet, None);
+        assert_eq!(alice.licence_until, Some(1_900_000_000_000));
+        assert_eq!(alice.aliases, ["a.li@example.com"]);
+        assert_eq!(alice.language, "en");
+        assert!(s.get("erin@example.com").unwrap().is_some());
+        for bad in ["{\"address\": \"x@example.com\"}", "[", "not json"] {
+            let e = s
+                .import_json_with(bad.as_bytes(), ImportOptions::default())
+                .unwrap_err();
+            assert!(matches!(e, UserError::JsonImport(_)), "{bad}: {e}");
+        }
+        assert_eq!(s.len(), 2);
     }
 
     #[test]

@@ -67,10 +67,14 @@ pub enum UserCmd {
         format: String,
     },
     /// Import users from CSV (header row; columns address, phone, notify, licence_until,
-    /// quiet, rate_limit_secs, language, aliases, allow_senders, deny_senders, max_parts).
-    /// An empty cell keeps the user's value, "-" clears it.
+    /// quiet, rate_limit_secs, language, aliases, allow_senders, deny_senders, max_parts)
+    /// or from the JSON that `user export --format json` writes. An empty cell (a field left
+    /// out in JSON) keeps the user's value; "-" (JSON null) clears it.
     Import {
         file: PathBuf,
+        /// csv or json; by default json for a *.json file, otherwise csv.
+        #[arg(long)]
+        format: Option<String>,
         /// upsert (default) or add (existing addresses are skipped).
         #[arg(long, default_value = "upsert")]
         mode: String,
@@ -441,8 +445,22 @@ pub async fn user(config: Option<&Path>, cmd: UserCmd) -> anyhow::Result<()> {
     }
 }
 
-fn read_csv(file: &Path) -> anyhow::Result<Vec<u8>> {
+fn read_import(file: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(file).with_context(|| format!("read {}", file.display()))
+}
+
+/// `--format`, or else json for a `*.json` file and csv for anything else.
+fn import_format(file: &Path, format: Option<&str>) -> anyhow::Result<ExportFormat> {
+    Ok(match format {
+        Some(f) => f.parse()?,
+        None if file
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json")) =>
+        {
+            ExportFormat::Json
+        }
+        None => ExportFormat::Csv,
+    })
 }
 
 async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result<()> {
@@ -542,22 +560,28 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
         }
         UserCmd::Import {
             file,
+            format,
             mode,
             dry_run,
         } => {
             let mode: ImportMode = mode.parse()?;
-            let data = read_csv(&file)?;
+            let format = import_format(&file, format.as_deref())?;
+            let data = read_import(&file)?;
             let m = if mode == ImportMode::AddOnly {
                 "add"
             } else {
                 "upsert"
             };
+            let (f, content_type) = match format {
+                ExportFormat::Csv => ("csv", "text/csv"),
+                ExportFormat::Json => ("json", "application/json"),
+            };
             let r: ImportReport = api(
                 addr,
                 token,
                 "POST",
-                &format!("/admin/v1/users/import?mode={m}&dry_run={dry_run}"),
-                Some(("text/csv", &data)),
+                &format!("/admin/v1/users/import?mode={m}&format={f}&dry_run={dry_run}"),
+                Some((content_type, &data)),
             )
             .await?;
             report(&r)
@@ -633,12 +657,14 @@ fn user_local(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::Import {
             file,
+            format,
             mode,
             dry_run,
         } => {
             let mode = mode.parse()?;
-            let data = read_csv(&file)?;
-            report(&users.import_csv_with(&data[..], ImportOptions { mode, dry_run })?)
+            let format = import_format(&file, format.as_deref())?;
+            let data = read_import(&file)?;
+            report(&users.import_with(format, &data[..], ImportOptions { mode, dry_run })?)
         }
     };
     users.flush()?;
