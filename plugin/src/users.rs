@@ -62,7 +62,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use mailbell_link::durable::{open_waiting, OpenWaiting};
-use mailbell_link::notification::{is_builtin_language, MAX_SMS_PARTS};
+use mailbell_link::notification::{has_template, MAX_SMS_PARTS};
 use serde::{Deserialize, Deserializer, Serialize};
 use sled::Transactional;
 use tracing::{info, warn};
@@ -438,7 +438,14 @@ impl User {
 
     /// Checks every field and returns the user normalised: addresses and patterns
     /// lower-cased, duplicates and an alias equal to the address dropped, phone compacted.
-    pub fn validated(mut self) -> Result<User, UserError> {
+    /// The language must be a built-in one; see [`validated_with`](Self::validated_with).
+    pub fn validated(self) -> Result<User, UserError> {
+        self.validated_with(&[])
+    }
+
+    /// [`validated`](Self::validated), also accepting the languages in `extra_languages`
+    /// (`link.agent_languages`).
+    pub fn validated_with(mut self, extra_languages: &[String]) -> Result<User, UserError> {
         self.address = normalize_address(&self.address)?;
         let mut aliases: Vec<String> = Vec::with_capacity(self.aliases.len());
         for a in &self.aliases {
@@ -464,7 +471,7 @@ impl User {
         }
         self.allow_senders = normalize_patterns(&self.allow_senders, "allowed sender patterns")?;
         self.deny_senders = normalize_patterns(&self.deny_senders, "denied sender patterns")?;
-        self.language = normalize_language(&self.language)?;
+        self.language = normalize_language(&self.language, extra_languages)?;
         if self.max_parts > MAX_SMS_PARTS {
             return Err(UserError::InvalidField {
                 field: "max_parts",
@@ -655,6 +662,8 @@ pub struct Saved {
 #[derive(Clone)]
 pub struct UserStore {
     inner: Arc<Inner>,
+    /// Languages accepted besides the built-in ones (`link.agent_languages`).
+    languages: Arc<[String]>,
 }
 
 struct Inner {
@@ -686,6 +695,13 @@ impl UserStore {
     /// Blocking: call it at startup or through `spawn_blocking`.
     pub fn open(path: &Path) -> Result<Self, UserError> {
         Self::open_with(path, DEFAULT_LOCK_WAIT)
+    }
+
+    /// The store, accepting users whose language is one of `extra` besides the built-in
+    /// ones: the languages the agents have templates for (`link.agent_languages`).
+    pub fn with_languages(mut self, extra: &[String]) -> Self {
+        self.languages = extra.into();
+        self
     }
 
     /// [`open`](Self::open) with a chosen lock wait.
@@ -745,6 +761,7 @@ impl UserStore {
                 index: RwLock::new(index),
                 writer: Mutex::new(()),
             }),
+            languages: Arc::from([]),
         })
     }
 
@@ -786,7 +803,7 @@ impl UserStore {
 
     /// [`upsert`](Self::upsert), returning the user as stored and whether it was new.
     pub fn save(&self, user: User) -> Result<Saved, UserError> {
-        let user = user.validated()?;
+        let user = user.validated_with(&self.languages)?;
         let _w = self.writer();
         let (created, staged) = {
             let index = self.read_index();
@@ -803,7 +820,7 @@ impl UserStore {
     /// ([`UserError::NotifyWithoutPhone`]); `mailbell user add` and `POST /admin/v1/users`
     /// come here. (A CSV import may still register a user without a phone.)
     pub fn insert(&self, user: User) -> Result<User, UserError> {
-        let user = user.validated()?;
+        let user = user.validated_with(&self.languages)?;
         user.check_phone_for_notify()?;
         let _w = self.writer();
         let staged = {
@@ -839,7 +856,7 @@ impl UserStore {
                 .ok_or_else(|| UserError::NotFound { address: key })?;
             let mut user = (*current).clone();
             patch.apply(&mut user);
-            let user = user.validated()?;
+            let user = user.validated_with(&self.languages)?;
             if patch.notify.is_some() || patch.phone.is_some() {
                 user.check_phone_for_notify()?;
             }
@@ -1053,7 +1070,7 @@ impl UserStore {
                         .as_deref()
                         .map_or_else(|| User::new(&row.address), User::clone);
                     row.apply(&mut user);
-                    let user = match user.validated() {
+                    let user = match user.validated_with(&self.languages) {
                         Ok(u) => u,
                         Err(e) => {
                             failed.push((line, e.to_string()));
@@ -1437,7 +1454,9 @@ fn pattern_matches(pattern: &str, sender: &str) -> bool {
     }
 }
 
-fn normalize_language(s: &str) -> Result<String, UserError> {
+/// Checks a language tag and that an agent has a template for it (built-in or one of
+/// `extra`, the configured `link.agent_languages`).
+pub fn normalize_language(s: &str, extra: &[String]) -> Result<String, UserError> {
     let l = s.trim();
     let bad = |reason| UserError::InvalidLanguage {
         language: s.to_owned(),
@@ -1452,8 +1471,10 @@ fn normalize_language(s: &str) -> Result<String, UserError> {
     {
         return Err(bad("expected a language tag such as zh, en or en-US"));
     }
-    if !is_builtin_language(l) {
-        return Err(bad("the agent has no template for it (built-in: zh, en)"));
+    if !has_template(l, extra) {
+        return Err(bad(
+            "the agent has no template for it (built-in: zh, en; add others to link.agent_languages)",
+        ));
     }
     Ok(l.to_owned())
 }
@@ -2386,6 +2407,33 @@ mod tests {
                 "{lang}"
             );
         }
+        // ... unless the operator gave the agents a template for it (link.agent_languages),
+        // also through an import.
+        let with_fr = s.clone().with_languages(&["fr".to_owned()]);
+        let fr = |a: &str, lang: &str| User {
+            language: lang.into(),
+            ..user(a, "+447700900127")
+        };
+        with_fr.insert(fr("d@example.com", "fr")).unwrap();
+        with_fr.insert(fr("e@example.com", "fr-CA")).unwrap();
+        assert!(matches!(
+            with_fr.insert(fr("f@example.com", "pt-BR")),
+            Err(UserError::InvalidLanguage { .. })
+        ));
+        let csv = "address,phone,language\ng@example.com,+447700900128,FR\n";
+        assert!(
+            s.import_csv(csv.as_bytes(), ImportMode::Upsert)
+                .unwrap()
+                .failed
+                == 1
+        );
+        assert!(
+            with_fr
+                .import_csv(csv.as_bytes(), ImportMode::Upsert)
+                .unwrap()
+                .failed
+                == 0
+        );
         let u = User {
             language: "en-US".into(),
             max_parts: MAX_SMS_PARTS,

@@ -244,7 +244,12 @@ pub struct LogArgs {
 
 /// Where the commands go.
 enum Target {
-    Api { addr: SocketAddr, token: String },
+    Api {
+        addr: SocketAddr,
+        token: String,
+        /// `link.agent_languages`, for the checks made before a call.
+        languages: Vec<String>,
+    },
     Local(Box<Config>),
 }
 
@@ -274,6 +279,7 @@ async fn reach(config: Option<&Path>) -> anyhow::Result<Target> {
             return Ok(Target::Api {
                 addr,
                 token: cfg.admin_token.clone(),
+                languages: cfg.link.agent_languages.clone(),
             });
         }
     }
@@ -333,7 +339,7 @@ fn enc(s: &str) -> String {
 
 fn open_users(cfg: &Config) -> anyhow::Result<UserStore> {
     std::fs::create_dir_all(&cfg.data_dir)?;
-    Ok(UserStore::open(&cfg.users_path())?)
+    Ok(UserStore::open(&cfg.users_path())?.with_languages(&cfg.link.agent_languages))
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -440,7 +446,11 @@ pub async fn user(config: Option<&Path>, cmd: UserCmd) -> anyhow::Result<()> {
         bail!("limit must be at least 1");
     }
     match target(config).await? {
-        Target::Api { addr, token } => user_api(addr, &token, cmd).await,
+        Target::Api {
+            addr,
+            token,
+            languages,
+        } => user_api(addr, &token, &languages, cmd).await,
         Target::Local(cfg) => tokio::task::spawn_blocking(move || user_local(&cfg, cmd)).await?,
     }
 }
@@ -463,7 +473,12 @@ fn import_format(file: &Path, format: Option<&str>) -> anyhow::Result<ExportForm
     })
 }
 
-async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result<()> {
+async fn user_api(
+    addr: SocketAddr,
+    token: &str,
+    languages: &[String],
+    cmd: UserCmd,
+) -> anyhow::Result<()> {
     let path = |a: &str| format!("/admin/v1/users/{}", enc(a));
     match cmd {
         UserCmd::Add {
@@ -472,7 +487,7 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
             aliases,
         } => {
             // Checked here first, as the registry does without the daemon.
-            let u = new_user(&address, &opts, aliases)?.validated()?;
+            let u = new_user(&address, &opts, aliases)?.validated_with(languages)?;
             let existing: anyhow::Result<User> =
                 api(addr, token, "GET", &path(&u.address), None).await;
             // The API finds a user by address or alias: an alias names its owner, as the
@@ -727,7 +742,7 @@ fn open_outbox(cfg: &Config) -> anyhow::Result<Outbox> {
 /// `mailbell queue …`
 pub async fn queue(config: Option<&Path>, cmd: QueueCmd) -> anyhow::Result<()> {
     match target(config).await? {
-        Target::Api { addr, token } => match cmd {
+        Target::Api { addr, token, .. } => match cmd {
             QueueCmd::List {
                 limit, held: true, ..
             } => {
@@ -830,7 +845,7 @@ pub async fn queue(config: Option<&Path>, cmd: QueueCmd) -> anyhow::Result<()> {
 /// `mailbell log …`
 pub async fn log(config: Option<&Path>, a: LogArgs) -> anyhow::Result<()> {
     let page: AuditPage = match target(config).await? {
-        Target::Api { addr, token } => {
+        Target::Api { addr, token, .. } => {
             let mut q = format!("/admin/v1/log/page?limit={}", a.limit);
             for (k, v) in [
                 ("user", &a.user),
