@@ -217,6 +217,15 @@ impl Sources {
                 m.failed
             );
         }
+        let _ = writeln!(o, "# HELP mailbell_modem_submit_timeout_seconds The AT+CMGS deadline in force per modem: submit_timeout until the modem has shown its submit times, then p99 x 3 of them, clamped.\n# TYPE mailbell_modem_submit_timeout_seconds gauge");
+        for m in &modems {
+            let _ = writeln!(
+                o,
+                "mailbell_modem_submit_timeout_seconds{{modem=\"{}\"}} {}",
+                escape(&m.name),
+                m.submit_timeout_ms as f64 / 1000.0
+            );
+        }
         let listeners: Vec<(&str, &ListenerStats)> =
             self.listeners.iter().map(|(n, s)| (*n, &**s)).collect();
         mailbell_link::listen::write_prometheus_all(&mut o, &listeners);
