@@ -151,7 +151,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     match (entries.is_empty(), cfg.simulator.enable) {
         (true, false) => anyhow::bail!(
             "no modem configured: add a [[modem]] section (name, device) for each GSM modem, \
-             or set [simulator] enable = true to run on a simulated modem (nothing reaches a phone)"
+             or set [simulator] enable = true (or serve --simulate) to run on a simulated modem \
+             (nothing reaches a phone)"
         ),
         (false, true) => anyhow::bail!(
             "[simulator] enable = true and {} [[modem]] section(s): a simulated modem does not \

@@ -280,6 +280,8 @@ struct RawModem {
     command_timeout: Duration,
     #[serde(default = "default_submit_timeout", deserialize_with = "de_duration")]
     submit_timeout: Duration,
+    #[serde(default = "default_submit_floor", deserialize_with = "de_duration")]
+    submit_timeout_floor: Duration,
     #[serde(default)]
     init_commands: Vec<String>,
     #[serde(default = "default_reopen_max", deserialize_with = "de_duration")]
@@ -298,6 +300,9 @@ fn default_cmd_timeout() -> Duration {
 }
 fn default_submit_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_submit_floor() -> Duration {
+    crate::modem::submit_time::DEFAULT_FLOOR
 }
 fn default_reopen_max() -> Duration {
     Duration::from_secs(60)
@@ -530,6 +535,7 @@ impl Config {
             modem.pin = m.pin;
             modem.command_timeout = m.command_timeout;
             modem.submit_timeout = m.submit_timeout;
+            modem.submit_timeout_floor = m.submit_timeout_floor;
             modem.init_commands = m.init_commands;
             modem.reopen_backoff_max = m.reopen_backoff_max;
             modems.push(ModemEntry {
@@ -839,12 +845,25 @@ pin = "1234"
 per_minute = 6
 per_day = 500
 submit_timeout = "90s"
+[[modem]]
+name = "gsm1"
+device = "/dev/ttyUSB1"
+submit_timeout_floor = "4s"
 "#,
             "t",
         )
         .unwrap();
         assert_eq!(c.modems[0].pacing.per_day, 500);
         assert_eq!(c.modems[0].modem.submit_timeout, Duration::from_secs(90));
+        assert_eq!(
+            c.modems[0].modem.submit_timeout_floor,
+            Duration::from_secs(10)
+        );
+        assert_eq!(c.modems[1].modem.submit_timeout, Duration::from_secs(60));
+        assert_eq!(
+            c.modems[1].modem.submit_timeout_floor,
+            Duration::from_secs(4)
+        );
         assert_eq!(c.modems[0].modem.baud, 115_200);
         assert!(
             !format!("{:?}", c.modems[0]).contains("1234"),

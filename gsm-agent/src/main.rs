@@ -40,7 +40,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent.
-    Serve,
+    Serve {
+        /// Send every SMS to a simulated modem on a pseudo-terminal, as `[simulator] enable =
+        /// true` does (nothing reaches a phone; refused beside [[modem]] sections).
+        #[arg(long)]
+        simulate: bool,
+    },
     /// Send one test SMS through the agent's link and pipeline.
     SendTest {
         /// Destination, E.164 (+8613800138000).
@@ -115,7 +120,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Ok(Config::load(Some(&path))?)
     };
     match cli.cmd {
-        Cmd::Serve => app::serve(load()?).await,
+        Cmd::Serve { simulate } => {
+            let mut cfg = load()?;
+            cfg.simulator.enable |= simulate;
+            app::serve(cfg).await
+        }
         Cmd::SendTest {
             to,
             text,

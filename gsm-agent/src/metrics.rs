@@ -249,6 +249,14 @@ impl Collector for AgentCollector {
             "mailbell_modem_failed_total",
             "Failed submissions per modem.",
             by_modem(|m| m.failed),
+        )?;
+        metrics::gauge_family(
+            &mut enc,
+            "mailbell_modem_submit_timeout_seconds",
+            "The AT+CMGS deadline in force per modem: submit_timeout until the modem has shown its submit times, then p99 x 3 of them, clamped.",
+            modems
+                .iter()
+                .map(|m| ([("modem", m.name.as_str())], m.submit_timeout_ms as f64 / 1000.0)),
         )
     }
 }
@@ -367,6 +375,8 @@ mod tests {
             last_error: None,
             signal: None,
             inits: 1,
+            submit_timeout_ms: 60_000,
+            submit_p99_ms: None,
         }
     }
 
@@ -412,7 +422,10 @@ mod tests {
         link.sessions_active.store(1, Ordering::Relaxed);
         link.refused_busy.store(4, Ordering::Relaxed);
         *modems.lock().unwrap() = vec![
-            modem("ttyUSB0", ModemState::Ready, 12, 1),
+            ModemStatus {
+                submit_timeout_ms: 2500,
+                ..modem("ttyUSB0", ModemState::Ready, 12, 1)
+            },
             modem("a\"b", ModemState::Faulty("no SIM".into()), 0, 3),
         ];
         let after = metrics::encode_one(collector);
@@ -429,10 +442,12 @@ mod tests {
             "mailbell_modem_up{modem=\"a\\\"b\"} 0\n",
             "mailbell_modem_sent_total{modem=\"ttyUSB0\"} 12\n",
             "mailbell_modem_failed_total{modem=\"a\\\"b\"} 3\n",
+            "# TYPE mailbell_modem_submit_timeout_seconds gauge\n",
+            "mailbell_modem_submit_timeout_seconds{modem=\"ttyUSB0\"} 2.5\n",
         ] {
             assert!(after.contains(line), "{line:?} missing from:\n{after}");
         }
         // Every family once.
-        assert_eq!(after.matches("# TYPE ").count(), 17, "{after}");
+        assert_eq!(after.matches("# TYPE ").count(), 18, "{after}");
     }
 }

@@ -28,11 +28,19 @@ pub const BUILTIN_LANGUAGES: &[&str] = &["zh", "en"];
 /// Whether the agent has a built-in template for `tag`: a [`BUILTIN_LANGUAGES`] entry or a
 /// subtag of one, case-insensitive; the empty tag (agent default) too.
 pub fn is_builtin_language(tag: &str) -> bool {
+    has_template(tag, &[])
+}
+
+/// [`is_builtin_language`], or `tag` (or its primary subtag) is one of `extra`: the languages
+/// the operator gave the agents templates for (`[sms.templates.<lang>]`).
+pub fn has_template(tag: &str, extra: &[String]) -> bool {
     let primary = tag.split(['-', '_']).next().unwrap_or_default();
     tag.is_empty()
         || BUILTIN_LANGUAGES
             .iter()
-            .any(|l| l.eq_ignore_ascii_case(primary))
+            .copied()
+            .chain(extra.iter().map(String::as_str))
+            .any(|l| l.eq_ignore_ascii_case(primary) || l.eq_ignore_ascii_case(tag))
 }
 
 /// The most SMS parts a notice may ask for (tag 9) and an agent sends (its `sms.max_parts_cap`

@@ -52,7 +52,7 @@ impl Stores {
                 ..Default::default()
             },
         )?;
-        let users = UserStore::open(&cfg.users_path())?;
+        let users = UserStore::open(&cfg.users_path())?.with_languages(&cfg.link.agent_languages);
         let audit = AuditLog::open(&cfg.audit_path(), cfg.audit.clone())?;
         Ok(Self {
             outbox,

@@ -122,6 +122,7 @@ struct RawLink {
     dev_pki_dir: Option<PathBuf>,
     agent_names: Vec<String>,
     client_name: String,
+    agent_languages: Vec<String>,
     window: u16,
     #[serde(deserialize_with = "de_duration")]
     ack_timeout: Duration,
@@ -155,6 +156,7 @@ impl Default for RawLink {
             dev_pki_dir: None,
             agent_names: vec!["localhost".into(), "127.0.0.1".into()],
             client_name: "mailhost".into(),
+            agent_languages: Vec::new(),
             window: s.window,
             ack_timeout: s.ack_timeout,
             max_resends: s.max_resends,
@@ -206,6 +208,9 @@ pub enum LinkTls {
 #[derive(Clone, Debug)]
 pub struct LinkConfig {
     pub agents: Vec<Endpoint>,
+    /// Languages the agents have `[sms.templates.<lang>]` for besides the built-in zh and
+    /// en: users may be registered with them.
+    pub agent_languages: Vec<String>,
     pub tls: LinkTls,
     pub sender: mailbell_link::sender::SenderConfig,
     pub connect_timeout: Duration,
@@ -354,6 +359,18 @@ impl Config {
         if l.window == 0 {
             return Err(inv("link.window must be at least 1".into()));
         }
+        for lang in &l.agent_languages {
+            let ok = !lang.is_empty()
+                && lang.len() <= 16
+                && lang
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(inv(format!(
+                    "link.agent_languages: {lang:?} is not a language tag such as fr or pt-BR"
+                )));
+            }
+        }
         if raw.intake.max_recipients == 0 {
             return Err(inv("intake.max_recipients must be at least 1".into()));
         }
@@ -398,6 +415,7 @@ impl Config {
             intake: raw.intake,
             link: LinkConfig {
                 agents,
+                agent_languages: l.agent_languages,
                 tls,
                 sender: mailbell_link::sender::SenderConfig {
                     window: l.window,
@@ -493,6 +511,7 @@ mod tests {
         assert!(e("[intake]\nbogus = 1").contains("bogus"));
         assert!(e("[link]\nack_timeout = \"soon\"").contains("duration"));
         assert!(e("[link]\nack_timeout = \"10\"").contains("no unit"));
+        assert!(e("[link]\nagent_languages = [\"fr ca\"]").contains("link.agent_languages"));
         assert!(e("[milter]\ntimeout = \"0s\"").contains("milter.timeout"));
         assert!(e("[milter]\nnegotiate_timeout = \"0s\"").contains("milter.negotiate_timeout"));
         assert!(e("[milter]\ncommand_timeout = 0").contains("milter.command_timeout"));

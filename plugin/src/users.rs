@@ -62,7 +62,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use mailbell_link::durable::{open_waiting, OpenWaiting};
-use mailbell_link::notification::{is_builtin_language, MAX_SMS_PARTS};
+use mailbell_link::notification::{has_template, MAX_SMS_PARTS};
 use serde::{Deserialize, Deserializer, Serialize};
 use sled::Transactional;
 use tracing::{info, warn};
@@ -160,6 +160,9 @@ pub enum UserError {
     CsvHeader(String),
     #[error("read csv: {0}")]
     Csv(csv::Error),
+    /// The JSON file as a whole is unreadable (not an array of objects, not UTF-8).
+    #[error("json import: {0}")]
+    JsonImport(String),
     #[error("write export: {0}")]
     Export(std::io::Error),
 }
@@ -435,7 +438,14 @@ impl User {
 
     /// Checks every field and returns the user normalised: addresses and patterns
     /// lower-cased, duplicates and an alias equal to the address dropped, phone compacted.
-    pub fn validated(mut self) -> Result<User, UserError> {
+    /// The language must be a built-in one; see [`validated_with`](Self::validated_with).
+    pub fn validated(self) -> Result<User, UserError> {
+        self.validated_with(&[])
+    }
+
+    /// [`validated`](Self::validated), also accepting the languages in `extra_languages`
+    /// (`link.agent_languages`).
+    pub fn validated_with(mut self, extra_languages: &[String]) -> Result<User, UserError> {
         self.address = normalize_address(&self.address)?;
         let mut aliases: Vec<String> = Vec::with_capacity(self.aliases.len());
         for a in &self.aliases {
@@ -461,7 +471,7 @@ impl User {
         }
         self.allow_senders = normalize_patterns(&self.allow_senders, "allowed sender patterns")?;
         self.deny_senders = normalize_patterns(&self.deny_senders, "denied sender patterns")?;
-        self.language = normalize_language(&self.language)?;
+        self.language = normalize_language(&self.language, extra_languages)?;
         if self.max_parts > MAX_SMS_PARTS {
             return Err(UserError::InvalidField {
                 field: "max_parts",
@@ -652,6 +662,8 @@ pub struct Saved {
 #[derive(Clone)]
 pub struct UserStore {
     inner: Arc<Inner>,
+    /// Languages accepted besides the built-in ones (`link.agent_languages`).
+    languages: Arc<[String]>,
 }
 
 struct Inner {
@@ -683,6 +695,13 @@ impl UserStore {
     /// Blocking: call it at startup or through `spawn_blocking`.
     pub fn open(path: &Path) -> Result<Self, UserError> {
         Self::open_with(path, DEFAULT_LOCK_WAIT)
+    }
+
+    /// The store, accepting users whose language is one of `extra` besides the built-in
+    /// ones: the languages the agents have templates for (`link.agent_languages`).
+    pub fn with_languages(mut self, extra: &[String]) -> Self {
+        self.languages = extra.into();
+        self
     }
 
     /// [`open`](Self::open) with a chosen lock wait.
@@ -742,6 +761,7 @@ impl UserStore {
                 index: RwLock::new(index),
                 writer: Mutex::new(()),
             }),
+            languages: Arc::from([]),
         })
     }
 
@@ -783,7 +803,7 @@ impl UserStore {
 
     /// [`upsert`](Self::upsert), returning the user as stored and whether it was new.
     pub fn save(&self, user: User) -> Result<Saved, UserError> {
-        let user = user.validated()?;
+        let user = user.validated_with(&self.languages)?;
         let _w = self.writer();
         let (created, staged) = {
             let index = self.read_index();
@@ -800,7 +820,7 @@ impl UserStore {
     /// ([`UserError::NotifyWithoutPhone`]); `mailbell user add` and `POST /admin/v1/users`
     /// come here. (A CSV import may still register a user without a phone.)
     pub fn insert(&self, user: User) -> Result<User, UserError> {
-        let user = user.validated()?;
+        let user = user.validated_with(&self.languages)?;
         user.check_phone_for_notify()?;
         let _w = self.writer();
         let staged = {
@@ -836,7 +856,7 @@ impl UserStore {
                 .ok_or_else(|| UserError::NotFound { address: key })?;
             let mut user = (*current).clone();
             patch.apply(&mut user);
-            let user = user.validated()?;
+            let user = user.validated_with(&self.languages)?;
             if patch.notify.is_some() || patch.phone.is_some() {
                 user.check_phone_for_notify()?;
             }
@@ -936,51 +956,54 @@ impl UserStore {
         r: R,
         opts: ImportOptions,
     ) -> Result<ImportReport, UserError> {
-        let mut rdr = csv::ReaderBuilder::new()
-            .has_headers(true)
-            .trim(csv::Trim::All)
-            .from_reader(r);
-        let headers = match rdr.headers() {
-            Ok(h) => h.clone(),
-            Err(e) if e.is_io_error() => return Err(UserError::Csv(e)),
-            Err(e) => return Err(UserError::CsvHeader(e.to_string())),
-        };
-        let columns = Columns::from_header(&headers)?;
+        let (rows, failed) = parse_csv_rows(r)?;
+        self.import_rows(rows, failed, opts)
+    }
+
+    /// Imports users from what `mailbell user export --format json` writes: a JSON array of
+    /// user objects with the [`User`] field names. As with CSV, a field the object leaves out
+    /// keeps the user's value, and `null` clears `licence_until`, `quiet` and
+    /// `rate_limit_secs`; an export names every field, so importing it restores each user
+    /// exactly. Problems with one object are reported by the line it starts on; a file that
+    /// is not a JSON array is an error and writes nothing.
+    pub fn import_json_with<R: std::io::Read>(
+        &self,
+        mut r: R,
+        opts: ImportOptions,
+    ) -> Result<ImportReport, UserError> {
+        let mut data = String::new();
+        r.read_to_string(&mut data)
+            .map_err(|e| UserError::JsonImport(e.to_string()))?;
+        let (rows, failed) = parse_json_rows(&data)?;
+        self.import_rows(rows, failed, opts)
+    }
+
+    /// Imports in `format` ([`import_csv_with`](Self::import_csv_with) or
+    /// [`import_json_with`](Self::import_json_with)).
+    pub fn import_with<R: std::io::Read>(
+        &self,
+        format: ExportFormat,
+        r: R,
+        opts: ImportOptions,
+    ) -> Result<ImportReport, UserError> {
+        match format {
+            ExportFormat::Csv => self.import_csv_with(r, opts),
+            ExportFormat::Json => self.import_json_with(r, opts),
+        }
+    }
+
+    /// Writes parsed rows (from either format): the checks that need the whole file and the
+    /// registry, then the changes.
+    fn import_rows(
+        &self,
+        rows: Vec<(u64, Row)>,
+        mut failed: Vec<(u64, String)>,
+        opts: ImportOptions,
+    ) -> Result<ImportReport, UserError> {
         let mut report = ImportReport {
             dry_run: opts.dry_run,
             ..ImportReport::default()
         };
-        let mut record = csv::StringRecord::new();
-        let mut rows: Vec<(u64, Row)> = Vec::new();
-        // Lines rejected, reported in line order at the end.
-        let mut failed: Vec<(u64, String)> = Vec::new();
-        loop {
-            match rdr.read_record(&mut record) {
-                Ok(false) => break,
-                Ok(true) => {
-                    let line = record.position().map_or(0, |p| p.line());
-                    if record.iter().all(str::is_empty) {
-                        continue; // a blank line
-                    }
-                    match columns.parse(&record) {
-                        Ok(row) => rows.push((line, row)),
-                        Err(e) => failed.push((line, e.to_string())),
-                    }
-                }
-                Err(e) if e.is_io_error() => return Err(UserError::Csv(e)),
-                Err(e) => {
-                    let line = e.position().map_or(0, |p| p.line());
-                    let message = match e.kind() {
-                        csv::ErrorKind::UnequalLengths {
-                            expected_len, len, ..
-                        } => format!("expected {expected_len} fields, found {len}"),
-                        csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_owned(),
-                        _ => e.to_string(),
-                    };
-                    failed.push((line, message));
-                }
-            }
-        }
         // One row per address: which of two would win is a guess, so neither is imported.
         let mut lines_of: HashMap<&str, Vec<u64>> = HashMap::new();
         for (line, row) in &rows {
@@ -1047,7 +1070,7 @@ impl UserStore {
                         .as_deref()
                         .map_or_else(|| User::new(&row.address), User::clone);
                     row.apply(&mut user);
-                    let user = match user.validated() {
+                    let user = match user.validated_with(&self.languages) {
                         Ok(u) => u,
                         Err(e) => {
                             failed.push((line, e.to_string()));
@@ -1431,7 +1454,9 @@ fn pattern_matches(pattern: &str, sender: &str) -> bool {
     }
 }
 
-fn normalize_language(s: &str) -> Result<String, UserError> {
+/// Checks a language tag and that an agent has a template for it (built-in or one of
+/// `extra`, the configured `link.agent_languages`).
+pub fn normalize_language(s: &str, extra: &[String]) -> Result<String, UserError> {
     let l = s.trim();
     let bad = |reason| UserError::InvalidLanguage {
         language: s.to_owned(),
@@ -1446,8 +1471,10 @@ fn normalize_language(s: &str) -> Result<String, UserError> {
     {
         return Err(bad("expected a language tag such as zh, en or en-US"));
     }
-    if !is_builtin_language(l) {
-        return Err(bad("the agent has no template for it (built-in: zh, en)"));
+    if !has_template(l, extra) {
+        return Err(bad(
+            "the agent has no template for it (built-in: zh, en; add others to link.agent_languages)",
+        ));
     }
     Ok(l.to_owned())
 }
@@ -1539,6 +1566,135 @@ pub const CSV_COLUMNS: [&str; 11] = [
     "deny_senders",
     "max_parts",
 ];
+
+/// The rows of an import file by line, and the lines that could not be read with why.
+type ParsedRows = (Vec<(u64, Row)>, Vec<(u64, String)>);
+
+/// Rows of an import CSV, with the lines that could not be parsed. Reads the whole input;
+/// an I/O error or a bad header is an error.
+fn parse_csv_rows<R: std::io::Read>(r: R) -> Result<ParsedRows, UserError> {
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .trim(csv::Trim::All)
+        .from_reader(r);
+    let headers = match rdr.headers() {
+        Ok(h) => h.clone(),
+        Err(e) if e.is_io_error() => return Err(UserError::Csv(e)),
+        Err(e) => return Err(UserError::CsvHeader(e.to_string())),
+    };
+    let columns = Columns::from_header(&headers)?;
+    let mut record = csv::StringRecord::new();
+    let mut rows: Vec<(u64, Row)> = Vec::new();
+    // Lines rejected, reported in line order at the end.
+    let mut failed: Vec<(u64, String)> = Vec::new();
+    loop {
+        match rdr.read_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {
+                let line = record.position().map_or(0, |p| p.line());
+                if record.iter().all(str::is_empty) {
+                    continue; // a blank line
+                }
+                match columns.parse(&record) {
+                    Ok(row) => rows.push((line, row)),
+                    Err(e) => failed.push((line, e.to_string())),
+                }
+            }
+            Err(e) if e.is_io_error() => return Err(UserError::Csv(e)),
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                let message = match e.kind() {
+                    csv::ErrorKind::UnequalLengths {
+                        expected_len, len, ..
+                    } => format!("expected {expected_len} fields, found {len}"),
+                    csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_owned(),
+                    _ => e.to_string(),
+                };
+                failed.push((line, message));
+            }
+        }
+    }
+    Ok((rows, failed))
+}
+
+/// One object of a JSON import: the [`User`] fields, each optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonRow {
+    address: String,
+    #[serde(default)]
+    aliases: Option<Vec<String>>,
+    #[serde(default)]
+    phone: Option<String>,
+    #[serde(default)]
+    notify: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
+    licence_until: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "present")]
+    quiet: Option<Option<QuietHours>>,
+    #[serde(default, deserialize_with = "present")]
+    rate_limit_secs: Option<Option<u32>>,
+    #[serde(default)]
+    allow_senders: Option<Vec<String>>,
+    #[serde(default)]
+    deny_senders: Option<Vec<String>>,
+    #[serde(default)]
+    language: Option<String>,
+    #[serde(default)]
+    max_parts: Option<u8>,
+}
+
+/// Rows of a JSON import, each with the line its object starts on, and the objects that
+/// could not be read.
+fn parse_json_rows(data: &str) -> Result<ParsedRows, UserError> {
+    let items: Vec<&serde_json::value::RawValue> = serde_json::from_str(data)
+        .map_err(|e| UserError::JsonImport(format!("expected an array of user objects: {e}")))?;
+    let mut rows = Vec::with_capacity(items.len());
+    let mut failed = Vec::new();
+    for raw in items {
+        // The object's place in `data`, for its line number.
+        let offset = (raw.get().as_ptr() as usize).saturating_sub(data.as_ptr() as usize);
+        let line = 1 + data.as_bytes()[..offset.min(data.len())]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count() as u64;
+        // serde_path_to_error names the field; serde_json's own message only has a position.
+        let row = serde_path_to_error::deserialize::<_, JsonRow>(
+            &mut serde_json::Deserializer::from_str(raw.get()),
+        )
+        .map_err(|e| {
+            // serde_json's position is inside the object; the report gives the object's line.
+            let message = e.inner().to_string();
+            let message = message
+                .rsplit_once(" at line ")
+                .map_or(message.as_str(), |(m, _)| m);
+            match e.path().to_string().as_str() {
+                "." => message.to_owned(),
+                path => format!("{path}: {message}"),
+            }
+        })
+        .and_then(|j| {
+            Ok(Row {
+                address: normalize_address(&j.address).map_err(|e| e.to_string())?,
+                phone: j.phone,
+                notify: j.notify,
+                licence_until: j.licence_until,
+                quiet: j.quiet,
+                rate_limit_secs: j.rate_limit_secs,
+                language: j.language,
+                aliases: j.aliases,
+                allow_senders: j.allow_senders,
+                deny_senders: j.deny_senders,
+                max_parts: j.max_parts,
+            })
+        });
+        match row {
+            Ok(row) => rows.push((line, row)),
+            Err(e) => failed.push((line, e)),
+        }
+    }
+    Ok((rows, failed))
+}
 
 /// What `mailbell user export` writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -2251,6 +2407,33 @@ mod tests {
                 "{lang}"
             );
         }
+        // ... unless the operator gave the agents a template for it (link.agent_languages),
+        // also through an import.
+        let with_fr = s.clone().with_languages(&["fr".to_owned()]);
+        let fr = |a: &str, lang: &str| User {
+            language: lang.into(),
+            ..user(a, "+447700900127")
+        };
+        with_fr.insert(fr("d@example.com", "fr")).unwrap();
+        with_fr.insert(fr("e@example.com", "fr-CA")).unwrap();
+        assert!(matches!(
+            with_fr.insert(fr("f@example.com", "pt-BR")),
+            Err(UserError::InvalidLanguage { .. })
+        ));
+        let csv = "address,phone,language\ng@example.com,+447700900128,FR\n";
+        assert!(
+            s.import_csv(csv.as_bytes(), ImportMode::Upsert)
+                .unwrap()
+                .failed
+                == 1
+        );
+        assert!(
+            with_fr
+                .import_csv(csv.as_bytes(), ImportMode::Upsert)
+                .unwrap()
+                .failed
+                == 0
+        );
         let u = User {
             language: "en-US".into(),
             max_parts: MAX_SMS_PARTS,
@@ -2609,15 +2792,84 @@ bob@example.com,+8613800138001,on,,,,,b@example.com,
             .unwrap();
         assert_eq!((r.updated, r.failed), (3, 0), "{:?}", r.errors);
         assert_eq!(export(&other, ExportFormat::Csv), csv);
-        // JSON: the users themselves.
+        // JSON: the users themselves, and an import of it restores them over the changes.
         let back: Vec<User> = serde_json::from_str(&json).unwrap();
         assert_eq!(back, s.list(None, 10).unwrap());
+        let (_d5, from_json) = store();
+        let r = from_json
+            .import_json_with(json.as_bytes(), ImportOptions::default())
+            .unwrap();
+        assert_eq!((r.added, r.failed), (3, 0), "{:?}", r.errors);
+        assert_eq!(export(&from_json, ExportFormat::Json), json);
+        let r = other
+            .import_json_with(json.as_bytes(), ImportOptions::default())
+            .unwrap();
+        assert_eq!(
+            (r.updated, r.unchanged, r.failed),
+            (0, 3, 0),
+            "{:?}",
+            r.errors
+        );
         let (_d4, none) = store();
         assert_eq!(export(&none, ExportFormat::Json), "[]\n");
         assert_eq!(
             export(&none, ExportFormat::Csv),
             format!("{}\n", CSV_COLUMNS.join(","))
         );
+    }
+
+    /// JSON import follows the CSV rules: an absent field keeps the value, null clears it,
+    /// bad objects are reported by the line they start on and the rest still imports, and a
+    /// file that is not an array writes nothing.
+    #[test]
+    fn json_import_keeps_absent_fields_clears_nulls_and_names_lines() {
+        let (_d, s) = store();
+        s.insert(User {
+            quiet: Some(QuietHours::parse("22:00-07:00").unwrap()),
+            licence_until: Some(1_900_000_000_000),
+            aliases: vec!["a.li@example.com".into()],
+            language: "en".into(),
+            ..user("alice@example.com", "+8613800138000")
+        })
+        .unwrap();
+        let file = r#"[
+{"address": "Alice@Example.com", "phone": "+8613900139000", "quiet": null},
+{"address": "bob@example.com", "phone": "+447700900123",
+ "notify": "yes"},
+{"address": "carol@example.com", "phone": "+447700900124", "colour": "red"},
+{"address": "dave@example.com", "phone": "+447700900125", "aliases": ["a.li@example.com"]},
+{"address": "erin@example.com", "phone": "+447700900126"}
+]"#;
+        let r = s
+            .import_json_with(file.as_bytes(), ImportOptions::default())
+            .unwrap();
+        assert_eq!((r.added, r.updated, r.failed), (1, 1, 3), "{:?}", r.errors);
+        let lines: Vec<u64> = r.errors.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, [3, 5, 6], "{:?}", r.errors);
+        assert_eq!(
+            r.errors[0].1,
+            "notify: invalid type: string \"yes\", expected a boolean"
+        );
+        assert!(r.errors[1].1.contains("colour"), "{:?}", r.errors);
+        assert!(
+            r.errors[2].1.contains("alice@example.com"),
+            "{:?}",
+            r.errors
+        );
+        let alice = s.get("alice@example.com").unwrap().unwrap();
+        assert_eq!(alice.phone, "+8613900139000");
+        assert_eq!(alice.quiet, None);
+        assert_eq!(alice.licence_until, Some(1_900_000_000_000));
+        assert_eq!(alice.aliases, ["a.li@example.com"]);
+        assert_eq!(alice.language, "en");
+        assert!(s.get("erin@example.com").unwrap().is_some());
+        for bad in ["{\"address\": \"x@example.com\"}", "[", "not json"] {
+            let e = s
+                .import_json_with(bad.as_bytes(), ImportOptions::default())
+                .unwrap_err();
+            assert!(matches!(e, UserError::JsonImport(_)), "{bad}: {e}");
+        }
+        assert_eq!(s.len(), 2);
     }
 
     #[test]

@@ -607,7 +607,8 @@ fn log_json_and_no_color() {
 }
 
 /// More users than a page of `user list`: the export through the daemon pages through them
-/// all, reads the same as the export without the daemon and as the export route's answer.
+/// all, reads the same as the export without the daemon and as the export route's answer,
+/// and its JSON form restores the registry, through the daemon and into an empty one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_pages_through_every_user() {
     const TOKEN: &str = "cli-test-token-0123456789";
@@ -641,9 +642,30 @@ async fn export_pages_through_every_user() {
     let file = served.path().join("many.csv");
     std::fs::write(&file, csv).unwrap();
     let c = config.clone();
+    let json_file = served.path().join("backup.json");
+    let j = json_file.clone();
     let through = tokio::task::spawn_blocking(move || {
         ok(&c, &["user", "import", file.to_str().unwrap()]);
-        ok(&c, &["user", "export"])
+        let csv = ok(&c, &["user", "export"]);
+        // A JSON backup restores what changed since, through the daemon.
+        std::fs::write(&j, ok(&c, &["user", "export", "--format", "json"])).unwrap();
+        ok(
+            &c,
+            &[
+                "user",
+                "set",
+                "user7@example.com",
+                "--phone",
+                "+447700900999",
+                "--quiet",
+                "none",
+            ],
+        );
+        assert_ne!(ok(&c, &["user", "export"]), csv);
+        let restored = ok(&c, &["user", "import", j.to_str().unwrap()]);
+        assert!(restored.contains("updated 1,"), "{restored}");
+        assert_eq!(ok(&c, &["user", "export"]), csv);
+        csv
     })
     .await
     .unwrap();
@@ -665,6 +687,17 @@ async fn export_pages_through_every_user() {
         .await
         .unwrap();
     assert_eq!(without, through);
+    // The JSON backup into an empty registry, without a daemon: the same users.
+    let fresh = served.path().join("fresh.toml");
+    let fresh_data = served.path().join("fresh-data");
+    std::fs::write(&fresh, format!("[mailbell]\ndata_dir = {fresh_data:?}\n")).unwrap();
+    let restored = tokio::task::spawn_blocking(move || {
+        ok(&fresh, &["user", "import", json_file.to_str().unwrap()]);
+        ok(&fresh, &["user", "export"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(restored, through);
 }
 
 /// A relative `data_dir` means relative to the config file's directory, whatever the current

@@ -207,6 +207,18 @@ impl Dialogue {
         *self = Dialogue::new(self.timeouts);
     }
 
+    /// Sets the deadline of the next `AT+CMGS` from its PDU to its answer (the driver derives
+    /// it from the modem's recent submit times). A submit already waiting for its answer keeps
+    /// the deadline it got.
+    pub fn set_submit_timeout(&mut self, submit: Duration) {
+        self.timeouts.submit = submit;
+    }
+
+    /// The deadlines now in force.
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
     /// True when no command runs.
     pub fn is_idle(&self) -> bool {
         matches!(self.state, State::Idle)
@@ -845,6 +857,30 @@ mod tests {
         );
         assert!(d.is_idle());
         assert!(d.start(Command::line("AT"), t1).is_ok());
+    }
+
+    #[test]
+    fn submit_timeout_can_be_set_per_submit_and_survives_reset() {
+        let t0 = Instant::now();
+        let mut d = Dialogue::new(T);
+        let short = Duration::from_secs(12);
+        d.set_submit_timeout(short);
+        d.reset();
+        assert_eq!(d.timeouts().submit, short);
+        d.start(submit(), t0).unwrap();
+        assert_eq!(
+            d.next_deadline(),
+            Some(t0 + T.command),
+            "the prompt wait is unchanged"
+        );
+        assert_eq!(d.feed(b"\r\n> ", t0), vec![Event::Prompt]);
+        assert_eq!(d.next_deadline(), Some(t0 + short));
+        // a change while the answer is awaited does not move the running deadline
+        d.set_submit_timeout(T.submit);
+        assert_eq!(
+            d.poll_timeout(t0 + short),
+            Some(Event::Final(Err(AtError::Timeout)))
+        );
     }
 
     #[test]

@@ -2,9 +2,20 @@
 //!
 //! ```text
 //! ModemHandle::submit ──mpsc(8)──▶ thread "modem-<name>" ──serialport──▶ /dev/ttyUSB0
-//!        ▲                             │  read timeout 20 ms (2 ms while submits flow), loop
+//!        │  then rings ──eventfd──▶     │  sleeps in poll(2) on port + bell + next timer
+//!        ▲                             │
 //!        └─────────oneshot─────────────┘  status snapshots through a watch channel
 //! ```
+//!
+//! An idle thread costs nothing: it sleeps in `poll(2)` until the port has bytes (a URC or an
+//! answer), the bell rings (a request was queued, shutdown, the last handle went), or the next
+//! timer is due — the idle probe every [`PROBE_EVERY`], a backoff, a command deadline, a
+//! registration poll. A submit is picked up as soon as it is queued, not on a tick.
+//!
+//! The `AT+CMGS` deadline after the PDU is written follows the modem: `submit_timeout` is the
+//! ceiling, and once the modem has [`MIN_SAMPLES`](super::submit_time::MIN_SAMPLES) successful
+//! submits, the deadline is p99 × 3 of their durations, no lower than `submit_timeout_floor`
+//! (see [`super::submit_time`]). The status shows the deadline in force.
 //!
 //! Life of the thread:
 //!
@@ -28,24 +39,28 @@
 //! per submit outcome; PDU hex, URCs and raw commands only at `trace!`. The PIN is never logged.
 
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serialport::{ClearBuffer, DataBits, FlowControl, Parity, SerialPort, StopBits};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use serialport::{ClearBuffer, DataBits, FlowControl, Parity, SerialPort, StopBits, TTYPort};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, trace, warn};
 
 use super::at::{self, AtError, Command, Dialogue, Event, Timeouts};
 use super::cms::{classify_cme, classify_cms, classify_plain_error, ErrorClass};
+use super::submit_time::{self, SubmitTimes};
 
-/// How long one blocking read of the port waits: the thread's tick, and so how long a new
-/// request may wait for an idle thread. Bytes from the modem wake the read at once.
-const IDLE_TICK: Duration = Duration::from_millis(20);
-/// The tick while submits are flowing (for `BUSY_FOR` after the last one).
-const BUSY_TICK: Duration = Duration::from_millis(2);
-const BUSY_FOR: Duration = Duration::from_secs(1);
+/// The serial port's own timeout: how long one write waits for room in the output buffer
+/// (retried up to `command_timeout`). Reads happen only when `poll(2)` said bytes are there.
+const PORT_TIMEOUT: Duration = Duration::from_millis(100);
+/// Without a bell (no eventfd could be created) the thread looks at its queue this often.
+const NO_BELL_TICK: Duration = Duration::from_millis(20);
 /// Requests waiting for the thread.
 const QUEUE: usize = 8;
 /// An idle modem is probed (`AT+CSQ`) this often, to notice a hang and refresh the signal.
@@ -68,8 +83,12 @@ pub struct ModemConfig {
     pub pin: Option<String>,
     /// Deadline of an ordinary command (5 s).
     pub command_timeout: Duration,
-    /// Deadline of `AT+CMGS` once the PDU is written: the modem waits for the SMSC (60 s).
+    /// The longest deadline of `AT+CMGS` once the PDU is written, while the modem waits for
+    /// the SMSC (60 s). The deadline in force is derived from the modem's recent submit times
+    /// and is at most this (see [`super::submit_time`]).
     pub submit_timeout: Duration,
+    /// The shortest derived `AT+CMGS` deadline (10 s).
+    pub submit_timeout_floor: Duration,
     /// Extra commands sent at the end of initialisation (e.g. `AT+CMMS=1`).
     pub init_commands: Vec<String>,
     /// Upper bound of the reopen / re-init backoff.
@@ -86,6 +105,7 @@ impl ModemConfig {
             pin: None,
             command_timeout: Duration::from_secs(5),
             submit_timeout: Duration::from_secs(60),
+            submit_timeout_floor: submit_time::DEFAULT_FLOOR,
             init_commands: Vec::new(),
             reopen_backoff_max: Duration::from_secs(60),
         }
@@ -101,6 +121,7 @@ impl std::fmt::Debug for ModemConfig {
             .field("pin", &self.pin.as_ref().map(|_| "<redacted>"))
             .field("command_timeout", &self.command_timeout)
             .field("submit_timeout", &self.submit_timeout)
+            .field("submit_timeout_floor", &self.submit_timeout_floor)
             .field("init_commands", &self.init_commands)
             .field("reopen_backoff_max", &self.reopen_backoff_max)
             .finish()
@@ -140,6 +161,13 @@ pub struct ModemStatus {
     pub signal: Option<u8>,
     /// Successful initialisations so far; a re-init after a fault counts too.
     pub inits: u64,
+    /// The `AT+CMGS` deadline now in force, from PDU written to answer, in milliseconds:
+    /// `submit_timeout` until the modem has enough successful submits, then derived from
+    /// their durations (see [`super::submit_time`]).
+    pub submit_timeout_ms: u64,
+    /// The 99th percentile of the recent submit durations, in milliseconds, once there are
+    /// enough of them to derive the deadline.
+    pub submit_p99_ms: Option<u64>,
 }
 
 /// The message references of an accepted submission, one per PDU.
@@ -230,6 +258,42 @@ pub struct ModemHandle {
     tx: mpsc::Sender<Request>,
     status: watch::Receiver<ModemStatus>,
     stop: Arc<AtomicBool>,
+    bell: Option<Arc<Bell>>,
+    /// Declared after `tx`: dropped after it, so the last ring finds the queue closed.
+    _last: Arc<LastHandle>,
+}
+
+/// Wakes the modem thread out of `poll(2)`: an eventfd rung after a request is queued, on
+/// shutdown and when the last handle goes. The thread drains it before it looks at its queue
+/// and flags again, so a ring is never lost.
+struct Bell(EventFd);
+
+impl Bell {
+    fn new() -> nix::Result<Bell> {
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).map(Bell)
+    }
+
+    fn ring(&self) {
+        // Fails (EAGAIN) only when the counter is saturated: it is ringing already.
+        let _ = self.0.write(1);
+    }
+
+    fn drain(&self) {
+        // EAGAIN when nobody rang.
+        let _ = self.0.read();
+    }
+}
+
+/// Shared by all clones of one handle: when the last one goes, the thread is woken to find
+/// its queue closed, and ends.
+struct LastHandle(Option<Arc<Bell>>);
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        if let Some(bell) = &self.0 {
+            bell.ring();
+        }
+    }
 }
 
 impl std::fmt::Debug for ModemHandle {
@@ -251,11 +315,20 @@ pub fn spawn(cfg: ModemConfig) -> ModemHandle {
         last_error: None,
         signal: None,
         inits: 0,
+        submit_timeout_ms: millis(cfg.submit_timeout),
+        submit_p99_ms: None,
     };
     let (status_tx, status_rx) = watch::channel(initial);
     let stop = Arc::new(AtomicBool::new(false));
     let name: Arc<str> = Arc::from(cfg.name.as_str());
-    let driver = Driver::new(cfg, rx, status_tx, stop.clone());
+    let bell = match Bell::new() {
+        Ok(bell) => Some(Arc::new(bell)),
+        Err(e) => {
+            error!(modem = %name, "cannot create the wake-up eventfd ({e}); the modem thread polls its queue every {NO_BELL_TICK:?}");
+            None
+        }
+    };
+    let driver = Driver::new(cfg, rx, status_tx, stop.clone(), bell.clone());
     let spawned = std::thread::Builder::new()
         .name(format!("modem-{name}"))
         .spawn(move || driver.run());
@@ -269,7 +342,34 @@ pub fn spawn(cfg: ModemConfig) -> ModemHandle {
         tx,
         status: status_rx,
         stop,
+        _last: Arc::new(LastHandle(bell.clone())),
+        bell,
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The port's descriptor, for `poll(2)`, borrowed for as long as the port.
+#[allow(unsafe_code)]
+fn port_fd(port: &TTYPort) -> BorrowedFd<'_> {
+    // SAFETY: the TTYPort owns this open descriptor and closes it only when dropped; the
+    // borrow is tied to `port`, so it cannot outlive it. (serialport has no `AsFd` yet.)
+    unsafe { BorrowedFd::borrow_raw(port.as_raw_fd()) }
+}
+
+/// The `poll(2)` timeout until `until`, rounded up to the millisecond: waking early would
+/// spin until the deadline.
+fn poll_timeout(until: Option<Instant>, now: Instant) -> PollTimeout {
+    let Some(until) = until else {
+        return PollTimeout::NONE;
+    };
+    let ms = until
+        .saturating_duration_since(now)
+        .as_nanos()
+        .div_ceil(1_000_000);
+    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
 }
 
 impl ModemHandle {
@@ -285,10 +385,17 @@ impl ModemHandle {
         if self.tx.send(Request::Submit { pdus, reply }).await.is_err() {
             return Err(SubmitError::new(SubmitErrorKind::Disconnected, 0, false));
         }
+        self.ring();
         match answer.await {
             Ok(result) => result,
             // The thread died holding the request: it may have written the PDU.
             Err(_) => Err(SubmitError::new(SubmitErrorKind::Disconnected, 0, true)),
+        }
+    }
+
+    fn ring(&self) {
+        if let Some(bell) = &self.bell {
+            bell.ring();
         }
     }
 
@@ -325,6 +432,7 @@ impl ModemHandle {
     /// submits are answered `Disconnected`.
     pub async fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.ring();
         let mut rx = self.status.clone();
         let _ = rx.wait_for(|s| s.state == ModemState::Stopped).await;
     }
@@ -361,18 +469,21 @@ struct Driver {
     rx: mpsc::Receiver<Request>,
     status: watch::Sender<ModemStatus>,
     stop: Arc<AtomicBool>,
-    port: Option<Box<dyn SerialPort>>,
+    bell: Option<Arc<Bell>>,
+    port: Option<TTYPort>,
     dialogue: Dialogue,
     backoff: Duration,
     pin_rejected: bool,
     /// The PDU of the running submit has been (at least partly) written.
     pdu_written: bool,
+    /// When the running submit's prompt came and its PDU was written.
+    pdu_written_at: Option<Instant>,
+    /// Recent submit durations and the `AT+CMGS` deadline they give.
+    times: SubmitTimes,
     /// Serving submits; otherwise queued requests are refused at once.
     serving: bool,
     /// The class given to refused requests (network problems are not SIM problems).
     not_ready_class: ErrorClass,
-    /// The port's current read timeout.
-    tick: Duration,
     buf: Vec<u8>,
 }
 
@@ -382,25 +493,29 @@ impl Driver {
         rx: mpsc::Receiver<Request>,
         status: watch::Sender<ModemStatus>,
         stop: Arc<AtomicBool>,
+        bell: Option<Arc<Bell>>,
     ) -> Self {
         let timeouts = Timeouts {
             command: cfg.command_timeout,
             submit: cfg.submit_timeout,
         };
         let backoff = BACKOFF_START.min(cfg.reopen_backoff_max);
+        let times = SubmitTimes::new(cfg.submit_timeout_floor, cfg.submit_timeout);
         Driver {
             cfg,
             rx,
             status,
             stop,
+            bell,
             port: None,
             dialogue: Dialogue::new(timeouts),
             backoff,
             pin_rejected: false,
             pdu_written: false,
+            pdu_written_at: None,
+            times,
             serving: false,
             not_ready_class: ErrorClass::ModemFault,
-            tick: IDLE_TICK,
             buf: vec![0; 1024],
         }
     }
@@ -416,7 +531,6 @@ impl Driver {
                     Ok(port) => {
                         info!(modem = %self.cfg.name, device = %self.cfg.device.display(), "port open");
                         self.port = Some(port);
-                        self.tick = IDLE_TICK;
                         self.dialogue.reset();
                         reinit = false;
                     }
@@ -535,14 +649,14 @@ impl Driver {
         self.set_state(ModemState::Reopening);
     }
 
-    fn open(&self) -> Result<Box<dyn SerialPort>, serialport::Error> {
+    fn open(&self) -> Result<TTYPort, serialport::Error> {
         let port = serialport::new(self.cfg.device.to_string_lossy(), self.cfg.baud)
             .data_bits(DataBits::Eight)
             .parity(Parity::None)
             .stop_bits(StopBits::One)
             .flow_control(FlowControl::None)
-            .timeout(IDLE_TICK)
-            .open()?;
+            .timeout(PORT_TIMEOUT)
+            .open_native()?;
         // Whatever the modem said before we came is not an answer to us.
         let _ = port.clear(ClearBuffer::All);
         Ok(port)
@@ -558,12 +672,14 @@ impl Driver {
                 return false;
             }
             if self.port.is_some() {
-                match self.read_some() {
+                match self.read_until(Some(until)) {
                     Ok(n) => self.absorb(n),
                     Err(_) => self.port = None,
                 }
-            } else {
-                std::thread::sleep(IDLE_TICK.min(until.saturating_duration_since(Instant::now())));
+            } else if let Err(e) = self.wait(Some(until)) {
+                // Only the bell is watched, and poll(2) failed on it: sleep, do not spin.
+                warn!(modem = %self.cfg.name, "poll failed: {e}");
+                std::thread::sleep(NO_BELL_TICK);
             }
         }
         !self.stopping()
@@ -594,18 +710,57 @@ impl Driver {
 
     // ---- port I/O -----------------------------------------------------------------------
 
-    fn set_tick(&mut self, tick: Duration) {
-        if self.tick != tick {
-            if let Some(port) = self.port.as_mut() {
-                if port.set_timeout(tick).is_ok() {
-                    self.tick = tick;
-                }
+    /// Sleeps in `poll(2)` until the port (if open) has bytes or hung up, the bell rings, or
+    /// `until` passes (`None`: no timer). Returns true when the port is ready to be read. A
+    /// ring is drained here: the caller loops back to its queue and flags.
+    fn wait(&mut self, until: Option<Instant>) -> io::Result<bool> {
+        let mut until = until;
+        if self.bell.is_none() {
+            let tick = Instant::now() + NO_BELL_TICK;
+            until = Some(until.map_or(tick, |u| u.min(tick)));
+        }
+        let timeout = poll_timeout(until, Instant::now());
+        let mut fds = Vec::with_capacity(2);
+        if let Some(port) = &self.port {
+            fds.push(PollFd::new(port_fd(port), PollFlags::POLLIN));
+        }
+        if let Some(bell) = &self.bell {
+            fds.push(PollFd::new(bell.0.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => return Ok(false),
+            Err(e) => return Err(io::Error::from(e)),
+        }
+        let ready =
+            |fd: Option<&PollFd>| fd.and_then(|f| f.revents()).is_some_and(|r| !r.is_empty());
+        let (port_ready, bell_rang) = match (&self.port, &self.bell) {
+            (Some(_), Some(_)) => (ready(fds.first()), ready(fds.get(1))),
+            (Some(_), None) => (ready(fds.first()), false),
+            (None, Some(_)) => (false, ready(fds.first())),
+            (None, None) => (false, false),
+        };
+        drop(fds);
+        if bell_rang {
+            if let Some(bell) = &self.bell {
+                bell.drain();
             }
         }
+        Ok(port_ready)
     }
 
-    /// One read with the port's short timeout; Ok(0) when nothing came.
-    fn read_some(&mut self) -> Result<usize, Fail> {
+    /// Waits as [`Driver::wait`] does, then reads what the port has; Ok(0) when the wait
+    /// ended without bytes (a ring or the timer).
+    fn read_until(&mut self, until: Option<Instant>) -> Result<usize, Fail> {
+        if self.port.is_none() {
+            return Err(Fail::Port(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "port is closed",
+            )));
+        }
+        if !self.wait(until).map_err(Fail::Port)? {
+            return Ok(0);
+        }
         let Some(port) = self.port.as_mut() else {
             return Err(Fail::Port(io::Error::new(
                 io::ErrorKind::NotConnected,
@@ -705,7 +860,7 @@ impl Driver {
             if self.stopping() {
                 return Err(Fail::Stopped);
             }
-            let n = self.read_some()?;
+            let n = self.read_until(Some(until))?;
             self.absorb(n);
         }
         Ok(())
@@ -715,6 +870,7 @@ impl Driver {
     fn exec(&mut self, cmd: Command) -> Result<Vec<String>, Fail> {
         trace!(modem = %self.cfg.name, command = ?cmd, "command");
         self.pdu_written = false;
+        self.pdu_written_at = None;
         let bytes = self.dialogue.start(cmd, Instant::now()).map_err(Fail::At)?;
         self.write(&bytes)?;
         loop {
@@ -725,15 +881,17 @@ impl Driver {
             if !self.serving && self.refuse_requests().is_err() {
                 self.stop.store(true, Ordering::SeqCst);
             }
-            let n = self.read_some()?;
+            let n = self.read_until(self.dialogue.next_deadline())?;
             let mut result = None;
             if n > 0 {
-                let events = self.dialogue.feed(&self.buf[..n], Instant::now());
+                let now = Instant::now();
+                let events = self.dialogue.feed(&self.buf[..n], now);
                 for ev in events {
                     match ev {
                         Event::Prompt => {
                             if let Some(out) = self.dialogue.take_transmit() {
                                 self.pdu_written = true;
+                                self.pdu_written_at = Some(now);
                                 self.write(&out)?;
                             }
                         }
@@ -921,7 +1079,6 @@ impl Driver {
 
     fn serve(&mut self) -> Next {
         let mut last_activity = Instant::now();
-        let mut last_submit: Option<Instant> = None;
         loop {
             if self.stopping() {
                 return Next::Stopped;
@@ -951,12 +1108,10 @@ impl Driver {
                         return next;
                     }
                     last_activity = Instant::now();
-                    last_submit = Some(last_activity);
                 }
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    let flowing = last_submit.is_some_and(|t| t.elapsed() < BUSY_FOR);
-                    self.set_tick(if flowing { BUSY_TICK } else { IDLE_TICK });
-                    match self.read_some() {
+                    // Asleep until a URC, a request (the bell) or the probe is due.
+                    match self.read_until(Some(last_activity + PROBE_EVERY)) {
                         Ok(n) => self.absorb(n),
                         Err(Fail::Port(e)) => return Next::Reopen(format!("port failed: {e}")),
                         Err(_) => return Next::Stopped,
@@ -976,6 +1131,29 @@ impl Driver {
         }
     }
 
+    /// Feeds one part's outcome to the submit-time window: an accepted PDU is a sample; a
+    /// PDU that got no answer in time makes the window start over (see `submit_time`).
+    fn learn_submit_time(&mut self, result: &Result<Vec<String>, Fail>) {
+        match (result, self.pdu_written_at) {
+            (Ok(_), Some(written)) => self.times.record(written.elapsed()),
+            (Err(Fail::At(AtError::Timeout)), Some(_)) => {
+                if self.times.p99().is_some() {
+                    warn!(modem = %self.cfg.name, timeout = ?self.times.timeout(), "no answer within the derived submit timeout; back to the ceiling until the modem has shown its times again");
+                }
+                self.times.forget();
+            }
+            _ => return,
+        }
+        let timeout_ms = millis(self.times.timeout());
+        let p99_ms = self.times.p99().map(millis);
+        self.status.send_if_modified(|s| {
+            let changed = s.submit_timeout_ms != timeout_ms || s.submit_p99_ms != p99_ms;
+            s.submit_timeout_ms = timeout_ms;
+            s.submit_p99_ms = p99_ms;
+            changed
+        });
+    }
+
     /// Sends the parts in order. Returns the outcome and, if the modem needs attention, what
     /// the main loop should do next.
     fn submit(
@@ -993,7 +1171,10 @@ impl Driver {
                     tpdu_len,
                     hex: hex.clone(),
                 };
-                let (kind, next) = match self.exec(cmd) {
+                self.dialogue.set_submit_timeout(self.times.timeout());
+                let result = self.exec(cmd);
+                self.learn_submit_time(&result);
+                let (kind, next) = match result {
                     Ok(info) => {
                         let mr = at::cmgs_reference(&info).unwrap_or_else(|| {
                             warn!(modem = %self.cfg.name, "OK without +CMGS reference");
@@ -1396,6 +1577,151 @@ mod tests {
         sim.set_registered(true);
         ready(&h).await;
         h.submit(pdus("+8613800138000", "hi", 1)).await.unwrap();
+    }
+
+    /// Submits `n` two-part messages: 2 × n submit-time samples.
+    async fn submit_two_part(h: &ModemHandle, n: usize) {
+        let long = "A notice long enough to need two parts of a concatenated SMS, so that each part is timed on its own by the driver. ".repeat(2);
+        let parts = pdus("+8613800138000", &long, 3);
+        assert_eq!(parts.len(), 2);
+        for _ in 0..n {
+            h.submit(parts.clone()).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn derived_submit_timeout_fails_a_silent_modem_well_before_the_ceiling() {
+        let sim = SimModem::spawn(SimOptions::default()).unwrap();
+        let ceiling = Duration::from_secs(30);
+        let floor = Duration::from_secs(1);
+        let h = spawn(ModemConfig {
+            submit_timeout: ceiling,
+            submit_timeout_floor: floor,
+            ..cfg("m1", &sim)
+        });
+        ready(&h).await;
+        assert_eq!(h.status().submit_timeout_ms, 30_000);
+        // one sample short of the minimum: still the ceiling
+        submit_two_part(&h, submit_time::MIN_SAMPLES / 2 - 1).await;
+        h.submit(pdus("+8613800138000", "one more", 1))
+            .await
+            .unwrap();
+        assert_eq!(h.status().submit_timeout_ms, 30_000);
+        assert_eq!(h.status().submit_p99_ms, None);
+        // the last sample: the sim answers in milliseconds, so p99 × 3 is under the floor
+        h.submit(pdus("+8613800138000", "enough", 1)).await.unwrap();
+        let st = h.status();
+        assert_eq!(st.submit_timeout_ms, 1_000, "{st:?}");
+        assert!(st.submit_p99_ms.is_some_and(|p| p < 1_000), "{st:?}");
+
+        // the SMSC goes silent after the PDU is written
+        sim.inject(Fault::Delay(Duration::from_secs(60)));
+        let t = Instant::now();
+        let e = h.submit(pdus("+8613800138000", "hi", 1)).await.unwrap_err();
+        let took = t.elapsed();
+        assert_eq!(e.kind, SubmitErrorKind::Timeout);
+        assert!(e.maybe_sent);
+        assert!(
+            took >= floor,
+            "gave up before the derived timeout: {took:?}"
+        );
+        assert!(
+            took < Duration::from_secs(10),
+            "took {took:?}: the derived 1 s timeout did not apply (ceiling {ceiling:?})"
+        );
+        // what the modem had shown no longer holds: the ceiling is back
+        let st = h.status();
+        assert_eq!(st.submit_timeout_ms, 30_000, "{st:?}");
+        assert_eq!(st.submit_p99_ms, None);
+        h.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn without_history_the_configured_submit_timeout_applies() {
+        let sim = SimModem::spawn(SimOptions::default()).unwrap();
+        let ceiling = Duration::from_millis(2500);
+        let h = spawn(ModemConfig {
+            submit_timeout: ceiling,
+            submit_timeout_floor: Duration::from_millis(200),
+            ..cfg("m1", &sim)
+        });
+        ready(&h).await;
+        assert_eq!(h.status().submit_timeout_ms, 2_500);
+        sim.inject(Fault::Delay(Duration::from_secs(60)));
+        let t = Instant::now();
+        let e = h.submit(pdus("+8613800138000", "hi", 1)).await.unwrap_err();
+        let took = t.elapsed();
+        assert_eq!(e.kind, SubmitErrorKind::Timeout);
+        assert!(e.maybe_sent);
+        assert!(
+            took >= ceiling,
+            "gave up after {took:?}, before the ceiling"
+        );
+        assert!(took < WAIT, "took {took:?}");
+        h.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_idle_modem_wakes_for_a_urc() {
+        let sim = SimModem::spawn(SimOptions::default()).unwrap();
+        let h = spawn(cfg("m1", &sim));
+        ready(&h).await;
+        assert_eq!(h.status().signal, Some(21));
+        let mut rx = h.subscribe();
+        sim.inject(Fault::Urc("^RSSI:9".into()));
+        // (`is_ok()` at once: the `Ref` that `wait_for` returns holds the watch's lock)
+        let got = tokio::time::timeout(WAIT, rx.wait_for(|s| s.signal == Some(9)))
+            .await
+            .is_ok();
+        assert!(got, "the URC was not handled: {:?}", h.status());
+        assert_eq!(h.state(), ModemState::Ready);
+        h.submit(pdus("+8613800138000", "hi", 1)).await.unwrap();
+        h.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn dropping_every_handle_ends_an_idle_thread() {
+        let sim = SimModem::spawn(SimOptions::default()).unwrap();
+        let h = spawn(cfg("m1", &sim));
+        ready(&h).await;
+        let mut rx = h.subscribe();
+        let h2 = h.clone();
+        drop(h);
+        // one clone left: the thread keeps serving
+        h2.submit(pdus("+8613800138000", "hi", 1)).await.unwrap();
+        drop(h2);
+        // the thread sleeps until the next probe (30 s) unless the last handle wakes it
+        let ended = tokio::time::timeout(WAIT, rx.wait_for(|s| s.state == ModemState::Stopped))
+            .await
+            .is_ok();
+        assert!(ended, "the thread did not end: {:?}", *rx.borrow());
+    }
+
+    #[tokio::test]
+    async fn shutdown_during_a_long_submit_is_prompt() {
+        let sim = SimModem::spawn(SimOptions::default()).unwrap();
+        let h = spawn(ModemConfig {
+            submit_timeout: Duration::from_secs(60),
+            ..cfg("m1", &sim)
+        });
+        ready(&h).await;
+        sim.inject(Fault::Delay(Duration::from_secs(60)));
+        let h2 = h.clone();
+        let task = tokio::spawn(async move { h2.submit(pdus("+8613800138000", "hi", 1)).await });
+        let deadline = Instant::now() + WAIT;
+        while sim.received().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(sim.received().len(), 1, "the PDU never reached the sim");
+        let stopped = tokio::time::timeout(WAIT, h.shutdown()).await;
+        assert!(stopped.is_ok(), "shutdown waited for the submit deadline");
+        let e = tokio::time::timeout(WAIT, task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.kind, SubmitErrorKind::Disconnected);
+        assert!(e.maybe_sent);
     }
 
     #[tokio::test]

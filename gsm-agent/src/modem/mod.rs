@@ -5,3 +5,4 @@ pub mod cms;
 pub mod driver;
 pub mod pdu;
 pub mod pool;
+pub mod submit_time;

@@ -120,3 +120,55 @@ fn a_failed_start_creates_no_data_directory() {
     assert!(!o.status.success());
     assert!(!tmp.path().join("state").exists());
 }
+
+/// `serve --simulate` asks for the simulated modem as `[simulator] enable = true` does: the
+/// same configuration that stops for want of a modem starts, and says SMS go nowhere.
+#[test]
+fn serve_simulate_runs_on_a_simulated_modem_and_says_so() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("gsm-agent.toml");
+    std::fs::write(
+        &config,
+        "[agent]\ndata_dir = \"state\"\n[link]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let without = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(!without.status.success());
+    assert!(String::from_utf8_lossy(&without.stderr).contains("serve --simulate"));
+    let mut child = Command::new(BIN)
+        .args(["serve", "--simulate", "--config"])
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let found = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains("simulated modem, not to phones") => break true,
+            Ok(l) => seen.push(l),
+            Err(_) => break false,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(found, "no simulated-modem warning in:\n{}", seen.join("\n"));
+}

@@ -126,6 +126,22 @@ async fn the_status_port_closes_slow_and_idle_clients() {
             r.body
         );
     }
+    // The simulated modem has no submit history yet: its AT+CMGS deadline is the configured
+    // ceiling (30 s for the simulator), in /metrics and in /status.
+    // (prometheus-client writes a float gauge with its fraction: 30.0.)
+    assert!(
+        r.body
+            .contains("mailbell_modem_submit_timeout_seconds{modem=\"sim0\"} 30.0\n"),
+        "{}",
+        r.body
+    );
+    let status =
+        mailbell_link::http::request(addr, "GET", "/status", None, None, Duration::from_secs(5))
+            .await
+            .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    assert_eq!(status["modems"][0]["submit_timeout_ms"], 30_000, "{status}");
+    assert!(status["modems"][0]["submit_p99_ms"].is_null(), "{status}");
     agent.stop().await;
 }
 

@@ -12,7 +12,7 @@
 //!                                                    body: User JSON; "address" may be omitted
 //! PATCH  /admin/v1/users/{address}                   200 User | 404; body: UserPatch JSON
 //! DELETE /admin/v1/users/{address}                   204 | 404 (primary address only)
-//! POST   /admin/v1/users/import?mode=upsert|add[&dry_run=true]
+//! POST   /admin/v1/users/import?mode=upsert|add[&format=csv|json][&dry_run=true]
 //!                                                    200 ImportReport; body: CSV (users.rs docs),
 //!                                                    at most 64 MiB; dry_run writes nothing
 //! GET    /admin/v1/users/export?format=csv|json      200 every user, no page cap: the import CSV
@@ -47,7 +47,7 @@ use crate::users::{
     UserPatch, UserStore, MAX_LIST_LIMIT,
 };
 
-/// Largest CSV body `POST /admin/v1/users/import` accepts.
+/// Largest CSV or JSON body `POST /admin/v1/users/import` accepts.
 pub const MAX_IMPORT_BODY: usize = 64 * 1024 * 1024;
 /// Largest JSON body the other routes accept.
 pub const MAX_JSON_BODY: usize = 1024 * 1024;
@@ -316,6 +316,8 @@ async fn delete_user(
 #[serde(deny_unknown_fields)]
 struct ImportQuery {
     mode: Option<String>,
+    /// csv (default) or json (what the export route writes).
+    format: Option<String>,
     /// `true`: report what would change, write nothing.
     #[serde(default)]
     dry_run: bool,
@@ -331,16 +333,21 @@ async fn import_users(
         None => ImportMode::Upsert,
         Some(m) => m.parse()?,
     };
+    let format: ExportFormat = match q.format.as_deref() {
+        None => ExportFormat::Csv,
+        Some(f) => f.parse()?,
+    };
     let body = body?;
     let bytes = body.len();
     let opts = ImportOptions {
         mode,
         dry_run: q.dry_run,
     };
-    let report = blocking(move || users.import_csv_with(&body[..], opts)).await?;
+    let report = blocking(move || users.import_with(format, &body[..], opts)).await?;
     info!(
         bytes,
         ?mode,
+        ?format,
         added = report.added,
         updated = report.updated,
         skipped = report.skipped,

@@ -67,10 +67,14 @@ pub enum UserCmd {
         format: String,
     },
     /// Import users from CSV (header row; columns address, phone, notify, licence_until,
-    /// quiet, rate_limit_secs, language, aliases, allow_senders, deny_senders, max_parts).
-    /// An empty cell keeps the user's value, "-" clears it.
+    /// quiet, rate_limit_secs, language, aliases, allow_senders, deny_senders, max_parts)
+    /// or from the JSON that `user export --format json` writes. An empty cell (a field left
+    /// out in JSON) keeps the user's value; "-" (JSON null) clears it.
     Import {
         file: PathBuf,
+        /// csv or json; by default json for a *.json file, otherwise csv.
+        #[arg(long)]
+        format: Option<String>,
         /// upsert (default) or add (existing addresses are skipped).
         #[arg(long, default_value = "upsert")]
         mode: String,
@@ -240,7 +244,12 @@ pub struct LogArgs {
 
 /// Where the commands go.
 enum Target {
-    Api { addr: SocketAddr, token: String },
+    Api {
+        addr: SocketAddr,
+        token: String,
+        /// `link.agent_languages`, for the checks made before a call.
+        languages: Vec<String>,
+    },
     Local(Box<Config>),
 }
 
@@ -270,6 +279,7 @@ async fn reach(config: Option<&Path>) -> anyhow::Result<Target> {
             return Ok(Target::Api {
                 addr,
                 token: cfg.admin_token.clone(),
+                languages: cfg.link.agent_languages.clone(),
             });
         }
     }
@@ -329,7 +339,7 @@ fn enc(s: &str) -> String {
 
 fn open_users(cfg: &Config) -> anyhow::Result<UserStore> {
     std::fs::create_dir_all(&cfg.data_dir)?;
-    Ok(UserStore::open(&cfg.users_path())?)
+    Ok(UserStore::open(&cfg.users_path())?.with_languages(&cfg.link.agent_languages))
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -436,16 +446,39 @@ pub async fn user(config: Option<&Path>, cmd: UserCmd) -> anyhow::Result<()> {
         bail!("limit must be at least 1");
     }
     match target(config).await? {
-        Target::Api { addr, token } => user_api(addr, &token, cmd).await,
+        Target::Api {
+            addr,
+            token,
+            languages,
+        } => user_api(addr, &token, &languages, cmd).await,
         Target::Local(cfg) => tokio::task::spawn_blocking(move || user_local(&cfg, cmd)).await?,
     }
 }
 
-fn read_csv(file: &Path) -> anyhow::Result<Vec<u8>> {
+fn read_import(file: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(file).with_context(|| format!("read {}", file.display()))
 }
 
-async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result<()> {
+/// `--format`, or else json for a `*.json` file and csv for anything else.
+fn import_format(file: &Path, format: Option<&str>) -> anyhow::Result<ExportFormat> {
+    Ok(match format {
+        Some(f) => f.parse()?,
+        None if file
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json")) =>
+        {
+            ExportFormat::Json
+        }
+        None => ExportFormat::Csv,
+    })
+}
+
+async fn user_api(
+    addr: SocketAddr,
+    token: &str,
+    languages: &[String],
+    cmd: UserCmd,
+) -> anyhow::Result<()> {
     let path = |a: &str| format!("/admin/v1/users/{}", enc(a));
     match cmd {
         UserCmd::Add {
@@ -454,7 +487,7 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
             aliases,
         } => {
             // Checked here first, as the registry does without the daemon.
-            let u = new_user(&address, &opts, aliases)?.validated()?;
+            let u = new_user(&address, &opts, aliases)?.validated_with(languages)?;
             let existing: anyhow::Result<User> =
                 api(addr, token, "GET", &path(&u.address), None).await;
             // The API finds a user by address or alias: an alias names its owner, as the
@@ -542,22 +575,28 @@ async fn user_api(addr: SocketAddr, token: &str, cmd: UserCmd) -> anyhow::Result
         }
         UserCmd::Import {
             file,
+            format,
             mode,
             dry_run,
         } => {
             let mode: ImportMode = mode.parse()?;
-            let data = read_csv(&file)?;
+            let format = import_format(&file, format.as_deref())?;
+            let data = read_import(&file)?;
             let m = if mode == ImportMode::AddOnly {
                 "add"
             } else {
                 "upsert"
             };
+            let (f, content_type) = match format {
+                ExportFormat::Csv => ("csv", "text/csv"),
+                ExportFormat::Json => ("json", "application/json"),
+            };
             let r: ImportReport = api(
                 addr,
                 token,
                 "POST",
-                &format!("/admin/v1/users/import?mode={m}&dry_run={dry_run}"),
-                Some(("text/csv", &data)),
+                &format!("/admin/v1/users/import?mode={m}&format={f}&dry_run={dry_run}"),
+                Some((content_type, &data)),
             )
             .await?;
             report(&r)
@@ -633,12 +672,14 @@ fn user_local(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::Import {
             file,
+            format,
             mode,
             dry_run,
         } => {
             let mode = mode.parse()?;
-            let data = read_csv(&file)?;
-            report(&users.import_csv_with(&data[..], ImportOptions { mode, dry_run })?)
+            let format = import_format(&file, format.as_deref())?;
+            let data = read_import(&file)?;
+            report(&users.import_with(format, &data[..], ImportOptions { mode, dry_run })?)
         }
     };
     users.flush()?;
@@ -701,7 +742,7 @@ fn open_outbox(cfg: &Config) -> anyhow::Result<Outbox> {
 /// `mailbell queue …`
 pub async fn queue(config: Option<&Path>, cmd: QueueCmd) -> anyhow::Result<()> {
     match target(config).await? {
-        Target::Api { addr, token } => match cmd {
+        Target::Api { addr, token, .. } => match cmd {
             QueueCmd::List {
                 limit, held: true, ..
             } => {
@@ -804,7 +845,7 @@ pub async fn queue(config: Option<&Path>, cmd: QueueCmd) -> anyhow::Result<()> {
 /// `mailbell log …`
 pub async fn log(config: Option<&Path>, a: LogArgs) -> anyhow::Result<()> {
     let page: AuditPage = match target(config).await? {
-        Target::Api { addr, token } => {
+        Target::Api { addr, token, .. } => {
             let mut q = format!("/admin/v1/log/page?limit={}", a.limit);
             for (k, v) in [
                 ("user", &a.user),
