@@ -549,15 +549,22 @@ impl Collector for MailCollector {
                 .enumerate()
                 .map(|(n, agent)| ([("agent", agent.as_str())], u64::from(up == Some(n)))),
         )?;
-        metrics::counter_family(
+        let stalwart = m.stalwart.snapshot();
+        metrics::counter(
             &mut enc,
-            "mailbell_stalwart_events_total",
-            "Stalwart endpoint counters.",
-            m.stalwart
-                .snapshot()
-                .pairs()
-                .map(|(k, v)| ([("counter", k)], v)),
-        )
+            "mailbell_stalwart_webhook_batches_total",
+            "Webhook batches received from Stalwart.",
+            stalwart.webhook_batches,
+        )?;
+        for f in stalwart.families() {
+            metrics::counter_family(
+                &mut enc,
+                f.name,
+                f.help,
+                f.series.iter().map(|(v, n)| ([(f.label, *v)], *n)),
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -643,7 +650,9 @@ mod tests {
             "mailbell_outbox_depth 0\n",
             "mailbell_link_up{agent=\"agent-a:7443\"} 0\n",
             "mailbell_link_up{agent=\"agent-b:7443\"} 0\n",
-            "mailbell_stalwart_events_total{counter=\"webhook_confirm_errors\"} 0\n",
+            "mailbell_stalwart_webhook_errors_total{reason=\"confirm\"} 0\n",
+            "mailbell_stalwart_hook_calls_total{stage=\"data\"} 0\n",
+            "mailbell_stalwart_webhook_batches_total 0\n",
             "mailbell_milter_sessions_total 0\n",
             "mailbell_listener_connections_open{listener=\"milter\"} 0\n",
             "mailbell_http_requests_total{listener=\"admin\"} 0\n",
@@ -652,8 +661,12 @@ mod tests {
         ] {
             assert!(before.contains(line), "{line:?} missing from:\n{before}");
         }
+        // Every Stalwart counter in exactly one series.
         assert_eq!(
-            before.matches("mailbell_stalwart_events_total{").count(),
+            before
+                .lines()
+                .filter(|l| l.starts_with("mailbell_stalwart_"))
+                .count(),
             18
         );
 

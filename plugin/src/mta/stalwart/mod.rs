@@ -194,29 +194,67 @@ pub struct StatsSnapshot {
     pub webhook_confirm_errors: u64,
 }
 
+/// One `/metrics` family of the Stalwart endpoint counters.
+pub struct CounterFamily {
+    /// Full name, `_total` included.
+    pub name: &'static str,
+    pub help: &'static str,
+    /// The label that tells the series apart.
+    pub label: &'static str,
+    pub series: Vec<(&'static str, u64)>,
+}
+
 impl StatsSnapshot {
-    /// `(counter, value)` pairs in a stable order, as `/metrics` shows them:
-    /// `mailbell_stalwart_events_total{counter="hook_connect"}`, ...
-    pub fn pairs(&self) -> [(&'static str, u64); 18] {
+    /// The counters as `/metrics` shows them, one family per kind of thing counted: hook
+    /// calls by stage, refused hook calls by reason, webhook events by outcome, refused
+    /// webhooks by reason. Webhook batches are [`StatsSnapshot::webhook_batches`] alone.
+    pub fn families(&self) -> [CounterFamily; 4] {
         [
-            ("hook_connect", self.hook_connect),
-            ("hook_ehlo", self.hook_ehlo),
-            ("hook_mail", self.hook_mail),
-            ("hook_rcpt", self.hook_rcpt),
-            ("hook_data", self.hook_data),
-            ("hook_unknown_stage", self.hook_unknown_stage),
-            ("hook_intake_errors", self.hook_intake_errors),
-            ("hook_bad_requests", self.hook_bad_requests),
-            ("hook_unauthorized", self.hook_unauthorized),
-            ("hook_too_large", self.hook_too_large),
-            ("webhook_batches", self.webhook_batches),
-            ("webhook_ingest_events", self.webhook_ingest_events),
-            ("webhook_ignored_events", self.webhook_ignored_events),
-            ("webhook_skipped_events", self.webhook_skipped_events),
-            ("webhook_bad_signatures", self.webhook_bad_signatures),
-            ("webhook_bad_requests", self.webhook_bad_requests),
-            ("webhook_too_large", self.webhook_too_large),
-            ("webhook_confirm_errors", self.webhook_confirm_errors),
+            CounterFamily {
+                name: "mailbell_stalwart_hook_calls_total",
+                help: "MTA hook calls from Stalwart, by SMTP stage.",
+                label: "stage",
+                series: vec![
+                    ("connect", self.hook_connect),
+                    ("ehlo", self.hook_ehlo),
+                    ("mail", self.hook_mail),
+                    ("rcpt", self.hook_rcpt),
+                    ("data", self.hook_data),
+                    ("unknown", self.hook_unknown_stage),
+                ],
+            },
+            CounterFamily {
+                name: "mailbell_stalwart_hook_errors_total",
+                help: "MTA hook calls not answered with a verdict, by reason.",
+                label: "reason",
+                series: vec![
+                    ("intake", self.hook_intake_errors),
+                    ("bad_request", self.hook_bad_requests),
+                    ("unauthorized", self.hook_unauthorized),
+                    ("too_large", self.hook_too_large),
+                ],
+            },
+            CounterFamily {
+                name: "mailbell_stalwart_webhook_events_total",
+                help: "Events in Stalwart's webhook batches, by what became of them.",
+                label: "outcome",
+                series: vec![
+                    ("ingest", self.webhook_ingest_events),
+                    ("ignored", self.webhook_ignored_events),
+                    ("skipped", self.webhook_skipped_events),
+                ],
+            },
+            CounterFamily {
+                name: "mailbell_stalwart_webhook_errors_total",
+                help: "Webhook requests refused or not recorded, by reason.",
+                label: "reason",
+                series: vec![
+                    ("bad_signature", self.webhook_bad_signatures),
+                    ("bad_request", self.webhook_bad_requests),
+                    ("too_large", self.webhook_too_large),
+                    ("confirm", self.webhook_confirm_errors),
+                ],
+            },
         ]
     }
 }
