@@ -21,7 +21,8 @@ use serde::Serialize;
 
 use crate::dispatch::DispatchStats;
 use crate::inbox::{Change, Inbox, InboxStats};
-use crate::modem::driver::{ModemState, ModemStatus};
+use crate::modem::driver::ModemState;
+use crate::modem::pool::PoolModemStatus;
 
 /// Everything the endpoint reports.
 #[derive(Clone)]
@@ -29,7 +30,7 @@ pub struct Sources {
     pub inbox: Arc<InboxStats>,
     pub dispatch: Arc<DispatchStats>,
     pub link: Arc<ServerStats>,
-    pub modems: Arc<dyn Fn() -> Vec<ModemStatus> + Send + Sync>,
+    pub modems: Arc<dyn Fn() -> Vec<PoolModemStatus> + Send + Sync>,
     /// For the dead-letter endpoints.
     pub store: Inbox,
     pub admin_token: Option<String>,
@@ -196,16 +197,47 @@ impl Sources {
         let _ = writeln!(o, "# HELP mailbell_modem_up Modem ready to send (1) or not (0).\n# TYPE mailbell_modem_up gauge");
         let modems = (self.modems)();
         for m in &modems {
-            let up = u8::from(m.state == ModemState::Ready);
-            let _ = writeln!(o, "mailbell_modem_up{{modem=\"{}\"}} {up}", escape(&m.name));
+            let up = u8::from(m.modem.state == ModemState::Ready);
+            let _ = writeln!(
+                o,
+                "mailbell_modem_up{{modem=\"{}\"}} {up}",
+                escape(&m.modem.name)
+            );
+        }
+        let _ = writeln!(o, "# HELP mailbell_modem_alarm Modem taken out of use for a run of failures while other modems send (1), cleared by its next success.\n# TYPE mailbell_modem_alarm gauge");
+        for m in &modems {
+            let _ = writeln!(
+                o,
+                "mailbell_modem_alarm{{modem=\"{}\"}} {}",
+                escape(&m.modem.name),
+                u8::from(m.health.alarm)
+            );
+        }
+        let _ = writeln!(o, "# HELP mailbell_modem_cooling_down_seconds Seconds until the pool uses the modem again (0 = in use).\n# TYPE mailbell_modem_cooling_down_seconds gauge");
+        for m in &modems {
+            let _ = writeln!(
+                o,
+                "mailbell_modem_cooling_down_seconds{{modem=\"{}\"}} {}",
+                escape(&m.modem.name),
+                m.health.cooling_down_s
+            );
+        }
+        let _ = writeln!(o, "# HELP mailbell_modem_failure_streak Consecutive failed submits of the modem.\n# TYPE mailbell_modem_failure_streak gauge");
+        for m in &modems {
+            let _ = writeln!(
+                o,
+                "mailbell_modem_failure_streak{{modem=\"{}\"}} {}",
+                escape(&m.modem.name),
+                m.health.failure_streak
+            );
         }
         let _ = writeln!(o, "# HELP mailbell_modem_sent_total PDUs accepted by the SMSC per modem.\n# TYPE mailbell_modem_sent_total counter");
         for m in &modems {
             let _ = writeln!(
                 o,
                 "mailbell_modem_sent_total{{modem=\"{}\"}} {}",
-                escape(&m.name),
-                m.sent
+                escape(&m.modem.name),
+                m.modem.sent
             );
         }
         let _ = writeln!(o, "# HELP mailbell_modem_failed_total Failed submissions per modem.\n# TYPE mailbell_modem_failed_total counter");
@@ -213,8 +245,8 @@ impl Sources {
             let _ = writeln!(
                 o,
                 "mailbell_modem_failed_total{{modem=\"{}\"}} {}",
-                escape(&m.name),
-                m.failed
+                escape(&m.modem.name),
+                m.modem.failed
             );
         }
         let listeners: Vec<(&str, &ListenerStats)> =
