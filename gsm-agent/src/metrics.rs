@@ -187,7 +187,7 @@ impl Sources {
             "counter",
             self.link.refused_busy.load(Ordering::Relaxed),
         );
-        let _ = writeln!(o, "# HELP mailbell_agent_sms_failed_total SMS failures by error class.\n# TYPE mailbell_agent_sms_failed_total counter");
+        let _ = writeln!(o, "# HELP mailbell_agent_sms_failed_total SMS failures by error class, as the dispatcher saw them (a submit the pool sent through another modem at once counts only in mailbell_modem_failed_total).\n# TYPE mailbell_agent_sms_failed_total counter");
         for (class, n) in &s.failed_by_class {
             let _ = writeln!(
                 o,
