@@ -6,7 +6,8 @@
 //! `--seconds 60`, `--submit-delay-ms 3000`, `--broken-from 4`, `--idle-seconds 20`).
 //!
 //! For each K and each of "healthy" and "m00 broken" (`+CMS ERROR: 500` to every submit from
-//! its `--broken-from`-th on) it prints:
+//! its `--broken-from`-th on; `--broken-how error|silence|garbage|vanish` for the other ways a
+//! modem breaks) it prints:
 //! - the idle CPU of the agent with K ready modems (before any notice);
 //! - the achieved rate (from the first notice pushed to the last SMS accepted by its modem)
 //!   against the ideal (K / submit delay; K − 1 healthy modems when one is broken), and each
@@ -50,9 +51,12 @@ struct Args {
     /// How long each simulated SMSC takes to accept a PDU.
     #[arg(long, default_value_t = 3000)]
     submit_delay_ms: u64,
-    /// The broken modem answers `+CMS ERROR: 500` from this submit on.
+    /// The broken modem fails from this submit on.
     #[arg(long, default_value_t = 4)]
     broken_from: u64,
+    /// How it fails: cms500, error, silence, garbage or vanish.
+    #[arg(long, default_value = "cms500")]
+    broken_how: String,
     /// Seconds of idle CPU measurement with every modem ready.
     #[arg(long, default_value_t = 20)]
     idle_seconds: u64,
@@ -202,10 +206,18 @@ async fn one_run(args: &Args, k: usize, broken: bool) -> anyhow::Result<bool> {
     let idle_drv_pct = 100.0 * (idle_drv1 - idle_drv0) as f64 / TICKS_PER_SEC / idle_secs;
 
     // Load: a backlog of K × seconds / delay notices.
+    let how = match args.broken_how.as_str() {
+        "cms500" => Broken::Cms(500),
+        "error" => Broken::PlainError,
+        "silence" => Broken::Silence,
+        "garbage" => Broken::Garbage,
+        "vanish" => Broken::Vanish,
+        other => anyhow::bail!("--broken-how {other}: cms500, error, silence, garbage or vanish"),
+    };
     if broken {
         sims[0].inject(Fault::BrokenFrom {
             from: args.broken_from,
-            how: Broken::Cms(500),
+            how,
         });
     }
     let per_modem = (args.seconds as f64 / delay.as_secs_f64()).round() as usize;
@@ -247,10 +259,7 @@ async fn one_run(args: &Args, k: usize, broken: bool) -> anyhow::Result<bool> {
     let dup = got.values().filter(|&&c| c > 1).count();
     let ok = got.len() == total && dup == 0 && status.dead_letters == 0;
     let what = if broken {
-        format!(
-            "m00 broken (+CMS ERROR: 500 from submit {})",
-            args.broken_from
-        )
+        format!("m00 broken ({how:?} from submit {})", args.broken_from)
     } else {
         "all healthy".to_string()
     };
