@@ -25,10 +25,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, LinkTls, ModemEntry};
-use crate::dispatch::{DispatchStats, Dispatcher, SinkFailure, SmsSink};
+use crate::dispatch::{DispatchStats, Dispatcher, History, SinkFailure, SmsSink};
 use crate::inbox::{Inbox, Validator};
-use crate::modem::driver::{self, ModemConfig, ModemHandle, ModemStatus};
-use crate::modem::pool::{Pacing, Pool};
+use crate::modem::driver::{self, ModemConfig, ModemHandle};
+use crate::modem::pool::{Pacing, Pool, PoolModemStatus};
 use crate::phone::E164;
 use crate::render::Renderer;
 use crate::sim::{SimModem, SimOptions};
@@ -40,9 +40,13 @@ struct PoolSink {
 }
 
 impl SmsSink for PoolSink {
-    async fn submit(&self, pdus: Vec<(usize, String)>) -> Result<String, SinkFailure> {
+    async fn submit(
+        &self,
+        pdus: Vec<(usize, String)>,
+        avoid: Vec<String>,
+    ) -> Result<String, SinkFailure> {
         self.pool
-            .submit(pdus, self.wait)
+            .submit_avoiding(pdus, self.wait, &avoid)
             .await
             .map(|r| r.modem)
             .map_err(|e| e.into_sink_failure())
@@ -207,8 +211,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
     let pool = Pool::new(pool_modems);
     let status_pool = pool.clone();
-    let modem_status: Arc<dyn Fn() -> Vec<ModemStatus> + Send + Sync> =
-        Arc::new(move || status_pool.status());
+    let modem_status: Arc<dyn Fn() -> Vec<PoolModemStatus> + Send + Sync> =
+        Arc::new(move || status_pool.health());
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -228,6 +232,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         concurrency: entries.len(),
         resend_uncertain: cfg.inbox.resend_uncertain,
         stats: dispatch_stats.clone(),
+        history: History::default(),
     });
     tracker.spawn(dispatcher.run(shutdown.clone()));
 

@@ -4,8 +4,26 @@
 //!
 //! Per notice: decode → render (template or literal text) → validate the number → encode the
 //! PDUs → mark in flight (durable) → submit → mark sent, rescheduled or dead (durable).
+//!
+//! Blame the modem, not the message. The pool already sends a message through another modem
+//! when one fails it (see `modem/pool.rs`); a notice is charged an attempt (and follows its
+//! error class's retry policy, dead-lettered when the attempts are used up) only when the
+//! failure is plausibly the message's:
+//!
+//! ```text
+//! failure                                                   charged   next try
+//! message-level class (Permanent, Bug, DestinationUnavail.) yes       class policy
+//! the same failure on two different modems                  yes       class policy
+//! a failure on a modem that already failed this notice      yes       class policy
+//! the sink names no modem (a test double)                   yes       class policy
+//! any other failure on a modem (CMS 500, ERROR, timeout…)   no        1 s, another modem
+//! no modem tried at all (all down or paced out)             no        5 s
+//! ```
+//!
+//! The modems that failed a notice are remembered in memory (bounded, see [`History`]) and
+//! handed to the sink as modems to avoid, so a retry prefers a different modem.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +40,15 @@ use crate::modem::pdu::{encode_submit, SubmitOptions};
 use crate::phone::E164;
 use crate::render::Renderer;
 
+/// One modem's failure of a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailedOn {
+    pub modem: String,
+    /// The failure as text (`+CMS ERROR: 500`): equal texts are the same failure.
+    pub failure: String,
+    pub class: ErrorClass,
+}
+
 /// Why the modems did not take a message.
 #[derive(Clone, Debug)]
 pub struct SinkFailure {
@@ -29,17 +56,108 @@ pub struct SinkFailure {
     pub reason: String,
     /// The last PDU was written and no answer came back: the SMS may have gone out.
     pub maybe_sent: bool,
-    /// No modem could take it at all (all down or paced out): not the message's fault.
+    /// No modem could take it (all down, paced out, or each one tried failed): `failed_on`
+    /// says which modems did try.
     pub no_modem: bool,
+    /// The modems that failed it in this submit, in order; the last one gave `class`. Empty
+    /// when the sink cannot tell (the failure is then charged to the notice).
+    pub failed_on: Vec<FailedOn>,
 }
 
 /// Where rendered PDUs go: the modem pool (or a test double).
 pub trait SmsSink: Send + Sync + 'static {
-    /// Submits all parts of one SMS; returns the name of the modem that sent it.
+    /// Submits all parts of one SMS; returns the name of the modem that sent it. The modems
+    /// in `avoid` failed this message before: use them only when no other can take it.
     fn submit(
         &self,
         pdus: Vec<(usize, String)>,
+        avoid: Vec<String>,
     ) -> impl Future<Output = Result<String, SinkFailure>> + Send;
+}
+
+/// Notices remembered at most by [`History`]; past this the memory starts over (a notice
+/// then may get one more uncharged try).
+const HISTORY_NOTICES: usize = 65_536;
+/// Failures remembered per notice.
+const HISTORY_PER_NOTICE: usize = 16;
+/// The next try after a failure not charged to the notice.
+const UNCHARGED_RETRY: Duration = Duration::from_secs(1);
+/// The next try when no modem could take the notice at all.
+const NO_MODEM_RETRY: Duration = Duration::from_secs(5);
+
+/// The modems that failed each queued notice, and how: in memory only (about 100 bytes per
+/// failure, at most [`HISTORY_NOTICES`] notices), forgotten when the notice is sent or dead.
+/// After a restart a notice starts with a clean slate.
+#[derive(Debug, Default)]
+pub struct History {
+    by_seq: Mutex<HashMap<u64, Vec<(String, String)>>>,
+}
+
+impl History {
+    fn get(&self, seq: u64) -> Vec<(String, String)> {
+        self.by_seq
+            .lock()
+            .map(|m| m.get(&seq).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    fn add(&self, seq: u64, failures: &[FailedOn]) {
+        if failures.is_empty() {
+            return;
+        }
+        if let Ok(mut m) = self.by_seq.lock() {
+            if m.len() >= HISTORY_NOTICES && !m.contains_key(&seq) {
+                m.clear();
+            }
+            let v = m.entry(seq).or_default();
+            for f in failures {
+                if v.len() >= HISTORY_PER_NOTICE {
+                    v.remove(0);
+                }
+                v.push((f.modem.clone(), f.failure.clone()));
+            }
+        }
+    }
+
+    fn forget(&self, seq: u64) {
+        if let Ok(mut m) = self.by_seq.lock() {
+            m.remove(&seq);
+        }
+    }
+
+    /// Notices with failures remembered.
+    pub fn len(&self) -> usize {
+        self.by_seq.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether no failure is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Whether the failures of this submit (`now`, the last one deciding) are plausibly the
+/// message's, given the failures of earlier submits (`before`, `(modem, failure)`).
+fn charged(now: &[FailedOn], before: &[(String, String)]) -> bool {
+    let Some(last) = now.last() else {
+        return true; // the sink cannot say which modem: the old rule
+    };
+    if last.class.is_message_level() {
+        return true;
+    }
+    let all: Vec<(&str, &str)> = before
+        .iter()
+        .map(|(m, f)| (m.as_str(), f.as_str()))
+        .chain(now.iter().map(|f| (f.modem.as_str(), f.failure.as_str())))
+        .collect();
+    // the same failure on two different modems
+    let same_elsewhere = all.iter().any(|&(m, f)| {
+        all.iter()
+            .any(|&(m2, f2)| m2 != m && f2 == f && f == last.failure.as_str())
+    });
+    // a modem that failed this notice before failed it again (no other modem took it)
+    let same_modem_again = before.iter().any(|(m, _)| *m == last.modem);
+    same_elsewhere || same_modem_again
 }
 
 /// Counters for metrics and status.
@@ -72,6 +190,8 @@ pub struct Dispatcher<S: SmsSink> {
     pub concurrency: usize,
     pub resend_uncertain: bool,
     pub stats: Arc<DispatchStats>,
+    /// The modems that failed each queued notice.
+    pub history: History,
 }
 
 /// What the dispatcher decided for a notice, before it is written to the inbox.
@@ -176,11 +296,12 @@ impl<S: SmsSink> Dispatcher<S> {
             },
         };
         match &verdict {
-            Verdict::Sent => {}
+            Verdict::Sent => self.history.forget(r.seq),
             Verdict::Retry { .. } => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
             }
             Verdict::Dead { attempts, reason } => {
+                self.history.forget(r.seq);
                 self.stats.dead.fetch_add(1, Ordering::Relaxed);
                 warn!(notif_id = %r.id, seq = r.seq, attempts, %reason, "notice dead-lettered");
             }
@@ -230,22 +351,46 @@ impl<S: SmsSink> Dispatcher<S> {
         let attempt_no = u32::from(r.attempts) + 1;
         // The submits a modem has seen, this one included.
         let tried = u16::try_from(attempt_no).unwrap_or(u16::MAX);
-        match self.sink.submit(parts).await {
+        let before = self.history.get(r.seq);
+        let mut avoid: Vec<String> = Vec::new();
+        for (m, _) in &before {
+            if !avoid.contains(m) {
+                avoid.push(m.clone());
+            }
+        }
+        match self.sink.submit(parts, avoid).await {
             Ok(modem) => {
                 self.stats.sent.fetch_add(1, Ordering::Relaxed);
                 self.stats.parts.fetch_add(nparts, Ordering::Relaxed);
                 info!(notif_id = %n.id, to = %dest.masked(), %modem, parts = nparts, attempt = attempt_no, "sms sent");
                 Verdict::Sent
             }
-            Err(f) if f.no_modem => {
+            Err(f) if f.no_modem && f.failed_on.is_empty() => {
                 warn!(notif_id = %n.id, reason = %f.reason, "no modem available; notice waits");
                 Verdict::Retry {
                     attempts: r.attempts,
-                    after: Duration::from_secs(5),
+                    after: NO_MODEM_RETRY,
                 }
             }
             Err(f) => {
-                self.stats.count_failure(f.class);
+                for fo in &f.failed_on {
+                    self.stats.count_failure(fo.class);
+                }
+                if f.failed_on.is_empty() {
+                    self.stats.count_failure(f.class);
+                }
+                let charge = charged(&f.failed_on, &before);
+                self.history.add(r.seq, &f.failed_on);
+                if !charge && (!f.maybe_sent || self.resend_uncertain) {
+                    if f.maybe_sent {
+                        self.stats.maybe_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    warn!(notif_id = %n.id, to = %dest.masked(), reason = %f.reason, class = ?f.class, "a modem failed the sms; trying another modem (no attempt charged)");
+                    return Verdict::Retry {
+                        attempts: r.attempts,
+                        after: UNCHARGED_RETRY,
+                    };
+                }
                 if f.maybe_sent {
                     self.stats.maybe_sent.fetch_add(1, Ordering::Relaxed);
                     if !self.resend_uncertain {
@@ -297,10 +442,17 @@ mod tests {
     struct Scripted {
         answers: Mutex<VecDeque<Result<String, SinkFailure>>>,
         calls: AtomicU64,
+        /// The `avoid` list of each call.
+        avoided: Mutex<Vec<Vec<String>>>,
     }
 
     impl SmsSink for Scripted {
-        async fn submit(&self, _pdus: Vec<(usize, String)>) -> Result<String, SinkFailure> {
+        async fn submit(
+            &self,
+            _pdus: Vec<(usize, String)>,
+            avoid: Vec<String>,
+        ) -> Result<String, SinkFailure> {
+            self.avoided.lock().unwrap().push(avoid);
             self.calls.fetch_add(1, Ordering::Relaxed);
             self.answers
                 .lock()
@@ -316,6 +468,25 @@ mod tests {
             reason: format!("{class:?}"),
             maybe_sent: false,
             no_modem: false,
+            failed_on: Vec::new(),
+        })
+    }
+
+    /// A failure on these modems, each with this failure text (class from `class`).
+    fn fail_on(class: ErrorClass, modems: &[(&str, &str)]) -> Result<String, SinkFailure> {
+        Err(SinkFailure {
+            class,
+            reason: format!("{class:?}"),
+            maybe_sent: false,
+            no_modem: false,
+            failed_on: modems
+                .iter()
+                .map(|(m, f)| FailedOn {
+                    modem: m.to_string(),
+                    failure: f.to_string(),
+                    class,
+                })
+                .collect(),
         })
     }
 
@@ -335,12 +506,14 @@ mod tests {
             sink: Arc::new(Scripted {
                 answers: Mutex::new(answers.into()),
                 calls: AtomicU64::new(0),
+                avoided: Mutex::default(),
             }),
             renderer: Arc::new(Renderer::new(RenderConfig::default()).unwrap()),
             sms,
             concurrency: 1,
             resend_uncertain: true,
             stats: Arc::new(DispatchStats::default()),
+            history: History::default(),
         });
         (dir, d)
     }
@@ -388,6 +561,126 @@ mod tests {
             Verdict::Dead { attempts: 1, .. }
         ));
         assert_eq!(d.attempt(&r).await, Verdict::Sent);
+    }
+
+    #[tokio::test]
+    async fn one_modem_failing_a_notice_is_not_charged_and_its_retry_avoids_that_modem() {
+        let cms500 = "+CMS ERROR: 500";
+        let (_d, d) = setup(vec![
+            fail_on(ErrorClass::Unknown, &[("m0", cms500)]),
+            Ok("m1".into()),
+        ])
+        .await;
+        let r = queue(&d, "+8613800138000").await;
+        assert_eq!(
+            d.attempt(&r).await,
+            Verdict::Retry {
+                attempts: 0,
+                after: UNCHARGED_RETRY
+            }
+        );
+        assert_eq!(d.attempt(&r).await, Verdict::Sent);
+        let avoided = d.sink.avoided.lock().unwrap().clone();
+        assert_eq!(avoided, vec![vec![], vec!["m0".to_string()]]);
+        assert_eq!(d.stats.failed.lock().unwrap().get("Unknown"), Some(&1));
+    }
+
+    #[tokio::test]
+    async fn the_same_failure_on_two_modems_is_charged() {
+        let cms500 = "+CMS ERROR: 500";
+        let (_d, d) = setup(vec![
+            // in one submit (the pool failed over)
+            fail_on(ErrorClass::Unknown, &[("m0", cms500), ("m1", cms500)]),
+            // across submits
+            fail_on(ErrorClass::Unknown, &[("m2", "modem answered ERROR")]),
+            fail_on(ErrorClass::Unknown, &[("m3", "modem answered ERROR")]),
+            // the same modem again, with nothing else to try
+            fail_on(ErrorClass::Transient, &[("m4", "modem answered ERROR")]),
+            fail_on(ErrorClass::Transient, &[("m4", "+CMS ERROR: 41")]),
+        ])
+        .await;
+        let mut r = queue(&d, "+8613800138000").await;
+        let v = d.attempt(&r).await;
+        assert!(
+            matches!(v, Verdict::Retry { attempts: 1, after } if after >= Duration::from_secs(60)),
+            "{v:?}"
+        );
+        d.history.forget(r.seq);
+        r.attempts = 0;
+        assert!(matches!(
+            d.attempt(&r).await,
+            Verdict::Retry { attempts: 0, .. }
+        ));
+        assert!(matches!(
+            d.attempt(&r).await,
+            Verdict::Retry { attempts: 1, .. }
+        ));
+        d.history.forget(r.seq);
+        assert!(matches!(
+            d.attempt(&r).await,
+            Verdict::Retry { attempts: 0, .. }
+        ));
+        assert!(matches!(
+            d.attempt(&r).await,
+            Verdict::Retry { attempts: 1, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_poison_notice_still_dead_letters_after_its_attempts() {
+        // CMS 500 for this message on every modem: charged each time, dead after the
+        // Unknown class's three attempts
+        let all = &[("m0", "+CMS ERROR: 500"), ("m1", "+CMS ERROR: 500")];
+        let (_d, d) = setup(vec![
+            fail_on(ErrorClass::Unknown, all),
+            fail_on(ErrorClass::Unknown, all),
+            fail_on(ErrorClass::Unknown, all),
+            // a permanent class is charged on one modem
+            fail_on(ErrorClass::Permanent, &[("m0", "+CMS ERROR: 21")]),
+        ])
+        .await;
+        let mut r = queue(&d, "+8613800138000").await;
+        for expect in 1..=2 {
+            match d.attempt(&r).await {
+                Verdict::Retry { attempts, .. } => {
+                    assert_eq!(attempts, expect);
+                    r.attempts = attempts;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            d.attempt(&r).await,
+            Verdict::Dead { attempts: 3, reason } if reason.contains("attempt 3 of 3")
+        ));
+        r.attempts = 0;
+        d.history.forget(r.seq);
+        assert!(matches!(
+            d.attempt(&r).await,
+            Verdict::Dead { attempts: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn the_failure_history_is_bounded() {
+        let h = History::default();
+        let f = |m: &str| FailedOn {
+            modem: m.into(),
+            failure: "x".into(),
+            class: ErrorClass::Unknown,
+        };
+        for seq in 0..HISTORY_NOTICES as u64 {
+            h.add(seq, &[f("m0")]);
+        }
+        assert_eq!(h.len(), HISTORY_NOTICES);
+        h.add(u64::MAX, &[f("m0")]);
+        assert_eq!(h.len(), 1, "starts over when full");
+        for _ in 0..100 {
+            h.add(u64::MAX, &[f("m1")]);
+        }
+        assert_eq!(h.get(u64::MAX).len(), HISTORY_PER_NOTICE);
+        h.forget(u64::MAX);
+        assert!(h.is_empty());
     }
 
     #[tokio::test]

@@ -22,7 +22,8 @@ use serde::Serialize;
 
 use crate::dispatch::DispatchStats;
 use crate::inbox::{Change, Inbox, InboxStats};
-use crate::modem::driver::{ModemState, ModemStatus};
+use crate::modem::driver::ModemState;
+use crate::modem::pool::PoolModemStatus;
 
 /// Everything the endpoint reports.
 #[derive(Clone)]
@@ -30,7 +31,7 @@ pub struct Sources {
     pub inbox: Arc<InboxStats>,
     pub dispatch: Arc<DispatchStats>,
     pub link: Arc<ServerStats>,
-    pub modems: Arc<dyn Fn() -> Vec<ModemStatus> + Send + Sync>,
+    pub modems: Arc<dyn Fn() -> Vec<PoolModemStatus> + Send + Sync>,
     /// For the dead-letter endpoints.
     pub store: Inbox,
     pub admin_token: Option<String>,
@@ -130,7 +131,7 @@ struct AgentCollector {
     inbox: Arc<InboxStats>,
     dispatch: Arc<DispatchStats>,
     link: Arc<ServerStats>,
-    modems: Arc<dyn Fn() -> Vec<ModemStatus> + Send + Sync>,
+    modems: Arc<dyn Fn() -> Vec<PoolModemStatus> + Send + Sync>,
 }
 
 impl std::fmt::Debug for AgentCollector {
@@ -227,36 +228,57 @@ impl Collector for AgentCollector {
                 .map(|(class, n)| ([("class", class.as_str())], *n)),
         )?;
         let modems = (self.modems)();
-        let by_modem = |v: fn(&ModemStatus) -> u64| {
+        let by_modem = |v: fn(&PoolModemStatus) -> u64| {
             modems
                 .iter()
-                .map(move |m| ([("modem", m.name.as_str())], v(m)))
+                .map(move |m| ([("modem", m.modem.name.as_str())], v(m)))
         };
         metrics::gauge_family(
             &mut enc,
             "mailbell_modem_up",
             "Modem ready to send (1) or not (0).",
-            by_modem(|m| u64::from(m.state == ModemState::Ready)),
+            by_modem(|m| u64::from(m.modem.state == ModemState::Ready)),
         )?;
         metrics::counter_family(
             &mut enc,
             "mailbell_modem_sent_total",
             "PDUs accepted by the SMSC per modem.",
-            by_modem(|m| m.sent),
+            by_modem(|m| m.modem.sent),
         )?;
         metrics::counter_family(
             &mut enc,
             "mailbell_modem_failed_total",
             "Failed submissions per modem.",
-            by_modem(|m| m.failed),
+            by_modem(|m| m.modem.failed),
+        )?;
+        metrics::gauge_family(
+            &mut enc,
+            "mailbell_modem_alarm",
+            "Modem taken out of use for a run of failures while other modems send (1), cleared by its next success.",
+            by_modem(|m| u64::from(m.health.alarm)),
+        )?;
+        metrics::gauge_family(
+            &mut enc,
+            "mailbell_modem_cooling_down_seconds",
+            "Seconds until the pool uses the modem again (0 = in use).",
+            by_modem(|m| m.health.cooling_down_s),
+        )?;
+        metrics::gauge_family(
+            &mut enc,
+            "mailbell_modem_failure_streak",
+            "Consecutive failed submits of the modem.",
+            by_modem(|m| u64::from(m.health.failure_streak)),
         )?;
         metrics::gauge_family(
             &mut enc,
             "mailbell_modem_submit_timeout_seconds",
             "The AT+CMGS deadline in force per modem: submit_timeout until the modem has shown its submit times, then p99 x 3 of them, clamped.",
-            modems
-                .iter()
-                .map(|m| ([("modem", m.name.as_str())], m.submit_timeout_ms as f64 / 1000.0)),
+            modems.iter().map(|m| {
+                (
+                    [("modem", m.modem.name.as_str())],
+                    m.modem.submit_timeout_ms as f64 / 1000.0,
+                )
+            }),
         )
     }
 }
@@ -365,8 +387,17 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::modem::driver::ModemStatus;
+    use crate::modem::pool::ModemHealth;
 
-    fn modem(name: &str, state: ModemState, sent: u64, failed: u64) -> ModemStatus {
+    fn modem(name: &str, state: ModemState, sent: u64, failed: u64) -> PoolModemStatus {
+        PoolModemStatus {
+            modem: driver_status(name, state, sent, failed),
+            health: ModemHealth::default(),
+        }
+    }
+
+    fn driver_status(name: &str, state: ModemState, sent: u64, failed: u64) -> ModemStatus {
         ModemStatus {
             name: name.into(),
             state,
@@ -422,11 +453,22 @@ mod tests {
         link.sessions_active.store(1, Ordering::Relaxed);
         link.refused_busy.store(4, Ordering::Relaxed);
         *modems.lock().unwrap() = vec![
-            ModemStatus {
-                submit_timeout_ms: 2500,
-                ..modem("ttyUSB0", ModemState::Ready, 12, 1)
+            PoolModemStatus {
+                modem: ModemStatus {
+                    submit_timeout_ms: 2500,
+                    ..driver_status("ttyUSB0", ModemState::Ready, 12, 1)
+                },
+                health: ModemHealth::default(),
             },
-            modem("a\"b", ModemState::Faulty("no SIM".into()), 0, 3),
+            PoolModemStatus {
+                modem: driver_status("a\"b", ModemState::Faulty("no SIM".into()), 0, 3),
+                health: ModemHealth {
+                    failure_streak: 4,
+                    cooling_down_s: 30,
+                    escalation: 1,
+                    alarm: true,
+                },
+            },
         ];
         let after = metrics::encode_one(collector);
         for line in [
@@ -444,10 +486,14 @@ mod tests {
             "mailbell_modem_failed_total{modem=\"a\\\"b\"} 3\n",
             "# TYPE mailbell_modem_submit_timeout_seconds gauge\n",
             "mailbell_modem_submit_timeout_seconds{modem=\"ttyUSB0\"} 2.5\n",
+            "mailbell_modem_alarm{modem=\"a\\\"b\"} 1\n",
+            "mailbell_modem_alarm{modem=\"ttyUSB0\"} 0\n",
+            "mailbell_modem_cooling_down_seconds{modem=\"a\\\"b\"} 30\n",
+            "mailbell_modem_failure_streak{modem=\"a\\\"b\"} 4\n",
         ] {
             assert!(after.contains(line), "{line:?} missing from:\n{after}");
         }
         // Every family once.
-        assert_eq!(after.matches("# TYPE ").count(), 18, "{after}");
+        assert_eq!(after.matches("# TYPE ").count(), 21, "{after}");
     }
 }

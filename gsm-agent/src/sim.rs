@@ -47,6 +47,8 @@ const MAX_INPUT: usize = 2048;
 const MAX_OUTPUT: usize = 1 << 20;
 const MAX_COMMANDS: usize = 10_000;
 const PIN_TRIES: u8 = 3;
+/// The longest nap of an idle simulated modem: how late it may notice a command.
+const IDLE_SLEEP_MAX: Duration = Duration::from_millis(4);
 /// URCs written per loop turn during a storm.
 const STORM_BURST: usize = 16;
 const STORM_URCS: &[&str] = &[
@@ -114,6 +116,28 @@ pub enum Fault {
     UrcStorm(usize),
     /// Close the master: the device disappears for good.
     Hangup,
+    /// From the `from`-th submit on (1-based, counting every PDU this modem has been given,
+    /// the ones before the fault included), every submit misbehaves this way, until
+    /// [`SimModem::clear_faults`]: a modem that breaks for good in the middle of a run.
+    BrokenFrom { from: u64, how: Broken },
+}
+
+/// How a [`Fault::BrokenFrom`] modem answers a submit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Broken {
+    /// `+CMS ERROR: <n>` at once (e.g. 500, "unknown error").
+    Cms(u16),
+    /// A plain `ERROR` at once.
+    PlainError,
+    /// No answer, and from then on silent to every command (as [`Fault::Silence`]): the
+    /// modem behind the port died mid-submit.
+    Silence,
+    /// Line noise instead of an answer (no final result), while other commands are still
+    /// answered.
+    Garbage,
+    /// The device disappears mid-submit (as [`Fault::Hangup`]).
+    Vanish,
 }
 
 #[derive(Debug)]
@@ -133,8 +157,12 @@ struct Shared {
     storm: usize,
     hangup: bool,
     stop: bool,
-    rejected: Option<String>,
+    /// Submits to these digits answer `+CMS ERROR: <code>`.
+    rejected: Option<(String, u16)>,
     registered: bool,
+    broken: Option<(u64, Broken)>,
+    /// PDUs given to this modem (ctrl-z seen with a well-formed PDU), accepted or not.
+    submits: u64,
 }
 
 /// A simulated modem on a pseudo-terminal. Dropping it stops the modem and closes the master.
@@ -178,6 +206,8 @@ impl SimModem {
             stop: false,
             rejected: None,
             registered: opts.registered,
+            broken: None,
+            submits: 0,
         }));
         let modem = SimThread {
             file: File::from(pty.master),
@@ -233,7 +263,13 @@ impl SimModem {
             Fault::Urc(u) => s.urcs.push_back(u),
             Fault::UrcStorm(n) => s.storm = s.storm.saturating_add(n),
             Fault::Hangup => s.hangup = true,
+            Fault::BrokenFrom { from, how } => s.broken = Some((from.max(1), how)),
         }
+    }
+
+    /// PDUs given to this modem so far (well-formed ones, accepted or not).
+    pub fn submits(&self) -> u64 {
+        lock(&self.shared).submits
     }
 
     /// Ends every fault except a hangup.
@@ -244,12 +280,19 @@ impl SimModem {
         s.extra_delay = Duration::ZERO;
         s.urcs.clear();
         s.storm = 0;
+        s.broken = None;
     }
 
     /// Submits to this number (digits, a leading `+` is ignored) answer `+CMS ERROR: 21`.
     pub fn set_rejected_number(&self, digits: &str) {
+        self.set_rejected_number_with(digits, 21);
+    }
+
+    /// Submits to this number answer `+CMS ERROR: <code>` (a poison message: 500 makes one
+    /// that fails the same way on every modem while other numbers go through).
+    pub fn set_rejected_number_with(&self, digits: &str, code: u16) {
         let digits: String = digits.chars().filter(|c| c.is_ascii_digit()).collect();
-        lock(&self.shared).rejected = Some(digits);
+        lock(&self.shared).rejected = Some((digits, code));
     }
 
     /// Registers to or leaves the network.
@@ -310,6 +353,9 @@ struct SimThread {
 impl SimThread {
     fn run(mut self) {
         let mut buf = [0u8; 1024];
+        // Idle turns sleep longer and longer (up to IDLE_SLEEP_MAX), so that a bench with
+        // dozens of idle simulated modems does not take the cores the agent is measured on.
+        let mut idle_sleep = Duration::from_millis(1);
         loop {
             let mut busy = false;
             let (urcs, storm, silence) = {
@@ -370,8 +416,15 @@ impl SimThread {
                     Err(_) => self.out.clear(),
                 }
             }
-            if !busy {
-                std::thread::sleep(Duration::from_millis(1));
+            if busy {
+                idle_sleep = Duration::from_millis(1);
+            } else {
+                let mut nap = idle_sleep;
+                if let Some((at, _)) = &self.scheduled {
+                    nap = nap.min(at.saturating_duration_since(Instant::now()));
+                }
+                std::thread::sleep(nap.max(Duration::from_micros(200)));
+                idle_sleep = (idle_sleep * 2).min(IDLE_SLEEP_MAX);
             }
         }
     }
@@ -650,21 +703,48 @@ impl SimThread {
         if pdu.len() < 1 + smsc || len != pdu.len() - 1 - smsc {
             return self.cms(304);
         }
-        let (fault, rejected, extra) = {
+        let (fault, rejected, extra, broken) = {
             let mut s = lock(&self.shared);
+            s.submits += 1;
+            let broken = s
+                .broken
+                .filter(|&(from, _)| s.submits >= from)
+                .map(|(_, how)| how);
+            match broken {
+                Some(Broken::Silence) => s.silence = true,
+                Some(Broken::Vanish) => s.hangup = true,
+                _ => {}
+            }
             (
                 s.submit_faults.pop_front(),
                 s.rejected.clone(),
                 s.extra_delay,
+                broken,
             )
         };
+        match broken {
+            Some(Broken::Cms(n)) => return self.cms(n),
+            Some(Broken::PlainError) => return self.error(),
+            Some(Broken::Silence) => {
+                self.silent = true;
+                return;
+            }
+            Some(Broken::Vanish) => return,
+            Some(Broken::Garbage) => {
+                self.push(b"\r\n\xfe#~@!\x07\r\n\xff\xff\r\n+\x00\r\n");
+                return;
+            }
+            None => {}
+        }
         match fault {
             Some(SubmitFault::Cms(n)) => return self.cms(n),
             Some(SubmitFault::Plain) => return self.error(),
             None => {}
         }
-        if rejected.is_some() && destination(&pdu) == rejected {
-            return self.cms(21);
+        if let Some((digits, code)) = rejected {
+            if destination(&pdu).as_deref() == Some(digits.as_str()) {
+                return self.cms(code);
+            }
         }
         let mr = self.next_mr;
         self.next_mr = self.next_mr.wrapping_add(1);
@@ -899,6 +979,61 @@ mod tests {
         sim.inject(Fault::Urc("+CMTI: \"SM\",4".into()));
         c.until("+CMTI: \"SM\",4\r\n");
         assert!(sim.received().is_empty());
+    }
+
+    #[test]
+    fn a_modem_broken_from_its_nth_submit() {
+        let sim = SimModem::spawn(SimOptions::default()).unwrap();
+        let mut c = Client::open(sim.device_path());
+        c.send(b"ATE0\r");
+        c.until("OK\r\n");
+        sim.inject(Fault::BrokenFrom {
+            from: 2,
+            how: Broken::Cms(500),
+        });
+        c.send(format!("AT+CMGS=23\r{PDU}\x1a").as_bytes());
+        assert!(
+            c.until("OK\r\n").contains("+CMGS: 1"),
+            "the first still goes"
+        );
+        for _ in 0..3 {
+            c.send(format!("AT+CMGS=23\r{PDU}\x1a").as_bytes());
+            c.until("+CMS ERROR: 500\r\n");
+        }
+        assert_eq!((sim.received().len(), sim.submits()), (1, 4));
+        // garbage: no final result to a submit, other commands still answered
+        sim.inject(Fault::BrokenFrom {
+            from: 1,
+            how: Broken::Garbage,
+        });
+        c.send(format!("AT+CMGS=23\r{PDU}\x1a").as_bytes());
+        let got = c.until("\r\n+\x00\r\n");
+        assert!(!got.contains("OK") && !got.contains("ERROR"), "{got:?}");
+        c.send(b"AT\r");
+        c.until("OK\r\n");
+        // silence: the submit and everything after it go unanswered
+        sim.inject(Fault::BrokenFrom {
+            from: 1,
+            how: Broken::Silence,
+        });
+        c.send(format!("AT+CMGS=23\r{PDU}\x1a").as_bytes());
+        c.until("> ");
+        std::thread::sleep(Duration::from_millis(50));
+        c.send(b"AT\r");
+        std::thread::sleep(Duration::from_millis(100));
+        let mut buf = [0u8; 64];
+        assert!(
+            matches!(c.f.read(&mut buf), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "silent"
+        );
+        sim.clear_faults();
+        c.send(b"AT\r");
+        c.until("OK\r\n");
+        // a poison number answers its own code
+        sim.set_rejected_number_with("46708251358", 500);
+        c.send(format!("AT+CMGS=23\r{PDU}\x1a").as_bytes());
+        c.until("+CMS ERROR: 500\r\n");
+        assert_eq!(sim.received().len(), 1);
     }
 
     #[test]

@@ -18,6 +18,14 @@
 //! 512+ (e.g. 515 busy)              Busy                    retry the same command soon
 //! ```
 //!
+//! Only the first, second and fourth rows ([`ErrorClass::is_message_level`]) are taken as the
+//! message's fault at once. Any other class can just as well be one broken modem answering
+//! everything that way (a modem answering `+CMS ERROR: 500` to every submit is a common
+//! failure of modem banks), so the pool sends the message through another modem first, and
+//! the notice is charged an attempt (and follows the class's retry policy below) only when
+//! the same failure comes back from a second modem, or again from the same modem when no
+//! other one could take it.
+//!
 //! Codes the table does not name are classified by their range (see [`classify_cms`]).
 
 use std::time::Duration;
@@ -113,9 +121,22 @@ impl ErrorClass {
         }
     }
 
-    /// True when the modem, not the message, is at fault: the pool fails over to another modem.
+    /// True when the modem, not the message, is at fault: the modem is cooled down (and
+    /// re-initialised by its driver).
     pub fn is_modem_level(&self) -> bool {
         matches!(self, ErrorClass::ModemFault | ErrorClass::NetworkPause)
+    }
+
+    /// True when the failure is the message's on any modem (its destination or its PDU): the
+    /// pool does not try another modem and the notice is charged an attempt. Every other
+    /// class may be the modem's: the pool tries another modem, and only the same failure on
+    /// two different modems is charged to the notice (see `modem/pool.rs` and
+    /// `dispatch.rs`).
+    pub fn is_message_level(&self) -> bool {
+        matches!(
+            self,
+            ErrorClass::Permanent | ErrorClass::Bug | ErrorClass::DestinationUnavailable
+        )
     }
 }
 
@@ -356,6 +377,13 @@ mod tests {
         ] {
             assert!(!class.retry_policy().disable_modem, "{class:?}");
             assert!(!class.is_modem_level());
+        }
+        // only the destination and PDU classes are the message's at once
+        for class in [Permanent, Bug, DestinationUnavailable] {
+            assert!(class.is_message_level(), "{class:?}");
+        }
+        for class in [Transient, ModemFault, NetworkPause, Unknown, Busy] {
+            assert!(!class.is_message_level(), "{class:?}");
         }
         // the transient classes back off in minutes, busy in seconds
         assert!(Transient.retry_policy().base_delay >= Duration::from_secs(60));

@@ -1,23 +1,44 @@
-//! Several modems in one agent: pacing per SIM, least-recently-used choice, failover.
+//! Several modems in one agent: pacing per SIM, least-recently-used choice, failover, and
+//! health judged from each modem's recent outcomes.
 //!
 //! [`Selector`] is the sans-I/O part: it is told the time, the local date, which modems are
-//! ready and which already failed this message, and answers which modem to use or how long to
-//! wait. [`Pool`] is the async shell around it and the driver handles.
+//! ready, which already failed this message and which the caller would rather avoid, and
+//! answers which modem to use or how long to wait; it is told every outcome and keeps each
+//! modem's health. [`Pool`] is the async shell around it and the driver handles.
 //!
 //! ```text
-//! submit(pdus, max_wait)
+//! submit(pdus, max_wait, avoid)
 //!   └─ loop: pick a Ready modem that is not busy, not cooling down, not tried for this
-//!            message, with per-minute and per-day budget left (least recently used first)
+//!            message, with per-minute and per-day budget left (least recently used first;
+//!            a modem in `avoid` only when no other could take it soon)
 //!        ├─ none: wait (≤ max_wait in total) for budget, a cool-down to end or a modem to
-//!        │        become ready → PoolError::NoModem
-//!        └─ submit on it
+//!        │        become ready → PoolError::NoModem (with the failures seen so far)
+//!        └─ submit on it; every outcome goes to the modem's health (below)
 //!             ├─ ok → PoolReceipt { modem, message_refs }
-//!             ├─ modem at fault (ModemFault, NetworkPause, Timeout/Disconnected/NotReady),
-//!             │  nothing possibly sent → cool that modem down, try the next one
-//!             ├─ Busy after the driver's own retries → try the next one
-//!             └─ anything else (Permanent, Bug, DestinationUnavailable, Transient, Unknown,
-//!                or maybe_sent / some parts sent) → PoolError::Submit, the caller decides
+//!             ├─ the message's failure (Permanent, Bug, DestinationUnavailable), or it may
+//!             │  have been sent (maybe_sent / some parts sent) → PoolError::Submit
+//!             ├─ the same failure as on another modem for this message → PoolError::Submit
+//!             │  (plausibly the message's: the caller charges an attempt)
+//!             └─ anything else (CMS 500, ERROR, timeout, port gone, busy, SIM, network):
+//!                nothing was sent → try the next modem
 //! ```
+//!
+//! Health, per modem, from its outcomes across messages, whatever the error class:
+//!
+//! ```text
+//! success                        streak = 0, escalation = 0, alarm cleared ("recovered")
+//! failure                        streak += 1
+//!   modem-level class            cool down `cooldown` (60 s); a re-init ends it early
+//!   (ModemFault, NetworkPause,
+//!   timeout, port gone)
+//!   streak ≥ 3 and another       escalation += 1; cool down base × 2^(escalation-1)
+//!   modem succeeded since the    (30 s, 60 s, … ≤ 10 min); a re-init does not end it;
+//!   streak began                 alarm raised (error log, mailbell_modem_alarm = 1)
+//! ```
+//!
+//! After an escalated cool-down the modem gets one submit: a success clears it, a failure
+//! cools it down again for twice as long. A streak while every other modem fails too (a
+//! network outage, a burst of poison messages) does not cool anything down by itself.
 //!
 //! Pacing counts SMS parts: a three-part message spends three of the minute's budget. A
 //! message larger than a whole budget is still sent when the modem's window is empty.
@@ -29,17 +50,49 @@ use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
 use tokio::sync::Notify;
-use tracing::{debug, warn};
+use tracing::{debug, error, info, warn};
 
 use super::cms::ErrorClass;
 use super::driver::{ModemHandle, ModemState, ModemStatus, SubmitError, SubmitErrorKind};
-use crate::dispatch::SinkFailure;
+use crate::dispatch::{FailedOn, SinkFailure};
 
 /// How often a waiting submit looks again at modem states.
 const POLL: Duration = Duration::from_millis(100);
 const MINUTE: Duration = Duration::from_secs(60);
 /// Default time a modem that failed at the modem level is left alone.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(60);
+
+/// When a run of failures on one modem takes it out of use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthPolicy {
+    /// Consecutive failed submits that, while another modem succeeds, cool a modem down.
+    pub streak: u32,
+    /// The first such cool-down; each further one without a success between doubles it.
+    pub base: Duration,
+    /// The longest such cool-down.
+    pub max: Duration,
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        HealthPolicy {
+            streak: 3,
+            base: Duration::from_secs(30),
+            max: Duration::from_secs(600),
+        }
+    }
+}
+
+impl HealthPolicy {
+    /// The cool-down of escalation `level` (1-based).
+    pub fn cooldown(&self, level: u32) -> Duration {
+        let shift = level.saturating_sub(1).min(20);
+        self.base
+            .checked_mul(1u32 << shift)
+            .unwrap_or(self.max)
+            .min(self.max)
+    }
+}
 
 /// Sending limits of one SIM (carriers flag machine-like bursts and cap "unlimited" plans).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -76,16 +129,23 @@ pub struct PoolReceipt {
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PoolError {
-    /// A modem answered with a failure that is the message's (or the caller's) to handle,
-    /// or the message may have been sent partly or wholly, so it was not retried elsewhere.
+    /// A modem answered with a failure that is the message's (or the caller's) to handle:
+    /// a message-level class, the same failure as on another modem (`earlier`), or the
+    /// message may have been sent partly or wholly, so it was not retried elsewhere.
     #[error("modem {modem}: {error}")]
-    Submit { modem: String, error: SubmitError },
+    Submit {
+        modem: String,
+        error: SubmitError,
+        /// The modems that failed this message before, in this call.
+        earlier: Vec<(String, SubmitError)>,
+    },
     /// No modem could take the message: all down, failed, busy or paced out until `max_wait`.
-    /// `last` is the last modem-level failure seen, if any.
+    /// `last` is the last modem-level failure seen, if any; `failed` every failure seen.
     #[error("no modem could take the message within {waited:?}")]
     NoModem {
         waited: Duration,
         last: Option<(String, SubmitError)>,
+        failed: Vec<(String, SubmitError)>,
     },
     /// The pool has no modems.
     #[error("the modem pool is empty")]
@@ -113,13 +173,40 @@ impl PoolError {
         }
     }
 
+    /// Every modem failure of this call, in order (the final one last).
+    pub fn failures(&self) -> Vec<(String, SubmitError)> {
+        match self {
+            PoolError::Submit {
+                modem,
+                error,
+                earlier,
+            } => {
+                let mut v = earlier.clone();
+                v.push((modem.clone(), error.clone()));
+                v
+            }
+            PoolError::NoModem { failed, .. } => failed.clone(),
+            PoolError::Empty => Vec::new(),
+        }
+    }
+
     /// For the dispatcher.
     pub fn into_sink_failure(self) -> SinkFailure {
+        let failed_on = self
+            .failures()
+            .into_iter()
+            .map(|(modem, e)| FailedOn {
+                modem,
+                failure: e.kind.to_string(),
+                class: e.class,
+            })
+            .collect();
         SinkFailure {
             class: self.class(),
             maybe_sent: self.maybe_sent(),
             no_modem: matches!(self, PoolError::NoModem { .. } | PoolError::Empty),
             reason: self.to_string(),
+            failed_on,
         }
     }
 }
@@ -138,6 +225,37 @@ pub enum Pick {
     Unavailable,
 }
 
+/// What a failure did to a modem's health (see [`Selector::failed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Counted; the modem stays in use (or in its class cool-down).
+    Counted,
+    /// A run of failures while others succeed: cooled down this long, alarm raised.
+    CooledDown { streak: u32, cooldown: Duration },
+}
+
+/// A modem's health as the pool sees it, for status and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModemHealth {
+    /// Consecutive failed submits (0 after a success).
+    pub failure_streak: u32,
+    /// Seconds left of the current cool-down (0 when in use).
+    pub cooling_down_s: u64,
+    /// Escalated cool-downs since the last success.
+    pub escalation: u32,
+    /// Taken out of use for a run of failures while others succeed; cleared by a success.
+    pub alarm: bool,
+}
+
+/// A modem's driver status with the pool's judgement of its health.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PoolModemStatus {
+    #[serde(flatten)]
+    pub modem: ModemStatus,
+    #[serde(flatten)]
+    pub health: ModemHealth,
+}
+
 #[derive(Debug)]
 struct Slot {
     pacing: Pacing,
@@ -146,10 +264,17 @@ struct Slot {
     day: Option<NaiveDate>,
     day_count: u32,
     cool_until: Option<Instant>,
-    /// The driver's `inits` when the failed submit was picked: a later init ends the cool-down.
-    cool_inits: u64,
+    /// The driver's `inits` when the failed submit was picked: a later init ends the
+    /// cool-down. None for an escalated cool-down, which only time ends.
+    cool_inits: Option<u64>,
     in_flight: bool,
     last_used: Option<Instant>,
+    streak: u32,
+    /// When the current failure streak began.
+    streak_since: Option<Instant>,
+    escalation: u32,
+    last_ok: Option<Instant>,
+    alarm: bool,
 }
 
 impl Slot {
@@ -180,17 +305,27 @@ impl Slot {
         let limit = self.pacing.per_day;
         limit == 0 || self.day_count == 0 || self.day_count.saturating_add(parts) <= limit
     }
+
+    fn cooling(&self, now: Instant) -> Option<Instant> {
+        self.cool_until.filter(|&until| now < until)
+    }
 }
 
-/// The pool's choice logic, without I/O or clocks.
+/// The pool's choice and health logic, without I/O or clocks.
 #[derive(Debug)]
 pub struct Selector {
     slots: Vec<Slot>,
+    health: HealthPolicy,
 }
 
 impl Selector {
-    /// One slot per modem, in pool order.
+    /// One slot per modem, in pool order, with the default [`HealthPolicy`].
     pub fn new(pacings: impl IntoIterator<Item = Pacing>) -> Self {
+        Selector::with_health(pacings, HealthPolicy::default())
+    }
+
+    /// One slot per modem, in pool order.
+    pub fn with_health(pacings: impl IntoIterator<Item = Pacing>, health: HealthPolicy) -> Self {
         let slots = pacings
             .into_iter()
             .map(|pacing| Slot {
@@ -199,17 +334,24 @@ impl Selector {
                 day: None,
                 day_count: 0,
                 cool_until: None,
-                cool_inits: 0,
+                cool_inits: None,
                 in_flight: false,
                 last_used: None,
+                streak: 0,
+                streak_since: None,
+                escalation: 0,
+                last_ok: None,
+                alarm: false,
             })
             .collect();
-        Selector { slots }
+        Selector { slots, health }
     }
 
     /// Picks a modem for a message of `parts` parts and reserves its budget. `ready[i]` says
     /// whether modem `i`'s driver is Ready; `exclude` lists modems already tried for this
-    /// message.
+    /// message; `avoid` lists modems to use only when no other one could take the message
+    /// soon (those that failed it on an earlier try): when another usable modem is merely
+    /// busy or paced for the minute, the answer is to wait for it.
     pub fn pick(
         &mut self,
         now: Instant,
@@ -217,16 +359,21 @@ impl Selector {
         parts: u32,
         ready: &[bool],
         exclude: &[usize],
+        avoid: &[usize],
     ) -> Pick {
         let parts = parts.max(1);
         let mut best: Option<usize> = None;
+        let mut best_avoided: Option<usize> = None;
+        // a modem not avoided that could take the message once it is free or its minute ends
+        let mut other_soon = false;
         let mut wait_until: Option<Instant> = None;
         let mut day_limited = false;
         let last_used: Vec<Option<Instant>> = self.slots.iter().map(|s| s.last_used).collect();
         for (i, slot) in self.slots.iter_mut().enumerate() {
-            if !ready.get(i).copied().unwrap_or(false) || exclude.contains(&i) || slot.in_flight {
+            if !ready.get(i).copied().unwrap_or(false) || exclude.contains(&i) {
                 continue;
             }
+            let avoided = avoid.contains(&i);
             if let Some(until) = slot.cool_until {
                 if now < until {
                     wait_until = Some(wait_until.map_or(until, |w| w.min(until)));
@@ -234,16 +381,26 @@ impl Selector {
                 }
                 slot.cool_until = None;
             }
+            if slot.in_flight {
+                other_soon |= !avoided;
+                continue;
+            }
             if !slot.day_fits(today, parts) {
                 day_limited = true;
                 continue;
             }
             if let Some(t) = slot.minute_wait(now, parts) {
                 wait_until = Some(wait_until.map_or(t, |w| w.min(t)));
+                other_soon |= !avoided;
                 continue;
             }
             // least recently used first; never used before anything
-            let better = match best {
+            let current = if avoided {
+                &mut best_avoided
+            } else {
+                &mut best
+            };
+            let better = match *current {
                 None => true,
                 Some(b) => match (slot.last_used, last_used[b]) {
                     (None, Some(_)) => true,
@@ -252,10 +409,11 @@ impl Selector {
                 },
             };
             if better {
-                best = Some(i);
+                *current = Some(i);
             }
         }
-        if let Some(i) = best {
+        let chosen = best.or(if other_soon { None } else { best_avoided });
+        if let Some(i) = chosen {
             if let Some(slot) = self.slots.get_mut(i) {
                 slot.minute.extend(std::iter::repeat_n(now, parts as usize));
                 slot.day_count = slot.day_count.saturating_add(parts);
@@ -285,31 +443,106 @@ impl Selector {
         slot.in_flight = false;
     }
 
+    /// Modem `i` sent a message at `now`: its failure streak ends. True when this clears an
+    /// alarm (the modem recovered).
+    pub fn succeeded(&mut self, i: usize, now: Instant) -> bool {
+        let Some(slot) = self.slots.get_mut(i) else {
+            return false;
+        };
+        let recovered = slot.alarm;
+        slot.streak = 0;
+        slot.streak_since = None;
+        slot.escalation = 0;
+        slot.alarm = false;
+        slot.last_ok = Some(now);
+        recovered
+    }
+
+    /// Modem `i` failed a submit at `now`. `class_cooldown` is the cool-down its error class
+    /// asks for (modem-level failures), with the driver's `inits` at the pick: a re-init ends
+    /// it early. A run of [`HealthPolicy::streak`] failures while another modem has
+    /// succeeded since the run began cools the modem down, longer each time.
+    pub fn failed(
+        &mut self,
+        i: usize,
+        now: Instant,
+        class_cooldown: Option<(Duration, u64)>,
+    ) -> Verdict {
+        let Some(since) = self.slots.get(i).map(|s| s.streak_since.unwrap_or(now)) else {
+            return Verdict::Counted;
+        };
+        let others_ok = self
+            .slots
+            .iter()
+            .enumerate()
+            .any(|(j, s)| j != i && s.last_ok.is_some_and(|t| t >= since));
+        let policy = self.health;
+        let Some(slot) = self.slots.get_mut(i) else {
+            return Verdict::Counted;
+        };
+        slot.streak = slot.streak.saturating_add(1);
+        slot.streak_since = Some(since);
+        if let Some((d, inits)) = class_cooldown {
+            let until = now + d;
+            if slot.cool_until.is_none_or(|u| u < until) {
+                slot.cool_until = Some(until);
+                slot.cool_inits = Some(inits);
+            }
+        }
+        if slot.streak >= policy.streak.max(1) && others_ok {
+            slot.escalation = slot.escalation.saturating_add(1);
+            let cooldown = policy.cooldown(slot.escalation);
+            let until = now + cooldown;
+            slot.cool_until = Some(slot.cool_until.map_or(until, |u| u.max(until)));
+            slot.cool_inits = None;
+            slot.alarm = true;
+            return Verdict::CooledDown {
+                streak: slot.streak,
+                cooldown,
+            };
+        }
+        Verdict::Counted
+    }
+
     /// Leaves modem `i` alone until `until`, or until its driver reports an initialisation
     /// count above `inits` (it went through a re-init since; see [`Selector::observe`]).
     pub fn cool_down(&mut self, i: usize, until: Instant, inits: u64) {
         if let Some(slot) = self.slots.get_mut(i) {
             slot.cool_until = Some(until);
-            slot.cool_inits = inits;
+            slot.cool_inits = Some(inits);
         }
     }
 
     /// Tells the selector modem `i`'s driver has initialised `inits` times: a modem cooling
-    /// down since a failure that has been re-initialised since is usable again.
+    /// down since a modem-level failure that has been re-initialised since is usable again
+    /// (an escalated cool-down is not ended this way).
     pub fn observe(&mut self, i: usize, inits: u64) {
         if let Some(slot) = self.slots.get_mut(i) {
-            if slot.cool_until.is_some() && inits > slot.cool_inits {
+            if slot.cool_until.is_some() && slot.cool_inits.is_some_and(|c| inits > c) {
                 slot.cool_until = None;
+                slot.cool_inits = None;
             }
         }
     }
 
     /// Whether modem `i` is cooling down at `now`.
     pub fn is_cooling(&self, i: usize, now: Instant) -> bool {
-        self.slots
-            .get(i)
-            .and_then(|s| s.cool_until)
-            .is_some_and(|until| now < until)
+        self.slots.get(i).and_then(|s| s.cooling(now)).is_some()
+    }
+
+    /// Modem `i`'s health at `now`.
+    pub fn health(&self, i: usize, now: Instant) -> ModemHealth {
+        let Some(s) = self.slots.get(i) else {
+            return ModemHealth::default();
+        };
+        ModemHealth {
+            failure_streak: s.streak,
+            cooling_down_s: s
+                .cooling(now)
+                .map_or(0, |u| u.saturating_duration_since(now).as_secs().max(1)),
+            escalation: s.escalation,
+            alarm: s.alarm,
+        }
     }
 }
 
@@ -382,12 +615,21 @@ impl Pool {
     /// Like [`Pool::new`], leaving a modem that failed at the modem level alone for
     /// `cooldown`.
     pub fn with_cooldown(cfg: impl Into<PoolConfig>, cooldown: Duration) -> Pool {
+        Pool::with_health(cfg, cooldown, HealthPolicy::default())
+    }
+
+    /// Like [`Pool::with_cooldown`], with a [`HealthPolicy`] for runs of failures.
+    pub fn with_health(
+        cfg: impl Into<PoolConfig>,
+        cooldown: Duration,
+        health: HealthPolicy,
+    ) -> Pool {
         let cfg = cfg.into();
         let (modems, pacings): (Vec<_>, Vec<_>) = cfg.modems.into_iter().unzip();
         Pool {
             inner: Arc::new(Inner {
                 modems,
-                selector: Mutex::new(Selector::new(pacings)),
+                selector: Mutex::new(Selector::with_health(pacings, health)),
                 changed: Notify::new(),
                 cooldown,
             }),
@@ -404,6 +646,21 @@ impl Pool {
         self.inner.modems.iter().map(ModemHandle::status).collect()
     }
 
+    /// A status snapshot of every modem with the pool's view of its health.
+    pub fn health(&self) -> Vec<PoolModemStatus> {
+        let now = Instant::now();
+        let selector = lock(&self.inner.selector);
+        self.inner
+            .modems
+            .iter()
+            .enumerate()
+            .map(|(i, m)| PoolModemStatus {
+                modem: m.status(),
+                health: selector.health(i, now),
+            })
+            .collect()
+    }
+
     /// Stops every modem's driver.
     pub async fn shutdown(&self) {
         for m in &self.inner.modems {
@@ -412,28 +669,47 @@ impl Pool {
     }
 
     /// Sends one message (its PDUs, `(tpdu_len, hex)` per part) through one modem, failing
-    /// over to another when the modem is at fault. Waits at most `max_wait` for a modem to be
-    /// free; the submit itself is bounded by the driver's timeouts. Do not drop the future
-    /// mid-submit: the modem would still send and the outcome would be lost.
+    /// over to another when the modem, not the message, failed. Waits at most `max_wait` for a
+    /// modem to be free; the submit itself is bounded by the driver's timeouts. Do not drop
+    /// the future mid-submit: the modem would still send and the outcome would be lost.
     pub async fn submit(
         &self,
         pdus: Vec<(usize, String)>,
         max_wait: Duration,
     ) -> Result<PoolReceipt, PoolError> {
+        self.submit_avoiding(pdus, max_wait, &[]).await
+    }
+
+    /// Like [`Pool::submit`], using the modems named in `avoid` (those that failed this
+    /// message before) only when no other modem could take it soon.
+    pub async fn submit_avoiding(
+        &self,
+        pdus: Vec<(usize, String)>,
+        max_wait: Duration,
+        avoid: &[String],
+    ) -> Result<PoolReceipt, PoolError> {
         let inner = &*self.inner;
         if inner.modems.is_empty() {
             return Err(PoolError::Empty);
         }
+        let avoid: Vec<usize> = inner
+            .modems
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| avoid.iter().any(|a| a == m.name()))
+            .map(|(i, _)| i)
+            .collect();
         let parts = u32::try_from(pdus.len()).unwrap_or(u32::MAX).max(1);
         let start = tokio::time::Instant::now();
         let deadline = start + max_wait;
         let mut tried: Vec<usize> = Vec::new();
-        let mut last: Option<(String, SubmitError)> = None;
+        let mut failed: Vec<(String, SubmitError)> = Vec::new();
         loop {
             if tried.len() >= inner.modems.len() {
                 return Err(PoolError::NoModem {
                     waited: start.elapsed(),
-                    last,
+                    last: failed.last().cloned(),
+                    failed,
                 });
             }
             let statuses: Vec<ModemStatus> = inner.modems.iter().map(ModemHandle::status).collect();
@@ -447,7 +723,7 @@ impl Pool {
                 for (i, s) in statuses.iter().enumerate() {
                     selector.observe(i, s.inits);
                 }
-                selector.pick(now.into_std(), today(), parts, &ready, &tried)
+                selector.pick(now.into_std(), today(), parts, &ready, &tried, &avoid)
             };
             let index = match pick {
                 Pick::Use(i) => i,
@@ -455,7 +731,8 @@ impl Pool {
                     if now >= deadline {
                         return Err(PoolError::NoModem {
                             waited: start.elapsed(),
-                            last,
+                            last: failed.last().cloned(),
+                            failed,
                         });
                     }
                     let mut until = (now + POLL).min(deadline);
@@ -483,7 +760,11 @@ impl Pool {
             let name = modem.name().to_string();
             match result {
                 Ok(receipt) => {
+                    let recovered = lock(&inner.selector).succeeded(index, Instant::now());
                     reservation.finish(parts);
+                    if recovered {
+                        info!(modem = %name, "modem sends again; alarm cleared");
+                    }
                     debug!(modem = %name, parts, "pool: sent");
                     return Ok(PoolReceipt {
                         modem: name,
@@ -494,20 +775,37 @@ impl Pool {
                     let used = u32::try_from(error.parts_sent)
                         .unwrap_or(u32::MAX)
                         .saturating_add(u32::from(error.maybe_sent));
-                    let at_fault = modem_at_fault(&error);
-                    if at_fault {
-                        let until = tokio::time::Instant::now() + inner.cooldown;
-                        lock(&inner.selector).cool_down(index, until.into_std(), inits_at_pick);
-                        warn!(modem = %name, error = %error, cooldown = ?inner.cooldown, "modem failed; using the others meanwhile");
+                    let class_cooldown =
+                        modem_at_fault(&error).then_some((inner.cooldown, inits_at_pick));
+                    let verdict =
+                        lock(&inner.selector).failed(index, Instant::now(), class_cooldown);
+                    match verdict {
+                        Verdict::CooledDown { streak, cooldown } => {
+                            // The alarm: this modem fails while the others send.
+                            error!(modem = %name, error = %error, streak, ?cooldown, "modem failed {streak} submits in a row while other modems send; taken out of use");
+                        }
+                        Verdict::Counted if class_cooldown.is_some() => {
+                            warn!(modem = %name, error = %error, cooldown = ?inner.cooldown, "modem failed; using the others meanwhile");
+                        }
+                        Verdict::Counted => {
+                            debug!(modem = %name, error = %error, "submit failed");
+                        }
                     }
                     reservation.finish(used);
                     let nothing_sent = !error.maybe_sent && error.parts_sent == 0;
-                    if (at_fault || error.class == ErrorClass::Busy) && nothing_sent {
+                    let seen_elsewhere = failed
+                        .iter()
+                        .any(|(m, e)| *m != name && e.kind == error.kind);
+                    if nothing_sent && !error.class.is_message_level() && !seen_elsewhere {
                         tried.push(index);
-                        last = Some((name, error));
+                        failed.push((name, error));
                         continue;
                     }
-                    return Err(PoolError::Submit { modem: name, error });
+                    return Err(PoolError::Submit {
+                        modem: name,
+                        error,
+                        earlier: failed,
+                    });
                 }
             }
         }
@@ -540,32 +838,32 @@ mod tests {
     fn per_minute_budget_is_a_rolling_window() {
         let t0 = Instant::now();
         let mut s = Selector::new([pacing(2, 0)]);
-        assert_eq!(s.pick(t0, day(1), 1, ALL, &[]), Pick::Use(0));
+        assert_eq!(s.pick(t0, day(1), 1, ALL, &[], &[]), Pick::Use(0));
         // busy until finished
-        assert_eq!(s.pick(t0, day(1), 1, ALL, &[]), Pick::Unavailable);
+        assert_eq!(s.pick(t0, day(1), 1, ALL, &[], &[]), Pick::Unavailable);
         s.finish(0, 1, 1);
         let t1 = t0 + Duration::from_secs(10);
-        assert_eq!(s.pick(t1, day(1), 1, ALL, &[]), Pick::Use(0));
+        assert_eq!(s.pick(t1, day(1), 1, ALL, &[], &[]), Pick::Use(0));
         s.finish(0, 1, 1);
         // third in the same minute waits for the first to age out
         assert_eq!(
-            s.pick(t1, day(1), 1, ALL, &[]),
+            s.pick(t1, day(1), 1, ALL, &[], &[]),
             Pick::WaitUntil(t0 + MINUTE)
         );
-        assert_eq!(s.pick(t0 + MINUTE, day(1), 1, ALL, &[]), Pick::Use(0));
+        assert_eq!(s.pick(t0 + MINUTE, day(1), 1, ALL, &[], &[]), Pick::Use(0));
         s.finish(0, 1, 1);
         // a two-part message needs two free slots: both t1 and t0+60 must age out
         let t2 = t0 + MINUTE + Duration::from_secs(1);
         assert_eq!(
-            s.pick(t2, day(1), 2, ALL, &[]),
+            s.pick(t2, day(1), 2, ALL, &[], &[]),
             Pick::WaitUntil(t0 + MINUTE + MINUTE)
         );
         // a message larger than the whole budget goes once the window is empty
         let mut s = Selector::new([pacing(2, 0)]);
-        assert_eq!(s.pick(t0, day(1), 5, ALL, &[]), Pick::Use(0));
+        assert_eq!(s.pick(t0, day(1), 5, ALL, &[], &[]), Pick::Use(0));
         s.finish(0, 5, 5);
         assert_eq!(
-            s.pick(t0, day(1), 1, ALL, &[]),
+            s.pick(t0, day(1), 1, ALL, &[], &[]),
             Pick::WaitUntil(t0 + MINUTE)
         );
     }
@@ -576,29 +874,29 @@ mod tests {
         let mut s = Selector::new([pacing(0, 3)]);
         for k in 0..3 {
             let t = t0 + Duration::from_secs(k);
-            assert_eq!(s.pick(t, day(1), 1, ALL, &[]), Pick::Use(0));
+            assert_eq!(s.pick(t, day(1), 1, ALL, &[], &[]), Pick::Use(0));
             s.finish(0, 1, 1);
         }
-        assert_eq!(s.pick(t0, day(1), 1, ALL, &[]), Pick::WaitNextDay);
-        assert_eq!(s.pick(t0, day(2), 1, ALL, &[]), Pick::Use(0));
+        assert_eq!(s.pick(t0, day(1), 1, ALL, &[], &[]), Pick::WaitNextDay);
+        assert_eq!(s.pick(t0, day(2), 1, ALL, &[], &[]), Pick::Use(0));
         s.finish(0, 1, 1);
         // parts count: 2 of the remaining 2
-        assert_eq!(s.pick(t0, day(2), 2, ALL, &[]), Pick::Use(0));
+        assert_eq!(s.pick(t0, day(2), 2, ALL, &[], &[]), Pick::Use(0));
         s.finish(0, 2, 2);
-        assert_eq!(s.pick(t0, day(2), 1, ALL, &[]), Pick::WaitNextDay);
+        assert_eq!(s.pick(t0, day(2), 1, ALL, &[], &[]), Pick::WaitNextDay);
     }
 
     #[test]
     fn unused_budget_is_given_back() {
         let t0 = Instant::now();
         let mut s = Selector::new([pacing(2, 2)]);
-        assert_eq!(s.pick(t0, day(1), 2, ALL, &[]), Pick::Use(0));
+        assert_eq!(s.pick(t0, day(1), 2, ALL, &[], &[]), Pick::Use(0));
         s.finish(0, 2, 0); // the modem failed before sending anything
-        assert_eq!(s.pick(t0, day(1), 2, ALL, &[]), Pick::Use(0));
+        assert_eq!(s.pick(t0, day(1), 2, ALL, &[], &[]), Pick::Use(0));
         s.finish(0, 2, 1); // one part went out
-        assert_eq!(s.pick(t0, day(1), 1, ALL, &[]), Pick::Use(0));
+        assert_eq!(s.pick(t0, day(1), 1, ALL, &[], &[]), Pick::Use(0));
         s.finish(0, 1, 1);
-        assert_eq!(s.pick(t0, day(1), 1, ALL, &[]), Pick::WaitNextDay);
+        assert_eq!(s.pick(t0, day(1), 1, ALL, &[], &[]), Pick::WaitNextDay);
     }
 
     #[test]
@@ -608,7 +906,7 @@ mod tests {
         let mut order = Vec::new();
         for k in 0..6 {
             let t = t0 + Duration::from_millis(k);
-            match s.pick(t, day(1), 1, ALL, &[]) {
+            match s.pick(t, day(1), 1, ALL, &[], &[]) {
                 Pick::Use(i) => {
                     order.push(i);
                     s.finish(i, 1, 1);
@@ -624,12 +922,18 @@ mod tests {
     fn readiness_exclusion_busy_and_cool_down() {
         let t0 = Instant::now();
         let mut s = Selector::new([pacing(0, 0), pacing(0, 0)]);
-        assert_eq!(s.pick(t0, day(1), 1, &[false, true], &[]), Pick::Use(1));
+        assert_eq!(
+            s.pick(t0, day(1), 1, &[false, true], &[], &[]),
+            Pick::Use(1)
+        );
         s.finish(1, 1, 1);
-        assert_eq!(s.pick(t0, day(1), 1, &[true, true], &[0]), Pick::Use(1));
+        assert_eq!(
+            s.pick(t0, day(1), 1, &[true, true], &[0], &[]),
+            Pick::Use(1)
+        );
         // modem 1 busy, modem 0 excluded: nothing
         assert_eq!(
-            s.pick(t0, day(1), 1, &[true, true], &[0]),
+            s.pick(t0, day(1), 1, &[true, true], &[0], &[]),
             Pick::Unavailable
         );
         s.finish(1, 1, 1);
@@ -637,14 +941,17 @@ mod tests {
         s.observe(0, 1); // not re-initialised yet: still cooling
         assert!(s.is_cooling(0, t0));
         assert_eq!(
-            s.pick(t0, day(1), 1, &[true, false], &[]),
+            s.pick(t0, day(1), 1, &[true, false], &[], &[]),
             Pick::WaitUntil(t0 + Duration::from_secs(30))
         );
-        assert_eq!(s.pick(t0, day(1), 1, &[true, true], &[]), Pick::Use(1));
+        assert_eq!(s.pick(t0, day(1), 1, &[true, true], &[], &[]), Pick::Use(1));
         s.finish(1, 1, 1);
         let later = t0 + Duration::from_secs(30);
         assert!(!s.is_cooling(0, later));
-        assert_eq!(s.pick(later, day(1), 1, &[true, true], &[]), Pick::Use(0));
+        assert_eq!(
+            s.pick(later, day(1), 1, &[true, true], &[], &[]),
+            Pick::Use(0)
+        );
         s.finish(0, 1, 1);
         // a re-initialisation ends the cool-down early
         s.cool_down(0, later + Duration::from_secs(60), 1);
@@ -653,7 +960,7 @@ mod tests {
         assert!(!s.is_cooling(0, later));
         // short ready slice: missing entries count as not ready
         let mut s = Selector::new([pacing(0, 0)]);
-        assert_eq!(s.pick(t0, day(1), 1, &[], &[]), Pick::Unavailable);
+        assert_eq!(s.pick(t0, day(1), 1, &[], &[], &[]), Pick::Unavailable);
     }
 
     #[test]
@@ -661,6 +968,7 @@ mod tests {
         let e = PoolError::Submit {
             modem: "m".into(),
             error: SubmitError::new(SubmitErrorKind::Cms(21), 0, false),
+            earlier: Vec::new(),
         };
         assert_eq!(e.class(), ErrorClass::Permanent);
         let f = e.into_sink_failure();
@@ -668,15 +976,179 @@ mod tests {
         let e = PoolError::Submit {
             modem: "m".into(),
             error: SubmitError::new(SubmitErrorKind::Timeout, 0, true),
+            earlier: Vec::new(),
         };
         assert!(e.maybe_sent());
         let e = PoolError::NoModem {
             waited: Duration::ZERO,
             last: None,
+            failed: Vec::new(),
         };
         let f = e.into_sink_failure();
         assert!(f.no_modem);
         assert_eq!(f.class, ErrorClass::Transient);
+    }
+
+    fn pol() -> HealthPolicy {
+        HealthPolicy {
+            streak: 3,
+            base: Duration::from_secs(30),
+            max: Duration::from_secs(100),
+        }
+    }
+
+    /// Picks for one message at `t` and reports `ok` for the modem picked.
+    fn send(s: &mut Selector, t: Instant, ok: bool) -> (usize, Verdict) {
+        let Pick::Use(i) = s.pick(t, day(1), 1, ALL, &[], &[]) else {
+            panic!("nothing picked at {t:?}");
+        };
+        s.finish(i, 1, u32::from(ok));
+        if ok {
+            s.succeeded(i, t);
+            (i, Verdict::Counted)
+        } else {
+            (i, s.failed(i, t, None))
+        }
+    }
+
+    #[test]
+    fn a_run_of_failures_while_others_succeed_cools_down_with_growing_backoff() {
+        let t0 = Instant::now();
+        let mut s = Selector::with_health([pacing(0, 0), pacing(0, 0)], pol());
+        let at = |k: u64| t0 + Duration::from_secs(k);
+        // m1 succeeds, m0 fails whatever it gets (any class: no class cool-down here)
+        assert_eq!(s.pick(at(0), day(1), 1, ALL, &[], &[]), Pick::Use(0));
+        s.finish(0, 1, 0);
+        assert_eq!(s.failed(0, at(0), None), Verdict::Counted);
+        assert_eq!(s.pick(at(0), day(1), 1, ALL, &[], &[]), Pick::Use(1));
+        s.finish(1, 1, 1);
+        s.succeeded(1, at(1));
+        assert_eq!(s.failed(0, at(2), None), Verdict::Counted);
+        assert!(!s.health(0, at(2)).alarm);
+        assert_eq!(
+            s.failed(0, at(3), None),
+            Verdict::CooledDown {
+                streak: 3,
+                cooldown: Duration::from_secs(30)
+            }
+        );
+        let h = s.health(0, at(3));
+        assert!(
+            h.alarm && h.cooling_down_s == 30 && h.escalation == 1,
+            "{h:?}"
+        );
+        // out of use: everything goes to m1 (and waits for it), however long m0 was idle
+        for k in 4..33 {
+            assert_eq!(send(&mut s, at(k), true).0, 1);
+        }
+        // a re-init does not end an escalated cool-down
+        s.observe(0, 99);
+        assert!(s.is_cooling(0, at(32)));
+        // back after 30 s: one failure is enough now, and the wait doubles, up to the max
+        assert_eq!(
+            send(&mut s, at(33), false),
+            (
+                0,
+                Verdict::CooledDown {
+                    streak: 4,
+                    cooldown: Duration::from_secs(60)
+                }
+            )
+        );
+        s.succeeded(1, at(34));
+        assert!(s.is_cooling(0, at(92)));
+        assert_eq!(s.pick(at(92), day(1), 1, ALL, &[], &[]), Pick::Use(1));
+        s.finish(1, 1, 1);
+        s.succeeded(1, at(93));
+        assert_eq!(
+            send(&mut s, at(94), false),
+            (
+                0,
+                Verdict::CooledDown {
+                    streak: 5,
+                    cooldown: Duration::from_secs(100)
+                }
+            )
+        );
+        // a success clears the alarm and the escalation
+        assert_eq!(
+            s.pick(at(194), day(1), 1, &[true, false], &[], &[]),
+            Pick::Use(0)
+        );
+        s.finish(0, 1, 1);
+        assert!(s.succeeded(0, at(194)));
+        assert_eq!(s.health(0, at(194)), ModemHealth::default());
+        assert!(!s.succeeded(0, at(195)), "no alarm to clear");
+    }
+
+    #[test]
+    fn failures_everywhere_cool_nothing_down() {
+        // a network outage or a run of poison messages: no modem is better than another
+        let t0 = Instant::now();
+        let mut s = Selector::with_health([pacing(0, 0), pacing(0, 0), pacing(0, 0)], pol());
+        for k in 0..30 {
+            let (_, v) = send(&mut s, t0 + Duration::from_secs(k), false);
+            assert_eq!(v, Verdict::Counted);
+        }
+        assert!((0..3).all(|i| !s.is_cooling(i, t0) && s.health(i, t0).failure_streak == 10));
+        // successes before the run began do not count as "others succeed"
+        let mut s = Selector::with_health([pacing(0, 0), pacing(0, 0)], pol());
+        s.succeeded(1, t0);
+        for k in 1..5 {
+            assert_eq!(
+                s.failed(0, t0 + Duration::from_secs(k), None),
+                Verdict::Counted
+            );
+        }
+    }
+
+    #[test]
+    fn a_class_cool_down_ends_with_a_re_init_an_escalated_one_does_not() {
+        let t0 = Instant::now();
+        let mut s = Selector::with_health([pacing(0, 0), pacing(0, 0)], pol());
+        s.succeeded(1, t0);
+        let class = Some((Duration::from_secs(60), 1));
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(s.failed(0, t1, class), Verdict::Counted);
+        assert!(s.is_cooling(0, t1));
+        s.observe(0, 2);
+        assert!(!s.is_cooling(0, t1), "re-initialised since");
+        s.failed(0, t1, class);
+        s.succeeded(1, t1);
+        let v = s.failed(0, t1, class);
+        assert!(matches!(v, Verdict::CooledDown { streak: 3, .. }), "{v:?}");
+        s.observe(0, 5);
+        // the longer of the two cool-downs stands, and a re-init does not end it
+        assert!(s.is_cooling(0, t1 + Duration::from_secs(59)));
+        assert_eq!(s.health(0, t1).cooling_down_s, 60);
+    }
+
+    #[test]
+    fn retries_prefer_another_modem() {
+        let t0 = Instant::now();
+        let mut s = Selector::new([pacing(0, 0), pacing(0, 0), pacing(1, 0)]);
+        // modem 0 is least recently used, but avoided
+        assert_eq!(s.pick(t0, day(1), 1, ALL, &[], &[0]), Pick::Use(1));
+        // modem 1 is busy, modem 2 is free: 2
+        assert_eq!(s.pick(t0, day(1), 1, ALL, &[], &[0]), Pick::Use(2));
+        s.finish(2, 1, 1);
+        // modem 1 busy, modem 2 paced out for the minute: wait for them rather than use 0
+        assert_eq!(
+            s.pick(t0, day(1), 1, ALL, &[], &[0]),
+            Pick::WaitUntil(t0 + MINUTE)
+        );
+        s.finish(1, 1, 1);
+        // when the others are down, the avoided modem is used after all
+        assert_eq!(
+            s.pick(t0, day(1), 1, &[true, false, false], &[], &[0]),
+            Pick::Use(0)
+        );
+        s.finish(0, 1, 1);
+        // ... and when every other one is avoided too
+        assert!(matches!(
+            s.pick(t0, day(1), 1, ALL, &[2], &[0, 1]),
+            Pick::Use(0 | 1)
+        ));
     }
 
     // ---- with simulated modems on real ptys ----------------------------------------------
@@ -777,13 +1249,61 @@ mod tests {
         sa.set_rejected_number("0");
         sa.inject(Fault::CmsError(41));
         sb.inject(Fault::CmsError(41));
-        // a was used last, so b goes first now
+        // a was used last, so b goes first now; a transient failure may be b's alone, so a
+        // is tried too, and the same failure on both goes back to the caller
         let e = pool.submit(msg("y"), WAIT).await.unwrap_err();
         assert_eq!(e.class(), ErrorClass::Transient);
         assert!(
-            matches!(&e, PoolError::Submit { modem, .. } if modem == "b"),
+            matches!(&e, PoolError::Submit { modem, earlier, .. }
+                if modem == "a" && earlier.len() == 1 && earlier[0].0 == "b"),
             "{e:?}"
         );
+        assert_eq!(e.failures().len(), 2);
+        // a different failure on the second modem is not the message's: it goes out
+        sa.inject(Fault::CmsError(500));
+        sb.inject(Fault::PlainError);
+        let e = pool.submit(msg("z"), WAIT).await.unwrap_err();
+        assert!(
+            matches!(&e, PoolError::NoModem { failed, .. } if failed.len() == 2),
+            "{e:?}"
+        );
+        assert_eq!(pool.submit(msg("z"), WAIT).await.unwrap().modem, "b");
+    }
+
+    #[tokio::test]
+    async fn a_modem_failing_every_submit_is_cooled_down_and_the_others_send() {
+        let sims: Vec<SimModem> = (0..3)
+            .map(|_| SimModem::spawn(SimOptions::default()).unwrap())
+            .collect();
+        let mut modems = Vec::new();
+        for (i, s) in sims.iter().enumerate() {
+            modems.push((modem(&format!("m{i}"), s).await, Pacing::default()));
+        }
+        let pool = Pool::new(modems);
+        sims[0].inject(Fault::BrokenFrom {
+            from: 2,
+            how: crate::sim::Broken::Cms(500),
+        });
+        let mut by_modem = std::collections::BTreeMap::<String, usize>::new();
+        for i in 0..30 {
+            let r = pool.submit(msg(&format!("n{i}")), WAIT).await.unwrap();
+            *by_modem.entry(r.modem).or_default() += 1;
+        }
+        // every message went out; m0 sent its first and then failed 3 in a row (each sent
+        // through another modem at once), and was taken out of use
+        assert_eq!(by_modem.values().sum::<usize>(), 30);
+        assert_eq!(sims[0].received().len(), 1);
+        assert_eq!(sims[0].submits(), 4, "{by_modem:?}");
+        let h = pool.health();
+        assert!(h[0].health.alarm && h[0].health.cooling_down_s > 0, "{h:?}");
+        assert_eq!(h[0].health.failure_streak, 3);
+        assert!(!h[1].health.alarm && h[1].health.failure_streak == 0);
+        // a modem avoided for a message is not used while another can take it
+        let r = pool
+            .submit_avoiding(msg("x"), WAIT, &["m1".to_string()])
+            .await
+            .unwrap();
+        assert_eq!(r.modem, "m2");
     }
 
     #[tokio::test]

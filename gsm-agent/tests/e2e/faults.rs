@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use mailbell_gsm_agent::sim::{Fault, SimModem, SimOptions};
+use mailbell_gsm_agent::sim::{Broken, Fault, SimModem, SimOptions};
 use mailbell_link::memory::MemoryOutbox;
 
 use crate::support::*;
@@ -179,4 +179,241 @@ async fn a_vanished_modem_leaves_the_other_modem_working() {
     client.stop().await;
     drop(agent);
     tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+// ---- one broken modem among healthy ones (issue 10: blame the modem, not the message) -----
+
+/// Starts `healthy + 1` modems (m0 breaks `how` from its 2nd submit), sends `n` notices and
+/// checks that every one went out exactly once, none was dead-lettered, every healthy modem
+/// took a share, and m0 was given only a handful once broken.
+async fn one_broken_modem(how: Broken, healthy: usize, n: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let sims: Vec<SimModem> = (0..=healthy)
+        .map(|_| SimModem::spawn(SimOptions::default()).unwrap())
+        .collect();
+    let paths: Vec<&std::path::Path> = sims.iter().map(|s| s.device_path()).collect();
+    let agent = Agent::start(dir.path(), &paths, FAST_RETRY);
+    agent
+        .status_when("every modem ready", 30, |s| {
+            s.modems.len() == sims.len() && s.modems.iter().all(|m| m["state"] == "Ready")
+        })
+        .await;
+    sims[0].inject(Fault::BrokenFrom { from: 2, how });
+    let outbox = MemoryOutbox::new();
+    for i in 0..n {
+        push(&outbox, &numbered(i, "+8613800138000"));
+    }
+    let client = agent.client(outbox.clone());
+    let all = || -> Vec<String> { sims.iter().flat_map(texts).collect() };
+    wait_until(&format!("{n} notices with m0 broken ({how:?})"), 90, || {
+        all().len() >= n
+    })
+    .await;
+    let s = agent
+        .status_when("every notice sent and recorded", 20, |s| {
+            s.sent == n as u64 && s.queued == 0
+        })
+        .await;
+    let mut got = all();
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), n, "each notice exactly once ({how:?})");
+    assert_eq!(all().len(), n, "no duplicates ({how:?})");
+    assert_eq!(s.dead_letters, 0, "{s:?}");
+    assert_eq!(s.queued, 0, "{s:?}");
+    // m0 sent its first one, then was given a handful before the pool gave up on it
+    assert!(texts(&sims[0]).len() <= 1, "{how:?}");
+    assert!(
+        sims[0].submits() <= 6,
+        "m0 was given {} submits after breaking ({how:?})",
+        sims[0].submits()
+    );
+    // the healthy modems shared the rest: none below a quarter of an even share
+    let share = n / healthy;
+    for (i, sim) in sims.iter().enumerate().skip(1) {
+        let k = texts(sim).len();
+        assert!(k * 4 >= share, "m{i} sent {k} of {n} ({how:?})");
+    }
+    client.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_modem_answering_cms_500_to_every_submit_loses_nothing() {
+    one_broken_modem(Broken::Cms(500), 4, 60).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_modem_answering_error_to_every_submit_loses_nothing() {
+    one_broken_modem(Broken::PlainError, 4, 60).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_modem_falling_silent_mid_submit_loses_nothing() {
+    one_broken_modem(Broken::Silence, 4, 60).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_modem_answering_garbage_loses_nothing() {
+    one_broken_modem(Broken::Garbage, 4, 60).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_modem_vanishing_mid_submit_loses_nothing() {
+    one_broken_modem(Broken::Vanish, 4, 60).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_modem_raises_its_alarm_and_the_status_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sims: Vec<SimModem> = (0..3)
+        .map(|_| SimModem::spawn(SimOptions::default()).unwrap())
+        .collect();
+    let paths: Vec<&std::path::Path> = sims.iter().map(|s| s.device_path()).collect();
+    let agent = Agent::start(dir.path(), &paths, FAST_RETRY);
+    agent
+        .status_when("every modem ready", 30, |s| {
+            s.modems.iter().filter(|m| m["state"] == "Ready").count() == 3
+        })
+        .await;
+    sims[0].inject(Fault::BrokenFrom {
+        from: 1,
+        how: Broken::Cms(500),
+    });
+    let outbox = MemoryOutbox::new();
+    for i in 0..20 {
+        push(&outbox, &numbered(i, "+8613800138000"));
+    }
+    let client = agent.client(outbox.clone());
+    let s = agent
+        .status_when("20 sent", 60, |s| s.sent == 20 && s.queued == 0)
+        .await;
+    let m0 = &s.modems[0];
+    assert_eq!(m0["alarm"], true, "{m0}");
+    assert!(m0["cooling_down_s"].as_u64() > Some(0), "{m0}");
+    // 3 in a row once another modem has sent since the run began (a few more if m0 failed
+    // its first ones before any other modem had finished a submit)
+    let streak = m0["failure_streak"].as_u64().unwrap();
+    assert!((3..=5).contains(&streak), "{m0}");
+    assert_eq!(s.modems[1]["alarm"], false);
+    // no notice paid for m0's failures: nothing was retried later, nothing dead
+    assert_eq!((s.retried, s.dead_letters), (0, 0), "{s:?}");
+    // the pool sent each through another modem at once: the dispatcher saw no failure,
+    // the modem's own counter has them
+    assert!(s.failed_by_class.is_empty(), "{s:?}");
+    assert_eq!(m0["failed"].as_u64(), Some(streak), "{m0}");
+    assert_eq!(sims[0].submits(), streak);
+    let metrics = mailbell_gsm_agent::app::http_request(agent.metrics, "GET", "/metrics", None)
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("mailbell_modem_alarm{modem=\"m0\"} 1")
+            && metrics.contains("mailbell_modem_alarm{modem=\"m1\"} 0"),
+        "{metrics}"
+    );
+    let log = std::fs::read_to_string(dir.path().join("agent-1.log")).unwrap();
+    assert!(
+        log.contains("ERROR") && log.contains("3 submits in a row"),
+        "no alarm in the log"
+    );
+    client.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_failing_on_two_modems_is_charged_one_on_one_modem_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        SimModem::spawn(SimOptions::default()).unwrap(),
+        SimModem::spawn(SimOptions::default()).unwrap(),
+    );
+    // one attempt per notice: a charged failure dead-letters it at once
+    let extra = format!("{FAST_RETRY}[sms]\nmax_attempts = 1\n");
+    let agent = Agent::start(dir.path(), &[a.device_path(), b.device_path()], &extra);
+    agent
+        .status_when("both ready", 30, |s| {
+            s.modems.iter().filter(|m| m["state"] == "Ready").count() == 2
+        })
+        .await;
+    a.inject(Fault::CmsError(41));
+    b.inject(Fault::CmsError(41));
+    let outbox = MemoryOutbox::new();
+    push(&outbox, &numbered(0, "+8613800138000"));
+    let client = agent.client(outbox.clone());
+    let s = agent
+        .status_when("the first notice dead", 30, |s| s.dead_letters == 1)
+        .await;
+    assert_eq!(s.failed_by_class.get("Transient"), Some(&2), "{s:?}");
+    // now only a fails (every submit): the notices it fails go out through b, uncharged
+    a.inject(Fault::BrokenFrom {
+        from: 1,
+        how: Broken::Cms(41),
+    });
+    for i in 1..=6 {
+        push(&outbox, &numbered(i, "+8613800138000"));
+    }
+    let s = agent
+        .status_when("6 sent", 30, |s| s.sent == 6 && s.queued == 0)
+        .await;
+    assert_eq!(s.dead_letters, 1, "{s:?}");
+    assert!(a.submits() >= 2, "a was tried again");
+    assert_eq!(texts(&b).len(), 6);
+    let list = std::process::Command::new(BIN)
+        .args(["dead-letters", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        text.contains("+CMS ERROR: 41") && text.contains("after 1 attempt(s)"),
+        "{text}"
+    );
+    client.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_notice_beside_a_broken_modem_still_dead_letters_after_its_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let sims: Vec<SimModem> = (0..3)
+        .map(|_| SimModem::spawn(SimOptions::default()).unwrap())
+        .collect();
+    // m0 answers CMS 500 to everything; the two others only to the poison number
+    for s in &sims[1..] {
+        s.set_rejected_number_with("8613900000000", 500);
+    }
+    let paths: Vec<&std::path::Path> = sims.iter().map(|s| s.device_path()).collect();
+    let agent = Agent::start(dir.path(), &paths, FAST_RETRY);
+    agent
+        .status_when("every modem ready", 30, |s| {
+            s.modems.iter().filter(|m| m["state"] == "Ready").count() == 3
+        })
+        .await;
+    sims[0].inject(Fault::BrokenFrom {
+        from: 1,
+        how: Broken::Cms(500),
+    });
+    let outbox = MemoryOutbox::new();
+    push(&outbox, &numbered(0, "+8613900000000"));
+    for i in 1..=20 {
+        push(&outbox, &numbered(i, "+8613800138000"));
+    }
+    let client = agent.client(outbox.clone());
+    let s = agent
+        .status_when("20 sent and the poison dead", 60, |s| {
+            s.sent == 20 && s.dead_letters == 1 && s.queued == 0
+        })
+        .await;
+    assert_eq!(s.queued, 0, "{s:?}");
+    let all: Vec<String> = sims.iter().flat_map(texts).collect();
+    assert_eq!(all.len(), 20);
+    assert!(!all.contains(&"notice #0".to_string()));
+    let list = std::process::Command::new(BIN)
+        .args(["dead-letters", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        text.contains("+CMS ERROR: 500") && text.contains("after 3 attempt(s)"),
+        "{text}"
+    );
+    client.stop().await;
 }
