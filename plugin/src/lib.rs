@@ -19,4 +19,5 @@ pub mod bearer;
 pub mod config;
 pub mod mta;
 pub mod notify;
+pub mod retrieval;
 pub mod users;

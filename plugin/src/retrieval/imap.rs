@@ -1,0 +1,1462 @@
+//! An IMAP session as the proxy sees it (RFC 3501 / RFC 9051, LITERAL+ / LITERAL- RFC 7888,
+//! SASL-IR RFC 4959).
+//!
+//! ```text
+//! client -> backend   tag SP command [SP args] CRLF; an argument may be a literal:
+//!                     {n}CRLF <n bytes>   synchronizing: the client waits for "+ " first
+//!                     {n+}CRLF <n bytes>  non-synchronizing (LITERAL+, LITERAL- up to 4096)
+//!                     during AUTHENTICATE: one base64 line per "+ " challenge, "*" cancels
+//!                     during IDLE: the line DONE
+//! backend -> client   "* " untagged | "+ " continuation | tag SP (OK|NO|BAD) ...; any line
+//!                     may end in a literal {n}CRLF (or ~{n} for BINARY) followed by n bytes
+//!                     and more of the same response
+//! ```
+//!
+//! **When the login is decided.** The account is the first argument of `LOGIN` (atom, quoted
+//! string or literal) or the first SASL response of `AUTHENTICATE PLAIN`/`LOGIN`, initial
+//! response included ([`ClientEvent::Account`], before any byte carrying the password is
+//! forwarded). The backend's tagged `OK` to that command logs the session in
+//! ([`ServerEvent::LoggedIn`], before the line is forwarded); `NO`/`BAD` fail it. A greeting of
+//! `* PREAUTH` logs in without an account. A `LOGIN` whose user name the proxy cannot read is
+//! refused by the proxy, so no login the backend accepts has an account the proxy missed.
+//!
+//! **What is rewritten.** Before login, every capability list (the greeting's `[CAPABILITY ...]`,
+//! `* CAPABILITY` responses, and the `[CAPABILITY ...]` of the login's tagged `OK`): `COMPRESS=*`
+//! is removed, so are `AUTH=` mechanisms the proxy cannot see through (unless passed through)
+//! and the backend's own `STARTTLS`/`LOGINDISABLED`; the proxy adds `STARTTLS` when it offers it
+//! on a plaintext connection and `LOGINDISABLED` (removing `AUTH=PLAIN`/`AUTH=LOGIN`) when
+//! plaintext logins are not allowed there. After login the backend's bytes pass unchanged; a
+//! `COMPRESS` command is answered `NO` by the proxy, so the stream stays readable.
+//!
+//! **Metering.** [`ServerEvent::Fetched`] counts, per `* n FETCH` response, the bytes of each
+//! literal that is the value of a `BODY[...]`, `BINARY[...]` or `RFC822*` item (with its
+//! `<origin>`), with the UID when the response carries one and the mailbox selected.
+
+use std::collections::HashMap;
+
+use super::line::{strip_eol, Line, LineBuf};
+use super::sasl::{self, Exchange, Mechanism};
+use super::{POST_LOGIN_MAX_LINE, PRE_LOGIN_MAX};
+
+/// What the proxy offers and allows on this connection.
+#[derive(Clone, Debug)]
+pub struct ImapConfig {
+    /// The client connection is TLS already (port 993).
+    pub tls: bool,
+    /// The proxy offers `STARTTLS` on a plaintext connection.
+    pub offer_starttls: bool,
+    /// LOGIN and AUTHENTICATE PLAIN/LOGIN are allowed before TLS.
+    pub plaintext_login: bool,
+    /// SASL mechanisms the proxy cannot see through are advertised and passed through.
+    pub pass_through_opaque: bool,
+    /// Longest line before login, either direction.
+    pub max_line: usize,
+    /// Largest client literal before login (a larger announcement ends the session before any
+    /// of its bytes is read).
+    pub max_literal: usize,
+    /// Longest line kept after login (longer ones are skipped, only framing is tracked).
+    pub max_line_after_login: usize,
+    /// Longest mailbox name remembered from SELECT/EXAMINE.
+    pub max_mailbox: usize,
+}
+
+impl Default for ImapConfig {
+    fn default() -> Self {
+        ImapConfig {
+            tls: false,
+            offer_starttls: true,
+            plaintext_login: false,
+            pass_through_opaque: false,
+            max_line: PRE_LOGIN_MAX,
+            max_literal: PRE_LOGIN_MAX,
+            max_line_after_login: POST_LOGIN_MAX_LINE,
+            max_mailbox: 1024,
+        }
+    }
+}
+
+/// Something in the byte stream the proxy cannot go on with.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ImapError {
+    #[error("client line longer than {0} bytes before login")]
+    ClientLineTooLong(usize),
+    #[error("client literal of {len} bytes exceeds {max} before login")]
+    ClientLiteralTooLarge { len: u64, max: usize },
+    #[error("backend line longer than {0} bytes before login")]
+    BackendLineTooLong(usize),
+    #[error("malformed literal announcement")]
+    BadLiteral,
+    #[error("client command cannot be read")]
+    BadCommand,
+    #[error("client sasl response refused: {0}")]
+    Sasl(#[from] sasl::SaslError),
+}
+
+/// What the shell does with what the client sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// Send these bytes to the backend.
+    Forward(Vec<u8>),
+    /// Answer the client with these bytes.
+    Reply(Vec<u8>),
+    /// The client named this account: check it before acting on later events.
+    Account(String),
+    /// Start TLS after sending the reply before it, then call [`ImapSession::tls_started`]. What
+    /// the client sent after STARTTLS was dropped.
+    StartTls,
+    /// The client started IDLE (allow the long idle timeout).
+    Idle,
+    /// The client ended IDLE with DONE.
+    IdleDone,
+    /// The client sent LOGOUT (forwarded too).
+    Logout,
+    /// The proxy refused a client input and said so; the session goes on.
+    Refused(ImapError),
+    /// End the session after the replies before it.
+    Close(ImapError),
+}
+
+/// What the shell does with what the backend sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// Send these bytes to the client.
+    Forward(Vec<u8>),
+    /// Send the whole chunk just fed to the client.
+    ForwardInput,
+    /// The backend's greeting: `ok` for `* OK` or `* PREAUTH`, false for `* BYE`.
+    Greeting { ok: bool },
+    /// The backend accepted the login (`account` is `None` after PREAUTH or an opaque mechanism).
+    LoggedIn { account: Option<String> },
+    /// The backend refused the login with this tagged line.
+    LoginFailed {
+        account: Option<String>,
+        reply: String,
+    },
+    /// A FETCH response carried message bytes.
+    Fetched(Fetch),
+    /// The response to LOGOUT starts in this chunk: make the session record durable first.
+    LogoutReply,
+    /// The backend broke the protocol: end the session.
+    Close(ImapError),
+}
+
+/// The message bytes of one FETCH response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fetch {
+    /// The mailbox the client selected, as it named it (modified UTF-7).
+    pub mailbox: Option<String>,
+    pub seq: u32,
+    pub uid: Option<u32>,
+    pub sections: Vec<SectionBytes>,
+    /// False when the backend stream ended inside the response.
+    pub complete: bool,
+}
+
+/// Bytes of one literal value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SectionBytes {
+    /// The item as sent, e.g. `BODY[]`, `BODY[1.2]<0>`, `BINARY[1]`, `RFC822.TEXT`.
+    pub section: String,
+    pub bytes: u64,
+}
+
+/// A literal announced at the end of a line: `{n}`, `{n+}`, `~{n}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Literal {
+    pub len: u64,
+    pub sync: bool,
+}
+
+/// Reads a literal announcement at the end of `text` (a line without CRLF). Returns it and the
+/// text before it; `Err` for a `{...}` ending that is not a valid announcement.
+pub fn trailing_literal(text: &[u8]) -> Result<Option<(Literal, &[u8])>, ImapError> {
+    let Some(inner) = text.strip_suffix(b"}") else {
+        return Ok(None);
+    };
+    let Some(open) = inner.iter().rposition(|b| *b == b'{') else {
+        return Ok(None);
+    };
+    let mut digits = &inner[open + 1..];
+    let sync = match digits.strip_suffix(b"+") {
+        Some(d) => {
+            digits = d;
+            false
+        }
+        None => true,
+    };
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(ImapError::BadLiteral);
+    }
+    let len = std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .ok_or(ImapError::BadLiteral)?;
+    let before = &inner[..open];
+    let before = before.strip_suffix(b"~").unwrap_or(before);
+    Ok(Some((Literal { len, sync }, before)))
+}
+
+/// Splits a client line part into strings: atoms and quoted strings (unescaped).
+fn strings(text: &[u8]) -> Result<Vec<Vec<u8>>, ImapError> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < text.len() {
+        match text[at] {
+            b' ' => at += 1,
+            b'"' => {
+                let mut s = Vec::new();
+                at += 1;
+                loop {
+                    match text.get(at) {
+                        None => return Err(ImapError::BadCommand),
+                        Some(b'"') => break,
+                        Some(b'\\') => {
+                            s.push(*text.get(at + 1).ok_or(ImapError::BadCommand)?);
+                            at += 2;
+                        }
+                        Some(b) => {
+                            s.push(*b);
+                            at += 1;
+                        }
+                    }
+                }
+                at += 1;
+                out.push(s);
+            }
+            _ => {
+                let end = text[at..]
+                    .iter()
+                    .position(|b| *b == b' ')
+                    .map_or(text.len(), |p| at + p);
+                out.push(text[at..end].to_vec());
+                at = end;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A capability list as the client may see it.
+fn rewrite_caps(caps: &[u8], s: &ImapSession) -> Vec<u8> {
+    let plaintext = s.plaintext_ok();
+    let mut out: Vec<&[u8]> = Vec::new();
+    for cap in caps.split(|b| *b == b' ').filter(|c| !c.is_empty()) {
+        let upper = cap.to_ascii_uppercase();
+        if upper.starts_with(b"COMPRESS=") || upper == b"STARTTLS" || upper == b"LOGINDISABLED" {
+            continue;
+        }
+        if let Some(mech) = upper.strip_prefix(b"AUTH=") {
+            let mech = Mechanism::parse(&String::from_utf8_lossy(mech));
+            let keep = if mech.is_visible() {
+                plaintext || s.logged_in
+            } else {
+                s.cfg.pass_through_opaque
+            };
+            if !keep {
+                continue;
+            }
+        }
+        out.push(cap);
+    }
+    if !s.logged_in && !s.tls && s.cfg.offer_starttls {
+        out.push(b"STARTTLS");
+    }
+    if !s.logged_in && !plaintext {
+        out.push(b"LOGINDISABLED");
+    }
+    out.join(&b' ')
+}
+
+/// Rewrites the capability list in a backend line, if it has one.
+fn rewrite_line(text: &[u8], s: &ImapSession) -> Option<Vec<u8>> {
+    let upper = text.to_ascii_uppercase();
+    if let Some(rest) = upper.strip_prefix(b"* CAPABILITY ") {
+        let start = text.len() - rest.len();
+        let mut out = text[..start].to_vec();
+        out.extend_from_slice(&rewrite_caps(&text[start..], s));
+        return Some(out);
+    }
+    let open = upper.windows(12).position(|w| w == b"[CAPABILITY ")?;
+    let close = open + upper[open..].iter().position(|b| *b == b']')?;
+    let mut out = text[..open + 12].to_vec();
+    out.extend_from_slice(&rewrite_caps(&text[open + 12..close], s));
+    out.extend_from_slice(&text[close..]);
+    Some(out)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Pending {
+    Login,
+    Select(Option<String>),
+    Deselect,
+    Logout,
+}
+
+/// The client command being read (its line parts and literals).
+#[derive(Debug, Default)]
+struct Command {
+    tag: Vec<u8>,
+    verb: Vec<u8>,
+    args: Vec<Vec<u8>>,
+    /// Refused by the proxy: read to its end, forward nothing.
+    discard: bool,
+    /// Bytes of the current client literal still to come.
+    literal_left: u64,
+    /// Whether to keep the literal as an argument (before login, or a mailbox name).
+    capture: Option<Vec<u8>>,
+    account_known: bool,
+    /// A part of it was forwarded already.
+    forwarded: bool,
+}
+
+/// The backend response being read.
+#[derive(Debug, Default)]
+struct Response {
+    /// A byte of this response was seen.
+    started: bool,
+    /// A literal ended an earlier part: the next line part continues this response.
+    continued: bool,
+    literal_left: u64,
+    fetch: Option<FetchAcc>,
+}
+
+#[derive(Debug, Default)]
+struct FetchAcc {
+    seq: u32,
+    uid: Option<u32>,
+    depth: u32,
+    after_uid: bool,
+    sections: Vec<SectionBytes>,
+    /// The section whose literal is being read.
+    counting: Option<SectionBytes>,
+}
+
+/// Both directions of one IMAP session.
+#[derive(Debug)]
+pub struct ImapSession {
+    cfg: ImapConfig,
+    tls: bool,
+    logged_in: bool,
+    greeted: bool,
+    cline: LineBuf,
+    sline: LineBuf,
+    cmd: Option<Command>,
+    resp: Response,
+    /// The SASL exchange in progress and its tag.
+    sasl: Option<(Vec<u8>, Exchange)>,
+    idle: bool,
+    /// Tagged commands the proxy watches, by tag.
+    pending: HashMap<Vec<u8>, Pending>,
+    /// Commands forwarded and not yet completed.
+    outstanding: usize,
+    logout_sent: bool,
+    logout_reply: bool,
+    user: Option<String>,
+    account: Option<String>,
+    mailbox: Option<String>,
+}
+
+/// Most watched tags held at once (a client cannot make the proxy hold more).
+const MAX_PENDING: usize = 1024;
+
+impl ImapSession {
+    pub fn new(cfg: ImapConfig) -> ImapSession {
+        ImapSession {
+            tls: cfg.tls,
+            logged_in: false,
+            greeted: false,
+            cline: LineBuf::new(cfg.max_line),
+            sline: LineBuf::new(cfg.max_line),
+            cmd: None,
+            resp: Response::default(),
+            sasl: None,
+            idle: false,
+            pending: HashMap::new(),
+            outstanding: 0,
+            logout_sent: false,
+            logout_reply: false,
+            user: None,
+            account: None,
+            mailbox: None,
+            cfg,
+        }
+    }
+
+    pub fn account(&self) -> Option<&str> {
+        self.account.as_deref()
+    }
+
+    pub fn is_logged_in(&self) -> bool {
+        self.logged_in
+    }
+
+    /// The mailbox selected now.
+    pub fn mailbox(&self) -> Option<&str> {
+        self.mailbox.as_deref()
+    }
+
+    /// The TLS handshake after STARTTLS succeeded.
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+    }
+
+    fn plaintext_ok(&self) -> bool {
+        self.tls || self.cfg.plaintext_login
+    }
+
+    /// Feeds bytes from the client.
+    pub fn client(&mut self, data: &[u8]) -> Vec<ClientEvent> {
+        let mut ev = Vec::new();
+        let mut at = 0;
+        while at < data.len() {
+            if let Some(cmd) = self.cmd.as_mut().filter(|c| c.literal_left > 0) {
+                let take = (cmd.literal_left.min((data.len() - at) as u64)) as usize;
+                let bytes = &data[at..at + take];
+                at += take;
+                cmd.literal_left -= take as u64;
+                match &mut cmd.capture {
+                    // Bounded by the announcement check (max_literal, max_mailbox).
+                    Some(buf) => buf.extend_from_slice(bytes),
+                    None if !cmd.discard => ev.push(ClientEvent::Forward(bytes.to_vec())),
+                    None => {}
+                }
+                if cmd.literal_left == 0 {
+                    if let Some(buf) = cmd.capture.take() {
+                        cmd.args.push(buf.clone());
+                        if !self.logged_in {
+                            self.learn_account(&mut ev);
+                        }
+                        if self.cmd.as_ref().is_some_and(|c| !c.discard) {
+                            ev.push(ClientEvent::Forward(buf));
+                        }
+                    }
+                }
+                continue;
+            }
+            let (took, done) = self.cline.push(&data[at..]);
+            at += took;
+            if !self.logged_in && self.cline.overflowed() {
+                ev.push(ClientEvent::Reply(b"* BYE Line too long\r\n".to_vec()));
+                ev.push(ClientEvent::Close(ImapError::ClientLineTooLong(
+                    self.cfg.max_line,
+                )));
+                return ev;
+            }
+            if !done {
+                break;
+            }
+            let line = self.cline.take();
+            match self.client_part(line, &mut ev) {
+                Ok(true) => {
+                    self.cline.take();
+                    break;
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    ev.push(ClientEvent::Close(err));
+                    return ev;
+                }
+            }
+        }
+        ev
+    }
+
+    /// The client closed its side. Returns `Close` when it stopped inside a command (a literal
+    /// or a line part): nothing of a pre-login command cut short was forwarded after the last
+    /// complete part.
+    pub fn client_eof(&mut self) -> Vec<ClientEvent> {
+        if self.cmd.is_some() || !self.cline.is_empty() {
+            self.cmd = None;
+            return vec![ClientEvent::Close(ImapError::BadCommand)];
+        }
+        Vec::new()
+    }
+
+    /// Learns the LOGIN user name once the first argument is complete.
+    fn learn_account(&mut self, ev: &mut Vec<ClientEvent>) {
+        let Some(cmd) = self.cmd.as_mut() else {
+            return;
+        };
+        if cmd.account_known || cmd.discard || cmd.verb != b"LOGIN" {
+            return;
+        }
+        let Some(user) = cmd.args.first() else {
+            return;
+        };
+        match sasl::account_name(user) {
+            Ok(name) => {
+                cmd.account_known = true;
+                self.user = Some(name.clone());
+                ev.push(ClientEvent::Account(name));
+            }
+            Err(err) => {
+                cmd.discard = true;
+                let mut out = cmd.tag.clone();
+                out.extend_from_slice(b" BAD Invalid user name\r\n");
+                let forwarded = cmd.forwarded;
+                ev.push(ClientEvent::Reply(out));
+                ev.push(ClientEvent::Refused(err.into()));
+                if forwarded {
+                    // Part of the command already reached the backend.
+                    ev.push(ClientEvent::Close(ImapError::BadCommand));
+                }
+            }
+        }
+    }
+
+    fn reply(&self, ev: &mut Vec<ClientEvent>, tag: &[u8], text: &str) {
+        let mut out = tag.to_vec();
+        out.push(b' ');
+        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        ev.push(ClientEvent::Reply(out));
+    }
+
+    /// One client line part. Returns Ok(true) after STARTTLS.
+    fn client_part(&mut self, line: Line, ev: &mut Vec<ClientEvent>) -> Result<bool, ImapError> {
+        let raw_text = if line.is_whole() {
+            line.text().to_vec()
+        } else {
+            strip_eol(&line.tail).to_vec()
+        };
+        let literal = trailing_literal(&raw_text)?;
+        if !self.logged_in {
+            if let Some((lit, _)) = literal {
+                if lit.len > self.cfg.max_literal as u64 {
+                    ev.push(ClientEvent::Reply(b"* BYE Literal too large\r\n".to_vec()));
+                    return Err(ImapError::ClientLiteralTooLarge {
+                        len: lit.len,
+                        max: self.cfg.max_literal,
+                    });
+                }
+            }
+        }
+        let text: &[u8] = match literal {
+            Some((_, before)) if line.is_whole() => before,
+            _ => line.text(),
+        };
+        let first = self.cmd.is_none();
+        if first {
+            if self.idle {
+                self.idle = false;
+                ev.push(ClientEvent::IdleDone);
+                ev.push(ClientEvent::Forward(line.head));
+                return Ok(false);
+            }
+            if let Some((_, exchange)) = self.sasl.as_mut().filter(|(_, x)| !x.is_done()) {
+                if text == b"*" {
+                    ev.push(ClientEvent::Forward(line.head));
+                    return Ok(false);
+                }
+                match exchange.response(text) {
+                    Ok(Some(account)) => {
+                        self.user = Some(account.clone());
+                        ev.push(ClientEvent::Account(account));
+                        ev.push(ClientEvent::Forward(line.head));
+                    }
+                    Ok(None) => ev.push(ClientEvent::Forward(line.head)),
+                    Err(err) => {
+                        ev.push(ClientEvent::Refused(err.into()));
+                        ev.push(ClientEvent::Forward(b"*\r\n".to_vec()));
+                    }
+                }
+                return Ok(false);
+            }
+        }
+        let words = strings(text);
+        let mut cmd = self.cmd.take().unwrap_or_default();
+        let mut starttls = false;
+        match words {
+            Ok(words) if first => {
+                let mut words = words.into_iter();
+                cmd.tag = words.next().unwrap_or_default();
+                cmd.verb = words.next().unwrap_or_default().to_ascii_uppercase();
+                cmd.args = words.collect();
+                starttls = self.start_command(&mut cmd, literal.is_some(), ev);
+            }
+            Ok(words) => cmd.args.extend(words),
+            Err(_) if !self.logged_in && !cmd.discard => {
+                cmd.discard = true;
+                let tag = if first {
+                    text.split(|b| *b == b' ')
+                        .next()
+                        .unwrap_or_default()
+                        .to_vec()
+                } else {
+                    cmd.tag.clone()
+                };
+                self.reply(ev, &tag, "BAD Command cannot be read");
+            }
+            Err(_) => {}
+        }
+        self.cmd = Some(cmd);
+        if !self.logged_in {
+            self.learn_account(ev);
+        }
+        let Some(cmd) = self.cmd.as_mut() else {
+            return Ok(starttls);
+        };
+        if cmd.verb == b"LOGIN" && !cmd.account_known && !cmd.discard && literal.is_none() {
+            cmd.discard = true;
+            let tag = cmd.tag.clone();
+            self.reply(ev, &tag, "BAD LOGIN needs a user name");
+        }
+        let Some(cmd) = self.cmd.as_mut() else {
+            return Ok(starttls);
+        };
+        if !cmd.discard {
+            cmd.forwarded = true;
+            ev.push(ClientEvent::Forward(line.head));
+        }
+        match literal {
+            // A refused command's synchronizing literal is never sent by the client.
+            Some((lit, _)) if !(cmd.discard && lit.sync) => {
+                cmd.literal_left = lit.len;
+                let keep = !self.logged_in
+                    || (matches!(cmd.verb.as_slice(), b"SELECT" | b"EXAMINE")
+                        && cmd.args.is_empty()
+                        && lit.len <= self.cfg.max_mailbox as u64);
+                cmd.capture = keep.then(Vec::new);
+                if lit.len == 0 {
+                    cmd.args.push(Vec::new());
+                    cmd.capture = None;
+                }
+            }
+            _ => {
+                let done = self.cmd.take().unwrap_or_default();
+                if !done.discard {
+                    self.command_complete(done, ev);
+                }
+            }
+        }
+        Ok(starttls)
+    }
+
+    /// Checks a command at its first line part. Returns true for STARTTLS.
+    fn start_command(
+        &mut self,
+        cmd: &mut Command,
+        has_literal: bool,
+        ev: &mut Vec<ClientEvent>,
+    ) -> bool {
+        let before_login = !self.logged_in;
+        match cmd.verb.as_slice() {
+            b"STARTTLS" if before_login && !self.tls && self.cfg.offer_starttls => {
+                cmd.discard = true;
+                self.reply(ev, &cmd.tag, "OK Begin TLS negotiation now.");
+                ev.push(ClientEvent::StartTls);
+                return true;
+            }
+            b"STARTTLS" => {
+                cmd.discard = true;
+                self.reply(ev, &cmd.tag, "BAD STARTTLS is not available.");
+            }
+            b"LOGIN" | b"AUTHENTICATE"
+                if before_login && !self.plaintext_ok() && {
+                    let mech = cmd
+                        .args
+                        .first()
+                        .map(|m| String::from_utf8_lossy(m).into_owned());
+                    cmd.verb == b"LOGIN" || mech.is_some_and(|m| Mechanism::parse(&m).is_visible())
+                } =>
+            {
+                cmd.discard = true;
+                self.reply(
+                    ev,
+                    &cmd.tag,
+                    "NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.",
+                );
+            }
+            b"AUTHENTICATE" if before_login => {
+                let name = cmd
+                    .args
+                    .first()
+                    .map(|m| String::from_utf8_lossy(m).into_owned());
+                let mechanism = Mechanism::parse(&name.unwrap_or_default());
+                if !mechanism.is_visible() && !self.cfg.pass_through_opaque || has_literal {
+                    cmd.discard = true;
+                    self.reply(ev, &cmd.tag, "NO Unsupported authentication mechanism.");
+                    return false;
+                }
+                let mut exchange = Exchange::new(mechanism);
+                self.user = None;
+                if let Some(initial) = cmd.args.get(1) {
+                    match exchange.response(initial) {
+                        Ok(Some(account)) => {
+                            self.user = Some(account.clone());
+                            ev.push(ClientEvent::Account(account));
+                        }
+                        Ok(None) => {}
+                        Err(err) => {
+                            cmd.discard = true;
+                            self.reply(ev, &cmd.tag, "BAD Invalid SASL initial response.");
+                            ev.push(ClientEvent::Refused(err.into()));
+                            return false;
+                        }
+                    }
+                }
+                self.sasl = Some((cmd.tag.clone(), exchange));
+            }
+            b"COMPRESS" => {
+                cmd.discard = true;
+                self.reply(
+                    ev,
+                    &cmd.tag,
+                    "NO COMPRESS is not available through this proxy.",
+                );
+            }
+            _ => {}
+        }
+        false
+    }
+
+    /// A complete, forwarded command.
+    fn command_complete(&mut self, cmd: Command, ev: &mut Vec<ClientEvent>) {
+        self.outstanding += 1;
+        let watch = match cmd.verb.as_slice() {
+            b"LOGIN" | b"AUTHENTICATE" if !self.logged_in => Some(Pending::Login),
+            b"SELECT" | b"EXAMINE" => Some(Pending::Select(
+                cmd.args
+                    .first()
+                    .filter(|m| m.len() <= self.cfg.max_mailbox)
+                    .map(|m| String::from_utf8_lossy(m).into_owned()),
+            )),
+            b"CLOSE" | b"UNSELECT" => Some(Pending::Deselect),
+            b"LOGOUT" => {
+                self.logout_sent = true;
+                ev.push(ClientEvent::Logout);
+                Some(Pending::Logout)
+            }
+            b"IDLE" => {
+                self.idle = true;
+                ev.push(ClientEvent::Idle);
+                None
+            }
+            _ => None,
+        };
+        if let Some(watch) = watch {
+            if self.pending.len() < MAX_PENDING || watch == Pending::Login {
+                self.pending.insert(cmd.tag, watch);
+            }
+        }
+    }
+
+    /// Feeds bytes from the backend.
+    pub fn server(&mut self, data: &[u8]) -> Vec<ServerEvent> {
+        let mut ev = Vec::new();
+        let mut at = 0;
+        let mut relay_from = self.logged_in.then_some(0);
+        while at < data.len() {
+            if self.resp.literal_left > 0 {
+                let take = (self.resp.literal_left.min((data.len() - at) as u64)) as usize;
+                if let Some(section) = self.resp.fetch.as_mut().and_then(|f| f.counting.as_mut()) {
+                    section.bytes += take as u64;
+                }
+                if !self.logged_in {
+                    ev.push(ServerEvent::Forward(data[at..at + take].to_vec()));
+                }
+                at += take;
+                self.resp.literal_left -= take as u64;
+                if self.resp.literal_left == 0 {
+                    self.section_done();
+                }
+                continue;
+            }
+            if !self.resp.started && !self.resp.continued && self.sline.is_empty() {
+                self.resp.started = true;
+                if self.logout_sent && !self.logout_reply && self.outstanding <= 1 {
+                    self.logout_reply = true;
+                    ev.push(ServerEvent::LogoutReply);
+                }
+            }
+            let (took, done) = self.sline.push(&data[at..]);
+            at += took;
+            if !self.logged_in && self.sline.overflowed() {
+                ev.push(ServerEvent::Close(ImapError::BackendLineTooLong(
+                    self.cfg.max_line,
+                )));
+                return ev;
+            }
+            if !done {
+                break;
+            }
+            let line = self.sline.take();
+            let was_logged_in = self.logged_in;
+            if let Err(err) = self.server_part(line, &mut ev) {
+                ev.push(ServerEvent::Close(err));
+                return ev;
+            }
+            if self.logged_in && !was_logged_in {
+                relay_from = Some(at);
+            }
+        }
+        match relay_from {
+            Some(0) if !data.is_empty() => ev.push(ServerEvent::ForwardInput),
+            Some(from) if from > 0 && from < data.len() => {
+                ev.push(ServerEvent::Forward(data[from..].to_vec()))
+            }
+            _ => {}
+        }
+        ev
+    }
+
+    /// The backend closed its side: reports a FETCH response cut short.
+    pub fn server_eof(&mut self) -> Vec<ServerEvent> {
+        let mut ev = Vec::new();
+        self.section_done();
+        if let Some(fetch) = self.resp.fetch.take() {
+            self.fetched(fetch, false, &mut ev);
+        }
+        ev
+    }
+
+    fn section_done(&mut self) {
+        if let Some(fetch) = self.resp.fetch.as_mut() {
+            if let Some(section) = fetch.counting.take() {
+                fetch.sections.push(section);
+            }
+        }
+    }
+
+    fn fetched(&self, fetch: FetchAcc, complete: bool, ev: &mut Vec<ServerEvent>) {
+        if fetch.sections.is_empty() {
+            return;
+        }
+        ev.push(ServerEvent::Fetched(Fetch {
+            mailbox: self.mailbox.clone(),
+            seq: fetch.seq,
+            uid: fetch.uid,
+            sections: fetch.sections,
+            complete,
+        }));
+    }
+
+    /// One backend line part (a whole response line, or the part of one before a literal).
+    fn server_part(&mut self, line: Line, ev: &mut Vec<ServerEvent>) -> Result<(), ImapError> {
+        let first = !self.resp.continued;
+        let tail_text = strip_eol(&line.tail).to_vec();
+        let seen = if line.is_whole() {
+            line.text()
+        } else {
+            &tail_text[..]
+        };
+        let literal = match trailing_literal(seen) {
+            Ok(lit) => lit.map(|(lit, before)| (lit, section_before(before).to_vec())),
+            Err(_) if self.logged_in => None,
+            Err(err) => return Err(err),
+        };
+        let was_logged_in = self.logged_in;
+        if first {
+            self.first_part(line.text(), ev);
+        }
+        if let Some(fetch) = self.resp.fetch.as_mut() {
+            scan_fetch(fetch, line.text());
+            if let Some((_, section)) = &literal {
+                fetch.counting = counted(section).then(|| SectionBytes {
+                    section: String::from_utf8_lossy(section).into_owned(),
+                    bytes: 0,
+                });
+            }
+        }
+        if !was_logged_in {
+            let out = if literal.is_none() && first {
+                rewrite_line(line.text(), self).map(|mut out| {
+                    out.extend_from_slice(b"\r\n");
+                    out
+                })
+            } else {
+                None
+            };
+            ev.push(ServerEvent::Forward(out.unwrap_or(line.head)));
+        }
+        match literal {
+            Some((lit, _)) => {
+                self.resp.continued = true;
+                self.resp.literal_left = lit.len;
+                if lit.len == 0 {
+                    self.section_done();
+                }
+            }
+            None => {
+                if let Some(fetch) = self.resp.fetch.take() {
+                    self.fetched(fetch, true, ev);
+                }
+                self.resp = Response::default();
+            }
+        }
+        Ok(())
+    }
+
+    fn login(&mut self, account: Option<String>, ev: &mut Vec<ServerEvent>) {
+        self.logged_in = true;
+        self.account = account.clone();
+        self.cline.set_cap(self.cfg.max_line_after_login);
+        self.sline.set_cap(self.cfg.max_line_after_login);
+        ev.push(ServerEvent::LoggedIn { account });
+    }
+
+    /// The first part of a backend response: greeting, tagged completion or FETCH start.
+    fn first_part(&mut self, text: &[u8], ev: &mut Vec<ServerEvent>) {
+        let mut words = text.split(|b| *b == b' ');
+        let first = words.next().unwrap_or_default();
+        let second = words.next().unwrap_or_default().to_ascii_uppercase();
+        if !self.greeted {
+            self.greeted = true;
+            let preauth = first == b"*" && second == b"PREAUTH";
+            ev.push(ServerEvent::Greeting {
+                ok: first == b"*" && (second == b"OK" || preauth),
+            });
+            if preauth {
+                self.login(None, ev);
+            }
+            return;
+        }
+        if first == b"+" {
+            return;
+        }
+        if first == b"*" {
+            let third = words.next().unwrap_or_default();
+            if self.logged_in && third.eq_ignore_ascii_case(b"FETCH") {
+                if let Some(seq) = std::str::from_utf8(&second)
+                    .ok()
+                    .and_then(|n| n.parse().ok())
+                {
+                    self.resp.fetch = Some(FetchAcc {
+                        seq,
+                        ..FetchAcc::default()
+                    });
+                }
+            }
+            return;
+        }
+        self.outstanding = self.outstanding.saturating_sub(1);
+        let ok = second == b"OK";
+        if self.sasl.as_ref().is_some_and(|(tag, _)| tag == first) {
+            self.sasl = None;
+        }
+        match self.pending.remove(first) {
+            Some(Pending::Login) if ok => {
+                let account = self.user.clone();
+                self.login(account, ev);
+            }
+            Some(Pending::Login) => ev.push(ServerEvent::LoginFailed {
+                account: self.user.take(),
+                reply: String::from_utf8_lossy(text).into_owned(),
+            }),
+            Some(Pending::Select(mailbox)) => self.mailbox = if ok { mailbox } else { None },
+            Some(Pending::Deselect) if ok => self.mailbox = None,
+            _ => {}
+        }
+    }
+}
+
+/// Follows a FETCH response's items for `UID n` at the top level of its list.
+fn scan_fetch(fetch: &mut FetchAcc, text: &[u8]) {
+    fn end_atom(fetch: &mut FetchAcc, atom: &mut Vec<u8>) {
+        if atom.is_empty() {
+            return;
+        }
+        if fetch.depth == 1 {
+            if fetch.after_uid {
+                fetch.uid = std::str::from_utf8(atom).ok().and_then(|n| n.parse().ok());
+            }
+            fetch.after_uid = atom.eq_ignore_ascii_case(b"UID");
+        }
+        atom.clear();
+    }
+    let mut atom = Vec::new();
+    let (mut quoted, mut escape, mut bracket) = (false, false, 0u32);
+    for &b in text {
+        if quoted {
+            if escape {
+                escape = false;
+            } else if b == b'\\' {
+                escape = true;
+            } else if b == b'"' {
+                quoted = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                end_atom(fetch, &mut atom);
+                fetch.after_uid = false;
+                quoted = true;
+            }
+            b'[' => {
+                bracket += 1;
+                atom.push(b);
+            }
+            b']' => {
+                bracket = bracket.saturating_sub(1);
+                atom.push(b);
+            }
+            b'(' if bracket == 0 => {
+                end_atom(fetch, &mut atom);
+                fetch.depth += 1;
+            }
+            b')' if bracket == 0 => {
+                end_atom(fetch, &mut atom);
+                fetch.depth = fetch.depth.saturating_sub(1);
+            }
+            b' ' if bracket == 0 => end_atom(fetch, &mut atom),
+            _ if atom.len() < 64 => atom.push(b),
+            _ => {}
+        }
+    }
+    end_atom(fetch, &mut atom);
+}
+
+/// The item name right before a literal: `BODY[1.2]<0>` in `... BODY[1.2]<0> {n}`.
+fn section_before(text: &[u8]) -> &[u8] {
+    let end = text.iter().rposition(|b| *b != b' ').map_or(0, |p| p + 1);
+    let text = &text[..end];
+    let mut depth = 0u32;
+    let mut start = text.len();
+    for (i, b) in text.iter().enumerate().rev() {
+        match b {
+            b']' => depth += 1,
+            b'[' => depth = depth.saturating_sub(1),
+            b' ' | b'(' if depth == 0 => break,
+            _ => {}
+        }
+        start = i;
+    }
+    &text[start..]
+}
+
+/// Whether an item's literal is message bytes: BODY[...], BINARY[...], RFC822, RFC822.TEXT,
+/// RFC822.HEADER.
+fn counted(section: &[u8]) -> bool {
+    let upper = section.to_ascii_uppercase();
+    upper.starts_with(b"BODY[")
+        || upper.starts_with(b"BINARY[")
+        || upper == b"RFC822"
+        || upper == b"RFC822.TEXT"
+        || upper == b"RFC822.HEADER"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::split::{transcript, Dir, Out, Proxied, Seen};
+    use super::*;
+    use Dir::{CEof, SEof, C, S};
+
+    impl Proxied for ImapSession {
+        fn client(&mut self, data: &[u8]) -> Vec<Out> {
+            ImapSession::client(self, data)
+                .into_iter()
+                .map(client_out)
+                .collect()
+        }
+        fn server(&mut self, data: &[u8]) -> Vec<Out> {
+            ImapSession::server(self, data)
+                .into_iter()
+                .map(server_out)
+                .collect()
+        }
+        fn client_eof(&mut self) -> Vec<Out> {
+            ImapSession::client_eof(self)
+                .into_iter()
+                .map(client_out)
+                .collect()
+        }
+        fn server_eof(&mut self) -> Vec<Out> {
+            ImapSession::server_eof(self)
+                .into_iter()
+                .map(server_out)
+                .collect()
+        }
+        fn tls_started(&mut self) {
+            ImapSession::tls_started(self)
+        }
+    }
+
+    fn client_out(event: ClientEvent) -> Out {
+        match event {
+            ClientEvent::Forward(b) => Out::ToBackend(b),
+            ClientEvent::Reply(b) => Out::ToClient(b),
+            ClientEvent::StartTls => Out::StartTls,
+            ClientEvent::Close(e) => Out::Close(format!("{e:?}")),
+            other => Out::Event(format!("{other:?}")),
+        }
+    }
+
+    fn server_out(event: ServerEvent) -> Out {
+        match event {
+            ServerEvent::Forward(b) => Out::ToClient(b),
+            ServerEvent::ForwardInput => Out::InputToClient,
+            ServerEvent::Close(e) => Out::Close(format!("{e:?}")),
+            other => Out::Event(format!("{other:?}")),
+        }
+    }
+
+    fn tls() -> ImapConfig {
+        ImapConfig {
+            tls: true,
+            ..ImapConfig::default()
+        }
+    }
+
+    fn check(cfg: &ImapConfig, steps: &[(Dir, &[u8])]) -> Seen {
+        transcript(|| ImapSession::new(cfg.clone()), steps)
+    }
+
+    const GREETING: &[u8] = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ SASL-IR AUTH=PLAIN AUTH=SCRAM-SHA-256 AUTH=XOAUTH2 COMPRESS=DEFLATE STARTTLS] ready\r\n";
+
+    #[test]
+    fn whole_session_meters_fetch_literals() {
+        // The first literal holds what looks like a response end and another FETCH.
+        let body = b"Subject: )\r\n\r\n* 9 FETCH (UID 99 BODY[] {3}\r\nabc)\r\na1 OK x\r\n";
+        let mut fetch =
+            format!("* 1 FETCH (FLAGS (\\Seen) BODY[] {{{}}}\r\n", body.len()).into_bytes();
+        fetch.extend_from_slice(body);
+        fetch.extend_from_slice(b" UID 41 BODY[HEADER.FIELDS (FROM TO)] {7}\r\nFrom: x");
+        fetch.extend_from_slice(b" ENVELOPE (NIL {2}\r\nhi NIL))\r\n");
+        fetch.extend_from_slice(b"* 2 FETCH (UID 42 FLAGS ())\r\nb3 OK Fetch completed.\r\n");
+        let seen = check(
+            &tls(),
+            &[
+                (S, GREETING),
+                (C, b"a1 LOGIN \"al\\\"ice\" \"pw\"\r\n"),
+                (
+                    S,
+                    b"a1 OK [CAPABILITY IMAP4rev1 COMPRESS=DEFLATE IDLE] Logged in\r\n",
+                ),
+                (C, b"b2 SELECT \"INBOX\"\r\n"),
+                (S, b"* 2 EXISTS\r\nb2 OK [READ-WRITE] Select completed.\r\n"),
+                (C, b"b3 FETCH 1:2 (UID BODY.PEEK[])\r\n"),
+                (S, &fetch),
+                (C, b"b4 LOGOUT\r\n"),
+                (S, b"* BYE Logging out\r\nb4 OK Logout completed.\r\n"),
+            ],
+        );
+        assert_eq!(
+            seen.events,
+            vec![
+                "Greeting { ok: true }".to_string(),
+                "Account(\"al\\\"ice\")".into(),
+                "LoggedIn { account: Some(\"al\\\"ice\") }".into(),
+                format!(
+                    "Fetched(Fetch {{ mailbox: Some(\"INBOX\"), seq: 1, uid: Some(41), sections: [SectionBytes {{ section: \"BODY[]\", bytes: {} }}, SectionBytes {{ section: \"BODY[HEADER.FIELDS (FROM TO)]\", bytes: 7 }}], complete: true }})",
+                    body.len()
+                ),
+                "Logout".into(),
+                "LogoutReply".into(),
+            ]
+        );
+        let text = String::from_utf8(seen.to_client).unwrap();
+        assert!(text.starts_with(
+            "* OK [CAPABILITY IMAP4rev1 LITERAL+ SASL-IR AUTH=PLAIN] ready\r\n\
+             a1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"
+        ));
+        assert!(text.ends_with("b4 OK Logout completed.\r\n"));
+    }
+
+    #[test]
+    fn login_with_literals_sync_and_non_sync() {
+        let seen = check(
+            &tls(),
+            &[
+                (S, b"* OK hi\r\n"),
+                (C, b"a LOGIN {5}\r\n"),
+                (S, b"+ OK\r\n"),
+                (C, b"alice {6+}\r\nsecret\r\n"),
+                (S, b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+                (C, b"b LOGIN bob {2+}\r\npw\r\n"),
+                (S, b"b OK Logged in\r\n"),
+                (C, b"c IDLE\r\n"),
+                (S, b"+ idling\r\n"),
+                (C, b"DONE\r\n"),
+            ],
+        );
+        assert_eq!(
+            seen.events,
+            [
+                "Greeting { ok: true }",
+                "Account(\"alice\")",
+                "LoginFailed { account: Some(\"alice\"), reply: \"a NO [AUTHENTICATIONFAILED] Authentication failed.\" }",
+                "Account(\"bob\")",
+                "LoggedIn { account: Some(\"bob\") }",
+                "Idle",
+                "IdleDone",
+            ]
+        );
+        assert_eq!(
+            seen.to_backend,
+            b"a LOGIN {5}\r\nalice {6+}\r\nsecret\r\nb LOGIN bob {2+}\r\npw\r\nc IDLE\r\nDONE\r\n"
+        );
+    }
+
+    #[test]
+    fn the_account_is_known_before_the_password_is_forwarded() {
+        let mut s = ImapSession::new(tls());
+        s.server(b"* OK hi\r\n");
+        let ev = s.client(b"a LOGIN alice secret\r\n");
+        assert_eq!(
+            ev,
+            vec![
+                ClientEvent::Account("alice".into()),
+                ClientEvent::Forward(b"a LOGIN alice secret\r\n".to_vec())
+            ]
+        );
+        let ev = s.server(b"a OK [CAPABILITY IMAP4rev1] in\r\n* 1 EXISTS\r\n");
+        assert_eq!(
+            ev,
+            vec![
+                ServerEvent::LoggedIn {
+                    account: Some("alice".into())
+                },
+                ServerEvent::Forward(b"a OK [CAPABILITY IMAP4rev1] in\r\n".to_vec()),
+                ServerEvent::Forward(b"* 1 EXISTS\r\n".to_vec()),
+            ]
+        );
+        assert_eq!(s.server(b"* 2 EXISTS\r\n"), vec![ServerEvent::ForwardInput]);
+    }
+
+    #[test]
+    fn authenticate_plain_with_sasl_ir_and_login_without() {
+        let seen = check(
+            &tls(),
+            &[
+                (S, b"* OK hi\r\n"),
+                (C, b"a AUTHENTICATE PLAIN AGJvYgBwdw==\r\n"),
+                (S, b"a NO [AUTHENTICATIONFAILED] no\r\n"),
+                (C, b"b AUTHENTICATE LOGIN\r\n"),
+                (S, b"+ VXNlcm5hbWU6\r\n"),
+                (C, b"Y2Fyb2w=\r\n"),
+                (S, b"+ UGFzc3dvcmQ6\r\n"),
+                (C, b"cHc=\r\n"),
+                (S, b"b OK Logged in\r\n"),
+                (C, b"c NOOP\r\n"),
+            ],
+        );
+        assert_eq!(
+            seen.events,
+            [
+                "Greeting { ok: true }",
+                "Account(\"bob\")",
+                "LoginFailed { account: Some(\"bob\"), reply: \"a NO [AUTHENTICATIONFAILED] no\" }",
+                "Account(\"carol\")",
+                "LoggedIn { account: Some(\"carol\") }",
+            ]
+        );
+        assert!(seen.to_backend.ends_with(b"cHc=\r\nc NOOP\r\n"));
+    }
+
+    #[test]
+    fn huge_literal_before_login_closes_before_any_byte_is_read() {
+        let mut s = ImapSession::new(tls());
+        s.server(b"* OK hi\r\n");
+        let ev = s.client(b"a LOGIN {2147483648}\r\nxxxx");
+        assert_eq!(
+            ev,
+            vec![
+                ClientEvent::Reply(b"* BYE Literal too large\r\n".to_vec()),
+                ClientEvent::Close(ImapError::ClientLiteralTooLarge {
+                    len: 2_147_483_648,
+                    max: PRE_LOGIN_MAX
+                })
+            ]
+        );
+    }
+
+    #[test]
+    fn overlong_lines_before_login_close_and_after_login_are_skipped() {
+        let mut s = ImapSession::new(tls());
+        s.server(b"* OK hi\r\n");
+        assert!(s.client(&[b'a'; PRE_LOGIN_MAX]).is_empty());
+        assert_eq!(
+            s.client(b"a").last(),
+            Some(&ClientEvent::Close(ImapError::ClientLineTooLong(
+                PRE_LOGIN_MAX
+            )))
+        );
+        // After login a long response line ending in a literal is still framed exactly.
+        let mut s = ImapSession::new(tls());
+        s.server(b"* OK hi\r\n");
+        s.client(b"a LOGIN u p\r\n");
+        s.server(b"a OK in\r\n");
+        let mut line = b"* 1 FETCH (UID 7 X-LONG \"".to_vec();
+        line.extend(std::iter::repeat_n(b'x', 100_000));
+        line.extend_from_slice(b"\" BODY[] {3}\r\nabc)\r\n");
+        let ev = s.server(&line);
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        let ServerEvent::Fetched(fetch) = &ev[0] else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(fetch.sections[0].bytes, 3);
+        assert_eq!(fetch.uid, Some(7));
+    }
+
+    #[test]
+    fn eof_inside_literals() {
+        // The client stops inside the user-name literal: nothing of it reached the backend.
+        let seen = check(
+            &tls(),
+            &[
+                (S, b"* OK hi\r\n"),
+                (C, b"a LOGIN {5}\r\n"),
+                (S, b"+ OK\r\n"),
+                (C, b"ali"),
+                (CEof, b""),
+            ],
+        );
+        assert_eq!(seen.to_backend, b"a LOGIN {5}\r\n");
+        assert_eq!(seen.events.last().unwrap(), "Close(BadCommand)");
+        // The backend stops inside a FETCH literal: the bytes forwarded are metered.
+        let seen = check(
+            &tls(),
+            &[
+                (S, b"* OK hi\r\n"),
+                (C, b"a LOGIN u p\r\n"),
+                (S, b"a OK in\r\n"),
+                (C, b"b UID FETCH 5 BINARY[1]\r\n"),
+                (S, b"* 3 FETCH (UID 5 BINARY[1] ~{10}\r\n12345"),
+                (SEof, b""),
+            ],
+        );
+        assert_eq!(
+            seen.events.last().unwrap(),
+            "Fetched(Fetch { mailbox: None, seq: 3, uid: Some(5), sections: [SectionBytes { section: \"BINARY[1]\", bytes: 5 }], complete: false })"
+        );
+    }
+
+    #[test]
+    fn starttls_plaintext_refusal_and_capabilities_before_tls() {
+        let seen = check(
+            &ImapConfig::default(),
+            &[
+                (S, GREETING),
+                (C, b"a LOGIN alice pw\r\n"),
+                (C, b"b AUTHENTICATE PLAIN\r\n"),
+                (C, b"c AUTHENTICATE GSSAPI\r\n"),
+                (C, b"d CAPABILITY\r\n"),
+                (
+                    S,
+                    b"* CAPABILITY IMAP4rev1 AUTH=PLAIN LOGINDISABLED\r\nd OK done\r\n",
+                ),
+                (C, b"e STARTTLS\r\n"),
+                (C, b"f LOGIN alice pw\r\n"),
+            ],
+        );
+        let text = String::from_utf8(seen.to_client).unwrap();
+        assert!(text.starts_with(
+            "* OK [CAPABILITY IMAP4rev1 LITERAL+ SASL-IR STARTTLS LOGINDISABLED] ready\r\n"
+        ));
+        assert_eq!(text.matches("a NO [PRIVACYREQUIRED]").count(), 1);
+        assert_eq!(text.matches("b NO [PRIVACYREQUIRED]").count(), 1);
+        assert!(text.contains("c NO Unsupported authentication mechanism.\r\n"));
+        assert!(text.contains("* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\nd OK done\r\n"));
+        assert!(text.ends_with("e OK Begin TLS negotiation now.\r\n"));
+        assert_eq!(seen.to_backend, b"d CAPABILITY\r\nf LOGIN alice pw\r\n");
+        assert_eq!(seen.events[1..], ["StartTls", "Account(\"alice\")"]);
+    }
+
+    #[test]
+    fn commands_after_starttls_in_the_same_chunk_are_dropped() {
+        let mut s = ImapSession::new(ImapConfig::default());
+        let ev = s.client(b"a STARTTLS\r\nb LOGIN mallory pw\r\n");
+        assert_eq!(ev.last(), Some(&ClientEvent::StartTls));
+        assert_eq!(ev.len(), 2);
+    }
+
+    #[test]
+    fn bad_input_before_login() {
+        let seen = check(
+            &tls(),
+            &[
+                // Pipelined before the greeting, with an unexpected continuation from the backend.
+                (C, b"a CAPABILITY\r\nb LOGIN\r\nc LOGIN \"unterminated\r\n"),
+                (
+                    S,
+                    b"* OK hi\r\n+ what\r\n* CAPABILITY IMAP4rev1 COMPRESS=DEFLATE\r\na OK\r\n",
+                ),
+                (C, b"d LOGIN \"a\0b\" pw\r\n"),
+                (C, b"e AUTHENTICATE PLAIN %%%\r\n"),
+                (C, b"f AUTHENTICATE LOGIN\r\n"),
+                (S, b"+ VXNlcm5hbWU6\r\n"),
+                (C, b"!!\r\n"),
+                (S, b"f BAD cancelled\r\n"),
+            ],
+        );
+        let text = String::from_utf8(seen.to_client).unwrap();
+        assert!(text.contains("b BAD LOGIN needs a user name\r\n"), "{text}");
+        assert!(text.contains("c BAD Command cannot be read\r\n"));
+        assert!(text.contains("+ what\r\n* CAPABILITY IMAP4rev1\r\na OK\r\n"));
+        assert!(text.contains("d BAD Invalid user name\r\n"));
+        assert!(text.contains("e BAD Invalid SASL initial response.\r\n"));
+        assert_eq!(
+            seen.to_backend,
+            b"a CAPABILITY\r\nf AUTHENTICATE LOGIN\r\n*\r\n"
+        );
+        assert!(seen
+            .events
+            .last()
+            .unwrap()
+            .starts_with("LoginFailed { account: None"));
+    }
+
+    #[test]
+    fn compress_is_refused_after_login_and_mailbox_follows_select() {
+        let seen = check(
+            &tls(),
+            &[
+                (S, b"* PREAUTH hi\r\n"),
+                (C, b"a COMPRESS DEFLATE\r\nb EXAMINE {5+}\r\nSpam!\r\n"),
+                (S, b"b OK [READ-ONLY] done\r\n"),
+                (C, b"c FETCH 1 RFC822\r\nd SELECT nope\r\n"),
+                (
+                    S,
+                    b"* 1 FETCH (RFC822 {0}\r\n)\r\nc OK\r\nd NO no such mailbox\r\n",
+                ),
+                (C, b"e FETCH 1 RFC822.TEXT\r\n"),
+                (
+                    S,
+                    b"* 1 FETCH (RFC822.TEXT {2}\r\nhi)\r\ne BAD no mailbox\r\n",
+                ),
+            ],
+        );
+        assert_eq!(seen.to_backend, b"b EXAMINE {5+}\r\nSpam!\r\nc FETCH 1 RFC822\r\nd SELECT nope\r\ne FETCH 1 RFC822.TEXT\r\n");
+        assert!(seen.to_client.starts_with(b"* PREAUTH hi\r\na NO COMPRESS"));
+        assert_eq!(
+            seen.events,
+            [
+                "Greeting { ok: true }",
+                "LoggedIn { account: None }",
+                "Fetched(Fetch { mailbox: Some(\"Spam!\"), seq: 1, uid: None, sections: [SectionBytes { section: \"RFC822\", bytes: 0 }], complete: true })",
+                "Fetched(Fetch { mailbox: None, seq: 1, uid: None, sections: [SectionBytes { section: \"RFC822.TEXT\", bytes: 2 }], complete: true })",
+            ]
+        );
+    }
+
+    #[test]
+    fn literal_announcements() {
+        assert_eq!(
+            trailing_literal(b"a LOGIN {12+}").unwrap(),
+            Some((
+                Literal {
+                    len: 12,
+                    sync: false
+                },
+                &b"a LOGIN "[..]
+            ))
+        );
+        assert_eq!(
+            trailing_literal(b"X BINARY[] ~{3}").unwrap(),
+            Some((Literal { len: 3, sync: true }, &b"X BINARY[] "[..]))
+        );
+        assert_eq!(trailing_literal(b"a NOOP").unwrap(), None);
+        assert_eq!(trailing_literal(b"a {x}"), Err(ImapError::BadLiteral));
+        assert_eq!(
+            trailing_literal(b"a {99999999999999999999}"),
+            Err(ImapError::BadLiteral)
+        );
+        assert_eq!(section_before(b"* 1 FETCH (BODY[1.2]<0> "), b"BODY[1.2]<0>");
+        assert_eq!(
+            section_before(b"(BODY[HEADER.FIELDS (A B)] "),
+            b"BODY[HEADER.FIELDS (A B)]"
+        );
+    }
+}
