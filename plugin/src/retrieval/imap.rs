@@ -54,7 +54,8 @@ pub struct ImapConfig {
     /// Largest client literal before login (a larger announcement ends the session before any
     /// of its bytes is read).
     pub max_literal: usize,
-    /// Longest line kept after login (longer ones are skipped, only framing is tracked).
+    /// Longest client command line after login (a longer one ends the session), and longest
+    /// backend line kept after login (longer ones are skipped, only framing is tracked).
     pub max_line_after_login: usize,
     /// Longest mailbox name remembered from SELECT/EXAMINE.
     pub max_mailbox: usize,
@@ -79,7 +80,7 @@ impl Default for ImapConfig {
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ImapError {
-    #[error("client line longer than {0} bytes before login")]
+    #[error("client line longer than {0} bytes")]
     ClientLineTooLong(usize),
     #[error("client literal of {len} bytes exceeds {max} before login")]
     ClientLiteralTooLarge { len: u64, max: usize },
@@ -89,6 +90,8 @@ pub enum ImapError {
     BadLiteral,
     #[error("client command cannot be read")]
     BadCommand,
+    #[error("more than {0} watched commands in flight")]
+    TooManyCommands(usize),
     #[error("client sasl response refused: {0}")]
     Sasl(#[from] sasl::SaslError),
 }
@@ -291,6 +294,7 @@ enum Pending {
     Select(Option<String>),
     Deselect,
     Logout,
+    Idle,
 }
 
 /// The client command being read (its line parts and literals).
@@ -436,18 +440,27 @@ impl ImapSession {
             }
             let (took, done) = self.cline.push(&data[at..]);
             at += took;
-            if !self.logged_in && self.cline.overflowed() {
+            // Client lines are forwarded whole, so they are bounded after login too (as
+            // Dovecot's imap_max_line_length).
+            if self.cline.overflowed() {
+                let cap = if self.logged_in {
+                    self.cfg.max_line_after_login
+                } else {
+                    self.cfg.max_line
+                };
                 ev.push(ClientEvent::Reply(b"* BYE Line too long\r\n".to_vec()));
-                ev.push(ClientEvent::Close(ImapError::ClientLineTooLong(
-                    self.cfg.max_line,
-                )));
+                ev.push(ClientEvent::Close(ImapError::ClientLineTooLong(cap)));
                 return ev;
             }
             if !done {
                 break;
             }
             let line = self.cline.take();
-            match self.client_part(line, &mut ev) {
+            let result = self.client_part(line, &mut ev);
+            if matches!(ev.last(), Some(ClientEvent::Close(_))) {
+                return ev;
+            }
+            match result {
                 Ok(true) => {
                     self.cline.take();
                     break;
@@ -515,11 +528,8 @@ impl ImapSession {
 
     /// One client line part. Returns Ok(true) after STARTTLS.
     fn client_part(&mut self, line: Line, ev: &mut Vec<ClientEvent>) -> Result<bool, ImapError> {
-        let raw_text = if line.is_whole() {
-            line.text().to_vec()
-        } else {
-            strip_eol(&line.tail).to_vec()
-        };
+        // Client lines are whole: client() ends the session on an overlong one.
+        let raw_text = line.text().to_vec();
         let literal = trailing_literal(&raw_text)?;
         if !self.logged_in {
             if let Some((lit, _)) = literal {
@@ -533,8 +543,8 @@ impl ImapSession {
             }
         }
         let text: &[u8] = match literal {
-            Some((_, before)) if line.is_whole() => before,
-            _ => line.text(),
+            Some((_, before)) => before,
+            None => line.text(),
         };
         let first = self.cmd.is_none();
         if first {
@@ -641,6 +651,14 @@ impl ImapSession {
         ev: &mut Vec<ClientEvent>,
     ) -> bool {
         let before_login = !self.logged_in;
+        if self.pending.len() >= MAX_PENDING {
+            cmd.discard = true;
+            ev.push(ClientEvent::Reply(
+                b"* BYE Too many commands in flight\r\n".to_vec(),
+            ));
+            ev.push(ClientEvent::Close(ImapError::TooManyCommands(MAX_PENDING)));
+            return false;
+        }
         match cmd.verb.as_slice() {
             b"STARTTLS" if before_login && !self.tls && self.cfg.offer_starttls => {
                 cmd.discard = true;
@@ -731,14 +749,13 @@ impl ImapSession {
             b"IDLE" => {
                 self.idle = true;
                 ev.push(ClientEvent::Idle);
-                None
+                Some(Pending::Idle)
             }
             _ => None,
         };
         if let Some(watch) = watch {
-            if self.pending.len() < MAX_PENDING || watch == Pending::Login {
-                self.pending.insert(cmd.tag, watch);
-            }
+            // start_command keeps this below MAX_PENDING.
+            self.pending.insert(cmd.tag, watch);
         }
     }
 
@@ -946,6 +963,8 @@ impl ImapSession {
             }),
             Some(Pending::Select(mailbox)) => self.mailbox = if ok { mailbox } else { None },
             Some(Pending::Deselect) if ok => self.mailbox = None,
+            // IDLE refused (or ended): the client sends no DONE.
+            Some(Pending::Idle) => self.idle = false,
             _ => {}
         }
     }
@@ -1457,6 +1476,72 @@ mod tests {
         assert_eq!(
             section_before(b"(BODY[HEADER.FIELDS (A B)] "),
             b"BODY[HEADER.FIELDS (A B)]"
+        );
+    }
+
+    #[test]
+    fn refused_idle_expects_no_done() {
+        let seen = check(
+            &tls(),
+            &[
+                (S, b"* OK hi\r\n"),
+                (C, b"a LOGIN u p\r\n"),
+                (S, b"a OK in\r\n"),
+                (C, b"b IDLE\r\n"),
+                (S, b"b BAD IDLE not now\r\n"),
+                (C, b"c SELECT Work\r\nd FETCH 1 BODY[]\r\n"),
+                (S, b"c OK done\r\n* 1 FETCH (BODY[] {1}\r\nx)\r\nd OK\r\n"),
+            ],
+        );
+        assert_eq!(
+            seen.events[3..],
+            [
+                "Idle",
+                "Fetched(Fetch { mailbox: Some(\"Work\"), seq: 1, uid: None, sections: [SectionBytes { section: \"BODY[]\", bytes: 1 }], complete: true })"
+            ]
+        );
+    }
+
+    #[test]
+    fn opaque_mechanisms_pass_through_when_configured() {
+        let cfg = ImapConfig {
+            pass_through_opaque: true,
+            ..tls()
+        };
+        let seen = check(
+            &cfg,
+            &[
+                (S, GREETING),
+                (C, b"a AUTHENTICATE XOAUTH2 dXNlcj1h\r\n"),
+                (S, b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n"),
+                (C, b"\r\n"),
+                (S, b"a OK done\r\n"),
+            ],
+        );
+        let text = String::from_utf8(seen.to_client).unwrap();
+        assert!(text.starts_with(
+            "* OK [CAPABILITY IMAP4rev1 LITERAL+ SASL-IR AUTH=PLAIN AUTH=SCRAM-SHA-256 AUTH=XOAUTH2] ready\r\n"
+        ));
+        assert_eq!(seen.events[1..], ["LoggedIn { account: None }"]);
+        assert_eq!(seen.to_backend, b"a AUTHENTICATE XOAUTH2 dXNlcj1h\r\n\r\n");
+    }
+
+    #[test]
+    fn watched_commands_in_flight_are_bounded() {
+        let mut s = ImapSession::new(tls());
+        s.server(b"* PREAUTH hi\r\n");
+        let many: String = (0..MAX_PENDING + 3)
+            .map(|i| format!("t{i} SELECT x\r\n"))
+            .collect();
+        let ev = s.client(many.as_bytes());
+        let forwarded = ev
+            .iter()
+            .filter(|e| matches!(e, ClientEvent::Forward(_)))
+            .count();
+        assert_eq!(forwarded, MAX_PENDING);
+        assert_eq!(
+            ev.last(),
+            Some(&ClientEvent::Close(ImapError::TooManyCommands(MAX_PENDING)))
         );
     }
 }

@@ -97,6 +97,8 @@ pub enum Pop3Error {
     ClientLineTooLong(usize),
     #[error("backend line longer than {0} bytes")]
     BackendLineTooLong(usize),
+    #[error("more than {0} commands in flight")]
+    TooManyCommands(usize),
     #[error("backend reply is neither +OK nor -ERR")]
     BackendGarbage,
     #[error("client sasl response refused: {0}")]
@@ -229,6 +231,10 @@ pub struct Pop3Session {
     uids: HashMap<u32, String>,
 }
 
+/// Most commands forwarded and not yet answered (RFC 2449 PIPELINING): the proxy remembers one
+/// entry per command to know which replies are multi-line.
+pub const MAX_PIPELINE: usize = 1024;
+
 const STLS_OK: &[u8] = b"+OK Begin TLS negotiation\r\n";
 const NO_PLAINTEXT: &[u8] =
     b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n";
@@ -300,7 +306,7 @@ impl Pop3Session {
             }
             let line = self.cline.take().head;
             if self.command(line, &mut ev) {
-                // STLS: whatever followed in this chunk is dropped.
+                // STLS (whatever followed in this chunk is dropped) or the session ends.
                 self.cline.take();
                 break;
             }
@@ -316,7 +322,7 @@ impl Pop3Session {
         }
     }
 
-    /// One complete client line. Returns true after STLS.
+    /// One complete client line. Returns true after STLS or a Close.
     fn command(&mut self, line: Vec<u8>, ev: &mut Vec<ClientEvent>) -> bool {
         let text = strip_eol(&line);
         if let Some(exchange) = &mut self.sasl {
@@ -432,6 +438,13 @@ impl Pop3Session {
             }
             _ => Cmd::Other,
         };
+        if self.expect.len() >= MAX_PIPELINE {
+            ev.push(ClientEvent::Reply(
+                b"-ERR Too many commands in flight\r\n".to_vec(),
+            ));
+            ev.push(ClientEvent::Close(Pop3Error::TooManyCommands(MAX_PIPELINE)));
+            return true;
+        }
         self.expect.push_back(cmd);
         ev.push(ClientEvent::Forward(line));
         false
@@ -1042,6 +1055,76 @@ mod tests {
         assert_eq!(
             s.server(b"HELLO\r\n"),
             vec![ServerEvent::Close(Pop3Error::BackendGarbage)]
+        );
+    }
+
+    #[test]
+    fn single_line_replies_uidl_n_and_bare_auth_listing() {
+        let seen = check(
+            &tls(),
+            &[
+                (S, b"+OK hi\r\n"),
+                (C, b"AUTH\r\n"),
+                (S, b"+OK\r\nPLAIN\r\nSCRAM-SHA-1\r\nLOGIN\r\n.\r\n"),
+                (
+                    C,
+                    b"USER a\r\nPASS b\r\nUIDL 2\r\nLIST 2\r\nTOP 2 5\r\nTOP 9 1\r\n",
+                ),
+                (
+                    S,
+                    b"+OK\r\n+OK\r\n+OK 2 zz\r\n+OK 2 40\r\n+OK\r\nX: y\r\n.\r\n-ERR no\r\n",
+                ),
+            ],
+        );
+        assert!(seen
+            .to_client
+            .starts_with(b"+OK hi\r\n+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"));
+        assert_eq!(
+            seen.events.last().unwrap(),
+            "Retrieved(Retrieval { msg: 2, top_lines: Some(5), uid: Some(\"zz\"), bytes: 11, complete: true })"
+        );
+    }
+
+    #[test]
+    fn opaque_mechanisms_pass_through_when_configured() {
+        let cfg = Pop3Config {
+            pass_through_opaque: true,
+            ..tls()
+        };
+        let seen = check(
+            &cfg,
+            &[
+                (S, b"+OK hi\r\n"),
+                (C, b"CAPA\r\n"),
+                (S, b"+OK\r\nSASL SCRAM-SHA-256 PLAIN\r\n.\r\n"),
+                (C, b"AUTH SCRAM-SHA-256 biwsbj11c2VyLHI9YWJj\r\n"),
+                (S, b"+ cj1hYmM=\r\n"),
+                (C, b"Yz1iaXdzLHI9YWJj\r\n"),
+                (S, b"+OK Logged in.\r\n"),
+            ],
+        );
+        assert!(seen
+            .to_client
+            .starts_with(b"+OK hi\r\n+OK\r\nSASL SCRAM-SHA-256 PLAIN\r\n.\r\n"));
+        assert_eq!(seen.events[1..], ["LoggedIn { account: None }"]);
+        assert!(seen.to_backend.ends_with(b"Yz1iaXdzLHI9YWJj\r\n"));
+    }
+
+    #[test]
+    fn pipelining_is_bounded() {
+        let mut s = Pop3Session::new(tls());
+        s.server(b"+OK hi\r\n");
+        let ev = s.client(&b"NOOP\r\n".repeat(MAX_PIPELINE + 5));
+        let forwarded = ev
+            .iter()
+            .filter(|e| matches!(e, ClientEvent::Forward(_)))
+            .count();
+        assert_eq!(forwarded, MAX_PIPELINE);
+        assert_eq!(
+            ev.last(),
+            Some(&ClientEvent::Close(Pop3Error::TooManyCommands(
+                MAX_PIPELINE
+            )))
         );
     }
 }
