@@ -24,7 +24,7 @@
 //!
 //! **Metering.** See [`retr_bytes`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use super::line::{strip_eol, LineBuf};
 use super::sasl::{self, Exchange, Mechanism};
@@ -71,7 +71,7 @@ pub struct Pop3Config {
     pub max_line: usize,
     /// Longest line after login: a client command, a backend status or UIDL line.
     pub max_line_after_login: usize,
-    /// Most UIDs remembered from UIDL replies.
+    /// Most UIDs remembered from UIDL replies (each costs 8 bytes plus the UID, at most 70).
     pub max_uids: usize,
 }
 
@@ -84,7 +84,7 @@ impl Default for Pop3Config {
             pass_through_opaque: false,
             max_line: PRE_LOGIN_MAX,
             max_line_after_login: POST_LOGIN_MAX_LINE,
-            max_uids: 100_000,
+            max_uids: 65_536,
         }
     }
 }
@@ -196,6 +196,40 @@ impl Cmd {
     }
 }
 
+/// UIDLs learned from the backend, packed: 8 bytes plus the UID per message. Later entries win.
+#[derive(Debug, Default)]
+struct UidTable {
+    text: Vec<u8>,
+    /// (message number, end of its UID in `text`)
+    entries: Vec<(u32, u32)>,
+}
+
+impl UidTable {
+    /// Keeps a UID that RFC 1939 allows: 1 to 70 characters 0x21 to 0x7E.
+    fn insert(&mut self, msg: u32, uid: &[u8]) {
+        if uid.is_empty() || uid.len() > 70 || !uid.iter().all(|b| (0x21..=0x7e).contains(b)) {
+            return;
+        }
+        self.text.extend_from_slice(uid);
+        self.entries.push((msg, self.text.len() as u32));
+    }
+
+    fn get(&self, msg: u32) -> Option<&str> {
+        let (i, &(_, end)) = self
+            .entries
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, e)| e.0 == msg)?;
+        let start = i.checked_sub(1).map_or(0, |p| self.entries[p].1);
+        std::str::from_utf8(self.text.get(start as usize..end as usize)?).ok()
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
 /// Where the backend stream is inside a multi-line body (after login it is scanned, not stored).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Scan {
@@ -228,7 +262,7 @@ pub struct Pop3Session {
     account: Option<String>,
     /// A multi-line body being read; before login it is read line by line.
     body: Option<Body>,
-    uids: HashMap<u32, String>,
+    uids: UidTable,
 }
 
 /// Most commands forwarded and not yet answered (RFC 2449 PIPELINING): the proxy remembers one
@@ -260,7 +294,7 @@ impl Pop3Session {
             user: None,
             account: None,
             body: None,
-            uids: HashMap::new(),
+            uids: UidTable::default(),
             cfg,
         }
     }
@@ -276,7 +310,7 @@ impl Pop3Session {
 
     /// The UIDL of message `msg`, when a UIDL reply told it.
     pub fn uid(&self, msg: u32) -> Option<&str> {
-        self.uids.get(&msg).map(String::as_str)
+        self.uids.get(msg)
     }
 
     /// The TLS handshake after `STLS` succeeded.
@@ -512,7 +546,7 @@ impl Pop3Session {
         ev.push(ServerEvent::Retrieved(Retrieval {
             msg,
             top_lines,
-            uid: self.uids.get(&msg).cloned(),
+            uid: self.uids.get(msg).map(str::to_owned),
             bytes,
             complete,
         }));
@@ -520,9 +554,8 @@ impl Pop3Session {
 
     fn learn_uid(&mut self, text: &[u8]) {
         if let (Some(n), Some(uid)) = (number(word(text, 0)), word(text, 1)) {
-            if self.uids.len() < self.cfg.max_uids || self.uids.contains_key(&n) {
-                self.uids
-                    .insert(n, String::from_utf8_lossy(uid).into_owned());
+            if self.uids.len() < self.cfg.max_uids {
+                self.uids.insert(n, uid);
             }
         }
     }
@@ -666,6 +699,10 @@ impl Pop3Session {
             if let Cmd::Uidl(Some(_)) = cmd {
                 let rest = text.get(4..).unwrap_or_default().to_vec();
                 self.learn_uid(&rest);
+            }
+            if cmd == Cmd::Uidl(None) {
+                // A full listing replaces what was learned.
+                self.uids = UidTable::default();
             }
             if cmd.multi_line() {
                 self.body = Some(Body {
@@ -1126,5 +1163,20 @@ mod tests {
                 MAX_PIPELINE
             )))
         );
+    }
+
+    #[test]
+    fn uid_table_keeps_the_latest_valid_uid() {
+        let mut t = UidTable::default();
+        t.insert(1, b"aa");
+        t.insert(2, b"bbb");
+        t.insert(1, b"cc");
+        t.insert(3, b"has space");
+        t.insert(4, &[b'x'; 71]);
+        assert_eq!(t.get(1), Some("cc"));
+        assert_eq!(t.get(2), Some("bbb"));
+        assert_eq!(t.get(3), None);
+        assert_eq!(t.get(4), None);
+        assert_eq!(t.len(), 3);
     }
 }
