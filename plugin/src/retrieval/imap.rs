@@ -1058,7 +1058,7 @@ fn counted(section: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::split::{transcript, Dir, Out, Proxied, Seen};
+    use super::super::split::{recorded, sent_by, transcript, Dir, Out, Proxied, Seen};
     use super::*;
     use Dir::{CEof, SEof, C, S};
 
@@ -1543,5 +1543,57 @@ mod tests {
             ev.last(),
             Some(&ClientEvent::Close(ImapError::TooManyCommands(MAX_PENDING)))
         );
+    }
+
+    #[test]
+    fn dovecot_session_meters_what_dovecot_counts() {
+        // testdata/README.md: "hdr_count=1 hdr_bytes=32 body_count=4 body_bytes=15254".
+        let steps = recorded(include_bytes!("testdata/dovecot-imap.transcript"));
+        let cfg = ImapConfig {
+            plaintext_login: true,
+            offer_starttls: false,
+            ..ImapConfig::default()
+        };
+        let mut s = ImapSession::new(cfg.clone());
+        let mut sections = Vec::new();
+        for (dir, bytes) in &steps {
+            if let S = dir {
+                for event in s.server(bytes) {
+                    if let ServerEvent::Fetched(f) = event {
+                        assert_eq!(f.mailbox.as_deref(), Some("INBOX"));
+                        for sec in f.sections {
+                            sections.push((f.uid, sec.section, sec.bytes));
+                        }
+                    }
+                }
+            } else {
+                s.client(bytes);
+            }
+        }
+        let header: u64 = sections
+            .iter()
+            .filter(|s| s.1.contains("HEADER"))
+            .map(|s| s.2)
+            .sum();
+        let body: Vec<_> = sections
+            .iter()
+            .filter(|s| !s.1.contains("HEADER"))
+            .collect();
+        assert_eq!((1, header), (1, 32), "{sections:?}");
+        assert_eq!(body.len(), 4, "{sections:?}");
+        assert_eq!(body.iter().map(|s| s.2).sum::<u64>(), 15254);
+        assert_eq!(
+            body.iter().map(|s| s.0).collect::<Vec<_>>(),
+            [Some(1), Some(2), Some(3), None]
+        );
+
+        let seen = transcript(|| ImapSession::new(cfg.clone()), &steps);
+        assert_eq!(seen.to_backend, sent_by(&steps, true));
+        assert_eq!(seen.to_client, sent_by(&steps, false));
+        assert_eq!(
+            seen.events[1..3],
+            ["Account(\"bob\")", "LoggedIn { account: Some(\"bob\") }"]
+        );
+        assert_eq!(seen.events.last().unwrap(), "LogoutReply");
     }
 }

@@ -133,6 +133,31 @@ pub(crate) mod split {
         seen
     }
 
+    /// Reads a recorded session (testdata/README.md): records of `C <len>\n` or `S <len>\n`
+    /// followed by the bytes.
+    pub(crate) fn recorded(mut raw: &[u8]) -> Vec<(Dir, &[u8])> {
+        let mut steps = Vec::new();
+        while !raw.is_empty() {
+            let nl = raw.iter().position(|b| *b == b'\n').expect("record header");
+            let header = std::str::from_utf8(&raw[..nl]).expect("ascii header");
+            let (dir, len) = header.split_once(' ').expect("direction and length");
+            let len: usize = len.parse().expect("length");
+            let dir = if dir == "C" { Dir::C } else { Dir::S };
+            steps.push((dir, &raw[nl + 1..nl + 1 + len]));
+            raw = &raw[nl + 1 + len..];
+        }
+        steps
+    }
+
+    /// All bytes one side sent in a recorded session.
+    pub(crate) fn sent_by(steps: &[(Dir, &[u8])], client: bool) -> Vec<u8> {
+        steps
+            .iter()
+            .filter(|s| matches!(s.0, Dir::C) == client)
+            .flat_map(|s| s.1.iter().copied())
+            .collect()
+    }
+
     /// Runs a client/backend transcript through fresh sessions, split every way, and returns
     /// what the shell saw (the same for every split).
     pub(crate) fn transcript<P: Proxied>(new: impl Fn() -> P, steps: &[(Dir, &[u8])]) -> Seen {

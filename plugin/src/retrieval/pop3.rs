@@ -761,7 +761,7 @@ impl Pop3Session {
 
 #[cfg(test)]
 mod tests {
-    use super::super::split::{transcript, Dir, Out, Proxied, Seen};
+    use super::super::split::{recorded, sent_by, transcript, Dir, Out, Proxied, Seen};
     use super::*;
     use Dir::{SEof, C, S};
 
@@ -1178,5 +1178,43 @@ mod tests {
         assert_eq!(t.get(3), None);
         assert_eq!(t.get(4), None);
         assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn dovecot_session_meters_what_dovecot_counts() {
+        // testdata/README.md: "Logged out top=1/63, retr=3/15304".
+        let steps = recorded(include_bytes!("testdata/dovecot-pop3.transcript"));
+        let cfg = Pop3Config {
+            plaintext_login: true,
+            offer_stls: false,
+            ..Pop3Config::default()
+        };
+        let mut s = Pop3Session::new(cfg.clone());
+        let (mut retr, mut top) = ((0, 0), (0, 0));
+        for (dir, bytes) in &steps {
+            if let S = dir {
+                for event in s.server(bytes) {
+                    if let ServerEvent::Retrieved(r) = event {
+                        assert!(r.complete && r.uid.is_some(), "{r:?}");
+                        let sum = if r.top_lines.is_some() {
+                            &mut top
+                        } else {
+                            &mut retr
+                        };
+                        *sum = (sum.0 + 1, sum.1 + r.bytes);
+                    }
+                }
+            } else {
+                s.client(bytes);
+            }
+        }
+        assert_eq!((retr, top), ((3, 15304), (1, 63)));
+
+        let seen = transcript(|| Pop3Session::new(cfg.clone()), &steps);
+        assert_eq!(seen.to_backend, sent_by(&steps, true));
+        assert_eq!(seen.to_client, sent_by(&steps, false));
+        assert!(seen
+            .events
+            .contains(&"LoggedIn { account: Some(\"bob\") }".to_string()));
     }
 }
