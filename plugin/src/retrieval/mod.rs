@@ -12,8 +12,9 @@
 //! Both sessions follow one contract. The shell feeds what it reads from the client to
 //! `client(chunk)` and what it reads from the backend to `server(chunk)`, and acts on the
 //! returned events in order: `Forward(bytes)` sends those bytes on, `ForwardInput` sends the
-//! whole chunk just fed (unchanged, no copy: the common case after login), `Reply(bytes)`
-//! answers the client itself. Nothing reaches the other side unless an event says so, so an
+//! whole backend chunk just fed to the client (unchanged, no copy: every backend chunk after
+//! login), `Reply(bytes)` answers the client itself. Client commands are small and are always
+//! forwarded as `Forward` once complete (IMAP literals as they arrive). Nothing reaches the other side unless an event says so, so an
 //! event that precedes a forward (the account at login, the end of a retrieval, the reply to
 //! QUIT) can be acted on before the peer sees anything that follows it. Every buffer is bounded:
 //! before login a line or literal over the cap ends the session; after login only framing is
