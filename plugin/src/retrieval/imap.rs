@@ -1545,18 +1545,11 @@ mod tests {
         );
     }
 
-    #[test]
-    fn dovecot_session_meters_what_dovecot_counts() {
-        // testdata/README.md: "hdr_count=1 hdr_bytes=32 body_count=4 body_bytes=15254".
-        let steps = recorded(include_bytes!("testdata/dovecot-imap.transcript"));
-        let cfg = ImapConfig {
-            plaintext_login: true,
-            offer_starttls: false,
-            ..ImapConfig::default()
-        };
+    /// Plays a recorded session once; returns (uid, section, bytes) of every metered section.
+    fn meter(cfg: &ImapConfig, steps: &[(Dir, &[u8])]) -> Vec<(Option<u32>, String, u64)> {
         let mut s = ImapSession::new(cfg.clone());
         let mut sections = Vec::new();
-        for (dir, bytes) in &steps {
+        for (dir, bytes) in steps {
             if let S = dir {
                 for event in s.server(bytes) {
                     if let ServerEvent::Fetched(f) = event {
@@ -1570,6 +1563,23 @@ mod tests {
                 s.client(bytes);
             }
         }
+        sections
+    }
+
+    fn recorded_cfg() -> ImapConfig {
+        ImapConfig {
+            plaintext_login: true,
+            offer_starttls: false,
+            ..ImapConfig::default()
+        }
+    }
+
+    #[test]
+    fn dovecot_session_meters_what_dovecot_counts() {
+        // testdata/README.md: "hdr_count=1 hdr_bytes=32 body_count=4 body_bytes=15254".
+        let steps = recorded(include_bytes!("testdata/dovecot-imap.transcript"));
+        let cfg = recorded_cfg();
+        let sections = meter(&cfg, &steps);
         let header: u64 = sections
             .iter()
             .filter(|s| s.1.contains("HEADER"))
@@ -1594,6 +1604,29 @@ mod tests {
             seen.events[1..3],
             ["Account(\"bob\")", "LoggedIn { account: Some(\"bob\") }"]
         );
+        assert_eq!(seen.events.last().unwrap(), "LogoutReply");
+    }
+
+    #[test]
+    fn stalwart_session_is_metered_and_its_oauth_mechanisms_hidden() {
+        let steps = recorded(include_bytes!("testdata/stalwart-imap.transcript"));
+        let cfg = recorded_cfg();
+        let sections = meter(&cfg, &steps);
+        let want: Vec<(Option<u32>, String, u64)> = vec![
+            (Some(1), "BODY[]".into(), 133),
+            (Some(2), "BODY[]".into(), 157),
+            (Some(3), "BODY[]".into(), 2795),
+            (None, "BODY[HEADER.FIELDS (SUBJECT)]".into(), 32),
+            (None, "BODY[TEXT]<2>".into(), 5),
+        ];
+        assert_eq!(sections, want);
+
+        let seen = transcript(|| ImapSession::new(cfg.clone()), &steps);
+        assert_eq!(seen.to_backend, sent_by(&steps, true));
+        let backend = String::from_utf8(sent_by(&steps, false)).unwrap();
+        let shown = backend.replacen(" AUTH=OAUTHBEARER AUTH=XOAUTH2]", "]", 1);
+        assert_ne!(shown, backend);
+        assert_eq!(String::from_utf8(seen.to_client).unwrap(), shown);
         assert_eq!(seen.events.last().unwrap(), "LogoutReply");
     }
 }
