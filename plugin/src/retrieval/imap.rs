@@ -1058,7 +1058,9 @@ fn counted(section: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::split::{recorded, sent_by, transcript, Dir, Out, Proxied, Seen};
+    use super::super::split::{
+        recorded, replay_unchanged, sent_by, transcript, Dir, Out, Proxied, Seen,
+    };
     use super::*;
     use Dir::{CEof, SEof, C, S};
 
@@ -1628,5 +1630,28 @@ mod tests {
         assert_ne!(shown, backend);
         assert_eq!(String::from_utf8(seen.to_client).unwrap(), shown);
         assert_eq!(seen.events.last().unwrap(), "LogoutReply");
+    }
+
+    #[test]
+    fn dovecot_authenticate_exchanges_and_idle() {
+        let events = replay_unchanged(
+            || ImapSession::new(recorded_cfg()),
+            include_bytes!("testdata/dovecot-imap-auth.transcript"),
+        );
+        assert_eq!(
+            events,
+            [
+                "Greeting { ok: true }",
+                "LoginFailed { account: None, reply: \"t1 BAD Authentication aborted by client.\" }",
+                "Account(\"bob\")",
+                "LoginFailed { account: Some(\"bob\"), reply: \"t2 NO [AUTHENTICATIONFAILED] Authentication failed.\" }",
+                "Account(\"bob\")",
+                "LoggedIn { account: Some(\"bob\") }",
+                "Idle",
+                "IdleDone",
+                "Logout",
+                "LogoutReply",
+            ]
+        );
     }
 }

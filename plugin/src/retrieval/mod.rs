@@ -159,6 +159,16 @@ pub(crate) mod split {
             .collect()
     }
 
+    /// Replays a recorded session split every way, asserts that both sides' bytes passed
+    /// unchanged, and returns the events.
+    pub(crate) fn replay_unchanged<P: Proxied>(new: impl Fn() -> P, raw: &[u8]) -> Vec<String> {
+        let steps = recorded(raw);
+        let seen = transcript(new, &steps);
+        assert_eq!(seen.to_backend, sent_by(&steps, true));
+        assert_eq!(seen.to_client, sent_by(&steps, false));
+        seen.events
+    }
+
     /// Runs a client/backend transcript through fresh sessions, split every way, and returns
     /// what the shell saw (the same for every split).
     pub(crate) fn transcript<P: Proxied>(new: impl Fn() -> P, steps: &[(Dir, &[u8])]) -> Seen {

@@ -761,7 +761,9 @@ impl Pop3Session {
 
 #[cfg(test)]
 mod tests {
-    use super::super::split::{recorded, sent_by, transcript, Dir, Out, Proxied, Seen};
+    use super::super::split::{
+        recorded, replay_unchanged, sent_by, transcript, Dir, Out, Proxied, Seen,
+    };
     use super::*;
     use Dir::{SEof, C, S};
 
@@ -1216,5 +1218,30 @@ mod tests {
         assert!(seen
             .events
             .contains(&"LoggedIn { account: Some(\"bob\") }".to_string()));
+    }
+
+    #[test]
+    fn dovecot_auth_exchanges() {
+        let cfg = Pop3Config {
+            plaintext_login: true,
+            offer_stls: false,
+            ..Pop3Config::default()
+        };
+        let events = replay_unchanged(
+            || Pop3Session::new(cfg.clone()),
+            include_bytes!("testdata/dovecot-pop3-auth.transcript"),
+        );
+        assert_eq!(
+            events,
+            [
+                "Greeting { ok: true }",
+                "Account(\"bob\")",
+                "LoginFailed { account: Some(\"bob\"), reply: \"-ERR [AUTH] Authentication failed.\" }",
+                "Account(\"bob\")",
+                "LoggedIn { account: Some(\"bob\") }",
+                "Quit",
+                "QuitReply",
+            ]
+        );
     }
 }
