@@ -90,6 +90,8 @@ pub enum ImapError {
     BadLiteral,
     #[error("client command cannot be read")]
     BadCommand,
+    #[error("client closed the connection inside a command")]
+    Truncated,
     #[error("more than {0} watched commands in flight")]
     TooManyCommands(usize),
     #[error("client sasl response refused: {0}")]
@@ -481,7 +483,8 @@ impl ImapSession {
     pub fn client_eof(&mut self) -> Vec<ClientEvent> {
         if self.cmd.is_some() || !self.cline.is_empty() {
             self.cmd = None;
-            return vec![ClientEvent::Close(ImapError::BadCommand)];
+            self.cline.take();
+            return vec![ClientEvent::Close(ImapError::Truncated)];
         }
         Vec::new()
     }
@@ -1059,59 +1062,12 @@ fn counted(section: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::super::split::{
-        recorded, replay_unchanged, sent_by, transcript, Dir, Out, Proxied, Seen,
+        proxied, recorded, replay_unchanged, sent_by, transcript, Dir, Out, Proxied, Seen,
     };
     use super::*;
     use Dir::{CEof, SEof, C, S};
 
-    impl Proxied for ImapSession {
-        fn client(&mut self, data: &[u8]) -> Vec<Out> {
-            ImapSession::client(self, data)
-                .into_iter()
-                .map(client_out)
-                .collect()
-        }
-        fn server(&mut self, data: &[u8]) -> Vec<Out> {
-            ImapSession::server(self, data)
-                .into_iter()
-                .map(server_out)
-                .collect()
-        }
-        fn client_eof(&mut self) -> Vec<Out> {
-            ImapSession::client_eof(self)
-                .into_iter()
-                .map(client_out)
-                .collect()
-        }
-        fn server_eof(&mut self) -> Vec<Out> {
-            ImapSession::server_eof(self)
-                .into_iter()
-                .map(server_out)
-                .collect()
-        }
-        fn tls_started(&mut self) {
-            ImapSession::tls_started(self)
-        }
-    }
-
-    fn client_out(event: ClientEvent) -> Out {
-        match event {
-            ClientEvent::Forward(b) => Out::ToBackend(b),
-            ClientEvent::Reply(b) => Out::ToClient(b),
-            ClientEvent::StartTls => Out::StartTls,
-            ClientEvent::Close(e) => Out::Close(format!("{e:?}")),
-            other => Out::Event(format!("{other:?}")),
-        }
-    }
-
-    fn server_out(event: ServerEvent) -> Out {
-        match event {
-            ServerEvent::Forward(b) => Out::ToClient(b),
-            ServerEvent::ForwardInput => Out::InputToClient,
-            ServerEvent::Close(e) => Out::Close(format!("{e:?}")),
-            other => Out::Event(format!("{other:?}")),
-        }
-    }
+    proxied!(ImapSession);
 
     fn tls() -> ImapConfig {
         ImapConfig {
@@ -1325,7 +1281,7 @@ mod tests {
             ],
         );
         assert_eq!(seen.to_backend, b"a LOGIN {5}\r\n");
-        assert_eq!(seen.events.last().unwrap(), "Close(BadCommand)");
+        assert_eq!(seen.events.last().unwrap(), "Close(Truncated)");
         // The backend stops inside a FETCH literal: the bytes forwarded are metered.
         let seen = check(
             &tls(),

@@ -76,6 +76,63 @@ pub(crate) mod split {
         fn tls_started(&mut self);
     }
 
+    /// Implements [`Proxied`] for a session type whose `ClientEvent`/`ServerEvent` enums have
+    /// the shared variants (`Forward`, `Reply`, `StartTls`, `Close`; `Forward`, `ForwardInput`,
+    /// `Close`), in the calling module's scope.
+    macro_rules! proxied {
+        ($session:ident) => {
+            fn client_out(event: ClientEvent) -> Out {
+                match event {
+                    ClientEvent::Forward(b) => Out::ToBackend(b),
+                    ClientEvent::Reply(b) => Out::ToClient(b),
+                    ClientEvent::StartTls => Out::StartTls,
+                    ClientEvent::Close(e) => Out::Close(format!("{e:?}")),
+                    other => Out::Event(format!("{other:?}")),
+                }
+            }
+
+            fn server_out(event: ServerEvent) -> Out {
+                match event {
+                    ServerEvent::Forward(b) => Out::ToClient(b),
+                    ServerEvent::ForwardInput => Out::InputToClient,
+                    ServerEvent::Close(e) => Out::Close(format!("{e:?}")),
+                    other => Out::Event(format!("{other:?}")),
+                }
+            }
+
+            impl Proxied for $session {
+                fn client(&mut self, data: &[u8]) -> Vec<Out> {
+                    $session::client(self, data)
+                        .into_iter()
+                        .map(client_out)
+                        .collect()
+                }
+                fn server(&mut self, data: &[u8]) -> Vec<Out> {
+                    $session::server(self, data)
+                        .into_iter()
+                        .map(server_out)
+                        .collect()
+                }
+                fn client_eof(&mut self) -> Vec<Out> {
+                    $session::client_eof(self)
+                        .into_iter()
+                        .map(client_out)
+                        .collect()
+                }
+                fn server_eof(&mut self) -> Vec<Out> {
+                    $session::server_eof(self)
+                        .into_iter()
+                        .map(server_out)
+                        .collect()
+                }
+                fn tls_started(&mut self) {
+                    $session::tls_started(self)
+                }
+            }
+        };
+    }
+    pub(crate) use proxied;
+
     /// Who sends a step: client or backend bytes, or either side closing.
     #[derive(Clone, Copy)]
     pub(crate) enum Dir {

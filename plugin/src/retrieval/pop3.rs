@@ -97,6 +97,8 @@ pub enum Pop3Error {
     ClientLineTooLong(usize),
     #[error("backend line longer than {0} bytes")]
     BackendLineTooLong(usize),
+    #[error("client closed the connection inside a command")]
+    Truncated,
     #[error("more than {0} commands in flight")]
     TooManyCommands(usize),
     #[error("backend reply is neither +OK nor -ERR")]
@@ -527,6 +529,16 @@ impl Pop3Session {
         ev
     }
 
+    /// The client closed its side. Returns `Close` when it stopped inside a command line (none
+    /// of which was forwarded).
+    pub fn client_eof(&mut self) -> Vec<ClientEvent> {
+        if self.cline.is_empty() {
+            return Vec::new();
+        }
+        self.cline.take();
+        vec![ClientEvent::Close(Pop3Error::Truncated)]
+    }
+
     /// The backend closed its side: reports a RETR or TOP cut short (the bytes forwarded so far).
     /// A reply cut inside its status line is not a retrieval.
     pub fn server_eof(&mut self) -> Vec<ServerEvent> {
@@ -762,56 +774,12 @@ impl Pop3Session {
 #[cfg(test)]
 mod tests {
     use super::super::split::{
-        recorded, replay_unchanged, sent_by, transcript, Dir, Out, Proxied, Seen,
+        proxied, recorded, replay_unchanged, sent_by, transcript, Dir, Out, Proxied, Seen,
     };
     use super::*;
-    use Dir::{SEof, C, S};
+    use Dir::{CEof, SEof, C, S};
 
-    impl Proxied for Pop3Session {
-        fn client(&mut self, data: &[u8]) -> Vec<Out> {
-            Pop3Session::client(self, data)
-                .into_iter()
-                .map(client_out)
-                .collect()
-        }
-        fn server(&mut self, data: &[u8]) -> Vec<Out> {
-            Pop3Session::server(self, data)
-                .into_iter()
-                .map(server_out)
-                .collect()
-        }
-        fn client_eof(&mut self) -> Vec<Out> {
-            Vec::new()
-        }
-        fn server_eof(&mut self) -> Vec<Out> {
-            Pop3Session::server_eof(self)
-                .into_iter()
-                .map(server_out)
-                .collect()
-        }
-        fn tls_started(&mut self) {
-            Pop3Session::tls_started(self)
-        }
-    }
-
-    fn client_out(event: ClientEvent) -> Out {
-        match event {
-            ClientEvent::Forward(b) => Out::ToBackend(b),
-            ClientEvent::Reply(b) => Out::ToClient(b),
-            ClientEvent::StartTls => Out::StartTls,
-            ClientEvent::Close(e) => Out::Close(format!("{e:?}")),
-            other => Out::Event(format!("{other:?}")),
-        }
-    }
-
-    fn server_out(event: ServerEvent) -> Out {
-        match event {
-            ServerEvent::Forward(b) => Out::ToClient(b),
-            ServerEvent::ForwardInput => Out::InputToClient,
-            ServerEvent::Close(e) => Out::Close(format!("{e:?}")),
-            other => Out::Event(format!("{other:?}")),
-        }
-    }
+    proxied!(Pop3Session);
 
     fn check(cfg: &Pop3Config, steps: &[(Dir, &[u8])]) -> Seen {
         transcript(|| Pop3Session::new(cfg.clone()), steps)
@@ -1243,5 +1211,19 @@ mod tests {
                 "QuitReply",
             ]
         );
+    }
+
+    #[test]
+    fn client_closing_inside_a_command_forwards_none_of_it() {
+        let seen = check(
+            &tls(),
+            &[
+                (S, b"+OK hi\r\n"),
+                (C, b"USER alice\r\nPASS sec"),
+                (CEof, b""),
+            ],
+        );
+        assert_eq!(seen.to_backend, b"USER alice\r\n");
+        assert_eq!(seen.events.last().unwrap(), "Close(Truncated)");
     }
 }
