@@ -365,6 +365,13 @@ pub struct ImapSession {
 
 /// Most watched tags held at once (a client cannot make the proxy hold more).
 const MAX_PENDING: usize = 1024;
+/// Arguments kept of a client command (the proxy reads at most the first two).
+const MAX_ARGS: usize = 4;
+/// Sections reported per FETCH response; the bytes of any further ones are added to the last,
+/// renamed [`MORE_SECTIONS`].
+pub const MAX_SECTIONS: usize = 64;
+/// The name of the last section when a FETCH response had more than [`MAX_SECTIONS`].
+pub const MORE_SECTIONS: &str = "(more sections)";
 
 impl ImapSession {
     pub fn new(cfg: ImapConfig) -> ImapSession {
@@ -429,7 +436,9 @@ impl ImapSession {
                 }
                 if cmd.literal_left == 0 {
                     if let Some(buf) = cmd.capture.take() {
-                        cmd.args.push(buf.clone());
+                        if cmd.args.len() < MAX_ARGS {
+                            cmd.args.push(buf.clone());
+                        }
                         if !self.logged_in {
                             self.learn_account(&mut ev);
                         }
@@ -585,10 +594,13 @@ impl ImapSession {
                 let mut words = words.into_iter();
                 cmd.tag = words.next().unwrap_or_default();
                 cmd.verb = words.next().unwrap_or_default().to_ascii_uppercase();
-                cmd.args = words.collect();
+                cmd.args = words.take(MAX_ARGS).collect();
                 starttls = self.start_command(&mut cmd, literal.is_some(), ev);
             }
-            Ok(words) => cmd.args.extend(words),
+            Ok(words) => {
+                let room = MAX_ARGS.saturating_sub(cmd.args.len());
+                cmd.args.extend(words.into_iter().take(room));
+            }
             Err(_) if !self.logged_in && !cmd.discard => {
                 cmd.discard = true;
                 let tag = if first {
@@ -632,7 +644,9 @@ impl ImapSession {
                         && lit.len <= self.cfg.max_mailbox as u64);
                 cmd.capture = keep.then(Vec::new);
                 if lit.len == 0 {
-                    cmd.args.push(Vec::new());
+                    if cmd.args.len() < MAX_ARGS {
+                        cmd.args.push(Vec::new());
+                    }
                     cmd.capture = None;
                 }
             }
@@ -834,7 +848,13 @@ impl ImapSession {
     fn section_done(&mut self) {
         if let Some(fetch) = self.resp.fetch.as_mut() {
             if let Some(section) = fetch.counting.take() {
-                fetch.sections.push(section);
+                if fetch.sections.len() < MAX_SECTIONS {
+                    fetch.sections.push(section);
+                } else if let Some(last) = fetch.sections.last_mut() {
+                    // Past the cap, the bytes still count, under one summary name.
+                    last.section = MORE_SECTIONS.to_owned();
+                    last.bytes += section.bytes;
+                }
             }
         }
     }
@@ -1016,7 +1036,7 @@ fn scan_fetch(fetch: &mut FetchAcc, text: &[u8]) {
             }
             b'(' if bracket == 0 => {
                 end_atom(fetch, &mut atom);
-                fetch.depth += 1;
+                fetch.depth = fetch.depth.saturating_add(1);
             }
             b')' if bracket == 0 => {
                 end_atom(fetch, &mut atom);
@@ -1609,5 +1629,50 @@ mod tests {
                 "LogoutReply",
             ]
         );
+    }
+
+    #[test]
+    fn sections_and_arguments_are_bounded() {
+        let mut s = ImapSession::new(tls());
+        s.server(b"* OK hi\r\n");
+        s.client(b"a LOGIN u p\r\n");
+        s.server(b"a OK in\r\n");
+        let mut response = b"* 1 FETCH (".to_vec();
+        for i in 0..MAX_SECTIONS + 10 {
+            response.extend_from_slice(format!("BODY[{i}] {{1}}\r\nx ").as_bytes());
+        }
+        response.extend_from_slice(b"UID 5)\r\n");
+        let ev = s.server(&response);
+        let ServerEvent::Fetched(f) = &ev[0] else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(f.sections.len(), MAX_SECTIONS);
+        assert_eq!(f.sections[MAX_SECTIONS - 1].section, MORE_SECTIONS);
+        assert_eq!(
+            f.sections.iter().map(|s| s.bytes).sum::<u64>(),
+            MAX_SECTIONS as u64 + 10
+        );
+
+        // Before login every literal is read whole (to find the user name), but only the first
+        // arguments are kept.
+        let mut s = ImapSession::new(tls());
+        s.server(b"* OK hi\r\n");
+        let mut command = b"b LOGIN".to_vec();
+        for _ in 0..100 {
+            command.extend_from_slice(b" {1+}\r\ny");
+        }
+        let mut ev = s.client(&command);
+        assert_eq!(s.cmd.as_ref().map(|c| c.args.len()), Some(MAX_ARGS));
+        ev.extend(s.client(b"\r\n"));
+        command.extend_from_slice(b"\r\n");
+        let forwarded: Vec<u8> = ev
+            .iter()
+            .flat_map(|e| match e {
+                ClientEvent::Forward(b) => b.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(forwarded, command);
+        assert!(s.cmd.is_none());
     }
 }
