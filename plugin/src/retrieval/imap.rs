@@ -105,6 +105,10 @@ pub enum ClientEvent {
     Forward(Vec<u8>),
     /// Answer the client with these bytes.
     Reply(Vec<u8>),
+    /// A client command starts here (a command boundary), before anything of it is forwarded
+    /// or answered: the place to end a session whose account changed state. `verb` is upper
+    /// case (`UID` for UID commands).
+    Command { tag: String, verb: String },
     /// The client named this account: check it before acting on later events.
     Account(String),
     /// Start TLS after sending the reply before it, then call [`ImapSession::tls_started`]. What
@@ -595,6 +599,10 @@ impl ImapSession {
                 cmd.tag = words.next().unwrap_or_default();
                 cmd.verb = words.next().unwrap_or_default().to_ascii_uppercase();
                 cmd.args = words.take(MAX_ARGS).collect();
+                ev.push(ClientEvent::Command {
+                    tag: String::from_utf8_lossy(&cmd.tag).into_owned(),
+                    verb: String::from_utf8_lossy(&cmd.verb).into_owned(),
+                });
                 starttls = self.start_command(&mut cmd, literal.is_some(), ev);
             }
             Ok(words) => {
@@ -1143,6 +1151,15 @@ mod tests {
                 "LogoutReply".into(),
             ]
         );
+        assert_eq!(
+            seen.commands,
+            [
+                "Command { tag: \"a1\", verb: \"LOGIN\" }",
+                "Command { tag: \"b2\", verb: \"SELECT\" }",
+                "Command { tag: \"b3\", verb: \"FETCH\" }",
+                "Command { tag: \"b4\", verb: \"LOGOUT\" }",
+            ]
+        );
         let text = String::from_utf8(seen.to_client).unwrap();
         assert!(text.starts_with(
             "* OK [CAPABILITY IMAP4rev1 LITERAL+ SASL-IR AUTH=PLAIN] ready\r\n\
@@ -1194,6 +1211,10 @@ mod tests {
         assert_eq!(
             ev,
             vec![
+                ClientEvent::Command {
+                    tag: "a".into(),
+                    verb: "LOGIN".into()
+                },
                 ClientEvent::Account("alice".into()),
                 ClientEvent::Forward(b"a LOGIN alice secret\r\n".to_vec())
             ]
@@ -1356,7 +1377,7 @@ mod tests {
         let mut s = ImapSession::new(ImapConfig::default());
         let ev = s.client(b"a STARTTLS\r\nb LOGIN mallory pw\r\n");
         assert_eq!(ev.last(), Some(&ClientEvent::StartTls));
-        assert_eq!(ev.len(), 2);
+        assert_eq!(ev.len(), 3, "Command, Reply, StartTls: {ev:?}");
     }
 
     #[test]

@@ -13,10 +13,11 @@
 //! `client(chunk)` and what it reads from the backend to `server(chunk)`, and acts on the
 //! returned events in order: `Forward(bytes)` sends those bytes on, `ForwardInput` sends the
 //! whole backend chunk just fed to the client (unchanged, no copy: every backend chunk after
-//! login), `Reply(bytes)` answers the client itself. Client commands are small and are always
-//! forwarded as `Forward` once complete (IMAP literals as they arrive). Nothing reaches the other side unless an event says so, so an
-//! event that precedes a forward (the account at login, the end of a retrieval, the reply to
-//! QUIT) can be acted on before the peer sees anything that follows it. Every buffer is bounded:
+//! login), `Reply(bytes)` answers the client itself. `Command` marks each client command
+//! boundary before any of it is forwarded. Client commands are small and are always forwarded as
+//! `Forward` once complete (IMAP literals as they arrive). Nothing reaches the other side unless
+//! an event says so, so an event that precedes a forward (the account at login, the end of a
+//! retrieval, the reply to QUIT) can be acted on before the peer sees anything that follows it. Every buffer is bounded:
 //! before login a line or literal over the cap ends the session; after login only framing is
 //! tracked and long lines are skipped, never stored.
 
@@ -64,6 +65,8 @@ pub(crate) mod split {
         InputToClient,
         StartTls,
         Close(String),
+        /// A command boundary (kept apart so other tests can list the events that matter).
+        Command(String),
         Event(String),
     }
 
@@ -87,6 +90,7 @@ pub(crate) mod split {
                     ClientEvent::Reply(b) => Out::ToClient(b),
                     ClientEvent::StartTls => Out::StartTls,
                     ClientEvent::Close(e) => Out::Close(format!("{e:?}")),
+                    ClientEvent::Command { .. } => Out::Command(format!("{event:?}")),
                     other => Out::Event(format!("{other:?}")),
                 }
             }
@@ -148,6 +152,8 @@ pub(crate) mod split {
         pub to_backend: Vec<u8>,
         pub to_client: Vec<u8>,
         pub events: Vec<String>,
+        /// `Command` events, in order.
+        pub commands: Vec<String>,
     }
 
     fn run<P: Proxied>(session: &mut P, dirs: &[Dir], chunks: &[Vec<&[u8]>]) -> Seen {
@@ -184,6 +190,7 @@ pub(crate) mod split {
                             return seen;
                         }
                         Out::Event(e) => seen.events.push(e),
+                        Out::Command(c) => seen.commands.push(c),
                     }
                 }
             }

@@ -114,6 +114,10 @@ pub enum ClientEvent {
     Forward(Vec<u8>),
     /// Answer the client with these bytes (the proxy's own reply).
     Reply(Vec<u8>),
+    /// A client command starts here (a command boundary), before anything of it is forwarded
+    /// or answered: the place to end a session whose account changed state, or to answer a
+    /// command in the proxy's place.
+    Command(Command),
     /// The client named this account: check it before acting on later events.
     Account(String),
     /// After sending the reply before it, start TLS and then call [`Pop3Session::tls_started`].
@@ -126,6 +130,30 @@ pub enum ClientEvent {
     Refused(Pop3Error),
     /// End the session after the replies before it.
     Close(Pop3Error),
+}
+
+/// A client command as the shell sees it. Arguments of the commands that carry credentials
+/// (PASS, APOP, AUTH) are left out, so the event can be logged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    /// The keyword, upper case (`RETR`).
+    pub verb: String,
+    /// At most two arguments (`["1"]`).
+    pub args: Vec<String>,
+}
+
+impl Command {
+    fn new(verb: &[u8], text: &[u8]) -> Command {
+        let verb = String::from_utf8_lossy(verb).into_owned();
+        let args = match verb.as_str() {
+            "PASS" | "APOP" | "AUTH" => Vec::new(),
+            _ => (1..3)
+                .filter_map(|n| word(text, n))
+                .map(|w| String::from_utf8_lossy(&w[..w.len().min(256)]).into_owned())
+                .collect(),
+        };
+        Command { verb, args }
+    }
 }
 
 /// What the shell does with what the backend sent.
@@ -384,6 +412,7 @@ impl Pop3Session {
         let verb = word(text, 0).unwrap_or_default().to_ascii_uppercase();
         let arg1 = word(text, 1);
         let before_login = !self.logged_in;
+        ev.push(ClientEvent::Command(Command::new(&verb, text)));
         let cmd = match verb.as_slice() {
             b"STLS" if before_login && !self.tls && self.cfg.offer_stls => {
                 ev.push(ClientEvent::Reply(STLS_OK.to_vec()));
@@ -839,6 +868,20 @@ mod tests {
                 "QuitReply".into(),
             ]
         );
+        let verbs: Vec<&str> = seen
+            .commands
+            .iter()
+            .map(|c| c.split('"').nth(1).unwrap_or_default())
+            .collect();
+        assert_eq!(
+            verbs,
+            ["CAPA", "USER", "PASS", "UIDL", "RETR", "TOP", "LIST", "QUIT"]
+        );
+        assert!(
+            seen.commands[2].contains("args: []"),
+            "PASS arguments are left out"
+        );
+        assert!(seen.commands[5].contains("args: [\"2\", \"0\"]"));
         let client_saw = String::from_utf8(seen.to_client).unwrap();
         assert!(
             client_saw.contains("+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n")
@@ -953,20 +996,31 @@ mod tests {
         let ev = s.client(b"STLS\r\nUSER mallory\r\nPASS x\r\n");
         assert_eq!(
             ev,
-            vec![ClientEvent::Reply(STLS_OK.to_vec()), ClientEvent::StartTls]
+            vec![
+                ClientEvent::Command(Command {
+                    verb: "STLS".into(),
+                    args: vec![]
+                }),
+                ClientEvent::Reply(STLS_OK.to_vec()),
+                ClientEvent::StartTls
+            ]
         );
         s.tls_started();
         assert_eq!(
             s.client(b"USER alice\r\n"),
             vec![
+                ClientEvent::Command(Command {
+                    verb: "USER".into(),
+                    args: vec!["alice".into()]
+                }),
                 ClientEvent::Account("alice".into()),
                 ClientEvent::Forward(b"USER alice\r\n".to_vec())
             ]
         );
         // STLS again, now over TLS, is refused.
         assert_eq!(
-            s.client(b"STLS\r\n"),
-            vec![ClientEvent::Reply(b"-ERR STLS not available\r\n".to_vec())]
+            s.client(b"STLS\r\n")[1..],
+            [ClientEvent::Reply(b"-ERR STLS not available\r\n".to_vec())]
         );
     }
 
