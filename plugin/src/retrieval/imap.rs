@@ -296,7 +296,8 @@ fn rewrite_line(text: &[u8], s: &ImapSession) -> Option<Vec<u8>> {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Pending {
-    Login,
+    /// LOGIN with its user name, or AUTHENTICATE (`None`: the account is the exchange's).
+    Login(Option<String>),
     Select(Option<String>),
     Deselect,
     Logout,
@@ -758,7 +759,9 @@ impl ImapSession {
     fn command_complete(&mut self, cmd: Command, ev: &mut Vec<ClientEvent>) {
         self.outstanding += 1;
         let watch = match cmd.verb.as_slice() {
-            b"LOGIN" | b"AUTHENTICATE" if !self.logged_in => Some(Pending::Login),
+            // Captured now: a pipelined LOGIN must not rename this one.
+            b"LOGIN" if !self.logged_in => Some(Pending::Login(self.user.clone())),
+            b"AUTHENTICATE" if !self.logged_in => Some(Pending::Login(None)),
             b"SELECT" | b"EXAMINE" => Some(Pending::Select(
                 cmd.args
                     .first()
@@ -984,14 +987,18 @@ impl ImapSession {
             self.sasl = None;
         }
         match self.pending.remove(first) {
-            Some(Pending::Login) if ok => {
-                let account = self.user.clone();
-                self.login(account, ev);
+            // A second login after the first succeeded changes nothing.
+            Some(Pending::Login(user)) if !self.logged_in => {
+                let account = user.or_else(|| self.user.clone());
+                if ok {
+                    self.login(account, ev);
+                } else {
+                    ev.push(ServerEvent::LoginFailed {
+                        account,
+                        reply: String::from_utf8_lossy(text).into_owned(),
+                    });
+                }
             }
-            Some(Pending::Login) => ev.push(ServerEvent::LoginFailed {
-                account: self.user.take(),
-                reply: String::from_utf8_lossy(text).into_owned(),
-            }),
             Some(Pending::Select(mailbox)) => self.mailbox = if ok { mailbox } else { None },
             Some(Pending::Deselect) if ok => self.mailbox = None,
             // IDLE refused (or ended): the client sends no DONE.
@@ -1695,5 +1702,26 @@ mod tests {
             .collect();
         assert_eq!(forwarded, command);
         assert!(s.cmd.is_none());
+    }
+
+    #[test]
+    fn pipelined_logins_keep_their_own_accounts() {
+        let seen = check(
+            &tls(),
+            &[
+                (S, b"* OK hi\r\n"),
+                (C, b"a LOGIN alice pw\r\nb LOGIN bob pw\r\n"),
+                (S, b"a OK in\r\nb BAD already logged in\r\n"),
+            ],
+        );
+        assert_eq!(
+            seen.events,
+            [
+                "Greeting { ok: true }",
+                "Account(\"alice\")",
+                "Account(\"bob\")",
+                "LoggedIn { account: Some(\"alice\") }",
+            ]
+        );
     }
 }

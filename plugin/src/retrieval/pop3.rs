@@ -289,6 +289,9 @@ pub struct Pop3Session {
     /// The SASL exchange in progress (client lines are responses, not commands).
     sasl: Option<Exchange>,
     user: Option<String>,
+    /// The user named for each PASS and APOP in flight, in order (a pipelined USER must not
+    /// rename an earlier login).
+    login_users: VecDeque<Option<String>>,
     account: Option<String>,
     /// A multi-line body being read; before login it is read line by line.
     body: Option<Body>,
@@ -322,6 +325,7 @@ impl Pop3Session {
             expect: VecDeque::from([Cmd::Greeting]),
             sasl: None,
             user: None,
+            login_users: VecDeque::new(),
             account: None,
             body: None,
             uids: UidTable::default(),
@@ -510,6 +514,9 @@ impl Pop3Session {
             ev.push(ClientEvent::Close(Pop3Error::TooManyCommands(MAX_PIPELINE)));
             return true;
         }
+        if let Cmd::Pass | Cmd::Apop = cmd {
+            self.login_users.push_back(self.user.clone());
+        }
         self.expect.push_back(cmd);
         ev.push(ClientEvent::Forward(line));
         false
@@ -646,9 +653,14 @@ impl Pop3Session {
             Cmd::Greeting => ev.push(ServerEvent::Greeting { ok }),
             Cmd::Pass | Cmd::Apop | Cmd::Auth => {
                 self.sasl = None;
+                let user = match cmd {
+                    // AUTH cannot be pipelined: its exchange named the account.
+                    Cmd::Auth => self.user.clone(),
+                    _ => self.login_users.pop_front().flatten(),
+                };
                 if ok {
                     self.logged_in = true;
-                    self.account = self.user.clone();
+                    self.account = user;
                     self.cline.set_cap(self.cfg.max_line_after_login);
                     self.sline.set_cap(self.cfg.max_line_after_login);
                     ev.push(ServerEvent::LoggedIn {
@@ -656,7 +668,7 @@ impl Pop3Session {
                     });
                 } else {
                     ev.push(ServerEvent::LoginFailed {
-                        account: self.user.clone(),
+                        account: user,
                         reply: String::from_utf8_lossy(text).into_owned(),
                     });
                 }
@@ -1279,5 +1291,27 @@ mod tests {
         );
         assert_eq!(seen.to_backend, b"USER alice\r\n");
         assert_eq!(seen.events.last().unwrap(), "Close(Truncated)");
+    }
+
+    #[test]
+    fn pipelined_logins_keep_their_own_accounts() {
+        let seen = check(
+            &tls(),
+            &[
+                (S, b"+OK hi\r\n"),
+                (C, b"USER alice\r\nPASS pw\r\nUSER bob\r\nPASS pw\r\n"),
+                (S, b"+OK\r\n-ERR [AUTH] no\r\n+OK\r\n+OK in\r\n"),
+            ],
+        );
+        assert_eq!(
+            seen.events,
+            [
+                "Greeting { ok: true }",
+                "Account(\"alice\")",
+                "Account(\"bob\")",
+                "LoginFailed { account: Some(\"alice\"), reply: \"-ERR [AUTH] no\" }",
+                "LoggedIn { account: Some(\"bob\") }",
+            ]
+        );
     }
 }
