@@ -109,7 +109,9 @@ pub enum ClientEvent {
     /// or answered: the place to end a session whose account changed state. `verb` is upper
     /// case (`UID` for UID commands).
     Command { tag: String, verb: String },
-    /// The client named this account: check it before acting on later events.
+    /// The client named this account: check it before acting on later events. To refuse it,
+    /// reply and end the session without acting on them; the session assumes every account it
+    /// reports goes on to the backend.
     Account(String),
     /// Start TLS after sending the reply before it, then call [`ImapSession::tls_started`]. What
     /// the client sent after STARTTLS was dropped.

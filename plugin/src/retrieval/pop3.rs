@@ -118,7 +118,9 @@ pub enum ClientEvent {
     /// or answered: the place to end a session whose account changed state, or to answer a
     /// command in the proxy's place.
     Command(Command),
-    /// The client named this account: check it before acting on later events.
+    /// The client named this account: check it before acting on later events. To refuse it,
+    /// reply and end the session without acting on them; the session assumes every account it
+    /// reports goes on to the backend.
     Account(String),
     /// After sending the reply before it, start TLS and then call [`Pop3Session::tls_started`].
     /// Bytes the client sent after `STLS` were dropped (no command injection across the
