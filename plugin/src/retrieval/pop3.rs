@@ -395,7 +395,8 @@ impl Pop3Session {
     /// One complete client line. Returns true after STLS or a Close.
     fn command(&mut self, line: Vec<u8>, ev: &mut Vec<ClientEvent>) -> bool {
         let text = strip_eol(&line);
-        if let Some(exchange) = &mut self.sasl {
+        // SASL responses until the exchange has all it needs; the final reply ends it.
+        if let Some(exchange) = self.sasl.as_mut().filter(|x| !x.is_done()) {
             if text == b"*" {
                 ev.push(ClientEvent::Forward(line));
                 return false;
