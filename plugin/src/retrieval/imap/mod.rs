@@ -34,9 +34,13 @@
 
 use std::collections::HashMap;
 
+mod syntax;
+
 use super::line::{strip_eol, Line, LineBuf};
 use super::sasl::{self, Exchange, Mechanism};
 use super::{POST_LOGIN_MAX_LINE, PRE_LOGIN_MAX};
+use syntax::{counted, section_before, strings};
+pub use syntax::{trailing_literal, Literal};
 
 /// What the proxy offers and allows on this connection.
 #[derive(Clone, Debug)]
@@ -170,82 +174,6 @@ pub struct SectionBytes {
     /// The item as sent, e.g. `BODY[]`, `BODY[1.2]<0>`, `BINARY[1]`, `RFC822.TEXT`.
     pub section: String,
     pub bytes: u64,
-}
-
-/// A literal announced at the end of a line: `{n}`, `{n+}`, `~{n}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Literal {
-    pub len: u64,
-    pub sync: bool,
-}
-
-/// Reads a literal announcement at the end of `text` (a line without CRLF). Returns it and the
-/// text before it; `Err` for a `{...}` ending that is not a valid announcement.
-pub fn trailing_literal(text: &[u8]) -> Result<Option<(Literal, &[u8])>, ImapError> {
-    let Some(inner) = text.strip_suffix(b"}") else {
-        return Ok(None);
-    };
-    let Some(open) = inner.iter().rposition(|b| *b == b'{') else {
-        return Ok(None);
-    };
-    let mut digits = &inner[open + 1..];
-    let sync = match digits.strip_suffix(b"+") {
-        Some(d) => {
-            digits = d;
-            false
-        }
-        None => true,
-    };
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return Err(ImapError::BadLiteral);
-    }
-    let len = std::str::from_utf8(digits)
-        .ok()
-        .and_then(|d| d.parse().ok())
-        .ok_or(ImapError::BadLiteral)?;
-    let before = &inner[..open];
-    let before = before.strip_suffix(b"~").unwrap_or(before);
-    Ok(Some((Literal { len, sync }, before)))
-}
-
-/// Splits a client line part into strings: atoms and quoted strings (unescaped).
-fn strings(text: &[u8]) -> Result<Vec<Vec<u8>>, ImapError> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < text.len() {
-        match text[at] {
-            b' ' => at += 1,
-            b'"' => {
-                let mut s = Vec::new();
-                at += 1;
-                loop {
-                    match text.get(at) {
-                        None => return Err(ImapError::BadCommand),
-                        Some(b'"') => break,
-                        Some(b'\\') => {
-                            s.push(*text.get(at + 1).ok_or(ImapError::BadCommand)?);
-                            at += 2;
-                        }
-                        Some(b) => {
-                            s.push(*b);
-                            at += 1;
-                        }
-                    }
-                }
-                at += 1;
-                out.push(s);
-            }
-            _ => {
-                let end = text[at..]
-                    .iter()
-                    .position(|b| *b == b' ')
-                    .map_or(text.len(), |p| at + p);
-                out.push(text[at..end].to_vec());
-                at = end;
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// A capability list as the client may see it.
@@ -1067,35 +995,6 @@ fn scan_fetch(fetch: &mut FetchAcc, text: &[u8]) {
     end_atom(fetch, &mut atom);
 }
 
-/// The item name right before a literal: `BODY[1.2]<0>` in `... BODY[1.2]<0> {n}`.
-fn section_before(text: &[u8]) -> &[u8] {
-    let end = text.iter().rposition(|b| *b != b' ').map_or(0, |p| p + 1);
-    let text = &text[..end];
-    let mut depth = 0u32;
-    let mut start = text.len();
-    for (i, b) in text.iter().enumerate().rev() {
-        match b {
-            b']' => depth += 1,
-            b'[' => depth = depth.saturating_sub(1),
-            b' ' | b'(' if depth == 0 => break,
-            _ => {}
-        }
-        start = i;
-    }
-    &text[start..]
-}
-
-/// Whether an item's literal is message bytes: BODY[...], BINARY[...], RFC822, RFC822.TEXT,
-/// RFC822.HEADER.
-fn counted(section: &[u8]) -> bool {
-    let upper = section.to_ascii_uppercase();
-    upper.starts_with(b"BODY[")
-        || upper.starts_with(b"BINARY[")
-        || upper == b"RFC822"
-        || upper == b"RFC822.TEXT"
-        || upper == b"RFC822.HEADER"
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::split::{
@@ -1459,35 +1358,6 @@ mod tests {
     }
 
     #[test]
-    fn literal_announcements() {
-        assert_eq!(
-            trailing_literal(b"a LOGIN {12+}").unwrap(),
-            Some((
-                Literal {
-                    len: 12,
-                    sync: false
-                },
-                &b"a LOGIN "[..]
-            ))
-        );
-        assert_eq!(
-            trailing_literal(b"X BINARY[] ~{3}").unwrap(),
-            Some((Literal { len: 3, sync: true }, &b"X BINARY[] "[..]))
-        );
-        assert_eq!(trailing_literal(b"a NOOP").unwrap(), None);
-        assert_eq!(trailing_literal(b"a {x}"), Err(ImapError::BadLiteral));
-        assert_eq!(
-            trailing_literal(b"a {99999999999999999999}"),
-            Err(ImapError::BadLiteral)
-        );
-        assert_eq!(section_before(b"* 1 FETCH (BODY[1.2]<0> "), b"BODY[1.2]<0>");
-        assert_eq!(
-            section_before(b"(BODY[HEADER.FIELDS (A B)] "),
-            b"BODY[HEADER.FIELDS (A B)]"
-        );
-    }
-
-    #[test]
     fn refused_idle_expects_no_done() {
         let seen = check(
             &tls(),
@@ -1585,7 +1455,7 @@ mod tests {
     #[test]
     fn dovecot_session_meters_what_dovecot_counts() {
         // testdata/README.md: "hdr_count=1 hdr_bytes=32 body_count=4 body_bytes=15254".
-        let steps = recorded(include_bytes!("testdata/dovecot-imap.transcript"));
+        let steps = recorded(include_bytes!("../testdata/dovecot-imap.transcript"));
         let cfg = recorded_cfg();
         let sections = meter(&cfg, &steps);
         let header: u64 = sections
@@ -1617,7 +1487,7 @@ mod tests {
 
     #[test]
     fn stalwart_session_is_metered_and_its_oauth_mechanisms_hidden() {
-        let steps = recorded(include_bytes!("testdata/stalwart-imap.transcript"));
+        let steps = recorded(include_bytes!("../testdata/stalwart-imap.transcript"));
         let cfg = recorded_cfg();
         let sections = meter(&cfg, &steps);
         let want: Vec<(Option<u32>, String, u64)> = vec![
@@ -1642,7 +1512,7 @@ mod tests {
     fn dovecot_authenticate_exchanges_and_idle() {
         let events = replay_unchanged(
             || ImapSession::new(recorded_cfg()),
-            include_bytes!("testdata/dovecot-imap-auth.transcript"),
+            include_bytes!("../testdata/dovecot-imap-auth.transcript"),
         );
         assert_eq!(
             events,
