@@ -9,6 +9,8 @@
 //!   durable outbox and its journal, and the sender that hands notices to the link.
 //! - [`admin`]: the admin HTTP API, the operator routes (queue, log, metrics, status) and the
 //!   `mailbell` CLI.
+//! - [`retrieval`]: the POP3/IMAP retrieval proxy's sans-I/O protocol cores (login, capability
+//!   rewriting, metering) and the PROXY v2 header it opens backend connections with.
 //! - The stores the others write to: the user registry ([`users`]) and the audit log
 //!   ([`audit`]).
 //! - [`config`] (the TOML file) and [`app`] (which starts everything) sit on top.
@@ -19,4 +21,5 @@ pub mod bearer;
 pub mod config;
 pub mod mta;
 pub mod notify;
+pub mod retrieval;
 pub mod users;
