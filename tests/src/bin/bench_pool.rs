@@ -11,7 +11,8 @@
 //! - the idle CPU of the agent with K ready modems (before any notice);
 //! - the achieved rate (from the first notice pushed to the last SMS accepted by its modem)
 //!   against the ideal (K / submit delay; K − 1 healthy modems when one is broken), and each
-//!   healthy modem's pace (its submits over the run against one per submit delay): minimum
+//!   healthy modem's pace (its submits against one per submit delay, over the time from the
+//!   start to its own last PDU): minimum
 //!   and median;
 //! - the per-modem counts;
 //! - the agent's CPU while sending and its RSS.
@@ -244,17 +245,31 @@ async fn one_run(args: &Args, k: usize, broken: bool) -> anyhow::Result<bool> {
     let (cpu1, _) = agent_ticks();
     let got = arrivals(&sims, tag);
     let status = app::status(metrics).await?;
-    let counts: Vec<usize> = sims.iter().map(|s| s.received().len()).collect();
+    let received: Vec<_> = sims.iter().map(|s| s.received()).collect();
+    let counts: Vec<usize> = received.iter().map(Vec::len).collect();
     let submits0 = sims[0].submits();
 
     let healthy = if broken { k - 1 } else { k };
     let ideal = healthy as f64 / delay.as_secs_f64();
     let rate = got.len() as f64 / elapsed;
-    let paces: Vec<f64> = counts
+    // A modem's pace: its submits against one per submit delay over the time it was sending,
+    // from the start to its own last PDU. A notice that waits out a broken modem's timeout
+    // stretches the run, not the healthy modems' pace; a modem left idle while work waited
+    // still counts against it, since the backlog was there from the start.
+    let paces: Vec<f64> = received
         .iter()
         .enumerate()
         .filter(|(i, _)| !(broken && *i == 0))
-        .map(|(_, &c)| 100.0 * c as f64 * delay.as_secs_f64() / elapsed)
+        .map(|(_, r)| {
+            let busy = r
+                .iter()
+                .map(|p| p.at.saturating_duration_since(t0))
+                .max()
+                .unwrap_or_default()
+                .as_secs_f64()
+                .max(delay.as_secs_f64());
+            100.0 * r.len() as f64 * delay.as_secs_f64() / busy
+        })
         .collect();
     let dup = got.values().filter(|&&c| c > 1).count();
     let ok = got.len() == total && dup == 0 && status.dead_letters == 0;
