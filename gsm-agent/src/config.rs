@@ -132,6 +132,8 @@ struct RawInbox {
     dedupe_retention: Duration,
     max_queued: u64,
     resend_uncertain: bool,
+    /// sled's page cache, in MB.
+    cache_mb: u64,
 }
 
 impl Default for RawInbox {
@@ -141,6 +143,7 @@ impl Default for RawInbox {
             dedupe_retention: d.dedupe_retention,
             max_queued: d.max_queued,
             resend_uncertain: d.resend_uncertain,
+            cache_mb: d.cache_bytes / (1024 * 1024),
         }
     }
 }
@@ -233,6 +236,9 @@ struct RawMetrics {
 /// Connections open at once on the status/metrics endpoint when `[metrics.http]
 /// max_connections` is not set.
 pub const STATUS_MAX_CONNECTIONS: usize = 64;
+
+/// Upper bound of `[inbox] cache_mb` (sled's page cache): 4 GiB.
+pub const MAX_CACHE_MB: u64 = 4096;
 
 impl Default for RawMetrics {
     fn default() -> Self {
@@ -501,6 +507,12 @@ impl Config {
                 mailbell_link::frame::DEFAULT_MAX_FRAME
             )));
         }
+        if !(1..=MAX_CACHE_MB).contains(&raw.inbox.cache_mb) {
+            return Err(inv(format!(
+                "inbox.cache_mb must be between 1 and {MAX_CACHE_MB} (got {})",
+                raw.inbox.cache_mb
+            )));
+        }
         let mut templates = builtin_templates();
         templates.extend(raw.sms.templates);
         let render = RenderConfig {
@@ -597,6 +609,8 @@ impl Config {
                 dedupe_retention: raw.inbox.dedupe_retention,
                 max_queued: raw.inbox.max_queued,
                 resend_uncertain: raw.inbox.resend_uncertain,
+                cache_bytes: raw.inbox.cache_mb * 1024 * 1024,
+                ..Default::default()
             },
             sms: SmsConfig {
                 render,
@@ -699,6 +713,24 @@ mod tests {
             "0: no per-source cap"
         );
         assert_eq!(c.link.session_wait, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn inbox_cache_is_bounded_by_default_and_validated() {
+        let c = Config::from_toml("", "t").unwrap();
+        assert_eq!(c.inbox.cache_bytes, 16 * 1024 * 1024);
+        let c = Config::from_toml("[inbox]\ncache_mb = 64", "t").unwrap();
+        assert_eq!(c.inbox.cache_bytes, 64 * 1024 * 1024);
+        for bad in ["0", "4097"] {
+            let e = Config::from_toml(&format!("[inbox]\ncache_mb = {bad}"), "t")
+                .map_err(chain)
+                .unwrap_err();
+            assert!(e.contains("inbox.cache_mb"), "{e}");
+        }
+        let e = Config::from_toml("[inbox]\ncache_mb = \"16MB\"", "t")
+            .map_err(chain)
+            .unwrap_err();
+        assert!(e.contains("cache_mb"), "{e}");
     }
 
     #[test]

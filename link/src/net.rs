@@ -125,6 +125,8 @@ pub struct ClientStats {
     pub dead_lettered: AtomicU64,
     pub retry_later: AtomicU64,
     pub session_errors: AtomicU64,
+    /// TCP connect probes made while waiting out a backoff (see [`RECONNECT_SPACING`]).
+    pub probes: AtomicU64,
     /// The agent the session is up with: its index in [`ClientSettings::agents`] plus one,
     /// 0 while no session is up. Read it with [`ClientStats::up_agent`].
     pub up: AtomicU64,
@@ -200,8 +202,99 @@ impl From<FrameError> for LinkError {
     }
 }
 
+/// After an established session ends, the next session starts no sooner than this after the
+/// previous one started: a peer that completes the handshake and drops at once gets at most
+/// one handshake per interval (the backoff itself starts again from `backoff_min`). Also the
+/// period of the TCP connect probe while the client waits out a long backoff after every
+/// agent was unreachable. Capped by `backoff_max`.
+pub const RECONNECT_SPACING: Duration = Duration::from_secs(2);
+
+/// How one round over the agents ended.
+#[derive(Debug, PartialEq, Eq)]
+enum RoundEnd {
+    /// A session was established and then ended (it started at this instant).
+    SessionEnded(Instant),
+    /// Every agent failed at the TCP connect: refused, unreachable or timed out.
+    Unreachable,
+    /// At least one agent took the TCP connection but the session did not come up (TLS,
+    /// HELLO/WELCOME, REFUSE): a TCP probe would tell nothing new.
+    Failed,
+}
+
+/// The wait before the next round and whether to probe during it: the sans-I/O part of the
+/// reconnect policy (see docs/protocol.md §8).
+#[derive(Debug)]
+struct Reconnect {
+    backoff: Duration,
+    min: Duration,
+    max: Duration,
+    spacing: Duration,
+}
+
+impl Reconnect {
+    fn new(min: Duration, max: Duration) -> Self {
+        let max = max.max(min);
+        Self {
+            backoff: min,
+            min,
+            max,
+            spacing: RECONNECT_SPACING.min(max),
+        }
+    }
+
+    /// The wait after a round (before jitter is applied to the backoff part, `jitter` in
+    /// 0.75..=1.25) and whether TCP probes may end it early. Doubles the backoff for the next.
+    fn after(&mut self, end: &RoundEnd, jitter: f64, now: Instant) -> (Duration, bool) {
+        if let RoundEnd::SessionEnded(_) = end {
+            // A handshake completed: the path works, so start again from the minimum.
+            self.backoff = self.min;
+        }
+        let mut wait = self.backoff.mul_f64(jitter);
+        if let RoundEnd::SessionEnded(started) = end {
+            // ...but never more than one session start per `spacing` against a flapping peer.
+            let next = *started + self.spacing;
+            wait = wait.max(next.saturating_duration_since(now));
+        }
+        self.backoff = (self.backoff * 2).min(self.max);
+        let probe = *end == RoundEnd::Unreachable && wait > self.spacing;
+        (wait, probe)
+    }
+}
+
+/// Waits `wait`, probing every agent with a plain TCP connect every [`Reconnect::spacing`];
+/// returns early when one accepts. Returns false on shutdown.
+async fn wait_probing(
+    settings: &ClientSettings,
+    wait: Duration,
+    every: Duration,
+    shutdown: &CancellationToken,
+    stats: &ClientStats,
+) -> bool {
+    let end = Instant::now() + wait;
+    loop {
+        let next = (Instant::now() + every).min(end);
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep_until(next.into()) => {}
+        }
+        if Instant::now() >= end {
+            return true;
+        }
+        for ep in &settings.agents {
+            stats.probes.fetch_add(1, Ordering::Relaxed);
+            let limit = settings.connect_timeout.min(every);
+            if let Ok(Ok(_)) = tokio::time::timeout(limit, TcpStream::connect(&ep.addr)).await {
+                debug!(agent = %ep.addr, "agent accepts connections again; reconnecting now");
+                return true;
+            }
+        }
+    }
+}
+
 /// Runs the client until `shutdown`: connects to the first reachable agent, sends everything
-/// the outbox holds, reconnects with exponential backoff and jitter.
+/// the outbox holds, reconnects with exponential backoff and jitter. A session that came up
+/// resets the backoff (with at most one session start per [`RECONNECT_SPACING`]); a long wait
+/// after every agent was unreachable is cut short by a TCP connect probe that succeeds.
 pub async fn run_client<O: Outbox + ?Sized>(
     settings: ClientSettings,
     outbox: Arc<O>,
@@ -209,9 +302,9 @@ pub async fn run_client<O: Outbox + ?Sized>(
     stats: Arc<ClientStats>,
 ) {
     let connector = TlsConnector::from(settings.tls.clone());
-    let mut backoff = settings.backoff_min;
+    let mut policy = Reconnect::new(settings.backoff_min, settings.backoff_max);
     while !shutdown.is_cancelled() {
-        let mut progressed = false;
+        let mut end = RoundEnd::Unreachable;
         for (index, ep) in settings.agents.iter().enumerate() {
             if shutdown.is_cancelled() {
                 return;
@@ -263,27 +356,33 @@ pub async fn run_client<O: Outbox + ?Sized>(
                     }
                     if connected {
                         warn!(error = %e, "link session ended; reconnecting");
-                        if started.elapsed() > settings.backoff_max {
-                            progressed = true;
-                        }
+                        end = RoundEnd::SessionEnded(started);
                         // A session that was up goes back to the first agent after backoff.
                         break;
+                    }
+                    if !matches!(
+                        e,
+                        LinkError::Connect { .. } | LinkError::ConnectTimeout { .. }
+                    ) {
+                        end = RoundEnd::Failed;
                     }
                     warn!(error = %e, "agent unreachable; trying the next one");
                 }
             }
         }
-        if progressed {
-            backoff = settings.backoff_min;
-        }
         let jitter = rand::random::<f64>() * 0.5 + 0.75;
-        let wait = backoff.mul_f64(jitter);
-        debug!(?wait, "backing off before reconnecting");
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+        let (wait, probe) = policy.after(&end, jitter, Instant::now());
+        debug!(?wait, probe, "backing off before reconnecting");
+        if probe {
+            if !wait_probing(&settings, wait, policy.spacing, &shutdown, &stats).await {
+                return;
+            }
+        } else {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
         }
-        backoff = (backoff * 2).min(settings.backoff_max);
     }
 }
 
@@ -1026,5 +1125,67 @@ mod tests {
         );
         let io = LinkError::from(io::Error::from(io::ErrorKind::BrokenPipe));
         assert_eq!(with_causes(&io), "i/o: broken pipe");
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn failed_rounds_double_the_backoff_up_to_the_maximum() {
+        let mut p = Reconnect::new(ms(500), Duration::from_secs(30));
+        let now = Instant::now();
+        let waits: Vec<Duration> = (0..9)
+            .map(|_| p.after(&RoundEnd::Failed, 1.0, now).0)
+            .collect();
+        assert_eq!(waits[0], ms(500));
+        assert_eq!(waits[1], ms(1000));
+        assert_eq!(waits[5], ms(16_000));
+        assert_eq!(waits[6], ms(30_000));
+        assert_eq!(waits[8], ms(30_000));
+        // Jitter scales the wait.
+        assert_eq!(p.after(&RoundEnd::Failed, 0.75, now).0, ms(22_500));
+    }
+
+    #[test]
+    fn probes_only_after_every_agent_was_unreachable_and_the_wait_is_long() {
+        let mut p = Reconnect::new(ms(500), Duration::from_secs(30));
+        let now = Instant::now();
+        // 0.5 s, 1 s, 2 s: no longer than the probe period, so no probe.
+        for _ in 0..3 {
+            assert!(!p.after(&RoundEnd::Unreachable, 1.0, now).1);
+        }
+        let (wait, probe) = p.after(&RoundEnd::Unreachable, 1.0, now);
+        assert_eq!((wait, probe), (ms(4000), true));
+        // A peer that takes the TCP connection and then fails tells a probe nothing.
+        let (wait, probe) = p.after(&RoundEnd::Failed, 1.0, now);
+        assert_eq!((wait, probe), (ms(8000), false));
+    }
+
+    #[test]
+    fn a_session_that_came_up_resets_the_backoff_but_keeps_session_starts_apart() {
+        let mut p = Reconnect::new(ms(500), Duration::from_secs(30));
+        let t0 = Instant::now();
+        for _ in 0..8 {
+            p.after(&RoundEnd::Failed, 1.0, t0);
+        }
+        // A session that lasted 100 ms: the next one starts 2 s after it started, not after
+        // the 30 s the backoff had reached.
+        let (wait, probe) = p.after(&RoundEnd::SessionEnded(t0), 1.0, t0 + ms(100));
+        assert_eq!(wait, ms(1900));
+        assert!(!probe);
+        // One that lasted longer than the spacing: the minimum backoff.
+        let (wait, _) = p.after(&RoundEnd::SessionEnded(t0), 1.0, t0 + ms(60_000));
+        assert_eq!(wait, ms(500));
+        // Flapping forever: at most one session start per spacing, never a growing wait.
+        for i in 0..50u64 {
+            let start = t0 + Duration::from_secs(i * 2);
+            let (wait, _) = p.after(&RoundEnd::SessionEnded(start), 1.25, start + ms(10));
+            assert_eq!(wait, ms(1990), "flap {i}");
+        }
+        // The spacing never exceeds the configured maximum backoff.
+        let mut small = Reconnect::new(ms(20), ms(200));
+        let (wait, _) = small.after(&RoundEnd::SessionEnded(t0), 1.0, t0);
+        assert_eq!(wait, ms(200));
     }
 }

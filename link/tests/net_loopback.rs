@@ -641,3 +641,143 @@ async fn an_unusable_listening_socket_ends_serve_with_an_error() {
         "{frames:?}"
     );
 }
+
+/// A TCP relay in front of the agent: takes connections on `listener` and forwards each to
+/// `upstream`, cutting it after `life` if given, until `stop` (which also closes the listener,
+/// so that connects are refused). Counts the connections it accepted.
+fn relay(
+    listener: TcpListener,
+    upstream: String,
+    life: Option<Duration>,
+    accepted: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let (mut down, _) = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => r.unwrap(),
+            };
+            accepted.fetch_add(1, Ordering::Relaxed);
+            let (upstream, stop) = (upstream.clone(), stop.clone());
+            tokio::spawn(async move {
+                let Ok(mut up) = TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+                let cut = async {
+                    match life {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = copy => {}
+                    _ = cut => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+    })
+}
+
+/// Issue 10: after a bout of flapping and a partition, a link that works again must not wait
+/// out a long backoff, and the flapping must not turn into a connection storm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_soon_after_flapping_and_a_partition_heal_without_a_storm() {
+    let rig = start_server().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = listener.local_addr().unwrap();
+    let outbox = MemoryOutbox::new();
+    let stop = CancellationToken::new();
+    let stats = Arc::new(ClientStats::default());
+    let mut settings = client_settings(
+        &rig,
+        vec![Endpoint {
+            addr: relay_addr.to_string(),
+            server_name: "localhost".into(),
+        }],
+    );
+    // A long maximum, as in production (30 s), so that a growing backoff would show.
+    settings.backoff_min = Duration::from_millis(200);
+    settings.backoff_max = Duration::from_secs(30);
+
+    // Flapping: every session the relay lets through is cut after 200 ms.
+    let flaps = Arc::new(AtomicU64::new(0));
+    let flapping = CancellationToken::new();
+    let relay_a = relay(
+        listener,
+        rig.addr.clone(),
+        Some(Duration::from_millis(200)),
+        flaps.clone(),
+        flapping.clone(),
+    );
+    let client = tokio::spawn(net::run_client(
+        settings,
+        outbox.clone(),
+        stop.clone(),
+        stats.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let flap_connects = flaps.load(Ordering::Relaxed);
+    let sessions = stats.connected.load(Ordering::Relaxed);
+    // One session start per RECONNECT_SPACING (2 s) at most: 0, 2, 4, 6, (8) s. A client that
+    // reconnected after every cut at backoff_min would have made about 20; one whose backoff
+    // doubled on every short session (the old rule) 6, at 0, 0.4, 1, 2, 3.8 and 7.2 s, and
+    // then waits of 6 s, 13 s, 26 s.
+    assert!(
+        (3..=5).contains(&flap_connects),
+        "{flap_connects} connects in 8 s of flapping"
+    );
+    // Every connect came up before its cut (the last may still be in its handshake).
+    assert!(
+        sessions + 1 >= flap_connects,
+        "{sessions} sessions, {flap_connects} connects"
+    );
+    // Partition: the relay is gone, connects are refused, the backoff grows past 6 s.
+    flapping.cancel();
+    relay_a.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let probes_before_heal = stats.probes.load(Ordering::Relaxed);
+    assert!(
+        probes_before_heal >= 2,
+        "{probes_before_heal} probes while partitioned"
+    );
+    assert!(
+        probes_before_heal <= 7,
+        "one probe per 2 s at most: {probes_before_heal} in 12 s"
+    );
+    assert_eq!(stats.up_agent(), None);
+    // Heal: the relay forwards again on the same address; a notice waits.
+    let healed_at = std::time::Instant::now();
+    let listener = TcpListener::bind(relay_addr).await.unwrap();
+    let healed = CancellationToken::new();
+    let relay_c = relay(
+        listener,
+        rig.addr.clone(),
+        None,
+        Arc::new(AtomicU64::new(0)),
+        healed.clone(),
+    );
+    let id = NotifId::random();
+    outbox.push(id, b"after the heal".to_vec());
+    while outbox.outcome(&id) != Some(Settled::Acked) {
+        assert!(
+            healed_at.elapsed() < Duration::from_secs(4),
+            "no delivery within 4 s of the heal (probes {}, sessions {})",
+            stats.probes.load(Ordering::Relaxed),
+            stats.connected.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = healed_at.elapsed();
+    assert!(
+        took <= Duration::from_millis(3500),
+        "delivered {took:?} after the heal"
+    );
+    stop.cancel();
+    client.await.unwrap();
+    healed.cancel();
+    relay_c.await.unwrap();
+    rig.stop.cancel();
+}

@@ -706,7 +706,11 @@ impl UserStore {
 
     /// [`open`](Self::open) with a chosen lock wait.
     pub fn open_with(path: &Path, lock_wait: Duration) -> Result<Self, UserError> {
-        let db = open_waiting(&sled::Config::new().path(path), lock_wait).map_err(|e| match e {
+        let db = open_waiting(
+            &sled::Config::new().path(path).cache_capacity(16 << 20),
+            lock_wait,
+        )
+        .map_err(|e| match e {
             OpenWaiting::Locked => UserError::Locked {
                 path: path.to_owned(),
             },

@@ -838,8 +838,10 @@ impl Outbox {
     /// close) before failing with [`OutboxError::Locked`]. Blocking (sled recovery, the lock
     /// wait): call it at startup or through `spawn_blocking`.
     pub fn open(path: &Path, cfg: OutboxConfig) -> Result<Self, OutboxError> {
+        // sled's default page cache is 1 GiB; the outbox reads mostly its recent tail.
         let config = sled::Config::new()
             .path(path)
+            .cache_capacity(16 << 20)
             .mode(sled::Mode::HighThroughput);
         let db = open_waiting(&config, cfg.lock_wait).map_err(|e| match e {
             OpenWaiting::Locked => OutboxError::Locked {
