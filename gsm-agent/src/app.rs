@@ -186,6 +186,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                     .clone()
                     .unwrap_or_else(|| cfg.data_dir.join("sim-pdus.jsonl")),
             ),
+            // Only `send-test` and the demo look at them; the PDU log keeps every one.
+            keep_received: Some(1_000),
             ..SimOptions::default()
         };
         let s = SimModem::spawn(opts).context("start the simulated modem")?;

@@ -49,7 +49,7 @@
 //! Payload decoding and validation run on the caller's thread, before the committer, so the
 //! one serial thread does only the dedupe lookup and the write.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
@@ -267,7 +267,58 @@ pub struct InboxStats {
 #[derive(Default)]
 struct Index {
     by_seq: BTreeMap<u64, (NotifId, i64)>,
+    /// The same notices by due time, so that [`Inbox::ready`] finds the next due time
+    /// without walking the whole queue (it did, on every call: with a backlog of thousands
+    /// that was most of the agent's CPU).
+    by_due: BTreeSet<(i64, u64)>,
     seen: SeenIds,
+}
+
+impl Index {
+    /// Queues `seq` (or moves it to its new due time).
+    fn put(&mut self, seq: u64, id: NotifId, at: i64) {
+        if let Some((_, old)) = self.by_seq.insert(seq, (id, at)) {
+            self.by_due.remove(&(old, seq));
+        }
+        self.by_due.insert((at, seq));
+    }
+
+    /// Takes `seq` out of the queue.
+    fn take(&mut self, seq: u64) {
+        if let Some((_, at)) = self.by_seq.remove(&seq) {
+            self.by_due.remove(&(at, seq));
+        }
+    }
+
+    /// [`Inbox::ready`]: up to `max` notices due at `now_ms`, oldest first, none of `busy`,
+    /// and the earliest later due time of a notice not in `busy`.
+    fn ready(
+        &self,
+        now_ms: i64,
+        max: usize,
+        busy: &HashSet<u64>,
+    ) -> (Vec<(u64, NotifId)>, NextDue) {
+        let mut due = Vec::new();
+        // Oldest first: walk the queue in order until `max` are found (the walk passes over
+        // notices waiting for a later time, usually few).
+        if max > 0 {
+            for (seq, (id, at)) in &self.by_seq {
+                if *at > now_ms || busy.contains(seq) {
+                    continue;
+                }
+                due.push((*seq, *id));
+                if due.len() == max {
+                    break;
+                }
+            }
+        }
+        let next = self
+            .by_due
+            .range((now_ms.saturating_add(1), 0)..)
+            .find(|(_, seq)| !busy.contains(seq))
+            .map(|(at, _)| *at);
+        (due, next)
+    }
 }
 
 /// Ids in the recent set above which they are merged into the sorted list.
@@ -583,24 +634,7 @@ impl Inbox {
         max: usize,
         busy: &HashSet<u64>,
     ) -> Result<(Vec<(u64, NotifId)>, NextDue), InboxError> {
-        let mut due = Vec::new();
-        let mut next: Option<i64> = None;
-        let index = lock(&self.index);
-        for (seq, (id, at)) in &index.by_seq {
-            if busy.contains(seq) {
-                continue;
-            }
-            if *at > now_ms {
-                next = Some(next.map_or(*at, |n: i64| n.min(*at)));
-                continue;
-            }
-            if due.len() < max {
-                due.push((*seq, *id));
-            } else if next.is_some() {
-                break;
-            }
-        }
-        Ok((due, next))
+        Ok(lock(&self.index).ready(now_ms, max, busy))
     }
 
     /// Queued notices due at `now_ms` with their records (see [`Inbox::ready`]).
@@ -805,7 +839,7 @@ fn recover(
                 continue;
             }
         }
-        index.by_seq.insert(r.seq, (r.id, r.next_at_ms));
+        index.put(r.seq, r.id, r.next_at_ms);
     }
     index.seen = SeenIds::from_unsorted(seen);
     if uncertain > 0 {
@@ -1012,11 +1046,9 @@ impl Committer {
                     let mut index = lock(&self.index);
                     for op in ops {
                         match op {
-                            IndexOp::Insert(seq, id, at) => {
-                                index.by_seq.insert(seq, (id, at));
-                            }
+                            IndexOp::Insert(seq, id, at) => index.put(seq, id, at),
                             IndexOp::Remove(seq) => {
-                                index.by_seq.remove(&seq);
+                                index.take(seq);
                                 self.tombstones += 1;
                             }
                             IndexOp::Seen(id) => {
@@ -1597,5 +1629,37 @@ mod tests {
         for cut in 0..45 {
             assert_eq!(Record::decode(&enc[..cut]), None);
         }
+    }
+
+    /// The due-time index follows every change: oldest due first, busy ones skipped, the
+    /// next due time from the index (also when `max` is reached early), moves and removals.
+    #[test]
+    fn ready_takes_the_oldest_due_and_the_next_time_from_the_index() {
+        let mut index = Index::default();
+        let id = |n: u8| NotifId([n; 16]);
+        index.put(1, id(1), 500);
+        for seq in 2..=2_000u64 {
+            index.put(seq, id(2), 100);
+        }
+        index.put(2_001, id(3), 300);
+        let busy: HashSet<u64> = [2, 3].into_iter().collect();
+        let (due, next) = index.ready(100, 2, &busy);
+        assert_eq!(due.iter().map(|d| d.0).collect::<Vec<_>>(), [4, 5]);
+        assert_eq!(next, Some(300));
+        // A busy notice's later time does not wake the dispatcher; a moved one does.
+        index.put(2, id(2), 200);
+        assert_eq!(index.ready(100, 2, &busy).1, Some(300));
+        index.put(5, id(2), 250);
+        let (due, next) = index.ready(100, 3, &busy);
+        assert_eq!(due.iter().map(|d| d.0).collect::<Vec<_>>(), [4, 6, 7]);
+        assert_eq!(next, Some(250));
+        index.take(5);
+        index.take(2_001);
+        assert_eq!(index.ready(100, 0, &busy), (Vec::new(), Some(500)));
+        assert_eq!(index.by_due.len(), index.by_seq.len());
+        // Later on, everything not busy is due, oldest first, and nothing is later.
+        let (due, next) = index.ready(1_000, 3, &HashSet::new());
+        assert_eq!(due.iter().map(|d| d.0).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(next, None);
     }
 }

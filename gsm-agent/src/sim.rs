@@ -72,6 +72,10 @@ pub struct SimOptions {
     pub require_pin: Option<String>,
     /// Registered to the network (`+CREG: 0,1`); otherwise searching (`0,2`).
     pub registered: bool,
+    /// Keep only the newest this many accepted PDUs for [`SimModem::received`] (`None`: all,
+    /// for tests that count them). The agent's own simulator runs for as long as the agent,
+    /// so it keeps a bounded number; the PDU log has every one.
+    pub keep_received: Option<usize>,
 }
 
 impl Default for SimOptions {
@@ -81,6 +85,7 @@ impl Default for SimOptions {
             pdu_log: None,
             require_pin: None,
             registered: true,
+            keep_received: None,
         }
     }
 }
@@ -149,6 +154,7 @@ enum SubmitFault {
 #[derive(Debug)]
 struct Shared {
     received: Vec<ReceivedPdu>,
+    keep_received: Option<usize>,
     commands: Vec<String>,
     submit_faults: VecDeque<SubmitFault>,
     silence: bool,
@@ -196,6 +202,7 @@ impl SimModem {
         };
         let shared = Arc::new(Mutex::new(Shared {
             received: Vec::new(),
+            keep_received: opts.keep_received,
             commands: Vec::new(),
             submit_faults: VecDeque::new(),
             silence: false,
@@ -748,12 +755,20 @@ impl SimThread {
         }
         let mr = self.next_mr;
         self.next_mr = self.next_mr.wrapping_add(1);
-        lock(&self.shared).received.push(ReceivedPdu {
-            tpdu_len: len,
-            hex: hex.clone(),
-            mr,
-            at: Instant::now(),
-        });
+        {
+            let mut shared = lock(&self.shared);
+            if let Some(keep) = shared.keep_received {
+                let held = shared.received.len();
+                let over = (held + 1).saturating_sub(keep).min(held);
+                shared.received.drain(..over);
+            }
+            shared.received.push(ReceivedPdu {
+                tpdu_len: len,
+                hex: hex.clone(),
+                mr,
+                at: Instant::now(),
+            });
+        }
         if let Some(log) = self.log.as_mut() {
             let t_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -979,6 +994,26 @@ mod tests {
         sim.inject(Fault::Urc("+CMTI: \"SM\",4".into()));
         c.until("+CMTI: \"SM\",4\r\n");
         assert!(sim.received().is_empty());
+    }
+
+    /// With `keep_received`, the newest PDUs stay and the oldest go (the agent's own
+    /// simulator must not grow with every SMS for as long as the agent runs).
+    #[test]
+    fn keep_received_bounds_the_pdus_held() {
+        let sim = SimModem::spawn(SimOptions {
+            keep_received: Some(2),
+            ..SimOptions::default()
+        })
+        .unwrap();
+        let mut c = Client::open(sim.device_path());
+        c.send(b"ATE0\r");
+        c.until("OK\r\n");
+        for n in 1..=3 {
+            c.send(format!("AT+CMGS=23\r{PDU}\x1a").as_bytes());
+            assert!(c.until("OK\r\n").contains(&format!("+CMGS: {n}")));
+        }
+        let kept: Vec<u8> = sim.received().iter().map(|p| p.mr).collect();
+        assert_eq!(kept, [2, 3]);
     }
 
     #[test]
