@@ -219,7 +219,8 @@ async fn stalwart_delivery_is_notified_logged_and_counted() {
         m.body
     );
     assert!(
-        m.body.contains("counter=\"webhook_bad_signatures\"} 1"),
+        m.body
+            .contains("mailbell_stalwart_webhook_errors_total{reason=\"bad_signature\"} 1"),
         "{}",
         m.body
     );
