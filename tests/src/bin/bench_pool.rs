@@ -253,7 +253,7 @@ async fn one_run(args: &Args, k: usize, broken: bool) -> anyhow::Result<bool> {
     let ideal = healthy as f64 / delay.as_secs_f64();
     let rate = got.len() as f64 / elapsed;
     // A modem's pace: its submits against one per submit delay over the time it was sending,
-    // from the start to its own last PDU. A notice that waits out a broken modem's timeout
+    // from the start to the answer to its own last PDU. A notice that waits out a broken modem's timeout
     // stretches the run, not the healthy modems' pace; a modem left idle while work waited
     // still counts against it, since the backlog was there from the start.
     let paces: Vec<f64> = received
@@ -261,13 +261,15 @@ async fn one_run(args: &Args, k: usize, broken: bool) -> anyhow::Result<bool> {
         .enumerate()
         .filter(|(i, _)| !(broken && *i == 0))
         .map(|(_, r)| {
+            // A PDU's time is when it reached the modem; the modem answers a submit delay
+            // later, so its last one ends then.
             let busy = r
                 .iter()
                 .map(|p| p.at.saturating_duration_since(t0))
                 .max()
                 .unwrap_or_default()
                 .as_secs_f64()
-                .max(delay.as_secs_f64());
+                + delay.as_secs_f64();
             100.0 * r.len() as f64 * delay.as_secs_f64() / busy
         })
         .collect();
