@@ -96,6 +96,8 @@ pub struct Running {
     pub http_addr: Option<SocketAddr>,
     pub milter_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
+    /// The retrieval proxy's bound listeners, by name (`pop3`, `pop3s`, `imap`, `imaps`).
+    pub retrieval_addrs: Vec<(&'static str, SocketAddr)>,
     pub stores: Stores,
     pub intake: MailIntake,
     pub link_stats: Arc<ClientStats>,
@@ -267,6 +269,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         });
     }
 
+    let retrieval_addrs =
+        start_retrieval(&cfg, &tasks, &shutdown, &failures, &mut listener_stats).await?;
+
     let admin = bind("the admin API", cfg.admin_listen).await?;
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     // The admin listener's counters exist before its router, which reports them.
@@ -322,6 +327,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         http = ?http_addr,
         milter = ?milter_addr,
         admin = ?admin_addr,
+        retrieval = ?retrieval_addrs,
         agents = ?cfg.link.agents.iter().map(|a| a.addr.as_str()).collect::<Vec<_>>(),
         users = stores.users.len(),
         queued = stores.outbox.depth(),
@@ -332,6 +338,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         http_addr,
         milter_addr,
         admin_addr,
+        retrieval_addrs,
         stores,
         intake,
         link_stats,
@@ -340,6 +347,49 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         shutdown,
         failures,
     })
+}
+
+/// Binds and serves the retrieval proxy's listeners that are configured (none by default).
+async fn start_retrieval(
+    cfg: &Config,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+    failures: &Failures,
+    listener_stats: &mut Vec<(&'static str, Arc<ListenerStats>)>,
+) -> anyhow::Result<Vec<(&'static str, SocketAddr)>> {
+    use crate::retrieval::server::{self, Listener};
+    let r = &cfg.retrieval;
+    let mut addrs = Vec::new();
+    let Some((cert, key)) = r.tls.as_ref().filter(|_| r.enabled()) else {
+        return Ok(addrs);
+    };
+    let tls = tls::public_server_config(cert, key).context("retrieval TLS")?;
+    let shared = Arc::new(server::Shared {
+        cfg: r.clone(),
+        tls: tokio_rustls::TlsAcceptor::from(tls),
+    });
+    for (kind, addr) in [
+        (Listener::Pop3, r.pop3),
+        (Listener::Pop3s, r.pop3s),
+        (Listener::Imap, r.imap),
+        (Listener::Imaps, r.imaps),
+    ] {
+        let Some(l) = bind(kind.name(), addr).await? else {
+            continue;
+        };
+        if let Ok(a) = l.local_addr() {
+            addrs.push((kind.name(), a));
+        }
+        let stats = Arc::new(ListenerStats::default());
+        listener_stats.push((kind.name(), stats.clone()));
+        let (shared, stop, failures) = (shared.clone(), shutdown.clone(), failures.clone());
+        tasks.spawn(async move {
+            if let Err(e) = server::serve(l, kind, shared, stats, stop).await {
+                failures.fail(format!("{} listener failed: {e:#}", kind.name()));
+            }
+        });
+    }
+    Ok(addrs)
 }
 
 /// `mailbell serve`: runs until SIGTERM or Ctrl-C.
