@@ -29,6 +29,7 @@ use crate::mta::stalwart::StalwartStats;
 use crate::notify::intake::{IntakeStats, MailIntake};
 use crate::notify::outbox::{Outbox, OutboxConfig};
 use crate::notify::sender::AuditedOutbox;
+use crate::retrieval::server;
 use crate::users::UserStore;
 
 /// The stores one daemon owns.
@@ -98,6 +99,8 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     /// The retrieval proxy's bound listeners, by name (`pop3`, `pop3s`, `imap`, `imaps`).
     pub retrieval_addrs: Vec<(&'static str, SocketAddr)>,
+    /// The retrieval proxy's totals over ended sessions.
+    pub retrieval_stats: Arc<crate::retrieval::server::RetrievalStats>,
     pub stores: Stores,
     pub intake: MailIntake,
     pub link_stats: Arc<ClientStats>,
@@ -269,8 +272,16 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         });
     }
 
-    let retrieval_addrs =
-        start_retrieval(&cfg, &tasks, &shutdown, &failures, &mut listener_stats).await?;
+    let retrieval_stats = Arc::new(crate::retrieval::server::RetrievalStats::default());
+    let retrieval_addrs = start_retrieval(
+        &cfg,
+        &tasks,
+        &shutdown,
+        &failures,
+        &mut listener_stats,
+        &retrieval_stats,
+    )
+    .await?;
 
     let admin = bind("the admin API", cfg.admin_listen).await?;
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
@@ -339,6 +350,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         milter_addr,
         admin_addr,
         retrieval_addrs,
+        retrieval_stats,
         stores,
         intake,
         link_stats,
@@ -356,8 +368,9 @@ async fn start_retrieval(
     shutdown: &CancellationToken,
     failures: &Failures,
     listener_stats: &mut Vec<(&'static str, Arc<ListenerStats>)>,
+    stats: &Arc<server::RetrievalStats>,
 ) -> anyhow::Result<Vec<(&'static str, SocketAddr)>> {
-    use crate::retrieval::server::{self, Listener};
+    use crate::retrieval::server::Listener;
     let r = &cfg.retrieval;
     let mut addrs = Vec::new();
     let Some((cert, key)) = r.tls.as_ref().filter(|_| r.enabled()) else {
@@ -367,6 +380,7 @@ async fn start_retrieval(
     let shared = Arc::new(server::Shared {
         cfg: r.clone(),
         tls: tokio_rustls::TlsAcceptor::from(tls),
+        stats: stats.clone(),
     });
     for (kind, addr) in [
         (Listener::Pop3, r.pop3),

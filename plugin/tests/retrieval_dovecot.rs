@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use mailbell::app::{self, Running};
@@ -261,6 +262,23 @@ impl Proxy {
         self.addr(name).port()
     }
 
+    /// The proxy's totals once `sessions` sessions have ended (it counts a session when its
+    /// task ends, just after the client saw the last reply).
+    async fn stats_after(&self, sessions: u64) -> [u64; 4] {
+        let st = &self.running.as_ref().unwrap().retrieval_stats;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while st.sessions.load(Relaxed) < sessions && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(st.sessions.load(Relaxed), sessions);
+        [
+            st.logins.load(Relaxed),
+            st.retrieved.load(Relaxed),
+            st.retrieved_bytes.load(Relaxed),
+            st.bytes_to_client.load(Relaxed),
+        ]
+    }
+
     async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.stop().await;
@@ -359,6 +377,28 @@ fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The sum of `key=N/BYTES` (POP3, e.g. `retr=3/10742`) or `key=BYTES` (IMAP `body_bytes=`)
+/// over Dovecot's logout lines: (count, bytes).
+fn dovecot_counter(log: &str, key: &str) -> (u64, u64) {
+    let mut total = (0, 0);
+    for line in log.lines().filter(|l| l.contains("Logged out")) {
+        let Some(v) = line
+            .split([' ', ','])
+            .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        else {
+            continue;
+        };
+        match v.split_once('/') {
+            Some((n, b)) => {
+                total.0 += n.parse::<u64>().unwrap();
+                total.1 += b.parse::<u64>().unwrap();
+            }
+            None => total.1 += v.parse::<u64>().unwrap(),
+        }
+    }
+    total
+}
+
 /// Waits until Dovecot's log holds `needle` (it writes the login line asynchronously).
 async fn wait_log(d: &Dovecot, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -414,6 +454,16 @@ async fn pop3_messages_arrive_unchanged_and_dovecot_sees_the_client_address() {
     let log = wait_log(&d, "Password mismatch").await;
     assert!(log.contains("passwd-file(alice,127.0.0.1"), "{log}");
     assert!(log.contains("Password mismatch"), "{log}");
+    // The proxy's meter agrees with Dovecot's retr=N/bytes, to the byte (docs/retrieval.md).
+    let [logins, retrieved, retrieved_bytes, _] = p.stats_after(3).await;
+    assert_eq!(logins, 2);
+    let log = d.log();
+    assert_eq!(
+        dovecot_counter(&log, "retr"),
+        (retrieved, retrieved_bytes),
+        "{log}"
+    );
+    assert_eq!(retrieved, 6);
     p.stop().await;
 }
 
@@ -448,6 +498,15 @@ async fn imap_messages_arrive_unchanged_and_dovecot_sees_the_client_address() {
     )
     .await;
     assert!(out.contains("refused:"), "{out}");
+    // The proxy's FETCH bytes agree with Dovecot's body_bytes (every fetch here is BODY[]).
+    let [logins, retrieved, retrieved_bytes, _] = p.stats_after(3).await;
+    assert_eq!((logins, retrieved), (2, 6));
+    let log = d.log();
+    assert_eq!(
+        dovecot_counter(&log, "body_bytes").1,
+        retrieved_bytes,
+        "{log}"
+    );
     p.stop().await;
 }
 

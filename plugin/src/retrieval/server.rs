@@ -11,6 +11,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -62,6 +63,37 @@ impl Listener {
 pub struct Shared {
     pub cfg: RetrievalConfig,
     pub tls: TlsAcceptor,
+    pub stats: Arc<RetrievalStats>,
+}
+
+/// Totals over every ended session of all retrieval listeners (monotonic), added when a session
+/// ends. The durable per-session meter store is a later step.
+#[derive(Debug, Default)]
+pub struct RetrievalStats {
+    /// Sessions ended.
+    pub sessions: AtomicU64,
+    /// Sessions the backend logged in.
+    pub logins: AtomicU64,
+    /// Bytes relayed from the backend to clients (the proxy's own replies included).
+    pub bytes_to_client: AtomicU64,
+    /// Bytes of client commands forwarded to the backend.
+    pub bytes_to_backend: AtomicU64,
+    /// POP3 RETR/TOP replies and IMAP FETCH responses that carried message bytes.
+    pub retrieved: AtomicU64,
+    /// Their bytes as `docs/retrieval.md` defines them (POP3 `retr_bytes`, IMAP literal bytes).
+    pub retrieved_bytes: AtomicU64,
+}
+
+impl RetrievalStats {
+    fn add(&self, m: &Meter) {
+        let add = |c: &AtomicU64, v: u64| c.fetch_add(v, Ordering::Relaxed);
+        add(&self.logins, u64::from(m.logged_in));
+        add(&self.bytes_to_client, m.to_client);
+        add(&self.bytes_to_backend, m.to_backend);
+        add(&self.retrieved, m.retrieved);
+        add(&self.retrieved_bytes, m.retrieved_bytes);
+        add(&self.sessions, 1);
+    }
 }
 
 /// Errors that end the accept loop.
@@ -89,10 +121,7 @@ pub async fn serve(
     let result = loop {
         match acceptor.accept(&stop).await {
             Ok(Some(accepted)) => {
-                let local = accepted
-                    .stream
-                    .local_addr()
-                    .unwrap_or(accepted.peer);
+                let local = accepted.stream.local_addr().unwrap_or(accepted.peer);
                 let span = info_span!("retrieval", proto = kind.name(), peer = %accepted.peer);
                 let (shared, stop) = (shared.clone(), stop.clone());
                 sessions.spawn(
@@ -451,6 +480,7 @@ async fn connection(
         end = %reason,
         "retrieval session ended"
     );
+    shared.stats.add(&meter);
     drop(ticket);
 }
 
