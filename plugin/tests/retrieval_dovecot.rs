@@ -662,3 +662,39 @@ async fn a_silent_client_is_closed_at_the_prelogin_timeout_and_shutdown_says_bye
     assert!(eof);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_and_logout_end_with_the_backends_reply_even_after_a_half_close() {
+    if !peers_present() {
+        return;
+    }
+    let d = Dovecot::start();
+    let p = Proxy::start(d.pop3, d.imap, "").await;
+    for (listener, send, last) in [
+        ("pop3", &b"CAPA\r\nQUIT\r\n"[..], "+OK Logging out"),
+        (
+            "imap",
+            &b"a1 NOOP\r\na2 LOGOUT\r\n"[..],
+            "a2 OK Logout completed",
+        ),
+    ] {
+        let mut s = TcpStream::connect(p.addr(listener)).await.unwrap();
+        let (greeting, _) =
+            read_until(&mut s, Duration::from_secs(3), |g| g.ends_with("\r\n")).await;
+        // Pipelined, then the client closes its side at once: the replies still arrive, and
+        // nothing of the proxy's follows the backend's last line.
+        s.write_all(send).await.unwrap();
+        s.shutdown().await.unwrap();
+        let (rest, eof) = read_until(&mut s, Duration::from_secs(5), |_| false).await;
+        assert!(eof, "{listener}: {rest:?}");
+        let all = greeting + &rest;
+        // The backend's reply to QUIT/LOGOUT is the last line (Dovecot adds timing figures).
+        let last_line = all.trim_end().rsplit("\r\n").next().unwrap_or("");
+        assert!(last_line.starts_with(last), "{listener}: {all:?}");
+        assert!(all.ends_with("\r\n"), "{listener}: {all:?}");
+        if listener == "pop3" {
+            assert!(all.contains("\r\nSTLS\r\n"), "CAPA answered: {all:?}");
+        }
+    }
+    p.stop().await;
+}

@@ -59,6 +59,9 @@ impl Listener {
     }
 }
 
+/// How long the backend may take to answer and close after the client closed its side.
+const LINGER: Duration = Duration::from_secs(10);
+
 /// What every session of the proxy shares.
 pub struct Shared {
     pub cfg: RetrievalConfig,
@@ -218,6 +221,9 @@ enum Act {
     Close(String, bool),
     /// Nothing for the shell to do (boundaries, greetings, IDLE, QUIT/LOGOUT marks).
     Note,
+    /// The backend's reply to QUIT/LOGOUT starts: its closing the connection next is the
+    /// normal end, not a failure to report.
+    Ending,
 }
 
 /// The two sessions behind one face.
@@ -254,7 +260,8 @@ fn pop3_server(e: pop3::ServerEvent) -> Act {
             Act::Retrieved(r.bytes)
         }
         E::Close(e) => Act::Close(e.to_string(), true),
-        _ => Act::Note,
+        E::QuitReply => Act::Ending,
+        E::Greeting { .. } => Act::Note,
     }
 }
 
@@ -287,7 +294,8 @@ fn imap_server(e: imap::ServerEvent) -> Act {
             Act::Retrieved(bytes)
         }
         E::Close(e) => Act::Close(e.to_string(), true),
-        _ => Act::Note,
+        E::LogoutReply => Act::Ending,
+        E::Greeting { .. } => Act::Note,
     }
 }
 
@@ -361,6 +369,8 @@ struct Meter {
     /// Messages (POP3) or FETCH responses (IMAP) with message bytes, and their bytes.
     retrieved: u64,
     retrieved_bytes: u64,
+    /// The backend is answering QUIT/LOGOUT.
+    ending: bool,
 }
 
 async fn connection(
@@ -553,11 +563,13 @@ async fn relay(
     let mut cbuf = vec![0u8; 16 * 1024];
     let mut sbuf = vec![0u8; 64 * 1024];
     let mut client_open = true;
+    let mut backend_shut = false;
     loop {
-        let limit = if core.logged_in() {
-            idle
-        } else {
-            cfg.prelogin_timeout
+        let limit = match (client_open, core.logged_in()) {
+            // The client has said all it will: its last replies may take this long.
+            (false, _) => LINGER.min(idle),
+            (true, true) => idle,
+            (true, false) => cfg.prelogin_timeout,
         };
         enum Read {
             Client(io::Result<usize>),
@@ -568,6 +580,9 @@ async fn relay(
             () = stop.cancelled() => return End::Words("UNAVAILABLE", "server shutting down".into()),
             () = ticket.evicted() => return End::Words("UNAVAILABLE", "too many connections".into()),
             () = tokio::time::sleep(limit) => {
+                if !client_open {
+                    return End::Quiet("backend did not finish after the client closed".into());
+                }
                 if !core.logged_in() {
                     ticket.timed_out();
                 }
@@ -600,6 +615,9 @@ async fn relay(
                 {
                     return end;
                 }
+                if meter.ending || !client_open {
+                    return End::Quiet("backend closed the connection".into());
+                }
                 return End::Words("UNAVAILABLE", "backend closed the connection".into());
             }
             Read::Server(Err(e)) => {
@@ -617,8 +635,15 @@ async fn relay(
         {
             return end;
         }
-        if !client_open {
-            return End::Quiet("client closed the connection".into());
+        if !client_open && !backend_shut {
+            // Pass the client's end on; the backend answers what it still has, then closes.
+            backend_shut = true;
+            if tokio::time::timeout(LINGER, backend.shutdown())
+                .await
+                .is_err()
+            {
+                return End::Quiet("client closed the connection".into());
+            }
         }
     }
 }
@@ -701,6 +726,7 @@ async fn act(
             }
             Act::Close(why, true) => return Some(End::Words("ALERT", why.clone())),
             Act::Close(why, false) => return Some(End::Quiet(why.clone())),
+            Act::Ending => meter.ending = true,
             Act::Note => {}
         }
     }
