@@ -158,7 +158,7 @@ impl Dovecot {
         let conf = format!(
             "base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\n\
              protocols = imap pop3\nlisten = 127.0.0.1\nssl = no\n\
-             disable_plaintext_auth = no\nauth_mechanisms = plain login\nauth_verbose = yes\n\
+             disable_plaintext_auth = yes\nauth_mechanisms = plain login\nauth_verbose = yes\n\
              haproxy_trusted_networks = 127.0.0.1/8\nmail_location = maildir:~/Maildir\n\
              login_log_format_elements = user=<%u> method=%m rip=%r rport=%{{rport}} lip=%l lport=%{{lport}} %c\n\
              first_valid_uid = 0\n{users}\
@@ -313,8 +313,10 @@ async fn python(script: &'static str, args: Vec<String>) -> String {
 /// line ends, dot-unstuffed, as poplib returns it), then "ok"; or "refused: ..." when the
 /// login fails.
 const POP3_SCRIPT: &str = r#"
-import poplib, ssl, sys
-port, mode, user, password, ca = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+import poplib, socket, ssl, sys
+port, mode, user, password, ca, src = sys.argv[1:7]
+poplib.POP3._create_socket = lambda self, timeout: socket.create_connection(
+    (self.host, self.port), timeout, source_address=(src, 0))
 ctx = ssl.create_default_context(cafile=ca)
 if mode == "ssl":
     p = poplib.POP3_SSL("127.0.0.1", int(port), context=ctx, timeout=10)
@@ -341,8 +343,10 @@ print("ok")
 /// IMAP through the proxy: STARTTLS (unless "ssl"), LOGIN, SELECT INBOX, FETCH each message's
 /// BODY.PEEK[] one per command, LOGOUT. Output as [`POP3_SCRIPT`] (content with CRLF).
 const IMAP_SCRIPT: &str = r#"
-import imaplib, ssl, sys
-port, mode, user, password, ca = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+import imaplib, socket, ssl, sys
+port, mode, user, password, ca, src = sys.argv[1:7]
+imaplib.IMAP4._create_socket = lambda self, timeout: socket.create_connection(
+    (self.host, self.port), timeout, source_address=(src, 0))
 ctx = ssl.create_default_context(cafile=ca)
 if mode == "ssl":
     m = imaplib.IMAP4_SSL("127.0.0.1", int(port), ssl_context=ctx, timeout=10)
@@ -418,8 +422,13 @@ fn args(port: u16, mode: &str, user: &str, password: &str, ca: &Path) -> Vec<Str
         user.into(),
         password.into(),
         ca.display().to_string(),
+        CLIENT_IP.into(),
     ]
 }
+
+/// The clients' source address: not the proxy's own (127.0.0.1), so an address Dovecot logs
+/// can only have come from the PROXY v2 header.
+const CLIENT_IP: &str = "127.0.0.2";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pop3_messages_arrive_unchanged_and_dovecot_sees_the_client_address() {
@@ -440,7 +449,7 @@ async fn pop3_messages_arrive_unchanged_and_dovecot_sees_the_client_address() {
         assert_eq!(field(&out, "msg"), want, "{listener}");
         // PROXY v2: Dovecot logs the client's own port and the proxy's listener as local end.
         let client_port = field(&out, "port")[0];
-        let line = format!("rip=127.0.0.1, rport={client_port}, lip=127.0.0.1, lport={port}");
+        let line = format!("rip={CLIENT_IP}, rport={client_port}, lip=127.0.0.1, lport={port}");
         let log = wait_log(&d, &line).await;
         assert!(log.contains(&line), "{line} not in dovecot's log:\n{log}");
     }
@@ -452,7 +461,10 @@ async fn pop3_messages_arrive_unchanged_and_dovecot_sees_the_client_address() {
     .await;
     assert!(out.contains("refused:") && out.contains("-ERR"), "{out}");
     let log = wait_log(&d, "Password mismatch").await;
-    assert!(log.contains("passwd-file(alice,127.0.0.1"), "{log}");
+    assert!(
+        log.contains(&format!("passwd-file(alice,{CLIENT_IP}")),
+        "{log}"
+    );
     assert!(log.contains("Password mismatch"), "{log}");
     // The proxy's meter agrees with Dovecot's retr=N/bytes, to the byte (docs/retrieval.md).
     let [logins, retrieved, retrieved_bytes, _] = p.stats_after(3).await;
@@ -488,7 +500,7 @@ async fn imap_messages_arrive_unchanged_and_dovecot_sees_the_client_address() {
         );
         assert_eq!(field(&out, "msg"), want, "{listener}");
         let client_port = field(&out, "port")[0];
-        let line = format!("rip=127.0.0.1, rport={client_port}, lip=127.0.0.1, lport={port}");
+        let line = format!("rip={CLIENT_IP}, rport={client_port}, lip=127.0.0.1, lport={port}");
         let log = wait_log(&d, &line).await;
         assert!(log.contains(&line), "{line} not in dovecot's log:\n{log}");
     }

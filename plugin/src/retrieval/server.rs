@@ -421,6 +421,13 @@ async fn connection(
         }
     }
 
+    if !kind.implicit_tls() && !cfg.allow_plaintext_login {
+        // The header goes out before the client's STLS/STARTTLS, and the proxy lets no
+        // credentials through before TLS: tell the backend the client is on TLS (PP2_CLIENT_SSL,
+        // version unknown yet), so that its own plaintext-login refusal (Dovecot's default
+        // disable_plaintext_auth = yes) does not refuse the logins the proxy let through.
+        tls_info = Some(TlsInfo::default());
+    }
     let backend_addr = if imap {
         &cfg.backend_imap
     } else {
