@@ -710,3 +710,144 @@ async fn quit_and_logout_end_with_the_backends_reply_even_after_a_half_close() {
     }
     p.stop().await;
 }
+
+/// `openssl s_client -starttls` with `input` on stdin (`-quiet` waits for the server to close).
+async fn s_client(proto: &'static str, port: u16, ca: PathBuf, input: &'static str) -> String {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut child = Command::new("timeout")
+            .args([
+                "10",
+                "openssl",
+                "s_client",
+                "-quiet",
+                "-crlf",
+                "-starttls",
+                proto,
+            ])
+            .arg("-connect")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-CAfile")
+            .arg(&ca)
+            .args(["-verify_return_error", "-servername", "localhost"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "s_client {proto}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_starttls_sessions_and_a_failed_handshake() {
+    if !peers_present() {
+        return;
+    }
+    if !have("openssl", "version") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "openssl missing under CI"
+        );
+        skip("openssl not installed");
+        return;
+    }
+    let d = Dovecot::start();
+    let p = Proxy::start(d.pop3, d.imap, "").await;
+    // A client that speaks no TLS on the implicit TLS port is closed; nothing reaches the
+    // backend and other sessions go on.
+    let mut s = TcpStream::connect(p.addr("pop3s")).await.unwrap();
+    s.write_all(b"USER alice\r\n").await.unwrap();
+    let (got, eof) = read_until(&mut s, Duration::from_secs(3), |_| false).await;
+    assert!(eof, "{got:?}");
+    assert!(!got.contains("+OK"), "{got:?}");
+    let out = s_client(
+        "pop3",
+        p.port("pop3"),
+        p.ca.clone(),
+        "USER alice\nPASS secret\nSTAT\nQUIT\n",
+    )
+    .await;
+    let stat = format!("+OK {} ", messages().len());
+    assert!(out.contains(&stat), "{out}");
+    assert!(out.contains("+OK Logging out"), "{out}");
+    let out = s_client(
+        "imap",
+        p.port("imap"),
+        p.ca.clone(),
+        "a1 LOGIN alice secret\na2 SELECT INBOX\na3 LOGOUT\n",
+    )
+    .await;
+    assert!(out.contains("a1 OK"), "{out}");
+    assert!(out.contains("* 3 EXISTS"), "{out}");
+    assert!(out.contains("a3 OK"), "{out}");
+    let log = d.log();
+    assert!(
+        log.contains("user=<alice>, method=PLAIN, rip=127.0.0.1"),
+        "{log}"
+    );
+    p.stop().await;
+}
+
+/// A backend that greets, takes one command and closes in the middle of its reply.
+async fn fake_backend(greeting: &'static [u8], partial: &'static [u8]) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                // The PROXY header (read and ignored), then the greeting.
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(greeting).await;
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(partial).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_closes_mid_reply_is_reported_with_a_reason() {
+    let pop3 = fake_backend(b"+OK fake\r\n", b"+OK 2 messages\r\n1 10\r\n").await;
+    let imap = fake_backend(b"* OK fake\r\n", b"* CAPABILITY IMAP4rev1\r\n").await;
+    // No real peer needed: `plaintext` lets the commands through without TLS.
+    let p = Proxy::start(pop3, imap, "allow_plaintext_login = true").await;
+    for (listener, cmd, want) in [
+        (
+            "pop3",
+            &b"LIST\r\n"[..],
+            "-ERR [SYS/TEMP] backend closed the connection",
+        ),
+        (
+            "imap",
+            &b"a1 CAPABILITY\r\n"[..],
+            "* BYE [UNAVAILABLE] backend closed the connection",
+        ),
+    ] {
+        let mut s = TcpStream::connect(p.addr(listener)).await.unwrap();
+        let (greeting, _) =
+            read_until(&mut s, Duration::from_secs(3), |g| g.ends_with("\r\n")).await;
+        assert!(greeting.contains("fake"), "{listener}: {greeting:?}");
+        s.write_all(cmd).await.unwrap();
+        let (rest, eof) = read_until(&mut s, Duration::from_secs(3), |_| false).await;
+        assert!(eof, "{listener}: {rest:?}");
+        assert!(rest.contains(want), "{listener}: {rest:?}");
+    }
+    p.stop().await;
+}
