@@ -299,11 +299,21 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         outbox: stores.outbox.stats.clone(),
         audit: stores.audit.stats(),
         milter: milter_addr.map(|_| milter_stats.clone()),
+        retrieval: (!retrieval_addrs.is_empty()).then(|| retrieval_stats.clone()),
         agents: cfg.link.agents.iter().map(|a| a.addr.clone()).collect(),
-        certificates: vec![
+        certificates: [
             ("cert", tls_files.cert.clone()),
             ("ca", tls_files.ca.clone()),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            cfg.retrieval
+                .tls
+                .iter()
+                .filter(|_| !retrieval_addrs.is_empty())
+                .map(|(cert, _)| ("retrieval", cert.clone())),
+        )
+        .collect(),
         listeners: listener_stats,
         http: http_stats,
     };

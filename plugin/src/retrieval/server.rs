@@ -87,6 +87,48 @@ pub struct RetrievalStats {
     pub retrieved_bytes: AtomicU64,
 }
 
+/// The `mailbell_retrieval_*` families, read at scrape time.
+impl mailbell_link::metrics::Collector for RetrievalStats {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        for (name, help, c) in [
+            (
+                "mailbell_retrieval_sessions_total",
+                "Retrieval proxy sessions ended.",
+                &self.sessions,
+            ),
+            (
+                "mailbell_retrieval_logins_total",
+                "Retrieval proxy sessions the backend logged in.",
+                &self.logins,
+            ),
+            (
+                "mailbell_retrieval_bytes_to_client_total",
+                "Bytes the retrieval proxy sent to clients.",
+                &self.bytes_to_client,
+            ),
+            (
+                "mailbell_retrieval_bytes_to_backend_total",
+                "Bytes of client commands the retrieval proxy forwarded to the backend.",
+                &self.bytes_to_backend,
+            ),
+            (
+                "mailbell_retrieval_messages_total",
+                "POP3 RETR/TOP replies and IMAP FETCH responses that carried message bytes.",
+                &self.retrieved,
+            ),
+            (
+                "mailbell_retrieval_message_bytes_total",
+                "Message bytes retrieved (POP3 retr_bytes, IMAP literal bytes; docs/retrieval.md).",
+                &self.retrieved_bytes,
+            ),
+        ] {
+            mailbell_link::metrics::counter(&mut enc, name, help, v(c))?;
+        }
+        Ok(())
+    }
+}
+
 impl RetrievalStats {
     fn add(&self, m: &Meter) {
         let add = |c: &AtomicU64, v: u64| c.fetch_add(v, Ordering::Relaxed);
