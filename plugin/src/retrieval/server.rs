@@ -788,3 +788,27 @@ async fn write<W: AsyncWrite + Unpin>(w: &mut W, b: &[u8], limit: Duration) -> i
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_words_are_one_line_in_each_protocols_form() {
+        assert_eq!(
+            bye(false, "UNAVAILABLE", "backend unavailable: refused"),
+            b"-ERR [SYS/TEMP] backend unavailable: refused\r\n"
+        );
+        assert_eq!(
+            bye(true, "UNAVAILABLE", "server shutting down"),
+            b"* BYE [UNAVAILABLE] server shutting down\r\n"
+        );
+        // A reason carrying CR/LF (an io::Error text, a backend line) cannot inject a line.
+        let words = bye(true, "ALERT", "bad\r\na1 OK injected");
+        assert_eq!(words, b"* BYE [ALERT] bada1 OK injected\r\n");
+        assert_eq!(
+            bye(false, "x", &"y".repeat(1000)).len(),
+            "-ERR [SYS/TEMP] ".len() + 200 + 2
+        );
+    }
+}
