@@ -104,7 +104,8 @@ pub struct RetrievalConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Allow USER/PASS, LOGIN and AUTH PLAIN/LOGIN before TLS.
     pub allow_plaintext_login: bool,
-    /// Connections open at once on each listener (slots taken before accept).
+    /// Per listener: connections not logged in yet (slots taken before accept, the oldest
+    /// evicted when all are taken), and separately logged-in sessions.
     pub max_connections: usize,
     /// Longest silence (either way) before login, and the longest TLS handshake.
     pub prelogin_timeout: Duration,

@@ -851,3 +851,92 @@ async fn a_backend_that_closes_mid_reply_is_reported_with_a_reason() {
     }
     p.stop().await;
 }
+
+/// A POP3 backend that greets and answers every line `+OK`.
+async fn ok_backend() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                // The PROXY v2 header: 16 bytes, the last two the length of the rest.
+                let mut header = [0u8; 16];
+                if s.read_exact(&mut header).await.is_err() {
+                    return;
+                }
+                let mut rest = vec![0u8; usize::from(u16::from_be_bytes([header[14], header[15]]))];
+                if s.read_exact(&mut rest).await.is_err() {
+                    return;
+                }
+                let _ = s.write_all(b"+OK fake\r\n").await;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    for _ in buf[..n].iter().filter(|b| **b == b'\n') {
+                        let _ = s.write_all(b"+OK\r\n").await;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_connections_the_oldest_session_not_logged_in_makes_room() {
+    let pop3 = ok_backend().await;
+    let p = Proxy::start(pop3, pop3, "max_connections = 2").await;
+    let addr = p.addr("pop3s");
+    let ca = p.ca.clone();
+    // Over implicit TLS so the proxy lets the login through.
+    let connect = move || {
+        let ca = ca.clone();
+        async move {
+            let files = mailbell_link::tls::ClientTlsFiles {
+                ca: ca.clone(),
+                cert: ca.with_file_name("mailhost.pem"),
+                key: ca.with_file_name("mailhost.key"),
+            };
+            let cfg = mailbell_link::tls::client_config(&files).unwrap();
+            let mut cfg = (*cfg).clone();
+            cfg.alpn_protocols.clear();
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            let mut greeting = [0u8; 10];
+            s.read_exact(&mut greeting).await.unwrap();
+            assert_eq!(&greeting, b"+OK fake\r\n");
+            s
+        }
+    };
+    let mut a = connect().await;
+    a.write_all(b"USER a\r\nPASS b\r\n").await.unwrap();
+    let mut replies = [0u8; 10];
+    a.read_exact(&mut replies).await.unwrap();
+    assert_eq!(&replies, b"+OK\r\n+OK\r\n");
+    // Logged in: A holds a session slot now, and the two pending slots are free again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut b = connect().await;
+    // B stays while it is alone in the pending pool (the logged-in A does not count there).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.write_all(b"NOOP\r\n").await.unwrap();
+    let mut noop = [0u8; 5];
+    b.read_exact(&mut noop).await.unwrap();
+    assert_eq!(&noop, b"+OK\r\n");
+    let _c = connect().await;
+    // C took the last pending slot, and the acceptor made room for the next one: B goes.
+    let mut rest = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), b.read_to_string(&mut rest)).await;
+    assert_eq!(rest, "-ERR [SYS/TEMP] too many connections\r\n");
+    // A, logged in, is never evicted.
+    a.write_all(b"NOOP\r\n").await.unwrap();
+    let mut noop = [0u8; 5];
+    a.read_exact(&mut noop).await.unwrap();
+    assert_eq!(&noop, b"+OK\r\n");
+    p.stop().await;
+}

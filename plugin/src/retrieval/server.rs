@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use mailbell_link::listen::{Acceptor, Limits, ListenerStats, Ticket};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -162,20 +163,26 @@ pub async fn serve(
         max_per_source: None,
     };
     let mut acceptor = Acceptor::new(listener, limits, kind.name(), stats);
+    // Logged-in sessions leave the pending pool for these slots.
+    let slots = Arc::new(Semaphore::new(shared.cfg.max_connections));
     let sessions = TaskTracker::new();
     let result = loop {
         match acceptor.accept(&stop).await {
             Ok(Some(accepted)) => {
                 let local = accepted.stream.local_addr().unwrap_or(accepted.peer);
                 let span = info_span!("retrieval", proto = kind.name(), peer = %accepted.peer);
-                let (shared, stop) = (shared.clone(), stop.clone());
+                let (shared, stop, slots) = (shared.clone(), stop.clone(), slots.clone());
                 sessions.spawn(
                     async move {
+                        let place = Place {
+                            ticket: accepted.ticket,
+                            slots,
+                        };
                         connection(
                             accepted.stream,
                             accepted.peer,
                             local,
-                            accepted.ticket,
+                            place,
                             kind,
                             &shared,
                             &stop,
@@ -192,6 +199,13 @@ pub async fn serve(
     sessions.close();
     sessions.wait().await;
     result
+}
+
+/// A connection's place: its acceptor ticket (a pending slot until login), and the listener's
+/// session slots it moves to once the backend accepted its login.
+struct Place {
+    ticket: Ticket,
+    slots: Arc<Semaphore>,
 }
 
 /// The client side: plain TCP, or TLS (implicit or after STLS/STARTTLS).
@@ -419,7 +433,7 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    mut ticket: Ticket,
+    mut ticket: Place,
     kind: Listener,
     shared: &Shared,
     stop: &CancellationToken,
@@ -439,7 +453,7 @@ async fn connection(
         };
         let handshake = tokio::select! {
             () = stop.cancelled() => return,
-            () = ticket.evicted() => {
+            () = ticket.ticket.evicted() => {
                 debug!("evicted during the TLS handshake");
                 return;
             }
@@ -456,7 +470,7 @@ async fn connection(
                 return;
             }
             Err(_) => {
-                ticket.timed_out();
+                ticket.ticket.timed_out();
                 info!("TLS handshake timed out");
                 return;
             }
@@ -598,7 +612,7 @@ async fn relay(
     backend: &mut TcpStream,
     core: &mut Core,
     meter: &mut Meter,
-    ticket: &mut Ticket,
+    ticket: &mut Place,
     kind: Listener,
     shared: &Shared,
     stop: &CancellationToken,
@@ -627,13 +641,13 @@ async fn relay(
         let read = tokio::select! {
             biased;
             () = stop.cancelled() => return End::Words("UNAVAILABLE", "server shutting down".into()),
-            () = ticket.evicted() => return End::Words("UNAVAILABLE", "too many connections".into()),
+            () = ticket.ticket.evicted() => return End::Words("UNAVAILABLE", "too many connections".into()),
             () = tokio::time::sleep(limit) => {
                 if !client_open {
                     return End::Quiet("backend did not finish after the client closed".into());
                 }
                 if !core.logged_in() {
-                    ticket.timed_out();
+                    ticket.ticket.timed_out();
                 }
                 return End::Words("UNAVAILABLE", format!("no activity for {}s, closing", limit.as_secs()));
             }
@@ -704,7 +718,7 @@ async fn act(
     backend: &mut TcpStream,
     core: &mut Core,
     meter: &mut Meter,
-    ticket: &mut Ticket,
+    ticket: &mut Place,
     acts: &[Act],
     input: &[u8],
     shared: &Shared,
@@ -763,7 +777,17 @@ async fn act(
                 if account.is_some() {
                     meter.account.clone_from(account);
                 }
-                ticket.proven();
+                // The session leaves the pending pool (where it could be evicted) for a
+                // session slot; the backend has already accepted the login, so a full house
+                // ends it with a reason.
+                let promoted = tokio::time::timeout(
+                    shared.cfg.prelogin_timeout,
+                    ticket.ticket.promote(ticket.slots.clone()),
+                )
+                .await;
+                if !matches!(promoted, Ok(Ok(()))) {
+                    return Some(End::Words("UNAVAILABLE", "too many sessions".into()));
+                }
                 info!(account = account.as_deref().unwrap_or(""), "logged in");
             }
             Act::LoginFailed(account, reply) => {
