@@ -248,6 +248,25 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<Arc<ServerConfig>, TlsErr
     Ok(Arc::new(config))
 }
 
+/// A public-facing TLS server (the retrieval proxy's POP3/IMAP listeners): TLS 1.2 and 1.3 with
+/// the ring provider, no client certificate, one certificate chain and key from PEM files (for
+/// example the ones certbot manages). Unlike the link, mail clients still speak TLS 1.2.
+pub fn public_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = load_certs(cert)?;
+    let private = load_key(key)?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::Rustls)?
+        .with_no_client_auth()
+        .with_single_cert(certs, private)
+        .map_err(|source| TlsError::Identity {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            source,
+        })?;
+    Ok(Arc::new(config))
+}
+
 /// The mail host's configuration: TLS 1.3 only, only `files.ca` trusted, the client
 /// certificate presented, ALPN [`ALPN`]. The agent's name is checked against the
 /// [`ServerName`] given to the connector.

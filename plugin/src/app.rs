@@ -29,6 +29,7 @@ use crate::mta::stalwart::StalwartStats;
 use crate::notify::intake::{IntakeStats, MailIntake};
 use crate::notify::outbox::{Outbox, OutboxConfig};
 use crate::notify::sender::AuditedOutbox;
+use crate::retrieval::server;
 use crate::users::UserStore;
 
 /// The stores one daemon owns.
@@ -96,6 +97,10 @@ pub struct Running {
     pub http_addr: Option<SocketAddr>,
     pub milter_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
+    /// The retrieval proxy's bound listeners, by name (`pop3`, `pop3s`, `imap`, `imaps`).
+    pub retrieval_addrs: Vec<(&'static str, SocketAddr)>,
+    /// The retrieval proxy's totals over ended sessions.
+    pub retrieval_stats: Arc<crate::retrieval::server::RetrievalStats>,
     pub stores: Stores,
     pub intake: MailIntake,
     pub link_stats: Arc<ClientStats>,
@@ -267,6 +272,17 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         });
     }
 
+    let retrieval_stats = Arc::new(crate::retrieval::server::RetrievalStats::default());
+    let retrieval_addrs = start_retrieval(
+        &cfg,
+        &tasks,
+        &shutdown,
+        &failures,
+        &mut listener_stats,
+        &retrieval_stats,
+    )
+    .await?;
+
     let admin = bind("the admin API", cfg.admin_listen).await?;
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     // The admin listener's counters exist before its router, which reports them.
@@ -283,11 +299,21 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         outbox: stores.outbox.stats.clone(),
         audit: stores.audit.stats(),
         milter: milter_addr.map(|_| milter_stats.clone()),
+        retrieval: (!retrieval_addrs.is_empty()).then(|| retrieval_stats.clone()),
         agents: cfg.link.agents.iter().map(|a| a.addr.clone()).collect(),
-        certificates: vec![
+        certificates: [
             ("cert", tls_files.cert.clone()),
             ("ca", tls_files.ca.clone()),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            cfg.retrieval
+                .tls
+                .iter()
+                .filter(|_| !retrieval_addrs.is_empty())
+                .map(|(cert, _)| ("retrieval", cert.clone())),
+        )
+        .collect(),
         listeners: listener_stats,
         http: http_stats,
     };
@@ -322,6 +348,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         http = ?http_addr,
         milter = ?milter_addr,
         admin = ?admin_addr,
+        retrieval = ?retrieval_addrs,
         agents = ?cfg.link.agents.iter().map(|a| a.addr.as_str()).collect::<Vec<_>>(),
         users = stores.users.len(),
         queued = stores.outbox.depth(),
@@ -332,6 +359,8 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         http_addr,
         milter_addr,
         admin_addr,
+        retrieval_addrs,
+        retrieval_stats,
         stores,
         intake,
         link_stats,
@@ -340,6 +369,51 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         shutdown,
         failures,
     })
+}
+
+/// Binds and serves the retrieval proxy's listeners that are configured (none by default).
+async fn start_retrieval(
+    cfg: &Config,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+    failures: &Failures,
+    listener_stats: &mut Vec<(&'static str, Arc<ListenerStats>)>,
+    stats: &Arc<server::RetrievalStats>,
+) -> anyhow::Result<Vec<(&'static str, SocketAddr)>> {
+    use crate::retrieval::server::Listener;
+    let r = &cfg.retrieval;
+    let mut addrs = Vec::new();
+    let Some((cert, key)) = r.tls.as_ref().filter(|_| r.enabled()) else {
+        return Ok(addrs);
+    };
+    let tls = tls::public_server_config(cert, key).context("retrieval TLS")?;
+    let shared = Arc::new(server::Shared {
+        cfg: r.clone(),
+        tls: tokio_rustls::TlsAcceptor::from(tls),
+        stats: stats.clone(),
+    });
+    for (kind, addr) in [
+        (Listener::Pop3, r.pop3),
+        (Listener::Pop3s, r.pop3s),
+        (Listener::Imap, r.imap),
+        (Listener::Imaps, r.imaps),
+    ] {
+        let Some(l) = bind(kind.name(), addr).await? else {
+            continue;
+        };
+        if let Ok(a) = l.local_addr() {
+            addrs.push((kind.name(), a));
+        }
+        let stats = Arc::new(ListenerStats::default());
+        listener_stats.push((kind.name(), stats.clone()));
+        let (shared, stop, failures) = (shared.clone(), shutdown.clone(), failures.clone());
+        tasks.spawn(async move {
+            if let Err(e) = server::serve(l, kind, shared, stats, stop).await {
+                failures.fail(format!("{} listener failed: {e:#}", kind.name()));
+            }
+        });
+    }
+    Ok(addrs)
 }
 
 /// `mailbell serve`: runs until SIGTERM or Ctrl-C.

@@ -33,6 +33,165 @@ struct RawConfig {
     outbox: RawOutbox,
     audit: AuditConfig,
     http: RawHttp,
+    retrieval: RawRetrieval,
+}
+
+/// `[retrieval]`: the POP3/IMAP proxy in front of the backend's listeners (all off by default).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRetrieval {
+    pop3: String,
+    pop3s: String,
+    imap: String,
+    imaps: String,
+    backend_pop3: String,
+    backend_imap: String,
+    proxy_protocol: bool,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    allow_plaintext_login: bool,
+    max_connections: usize,
+    #[serde(deserialize_with = "de_duration")]
+    prelogin_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pop3_idle_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    imap_idle_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    connect_timeout: Duration,
+}
+
+impl Default for RawRetrieval {
+    fn default() -> Self {
+        Self {
+            pop3: String::new(),
+            pop3s: String::new(),
+            imap: String::new(),
+            imaps: String::new(),
+            backend_pop3: "127.0.0.1:110".into(),
+            backend_imap: "127.0.0.1:143".into(),
+            proxy_protocol: true,
+            cert: None,
+            key: None,
+            allow_plaintext_login: false,
+            max_connections: 1024,
+            prelogin_timeout: Duration::from_secs(60),
+            pop3_idle_timeout: Duration::from_secs(10 * 60),
+            imap_idle_timeout: Duration::from_secs(30 * 60),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The retrieval proxy's settings (`[retrieval]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetrievalConfig {
+    /// Plain POP3 with STLS.
+    pub pop3: Option<SocketAddr>,
+    /// POP3 over implicit TLS.
+    pub pop3s: Option<SocketAddr>,
+    /// Plain IMAP with STARTTLS.
+    pub imap: Option<SocketAddr>,
+    /// IMAP over implicit TLS.
+    pub imaps: Option<SocketAddr>,
+    /// The backend's POP3 listener, host:port.
+    pub backend_pop3: String,
+    /// The backend's IMAP listener, host:port.
+    pub backend_imap: String,
+    /// Open each backend connection with a PROXY protocol v2 header.
+    pub proxy_protocol: bool,
+    /// Certificate chain and key (PEM); required when a listener is on.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Allow USER/PASS, LOGIN and AUTH PLAIN/LOGIN before TLS.
+    pub allow_plaintext_login: bool,
+    /// Per listener: connections not logged in yet (slots taken before accept, the oldest
+    /// evicted when all are taken), and separately logged-in sessions.
+    pub max_connections: usize,
+    /// Longest silence (either way) before login, and the longest TLS handshake.
+    pub prelogin_timeout: Duration,
+    /// Longest silence (either way) after login on POP3.
+    pub pop3_idle_timeout: Duration,
+    /// Longest silence after login on IMAP (RFC 9051 lets IDLE last 30 minutes).
+    pub imap_idle_timeout: Duration,
+    /// Longest wait for the backend's TCP connection.
+    pub connect_timeout: Duration,
+}
+
+impl RetrievalConfig {
+    /// Whether any listener is on.
+    pub fn enabled(&self) -> bool {
+        self.pop3.is_some() || self.pop3s.is_some() || self.imap.is_some() || self.imaps.is_some()
+    }
+}
+
+fn host_port(key: &str, s: &str) -> Result<String, ConfigError> {
+    if s.rsplit_once(':')
+        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        return Err(ConfigError::Invalid(format!(
+            "retrieval.{key} {s:?} is not host:port"
+        )));
+    }
+    Ok(s.to_owned())
+}
+
+fn retrieval(r: RawRetrieval) -> Result<RetrievalConfig, ConfigError> {
+    let inv = ConfigError::Invalid;
+    let on = |key: &str, s: &str| -> Result<Option<SocketAddr>, ConfigError> {
+        if s.trim().is_empty() {
+            return Ok(None);
+        }
+        s.trim().parse().map(Some).map_err(|_| {
+            inv(format!(
+                "retrieval.{key} {s:?} is not ip:port (or \"\" to turn it off)"
+            ))
+        })
+    };
+    let c = RetrievalConfig {
+        pop3: on("pop3", &r.pop3)?,
+        pop3s: on("pop3s", &r.pop3s)?,
+        imap: on("imap", &r.imap)?,
+        imaps: on("imaps", &r.imaps)?,
+        backend_pop3: host_port("backend_pop3", &r.backend_pop3)?,
+        backend_imap: host_port("backend_imap", &r.backend_imap)?,
+        proxy_protocol: r.proxy_protocol,
+        tls: match (r.cert, r.key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(inv(
+                    "set both retrieval.cert and retrieval.key, or neither".into()
+                ))
+            }
+        },
+        allow_plaintext_login: r.allow_plaintext_login,
+        max_connections: r.max_connections,
+        prelogin_timeout: r.prelogin_timeout,
+        pop3_idle_timeout: r.pop3_idle_timeout,
+        imap_idle_timeout: r.imap_idle_timeout,
+        connect_timeout: r.connect_timeout,
+    };
+    if c.max_connections == 0 {
+        return Err(inv("retrieval.max_connections must be at least 1".into()));
+    }
+    for (key, d) in [
+        ("prelogin_timeout", c.prelogin_timeout),
+        ("pop3_idle_timeout", c.pop3_idle_timeout),
+        ("imap_idle_timeout", c.imap_idle_timeout),
+        ("connect_timeout", c.connect_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(inv(format!("retrieval.{key} must be above zero")));
+        }
+    }
+    if c.enabled() && c.tls.is_none() {
+        return Err(inv(
+            "retrieval.cert and retrieval.key are required when a retrieval listener is on \
+             (STLS/STARTTLS and the implicit TLS ports need them)"
+                .into(),
+        ));
+    }
+    Ok(c)
 }
 
 /// `[http.stalwart]` and `[http.admin]`: each HTTP listener's timeouts and connection cap.
@@ -241,6 +400,8 @@ pub struct Config {
     pub http_stalwart: HttpConfig,
     /// The admin API's HTTP server (`max_connections` always set).
     pub http_admin: HttpConfig,
+    /// The POP3/IMAP retrieval proxy.
+    pub retrieval: RetrievalConfig,
 }
 
 fn listen(key: &str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
@@ -295,6 +456,10 @@ impl Config {
             }
             LinkTls::DevPki { dir, .. } => *dir = paths::resolve(base, dir),
         }
+        if let Some((cert, key)) = &mut self.retrieval.tls {
+            *cert = paths::resolve(base, cert);
+            *key = paths::resolve(base, key);
+        }
     }
 
     /// Checks, before anything is created, that the certificate files can be read and that
@@ -309,6 +474,10 @@ impl Config {
                 paths::check_readable_file("link.key", key)?;
             }
             LinkTls::DevPki { dir, .. } => paths::check_dir_creatable("link.dev_pki_dir", dir)?,
+        }
+        if let (true, Some((cert, key))) = (self.retrieval.enabled(), &self.retrieval.tls) {
+            paths::check_readable_file("retrieval.cert", cert)?;
+            paths::check_readable_file("retrieval.key", key)?;
         }
         Ok(())
     }
@@ -403,6 +572,7 @@ impl Config {
         if raw.outbox.max_depth == 0 {
             return Err(inv("outbox.max_depth must be at least 1".into()));
         }
+        let retrieval = retrieval(raw.retrieval)?;
         Ok(Self {
             data_dir,
             http_listen: listen("http", &raw.listen.http)?,
@@ -435,6 +605,7 @@ impl Config {
             audit: raw.audit,
             http_stalwart,
             http_admin,
+            retrieval,
         })
     }
 
@@ -519,6 +690,13 @@ mod tests {
         assert!(e("[http.admin]\nidle_timeout = \"0s\"").contains("http.admin.idle_timeout"));
         assert!(e("[http.stalwart]\nmax_connections = 0").contains("http.stalwart.max_connections"));
         assert!(e("[http.stalwart]\nkeepalive = 1").contains("keepalive"));
+        assert!(e("[retrieval]\npop3 = \"110\"").contains("retrieval.pop3"));
+        assert!(e("[retrieval]\nbackend_imap = \"host\"").contains("retrieval.backend_imap"));
+        assert!(e("[retrieval]\ncert = \"c.pem\"").contains("retrieval.key"));
+        assert!(e("[retrieval]\nimaps = \"127.0.0.1:993\"").contains("retrieval.cert"));
+        assert!(e("[retrieval]\nmax_connections = 0").contains("retrieval.max_connections"));
+        assert!(e("[retrieval]\nprelogin_timeout = 0").contains("retrieval.prelogin_timeout"));
+        assert!(e("[retrieval]\nsmtp = \"\"").contains("smtp"));
     }
 
     #[test]
@@ -565,6 +743,37 @@ mod tests {
         // Text without a file keeps its paths as written.
         let c = Config::from_toml("[mailbell]\ndata_dir = \"state\"", "t").unwrap();
         assert_eq!(c.data_dir, Path::new("state"));
+    }
+
+    #[test]
+    fn retrieval_is_off_by_default_and_its_paths_resolve() {
+        let c = Config::from_toml("", "t").unwrap();
+        assert!(!c.retrieval.enabled());
+        assert!(c.retrieval.proxy_protocol);
+        assert!(!c.retrieval.allow_plaintext_login);
+        assert_eq!(c.retrieval.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.retrieval.imap_idle_timeout, Duration::from_secs(1800));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mailbell.toml");
+        std::fs::write(
+            &file,
+            "[retrieval]\nimap = \"127.0.0.1:1143\"\nbackend_imap = \"[::1]:143\"\n\
+             cert = \"tls/cert.pem\"\nkey = \"/abs/key.pem\"\nprelogin_timeout = \"5s\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file)).unwrap();
+        assert_eq!(c.retrieval.imap, Some("127.0.0.1:1143".parse().unwrap()));
+        assert_eq!(c.retrieval.pop3, None);
+        assert_eq!(
+            c.retrieval.tls,
+            Some((
+                dir.path().join("tls/cert.pem"),
+                PathBuf::from("/abs/key.pem")
+            ))
+        );
+        assert_eq!(c.retrieval.prelogin_timeout, Duration::from_secs(5));
+        let e = c.check_paths().unwrap_err().to_string();
+        assert!(e.starts_with("retrieval.cert"), "{e}");
     }
 
     #[test]

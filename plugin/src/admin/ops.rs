@@ -53,6 +53,8 @@ pub struct Metrics {
     pub audit: Arc<AuditStats>,
     /// The milter's sessions, messages, tempfails and latency (`None`: no milter listener).
     pub milter: Option<Arc<MilterStats>>,
+    /// The retrieval proxy's totals (`None`: no retrieval listener).
+    pub retrieval: Option<Arc<crate::retrieval::server::RetrievalStats>>,
     /// The configured agents' addresses, in `[[link.agent]]` order (`mailbell_link_up`).
     pub agents: Vec<String>,
     /// The link's certificate files by role ("cert", "ca"), for their expiry.
@@ -376,6 +378,9 @@ impl Metrics {
         if let Some(milter) = &self.milter {
             r.register_collector(Box::new(milter.clone()));
         }
+        if let Some(retrieval) = &self.retrieval {
+            r.register_collector(Box::new(retrieval.clone()));
+        }
         r.register_collector(Box::new(CertExpiryCollector {
             files: self.certificates.clone(),
         }));
@@ -638,6 +643,7 @@ mod tests {
             outbox: outbox.stats.clone(),
             audit: Arc::default(),
             milter: Some(Arc::default()),
+            retrieval: Some(Arc::default()),
             agents: vec!["agent-a:7443".into(), "agent-b:7443".into()],
             certificates: vec![("cert", dir.path().join("missing.pem"))],
             listeners: vec![("milter", Arc::default())],
@@ -654,6 +660,7 @@ mod tests {
             "mailbell_stalwart_hook_calls_total{stage=\"data\"} 0\n",
             "mailbell_stalwart_webhook_batches_total 0\n",
             "mailbell_milter_sessions_total 0\n",
+            "mailbell_retrieval_message_bytes_total 0\n",
             "mailbell_listener_connections_open{listener=\"milter\"} 0\n",
             "mailbell_http_requests_total{listener=\"admin\"} 0\n",
             // An unreadable certificate leaves its series out, not the family.

@@ -26,6 +26,7 @@ mod line;
 pub mod pop3;
 pub mod proxy_v2;
 pub mod sasl;
+pub mod server;
 
 /// Default cap on a line (and, for IMAP, a literal) before login.
 pub const PRE_LOGIN_MAX: usize = 8 * 1024;

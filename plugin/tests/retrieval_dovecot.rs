@@ -1,0 +1,942 @@
+//! Black-box tests of the retrieval proxy against a real private Dovecot (POP3 and IMAP
+//! listeners with `haproxy = yes`, a passwd-file with test users and their Maildirs) and real
+//! clients: Python's poplib and imaplib, and curl. The proxy runs in-process as `mailbell serve`
+//! starts it ([`mailbell::app::start`]). Without dovecot the tests print `SKIPPED ...`; under
+//! `CI=true` they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use mailbell::app::{self, Running};
+use mailbell::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+const DOVECOT: &str = "/usr/sbin/dovecot";
+
+/// The test messages in alice's maildrop, in delivery order (LF line ends, as Maildir stores
+/// them; one body line starts with a dot, so POP3 dot-stuffing is exercised).
+fn messages() -> Vec<String> {
+    (1..=3)
+        .map(|i| {
+            let body: String = (0..40 * i)
+                .map(|n| format!("line {n} of message {i}: the quick brown fox\n"))
+                .collect();
+            format!(
+                "From: sender@example.org\nTo: alice@example.org\nSubject: test {i}\n\
+                 Message-ID: <m{i}@example.org>\n\n.a line with a leading dot\n{body}"
+            )
+        })
+        .collect()
+}
+
+/// Reports a test skipped for a missing system peer (visible under plain `cargo test`).
+fn skip(reason: &str) {
+    use std::io::Write as _;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("test");
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {reason}");
+}
+
+fn have(cmd: &str, arg: &str) -> bool {
+    Command::new(cmd)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether the real peers are here; under CI a missing one fails the test.
+fn peers_present() -> bool {
+    let missing: Vec<&str> = [
+        (Path::new(DOVECOT).exists(), "dovecot"),
+        (have("python3", "--version"), "python3"),
+        (have("curl", "--version"), "curl"),
+    ]
+    .into_iter()
+    .filter(|(ok, _)| !ok)
+    .map(|(_, n)| n)
+    .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "missing under CI: {missing:?}"
+    );
+    skip(&format!("not installed: {missing:?}"));
+    false
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn id(args: &[&str]) -> String {
+    let out = Command::new("id").args(args).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn chown_all(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).unwrap() {
+            chown_all(&e.unwrap().path(), uid, gid);
+        }
+    }
+}
+
+/// A private Dovecot instance, killed on drop.
+struct Dovecot {
+    child: Child,
+    dir: tempfile::TempDir,
+    pop3: u16,
+    imap: u16,
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Dovecot {
+    fn start() -> Dovecot {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for sub in ["run", "state"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        for user in ["alice", "bob"] {
+            for sub in ["cur", "new", "tmp"] {
+                std::fs::create_dir_all(d.join("home").join(user).join("Maildir").join(sub))
+                    .unwrap();
+            }
+        }
+        for (i, m) in messages().iter().enumerate() {
+            let name = format!("{}.M{i}P1.test:2,", 1_700_000_000 + i);
+            std::fs::write(d.join("home/alice/Maildir/cur").join(name), m).unwrap();
+        }
+        std::fs::write(
+            d.join("passwd"),
+            "alice:{PLAIN}secret::::::\nbob:{PLAIN}hunter2::::::\n",
+        )
+        .unwrap();
+        let (pop3, imap) = (free_port(), free_port());
+        let root = id(&["-u"]) == "0";
+        // Dovecot refuses to give mail to uid 0: as root the mail belongs to nobody.
+        let (user, group) = if root {
+            let (uid, gid) = (id(&["-u", "nobody"]), id(&["-g", "nobody"]));
+            let (uid, gid) = (uid.parse().unwrap(), gid.parse().unwrap());
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+            chown_all(&d.join("home"), uid, gid);
+            (id(&["-un", "nobody"]), id(&["-gn", "nobody"]))
+        } else {
+            (id(&["-un"]), id(&["-gn"]))
+        };
+        // As root Dovecot drops to its own users; otherwise everything runs as the caller.
+        let users = if root {
+            "default_internal_user = dovenull\n".to_owned()
+        } else {
+            format!(
+                "default_internal_user = {user}\ndefault_internal_group = {group}\n\
+                 default_login_user = {user}\n"
+            )
+        };
+        let conf = format!(
+            "base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\n\
+             protocols = imap pop3\nlisten = 127.0.0.1\nssl = no\n\
+             disable_plaintext_auth = yes\nauth_mechanisms = plain login\nauth_verbose = yes\n\
+             haproxy_trusted_networks = 127.0.0.1/8\nmail_location = maildir:~/Maildir\n\
+             login_log_format_elements = user=<%u> method=%m rip=%r rport=%{{rport}} lip=%l lport=%{{lport}} %c\n\
+             first_valid_uid = 0\n{users}\
+             passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {d}/passwd\n}}\n\
+             userdb {{\n  driver = static\n  args = uid={user} gid={group} home={d}/home/%u\n}}\n\
+             service imap-login {{\n  inet_listener imap {{\n    port = {imap}\n    haproxy = yes\n  }}\n\
+               inet_listener imaps {{\n    port = 0\n  }}\n}}\n\
+             service pop3-login {{\n  inet_listener pop3 {{\n    port = {pop3}\n    haproxy = yes\n  }}\n\
+               inet_listener pop3s {{\n    port = 0\n  }}\n}}\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("dovecot.conf"), conf).unwrap();
+        let child = Command::new(DOVECOT)
+            .arg("-F")
+            .arg("-c")
+            .arg(d.join("dovecot.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let dovecot = Dovecot {
+            child,
+            dir,
+            pop3,
+            imap,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while [pop3, imap]
+            .iter()
+            .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "dovecot did not listen: {}",
+                dovecot.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        dovecot
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
+    }
+}
+
+/// The proxy in front of `dovecot`, all four listeners on ephemeral ports.
+struct Proxy {
+    running: Option<Running>,
+    stop: CancellationToken,
+    _dir: tempfile::TempDir,
+    /// The test certificate's CA (the dev PKI's).
+    ca: PathBuf,
+}
+
+impl Proxy {
+    async fn start(backend_pop3: u16, backend_imap: u16, extra: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = mailbell_link::pki::ensure_dev_pki(
+            &dir.path().join("pki"),
+            &["localhost".to_owned(), "127.0.0.1".to_owned()],
+            "mailhost",
+            false,
+        )
+        .unwrap();
+        let toml = format!(
+            "[mailbell]\ndata_dir = {data:?}\n[listen]\nhttp = \"\"\nmilter = \"\"\nadmin = \"\"\n\
+             [link]\ndev_pki_dir = {pki:?}\n\
+             [retrieval]\npop3 = \"127.0.0.1:0\"\npop3s = \"127.0.0.1:0\"\n\
+             imap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\n\
+             backend_pop3 = \"127.0.0.1:{backend_pop3}\"\nbackend_imap = \"127.0.0.1:{backend_imap}\"\n\
+             cert = {cert:?}\nkey = {key:?}\n{extra}\n",
+            data = dir.path().join("data"),
+            pki = dir.path().join("pki"),
+            cert = pki.agent_cert,
+            key = pki.agent_key,
+        );
+        let cfg = Config::from_toml(&toml, "test").unwrap();
+        let stop = CancellationToken::new();
+        let running = app::start(cfg, stop.clone()).await.unwrap();
+        Proxy {
+            running: Some(running),
+            stop,
+            ca: pki.ca_cert.clone(),
+            _dir: dir,
+        }
+    }
+
+    fn addr(&self, name: &str) -> SocketAddr {
+        self.running
+            .as_ref()
+            .unwrap()
+            .retrieval_addrs
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1
+    }
+
+    fn port(&self, name: &str) -> u16 {
+        self.addr(name).port()
+    }
+
+    /// The proxy's totals once `sessions` sessions have ended (it counts a session when its
+    /// task ends, just after the client saw the last reply).
+    async fn stats_after(&self, sessions: u64) -> [u64; 4] {
+        let st = &self.running.as_ref().unwrap().retrieval_stats;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while st.sessions.load(Relaxed) < sessions && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(st.sessions.load(Relaxed), sessions);
+        [
+            st.logins.load(Relaxed),
+            st.retrieved.load(Relaxed),
+            st.retrieved_bytes.load(Relaxed),
+            st.bytes_to_client.load(Relaxed),
+        ]
+    }
+
+    async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+    }
+}
+
+/// Runs `python3 -c script args...` off the runtime; returns stdout, panics with stderr on
+/// failure.
+async fn python(script: &'static str, args: Vec<String>) -> String {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .args(&args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "python failed: {}\nstdout: {stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    })
+    .await
+    .unwrap()
+}
+
+/// POP3 through the proxy: log in (STLS first unless `mode` is "ssl"), STAT, LIST, RETR each
+/// message, QUIT. Prints the client's own port, then per message the RETR content as hex (LF
+/// line ends, dot-unstuffed, as poplib returns it), then "ok"; or "refused: ..." when the
+/// login fails.
+const POP3_SCRIPT: &str = r#"
+import poplib, socket, ssl, sys
+port, mode, user, password, ca, src = sys.argv[1:7]
+poplib.POP3._create_socket = lambda self, timeout: socket.create_connection(
+    (self.host, self.port), timeout, source_address=(src, 0))
+ctx = ssl.create_default_context(cafile=ca)
+if mode == "ssl":
+    p = poplib.POP3_SSL("127.0.0.1", int(port), context=ctx, timeout=10)
+else:
+    p = poplib.POP3("127.0.0.1", int(port), timeout=10)
+    if mode == "stls":
+        p.stls(context=ctx)
+print("port", p.sock.getsockname()[1])
+try:
+    p.user(user)
+    p.pass_(password)
+except poplib.error_proto as e:
+    print("refused:", e)
+    sys.exit(0)
+count, size = p.stat()
+print("stat", count, size)
+for i in range(1, count + 1):
+    resp, lines, octets = p.retr(i)
+    print("msg", b"".join(l + b"\n" for l in lines).hex())
+p.quit()
+print("ok")
+"#;
+
+/// IMAP through the proxy: STARTTLS (unless "ssl"), LOGIN, SELECT INBOX, FETCH each message's
+/// BODY.PEEK[] one per command, LOGOUT. Output as [`POP3_SCRIPT`] (content with CRLF).
+const IMAP_SCRIPT: &str = r#"
+import imaplib, socket, ssl, sys
+port, mode, user, password, ca, src = sys.argv[1:7]
+imaplib.IMAP4._create_socket = lambda self, timeout: socket.create_connection(
+    (self.host, self.port), timeout, source_address=(src, 0))
+ctx = ssl.create_default_context(cafile=ca)
+if mode == "ssl":
+    m = imaplib.IMAP4_SSL("127.0.0.1", int(port), ssl_context=ctx, timeout=10)
+else:
+    m = imaplib.IMAP4("127.0.0.1", int(port), timeout=10)
+    if mode == "starttls":
+        m.starttls(ssl_context=ctx)
+print("port", m.sock.getsockname()[1])
+try:
+    m.login(user, password)
+except imaplib.IMAP4.error as e:
+    print("refused:", e)
+    sys.exit(0)
+typ, data = m.select("INBOX")
+count = int(data[0])
+print("stat", count)
+for i in range(1, count + 1):
+    typ, data = m.fetch(str(i), "(BODY.PEEK[])")
+    print("msg", data[0][1].hex())
+m.logout()
+print("ok")
+"#;
+
+/// The lines of a script's output that start with `key `.
+fn field<'a>(out: &'a str, key: &str) -> Vec<&'a str> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(' ')))
+        .collect()
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The sum of `key=N/BYTES` (POP3, e.g. `retr=3/10742`) or `key=BYTES` (IMAP `body_bytes=`)
+/// over Dovecot's logout lines: (count, bytes).
+fn dovecot_counter(log: &str, key: &str) -> (u64, u64) {
+    let mut total = (0, 0);
+    for line in log.lines().filter(|l| l.contains("Logged out")) {
+        let Some(v) = line
+            .split([' ', ','])
+            .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        else {
+            continue;
+        };
+        match v.split_once('/') {
+            Some((n, b)) => {
+                total.0 += n.parse::<u64>().unwrap();
+                total.1 += b.parse::<u64>().unwrap();
+            }
+            None => total.1 += v.parse::<u64>().unwrap(),
+        }
+    }
+    total
+}
+
+/// Waits until Dovecot's log holds `needle` (it writes the login line asynchronously).
+async fn wait_log(d: &Dovecot, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = d.log();
+        if log.contains(needle) || Instant::now() > deadline {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn args(port: u16, mode: &str, user: &str, password: &str, ca: &Path) -> Vec<String> {
+    vec![
+        port.to_string(),
+        mode.into(),
+        user.into(),
+        password.into(),
+        ca.display().to_string(),
+        CLIENT_IP.into(),
+    ]
+}
+
+/// The clients' source address: not the proxy's own (127.0.0.1), so an address Dovecot logs
+/// can only have come from the PROXY v2 header.
+const CLIENT_IP: &str = "127.0.0.2";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pop3_messages_arrive_unchanged_and_dovecot_sees_the_client_address() {
+    if !peers_present() {
+        return;
+    }
+    let d = Dovecot::start();
+    let p = Proxy::start(d.pop3, d.imap, "").await;
+    for (listener, mode) in [("pop3", "stls"), ("pop3s", "ssl")] {
+        let port = p.port(listener);
+        let out = python(POP3_SCRIPT, args(port, mode, "alice", "secret", &p.ca)).await;
+        assert!(
+            out.ends_with("ok\n"),
+            "{listener}: {out}\ndovecot log:\n{}",
+            d.log()
+        );
+        let want: Vec<String> = messages().iter().map(|m| hex(m)).collect();
+        assert_eq!(field(&out, "msg"), want, "{listener}");
+        // PROXY v2: Dovecot logs the client's own port and the proxy's listener as local end.
+        let client_port = field(&out, "port")[0];
+        let line = format!("rip={CLIENT_IP}, rport={client_port}, lip=127.0.0.1, lport={port}");
+        let log = wait_log(&d, &line).await;
+        assert!(log.contains(&line), "{line} not in dovecot's log:\n{log}");
+    }
+    // The backend decides: a wrong password is refused.
+    let out = python(
+        POP3_SCRIPT,
+        args(p.port("pop3"), "stls", "alice", "wrong", &p.ca),
+    )
+    .await;
+    assert!(out.contains("refused:") && out.contains("-ERR"), "{out}");
+    let log = wait_log(&d, "Password mismatch").await;
+    assert!(
+        log.contains(&format!("passwd-file(alice,{CLIENT_IP}")),
+        "{log}"
+    );
+    assert!(log.contains("Password mismatch"), "{log}");
+    // The proxy's meter agrees with Dovecot's retr=N/bytes, to the byte (docs/retrieval.md).
+    let [logins, retrieved, retrieved_bytes, _] = p.stats_after(3).await;
+    assert_eq!(logins, 2);
+    let log = d.log();
+    assert_eq!(
+        dovecot_counter(&log, "retr"),
+        (retrieved, retrieved_bytes),
+        "{log}"
+    );
+    assert_eq!(retrieved, 6);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_messages_arrive_unchanged_and_dovecot_sees_the_client_address() {
+    if !peers_present() {
+        return;
+    }
+    let d = Dovecot::start();
+    let p = Proxy::start(d.pop3, d.imap, "").await;
+    let want: Vec<String> = messages()
+        .iter()
+        .map(|m| hex(&m.replace('\n', "\r\n")))
+        .collect();
+    for (listener, mode) in [("imap", "starttls"), ("imaps", "ssl")] {
+        let port = p.port(listener);
+        let out = python(IMAP_SCRIPT, args(port, mode, "alice", "secret", &p.ca)).await;
+        assert!(
+            out.ends_with("ok\n"),
+            "{listener}: {out}\ndovecot log:\n{}",
+            d.log()
+        );
+        assert_eq!(field(&out, "msg"), want, "{listener}");
+        let client_port = field(&out, "port")[0];
+        let line = format!("rip={CLIENT_IP}, rport={client_port}, lip=127.0.0.1, lport={port}");
+        let log = wait_log(&d, &line).await;
+        assert!(log.contains(&line), "{line} not in dovecot's log:\n{log}");
+    }
+    let out = python(
+        IMAP_SCRIPT,
+        args(p.port("imap"), "starttls", "bob", "wrong", &p.ca),
+    )
+    .await;
+    assert!(out.contains("refused:"), "{out}");
+    // The proxy's FETCH bytes agree with Dovecot's body_bytes (every fetch here is BODY[]).
+    let [logins, retrieved, retrieved_bytes, _] = p.stats_after(3).await;
+    assert_eq!((logins, retrieved), (2, 6));
+    let log = d.log();
+    assert_eq!(
+        dovecot_counter(&log, "body_bytes").1,
+        retrieved_bytes,
+        "{log}"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_retrieves_over_pop3_and_imap_with_and_without_implicit_tls() {
+    if !peers_present() {
+        return;
+    }
+    let d = Dovecot::start();
+    let p = Proxy::start(d.pop3, d.imap, "").await;
+    let msgs = messages();
+    let crlf = msgs[1].replace('\n', "\r\n");
+    let cases = [
+        (format!("pop3://127.0.0.1:{}/2", p.port("pop3")), true),
+        (format!("pop3s://127.0.0.1:{}/2", p.port("pop3s")), false),
+        (
+            format!("imap://127.0.0.1:{}/INBOX;UID=2", p.port("imap")),
+            true,
+        ),
+        (
+            format!("imaps://127.0.0.1:{}/INBOX;UID=2", p.port("imaps")),
+            false,
+        ),
+    ];
+    for (url, starttls) in cases {
+        let ca = p.ca.clone();
+        let u = url.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let mut c = Command::new("curl");
+            c.args(["-sS", "--max-time", "10", "--cacert"])
+                .arg(&ca)
+                .args(["-u", "alice:secret"]);
+            if starttls {
+                c.arg("--ssl-reqd");
+            }
+            c.arg(&u).output().unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // curl removes POP3 dot-stuffing and the final dot, so both protocols give the message.
+        let got = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(got, crlf, "{url}");
+    }
+    p.stop().await;
+}
+
+/// Reads until `pred` holds for what was read, EOF, or `limit`; returns what was read and
+/// whether EOF came.
+async fn read_until(
+    s: &mut TcpStream,
+    limit: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> (String, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into(), false),
+        }
+        if pred(&String::from_utf8_lossy(&got)) {
+            return (String::from_utf8_lossy(&got).into(), false);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_login_before_tls_is_refused_by_the_proxy() {
+    if !peers_present() {
+        return;
+    }
+    let d = Dovecot::start();
+    let p = Proxy::start(d.pop3, d.imap, "").await;
+    let out = python(
+        POP3_SCRIPT,
+        args(p.port("pop3"), "plain", "alice", "secret", &p.ca),
+    )
+    .await;
+    assert!(
+        out.contains("refused:") && out.contains("Plaintext"),
+        "{out}"
+    );
+    let out = python(
+        IMAP_SCRIPT,
+        args(p.port("imap"), "plain", "alice", "secret", &p.ca),
+    )
+    .await;
+    assert!(out.contains("refused:"), "{out}");
+    // Never asked: Dovecot saw no login attempt for alice.
+    assert!(!d.log().contains("user=<alice>"), "{}", d.log());
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_is_down_is_reported_at_once() {
+    if !peers_present() {
+        return;
+    }
+    let closed = free_port();
+    let p = Proxy::start(closed, closed, "").await;
+    for (listener, want) in [
+        ("pop3", "-ERR [SYS/TEMP] backend unavailable"),
+        ("imap", "* BYE [UNAVAILABLE] backend unavailable"),
+    ] {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(p.addr(listener)).await.unwrap();
+        let (got, eof) = read_until(&mut s, Duration::from_secs(3), |_| false).await;
+        assert!(got.starts_with(want), "{listener}: {got:?}");
+        assert!(eof, "{listener}: connection left open");
+        assert!(started.elapsed() < Duration::from_secs(2), "{listener}");
+    }
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_closed_at_the_prelogin_timeout_and_shutdown_says_bye() {
+    if !peers_present() {
+        return;
+    }
+    let d = Dovecot::start();
+    let p = Proxy::start(d.pop3, d.imap, "prelogin_timeout = \"1s\"").await;
+    let started = Instant::now();
+    let mut s = TcpStream::connect(p.addr("pop3")).await.unwrap();
+    let (got, eof) = read_until(&mut s, Duration::from_secs(5), |_| false).await;
+    assert!(got.starts_with("+OK"), "{got:?}");
+    assert!(got.contains("-ERR [SYS/TEMP] no activity"), "{got:?}");
+    assert!(eof);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // An IMAP session open at shutdown is told why it ends.
+    let mut s = TcpStream::connect(p.addr("imap")).await.unwrap();
+    let (greeting, _) = read_until(&mut s, Duration::from_secs(3), |g| g.ends_with("\r\n")).await;
+    assert!(greeting.starts_with("* OK"), "{greeting:?}");
+    s.write_all(b"a1 NOOP\r\n").await.unwrap();
+    let (noop, _) = read_until(&mut s, Duration::from_secs(3), |g| g.contains("a1 OK")).await;
+    assert!(noop.contains("a1 OK"), "{noop:?}");
+    p.stop.cancel();
+    let (bye, eof) = read_until(&mut s, Duration::from_secs(3), |_| false).await;
+    assert!(
+        bye.starts_with("* BYE [UNAVAILABLE] server shutting down"),
+        "{bye:?}"
+    );
+    assert!(eof);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_and_logout_end_with_the_backends_reply_even_after_a_half_close() {
+    if !peers_present() {
+        return;
+    }
+    let d = Dovecot::start();
+    let p = Proxy::start(d.pop3, d.imap, "").await;
+    for (listener, send, last) in [
+        ("pop3", &b"CAPA\r\nQUIT\r\n"[..], "+OK Logging out"),
+        (
+            "imap",
+            &b"a1 NOOP\r\na2 LOGOUT\r\n"[..],
+            "a2 OK Logout completed",
+        ),
+    ] {
+        let mut s = TcpStream::connect(p.addr(listener)).await.unwrap();
+        let (greeting, _) =
+            read_until(&mut s, Duration::from_secs(3), |g| g.ends_with("\r\n")).await;
+        // Pipelined, then the client closes its side at once: the replies still arrive, and
+        // nothing of the proxy's follows the backend's last line.
+        s.write_all(send).await.unwrap();
+        s.shutdown().await.unwrap();
+        let (rest, eof) = read_until(&mut s, Duration::from_secs(5), |_| false).await;
+        assert!(eof, "{listener}: {rest:?}");
+        let all = greeting + &rest;
+        // The backend's reply to QUIT/LOGOUT is the last line (Dovecot adds timing figures).
+        let last_line = all.trim_end().rsplit("\r\n").next().unwrap_or("");
+        assert!(last_line.starts_with(last), "{listener}: {all:?}");
+        assert!(all.ends_with("\r\n"), "{listener}: {all:?}");
+        if listener == "pop3" {
+            assert!(all.contains("\r\nSTLS\r\n"), "CAPA answered: {all:?}");
+        }
+    }
+    p.stop().await;
+}
+
+/// `openssl s_client -starttls` with `input` on stdin (`-quiet` waits for the server to close).
+async fn s_client(proto: &'static str, port: u16, ca: PathBuf, input: &'static str) -> String {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut child = Command::new("timeout")
+            .args([
+                "10",
+                "openssl",
+                "s_client",
+                "-quiet",
+                "-crlf",
+                "-starttls",
+                proto,
+            ])
+            .arg("-connect")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-CAfile")
+            .arg(&ca)
+            .args(["-verify_return_error", "-servername", "localhost"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "s_client {proto}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_starttls_sessions_and_a_failed_handshake() {
+    if !peers_present() {
+        return;
+    }
+    if !have("openssl", "version") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "openssl missing under CI"
+        );
+        skip("openssl not installed");
+        return;
+    }
+    let d = Dovecot::start();
+    let p = Proxy::start(d.pop3, d.imap, "").await;
+    // A client that speaks no TLS on the implicit TLS port is closed; nothing reaches the
+    // backend and other sessions go on.
+    let mut s = TcpStream::connect(p.addr("pop3s")).await.unwrap();
+    s.write_all(b"USER alice\r\n").await.unwrap();
+    let (got, eof) = read_until(&mut s, Duration::from_secs(3), |_| false).await;
+    assert!(eof, "{got:?}");
+    assert!(!got.contains("+OK"), "{got:?}");
+    let out = s_client(
+        "pop3",
+        p.port("pop3"),
+        p.ca.clone(),
+        "USER alice\nPASS secret\nSTAT\nQUIT\n",
+    )
+    .await;
+    let stat = format!("+OK {} ", messages().len());
+    assert!(out.contains(&stat), "{out}");
+    assert!(out.contains("+OK Logging out"), "{out}");
+    let out = s_client(
+        "imap",
+        p.port("imap"),
+        p.ca.clone(),
+        "a1 LOGIN alice secret\na2 SELECT INBOX\na3 LOGOUT\n",
+    )
+    .await;
+    assert!(out.contains("a1 OK"), "{out}");
+    assert!(out.contains("* 3 EXISTS"), "{out}");
+    assert!(out.contains("a3 OK"), "{out}");
+    let log = d.log();
+    assert!(
+        log.contains("user=<alice>, method=PLAIN, rip=127.0.0.1"),
+        "{log}"
+    );
+    p.stop().await;
+}
+
+/// A backend that greets, takes one command and closes in the middle of its reply.
+async fn fake_backend(greeting: &'static [u8], partial: &'static [u8]) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                // The PROXY header (read and ignored), then the greeting.
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(greeting).await;
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(partial).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_closes_mid_reply_is_reported_with_a_reason() {
+    let pop3 = fake_backend(b"+OK fake\r\n", b"+OK 2 messages\r\n1 10\r\n").await;
+    let imap = fake_backend(b"* OK fake\r\n", b"* CAPABILITY IMAP4rev1\r\n").await;
+    // No real peer needed: `plaintext` lets the commands through without TLS.
+    let p = Proxy::start(pop3, imap, "allow_plaintext_login = true").await;
+    for (listener, cmd, want) in [
+        (
+            "pop3",
+            &b"LIST\r\n"[..],
+            "-ERR [SYS/TEMP] backend closed the connection",
+        ),
+        (
+            "imap",
+            &b"a1 CAPABILITY\r\n"[..],
+            "* BYE [UNAVAILABLE] backend closed the connection",
+        ),
+    ] {
+        let mut s = TcpStream::connect(p.addr(listener)).await.unwrap();
+        let (greeting, _) =
+            read_until(&mut s, Duration::from_secs(3), |g| g.ends_with("\r\n")).await;
+        assert!(greeting.contains("fake"), "{listener}: {greeting:?}");
+        s.write_all(cmd).await.unwrap();
+        let (rest, eof) = read_until(&mut s, Duration::from_secs(3), |_| false).await;
+        assert!(eof, "{listener}: {rest:?}");
+        assert!(rest.contains(want), "{listener}: {rest:?}");
+    }
+    p.stop().await;
+}
+
+/// A POP3 backend that greets and answers every line `+OK`.
+async fn ok_backend() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                // The PROXY v2 header: 16 bytes, the last two the length of the rest.
+                let mut header = [0u8; 16];
+                if s.read_exact(&mut header).await.is_err() {
+                    return;
+                }
+                let mut rest = vec![0u8; usize::from(u16::from_be_bytes([header[14], header[15]]))];
+                if s.read_exact(&mut rest).await.is_err() {
+                    return;
+                }
+                let _ = s.write_all(b"+OK fake\r\n").await;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    for _ in buf[..n].iter().filter(|b| **b == b'\n') {
+                        let _ = s.write_all(b"+OK\r\n").await;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_connections_the_oldest_session_not_logged_in_makes_room() {
+    let pop3 = ok_backend().await;
+    let p = Proxy::start(pop3, pop3, "max_connections = 2").await;
+    let addr = p.addr("pop3s");
+    let ca = p.ca.clone();
+    // Over implicit TLS so the proxy lets the login through.
+    let connect = move || {
+        let ca = ca.clone();
+        async move {
+            let files = mailbell_link::tls::ClientTlsFiles {
+                ca: ca.clone(),
+                cert: ca.with_file_name("mailhost.pem"),
+                key: ca.with_file_name("mailhost.key"),
+            };
+            let cfg = mailbell_link::tls::client_config(&files).unwrap();
+            let mut cfg = (*cfg).clone();
+            cfg.alpn_protocols.clear();
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            let mut greeting = [0u8; 10];
+            s.read_exact(&mut greeting).await.unwrap();
+            assert_eq!(&greeting, b"+OK fake\r\n");
+            s
+        }
+    };
+    let mut a = connect().await;
+    a.write_all(b"USER a\r\nPASS b\r\n").await.unwrap();
+    let mut replies = [0u8; 10];
+    a.read_exact(&mut replies).await.unwrap();
+    assert_eq!(&replies, b"+OK\r\n+OK\r\n");
+    // Logged in: A holds a session slot now, and the two pending slots are free again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut b = connect().await;
+    // B stays while it is alone in the pending pool (the logged-in A does not count there).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.write_all(b"NOOP\r\n").await.unwrap();
+    let mut noop = [0u8; 5];
+    b.read_exact(&mut noop).await.unwrap();
+    assert_eq!(&noop, b"+OK\r\n");
+    let _c = connect().await;
+    // C took the last pending slot, and the acceptor made room for the next one: B goes.
+    let mut rest = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), b.read_to_string(&mut rest)).await;
+    assert_eq!(rest, "-ERR [SYS/TEMP] too many connections\r\n");
+    // A, logged in, is never evicted.
+    a.write_all(b"NOOP\r\n").await.unwrap();
+    let mut noop = [0u8; 5];
+    a.read_exact(&mut noop).await.unwrap();
+    assert_eq!(&noop, b"+OK\r\n");
+    p.stop().await;
+}
