@@ -13,6 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+#[path = "../../tests/shared/prometheus.rs"]
+mod prometheus;
+
 const HOOK: &str = "/stalwart/mta-hook";
 
 fn config_text(dir: &std::path::Path, extra: &str) -> String {
@@ -244,7 +247,7 @@ async fn oversized_hook_fields_get_413() {
 /// /metrics carries every HTTP listener's counters, and is valid Prometheus text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_name_each_listener() {
-    let (running, dir) = start(QUICK).await;
+    let (running, _dir) = start(QUICK).await;
     let mut s = TcpStream::connect(running.http_addr.unwrap())
         .await
         .unwrap();
@@ -272,7 +275,7 @@ async fn metrics_name_each_listener() {
     ] {
         assert!(text.contains(line), "{line} missing from:\n{text}");
     }
-    promtool_check(dir.path(), text);
+    promtool_check(text);
     // /status names its figures for what they are: running totals end in _total, and the link
     // state is the agent a session is up with now.
     let mut s = TcpStream::connect(running.admin_addr.unwrap())
@@ -288,41 +291,13 @@ async fn metrics_name_each_listener() {
     assert_eq!(status["link_sessions_established_total"], 0, "{status}");
     assert!(status.get("link_connected_sessions").is_none(), "{status}");
     // Every metric the shipped alert rules use for the mail side is on its /metrics.
-    for name in rule_metrics("mailbell-mail") {
+    for name in prometheus::rule_metrics("mailbell-mail") {
         assert!(
             text.contains(&format!("# TYPE {name} ")),
             "alert rules use {name}, which /metrics does not have:\n{text}"
         );
     }
     running.stop().await;
-}
-
-/// The metric names the alert rules of `group` in config/prometheus/mailbell-alerts.yml use.
-fn rule_metrics(group: &str) -> Vec<String> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../config/prometheus/mailbell-alerts.yml"
-    );
-    let text = std::fs::read_to_string(path).unwrap();
-    let start = text
-        .find(&format!("- name: {group}\n"))
-        .unwrap_or_else(|| panic!("no group {group} in {path}"));
-    let rest = &text[start + 1..];
-    let section = &rest[..rest.find("- name: ").unwrap_or(rest.len())];
-    let mut names: Vec<String> = section
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("expr:"))
-        .flat_map(|e| {
-            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .filter(|w| w.starts_with("mailbell_"))
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    names.sort();
-    names.dedup();
-    assert!(!names.is_empty(), "no metrics in group {group}");
-    names
 }
 
 /// The shipped alert rules pass `promtool check rules` (a visible skip outside CI when
@@ -364,27 +339,9 @@ fn skip(reason: &str) {
 }
 
 /// `promtool check metrics` on `text`, when promtool is installed (it must be under CI).
-fn promtool_check(dir: &std::path::Path, text: &str) {
-    let path = dir.join("metrics.txt");
-    std::fs::write(&path, text).unwrap();
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("promtool check metrics < {}", path.display()))
-        .output();
-    match out {
-        Ok(o) if o.status.code() == Some(127) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "promtool missing under CI"
-            );
-            skip("promtool not installed; /metrics not checked by it");
-        }
-        Ok(o) => {
-            let said = String::from_utf8_lossy(&o.stderr).to_string()
-                + &String::from_utf8_lossy(&o.stdout);
-            assert!(o.status.success(), "promtool check metrics: {said}\n{text}");
-        }
-        Err(e) => panic!("sh: {e}"),
+fn promtool_check(text: &str) {
+    if !prometheus::promtool_check_metrics(text) {
+        skip("promtool not installed; /metrics not checked by it");
     }
 }
 

@@ -7,5 +7,7 @@ mod config_errors;
 mod crash;
 mod faults;
 mod pipeline;
+#[path = "../../../tests/shared/prometheus.rs"]
+mod prometheus;
 mod status_http;
 mod support;

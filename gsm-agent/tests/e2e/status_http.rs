@@ -119,7 +119,7 @@ async fn the_status_port_closes_slow_and_idle_clients() {
     assert_eq!(r.status, 200);
     promtool_check(&r.body);
     // Every metric the shipped alert rules use for the agent is on its /metrics.
-    for name in rule_metrics("mailbell-agent") {
+    for name in crate::prometheus::rule_metrics("mailbell-agent") {
         assert!(
             r.body.contains(&format!("# TYPE {name} ")),
             "alert rules use {name}, which the agent's /metrics does not have:\n{}",
@@ -145,67 +145,9 @@ async fn the_status_port_closes_slow_and_idle_clients() {
     agent.stop().await;
 }
 
-/// The metric names the alert rules of `group` in config/prometheus/mailbell-alerts.yml use.
-fn rule_metrics(group: &str) -> Vec<String> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../config/prometheus/mailbell-alerts.yml"
-    );
-    let text = std::fs::read_to_string(path).unwrap();
-    let start = text
-        .find(&format!("- name: {group}\n"))
-        .unwrap_or_else(|| panic!("no group {group} in {path}"));
-    let rest = &text[start + 1..];
-    let section = &rest[..rest.find("- name: ").unwrap_or(rest.len())];
-    let mut names: Vec<String> = section
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("expr:"))
-        .flat_map(|e| {
-            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .filter(|w| w.starts_with("mailbell_"))
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    names.sort();
-    names.dedup();
-    assert!(!names.is_empty(), "no metrics in group {group}");
-    names
-}
-
 /// `promtool check metrics` on `text` (a visible skip outside CI when promtool is missing).
 fn promtool_check(text: &str) {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "promtool missing under CI"
-            );
-            crate::support::skip("promtool not installed; the agent's /metrics not checked by it");
-            return;
-        }
-        Err(e) => panic!("promtool: {e}"),
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {said}\n{text}"
-    );
+    if !crate::prometheus::promtool_check_metrics(text) {
+        crate::support::skip("promtool not installed; the agent's /metrics not checked by it");
+    }
 }
