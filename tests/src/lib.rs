@@ -2,6 +2,7 @@
 
 pub mod cpu;
 pub mod disk;
+pub mod feed;
 pub mod postfix;
 pub mod stalwart;
 pub mod system;

@@ -13,11 +13,8 @@ use hdrhistogram::Histogram;
 use mailbell_gsm_agent::app;
 use mailbell_gsm_agent::config::Config;
 use mailbell_gsm_agent::modem::pdu::decode_submit;
-use mailbell_link::memory::MemoryOutbox;
-use mailbell_link::net::{self, ClientSettings, ClientStats, Endpoint};
-use mailbell_link::sender::SenderConfig;
-use mailbell_link::{tls, NotifId, Notification};
-use tokio_util::sync::CancellationToken;
+use mailbell_link::{NotifId, Notification};
+use mailbell_tests::feed::LinkFeed;
 
 #[derive(Parser)]
 struct Args {
@@ -82,26 +79,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     let running = app::start(cfg.clone()).await?;
     let tls_files = app::client_tls(&cfg, None)?;
-    let outbox = MemoryOutbox::new();
-    let stop = CancellationToken::new();
-    let settings = ClientSettings {
-        agents: vec![Endpoint {
-            addr: running.link_addr.to_string(),
-            server_name: "localhost".into(),
-        }],
-        tls: tls::client_config(&tls_files)?,
-        sender: SenderConfig::default(),
-        connect_timeout: Duration::from_secs(2),
-        io_timeout: Duration::from_secs(5),
-        backoff_min: Duration::from_millis(50),
-        backoff_max: Duration::from_millis(500),
-    };
-    let client = tokio::spawn(net::run_client(
-        settings,
-        outbox.clone(),
-        stop.clone(),
-        std::sync::Arc::new(ClientStats::default()),
-    ));
+    let feed = LinkFeed::start(&running.link_addr.to_string(), &tls_files)?;
+    let outbox = feed.outbox.clone();
     let sim = running
         .sim
         .as_ref()
@@ -181,8 +160,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             secs
         );
     }
-    stop.cancel();
-    let _ = client.await;
+    feed.stop().await;
     running.stop().await;
     Ok(ok)
 }

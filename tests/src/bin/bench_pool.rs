@@ -31,12 +31,9 @@ use mailbell_gsm_agent::app;
 use mailbell_gsm_agent::config::Config;
 use mailbell_gsm_agent::modem::pdu::decode_submit;
 use mailbell_gsm_agent::sim::{Broken, Fault, SimModem, SimOptions};
-use mailbell_link::memory::MemoryOutbox;
-use mailbell_link::net::{self, ClientSettings, ClientStats, Endpoint};
-use mailbell_link::sender::SenderConfig;
-use mailbell_link::{tls, NotifId, Notification};
+use mailbell_link::{NotifId, Notification};
 use mailbell_tests::cpu::{load_average, thread_cpu};
-use tokio_util::sync::CancellationToken;
+use mailbell_tests::feed::LinkFeed;
 
 /// /proc counts in USER_HZ ticks, 100 per second on Linux.
 const TICKS_PER_SEC: f64 = 100.0;
@@ -175,26 +172,8 @@ async fn one_run(args: &Args, k: usize, broken: bool) -> anyhow::Result<bool> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let tls_files = app::client_tls(&cfg, None)?;
-    let outbox = MemoryOutbox::new();
-    let stop = CancellationToken::new();
-    let settings = ClientSettings {
-        agents: vec![Endpoint {
-            addr: running.link_addr.to_string(),
-            server_name: "localhost".into(),
-        }],
-        tls: tls::client_config(&tls_files)?,
-        sender: SenderConfig::default(),
-        connect_timeout: Duration::from_secs(2),
-        io_timeout: Duration::from_secs(5),
-        backoff_min: Duration::from_millis(50),
-        backoff_max: Duration::from_millis(500),
-    };
-    let client = tokio::spawn(net::run_client(
-        settings,
-        outbox.clone(),
-        stop.clone(),
-        std::sync::Arc::new(ClientStats::default()),
-    ));
+    let feed = LinkFeed::start(&running.link_addr.to_string(), &tls_files)?;
+    let outbox = feed.outbox.clone();
 
     // Idle: every modem ready, the link up, nothing to send.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -333,8 +312,7 @@ async fn one_run(args: &Args, k: usize, broken: bool) -> anyhow::Result<bool> {
         status.failed_by_class,
         load_average()
     );
-    stop.cancel();
-    let _ = client.await;
+    feed.stop().await;
     running.stop().await;
     drop(sims);
     Ok(ok)
