@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mailbell");
@@ -210,6 +210,33 @@ fn user_commands(dir: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// A daemon with only its admin API on (loopback port 0) and its data in `<dir>/data`, and
+/// `<dir>/mailbell.toml`: a config naming that address and `token`, for the CLI to go through.
+async fn serve_admin(dir: &Path, token: &str) -> (mailbell::app::Running, PathBuf) {
+    let data = dir.join("data");
+    let daemon = mailbell::config::Config::from_toml(
+        &format!(
+            "[mailbell]\ndata_dir = {data:?}\n[listen]\nhttp = \"\"\nmilter = \"\"\n\
+             admin = \"127.0.0.1:0\"\n[admin]\ntoken = \"{token}\"\n\
+             [[link.agent]]\naddr = \"127.0.0.1:9\"\n"
+        ),
+        "test",
+    )
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = mailbell::app::start(daemon, shutdown).await.unwrap();
+    let admin = running.admin_addr.unwrap();
+    let config = dir.join("mailbell.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mailbell]\ndata_dir = {data:?}\n[listen]\nadmin = \"{admin}\"\n[admin]\ntoken = \"{token}\"\n"
+        ),
+    )
+    .unwrap();
+    (running, config)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_commands_read_the_same_through_the_daemon_and_without_it() {
     const TOKEN: &str = "cli-test-token-0123456789";
@@ -226,27 +253,7 @@ async fn user_commands_read_the_same_through_the_daemon_and_without_it() {
     .unwrap();
     // Through the daemon: a real one on loopback port 0, then a config naming its address.
     let served = tempfile::tempdir().unwrap();
-    let data = served.path().join("data");
-    let daemon = mailbell::config::Config::from_toml(
-        &format!(
-            "[mailbell]\ndata_dir = {data:?}\n[listen]\nhttp = \"\"\nmilter = \"\"\n\
-             admin = \"127.0.0.1:0\"\n[admin]\ntoken = \"{TOKEN}\"\n\
-             [[link.agent]]\naddr = \"127.0.0.1:9\"\n"
-        ),
-        "test",
-    )
-    .unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = mailbell::app::start(daemon, shutdown).await.unwrap();
-    let admin = running.admin_addr.unwrap();
-    let served_config = served.path().join("mailbell.toml");
-    std::fs::write(
-        &served_config,
-        format!(
-            "[mailbell]\ndata_dir = {data:?}\n[listen]\nadmin = \"{admin}\"\n[admin]\ntoken = \"{TOKEN}\"\n"
-        ),
-    )
-    .unwrap();
+    let (running, served_config) = serve_admin(served.path(), TOKEN).await;
 
     // One set of input files, so that the two transcripts name the same paths.
     let files = tempfile::tempdir().unwrap();
@@ -613,27 +620,8 @@ fn log_json_and_no_color() {
 async fn export_pages_through_every_user() {
     const TOKEN: &str = "cli-test-token-0123456789";
     let served = tempfile::tempdir().unwrap();
-    let data = served.path().join("data");
-    let daemon = mailbell::config::Config::from_toml(
-        &format!(
-            "[mailbell]\ndata_dir = {data:?}\n[listen]\nhttp = \"\"\nmilter = \"\"\n\
-             admin = \"127.0.0.1:0\"\n[admin]\ntoken = \"{TOKEN}\"\n\
-             [[link.agent]]\naddr = \"127.0.0.1:9\"\n"
-        ),
-        "test",
-    )
-    .unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = mailbell::app::start(daemon, shutdown).await.unwrap();
+    let (running, config) = serve_admin(served.path(), TOKEN).await;
     let admin = running.admin_addr.unwrap();
-    let config = served.path().join("mailbell.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[mailbell]\ndata_dir = {data:?}\n[listen]\nadmin = \"{admin}\"\n[admin]\ntoken = \"{TOKEN}\"\n"
-        ),
-    )
-    .unwrap();
     let n = 2_345;
     let mut csv = String::from("address,phone,quiet\n");
     for i in 0..n {
