@@ -455,20 +455,7 @@ async fn at_max_connections_the_oldest_session_not_logged_in_makes_room() {
     let connect = move || {
         let ca = ca.clone();
         async move {
-            let files = mailbell_link::tls::ClientTlsFiles {
-                ca: ca.clone(),
-                cert: ca.with_file_name("mailhost.pem"),
-                key: ca.with_file_name("mailhost.key"),
-            };
-            let cfg = mailbell_link::tls::client_config(&files).unwrap();
-            let mut cfg = (*cfg).clone();
-            cfg.alpn_protocols.clear();
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-            let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-                .connect(name, tcp)
-                .await
-                .unwrap();
+            let mut s = tls_connect(addr, &ca).await;
             let mut greeting = [0u8; 10];
             s.read_exact(&mut greeting).await.unwrap();
             assert_eq!(&greeting, b"+OK fake\r\n");

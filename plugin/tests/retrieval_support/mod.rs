@@ -128,9 +128,15 @@ impl Dovecot {
             let name = format!("{}.M{i}P1.test:2,", 1_700_000_000 + i);
             std::fs::write(d.join("home/alice/Maildir/cur").join(name), m).unwrap();
         }
+        // The same mailboxes under full addresses too (the user registry's keys).
+        for user in ["alice", "bob"] {
+            std::os::unix::fs::symlink(user, d.join("home").join(format!("{user}@example.org")))
+                .unwrap();
+        }
         std::fs::write(
             d.join("passwd"),
-            "alice:{PLAIN}secret::::::\nbob:{PLAIN}hunter2::::::\n",
+            "alice:{PLAIN}secret::::::\nbob:{PLAIN}hunter2::::::\n\
+             alice@example.org:{PLAIN}secret::::::\nbob@example.org:{PLAIN}hunter2::::::\n",
         )
         .unwrap();
         let (pop3, imap) = (free_port(), free_port());
@@ -216,7 +222,21 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(backend_pop3: u16, backend_imap: u16, extra: &str) -> Proxy {
+        Proxy::start_with(backend_pop3, backend_imap, None, extra).await
+    }
+
+    /// [`Proxy::start`], with the admin API on loopback port 0 when `admin_token` is given.
+    pub async fn start_with(
+        backend_pop3: u16,
+        backend_imap: u16,
+        admin_token: Option<&str>,
+        extra: &str,
+    ) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
+        let admin = match admin_token {
+            Some(t) => format!("admin = \"127.0.0.1:0\"\n[admin]\ntoken = \"{t}\"\n"),
+            None => "admin = \"\"\n".to_owned(),
+        };
         let pki = mailbell_link::pki::ensure_dev_pki(
             &dir.path().join("pki"),
             &["localhost".to_owned(), "127.0.0.1".to_owned()],
@@ -225,8 +245,8 @@ impl Proxy {
         )
         .unwrap();
         let toml = format!(
-            "[mailbell]\ndata_dir = {data:?}\n[listen]\nhttp = \"\"\nmilter = \"\"\nadmin = \"\"\n\
-             [link]\ndev_pki_dir = {pki:?}\n\
+            "[mailbell]\ndata_dir = {data:?}\n[link]\ndev_pki_dir = {pki:?}\n\
+             [listen]\nhttp = \"\"\nmilter = \"\"\n{admin}\
              [retrieval]\npop3 = \"127.0.0.1:0\"\npop3s = \"127.0.0.1:0\"\n\
              imap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\n\
              backend_pop3 = \"127.0.0.1:{backend_pop3}\"\nbackend_imap = \"127.0.0.1:{backend_imap}\"\n\
@@ -260,6 +280,10 @@ impl Proxy {
 
     pub fn port(&self, name: &str) -> u16 {
         self.addr(name).port()
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().unwrap()
     }
 
     /// The proxy's totals once `sessions` sessions have ended (it counts a session when its
@@ -432,8 +456,8 @@ pub const CLIENT_IP: &str = "127.0.0.2";
 
 /// Reads until `pred` holds for what was read, EOF, or `limit`; returns what was read and
 /// whether EOF came.
-pub async fn read_until(
-    s: &mut TcpStream,
+pub async fn read_until<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
     limit: Duration,
     pred: impl Fn(&str) -> bool,
 ) -> (String, bool) {
@@ -450,4 +474,25 @@ pub async fn read_until(
             return (String::from_utf8_lossy(&got).into(), false);
         }
     }
+}
+
+/// A TLS connection to one of the proxy's implicit TLS listeners, trusting the test CA.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    ca: &Path,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let files = mailbell_link::tls::ClientTlsFiles {
+        ca: ca.to_owned(),
+        cert: ca.with_file_name("mailhost.pem"),
+        key: ca.with_file_name("mailhost.key"),
+    };
+    let cfg = mailbell_link::tls::client_config(&files).unwrap();
+    let mut cfg = (*cfg).clone();
+    cfg.alpn_protocols.clear();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap()
 }
