@@ -353,6 +353,38 @@ async fn crud_and_patch() {
     .await;
     assert_eq!(r.json()["licence_until"], Value::Null);
     assert_eq!(r.json()["rate_limit_secs"], 60);
+    // Account state and networks (the retrieval proxy's gate); a bad value names the field.
+    let r = send_json(
+        &s,
+        "PATCH",
+        "/admin/v1/users/alice@example.com",
+        &json!({"state": "arrears", "networks": ["10.1.2.3/8", "2001:db8::/32"]}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["state"], "arrears");
+    assert_eq!(r.json()["networks"], json!(["10.0.0.0/8", "2001:db8::/32"]));
+    let alice = s.users.lookup("alice@example.com").unwrap();
+    assert!(alice.networks.allows("10.9.9.9".parse().unwrap()));
+    for (body, want) in [
+        (json!({"state": "banned"}), "banned"),
+        (json!({"networks": ["10.0.0.0/33"]}), "10.0.0.0/33"),
+    ] {
+        let r = send_json(&s, "PATCH", "/admin/v1/users/alice@example.com", &body).await;
+        assert_eq!(r.status, 400, "{body}");
+        assert!(r.error().contains(want), "{}", r.error());
+    }
+    let r = send_json(
+        &s,
+        "PATCH",
+        "/admin/v1/users/alice@example.com",
+        &json!({"state": "normal", "networks": []}),
+    )
+    .await;
+    assert_eq!(
+        (r.json()["state"].clone(), r.json()["networks"].clone()),
+        (json!("normal"), json!([]))
+    );
     let r = send_json(
         &s,
         "PATCH",
