@@ -856,6 +856,39 @@ mod tests {
     }
 
     #[test]
+    fn the_notice_file_resolves_and_a_missing_one_is_named() {
+        let c = Config::from_toml("", "t").unwrap();
+        assert_eq!(
+            c.retrieval.notice.subject,
+            crate::retrieval::notice::DEFAULT_SUBJECT
+        );
+        assert_eq!(c.retrieval.texts.unwelcome, DEFAULT_UNWELCOME_TEXT);
+        assert_eq!(c.retrieval.notice_file, None);
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["cert.pem", "key.pem"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let file = dir.path().join("mailbell.toml");
+        std::fs::write(
+            &file,
+            "[retrieval]\npop3s = \"127.0.0.1:995\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+             notice_file = \"notice.txt\"\nnotice_from = \" billing@isp.example \"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file)).unwrap();
+        let notice = dir.path().join("notice.txt");
+        assert_eq!(c.retrieval.notice_file.as_deref(), Some(notice.as_path()));
+        assert_eq!(c.retrieval.notice.from, "billing@isp.example");
+        let e = c.check_paths().unwrap_err().to_string();
+        assert!(
+            e.starts_with("retrieval.notice_file") && e.contains(&notice.display().to_string()),
+            "{e}"
+        );
+        std::fs::write(&notice, "Pay, {address}.").unwrap();
+        c.check_paths().unwrap();
+    }
+
+    #[test]
     fn empty_listen_turns_an_endpoint_off() {
         let c = Config::from_toml("[listen]\nmilter = \"\"\nhttp = \"\"", "t").unwrap();
         assert_eq!(c.milter_listen, None);

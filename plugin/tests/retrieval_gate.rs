@@ -220,6 +220,34 @@ async fn arrears_sees_only_the_payment_notice_and_the_mailbox_is_untouched() {
     let log = wait_log(&d, "retr=0/0").await;
     assert!(log.contains("user=<alice@example.org>"), "{log}");
     assert!(log.contains("retr=0/0, del=0/3"), "{log}");
+    // A client that pipelines RETR and DELE behind its password: they are held until Dovecot
+    // accepted it, then answered from the notice; Dovecot sees none of them.
+    let mut s = tls_connect(p.addr("pop3s"), &p.ca).await;
+    let (greeting, _) = read_until(&mut s, Duration::from_secs(3), |g| g.ends_with("\r\n")).await;
+    assert!(greeting.starts_with("+OK"), "{greeting:?}");
+    s.write_all(b"USER alice@example.org\r\nPASS secret\r\nRETR 1\r\nDELE 1\r\nQUIT\r\n")
+        .await
+        .unwrap();
+    let (got, eof) = read_until(&mut s, Duration::from_secs(5), |_| false).await;
+    assert!(eof, "{got:?}");
+    assert!(
+        got.contains("Subject: Unpaid: alice@example.org"),
+        "{got:?}"
+    );
+    assert!(
+        got.ends_with(".\r\n+OK Marked to be deleted.\r\n+OK Logging out.\r\n"),
+        "{got:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while d.log().matches("retr=0/0, del=0/3").count() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        d.log().matches("retr=0/0, del=0/3").count(),
+        2,
+        "{}",
+        d.log()
+    );
     // IMAP: the login is answered NO [ALERT] after Dovecot accepted the password.
     let out = python(
         IMAP_SCRIPT,
@@ -230,7 +258,7 @@ async fn arrears_sees_only_the_payment_notice_and_the_mailbox_is_untouched() {
         out.contains("refused:") && out.contains("[ALERT] This account is in arrears"),
         "{out}"
     );
-    assert_eq!(gate_stats(&p), [0, 0, 2, 0]);
+    assert_eq!(gate_stats(&p), [0, 0, 3, 0]);
     // Paid: the real mailbox is all there, untouched by the DELE in arrears.
     register(&p, "alice@example.org", AccountState::Normal, "");
     let out = python(

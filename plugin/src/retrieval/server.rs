@@ -1098,6 +1098,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn gate_counters_are_exposed_by_reason() {
+        let stats = RetrievalStats::default();
+        stats.refused_network.fetch_add(2, Ordering::Relaxed);
+        stats.arrears_notices.fetch_add(1, Ordering::Relaxed);
+        stats.closed_by_change.fetch_add(3, Ordering::Relaxed);
+        let text = mailbell_link::metrics::encode_one(stats);
+        for line in [
+            "mailbell_retrieval_logins_refused_total{reason=\"unwelcome\"} 0",
+            "mailbell_retrieval_logins_refused_total{reason=\"network\"} 2",
+            "mailbell_retrieval_logins_refused_total{reason=\"arrears\"} 1",
+            "mailbell_retrieval_sessions_closed_by_change_total 3",
+        ] {
+            assert!(text.contains(line), "{line} not in {text}");
+        }
+    }
+
+    #[test]
+    fn gate_words_are_one_line() {
+        assert_eq!(
+            gate_bye(false, "closed\r\n+OK x"),
+            b"-ERR [AUTH] closed+OK x\r\n"
+        );
+        assert_eq!(gate_bye(true, "pay"), b"* BYE [ALERT] pay\r\n");
+    }
+
+    #[test]
     fn last_words_are_one_line_in_each_protocols_form() {
         assert_eq!(
             bye(false, "UNAVAILABLE", "backend unavailable: refused"),
