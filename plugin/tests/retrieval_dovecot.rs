@@ -421,13 +421,7 @@ async fn ok_backend() -> u16 {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
-                // The PROXY v2 header: 16 bytes, the last two the length of the rest.
-                let mut header = [0u8; 16];
-                if s.read_exact(&mut header).await.is_err() {
-                    return;
-                }
-                let mut rest = vec![0u8; usize::from(u16::from_be_bytes([header[14], header[15]]))];
-                if s.read_exact(&mut rest).await.is_err() {
+                if !skip_proxy_header(&mut s).await {
                     return;
                 }
                 let _ = s.write_all(b"+OK fake\r\n").await;

@@ -421,3 +421,59 @@ async fn a_live_session_ends_when_user_set_changes_its_account() {
     assert_eq!(gate_stats(&p)[3], 3);
     p.stop().await;
 }
+
+/// A POP3 backend that logs anyone in and answers `RETR` in two halves, the second once
+/// `release` is notified.
+async fn two_part_backend(release: std::sync::Arc<tokio::sync::Notify>) -> u16 {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        assert!(skip_proxy_header(&mut s).await);
+        s.write_all(b"+OK fake\r\n").await.unwrap();
+        let mut lines = BufReader::new(s);
+        let mut line = String::new();
+        while lines.read_line(&mut line).await.unwrap() > 0 {
+            let s = lines.get_mut();
+            if line.starts_with("RETR") {
+                s.write_all(b"+OK 14 octets\r\npart 1\r\n").await.unwrap();
+                release.notified().await;
+                s.write_all(b"part 2\r\n.\r\n").await.unwrap();
+            } else {
+                s.write_all(b"+OK\r\n").await.unwrap();
+            }
+            line.clear();
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_during_a_reply_ends_the_session_right_after_it() {
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let backend = two_part_backend(release.clone()).await;
+    let p = Proxy::start(backend, backend, "").await;
+    register(&p, "bob@example.org", AccountState::Normal, "");
+    let mut s = logged_in(
+        &p,
+        "pop3s",
+        b"USER bob@example.org\r\nPASS x\r\n",
+        "+OK\r\n+OK\r\n",
+    )
+    .await;
+    s.write_all(b"RETR 1\r\n").await.unwrap();
+    let (got, _) = read_until(&mut s, Duration::from_secs(3), |g| g.contains("part 1")).await;
+    assert_eq!(got, "+OK 14 octets\r\npart 1\r\n");
+    register(&p, "bob@example.org", AccountState::Unwelcome, "");
+    // Give the session time to see the change mid-message (it must not cut the message).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    release.notify_one();
+    let (rest, eof) = read_until(&mut s, Duration::from_secs(3), |_| false).await;
+    assert_eq!(
+        rest,
+        "part 2\r\n.\r\n-ERR [AUTH] This account is closed. Please contact your mail provider.\r\n"
+    );
+    assert!(eof);
+    p.stop().await;
+}

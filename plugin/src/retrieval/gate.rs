@@ -11,7 +11,8 @@
 //!   arrears                    -> POP3: the notice maildrop; IMAP: NO [ALERT] arrears_text
 //! registry changed (UserStore::changes) while the session lives
 //!   verdict differs from the one the session was admitted with -> closed at the next
-//!   command boundary (at once when no command awaits its reply, IMAP IDLE included)
+//!   command boundary: where the backend is not in the middle of a reply (at once when
+//!   idle, IMAP IDLE included; else right after the reply being relayed)
 //! ```
 //!
 //! The decisions are plain functions of the registry entry and the client address

@@ -369,10 +369,12 @@ impl Pop3Session {
         ]
     }
 
-    /// No command awaits its reply: a boundary where the proxy may end the session without
-    /// cutting a reply short.
-    pub fn is_quiet(&self) -> bool {
-        self.expect.is_empty() && self.body.is_none()
+    /// The backend is not in the middle of a reply (none started, or the last one is complete):
+    /// the proxy may add a line of its own here, such as a last `-ERR`, without cutting a reply
+    /// short. Commands may still await their replies; the client takes the proxy's line for the
+    /// reply to the oldest.
+    pub fn between_replies(&self) -> bool {
+        self.sline.is_empty() && self.body.is_none()
     }
 
     fn plaintext_ok(&self) -> bool {
@@ -1391,19 +1393,25 @@ mod tests {
     }
 
     #[test]
-    fn quiet_only_when_no_reply_is_due() {
+    fn between_replies_only_outside_a_reply() {
         let mut p = Pop3Session::new(tls());
-        assert!(!p.is_quiet(), "the greeting is due");
-        p.server(b"+OK ready\r\n");
-        assert!(p.is_quiet());
+        assert!(p.between_replies(), "the greeting has not started");
+        p.server(b"+OK rea");
+        assert!(!p.between_replies(), "inside the greeting");
+        p.server(b"dy\r\n");
         p.client(b"USER a\r\nPASS b\r\n");
         p.server(b"+OK\r\n+OK logged in\r\n");
-        assert!(p.is_quiet());
+        assert!(p.between_replies());
         p.client(b"RETR 1\r\n");
-        assert!(!p.is_quiet());
+        assert!(p.between_replies(), "its reply has not started");
         p.server(b"+OK 3 octets\r\nabc");
-        assert!(!p.is_quiet(), "inside the message");
+        assert!(!p.between_replies(), "inside the message");
         p.server(b"\r\n.\r\n");
-        assert!(p.is_quiet());
+        assert!(p.between_replies());
+        p.client(b"UIDL\r\n");
+        p.server(b"+OK\r\n1 a");
+        assert!(!p.between_replies(), "inside a listing line");
+        p.server(b"\r\n.\r\n");
+        assert!(p.between_replies());
     }
 }

@@ -438,11 +438,11 @@ impl Core {
         }
     }
 
-    /// No command awaits its reply (an IMAP IDLE aside).
-    fn is_quiet(&self) -> bool {
+    /// The backend is not in the middle of a reply: the proxy may add its last words.
+    fn between_replies(&self) -> bool {
         match self {
-            Core::Pop3(s) => s.is_quiet(),
-            Core::Imap(s) => s.is_quiet(),
+            Core::Pop3(s) => s.between_replies(),
+            Core::Imap(s) => s.between_replies(),
         }
     }
 
@@ -811,10 +811,10 @@ async fn relay(
         {
             return end;
         }
-        // An account that changed ends here when nothing awaits a reply (IMAP IDLE included),
-        // otherwise at its next command (Act::Command) or once its replies are through.
+        // A session whose account changed ends at the first point where the backend is not
+        // in the middle of a reply: at once, IMAP IDLE included, or right after that reply.
         if let Some(text) = gate.closing() {
-            if core.is_quiet() {
+            if core.between_replies() {
                 return End::Gate(text.to_owned());
             }
         }
@@ -909,7 +909,9 @@ async fn act(
                 }
             }
             Act::Command(verb) => {
-                if let Some(text) = gate.closing() {
+                // The command is answered with the reason instead of being forwarded (unless
+                // a reply is being relayed: then the session ends right after it).
+                if let Some(text) = gate.closing().filter(|_| core.between_replies()) {
                     return Some(End::Gate(text.to_owned()));
                 }
                 gate.command(verb, core.logged_in());

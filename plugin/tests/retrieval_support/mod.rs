@@ -496,3 +496,14 @@ pub async fn tls_connect(
         .await
         .unwrap()
 }
+
+/// Reads the PROXY v2 header a backend connection starts with (16 bytes, the last two the
+/// length of the rest); false if the connection ended first.
+pub async fn skip_proxy_header(s: &mut TcpStream) -> bool {
+    let mut header = [0u8; 16];
+    if s.read_exact(&mut header).await.is_err() {
+        return false;
+    }
+    let mut rest = vec![0u8; usize::from(u16::from_be_bytes([header[14], header[15]]))];
+    s.read_exact(&mut rest).await.is_ok()
+}

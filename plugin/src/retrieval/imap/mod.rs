@@ -374,16 +374,11 @@ impl ImapSession {
         ]
     }
 
-    /// No command awaits its completion except an IDLE: a boundary where the proxy may end the
-    /// session with `* BYE` without cutting a response short (RFC 3501 allows BYE at any time;
-    /// during IDLE the server may send untagged data whenever it likes).
-    pub fn is_quiet(&self) -> bool {
-        let waiting = usize::from(self.idle);
-        self.cmd.is_none()
-            && self.cline.is_empty()
-            && self.sline.is_empty()
-            && !self.resp.started
-            && self.outstanding <= waiting
+    /// The backend is not in the middle of a response (a line or a literal): the proxy may send
+    /// `* BYE` here without cutting a response short (RFC 3501 §7.1.5 allows BYE at any time,
+    /// IDLE included). Commands may still await their completion.
+    pub fn between_replies(&self) -> bool {
+        self.sline.is_empty() && !self.resp.started
     }
 
     fn plaintext_ok(&self) -> bool {
@@ -1715,24 +1710,22 @@ mod tests {
     }
 
     #[test]
-    fn quiet_between_commands_and_while_idling() {
+    fn between_replies_outside_responses_and_while_idling() {
         let mut p = ImapSession::new(tls());
         p.server(b"* OK ready\r\n");
         p.client(b"a LOGIN bob pw\r\n");
-        assert!(!p.is_quiet());
         p.server(b"a OK done\r\n");
-        assert!(p.is_quiet());
+        assert!(p.between_replies());
         p.client(b"b FETCH 1 BODY[]\r\n");
-        assert!(!p.is_quiet());
+        assert!(p.between_replies(), "no response started");
         p.server(b"* 1 FETCH (BODY[] {3}\r\nab");
-        assert!(!p.is_quiet(), "inside a literal");
-        p.server(b"c)\r\nb OK done\r\n");
-        assert!(p.is_quiet());
+        assert!(!p.between_replies(), "inside a literal");
+        p.server(b"c)\r\nb OK do");
+        assert!(!p.between_replies(), "inside a line");
+        p.server(b"ne\r\n");
+        assert!(p.between_replies());
         p.client(b"c IDLE\r\n");
-        assert!(p.is_quiet(), "IDLE may be ended at once");
-        p.client(b"DONE\r\n");
-        assert!(!p.is_quiet(), "IDLE's completion is due");
-        p.server(b"c OK idle done\r\n");
-        assert!(p.is_quiet());
+        p.server(b"+ idling\r\n");
+        assert!(p.between_replies(), "IDLE may be ended at once");
     }
 }
