@@ -258,7 +258,51 @@ async fn arrears_sees_only_the_payment_notice_and_the_mailbox_is_untouched() {
         out.contains("refused:") && out.contains("[ALERT] This account is in arrears"),
         "{out}"
     );
-    assert_eq!(gate_stats(&p), [0, 0, 3, 0]);
+    // Pipelined behind the LOGIN, a SELECT and a FETCH never reach Dovecot.
+    let mut s = tls_connect(p.addr("imaps"), &p.ca).await;
+    let (greeting, _) = read_until(&mut s, Duration::from_secs(3), |g| g.ends_with("\r\n")).await;
+    assert!(greeting.starts_with("* OK"), "{greeting:?}");
+    s.write_all(b"a LOGIN alice@example.org secret\r\nb SELECT INBOX\r\nc FETCH 1 BODY[]\r\n")
+        .await
+        .unwrap();
+    let (got, eof) = read_until(&mut s, Duration::from_secs(5), |_| false).await;
+    assert!(eof, "{got:?}");
+    assert!(
+        got.starts_with("a NO [ALERT] This account is in arrears")
+            && got.ends_with("\r\n* BYE Logging out\r\n"),
+        "{got:?}"
+    );
+    // Dovecot's two IMAP sessions for alice read only the proxy's LOGOUT after the login.
+    let logouts = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("imap(alice@example.org)") && l.contains("Logged out"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while logouts(&d.log()).len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lines = logouts(&d.log());
+    assert_eq!(lines.len(), 2, "{}", d.log());
+    for l in lines {
+        // in= counts what the mail process read after the login: "ZZ LOGOUT" (Dovecot 2.3
+        // gives 9), not the 38 bytes of the SELECT and FETCH.
+        let input: u64 = l
+            .split("in=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            input <= "ZZ LOGOUT\r\n".len() as u64 && l.contains("body_count=0"),
+            "{l}"
+        );
+    }
+    assert_eq!(gate_stats(&p), [0, 0, 4, 0]);
     // Paid: the real mailbox is all there, untouched by the DELE in arrears.
     register(&p, "alice@example.org", AccountState::Normal, "");
     let out = python(
@@ -358,11 +402,22 @@ async fn a_live_session_ends_when_user_set_changes_its_account() {
         &["user", "set", "bob@example.org", "--state", "unwelcome"],
     )
     .await;
-    let (got, eof) = read_until(&mut imap, Duration::from_secs(5), |_| false).await;
+    let answered = started.elapsed();
+    let (got, eof) = read_until(&mut imap, Duration::from_secs(5), |g| g.ends_with("\r\n")).await;
+    eprintln!(
+        "user set answered after {answered:?}, IDLE session told after {:?}",
+        started.elapsed()
+    );
     assert_eq!(
         got,
         "* BYE [ALERT] This account is closed. Please contact your mail provider.\r\n"
     );
+    let (rest, eof) = if eof {
+        (String::new(), eof)
+    } else {
+        read_until(&mut imap, Duration::from_secs(5), |_| false).await
+    };
+    assert_eq!(rest, "");
     assert!(eof);
     let (got, eof) = read_until(&mut pop, Duration::from_secs(5), |_| false).await;
     assert_eq!(
