@@ -353,7 +353,26 @@ async fn crud_and_patch() {
     .await;
     assert_eq!(r.json()["licence_until"], Value::Null);
     assert_eq!(r.json()["rate_limit_secs"], 60);
-    // Account state and networks (the retrieval proxy's gate); a bad value names the field.
+    // Account state and networks (the retrieval proxy's gate), by PUT and PATCH; a bad value
+    // names the field.
+    let r = send_json(
+        &s,
+        "PUT",
+        "/admin/v1/users/carol@example.com",
+        &json!({"notify": false, "state": "unwelcome", "networks": ["192.0.2.7"]}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.error());
+    assert_eq!(r.json()["networks"], json!(["192.0.2.7/32"]));
+    let r = send_json(
+        &s,
+        "PUT",
+        "/admin/v1/users/carol@example.com",
+        &json!({"notify": false, "networks": ["192.0.2.7/40"]}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("networks"), "{}", r.error());
     let r = send_json(
         &s,
         "PATCH",
