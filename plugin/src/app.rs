@@ -275,6 +275,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let retrieval_stats = Arc::new(crate::retrieval::server::RetrievalStats::default());
     let retrieval_addrs = start_retrieval(
         &cfg,
+        &stores.users,
         &tasks,
         &shutdown,
         &failures,
@@ -374,6 +375,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
 /// Binds and serves the retrieval proxy's listeners that are configured (none by default).
 async fn start_retrieval(
     cfg: &Config,
+    users: &UserStore,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
     failures: &Failures,
@@ -387,10 +389,17 @@ async fn start_retrieval(
         return Ok(addrs);
     };
     let tls = tls::public_server_config(cert, key).context("retrieval TLS")?;
+    let mut r = r.clone();
+    if let Some(path) = &r.notice_file {
+        r.notice.text = std::fs::read_to_string(path)
+            .with_context(|| format!("retrieval.notice_file {}", path.display()))?;
+    }
     let shared = Arc::new(server::Shared {
         cfg: r.clone(),
         tls: tokio_rustls::TlsAcceptor::from(tls),
         stats: stats.clone(),
+        users: users.clone(),
+        balances: None,
     });
     for (kind, addr) in [
         (Listener::Pop3, r.pop3),
