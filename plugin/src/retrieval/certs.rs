@@ -141,9 +141,9 @@ impl CertStore {
         })
     }
 
-    /// Loads again each certificate whose files changed (every one when `force`, as on
-    /// SIGHUP). A certificate that does not load keeps its old version; its error is logged
-    /// once per version of its files (every time when forced) and counted.
+    /// Loads again each certificate whose files changed. A certificate that does not load
+    /// keeps its old version; its error is logged and counted once per version of its files,
+    /// or again when `force` (SIGHUP: the operator asks, and gets the answer in the log).
     pub fn reload(&self, force: bool) -> Reloaded {
         let current = self.served.load_full();
         let mut next: Vec<Arc<Loaded>> = current.iter().cloned().collect();
@@ -153,7 +153,7 @@ impl CertStore {
             let now = stamp(files);
             let unchanged = next.get(i).is_some_and(|l| l.stamp == now);
             let known_bad = failed.get(i).copied().flatten() == Some(now);
-            if !force && (unchanged || known_bad) {
+            if unchanged || (known_bad && !force) {
                 continue;
             }
             match load(files) {

@@ -517,3 +517,82 @@ pub async fn s_client(proto: &'static str, port: u16, ca: PathBuf, input: &'stat
     .await
     .unwrap()
 }
+
+/// A test CA (rcgen) that issues server certificates into its directory.
+pub struct TestCa {
+    dir: PathBuf,
+    /// The CA certificate, PEM.
+    pub cert: PathBuf,
+    ca: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    /// A fresh CA named `name` (its certificate `dir/<name>-ca.pem`).
+    pub fn new(dir: &Path, name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.self_signed(&key).unwrap();
+        let cert = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&cert, ca.pem()).unwrap();
+        TestCa {
+            dir: dir.to_owned(),
+            cert,
+            ca,
+            key,
+        }
+    }
+
+    /// A server certificate with common name `cn` and DNS names `names`, written to
+    /// `<stem>.pem` and `<stem>.key` (replacing them by rename, as certbot's switch does).
+    pub fn issue(&self, stem: &str, cn: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca, &self.key).unwrap();
+        let (cert_path, key_path) = (
+            self.dir.join(format!("{stem}.pem")),
+            self.dir.join(format!("{stem}.key")),
+        );
+        for (path, text) in [(&cert_path, cert.pem()), (&key_path, key.serialize_pem())] {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, path).unwrap();
+        }
+        (cert_path, key_path)
+    }
+}
+
+/// The subject of the certificate an implicit-TLS listener on `port` serves for SNI `name`
+/// (`openssl s_client -servername`), checked against `ca`.
+pub async fn served_subject(port: u16, name: &'static str, ca: PathBuf) -> String {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("timeout")
+            .args(["10", "openssl", "s_client", "-connect"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-servername", name, "-verify_return_error", "-CAfile"])
+            .arg(&ca)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "s_client -servername {name}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix("subject="))
+            .unwrap_or_else(|| panic!("no subject from s_client: {text}"))
+            .replace(' ', "")
+    })
+    .await
+    .unwrap()
+}
