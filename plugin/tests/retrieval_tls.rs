@@ -330,3 +330,68 @@ async fn a_changed_file_is_served_without_a_signal_and_a_broken_one_is_logged_on
         "CN=bv1"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_backend_starts_after_the_proxy_header() {
+    if !peers_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backend_ca = TestCa::new(dir.path(), "backend");
+    let (cert, key) = backend_ca.issue("dovecot", "dovecot", &["dovecot.test"]);
+    let d = Dovecot::start_tls(&cert, &key);
+    let extra = format!(
+        "backend_tls = true\nbackend_ca = {:?}\nbackend_server_name = \"dovecot.test\"",
+        backend_ca.cert
+    );
+    let p = Proxy::start(d.pop3s, d.imaps, &extra).await;
+    for (listener, mode) in [("pop3", "stls"), ("imaps", "ssl")] {
+        let line = retrieve_alices_mail(&p, &d, listener, mode).await;
+        // Dovecot's own TLS carried the session (its login line says so).
+        assert!(line.contains("TLS"), "{listener}: {line}");
+    }
+    let [logins, retrieved, ..] = p.stats_after(2).await;
+    assert_eq!((logins, retrieved), (2, 6));
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_certificate_that_does_not_verify_is_refused_with_a_reason_at_once() {
+    if !peers_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backend_ca = TestCa::new(dir.path(), "backend");
+    let stranger = TestCa::new(dir.path(), "stranger");
+    let (cert, key) = backend_ca.issue("dovecot", "dovecot", &["dovecot.test"]);
+    let d = Dovecot::start_tls(&cert, &key);
+    for (ca, name, why) in [
+        (&stranger.cert, "dovecot.test", "UnknownIssuer"),
+        (&backend_ca.cert, "other.test", "not valid for name \"other.test\""),
+    ] {
+        let extra =
+            format!("backend_tls = true\nbackend_ca = {ca:?}\nbackend_server_name = \"{name}\"");
+        let p = Proxy::start(d.pop3s, d.imaps, &extra).await;
+        for (listener, want) in [
+            (
+                "pop3",
+                "-ERR [SYS/TEMP] backend unavailable: TLS handshake: ",
+            ),
+            (
+                "imap",
+                "* BYE [UNAVAILABLE] backend unavailable: TLS handshake: ",
+            ),
+        ] {
+            let started = Instant::now();
+            let mut s = TcpStream::connect(p.addr(listener)).await.unwrap();
+            let (got, eof) = read_until(&mut s, Duration::from_secs(5), |_| false).await;
+            assert!(eof, "{listener}: {got:?}");
+            assert!(
+                got.starts_with(want) && got.contains(why),
+                "{listener}: {got:?}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(2), "{listener}");
+        }
+        p.stop().await;
+    }
+}

@@ -102,7 +102,8 @@ pub struct Dovecot {
     pub dir: tempfile::TempDir,
     pub pop3: u16,
     pub imap: u16,
-    /// The implicit-TLS IMAP listener (`haproxy = yes`), 0 without [`Dovecot::start_tls`].
+    /// The implicit-TLS listeners (`haproxy = yes`), 0 without [`Dovecot::start_tls`].
+    pub pop3s: u16,
     pub imaps: u16,
 }
 
@@ -118,7 +119,8 @@ impl Dovecot {
         Self::start_with(None)
     }
 
-    /// With an implicit-TLS IMAP listener (`ssl = yes`, `haproxy = yes`) serving `cert`/`key`.
+    /// With implicit-TLS POP3 and IMAP listeners (`ssl = yes`, `haproxy = yes`) serving
+    /// `cert`/`key`.
     pub fn start_tls(cert: &Path, key: &Path) -> Dovecot {
         Self::start_with(Some((cert, key)))
     }
@@ -145,7 +147,7 @@ impl Dovecot {
         )
         .unwrap();
         let (pop3, imap) = (free_port(), free_port());
-        let (ssl, imaps) = match tls {
+        let (ssl, pop3s, imaps) = match tls {
             Some((cert, key)) => (
                 format!(
                     "ssl = yes\nssl_cert = <{}\nssl_key = <{}\n",
@@ -153,8 +155,9 @@ impl Dovecot {
                     key.display()
                 ),
                 free_port(),
+                free_port(),
             ),
-            None => ("ssl = no\n".to_owned(), 0),
+            None => ("ssl = no\n".to_owned(), 0, 0),
         };
         let root = id(&["-u"]) == "0";
         // Dovecot refuses to give mail to uid 0: as root the mail belongs to nobody.
@@ -189,7 +192,7 @@ impl Dovecot {
              service imap-login {{\n  inet_listener imap {{\n    port = {imap}\n    haproxy = yes\n  }}\n\
                inet_listener imaps {{\n    port = {imaps}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n\
              service pop3-login {{\n  inet_listener pop3 {{\n    port = {pop3}\n    haproxy = yes\n  }}\n\
-               inet_listener pop3s {{\n    port = 0\n  }}\n}}\n",
+               inet_listener pop3s {{\n    port = {pop3s}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n",
             d = d.display()
         );
         std::fs::write(d.join("dovecot.conf"), conf).unwrap();
@@ -206,10 +209,11 @@ impl Dovecot {
             dir,
             pop3,
             imap,
+            pop3s,
             imaps,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while [pop3, imap, imaps]
+        while [pop3, imap, pop3s, imaps]
             .iter()
             .filter(|p| **p != 0)
             .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
@@ -595,4 +599,39 @@ pub async fn served_subject(port: u16, name: &'static str, ca: PathBuf) -> Strin
     })
     .await
     .unwrap()
+}
+
+/// Retrieves alice's messages through `listener` of `p` with [`POP3_SCRIPT`] or
+/// [`IMAP_SCRIPT`] (`mode`: "stls", "starttls" or "ssl"), asserts that each arrived unchanged
+/// and that Dovecot logged the client's own address and port (PROXY v2); returns its log line.
+pub async fn retrieve_alices_mail(p: &Proxy, d: &Dovecot, listener: &str, mode: &str) -> String {
+    let port = p.port(listener);
+    let imap = listener.starts_with("imap");
+    let script = if imap { IMAP_SCRIPT } else { POP3_SCRIPT };
+    let out = python(script, args(port, mode, "alice", "secret", &p.ca)).await;
+    assert!(
+        out.ends_with("ok\n"),
+        "{listener}: {out}\ndovecot log:\n{}",
+        d.log()
+    );
+    let want: Vec<String> = messages()
+        .iter()
+        .map(|m| {
+            hex(&if imap {
+                m.replace('\n', "\r\n")
+            } else {
+                m.clone()
+            })
+        })
+        .collect();
+    assert_eq!(field(&out, "msg"), want, "{listener}");
+    let line = format!(
+        "rip={CLIENT_IP}, rport={}, lip=127.0.0.1, lport={port}",
+        field(&out, "port")[0]
+    );
+    let log = wait_log(d, &line).await;
+    log.lines()
+        .find(|l| l.contains(&line))
+        .unwrap_or_else(|| panic!("{line} not in dovecot's log:\n{log}"))
+        .to_owned()
 }
