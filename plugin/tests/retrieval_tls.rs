@@ -367,7 +367,11 @@ async fn a_backend_certificate_that_does_not_verify_is_refused_with_a_reason_at_
     let d = Dovecot::start_tls(&cert, &key);
     for (ca, name, why) in [
         (&stranger.cert, "dovecot.test", "UnknownIssuer"),
-        (&backend_ca.cert, "other.test", "not valid for name \"other.test\""),
+        (
+            &backend_ca.cert,
+            "other.test",
+            "not valid for name \"other.test\"",
+        ),
     ] {
         let extra =
             format!("backend_tls = true\nbackend_ca = {ca:?}\nbackend_server_name = \"{name}\"");
