@@ -956,6 +956,16 @@ imaps = \"127.0.0.1:993\"\nbackend_imap = \"dovecot.lan:993\"\n\
                        backend_server_name = \"a b\"";
         assert!(e(bad_sni).contains("retrieval.backend_server_name"));
         assert!(e("[retrieval]\ncert_check_interval = 0").contains("cert_check_interval"));
+
+        // Every certificate file, and the backend CA, must be readable before anything starts.
+        let e = c.check_paths().unwrap_err().to_string();
+        assert!(e.starts_with("retrieval.cert"), "{e}");
+        for f in ["a.pem", "a.key", "b.pem", "b.key"] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        let e = c.check_paths().unwrap_err().to_string();
+        let ca = dir.path().join("ca.pem").display().to_string();
+        assert!(e.starts_with(&format!("retrieval.backend_ca {ca}")), "{e}");
     }
 
     #[test]

@@ -399,3 +399,38 @@ async fn a_backend_certificate_that_does_not_verify_is_refused_with_a_reason_at_
         p.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_never_answers_the_tls_handshake_is_given_up_at_connect_timeout() {
+    // A backend that takes the connection and the PROXY header, then says nothing.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "backend");
+    let extra = format!(
+        "backend_tls = true\nbackend_ca = {:?}\nbackend_server_name = \"backend.test\"\n\
+         connect_timeout = \"1s\"",
+        ca.cert
+    );
+    let p = Proxy::start(port, port, &extra).await;
+    let started = Instant::now();
+    let mut s = TcpStream::connect(p.addr("imap")).await.unwrap();
+    let (got, eof) = read_until(&mut s, Duration::from_secs(5), |_| false).await;
+    assert!(eof, "{got:?}");
+    assert_eq!(
+        got,
+        "* BYE [UNAVAILABLE] backend unavailable: TLS handshake timed out\r\n"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    p.stop().await;
+}
