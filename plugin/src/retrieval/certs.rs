@@ -417,6 +417,15 @@ mod tests {
         std::fs::write(&a.cert, "garbage").unwrap();
         s.reload(true);
         assert_eq!(s.expiries(), e);
+        // A renewed certificate that loads does.
+        let mut params = rcgen::CertificateParams::new(vec!["a.test".to_owned()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2031, 5, 17);
+        let key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&a.cert, params.self_signed(&key).unwrap().pem()).unwrap();
+        std::fs::write(&a.key, key.serialize_pem()).unwrap();
+        assert_eq!(s.reload(false).replaced, 1);
+        assert_eq!(s.expiries()[0], ("retrieval".to_owned(), 1_936_742_400));
+        assert_eq!(s.expiries()[1], e[1]);
     }
 
     #[test]
