@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-const DOVECOT: &str = "/usr/sbin/dovecot";
+#[path = "../../tests/shared/dovecot.rs"]
+#[allow(dead_code)] // the benchmark uses the TLS listeners and the pid
+mod dovecot;
+use dovecot::{free_port, Dovecot, DOVECOT};
 
 /// The test messages in alice's maildrop, in delivery order (LF line ends, as Maildir stores
 /// them; one body line starts with a dot, so POP3 dot-stuffing is exercised).
@@ -74,135 +77,22 @@ fn peers_present() -> bool {
     false
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn id(args: &[&str]) -> String {
-    let out = Command::new("id").args(args).output().unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-fn chown_all(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
-    if path.is_dir() {
-        for e in std::fs::read_dir(path).unwrap() {
-            chown_all(&e.unwrap().path(), uid, gid);
-        }
-    }
-}
-
-/// A private Dovecot instance, killed on drop.
-struct Dovecot {
-    child: Child,
-    dir: tempfile::TempDir,
-    pop3: u16,
-    imap: u16,
-}
-
-impl Drop for Dovecot {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Dovecot {
-    fn start() -> Dovecot {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        for sub in ["run", "state"] {
-            std::fs::create_dir_all(d.join(sub)).unwrap();
-        }
-        for user in ["alice", "bob"] {
-            for sub in ["cur", "new", "tmp"] {
-                std::fs::create_dir_all(d.join("home").join(user).join("Maildir").join(sub))
-                    .unwrap();
-            }
-        }
-        for (i, m) in messages().iter().enumerate() {
-            let name = format!("{}.M{i}P1.test:2,", 1_700_000_000 + i);
-            std::fs::write(d.join("home/alice/Maildir/cur").join(name), m).unwrap();
-        }
-        std::fs::write(
-            d.join("passwd"),
-            "alice:{PLAIN}secret::::::\nbob:{PLAIN}hunter2::::::\n",
-        )
-        .unwrap();
-        let (pop3, imap) = (free_port(), free_port());
-        let root = id(&["-u"]) == "0";
-        // Dovecot refuses to give mail to uid 0: as root the mail belongs to nobody.
-        let (user, group) = if root {
-            let (uid, gid) = (id(&["-u", "nobody"]), id(&["-g", "nobody"]));
-            let (uid, gid) = (uid.parse().unwrap(), gid.parse().unwrap());
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-            chown_all(&d.join("home"), uid, gid);
-            (id(&["-un", "nobody"]), id(&["-gn", "nobody"]))
-        } else {
-            (id(&["-un"]), id(&["-gn"]))
-        };
-        // As root Dovecot drops to its own users; otherwise everything runs as the caller.
-        let users = if root {
-            "default_internal_user = dovenull\n".to_owned()
-        } else {
-            format!(
-                "default_internal_user = {user}\ndefault_internal_group = {group}\n\
-                 default_login_user = {user}\n"
-            )
-        };
-        let conf = format!(
-            "base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\n\
-             protocols = imap pop3\nlisten = 127.0.0.1\nssl = no\n\
-             disable_plaintext_auth = yes\nauth_mechanisms = plain login\nauth_verbose = yes\n\
-             haproxy_trusted_networks = 127.0.0.1/8\nmail_location = maildir:~/Maildir\n\
-             login_log_format_elements = user=<%u> method=%m rip=%r rport=%{{rport}} lip=%l lport=%{{lport}} %c\n\
-             first_valid_uid = 0\n{users}\
-             passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {d}/passwd\n}}\n\
-             userdb {{\n  driver = static\n  args = uid={user} gid={group} home={d}/home/%u\n}}\n\
-             service imap-login {{\n  inet_listener imap {{\n    port = {imap}\n    haproxy = yes\n  }}\n\
-               inet_listener imaps {{\n    port = 0\n  }}\n}}\n\
-             service pop3-login {{\n  inet_listener pop3 {{\n    port = {pop3}\n    haproxy = yes\n  }}\n\
-               inet_listener pop3s {{\n    port = 0\n  }}\n}}\n",
-            d = d.display()
-        );
-        std::fs::write(d.join("dovecot.conf"), conf).unwrap();
-        let child = Command::new(DOVECOT)
-            .arg("-F")
-            .arg("-c")
-            .arg(d.join("dovecot.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let dovecot = Dovecot {
-            child,
-            dir,
-            pop3,
-            imap,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while [pop3, imap]
-            .iter()
-            .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
-        {
-            assert!(
-                Instant::now() < deadline,
-                "dovecot did not listen: {}",
-                dovecot.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        dovecot
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
-    }
+/// The private Dovecot with alice (holding [`messages`]) and bob.
+fn start_dovecot() -> Dovecot {
+    let mailbox = |user: &str, password: &str, messages: Vec<Vec<u8>>| dovecot::Mailbox {
+        user: user.into(),
+        password: password.into(),
+        messages,
+    };
+    let alice = messages().into_iter().map(String::into_bytes).collect();
+    Dovecot::start(
+        &[
+            mailbox("alice", "secret", alice),
+            mailbox("bob", "hunter2", Vec::new()),
+        ],
+        &dovecot::Options::default(),
+    )
+    .unwrap()
 }
 
 /// The proxy in front of `dovecot`, all four listeners on ephemeral ports.
@@ -435,7 +325,7 @@ async fn pop3_messages_arrive_unchanged_and_dovecot_sees_the_client_address() {
     if !peers_present() {
         return;
     }
-    let d = Dovecot::start();
+    let d = start_dovecot();
     let p = Proxy::start(d.pop3, d.imap, "").await;
     for (listener, mode) in [("pop3", "stls"), ("pop3s", "ssl")] {
         let port = p.port(listener);
@@ -484,7 +374,7 @@ async fn imap_messages_arrive_unchanged_and_dovecot_sees_the_client_address() {
     if !peers_present() {
         return;
     }
-    let d = Dovecot::start();
+    let d = start_dovecot();
     let p = Proxy::start(d.pop3, d.imap, "").await;
     let want: Vec<String> = messages()
         .iter()
@@ -527,7 +417,7 @@ async fn curl_retrieves_over_pop3_and_imap_with_and_without_implicit_tls() {
     if !peers_present() {
         return;
     }
-    let d = Dovecot::start();
+    let d = start_dovecot();
     let p = Proxy::start(d.pop3, d.imap, "").await;
     let msgs = messages();
     let crlf = msgs[1].replace('\n', "\r\n");
@@ -597,7 +487,7 @@ async fn plaintext_login_before_tls_is_refused_by_the_proxy() {
     if !peers_present() {
         return;
     }
-    let d = Dovecot::start();
+    let d = start_dovecot();
     let p = Proxy::start(d.pop3, d.imap, "").await;
     let out = python(
         POP3_SCRIPT,
@@ -624,7 +514,7 @@ async fn a_backend_that_is_down_is_reported_at_once() {
     if !peers_present() {
         return;
     }
-    let closed = free_port();
+    let closed = free_port().unwrap();
     let p = Proxy::start(closed, closed, "").await;
     for (listener, want) in [
         ("pop3", "-ERR [SYS/TEMP] backend unavailable"),
@@ -645,7 +535,7 @@ async fn a_silent_client_is_closed_at_the_prelogin_timeout_and_shutdown_says_bye
     if !peers_present() {
         return;
     }
-    let d = Dovecot::start();
+    let d = start_dovecot();
     let p = Proxy::start(d.pop3, d.imap, "prelogin_timeout = \"1s\"").await;
     let started = Instant::now();
     let mut s = TcpStream::connect(p.addr("pop3")).await.unwrap();
@@ -680,7 +570,7 @@ async fn quit_and_logout_end_with_the_backends_reply_even_after_a_half_close() {
     if !peers_present() {
         return;
     }
-    let d = Dovecot::start();
+    let d = start_dovecot();
     let p = Proxy::start(d.pop3, d.imap, "").await;
     for (listener, send, last) in [
         ("pop3", &b"CAPA\r\nQUIT\r\n"[..], "+OK Logging out"),
@@ -766,7 +656,7 @@ async fn openssl_starttls_sessions_and_a_failed_handshake() {
         skip("openssl not installed");
         return;
     }
-    let d = Dovecot::start();
+    let d = start_dovecot();
     let p = Proxy::start(d.pop3, d.imap, "").await;
     // A client that speaks no TLS on the implicit TLS port is closed; nothing reaches the
     // backend and other sessions go on.
