@@ -8,6 +8,7 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::Ordering::Relaxed;
 use support::retrieval::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -437,5 +438,80 @@ async fn at_max_connections_the_oldest_session_not_logged_in_makes_room() {
     let mut noop = [0u8; 5];
     a.read_exact(&mut noop).await.unwrap();
     assert_eq!(&noop, b"+OK\r\n");
+    p.stop().await;
+}
+
+/// A POP3 backend that logs anyone in and answers `RETR` with an endless multi-line reply,
+/// counting the bytes it managed to send.
+async fn endless_backend(sent: std::sync::Arc<std::sync::atomic::AtomicU64>) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut header = [0u8; 16];
+        s.read_exact(&mut header).await.unwrap();
+        let mut rest = vec![0u8; usize::from(u16::from_be_bytes([header[14], header[15]]))];
+        s.read_exact(&mut rest).await.unwrap();
+        s.write_all(b"+OK fake\r\n").await.unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"RETR 1\r\n") {
+            let mut buf = [0u8; 256];
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+            if got.ends_with(b"\r\n") && !got.ends_with(b"RETR 1\r\n") {
+                s.write_all(b"+OK\r\n").await.unwrap();
+            }
+        }
+        s.write_all(b"+OK message follows\r\n").await.unwrap();
+        let line = [b"x".repeat(998), b"\r\n".to_vec()].concat();
+        let chunk = line.repeat(64);
+        while s.write_all(&chunk).await.is_ok() {
+            sent.fetch_add(chunk.len() as u64, Relaxed);
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_holds_the_backend_back_and_the_stream_resumes() {
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let pop3 = endless_backend(sent.clone()).await;
+    let p = Proxy::start(pop3, ok_backend().await, "allow_plaintext_login = true").await;
+    let mut s = TcpStream::connect(p.addr("pop3")).await.unwrap();
+    let (greeting, _) = read_until(&mut s, Duration::from_secs(3), |g| g.ends_with("\r\n")).await;
+    assert!(greeting.starts_with("+OK"), "{greeting:?}");
+    s.write_all(b"USER a\r\n").await.unwrap();
+    read_until(&mut s, Duration::from_secs(3), |g| g.ends_with("\r\n")).await;
+    s.write_all(b"PASS b\r\n").await.unwrap();
+    read_until(&mut s, Duration::from_secs(3), |g| g.ends_with("\r\n")).await;
+    s.write_all(b"RETR 1\r\n").await.unwrap();
+    // The client reads nothing: the backend is soon stopped by the proxy's bounded queue and
+    // the kernel's socket buffers (a few MB each on loopback), far short of an endless reply.
+    let mut last = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = sent.load(Relaxed);
+        if now == last && now > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the backend was never held back");
+        last = now;
+    }
+    assert!(last < 64 << 20, "the proxy let {last} bytes pile up");
+    // Reading again lets the backend go on.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read = 0u64;
+    while read < last + (8 << 20) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        read += n as u64;
+    }
+    assert!(sent.load(Relaxed) > last, "the backend did not resume");
+    drop(s);
     p.stop().await;
 }

@@ -2,6 +2,8 @@
 
 pub mod cpu;
 pub mod disk;
+#[path = "../shared/dovecot.rs"]
+pub mod dovecot;
 pub mod feed;
 pub mod postfix;
 pub mod stalwart;

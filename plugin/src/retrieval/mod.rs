@@ -29,6 +29,7 @@ pub mod imap;
 mod line;
 pub mod maildrop;
 pub mod notice;
+mod pipe;
 pub mod pop3;
 pub mod proxy_v2;
 pub mod sasl;

@@ -3,10 +3,11 @@
 //!
 //! One task per connection: accept (a slot of `max_connections` is taken before accept, by
 //! [`Acceptor`]), implicit TLS where the listener says so, connect to the backend within
-//! `connect_timeout` and write the PROXY v2 header first, then read both sides in one loop and
-//! act on the session's events in order. Every read and write has a deadline: the
-//! pre-login timeout until the backend accepted a login, the protocol's idle timeout after. On
-//! shutdown every session ends with `-ERR` / `* BYE` and a reason.
+//! `connect_timeout` and write the PROXY v2 header first, then poll both reads and both pending
+//! writes at once (bounded output queues, [`super::pipe`]) and act on the session's events in
+//! order. Every wait has a deadline: the pre-login timeout until the backend accepted a login,
+//! the protocol's idle timeout after. On shutdown every session ends with `-ERR` / `* BYE` and
+//! a reason.
 
 use std::io;
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use super::gate::{self, Gate, Verdict};
 use super::imap::{self, ImapConfig, ImapSession};
 use super::maildrop::{DropEvent, NoticeDrop};
 use super::notice::{Balances, NoticeFacts};
+use super::pipe::{Outbox, Reader};
 use super::pop3::{self, Pop3Config, Pop3Session};
 use super::proxy_v2::{Header, TlsInfo};
 use crate::config::{backend_host, RetrievalConfig};
@@ -659,7 +661,7 @@ async fn connection(
             let _ = tokio::time::timeout(Duration::from_secs(5), client.write_all(&words)).await;
             format!("account changed: {text}")
         }
-        End::Quiet(why) => why.clone(),
+        End::Quiet(why) | End::ClientGone(why) => why.clone(),
         End::Notice(_) => "payment notice".into(),
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
@@ -743,6 +745,8 @@ async fn connect_backend(
 enum End {
     Words(&'static str, String),
     Quiet(String),
+    /// Writing to the client failed: nothing more is written to it.
+    ClientGone(String),
     /// The gate ends the session: the account's state or networks changed.
     Gate(String),
     /// The backend accepted the POP3 login of an account in arrears: serve the payment notice
@@ -750,11 +754,66 @@ enum End {
     Notice(Vec<u8>),
 }
 
-/// Reads both sides until the session ends.
+/// The session's two streams and what waits to be written to each.
+struct Pipes<'a> {
+    client: &'a mut ClientIo,
+    backend: &'a mut BackendIo,
+    to_client: Outbox,
+    to_backend: Outbox,
+}
+
+/// What one poll of both sides found.
+enum Step {
+    /// A client chunk (empty: end of stream).
+    Client(io::Result<Vec<u8>>),
+    /// A backend chunk (empty: end of stream).
+    Server(io::Result<Vec<u8>>),
+    /// Queued bytes went out, nothing was read.
+    Wrote,
+    /// The user registry changed: the gate judges the account again.
+    Changed,
+    ClientWriteFailed(io::Error),
+    BackendWriteFailed(io::Error),
+}
+
+/// Relays until the session ends, then writes what is still queued for the client (the core's
+/// last reply) so that the caller's last words come after it.
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     client: &mut ClientIo,
     backend: &mut BackendIo,
+    core: &mut Core,
+    meter: &mut Meter,
+    ticket: &mut Place,
+    gate: &mut Gate,
+    kind: Listener,
+    shared: &Shared,
+    stop: &CancellationToken,
+) -> End {
+    let mut pipes = Pipes {
+        client,
+        backend,
+        to_client: Outbox::default(),
+        to_backend: Outbox::default(),
+    };
+    let end = relay_loop(&mut pipes, core, meter, ticket, gate, kind, shared, stop).await;
+    if !matches!(end, End::ClientGone(_)) && !pipes.to_client.is_idle() {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            pipes.to_client.drain(&mut *pipes.client),
+        )
+        .await;
+    }
+    end
+}
+
+/// Polls both reads and both pending writes at once, one session core fed in order: a side is
+/// read only while the queue its bytes go to has room ([`pipe`](super::pipe)). Every wait has
+/// a deadline: the pre-login timeout until the backend accepted a login, the idle timeout
+/// after, counted from the last byte read or written either way.
+#[allow(clippy::too_many_arguments)]
+async fn relay_loop(
+    pipes: &mut Pipes<'_>,
     core: &mut Core,
     meter: &mut Meter,
     ticket: &mut Place,
@@ -769,23 +828,41 @@ async fn relay(
     } else {
         cfg.pop3_idle_timeout
     };
-    let mut cbuf = vec![0u8; 16 * 1024];
-    let mut sbuf = vec![0u8; 64 * 1024];
+    let mut creader = Reader::new(16 * 1024);
+    let mut sreader = Reader::new(64 * 1024);
     let mut client_open = true;
     let mut backend_shut = false;
+    // Which side is read first this time (the other when both have data).
+    let mut server_first = true;
     loop {
+        if !client_open && !backend_shut && pipes.to_backend.is_idle() {
+            // Pass the client's end on; the backend answers what it still has, then closes.
+            backend_shut = true;
+            if tokio::time::timeout(LINGER, pipes.backend.shutdown())
+                .await
+                .is_err()
+            {
+                return End::Quiet("client closed the connection".into());
+            }
+        }
         let limit = match (client_open, core.logged_in()) {
             // The client has said all it will: its last replies may take this long.
             (false, _) => LINGER.min(idle),
             (true, true) => idle,
             (true, false) => cfg.prelogin_timeout,
         };
-        enum Read {
-            Client(io::Result<usize>),
-            Server(io::Result<usize>),
-            Changed,
-        }
-        let read = tokio::select! {
+        server_first = !server_first;
+        let step = std::future::poll_fn(|cx| {
+            poll_step(
+                pipes,
+                &mut creader,
+                &mut sreader,
+                client_open,
+                server_first,
+                cx,
+            )
+        });
+        let step = tokio::select! {
             biased;
             () = stop.cancelled() => return End::Words("UNAVAILABLE", "server shutting down".into()),
             () = ticket.ticket.evicted() => return End::Words("UNAVAILABLE", "too many connections".into()),
@@ -798,36 +875,35 @@ async fn relay(
                 }
                 return End::Words("UNAVAILABLE", format!("no activity for {}s, closing", limit.as_secs()));
             }
-            () = gate.changed() => Read::Changed,
-            r = backend.read(&mut sbuf) => Read::Server(r),
-            r = client.read(&mut cbuf), if client_open => Read::Client(r),
+            () = gate.changed() => Step::Changed,
+            s = step => s,
         };
-        let (acts, input): (Vec<Act>, &[u8]) = match read {
-            Read::Changed => {
+        let (acts, input) = match step {
+            Step::Wrote => continue,
+            Step::Changed => {
                 gate.recheck(&cfg.texts);
-                (Vec::new(), &[])
+                (Vec::new(), None)
             }
-            Read::Client(Ok(0)) | Read::Client(Err(_)) => {
+            Step::ClientWriteFailed(e) => {
+                return End::ClientGone(format!("client write failed: {e}"));
+            }
+            Step::BackendWriteFailed(e) => {
+                return End::Words("UNAVAILABLE", format!("backend write failed: {e}"));
+            }
+            Step::Client(Ok(buf)) if !buf.is_empty() => {
+                // Client chunks are never forwarded whole: the core says what goes on.
+                let acts = core.client(&buf);
+                creader.recycle(buf);
+                (acts, None)
+            }
+            Step::Client(_) => {
                 client_open = false;
-                (core.client_eof(), &[])
+                (core.client_eof(), None)
             }
-            // Client chunks are never forwarded whole: the core says what goes on.
-            Read::Client(Ok(n)) => (core.client(cbuf.get(..n).unwrap_or_default()), &[]),
-            Read::Server(Ok(0)) => {
+            Step::Server(Ok(buf)) if buf.is_empty() => {
                 let acts = core.server_eof();
-                if let Some(end) = act(
-                    client,
-                    backend,
-                    core,
-                    meter,
-                    ticket,
-                    gate,
-                    &acts,
-                    &[],
-                    shared,
-                    idle,
-                )
-                .await
+                if let Some(end) =
+                    act(pipes, core, meter, ticket, gate, &acts, &mut None, shared).await
                 {
                     return end;
                 }
@@ -836,20 +912,17 @@ async fn relay(
                 }
                 return End::Words("UNAVAILABLE", "backend closed the connection".into());
             }
-            Read::Server(Err(e)) => {
+            Step::Server(Err(e)) => {
                 return End::Words("UNAVAILABLE", format!("backend connection failed: {e}"));
             }
-            Read::Server(Ok(n)) => {
-                let data = sbuf.get(..n).unwrap_or_default();
-                (core.server(data), data)
-            }
+            Step::Server(Ok(buf)) => (core.server(&buf), Some(buf)),
         };
-        if let Some(end) = act(
-            client, backend, core, meter, ticket, gate, &acts, input, shared, idle,
-        )
-        .await
-        {
+        let mut input = input;
+        if let Some(end) = act(pipes, core, meter, ticket, gate, &acts, &mut input, shared).await {
             return end;
+        }
+        if let Some(buf) = input {
+            sreader.recycle(buf);
         }
         // A session whose account changed ends at the first point where the backend is not
         // in the middle of a reply: at once, IMAP IDLE included, or right after that reply.
@@ -858,38 +931,63 @@ async fn relay(
                 return End::Gate(text.to_owned());
             }
         }
-        if !client_open && !backend_shut {
-            // Pass the client's end on; the backend answers what it still has, then closes.
-            backend_shut = true;
-            if tokio::time::timeout(LINGER, backend.shutdown())
-                .await
-                .is_err()
-            {
-                return End::Quiet("client closed the connection".into());
-            }
-        }
     }
 }
 
-/// Acts on a session's events in order; `Some` ends the session.
+/// One poll of the session's four directions: writes first (they free queue room), then the
+/// reads whose queues have room, `server_first` or the client first.
+fn poll_step(
+    pipes: &mut Pipes<'_>,
+    creader: &mut Reader,
+    sreader: &mut Reader,
+    client_open: bool,
+    server_first: bool,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<Step> {
+    let wrote = match pipes.to_client.poll_drain(&mut *pipes.client, cx) {
+        Ok(n) => n,
+        Err(e) => return Poll::Ready(Step::ClientWriteFailed(e)),
+    };
+    let wrote = wrote
+        + match pipes.to_backend.poll_drain(&mut *pipes.backend, cx) {
+            Ok(n) => n,
+            Err(e) => return Poll::Ready(Step::BackendWriteFailed(e)),
+        };
+    for server in [server_first, !server_first] {
+        if server && pipes.to_client.has_room() {
+            if let Poll::Ready(r) = sreader.poll_read(&mut *pipes.backend, cx) {
+                return Poll::Ready(Step::Server(r));
+            }
+        }
+        if !server && client_open && pipes.to_backend.has_room() {
+            if let Poll::Ready(r) = creader.poll_read(&mut *pipes.client, cx) {
+                return Poll::Ready(Step::Client(r));
+            }
+        }
+    }
+    if wrote > 0 {
+        Poll::Ready(Step::Wrote)
+    } else {
+        Poll::Pending
+    }
+}
+
+/// Acts on a session's events in order; `Some` ends the session. Bytes are queued
+/// ([`Pipes`]); `input` is the backend chunk the events are about, moved to the client's
+/// queue on [`Act::InputToClient`].
 #[allow(clippy::too_many_arguments)]
 async fn act(
-    client: &mut ClientIo,
-    backend: &mut BackendIo,
+    pipes: &mut Pipes<'_>,
     core: &mut Core,
     meter: &mut Meter,
     ticket: &mut Place,
     gate: &mut Gate,
     acts: &[Act],
-    input: &[u8],
+    input: &mut Option<Vec<u8>>,
     shared: &Shared,
-    limit: Duration,
 ) -> Option<End> {
-    let limit = if core.logged_in() {
-        limit
-    } else {
-        shared.cfg.prelogin_timeout
-    };
+    // Writes the proxy makes itself around a login (not queued).
+    let limit = shared.cfg.prelogin_timeout;
     let mut notice = None;
     for a in acts {
         match a {
@@ -905,34 +1003,45 @@ async fn act(
                     None => {}
                 }
                 meter.to_backend += b.len() as u64;
-                if let Err(e) = write(backend, b, limit).await {
-                    return Some(End::Words(
-                        "UNAVAILABLE",
-                        format!("backend write failed: {e}"),
-                    ));
-                }
+                pipes.to_backend.push(b.clone());
             }
             Act::ToClient(b) => {
                 meter.to_client += b.len() as u64;
-                if let Err(e) = write(client, b, limit).await {
-                    return Some(End::Quiet(format!("client write failed: {e}")));
-                }
+                pipes.to_client.push(b.clone());
             }
             Act::InputToClient => {
-                meter.to_client += input.len() as u64;
-                if let Err(e) = write(client, input, limit).await {
-                    return Some(End::Quiet(format!("client write failed: {e}")));
-                }
+                // The cores forward a chunk whole at most once.
+                let Some(b) = input.take() else {
+                    return Some(End::Words(
+                        "UNAVAILABLE",
+                        "internal error: a backend chunk forwarded twice".into(),
+                    ));
+                };
+                meter.to_client += b.len() as u64;
+                pipes.to_client.push(b);
             }
             Act::StartTls => {
-                let ClientIo::Plain(tcp) = std::mem::replace(client, ClientIo::Gone) else {
+                // The core's go-ahead reply goes out in plain text before the handshake.
+                let flushed = tokio::time::timeout(
+                    shared.cfg.prelogin_timeout,
+                    pipes.to_client.drain(&mut *pipes.client),
+                )
+                .await;
+                match flushed {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        return Some(End::ClientGone(format!("client write failed: {e}")))
+                    }
+                    Err(_) => return Some(End::Quiet("client write timed out".into())),
+                }
+                let ClientIo::Plain(tcp) = std::mem::replace(pipes.client, ClientIo::Gone) else {
                     return Some(End::Quiet("STARTTLS on a TLS connection".into()));
                 };
                 match tokio::time::timeout(shared.cfg.prelogin_timeout, shared.tls.accept(tcp))
                     .await
                 {
                     Ok(Ok(tls)) => {
-                        *client = ClientIo::Tls(Box::new(tls));
+                        *pipes.client = ClientIo::Tls(Box::new(tls));
                         core.tls_started();
                         meter.tls = true;
                     }
@@ -945,7 +1054,7 @@ async fn act(
                 if let Err(verdict) = gate.named(a) {
                     // Refused before the backend hears of the account or its password.
                     let acts = refuse(core, gate, verdict, shared);
-                    return Some(say(client, &acts, meter, limit).await);
+                    return Some(say(pipes, &acts, meter));
                 }
             }
             Act::Command(verb) => {
@@ -990,10 +1099,15 @@ async fn act(
                         // IMAP in arrears, or unwelcome / outside the networks by now: the
                         // login is answered NO / -ERR instead of the backend's OK.
                         let acts = refuse(core, gate, verdict, shared);
-                        let end = say(client, &acts, meter, limit).await;
+                        let end = say(pipes, &acts, meter);
                         if verdict == Verdict::Arrears {
-                            let _ = write(client, b"* BYE Logging out\r\n", limit).await;
-                            let _ = write(backend, b"ZZ LOGOUT\r\n", limit).await;
+                            pipes.to_client.push(b"* BYE Logging out\r\n".to_vec());
+                            pipes.to_backend.push(b"ZZ LOGOUT\r\n".to_vec());
+                            let _ = tokio::time::timeout(
+                                limit,
+                                pipes.to_backend.drain(&mut *pipes.backend),
+                            )
+                            .await;
                         }
                         return Some(end);
                     }
@@ -1004,12 +1118,7 @@ async fn act(
                 let held = gate.login_failed();
                 if !held.is_empty() {
                     meter.to_backend += held.len() as u64;
-                    if let Err(e) = write(backend, &held, limit).await {
-                        return Some(End::Words(
-                            "UNAVAILABLE",
-                            format!("backend write failed: {e}"),
-                        ));
-                    }
+                    pipes.to_backend.push(held);
                 }
             }
             Act::Retrieved(bytes) => {
@@ -1044,15 +1153,14 @@ fn refuse(core: &mut Core, gate: &Gate, verdict: Verdict, shared: &Shared) -> Ve
     core.refuse_login(code, gate::refusal_text(verdict, texts))
 }
 
-/// Writes the core's own replies and ends the session as its Close says.
-async fn say(client: &mut ClientIo, acts: &[Act], meter: &mut Meter, limit: Duration) -> End {
+/// Queues the core's own replies (written before the session ends) and ends the session as
+/// its Close says.
+fn say(pipes: &mut Pipes<'_>, acts: &[Act], meter: &mut Meter) -> End {
     for a in acts {
         match a {
             Act::ToClient(b) => {
                 meter.to_client += b.len() as u64;
-                if let Err(e) = write(client, b, limit).await {
-                    return End::Quiet(format!("client write failed: {e}"));
-                }
+                pipes.to_client.push(b.clone());
             }
             Act::Close(why, _) => return End::Quiet(why.clone()),
             _ => {}
