@@ -25,6 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::audit::AuditLog;
 use crate::config::{Config, LinkTls};
+use crate::meter::MeterStore;
 use crate::mta::stalwart::StalwartStats;
 use crate::notify::intake::{IntakeStats, MailIntake};
 use crate::notify::outbox::{Outbox, OutboxConfig};
@@ -38,10 +39,12 @@ pub struct Stores {
     pub outbox: Outbox,
     pub users: UserStore,
     pub audit: AuditLog,
+    /// What the retrieval proxy's sessions retrieved.
+    pub meter: MeterStore,
 }
 
 impl Stores {
-    /// Opens all three (blocking: call from `spawn_blocking` or before the runtime is busy).
+    /// Opens all four (blocking: call from `spawn_blocking` or before the runtime is busy).
     pub fn open(cfg: &Config) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("create data_dir {}", cfg.data_dir.display()))?;
@@ -55,10 +58,12 @@ impl Stores {
         )?;
         let users = UserStore::open(&cfg.users_path())?.with_languages(&cfg.link.agent_languages);
         let audit = AuditLog::open(&cfg.audit_path(), cfg.audit.clone())?;
+        let meter = MeterStore::open(&cfg.meter_path(), cfg.meter.clone())?;
         Ok(Self {
             outbox,
             users,
             audit,
+            meter,
         })
     }
 
@@ -70,6 +75,9 @@ impl Stores {
         }
         if let Err(e) = self.audit.flush() {
             error!(error = %e, "audit log flush on close failed");
+        }
+        if let Err(e) = self.meter.flush() {
+            error!(error = %e, "meter store flush on close failed");
         }
     }
 }
@@ -280,6 +288,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         &failures,
         &mut listener_stats,
         &retrieval_stats,
+        &stores.meter,
     )
     .await?;
 
@@ -300,6 +309,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         audit: stores.audit.stats(),
         milter: milter_addr.map(|_| milter_stats.clone()),
         retrieval: (!retrieval_addrs.is_empty()).then(|| retrieval_stats.clone()),
+        meter: (!retrieval_addrs.is_empty()).then(|| stores.meter.stats()),
         agents: cfg.link.agents.iter().map(|a| a.addr.clone()).collect(),
         certificates: [
             ("cert", tls_files.cert.clone()),
@@ -319,9 +329,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     };
     if let Some(l) = admin {
         let token: Arc<str> = Arc::from(cfg.admin_token.as_str());
-        let admin_routes = crate::admin::api::user_routes(stores.users.clone()).merge(
-            crate::admin::ops::routes(stores.outbox.clone(), stores.audit.clone()),
-        );
+        let admin_routes = crate::admin::api::user_routes(stores.users.clone())
+            .merge(crate::admin::ops::routes(
+                stores.outbox.clone(),
+                stores.audit.clone(),
+            ))
+            .merge(crate::admin::meter::routes(stores.meter.clone()));
         let router = crate::admin::api::protect(
             crate::admin::ops::audited(admin_routes, stores.audit.clone()),
             token,
@@ -379,6 +392,7 @@ async fn start_retrieval(
     failures: &Failures,
     listener_stats: &mut Vec<(&'static str, Arc<ListenerStats>)>,
     stats: &Arc<server::RetrievalStats>,
+    meter: &MeterStore,
 ) -> anyhow::Result<Vec<(&'static str, SocketAddr)>> {
     use crate::retrieval::server::Listener;
     let r = &cfg.retrieval;
@@ -391,6 +405,7 @@ async fn start_retrieval(
         cfg: r.clone(),
         tls: tokio_rustls::TlsAcceptor::from(tls),
         stats: stats.clone(),
+        meter: meter.clone(),
     });
     for (kind, addr) in [
         (Listener::Pop3, r.pop3),

@@ -15,6 +15,7 @@ use mailbell_link::units::{de_duration, parse_toml, read_config};
 use serde::Deserialize;
 
 use crate::audit::AuditConfig;
+use crate::meter::MeterConfig;
 use crate::mta::milter::MilterConfig;
 use crate::mta::stalwart::StalwartConfig;
 use crate::notify::intake::IntakeConfig;
@@ -34,6 +35,7 @@ struct RawConfig {
     audit: AuditConfig,
     http: RawHttp,
     retrieval: RawRetrieval,
+    meter: MeterConfig,
 }
 
 /// `[retrieval]`: the POP3/IMAP proxy in front of the backend's listeners (all off by default).
@@ -402,6 +404,8 @@ pub struct Config {
     pub http_admin: HttpConfig,
     /// The POP3/IMAP retrieval proxy.
     pub retrieval: RetrievalConfig,
+    /// The meter store the retrieval proxy writes (`[meter]`).
+    pub meter: MeterConfig,
 }
 
 fn listen(key: &str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
@@ -573,6 +577,7 @@ impl Config {
             return Err(inv("outbox.max_depth must be at least 1".into()));
         }
         let retrieval = retrieval(raw.retrieval)?;
+        raw.meter.validate().map_err(inv)?;
         Ok(Self {
             data_dir,
             http_listen: listen("http", &raw.listen.http)?,
@@ -606,6 +611,7 @@ impl Config {
             http_stalwart,
             http_admin,
             retrieval,
+            meter: raw.meter,
         })
     }
 
@@ -619,6 +625,10 @@ impl Config {
 
     pub fn audit_path(&self) -> PathBuf {
         self.data_dir.join("audit")
+    }
+
+    pub fn meter_path(&self) -> PathBuf {
+        self.data_dir.join("meter")
     }
 }
 

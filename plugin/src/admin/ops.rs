@@ -55,6 +55,8 @@ pub struct Metrics {
     pub milter: Option<Arc<MilterStats>>,
     /// The retrieval proxy's totals (`None`: no retrieval listener).
     pub retrieval: Option<Arc<crate::retrieval::server::RetrievalStats>>,
+    /// The meter store's writes (`None`: no retrieval listener).
+    pub meter: Option<Arc<crate::meter::MeterStats>>,
     /// The configured agents' addresses, in `[[link.agent]]` order (`mailbell_link_up`).
     pub agents: Vec<String>,
     /// The link's certificate files by role ("cert", "ca"), for their expiry.
@@ -381,6 +383,9 @@ impl Metrics {
         if let Some(retrieval) = &self.retrieval {
             r.register_collector(Box::new(retrieval.clone()));
         }
+        if let Some(meter) = &self.meter {
+            r.register_collector(Box::new(meter.clone()));
+        }
         r.register_collector(Box::new(CertExpiryCollector {
             files: self.certificates.clone(),
         }));
@@ -644,6 +649,7 @@ mod tests {
             audit: Arc::default(),
             milter: Some(Arc::default()),
             retrieval: Some(Arc::default()),
+            meter: Some(Arc::default()),
             agents: vec!["agent-a:7443".into(), "agent-b:7443".into()],
             certificates: vec![("cert", dir.path().join("missing.pem"))],
             listeners: vec![("milter", Arc::default())],

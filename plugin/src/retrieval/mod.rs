@@ -23,6 +23,7 @@
 
 pub mod imap;
 mod line;
+mod metering;
 pub mod pop3;
 pub mod proxy_v2;
 pub mod sasl;

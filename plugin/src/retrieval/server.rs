@@ -27,9 +27,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::imap::{self, ImapConfig, ImapSession};
+use super::metering::{self, Meter};
 use super::pop3::{self, Pop3Config, Pop3Session};
 use super::proxy_v2::{Header, TlsInfo};
 use crate::config::RetrievalConfig;
+use crate::meter::{Login, MeterStore};
 
 /// Which protocol a listener speaks, and whether TLS starts at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,10 +70,12 @@ pub struct Shared {
     pub cfg: RetrievalConfig,
     pub tls: TlsAcceptor,
     pub stats: Arc<RetrievalStats>,
+    /// Where each session's record goes ([`metering`]).
+    pub meter: MeterStore,
 }
 
 /// Totals over every ended session of all retrieval listeners (monotonic), added when a session
-/// ends. The durable per-session meter store is a later step.
+/// ends; each session's own record goes to the meter store.
 #[derive(Debug, Default)]
 pub struct RetrievalStats {
     /// Sessions ended.
@@ -271,8 +275,9 @@ enum Act {
     Account(String),
     LoggedIn(Option<String>),
     LoginFailed(Option<String>, String),
-    /// Message bytes retrieved (POP3 RETR/TOP, IMAP FETCH literals).
-    Retrieved(u64),
+    /// Message bytes retrieved (POP3 RETR/TOP, IMAP FETCH literals): one RETR/TOP reply or
+    /// FETCH response, a message per section.
+    Retrieved(Vec<crate::meter::Message>),
     /// End the session; `true`: tell the client why (the core's own reply came first otherwise).
     Close(String, bool),
     /// Nothing for the shell to do (boundaries, greetings, IDLE, QUIT/LOGOUT marks).
@@ -313,7 +318,7 @@ fn pop3_server(e: pop3::ServerEvent) -> Act {
         E::LoginFailed { account, reply } => Act::LoginFailed(account, reply),
         E::Retrieved(r) => {
             debug!(msg = r.msg, uid = ?r.uid, bytes = r.bytes, complete = r.complete, "retrieved");
-            Act::Retrieved(r.bytes)
+            Act::Retrieved(metering::pop3_message(r))
         }
         E::Close(e) => Act::Close(e.to_string(), true),
         E::QuitReply => Act::Ending,
@@ -345,9 +350,9 @@ fn imap_server(e: imap::ServerEvent) -> Act {
         E::LoggedIn { account } => Act::LoggedIn(account),
         E::LoginFailed { account, reply } => Act::LoginFailed(account, reply),
         E::Fetched(f) => {
-            let bytes = f.sections.iter().map(|s| s.bytes).sum();
+            let bytes: u64 = f.sections.iter().map(|s| s.bytes).sum();
             debug!(mailbox = ?f.mailbox, seq = f.seq, uid = ?f.uid, bytes, complete = f.complete, "fetched");
-            Act::Retrieved(bytes)
+            Act::Retrieved(metering::imap_messages(f))
         }
         E::Close(e) => Act::Close(e.to_string(), true),
         E::LogoutReply => Act::Ending,
@@ -413,22 +418,6 @@ fn bye(imap: bool, code: &str, reason: &str) -> Vec<u8> {
     }
 }
 
-/// What one session did, logged when it ends (the durable meter store comes later).
-#[derive(Debug, Default)]
-struct Meter {
-    account: Option<String>,
-    logged_in: bool,
-    tls: bool,
-    /// Bytes from the backend relayed to the client, and the client's bytes to the backend.
-    to_client: u64,
-    to_backend: u64,
-    /// Messages (POP3) or FETCH responses (IMAP) with message bytes, and their bytes.
-    retrieved: u64,
-    retrieved_bytes: u64,
-    /// The backend is answering QUIT/LOGOUT.
-    ending: bool,
-}
-
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -444,7 +433,7 @@ async fn connection(
     }
     let cfg = &shared.cfg;
     let imap = kind.is_imap();
-    let mut meter = Meter::default();
+    let mut meter = Meter::new(peer, kind.name(), imap);
     let mut client = ClientIo::Plain(stream);
     let mut tls_info = None;
     if kind.implicit_tls() {
@@ -499,6 +488,10 @@ async fn connection(
                 client.shutdown().await
             })
             .await;
+            meter.to_client += words.len() as u64;
+            meter
+                .store(&shared.meter, &format!("backend unavailable: {e}"))
+                .await;
             return;
         }
     };
@@ -534,7 +527,12 @@ async fn connection(
     let reason = match &end {
         End::Words(code, why) => {
             let words = bye(imap, code, why);
-            let _ = tokio::time::timeout(Duration::from_secs(5), client.write_all(&words)).await;
+            if tokio::time::timeout(Duration::from_secs(5), client.write_all(&words))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                meter.to_client += words.len() as u64;
+            }
             why.clone()
         }
         End::Quiet(why) => why.clone(),
@@ -550,9 +548,11 @@ async fn connection(
         retrieved = meter.retrieved,
         retrieved_bytes = meter.retrieved_bytes,
         duration_ms = started.elapsed().as_millis() as u64,
+        session = %meter.session,
         end = %reason,
         "retrieval session ended"
     );
+    meter.store(&shared.meter, &reason).await;
     shared.stats.add(&meter);
     drop(ticket);
 }
@@ -729,6 +729,8 @@ async fn act(
     } else {
         shared.cfg.prelogin_timeout
     };
+    let imap_listener = matches!(core, Core::Imap(_));
+    let mut input_counted = false;
     for a in acts {
         match a {
             Act::ToBackend(b) => {
@@ -747,7 +749,9 @@ async fn act(
                 }
             }
             Act::InputToClient => {
-                meter.to_client += input.len() as u64;
+                if !input_counted {
+                    meter.to_client += input.len() as u64;
+                }
                 if let Err(e) = write(client, input, limit).await {
                     return Some(End::Quiet(format!("client write failed: {e}")));
                 }
@@ -769,11 +773,20 @@ async fn act(
                 }
             }
             Act::Account(a) => {
-                // No gating yet: every account goes on to the backend, which decides.
                 meter.account = Some(a.clone());
+                // No login goes on while its session could not be metered.
+                if let Err(cause) = shared.meter.health() {
+                    warn!(account = %a, error = %cause, "login refused: metering unavailable");
+                    meter.login = Login::Refused;
+                    return Some(End::Words(
+                        "UNAVAILABLE",
+                        format!("metering unavailable: {cause}"),
+                    ));
+                }
             }
             Act::LoggedIn(account) => {
                 meter.logged_in = true;
+                meter.login = Login::Ok;
                 if account.is_some() {
                     meter.account.clone_from(account);
                 }
@@ -791,15 +804,23 @@ async fn act(
                 info!(account = account.as_deref().unwrap_or(""), "logged in");
             }
             Act::LoginFailed(account, reply) => {
+                meter.login = Login::Refused;
                 info!(account = account.as_deref().unwrap_or(""), reply = %reply, "login refused by the backend");
             }
-            Act::Retrieved(bytes) => {
-                meter.retrieved += 1;
-                meter.retrieved_bytes += bytes;
-            }
+            Act::Retrieved(messages) => meter.retrieved(&shared.meter, messages.clone()),
             Act::Close(why, true) => return Some(End::Words("ALERT", why.clone())),
             Act::Close(why, false) => return Some(End::Quiet(why.clone())),
-            Act::Ending => meter.ending = true,
+            Act::Ending => {
+                meter.ending = true;
+                if shared.meter.config().sync == crate::meter::Sync::PerSession {
+                    // The record is durable before the client gets the reply; the chunk that
+                    // starts it goes out next and is counted now.
+                    meter.to_client += input.len() as u64;
+                    input_counted = true;
+                    let end = if imap_listener { "logout" } else { "quit" };
+                    meter.store(&shared.meter, end).await;
+                }
+            }
             Act::Note => {}
         }
     }
