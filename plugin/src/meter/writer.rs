@@ -196,13 +196,17 @@ impl Writer {
         let Some((_, path, f, durable)) = self.file.as_mut() else {
             return Ok(());
         };
-        if !self.buf.is_empty() {
-            let disk = &self.shared.disk;
+        // A group of waiters only (a flush) still syncs: it checks that the disk takes writes.
+        let disk = &self.shared.disk;
+        let written = if self.buf.is_empty() {
+            Ok(())
+        } else {
             disk.write_at(f, &self.buf, *durable)
-                .and_then(|()| disk.sync(f))
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            *durable += self.buf.len() as u64;
-        }
+        };
+        written
+            .and_then(|()| disk.sync(f))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        *durable += self.buf.len() as u64;
         *lock(&self.shared.durable) = (path.clone(), *durable);
         Ok(())
     }

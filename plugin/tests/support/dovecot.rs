@@ -1,0 +1,471 @@
+//! The retrieval proxy's black-box test peers: a private Dovecot, the proxy as `mailbell serve`
+//! starts it, and the Python poplib/imaplib clients. Shared by `retrieval_dovecot.rs` and
+//! `retrieval_meter.rs`.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use mailbell::app::{self, Running};
+use mailbell::config::Config;
+use tokio_util::sync::CancellationToken;
+
+pub const DOVECOT: &str = "/usr/sbin/dovecot";
+
+/// The test messages in alice's maildrop, in delivery order (LF line ends, as Maildir stores
+/// them; one body line starts with a dot, so POP3 dot-stuffing is exercised).
+pub fn messages() -> Vec<String> {
+    (1..=3)
+        .map(|i| {
+            let body: String = (0..40 * i)
+                .map(|n| format!("line {n} of message {i}: the quick brown fox\n"))
+                .collect();
+            format!(
+                "From: sender@example.org\nTo: alice@example.org\nSubject: test {i}\n\
+                 Message-ID: <m{i}@example.org>\n\n.a line with a leading dot\n{body}"
+            )
+        })
+        .collect()
+}
+
+/// Reports a test skipped for a missing system peer (visible under plain `cargo test`).
+pub fn skip(reason: &str) {
+    use std::io::Write as _;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("test");
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {reason}");
+}
+
+pub fn have(cmd: &str, arg: &str) -> bool {
+    Command::new(cmd)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether the real peers are here; under CI a missing one fails the test.
+pub fn peers_present() -> bool {
+    let missing: Vec<&str> = [
+        (Path::new(DOVECOT).exists(), "dovecot"),
+        (have("python3", "--version"), "python3"),
+        (have("curl", "--version"), "curl"),
+    ]
+    .into_iter()
+    .filter(|(ok, _)| !ok)
+    .map(|(_, n)| n)
+    .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "missing under CI: {missing:?}"
+    );
+    skip(&format!("not installed: {missing:?}"));
+    false
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn id(args: &[&str]) -> String {
+    let out = Command::new("id").args(args).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+pub fn chown_all(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).unwrap() {
+            chown_all(&e.unwrap().path(), uid, gid);
+        }
+    }
+}
+
+/// A private Dovecot instance, killed on drop.
+pub struct Dovecot {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub pop3: u16,
+    pub imap: u16,
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Dovecot {
+    pub fn start() -> Dovecot {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for sub in ["run", "state"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        for user in ["alice", "bob"] {
+            for sub in ["cur", "new", "tmp"] {
+                std::fs::create_dir_all(d.join("home").join(user).join("Maildir").join(sub))
+                    .unwrap();
+            }
+        }
+        for (i, m) in messages().iter().enumerate() {
+            let name = format!("{}.M{i}P1.test:2,", 1_700_000_000 + i);
+            std::fs::write(d.join("home/alice/Maildir/cur").join(name), m).unwrap();
+        }
+        std::fs::write(
+            d.join("passwd"),
+            "alice:{PLAIN}secret::::::\nbob:{PLAIN}hunter2::::::\n",
+        )
+        .unwrap();
+        let (pop3, imap) = (free_port(), free_port());
+        let root = id(&["-u"]) == "0";
+        // Dovecot refuses to give mail to uid 0: as root the mail belongs to nobody.
+        let (user, group) = if root {
+            let (uid, gid) = (id(&["-u", "nobody"]), id(&["-g", "nobody"]));
+            let (uid, gid) = (uid.parse().unwrap(), gid.parse().unwrap());
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+            chown_all(&d.join("home"), uid, gid);
+            (id(&["-un", "nobody"]), id(&["-gn", "nobody"]))
+        } else {
+            (id(&["-un"]), id(&["-gn"]))
+        };
+        // As root Dovecot drops to its own users; otherwise everything runs as the caller.
+        let users = if root {
+            "default_internal_user = dovenull\n".to_owned()
+        } else {
+            format!(
+                "default_internal_user = {user}\ndefault_internal_group = {group}\n\
+                 default_login_user = {user}\n"
+            )
+        };
+        let conf = format!(
+            "base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\n\
+             protocols = imap pop3\nlisten = 127.0.0.1\nssl = no\n\
+             disable_plaintext_auth = yes\nauth_mechanisms = plain login\nauth_verbose = yes\n\
+             haproxy_trusted_networks = 127.0.0.1/8\nmail_location = maildir:~/Maildir\n\
+             login_log_format_elements = user=<%u> method=%m rip=%r rport=%{{rport}} lip=%l lport=%{{lport}} %c\n\
+             first_valid_uid = 0\n{users}\
+             passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {d}/passwd\n}}\n\
+             userdb {{\n  driver = static\n  args = uid={user} gid={group} home={d}/home/%u\n}}\n\
+             service imap-login {{\n  inet_listener imap {{\n    port = {imap}\n    haproxy = yes\n  }}\n\
+               inet_listener imaps {{\n    port = 0\n  }}\n}}\n\
+             service pop3-login {{\n  inet_listener pop3 {{\n    port = {pop3}\n    haproxy = yes\n  }}\n\
+               inet_listener pop3s {{\n    port = 0\n  }}\n}}\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("dovecot.conf"), conf).unwrap();
+        let child = Command::new(DOVECOT)
+            .arg("-F")
+            .arg("-c")
+            .arg(d.join("dovecot.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let dovecot = Dovecot {
+            child,
+            dir,
+            pop3,
+            imap,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while [pop3, imap]
+            .iter()
+            .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "dovecot did not listen: {}",
+                dovecot.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        dovecot
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
+    }
+}
+
+/// The proxy in front of `dovecot`, all four listeners on ephemeral ports.
+pub struct Proxy {
+    pub running: Option<Running>,
+    pub stop: CancellationToken,
+    pub dir: tempfile::TempDir,
+    /// The configuration file, for `mailbell` commands run beside the proxy.
+    pub config: PathBuf,
+    /// The test certificate's CA (the dev PKI's).
+    pub ca: PathBuf,
+}
+
+/// A proxy's configuration in `dir`: the dev PKI's certificate, data in `dir/data`, the
+/// admin API on a free port, the retrieval listeners on `listen` (`127.0.0.1:0`: ephemeral),
+/// `extra` appended. Written to `dir/mailbell.toml`; returns the text and the CA file.
+pub fn proxy_config(
+    dir: &Path,
+    backend_pop3: u16,
+    backend_imap: u16,
+    listen: [&str; 4],
+    extra: &str,
+) -> (String, PathBuf) {
+    let pki = mailbell_link::pki::ensure_dev_pki(
+        &dir.join("pki"),
+        &["localhost".to_owned(), "127.0.0.1".to_owned()],
+        "mailhost",
+        false,
+    )
+    .unwrap();
+    let [pop3, pop3s, imap, imaps] = listen;
+    let toml = format!(
+        "[mailbell]\ndata_dir = {data:?}\n[listen]\nhttp = \"\"\nmilter = \"\"\n\
+         admin = \"127.0.0.1:{admin}\"\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\
+         [link]\ndev_pki_dir = {pki:?}\n\
+         [retrieval]\npop3 = \"{pop3}\"\npop3s = \"{pop3s}\"\nimap = \"{imap}\"\nimaps = \"{imaps}\"\n\
+         backend_pop3 = \"127.0.0.1:{backend_pop3}\"\nbackend_imap = \"127.0.0.1:{backend_imap}\"\n\
+         cert = {cert:?}\nkey = {key:?}\n{extra}\n",
+        data = dir.join("data"),
+        pki = dir.join("pki"),
+        cert = pki.agent_cert,
+        key = pki.agent_key,
+        admin = free_port(),
+    );
+    std::fs::write(dir.join("mailbell.toml"), &toml).unwrap();
+    (toml, pki.ca_cert)
+}
+
+impl Proxy {
+    pub async fn start(backend_pop3: u16, backend_imap: u16, extra: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let (toml, ca) = proxy_config(
+            dir.path(),
+            backend_pop3,
+            backend_imap,
+            ["127.0.0.1:0"; 4],
+            extra,
+        );
+        let cfg = Config::from_toml(&toml, "test").unwrap();
+        let stop = CancellationToken::new();
+        let running = app::start(cfg, stop.clone()).await.unwrap();
+        Proxy {
+            running: Some(running),
+            stop,
+            ca,
+            config: dir.path().join("mailbell.toml"),
+            dir,
+        }
+    }
+
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.running
+            .as_ref()
+            .unwrap()
+            .retrieval_addrs
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1
+    }
+
+    /// The meter store the proxy writes.
+    pub fn meter(&self) -> &mailbell::meter::MeterStore {
+        &self.running.as_ref().unwrap().stores.meter
+    }
+
+    pub fn meter_dir(&self) -> PathBuf {
+        self.dir.path().join("data").join("meter")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.running.as_ref().unwrap().admin_addr.unwrap()
+    }
+
+    pub fn port(&self, name: &str) -> u16 {
+        self.addr(name).port()
+    }
+
+    /// The proxy's totals once `sessions` sessions have ended (it counts a session when its
+    /// task ends, just after the client saw the last reply).
+    pub async fn stats_after(&self, sessions: u64) -> [u64; 4] {
+        let st = &self.running.as_ref().unwrap().retrieval_stats;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while st.sessions.load(Relaxed) < sessions && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(st.sessions.load(Relaxed), sessions);
+        [
+            st.logins.load(Relaxed),
+            st.retrieved.load(Relaxed),
+            st.retrieved_bytes.load(Relaxed),
+            st.bytes_to_client.load(Relaxed),
+        ]
+    }
+
+    /// Stops the proxy; returns its directory (config, data), deleted when dropped.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+        self.dir
+    }
+}
+
+/// Runs `python3 -c script args...` off the runtime; returns stdout, panics with stderr on
+/// failure.
+pub async fn python(script: &'static str, args: Vec<String>) -> String {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .args(&args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "python failed: {}\nstdout: {stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    })
+    .await
+    .unwrap()
+}
+
+/// POP3 through the proxy: log in (STLS first unless `mode` is "ssl"), STAT, LIST, RETR each
+/// message, QUIT. Prints the client's own port, then per message the RETR content as hex (LF
+/// line ends, dot-unstuffed, as poplib returns it), then "ok"; or "refused: ..." when the
+/// login fails.
+pub const POP3_SCRIPT: &str = r#"
+import poplib, socket, ssl, sys
+port, mode, user, password, ca, src = sys.argv[1:7]
+poplib.POP3._create_socket = lambda self, timeout: socket.create_connection(
+    (self.host, self.port), timeout, source_address=(src, 0))
+ctx = ssl.create_default_context(cafile=ca)
+if mode == "ssl":
+    p = poplib.POP3_SSL("127.0.0.1", int(port), context=ctx, timeout=10)
+else:
+    p = poplib.POP3("127.0.0.1", int(port), timeout=10)
+    if mode == "stls":
+        p.stls(context=ctx)
+print("port", p.sock.getsockname()[1])
+try:
+    p.user(user)
+    p.pass_(password)
+except poplib.error_proto as e:
+    print("refused:", e)
+    sys.exit(0)
+count, size = p.stat()
+print("stat", count, size)
+for i in range(1, count + 1):
+    resp, lines, octets = p.retr(i)
+    print("msg", b"".join(l + b"\n" for l in lines).hex())
+p.quit()
+print("ok")
+"#;
+
+/// IMAP through the proxy: STARTTLS (unless "ssl"), LOGIN, SELECT INBOX, FETCH each message's
+/// BODY.PEEK[] one per command, LOGOUT. Output as [`POP3_SCRIPT`] (content with CRLF).
+pub const IMAP_SCRIPT: &str = r#"
+import imaplib, socket, ssl, sys
+port, mode, user, password, ca, src = sys.argv[1:7]
+imaplib.IMAP4._create_socket = lambda self, timeout: socket.create_connection(
+    (self.host, self.port), timeout, source_address=(src, 0))
+ctx = ssl.create_default_context(cafile=ca)
+if mode == "ssl":
+    m = imaplib.IMAP4_SSL("127.0.0.1", int(port), ssl_context=ctx, timeout=10)
+else:
+    m = imaplib.IMAP4("127.0.0.1", int(port), timeout=10)
+    if mode == "starttls":
+        m.starttls(ssl_context=ctx)
+print("port", m.sock.getsockname()[1])
+try:
+    m.login(user, password)
+except imaplib.IMAP4.error as e:
+    print("refused:", e)
+    sys.exit(0)
+typ, data = m.select("INBOX")
+count = int(data[0])
+print("stat", count)
+for i in range(1, count + 1):
+    typ, data = m.fetch(str(i), "(BODY.PEEK[])")
+    print("msg", data[0][1].hex())
+m.logout()
+print("ok")
+"#;
+
+/// The lines of a script's output that start with `key `.
+pub fn field<'a>(out: &'a str, key: &str) -> Vec<&'a str> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(' ')))
+        .collect()
+}
+
+pub fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The sum of `key=N/BYTES` (POP3, e.g. `retr=3/10742`) or `key=BYTES` (IMAP `body_bytes=`)
+/// over Dovecot's logout lines: (count, bytes).
+pub fn dovecot_counter(log: &str, key: &str) -> (u64, u64) {
+    let mut total = (0, 0);
+    for line in log.lines().filter(|l| l.contains("Logged out")) {
+        let Some(v) = line
+            .split([' ', ','])
+            .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        else {
+            continue;
+        };
+        match v.split_once('/') {
+            Some((n, b)) => {
+                total.0 += n.parse::<u64>().unwrap();
+                total.1 += b.parse::<u64>().unwrap();
+            }
+            None => total.1 += v.parse::<u64>().unwrap(),
+        }
+    }
+    total
+}
+
+/// Waits until Dovecot's log holds `needle` (it writes the login line asynchronously).
+pub async fn wait_log(d: &Dovecot, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = d.log();
+        if log.contains(needle) || Instant::now() > deadline {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn args(port: u16, mode: &str, user: &str, password: &str, ca: &Path) -> Vec<String> {
+    vec![
+        port.to_string(),
+        mode.into(),
+        user.into(),
+        password.into(),
+        ca.display().to_string(),
+        CLIENT_IP.into(),
+    ]
+}
+
+/// The clients' source address: not the proxy's own (127.0.0.1), so an address Dovecot logs
+/// can only have come from the PROXY v2 header.
+/// The admin API's bearer token in the proxy's configuration.
+pub const ADMIN_TOKEN: &str = "meter-test-token";
+
+pub const CLIENT_IP: &str = "127.0.0.2";
