@@ -707,6 +707,9 @@ mod tests {
         assert!(e("[retrieval]\nmax_connections = 0").contains("retrieval.max_connections"));
         assert!(e("[retrieval]\nprelogin_timeout = 0").contains("retrieval.prelogin_timeout"));
         assert!(e("[retrieval]\nsmtp = \"\"").contains("smtp"));
+        assert!(e("[meter]\nflush_interval = 0").contains("meter.flush_interval"));
+        assert!(e("[meter]\nflush_interval = \"2m\"").contains("meter.flush_interval"));
+        assert!(e("[meter]\nsync = \"never\"").contains("expected `interval` or `per-session`"));
     }
 
     #[test]
@@ -758,6 +761,13 @@ mod tests {
     #[test]
     fn retrieval_is_off_by_default_and_its_paths_resolve() {
         let c = Config::from_toml("", "t").unwrap();
+        assert_eq!(c.meter.flush_interval, Duration::from_millis(200));
+        assert_eq!(c.meter.sync, crate::meter::Sync::Interval);
+        assert_eq!(c.meter_path(), c.data_dir.join("meter"));
+        let m =
+            Config::from_toml("[meter]\nsync = \"per-session\"\nretention_days = 0", "t").unwrap();
+        assert_eq!(m.meter.sync, crate::meter::Sync::PerSession);
+        assert_eq!(m.meter.retention_days, 0);
         assert!(!c.retrieval.enabled());
         assert!(c.retrieval.proxy_protocol);
         assert!(!c.retrieval.allow_plaintext_login);
