@@ -128,24 +128,13 @@ pub(super) fn encode(rec: &MeterRecord, out: &mut Vec<u8>) -> Result<(), MeterEr
     Ok(())
 }
 
-/// What a header and body say.
-#[derive(Debug)]
-pub(super) enum Frame {
-    Record(MeterRecord),
-    /// Too short, wrong length or CRC, or a body that is not a record: the file ends here.
-    Invalid(&'static str),
-}
-
-/// Checks one record's header and body.
-fn check(header: [u8; HEADER], body: &[u8]) -> Frame {
+/// Checks one record's header and body; the error says why the file ends here.
+fn check(header: [u8; HEADER], body: &[u8]) -> Result<MeterRecord, &'static str> {
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     if crc32fast::hash(body) != crc {
-        return Frame::Invalid("CRC mismatch");
+        return Err("CRC mismatch");
     }
-    match serde_json::from_slice(body) {
-        Ok(r) => Frame::Record(r),
-        Err(_) => Frame::Invalid("body is not a meter record"),
-    }
+    serde_json::from_slice(body).map_err(|_| "body is not a meter record")
 }
 
 /// How a scan ended: the length of the valid records, and why it stopped early if it did.
@@ -196,13 +185,13 @@ pub(super) fn scan(
             });
         }
         match check(header, &body) {
-            Frame::Invalid(why) => {
+            Err(why) => {
                 return Ok(Scanned {
                     valid_len: at,
                     stopped: Some(why),
                 })
             }
-            Frame::Record(rec) => {
+            Ok(rec) => {
                 at += (HEADER + len) as u64;
                 if f(rec).is_break() {
                     return Ok(Scanned {

@@ -28,7 +28,7 @@
 //!
 //! ```text
 //! <dir>/meter-YYYY-MM-DD.log   the records written that UTC day, in id order
-//! <dir>/lock                   flock'ed by the process that writes
+//! <dir>/lock/                  a tiny sled store held open for its flock by the writing process
 //!
 //! each record: len:u32le crc32:u32le body       (crc32 of the body; len = body bytes)
 //! body: one JSON object (a MeterRecord), e.g.
@@ -46,7 +46,6 @@
 //! `writer`: the writer thread; `format`: the text and CSV forms.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -300,9 +299,9 @@ impl Default for MeterStats {
             backlog: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             pruned_files: AtomicU64::new(0),
-            commit_seconds: Histogram::new(
-                [0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0].into_iter(),
-            ),
+            commit_seconds: Histogram::new([
+                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0,
+            ]),
         }
     }
 }
@@ -408,7 +407,7 @@ impl std::fmt::Debug for MeterStore {
 struct WriterHandle {
     shared: Arc<Shared>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    _lock: File,
+    _lock: sled::Db,
 }
 
 impl Drop for WriterHandle {
@@ -419,6 +418,26 @@ impl Drop for WriterHandle {
             let _ = t.join();
         }
     }
+}
+
+/// Takes the directory's lock as the audit log does: a tiny sled store at `<dir>/lock`, which
+/// holds an exclusive `flock` while open; waits up to two seconds for a predecessor.
+fn take_lock(dir: &Path) -> Result<sled::Db, MeterError> {
+    use mailbell_link::durable::{open_waiting, OpenWaiting};
+    let config = sled::Config::new()
+        .path(dir.join("lock"))
+        .cache_capacity(1 << 20)
+        .flush_every_ms(None);
+    open_waiting(&config, Duration::from_secs(2)).map_err(|e| match e {
+        OpenWaiting::Locked => MeterError::Locked {
+            path: dir.to_owned(),
+        },
+        OpenWaiting::Sled(e) => MeterError::Io {
+            path: dir.join("lock"),
+            op: "open the lock store",
+            error: std::io::Error::other(e.to_string()),
+        },
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -436,18 +455,7 @@ impl MeterStore {
     /// the newest file, prunes, and starts the writer after the largest stored id.
     pub fn open(dir: &Path, cfg: MeterConfig) -> Result<Self, MeterError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
-        let lock_path = dir.join("lock");
-        let lock_file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path, "open lock file"))?;
-        if lock_file.try_lock().is_err() {
-            return Err(MeterError::Locked {
-                path: dir.to_owned(),
-            });
-        }
+        let lock_file = take_lock(dir)?;
         let recovered = file::recover(dir)?;
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
