@@ -292,6 +292,70 @@ async fn with_per_session_sync_the_record_is_durable_before_the_client_has_the_q
     }
 }
 
+/// Reads from `s` until the text read ends with CRLF; returns it.
+async fn line(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut b = [0u8; 512];
+    while !got.ends_with(b"\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&b[..n]);
+    }
+    String::from_utf8(got).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quit_reply_waits_for_the_record_while_the_session_is_still_open() {
+    use tokio::io::AsyncWriteExt;
+    // A backend that answers every line +OK and never closes first, and a client that holds
+    // its connection after the QUIT reply: the session has not ended, so only the QUIT hook
+    // can have written the record. With a minute's flush interval only a per-session commit
+    // puts it on disk.
+    let backend = ok_backend().await;
+    for (sync, want) in [("per-session", 1), ("interval", 0)] {
+        let p = Proxy::start(
+            backend,
+            backend,
+            &format!(
+                "allow_plaintext_login = true\n[meter]\nsync = \"{sync}\"\nflush_interval = \"60s\""
+            ),
+        )
+        .await;
+        let mut s = tokio::net::TcpStream::connect(p.addr("pop3"))
+            .await
+            .unwrap();
+        assert!(line(&mut s).await.starts_with("+OK"));
+        for cmd in ["USER carol\r\n", "PASS x\r\n", "QUIT\r\n"] {
+            s.write_all(cmd.as_bytes()).await.unwrap();
+            assert_eq!(line(&mut s).await, "+OK\r\n", "{cmd}");
+        }
+        let on_disk = MeterStore::open_read_only(&p.meter_dir())
+            .query(&all())
+            .unwrap();
+        assert_eq!(on_disk.records.len(), want, "sync = {sync}: {on_disk:?}");
+        if want > 0 {
+            let rec = sessions(&on_disk.records)[0].clone();
+            assert_eq!(rec.account.as_deref(), Some("carol"));
+            assert_eq!((rec.login, rec.end.as_str()), (Login::Ok, "quit"));
+            // Everything the client has had so far, the QUIT reply included.
+            assert_eq!(
+                rec.bytes_to_client,
+                "+OK fake\r\n+OK\r\n+OK\r\n+OK\r\n".len() as u64
+            );
+            assert_eq!(
+                rec.bytes_to_backend,
+                "USER carol\r\nPASS x\r\nQUIT\r\n".len() as u64
+            );
+        }
+        drop(s);
+        p.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_cannot_write_refuses_logins_and_keeps_the_records() {
     if !peers_present() {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use mailbell::app::{self, Running};
 use mailbell::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 pub const DOVECOT: &str = "/usr/sbin/dovecot";
@@ -469,3 +470,35 @@ pub fn args(port: u16, mode: &str, user: &str, password: &str, ca: &Path) -> Vec
 pub const ADMIN_TOKEN: &str = "meter-test-token";
 
 pub const CLIENT_IP: &str = "127.0.0.2";
+
+/// A POP3 backend that greets and answers every line `+OK`.
+pub async fn ok_backend() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                // The PROXY v2 header: 16 bytes, the last two the length of the rest.
+                let mut header = [0u8; 16];
+                if s.read_exact(&mut header).await.is_err() {
+                    return;
+                }
+                let mut rest = vec![0u8; usize::from(u16::from_be_bytes([header[14], header[15]]))];
+                if s.read_exact(&mut rest).await.is_err() {
+                    return;
+                }
+                let _ = s.write_all(b"+OK fake\r\n").await;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    for _ in buf[..n].iter().filter(|b| **b == b'\n') {
+                        let _ = s.write_all(b"+OK\r\n").await;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
