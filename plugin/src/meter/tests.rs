@@ -420,3 +420,26 @@ fn text_and_csv_forms_carry_the_fields() {
     assert_eq!(rows[1][18], "u3");
     assert_eq!(rows[1][23], "900");
 }
+
+#[test]
+fn past_the_backlog_cap_appends_are_refused_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MeterStore::open(dir.path(), cfg()).unwrap();
+    store.inject_failure(Some(std::io::ErrorKind::Other));
+    let batch: Vec<Entry> = (0..10_000).map(|n| session("a", n)).collect();
+    for _ in 0..MAX_BACKLOG / 10_000 {
+        store.append(batch.clone()).unwrap();
+    }
+    assert!(matches!(
+        store.append(vec![session("a", 1)]),
+        Err(MeterError::Backlog)
+    ));
+    let st = store.stats();
+    assert_eq!(st.refused.load(Ordering::Relaxed), 1);
+    assert_eq!(st.backlog.load(Ordering::Relaxed), MAX_BACKLOG);
+    // Once the disk takes them, every waiting record lands and appends are taken again.
+    store.inject_failure(None);
+    store.flush().unwrap();
+    assert_eq!(st.records.load(Ordering::Relaxed), MAX_BACKLOG);
+    store.append(vec![session("a", 1)]).unwrap();
+}

@@ -165,3 +165,75 @@ pub(super) fn imap_messages(f: imap::Fetch) -> Vec<Message> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::meter::{MeterConfig, MeterQuery};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_session_stores_its_messages_ahead_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MeterStore::open(dir.path(), MeterConfig::default()).unwrap();
+        let mut m = Meter::new("192.0.2.7:4000".parse().unwrap(), "imaps", true);
+        m.account = Some("dave".into());
+        m.login = Login::Ok;
+        for n in 0..2_500u32 {
+            let fetch = imap::Fetch {
+                mailbox: Some("INBOX".into()),
+                seq: n + 1,
+                uid: Some(n + 100),
+                sections: vec![imap::SectionBytes {
+                    section: "BODY[]".into(),
+                    bytes: 10,
+                }],
+                complete: true,
+            };
+            m.retrieved(&store, imap_messages(fetch));
+        }
+        m.store(&store, "logout").await;
+        // Stored once only.
+        m.store(&store, "backend closed the connection").await;
+        let s2 = store.clone();
+        let page = tokio::task::spawn_blocking(move || {
+            s2.flush().unwrap();
+            s2.query(&MeterQuery {
+                limit: 100,
+                ..MeterQuery::default()
+            })
+            .unwrap()
+        })
+        .await
+        .unwrap();
+        let shapes: Vec<(u64, &str, usize)> = page
+            .records
+            .iter()
+            .map(|r| match &r.entry {
+                Entry::Messages(b) => (r.id, "messages", b.retrieved.len()),
+                Entry::Session(s) => (r.id, "session", s.retrieved.len()),
+            })
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                (1, "messages", 1000),
+                (2, "messages", 1000),
+                (3, "session", 500)
+            ]
+        );
+        let Entry::Session(s) = &page.records[2].entry else {
+            unreachable!()
+        };
+        assert_eq!((s.messages, s.message_bytes), (2_500, 25_000));
+        assert_eq!(s.protocol, Protocol::Imap);
+        assert_eq!(s.end, "logout");
+        assert_eq!(s.retrieved[0].uid, Some(2_100));
+        let Entry::Messages(b) = &page.records[0].entry else {
+            unreachable!()
+        };
+        assert_eq!(b.session, s.session);
+        assert_eq!(b.account.as_deref(), Some("dave"));
+    }
+}
