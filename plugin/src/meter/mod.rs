@@ -378,7 +378,12 @@ struct Shared {
     failure: Mutex<Option<String>>,
     stats: Arc<MeterStats>,
     disk: file::Disk,
+    /// Ms since the Unix epoch: records' `at_ms`, their day file, retention.
+    clock: Clock,
 }
+
+/// The store's clock (tests pass their own to cross midnight).
+pub type Clock = Arc<dyn Fn() -> i64 + Send + std::marker::Sync>;
 
 #[derive(Default)]
 struct Queue {
@@ -454,6 +459,11 @@ impl MeterStore {
     /// Opens (creating) the store in `dir` for writing: takes the lock, cuts a torn tail off
     /// the newest file, prunes, and starts the writer after the largest stored id.
     pub fn open(dir: &Path, cfg: MeterConfig) -> Result<Self, MeterError> {
+        Self::open_with_clock(dir, cfg, Arc::new(now_ms))
+    }
+
+    /// [`MeterStore::open`] with the given clock.
+    pub fn open_with_clock(dir: &Path, cfg: MeterConfig, clock: Clock) -> Result<Self, MeterError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
         let lock_file = take_lock(dir)?;
         let recovered = file::recover(dir)?;
@@ -466,8 +476,9 @@ impl MeterStore {
             failure: Mutex::new(None),
             stats: Arc::default(),
             disk: file::Disk::default(),
+            clock,
         });
-        file::prune(dir, shared.cfg.retention_days, now_ms())?;
+        file::prune(dir, shared.cfg.retention_days, (shared.clock)())?;
         let w = writer::Writer::new(shared.clone(), recovered.next_id);
         let thread = std::thread::Builder::new()
             .name("meter-writer".into())
@@ -495,6 +506,7 @@ impl MeterStore {
                 failure: Mutex::new(None),
                 stats: Arc::default(),
                 disk: file::Disk::default(),
+                clock: Arc::new(now_ms),
             }),
             writer: None,
         }

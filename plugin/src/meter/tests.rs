@@ -443,3 +443,52 @@ fn past_the_backlog_cap_appends_are_refused_and_counted() {
     assert_eq!(st.records.load(Ordering::Relaxed), MAX_BACKLOG);
     store.append(vec![session("a", 1)]).unwrap();
 }
+
+#[test]
+fn records_go_to_the_file_of_their_day_and_midnight_starts_a_new_one() {
+    use std::sync::atomic::AtomicI64;
+    let dir = tempfile::tempdir().unwrap();
+    let day = 86_400_000;
+    let t0 = 1_796_083_200_000 - 1_000; // 2026-11-30T23:59:59Z
+    let now = Arc::new(AtomicI64::new(t0));
+    let clock = now.clone();
+    let cfg = MeterConfig {
+        retention_days: 2,
+        ..cfg()
+    };
+    let store = MeterStore::open_with_clock(
+        dir.path(),
+        cfg,
+        Arc::new(move || clock.load(Ordering::Relaxed)),
+    )
+    .unwrap();
+    store.append(vec![session("a", 1)]).unwrap();
+    store.flush().unwrap();
+    now.store(t0 + 2_000, Ordering::Relaxed);
+    store.append(vec![session("a", 2)]).unwrap();
+    store.flush().unwrap();
+    let names: Vec<String> = file::list(dir.path())
+        .unwrap()
+        .iter()
+        .map(|f| f.1.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["meter-2026-11-30.log", "meter-2026-12-01.log"]);
+    let since = |ms| {
+        store
+            .query(&MeterQuery {
+                since_ms: Some(ms),
+                limit: 10,
+                ..MeterQuery::default()
+            })
+            .unwrap()
+            .records
+    };
+    assert_eq!(ids(&since(t0)), [1, 2]);
+    assert_eq!(ids(&since(t0 + 1_000)), [2]);
+    // Three days on, the next file's start prunes the first two days' files.
+    now.store(t0 + 3 * day + 2_000, Ordering::Relaxed);
+    store.append(vec![session("a", 3)]).unwrap();
+    store.flush().unwrap();
+    assert_eq!(ids(&all(&store)), [3]);
+    assert_eq!(store.stats().pruned_files.load(Ordering::Relaxed), 2);
+}

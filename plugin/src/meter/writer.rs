@@ -10,7 +10,7 @@ use chrono::NaiveDate;
 use tracing::{error, info};
 
 use super::file::{day_of, encode};
-use super::{lock, now_ms, MeterRecord, Request, Shared};
+use super::{lock, MeterRecord, Request, Shared};
 
 type Waiter = tokio::sync::oneshot::Sender<Result<(), String>>;
 
@@ -108,7 +108,7 @@ impl Writer {
 
     /// Encodes a request's entries into the group, giving them ids.
     fn take(&mut self, r: Request) {
-        let at_ms = now_ms();
+        let at_ms = (self.shared.clock)();
         if self.buf.is_empty() {
             self.day = Some(day_of(at_ms));
         }
@@ -213,7 +213,11 @@ impl Writer {
 
     fn prune(&mut self) {
         self.last_prune = Instant::now();
-        match super::file::prune(&self.shared.dir, self.shared.cfg.retention_days, now_ms()) {
+        match super::file::prune(
+            &self.shared.dir,
+            self.shared.cfg.retention_days,
+            (self.shared.clock)(),
+        ) {
             Ok(n) => {
                 self.shared
                     .stats
