@@ -7,6 +7,11 @@
 //! act on the session's events in order. Every read and write has a deadline: the
 //! pre-login timeout until the backend accepted a login, the protocol's idle timeout after. On
 //! shutdown every session ends with `-ERR` / `* BYE` and a reason.
+//!
+//! Each session counts into a [`Meter`] and leaves one record in the meter store
+//! ([`super::metering`]): when it ends, or, with `sync = "per-session"`, when the backend
+//! starts its QUIT/LOGOUT reply (before the reply is forwarded). While the store cannot write,
+//! a login is refused at the command that names the account.
 
 use std::io;
 use std::net::SocketAddr;
