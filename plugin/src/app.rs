@@ -283,12 +283,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let retrieval_stats = Arc::new(crate::retrieval::server::RetrievalStats::default());
     let retrieval_addrs = start_retrieval(
         &cfg,
+        &stores,
         &tasks,
         &shutdown,
         &failures,
         &mut listener_stats,
         &retrieval_stats,
-        &stores.meter,
     )
     .await?;
 
@@ -387,12 +387,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
 /// Binds and serves the retrieval proxy's listeners that are configured (none by default).
 async fn start_retrieval(
     cfg: &Config,
+    stores: &Stores,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
     failures: &Failures,
     listener_stats: &mut Vec<(&'static str, Arc<ListenerStats>)>,
     stats: &Arc<server::RetrievalStats>,
-    meter: &MeterStore,
 ) -> anyhow::Result<Vec<(&'static str, SocketAddr)>> {
     use crate::retrieval::server::Listener;
     let r = &cfg.retrieval;
@@ -401,11 +401,18 @@ async fn start_retrieval(
         return Ok(addrs);
     };
     let tls = tls::public_server_config(cert, key).context("retrieval TLS")?;
+    let mut r = r.clone();
+    if let Some(path) = &r.notice_file {
+        r.notice.text = std::fs::read_to_string(path)
+            .with_context(|| format!("retrieval.notice_file {}", path.display()))?;
+    }
     let shared = Arc::new(server::Shared {
         cfg: r.clone(),
         tls: tokio_rustls::TlsAcceptor::from(tls),
         stats: stats.clone(),
-        meter: meter.clone(),
+        meter: stores.meter.clone(),
+        users: stores.users.clone(),
+        balances: None,
     });
     for (kind, addr) in [
         (Listener::Pop3, r.pop3),

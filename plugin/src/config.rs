@@ -61,6 +61,13 @@ struct RawRetrieval {
     imap_idle_timeout: Duration,
     #[serde(deserialize_with = "de_duration")]
     connect_timeout: Duration,
+    unwelcome_text: String,
+    network_text: String,
+    arrears_text: String,
+    notice_subject: String,
+    notice_text: String,
+    notice_file: Option<PathBuf>,
+    notice_from: String,
 }
 
 impl Default for RawRetrieval {
@@ -81,8 +88,36 @@ impl Default for RawRetrieval {
             pop3_idle_timeout: Duration::from_secs(10 * 60),
             imap_idle_timeout: Duration::from_secs(30 * 60),
             connect_timeout: Duration::from_secs(5),
+            unwelcome_text: DEFAULT_UNWELCOME_TEXT.into(),
+            network_text: DEFAULT_NETWORK_TEXT.into(),
+            arrears_text: DEFAULT_ARREARS_TEXT.into(),
+            notice_subject: crate::retrieval::notice::DEFAULT_SUBJECT.into(),
+            notice_text: crate::retrieval::notice::DEFAULT_TEXT.into(),
+            notice_file: None,
+            notice_from: String::new(),
         }
     }
+}
+
+/// Default `retrieval.unwelcome_text`.
+pub const DEFAULT_UNWELCOME_TEXT: &str =
+    "This account is closed. Please contact your mail provider.";
+/// Default `retrieval.network_text`.
+pub const DEFAULT_NETWORK_TEXT: &str = "Logins to this account are not allowed from your network.";
+/// Default `retrieval.arrears_text`.
+pub const DEFAULT_ARREARS_TEXT: &str = "This account is in arrears: your mail is kept, but only \
+    the payment notice can be read until it is paid. Please contact your mail provider.";
+
+/// The operator's words at the retrieval proxy's gate (one line each).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GateTexts {
+    /// A login of an `unwelcome` account (`-ERR [AUTH]`, `NO [ALERT]`).
+    pub unwelcome: String,
+    /// A login from outside the account's networks (`-ERR [AUTH]`, `NO [AUTHORIZATIONFAILED]`).
+    pub network: String,
+    /// An IMAP login of an account in arrears (`NO [ALERT]`), and a live session whose account
+    /// went into arrears.
+    pub arrears: String,
 }
 
 /// The retrieval proxy's settings (`[retrieval]`).
@@ -117,6 +152,13 @@ pub struct RetrievalConfig {
     pub imap_idle_timeout: Duration,
     /// Longest wait for the backend's TCP connection.
     pub connect_timeout: Duration,
+    /// What refused logins are told.
+    pub texts: GateTexts,
+    /// The payment notice of accounts in arrears (`notice_text`, replaced by the contents of
+    /// `notice_file` when the daemon starts, if that is set).
+    pub notice: crate::retrieval::notice::NoticeTemplate,
+    /// A file holding the notice text (resolved against the config file's directory).
+    pub notice_file: Option<PathBuf>,
 }
 
 impl RetrievalConfig {
@@ -135,6 +177,22 @@ fn host_port(key: &str, s: &str) -> Result<String, ConfigError> {
         )));
     }
     Ok(s.to_owned())
+}
+
+/// An operator text that goes on one protocol line: not empty, no line breaks, at most 400
+/// characters.
+fn one_line_text(key: &str, s: String) -> Result<String, ConfigError> {
+    let t = s.trim();
+    let why = if t.is_empty() {
+        "must not be empty"
+    } else if t.chars().any(char::is_control) {
+        "must be one line (no line breaks or control characters)"
+    } else if t.chars().count() > 400 {
+        "must be at most 400 characters"
+    } else {
+        return Ok(t.to_owned());
+    };
+    Err(ConfigError::Invalid(format!("retrieval.{key} {why}")))
 }
 
 fn retrieval(r: RawRetrieval) -> Result<RetrievalConfig, ConfigError> {
@@ -172,6 +230,17 @@ fn retrieval(r: RawRetrieval) -> Result<RetrievalConfig, ConfigError> {
         pop3_idle_timeout: r.pop3_idle_timeout,
         imap_idle_timeout: r.imap_idle_timeout,
         connect_timeout: r.connect_timeout,
+        texts: GateTexts {
+            unwelcome: one_line_text("unwelcome_text", r.unwelcome_text)?,
+            network: one_line_text("network_text", r.network_text)?,
+            arrears: one_line_text("arrears_text", r.arrears_text)?,
+        },
+        notice: crate::retrieval::notice::NoticeTemplate {
+            subject: one_line_text("notice_subject", r.notice_subject)?,
+            text: r.notice_text,
+            from: r.notice_from.trim().to_owned(),
+        },
+        notice_file: r.notice_file.filter(|p| !p.as_os_str().is_empty()),
     };
     if c.max_connections == 0 {
         return Err(inv("retrieval.max_connections must be at least 1".into()));
@@ -464,6 +533,9 @@ impl Config {
             *cert = paths::resolve(base, cert);
             *key = paths::resolve(base, key);
         }
+        if let Some(f) = &mut self.retrieval.notice_file {
+            *f = paths::resolve(base, f);
+        }
     }
 
     /// Checks, before anything is created, that the certificate files can be read and that
@@ -482,6 +554,9 @@ impl Config {
         if let (true, Some((cert, key))) = (self.retrieval.enabled(), &self.retrieval.tls) {
             paths::check_readable_file("retrieval.cert", cert)?;
             paths::check_readable_file("retrieval.key", key)?;
+        }
+        if let (true, Some(f)) = (self.retrieval.enabled(), &self.retrieval.notice_file) {
+            paths::check_readable_file("retrieval.notice_file", f)?;
         }
         Ok(())
     }
@@ -710,6 +785,10 @@ mod tests {
         assert!(e("[meter]\nflush_interval = 0").contains("meter.flush_interval"));
         assert!(e("[meter]\nflush_interval = \"2m\"").contains("meter.flush_interval"));
         assert!(e("[meter]\nsync = \"never\"").contains("expected `interval` or `per-session`"));
+        assert!(e("[retrieval]\nunwelcome_text = \"\"").contains("retrieval.unwelcome_text"));
+        assert!(e("[retrieval]\nnetwork_text = \"a\\nb\"").contains("retrieval.network_text"));
+        assert!(e("[retrieval]\nnotice_subject = \"a\\r\\nBcc: x\"")
+            .contains("retrieval.notice_subject"));
     }
 
     #[test]
@@ -794,6 +873,39 @@ mod tests {
         assert_eq!(c.retrieval.prelogin_timeout, Duration::from_secs(5));
         let e = c.check_paths().unwrap_err().to_string();
         assert!(e.starts_with("retrieval.cert"), "{e}");
+    }
+
+    #[test]
+    fn the_notice_file_resolves_and_a_missing_one_is_named() {
+        let c = Config::from_toml("", "t").unwrap();
+        assert_eq!(
+            c.retrieval.notice.subject,
+            crate::retrieval::notice::DEFAULT_SUBJECT
+        );
+        assert_eq!(c.retrieval.texts.unwelcome, DEFAULT_UNWELCOME_TEXT);
+        assert_eq!(c.retrieval.notice_file, None);
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["cert.pem", "key.pem"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let file = dir.path().join("mailbell.toml");
+        std::fs::write(
+            &file,
+            "[retrieval]\npop3s = \"127.0.0.1:995\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+             notice_file = \"notice.txt\"\nnotice_from = \" billing@isp.example \"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file)).unwrap();
+        let notice = dir.path().join("notice.txt");
+        assert_eq!(c.retrieval.notice_file.as_deref(), Some(notice.as_path()));
+        assert_eq!(c.retrieval.notice.from, "billing@isp.example");
+        let e = c.check_paths().unwrap_err().to_string();
+        assert!(
+            e.starts_with("retrieval.notice_file") && e.contains(&notice.display().to_string()),
+            "{e}"
+        );
+        std::fs::write(&notice, "Pay, {address}.").unwrap();
+        c.check_paths().unwrap();
     }
 
     #[test]

@@ -39,7 +39,7 @@ enum Cmd {
     Serve,
     /// Manage registered users.
     #[command(subcommand)]
-    User(UserCmd),
+    User(Box<UserCmd>),
     /// Inspect and repair the outbox.
     #[command(subcommand)]
     Queue(QueueCmd),
@@ -76,7 +76,7 @@ fn main() -> ExitCode {
     let r = rt.block_on(async {
         match cli.cmd {
             Cmd::Serve => mailbell::app::serve(config).await,
-            Cmd::User(c) => cli::user(config, c).await,
+            Cmd::User(c) => cli::user(config, *c).await,
             Cmd::Queue(c) => cli::queue(config, c).await,
             Cmd::Log(a) => cli::log(config, a).await,
             Cmd::Meter(c) => mailbell::admin::meter::meter(config, c).await,

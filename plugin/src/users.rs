@@ -25,9 +25,9 @@
 //! # CSV import
 //! [`UserStore::import_csv`] reads a header row and then one user per line:
 //! ```text
-//! address,phone,notify,licence_until,quiet,rate_limit_secs,language,aliases,allow_senders,deny_senders,max_parts
-//! alice@example.com,+44 7700 900123,yes,2026-12-31,22:00-07:00,300,en,a@example.com;al@example.com,,*.spam.example,0
-//! bob@example.com,+8613800138000,,-,,,zh,,,,
+//! address,phone,notify,licence_until,quiet,rate_limit_secs,language,aliases,allow_senders,deny_senders,max_parts,state,networks
+//! alice@example.com,+44 7700 900123,yes,2026-12-31,22:00-07:00,300,en,a@example.com;al@example.com,,*.spam.example,0,normal,10.0.0.0/8;2001:db8::/32
+//! bob@example.com,+8613800138000,,-,,,zh,,,,,arrears,
 //! ```
 //! - The header row is required; only `address` is mandatory, columns may come in any order,
 //!   and an unknown or repeated column is an error naming it (nothing is imported then).
@@ -41,6 +41,9 @@
 //! - `notify`: `yes|no|true|false|on|off|1|0`. `licence_until`: `YYYY-MM-DD` (end of that day,
 //!   UTC), RFC 3339, Unix milliseconds, or `none`. `quiet`: `HH:MM-HH:MM` or `none`.
 //!   `rate_limit_secs`: seconds, `0` for no limit, `default` for the daemon default.
+//!   `state`: `normal|arrears|unwelcome` (`-`: normal). `networks`: the client networks the
+//!   account may log in from at the retrieval proxy, CIDR or bare addresses separated by `;`
+//!   (`-`, `any`: any address). See [`access`]. Files without these columns keep them.
 //! - A bad line is reported with its line number (the header is line 1) and skipped; the
 //!   other lines are imported. So is a line naming an address or alias that belonged to
 //!   another user before the import (it is not taken over, even if an earlier line frees it),
@@ -65,7 +68,11 @@ use mailbell_link::durable::{open_waiting, OpenWaiting};
 use mailbell_link::notification::{has_template, MAX_SMS_PARTS};
 use serde::{Deserialize, Deserializer, Serialize};
 use sled::Transactional;
+use tokio::sync::watch;
 use tracing::{info, warn};
+
+pub mod access;
+pub use access::{AccountState, Networks};
 
 /// Longest address or alias accepted (RFC 5321 path limit).
 pub const MAX_ADDRESS_LEN: usize = 254;
@@ -365,6 +372,10 @@ pub struct User {
     pub language: String,
     /// 0 = default.
     pub max_parts: u8,
+    /// Standing at the retrieval proxy (records without it are `normal`).
+    pub state: AccountState,
+    /// Client networks allowed at the retrieval proxy; empty = any (the default).
+    pub networks: Networks,
 }
 
 impl Default for User {
@@ -389,6 +400,8 @@ impl User {
             deny_senders: Vec::new(),
             language: String::new(),
             max_parts: 0,
+            state: AccountState::Normal,
+            networks: Networks::any(),
         }
     }
 
@@ -523,6 +536,11 @@ pub struct UserPatch {
     pub language: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_parts: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<AccountState>,
+    /// `Some(empty)` allows any address again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub networks: Option<Networks>,
 }
 
 /// A field that is present deserialises to `Some(value)`, `null` included (→ `Some(None)`);
@@ -569,6 +587,12 @@ impl UserPatch {
         }
         if let Some(m) = self.max_parts {
             user.max_parts = m;
+        }
+        if let Some(st) = self.state {
+            user.state = st;
+        }
+        if let Some(n) = &self.networks {
+            user.networks.clone_from(n);
         }
     }
 
@@ -672,6 +696,8 @@ struct Inner {
     aliases: sled::Tree,
     index: RwLock<Index>,
     writer: Mutex<()>,
+    /// Bumped after every committed change (see [`UserStore::changes`]).
+    generation: watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -764,6 +790,7 @@ impl UserStore {
                 aliases,
                 index: RwLock::new(index),
                 writer: Mutex::new(()),
+                generation: watch::Sender::new(0),
             }),
             languages: Arc::from([]),
         })
@@ -926,6 +953,13 @@ impl UserStore {
             out.write(&user)?;
         }
         out.finish()
+    }
+
+    /// A change signal: the value is a generation number, bumped after every committed
+    /// change (save, update, remove, import chunk), once the in-memory map has it. Holders
+    /// (live retrieval sessions) wait on `changed()` and look their account up again.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.generation.subscribe()
     }
 
     /// Number of users (not counting aliases).
@@ -1187,6 +1221,8 @@ impl UserStore {
             };
         }
         index.users = index.users.saturating_add_signed(staged.delta);
+        drop(index);
+        self.inner.generation.send_modify(|g| *g += 1);
         Ok(())
     }
 }
@@ -1553,11 +1589,13 @@ fn changed_fields(old: &User, new: &User) -> Vec<&'static str> {
     diff("allow_senders", old.allow_senders != new.allow_senders);
     diff("deny_senders", old.deny_senders != new.deny_senders);
     diff("max_parts", old.max_parts != new.max_parts);
+    diff("state", old.state != new.state);
+    diff("networks", old.networks != new.networks);
     out
 }
 
 /// CSV columns, in documentation order.
-pub const CSV_COLUMNS: [&str; 11] = [
+pub const CSV_COLUMNS: [&str; 13] = [
     "address",
     "phone",
     "notify",
@@ -1569,6 +1607,8 @@ pub const CSV_COLUMNS: [&str; 11] = [
     "allow_senders",
     "deny_senders",
     "max_parts",
+    "state",
+    "networks",
 ];
 
 /// The rows of an import file by line, and the lines that could not be read with why.
@@ -1646,6 +1686,10 @@ struct JsonRow {
     language: Option<String>,
     #[serde(default)]
     max_parts: Option<u8>,
+    #[serde(default)]
+    state: Option<AccountState>,
+    #[serde(default)]
+    networks: Option<Networks>,
 }
 
 /// Rows of a JSON import, each with the line its object starts on, and the objects that
@@ -1690,6 +1734,8 @@ fn parse_json_rows(data: &str) -> Result<ParsedRows, UserError> {
                 allow_senders: j.allow_senders,
                 deny_senders: j.deny_senders,
                 max_parts: j.max_parts,
+                state: j.state,
+                networks: j.networks,
             })
         });
         match row {
@@ -1828,6 +1874,8 @@ fn csv_record(u: &User) -> [String; CSV_COLUMNS.len()] {
         list(&u.allow_senders),
         list(&u.deny_senders),
         u.max_parts.to_string(),
+        u.state.as_str().to_owned(),
+        or_clear(&u.networks.join(";")),
     ]
 }
 
@@ -1849,6 +1897,8 @@ struct Row {
     allow_senders: Option<Vec<String>>,
     deny_senders: Option<Vec<String>>,
     max_parts: Option<u8>,
+    state: Option<AccountState>,
+    networks: Option<Networks>,
 }
 
 impl Columns {
@@ -1961,6 +2011,12 @@ impl Columns {
                     }),
                 })
                 .transpose()?,
+            state: field(11)
+                .map(|v| v.map_or(Ok(AccountState::Normal), str::parse))
+                .transpose()?,
+            networks: field(12)
+                .map(|v| v.map_or(Ok(Networks::any()), Networks::parse))
+                .transpose()?,
         })
     }
 }
@@ -1996,6 +2052,12 @@ impl Row {
         }
         if let Some(v) = self.max_parts {
             user.max_parts = v;
+        }
+        if let Some(v) = self.state {
+            user.state = v;
+        }
+        if let Some(v) = self.networks {
+            user.networks = v;
         }
     }
 }
@@ -2734,6 +2796,8 @@ bob@example.com,+8613800138001,on,,,,,b@example.com,
                 deny_senders: vec!["spam@work.example".into()],
                 language: "en-GB".into(),
                 max_parts: 3,
+                state: AccountState::Arrears,
+                networks: Networks::parse("10.0.0.0/8,2001:db8::/32").unwrap(),
                 ..user("alice@example.com", "+447700900123")
             },
             // Defaults everywhere: every cell "-", so an import resets them.
@@ -2743,6 +2807,8 @@ bob@example.com,+8613800138001,on,,,,,b@example.com,
                 quiet: Some(QuietHours::parse("00:00-23:59").unwrap()),
                 rate_limit_secs: Some(0),
                 deny_senders: vec!["-".into()],
+                state: AccountState::Unwelcome,
+                networks: Networks::parse("::1").unwrap(),
                 ..user("carol@example.com", "+8613800138000")
             },
         ]
@@ -2786,6 +2852,11 @@ bob@example.com,+8613800138001,on,,,,,b@example.com,
                 deny_senders: vec!["x@other.example".into()],
                 language: "zh".into(),
                 max_parts: 9,
+                state: match u.state {
+                    AccountState::Unwelcome => AccountState::Arrears,
+                    _ => AccountState::Unwelcome,
+                },
+                networks: Networks::parse("198.51.100.0/24").unwrap(),
                 ..user(&u.address, "+15550001111")
             };
             changed.address.clone_from(&u.address);
@@ -2889,5 +2960,129 @@ bob@example.com,+8613800138001,on,,,,,b@example.com,
         assert_eq!(out.lines().count(), n + 1);
         let json: Vec<User> = serde_json::from_str(&export(&s, ExportFormat::Json)).unwrap();
         assert_eq!(json.len(), n);
+    }
+
+    /// Records, CSV and JSON files written before `state` and `networks` existed read as
+    /// normal / any address, and an import without those columns keeps what the user has.
+    #[test]
+    fn old_records_and_files_without_state_or_networks() {
+        let old: User = serde_json::from_str(
+            r#"{"address":"old@example.com","aliases":[],"phone":"","notify":false,
+                "licence_until":null,"quiet":null,"rate_limit_secs":null,"allow_senders":[],
+                "deny_senders":[],"language":"","max_parts":0}"#,
+        )
+        .unwrap();
+        assert_eq!(old.state, AccountState::Normal);
+        assert!(old.networks.is_any());
+        let (_d, s) = store();
+        s.upsert(User {
+            state: AccountState::Arrears,
+            networks: Networks::parse("192.0.2.0/24").unwrap(),
+            ..user("alice@example.com", "+8613800138000")
+        })
+        .unwrap();
+        let r = s
+            .import_csv(
+                "address,phone,notify,language\nalice@example.com,,no,en\nbob@example.com,,no,\n"
+                    .as_bytes(),
+                ImportMode::Upsert,
+            )
+            .unwrap();
+        assert_eq!((r.added, r.updated, r.failed), (1, 1, 0), "{:?}", r.errors);
+        let alice = s.lookup("alice@example.com").unwrap();
+        assert_eq!(alice.state, AccountState::Arrears);
+        assert_eq!(alice.networks.join(","), "192.0.2.0/24");
+        let bob = s.lookup("bob@example.com").unwrap();
+        assert_eq!(
+            (bob.state, bob.networks.is_any()),
+            (AccountState::Normal, true)
+        );
+        let r = s
+            .import_json_with(
+                br#"[{"address":"alice@example.com","language":"zh"}]"#.as_slice(),
+                ImportOptions::default(),
+            )
+            .unwrap();
+        assert_eq!((r.updated, r.failed), (1, 0), "{:?}", r.errors);
+        assert_eq!(
+            s.lookup("alice@example.com").unwrap().state,
+            AccountState::Arrears
+        );
+    }
+
+    #[test]
+    fn state_and_networks_in_csv_json_and_patches() {
+        let (_d, s) = store();
+        let r = s
+            .import_csv(
+                "address,state,networks\n\
+                 a@example.com,unwelcome,10.0.0.0/8;2001:db8::/32\n\
+                 b@example.com,arrears,-\n\
+                 c@example.com,banned,\n\
+                 d@example.com,,10.0.0.300/8\n"
+                    .as_bytes(),
+                ImportMode::Upsert,
+            )
+            .unwrap();
+        assert_eq!((r.added, r.failed), (2, 2), "{:?}", r.errors);
+        assert_eq!(r.errors[0].0, 4);
+        assert!(r.errors[0].1.contains("state") && r.errors[0].1.contains("banned"));
+        assert_eq!(r.errors[1].0, 5);
+        assert!(
+            r.errors[1].1.contains("networks") && r.errors[1].1.contains("10.0.0.300/8"),
+            "{:?}",
+            r.errors
+        );
+        let a = s.lookup("a@example.com").unwrap();
+        assert_eq!(a.state, AccountState::Unwelcome);
+        assert!(a.networks.allows("2001:db8::5".parse().unwrap()));
+        assert!(!a.networks.allows("192.0.2.1".parse().unwrap()));
+        // JSON import: a bad value names the field.
+        let r = s
+            .import_json_with(
+                br#"[{"address":"a@example.com","networks":["x"]},
+                     {"address":"b@example.com","state":"normal"}]"#
+                    .as_slice(),
+                ImportOptions::default(),
+            )
+            .unwrap();
+        assert_eq!((r.updated, r.failed), (1, 1), "{:?}", r.errors);
+        assert!(r.errors[0].1.contains("networks"), "{:?}", r.errors);
+        assert_eq!(
+            s.lookup("b@example.com").unwrap().state,
+            AccountState::Normal
+        );
+        // A patch sets and clears; an empty list is any address again.
+        let p: UserPatch =
+            serde_json::from_str(r#"{"state":"arrears","networks":["192.0.2.0/24"]}"#).unwrap();
+        let a = s.update("a@example.com", &p).unwrap();
+        assert_eq!(
+            (a.state, a.networks.join(",")),
+            (AccountState::Arrears, "192.0.2.0/24".into())
+        );
+        let p: UserPatch = serde_json::from_str(r#"{"networks":[]}"#).unwrap();
+        assert!(s.update("a@example.com", &p).unwrap().networks.is_any());
+        let e = serde_json::from_str::<UserPatch>(r#"{"state":"gone"}"#).unwrap_err();
+        assert!(e.to_string().contains("gone"), "{e}");
+    }
+
+    #[test]
+    fn every_committed_change_bumps_the_change_signal() {
+        let (_d, s) = store();
+        let mut rx = s.changes();
+        let start = *rx.borrow_and_update();
+        s.upsert(user("alice@example.com", "+8613800138000"))
+            .unwrap();
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), start + 1);
+        // A change that writes nothing signals nothing.
+        s.remove("nobody@example.com").unwrap();
+        assert!(!rx.has_changed().unwrap());
+        let p = UserPatch {
+            state: Some(AccountState::Unwelcome),
+            ..Default::default()
+        };
+        s.update("alice@example.com", &p).unwrap();
+        assert_eq!(*rx.borrow_and_update(), start + 2);
     }
 }

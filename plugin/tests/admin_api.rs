@@ -353,6 +353,57 @@ async fn crud_and_patch() {
     .await;
     assert_eq!(r.json()["licence_until"], Value::Null);
     assert_eq!(r.json()["rate_limit_secs"], 60);
+    // Account state and networks (the retrieval proxy's gate), by PUT and PATCH; a bad value
+    // names the field.
+    let r = send_json(
+        &s,
+        "PUT",
+        "/admin/v1/users/carol@example.com",
+        &json!({"notify": false, "state": "unwelcome", "networks": ["192.0.2.7"]}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.error());
+    assert_eq!(r.json()["networks"], json!(["192.0.2.7/32"]));
+    let r = send_json(
+        &s,
+        "PUT",
+        "/admin/v1/users/carol@example.com",
+        &json!({"notify": false, "networks": ["192.0.2.7/40"]}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("networks"), "{}", r.error());
+    let r = send_json(
+        &s,
+        "PATCH",
+        "/admin/v1/users/alice@example.com",
+        &json!({"state": "arrears", "networks": ["10.1.2.3/8", "2001:db8::/32"]}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["state"], "arrears");
+    assert_eq!(r.json()["networks"], json!(["10.0.0.0/8", "2001:db8::/32"]));
+    let alice = s.users.lookup("alice@example.com").unwrap();
+    assert!(alice.networks.allows("10.9.9.9".parse().unwrap()));
+    for (body, want) in [
+        (json!({"state": "banned"}), "banned"),
+        (json!({"networks": ["10.0.0.0/33"]}), "10.0.0.0/33"),
+    ] {
+        let r = send_json(&s, "PATCH", "/admin/v1/users/alice@example.com", &body).await;
+        assert_eq!(r.status, 400, "{body}");
+        assert!(r.error().contains(want), "{}", r.error());
+    }
+    let r = send_json(
+        &s,
+        "PATCH",
+        "/admin/v1/users/alice@example.com",
+        &json!({"state": "normal", "networks": []}),
+    )
+    .await;
+    assert_eq!(
+        (r.json()["state"].clone(), r.json()["networks"].clone()),
+        (json!("normal"), json!([]))
+    );
     let r = send_json(
         &s,
         "PATCH",

@@ -193,6 +193,10 @@ fn user_commands(dir: &Path) -> Vec<Vec<String>> {
         "user export",
         "user export --format json",
         "user export --format xml",
+        "user set alice@example.com --state arrears --networks 10.1.2.0/16,2001:db8::/32",
+        "user set alice@example.com --state banned",
+        "user set alice@example.com --networks 10.0.0.0/33",
+        "user show alice@example.com",
     ];
     lines
         .iter()
@@ -347,9 +351,9 @@ async fn user_commands_read_the_same_through_the_daemon_and_without_it() {
         &(
             true,
             "address,phone,notify,licence_until,quiet,rate_limit_secs,language,aliases,\
-             allow_senders,deny_senders,max_parts\n\
+             allow_senders,deny_senders,max_parts,state,networks\n\
              alice@example.com,+8613800138000,no,-,22:00-07:00,-,-,\
-             a.li@example.com;al@example.com,-,-,0\n"
+             a.li@example.com;al@example.com,-,-,0,normal,-\n"
                 .into(),
             String::new()
         )
@@ -361,6 +365,25 @@ async fn user_commands_read_the_same_through_the_daemon_and_without_it() {
         !at(27).0 && at(27).2.contains("expected csv or json"),
         "{:?}",
         at(27)
+    );
+    // Account state and networks: set, shown, and bad values named.
+    assert!(
+        at(28).0 && at(28).1.contains("\"state\": \"arrears\""),
+        "{:?}",
+        at(28)
+    );
+    for (i, want) in [
+        (29, "invalid state \"banned\""),
+        (30, "invalid networks \"10.0.0.0/33\""),
+    ] {
+        assert!(!at(i).0 && at(i).2.contains(want), "{:?}", at(i));
+    }
+    assert!(
+        at(31)
+            .1
+            .contains("state          arrears\nnetworks       10.1.0.0/16, 2001:db8::/32"),
+        "{:?}",
+        at(31)
     );
 
     // The export restores: imported into an empty registry, it exports the same again.

@@ -1,20 +1,17 @@
-//! Black-box tests of the retrieval proxy against a real private Dovecot (POP3 and IMAP
-//! listeners with `haproxy = yes`, a passwd-file with test users and their Maildirs) and real
-//! clients: Python's poplib and imaplib, and curl. The proxy runs in-process as `mailbell serve`
-//! starts it ([`mailbell::app::start`]). Without dovecot the tests print `SKIPPED ...`; under
-//! `CI=true` they fail.
+//! Black-box tests of the retrieval proxy against a real private Dovecot and real clients:
+//! Python's poplib and imaplib, curl and openssl (helpers in `retrieval_support`). Without
+//! dovecot the tests print `SKIPPED ...`; under `CI=true` they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod retrieval_support;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use retrieval_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-mod support;
-
-use support::dovecot::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pop3_messages_arrive_unchanged_and_dovecot_sees_the_client_address() {
@@ -154,28 +151,6 @@ async fn curl_retrieves_over_pop3_and_imap_with_and_without_implicit_tls() {
         assert_eq!(got, crlf, "{url}");
     }
     p.stop().await;
-}
-
-/// Reads until `pred` holds for what was read, EOF, or `limit`; returns what was read and
-/// whether EOF came.
-async fn read_until(
-    s: &mut TcpStream,
-    limit: Duration,
-    pred: impl Fn(&str) -> bool,
-) -> (String, bool) {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into(), true),
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-            Err(_) => return (String::from_utf8_lossy(&got).into(), false),
-        }
-        if pred(&String::from_utf8_lossy(&got)) {
-            return (String::from_utf8_lossy(&got).into(), false);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,20 +423,7 @@ async fn at_max_connections_the_oldest_session_not_logged_in_makes_room() {
     let connect = move || {
         let ca = ca.clone();
         async move {
-            let files = mailbell_link::tls::ClientTlsFiles {
-                ca: ca.clone(),
-                cert: ca.with_file_name("mailhost.pem"),
-                key: ca.with_file_name("mailhost.key"),
-            };
-            let cfg = mailbell_link::tls::client_config(&files).unwrap();
-            let mut cfg = (*cfg).clone();
-            cfg.alpn_protocols.clear();
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-            let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-                .connect(name, tcp)
-                .await
-                .unwrap();
+            let mut s = tls_connect(addr, &ca).await;
             let mut greeting = [0u8; 10];
             s.read_exact(&mut greeting).await.unwrap();
             assert_eq!(&greeting, b"+OK fake\r\n");

@@ -1,5 +1,5 @@
 //! Black-box tests of the retrieval proxy's meter store against the private Dovecot of
-//! `retrieval_dovecot.rs` (peers in `support/dovecot.rs`) and real clients (poplib, imaplib):
+//! `retrieval_dovecot.rs` (peers in `retrieval_support`) and real clients (poplib, imaplib):
 //! the records agree with Dovecot's own counters, `mailbell meter list` and the admin API show
 //! them, per-session sync makes a record durable before the client has its QUIT/LOGOUT reply,
 //! a store that cannot write refuses logins, and a `mailbell serve` killed with SIGKILL under
@@ -7,7 +7,7 @@
 //! dovecot the tests print `SKIPPED ...`; under `CI=true` they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+mod retrieval_support;
 
 use std::collections::HashSet;
 use std::io::BufRead;
@@ -19,7 +19,10 @@ use mailbell::meter::{
     Entry, Login, MeterPage, MeterQuery, MeterRecord, MeterStore, Protocol, Session, CSV_HEADER,
     MAX_QUERY_LIMIT,
 };
-use support::dovecot::*;
+use retrieval_support::*;
+
+/// The admin API's bearer token of the proxies that serve it here.
+const ADMIN_TOKEN: &str = "meter-test-token-0123456789";
 
 fn all() -> MeterQuery {
     MeterQuery {
@@ -78,7 +81,7 @@ async fn records_agree_with_dovecot_and_meter_list_shows_them() {
         return;
     }
     let d = Dovecot::start();
-    let p = Proxy::start(d.pop3, d.imap, "").await;
+    let p = Proxy::start_with(d.pop3, d.imap, Some(ADMIN_TOKEN), "").await;
     let pop = python(
         POP3_SCRIPT,
         args(p.port("pop3s"), "ssl", "alice", "secret", &p.ca),
@@ -467,14 +470,14 @@ async fn kill_9_under_50_sessions_loses_no_completed_session_and_duplicates_no_i
     let (pop3s, imaps) = (free_port(), free_port());
     let (_, ca) = proxy_config(
         dir.path(),
-        d.pop3,
-        d.imap,
+        (d.pop3, d.imap),
         [
             "",
             &format!("127.0.0.1:{pop3s}"),
             "",
             &format!("127.0.0.1:{imaps}"),
         ],
+        None,
         "[meter]\nsync = \"per-session\"",
     );
     let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();

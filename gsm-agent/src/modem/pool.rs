@@ -415,7 +415,10 @@ impl Selector {
         let chosen = best.or(if other_soon { None } else { best_avoided });
         if let Some(i) = chosen {
             if let Some(slot) = self.slots.get_mut(i) {
-                slot.minute.extend(std::iter::repeat_n(now, parts as usize));
+                // Only a budget needs the record: without one it would grow by every part.
+                if slot.pacing.per_minute > 0 {
+                    slot.minute.extend(std::iter::repeat_n(now, parts as usize));
+                }
                 slot.day_count = slot.day_count.saturating_add(parts);
                 slot.in_flight = true;
                 slot.last_used = Some(now);
@@ -436,8 +439,10 @@ impl Selector {
             return;
         };
         let refund = reserved.max(1).saturating_sub(used);
-        for _ in 0..refund {
-            slot.minute.pop_back();
+        if slot.pacing.per_minute > 0 {
+            for _ in 0..refund {
+                slot.minute.pop_back();
+            }
         }
         slot.day_count = slot.day_count.saturating_sub(refund);
         slot.in_flight = false;
@@ -833,6 +838,29 @@ mod tests {
     }
 
     const ALL: &[bool] = &[true, true, true];
+
+    #[test]
+    fn an_unlimited_minute_keeps_no_record_of_what_was_sent() {
+        // The soak found the record growing by 16 bytes per SMS part, forever, on modems
+        // without a per-minute budget (the default).
+        let t0 = Instant::now();
+        let mut s = Selector::new([pacing(0, 0)]);
+        for n in 0..10_000u64 {
+            let now = t0 + Duration::from_millis(n);
+            assert_eq!(s.pick(now, day(1), 3, &[true], &[], &[]), Pick::Use(0));
+            s.finish(0, 3, 2);
+        }
+        assert_eq!(s.slots[0].minute.len(), 0);
+        assert!(s.slots[0].minute.capacity() < 16);
+        // With a budget the record holds what the rolling minute still counts.
+        let mut s = Selector::new([pacing(100, 0)]);
+        for n in 0..1_000u64 {
+            let now = t0 + Duration::from_secs(n);
+            assert_eq!(s.pick(now, day(1), 1, &[true], &[], &[]), Pick::Use(0));
+            s.finish(0, 1, 1);
+        }
+        assert!(s.slots[0].minute.len() <= 61, "{}", s.slots[0].minute.len());
+    }
 
     #[test]
     fn per_minute_budget_is_a_rolling_window() {

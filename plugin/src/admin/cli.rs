@@ -18,7 +18,7 @@ use crate::notify::intake::{pending_notices, PendingNotice};
 use crate::notify::outbox::{Outbox, OutboxConfig};
 use crate::users::{
     address_key, parse_bool, parse_licence, ExportFormat, Exporter, ImportMode, ImportOptions,
-    ImportReport, QuietHours, User, UserError, UserPatch, UserStore, MAX_LIST_LIMIT,
+    ImportReport, Networks, QuietHours, User, UserError, UserPatch, UserStore, MAX_LIST_LIMIT,
 };
 
 #[derive(Debug, Subcommand)]
@@ -67,7 +67,8 @@ pub enum UserCmd {
         format: String,
     },
     /// Import users from CSV (header row; columns address, phone, notify, licence_until,
-    /// quiet, rate_limit_secs, language, aliases, allow_senders, deny_senders, max_parts)
+    /// quiet, rate_limit_secs, language, aliases, allow_senders, deny_senders, max_parts,
+    /// state, networks)
     /// or from the JSON that `user export --format json` writes. An empty cell (a field left
     /// out in JSON) keeps the user's value; "-" (JSON null) clears it.
     Import {
@@ -113,6 +114,14 @@ pub struct UserOpts {
     /// Most SMS parts per notice (0 = default).
     #[arg(long = "max-parts")]
     max_parts: Option<u8>,
+    /// Standing at the retrieval proxy: normal, arrears (sees only the payment notice) or
+    /// unwelcome (login refused).
+    #[arg(long)]
+    state: Option<String>,
+    /// Client networks allowed at the retrieval proxy, "10.0.0.0/8,2001:db8::/32"; "any"
+    /// (or "") allows every address again.
+    #[arg(long)]
+    networks: Option<String>,
 }
 
 /// The user `user add` registers.
@@ -186,6 +195,8 @@ impl UserOpts {
             deny_senders: list_opt(&self.deny),
             language: self.language.clone(),
             max_parts: self.max_parts,
+            state: self.state.as_deref().map(str::parse).transpose()?,
+            networks: self.networks.as_deref().map(Networks::parse).transpose()?,
             ..Default::default()
         })
     }
@@ -392,7 +403,8 @@ fn user_text(u: &User) -> String {
     format!(
         "address        {}\naliases        {}\nphone          {}\nnotify         {}\n\
          licence until  {}\nquiet hours    {}\nrate limit     {rate}\nlanguage       {}\n\
-         max parts      {parts}\nallow senders  {}\ndeny senders   {}",
+         max parts      {parts}\nallow senders  {}\ndeny senders   {}\nstate          {}\n\
+         networks       {}",
         u.address,
         list(&u.aliases),
         or(&u.phone, "-"),
@@ -402,6 +414,8 @@ fn user_text(u: &User) -> String {
         or(&u.language, "agent default"),
         list(&u.allow_senders),
         list(&u.deny_senders),
+        u.state,
+        u.networks,
     )
 }
 
@@ -967,6 +981,10 @@ mod tests {
         let t = user_text(&u);
         assert!(t.contains("quiet hours    22:00-07:00"), "{t}");
         assert!(t.contains("licence until  2027-06-30"), "{t}");
+        assert!(
+            t.contains("state          normal\nnetworks       any"),
+            "{t}"
+        );
         assert_eq!(licence_text(None), "never");
     }
 

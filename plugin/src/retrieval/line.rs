@@ -36,6 +36,12 @@ impl Line {
     }
 }
 
+/// Operator or error text made safe for one protocol line: control characters (CR, LF) are
+/// dropped, so it cannot inject a line, and it is cut at `max` characters.
+pub fn one_line(text: &str, max: usize) -> String {
+    text.chars().filter(|c| !c.is_control()).take(max).collect()
+}
+
 /// `line` without a trailing LF or CRLF.
 pub fn strip_eol(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);

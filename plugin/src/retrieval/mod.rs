@@ -8,6 +8,8 @@
 //! - [`imap`]: the same for IMAP (RFC 3501/9051, LITERAL+ RFC 7888, SASL-IR RFC 4959).
 //! - [`sasl`]: PLAIN (RFC 4616) and LOGIN responses, read to learn the account.
 //! - [`proxy_v2`]: the PROXY protocol v2 header.
+//! - [`gate`]: account gating by the registry's state and networks; [`maildrop`] and
+//!   [`notice`]: the one-message POP3 maildrop and payment notice an account in arrears sees.
 //!
 //! Both sessions follow one contract. The shell feeds what it reads from the client to
 //! `client(chunk)` and what it reads from the backend to `server(chunk)`, and acts on the
@@ -21,9 +23,12 @@
 //! before login a line or literal over the cap ends the session; after login only framing is
 //! tracked and long lines are skipped, never stored.
 
+pub mod gate;
 pub mod imap;
 mod line;
+pub mod maildrop;
 mod metering;
+pub mod notice;
 pub mod pop3;
 pub mod proxy_v2;
 pub mod sasl;

@@ -26,7 +26,7 @@
 
 use std::collections::VecDeque;
 
-use super::line::{strip_eol, LineBuf};
+use super::line::{one_line, strip_eol, LineBuf};
 use super::sasl::{self, Exchange, Mechanism};
 use super::{POST_LOGIN_MAX_LINE, PRE_LOGIN_MAX};
 
@@ -105,6 +105,8 @@ pub enum Pop3Error {
     BackendGarbage,
     #[error("client sasl response refused: {0}")]
     Sasl(#[from] sasl::SaslError),
+    #[error("login refused by the proxy: {0}")]
+    LoginRefused(String),
 }
 
 /// What the shell does with what the client sent.
@@ -118,9 +120,10 @@ pub enum ClientEvent {
     /// or answered: the place to end a session whose account changed state, or to answer a
     /// command in the proxy's place.
     Command(Command),
-    /// The client named this account: check it before acting on later events. To refuse it,
-    /// reply and end the session without acting on them; the session assumes every account it
-    /// reports goes on to the backend.
+    /// The client named this account: check it before acting on later events (they carry the
+    /// command, and the password, to the backend). To refuse it, drop the later events and act
+    /// on [`Pop3Session::refuse_login`] instead; the session assumes every account it reports
+    /// and does not refuse goes on to the backend.
     Account(String),
     /// After sending the reply before it, start TLS and then call [`Pop3Session::tls_started`].
     /// Bytes the client sent after `STLS` were dropped (no command injection across the
@@ -352,6 +355,26 @@ impl Pop3Session {
     /// The TLS handshake after `STLS` succeeded.
     pub fn tls_started(&mut self) {
         self.tls = true;
+    }
+
+    /// Refuses the login whose [`ClientEvent::Account`] was just reported, instead of acting on
+    /// the events after it: `-ERR [AUTH] <text>` (RFC 3206), then the session ends (the
+    /// backend never heard of the account; whatever the client pipelined after it is dropped).
+    pub fn refuse_login(&mut self, text: &str) -> Vec<ClientEvent> {
+        let text = one_line(text, 200);
+        self.cline.take();
+        vec![
+            ClientEvent::Reply(format!("-ERR [AUTH] {text}\r\n").into_bytes()),
+            ClientEvent::Close(Pop3Error::LoginRefused(text)),
+        ]
+    }
+
+    /// The backend is not in the middle of a reply (none started, or the last one is complete):
+    /// the proxy may add a line of its own here, such as a last `-ERR`, without cutting a reply
+    /// short. Commands may still await their replies; the client takes the proxy's line for the
+    /// reply to the oldest.
+    pub fn between_replies(&self) -> bool {
+        self.sline.is_empty() && self.body.is_none()
     }
 
     fn plaintext_ok(&self) -> bool {
@@ -818,7 +841,8 @@ impl Pop3Session {
 #[cfg(test)]
 mod tests {
     use super::super::split::{
-        proxied, recorded, replay_unchanged, sent_by, transcript, Dir, Out, Proxied, Seen,
+        proxied, recorded, replay_unchanged, same_for_every_split, sent_by, transcript, Dir, Out,
+        Proxied, Seen,
     };
     use super::*;
     use Dir::{CEof, SEof, C, S};
@@ -1316,5 +1340,78 @@ mod tests {
                 "LoggedIn { account: Some(\"bob\") }",
             ]
         );
+    }
+
+    /// The shell refuses every account at its `Account` event: what reached each side.
+    fn refused_at_account(chunks: &[Vec<&[u8]>]) -> (Vec<u8>, Vec<u8>, Vec<String>) {
+        let mut p = Pop3Session::new(tls());
+        let (mut to_backend, mut to_client, mut closes) = (Vec::new(), Vec::new(), Vec::new());
+        p.server(b"+OK ready\r\n");
+        for part in chunks.iter().flatten() {
+            let mut events = p.client(part).into_iter();
+            while let Some(e) = events.next() {
+                match e {
+                    ClientEvent::Forward(b) => to_backend.extend(b),
+                    ClientEvent::Reply(b) => to_client.extend(b),
+                    ClientEvent::Account(_) => {
+                        // Drop the rest of this batch; act on the refusal instead.
+                        events = p.refuse_login("Closed.\r\n-ERR injected").into_iter();
+                    }
+                    ClientEvent::Close(e) => {
+                        closes.push(e.to_string());
+                        return (to_backend, to_client, closes);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        (to_backend, to_client, closes)
+    }
+
+    #[test]
+    fn a_refused_account_never_reaches_the_backend() {
+        for input in [
+            &b"CAPA\r\nUSER alice\r\nPASS secret\r\nRETR 1\r\n"[..],
+            b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nRETR 1\r\n",
+            b"APOP alice c4c9334bac560ecc979e58001b3e22fb\r\n",
+        ] {
+            let (to_backend, to_client, closes) =
+                same_for_every_split(&[input], refused_at_account);
+            let before = if input.starts_with(b"CAPA") {
+                "CAPA\r\n"
+            } else {
+                ""
+            };
+            assert_eq!(
+                String::from_utf8(to_backend).unwrap(),
+                before,
+                "nothing after the account"
+            );
+            assert_eq!(to_client, b"-ERR [AUTH] Closed.-ERR injected\r\n");
+            assert_eq!(closes, ["login refused by the proxy: Closed.-ERR injected"]);
+        }
+    }
+
+    #[test]
+    fn between_replies_only_outside_a_reply() {
+        let mut p = Pop3Session::new(tls());
+        assert!(p.between_replies(), "the greeting has not started");
+        p.server(b"+OK rea");
+        assert!(!p.between_replies(), "inside the greeting");
+        p.server(b"dy\r\n");
+        p.client(b"USER a\r\nPASS b\r\n");
+        p.server(b"+OK\r\n+OK logged in\r\n");
+        assert!(p.between_replies());
+        p.client(b"RETR 1\r\n");
+        assert!(p.between_replies(), "its reply has not started");
+        p.server(b"+OK 3 octets\r\nabc");
+        assert!(!p.between_replies(), "inside the message");
+        p.server(b"\r\n.\r\n");
+        assert!(p.between_replies());
+        p.client(b"UIDL\r\n");
+        p.server(b"+OK\r\n1 a");
+        assert!(!p.between_replies(), "inside a listing line");
+        p.server(b"\r\n.\r\n");
+        assert!(p.between_replies());
     }
 }

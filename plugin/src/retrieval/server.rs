@@ -31,12 +31,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use super::gate::{self, Gate, Verdict};
 use super::imap::{self, ImapConfig, ImapSession};
+use super::maildrop::{DropEvent, NoticeDrop};
 use super::metering::{self, Meter};
+use super::notice::{Balances, NoticeFacts};
 use super::pop3::{self, Pop3Config, Pop3Session};
 use super::proxy_v2::{Header, TlsInfo};
 use crate::config::RetrievalConfig;
 use crate::meter::{Login, MeterStore};
+use crate::users::UserStore;
 
 /// Which protocol a listener speaks, and whether TLS starts at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +81,10 @@ pub struct Shared {
     pub stats: Arc<RetrievalStats>,
     /// Where each session's record goes ([`metering`]).
     pub meter: MeterStore,
+    /// The registry the gate reads (account state and networks) and watches for changes.
+    pub users: UserStore,
+    /// Where the payment notice's `{balance}` comes from (billing); `None`: empty.
+    pub balances: Option<Arc<dyn Balances>>,
 }
 
 /// Totals over every ended session of all retrieval listeners (monotonic), added when a session
@@ -95,6 +103,15 @@ pub struct RetrievalStats {
     pub retrieved: AtomicU64,
     /// Their bytes as `docs/retrieval.md` defines them (POP3 `retr_bytes`, IMAP literal bytes).
     pub retrieved_bytes: AtomicU64,
+    /// Logins the gate refused before the backend was asked: account unwelcome.
+    pub refused_unwelcome: AtomicU64,
+    /// ... client address outside the account's networks.
+    pub refused_network: AtomicU64,
+    /// Logins of accounts in arrears the backend accepted, answered with the payment notice
+    /// (POP3 maildrop) or `NO [ALERT]` (IMAP).
+    pub arrears_notices: AtomicU64,
+    /// Live sessions ended because their account's state or networks changed.
+    pub closed_by_change: AtomicU64,
 }
 
 /// The `mailbell_retrieval_*` families, read at scrape time.
@@ -135,6 +152,25 @@ impl mailbell_link::metrics::Collector for RetrievalStats {
         ] {
             mailbell_link::metrics::counter(&mut enc, name, help, v(c))?;
         }
+        mailbell_link::metrics::counter_family(
+            &mut enc,
+            "mailbell_retrieval_logins_refused_total",
+            "Logins the retrieval proxy answered itself by account gating, by reason \
+             (unwelcome, network: refused before the backend was asked; arrears: the backend \
+             accepted the password and the client got the payment notice).",
+            [
+                ("unwelcome", &self.refused_unwelcome),
+                ("network", &self.refused_network),
+                ("arrears", &self.arrears_notices),
+            ]
+            .map(|(reason, c)| ([("reason", reason)], v(c))),
+        )?;
+        mailbell_link::metrics::counter(
+            &mut enc,
+            "mailbell_retrieval_sessions_closed_by_change_total",
+            "Live retrieval sessions closed because their account's state or networks changed.",
+            v(&self.closed_by_change),
+        )?;
         Ok(())
     }
 }
@@ -290,6 +326,8 @@ enum Act {
     /// The backend's reply to QUIT/LOGOUT starts: its closing the connection next is the
     /// normal end, not a failure to report.
     Ending,
+    /// A client command starts (keyword, upper case): a command boundary.
+    Command(String),
 }
 
 /// The two sessions behind one face.
@@ -310,7 +348,8 @@ fn pop3_client(e: pop3::ClientEvent) -> Act {
             debug!(error = %e, "client input refused");
             Act::Note
         }
-        E::Command(_) | E::Quit => Act::Note,
+        E::Command(c) => Act::Command(c.verb),
+        E::Quit => Act::Note,
     }
 }
 
@@ -343,6 +382,7 @@ fn imap_client(e: imap::ClientEvent) -> Act {
             debug!(error = %e, "client input refused");
             Act::Note
         }
+        E::Command { verb, .. } => Act::Command(verb),
         _ => Act::Note,
     }
 }
@@ -407,6 +447,27 @@ impl Core {
             Core::Imap(s) => s.is_logged_in(),
         }
     }
+
+    /// The backend is not in the middle of a reply: the proxy may add its last words.
+    fn between_replies(&self) -> bool {
+        match self {
+            Core::Pop3(s) => s.between_replies(),
+            Core::Imap(s) => s.between_replies(),
+        }
+    }
+
+    /// The core's answer to the login being decided, in place of the backend's: POP3
+    /// `-ERR [AUTH] text`, IMAP `<tag> NO [<imap_code>] text`; then the session ends.
+    fn refuse_login(&mut self, imap_code: &str, text: &str) -> Vec<Act> {
+        match self {
+            Core::Pop3(s) => s.refuse_login(text).into_iter().map(pop3_client).collect(),
+            Core::Imap(s) => s
+                .refuse_login(imap_code, text)
+                .into_iter()
+                .map(imap_client)
+                .collect(),
+        }
+    }
 }
 
 /// The proxy's own last words to a client: `-ERR` (POP3) or `* BYE` (IMAP), with a reason.
@@ -420,6 +481,16 @@ fn bye(imap: bool, code: &str, reason: &str) -> Vec<u8> {
         format!("* BYE [{code}] {reason}\r\n").into_bytes()
     } else {
         format!("-ERR [SYS/TEMP] {reason}\r\n").into_bytes()
+    }
+}
+
+/// The proxy's words when the gate ends a live session: `-ERR [AUTH]` or `* BYE [ALERT]`.
+fn gate_bye(imap: bool, text: &str) -> Vec<u8> {
+    let text = super::line::one_line(text, 400);
+    if imap {
+        format!("* BYE [ALERT] {text}\r\n").into_bytes()
+    } else {
+        format!("-ERR [AUTH] {text}\r\n").into_bytes()
     }
 }
 
@@ -518,17 +589,31 @@ async fn connection(
         })))
     };
 
-    let end = relay(
+    let mut gate = Gate::new(shared.users.clone(), peer.ip());
+    let mut end = relay(
         &mut client,
         &mut backend,
         &mut core,
         &mut meter,
         &mut ticket,
+        &mut gate,
         kind,
         shared,
         stop,
     )
     .await;
+    if let End::Notice(held) = end {
+        end = serve_notice(
+            &mut client,
+            &mut backend,
+            &mut gate,
+            held,
+            &mut meter,
+            shared,
+            stop,
+        )
+        .await;
+    }
     let reason = match &end {
         End::Words(code, why) => {
             let words = bye(imap, code, why);
@@ -540,7 +625,22 @@ async fn connection(
             }
             why.clone()
         }
+        End::Gate(text) => {
+            shared
+                .stats
+                .closed_by_change
+                .fetch_add(1, Ordering::Relaxed);
+            info!(
+                account = gate.account().unwrap_or(""),
+                "session closed: the account changed"
+            );
+            let words = gate_bye(imap, text);
+            meter.to_client += words.len() as u64;
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.write_all(&words)).await;
+            format!("account changed: {text}")
+        }
         End::Quiet(why) => why.clone(),
+        End::Notice(_) => "payment notice".into(),
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), backend.shutdown()).await;
@@ -608,6 +708,11 @@ async fn connect_backend(
 enum End {
     Words(&'static str, String),
     Quiet(String),
+    /// The gate ends the session: the account's state or networks changed.
+    Gate(String),
+    /// The backend accepted the POP3 login of an account in arrears: serve the payment notice
+    /// (with the client bytes held behind the login).
+    Notice(Vec<u8>),
 }
 
 /// Reads both sides until the session ends.
@@ -618,6 +723,7 @@ async fn relay(
     core: &mut Core,
     meter: &mut Meter,
     ticket: &mut Place,
+    gate: &mut Gate,
     kind: Listener,
     shared: &Shared,
     stop: &CancellationToken,
@@ -642,6 +748,7 @@ async fn relay(
         enum Read {
             Client(io::Result<usize>),
             Server(io::Result<usize>),
+            Changed,
         }
         let read = tokio::select! {
             biased;
@@ -656,10 +763,15 @@ async fn relay(
                 }
                 return End::Words("UNAVAILABLE", format!("no activity for {}s, closing", limit.as_secs()));
             }
+            () = gate.changed() => Read::Changed,
             r = backend.read(&mut sbuf) => Read::Server(r),
             r = client.read(&mut cbuf), if client_open => Read::Client(r),
         };
         let (acts, input): (Vec<Act>, &[u8]) = match read {
+            Read::Changed => {
+                gate.recheck(&cfg.texts);
+                (Vec::new(), &[])
+            }
             Read::Client(Ok(0)) | Read::Client(Err(_)) => {
                 client_open = false;
                 (core.client_eof(), &[])
@@ -674,6 +786,7 @@ async fn relay(
                     core,
                     meter,
                     ticket,
+                    gate,
                     &acts,
                     &[],
                     shared,
@@ -697,11 +810,18 @@ async fn relay(
             }
         };
         if let Some(end) = act(
-            client, backend, core, meter, ticket, &acts, input, shared, idle,
+            client, backend, core, meter, ticket, gate, &acts, input, shared, idle,
         )
         .await
         {
             return end;
+        }
+        // A session whose account changed ends at the first point where the backend is not
+        // in the middle of a reply: at once, IMAP IDLE included, or right after that reply.
+        if let Some(text) = gate.closing() {
+            if core.between_replies() {
+                return End::Gate(text.to_owned());
+            }
         }
         if !client_open && !backend_shut {
             // Pass the client's end on; the backend answers what it still has, then closes.
@@ -724,6 +844,7 @@ async fn act(
     core: &mut Core,
     meter: &mut Meter,
     ticket: &mut Place,
+    gate: &mut Gate,
     acts: &[Act],
     input: &[u8],
     shared: &Shared,
@@ -736,9 +857,20 @@ async fn act(
     };
     let imap_listener = matches!(core, Core::Imap(_));
     let mut input_counted = false;
+    let mut notice = None;
     for a in acts {
         match a {
             Act::ToBackend(b) => {
+                match gate.hold(b) {
+                    Some(Ok(())) => continue,
+                    Some(Err(())) => {
+                        return Some(End::Words(
+                            "UNAVAILABLE",
+                            "too many commands before the login was answered".into(),
+                        ))
+                    }
+                    None => {}
+                }
                 meter.to_backend += b.len() as u64;
                 if let Err(e) = write(backend, b, limit).await {
                     return Some(End::Words(
@@ -779,15 +911,31 @@ async fn act(
             }
             Act::Account(a) => {
                 meter.account = Some(a.clone());
+                if let Err(verdict) = gate.named(a) {
+                    // Refused before the backend hears of the account or its password.
+                    let acts = refuse(core, gate, verdict, shared);
+                    return Some(say(client, &acts, meter, limit).await);
+                }
                 // No login goes on while its session could not be metered.
                 if let Err(cause) = shared.meter.health() {
                     warn!(account = %a, error = %cause, "login refused: metering unavailable");
                     meter.login = Login::Refused;
-                    return Some(End::Words(
-                        "UNAVAILABLE",
-                        format!("metering unavailable: {cause}"),
-                    ));
+                    let text = format!("metering unavailable: {cause}");
+                    if !imap_listener {
+                        return Some(End::Words("UNAVAILABLE", text));
+                    }
+                    let acts = core.refuse_login("UNAVAILABLE", &text);
+                    let _ = say(client, &acts, meter, limit).await;
+                    return Some(End::Quiet(text));
                 }
+            }
+            Act::Command(verb) => {
+                // The command is answered with the reason instead of being forwarded (unless
+                // a reply is being relayed: then the session ends right after it).
+                if let Some(text) = gate.closing().filter(|_| core.between_replies()) {
+                    return Some(End::Gate(text.to_owned()));
+                }
+                gate.command(verb, core.logged_in());
             }
             Act::LoggedIn(account) => {
                 meter.logged_in = true;
@@ -807,10 +955,45 @@ async fn act(
                     return Some(End::Words("UNAVAILABLE", "too many sessions".into()));
                 }
                 info!(account = account.as_deref().unwrap_or(""), "logged in");
+                // Judged again: the registry may have changed while the backend decided.
+                match gate.logged_in(account.as_deref()) {
+                    (Verdict::Pass, _) => {}
+                    (Verdict::Arrears, held) if matches!(core, Core::Pop3(_)) => {
+                        // The backend's +OK goes on (the acts after this one); then the
+                        // proxy serves the notice.
+                        shared.stats.arrears_notices.fetch_add(1, Ordering::Relaxed);
+                        info!(
+                            account = gate.account().unwrap_or(""),
+                            "account in arrears: serving the payment notice"
+                        );
+                        notice = Some(held);
+                    }
+                    (verdict, _) => {
+                        // IMAP in arrears, or unwelcome / outside the networks by now: the
+                        // login is answered NO / -ERR instead of the backend's OK.
+                        let acts = refuse(core, gate, verdict, shared);
+                        let end = say(client, &acts, meter, limit).await;
+                        if verdict == Verdict::Arrears {
+                            let _ = write(client, b"* BYE Logging out\r\n", limit).await;
+                            let _ = write(backend, b"ZZ LOGOUT\r\n", limit).await;
+                        }
+                        return Some(end);
+                    }
+                }
             }
             Act::LoginFailed(account, reply) => {
                 meter.login = Login::Refused;
                 info!(account = account.as_deref().unwrap_or(""), reply = %reply, "login refused by the backend");
+                let held = gate.login_failed();
+                if !held.is_empty() {
+                    meter.to_backend += held.len() as u64;
+                    if let Err(e) = write(backend, &held, limit).await {
+                        return Some(End::Words(
+                            "UNAVAILABLE",
+                            format!("backend write failed: {e}"),
+                        ));
+                    }
+                }
             }
             Act::Retrieved(messages) => meter.retrieved(&shared.meter, messages.clone()),
             Act::Close(why, true) => return Some(End::Words("ALERT", why.clone())),
@@ -829,7 +1012,110 @@ async fn act(
             Act::Note => {}
         }
     }
-    None
+    notice.map(End::Notice)
+}
+
+/// The core's refusal of the login being decided, counted and logged.
+fn refuse(core: &mut Core, gate: &Gate, verdict: Verdict, shared: &Shared) -> Vec<Act> {
+    let texts = &shared.cfg.texts;
+    let account = gate.account().unwrap_or("");
+    let (code, counter) = match verdict {
+        Verdict::Network => {
+            warn!(account, client = %gate.client(), "login refused: client address outside the account's networks");
+            ("AUTHORIZATIONFAILED", &shared.stats.refused_network)
+        }
+        Verdict::Arrears => ("ALERT", &shared.stats.arrears_notices),
+        _ => {
+            info!(account, client = %gate.client(), "login refused: account unwelcome");
+            ("ALERT", &shared.stats.refused_unwelcome)
+        }
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    core.refuse_login(code, gate::refusal_text(verdict, texts))
+}
+
+/// Writes the core's own replies and ends the session as its Close says.
+async fn say(client: &mut ClientIo, acts: &[Act], meter: &mut Meter, limit: Duration) -> End {
+    for a in acts {
+        match a {
+            Act::ToClient(b) => {
+                meter.to_client += b.len() as u64;
+                if let Err(e) = write(client, b, limit).await {
+                    return End::Quiet(format!("client write failed: {e}"));
+                }
+            }
+            Act::Close(why, _) => return End::Quiet(why.clone()),
+            _ => {}
+        }
+    }
+    End::Quiet("login refused".into())
+}
+
+/// Serves the one-message maildrop of an account in arrears ([`NoticeDrop`]) after the backend
+/// accepted its POP3 login: the backend session is ended with QUIT first (it never sees a
+/// RETR or DELE), then the proxy answers every command itself until QUIT, the idle timeout, a
+/// registry change or shutdown.
+async fn serve_notice(
+    client: &mut ClientIo,
+    backend: &mut TcpStream,
+    gate: &mut Gate,
+    held: Vec<u8>,
+    meter: &mut Meter,
+    shared: &Shared,
+    stop: &CancellationToken,
+) -> End {
+    let cfg = &shared.cfg;
+    let _ = tokio::time::timeout(LINGER, async {
+        backend.write_all(b"QUIT\r\n").await?;
+        let mut sink = [0u8; 512];
+        while backend.read(&mut sink).await? > 0 {}
+        io::Result::Ok(())
+    })
+    .await;
+    let address = gate.account().unwrap_or_default().to_owned();
+    let facts = NoticeFacts {
+        balance: shared.balances.as_ref().and_then(|b| b.balance(&address)),
+        address,
+    };
+    let now = chrono::Utc::now().timestamp();
+    let notice = match cfg.notice.render(&facts, now) {
+        Ok(n) => n,
+        Err(e) => return End::Words("UNAVAILABLE", format!("cannot build the notice: {e}")),
+    };
+    let mut drop = NoticeDrop::new(notice.message, notice.uid);
+    let mut buf = vec![0u8; 4096];
+    let mut input = held;
+    loop {
+        for e in drop.client(&std::mem::take(&mut input)) {
+            match e {
+                DropEvent::Reply(b) => {
+                    meter.to_client += b.len() as u64;
+                    if let Err(e) = write(client, &b, cfg.pop3_idle_timeout).await {
+                        return End::Quiet(format!("client write failed: {e}"));
+                    }
+                }
+                DropEvent::End => return End::Quiet("client quit (payment notice)".into()),
+            }
+        }
+        let n = tokio::select! {
+            biased;
+            () = stop.cancelled() => return End::Words("UNAVAILABLE", "server shutting down".into()),
+            () = gate.changed() => {
+                match gate.recheck(&cfg.texts) {
+                    Some(text) => return End::Gate(text),
+                    None => continue,
+                }
+            }
+            () = tokio::time::sleep(cfg.pop3_idle_timeout) => {
+                return End::Words("UNAVAILABLE", format!("no activity for {}s, closing", cfg.pop3_idle_timeout.as_secs()));
+            }
+            r = client.read(&mut buf) => r,
+        };
+        match n {
+            Ok(0) | Err(_) => return End::Quiet("client closed the connection".into()),
+            Ok(n) => input = buf.get(..n).unwrap_or_default().to_vec(),
+        }
+    }
 }
 
 async fn write<W: AsyncWrite + Unpin>(w: &mut W, b: &[u8], limit: Duration) -> io::Result<()> {
@@ -842,6 +1128,32 @@ async fn write<W: AsyncWrite + Unpin>(w: &mut W, b: &[u8], limit: Duration) -> i
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gate_counters_are_exposed_by_reason() {
+        let stats = RetrievalStats::default();
+        stats.refused_network.fetch_add(2, Ordering::Relaxed);
+        stats.arrears_notices.fetch_add(1, Ordering::Relaxed);
+        stats.closed_by_change.fetch_add(3, Ordering::Relaxed);
+        let text = mailbell_link::metrics::encode_one(stats);
+        for line in [
+            "mailbell_retrieval_logins_refused_total{reason=\"unwelcome\"} 0",
+            "mailbell_retrieval_logins_refused_total{reason=\"network\"} 2",
+            "mailbell_retrieval_logins_refused_total{reason=\"arrears\"} 1",
+            "mailbell_retrieval_sessions_closed_by_change_total 3",
+        ] {
+            assert!(text.contains(line), "{line} not in {text}");
+        }
+    }
+
+    #[test]
+    fn gate_words_are_one_line() {
+        assert_eq!(
+            gate_bye(false, "closed\r\n+OK x"),
+            b"-ERR [AUTH] closed+OK x\r\n"
+        );
+        assert_eq!(gate_bye(true, "pay"), b"* BYE [ALERT] pay\r\n");
+    }
 
     #[test]
     fn last_words_are_one_line_in_each_protocols_form() {

@@ -36,7 +36,7 @@ use std::collections::HashMap;
 
 mod syntax;
 
-use super::line::{strip_eol, Line, LineBuf};
+use super::line::{one_line, strip_eol, Line, LineBuf};
 use super::sasl::{self, Exchange, Mechanism};
 use super::{POST_LOGIN_MAX_LINE, PRE_LOGIN_MAX};
 use syntax::{counted, section_before, strings};
@@ -100,6 +100,8 @@ pub enum ImapError {
     TooManyCommands(usize),
     #[error("client sasl response refused: {0}")]
     Sasl(#[from] sasl::SaslError),
+    #[error("login refused by the proxy: {0}")]
+    LoginRefused(String),
 }
 
 /// What the shell does with what the client sent.
@@ -113,9 +115,10 @@ pub enum ClientEvent {
     /// or answered: the place to end a session whose account changed state. `verb` is upper
     /// case (`UID` for UID commands).
     Command { tag: String, verb: String },
-    /// The client named this account: check it before acting on later events. To refuse it,
-    /// reply and end the session without acting on them; the session assumes every account it
-    /// reports goes on to the backend.
+    /// The client named this account: check it before acting on later events (they carry the
+    /// password to the backend). To refuse it, drop the later events and act on
+    /// [`ImapSession::refuse_login`] instead; the session assumes every account it reports and
+    /// does not refuse goes on to the backend.
     Account(String),
     /// Start TLS after sending the reply before it, then call [`ImapSession::tls_started`]. What
     /// the client sent after STARTTLS was dropped.
@@ -296,6 +299,9 @@ pub struct ImapSession {
     user: Option<String>,
     account: Option<String>,
     mailbox: Option<String>,
+    /// The tag of the login command that reported the account last, or that the backend
+    /// accepted.
+    login_tag: Vec<u8>,
 }
 
 /// Most watched tags held at once (a client cannot make the proxy hold more).
@@ -327,6 +333,7 @@ impl ImapSession {
             user: None,
             account: None,
             mailbox: None,
+            login_tag: Vec::new(),
             cfg,
         }
     }
@@ -347,6 +354,31 @@ impl ImapSession {
     /// The TLS handshake after STARTTLS succeeded.
     pub fn tls_started(&mut self) {
         self.tls = true;
+    }
+
+    /// Answers the login command whose [`ClientEvent::Account`] was just reported (or whose
+    /// [`ServerEvent::LoggedIn`] was, instead of the backend's `OK`) with `<tag> NO [<code>]
+    /// <text>`, then the session ends: the shell acts on these events instead of the ones after
+    /// the account (the password is never forwarded; what the client pipelined is dropped).
+    /// `code` is `ALERT` (RFC 3501: the client must show the text) or `AUTHORIZATIONFAILED`
+    /// (RFC 5530).
+    pub fn refuse_login(&mut self, code: &str, text: &str) -> Vec<ClientEvent> {
+        let text = one_line(text, 400);
+        self.cmd = None;
+        self.cline.take();
+        let mut out = self.login_tag.clone();
+        out.extend_from_slice(format!(" NO [{code}] {text}\r\n").as_bytes());
+        vec![
+            ClientEvent::Reply(out),
+            ClientEvent::Close(ImapError::LoginRefused(text)),
+        ]
+    }
+
+    /// The backend is not in the middle of a response (a line or a literal): the proxy may send
+    /// `* BYE` here without cutting a response short (RFC 3501 §7.1.5 allows BYE at any time,
+    /// IDLE included). Commands may still await their completion.
+    pub fn between_replies(&self) -> bool {
+        self.sline.is_empty() && !self.resp.started
     }
 
     fn plaintext_ok(&self) -> bool {
@@ -448,6 +480,7 @@ impl ImapSession {
             Ok(name) => {
                 cmd.account_known = true;
                 self.user = Some(name.clone());
+                self.login_tag.clone_from(&cmd.tag);
                 ev.push(ClientEvent::Account(name));
             }
             Err(err) => {
@@ -501,13 +534,14 @@ impl ImapSession {
                 ev.push(ClientEvent::Forward(line.head));
                 return Ok(false);
             }
-            if let Some((_, exchange)) = self.sasl.as_mut().filter(|(_, x)| !x.is_done()) {
+            if let Some((tag, exchange)) = self.sasl.as_mut().filter(|(_, x)| !x.is_done()) {
                 if text == b"*" {
                     ev.push(ClientEvent::Forward(line.head));
                     return Ok(false);
                 }
                 match exchange.response(text) {
                     Ok(Some(account)) => {
+                        self.login_tag.clone_from(tag);
                         self.user = Some(account.clone());
                         ev.push(ClientEvent::Account(account));
                         ev.push(ClientEvent::Forward(line.head));
@@ -659,6 +693,7 @@ impl ImapSession {
                     match exchange.response(initial) {
                         Ok(Some(account)) => {
                             self.user = Some(account.clone());
+                            self.login_tag.clone_from(&cmd.tag);
                             ev.push(ClientEvent::Account(account));
                         }
                         Ok(None) => {}
@@ -921,6 +956,7 @@ impl ImapSession {
             Some(Pending::Login(user)) if !self.logged_in => {
                 let account = user.or_else(|| self.user.clone());
                 if ok {
+                    self.login_tag = first.to_vec();
                     self.login(account, ev);
                 } else {
                     ev.push(ServerEvent::LoginFailed {
@@ -998,7 +1034,8 @@ fn scan_fetch(fetch: &mut FetchAcc, text: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::super::split::{
-        proxied, recorded, replay_unchanged, sent_by, transcript, Dir, Out, Proxied, Seen,
+        proxied, recorded, replay_unchanged, same_for_every_split, sent_by, transcript, Dir, Out,
+        Proxied, Seen,
     };
     use super::*;
     use Dir::{CEof, SEof, C, S};
@@ -1595,5 +1632,100 @@ mod tests {
                 "LoggedIn { account: Some(\"alice\") }",
             ]
         );
+    }
+
+    /// The shell answers every login with `refuse_login` at its `Account` event.
+    fn refused_at_account(chunks: &[Vec<&[u8]>]) -> (Vec<u8>, Vec<u8>, usize) {
+        let mut p = ImapSession::new(tls());
+        let (mut to_backend, mut to_client, mut closes) = (Vec::new(), Vec::new(), 0);
+        p.server(b"* OK ready\r\n");
+        for part in chunks.iter().flatten() {
+            let mut events = p.client(part).into_iter();
+            while let Some(e) = events.next() {
+                match e {
+                    ClientEvent::Forward(b) => to_backend.extend(b),
+                    ClientEvent::Reply(b) => to_client.extend(b),
+                    ClientEvent::Account(_) => {
+                        events = p
+                            .refuse_login("AUTHORIZATIONFAILED", "Not from there.")
+                            .into_iter();
+                    }
+                    ClientEvent::Close(_) => {
+                        closes += 1;
+                        return (to_backend, to_client, closes);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        (to_backend, to_client, closes)
+    }
+
+    #[test]
+    fn a_refused_login_is_answered_with_its_tag_and_the_password_never_forwarded() {
+        for (input, tag, forwarded) in [
+            (
+                &b"a1 LOGIN alice secret\r\na2 SELECT INBOX\r\n"[..],
+                "a1",
+                "",
+            ),
+            (b"x AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n", "x", ""),
+            (
+                b"y AUTHENTICATE PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\n",
+                "y",
+                "y AUTHENTICATE PLAIN\r\n",
+            ),
+            (
+                b"z LOGIN {5+}\r\nalice {6+}\r\nsecret\r\n",
+                "z",
+                "z LOGIN {5+}\r\n",
+            ),
+        ] {
+            let (to_backend, to_client, closes) =
+                same_for_every_split(&[input], refused_at_account);
+            assert_eq!(String::from_utf8(to_backend).unwrap(), forwarded);
+            let to_client = String::from_utf8(to_client).unwrap();
+            assert_eq!(
+                to_client,
+                format!("{tag} NO [AUTHORIZATIONFAILED] Not from there.\r\n")
+            );
+            assert_eq!(closes, 1);
+        }
+    }
+
+    #[test]
+    fn after_the_backend_accepted_the_tag_is_the_logins() {
+        let mut p = ImapSession::new(tls());
+        p.server(b"* OK ready\r\n");
+        p.client(b"t1 LOGIN bob pw\r\n");
+        let ev = p.server(b"t1 OK Logged in\r\n");
+        assert!(matches!(ev.first(), Some(ServerEvent::LoggedIn { .. })));
+        assert_eq!(
+            p.refuse_login("ALERT", "Pay up."),
+            [
+                ClientEvent::Reply(b"t1 NO [ALERT] Pay up.\r\n".to_vec()),
+                ClientEvent::Close(ImapError::LoginRefused("Pay up.".into())),
+            ]
+        );
+    }
+
+    #[test]
+    fn between_replies_outside_responses_and_while_idling() {
+        let mut p = ImapSession::new(tls());
+        p.server(b"* OK ready\r\n");
+        p.client(b"a LOGIN bob pw\r\n");
+        p.server(b"a OK done\r\n");
+        assert!(p.between_replies());
+        p.client(b"b FETCH 1 BODY[]\r\n");
+        assert!(p.between_replies(), "no response started");
+        p.server(b"* 1 FETCH (BODY[] {3}\r\nab");
+        assert!(!p.between_replies(), "inside a literal");
+        p.server(b"c)\r\nb OK do");
+        assert!(!p.between_replies(), "inside a line");
+        p.server(b"ne\r\n");
+        assert!(p.between_replies());
+        p.client(b"c IDLE\r\n");
+        p.server(b"+ idling\r\n");
+        assert!(p.between_replies(), "IDLE may be ended at once");
     }
 }

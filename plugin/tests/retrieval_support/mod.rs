@@ -1,6 +1,8 @@
-//! The retrieval proxy's black-box test peers: a private Dovecot, the proxy as `mailbell serve`
-//! starts it, and the Python poplib/imaplib clients. Shared by `retrieval_dovecot.rs` and
-//! `retrieval_meter.rs`.
+//! What the retrieval proxy's black-box tests share: a private Dovecot (POP3 and IMAP
+//! listeners with `haproxy = yes`, a passwd-file with test users and their Maildirs), the proxy
+//! started in-process as `mailbell serve` starts it ([`mailbell::app::start`]), and the real
+//! clients (Python's poplib and imaplib scripts, raw TCP). Without dovecot the tests print
+//! `SKIPPED ...`; under `CI=true` they fail.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use mailbell::app::{self, Running};
 use mailbell::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 pub const DOVECOT: &str = "/usr/sbin/dovecot";
@@ -125,9 +128,15 @@ impl Dovecot {
             let name = format!("{}.M{i}P1.test:2,", 1_700_000_000 + i);
             std::fs::write(d.join("home/alice/Maildir/cur").join(name), m).unwrap();
         }
+        // The same mailboxes under full addresses too (the user registry's keys).
+        for user in ["alice", "bob"] {
+            std::os::unix::fs::symlink(user, d.join("home").join(format!("{user}@example.org")))
+                .unwrap();
+        }
         std::fs::write(
             d.join("passwd"),
-            "alice:{PLAIN}secret::::::\nbob:{PLAIN}hunter2::::::\n",
+            "alice:{PLAIN}secret::::::\nbob:{PLAIN}hunter2::::::\n\
+             alice@example.org:{PLAIN}secret::::::\nbob@example.org:{PLAIN}hunter2::::::\n",
         )
         .unwrap();
         let (pop3, imap) = (free_port(), free_port());
@@ -207,22 +216,31 @@ pub struct Proxy {
     pub running: Option<Running>,
     pub stop: CancellationToken,
     pub dir: tempfile::TempDir,
-    /// The configuration file, for `mailbell` commands run beside the proxy.
-    pub config: PathBuf,
     /// The test certificate's CA (the dev PKI's).
     pub ca: PathBuf,
+    /// The configuration file, for `mailbell` commands run beside the proxy.
+    pub config: PathBuf,
 }
 
 /// A proxy's configuration in `dir`: the dev PKI's certificate, data in `dir/data`, the
-/// admin API on a free port, the retrieval listeners on `listen` (`127.0.0.1:0`: ephemeral),
-/// `extra` appended. Written to `dir/mailbell.toml`; returns the text and the CA file.
+/// retrieval listeners on `listen` (`127.0.0.1:0`: ephemeral; `""`: off), the admin API on a
+/// free loopback port when `admin_token` is given, `extra` appended (inside `[retrieval]`, or
+/// after a section header of its own). Written to `dir/mailbell.toml`; returns the text and
+/// the CA file.
 pub fn proxy_config(
     dir: &Path,
-    backend_pop3: u16,
-    backend_imap: u16,
+    backends: (u16, u16),
     listen: [&str; 4],
+    admin_token: Option<&str>,
     extra: &str,
 ) -> (String, PathBuf) {
+    let admin = match admin_token {
+        Some(t) => format!(
+            "admin = \"127.0.0.1:{}\"\n[admin]\ntoken = \"{t}\"\n",
+            free_port()
+        ),
+        None => "admin = \"\"\n".to_owned(),
+    };
     let pki = mailbell_link::pki::ensure_dev_pki(
         &dir.join("pki"),
         &["localhost".to_owned(), "127.0.0.1".to_owned()],
@@ -231,10 +249,10 @@ pub fn proxy_config(
     )
     .unwrap();
     let [pop3, pop3s, imap, imaps] = listen;
+    let (backend_pop3, backend_imap) = backends;
     let toml = format!(
-        "[mailbell]\ndata_dir = {data:?}\n[listen]\nhttp = \"\"\nmilter = \"\"\n\
-         admin = \"127.0.0.1:{admin}\"\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\
-         [link]\ndev_pki_dir = {pki:?}\n\
+        "[mailbell]\ndata_dir = {data:?}\n[link]\ndev_pki_dir = {pki:?}\n\
+         [listen]\nhttp = \"\"\nmilter = \"\"\n{admin}\
          [retrieval]\npop3 = \"{pop3}\"\npop3s = \"{pop3s}\"\nimap = \"{imap}\"\nimaps = \"{imaps}\"\n\
          backend_pop3 = \"127.0.0.1:{backend_pop3}\"\nbackend_imap = \"127.0.0.1:{backend_imap}\"\n\
          cert = {cert:?}\nkey = {key:?}\n{extra}\n",
@@ -242,7 +260,6 @@ pub fn proxy_config(
         pki = dir.join("pki"),
         cert = pki.agent_cert,
         key = pki.agent_key,
-        admin = free_port(),
     );
     std::fs::write(dir.join("mailbell.toml"), &toml).unwrap();
     (toml, pki.ca_cert)
@@ -250,12 +267,22 @@ pub fn proxy_config(
 
 impl Proxy {
     pub async fn start(backend_pop3: u16, backend_imap: u16, extra: &str) -> Proxy {
+        Proxy::start_with(backend_pop3, backend_imap, None, extra).await
+    }
+
+    /// [`Proxy::start`], with the admin API on a free loopback port when `admin_token` is given.
+    pub async fn start_with(
+        backend_pop3: u16,
+        backend_imap: u16,
+        admin_token: Option<&str>,
+        extra: &str,
+    ) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let (toml, ca) = proxy_config(
             dir.path(),
-            backend_pop3,
-            backend_imap,
+            (backend_pop3, backend_imap),
             ["127.0.0.1:0"; 4],
+            admin_token,
             extra,
         );
         let cfg = Config::from_toml(&toml, "test").unwrap();
@@ -270,6 +297,19 @@ impl Proxy {
         }
     }
 
+    /// The meter store the proxy writes.
+    pub fn meter(&self) -> &mailbell::meter::MeterStore {
+        &self.running().stores.meter
+    }
+
+    pub fn meter_dir(&self) -> PathBuf {
+        self.dir.path().join("data").join("meter")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.running().admin_addr.unwrap()
+    }
+
     pub fn addr(&self, name: &str) -> SocketAddr {
         self.running
             .as_ref()
@@ -281,21 +321,12 @@ impl Proxy {
             .1
     }
 
-    /// The meter store the proxy writes.
-    pub fn meter(&self) -> &mailbell::meter::MeterStore {
-        &self.running.as_ref().unwrap().stores.meter
-    }
-
-    pub fn meter_dir(&self) -> PathBuf {
-        self.dir.path().join("data").join("meter")
-    }
-
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.running.as_ref().unwrap().admin_addr.unwrap()
-    }
-
     pub fn port(&self, name: &str) -> u16 {
         self.addr(name).port()
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().unwrap()
     }
 
     /// The proxy's totals once `sessions` sessions have ended (it counts a session when its
@@ -466,10 +497,61 @@ pub fn args(port: u16, mode: &str, user: &str, password: &str, ca: &Path) -> Vec
 
 /// The clients' source address: not the proxy's own (127.0.0.1), so an address Dovecot logs
 /// can only have come from the PROXY v2 header.
-/// The admin API's bearer token in the proxy's configuration.
-pub const ADMIN_TOKEN: &str = "meter-test-token";
-
 pub const CLIENT_IP: &str = "127.0.0.2";
+
+/// Reads until `pred` holds for what was read, EOF, or `limit`; returns what was read and
+/// whether EOF came.
+pub async fn read_until<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    limit: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> (String, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into(), false),
+        }
+        if pred(&String::from_utf8_lossy(&got)) {
+            return (String::from_utf8_lossy(&got).into(), false);
+        }
+    }
+}
+
+/// A TLS connection to one of the proxy's implicit TLS listeners, trusting the test CA.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    ca: &Path,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let files = mailbell_link::tls::ClientTlsFiles {
+        ca: ca.to_owned(),
+        cert: ca.with_file_name("mailhost.pem"),
+        key: ca.with_file_name("mailhost.key"),
+    };
+    let cfg = mailbell_link::tls::client_config(&files).unwrap();
+    let mut cfg = (*cfg).clone();
+    cfg.alpn_protocols.clear();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Reads the PROXY v2 header a backend connection starts with (16 bytes, the last two the
+/// length of the rest); false if the connection ended first.
+pub async fn skip_proxy_header(s: &mut TcpStream) -> bool {
+    let mut header = [0u8; 16];
+    if s.read_exact(&mut header).await.is_err() {
+        return false;
+    }
+    let mut rest = vec![0u8; usize::from(u16::from_be_bytes([header[14], header[15]]))];
+    s.read_exact(&mut rest).await.is_ok()
+}
 
 /// A POP3 backend that greets and answers every line `+OK`.
 pub async fn ok_backend() -> u16 {
@@ -479,13 +561,7 @@ pub async fn ok_backend() -> u16 {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
-                // The PROXY v2 header: 16 bytes, the last two the length of the rest.
-                let mut header = [0u8; 16];
-                if s.read_exact(&mut header).await.is_err() {
-                    return;
-                }
-                let mut rest = vec![0u8; usize::from(u16::from_be_bytes([header[14], header[15]]))];
-                if s.read_exact(&mut rest).await.is_err() {
+                if !skip_proxy_header(&mut s).await {
                     return;
                 }
                 let _ = s.write_all(b"+OK fake\r\n").await;
