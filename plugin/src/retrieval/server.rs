@@ -913,6 +913,7 @@ async fn act(
                 meter.account = Some(a.clone());
                 if let Err(verdict) = gate.named(a) {
                     // Refused before the backend hears of the account or its password.
+                    meter.login = Login::Refused;
                     let acts = refuse(core, gate, verdict, shared);
                     return Some(say(client, &acts, meter, limit).await);
                 }
@@ -971,6 +972,7 @@ async fn act(
                     (verdict, _) => {
                         // IMAP in arrears, or unwelcome / outside the networks by now: the
                         // login is answered NO / -ERR instead of the backend's OK.
+                        meter.login = Login::Refused;
                         let acts = refuse(core, gate, verdict, shared);
                         let end = say(client, &acts, meter, limit).await;
                         if verdict == Verdict::Arrears {
