@@ -492,3 +492,20 @@ fn records_go_to_the_file_of_their_day_and_midnight_starts_a_new_one() {
     assert_eq!(ids(&all(&store)), [3]);
     assert_eq!(store.stats().pruned_files.load(Ordering::Relaxed), 2);
 }
+
+#[test]
+fn a_file_that_cannot_be_created_names_its_path_and_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MeterStore::open(dir.path(), cfg()).unwrap();
+    store.inject_failure(Some(std::io::ErrorKind::PermissionDenied));
+    store.append(vec![session("a", 1)]).unwrap();
+    let e = store.flush().unwrap_err().to_string();
+    assert!(
+        e.contains(&dir.path().display().to_string())
+            && e.contains("create a file: injected failure"),
+        "{e}"
+    );
+    // Closing with the record still refused logs it whole (and does not hang).
+    drop(store);
+    assert!(file::list(dir.path()).unwrap().is_empty());
+}

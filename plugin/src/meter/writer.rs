@@ -94,9 +94,16 @@ impl Writer {
                 if !self.buf.is_empty() {
                     error!(
                         records = self.buf_records,
-                        "meter store closing with records the disk refused: they are lost; \
-                         each session's record was also logged when it ended"
+                        "meter store closing with records the disk refused; each is logged next"
                     );
+                    // Logged whole, so that an operator can replay them.
+                    let _ = super::file::scan(&self.buf[..], u64::MAX, |r| {
+                        error!(
+                            record = %serde_json::to_string(&r).unwrap_or_default(),
+                            "meter record lost at shutdown"
+                        );
+                        std::ops::ControlFlow::Continue(())
+                    });
                 }
                 return;
             }
@@ -186,7 +193,7 @@ impl Writer {
                 .shared
                 .disk
                 .open_day(&self.shared.dir, day)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| chain(&e))?;
             let rolled = self.file.is_some();
             self.file = Some((day, path, f, len));
             if rolled {
@@ -230,4 +237,16 @@ impl Writer {
             Err(e) => error!(error = %e, "meter store prune failed"),
         }
     }
+}
+
+/// An error and its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
