@@ -58,7 +58,12 @@ impl Stores {
         )?;
         let users = UserStore::open(&cfg.users_path())?.with_languages(&cfg.link.agent_languages);
         let audit = AuditLog::open(&cfg.audit_path(), cfg.audit.clone())?;
-        let meter = MeterStore::open(&cfg.meter_path(), cfg.meter.clone())?;
+        // Written only by the retrieval proxy; without it the admin API still reads it.
+        let meter = if cfg.retrieval.enabled() {
+            MeterStore::open(&cfg.meter_path(), cfg.meter.clone())?
+        } else {
+            MeterStore::open_read_only(&cfg.meter_path())
+        };
         Ok(Self {
             outbox,
             users,
@@ -76,8 +81,10 @@ impl Stores {
         if let Err(e) = self.audit.flush() {
             error!(error = %e, "audit log flush on close failed");
         }
-        if let Err(e) = self.meter.flush() {
-            error!(error = %e, "meter store flush on close failed");
+        if !self.meter.read_only() {
+            if let Err(e) = self.meter.flush() {
+                error!(error = %e, "meter store flush on close failed");
+            }
         }
     }
 }

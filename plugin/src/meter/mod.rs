@@ -512,6 +512,11 @@ impl MeterStore {
         }
     }
 
+    /// Opened with [`MeterStore::open_read_only`].
+    pub fn read_only(&self) -> bool {
+        self.writer.is_none()
+    }
+
     pub fn config(&self) -> &MeterConfig {
         &self.shared.cfg
     }
