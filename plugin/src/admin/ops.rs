@@ -667,6 +667,9 @@ mod tests {
             "mailbell_stalwart_webhook_batches_total 0\n",
             "mailbell_milter_sessions_total 0\n",
             "mailbell_retrieval_message_bytes_total 0\n",
+            "mailbell_meter_records_total 0\n",
+            "mailbell_meter_backlog 0\n",
+            "mailbell_meter_commit_seconds_count 0\n",
             "mailbell_listener_connections_open{listener=\"milter\"} 0\n",
             "mailbell_http_requests_total{listener=\"admin\"} 0\n",
             // An unreadable certificate leaves its series out, not the family.
