@@ -121,6 +121,7 @@ impl Sources {
         }));
         r.register_collector(Box::new(CertExpiryCollector {
             files: self.certificates.clone(),
+            served: Vec::new(),
         }));
         r
     }

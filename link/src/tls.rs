@@ -23,7 +23,8 @@ use std::sync::Arc;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
+use rustls::server::{ResolvesServerCert, VerifierBuilderError, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig, ServerConnection, SupportedProtocolVersion,
 };
@@ -167,32 +168,46 @@ pub fn cert_not_after(path: &Path) -> Result<i64, TlsError> {
     Ok(x509.validity().not_after.timestamp())
 }
 
+/// Certificates a server holds in memory and swaps on reload (the retrieval proxy's): the
+/// expiry metric reports those it serves, not what a file holds now, so a replacement that did
+/// not load leaves the old (served) expiry in place.
+pub trait ServedCertificates: std::fmt::Debug + Send + Sync {
+    /// The `file` label and `notAfter` (Unix seconds) of each certificate served.
+    fn expiries(&self) -> Vec<(String, i64)>;
+}
+
 /// Exposes `mailbell_tls_cert_expiry_timestamp_seconds{file=...}` for each certificate file
 /// (`file` is the role: "ca", "cert"), read again at every scrape so that a rotated file shows
 /// at once; a file that cannot be read is left out and logged at debug (the missing series is
-/// what an alert sees).
+/// what an alert sees). `served` adds the certificates a reloading server holds.
 #[derive(Debug, Clone, Default)]
 pub struct CertExpiryCollector {
     pub files: Vec<(&'static str, PathBuf)>,
+    pub served: Vec<Arc<dyn ServedCertificates>>,
 }
 
 impl crate::metrics::Collector for CertExpiryCollector {
     fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
-        let known = self
+        let files = self
             .files
             .iter()
             .filter_map(|(role, path)| match cert_not_after(path) {
-                Ok(t) => Some(([("file", *role)], t)),
+                Ok(t) => Some(([("file", (*role).to_owned())], t)),
                 Err(e) => {
                     tracing::debug!(error = %e, role, "certificate expiry not reported");
                     None
                 }
             });
+        let served = self
+            .served
+            .iter()
+            .flat_map(|s| s.expiries())
+            .map(|(role, t)| ([("file", role)], t));
         crate::metrics::gauge_family(
             &mut enc,
             "mailbell_tls_cert_expiry_timestamp_seconds",
-            "When the link certificate expires (notAfter, Unix seconds).",
-            known,
+            "When a TLS certificate expires (notAfter, Unix seconds).",
+            files.chain(served),
         )
     }
 }
@@ -265,6 +280,72 @@ pub fn public_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>
             source,
         })?;
     Ok(Arc::new(config))
+}
+
+/// A public-facing TLS server like [`public_server_config`] whose certificate `resolver`
+/// chooses for each handshake (by SNI, and swapped on reload by its owner).
+pub fn public_server_config_resolving(
+    resolver: Arc<dyn ResolvesServerCert>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::Rustls)?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    Ok(Arc::new(config))
+}
+
+/// A TLS client to a server that has no client certificate to check (the retrieval proxy to
+/// its backend): TLS 1.2 and 1.3, only the CAs in `ca` trusted (a private CA, or the system's
+/// bundle file for a public one).
+pub fn public_client_config(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::Rustls)?
+        .with_root_certificates(load_roots(ca)?)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A certificate chain and its private key from PEM files, checked to belong together (the
+/// key's public half is the leaf's), ready for a certificate resolver.
+pub fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let certs = load_certs(cert)?;
+    let private = load_key(key)?;
+    let identity = |source| TlsError::Identity {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        source,
+    };
+    let signing = provider()
+        .key_provider
+        .load_private_key(private)
+        .map_err(identity)?;
+    let certified = CertifiedKey::new(certs, signing);
+    certified.keys_match().map_err(identity)?;
+    Ok(certified)
+}
+
+/// A leaf certificate's DNS names (subjectAltName dNSName entries, lowercase) and its
+/// `notAfter` in Unix seconds; `path` names the file in the error.
+pub fn leaf_facts(cert: &CertificateDer<'_>, path: &Path) -> Result<(Vec<String>, i64), TlsError> {
+    let bad = |reason: String| TlsError::BadCertificate {
+        path: path.to_owned(),
+        reason,
+    };
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).map_err(|e| bad(e.to_string()))?;
+    let san = x509
+        .subject_alternative_name()
+        .map_err(|e| bad(e.to_string()))?;
+    let names = san
+        .iter()
+        .flat_map(|s| s.value.general_names.iter())
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect();
+    Ok((names, x509.validity().not_after.timestamp()))
 }
 
 /// The mail host's configuration: TLS 1.3 only, only `files.ca` trusted, the client
@@ -382,6 +463,7 @@ mod tests {
                 ("cert", p.agent_cert.clone()),
                 ("ca", PathBuf::from("/nonexistent")),
             ],
+            ..Default::default()
         });
         assert!(
             out.contains(&format!(
@@ -396,6 +478,7 @@ mod tests {
         std::fs::copy(&p.agent_cert, &rotated).unwrap();
         let collector = CertExpiryCollector {
             files: vec![("cert", rotated.clone())],
+            ..Default::default()
         };
         let line =
             |t: i64| format!("mailbell_tls_cert_expiry_timestamp_seconds{{file=\"cert\"}} {t}\n");

@@ -30,6 +30,7 @@ use crate::mta::stalwart::StalwartStats;
 use crate::notify::intake::{IntakeStats, MailIntake};
 use crate::notify::outbox::{Outbox, OutboxConfig};
 use crate::notify::sender::AuditedOutbox;
+use crate::retrieval::certs::CertStore;
 use crate::retrieval::server;
 use crate::users::UserStore;
 
@@ -123,6 +124,8 @@ pub struct Running {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     failures: Failures,
+    /// Bumped to reload what can be reloaded (the retrieval certificates): SIGHUP.
+    reload: tokio::sync::watch::Sender<u64>,
 }
 
 /// The first fatal error of any task; cancelling `failed` wakes [`Running::failed`].
@@ -151,6 +154,11 @@ impl Failures {
 }
 
 impl Running {
+    /// Reloads what can change without a restart (the retrieval certificates), as SIGHUP does.
+    pub fn reload(&self) {
+        self.reload.send_modify(|generation| *generation += 1);
+    }
+
     /// Resolves with the error once a listener or another essential task has failed for good.
     pub async fn failed(&self) -> anyhow::Error {
         self.failures.failed.cancelled().await;
@@ -288,7 +296,8 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     }
 
     let retrieval_stats = Arc::new(crate::retrieval::server::RetrievalStats::default());
-    let retrieval_addrs = start_retrieval(
+    let (reload, reload_rx) = tokio::sync::watch::channel(0u64);
+    let (retrieval_addrs, retrieval_certs) = start_retrieval(
         &cfg,
         &stores,
         &tasks,
@@ -296,6 +305,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         &failures,
         &mut listener_stats,
         &retrieval_stats,
+        reload_rx,
     )
     .await?;
 
@@ -318,19 +328,14 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         retrieval: (!retrieval_addrs.is_empty()).then(|| retrieval_stats.clone()),
         meter: (!retrieval_addrs.is_empty()).then(|| stores.meter.stats()),
         agents: cfg.link.agents.iter().map(|a| a.addr.clone()).collect(),
-        certificates: [
+        certificates: vec![
             ("cert", tls_files.cert.clone()),
             ("ca", tls_files.ca.clone()),
-        ]
-        .into_iter()
-        .chain(
-            cfg.retrieval
-                .tls
-                .iter()
-                .filter(|_| !retrieval_addrs.is_empty())
-                .map(|(cert, _)| ("retrieval", cert.clone())),
-        )
-        .collect(),
+        ],
+        served_certificates: retrieval_certs
+            .into_iter()
+            .map(|c| c as Arc<dyn mailbell_link::tls::ServedCertificates>)
+            .collect(),
         listeners: listener_stats,
         http: http_stats,
     };
@@ -388,10 +393,14 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         tasks,
         shutdown,
         failures,
+        reload,
     })
 }
 
-/// Binds and serves the retrieval proxy's listeners that are configured (none by default).
+/// Binds and serves the retrieval proxy's listeners that are configured (none by default), and
+/// keeps their certificates current (reloaded on `reload` and when their files change).
+/// Returns the bound listeners and the certificates served.
+#[allow(clippy::too_many_arguments)]
 async fn start_retrieval(
     cfg: &Config,
     stores: &Stores,
@@ -400,14 +409,29 @@ async fn start_retrieval(
     failures: &Failures,
     listener_stats: &mut Vec<(&'static str, Arc<ListenerStats>)>,
     stats: &Arc<server::RetrievalStats>,
-) -> anyhow::Result<Vec<(&'static str, SocketAddr)>> {
+    reload: tokio::sync::watch::Receiver<u64>,
+) -> anyhow::Result<(Vec<(&'static str, SocketAddr)>, Option<Arc<CertStore>>)> {
     use crate::retrieval::server::Listener;
     let r = &cfg.retrieval;
     let mut addrs = Vec::new();
-    let Some((cert, key)) = r.tls.as_ref().filter(|_| r.enabled()) else {
-        return Ok(addrs);
+    if !r.enabled() {
+        return Ok((addrs, None));
+    }
+    let certs =
+        Arc::new(CertStore::load(r.certificates.clone(), stats.clone()).context("retrieval TLS")?);
+    let tls = tls::public_server_config_resolving(certs.clone()).context("retrieval TLS")?;
+    let backend_tls = match &r.backend_tls {
+        Some(b) => Some(tokio_rustls::TlsConnector::from(
+            tls::public_client_config(&b.ca).context("retrieval.backend_ca")?,
+        )),
+        None => None,
     };
-    let tls = tls::public_server_config(cert, key).context("retrieval TLS")?;
+    tasks.spawn(crate::retrieval::certs::watch(
+        certs.clone(),
+        r.cert_check_interval,
+        reload,
+        shutdown.clone(),
+    ));
     let mut r = r.clone();
     if let Some(path) = &r.notice_file {
         r.notice.text = std::fs::read_to_string(path)
@@ -416,6 +440,7 @@ async fn start_retrieval(
     let shared = Arc::new(server::Shared {
         cfg: r.clone(),
         tls: tokio_rustls::TlsAcceptor::from(tls),
+        backend_tls,
         stats: stats.clone(),
         meter: stores.meter.clone(),
         users: stores.users.clone(),
@@ -442,7 +467,7 @@ async fn start_retrieval(
             }
         });
     }
-    Ok(addrs)
+    Ok((addrs, Some(certs)))
 }
 
 /// `mailbell serve`: runs until SIGTERM or Ctrl-C.
@@ -461,6 +486,8 @@ pub async fn serve(config: Option<&Path>) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    // SIGHUP reloads (certificates) from now on instead of ending the process.
+    let hangups = hangup_signal();
     // Every listener is bound: units ordered after this one (Postfix) may start.
     match mailbell_link::systemd::notify_ready() {
         Ok(sent) => debug!(sent, "readiness notification"),
@@ -469,6 +496,7 @@ pub async fn serve(config: Option<&Path>) -> anyhow::Result<()> {
     let failure = tokio::select! {
         () = wait_for_signal() => None,
         e = running.failed() => Some(e),
+        () = reload_on_hangup(hangups, &running) => None,
     };
     info!("shutting down");
     running.stop().await;
@@ -476,6 +504,40 @@ pub async fn serve(config: Option<&Path>) -> anyhow::Result<()> {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = ();
+
+/// SIGHUP, caught from here on (its default action would end the process).
+fn hangup_signal() -> Hangups {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot catch SIGHUP; certificates reload on file changes only");
+                None
+            }
+        }
+    }
+}
+
+/// Reloads at every SIGHUP; never returns.
+async fn reload_on_hangup(hangups: Hangups, running: &Running) {
+    #[cfg(unix)]
+    if let Some(mut hup) = hangups {
+        while hup.recv().await.is_some() {
+            info!("SIGHUP: reloading certificates");
+            running.reload();
+        }
+    }
+    #[cfg(not(unix))]
+    let () = hangups;
+    std::future::pending::<()>().await;
 }
 
 async fn wait_for_signal() {

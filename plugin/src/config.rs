@@ -19,6 +19,7 @@ use crate::meter::MeterConfig;
 use crate::mta::milter::MilterConfig;
 use crate::mta::stalwart::StalwartConfig;
 use crate::notify::intake::IntakeConfig;
+use crate::retrieval::certs::CertFiles;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -51,6 +52,12 @@ struct RawRetrieval {
     proxy_protocol: bool,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    certificates: Vec<RawCertificate>,
+    #[serde(deserialize_with = "de_duration")]
+    cert_check_interval: Duration,
+    backend_tls: bool,
+    backend_ca: Option<PathBuf>,
+    backend_server_name: String,
     allow_plaintext_login: bool,
     max_connections: usize,
     #[serde(deserialize_with = "de_duration")]
@@ -82,6 +89,11 @@ impl Default for RawRetrieval {
             proxy_protocol: true,
             cert: None,
             key: None,
+            certificates: Vec::new(),
+            cert_check_interval: Duration::from_secs(5),
+            backend_tls: false,
+            backend_ca: None,
+            backend_server_name: String::new(),
             allow_plaintext_login: false,
             max_connections: 1024,
             prelogin_timeout: Duration::from_secs(60),
@@ -120,6 +132,25 @@ pub struct GateTexts {
     pub arrears: String,
 }
 
+/// `[[retrieval.certificates]]`: one certificate of several, chosen by SNI.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    names: Vec<String>,
+}
+
+/// TLS from the proxy to the backend (`backend_tls = true`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendTls {
+    /// PEM file with the CA certificate(s) the backend's certificate must chain to.
+    pub ca: PathBuf,
+    /// The name the backend's certificate must carry; `None`: the host of its address.
+    pub server_name: Option<String>,
+}
+
 /// The retrieval proxy's settings (`[retrieval]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RetrievalConfig {
@@ -137,8 +168,13 @@ pub struct RetrievalConfig {
     pub backend_imap: String,
     /// Open each backend connection with a PROXY protocol v2 header.
     pub proxy_protocol: bool,
-    /// Certificate chain and key (PEM); required when a listener is on.
-    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The listeners' certificates (PEM chain and key, SNI names), the first the default;
+    /// at least one is required when a listener is on.
+    pub certificates: Vec<CertFiles>,
+    /// How often the certificate files are checked for a new version.
+    pub cert_check_interval: Duration,
+    /// TLS to the backend, after the PROXY v2 header (`None`: plaintext).
+    pub backend_tls: Option<BackendTls>,
     /// Allow USER/PASS, LOGIN and AUTH PLAIN/LOGIN before TLS.
     pub allow_plaintext_login: bool,
     /// Per listener: connections not logged in yet (slots taken before accept, the oldest
@@ -215,15 +251,14 @@ fn retrieval(r: RawRetrieval) -> Result<RetrievalConfig, ConfigError> {
         backend_pop3: host_port("backend_pop3", &r.backend_pop3)?,
         backend_imap: host_port("backend_imap", &r.backend_imap)?,
         proxy_protocol: r.proxy_protocol,
-        tls: match (r.cert, r.key) {
-            (Some(c), Some(k)) => Some((c, k)),
-            (None, None) => None,
-            _ => {
-                return Err(inv(
-                    "set both retrieval.cert and retrieval.key, or neither".into()
-                ))
-            }
-        },
+        certificates: certificates(r.cert, r.key, r.certificates)?,
+        cert_check_interval: r.cert_check_interval,
+        backend_tls: backend_tls(
+            r.backend_tls,
+            r.backend_ca,
+            &r.backend_server_name,
+            [&r.backend_pop3, &r.backend_imap],
+        )?,
         allow_plaintext_login: r.allow_plaintext_login,
         max_connections: r.max_connections,
         prelogin_timeout: r.prelogin_timeout,
@@ -250,19 +285,112 @@ fn retrieval(r: RawRetrieval) -> Result<RetrievalConfig, ConfigError> {
         ("pop3_idle_timeout", c.pop3_idle_timeout),
         ("imap_idle_timeout", c.imap_idle_timeout),
         ("connect_timeout", c.connect_timeout),
+        ("cert_check_interval", c.cert_check_interval),
     ] {
         if d.is_zero() {
             return Err(inv(format!("retrieval.{key} must be above zero")));
         }
     }
-    if c.enabled() && c.tls.is_none() {
+    if c.enabled() && c.certificates.is_empty() {
         return Err(inv(
-            "retrieval.cert and retrieval.key are required when a retrieval listener is on \
-             (STLS/STARTTLS and the implicit TLS ports need them)"
+            "retrieval.cert and retrieval.key (or [[retrieval.certificates]]) are required when \
+             a retrieval listener is on (STLS/STARTTLS and the implicit TLS ports need them)"
                 .into(),
         ));
     }
     Ok(c)
+}
+
+/// The one-certificate form (`cert`, `key`) or the list, not both.
+fn certificates(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    list: Vec<RawCertificate>,
+) -> Result<Vec<CertFiles>, ConfigError> {
+    let inv = ConfigError::Invalid;
+    let one = match (cert, key) {
+        (Some(cert), Some(key)) => Some(CertFiles {
+            cert,
+            key,
+            names: Vec::new(),
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(inv(
+                "set both retrieval.cert and retrieval.key, or neither".into()
+            ))
+        }
+    };
+    if one.is_some() && !list.is_empty() {
+        return Err(inv(
+            "retrieval.cert/key and [[retrieval.certificates]] are two forms of one setting: \
+             use one"
+                .into(),
+        ));
+    }
+    let mut out: Vec<CertFiles> = one.into_iter().collect();
+    for (i, c) in list.into_iter().enumerate() {
+        if let Some(bad) = c.names.iter().find(|n| !valid_sni_name(n)) {
+            return Err(inv(format!(
+                "retrieval.certificates[{i}].names: {bad:?} is not a DNS name or *.domain"
+            )));
+        }
+        out.push(CertFiles {
+            cert: c.cert,
+            key: c.key,
+            names: c.names,
+        });
+    }
+    Ok(out)
+}
+
+/// A DNS name, or `*.` and a DNS name.
+fn valid_sni_name(n: &str) -> bool {
+    let name = n.strip_prefix("*.").unwrap_or(n);
+    !name.is_empty()
+        && name
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+}
+
+/// The host part of `host:port` (`[v6]` without brackets).
+pub fn backend_host(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+fn backend_tls(
+    on: bool,
+    ca: Option<PathBuf>,
+    server_name: &str,
+    addrs: [&str; 2],
+) -> Result<Option<BackendTls>, ConfigError> {
+    let inv = ConfigError::Invalid;
+    if !on {
+        return Ok(None);
+    }
+    let Some(ca) = ca else {
+        return Err(inv(
+            "retrieval.backend_ca is required with backend_tls = true (the CA file the \
+             backend's certificate chains to; /etc/ssl/certs/ca-certificates.crt for a public CA)"
+                .into(),
+        ));
+    };
+    let server_name = (!server_name.is_empty()).then(|| server_name.to_owned());
+    let names: Vec<&str> = match &server_name {
+        Some(n) => vec![n],
+        None => addrs.iter().map(|a| backend_host(a)).collect(),
+    };
+    for n in names {
+        if rustls::pki_types::ServerName::try_from(n).is_err() {
+            return Err(inv(format!(
+                "retrieval.backend_server_name: {n:?} is not a DNS name or IP address"
+            )));
+        }
+    }
+    Ok(Some(BackendTls { ca, server_name }))
 }
 
 /// `[http.stalwart]` and `[http.admin]`: each HTTP listener's timeouts and connection cap.
@@ -529,9 +657,12 @@ impl Config {
             }
             LinkTls::DevPki { dir, .. } => *dir = paths::resolve(base, dir),
         }
-        if let Some((cert, key)) = &mut self.retrieval.tls {
-            *cert = paths::resolve(base, cert);
-            *key = paths::resolve(base, key);
+        for c in &mut self.retrieval.certificates {
+            c.cert = paths::resolve(base, &c.cert);
+            c.key = paths::resolve(base, &c.key);
+        }
+        if let Some(b) = &mut self.retrieval.backend_tls {
+            b.ca = paths::resolve(base, &b.ca);
         }
         if let Some(f) = &mut self.retrieval.notice_file {
             *f = paths::resolve(base, f);
@@ -551,9 +682,14 @@ impl Config {
             }
             LinkTls::DevPki { dir, .. } => paths::check_dir_creatable("link.dev_pki_dir", dir)?,
         }
-        if let (true, Some((cert, key))) = (self.retrieval.enabled(), &self.retrieval.tls) {
-            paths::check_readable_file("retrieval.cert", cert)?;
-            paths::check_readable_file("retrieval.key", key)?;
+        if self.retrieval.enabled() {
+            for c in &self.retrieval.certificates {
+                paths::check_readable_file("retrieval.cert", &c.cert)?;
+                paths::check_readable_file("retrieval.key", &c.key)?;
+            }
+            if let Some(b) = &self.retrieval.backend_tls {
+                paths::check_readable_file("retrieval.backend_ca", &b.ca)?;
+            }
         }
         if let (true, Some(f)) = (self.retrieval.enabled(), &self.retrieval.notice_file) {
             paths::check_readable_file("retrieval.notice_file", f)?;
@@ -864,13 +1000,16 @@ mod tests {
         assert_eq!(c.retrieval.imap, Some("127.0.0.1:1143".parse().unwrap()));
         assert_eq!(c.retrieval.pop3, None);
         assert_eq!(
-            c.retrieval.tls,
-            Some((
-                dir.path().join("tls/cert.pem"),
-                PathBuf::from("/abs/key.pem")
-            ))
+            c.retrieval.certificates,
+            [CertFiles {
+                cert: dir.path().join("tls/cert.pem"),
+                key: PathBuf::from("/abs/key.pem"),
+                names: Vec::new(),
+            }]
         );
         assert_eq!(c.retrieval.prelogin_timeout, Duration::from_secs(5));
+        assert_eq!(c.retrieval.cert_check_interval, Duration::from_secs(5));
+        assert_eq!(c.retrieval.backend_tls, None);
         let e = c.check_paths().unwrap_err().to_string();
         assert!(e.starts_with("retrieval.cert"), "{e}");
     }
@@ -906,6 +1045,59 @@ mod tests {
         );
         std::fs::write(&notice, "Pay, {address}.").unwrap();
         c.check_paths().unwrap();
+    }
+
+    #[test]
+    fn retrieval_certificates_by_sni_and_tls_to_the_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mailbell.toml");
+        std::fs::write(
+            &file,
+            "[retrieval]
+imaps = \"127.0.0.1:993\"\nbackend_imap = \"dovecot.lan:993\"\n\
+             backend_tls = true\nbackend_ca = \"ca.pem\"\ncert_check_interval = \"1s\"\n\
+             [[retrieval.certificates]]\ncert = \"a.pem\"\nkey = \"a.key\"\n\
+             [[retrieval.certificates]]\ncert = \"b.pem\"\nkey = \"b.key\"\n\
+             names = [\"mail.b.test\", \"*.b.test\"]\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file)).unwrap();
+        let r = &c.retrieval;
+        assert_eq!(r.certificates.len(), 2);
+        assert_eq!(r.certificates[0].cert, dir.path().join("a.pem"));
+        assert_eq!(r.certificates[1].names, ["mail.b.test", "*.b.test"]);
+        assert_eq!(r.cert_check_interval, Duration::from_secs(1));
+        assert_eq!(
+            r.backend_tls,
+            Some(BackendTls {
+                ca: dir.path().join("ca.pem"),
+                server_name: None
+            })
+        );
+        assert_eq!(backend_host("[::1]:993"), "::1");
+        assert_eq!(backend_host("dovecot.lan:993"), "dovecot.lan");
+
+        let e = |t: &str| Config::from_toml(t, "t").unwrap_err().to_string();
+        let both = "[retrieval]\ncert = \"c\"\nkey = \"k\"\n\
+                    [[retrieval.certificates]]\ncert = \"a\"\nkey = \"b\"\n";
+        assert!(e(both).contains("use one"), "{}", e(both));
+        let bad_name = "[[retrieval.certificates]]\ncert = \"a\"\nkey = \"b\"\nnames = [\"a b\"]";
+        assert!(e(bad_name).contains("retrieval.certificates[0].names"));
+        assert!(e("[retrieval]\nbackend_tls = true").contains("retrieval.backend_ca"));
+        let bad_sni = "[retrieval]\nbackend_tls = true\nbackend_ca = \"c\"\n\
+                       backend_server_name = \"a b\"";
+        assert!(e(bad_sni).contains("retrieval.backend_server_name"));
+        assert!(e("[retrieval]\ncert_check_interval = 0").contains("cert_check_interval"));
+
+        // Every certificate file, and the backend CA, must be readable before anything starts.
+        let e = c.check_paths().unwrap_err().to_string();
+        assert!(e.starts_with("retrieval.cert"), "{e}");
+        for f in ["a.pem", "a.key", "b.pem", "b.key"] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        let e = c.check_paths().unwrap_err().to_string();
+        let ca = dir.path().join("ca.pem").display().to_string();
+        assert!(e.starts_with(&format!("retrieval.backend_ca {ca}")), "{e}");
     }
 
     #[test]

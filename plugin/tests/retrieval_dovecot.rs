@@ -3,13 +3,12 @@
 //! dovecot the tests print `SKIPPED ...`; under `CI=true` they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod retrieval_support;
+mod support;
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use retrieval_support::*;
+use support::retrieval::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -270,48 +269,6 @@ async fn quit_and_logout_end_with_the_backends_reply_even_after_a_half_close() {
         }
     }
     p.stop().await;
-}
-
-/// `openssl s_client -starttls` with `input` on stdin (`-quiet` waits for the server to close).
-async fn s_client(proto: &'static str, port: u16, ca: PathBuf, input: &'static str) -> String {
-    tokio::task::spawn_blocking(move || {
-        use std::io::Write as _;
-        let mut child = Command::new("timeout")
-            .args([
-                "10",
-                "openssl",
-                "s_client",
-                "-quiet",
-                "-crlf",
-                "-starttls",
-                proto,
-            ])
-            .arg("-connect")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("-CAfile")
-            .arg(&ca)
-            .args(["-verify_return_error", "-servername", "localhost"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "s_client {proto}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    })
-    .await
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 //! `SKIPPED ...`; under `CI=true` they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod retrieval_support;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use mailbell::users::{AccountState, Networks, User};
-use retrieval_support::*;
+use support::retrieval::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 

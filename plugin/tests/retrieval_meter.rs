@@ -1,5 +1,5 @@
 //! Black-box tests of the retrieval proxy's meter store against the private Dovecot of
-//! `retrieval_dovecot.rs` (peers in `retrieval_support`) and real clients (poplib, imaplib):
+//! `retrieval_dovecot.rs` (peers in `support/retrieval.rs`) and real clients (poplib, imaplib):
 //! the records agree with Dovecot's own counters, `mailbell meter list` and the admin API show
 //! them, per-session sync makes a record durable before the client has its QUIT/LOGOUT reply,
 //! a store that cannot write refuses logins, and a `mailbell serve` killed with SIGKILL under
@@ -7,7 +7,7 @@
 //! dovecot the tests print `SKIPPED ...`; under `CI=true` they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod retrieval_support;
+mod support;
 
 use std::collections::HashSet;
 use std::io::BufRead;
@@ -19,7 +19,7 @@ use mailbell::meter::{
     Entry, Login, MeterPage, MeterQuery, MeterRecord, MeterStore, Protocol, Session, CSV_HEADER,
     MAX_QUERY_LIMIT,
 };
-use retrieval_support::*;
+use support::retrieval::*;
 
 /// The admin API's bearer token of the proxies that serve it here.
 const ADMIN_TOKEN: &str = "meter-test-token-0123456789";

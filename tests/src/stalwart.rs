@@ -68,6 +68,9 @@ pub struct Stalwart {
     pub smtp: SocketAddr,
     pub http: SocketAddr,
     pub imap: SocketAddr,
+    /// An IMAP listener that requires a PROXY header from 127.0.0.1
+    /// (`proxy.trusted-networks`): the retrieval proxy's backend.
+    pub imap_proxied: SocketAddr,
 }
 
 impl Stalwart {
@@ -77,13 +80,14 @@ impl Stalwart {
         let root = dir.join("stalwart");
         std::fs::create_dir_all(root.join("data"))?;
         // Free ports, released just before Stalwart binds them.
-        let (smtp, http, imap) = (
+        let (smtp, http, imap, imap_proxied) = (
+            Reserved::new()?.release(),
             Reserved::new()?.release(),
             Reserved::new()?.release(),
             Reserved::new()?.release(),
         );
         let config = root.join("config.toml");
-        let mut text = base_config(&root, smtp, http, imap);
+        let mut text = base_config(&root, smtp, http, [imap, imap_proxied]);
         if let Some(m) = mailbell {
             text.push('\n');
             text.push_str(&shipped_stanza(m)?);
@@ -106,6 +110,7 @@ impl Stalwart {
             smtp,
             http,
             imap,
+            imap_proxied,
         })
     }
 
@@ -256,6 +261,77 @@ impl Drop for Stalwart {
     }
 }
 
+/// Longest wait for one SMTP reply or write.
+const SMTP_STEP: Duration = Duration::from_secs(30);
+
+/// Sends one message over plain SMTP; returns the reply to the end of data.
+pub async fn smtp_send(
+    addr: SocketAddr,
+    from: &str,
+    rcpts: &[&str],
+    msg: &str,
+) -> anyhow::Result<String> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    expect(&mut rd, "220", "greeting").await?;
+    send(&mut wr, "EHLO client.remote.example\r\n".into()).await?;
+    expect(&mut rd, "250", "EHLO").await?;
+    send(&mut wr, format!("MAIL FROM:<{from}> BODY=8BITMIME\r\n")).await?;
+    expect(&mut rd, "250", "MAIL").await?;
+    for r in rcpts {
+        send(&mut wr, format!("RCPT TO:<{r}>\r\n")).await?;
+        expect(&mut rd, "250", "RCPT").await?;
+    }
+    send(&mut wr, "DATA\r\n".into()).await?;
+    expect(&mut rd, "354", "DATA").await?;
+    let mut data = String::new();
+    for line in msg.split_inclusive("\r\n") {
+        if line.starts_with('.') {
+            data.push('.');
+        }
+        data.push_str(line);
+    }
+    data.push_str(".\r\n");
+    send(&mut wr, data).await?;
+    let reply = read_reply(&mut rd).await?;
+    send(&mut wr, "QUIT\r\n".into()).await?;
+    Ok(reply)
+}
+
+async fn send(wr: &mut tokio::net::tcp::OwnedWriteHalf, line: String) -> anyhow::Result<()> {
+    tokio::time::timeout(SMTP_STEP, wr.write_all(line.as_bytes()))
+        .await
+        .context("SMTP write timed out")?
+        .context("SMTP write")
+}
+
+async fn expect(
+    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    code: &str,
+    what: &str,
+) -> anyhow::Result<()> {
+    let r = read_reply(rd).await?;
+    ensure!(r.starts_with(code), "SMTP {what}: {r}");
+    Ok(())
+}
+
+/// Reads one (possibly multi-line) SMTP reply.
+async fn read_reply(rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> anyhow::Result<String> {
+    let mut all = String::new();
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(SMTP_STEP, rd.read_line(&mut line))
+            .await
+            .context("SMTP reply timed out")??;
+        ensure!(n > 0, "SMTP connection closed after {all:?}");
+        all.push_str(&line);
+        if line.len() < 4 || line.as_bytes()[3] != b'-' {
+            return Ok(all.trim_end().to_owned());
+        }
+    }
+}
+
 /// Reads one line of an IMAP answer into `line`.
 async fn read_line(
     rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
@@ -270,9 +346,10 @@ async fn read_line(
     Ok(())
 }
 
-/// The offline configuration: SMTP, HTTP and IMAP on loopback, SQLite, no TLS, no
+/// The offline configuration: SMTP, HTTP and IMAP (plain, and behind a PROXY v2 sender) on loopback, SQLite, no TLS, no
 /// spam filter downloads, unauthenticated SMTP on a port other than 25, plaintext IMAP LOGIN.
-fn base_config(root: &Path, smtp: SocketAddr, http: SocketAddr, imap: SocketAddr) -> String {
+fn base_config(root: &Path, smtp: SocketAddr, http: SocketAddr, imap: [SocketAddr; 2]) -> String {
+    let [imap, imap_proxied] = imap;
     format!(
         r#"[server]
 hostname = "mail.{DOMAIN}"
@@ -291,6 +368,12 @@ tls.enable = false
 bind = ["{imap}"]
 protocol = "imap"
 tls.enable = false
+
+[server.listener.imap-proxied]
+bind = ["{imap_proxied}"]
+protocol = "imap"
+tls.enable = false
+proxy.trusted-networks = ["127.0.0.1/32"]
 
 [imap.auth]
 allow-plain-text = true

@@ -26,17 +26,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{bail, ensure};
 use base64::Engine;
 use mailbell::users::User;
 use mailbell_tests::stalwart::{self, Reserved, Stalwart, ADMIN, DOMAIN, HOOK_TOKEN};
 use mailbell_tests::system::{self, System};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 
 const ALICE: &str = "alice@test.local";
 const ALICE_PHONE: &str = "+8613800138000";
@@ -107,7 +104,8 @@ async fn scenarios(stalwart: &Stalwart, sys: &System) -> anyhow::Result<()> {
     let stat = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
 
     // 1. An unregistered local user: the whole path runs, nothing is created or sent.
-    let reply = smtp_send(stalwart.smtp, SENDER, &[CAROL], &message(CAROL, "carol-1")).await?;
+    let reply =
+        stalwart::smtp_send(stalwart.smtp, SENDER, &[CAROL], &message(CAROL, "carol-1")).await?;
     ensure!(reply.starts_with("250"), "carol: {reply}");
     // The webhook brings queue.queue-message and then message-ingest.ham; wait for the ham.
     wait_until("the ham confirmation for carol's message", || {
@@ -124,7 +122,8 @@ async fn scenarios(stalwart: &Stalwart, sys: &System) -> anyhow::Result<()> {
 
     // 2. A registered user, Chinese headers: released by the ham webhook.
     let sent = Instant::now();
-    let reply = smtp_send(stalwart.smtp, SENDER, &[ALICE], &message(ALICE, "alice-1")).await?;
+    let reply =
+        stalwart::smtp_send(stalwart.smtp, SENDER, &[ALICE], &message(ALICE, "alice-1")).await?;
     ensure!(reply.starts_with("250"), "alice: {reply}");
     let pdus = sys.wait_pdus(0, STEP).await?;
     let waited = sent.elapsed();
@@ -150,7 +149,7 @@ async fn scenarios(stalwart: &Stalwart, sys: &System) -> anyhow::Result<()> {
 
     // 3. Account map: bob's copy is refused by Stalwart at delivery, so only alice's ham comes;
     //    it must release alice's notice only (without the map it would release bob's too).
-    let reply = smtp_send(
+    let reply = stalwart::smtp_send(
         stalwart.smtp,
         SENDER,
         &[ALICE, BOB],
@@ -228,72 +227,4 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Resul
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
-}
-
-/// Sends one message over plain SMTP; returns the reply to the end of data.
-async fn smtp_send(
-    addr: SocketAddr,
-    from: &str,
-    rcpts: &[&str],
-    msg: &str,
-) -> anyhow::Result<String> {
-    let stream = TcpStream::connect(addr).await?;
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::new(rd);
-    expect(&mut rd, "220", "greeting").await?;
-    send(&mut wr, "EHLO client.remote.example\r\n".into()).await?;
-    expect(&mut rd, "250", "EHLO").await?;
-    send(&mut wr, format!("MAIL FROM:<{from}> BODY=8BITMIME\r\n")).await?;
-    expect(&mut rd, "250", "MAIL").await?;
-    for r in rcpts {
-        send(&mut wr, format!("RCPT TO:<{r}>\r\n")).await?;
-        expect(&mut rd, "250", "RCPT").await?;
-    }
-    send(&mut wr, "DATA\r\n".into()).await?;
-    expect(&mut rd, "354", "DATA").await?;
-    let mut data = String::new();
-    for line in msg.split_inclusive("\r\n") {
-        if line.starts_with('.') {
-            data.push('.');
-        }
-        data.push_str(line);
-    }
-    data.push_str(".\r\n");
-    send(&mut wr, data).await?;
-    let reply = read_reply(&mut rd).await?;
-    send(&mut wr, "QUIT\r\n".into()).await?;
-    Ok(reply)
-}
-
-async fn send(wr: &mut tokio::net::tcp::OwnedWriteHalf, line: String) -> anyhow::Result<()> {
-    tokio::time::timeout(STEP, wr.write_all(line.as_bytes()))
-        .await
-        .context("SMTP write timed out")?
-        .context("SMTP write")
-}
-
-async fn expect(
-    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-    code: &str,
-    what: &str,
-) -> anyhow::Result<()> {
-    let r = read_reply(rd).await?;
-    ensure!(r.starts_with(code), "SMTP {what}: {r}");
-    Ok(())
-}
-
-/// Reads one (possibly multi-line) SMTP reply.
-async fn read_reply(rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> anyhow::Result<String> {
-    let mut all = String::new();
-    loop {
-        let mut line = String::new();
-        let n = tokio::time::timeout(STEP, rd.read_line(&mut line))
-            .await
-            .context("SMTP reply timed out")??;
-        ensure!(n > 0, "SMTP connection closed after {all:?}");
-        all.push_str(&line);
-        if line.len() < 4 || line.as_bytes()[3] != b'-' {
-            return Ok(all.trim_end().to_owned());
-        }
-    }
 }

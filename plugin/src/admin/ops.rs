@@ -61,6 +61,8 @@ pub struct Metrics {
     pub agents: Vec<String>,
     /// The link's certificate files by role ("cert", "ca"), for their expiry.
     pub certificates: Vec<(&'static str, std::path::PathBuf)>,
+    /// Certificates served from memory and reloaded (the retrieval proxy's), for their expiry.
+    pub served_certificates: Vec<Arc<dyn mailbell_link::tls::ServedCertificates>>,
     /// Every listener's accept counters, by `listener` label ("stalwart", "admin", "milter").
     pub listeners: Vec<(&'static str, Arc<ListenerStats>)>,
     /// Every HTTP listener's request and timeout counters, by `listener` label.
@@ -388,6 +390,7 @@ impl Metrics {
         }
         r.register_collector(Box::new(CertExpiryCollector {
             files: self.certificates.clone(),
+            served: self.served_certificates.clone(),
         }));
         r.register_collector(Box::new(ListenerCollector {
             listeners: self.listeners.clone(),
@@ -652,6 +655,7 @@ mod tests {
             meter: Some(Arc::default()),
             agents: vec!["agent-a:7443".into(), "agent-b:7443".into()],
             certificates: vec![("cert", dir.path().join("missing.pem"))],
+            served_certificates: Vec::new(),
             listeners: vec![("milter", Arc::default())],
             http: vec![("admin", Arc::default())],
         };

@@ -23,6 +23,7 @@
 //! before login a line or literal over the cap ends the session; after login only framing is
 //! tracked and long lines are skipped, never stored.
 
+pub mod certs;
 pub mod gate;
 pub mod imap;
 mod line;

@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -38,7 +38,7 @@ use super::metering::{self, Meter};
 use super::notice::{Balances, NoticeFacts};
 use super::pop3::{self, Pop3Config, Pop3Session};
 use super::proxy_v2::{Header, TlsInfo};
-use crate::config::RetrievalConfig;
+use crate::config::{backend_host, RetrievalConfig};
 use crate::meter::{Login, MeterStore};
 use crate::users::UserStore;
 
@@ -77,7 +77,10 @@ const LINGER: Duration = Duration::from_secs(10);
 /// What every session of the proxy shares.
 pub struct Shared {
     pub cfg: RetrievalConfig,
+    /// The client side's TLS (certificates chosen by SNI, reloaded: [`super::certs`]).
     pub tls: TlsAcceptor,
+    /// TLS to the backend, when `backend_tls` is on.
+    pub backend_tls: Option<TlsConnector>,
     pub stats: Arc<RetrievalStats>,
     /// Where each session's record goes ([`metering`]).
     pub meter: MeterStore,
@@ -112,6 +115,10 @@ pub struct RetrievalStats {
     pub arrears_notices: AtomicU64,
     /// Live sessions ended because their account's state or networks changed.
     pub closed_by_change: AtomicU64,
+    /// Listener certificates replaced by a new version of their files.
+    pub cert_reloads: AtomicU64,
+    /// New versions of certificate files that did not load (the old certificate stayed).
+    pub cert_reload_failures: AtomicU64,
 }
 
 /// The `mailbell_retrieval_*` families, read at scrape time.
@@ -148,6 +155,16 @@ impl mailbell_link::metrics::Collector for RetrievalStats {
                 "mailbell_retrieval_message_bytes_total",
                 "Message bytes retrieved (POP3 retr_bytes, IMAP literal bytes; docs/retrieval.md).",
                 &self.retrieved_bytes,
+            ),
+            (
+                "mailbell_retrieval_cert_reloads_total",
+                "Retrieval listener certificates replaced by a new version of their files.",
+                &self.cert_reloads,
+            ),
+            (
+                "mailbell_retrieval_cert_reload_failures_total",
+                "New versions of retrieval certificate files that did not load (old one kept).",
+                &self.cert_reload_failures,
             ),
         ] {
             mailbell_link::metrics::counter(&mut enc, name, help, v(c))?;
@@ -253,54 +270,60 @@ struct Place {
     slots: Arc<Semaphore>,
 }
 
-/// The client side: plain TCP, or TLS (implicit or after STLS/STARTTLS).
-enum ClientIo {
+/// One side's stream: plain TCP, or TLS over it (`T`: the server or client TLS stream).
+enum Io<T> {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-    /// Only while the handshake runs.
+    Tls(Box<T>),
+    /// Only while a handshake runs.
     Gone,
 }
 
-impl AsyncRead for ClientIo {
+/// The client side: plain TCP, or TLS (implicit or after STLS/STARTTLS).
+type ClientIo = Io<TlsStream<TcpStream>>;
+
+/// The backend side: plain TCP, or TLS after the PROXY v2 header (`backend_tls`).
+type BackendIo = Io<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl<T: AsyncRead + Unpin> AsyncRead for Io<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            ClientIo::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Io::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
         }
     }
 }
 
-impl AsyncWrite for ClientIo {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Io<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            ClientIo::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Io::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            ClientIo::Gone => Poll::Ready(Ok(())),
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Io::Gone => Poll::Ready(Ok(())),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            ClientIo::Gone => Poll::Ready(Ok(())),
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Io::Gone => Poll::Ready(Ok(())),
         }
     }
 }
@@ -554,7 +577,7 @@ async fn connection(
     } else {
         &cfg.backend_pop3
     };
-    let mut backend = match connect_backend(backend_addr, cfg, peer, local, tls_info).await {
+    let mut backend = match connect_backend(backend_addr, shared, peer, local, tls_info).await {
         Ok(b) => b,
         Err(e) => {
             warn!(backend = %backend_addr, error = %e, "backend unavailable");
@@ -674,17 +697,23 @@ fn tls_facts(tls: &TlsStream<TcpStream>) -> TlsInfo {
     }
 }
 
-/// Connects to the backend within `connect_timeout` and writes the PROXY v2 header.
+/// Connects to the backend within `connect_timeout`, writes the PROXY v2 header, then (with
+/// `backend_tls`) runs the TLS handshake within `connect_timeout` too: the header goes first,
+/// in clear, as haproxy's `send-proxy-v2 ssl` does and Dovecot's `haproxy = yes` TLS
+/// listeners expect.
 async fn connect_backend(
     addr: &str,
-    cfg: &RetrievalConfig,
+    shared: &Shared,
     peer: SocketAddr,
     local: SocketAddr,
     tls: Option<TlsInfo>,
-) -> io::Result<TcpStream> {
+) -> io::Result<BackendIo> {
+    let cfg = &shared.cfg;
+    let timed_out =
+        |what: &str| io::Error::new(io::ErrorKind::TimedOut, format!("{what} timed out"));
     let mut s = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr))
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        .map_err(|_| timed_out("connect"))??;
     s.set_nodelay(true)?;
     if cfg.proxy_protocol {
         let header = Header::Proxy {
@@ -696,11 +725,22 @@ async fn connect_backend(
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         tokio::time::timeout(cfg.connect_timeout, s.write_all(&header))
             .await
-            .map_err(|_| {
-                io::Error::new(io::ErrorKind::TimedOut, "PROXY header write timed out")
-            })??;
+            .map_err(|_| timed_out("PROXY header write"))??;
     }
-    Ok(s)
+    let (Some(connector), Some(settings)) = (&shared.backend_tls, &cfg.backend_tls) else {
+        return Ok(Io::Plain(s));
+    };
+    let name = settings
+        .server_name
+        .as_deref()
+        .unwrap_or_else(|| backend_host(addr));
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let tls = tokio::time::timeout(cfg.connect_timeout, connector.connect(name, s))
+        .await
+        .map_err(|_| timed_out("TLS handshake"))?
+        .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
+    Ok(Io::Tls(Box::new(tls)))
 }
 
 /// How a session ended: with words to the client (`-ERR` / `* BYE` code and reason) or quietly
@@ -719,7 +759,7 @@ enum End {
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     client: &mut ClientIo,
-    backend: &mut TcpStream,
+    backend: &mut BackendIo,
     core: &mut Core,
     meter: &mut Meter,
     ticket: &mut Place,
@@ -840,7 +880,7 @@ async fn relay(
 #[allow(clippy::too_many_arguments)]
 async fn act(
     client: &mut ClientIo,
-    backend: &mut TcpStream,
+    backend: &mut BackendIo,
     core: &mut Core,
     meter: &mut Meter,
     ticket: &mut Place,
@@ -1059,7 +1099,7 @@ async fn say(client: &mut ClientIo, acts: &[Act], meter: &mut Meter, limit: Dura
 /// registry change or shutdown.
 async fn serve_notice(
     client: &mut ClientIo,
-    backend: &mut TcpStream,
+    backend: &mut BackendIo,
     gate: &mut Gate,
     held: Vec<u8>,
     meter: &mut Meter,

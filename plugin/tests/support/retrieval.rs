@@ -1,9 +1,9 @@
 //! What the retrieval proxy's black-box tests share: a private Dovecot (POP3 and IMAP
-//! listeners with `haproxy = yes`, a passwd-file with test users and their Maildirs), the proxy
-//! started in-process as `mailbell serve` starts it ([`mailbell::app::start`]), and the real
-//! clients (Python's poplib and imaplib scripts, raw TCP). Without dovecot the tests print
-//! `SKIPPED ...`; under `CI=true` they fail.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! listeners with `haproxy = yes`, optionally an implicit-TLS IMAP listener, a passwd-file with
+//! test users and their Maildirs), the proxy started in-process as `mailbell serve` starts it
+//! ([`mailbell::app::start`]), the Python client scripts and small helpers. Without a peer the
+//! tests print `SKIPPED ...`; under `CI=true` they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -102,6 +102,9 @@ pub struct Dovecot {
     pub dir: tempfile::TempDir,
     pub pop3: u16,
     pub imap: u16,
+    /// The implicit-TLS listeners (`haproxy = yes`), 0 without [`Dovecot::start_tls`].
+    pub pop3s: u16,
+    pub imaps: u16,
 }
 
 impl Drop for Dovecot {
@@ -113,6 +116,16 @@ impl Drop for Dovecot {
 
 impl Dovecot {
     pub fn start() -> Dovecot {
+        Self::start_with(None)
+    }
+
+    /// With implicit-TLS POP3 and IMAP listeners (`ssl = yes`, `haproxy = yes`) serving
+    /// `cert`/`key`.
+    pub fn start_tls(cert: &Path, key: &Path) -> Dovecot {
+        Self::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Dovecot {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for sub in ["run", "state"] {
@@ -140,6 +153,18 @@ impl Dovecot {
         )
         .unwrap();
         let (pop3, imap) = (free_port(), free_port());
+        let (ssl, pop3s, imaps) = match tls {
+            Some((cert, key)) => (
+                format!(
+                    "ssl = yes\nssl_cert = <{}\nssl_key = <{}\n",
+                    cert.display(),
+                    key.display()
+                ),
+                free_port(),
+                free_port(),
+            ),
+            None => ("ssl = no\n".to_owned(), 0, 0),
+        };
         let root = id(&["-u"]) == "0";
         // Dovecot refuses to give mail to uid 0: as root the mail belongs to nobody.
         let (user, group) = if root {
@@ -163,7 +188,7 @@ impl Dovecot {
         };
         let conf = format!(
             "base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\n\
-             protocols = imap pop3\nlisten = 127.0.0.1\nssl = no\n\
+             protocols = imap pop3\nlisten = 127.0.0.1\n{ssl}\
              disable_plaintext_auth = yes\nauth_mechanisms = plain login\nauth_verbose = yes\n\
              haproxy_trusted_networks = 127.0.0.1/8\nmail_location = maildir:~/Maildir\n\
              login_log_format_elements = user=<%u> method=%m rip=%r rport=%{{rport}} lip=%l lport=%{{lport}} %c\n\
@@ -171,9 +196,9 @@ impl Dovecot {
              passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {d}/passwd\n}}\n\
              userdb {{\n  driver = static\n  args = uid={user} gid={group} home={d}/home/%u\n}}\n\
              service imap-login {{\n  inet_listener imap {{\n    port = {imap}\n    haproxy = yes\n  }}\n\
-               inet_listener imaps {{\n    port = 0\n  }}\n}}\n\
+               inet_listener imaps {{\n    port = {imaps}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n\
              service pop3-login {{\n  inet_listener pop3 {{\n    port = {pop3}\n    haproxy = yes\n  }}\n\
-               inet_listener pop3s {{\n    port = 0\n  }}\n}}\n",
+               inet_listener pop3s {{\n    port = {pop3s}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n",
             d = d.display()
         );
         std::fs::write(d.join("dovecot.conf"), conf).unwrap();
@@ -190,10 +215,13 @@ impl Dovecot {
             dir,
             pop3,
             imap,
+            pop3s,
+            imaps,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while [pop3, imap]
+        while [pop3, imap, pop3s, imaps]
             .iter()
+            .filter(|p| **p != 0)
             .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
         {
             assert!(
@@ -321,12 +349,12 @@ impl Proxy {
             .1
     }
 
-    pub fn port(&self, name: &str) -> u16 {
-        self.addr(name).port()
-    }
-
     pub fn running(&self) -> &Running {
         self.running.as_ref().unwrap()
+    }
+
+    pub fn port(&self, name: &str) -> u16 {
+        self.addr(name).port()
     }
 
     /// The proxy's totals once `sessions` sessions have ended (it counts a session when its
@@ -519,6 +547,162 @@ pub async fn read_until<S: tokio::io::AsyncRead + Unpin>(
             return (String::from_utf8_lossy(&got).into(), false);
         }
     }
+}
+
+/// `openssl s_client -starttls` with `input` on stdin (`-quiet` waits for the server to close).
+pub async fn s_client(proto: &'static str, port: u16, ca: PathBuf, input: &'static str) -> String {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut child = Command::new("timeout")
+            .args([
+                "10",
+                "openssl",
+                "s_client",
+                "-quiet",
+                "-crlf",
+                "-starttls",
+                proto,
+            ])
+            .arg("-connect")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-CAfile")
+            .arg(&ca)
+            .args(["-verify_return_error", "-servername", "localhost"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "s_client {proto}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+/// A test CA (rcgen) that issues server certificates into its directory.
+pub struct TestCa {
+    dir: PathBuf,
+    /// The CA certificate, PEM.
+    pub cert: PathBuf,
+    ca: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    /// A fresh CA named `name` (its certificate `dir/<name>-ca.pem`).
+    pub fn new(dir: &Path, name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.self_signed(&key).unwrap();
+        let cert = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&cert, ca.pem()).unwrap();
+        TestCa {
+            dir: dir.to_owned(),
+            cert,
+            ca,
+            key,
+        }
+    }
+
+    /// A server certificate with common name `cn` and DNS names `names`, written to
+    /// `<stem>.pem` and `<stem>.key` (replacing them by rename, as certbot's switch does).
+    pub fn issue(&self, stem: &str, cn: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca, &self.key).unwrap();
+        let (cert_path, key_path) = (
+            self.dir.join(format!("{stem}.pem")),
+            self.dir.join(format!("{stem}.key")),
+        );
+        for (path, text) in [(&cert_path, cert.pem()), (&key_path, key.serialize_pem())] {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, path).unwrap();
+        }
+        (cert_path, key_path)
+    }
+}
+
+/// The subject of the certificate an implicit-TLS listener on `port` serves for SNI `name`
+/// (`openssl s_client -servername`), checked against `ca`.
+pub async fn served_subject(port: u16, name: &'static str, ca: PathBuf) -> String {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("timeout")
+            .args(["10", "openssl", "s_client", "-connect"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-servername", name, "-verify_return_error", "-CAfile"])
+            .arg(&ca)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "s_client -servername {name}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix("subject="))
+            .unwrap_or_else(|| panic!("no subject from s_client: {text}"))
+            .replace(' ', "")
+    })
+    .await
+    .unwrap()
+}
+
+/// Retrieves alice's messages through `listener` of `p` with [`POP3_SCRIPT`] or
+/// [`IMAP_SCRIPT`] (`mode`: "stls", "starttls" or "ssl"), asserts that each arrived unchanged
+/// and that Dovecot logged the client's own address and port (PROXY v2); returns its log line.
+pub async fn retrieve_alices_mail(p: &Proxy, d: &Dovecot, listener: &str, mode: &str) -> String {
+    let port = p.port(listener);
+    let imap = listener.starts_with("imap");
+    let script = if imap { IMAP_SCRIPT } else { POP3_SCRIPT };
+    let out = python(script, args(port, mode, "alice", "secret", &p.ca)).await;
+    assert!(
+        out.ends_with("ok\n"),
+        "{listener}: {out}\ndovecot log:\n{}",
+        d.log()
+    );
+    let want: Vec<String> = messages()
+        .iter()
+        .map(|m| {
+            hex(&if imap {
+                m.replace('\n', "\r\n")
+            } else {
+                m.clone()
+            })
+        })
+        .collect();
+    assert_eq!(field(&out, "msg"), want, "{listener}");
+    let line = format!(
+        "rip={CLIENT_IP}, rport={}, lip=127.0.0.1, lport={port}",
+        field(&out, "port")[0]
+    );
+    let log = wait_log(d, &line).await;
+    log.lines()
+        .find(|l| l.contains(&line))
+        .unwrap_or_else(|| panic!("{line} not in dovecot's log:\n{log}"))
+        .to_owned()
 }
 
 /// A TLS connection to one of the proxy's implicit TLS listeners, trusting the test CA.

@@ -1,0 +1,3 @@
+//! Helpers shared by the mail side's black-box tests.
+
+pub mod retrieval;
