@@ -25,6 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::audit::AuditLog;
 use crate::config::{Config, LinkTls};
+use crate::meter::MeterStore;
 use crate::mta::stalwart::StalwartStats;
 use crate::notify::intake::{IntakeStats, MailIntake};
 use crate::notify::outbox::{Outbox, OutboxConfig};
@@ -39,10 +40,12 @@ pub struct Stores {
     pub outbox: Outbox,
     pub users: UserStore,
     pub audit: AuditLog,
+    /// What the retrieval proxy's sessions retrieved.
+    pub meter: MeterStore,
 }
 
 impl Stores {
-    /// Opens all three (blocking: call from `spawn_blocking` or before the runtime is busy).
+    /// Opens all four (blocking: call from `spawn_blocking` or before the runtime is busy).
     pub fn open(cfg: &Config) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("create data_dir {}", cfg.data_dir.display()))?;
@@ -56,10 +59,17 @@ impl Stores {
         )?;
         let users = UserStore::open(&cfg.users_path())?.with_languages(&cfg.link.agent_languages);
         let audit = AuditLog::open(&cfg.audit_path(), cfg.audit.clone())?;
+        // Written only by the retrieval proxy; without it the admin API still reads it.
+        let meter = if cfg.retrieval.enabled() {
+            MeterStore::open(&cfg.meter_path(), cfg.meter.clone())?
+        } else {
+            MeterStore::open_read_only(&cfg.meter_path())
+        };
         Ok(Self {
             outbox,
             users,
             audit,
+            meter,
         })
     }
 
@@ -71,6 +81,11 @@ impl Stores {
         }
         if let Err(e) = self.audit.flush() {
             error!(error = %e, "audit log flush on close failed");
+        }
+        if !self.meter.read_only() {
+            if let Err(e) = self.meter.flush() {
+                error!(error = %e, "meter store flush on close failed");
+            }
         }
     }
 }
@@ -284,7 +299,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let (reload, reload_rx) = tokio::sync::watch::channel(0u64);
     let (retrieval_addrs, retrieval_certs) = start_retrieval(
         &cfg,
-        &stores.users,
+        &stores,
         &tasks,
         &shutdown,
         &failures,
@@ -311,6 +326,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         audit: stores.audit.stats(),
         milter: milter_addr.map(|_| milter_stats.clone()),
         retrieval: (!retrieval_addrs.is_empty()).then(|| retrieval_stats.clone()),
+        meter: (!retrieval_addrs.is_empty()).then(|| stores.meter.stats()),
         agents: cfg.link.agents.iter().map(|a| a.addr.clone()).collect(),
         certificates: vec![
             ("cert", tls_files.cert.clone()),
@@ -325,9 +341,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     };
     if let Some(l) = admin {
         let token: Arc<str> = Arc::from(cfg.admin_token.as_str());
-        let admin_routes = crate::admin::api::user_routes(stores.users.clone()).merge(
-            crate::admin::ops::routes(stores.outbox.clone(), stores.audit.clone()),
-        );
+        let admin_routes = crate::admin::api::user_routes(stores.users.clone())
+            .merge(crate::admin::ops::routes(
+                stores.outbox.clone(),
+                stores.audit.clone(),
+            ))
+            .merge(crate::admin::meter::routes(stores.meter.clone()));
         let router = crate::admin::api::protect(
             crate::admin::ops::audited(admin_routes, stores.audit.clone()),
             token,
@@ -381,9 +400,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
 /// Binds and serves the retrieval proxy's listeners that are configured (none by default), and
 /// keeps their certificates current (reloaded on `reload` and when their files change).
 /// Returns the bound listeners and the certificates served.
+#[allow(clippy::too_many_arguments)]
 async fn start_retrieval(
     cfg: &Config,
-    users: &UserStore,
+    stores: &Stores,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
     failures: &Failures,
@@ -422,7 +442,8 @@ async fn start_retrieval(
         tls: tokio_rustls::TlsAcceptor::from(tls),
         backend_tls,
         stats: stats.clone(),
-        users: users.clone(),
+        meter: stores.meter.clone(),
+        users: stores.users.clone(),
         balances: None,
     });
     for (kind, addr) in [

@@ -15,6 +15,7 @@ use mailbell_link::units::{de_duration, parse_toml, read_config};
 use serde::Deserialize;
 
 use crate::audit::AuditConfig;
+use crate::meter::MeterConfig;
 use crate::mta::milter::MilterConfig;
 use crate::mta::stalwart::StalwartConfig;
 use crate::notify::intake::IntakeConfig;
@@ -35,6 +36,7 @@ struct RawConfig {
     audit: AuditConfig,
     http: RawHttp,
     retrieval: RawRetrieval,
+    meter: MeterConfig,
 }
 
 /// `[retrieval]`: the POP3/IMAP proxy in front of the backend's listeners (all off by default).
@@ -599,6 +601,8 @@ pub struct Config {
     pub http_admin: HttpConfig,
     /// The POP3/IMAP retrieval proxy.
     pub retrieval: RetrievalConfig,
+    /// The meter store the retrieval proxy writes (`[meter]`).
+    pub meter: MeterConfig,
 }
 
 fn listen(key: &str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
@@ -784,6 +788,7 @@ impl Config {
             return Err(inv("outbox.max_depth must be at least 1".into()));
         }
         let retrieval = retrieval(raw.retrieval)?;
+        raw.meter.validate().map_err(inv)?;
         Ok(Self {
             data_dir,
             http_listen: listen("http", &raw.listen.http)?,
@@ -817,6 +822,7 @@ impl Config {
             http_stalwart,
             http_admin,
             retrieval,
+            meter: raw.meter,
         })
     }
 
@@ -830,6 +836,10 @@ impl Config {
 
     pub fn audit_path(&self) -> PathBuf {
         self.data_dir.join("audit")
+    }
+
+    pub fn meter_path(&self) -> PathBuf {
+        self.data_dir.join("meter")
     }
 }
 
@@ -908,6 +918,9 @@ mod tests {
         assert!(e("[retrieval]\nmax_connections = 0").contains("retrieval.max_connections"));
         assert!(e("[retrieval]\nprelogin_timeout = 0").contains("retrieval.prelogin_timeout"));
         assert!(e("[retrieval]\nsmtp = \"\"").contains("smtp"));
+        assert!(e("[meter]\nflush_interval = 0").contains("meter.flush_interval"));
+        assert!(e("[meter]\nflush_interval = \"2m\"").contains("meter.flush_interval"));
+        assert!(e("[meter]\nsync = \"never\"").contains("expected `interval` or `per-session`"));
         assert!(e("[retrieval]\nunwelcome_text = \"\"").contains("retrieval.unwelcome_text"));
         assert!(e("[retrieval]\nnetwork_text = \"a\\nb\"").contains("retrieval.network_text"));
         assert!(e("[retrieval]\nnotice_subject = \"a\\r\\nBcc: x\"")
@@ -963,6 +976,13 @@ mod tests {
     #[test]
     fn retrieval_is_off_by_default_and_its_paths_resolve() {
         let c = Config::from_toml("", "t").unwrap();
+        assert_eq!(c.meter.flush_interval, Duration::from_millis(200));
+        assert_eq!(c.meter.sync, crate::meter::Sync::Interval);
+        assert_eq!(c.meter_path(), c.data_dir.join("meter"));
+        let m =
+            Config::from_toml("[meter]\nsync = \"per-session\"\nretention_days = 0", "t").unwrap();
+        assert_eq!(m.meter.sync, crate::meter::Sync::PerSession);
+        assert_eq!(m.meter.retention_days, 0);
         assert!(!c.retrieval.enabled());
         assert!(c.retrieval.proxy_protocol);
         assert!(!c.retrieval.allow_plaintext_login);

@@ -11,14 +11,16 @@
 //!   `mailbell` CLI.
 //! - [`retrieval`]: the POP3/IMAP retrieval proxy's sans-I/O protocol cores (login, capability
 //!   rewriting, metering) and the PROXY v2 header it opens backend connections with.
-//! - The stores the others write to: the user registry ([`users`]) and the audit log
-//!   ([`audit`]).
+//! - The stores the others write to: the user registry ([`users`]), the audit log
+//!   ([`audit`]) and the meter store ([`meter`], what the retrieval proxy's sessions
+//!   retrieved, for billing).
 //! - [`config`] (the TOML file) and [`app`] (which starts everything) sit on top.
 pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod bearer;
 pub mod config;
+pub mod meter;
 pub mod mta;
 pub mod notify;
 pub mod retrieval;

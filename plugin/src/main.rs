@@ -45,6 +45,9 @@ enum Cmd {
     Queue(QueueCmd),
     /// Query the audit log.
     Log(LogArgs),
+    /// What the retrieval proxy's sessions retrieved (the meter store).
+    #[command(subcommand)]
+    Meter(mailbell::admin::meter::MeterCmd),
     /// Counters of the running daemon.
     Status,
 }
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
             Cmd::User(c) => cli::user(config, *c).await,
             Cmd::Queue(c) => cli::queue(config, c).await,
             Cmd::Log(a) => cli::log(config, a).await,
+            Cmd::Meter(c) => mailbell::admin::meter::meter(config, c).await,
             Cmd::Status => cli::status(config).await,
         }
     });

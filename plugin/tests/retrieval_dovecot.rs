@@ -371,32 +371,6 @@ async fn a_backend_that_closes_mid_reply_is_reported_with_a_reason() {
     p.stop().await;
 }
 
-/// A POP3 backend that greets and answers every line `+OK`.
-async fn ok_backend() -> u16 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                if !skip_proxy_header(&mut s).await {
-                    return;
-                }
-                let _ = s.write_all(b"+OK fake\r\n").await;
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                    for _ in buf[..n].iter().filter(|b| **b == b'\n') {
-                        let _ = s.write_all(b"+OK\r\n").await;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_max_connections_the_oldest_session_not_logged_in_makes_room() {
     let pop3 = ok_backend().await;

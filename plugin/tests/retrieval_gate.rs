@@ -125,6 +125,41 @@ async fn unwelcome_and_foreign_networks_are_refused_before_dovecot_hears_of_them
     assert_eq!(field(&out, "msg").len(), messages().len());
     let [logins, retrieved, ..] = p.stats_after(6).await;
     assert_eq!((logins, retrieved), (2, 3));
+    // The meter store has every session: the four the gate refused, bob's, and the unknown
+    // alice's retrievals under her login name.
+    let store = p.meter().clone();
+    let records = tokio::task::spawn_blocking(move || {
+        store.flush().unwrap();
+        store
+            .query(&mailbell::meter::MeterQuery {
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap()
+            .records
+    })
+    .await
+    .unwrap();
+    let seen: Vec<(Option<&str>, mailbell::meter::Login, u64)> = records
+        .iter()
+        .filter_map(|r| match &r.entry {
+            mailbell::meter::Entry::Session(s) => Some((s.account.as_deref(), s.login, s.messages)),
+            mailbell::meter::Entry::Messages(_) => None,
+        })
+        .collect();
+    use mailbell::meter::Login::{Ok as In, Refused};
+    let (alice, bob) = (Some("alice@example.org"), Some("bob@example.org"));
+    assert_eq!(
+        seen,
+        [
+            (alice, Refused, 0),
+            (alice, Refused, 0),
+            (bob, Refused, 0),
+            (bob, Refused, 0),
+            (bob, In, 0),
+            (alice, In, 3)
+        ]
+    );
     p.stop().await;
 }
 

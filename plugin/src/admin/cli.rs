@@ -254,7 +254,7 @@ pub struct LogArgs {
 }
 
 /// Where the commands go.
-enum Target {
+pub(crate) enum Target {
     Api {
         addr: SocketAddr,
         token: String,
@@ -270,7 +270,7 @@ const API_TIMEOUT: Duration = Duration::from_secs(60);
 /// this process open them.
 ///
 /// [`ownership::check`]: crate::admin::ownership::check
-async fn target(config: Option<&Path>) -> anyhow::Result<Target> {
+pub(crate) async fn target(config: Option<&Path>) -> anyhow::Result<Target> {
     let t = reach(config).await?;
     if let Target::Local(cfg) = &t {
         crate::admin::ownership::check(&cfg.data_dir)?;
@@ -325,7 +325,7 @@ async fn call(
 }
 
 /// [`call`] with a JSON answer.
-async fn api<T: DeserializeOwned>(
+pub(crate) async fn api<T: DeserializeOwned>(
     addr: SocketAddr,
     token: &str,
     method: &str,
@@ -336,7 +336,7 @@ async fn api<T: DeserializeOwned>(
     serde_json::from_str(&body).with_context(|| format!("unexpected answer: {body}"))
 }
 
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~@+".contains(&b) {

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub milter: Option<Arc<MilterStats>>,
     /// The retrieval proxy's totals (`None`: no retrieval listener).
     pub retrieval: Option<Arc<crate::retrieval::server::RetrievalStats>>,
+    /// The meter store's writes (`None`: no retrieval listener).
+    pub meter: Option<Arc<crate::meter::MeterStats>>,
     /// The configured agents' addresses, in `[[link.agent]]` order (`mailbell_link_up`).
     pub agents: Vec<String>,
     /// The link's certificate files by role ("cert", "ca"), for their expiry.
@@ -383,6 +385,9 @@ impl Metrics {
         if let Some(retrieval) = &self.retrieval {
             r.register_collector(Box::new(retrieval.clone()));
         }
+        if let Some(meter) = &self.meter {
+            r.register_collector(Box::new(meter.clone()));
+        }
         r.register_collector(Box::new(CertExpiryCollector {
             files: self.certificates.clone(),
             served: self.served_certificates.clone(),
@@ -647,6 +652,7 @@ mod tests {
             audit: Arc::default(),
             milter: Some(Arc::default()),
             retrieval: Some(Arc::default()),
+            meter: Some(Arc::default()),
             agents: vec!["agent-a:7443".into(), "agent-b:7443".into()],
             certificates: vec![("cert", dir.path().join("missing.pem"))],
             served_certificates: Vec::new(),
@@ -665,6 +671,9 @@ mod tests {
             "mailbell_stalwart_webhook_batches_total 0\n",
             "mailbell_milter_sessions_total 0\n",
             "mailbell_retrieval_message_bytes_total 0\n",
+            "mailbell_meter_records_total 0\n",
+            "mailbell_meter_backlog 0\n",
+            "mailbell_meter_commit_seconds_count 0\n",
             "mailbell_listener_connections_open{listener=\"milter\"} 0\n",
             "mailbell_http_requests_total{listener=\"admin\"} 0\n",
             // An unreadable certificate leaves its series out, not the family.

@@ -28,6 +28,7 @@ pub mod gate;
 pub mod imap;
 mod line;
 pub mod maildrop;
+mod metering;
 pub mod notice;
 mod pipe;
 pub mod pop3;

@@ -8,6 +8,11 @@
 //! order. Every wait has a deadline: the pre-login timeout until the backend accepted a login,
 //! the protocol's idle timeout after. On shutdown every session ends with `-ERR` / `* BYE` and
 //! a reason.
+//!
+//! Each session counts into a [`Meter`] and leaves one record in the meter store
+//! ([`super::metering`]): when it ends, or, with `sync = "per-session"`, when the backend
+//! starts its QUIT/LOGOUT reply (before the reply is forwarded). While the store cannot write,
+//! a login is refused at the command that names the account.
 
 use std::io;
 use std::net::SocketAddr;
@@ -30,11 +35,13 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::gate::{self, Gate, Verdict};
 use super::imap::{self, ImapConfig, ImapSession};
 use super::maildrop::{DropEvent, NoticeDrop};
+use super::metering::{self, Meter};
 use super::notice::{Balances, NoticeFacts};
 use super::pipe::{Outbox, Reader};
 use super::pop3::{self, Pop3Config, Pop3Session};
 use super::proxy_v2::{Header, TlsInfo};
 use crate::config::{backend_host, RetrievalConfig};
+use crate::meter::{Login, MeterStore};
 use crate::users::UserStore;
 
 /// Which protocol a listener speaks, and whether TLS starts at once.
@@ -77,6 +84,8 @@ pub struct Shared {
     /// TLS to the backend, when `backend_tls` is on.
     pub backend_tls: Option<TlsConnector>,
     pub stats: Arc<RetrievalStats>,
+    /// Where each session's record goes ([`metering`]).
+    pub meter: MeterStore,
     /// The registry the gate reads (account state and networks) and watches for changes.
     pub users: UserStore,
     /// Where the payment notice's `{balance}` comes from (billing); `None`: empty.
@@ -84,7 +93,7 @@ pub struct Shared {
 }
 
 /// Totals over every ended session of all retrieval listeners (monotonic), added when a session
-/// ends. The durable per-session meter store is a later step.
+/// ends; each session's own record goes to the meter store.
 #[derive(Debug, Default)]
 pub struct RetrievalStats {
     /// Sessions ended.
@@ -332,8 +341,9 @@ enum Act {
     Account(String),
     LoggedIn(Option<String>),
     LoginFailed(Option<String>, String),
-    /// Message bytes retrieved (POP3 RETR/TOP, IMAP FETCH literals).
-    Retrieved(u64),
+    /// Message bytes retrieved (POP3 RETR/TOP, IMAP FETCH literals): one RETR/TOP reply or
+    /// FETCH response, a message per section.
+    Retrieved(Vec<crate::meter::Message>),
     /// End the session; `true`: tell the client why (the core's own reply came first otherwise).
     Close(String, bool),
     /// Nothing for the shell to do (boundaries, greetings, IDLE, QUIT/LOGOUT marks).
@@ -377,7 +387,7 @@ fn pop3_server(e: pop3::ServerEvent) -> Act {
         E::LoginFailed { account, reply } => Act::LoginFailed(account, reply),
         E::Retrieved(r) => {
             debug!(msg = r.msg, uid = ?r.uid, bytes = r.bytes, complete = r.complete, "retrieved");
-            Act::Retrieved(r.bytes)
+            Act::Retrieved(metering::pop3_message(r))
         }
         E::Close(e) => Act::Close(e.to_string(), true),
         E::QuitReply => Act::Ending,
@@ -410,9 +420,9 @@ fn imap_server(e: imap::ServerEvent) -> Act {
         E::LoggedIn { account } => Act::LoggedIn(account),
         E::LoginFailed { account, reply } => Act::LoginFailed(account, reply),
         E::Fetched(f) => {
-            let bytes = f.sections.iter().map(|s| s.bytes).sum();
+            let bytes: u64 = f.sections.iter().map(|s| s.bytes).sum();
             debug!(mailbox = ?f.mailbox, seq = f.seq, uid = ?f.uid, bytes, complete = f.complete, "fetched");
-            Act::Retrieved(bytes)
+            Act::Retrieved(metering::imap_messages(f))
         }
         E::Close(e) => Act::Close(e.to_string(), true),
         E::LogoutReply => Act::Ending,
@@ -509,22 +519,6 @@ fn gate_bye(imap: bool, text: &str) -> Vec<u8> {
     }
 }
 
-/// What one session did, logged when it ends (the durable meter store comes later).
-#[derive(Debug, Default)]
-struct Meter {
-    account: Option<String>,
-    logged_in: bool,
-    tls: bool,
-    /// Bytes from the backend relayed to the client, and the client's bytes to the backend.
-    to_client: u64,
-    to_backend: u64,
-    /// Messages (POP3) or FETCH responses (IMAP) with message bytes, and their bytes.
-    retrieved: u64,
-    retrieved_bytes: u64,
-    /// The backend is answering QUIT/LOGOUT.
-    ending: bool,
-}
-
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -540,7 +534,7 @@ async fn connection(
     }
     let cfg = &shared.cfg;
     let imap = kind.is_imap();
-    let mut meter = Meter::default();
+    let mut meter = Meter::new(peer, kind.name(), imap);
     let mut client = ClientIo::Plain(stream);
     let mut tls_info = None;
     if kind.implicit_tls() {
@@ -595,6 +589,10 @@ async fn connection(
                 client.shutdown().await
             })
             .await;
+            meter.to_client += words.len() as u64;
+            meter
+                .store(&shared.meter, &format!("backend unavailable: {e}"))
+                .await;
             return;
         }
     };
@@ -644,7 +642,12 @@ async fn connection(
     let reason = match &end {
         End::Words(code, why) => {
             let words = bye(imap, code, why);
-            let _ = tokio::time::timeout(Duration::from_secs(5), client.write_all(&words)).await;
+            if tokio::time::timeout(Duration::from_secs(5), client.write_all(&words))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                meter.to_client += words.len() as u64;
+            }
             why.clone()
         }
         End::Gate(text) => {
@@ -675,9 +678,11 @@ async fn connection(
         retrieved = meter.retrieved,
         retrieved_bytes = meter.retrieved_bytes,
         duration_ms = started.elapsed().as_millis() as u64,
+        session = %meter.session,
         end = %reason,
         "retrieval session ended"
     );
+    meter.store(&shared.meter, &reason).await;
     shared.stats.add(&meter);
     drop(ticket);
 }
@@ -988,6 +993,8 @@ async fn act(
 ) -> Option<End> {
     // Writes the proxy makes itself around a login (not queued).
     let limit = shared.cfg.prelogin_timeout;
+    let imap_listener = matches!(core, Core::Imap(_));
+    let mut input_counted = false;
     let mut notice = None;
     for a in acts {
         match a {
@@ -1017,7 +1024,9 @@ async fn act(
                         "internal error: a backend chunk forwarded twice".into(),
                     ));
                 };
-                meter.to_client += b.len() as u64;
+                if !input_counted {
+                    meter.to_client += b.len() as u64;
+                }
                 pipes.to_client.push(b);
             }
             Act::StartTls => {
@@ -1053,8 +1062,21 @@ async fn act(
                 meter.account = Some(a.clone());
                 if let Err(verdict) = gate.named(a) {
                     // Refused before the backend hears of the account or its password.
+                    meter.login = Login::Refused;
                     let acts = refuse(core, gate, verdict, shared);
                     return Some(say(pipes, &acts, meter));
+                }
+                // No login goes on while its session could not be metered.
+                if let Err(cause) = shared.meter.health() {
+                    warn!(account = %a, error = %cause, "login refused: metering unavailable");
+                    meter.login = Login::Refused;
+                    let text = format!("metering unavailable: {cause}");
+                    if !imap_listener {
+                        return Some(End::Words("UNAVAILABLE", text));
+                    }
+                    let acts = core.refuse_login("UNAVAILABLE", &text);
+                    let _ = say(pipes, &acts, meter);
+                    return Some(End::Quiet(text));
                 }
             }
             Act::Command(verb) => {
@@ -1067,6 +1089,7 @@ async fn act(
             }
             Act::LoggedIn(account) => {
                 meter.logged_in = true;
+                meter.login = Login::Ok;
                 if account.is_some() {
                     meter.account.clone_from(account);
                 }
@@ -1098,6 +1121,7 @@ async fn act(
                     (verdict, _) => {
                         // IMAP in arrears, or unwelcome / outside the networks by now: the
                         // login is answered NO / -ERR instead of the backend's OK.
+                        meter.login = Login::Refused;
                         let acts = refuse(core, gate, verdict, shared);
                         let end = say(pipes, &acts, meter);
                         if verdict == Verdict::Arrears {
@@ -1114,6 +1138,7 @@ async fn act(
                 }
             }
             Act::LoginFailed(account, reply) => {
+                meter.login = Login::Refused;
                 info!(account = account.as_deref().unwrap_or(""), reply = %reply, "login refused by the backend");
                 let held = gate.login_failed();
                 if !held.is_empty() {
@@ -1121,13 +1146,20 @@ async fn act(
                     pipes.to_backend.push(held);
                 }
             }
-            Act::Retrieved(bytes) => {
-                meter.retrieved += 1;
-                meter.retrieved_bytes += bytes;
-            }
+            Act::Retrieved(messages) => meter.retrieved(&shared.meter, messages.clone()),
             Act::Close(why, true) => return Some(End::Words("ALERT", why.clone())),
             Act::Close(why, false) => return Some(End::Quiet(why.clone())),
-            Act::Ending => meter.ending = true,
+            Act::Ending => {
+                meter.ending = true;
+                if shared.meter.config().sync == crate::meter::Sync::PerSession {
+                    // The record is durable before the client gets the reply; the chunk that
+                    // starts it goes out next and is counted now.
+                    meter.to_client += input.as_ref().map_or(0, Vec::len) as u64;
+                    input_counted = true;
+                    let end = if imap_listener { "logout" } else { "quit" };
+                    meter.store(&shared.meter, end).await;
+                }
+            }
             Act::Note => {}
         }
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use mailbell::app::{self, Running};
 use mailbell::config::Config;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -246,6 +246,51 @@ pub struct Proxy {
     pub dir: tempfile::TempDir,
     /// The test certificate's CA (the dev PKI's).
     pub ca: PathBuf,
+    /// The configuration file, for `mailbell` commands run beside the proxy.
+    pub config: PathBuf,
+}
+
+/// A proxy's configuration in `dir`: the dev PKI's certificate, data in `dir/data`, the
+/// retrieval listeners on `listen` (`127.0.0.1:0`: ephemeral; `""`: off), the admin API on a
+/// free loopback port when `admin_token` is given, `extra` appended (inside `[retrieval]`, or
+/// after a section header of its own). Written to `dir/mailbell.toml`; returns the text and
+/// the CA file.
+pub fn proxy_config(
+    dir: &Path,
+    backends: (u16, u16),
+    listen: [&str; 4],
+    admin_token: Option<&str>,
+    extra: &str,
+) -> (String, PathBuf) {
+    let admin = match admin_token {
+        Some(t) => format!(
+            "admin = \"127.0.0.1:{}\"\n[admin]\ntoken = \"{t}\"\n",
+            free_port()
+        ),
+        None => "admin = \"\"\n".to_owned(),
+    };
+    let pki = mailbell_link::pki::ensure_dev_pki(
+        &dir.join("pki"),
+        &["localhost".to_owned(), "127.0.0.1".to_owned()],
+        "mailhost",
+        false,
+    )
+    .unwrap();
+    let [pop3, pop3s, imap, imaps] = listen;
+    let (backend_pop3, backend_imap) = backends;
+    let toml = format!(
+        "[mailbell]\ndata_dir = {data:?}\n[link]\ndev_pki_dir = {pki:?}\n\
+         [listen]\nhttp = \"\"\nmilter = \"\"\n{admin}\
+         [retrieval]\npop3 = \"{pop3}\"\npop3s = \"{pop3s}\"\nimap = \"{imap}\"\nimaps = \"{imaps}\"\n\
+         backend_pop3 = \"127.0.0.1:{backend_pop3}\"\nbackend_imap = \"127.0.0.1:{backend_imap}\"\n\
+         cert = {cert:?}\nkey = {key:?}\n{extra}\n",
+        data = dir.join("data"),
+        pki = dir.join("pki"),
+        cert = pki.agent_cert,
+        key = pki.agent_key,
+    );
+    std::fs::write(dir.join("mailbell.toml"), &toml).unwrap();
+    (toml, pki.ca_cert)
 }
 
 impl Proxy {
@@ -253,36 +298,20 @@ impl Proxy {
         Proxy::start_with(backend_pop3, backend_imap, None, extra).await
     }
 
-    /// [`Proxy::start`], with the admin API on loopback port 0 when `admin_token` is given.
+    /// [`Proxy::start`], with the admin API on a free loopback port when `admin_token` is given.
     pub async fn start_with(
         backend_pop3: u16,
         backend_imap: u16,
         admin_token: Option<&str>,
         extra: &str,
     ) -> Proxy {
-        let admin = match admin_token {
-            Some(t) => format!("admin = \"127.0.0.1:0\"\n[admin]\ntoken = \"{t}\"\n"),
-            None => "admin = \"\"\n".to_owned(),
-        };
         let dir = tempfile::tempdir().unwrap();
-        let pki = mailbell_link::pki::ensure_dev_pki(
-            &dir.path().join("pki"),
-            &["localhost".to_owned(), "127.0.0.1".to_owned()],
-            "mailhost",
-            false,
-        )
-        .unwrap();
-        let toml = format!(
-            "[mailbell]\ndata_dir = {data:?}\n[link]\ndev_pki_dir = {pki:?}\n\
-             [listen]\nhttp = \"\"\nmilter = \"\"\n{admin}\
-             [retrieval]\npop3 = \"127.0.0.1:0\"\npop3s = \"127.0.0.1:0\"\n\
-             imap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\n\
-             backend_pop3 = \"127.0.0.1:{backend_pop3}\"\nbackend_imap = \"127.0.0.1:{backend_imap}\"\n\
-             cert = {cert:?}\nkey = {key:?}\n{extra}\n",
-            data = dir.path().join("data"),
-            pki = dir.path().join("pki"),
-            cert = pki.agent_cert,
-            key = pki.agent_key,
+        let (toml, ca) = proxy_config(
+            dir.path(),
+            (backend_pop3, backend_imap),
+            ["127.0.0.1:0"; 4],
+            admin_token,
+            extra,
         );
         let cfg = Config::from_toml(&toml, "test").unwrap();
         let stop = CancellationToken::new();
@@ -290,9 +319,23 @@ impl Proxy {
         Proxy {
             running: Some(running),
             stop,
-            ca: pki.ca_cert.clone(),
+            ca,
+            config: dir.path().join("mailbell.toml"),
             dir,
         }
+    }
+
+    /// The meter store the proxy writes.
+    pub fn meter(&self) -> &mailbell::meter::MeterStore {
+        &self.running().stores.meter
+    }
+
+    pub fn meter_dir(&self) -> PathBuf {
+        self.dir.path().join("data").join("meter")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.running().admin_addr.unwrap()
     }
 
     pub fn addr(&self, name: &str) -> SocketAddr {
@@ -331,10 +374,12 @@ impl Proxy {
         ]
     }
 
-    pub async fn stop(mut self) {
+    /// Stops the proxy; returns its directory (config, data), deleted when dropped.
+    pub async fn stop(mut self) -> tempfile::TempDir {
         if let Some(r) = self.running.take() {
             r.stop().await;
         }
+        self.dir
     }
 }
 
@@ -690,4 +735,30 @@ pub async fn skip_proxy_header(s: &mut TcpStream) -> bool {
     }
     let mut rest = vec![0u8; usize::from(u16::from_be_bytes([header[14], header[15]]))];
     s.read_exact(&mut rest).await.is_ok()
+}
+
+/// A POP3 backend that greets and answers every line `+OK`.
+pub async fn ok_backend() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                if !skip_proxy_header(&mut s).await {
+                    return;
+                }
+                let _ = s.write_all(b"+OK fake\r\n").await;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    for _ in buf[..n].iter().filter(|b| **b == b'\n') {
+                        let _ = s.write_all(b"+OK\r\n").await;
+                    }
+                }
+            });
+        }
+    });
+    port
 }

@@ -1,0 +1,346 @@
+//! The meter store's files: record framing, names, recovery at open, queries and pruning.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::ops::ControlFlow;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use tracing::warn;
+
+use super::{
+    io_err, lock, MeterError, MeterPage, MeterQuery, MeterRecord, MAX_QUERY_LIMIT, MAX_RECORD,
+};
+
+/// Record header: body length and CRC-32 of the body, both little-endian u32.
+pub(super) const HEADER: usize = 8;
+
+/// Where writes go: the files, plus an injected failure for tests and drills
+/// ([`super::MeterStore::inject_failure`]).
+#[derive(Debug, Default)]
+pub(super) struct Disk {
+    pub(super) injected: Mutex<Option<io::ErrorKind>>,
+}
+
+impl Disk {
+    fn injected(&self) -> io::Result<()> {
+        match *lock(&self.injected) {
+            Some(kind) => Err(io::Error::new(kind, "injected failure")),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn write_at(&self, f: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.injected()?;
+        f.write_all_at(buf, offset)
+    }
+
+    pub(super) fn sync(&self, f: &File) -> io::Result<()> {
+        self.injected()?;
+        f.sync_data()
+    }
+
+    /// Opens (creating, and then syncing the directory) the file of `day`; returns its length.
+    pub(super) fn open_day(
+        &self,
+        dir: &Path,
+        day: NaiveDate,
+    ) -> Result<(PathBuf, File, u64), MeterError> {
+        self.injected().map_err(io_err(dir, "create a file"))?;
+        let path = dir.join(file_name(day));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path, "open"))?;
+        let len = f.metadata().map_err(io_err(&path, "stat"))?.len();
+        if len == 0 {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(dir, "sync directory"))?;
+        }
+        Ok((path, f, len))
+    }
+}
+
+pub(super) fn file_name(day: NaiveDate) -> String {
+    format!("meter-{}.log", day.format("%Y-%m-%d"))
+}
+
+fn parse_name(name: &str) -> Option<NaiveDate> {
+    let d = name.strip_prefix("meter-")?.strip_suffix(".log")?;
+    NaiveDate::parse_from_str(d, "%Y-%m-%d").ok()
+}
+
+pub(super) fn day_of(ms: i64) -> NaiveDate {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .date_naive()
+}
+
+fn day_start_ms(day: NaiveDate) -> i64 {
+    day.and_hms_opt(0, 0, 0)
+        .map_or(0, |t| t.and_utc().timestamp_millis())
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The store's files, oldest first.
+pub(super) fn list(dir: &Path) -> Result<Vec<(NaiveDate, PathBuf)>, MeterError> {
+    let mut files = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(files),
+        Err(e) => return Err(io_err(dir, "list")(e)),
+    };
+    for e in entries {
+        let e = e.map_err(io_err(dir, "list"))?;
+        if let Some(day) = e.file_name().to_str().and_then(parse_name) {
+            files.push((day, e.path()));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Appends one framed record to `out`.
+pub(super) fn encode(rec: &MeterRecord, out: &mut Vec<u8>) -> Result<(), MeterError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    if let Err(e) = serde_json::to_writer(&mut *out, rec) {
+        out.truncate(start);
+        return Err(MeterError::Unwritable(format!(
+            "record does not encode: {e}"
+        )));
+    }
+    let len = out.len() - start - HEADER;
+    if len > MAX_RECORD {
+        out.truncate(start);
+        return Err(MeterError::TooLarge(len));
+    }
+    let crc = crc32fast::hash(&out[start + HEADER..]);
+    out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    out[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// Checks one record's header and body; the error says why the file ends here.
+fn check(header: [u8; HEADER], body: &[u8]) -> Result<MeterRecord, &'static str> {
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if crc32fast::hash(body) != crc {
+        return Err("CRC mismatch");
+    }
+    serde_json::from_slice(body).map_err(|_| "body is not a meter record")
+}
+
+/// How a scan ended: the length of the valid records, and why it stopped early if it did.
+pub(super) struct Scanned {
+    pub valid_len: u64,
+    pub stopped: Option<&'static str>,
+}
+
+/// Reads the records of `r` (at most `cap` bytes of it) in order, calling `f` on each until it
+/// breaks or the records end.
+pub(super) fn scan(
+    r: impl Read,
+    cap: u64,
+    mut f: impl FnMut(MeterRecord) -> ControlFlow<()>,
+) -> io::Result<Scanned> {
+    let mut r = BufReader::with_capacity(256 * 1024, r.take(cap));
+    let mut at = 0u64;
+    let mut body = Vec::new();
+    loop {
+        let mut header = [0u8; HEADER];
+        match read_full(&mut r, &mut header)? {
+            0 => {
+                return Ok(Scanned {
+                    valid_len: at,
+                    stopped: None,
+                })
+            }
+            HEADER => {}
+            _ => {
+                return Ok(Scanned {
+                    valid_len: at,
+                    stopped: Some("torn header"),
+                })
+            }
+        }
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        if len > MAX_RECORD {
+            return Ok(Scanned {
+                valid_len: at,
+                stopped: Some("length over the cap"),
+            });
+        }
+        body.resize(len, 0);
+        if read_full(&mut r, &mut body)? < len {
+            return Ok(Scanned {
+                valid_len: at,
+                stopped: Some("torn body"),
+            });
+        }
+        match check(header, &body) {
+            Err(why) => {
+                return Ok(Scanned {
+                    valid_len: at,
+                    stopped: Some(why),
+                })
+            }
+            Ok(rec) => {
+                at += (HEADER + len) as u64;
+                if f(rec).is_break() {
+                    return Ok(Scanned {
+                        valid_len: at,
+                        stopped: None,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// What open learned: the newest file and its valid length, and the next id.
+pub(super) struct Recovered {
+    pub tail: (PathBuf, u64),
+    pub next_id: u64,
+}
+
+/// Cuts a torn tail off the newest file (syncing the cut) and finds the largest id, in the
+/// newest file holding a record.
+pub(super) fn recover(dir: &Path) -> Result<Recovered, MeterError> {
+    let files = list(dir)?;
+    let mut tail = (PathBuf::new(), 0);
+    let mut last_id = 0;
+    for (k, (_, path)) in files.iter().enumerate().rev() {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err(path, "open"))?;
+        let len = f.metadata().map_err(io_err(path, "stat"))?.len();
+        let scanned = scan(&f, len, |r| {
+            last_id = last_id.max(r.id);
+            ControlFlow::Continue(())
+        })
+        .map_err(io_err(path, "read"))?;
+        if k + 1 == files.len() {
+            if scanned.valid_len < len {
+                warn!(
+                    file = %path.display(),
+                    at = scanned.valid_len,
+                    cut = len - scanned.valid_len,
+                    why = scanned.stopped.unwrap_or(""),
+                    "meter store: cutting a torn tail (an append a crash interrupted)"
+                );
+                f.set_len(scanned.valid_len)
+                    .and_then(|()| f.sync_all())
+                    .map_err(io_err(path, "cut the torn tail"))?;
+            }
+            tail = (path.clone(), scanned.valid_len);
+        } else if scanned.stopped.is_some() {
+            warn!(file = %path.display(), at = scanned.valid_len, "meter store: an older file ends in a bad record");
+        }
+        if last_id > 0 {
+            break;
+        }
+    }
+    Ok(Recovered {
+        tail,
+        next_id: last_id + 1,
+    })
+}
+
+/// Runs a query over the files whose day can hold matching records. `durable` caps what is
+/// read of the file being written.
+pub(super) fn query(
+    dir: &Path,
+    q: &MeterQuery,
+    durable: &(PathBuf, u64),
+) -> Result<MeterPage, MeterError> {
+    let limit = q.limit.clamp(1, MAX_QUERY_LIMIT);
+    let user = q.user.as_deref().map(str::to_lowercase);
+    let mut page = MeterPage::default();
+    for (day, path) in list(dir)? {
+        let start = day_start_ms(day);
+        if q.since_ms.is_some_and(|s| start + DAY_MS <= s) || q.until_ms.is_some_and(|u| start >= u)
+        {
+            continue;
+        }
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            // Pruned meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(&path, "open")(e)),
+        };
+        let cap = if !durable.0.as_os_str().is_empty() && path == durable.0 {
+            durable.1
+        } else {
+            u64::MAX
+        };
+        let mut full = false;
+        let scanned = scan(&f, cap, |r| {
+            let wanted = q.after.is_none_or(|a| r.id > a)
+                && q.since_ms.is_none_or(|s| r.at_ms >= s)
+                && q.until_ms.is_none_or(|u| r.at_ms < u)
+                && user
+                    .as_deref()
+                    .is_none_or(|u| r.entry.account().is_some_and(|a| a.to_lowercase() == u));
+            if !wanted {
+                return ControlFlow::Continue(());
+            }
+            if page.records.len() == limit {
+                full = true;
+                return ControlFlow::Break(());
+            }
+            page.records.push(r);
+            ControlFlow::Continue(())
+        })
+        .map_err(io_err(&path, "read"))?;
+        if let (Some(why), false) = (scanned.stopped, full) {
+            if cap == u64::MAX {
+                warn!(file = %path.display(), at = scanned.valid_len, why, "meter store: a file ends in a bad record");
+            }
+        }
+        if full {
+            page.next_after = page.records.last().map(|r| r.id);
+            break;
+        }
+    }
+    Ok(page)
+}
+
+/// Deletes the files whose day ended more than `retention_days` ago, never the newest.
+pub(super) fn prune(dir: &Path, retention_days: u32, now_ms: i64) -> Result<u64, MeterError> {
+    if retention_days == 0 {
+        return Ok(0);
+    }
+    let files = list(dir)?;
+    let keep_after = now_ms - i64::from(retention_days) * DAY_MS;
+    let mut n = 0;
+    for (day, path) in files.iter().take(files.len().saturating_sub(1)) {
+        if day_start_ms(*day) + DAY_MS <= keep_after {
+            std::fs::remove_file(path).map_err(io_err(path, "delete"))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,252 @@
+//! The `meter-writer` thread: group commits (module docs of [`crate::meter`]).
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDate;
+use tracing::{error, info};
+
+use super::file::{day_of, encode};
+use super::{lock, MeterRecord, Request, Shared};
+
+type Waiter = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// How often the writer prunes while the store is idle.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+pub(super) struct Writer {
+    shared: Arc<Shared>,
+    /// The file being written: its day, path, handle and durable length.
+    file: Option<(NaiveDate, PathBuf, File, u64)>,
+    /// Encoded records not yet durable, for `day`; written at the file's durable length, and
+    /// rewritten there whole after a failure (the same bytes: ids are given once).
+    buf: Vec<u8>,
+    buf_records: u64,
+    day: Option<NaiveDate>,
+    waiters: Vec<Waiter>,
+    next_id: u64,
+    /// When `buf` (or a waiter) started waiting for a commit.
+    dirty_since: Option<Instant>,
+    last_prune: Instant,
+}
+
+impl Writer {
+    pub(super) fn new(shared: Arc<Shared>, next_id: u64) -> Self {
+        Self {
+            shared,
+            file: None,
+            buf: Vec::new(),
+            buf_records: 0,
+            day: None,
+            waiters: Vec::new(),
+            next_id,
+            dirty_since: None,
+            last_prune: Instant::now(),
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        let interval = self.shared.cfg.flush_interval;
+        loop {
+            let (requests, closing) = {
+                let mut q = lock(&self.shared.queue);
+                loop {
+                    if !q.requests.is_empty() || q.closing {
+                        break;
+                    }
+                    let wait = match self.dirty_since {
+                        Some(t) => match interval.checked_sub(t.elapsed()) {
+                            Some(d) if !d.is_zero() => d,
+                            _ => break,
+                        },
+                        None => PRUNE_EVERY,
+                    };
+                    let (guard, timeout) = self
+                        .shared
+                        .wake
+                        .wait_timeout(q, wait)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    q = guard;
+                    if timeout.timed_out() {
+                        break;
+                    }
+                }
+                (q.requests.drain(..).collect::<Vec<_>>(), q.closing)
+            };
+            let mut now = requests.iter().any(|r| r.done.is_some());
+            for r in requests {
+                self.take(r);
+            }
+            if self.dirty_since.is_some_and(|t| t.elapsed() >= interval) {
+                now = true;
+            }
+            if (now || closing) && self.dirty_since.is_some() {
+                self.commit();
+            }
+            if closing {
+                if !self.buf.is_empty() {
+                    // One more try, then say what is lost.
+                    self.commit();
+                }
+                if !self.buf.is_empty() {
+                    error!(
+                        records = self.buf_records,
+                        "meter store closing with records the disk refused; each is logged next"
+                    );
+                    // Logged whole, so that an operator can replay them.
+                    let _ = super::file::scan(&self.buf[..], u64::MAX, |r| {
+                        error!(
+                            record = %serde_json::to_string(&r).unwrap_or_default(),
+                            "meter record lost at shutdown"
+                        );
+                        std::ops::ControlFlow::Continue(())
+                    });
+                }
+                return;
+            }
+            if self.dirty_since.is_none() && self.last_prune.elapsed() >= PRUNE_EVERY {
+                self.prune();
+            }
+        }
+    }
+
+    /// Encodes a request's entries into the group, giving them ids.
+    fn take(&mut self, r: Request) {
+        let at_ms = (self.shared.clock)();
+        if self.buf.is_empty() {
+            self.day = Some(day_of(at_ms));
+        }
+        for entry in r.entries {
+            let rec = MeterRecord {
+                id: self.next_id,
+                at_ms,
+                entry,
+            };
+            match encode(&rec, &mut self.buf) {
+                Ok(()) => {
+                    self.next_id += 1;
+                    self.buf_records += 1;
+                }
+                Err(e) => {
+                    let st = &self.shared.stats;
+                    st.refused.fetch_add(1, Ordering::Relaxed);
+                    st.backlog.fetch_sub(1, Ordering::Relaxed);
+                    error!(error = %e, record = ?rec.entry, "meter record refused");
+                }
+            }
+        }
+        if let Some(w) = r.done {
+            self.waiters.push(w);
+        }
+        if self.dirty_since.is_none() && (!self.buf.is_empty() || !self.waiters.is_empty()) {
+            self.dirty_since = Some(Instant::now());
+        }
+    }
+
+    /// Writes and syncs the group; on failure keeps it for the next try.
+    fn commit(&mut self) {
+        let started = Instant::now();
+        match self.write_group() {
+            Ok(()) => {
+                let st = &self.shared.stats;
+                st.commit_seconds.observe(started.elapsed().as_secs_f64());
+                st.commits.fetch_add(1, Ordering::Relaxed);
+                st.records.fetch_add(self.buf_records, Ordering::Relaxed);
+                st.bytes.fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+                st.backlog.fetch_sub(self.buf_records, Ordering::Relaxed);
+                self.buf.clear();
+                self.buf_records = 0;
+                self.dirty_since = None;
+                if lock(&self.shared.failure).take().is_some() {
+                    info!("meter store writes again");
+                }
+                for w in self.waiters.drain(..) {
+                    let _ = w.send(Ok(()));
+                }
+            }
+            Err(cause) => {
+                self.shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+                let mut failure = lock(&self.shared.failure);
+                if failure.as_deref() != Some(cause.as_str()) {
+                    error!(error = %cause, records = self.buf_records, "meter store cannot write; keeping the records in memory and retrying");
+                }
+                *failure = Some(cause.clone());
+                drop(failure);
+                for w in self.waiters.drain(..) {
+                    let _ = w.send(Err(cause.clone()));
+                }
+                // Retry after another interval.
+                self.dirty_since = Some(Instant::now());
+            }
+        }
+    }
+
+    fn write_group(&mut self) -> Result<(), String> {
+        let Some(day) = self.day else {
+            return Ok(());
+        };
+        if self.file.as_ref().is_none_or(|f| f.0 != day) {
+            let (path, f, len) = self
+                .shared
+                .disk
+                .open_day(&self.shared.dir, day)
+                .map_err(|e| chain(&e))?;
+            let rolled = self.file.is_some();
+            self.file = Some((day, path, f, len));
+            if rolled {
+                self.prune();
+            }
+        }
+        let Some((_, path, f, durable)) = self.file.as_mut() else {
+            return Ok(());
+        };
+        // A group of waiters only (a flush) still syncs: it checks that the disk takes writes.
+        let disk = &self.shared.disk;
+        let written = if self.buf.is_empty() {
+            Ok(())
+        } else {
+            disk.write_at(f, &self.buf, *durable)
+        };
+        written
+            .and_then(|()| disk.sync(f))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        *durable += self.buf.len() as u64;
+        *lock(&self.shared.durable) = (path.clone(), *durable);
+        Ok(())
+    }
+
+    fn prune(&mut self) {
+        self.last_prune = Instant::now();
+        match super::file::prune(
+            &self.shared.dir,
+            self.shared.cfg.retention_days,
+            (self.shared.clock)(),
+        ) {
+            Ok(n) => {
+                self.shared
+                    .stats
+                    .pruned_files
+                    .fetch_add(n, Ordering::Relaxed);
+                if n > 0 {
+                    info!(files = n, "meter store: pruned old files");
+                }
+            }
+            Err(e) => error!(error = %e, "meter store prune failed"),
+        }
+    }
+}
+
+/// An error and its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
