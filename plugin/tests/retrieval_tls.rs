@@ -6,6 +6,8 @@
 //! dovecot, python3 or openssl the tests print `SKIPPED ...`; under `CI=true` they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../tests/shared/prometheus.rs"]
+mod prometheus;
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -296,6 +298,18 @@ async fn sighup_swaps_certificates_by_sni_while_open_sessions_go_on() {
     for label in ["retrieval", "retrieval.1"] {
         let series = format!("mailbell_tls_cert_expiry_timestamp_seconds{{file=\"{label}\"}} ");
         assert!(metrics.contains(&series), "{metrics}");
+    }
+    // A daemon with the proxy on exposes what the retrieval alert rules use, and promtool
+    // accepts its /metrics.
+    for name in prometheus::rule_metrics("mailbell-retrieval") {
+        assert!(
+            metrics.contains(&format!("\n{name}")),
+            "alert rules use {name}, which /metrics does not have:\n{metrics}"
+        );
+    }
+    let body = metrics.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    if !prometheus::promtool_check_metrics(body) {
+        skip("promtool not installed; /metrics not checked by it");
     }
     assert!(m.alive(), "SIGHUP must not end the daemon: {}", m.log());
 }
