@@ -105,6 +105,10 @@ pub struct Dovecot {
     /// The implicit-TLS listeners (`haproxy = yes`), 0 without [`Dovecot::start_tls`].
     pub pop3s: u16,
     pub imaps: u16,
+    /// Plaintext listeners WITHOUT `haproxy = yes`: Dovecot greets at once and takes a PROXY
+    /// header for commands.
+    pub pop3_no_haproxy: u16,
+    pub imap_no_haproxy: u16,
 }
 
 impl Drop for Dovecot {
@@ -153,6 +157,7 @@ impl Dovecot {
         )
         .unwrap();
         let (pop3, imap) = (free_port(), free_port());
+        let (pop3_no_haproxy, imap_no_haproxy) = (free_port(), free_port());
         let (ssl, pop3s, imaps) = match tls {
             Some((cert, key)) => (
                 format!(
@@ -196,47 +201,96 @@ impl Dovecot {
              passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {d}/passwd\n}}\n\
              userdb {{\n  driver = static\n  args = uid={user} gid={group} home={d}/home/%u\n}}\n\
              service imap-login {{\n  inet_listener imap {{\n    port = {imap}\n    haproxy = yes\n  }}\n\
+               inet_listener imap_no_haproxy {{\n    port = {imap_no_haproxy}\n  }}\n\
                inet_listener imaps {{\n    port = {imaps}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n\
              service pop3-login {{\n  inet_listener pop3 {{\n    port = {pop3}\n    haproxy = yes\n  }}\n\
+               inet_listener pop3_no_haproxy {{\n    port = {pop3_no_haproxy}\n  }}\n\
                inet_listener pop3s {{\n    port = {pop3s}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n",
             d = d.display()
         );
         std::fs::write(d.join("dovecot.conf"), conf).unwrap();
-        let child = Command::new(DOVECOT)
-            .arg("-F")
-            .arg("-c")
-            .arg(d.join("dovecot.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let dovecot = Dovecot {
-            child,
+        let mut dovecot = Dovecot {
+            child: spawn_dovecot(d),
             dir,
             pop3,
             imap,
             pop3s,
             imaps,
+            pop3_no_haproxy,
+            imap_no_haproxy,
         };
+        dovecot.wait_listening();
+        dovecot
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        [
+            self.pop3,
+            self.imap,
+            self.pop3s,
+            self.imaps,
+            self.pop3_no_haproxy,
+            self.imap_no_haproxy,
+        ]
+        .into_iter()
+        .filter(|p| *p != 0)
+        .collect()
+    }
+
+    fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while [pop3, imap, pop3s, imaps]
+        while self
+            .ports()
             .iter()
-            .filter(|p| **p != 0)
             .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
         {
             assert!(
                 Instant::now() < deadline,
                 "dovecot did not listen: {}",
-                dovecot.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        dovecot
+    }
+
+    /// Kills the master process (SIGKILL; its login and mail processes notice and exit) and
+    /// waits until no listener accepts any more.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self
+            .ports()
+            .iter()
+            .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+        {
+            assert!(Instant::now() < deadline, "dovecot's listeners outlived it");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts Dovecot again after [`Dovecot::kill`]: the same configuration, ports and
+    /// Maildirs.
+    pub fn restart(&mut self) {
+        self.child = spawn_dovecot(self.dir.path());
+        self.wait_listening();
     }
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
     }
+}
+
+/// Runs Dovecot in the foreground with the configuration in `dir`.
+fn spawn_dovecot(dir: &Path) -> Child {
+    Command::new(DOVECOT)
+        .arg("-F")
+        .arg("-c")
+        .arg(dir.join("dovecot.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 /// The proxy in front of `dovecot`, all four listeners on ephemeral ports.
@@ -675,14 +729,35 @@ pub async fn served_subject(port: u16, name: &'static str, ca: PathBuf) -> Strin
 /// and that Dovecot logged the client's own address and port (PROXY v2); returns its log line.
 pub async fn retrieve_alices_mail(p: &Proxy, d: &Dovecot, listener: &str, mode: &str) -> String {
     let port = p.port(listener);
+    let client_port = retrieve_alices_mail_unlogged(p, listener, mode)
+        .await
+        .unwrap_or_else(|out| panic!("{listener}: {out}\ndovecot log:\n{}", d.log()));
+    let line = format!("rip={CLIENT_IP}, rport={client_port}, lip=127.0.0.1, lport={port}");
+    let log = wait_log(d, &line).await;
+    log.lines()
+        .find(|l| l.contains(&line))
+        .unwrap_or_else(|| panic!("{line} not in dovecot's log:\n{log}"))
+        .to_owned()
+}
+
+/// [`retrieve_alices_mail`] without looking at the backend's log (a backend that does not
+/// read PROXY headers logs the proxy's address): the client's port, or the script's output
+/// when it did not end well.
+pub async fn retrieve_alices_mail_unlogged(
+    p: &Proxy,
+    listener: &str,
+    mode: &str,
+) -> Result<u16, String> {
     let imap = listener.starts_with("imap");
     let script = if imap { IMAP_SCRIPT } else { POP3_SCRIPT };
-    let out = python(script, args(port, mode, "alice", "secret", &p.ca)).await;
-    assert!(
-        out.ends_with("ok\n"),
-        "{listener}: {out}\ndovecot log:\n{}",
-        d.log()
-    );
+    let out = python(
+        script,
+        args(p.port(listener), mode, "alice", "secret", &p.ca),
+    )
+    .await;
+    if !out.ends_with("ok\n") {
+        return Err(out);
+    }
     let want: Vec<String> = messages()
         .iter()
         .map(|m| {
@@ -694,15 +769,7 @@ pub async fn retrieve_alices_mail(p: &Proxy, d: &Dovecot, listener: &str, mode: 
         })
         .collect();
     assert_eq!(field(&out, "msg"), want, "{listener}");
-    let line = format!(
-        "rip={CLIENT_IP}, rport={}, lip=127.0.0.1, lport={port}",
-        field(&out, "port")[0]
-    );
-    let log = wait_log(d, &line).await;
-    log.lines()
-        .find(|l| l.contains(&line))
-        .unwrap_or_else(|| panic!("{line} not in dovecot's log:\n{log}"))
-        .to_owned()
+    Ok(field(&out, "port")[0].parse().unwrap())
 }
 
 /// A TLS connection to one of the proxy's implicit TLS listeners, trusting the test CA.
