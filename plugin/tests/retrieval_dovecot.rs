@@ -333,6 +333,7 @@ async fn fake_backend(greeting: &'static [u8], partial: &'static [u8]) -> u16 {
                 // The PROXY header (read and ignored), then the greeting.
                 let _ = s.read(&mut buf).await;
                 let _ = s.write_all(greeting).await;
+                answer_probe(&mut s).await;
                 let _ = s.read(&mut buf).await;
                 let _ = s.write_all(partial).await;
             });
@@ -427,6 +428,7 @@ async fn endless_backend(sent: std::sync::Arc<std::sync::atomic::AtomicU64>) -> 
         let mut rest = vec![0u8; usize::from(u16::from_be_bytes([header[14], header[15]]))];
         s.read_exact(&mut rest).await.unwrap();
         s.write_all(b"+OK fake\r\n").await.unwrap();
+        assert!(answer_probe(&mut s).await);
         let mut got = Vec::new();
         while !got.ends_with(b"RETR 1\r\n") {
             let mut buf = [0u8; 256];

@@ -440,6 +440,13 @@ impl Proxy {
 /// Runs `python3 -c script args...` off the runtime; returns stdout, panics with stderr on
 /// failure.
 pub async fn python(script: &'static str, args: Vec<String>) -> String {
+    python_outcome(script, args)
+        .await
+        .unwrap_or_else(|e| panic!("python failed: {e}"))
+}
+
+/// [`python`], returning stderr (and stdout) when the script failed.
+pub async fn python_outcome(script: &'static str, args: Vec<String>) -> Result<String, String> {
     tokio::task::spawn_blocking(move || {
         let out = Command::new("python3")
             .arg("-c")
@@ -448,12 +455,14 @@ pub async fn python(script: &'static str, args: Vec<String>) -> String {
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "python failed: {}\nstdout: {stdout}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!(
+                "{}\nstdout: {stdout}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
     })
     .await
     .unwrap()
@@ -804,25 +813,50 @@ pub async fn skip_proxy_header(s: &mut TcpStream) -> bool {
     s.read_exact(&mut rest).await.is_ok()
 }
 
-/// A POP3 backend that greets and answers every line `+OK`.
+/// Answers the proxy's check that a backend took the PROXY header (sent after the greeting,
+/// before any client command: POP3 `CAPA`, IMAP `mailbell-probe NOOP`) with an empty CAPA list
+/// or a tagged OK; false if the connection ended first.
+pub async fn answer_probe(s: &mut TcpStream) -> bool {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        match s.read(&mut b).await {
+            Ok(1) => line.push(b[0]),
+            _ => return false,
+        }
+    }
+    let answer: &[u8] = if line.starts_with(b"CAPA") {
+        b"+OK\r\n.\r\n"
+    } else {
+        b"mailbell-probe OK\r\n"
+    };
+    s.write_all(answer).await.is_ok()
+}
+
+/// A POP3 backend that greets and answers every line `+OK` (CAPA with an empty list).
 pub async fn ok_backend() -> u16 {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
                 if !skip_proxy_header(&mut s).await {
                     return;
                 }
                 let _ = s.write_all(b"+OK fake\r\n").await;
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                    for _ in buf[..n].iter().filter(|b| **b == b'\n') {
-                        let _ = s.write_all(b"+OK\r\n").await;
-                    }
+                let mut lines = tokio::io::BufReader::new(s);
+                let mut line = String::new();
+                while tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line)
+                    .await
+                    .is_ok_and(|n| n > 0)
+                {
+                    let answer: &[u8] = if line.starts_with("CAPA") {
+                        b"+OK\r\n.\r\n"
+                    } else {
+                        b"+OK\r\n"
+                    };
+                    let _ = lines.get_mut().write_all(answer).await;
+                    line.clear();
                 }
             });
         }
