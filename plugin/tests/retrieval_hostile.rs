@@ -339,3 +339,109 @@ async fn a_backend_that_is_down_is_reported_at_once_beside_a_working_one() {
     .await;
     p.stop().await;
 }
+
+/// What a client sees of a backend listener that reads the PROXY header as commands
+/// (Dovecot without `haproxy = yes`): one line naming the cause, then the close.
+const NOT_ACCEPTED: &str = "backend did not accept the PROXY header \
+                            (check haproxy_trusted_networks / proxy.trusted-networks)\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_does_not_read_proxy_headers_is_named_as_the_cause() {
+    if !peers_present() {
+        return;
+    }
+    let d = Dovecot::start();
+    // POP3 to a listener without `haproxy = yes`, IMAP as it should be; then the other way.
+    let p = Proxy::start(d.pop3_no_haproxy, d.imap, "").await;
+    alongside(&p, "imaps", async {
+        // poplib takes the line for the greeting and fails there.
+        let err = python_outcome(
+            POP3_SCRIPT,
+            args(p.port("pop3s"), "ssl", "alice", "secret", &p.ca),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.contains("error_proto: b'-ERR [SYS/TEMP] backend did not accept the PROXY header"),
+            "{err}"
+        );
+        // Commands sent at once get no answer meant for the header.
+        let mut s = tls_connect(p.addr("pop3s"), &p.ca).await;
+        let port = s.get_ref().0.local_addr().unwrap().port();
+        let rec = answered_and_closed(
+            &p,
+            &mut s,
+            port,
+            b"CAPA\r\nUSER alice\r\n",
+            &format!("-ERR [SYS/TEMP] {NOT_ACCEPTED}"),
+        )
+        .await;
+        assert!(rec.end.starts_with("backend did not accept"), "{rec:?}");
+        assert_eq!(rec.bytes_to_backend, 0, "{rec:?}");
+    })
+    .await;
+    p.stop().await;
+    let p = Proxy::start(d.pop3, d.imap_no_haproxy, "").await;
+    alongside(&p, "pop3s", async {
+        let mut s = tls_connect(p.addr("imaps"), &p.ca).await;
+        let port = s.get_ref().0.local_addr().unwrap().port();
+        let err = python_outcome(
+            IMAP_SCRIPT,
+            args(p.port("imaps"), "ssl", "alice", "secret", &p.ca),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.contains("error: b'* BYE [UNAVAILABLE] backend did not accept the PROXY header"),
+            "{err}"
+        );
+        let rec = answered_and_closed(
+            &p,
+            &mut s,
+            port,
+            b"a1 CAPABILITY\r\na2 LOGIN alice secret\r\n",
+            &format!("* BYE [UNAVAILABLE] {NOT_ACCEPTED}"),
+        )
+        .await;
+        assert!(rec.end.starts_with("backend did not accept"), "{rec:?}");
+    })
+    .await;
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_proxy_protocol_a_backend_waiting_for_the_header_is_named_as_the_cause() {
+    if !peers_present() {
+        return;
+    }
+    let d = Dovecot::start();
+    // IMAP to a listener without `haproxy = yes` (the well-behaved session), POP3 to one that
+    // waits for a header that never comes.
+    let p = Proxy::start(
+        d.pop3,
+        d.imap_no_haproxy,
+        "proxy_protocol = false\nconnect_timeout = \"1s\"",
+    )
+    .await;
+    alongside(&p, "imaps", async {
+        let started = Instant::now();
+        let mut s = tls_connect(p.addr("pop3s"), &p.ca).await;
+        let port = s.get_ref().0.local_addr().unwrap().port();
+        let got = until_closed(&mut s, Duration::from_secs(8), "pop3s").await;
+        let took = started.elapsed();
+        eprintln!("pop3s to a haproxy listener without a header: {got:?} after {took:?}");
+        assert_eq!(
+            got,
+            "-ERR [SYS/TEMP] backend sent no greeting within 1s \
+             (proxy_protocol = false: does the backend expect a PROXY header?)\r\n"
+        );
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        let rec = record(&p, port).await;
+        assert!(rec.end.starts_with("backend sent no greeting"), "{rec:?}");
+    })
+    .await;
+    p.stop().await;
+}
