@@ -349,15 +349,12 @@ async fn a_backend_that_closes_mid_reply_is_reported_with_a_reason() {
     // No real peer needed: `plaintext` lets the commands through without TLS.
     let p = Proxy::start(pop3, imap, "allow_plaintext_login = true").await;
     for (listener, cmd, want) in [
-        (
-            "pop3",
-            &b"LIST\r\n"[..],
-            "-ERR [SYS/TEMP] backend closed the connection",
-        ),
+        // Inside a multi-line reply the proxy adds nothing: the client sees it cut short.
+        ("pop3", &b"LIST\r\n"[..], "+OK 2 messages\r\n1 10\r\n"),
         (
             "imap",
             &b"a1 CAPABILITY\r\n"[..],
-            "* BYE [UNAVAILABLE] backend closed the connection",
+            "* CAPABILITY IMAP4rev1 STARTTLS\r\n* BYE [UNAVAILABLE] backend closed the connection\r\n",
         ),
     ] {
         let mut s = TcpStream::connect(p.addr(listener)).await.unwrap();
@@ -367,7 +364,7 @@ async fn a_backend_that_closes_mid_reply_is_reported_with_a_reason() {
         s.write_all(cmd).await.unwrap();
         let (rest, eof) = read_until(&mut s, Duration::from_secs(3), |_| false).await;
         assert!(eof, "{listener}: {rest:?}");
-        assert!(rest.contains(want), "{listener}: {rest:?}");
+        assert_eq!(rest, want, "{listener}");
     }
     p.stop().await;
 }

@@ -649,7 +649,17 @@ async fn connection(
         )
         .await;
     }
+    // A reply cut short by the proxy's own end (a timeout, shutdown, a failed write) is
+    // metered with what was relayed of it, as when the backend closes; and the proxy's words
+    // are not put inside it (they would read as message lines, or as the rest of a literal).
+    let mid_reply = !core.between_replies();
+    for a in core.server_eof() {
+        if let Act::Retrieved(messages) = a {
+            meter.retrieved(&shared.meter, messages);
+        }
+    }
     let reason = match &end {
+        End::Words(_, why) if mid_reply => format!("{why} (in the middle of a reply)"),
         End::Words(code, why) => {
             let words = bye(imap, code, why);
             if tokio::time::timeout(Duration::from_secs(5), client.write_all(&words))
@@ -1000,6 +1010,7 @@ async fn relay_loop(
                 (core.client_eof(), None)
             }
             Step::Server(Ok(buf)) if buf.is_empty() => {
+                let mid_reply = !core.between_replies();
                 let acts = core.server_eof();
                 if let Some(end) =
                     act(pipes, core, meter, ticket, gate, &acts, &mut None, shared).await
@@ -1008,6 +1019,13 @@ async fn relay_loop(
                 }
                 if meter.ending || !client_open {
                     return End::Quiet("backend closed the connection".into());
+                }
+                if mid_reply {
+                    // No words inside a reply (they would read as message lines, or as the
+                    // rest of an IMAP literal): the client sees the reply cut short.
+                    return End::Quiet(
+                        "backend closed the connection in the middle of a reply".into(),
+                    );
                 }
                 return End::Words("UNAVAILABLE", "backend closed the connection".into());
             }
