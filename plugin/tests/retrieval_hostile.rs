@@ -445,3 +445,118 @@ async fn without_proxy_protocol_a_backend_waiting_for_the_header_is_named_as_the
     .await;
     p.stop().await;
 }
+
+/// A POP3 backend serving alice's first message, slowly: each connection takes the next
+/// (greeting delay, pause in the middle of the RETR reply) from `plans`.
+async fn slow_backend(plans: Vec<(Duration, Duration)>) -> u16 {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let body: String = messages()[0]
+        .lines()
+        .map(|l| format!("{}{l}\r\n", if l.starts_with('.') { "." } else { "" }))
+        .collect();
+    tokio::spawn(async move {
+        for (greet_after, retr_pause) in plans {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let body = body.clone();
+            tokio::spawn(async move {
+                assert!(skip_proxy_header(&mut s).await);
+                tokio::time::sleep(greet_after).await;
+                s.write_all(b"+OK slow\r\n").await.unwrap();
+                if !answer_probe(&mut s).await {
+                    return;
+                }
+                let mut lines = BufReader::new(s);
+                let mut line = String::new();
+                while lines.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+                    let s = lines.get_mut();
+                    let verb = line.split_whitespace().next().unwrap_or("").to_uppercase();
+                    let r = match verb.as_str() {
+                        "STAT" => {
+                            s.write_all(format!("+OK 1 {}\r\n", body.len()).as_bytes())
+                                .await
+                        }
+                        "RETR" => {
+                            let (a, b) = body.split_at(body.len() / 2);
+                            s.write_all(format!("+OK\r\n{a}").as_bytes()).await.unwrap();
+                            tokio::time::sleep(retr_pause).await;
+                            s.write_all(format!("{b}.\r\n").as_bytes()).await
+                        }
+                        "QUIT" => {
+                            let _ = s.write_all(b"+OK bye\r\n").await;
+                            return;
+                        }
+                        _ => s.write_all(b"+OK\r\n").await,
+                    };
+                    if r.is_err() {
+                        return;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_backend_is_waited_for_up_to_the_configured_timeouts() {
+    if !peers_present() {
+        return;
+    }
+    let d = Dovecot::start();
+    let secs = Duration::from_secs;
+    let backend = slow_backend(vec![
+        // Slow, within the timeouts: the client waits.
+        (Duration::from_millis(1500), Duration::from_millis(1500)),
+        // A greeting later than connect_timeout.
+        (secs(4), Duration::ZERO),
+        // A RETR reply that stalls longer than the idle timeout.
+        (Duration::ZERO, secs(4)),
+    ])
+    .await;
+    let p = Proxy::start(
+        backend,
+        d.imap,
+        "connect_timeout = \"2s\"\nprelogin_timeout = \"2s\"\npop3_idle_timeout = \"2s\"",
+    )
+    .await;
+    alongside(&p, "imaps", async {
+        let pop3 = |ca: &std::path::Path| args(p.port("pop3s"), "ssl", "alice", "secret", ca);
+        let started = Instant::now();
+        let out = python(POP3_SCRIPT, pop3(&p.ca)).await;
+        assert!(out.ends_with("ok\n"), "{out}");
+        assert_eq!(field(&out, "msg"), [hex(&messages()[0])]);
+        assert!(started.elapsed() >= secs(3), "{:?}", started.elapsed());
+
+        let started = Instant::now();
+        let err = python_outcome(POP3_SCRIPT, pop3(&p.ca)).await.unwrap_err();
+        eprintln!("greeting after 4 s, connect_timeout 2 s: {err}");
+        assert!(
+            err.contains("-ERR [SYS/TEMP] backend sent no greeting within 2s"),
+            "{err}"
+        );
+        assert!(started.elapsed() < secs(3), "{:?}", started.elapsed());
+
+        let started = Instant::now();
+        let outcome = python_outcome(POP3_SCRIPT, pop3(&p.ca)).await;
+        eprintln!(
+            "RETR stalled 4 s, pop3_idle_timeout 2 s, after {:?}: {outcome:?}",
+            started.elapsed()
+        );
+        let err = outcome.unwrap_err();
+        let port: u16 = field(err.split("stdout: ").nth(1).unwrap(), "port")[0]
+            .parse()
+            .unwrap();
+        let rec = record(&p, port).await;
+        eprintln!("its record: {rec:?}");
+        assert!(rec.end.contains("no activity for 2s"), "{rec:?}");
+        assert_eq!(rec.retrieved.len(), 1, "{rec:?}");
+        assert!(!rec.retrieved[0].complete, "{rec:?}");
+    })
+    .await;
+    p.stop().await;
+}
