@@ -560,3 +560,101 @@ async fn a_slow_backend_is_waited_for_up_to_the_configured_timeouts() {
     .await;
     p.stop().await;
 }
+
+/// Logs in on `listener` (implicit TLS) as `user`; IMAP selects INBOX. Returns the stream and
+/// the client's port.
+async fn logged_in(
+    p: &Proxy,
+    listener: &str,
+    user: &str,
+    password: &str,
+) -> (tokio_rustls::client::TlsStream<TcpStream>, u16) {
+    let mut s = tls_connect(p.addr(listener), &p.ca).await;
+    let port = s.get_ref().0.local_addr().unwrap().port();
+    line(&mut s).await;
+    let (cmds, done) = if listener == "imaps" {
+        (
+            format!("a1 LOGIN {user} {password}\r\na2 SELECT INBOX\r\n"),
+            "a2 OK",
+        )
+    } else {
+        (format!("USER {user}\r\nPASS {password}\r\n"), "Logged in")
+    };
+    s.write_all(cmds.as_bytes()).await.unwrap();
+    let (got, _) = read_until(&mut s, Duration::from_secs(5), |g| g.contains(done)).await;
+    assert!(got.contains(done), "{listener} {user}: {got:?}");
+    (s, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_restart_ends_live_sessions_with_a_reason_and_new_ones_succeed() {
+    if !peers_present() {
+        return;
+    }
+    let mut d = Dovecot::start();
+    // bob's one message is big enough to be in the middle of its RETR when Dovecot dies.
+    let maildir = d.dir.path().join("home/bob/Maildir");
+    let big = maildir.join("cur/1700000100.M9P1.test:2,");
+    let body = "x".repeat(76) + "\n";
+    std::fs::write(&big, format!("Subject: big\n\n{}", body.repeat(640 * 1024))).unwrap();
+    use std::os::unix::fs::MetadataExt as _;
+    let owner = std::fs::metadata(&maildir).unwrap();
+    std::os::unix::fs::chown(&big, Some(owner.uid()), Some(owner.gid())).unwrap();
+    let p = Proxy::start(d.pop3, d.imap, "").await;
+    // A crash of every Dovecot process, then an orderly stop (Dovecot says goodbye itself).
+    for signal in ["KILL", "TERM"] {
+        backend_stops(&p, &mut d, signal).await;
+        d.restart();
+        alongside(&p, "imaps", retrieve_alices_mail(&p, &d, "pop3s", "ssl")).await;
+    }
+    p.stop().await;
+}
+
+/// Five sessions logged in through `p`, one of them in the middle of a 48 MB RETR, when `d`
+/// stops with `signal`: each ends with a reason, and its record is stored with it.
+async fn backend_stops(p: &Proxy, d: &mut Dovecot, signal: &str) {
+    let mut live = Vec::new();
+    for listener in ["pop3s", "pop3s", "imaps", "imaps"] {
+        live.push((listener, logged_in(p, listener, "alice", "secret").await));
+    }
+    let (mut retr, retr_port) = logged_in(p, "pop3s", "bob", "hunter2").await;
+    retr.write_all(b"RETR 1\r\n").await.unwrap();
+    let (head, _) = read_until(&mut retr, Duration::from_secs(5), |g| g.len() > 64 * 1024).await;
+    assert!(head.starts_with("+OK"), "{:?}", &head[..80.min(head.len())]);
+    // The client stops reading: Dovecot is held in the middle of the reply.
+
+    d.stop(signal);
+    for (listener, (mut s, port)) in live {
+        let got = until_closed(&mut s, Duration::from_secs(5), listener).await;
+        eprintln!("{listener} when Dovecot stopped ({signal}): {got:?}");
+        let want = if listener == "imaps" {
+            "* BYE [UNAVAILABLE] backend closed the connection\r\n"
+        } else {
+            "-ERR [SYS/TEMP] backend closed the connection\r\n"
+        };
+        assert!(got.ends_with(want), "{listener}: {got:?}");
+        let rec = record(p, port).await;
+        assert_eq!(rec.login, Login::Ok, "{rec:?}");
+        assert_eq!(rec.end, "backend closed the connection", "{rec:?}");
+    }
+    let rest = until_closed(&mut retr, Duration::from_secs(10), "RETR").await;
+    let size = head.len() + rest.len();
+    eprintln!(
+        "RETR of 48 MB when Dovecot stopped ({signal}): the client got {size} bytes, ending {:?}",
+        &rest[rest.len().saturating_sub(60)..]
+    );
+    let rec = record(p, retr_port).await;
+    eprintln!(
+        "its record: end {:?}, retrieved {:?}",
+        rec.end, rec.retrieved
+    );
+    assert_eq!(rec.retrieved.len(), 1, "{rec:?}");
+    // Cut in the middle (TERM too: Dovecot does not finish a reply the client is not
+    // reading): metered as far as it came, no words inside the message.
+    assert!(!rec.retrieved[0].complete, "{rec:?}");
+    assert!(!rest.ends_with("\r\n.\r\n") && !rest.contains("[SYS/TEMP]"));
+    assert_eq!(
+        rec.end, "backend closed the connection in the middle of a reply",
+        "{rec:?}"
+    );
+}

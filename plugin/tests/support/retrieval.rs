@@ -253,23 +253,37 @@ impl Dovecot {
         }
     }
 
-    /// Kills the master process (SIGKILL; its login and mail processes notice and exit) and
-    /// waits until no listener accepts any more.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
+    /// Stops Dovecot as `systemctl stop` does (it signals the whole control group): `signal`
+    /// ("TERM", or "KILL" for a crash) to the master and every process under it (the master
+    /// alone would leave the mail processes serving their sessions). Waits until they are gone
+    /// and no listener accepts.
+    pub fn stop(&mut self, signal: &str) {
+        let mut pids = vec![self.child.id()];
+        let mut at = 0;
+        while at < pids.len() {
+            pids.extend(children(pids[at]));
+            at += 1;
+        }
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(pids.iter().map(u32::to_string))
+            .status();
         let _ = self.child.wait();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self
-            .ports()
+        while pids
             .iter()
-            .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+            .any(|p| Path::new(&format!("/proc/{p}")).exists())
+            || self
+                .ports()
+                .iter()
+                .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
         {
-            assert!(Instant::now() < deadline, "dovecot's listeners outlived it");
+            assert!(Instant::now() < deadline, "dovecot did not stop");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// Starts Dovecot again after [`Dovecot::kill`]: the same configuration, ports and
+    /// Starts Dovecot again after [`Dovecot::stop`]: the same configuration, ports and
     /// Maildirs.
     pub fn restart(&mut self) {
         self.child = spawn_dovecot(self.dir.path());
@@ -279,6 +293,27 @@ impl Dovecot {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
     }
+}
+
+/// The processes whose parent is `pid` (from /proc).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let child: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+        // pid (comm) state ppid ...: comm may hold spaces, so count from the last ')'.
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        (ppid == pid).then_some(child)
+    })
+    .collect()
 }
 
 /// Runs Dovecot in the foreground with the configuration in `dir`.
