@@ -1,7 +1,8 @@
 //! What the retrieval proxy's black-box tests share: a private Dovecot (POP3 and IMAP
-//! listeners with `haproxy = yes`, optionally an implicit-TLS IMAP listener, a passwd-file with
-//! test users and their Maildirs), the proxy started in-process as `mailbell serve` starts it
-//! ([`mailbell::app::start`]), the Python client scripts and small helpers. Without a peer the
+//! listeners with `haproxy = yes` and a pair without it, optionally implicit-TLS listeners, a
+//! passwd-file with test users and their Maildirs; it can be stopped and restarted), the proxy
+//! started in-process as `mailbell serve` starts it ([`mailbell::app::start`]), the Python
+//! client scripts and small helpers. Without a peer the
 //! tests print `SKIPPED ...`; under `CI=true` they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
