@@ -186,7 +186,7 @@ pub struct RetrievalConfig {
     pub pop3_idle_timeout: Duration,
     /// Longest silence after login on IMAP (RFC 9051 lets IDLE last 30 minutes).
     pub imap_idle_timeout: Duration,
-    /// Longest wait for the backend's TCP connection.
+    /// Longest wait for the backend: TCP connection, TLS handshake, greeting and the PROXY check.
     pub connect_timeout: Duration,
     /// What refused logins are told.
     pub texts: GateTexts,

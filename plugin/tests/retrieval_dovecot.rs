@@ -333,6 +333,7 @@ async fn fake_backend(greeting: &'static [u8], partial: &'static [u8]) -> u16 {
                 // The PROXY header (read and ignored), then the greeting.
                 let _ = s.read(&mut buf).await;
                 let _ = s.write_all(greeting).await;
+                answer_probe(&mut s).await;
                 let _ = s.read(&mut buf).await;
                 let _ = s.write_all(partial).await;
             });
@@ -348,15 +349,12 @@ async fn a_backend_that_closes_mid_reply_is_reported_with_a_reason() {
     // No real peer needed: `plaintext` lets the commands through without TLS.
     let p = Proxy::start(pop3, imap, "allow_plaintext_login = true").await;
     for (listener, cmd, want) in [
-        (
-            "pop3",
-            &b"LIST\r\n"[..],
-            "-ERR [SYS/TEMP] backend closed the connection",
-        ),
+        // Inside a multi-line reply the proxy adds nothing: the client sees it cut short.
+        ("pop3", &b"LIST\r\n"[..], "+OK 2 messages\r\n1 10\r\n"),
         (
             "imap",
             &b"a1 CAPABILITY\r\n"[..],
-            "* BYE [UNAVAILABLE] backend closed the connection",
+            "* CAPABILITY IMAP4rev1 STARTTLS\r\n* BYE [UNAVAILABLE] backend closed the connection\r\n",
         ),
     ] {
         let mut s = TcpStream::connect(p.addr(listener)).await.unwrap();
@@ -366,7 +364,7 @@ async fn a_backend_that_closes_mid_reply_is_reported_with_a_reason() {
         s.write_all(cmd).await.unwrap();
         let (rest, eof) = read_until(&mut s, Duration::from_secs(3), |_| false).await;
         assert!(eof, "{listener}: {rest:?}");
-        assert!(rest.contains(want), "{listener}: {rest:?}");
+        assert_eq!(rest, want, "{listener}");
     }
     p.stop().await;
 }
@@ -427,6 +425,7 @@ async fn endless_backend(sent: std::sync::Arc<std::sync::atomic::AtomicU64>) -> 
         let mut rest = vec![0u8; usize::from(u16::from_be_bytes([header[14], header[15]]))];
         s.read_exact(&mut rest).await.unwrap();
         s.write_all(b"+OK fake\r\n").await.unwrap();
+        assert!(answer_probe(&mut s).await);
         let mut got = Vec::new();
         while !got.ends_with(b"RETR 1\r\n") {
             let mut buf = [0u8; 256];

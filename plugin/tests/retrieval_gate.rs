@@ -522,6 +522,7 @@ async fn two_part_backend(release: std::sync::Arc<tokio::sync::Notify>) -> u16 {
         let (mut s, _) = l.accept().await.unwrap();
         assert!(skip_proxy_header(&mut s).await);
         s.write_all(b"+OK fake\r\n").await.unwrap();
+        assert!(answer_probe(&mut s).await);
         let mut lines = BufReader::new(s);
         let mut line = String::new();
         while lines.read_line(&mut line).await.unwrap() > 0 {

@@ -25,6 +25,7 @@
 
 pub mod certs;
 pub mod gate;
+pub mod greeting;
 pub mod imap;
 mod line;
 pub mod maildrop;

@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::gate::{self, Gate, Verdict};
+use super::greeting::{Greeting, GreetingError, Step as GreetingStep};
 use super::imap::{self, ImapConfig, ImapSession};
 use super::maildrop::{DropEvent, NoticeDrop};
 use super::metering::{self, Meter};
@@ -579,20 +580,28 @@ async fn connection(
     } else {
         &cfg.backend_pop3
     };
-    let mut backend = match connect_backend(backend_addr, shared, peer, local, tls_info).await {
+    let backend_started = match connect_backend(backend_addr, shared, peer, local, tls_info).await {
+        Ok(mut b) => match backend_greeting(&mut b, imap, cfg, stop).await {
+            Ok(greeting) => Ok((b, greeting)),
+            Err(reason) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), b.shutdown()).await;
+                Err(reason)
+            }
+        },
+        Err(e) => Err(format!("backend unavailable: {e}")),
+    };
+    let (mut backend, greeting) = match backend_started {
         Ok(b) => b,
-        Err(e) => {
-            warn!(backend = %backend_addr, error = %e, "backend unavailable");
-            let words = bye(imap, "UNAVAILABLE", &format!("backend unavailable: {e}"));
+        Err(reason) => {
+            warn!(backend = %backend_addr, error = %reason, "backend unavailable");
+            let words = bye(imap, "UNAVAILABLE", &reason);
             let _ = tokio::time::timeout(cfg.prelogin_timeout, async {
                 client.write_all(&words).await?;
                 client.shutdown().await
             })
             .await;
             meter.to_client += words.len() as u64;
-            meter
-                .store(&shared.meter, &format!("backend unavailable: {e}"))
-                .await;
+            meter.store(&shared.meter, &reason).await;
             return;
         }
     };
@@ -618,6 +627,7 @@ async fn connection(
     let mut end = relay(
         &mut client,
         &mut backend,
+        greeting,
         &mut core,
         &mut meter,
         &mut ticket,
@@ -639,7 +649,17 @@ async fn connection(
         )
         .await;
     }
+    // A reply cut short by the proxy's own end (a timeout, shutdown, a failed write) is
+    // metered with what was relayed of it, as when the backend closes; and the proxy's words
+    // are not put inside it (they would read as message lines, or as the rest of a literal).
+    let mid_reply = !core.between_replies();
+    for a in core.server_eof() {
+        if let Act::Retrieved(messages) = a {
+            meter.retrieved(&shared.meter, messages);
+        }
+    }
     let reason = match &end {
+        End::Words(_, why) if mid_reply => format!("{why} (in the middle of a reply)"),
         End::Words(code, why) => {
             let words = bye(imap, code, why);
             if tokio::time::timeout(Duration::from_secs(5), client.write_all(&words))
@@ -745,6 +765,73 @@ async fn connect_backend(
     Ok(Io::Tls(Box::new(tls)))
 }
 
+/// Reads the backend's greeting within `connect_timeout` and, with `proxy_protocol` on, checks
+/// with a command of the proxy's own that the backend took the PROXY header as a header
+/// ([`Greeting`]), before any client byte goes to it. Returns the greeting (and any bytes after
+/// the exchange) for the session core, or the reason the session cannot go on.
+async fn backend_greeting(
+    backend: &mut BackendIo,
+    imap: bool,
+    cfg: &RetrievalConfig,
+    stop: &CancellationToken,
+) -> Result<Vec<u8>, String> {
+    let mut check = Greeting::new(imap, cfg.proxy_protocol);
+    // Without the header, a backend that expects one waits for it, then gives up.
+    let hint = if cfg.proxy_protocol {
+        ""
+    } else {
+        " (proxy_protocol = false: does the backend expect a PROXY header?)"
+    };
+    let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let read = tokio::select! {
+            () = stop.cancelled() => return Err("server shutting down".into()),
+            r = tokio::time::timeout_at(deadline, backend.read(&mut buf)) => r,
+        };
+        let n = match read {
+            Err(_) if check.greeted() => {
+                return Err(format!(
+                    "backend did not answer the proxy's check within {:?} of connecting",
+                    cfg.connect_timeout
+                ))
+            }
+            Err(_) => {
+                return Err(format!(
+                    "backend sent no greeting within {:?}{hint}",
+                    cfg.connect_timeout
+                ))
+            }
+            Ok(Err(e)) => return Err(format!("backend connection failed: {e}")),
+            Ok(Ok(0)) => return Err(format!("{}{hint}", check.eof())),
+            Ok(Ok(n)) => n,
+        };
+        match check.feed(buf.get(..n).unwrap_or_default()) {
+            Ok(GreetingStep::More) => {}
+            Ok(GreetingStep::SendProbe) => {
+                let sent =
+                    tokio::time::timeout_at(deadline, backend.write_all(check.probe_command()))
+                        .await;
+                match sent {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(format!("backend write failed: {e}")),
+                    Err(_) => return Err("backend write timed out".into()),
+                }
+            }
+            Ok(GreetingStep::Ready { mut greeting, rest }) => {
+                greeting.extend_from_slice(&rest);
+                return Ok(greeting);
+            }
+            Err(e) => {
+                if let GreetingError::ProxyHeaderRefused { answer } = &e {
+                    warn!(answer = %answer, "the backend read the PROXY header as commands");
+                }
+                return Err(e.to_string());
+            }
+        }
+    }
+}
+
 /// How a session ended: with words to the client (`-ERR` / `* BYE` code and reason) or quietly
 /// (the client left, or the backend's own reply said it all).
 enum End {
@@ -787,6 +874,7 @@ enum Step {
 async fn relay(
     client: &mut ClientIo,
     backend: &mut BackendIo,
+    greeting: Vec<u8>,
     core: &mut Core,
     meter: &mut Meter,
     ticket: &mut Place,
@@ -801,7 +889,10 @@ async fn relay(
         to_client: Outbox::default(),
         to_backend: Outbox::default(),
     };
-    let end = relay_loop(&mut pipes, core, meter, ticket, gate, kind, shared, stop).await;
+    let end = relay_loop(
+        &mut pipes, greeting, core, meter, ticket, gate, kind, shared, stop,
+    )
+    .await;
     if !matches!(end, End::ClientGone(_)) && !pipes.to_client.is_idle() {
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
@@ -815,10 +906,12 @@ async fn relay(
 /// Polls both reads and both pending writes at once, one session core fed in order: a side is
 /// read only while the queue its bytes go to has room ([`pipe`](super::pipe)). Every wait has
 /// a deadline: the pre-login timeout until the backend accepted a login, the idle timeout
-/// after, counted from the last byte read or written either way.
+/// after, counted from the last byte read or written either way. `greeting`: the backend's
+/// first bytes, read by [`backend_greeting`], fed to the core first.
 #[allow(clippy::too_many_arguments)]
 async fn relay_loop(
     pipes: &mut Pipes<'_>,
+    greeting: Vec<u8>,
     core: &mut Core,
     meter: &mut Meter,
     ticket: &mut Place,
@@ -839,7 +932,18 @@ async fn relay_loop(
     let mut backend_shut = false;
     // Which side is read first this time (the other when both have data).
     let mut server_first = true;
+    let mut greeting = Some(greeting).filter(|g| !g.is_empty());
     loop {
+        if let Some(buf) = greeting.take() {
+            let acts = core.server(&buf);
+            let mut input = Some(buf);
+            if let Some(end) =
+                act(pipes, core, meter, ticket, gate, &acts, &mut input, shared).await
+            {
+                return end;
+            }
+            continue;
+        }
         if !client_open && !backend_shut && pipes.to_backend.is_idle() {
             // Pass the client's end on; the backend answers what it still has, then closes.
             backend_shut = true;
@@ -906,6 +1010,7 @@ async fn relay_loop(
                 (core.client_eof(), None)
             }
             Step::Server(Ok(buf)) if buf.is_empty() => {
+                let mid_reply = !core.between_replies();
                 let acts = core.server_eof();
                 if let Some(end) =
                     act(pipes, core, meter, ticket, gate, &acts, &mut None, shared).await
@@ -914,6 +1019,13 @@ async fn relay_loop(
                 }
                 if meter.ending || !client_open {
                     return End::Quiet("backend closed the connection".into());
+                }
+                if mid_reply {
+                    // No words inside a reply (they would read as message lines, or as the
+                    // rest of an IMAP literal): the client sees the reply cut short.
+                    return End::Quiet(
+                        "backend closed the connection in the middle of a reply".into(),
+                    );
                 }
                 return End::Words("UNAVAILABLE", "backend closed the connection".into());
             }

@@ -1,7 +1,8 @@
 //! What the retrieval proxy's black-box tests share: a private Dovecot (POP3 and IMAP
-//! listeners with `haproxy = yes`, optionally an implicit-TLS IMAP listener, a passwd-file with
-//! test users and their Maildirs), the proxy started in-process as `mailbell serve` starts it
-//! ([`mailbell::app::start`]), the Python client scripts and small helpers. Without a peer the
+//! listeners with `haproxy = yes` and a pair without it, optionally implicit-TLS listeners, a
+//! passwd-file with test users and their Maildirs; it can be stopped and restarted), the proxy
+//! started in-process as `mailbell serve` starts it ([`mailbell::app::start`]), the Python
+//! client scripts and small helpers. Without a peer the
 //! tests print `SKIPPED ...`; under `CI=true` they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
@@ -105,6 +106,10 @@ pub struct Dovecot {
     /// The implicit-TLS listeners (`haproxy = yes`), 0 without [`Dovecot::start_tls`].
     pub pop3s: u16,
     pub imaps: u16,
+    /// Plaintext listeners WITHOUT `haproxy = yes`: Dovecot greets at once and takes a PROXY
+    /// header for commands.
+    pub pop3_no_haproxy: u16,
+    pub imap_no_haproxy: u16,
 }
 
 impl Drop for Dovecot {
@@ -153,6 +158,7 @@ impl Dovecot {
         )
         .unwrap();
         let (pop3, imap) = (free_port(), free_port());
+        let (pop3_no_haproxy, imap_no_haproxy) = (free_port(), free_port());
         let (ssl, pop3s, imaps) = match tls {
             Some((cert, key)) => (
                 format!(
@@ -196,47 +202,131 @@ impl Dovecot {
              passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {d}/passwd\n}}\n\
              userdb {{\n  driver = static\n  args = uid={user} gid={group} home={d}/home/%u\n}}\n\
              service imap-login {{\n  inet_listener imap {{\n    port = {imap}\n    haproxy = yes\n  }}\n\
+               inet_listener imap_no_haproxy {{\n    port = {imap_no_haproxy}\n  }}\n\
                inet_listener imaps {{\n    port = {imaps}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n\
              service pop3-login {{\n  inet_listener pop3 {{\n    port = {pop3}\n    haproxy = yes\n  }}\n\
+               inet_listener pop3_no_haproxy {{\n    port = {pop3_no_haproxy}\n  }}\n\
                inet_listener pop3s {{\n    port = {pop3s}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n",
             d = d.display()
         );
         std::fs::write(d.join("dovecot.conf"), conf).unwrap();
-        let child = Command::new(DOVECOT)
-            .arg("-F")
-            .arg("-c")
-            .arg(d.join("dovecot.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let dovecot = Dovecot {
-            child,
+        let mut dovecot = Dovecot {
+            child: spawn_dovecot(d),
             dir,
             pop3,
             imap,
             pop3s,
             imaps,
+            pop3_no_haproxy,
+            imap_no_haproxy,
         };
+        dovecot.wait_listening();
+        dovecot
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        [
+            self.pop3,
+            self.imap,
+            self.pop3s,
+            self.imaps,
+            self.pop3_no_haproxy,
+            self.imap_no_haproxy,
+        ]
+        .into_iter()
+        .filter(|p| *p != 0)
+        .collect()
+    }
+
+    fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while [pop3, imap, pop3s, imaps]
+        while self
+            .ports()
             .iter()
-            .filter(|p| **p != 0)
             .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
         {
             assert!(
                 Instant::now() < deadline,
                 "dovecot did not listen: {}",
-                dovecot.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        dovecot
+    }
+
+    /// Stops Dovecot as `systemctl stop` does (it signals the whole control group): `signal`
+    /// ("TERM", or "KILL" for a crash) to the master and every process under it (the master
+    /// alone would leave the mail processes serving their sessions). Waits until they are gone
+    /// and no listener accepts.
+    pub fn stop(&mut self, signal: &str) {
+        let mut pids = vec![self.child.id()];
+        let mut at = 0;
+        while at < pids.len() {
+            pids.extend(children(pids[at]));
+            at += 1;
+        }
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(pids.iter().map(u32::to_string))
+            .status();
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pids
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists())
+            || self
+                .ports()
+                .iter()
+                .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+        {
+            assert!(Instant::now() < deadline, "dovecot did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts Dovecot again after [`Dovecot::stop`]: the same configuration, ports and
+    /// Maildirs.
+    pub fn restart(&mut self) {
+        self.child = spawn_dovecot(self.dir.path());
+        self.wait_listening();
     }
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
     }
+}
+
+/// The processes whose parent is `pid` (from /proc).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let child: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+        // pid (comm) state ppid ...: comm may hold spaces, so count from the last ')'.
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        (ppid == pid).then_some(child)
+    })
+    .collect()
+}
+
+/// Runs Dovecot in the foreground with the configuration in `dir`.
+fn spawn_dovecot(dir: &Path) -> Child {
+    Command::new(DOVECOT)
+        .arg("-F")
+        .arg("-c")
+        .arg(dir.join("dovecot.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 /// The proxy in front of `dovecot`, all four listeners on ephemeral ports.
@@ -386,6 +476,13 @@ impl Proxy {
 /// Runs `python3 -c script args...` off the runtime; returns stdout, panics with stderr on
 /// failure.
 pub async fn python(script: &'static str, args: Vec<String>) -> String {
+    python_outcome(script, args)
+        .await
+        .unwrap_or_else(|e| panic!("python failed: {e}"))
+}
+
+/// [`python`], returning stderr (and stdout) when the script failed.
+pub async fn python_outcome(script: &'static str, args: Vec<String>) -> Result<String, String> {
     tokio::task::spawn_blocking(move || {
         let out = Command::new("python3")
             .arg("-c")
@@ -394,12 +491,14 @@ pub async fn python(script: &'static str, args: Vec<String>) -> String {
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "python failed: {}\nstdout: {stdout}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!(
+                "{}\nstdout: {stdout}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
     })
     .await
     .unwrap()
@@ -675,14 +774,35 @@ pub async fn served_subject(port: u16, name: &'static str, ca: PathBuf) -> Strin
 /// and that Dovecot logged the client's own address and port (PROXY v2); returns its log line.
 pub async fn retrieve_alices_mail(p: &Proxy, d: &Dovecot, listener: &str, mode: &str) -> String {
     let port = p.port(listener);
+    let client_port = retrieve_alices_mail_unlogged(p, listener, mode)
+        .await
+        .unwrap_or_else(|out| panic!("{listener}: {out}\ndovecot log:\n{}", d.log()));
+    let line = format!("rip={CLIENT_IP}, rport={client_port}, lip=127.0.0.1, lport={port}");
+    let log = wait_log(d, &line).await;
+    log.lines()
+        .find(|l| l.contains(&line))
+        .unwrap_or_else(|| panic!("{line} not in dovecot's log:\n{log}"))
+        .to_owned()
+}
+
+/// [`retrieve_alices_mail`] without looking at the backend's log (a backend that does not
+/// read PROXY headers logs the proxy's address): the client's port, or the script's output
+/// when it did not end well.
+pub async fn retrieve_alices_mail_unlogged(
+    p: &Proxy,
+    listener: &str,
+    mode: &str,
+) -> Result<u16, String> {
     let imap = listener.starts_with("imap");
     let script = if imap { IMAP_SCRIPT } else { POP3_SCRIPT };
-    let out = python(script, args(port, mode, "alice", "secret", &p.ca)).await;
-    assert!(
-        out.ends_with("ok\n"),
-        "{listener}: {out}\ndovecot log:\n{}",
-        d.log()
-    );
+    let out = python(
+        script,
+        args(p.port(listener), mode, "alice", "secret", &p.ca),
+    )
+    .await;
+    if !out.ends_with("ok\n") {
+        return Err(out);
+    }
     let want: Vec<String> = messages()
         .iter()
         .map(|m| {
@@ -694,15 +814,7 @@ pub async fn retrieve_alices_mail(p: &Proxy, d: &Dovecot, listener: &str, mode: 
         })
         .collect();
     assert_eq!(field(&out, "msg"), want, "{listener}");
-    let line = format!(
-        "rip={CLIENT_IP}, rport={}, lip=127.0.0.1, lport={port}",
-        field(&out, "port")[0]
-    );
-    let log = wait_log(d, &line).await;
-    log.lines()
-        .find(|l| l.contains(&line))
-        .unwrap_or_else(|| panic!("{line} not in dovecot's log:\n{log}"))
-        .to_owned()
+    Ok(field(&out, "port")[0].parse().unwrap())
 }
 
 /// A TLS connection to one of the proxy's implicit TLS listeners, trusting the test CA.
@@ -737,25 +849,50 @@ pub async fn skip_proxy_header(s: &mut TcpStream) -> bool {
     s.read_exact(&mut rest).await.is_ok()
 }
 
-/// A POP3 backend that greets and answers every line `+OK`.
+/// Answers the proxy's check that a backend took the PROXY header (sent after the greeting,
+/// before any client command: POP3 `CAPA`, IMAP `mailbell-probe NOOP`) with an empty CAPA list
+/// or a tagged OK; false if the connection ended first.
+pub async fn answer_probe(s: &mut TcpStream) -> bool {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        match s.read(&mut b).await {
+            Ok(1) => line.push(b[0]),
+            _ => return false,
+        }
+    }
+    let answer: &[u8] = if line.starts_with(b"CAPA") {
+        b"+OK\r\n.\r\n"
+    } else {
+        b"mailbell-probe OK\r\n"
+    };
+    s.write_all(answer).await.is_ok()
+}
+
+/// A POP3 backend that greets and answers every line `+OK` (CAPA with an empty list).
 pub async fn ok_backend() -> u16 {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
                 if !skip_proxy_header(&mut s).await {
                     return;
                 }
                 let _ = s.write_all(b"+OK fake\r\n").await;
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                    for _ in buf[..n].iter().filter(|b| **b == b'\n') {
-                        let _ = s.write_all(b"+OK\r\n").await;
-                    }
+                let mut lines = tokio::io::BufReader::new(s);
+                let mut line = String::new();
+                while tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line)
+                    .await
+                    .is_ok_and(|n| n > 0)
+                {
+                    let answer: &[u8] = if line.starts_with("CAPA") {
+                        b"+OK\r\n.\r\n"
+                    } else {
+                        b"+OK\r\n"
+                    };
+                    let _ = lines.get_mut().write_all(answer).await;
+                    line.clear();
                 }
             });
         }
