@@ -129,7 +129,7 @@ async fn fetchmail_over_pop3_stls_and_imaps_delivers_every_message_intact() {
         .sum();
     assert_eq!(imap_bytes - retrieved_bytes, sizes + lines, "{log}");
     // nokeep: the mailbox is empty now.
-    let mailbox = d.dir.path().join("home/alice/Maildir");
+    let mailbox = d.dir().join("home/alice/Maildir");
     let left: usize = ["cur", "new"]
         .iter()
         .map(|s| std::fs::read_dir(mailbox.join(s)).unwrap().count())

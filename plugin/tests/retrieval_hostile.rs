@@ -593,7 +593,7 @@ async fn a_backend_restart_ends_live_sessions_with_a_reason_and_new_ones_succeed
     }
     let mut d = Dovecot::start();
     // bob's one message is big enough to be in the middle of its RETR when Dovecot dies.
-    let maildir = d.dir.path().join("home/bob/Maildir");
+    let maildir = d.dir().join("home/bob/Maildir");
     let big = maildir.join("cur/1700000100.M9P1.test:2,");
     let body = "x".repeat(76) + "\n";
     std::fs::write(&big, format!("Subject: big\n\n{}", body.repeat(640 * 1024))).unwrap();

@@ -1,7 +1,9 @@
-//! A private Dovecot for the retrieval proxy's black-box tests (plugin/tests/retrieval_dovecot.rs
+//! A private Dovecot for the retrieval proxy's black-box tests (plugin/tests/support/retrieval.rs
 //! includes this file with `#[path]`) and its benchmark (mailbell-tests' `bench_retrieval`):
-//! POP3 and IMAP listeners with `haproxy = yes` (the proxy's backend), optionally Dovecot's own
-//! implicit-TLS listeners (the direct baseline), a passwd-file and one Maildir per user.
+//! POP3 and IMAP listeners with `haproxy = yes` (the proxy's backend), optionally implicit-TLS
+//! listeners (Dovecot's own TLS: the benchmark's direct baseline, or with `haproxy = yes` the
+//! proxy's TLS backend), optionally listeners without `haproxy = yes`, a passwd-file and one
+//! Maildir per user. It can be stopped as systemd stops it and started again on the same ports.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,11 +14,13 @@ use anyhow::{bail, Context};
 /// Where Debian's dovecot-core puts the daemon.
 pub const DOVECOT: &str = "/usr/sbin/dovecot";
 
-/// One user: password and the messages of its Maildir, in delivery order.
+/// One user: password, the messages of its Maildir in delivery order, and other login names
+/// for the same mailbox (the same password).
 pub struct Mailbox {
     pub user: String,
     pub password: String,
     pub messages: Vec<Vec<u8>>,
+    pub aliases: Vec<String>,
 }
 
 /// How to run the private Dovecot.
@@ -24,6 +28,12 @@ pub struct Mailbox {
 pub struct Options {
     /// Certificate chain and key (PEM): adds the `pop3s` and `imaps` listeners.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// The implicit-TLS listeners take a PROXY v2 header first (the proxy's TLS backend)
+    /// rather than direct clients.
+    pub tls_haproxy: bool,
+    /// Also plaintext listeners without `haproxy = yes` (Dovecot greets at once and takes a
+    /// PROXY header for commands).
+    pub without_haproxy: bool,
     /// Many concurrent sessions of one user from one address: login and mail processes that
     /// serve many clients each, no per-user connection limit.
     pub many_sessions: bool,
@@ -36,9 +46,12 @@ pub struct Dovecot {
     /// Plaintext listeners, PROXY v2 required.
     pub pop3: u16,
     pub imap: u16,
-    /// Implicit-TLS listeners without PROXY v2 (with [`Options::tls`]).
+    /// Implicit-TLS listeners (with [`Options::tls`]).
     pub pop3s: Option<u16>,
     pub imaps: Option<u16>,
+    /// Plaintext listeners without PROXY v2 (with [`Options::without_haproxy`]).
+    pub pop3_no_haproxy: Option<u16>,
+    pub imap_no_haproxy: Option<u16>,
 }
 
 impl Drop for Dovecot {
@@ -71,6 +84,22 @@ fn chown_all(path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A listener block: `port = 0` turns it off.
+fn listener(name: &str, port: Option<u16>, ssl: bool, haproxy: bool) -> String {
+    let mut s = format!(
+        "  inet_listener {name} {{\n    port = {}\n",
+        port.unwrap_or(0)
+    );
+    if ssl {
+        s.push_str("    ssl = yes\n");
+    }
+    if haproxy {
+        s.push_str("    haproxy = yes\n");
+    }
+    s.push_str("  }\n");
+    s
+}
+
 impl Dovecot {
     /// Writes the users' Maildirs and the configuration, starts Dovecot in the foreground and
     /// waits until every listener accepts.
@@ -90,7 +119,12 @@ impl Dovecot {
                 let name = format!("{}.M{i}P1.test:2,", 1_700_000_000 + i);
                 std::fs::write(maildir.join("cur").join(name), m)?;
             }
-            passwd.push_str(&format!("{}:{{PLAIN}}{}::::::\n", mb.user, mb.password));
+            for name in std::iter::once(&mb.user).chain(&mb.aliases) {
+                if name != &mb.user {
+                    std::os::unix::fs::symlink(&mb.user, d.join("home").join(name))?;
+                }
+                passwd.push_str(&format!("{name}:{{PLAIN}}{}::::::\n", mb.password));
+            }
         }
         std::fs::write(d.join("passwd"), passwd)?;
         let (pop3, imap) = (free_port()?, free_port()?);
@@ -129,6 +163,11 @@ impl Dovecot {
             ),
             None => ("ssl = no\n".to_owned(), None, None),
         };
+        let (pop3_no_haproxy, imap_no_haproxy) = if opts.without_haproxy {
+            (Some(free_port()?), Some(free_port()?))
+        } else {
+            (None, None)
+        };
         // Login processes serving many clients each ("high-performance mode"), and room for
         // one mail process per session.
         let (many, login) = if opts.many_sessions {
@@ -141,6 +180,13 @@ impl Dovecot {
         } else {
             ("", "")
         };
+        let tls_haproxy = opts.tls_haproxy;
+        let imap_listeners = listener("imap", Some(imap), false, true)
+            + &listener("imap_no_haproxy", imap_no_haproxy, false, false)
+            + &listener("imaps", imaps, true, tls_haproxy);
+        let pop3_listeners = listener("pop3", Some(pop3), false, true)
+            + &listener("pop3_no_haproxy", pop3_no_haproxy, false, false)
+            + &listener("pop3s", pop3s, true, tls_haproxy);
         let conf = format!(
             "base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\n\
              protocols = imap pop3\nlisten = 127.0.0.1\n{ssl}\
@@ -150,23 +196,12 @@ impl Dovecot {
              first_valid_uid = 0\n{users}{many}\
              passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {d}/passwd\n}}\n\
              userdb {{\n  driver = static\n  args = uid={user} gid={group} home={d}/home/%u\n}}\n\
-             service imap-login {{\n{login}  inet_listener imap {{\n    port = {imap}\n    haproxy = yes\n  }}\n\
-               inet_listener imaps {{\n    port = {imaps}\n  }}\n}}\n\
-             service pop3-login {{\n{login}  inet_listener pop3 {{\n    port = {pop3}\n    haproxy = yes\n  }}\n\
-               inet_listener pop3s {{\n    port = {pop3s}\n  }}\n}}\n",
+             service imap-login {{\n{login}{imap_listeners}}}\n\
+             service pop3-login {{\n{login}{pop3_listeners}}}\n",
             d = d.display(),
-            imaps = imaps.unwrap_or(0),
-            pop3s = pop3s.unwrap_or(0),
         );
         std::fs::write(d.join("dovecot.conf"), conf)?;
-        let child = Command::new(DOVECOT)
-            .arg("-F")
-            .arg("-c")
-            .arg(d.join("dovecot.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("start {DOVECOT}"))?;
+        let child = spawn(d)?;
         let dovecot = Dovecot {
             child,
             dir,
@@ -174,22 +209,81 @@ impl Dovecot {
             imap,
             pop3s,
             imaps,
+            pop3_no_haproxy,
+            imap_no_haproxy,
         };
-        let ports: Vec<u16> = [Some(pop3), Some(imap), pop3s, imaps]
-            .into_iter()
-            .flatten()
-            .collect();
+        dovecot.wait_listening()?;
+        Ok(dovecot)
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        [
+            Some(self.pop3),
+            Some(self.imap),
+            self.pop3s,
+            self.imaps,
+            self.pop3_no_haproxy,
+            self.imap_no_haproxy,
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    fn wait_listening(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while ports
+        while self
+            .ports()
             .iter()
             .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
         {
             if Instant::now() > deadline {
-                bail!("dovecot did not listen: {}", dovecot.log());
+                bail!("dovecot did not listen: {}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(dovecot)
+        Ok(())
+    }
+
+    /// Stops Dovecot as `systemctl stop` does (it signals the whole control group): `signal`
+    /// ("TERM", or "KILL" for a crash) to the master and every process under it (the master
+    /// alone would leave the mail processes serving their sessions). Waits until they are gone
+    /// and no listener accepts.
+    pub fn stop(&mut self, signal: &str) -> anyhow::Result<()> {
+        let mut pids = vec![self.child.id()];
+        let mut at = 0;
+        while at < pids.len() {
+            pids.extend(children(pids[at]));
+            at += 1;
+        }
+        Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(pids.iter().map(u32::to_string))
+            .status()
+            .context("run kill")?;
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pids
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists())
+            || self
+                .ports()
+                .iter()
+                .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+        {
+            if Instant::now() > deadline {
+                bail!("dovecot did not stop");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Starts Dovecot again after [`Dovecot::stop`]: the same configuration, ports and
+    /// Maildirs.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.child = spawn(self.dir.path())?;
+        self.wait_listening()
     }
 
     /// Dovecot's log so far.
@@ -197,8 +291,46 @@ impl Dovecot {
         std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
     }
 
+    /// The directory holding the configuration, the log and `home/<user>/Maildir`.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// The master process (its children are the login and mail processes).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+/// Runs Dovecot in the foreground with the configuration in `dir`.
+fn spawn(dir: &Path) -> anyhow::Result<Child> {
+    Command::new(DOVECOT)
+        .arg("-F")
+        .arg("-c")
+        .arg(dir.join("dovecot.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("start {DOVECOT}"))
+}
+
+/// The processes whose parent is `pid` (from /proc).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let child: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+        // pid (comm) state ppid ...: comm may hold spaces, so count from the last ')'.
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        (ppid == pid).then_some(child)
+    })
+    .collect()
 }

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-pub const DOVECOT: &str = "/usr/sbin/dovecot";
+pub use shared_dovecot::DOVECOT;
 
 /// The test messages in alice's maildrop, in delivery order (LF line ends, as Maildir stores
 /// them; one body line starts with a dot, so POP3 dot-stuffing is exercised).
@@ -76,31 +76,17 @@ pub fn peers_present() -> bool {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    shared_dovecot::free_port().unwrap()
 }
 
-pub fn id(args: &[&str]) -> String {
-    let out = Command::new("id").args(args).output().unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
+#[path = "../../../tests/shared/dovecot.rs"]
+mod shared_dovecot;
 
-pub fn chown_all(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
-    if path.is_dir() {
-        for e in std::fs::read_dir(path).unwrap() {
-            chown_all(&e.unwrap().path(), uid, gid);
-        }
-    }
-}
-
-/// A private Dovecot instance, killed on drop.
+/// The private Dovecot of `tests/shared/dovecot.rs` with the test users: alice (the
+/// [`messages`]) and bob (none), each also under an address (the user registry's keys), and
+/// every listener kind; ports not asked for are 0.
 pub struct Dovecot {
-    pub child: Child,
-    pub dir: tempfile::TempDir,
+    inner: shared_dovecot::Dovecot,
     pub pop3: u16,
     pub imap: u16,
     /// The implicit-TLS listeners (`haproxy = yes`), 0 without [`Dovecot::start_tls`].
@@ -112,13 +98,6 @@ pub struct Dovecot {
     pub imap_no_haproxy: u16,
 }
 
-impl Drop for Dovecot {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Dovecot {
     pub fn start() -> Dovecot {
         Self::start_with(None)
@@ -127,206 +106,60 @@ impl Dovecot {
     /// With implicit-TLS POP3 and IMAP listeners (`ssl = yes`, `haproxy = yes`) serving
     /// `cert`/`key`.
     pub fn start_tls(cert: &Path, key: &Path) -> Dovecot {
-        Self::start_with(Some((cert, key)))
+        Self::start_with(Some((cert.to_owned(), key.to_owned())))
     }
 
-    fn start_with(tls: Option<(&Path, &Path)>) -> Dovecot {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        for sub in ["run", "state"] {
-            std::fs::create_dir_all(d.join(sub)).unwrap();
-        }
-        for user in ["alice", "bob"] {
-            for sub in ["cur", "new", "tmp"] {
-                std::fs::create_dir_all(d.join("home").join(user).join("Maildir").join(sub))
-                    .unwrap();
-            }
-        }
-        for (i, m) in messages().iter().enumerate() {
-            let name = format!("{}.M{i}P1.test:2,", 1_700_000_000 + i);
-            std::fs::write(d.join("home/alice/Maildir/cur").join(name), m).unwrap();
-        }
-        // The same mailboxes under full addresses too (the user registry's keys).
-        for user in ["alice", "bob"] {
-            std::os::unix::fs::symlink(user, d.join("home").join(format!("{user}@example.org")))
-                .unwrap();
-        }
-        std::fs::write(
-            d.join("passwd"),
-            "alice:{PLAIN}secret::::::\nbob:{PLAIN}hunter2::::::\n\
-             alice@example.org:{PLAIN}secret::::::\nbob@example.org:{PLAIN}hunter2::::::\n",
+    fn start_with(tls: Option<(PathBuf, PathBuf)>) -> Dovecot {
+        let user = |name: &str, password: &str, messages: Vec<Vec<u8>>| shared_dovecot::Mailbox {
+            user: name.to_owned(),
+            password: password.to_owned(),
+            messages,
+            aliases: vec![format!("{name}@example.org")],
+        };
+        let alice = messages().into_iter().map(String::into_bytes).collect();
+        let inner = shared_dovecot::Dovecot::start(
+            &[
+                user("alice", "secret", alice),
+                user("bob", "hunter2", Vec::new()),
+            ],
+            &shared_dovecot::Options {
+                tls,
+                tls_haproxy: true,
+                without_haproxy: true,
+                many_sessions: false,
+            },
         )
         .unwrap();
-        let (pop3, imap) = (free_port(), free_port());
-        let (pop3_no_haproxy, imap_no_haproxy) = (free_port(), free_port());
-        let (ssl, pop3s, imaps) = match tls {
-            Some((cert, key)) => (
-                format!(
-                    "ssl = yes\nssl_cert = <{}\nssl_key = <{}\n",
-                    cert.display(),
-                    key.display()
-                ),
-                free_port(),
-                free_port(),
-            ),
-            None => ("ssl = no\n".to_owned(), 0, 0),
-        };
-        let root = id(&["-u"]) == "0";
-        // Dovecot refuses to give mail to uid 0: as root the mail belongs to nobody.
-        let (user, group) = if root {
-            let (uid, gid) = (id(&["-u", "nobody"]), id(&["-g", "nobody"]));
-            let (uid, gid) = (uid.parse().unwrap(), gid.parse().unwrap());
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-            chown_all(&d.join("home"), uid, gid);
-            (id(&["-un", "nobody"]), id(&["-gn", "nobody"]))
-        } else {
-            (id(&["-un"]), id(&["-gn"]))
-        };
-        // As root Dovecot drops to its own users; otherwise everything runs as the caller.
-        let users = if root {
-            "default_internal_user = dovenull\n".to_owned()
-        } else {
-            format!(
-                "default_internal_user = {user}\ndefault_internal_group = {group}\n\
-                 default_login_user = {user}\n"
-            )
-        };
-        let conf = format!(
-            "base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\n\
-             protocols = imap pop3\nlisten = 127.0.0.1\n{ssl}\
-             disable_plaintext_auth = yes\nauth_mechanisms = plain login\nauth_verbose = yes\n\
-             haproxy_trusted_networks = 127.0.0.1/8\nmail_location = maildir:~/Maildir\n\
-             login_log_format_elements = user=<%u> method=%m rip=%r rport=%{{rport}} lip=%l lport=%{{lport}} %c\n\
-             first_valid_uid = 0\n{users}\
-             passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {d}/passwd\n}}\n\
-             userdb {{\n  driver = static\n  args = uid={user} gid={group} home={d}/home/%u\n}}\n\
-             service imap-login {{\n  inet_listener imap {{\n    port = {imap}\n    haproxy = yes\n  }}\n\
-               inet_listener imap_no_haproxy {{\n    port = {imap_no_haproxy}\n  }}\n\
-               inet_listener imaps {{\n    port = {imaps}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n\
-             service pop3-login {{\n  inet_listener pop3 {{\n    port = {pop3}\n    haproxy = yes\n  }}\n\
-               inet_listener pop3_no_haproxy {{\n    port = {pop3_no_haproxy}\n  }}\n\
-               inet_listener pop3s {{\n    port = {pop3s}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n",
-            d = d.display()
-        );
-        std::fs::write(d.join("dovecot.conf"), conf).unwrap();
-        let mut dovecot = Dovecot {
-            child: spawn_dovecot(d),
-            dir,
-            pop3,
-            imap,
-            pop3s,
-            imaps,
-            pop3_no_haproxy,
-            imap_no_haproxy,
-        };
-        dovecot.wait_listening();
-        dovecot
-    }
-
-    fn ports(&self) -> Vec<u16> {
-        [
-            self.pop3,
-            self.imap,
-            self.pop3s,
-            self.imaps,
-            self.pop3_no_haproxy,
-            self.imap_no_haproxy,
-        ]
-        .into_iter()
-        .filter(|p| *p != 0)
-        .collect()
-    }
-
-    fn wait_listening(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self
-            .ports()
-            .iter()
-            .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
-        {
-            assert!(
-                Instant::now() < deadline,
-                "dovecot did not listen: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        Dovecot {
+            pop3: inner.pop3,
+            imap: inner.imap,
+            pop3s: inner.pop3s.unwrap_or(0),
+            imaps: inner.imaps.unwrap_or(0),
+            pop3_no_haproxy: inner.pop3_no_haproxy.unwrap_or(0),
+            imap_no_haproxy: inner.imap_no_haproxy.unwrap_or(0),
+            inner,
         }
     }
 
-    /// Stops Dovecot as `systemctl stop` does (it signals the whole control group): `signal`
-    /// ("TERM", or "KILL" for a crash) to the master and every process under it (the master
-    /// alone would leave the mail processes serving their sessions). Waits until they are gone
-    /// and no listener accepts.
+    /// Stops Dovecot as `systemctl stop` does: `signal` ("TERM", or "KILL" for a crash) to the
+    /// master and every process under it; waits until they are gone.
     pub fn stop(&mut self, signal: &str) {
-        let mut pids = vec![self.child.id()];
-        let mut at = 0;
-        while at < pids.len() {
-            pids.extend(children(pids[at]));
-            at += 1;
-        }
-        let _ = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .args(pids.iter().map(u32::to_string))
-            .status();
-        let _ = self.child.wait();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pids
-            .iter()
-            .any(|p| Path::new(&format!("/proc/{p}")).exists())
-            || self
-                .ports()
-                .iter()
-                .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
-        {
-            assert!(Instant::now() < deadline, "dovecot did not stop");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.inner.stop(signal).unwrap();
     }
 
-    /// Starts Dovecot again after [`Dovecot::stop`]: the same configuration, ports and
-    /// Maildirs.
+    /// Starts Dovecot again after [`Dovecot::stop`] on the same ports and Maildirs.
     pub fn restart(&mut self) {
-        self.child = spawn_dovecot(self.dir.path());
-        self.wait_listening();
+        self.inner.restart().unwrap();
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
+        self.inner.log()
     }
-}
 
-/// The processes whose parent is `pid` (from /proc).
-fn children(pid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let child: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
-        // pid (comm) state ppid ...: comm may hold spaces, so count from the last ')'.
-        let ppid: u32 = stat
-            .rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        (ppid == pid).then_some(child)
-    })
-    .collect()
-}
-
-/// Runs Dovecot in the foreground with the configuration in `dir`.
-fn spawn_dovecot(dir: &Path) -> Child {
-    Command::new(DOVECOT)
-        .arg("-F")
-        .arg("-c")
-        .arg(dir.join("dovecot.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    /// Where the configuration, the log and `home/<user>/Maildir` are.
+    pub fn dir(&self) -> &Path {
+        self.inner.dir()
+    }
 }
 
 /// The proxy in front of `dovecot`, all four listeners on ephemeral ports.

@@ -658,12 +658,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         user: USER.into(),
         password: PASSWORD.into(),
         messages: (1..=args.messages).map(|i| message(i, args.size)).collect(),
+        aliases: Vec::new(),
     };
     let dovecot = Dovecot::start(
         &[mailbox],
         &Options {
             tls: Some((cert.clone(), key.clone())),
             many_sessions: true,
+            ..Options::default()
         },
     )?;
     let mut targets = vec![Target {
