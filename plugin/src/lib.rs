@@ -19,6 +19,7 @@ pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod bearer;
+pub mod billing;
 pub mod config;
 pub mod meter;
 pub mod mta;
