@@ -4,12 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
 mod support;
 
-use support::cli::{fails, ok, run, run_all, serve_admin};
+use support::cli::{fails, ok, run, run_all, serve_admin, BIN};
 
 #[test]
 fn users_queue_and_log_without_a_daemon() {

@@ -307,6 +307,7 @@ pub enum BillingCmd {
     Topup {
         user: String,
         /// Above zero, at most two decimals: "50", "12.34".
+        #[arg(allow_hyphen_values = true)]
         amount: String,
         /// Idempotency key (default: a new random one, printed).
         #[arg(long)]
@@ -378,6 +379,7 @@ pub enum TariffCmd {
     Set {
         class: String,
         zone: String,
+        #[arg(allow_hyphen_values = true)]
         price_per_mb: String,
         #[arg(long = "min-charge")]
         min_charge: Option<String>,
