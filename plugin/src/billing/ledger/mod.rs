@@ -431,7 +431,11 @@ pub struct Statement {
 /// thread ([`crate::billing::Ledger`]), never from async code directly.
 pub trait LedgerStore: Send {
     /// Creates or replaces a user account's fields (the balance is untouched).
-    fn put_user(&mut self, account: &UserAccount) -> Result<()>;
+    fn put_user(&mut self, account: &UserAccount) -> Result<()> {
+        self.put_users(std::slice::from_ref(account))
+    }
+    /// [`LedgerStore::put_user`] for many, in one transaction (an import).
+    fn put_users(&mut self, accounts: &[UserAccount]) -> Result<()>;
     fn user(&self, login: &str) -> Result<Option<UserAccount>>;
     /// A user's account and balances; [`LedgerError::UnknownUser`] when there is none.
     fn statement(&self, login: &str) -> Result<Statement>;

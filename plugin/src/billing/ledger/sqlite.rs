@@ -124,6 +124,18 @@ impl SqliteLedger {
         &self.path
     }
 
+    /// Puts the file's name into an error made where it was not at hand.
+    fn named(&self, e: LedgerError) -> LedgerError {
+        match e {
+            LedgerError::Sqlite { op, error, .. } => LedgerError::Sqlite {
+                path: self.path.clone(),
+                op,
+                error,
+            },
+            other => other,
+        }
+    }
+
     fn err(&self, op: &'static str) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
         sql(&self.path, op)
     }
@@ -245,6 +257,26 @@ fn add_columns(tx: &Connection, id: i64, side: usize, posted: i64, pending: i64)
     tx.prepare_cached(stmt)
         .and_then(|mut s| s.execute(params![id, p, d]))
         .map_err(q)?;
+    Ok(())
+}
+
+fn put_user(tx: &Connection, a: &UserAccount) -> rusqlite::Result<()> {
+    tx.prepare_cached("INSERT OR IGNORE INTO accounts (kind, name) VALUES ('user', ?1)")?
+        .execute([&a.login])?;
+    tx.prepare_cached(
+        "INSERT INTO users (account_id, login, staff_no, real_name, class, status, note)
+         SELECT id, ?1, ?2, ?3, ?4, ?5, ?6 FROM accounts WHERE kind = 'user' AND name = ?1
+         ON CONFLICT (account_id) DO UPDATE SET staff_no = ?2, real_name = ?3,
+             class = ?4, status = ?5, note = ?6",
+    )?
+    .execute(params![
+        a.login,
+        a.staff_no,
+        a.real_name,
+        a.class,
+        a.status.as_str(),
+        a.note
+    ])?;
     Ok(())
 }
 
@@ -542,32 +574,15 @@ impl SqliteLedger {
 }
 
 impl LedgerStore for SqliteLedger {
-    fn put_user(&mut self, a: &UserAccount) -> Result<()> {
-        a.validate()?;
+    fn put_users(&mut self, accounts: &[UserAccount]) -> Result<()> {
+        for a in accounts {
+            a.validate()?;
+        }
         let path = self.path.clone();
         let tx = self.tx()?;
-        (|| -> rusqlite::Result<()> {
-            tx.execute(
-                "INSERT OR IGNORE INTO accounts (kind, name) VALUES ('user', ?1)",
-                [&a.login],
-            )?;
-            tx.execute(
-                "INSERT INTO users (account_id, login, staff_no, real_name, class, status, note)
-                 SELECT id, ?1, ?2, ?3, ?4, ?5, ?6 FROM accounts WHERE kind = 'user' AND name = ?1
-                 ON CONFLICT (account_id) DO UPDATE SET staff_no = ?2, real_name = ?3,
-                     class = ?4, status = ?5, note = ?6",
-                params![
-                    a.login,
-                    a.staff_no,
-                    a.real_name,
-                    a.class,
-                    a.status.as_str(),
-                    a.note
-                ],
-            )?;
-            Ok(())
-        })()
-        .map_err(sql(&path, "write a user account"))?;
+        for a in accounts {
+            put_user(&tx, a).map_err(sql(&path, "write a user account"))?;
+        }
         tx.commit().map_err(sql(&path, "commit"))
     }
 
@@ -667,7 +682,7 @@ impl LedgerStore for SqliteLedger {
     }
 
     fn entry(&self, id: i64) -> Result<Option<Entry>> {
-        entry_where(&self.conn, "id = ?1", &id)
+        entry_where(&self.conn, "id = ?1", &id).map_err(|e| self.named(e))
     }
 
     fn open_pending(&self, older_than_ms: i64, limit: usize) -> Result<Vec<Entry>> {
