@@ -32,7 +32,14 @@ fn login(i: usize) -> String {
     format!("user{i:06}@mail.example.edu.cn")
 }
 
-fn transfer(key: String, kind: Kind, debit: AccountRef, credit: AccountRef, minor: i64, pending: bool) -> Request {
+fn transfer(
+    key: String,
+    kind: Kind,
+    debit: AccountRef,
+    credit: AccountRef,
+    minor: i64,
+    pending: bool,
+) -> Request {
     Request {
         key,
         posting: Posting::Transfer {

@@ -621,3 +621,40 @@ fn statement_text(s: &Statement) -> anyhow::Result<String> {
         b.available()?
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_statuses() {
+        let s = |e: OpError| ApiError::from(e).status;
+        assert_eq!(
+            s(LedgerError::UnknownUser("a".into()).into()),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            s(LedgerError::KeyConflict {
+                key: "k".into(),
+                id: 1
+            }
+            .into()),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            s(LedgerError::NotPositive(Money::ZERO).into()),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            s(LedgerError::Stopped.into()),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            s(OpError::Input {
+                field: "amount",
+                reason: "x".into()
+            }),
+            StatusCode::BAD_REQUEST
+        );
+    }
+}

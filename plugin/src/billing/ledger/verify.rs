@@ -259,3 +259,102 @@ impl Verifier {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::billing::ledger::Kind;
+    use crate::billing::money::Money;
+
+    /// A chain of well-hashed entries from (phase, debit, credit, amount, pending_id).
+    fn chain_of(rows: &[(Phase, i64, i64, i64, Option<i64>)]) -> Vec<Entry> {
+        let mut prev = chain::GENESIS;
+        let mut out = Vec::new();
+        for (i, &(phase, debit, credit, amount, pending_id)) in rows.iter().enumerate() {
+            let mut e = Entry {
+                id: i as i64 + 1,
+                key: format!("k{i}"),
+                kind: Kind::Charge,
+                phase,
+                debit,
+                credit,
+                amount: Money::from_minor(amount),
+                pending_id,
+                at_ms: 0,
+                memo: String::new(),
+                prev_hash: prev,
+                hash: [0; 32],
+            };
+            e.hash = chain::hash(&prev, &e);
+            prev = e.hash;
+            out.push(e);
+        }
+        out
+    }
+
+    fn first_problem(rows: &[(Phase, i64, i64, i64, Option<i64>)]) -> Option<Problem> {
+        let mut v = Verifier::new();
+        chain_of(rows).iter().find_map(|e| v.entry(e).err())
+    }
+
+    #[test]
+    fn malformed_resolutions_are_named_even_when_well_hashed() {
+        use Phase::*;
+        let p = first_problem(&[(Pending, 1, 2, 5, None), (Post, 1, 2, 6, Some(1))]).unwrap();
+        assert_eq!(p.entry, Some(2));
+        assert!(p.what.contains("posts more"), "{p}");
+        let p = first_problem(&[(Pending, 1, 2, 5, None), (Void, 1, 2, 4, Some(1))]).unwrap();
+        assert!(p.what.contains("voids another amount"), "{p}");
+        let p = first_problem(&[(Pending, 1, 2, 5, None), (Post, 2, 1, 5, Some(1))]).unwrap();
+        assert!(p.what.contains("accounts differ"), "{p}");
+        let p = first_problem(&[
+            (Pending, 1, 2, 5, None),
+            (Void, 1, 2, 5, Some(1)),
+            (Post, 1, 2, 5, Some(1)),
+        ])
+        .unwrap();
+        assert_eq!(p.entry, Some(3));
+        assert!(p.what.contains("not an open pending"), "{p}");
+        let p = first_problem(&[(Posted, 1, 1, 5, None)]).unwrap();
+        assert!(p.what.contains("same account"), "{p}");
+        let p = first_problem(&[(Posted, 1, 2, 0, None)]).unwrap();
+        assert!(p.what.contains("not above zero"), "{p}");
+        let p = first_problem(&[(Post, 1, 2, 5, None)]).unwrap();
+        assert!(p.what.contains("without a pending entry"), "{p}");
+    }
+
+    #[test]
+    fn sums_heads_and_missing_accounts() {
+        use Phase::*;
+        let rows = chain_of(&[(Posted, 1, 2, 5, None), (Pending, 2, 1, 3, None)]);
+        let mut v = Verifier::new();
+        for e in &rows {
+            v.entry(e).unwrap();
+        }
+        v.head(Some((2, rows[1].hash))).unwrap();
+        assert!(v.head(Some((3, rows[1].hash))).is_err());
+        assert!(v.head(None).is_err());
+        v.account(1, "cash", [5, 0, 0, 3]).unwrap();
+        let p = v.account(2, "user:a", [0, 5, 3, 1]).unwrap_err();
+        assert_eq!(p.account.as_deref(), Some("user:a (id 2)"));
+        // An account the entries name but the table lacks.
+        let mut v = Verifier::new();
+        v.entry(&rows[0]).unwrap();
+        v.account(1, "cash", [5, 0, 0, 0]).unwrap();
+        assert!(v
+            .finish()
+            .unwrap_err()
+            .what
+            .contains("missing from the accounts"));
+        // All well: the report.
+        let mut v = Verifier::new();
+        v.entry(&rows[0]).unwrap();
+        v.account(1, "cash", [5, 0, 0, 0]).unwrap();
+        v.account(2, "user:a", [0, 5, 0, 0]).unwrap();
+        let r = v.finish().unwrap();
+        assert_eq!((r.entries, r.accounts), (1, 2));
+        assert_eq!(r.head, hex::encode(rows[0].hash));
+    }
+}
