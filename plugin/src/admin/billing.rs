@@ -233,7 +233,7 @@ impl Ops {
     }
 
     pub async fn verify(&self) -> Result<VerifyReport, OpError> {
-        Ok(self.ledger.call(|s| s.verify()).await?)
+        Ok(self.ledger.verify().await?)
     }
 }
 

@@ -69,13 +69,17 @@ const QUEUE: usize = 256;
 #[derive(Clone)]
 pub struct Ledger {
     tx: mpsc::Sender<Job>,
+    /// The SQLite file, for readers beside the writer thread.
+    path: Option<PathBuf>,
 }
 
 impl Ledger {
     /// Opens the SQLite ledger at `path` on a new thread.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
         let store = SqliteLedger::open(path)?;
-        Self::spawn(Box::new(store))
+        let mut me = Self::spawn(Box::new(store))?;
+        me.path = Some(path.to_owned());
+        Ok(me)
     }
 
     /// Runs `store` on a new thread (tests pass other stores).
@@ -93,7 +97,18 @@ impl Ledger {
                 op: "start the ledger thread",
                 error,
             })?;
-        Ok(Self { tx })
+        Ok(Self { tx, path: None })
+    }
+
+    /// [`LedgerStore::verify`] on a connection of its own when the ledger is a file (postings
+    /// go on meanwhile; verify reads a snapshot), else on the ledger's thread.
+    pub async fn verify(&self) -> Result<ledger::VerifyReport, LedgerError> {
+        let Some(path) = self.path.clone() else {
+            return self.call(|s| s.verify()).await;
+        };
+        tokio::task::spawn_blocking(move || SqliteLedger::open_read_only(&path)?.verify())
+            .await
+            .map_err(|_| LedgerError::Stopped)?
     }
 
     /// Runs `f` on the ledger's thread and returns its result.

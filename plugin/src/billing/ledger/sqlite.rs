@@ -18,7 +18,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior,
+};
 
 use super::verify::{Problem, Verifier};
 use super::{
@@ -117,6 +119,22 @@ impl SqliteLedger {
         me.conn
             .execute_batch(SCHEMA)
             .map_err(me.err("create the schema"))?;
+        Ok(me)
+    }
+
+    /// Opens an existing ledger to read (verify, reports) beside the writer: WAL lets it
+    /// read a snapshot while postings go on.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let name = path.display().to_string();
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql(&name, "open to read"))?;
+        let me = Self { conn, path: name };
+        me.conn
+            .busy_timeout(Duration::from_secs(10))
+            .map_err(me.err("set the busy timeout"))?;
         Ok(me)
     }
 

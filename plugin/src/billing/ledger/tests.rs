@@ -505,4 +505,17 @@ async fn the_async_handle_runs_on_the_ledger_thread() {
         .await
         .unwrap_err();
     assert!(matches!(e, LedgerError::UnknownUser(_)));
+    // verify reads beside the writer, on its own connection.
+    let r = ledger.verify().await.unwrap();
+    assert_eq!((r.entries, r.problem), (1, None));
+    let path = dir.path().join("l.sqlite");
+    let e = SqliteLedger::open_read_only(&dir.path().join("missing.sqlite"))
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("missing.sqlite: open to read"),
+        "{e}"
+    );
+    let ro = SqliteLedger::open_read_only(&path).unwrap();
+    assert_eq!(ro.verify().unwrap().entries, 1);
 }
