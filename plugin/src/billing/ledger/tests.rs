@@ -519,3 +519,35 @@ async fn the_async_handle_runs_on_the_ledger_thread() {
     let ro = SqliteLedger::open_read_only(&path).unwrap();
     assert_eq!(ro.verify().unwrap().entries, 1);
 }
+
+#[test]
+fn two_writers_on_one_file_keep_one_chain() {
+    // The daemon and a local CLI may both write: BEGIN IMMEDIATE serialises them.
+    let (_d, l, path) = open();
+    drop(l);
+    let threads: Vec<_> = (0..2)
+        .map(|w| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut l = SqliteLedger::open(&path).unwrap();
+                for i in 0..50 {
+                    topup(
+                        &mut l,
+                        "alice@example.org",
+                        m("1"),
+                        &format!("w{w}-{i}"),
+                        "",
+                        i,
+                    )
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let l = SqliteLedger::open(&path).unwrap();
+    assert_eq!(ok(&l).entries, 100);
+    assert_eq!(posted(&l, "alice@example.org"), m("100"));
+}
