@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::audit::AuditLog;
+use crate::billing::Ledger;
 use crate::config::{Config, LinkTls};
 use crate::meter::MeterStore;
 use crate::mta::stalwart::StalwartStats;
@@ -42,10 +43,12 @@ pub struct Stores {
     pub audit: AuditLog,
     /// What the retrieval proxy's sessions retrieved.
     pub meter: MeterStore,
+    /// The ledger of record (its own thread).
+    pub ledger: Ledger,
 }
 
 impl Stores {
-    /// Opens all four (blocking: call from `spawn_blocking` or before the runtime is busy).
+    /// Opens all five (blocking: call from `spawn_blocking` or before the runtime is busy).
     pub fn open(cfg: &Config) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("create data_dir {}", cfg.data_dir.display()))?;
@@ -65,11 +68,13 @@ impl Stores {
         } else {
             MeterStore::open_read_only(&cfg.meter_path())
         };
+        let ledger = Ledger::open(&cfg.ledger_path())?;
         Ok(Self {
             outbox,
             users,
             audit,
             meter,
+            ledger,
         })
     }
 
@@ -346,7 +351,11 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
                 stores.outbox.clone(),
                 stores.audit.clone(),
             ))
-            .merge(crate::admin::meter::routes(stores.meter.clone()));
+            .merge(crate::admin::meter::routes(stores.meter.clone()))
+            .merge(crate::admin::billing::routes(crate::admin::billing::Ops {
+                ledger: stores.ledger.clone(),
+                cfg: cfg.billing.clone(),
+            }));
         let router = crate::admin::api::protect(
             crate::admin::ops::audited(admin_routes, stores.audit.clone()),
             token,

@@ -15,6 +15,7 @@ use mailbell_link::units::{de_duration, parse_toml, read_config};
 use serde::Deserialize;
 
 use crate::audit::AuditConfig;
+use crate::billing::BillingConfig;
 use crate::meter::MeterConfig;
 use crate::mta::milter::MilterConfig;
 use crate::mta::stalwart::StalwartConfig;
@@ -37,6 +38,7 @@ struct RawConfig {
     http: RawHttp,
     retrieval: RawRetrieval,
     meter: MeterConfig,
+    billing: BillingConfig,
 }
 
 /// `[retrieval]`: the POP3/IMAP proxy in front of the backend's listeners (all off by default).
@@ -603,6 +605,8 @@ pub struct Config {
     pub retrieval: RetrievalConfig,
     /// The meter store the retrieval proxy writes (`[meter]`).
     pub meter: MeterConfig,
+    /// The ledger of record (`[billing]`).
+    pub billing: BillingConfig,
 }
 
 fn listen(key: &str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
@@ -789,6 +793,7 @@ impl Config {
         }
         let retrieval = retrieval(raw.retrieval)?;
         raw.meter.validate().map_err(inv)?;
+        raw.billing.validate().map_err(inv)?;
         Ok(Self {
             data_dir,
             http_listen: listen("http", &raw.listen.http)?,
@@ -823,6 +828,7 @@ impl Config {
             http_admin,
             retrieval,
             meter: raw.meter,
+            billing: raw.billing,
         })
     }
 
@@ -840,6 +846,11 @@ impl Config {
 
     pub fn meter_path(&self) -> PathBuf {
         self.data_dir.join("meter")
+    }
+
+    /// The ledger of record: `<data_dir>/billing/ledger.sqlite`.
+    pub fn ledger_path(&self) -> PathBuf {
+        crate::billing::ledger_path(&self.data_dir)
     }
 }
 
@@ -921,6 +932,10 @@ mod tests {
         assert!(e("[meter]\nflush_interval = 0").contains("meter.flush_interval"));
         assert!(e("[meter]\nflush_interval = \"2m\"").contains("meter.flush_interval"));
         assert!(e("[meter]\nsync = \"never\"").contains("expected `interval` or `per-session`"));
+        assert!(e("[billing]\nmax_price_per_mb = \"0\"").contains("billing.max_price_per_mb"));
+        assert!(e("[billing]\nmax_price_per_mb = \"1.005\"").contains("more than 2 digits"));
+        assert!(e("[billing]\nmax_price_per_mb = 5").contains("max_price_per_mb"));
+        assert!(e("[billing]\ndefault_class = \"\"").contains("billing.default_class"));
         assert!(e("[retrieval]\nunwelcome_text = \"\"").contains("retrieval.unwelcome_text"));
         assert!(e("[retrieval]\nnetwork_text = \"a\\nb\"").contains("retrieval.network_text"));
         assert!(e("[retrieval]\nnotice_subject = \"a\\r\\nBcc: x\"")
@@ -977,6 +992,8 @@ mod tests {
     fn retrieval_is_off_by_default_and_its_paths_resolve() {
         let c = Config::from_toml("", "t").unwrap();
         assert_eq!(c.meter.flush_interval, Duration::from_millis(200));
+        assert_eq!(c.billing.max_price_per_mb.minor(), 10_000);
+        assert_eq!(c.ledger_path(), c.data_dir.join("billing/ledger.sqlite"));
         assert_eq!(c.meter.sync, crate::meter::Sync::Interval);
         assert_eq!(c.meter_path(), c.data_dir.join("meter"));
         let m =

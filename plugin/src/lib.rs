@@ -11,6 +11,8 @@
 //!   `mailbell` CLI.
 //! - [`retrieval`]: the POP3/IMAP retrieval proxy's sans-I/O protocol cores (login, capability
 //!   rewriting, metering) and the PROXY v2 header it opens backend connections with.
+//! - [`billing`]: traffic billing; so far the ledger of record (SQLite, double-entry,
+//!   two-phase transfers, hash chain, verify) and the thread that owns it.
 //! - The stores the others write to: the user registry ([`users`]), the audit log
 //!   ([`audit`]) and the meter store ([`meter`], what the retrieval proxy's sessions
 //!   retrieved, for billing).
@@ -19,6 +21,7 @@ pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod bearer;
+pub mod billing;
 pub mod config;
 pub mod meter;
 pub mod mta;

@@ -48,6 +48,9 @@ enum Cmd {
     /// What the retrieval proxy's sessions retrieved (the meter store).
     #[command(subcommand)]
     Meter(mailbell::admin::meter::MeterCmd),
+    /// The ledger of record: top-ups, adjustments, balances, tariffs, verify.
+    #[command(subcommand)]
+    Billing(Box<mailbell::admin::billing::BillingCmd>),
     /// Counters of the running daemon.
     Status,
 }
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
             Cmd::Queue(c) => cli::queue(config, c).await,
             Cmd::Log(a) => cli::log(config, a).await,
             Cmd::Meter(c) => mailbell::admin::meter::meter(config, c).await,
+            Cmd::Billing(c) => mailbell::admin::billing::billing(config, *c).await,
             Cmd::Status => cli::status(config).await,
         }
     });

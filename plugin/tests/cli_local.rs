@@ -4,37 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mailbell");
+mod support;
 
-fn run(config: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn ok(config: &Path, args: &[&str]) -> String {
-    let o = run(config, args);
-    assert!(
-        o.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn fails(config: &Path, args: &[&str]) -> String {
-    let o = run(config, args);
-    assert!(!o.status.success(), "{args:?} should fail");
-    String::from_utf8(o.stderr).unwrap()
-}
+use support::cli::{fails, ok, run, run_all, serve_admin, BIN};
 
 #[test]
 fn users_queue_and_log_without_a_daemon() {
@@ -122,24 +97,6 @@ fn users_queue_and_log_without_a_daemon() {
     assert!(err.contains("not running"), "{err}");
 }
 
-/// (succeeded, stdout, stderr) of each command.
-type Transcript = Vec<(bool, String, String)>;
-
-fn run_all(config: &Path, commands: &[Vec<String>]) -> Transcript {
-    commands
-        .iter()
-        .map(|c| {
-            let args: Vec<&str> = c.iter().map(String::as_str).collect();
-            let o = run(config, &args);
-            (
-                o.status.success(),
-                String::from_utf8(o.stdout).unwrap(),
-                String::from_utf8(o.stderr).unwrap(),
-            )
-        })
-        .collect()
-}
-
 /// Every `user` command, successes and failures alike.
 fn user_commands(dir: &Path) -> Vec<Vec<String>> {
     let csv = dir.join("users.csv");
@@ -212,33 +169,6 @@ fn user_commands(dir: &Path) -> Vec<Vec<String>> {
                 .collect()
         })
         .collect()
-}
-
-/// A daemon with only its admin API on (loopback port 0) and its data in `<dir>/data`, and
-/// `<dir>/mailbell.toml`: a config naming that address and `token`, for the CLI to go through.
-async fn serve_admin(dir: &Path, token: &str) -> (mailbell::app::Running, PathBuf) {
-    let data = dir.join("data");
-    let daemon = mailbell::config::Config::from_toml(
-        &format!(
-            "[mailbell]\ndata_dir = {data:?}\n[listen]\nhttp = \"\"\nmilter = \"\"\n\
-             admin = \"127.0.0.1:0\"\n[admin]\ntoken = \"{token}\"\n\
-             [[link.agent]]\naddr = \"127.0.0.1:9\"\n"
-        ),
-        "test",
-    )
-    .unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = mailbell::app::start(daemon, shutdown).await.unwrap();
-    let admin = running.admin_addr.unwrap();
-    let config = dir.join("mailbell.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[mailbell]\ndata_dir = {data:?}\n[listen]\nadmin = \"{admin}\"\n[admin]\ntoken = \"{token}\"\n"
-        ),
-    )
-    .unwrap();
-    (running, config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,3 +1,4 @@
 //! Helpers shared by the mail side's black-box tests.
 
+pub mod cli;
 pub mod retrieval;

@@ -1,0 +1,660 @@
+//! `mailbell billing …` and `/admin/v1/billing/…`: top-ups, adjustments, balances, tariffs,
+//! accounts and `verify` on the ledger of record. Both surfaces run the same operations
+//! ([`Ops`]) on the [`Ledger`] thread; the CLI goes through the daemon when it runs.
+//!
+//! ```text
+//! POST /admin/v1/billing/topup    {"user","amount":"12.34","key","note"}   -> PostReply
+//! POST /admin/v1/billing/adjust   {"user","amount":"-1.00","key","reason"} -> PostReply
+//! GET  /admin/v1/billing/accounts/{user}                                   -> Statement
+//! PUT  /admin/v1/billing/accounts/{user}  {"staff_no","real_name","class","status","note"}
+//!                                  (fields left out keep their value)      -> UserAccount
+//! GET  /admin/v1/billing/tariffs                                           -> [Tariff]
+//! PUT  /admin/v1/billing/tariffs  {"class","zone","price_per_mb","min_charge"} -> Tariff
+//! GET  /admin/v1/billing/verify                                            -> VerifyReport
+//! amounts are JSON strings ("12.34"); 400 bad input, 404 unknown account, 409 a key reused
+//! for another request, 503 the ledger failing
+//! ```
+
+use std::path::Path;
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Subcommand;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::admin::api::ApiError;
+use crate::admin::cli::{api, enc, target, Target};
+use crate::billing::ledger::{
+    Entry, LedgerError, Statement, Status, Tariff, UserAccount, VerifyReport,
+};
+use crate::billing::money::Money;
+use crate::billing::{adjust, topup, BillingConfig, Ledger};
+use crate::users::address_key;
+
+/// What a top-up or adjustment answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PostReply {
+    pub entry: Entry,
+    pub replayed: bool,
+    /// The user's posted balance afterwards.
+    pub balance: Money,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TopupBody {
+    pub user: String,
+    pub amount: String,
+    pub key: String,
+    #[serde(default)]
+    pub note: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AdjustBody {
+    pub user: String,
+    pub amount: String,
+    pub key: String,
+    pub reason: String,
+}
+
+/// A change to an account; `None` keeps the value (a new account gets the defaults).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountPatch {
+    pub staff_no: Option<String>,
+    pub real_name: Option<String>,
+    pub class: Option<String>,
+    pub status: Option<String>,
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TariffBody {
+    pub class: String,
+    pub zone: String,
+    pub price_per_mb: String,
+    #[serde(default)]
+    pub min_charge: Option<String>,
+}
+
+/// Failures of an operation: the ledger's, or input refused before it.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{field}: {reason}")]
+    Input { field: &'static str, reason: String },
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+fn input(field: &'static str) -> impl Fn(crate::billing::money::MoneyError) -> OpError {
+    move |e| OpError::Input {
+        field,
+        reason: e.to_string(),
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        let status = match &e {
+            OpError::Input { .. } => StatusCode::BAD_REQUEST,
+            OpError::Ledger(l) => match l {
+                LedgerError::UnknownUser(_) | LedgerError::UnknownEntry(_) => StatusCode::NOT_FOUND,
+                LedgerError::KeyConflict { .. } | LedgerError::AlreadyResolved { .. } => {
+                    StatusCode::CONFLICT
+                }
+                LedgerError::Sqlite { .. } | LedgerError::Io { .. } | LedgerError::Stopped => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                _ => StatusCode::BAD_REQUEST,
+            },
+        };
+        if status.is_server_error() {
+            warn!(error = %e, "billing request failed");
+        }
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// The operations both surfaces run.
+#[derive(Clone)]
+pub struct Ops {
+    pub ledger: Ledger,
+    pub cfg: BillingConfig,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Ops {
+    pub async fn topup(&self, b: TopupBody) -> Result<PostReply, OpError> {
+        let amount = Money::parse_positive(b.amount.trim()).map_err(input("amount"))?;
+        let login = address_key(&b.user);
+        let at = now_ms();
+        Ok(self
+            .ledger
+            .call(move |s| {
+                let p = topup(s, &login, amount, &b.key, &b.note, at)?;
+                let balance = s.statement(&login)?.balance.posted()?;
+                Ok(PostReply {
+                    entry: p.entry,
+                    replayed: p.replayed,
+                    balance,
+                })
+            })
+            .await?)
+    }
+
+    pub async fn adjust(&self, b: AdjustBody) -> Result<PostReply, OpError> {
+        let amount = Money::parse(b.amount.trim()).map_err(input("amount"))?;
+        if amount == Money::ZERO {
+            return Err(OpError::Input {
+                field: "amount",
+                reason: "an adjustment of zero changes nothing".into(),
+            });
+        }
+        let login = address_key(&b.user);
+        let at = now_ms();
+        Ok(self
+            .ledger
+            .call(move |s| {
+                let p = adjust(s, &login, amount, &b.key, &b.reason, at)?;
+                let balance = s.statement(&login)?.balance.posted()?;
+                Ok(PostReply {
+                    entry: p.entry,
+                    replayed: p.replayed,
+                    balance,
+                })
+            })
+            .await?)
+    }
+
+    pub async fn statement(&self, user: &str) -> Result<Statement, OpError> {
+        let login = address_key(user);
+        Ok(self.ledger.call(move |s| s.statement(&login)).await?)
+    }
+
+    pub async fn put_account(&self, user: &str, p: AccountPatch) -> Result<UserAccount, OpError> {
+        let login = address_key(user);
+        let status: Option<Status> = p.status.as_deref().map(str::parse).transpose()?;
+        let class = self.cfg.default_class.clone();
+        Ok(self
+            .ledger
+            .call(move |s| {
+                let mut a = s.user(&login)?.unwrap_or(UserAccount {
+                    login: login.clone(),
+                    class,
+                    ..UserAccount::default()
+                });
+                let set = |f: &mut String, v: Option<String>| {
+                    if let Some(v) = v {
+                        *f = v;
+                    }
+                };
+                set(&mut a.staff_no, p.staff_no);
+                set(&mut a.real_name, p.real_name);
+                set(&mut a.class, p.class);
+                set(&mut a.note, p.note);
+                if let Some(st) = status {
+                    a.status = st;
+                }
+                s.put_user(&a)?;
+                Ok(a)
+            })
+            .await?)
+    }
+
+    pub async fn tariffs(&self) -> Result<Vec<Tariff>, OpError> {
+        Ok(self.ledger.call(|s| s.tariffs()).await?)
+    }
+
+    pub async fn set_tariff(&self, b: TariffBody) -> Result<Tariff, OpError> {
+        let t = Tariff {
+            class: b.class,
+            zone: b.zone,
+            price_per_mb: Money::parse_non_negative(b.price_per_mb.trim())
+                .map_err(input("price_per_mb"))?,
+            min_charge: b
+                .min_charge
+                .as_deref()
+                .map(|m| Money::parse_non_negative(m.trim()))
+                .transpose()
+                .map_err(input("min_charge"))?
+                .unwrap_or(Money::ZERO),
+        }
+        .checked(self.cfg.max_price_per_mb)?;
+        let put = t.clone();
+        self.ledger.call(move |s| s.put_tariff(&put)).await?;
+        Ok(t)
+    }
+
+    pub async fn verify(&self) -> Result<VerifyReport, OpError> {
+        Ok(self.ledger.verify().await?)
+    }
+}
+
+/// The billing routes, unauthenticated: merge them before [`crate::admin::api::protect`].
+pub fn routes(ops: Ops) -> Router {
+    Router::new()
+        .route("/admin/v1/billing/topup", post(topup_h))
+        .route("/admin/v1/billing/adjust", post(adjust_h))
+        .route(
+            "/admin/v1/billing/accounts/{user}",
+            get(account_h).put(put_account_h),
+        )
+        .route(
+            "/admin/v1/billing/tariffs",
+            get(tariffs_h).put(set_tariff_h),
+        )
+        .route("/admin/v1/billing/verify", get(verify_h))
+        .with_state(ops)
+}
+
+type Reply<T> = Result<Json<T>, ApiError>;
+
+async fn topup_h(
+    State(o): State<Ops>,
+    b: Result<Json<TopupBody>, JsonRejection>,
+) -> Reply<PostReply> {
+    Ok(Json(o.topup(b?.0).await?))
+}
+
+async fn adjust_h(
+    State(o): State<Ops>,
+    b: Result<Json<AdjustBody>, JsonRejection>,
+) -> Reply<PostReply> {
+    Ok(Json(o.adjust(b?.0).await?))
+}
+
+async fn account_h(
+    State(o): State<Ops>,
+    user: Result<UrlPath<String>, PathRejection>,
+) -> Reply<Statement> {
+    Ok(Json(o.statement(&user?.0).await?))
+}
+
+async fn put_account_h(
+    State(o): State<Ops>,
+    user: Result<UrlPath<String>, PathRejection>,
+    b: Result<Json<AccountPatch>, JsonRejection>,
+) -> Reply<UserAccount> {
+    let user = user?.0;
+    Ok(Json(o.put_account(&user, b?.0).await?))
+}
+
+async fn tariffs_h(State(o): State<Ops>) -> Reply<Vec<Tariff>> {
+    Ok(Json(o.tariffs().await?))
+}
+
+async fn set_tariff_h(
+    State(o): State<Ops>,
+    b: Result<Json<TariffBody>, JsonRejection>,
+) -> Reply<Tariff> {
+    Ok(Json(o.set_tariff(b?.0).await?))
+}
+
+async fn verify_h(State(o): State<Ops>) -> Reply<VerifyReport> {
+    Ok(Json(o.verify().await?))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BillingCmd {
+    /// Credit a prepaid top-up (cash → user). Rerun with the same --key to retry safely.
+    Topup {
+        user: String,
+        /// Above zero, at most two decimals: "50", "12.34".
+        #[arg(allow_hyphen_values = true)]
+        amount: String,
+        /// Idempotency key (default: a new random one, printed).
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, default_value = "")]
+        note: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Correct a balance: a positive amount credits the user, a negative one debits.
+    Adjust {
+        user: String,
+        #[arg(allow_hyphen_values = true)]
+        amount: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A user's account and balances.
+    Balance {
+        user: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create or change a user's billing account (the seed's fields).
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// Check the hash chain, the zero-sum invariant and every balance; name the first bad row.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prices per MB by tariff class and zone.
+    #[command(subcommand)]
+    Tariff(TariffCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountCmd {
+    /// Create the account, or change the fields given.
+    Set {
+        user: String,
+        /// Staff or student number.
+        #[arg(long = "staff-no")]
+        staff_no: Option<String>,
+        #[arg(long = "name")]
+        real_name: Option<String>,
+        /// Tariff class (default for a new account: billing.default_class).
+        #[arg(long)]
+        class: Option<String>,
+        /// normal, arrears or unwelcome.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TariffCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the price per MB of a zone for a tariff class ("0" for a free zone).
+    Set {
+        class: String,
+        zone: String,
+        #[arg(allow_hyphen_values = true)]
+        price_per_mb: String,
+        #[arg(long = "min-charge")]
+        min_charge: Option<String>,
+    },
+}
+
+fn new_key() -> String {
+    format!("cli-{:016x}", rand::random::<u64>())
+}
+
+/// Where a command runs: the daemon's API, or the ledger file opened here.
+enum Via {
+    Api {
+        addr: std::net::SocketAddr,
+        token: String,
+    },
+    Local(Ops),
+}
+
+async fn via(config: Option<&Path>) -> anyhow::Result<Via> {
+    Ok(match target(config).await? {
+        Target::Api { addr, token, .. } => Via::Api { addr, token },
+        Target::Local(cfg) => Via::Local(Ops {
+            ledger: Ledger::open(&cfg.ledger_path())?,
+            cfg: cfg.billing.clone(),
+        }),
+    })
+}
+
+fn body<T: Serialize>(v: &T) -> anyhow::Result<Vec<u8>> {
+    Ok(serde_json::to_vec(v)?)
+}
+
+/// `mailbell billing …`.
+pub async fn billing(config: Option<&Path>, cmd: BillingCmd) -> anyhow::Result<()> {
+    let via = via(config).await?;
+    match cmd {
+        BillingCmd::Topup {
+            user,
+            amount,
+            key,
+            note,
+            json,
+        } => {
+            let b = TopupBody {
+                user,
+                amount,
+                key: key.unwrap_or_else(new_key),
+                note,
+            };
+            let r: PostReply = match &via {
+                Via::Api { addr, token } => {
+                    let j = body(&b)?;
+                    let j = Some(("application/json", &j[..]));
+                    api(*addr, token, "POST", "/admin/v1/billing/topup", j).await?
+                }
+                Via::Local(o) => o.topup(b).await?,
+            };
+            print_post(&r, json)
+        }
+        BillingCmd::Adjust {
+            user,
+            amount,
+            reason,
+            key,
+            json,
+        } => {
+            let b = AdjustBody {
+                user,
+                amount,
+                key: key.unwrap_or_else(new_key),
+                reason,
+            };
+            let r: PostReply = match &via {
+                Via::Api { addr, token } => {
+                    let j = body(&b)?;
+                    let j = Some(("application/json", &j[..]));
+                    api(*addr, token, "POST", "/admin/v1/billing/adjust", j).await?
+                }
+                Via::Local(o) => o.adjust(b).await?,
+            };
+            print_post(&r, json)
+        }
+        BillingCmd::Balance { user, json } => {
+            let s: Statement = match &via {
+                Via::Api { addr, token } => {
+                    let p = format!("/admin/v1/billing/accounts/{}", enc(&user));
+                    api(*addr, token, "GET", &p, None).await?
+                }
+                Via::Local(o) => o.statement(&user).await?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", statement_text(&s)?);
+            }
+            Ok(())
+        }
+        BillingCmd::Account(AccountCmd::Set {
+            user,
+            staff_no,
+            real_name,
+            class,
+            status,
+            note,
+        }) => {
+            let p = AccountPatch {
+                staff_no,
+                real_name,
+                class,
+                status,
+                note,
+            };
+            let a: UserAccount = match &via {
+                Via::Api { addr, token } => {
+                    let path = format!("/admin/v1/billing/accounts/{}", enc(&user));
+                    let j = body(&p)?;
+                    api(
+                        *addr,
+                        token,
+                        "PUT",
+                        &path,
+                        Some(("application/json", &j[..])),
+                    )
+                    .await?
+                }
+                Via::Local(o) => o.put_account(&user, p).await?,
+            };
+            println!("{}: class {}, status {}", a.login, a.class, a.status);
+            Ok(())
+        }
+        BillingCmd::Verify { json } => {
+            let r: VerifyReport = match &via {
+                Via::Api { addr, token } => {
+                    api(*addr, token, "GET", "/admin/v1/billing/verify", None).await?
+                }
+                Via::Local(o) => o.verify().await?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+            match r.problem {
+                Some(p) => anyhow::bail!("ledger verify failed: {p}"),
+                None if !json => {
+                    println!(
+                        "ledger ok: {} entries, {} accounts, balances sum to zero, head {}",
+                        r.entries, r.accounts, r.head
+                    );
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        }
+        BillingCmd::Tariff(TariffCmd::List { json }) => {
+            let ts: Vec<Tariff> = match &via {
+                Via::Api { addr, token } => {
+                    api(*addr, token, "GET", "/admin/v1/billing/tariffs", None).await?
+                }
+                Via::Local(o) => o.tariffs().await?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ts)?);
+            } else {
+                for t in ts {
+                    println!(
+                        "{}\t{}\t{}/MB\tmin {}",
+                        t.class, t.zone, t.price_per_mb, t.min_charge
+                    );
+                }
+            }
+            Ok(())
+        }
+        BillingCmd::Tariff(TariffCmd::Set {
+            class,
+            zone,
+            price_per_mb,
+            min_charge,
+        }) => {
+            let b = TariffBody {
+                class,
+                zone,
+                price_per_mb,
+                min_charge,
+            };
+            let t: Tariff = match &via {
+                Via::Api { addr, token } => {
+                    let j = body(&b)?;
+                    let j = Some(("application/json", &j[..]));
+                    api(*addr, token, "PUT", "/admin/v1/billing/tariffs", j).await?
+                }
+                Via::Local(o) => o.set_tariff(b).await?,
+            };
+            println!(
+                "tariff {}/{}: {}/MB, min {}",
+                t.class, t.zone, t.price_per_mb, t.min_charge
+            );
+            Ok(())
+        }
+    }
+}
+
+fn print_post(r: &PostReply, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    let e = &r.entry;
+    println!(
+        "{}entry {}: {} {} (key {}); balance {}",
+        if r.replayed {
+            "replayed, nothing changed: "
+        } else {
+            ""
+        },
+        e.id,
+        e.kind,
+        e.amount,
+        e.key,
+        r.balance
+    );
+    Ok(())
+}
+
+fn statement_text(s: &Statement) -> anyhow::Result<String> {
+    let a = &s.account;
+    let b = &s.balance;
+    Ok(format!(
+        "login          {}\nstaff no       {}\nreal name      {}\nclass          {}\n\
+         status         {}\nnote           {}\nbalance        {}\npending        {}\n\
+         available      {}\n",
+        a.login,
+        a.staff_no,
+        a.real_name,
+        a.class,
+        a.status,
+        a.note,
+        b.posted()?,
+        b.debits_pending,
+        b.available()?
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_statuses() {
+        let s = |e: OpError| ApiError::from(e).status;
+        assert_eq!(
+            s(LedgerError::UnknownUser("a".into()).into()),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            s(LedgerError::KeyConflict {
+                key: "k".into(),
+                id: 1
+            }
+            .into()),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            s(LedgerError::NotPositive(Money::ZERO).into()),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            s(LedgerError::Stopped.into()),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            s(OpError::Input {
+                field: "amount",
+                reason: "x".into()
+            }),
+            StatusCode::BAD_REQUEST
+        );
+    }
+}

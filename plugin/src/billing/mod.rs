@@ -1,0 +1,207 @@
+//! Traffic billing. Built so far: the ledger of record ([`ledger`]: accounts, tariffs,
+//! double-entry postings with two-phase transfers, idempotency keys, a hash chain and
+//! `verify`), [`money`] (integer minor units) and [`Ledger`], the handle async code uses: the
+//! blocking store lives on its own thread, reached through a bounded channel.
+//!
+//! The accounting run, zones, the blocklist and notices come later; they post through
+//! [`Ledger::call`] with the [`ledger::LedgerStore`] methods (`post`, `post_batch`,
+//! `open_pending`) and the helpers here ([`topup`], [`adjust`]).
+
+pub mod ledger;
+pub mod money;
+
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+use tracing::info;
+
+use ledger::sqlite::SqliteLedger;
+use ledger::{AccountRef, Kind, LedgerError, LedgerStore, Posted, Posting, Request};
+use money::Money;
+
+/// `[billing]` in the config file.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingConfig {
+    /// The highest price per MB a tariff may have ("100.00"): a typo such as "3000" for
+    /// "0.30" is refused, not billed.
+    pub max_price_per_mb: Money,
+    /// Tariff class of accounts made without one.
+    pub default_class: String,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        Self {
+            max_price_per_mb: Money::from_minor(10_000),
+            default_class: "default".into(),
+        }
+    }
+}
+
+impl BillingConfig {
+    /// Checks the values; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.max_price_per_mb.is_positive() {
+            return Err("billing.max_price_per_mb must be above zero".into());
+        }
+        if self.default_class.is_empty() {
+            return Err("billing.default_class must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where the ledger lives under the data directory.
+pub fn ledger_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("billing").join("ledger.sqlite")
+}
+
+type Job = Box<dyn FnOnce(&mut dyn LedgerStore) + Send>;
+
+/// Requests waiting for the ledger thread.
+const QUEUE: usize = 256;
+
+/// The ledger, for async code: a thread owns the store; [`Ledger::call`] runs a closure on
+/// it. Cloning shares the thread; it ends when the last clone is dropped.
+#[derive(Clone)]
+pub struct Ledger {
+    tx: mpsc::Sender<Job>,
+    /// The SQLite file, for readers beside the writer thread.
+    path: Option<PathBuf>,
+}
+
+impl Ledger {
+    /// Opens the SQLite ledger at `path` on a new thread.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        let store = SqliteLedger::open(path)?;
+        let mut me = Self::spawn(Box::new(store))?;
+        me.path = Some(path.to_owned());
+        Ok(me)
+    }
+
+    /// Runs `store` on a new thread (tests pass other stores).
+    pub fn spawn(mut store: Box<dyn LedgerStore>) -> Result<Self, LedgerError> {
+        let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
+        thread::Builder::new()
+            .name("ledger".into())
+            .spawn(move || {
+                while let Some(job) = rx.blocking_recv() {
+                    job(store.as_mut());
+                }
+            })
+            .map_err(|error| LedgerError::Io {
+                path: String::new(),
+                op: "start the ledger thread",
+                error,
+            })?;
+        Ok(Self { tx, path: None })
+    }
+
+    /// [`LedgerStore::verify`] on a connection of its own when the ledger is a file (postings
+    /// go on meanwhile; verify reads a snapshot), else on the ledger's thread.
+    pub async fn verify(&self) -> Result<ledger::VerifyReport, LedgerError> {
+        let Some(path) = self.path.clone() else {
+            return self.call(|s| s.verify()).await;
+        };
+        tokio::task::spawn_blocking(move || SqliteLedger::open_read_only(&path)?.verify())
+            .await
+            .map_err(|_| LedgerError::Stopped)?
+    }
+
+    /// Runs `f` on the ledger's thread and returns its result.
+    pub async fn call<T, F>(&self, f: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn LedgerStore) -> Result<T, LedgerError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Box::new(move |s: &mut dyn LedgerStore| {
+                let _ = reply.send(f(s));
+            }))
+            .await
+            .map_err(|_| LedgerError::Stopped)?;
+        answer.await.map_err(|_| LedgerError::Stopped)?
+    }
+}
+
+/// A top-up: `amount` (above zero) from cash to the user.
+pub fn topup(
+    store: &mut dyn LedgerStore,
+    login: &str,
+    amount: Money,
+    key: &str,
+    note: &str,
+    at_ms: i64,
+) -> Result<Posted, LedgerError> {
+    if !amount.is_positive() {
+        return Err(LedgerError::NotPositive(amount));
+    }
+    known(store, login)?;
+    let p = store.post(&Request {
+        key: key.to_owned(),
+        posting: Posting::Transfer {
+            kind: Kind::Topup,
+            debit: AccountRef::Cash,
+            credit: AccountRef::User(login.to_owned()),
+            amount,
+            pending: false,
+        },
+        memo: note.to_owned(),
+        at_ms,
+    })?;
+    if !p.replayed {
+        info!(user = login, amount = %amount, entry = p.entry.id, "billing top-up");
+    }
+    Ok(p)
+}
+
+/// An operator's correction: a positive `amount` credits the user, a negative one debits.
+pub fn adjust(
+    store: &mut dyn LedgerStore,
+    login: &str,
+    amount: Money,
+    key: &str,
+    reason: &str,
+    at_ms: i64,
+) -> Result<Posted, LedgerError> {
+    if reason.trim().is_empty() {
+        return Err(LedgerError::Invalid {
+            field: "reason",
+            reason: "an adjustment needs a reason".into(),
+        });
+    }
+    known(store, login)?;
+    let user = AccountRef::User(login.to_owned());
+    let (debit, credit) = if amount.is_negative() {
+        (user, AccountRef::Adjustment)
+    } else {
+        (AccountRef::Adjustment, user)
+    };
+    let p = store.post(&Request {
+        key: key.to_owned(),
+        posting: Posting::Transfer {
+            kind: Kind::Adjustment,
+            debit,
+            credit,
+            amount: amount.checked_abs()?,
+            pending: false,
+        },
+        memo: reason.to_owned(),
+        at_ms,
+    })?;
+    if !p.replayed {
+        info!(user = login, amount = %amount, entry = p.entry.id, reason, "billing adjustment");
+    }
+    Ok(p)
+}
+
+fn known(store: &dyn LedgerStore, login: &str) -> Result<(), LedgerError> {
+    match store.user(login)? {
+        Some(_) => Ok(()),
+        None => Err(LedgerError::UnknownUser(login.to_owned())),
+    }
+}
