@@ -61,6 +61,7 @@ struct RawRetrieval {
     backend_ca: Option<PathBuf>,
     backend_server_name: String,
     allow_plaintext_login: bool,
+    pass_through_opaque_sasl: bool,
     max_connections: usize,
     #[serde(deserialize_with = "de_duration")]
     prelogin_timeout: Duration,
@@ -97,6 +98,7 @@ impl Default for RawRetrieval {
             backend_ca: None,
             backend_server_name: String::new(),
             allow_plaintext_login: false,
+            pass_through_opaque_sasl: false,
             max_connections: 1024,
             prelogin_timeout: Duration::from_secs(60),
             pop3_idle_timeout: Duration::from_secs(10 * 60),
@@ -179,6 +181,10 @@ pub struct RetrievalConfig {
     pub backend_tls: Option<BackendTls>,
     /// Allow USER/PASS, LOGIN and AUTH PLAIN/LOGIN before TLS.
     pub allow_plaintext_login: bool,
+    /// Let SASL mechanisms that hide the account (SCRAM-*, OAUTHBEARER, XOAUTH2, GSSAPI, ...)
+    /// through, advertised and forwarded; such sessions are metered without an account and
+    /// are not gated. Off: they are removed from the capabilities and refused.
+    pub pass_through_opaque_sasl: bool,
     /// Per listener: connections not logged in yet (slots taken before accept, the oldest
     /// evicted when all are taken), and separately logged-in sessions.
     pub max_connections: usize,
@@ -262,6 +268,7 @@ fn retrieval(r: RawRetrieval) -> Result<RetrievalConfig, ConfigError> {
             [&r.backend_pop3, &r.backend_imap],
         )?,
         allow_plaintext_login: r.allow_plaintext_login,
+        pass_through_opaque_sasl: r.pass_through_opaque_sasl,
         max_connections: r.max_connections,
         prelogin_timeout: r.prelogin_timeout,
         pop3_idle_timeout: r.pop3_idle_timeout,
@@ -1003,6 +1010,7 @@ mod tests {
         assert!(!c.retrieval.enabled());
         assert!(c.retrieval.proxy_protocol);
         assert!(!c.retrieval.allow_plaintext_login);
+        assert!(!c.retrieval.pass_through_opaque_sasl);
         assert_eq!(c.retrieval.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.retrieval.imap_idle_timeout, Duration::from_secs(1800));
         let dir = tempfile::tempdir().unwrap();

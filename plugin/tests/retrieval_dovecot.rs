@@ -488,3 +488,39 @@ async fn a_client_that_does_not_read_holds_the_backend_back_and_the_stream_resum
     drop(s);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_that_hides_the_account_is_refused_unless_the_operator_passes_it_through() {
+    let greeting: &[u8] = b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=SCRAM-SHA-256] fake\r\n";
+    for (extra, advertised, answer) in [
+        ("", false, "a1 NO"),
+        (
+            "pass_through_opaque_sasl = true",
+            true,
+            "+ backend challenge",
+        ),
+    ] {
+        let imap = fake_backend(greeting, b"+ backend challenge\r\n").await;
+        let p = Proxy::start(
+            ok_backend().await,
+            imap,
+            &format!("allow_plaintext_login = true\n{extra}"),
+        )
+        .await;
+        let mut s = TcpStream::connect(p.addr("imap")).await.unwrap();
+        let (g, _) = read_until(&mut s, Duration::from_secs(3), |g| g.ends_with("\r\n")).await;
+        assert!(g.contains("AUTH=PLAIN"), "{extra}: {g:?}");
+        assert_eq!(
+            g.contains("AUTH=SCRAM-SHA-256"),
+            advertised,
+            "{extra}: {g:?}"
+        );
+        s.write_all(b"a1 AUTHENTICATE SCRAM-SHA-256\r\n")
+            .await
+            .unwrap();
+        let (reply, _) = read_until(&mut s, Duration::from_secs(3), |r| r.ends_with("\r\n")).await;
+        assert!(reply.starts_with(answer), "{extra}: {reply:?}");
+        drop(s);
+        p.stop().await;
+    }
+}

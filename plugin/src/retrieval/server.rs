@@ -612,6 +612,7 @@ async fn connection(
             tls: !plain,
             offer_starttls: plain,
             plaintext_login: cfg.allow_plaintext_login,
+            pass_through_opaque: cfg.pass_through_opaque_sasl,
             ..ImapConfig::default()
         })))
     } else {
@@ -619,6 +620,7 @@ async fn connection(
             tls: !plain,
             offer_stls: plain,
             plaintext_login: cfg.allow_plaintext_login,
+            pass_through_opaque: cfg.pass_through_opaque_sasl,
             ..Pop3Config::default()
         })))
     };
