@@ -939,6 +939,8 @@ impl Committer {
             Ok(n) => {
                 tracing::debug!(archived = n, "dedupe history archived");
                 self.tombstones = 0;
+                // The scan and sled's node copies freed a few MB at once: hand them back.
+                crate::memory::release();
             }
             // The tombstones stay in sled (still deduping); retried after the next commit.
             Err(e) => error!(error = %e, "cannot archive the dedupe history"),
