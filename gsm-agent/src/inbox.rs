@@ -34,7 +34,8 @@
 //! for a week of tombstones was 60-90 MB. A day's file is deleted (and its ids forgotten) once
 //! the whole day is older than `dedupe_retention`, so an id is remembered for at least the
 //! retention and at most a day longer. Start-up reads the files and the remaining tombstones.
-//! Disk: 16 bytes per id in the history (11.2 MB for a week at 100,000 a day).
+//! Disk: 16 bytes per id in the history (11.2 MB for a week at 100,000 a day). After each
+//! archive the committer hands the memory it freed back to the kernel ([`crate::memory`]).
 //!
 //! sled's page cache is bounded by [`InboxConfig::cache_bytes`] (`[inbox] cache_mb`, default
 //! 16 MB); sled's own default is 1 GiB, which let the cache grow with every notice held until
