@@ -10,6 +10,7 @@
 //!   the serial-port driver thread (`driver`) and the pool with pacing and failover (`pool`).
 //! - [`sim`]: a simulated modem speaking real AT over a pseudo-terminal.
 //! - [`dispatch`]: moves inbox items to the modem pool and applies retry policy.
+//! - [`memory`]: glibc allocator limits and trimming, so the RSS stays level.
 //! - [`server`]: the link listener; [`metrics`]: the HTTP status/metrics endpoint.
 //! - [`app`]: wires everything together for `serve`, `send-test`, `status`, `demo`.
 //!
@@ -21,6 +22,7 @@ pub mod app;
 pub mod config;
 pub mod dispatch;
 pub mod inbox;
+pub mod memory;
 pub mod metrics;
 pub mod modem;
 pub mod phone;

@@ -244,8 +244,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists (glibc reads the arena limit when a thread first allocates).
+    let tuned = mailbell_gsm_agent::memory::tune();
     let cli = Cli::parse();
     mailbell_link::logging::init(cli.log_json, "info");
+    if !tuned {
+        tracing::warn!("the allocator refused its limits; memory may grow under load");
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -56,6 +56,8 @@ struct Args {
 const BATCH: usize = 512;
 
 fn main() -> ExitCode {
+    // The agent's allocator limits (its `main` does the same), so the figures are the agent's.
+    mailbell_gsm_agent::memory::tune();
     let args = Args::parse();
     mailbell_tests::bench_main(async move {
         match &args.reopen {
