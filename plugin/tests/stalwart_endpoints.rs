@@ -292,6 +292,7 @@ async fn data_fixtures_give_the_right_arrivals() {
                 subject: "Plain ASCII test message".into(),
                 message_id: "plain-0001@remote.example".into(),
                 date_ms: Some(1795357800000),
+                auth_results: Vec::new(),
             },
             size: 334,
             received_at_ms: plain.received_at_ms,
