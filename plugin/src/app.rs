@@ -368,6 +368,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             .collect(),
         listeners: listener_stats,
         http: http_stats,
+        policy: policy.clone(),
     };
     if let Some(l) = admin {
         let token: Arc<str> = Arc::from(cfg.admin_token.as_str());
@@ -447,7 +448,9 @@ async fn reload_policy(
         let p = policy.clone();
         match tokio::task::spawn_blocking(move || p.reload()).await {
             Ok(Ok(())) => info!("zone and blocklist files reloaded"),
-            Ok(Err(e)) => warn!(error = %e, "zone and blocklist reload refused; the rules in force stay"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "zone and blocklist reload refused; the rules in force stay")
+            }
             Err(e) => warn!(error = %e, "zone and blocklist reload failed"),
         }
     }

@@ -16,12 +16,12 @@ use serde::Deserialize;
 
 use crate::audit::AuditConfig;
 use crate::billing::BillingConfig;
-use crate::policy::blocklist::BlocklistConfig;
-use crate::policy::zones::ZonesConfig;
 use crate::meter::MeterConfig;
 use crate::mta::milter::MilterConfig;
 use crate::mta::stalwart::StalwartConfig;
 use crate::notify::intake::IntakeConfig;
+use crate::policy::blocklist::BlocklistConfig;
+use crate::policy::zones::ZonesConfig;
 use crate::retrieval::certs::CertFiles;
 
 #[derive(Debug, Deserialize, Default)]

@@ -203,10 +203,16 @@ mod tests {
             "Authentication-Results",
             " mx.example.org;\r\n\tspf=pass smtp.mailfrom=uni.example\r\n",
         )];
-        fields.extend(std::iter::repeat_n(("authentication-results", " evil; none"), 20));
+        fields.extend(std::iter::repeat_n(
+            ("authentication-results", " evil; none"),
+            20,
+        ));
         let f = facts(&fields);
         assert_eq!(f.auth_results.len(), MAX_AUTH_RESULTS);
-        assert_eq!(f.auth_results[0], "mx.example.org;\r\n\tspf=pass smtp.mailfrom=uni.example");
+        assert_eq!(
+            f.auth_results[0],
+            "mx.example.org;\r\n\tspf=pass smtp.mailfrom=uni.example"
+        );
         assert_eq!(f.auth_results[1], "evil; none");
     }
 

@@ -583,7 +583,11 @@ fn callbacks<I: Intake>(
         .on_helo(move |cx, helo| {
             let s = session(&mut cx.data);
             s.helo = lossy(&helo, MAX_NAME);
-            Box::pin(ready(s.verdict(ProtoOpts::NOREPLY_HELO, &g3, &mut cx.reply)))
+            Box::pin(ready(s.verdict(
+                ProtoOpts::NOREPLY_HELO,
+                &g3,
+                &mut cx.reply,
+            )))
         })
         .on_mail(move |cx, args| {
             let _e = s3.enter();
@@ -591,7 +595,11 @@ fn callbacks<I: Intake>(
             let from = args.first().map(|a| path(a)).unwrap_or_default();
             debug!(from = %from, "mail transaction");
             s.tx = Some(Transaction::new(from));
-            Box::pin(ready(s.verdict(ProtoOpts::NOREPLY_MAIL, &g4, &mut cx.reply)))
+            Box::pin(ready(s.verdict(
+                ProtoOpts::NOREPLY_MAIL,
+                &g4,
+                &mut cx.reply,
+            )))
         })
         .on_rcpt(move |cx, args| {
             let _e = s4.enter();

@@ -92,11 +92,8 @@ fn strip_comments(s: &str) -> String {
             }
             '(' if !quoted => depth += 1,
             ')' if !quoted && depth > 0 => depth -= 1,
-            '\r' | '\n' | '\t' => {
-                if depth == 0 {
-                    out.push(' ');
-                }
-            }
+            '\r' | '\n' | '\t' if depth == 0 => out.push(' '),
+            '\r' | '\n' | '\t' => {}
             _ if depth == 0 => out.push(c),
             _ => {}
         }
@@ -113,7 +110,10 @@ mod tests {
     #[test]
     fn spf_and_dmarc_pass_name_domains() {
         let v = " mx.example.org 1; spf=pass (sender IP is 192.0.2.1) smtp.mailfrom=bob@Uni.Example;\r\n\tdkim=pass header.d=other.example; dmarc=pass (p=none dis=none) header.from=lab.example\r\n";
-        assert_eq!(authenticated_domains(v, ID), vec!["uni.example", "lab.example"]);
+        assert_eq!(
+            authenticated_domains(v, ID),
+            vec!["uni.example", "lab.example"]
+        );
     }
 
     #[test]
@@ -134,7 +134,8 @@ mod tests {
     #[test]
     fn another_authserv_id_is_ignored() {
         // What a sender (or a relay on the way) can write itself.
-        let spoofed = "evil.example; spf=pass smtp.mailfrom=uni.example; dmarc=pass header.from=uni.example";
+        let spoofed =
+            "evil.example; spf=pass smtp.mailfrom=uni.example; dmarc=pass header.from=uni.example";
         assert!(authenticated_domains(spoofed, ID).is_empty());
         let prefixed = "mx.example.org.evil; spf=pass smtp.mailfrom=uni.example";
         assert!(authenticated_domains(prefixed, ID).is_empty());
@@ -142,14 +143,20 @@ mod tests {
         let commented = "(mx.example.org) evil.example; spf=pass smtp.mailfrom=uni.example";
         assert!(authenticated_domains(commented, ID).is_empty());
         // No configured id: nothing is trusted.
-        assert!(authenticated_domains("mx.example.org; spf=pass smtp.mailfrom=u.example", "").is_empty());
+        assert!(
+            authenticated_domains("mx.example.org; spf=pass smtp.mailfrom=u.example", "")
+                .is_empty()
+        );
     }
 
     #[test]
     fn case_versions_and_quoting() {
         let v = "MX.Example.ORG; SPF=Pass smtp.MailFrom=\"x@U.example\"; dmarc/1=pass header.from=V.example.";
         assert_eq!(authenticated_domains(v, ID), vec!["u.example", "v.example"]);
-        let long = format!("{ID}; spf=pass smtp.mailfrom=u.example; {}", "x".repeat(MAX_VALUE * 2));
+        let long = format!(
+            "{ID}; spf=pass smtp.mailfrom=u.example; {}",
+            "x".repeat(MAX_VALUE * 2)
+        );
         assert_eq!(authenticated_domains(&long, ID), vec!["u.example"]);
     }
 }

@@ -159,13 +159,21 @@ mod tests {
         })
         .unwrap();
         assert!(b.connect(Some("203.0.113.5".parse().unwrap())).is_some());
-        assert!(b.connect(Some("2001:db8:bad::1".parse().unwrap())).is_some());
+        assert!(b
+            .connect(Some("2001:db8:bad::1".parse().unwrap()))
+            .is_some());
         assert!(b.connect(Some("198.51.100.1".parse().unwrap())).is_none());
         assert!(b.connect(None).is_none());
-        assert_eq!(b.helo("mx1.SPAM.example").unwrap().matched, "mx1.SPAM.example");
+        assert_eq!(
+            b.helo("mx1.SPAM.example").unwrap().matched,
+            "mx1.SPAM.example"
+        );
         assert!(b.helo("notspam.example").is_none());
         assert!(b.helo("[192.0.2.1]").is_none());
-        assert_eq!(b.mail("<x@a.junk.example>").unwrap().matched, "a.junk.example");
+        assert_eq!(
+            b.mail("<x@a.junk.example>").unwrap().matched,
+            "a.junk.example"
+        );
         assert!(b.mail("<>").is_none());
         assert_eq!(b.stages(), (true, true, true));
         assert!(Blocklist::default().is_empty());

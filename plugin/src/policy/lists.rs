@@ -238,12 +238,29 @@ mod tests {
 
     #[test]
     fn cidr_v4_v6_and_mapped() {
-        let s = set(&["192.0.2.0/24", "198.51.100.7", "2001:db8::/32", "10.0.0.0/8"]);
-        for yes in ["192.0.2.0", "192.0.2.255", "198.51.100.7", "10.9.9.9", "2001:db8:1::5"] {
+        let s = set(&[
+            "192.0.2.0/24",
+            "198.51.100.7",
+            "2001:db8::/32",
+            "10.0.0.0/8",
+        ]);
+        for yes in [
+            "192.0.2.0",
+            "192.0.2.255",
+            "198.51.100.7",
+            "10.9.9.9",
+            "2001:db8:1::5",
+        ] {
             assert!(s.contains(yes.parse().unwrap()), "{yes}");
         }
         assert!(s.contains("::ffff:192.0.2.9".parse().unwrap()));
-        for no in ["192.0.3.0", "198.51.100.8", "11.0.0.0", "2001:db9::1", "::1"] {
+        for no in [
+            "192.0.3.0",
+            "198.51.100.8",
+            "11.0.0.0",
+            "2001:db9::1",
+            "::1",
+        ] {
             assert!(!s.contains(no.parse().unwrap()), "{no}");
         }
         assert!(CidrSet::default().is_empty());
@@ -251,7 +268,12 @@ mod tests {
 
     #[test]
     fn cidr_ranges_merge_and_host_bits_are_dropped() {
-        let s = set(&["192.0.2.7/24", "192.0.3.0/24", "192.0.2.128/25", "0.0.0.0/0"]);
+        let s = set(&[
+            "192.0.2.7/24",
+            "192.0.3.0/24",
+            "192.0.2.128/25",
+            "0.0.0.0/0",
+        ]);
         assert_eq!(s.v4, vec![(0, u32::MAX)]);
         let s = set(&["::/0", "2001:db8::/32"]);
         assert_eq!(s.v6.len(), 1);
@@ -268,7 +290,10 @@ mod tests {
         assert!(s.matches("mail.Example.edu."));
         assert!(!s.matches("badexample.edu"));
         assert!(!s.matches("edu"));
-        assert_eq!(domain_of("<Alice@Mail.Example.EDU>").as_deref(), Some("mail.example.edu"));
+        assert_eq!(
+            domain_of("<Alice@Mail.Example.EDU>").as_deref(),
+            Some("mail.example.edu")
+        );
         assert_eq!(domain_of("<>"), None);
         assert_eq!(domain_of("postmaster"), None);
     }
@@ -276,7 +301,10 @@ mod tests {
     #[test]
     fn entries_skip_comments_and_keep_line_numbers() {
         let e = entries("# ranges\n\n192.0.2.0/24  # lab\n  2001:db8::/32\n");
-        assert_eq!(e, vec![(3, "192.0.2.0/24".into()), (4, "2001:db8::/32".into())]);
+        assert_eq!(
+            e,
+            vec![(3, "192.0.2.0/24".into()), (4, "2001:db8::/32".into())]
+        );
     }
 
     #[test]
@@ -284,7 +312,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("free.txt");
         std::fs::write(&p, "192.0.2.0/24\n# x\n192.0.2.0/33\n").unwrap();
-        let e = CidrSet::load(&[p.clone()]).unwrap_err().to_string();
+        let e = CidrSet::load(std::slice::from_ref(&p)).unwrap_err().to_string();
         assert!(e.contains(&format!("{}:3:", p.display())), "{e}");
         assert!(e.contains("192.0.2.0/33"), "{e}");
         let missing = dir.path().join("nope.txt");
@@ -292,7 +320,9 @@ mod tests {
         assert!(e.contains("nope.txt"), "{e}");
         let p2 = dir.path().join("helo.txt");
         std::fs::write(&p2, "ok.example\nnot a name\n").unwrap();
-        let e = SuffixSet::load(&[p2], "a HELO name").unwrap_err().to_string();
+        let e = SuffixSet::load(&[p2], "a HELO name")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("helo.txt:2:"), "{e}");
     }
 }

@@ -129,22 +129,45 @@ mod tests {
         let z = zones(dir.path());
         let ip = |s: &str| Some(s.parse().unwrap());
         let none: &[String] = &[];
-        let free_ip = Source { client_ip: ip("192.0.2.9"), env_from: "x@elsewhere.example", auth_results: none };
+        let free_ip = Source {
+            client_ip: ip("192.0.2.9"),
+            env_from: "x@elsewhere.example",
+            auth_results: none,
+        };
         assert_eq!(z.classify(&free_ip), Zone::Free);
-        let v6 = Source { client_ip: ip("2001:db8::25"), ..free_ip };
+        let v6 = Source {
+            client_ip: ip("2001:db8::25"),
+            ..free_ip
+        };
         assert_eq!(z.classify(&v6), Zone::Free);
         let auth = vec!["mx.example.org; spf=pass smtp.mailfrom=lab.uni.example".to_owned()];
-        let by_domain = Source { client_ip: ip("203.0.113.1"), env_from: "<a@lab.uni.example>", auth_results: &auth };
+        let by_domain = Source {
+            client_ip: ip("203.0.113.1"),
+            env_from: "<a@lab.uni.example>",
+            auth_results: &auth,
+        };
         assert_eq!(z.classify(&by_domain), Zone::Free);
         // The same domain without a trusted header, or with one from another authserv-id.
-        let unauth = Source { auth_results: none, ..by_domain };
+        let unauth = Source {
+            auth_results: none,
+            ..by_domain
+        };
         assert_eq!(z.classify(&unauth), Zone::Foreign);
         let spoof = vec!["evil.example; spf=pass smtp.mailfrom=lab.uni.example".to_owned()];
-        let spoofed = Source { auth_results: &spoof, ..by_domain };
+        let spoofed = Source {
+            auth_results: &spoof,
+            ..by_domain
+        };
         assert_eq!(z.classify(&spoofed), Zone::Foreign);
         // Authenticated, but for another domain than the envelope sender's.
         let other = vec!["mx.example.org; spf=pass smtp.mailfrom=other.example".to_owned()];
-        assert_eq!(z.classify(&Source { auth_results: &other, ..by_domain }), Zone::Foreign);
+        assert_eq!(
+            z.classify(&Source {
+                auth_results: &other,
+                ..by_domain
+            }),
+            Zone::Foreign
+        );
         // Unknown: no IP, null sender.
         assert_eq!(z.classify(&Source::default()), Zone::Foreign);
     }
@@ -155,7 +178,11 @@ mod tests {
         let mut z = zones(dir.path());
         z.authserv_id.clear();
         let auth = vec!["mx.example.org; spf=pass smtp.mailfrom=uni.example".to_owned()];
-        let s = Source { client_ip: None, env_from: "a@uni.example", auth_results: &auth };
+        let s = Source {
+            client_ip: None,
+            env_from: "a@uni.example",
+            auth_results: &auth,
+        };
         assert_eq!(z.classify(&s), Zone::Foreign);
         assert!(Zones::default().is_empty());
         assert_eq!(Zone::parse(Zone::Free.as_str()), Some(Zone::Free));

@@ -96,9 +96,8 @@ pub(crate) fn remember_source(
 /// Inserts the deliveries (in the caller's transaction); a (message, account) pair already
 /// recorded is left as it is.
 pub(crate) fn record(conn: &Connection, batch: &[Delivery]) -> rusqlite::Result<Recorded> {
-    let mut source = conn.prepare_cached(
-        "SELECT zone FROM delivery_sources WHERE message_key = ?1",
-    )?;
+    let mut source =
+        conn.prepare_cached("SELECT zone FROM delivery_sources WHERE message_key = ?1")?;
     let mut insert = conn.prepare_cached(
         "INSERT INTO deliveries (message_key, account, zone, bytes, at_ms) \
          VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (message_key, account) DO NOTHING",
@@ -115,7 +114,13 @@ pub(crate) fn record(conn: &Connection, batch: &[Delivery]) -> rusqlite::Result<
                 .unwrap_or(Zone::Foreign),
         };
         let bytes = i64::try_from(d.bytes).unwrap_or(i64::MAX);
-        match insert.execute(params![d.message_key, d.account, zone.as_str(), bytes, d.at_ms])? {
+        match insert.execute(params![
+            d.message_key,
+            d.account,
+            zone.as_str(),
+            bytes,
+            d.at_ms
+        ])? {
             0 => out.replayed += 1,
             _ => out.added += 1,
         }
@@ -185,8 +190,20 @@ mod tests {
             d("stalwart:8", "stalwart:2", None, 50),
             d("milter:Q1", "a@x.example", Some(Zone::Free), 10),
         ];
-        assert_eq!(l.record_deliveries(&batch).unwrap(), Recorded { added: 4, replayed: 0 });
-        assert_eq!(l.record_deliveries(&batch).unwrap(), Recorded { added: 0, replayed: 4 });
+        assert_eq!(
+            l.record_deliveries(&batch).unwrap(),
+            Recorded {
+                added: 4,
+                replayed: 0
+            }
+        );
+        assert_eq!(
+            l.record_deliveries(&batch).unwrap(),
+            Recorded {
+                added: 0,
+                replayed: 4
+            }
+        );
         drop(l);
         // Durable: a fresh connection sees the same records.
         let l = SqliteLedger::open(&path).unwrap();

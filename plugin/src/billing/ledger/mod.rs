@@ -31,9 +31,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::billing::money::{Money, MoneyError};
 
+use crate::policy::zones::Zone;
 pub use deliveries::{Delivery, DeliveryRecord, Recorded};
 pub use verify::{Problem, VerifyReport};
-use crate::policy::zones::Zone;
 
 /// Longest idempotency key, memo and account text field, in bytes.
 pub const MAX_KEY_LEN: usize = 200;

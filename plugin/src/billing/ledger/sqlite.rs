@@ -24,12 +24,12 @@ use rusqlite::{
 
 use super::deliveries::{self, Delivery, DeliveryRecord, Recorded};
 use super::verify::{Problem, Verifier};
-use crate::policy::zones::Zone;
 use super::{
     chain, AccountRef, Balance, Entry, LedgerError, LedgerStore, Phase, Posted, Posting, Request,
     Result, Statement, Status, Tariff, UserAccount, VerifyReport,
 };
 use crate::billing::money::Money;
+use crate::policy::zones::Zone;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS accounts (

@@ -322,7 +322,10 @@ async fn meter<I>(sh: &Shared<I>, deliveries: Vec<Delivery>) -> Result<(), Respo
     let failed = |why: String| {
         bump(&sh.stats.webhook_confirm_errors);
         tracing::warn!(error = %why, "deliveries not metered: answering 503");
-        text_response(StatusCode::SERVICE_UNAVAILABLE, format!("not metered: {why}"))
+        text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not metered: {why}"),
+        )
     };
     match tokio::time::timeout(sh.cfg.intake_timeout, call).await {
         Ok(Ok(r)) => {
