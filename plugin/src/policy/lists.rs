@@ -312,7 +312,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("free.txt");
         std::fs::write(&p, "192.0.2.0/24\n# x\n192.0.2.0/33\n").unwrap();
-        let e = CidrSet::load(std::slice::from_ref(&p)).unwrap_err().to_string();
+        let e = CidrSet::load(std::slice::from_ref(&p))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&format!("{}:3:", p.display())), "{e}");
         assert!(e.contains("192.0.2.0/33"), "{e}");
         let missing = dir.path().join("nope.txt");
