@@ -1126,3 +1126,46 @@ async fn accepted_messages_are_metered_into_their_zones_once() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_meter_failure_tempfails_the_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite");
+    let ledger = Ledger::open(&path).unwrap();
+    let server = Server::start_with(cfg(), gate(Policy::empty(), Some(ledger.clone()))).await;
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("ALTER TABLE deliveries RENAME TO broken")
+        .unwrap();
+    let mut conn = server.open().await;
+    connect(&mut conn, [192, 0, 2, 1], "mx.example.net").await;
+    let m = Msg {
+        from: "<a@example.org>",
+        rcpts: &["<b@example.com>"],
+        headers: &[("Subject", "hi")],
+        body: b"x\r\n",
+    };
+    send_until_eom(&mut conn, &m).await;
+    conn.macros(MacroStage::Eom, [("i", "Q9")]).await.unwrap();
+    match conn.eom().await.unwrap().1 {
+        Status::Tempfail { message: Some(t) } => {
+            let t = t.to_str().unwrap();
+            assert!(
+                t.starts_with("451 4.3.0") && t.contains("delivery meter"),
+                "{t}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    conn.close().await.unwrap();
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("ALTER TABLE broken RENAME TO deliveries")
+        .unwrap();
+    assert!(ledger
+        .call(|s| s.unconsumed_deliveries(10))
+        .await
+        .unwrap()
+        .is_empty());
+    server.stop().await;
+}

@@ -966,3 +966,68 @@ async fn deliveries_are_metered_into_their_zones_once() {
         [1000, 1000, 2000, 3000, 4000]
     );
 }
+
+/// Runs `sql` on the ledger file beside the daemon's connection (to break or mend a table).
+fn ledger_sql(path: &std::path::Path, sql: &str) {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .execute_batch(sql)
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_meter_failure_is_a_tempfail_and_the_resend_counts_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let zones = ZonesConfig {
+        free_networks: list(dir.path(), "free", "127.0.0.0/8\n"),
+        ..Default::default()
+    };
+    let policy = Arc::new(Policy::load(zones, BlocklistConfig::default(), None).unwrap());
+    let path = dir.path().join("ledger.sqlite");
+    let ledger = Ledger::open(&path).unwrap();
+    let srv = start_with_policy(policy, ledger.clone()).await;
+    let data = fixture("mta-hook-data-chinese");
+    let batch = fixture("webhook-batch-08");
+    let sig = batch.signature.clone().unwrap();
+
+    // The zone cannot be remembered: the data stage is answered 451, nothing is accepted.
+    ledger_sql(&path, "ALTER TABLE delivery_sources RENAME TO broken");
+    let r = post(srv.addr, HOOK, &[], data.body.as_bytes()).await;
+    assert_eq!(r.body, REJECT_451);
+    assert!(srv.intake.arrivals().is_empty());
+    ledger_sql(&path, "ALTER TABLE broken RENAME TO delivery_sources");
+    let r = post(srv.addr, HOOK, &[], data.body.as_bytes()).await;
+    assert_eq!(r.json(), serde_json::json!({"action": "accept"}));
+
+    // The deliveries cannot be recorded: 503, and the intake is not told either.
+    ledger_sql(&path, "ALTER TABLE deliveries RENAME TO broken");
+    let r = post(
+        srv.addr,
+        EVENTS,
+        &[("X-Signature", &sig)],
+        batch.body.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("not metered"), "{}", r.body);
+    assert!(srv.intake.batches().is_empty());
+    // Stalwart resends once the store is back: both deliveries, free, once.
+    ledger_sql(&path, "ALTER TABLE broken RENAME TO deliveries");
+    for _ in 0..2 {
+        let r = post(
+            srv.addr,
+            EVENTS,
+            &[("X-Signature", &sig)],
+            batch.body.as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let rows = metered(&ledger).await;
+    let got: Vec<_> = rows.iter().map(|d| (d.account.as_str(), d.zone)).collect();
+    assert_eq!(
+        got,
+        [("stalwart:2", Zone::Free), ("stalwart:3", Zone::Free)]
+    );
+    assert_eq!(srv.stats.snapshot().webhook_confirm_errors, 1);
+}
