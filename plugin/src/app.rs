@@ -129,8 +129,11 @@ pub struct Running {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     failures: Failures,
-    /// Bumped to reload what can be reloaded (the retrieval certificates): SIGHUP.
+    /// Bumped to reload what can be reloaded (the retrieval certificates, the zone and
+    /// blocklist files): SIGHUP.
     reload: tokio::sync::watch::Sender<u64>,
+    /// Zones and blocklist in force.
+    pub policy: Arc<crate::policy::Policy>,
 }
 
 /// The first fatal error of any task; cancelling `failed` wakes [`Running::failed`].
@@ -159,7 +162,8 @@ impl Failures {
 }
 
 impl Running {
-    /// Reloads what can change without a restart (the retrieval certificates), as SIGHUP does.
+    /// Reloads what can change without a restart (the retrieval certificates, the zone and
+    /// blocklist files), as SIGHUP does.
     pub fn reload(&self) {
         self.reload.send_modify(|generation| *generation += 1);
     }
@@ -249,6 +253,15 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         });
     }
 
+    let policy = Arc::new(
+        crate::policy::Policy::load(
+            cfg.zones.clone(),
+            cfg.blocklist.clone(),
+            Some(stores.audit.clone()),
+        )
+        .context("zone and blocklist files")?,
+    );
+    let meter_ledger = cfg.billing.meter_deliveries.then(|| stores.ledger.clone());
     let intake_arc = Arc::new(intake.clone());
     let stalwart_stats = Arc::new(StalwartStats::default());
     let mut listener_stats: Vec<(&'static str, Arc<ListenerStats>)> = Vec::new();
@@ -256,10 +269,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let http = bind("the Stalwart endpoints", cfg.http_listen).await?;
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(l) = http {
-        let router = crate::mta::stalwart::router_with_stats(
+        let router = crate::mta::stalwart::router_with_policy(
             intake_arc.clone(),
             cfg.stalwart.clone(),
             stalwart_stats.clone(),
+            policy.clone(),
+            meter_ledger.clone(),
         );
         // The hook answers 408 itself after stalwart.body_timeout; the connection's own body
         // deadline comes a little later so that answer gets out.
@@ -293,8 +308,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         let stats = Arc::new(ListenerStats::default());
         listener_stats.push(("milter", stats.clone()));
         let ms = milter_stats.clone();
+        let gate = crate::mta::milter::Gate {
+            policy: policy.clone(),
+            ledger: meter_ledger.clone(),
+            timeout: cfg.milter.timeout,
+        };
         tasks.spawn(async move {
-            if let Err(e) = crate::mta::milter::serve(l, i, mc, stats, ms, token).await {
+            if let Err(e) = crate::mta::milter::serve(l, i, mc, stats, ms, gate, token).await {
                 failures.fail(format!("milter listener failed: {e:#}"));
             }
         });
@@ -302,6 +322,11 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
 
     let retrieval_stats = Arc::new(crate::retrieval::server::RetrievalStats::default());
     let (reload, reload_rx) = tokio::sync::watch::channel(0u64);
+    tasks.spawn(reload_policy(
+        policy.clone(),
+        reload_rx.clone(),
+        shutdown.clone(),
+    ));
     let (retrieval_addrs, retrieval_certs) = start_retrieval(
         &cfg,
         &stores,
@@ -343,6 +368,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             .collect(),
         listeners: listener_stats,
         http: http_stats,
+        policy: policy.clone(),
     };
     if let Some(l) = admin {
         let token: Arc<str> = Arc::from(cfg.admin_token.as_str());
@@ -403,7 +429,31 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         shutdown,
         failures,
         reload,
+        policy,
     })
+}
+
+/// Reloads the zone and blocklist files at every `reload` bump (SIGHUP). A refused reload is
+/// logged with file and line, and the rules in force stay.
+async fn reload_policy(
+    policy: Arc<crate::policy::Policy>,
+    mut reload: tokio::sync::watch::Receiver<u64>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = reload.changed() => if changed.is_err() { return },
+        }
+        let p = policy.clone();
+        match tokio::task::spawn_blocking(move || p.reload()).await {
+            Ok(Ok(())) => info!("zone and blocklist files reloaded"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "zone and blocklist reload refused; the rules in force stay")
+            }
+            Err(e) => warn!(error = %e, "zone and blocklist reload failed"),
+        }
+    }
 }
 
 /// Binds and serves the retrieval proxy's listeners that are configured (none by default), and
@@ -540,7 +590,7 @@ async fn reload_on_hangup(hangups: Hangups, running: &Running) {
     #[cfg(unix)]
     if let Some(mut hup) = hangups {
         while hup.recv().await.is_some() {
-            info!("SIGHUP: reloading certificates");
+            info!("SIGHUP: reloading certificates, zone and blocklist files");
             running.reload();
         }
     }

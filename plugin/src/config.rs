@@ -20,6 +20,8 @@ use crate::meter::MeterConfig;
 use crate::mta::milter::MilterConfig;
 use crate::mta::stalwart::StalwartConfig;
 use crate::notify::intake::IntakeConfig;
+use crate::policy::blocklist::BlocklistConfig;
+use crate::policy::zones::ZonesConfig;
 use crate::retrieval::certs::CertFiles;
 
 #[derive(Debug, Deserialize, Default)]
@@ -39,6 +41,8 @@ struct RawConfig {
     retrieval: RawRetrieval,
     meter: MeterConfig,
     billing: BillingConfig,
+    zones: ZonesConfig,
+    blocklist: BlocklistConfig,
 }
 
 /// `[retrieval]`: the POP3/IMAP proxy in front of the backend's listeners (all off by default).
@@ -614,6 +618,10 @@ pub struct Config {
     pub meter: MeterConfig,
     /// The ledger of record (`[billing]`).
     pub billing: BillingConfig,
+    /// Source zones (`[zones]`), reloaded on SIGHUP.
+    pub zones: ZonesConfig,
+    /// The SMTP-time blocklist (`[blocklist]`), reloaded on SIGHUP.
+    pub blocklist: BlocklistConfig,
 }
 
 fn listen(key: &str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
@@ -704,6 +712,18 @@ impl Config {
         }
         if let (true, Some(f)) = (self.retrieval.enabled(), &self.retrieval.notice_file) {
             paths::check_readable_file("retrieval.notice_file", f)?;
+        }
+        let lists = [
+            ("zones.free_networks", &self.zones.free_networks),
+            ("zones.free_domains", &self.zones.free_domains),
+            ("blocklist.networks", &self.blocklist.networks),
+            ("blocklist.helo", &self.blocklist.helo),
+            ("blocklist.sender_domains", &self.blocklist.sender_domains),
+        ];
+        for (key, files) in lists {
+            for f in files {
+                paths::check_readable_file(key, f)?;
+            }
         }
         Ok(())
     }
@@ -801,6 +821,7 @@ impl Config {
         let retrieval = retrieval(raw.retrieval)?;
         raw.meter.validate().map_err(inv)?;
         raw.billing.validate().map_err(inv)?;
+        raw.blocklist.validate().map_err(inv)?;
         Ok(Self {
             data_dir,
             http_listen: listen("http", &raw.listen.http)?,
@@ -836,6 +857,8 @@ impl Config {
             retrieval,
             meter: raw.meter,
             billing: raw.billing,
+            zones: raw.zones,
+            blocklist: raw.blocklist,
         })
     }
 
@@ -919,6 +942,8 @@ mod tests {
         assert!(e("[link]\nca = \"/x\"").contains("link.ca"));
         assert!(e("[intake]\ntimezone = \"CET\"").contains("intake.timezone"));
         assert!(e("[intake]\nbogus = 1").contains("bogus"));
+        assert!(e("[blocklist]\nreply = \"\"").contains("blocklist.reply"));
+        assert!(e("[zones]\nfree_nets = []").contains("free_nets"));
         assert!(e("[link]\nack_timeout = \"soon\"").contains("duration"));
         assert!(e("[link]\nack_timeout = \"10\"").contains("no unit"));
         assert!(e("[link]\nagent_languages = [\"fr ca\"]").contains("link.agent_languages"));

@@ -26,5 +26,6 @@ pub mod config;
 pub mod meter;
 pub mod mta;
 pub mod notify;
+pub mod policy;
 pub mod retrieval;
 pub mod users;

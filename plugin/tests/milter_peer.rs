@@ -13,8 +13,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use indymilter_test::{Actions, MacroStage, ProtoOpts, SocketInfo, Status, TestConnection};
-use mailbell::mta::milter::{serve, MilterConfig, MilterError, MilterStats};
+use mailbell::billing::Ledger;
+use mailbell::mta::milter::{serve, Gate, MilterConfig, MilterError, MilterStats};
 use mailbell::notify::arrival::{Accepted, Arrival, Ingest, Intake, IntakeError, Origin};
+use mailbell::policy::blocklist::BlocklistConfig;
+use mailbell::policy::zones::{Zone, ZonesConfig};
+use mailbell::policy::Policy;
 use mailbell_link::listen::ListenerStats;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -105,6 +109,10 @@ struct Server {
 
 impl Server {
     async fn start(cfg: MilterConfig) -> Self {
+        Self::start_with(cfg, Gate::none()).await
+    }
+
+    async fn start_with(cfg: MilterConfig, gate: Gate) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let intake = Arc::new(TestIntake::default());
@@ -117,6 +125,7 @@ impl Server {
             cfg,
             stats.clone(),
             milter_stats.clone(),
+            gate,
             shutdown.clone(),
         ));
         Self {
@@ -937,5 +946,226 @@ async fn a_negotiated_connection_waits_for_a_session_slot_only_so_long() {
     server.wait_for(|s| &s.timed_out, 1).await;
     first.close().await.unwrap();
     served_within(&server, Duration::from_secs(5)).await;
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocklist and delivery meter
+
+/// Writes a list file.
+fn list(dir: &std::path::Path, name: &str, text: &str) -> Vec<std::path::PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    vec![p]
+}
+
+const REFUSED: &str = "refused by policy, see https://isp.example/block";
+
+fn gate(policy: Policy, ledger: Option<Ledger>) -> Gate {
+    Gate {
+        policy: Arc::new(policy),
+        ledger,
+        timeout: Duration::from_secs(10),
+    }
+}
+
+fn refused(s: Status) {
+    match s {
+        Status::Reject { message: Some(m) } => {
+            assert_eq!(m.to_str().unwrap(), format!("550 5.7.1 {REFUSED}"));
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn blocklisted_sources_are_refused_at_connect_helo_and_mail() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocklist = BlocklistConfig {
+        networks: list(dir.path(), "nets", "203.0.113.0/24\n"),
+        helo: list(dir.path(), "helo", "bad.example\n"),
+        sender_domains: list(dir.path(), "senders", "junk.example\n"),
+        reply: REFUSED.into(),
+    };
+    let policy = Policy::load(ZonesConfig::default(), blocklist, None).unwrap();
+    let server = Server::start_with(cfg(), gate(policy, None)).await;
+    let g = server.open().await;
+    // Replies only at the three stages the lists need.
+    let opts = g.negotiated_opts();
+    assert!(!opts.intersects(
+        ProtoOpts::NOREPLY_CONNECT | ProtoOpts::NOREPLY_HELO | ProtoOpts::NOREPLY_MAIL
+    ));
+    assert!(opts
+        .contains(ProtoOpts::NOREPLY_RCPT | ProtoOpts::NOREPLY_HEADER | ProtoOpts::NOREPLY_BODY));
+    drop(g);
+
+    let mut conn = server.open().await;
+    refused(conn.connect("x", ([203, 0, 113, 5], 40000)).await.unwrap());
+    let mut conn = server.open().await;
+    assert_eq!(
+        conn.connect("x", ([192, 0, 2, 1], 40000)).await.unwrap(),
+        Status::Continue
+    );
+    refused(conn.helo("mx1.bad.example").await.unwrap());
+    let mut conn = server.open().await;
+    assert_eq!(
+        conn.connect("x", ([192, 0, 2, 1], 40000)).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(
+        conn.helo("mx.good.example").await.unwrap(),
+        Status::Continue
+    );
+    refused(conn.mail(["<spam@junk.example>"]).await.unwrap());
+    // The same session goes on with a clean sender.
+    let m = Msg {
+        from: "<a@good.example>",
+        rcpts: &["<b@example.com>"],
+        headers: &[("Subject", "hi")],
+        body: b"x\r\n",
+    };
+    assert_eq!(send(&mut conn, &m).await, Status::Accept);
+    assert_eq!(server.intake.take().len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn replies_are_asked_only_for_stages_with_a_list_and_late_lists_refuse_at_eom() {
+    let dir = tempfile::tempdir().unwrap();
+    let senders = dir.path().join("senders");
+    std::fs::write(&senders, "# none yet\n").unwrap();
+    let blocklist = BlocklistConfig {
+        sender_domains: vec![senders.clone()],
+        reply: REFUSED.into(),
+        ..Default::default()
+    };
+    let g = gate(
+        Policy::load(ZonesConfig::default(), blocklist, None).unwrap(),
+        None,
+    );
+    let policy = g.policy.clone();
+    let server = Server::start_with(cfg(), g).await;
+    // No list has entries: the connection negotiates exactly as without a blocklist.
+    let mut conn = server.open().await;
+    assert!(conn
+        .negotiated_opts()
+        .contains(ProtoOpts::NOREPLY_CONNECT | ProtoOpts::NOREPLY_HELO | ProtoOpts::NOREPLY_MAIL));
+    // A sender list loaded (SIGHUP) after this connection negotiated refuses at end of message.
+    std::fs::write(&senders, "junk.example\n").unwrap();
+    policy.reload().unwrap();
+    connect(&mut conn, [192, 0, 2, 1], "mx.example.net").await;
+    let m = Msg {
+        from: "<spam@junk.example>",
+        rcpts: &["<b@example.com>"],
+        headers: &[("Subject", "hi")],
+        body: b"x\r\n",
+    };
+    refused(send(&mut conn, &m).await);
+    assert!(server.intake.take().is_empty());
+    // A new connection asks for the MAIL reply only.
+    let conn = server.open().await;
+    let opts = conn.negotiated_opts();
+    assert!(opts.contains(ProtoOpts::NOREPLY_CONNECT | ProtoOpts::NOREPLY_HELO));
+    assert!(!opts.contains(ProtoOpts::NOREPLY_MAIL));
+    assert_eq!(policy.stats.refused_mail.load(Ordering::Relaxed), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn accepted_messages_are_metered_into_their_zones_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let zones = ZonesConfig {
+        free_networks: list(dir.path(), "free", "192.0.2.0/24\n2001:db8::/32\n"),
+        free_domains: list(dir.path(), "domains", "uni.example\n"),
+        authserv_id: "mx.isp.example".into(),
+    };
+    let policy = Policy::load(zones, BlocklistConfig::default(), None).unwrap();
+    let ledger = Ledger::open(&dir.path().join("ledger.sqlite")).unwrap();
+    let server = Server::start_with(cfg(), gate(policy, Some(ledger.clone()))).await;
+    let cases: [([u8; 4], &str, &str); 4] = [
+        ([192, 0, 2, 10], "Q1", "evil.example"),
+        ([198, 51, 100, 1], "Q2", "mx.isp.example"),
+        ([198, 51, 100, 1], "Q3", "evil.example"),
+        // Postfix resends nothing, but a second end of message under the same queue id
+        // (a milter reconnect) counts once.
+        ([198, 51, 100, 1], "Q3", "evil.example"),
+    ];
+    for (ip, qid, authserv) in cases {
+        let mut conn = server.open().await;
+        connect(&mut conn, ip, "mx.uni.example").await;
+        let ar = format!("{authserv}; spf=pass smtp.mailfrom=lab.uni.example");
+        let m = Msg {
+            from: "<prof@lab.uni.example>",
+            rcpts: &["<Bob@Example.com>", "<carol@example.com>"],
+            headers: &[("Authentication-Results", &ar), ("Subject", "data")],
+            body: b"results\r\n",
+        };
+        send_until_eom(&mut conn, &m).await;
+        conn.macros(MacroStage::Eom, [("i", qid)]).await.unwrap();
+        assert_eq!(conn.eom().await.unwrap().1, Status::Accept);
+        conn.close().await.unwrap();
+    }
+    let got: Vec<_> = ledger
+        .call(|s| s.unconsumed_deliveries(100))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.message_key, d.account, d.zone))
+        .collect();
+    let row = |q: &str, a: &str, z| (format!("milter:{q}"), a.to_owned(), z);
+    assert_eq!(
+        got,
+        vec![
+            row("Q1", "bob@example.com", Zone::Free),
+            row("Q1", "carol@example.com", Zone::Free),
+            row("Q2", "bob@example.com", Zone::Free),
+            row("Q2", "carol@example.com", Zone::Free),
+            row("Q3", "bob@example.com", Zone::Foreign),
+            row("Q3", "carol@example.com", Zone::Foreign),
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_meter_failure_tempfails_the_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite");
+    let ledger = Ledger::open(&path).unwrap();
+    let server = Server::start_with(cfg(), gate(Policy::empty(), Some(ledger.clone()))).await;
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("ALTER TABLE deliveries RENAME TO broken")
+        .unwrap();
+    let mut conn = server.open().await;
+    connect(&mut conn, [192, 0, 2, 1], "mx.example.net").await;
+    let m = Msg {
+        from: "<a@example.org>",
+        rcpts: &["<b@example.com>"],
+        headers: &[("Subject", "hi")],
+        body: b"x\r\n",
+    };
+    send_until_eom(&mut conn, &m).await;
+    conn.macros(MacroStage::Eom, [("i", "Q9")]).await.unwrap();
+    match conn.eom().await.unwrap().1 {
+        Status::Tempfail { message: Some(t) } => {
+            let t = t.to_str().unwrap();
+            assert!(
+                t.starts_with("451 4.3.0") && t.contains("delivery meter"),
+                "{t}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    conn.close().await.unwrap();
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("ALTER TABLE broken RENAME TO deliveries")
+        .unwrap();
+    assert!(ledger
+        .call(|s| s.unconsumed_deliveries(10))
+        .await
+        .unwrap()
+        .is_empty());
     server.stop().await;
 }

@@ -9,10 +9,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mailbell::mta::stalwart::{router_with_stats, StalwartConfig, StalwartStats};
+use mailbell::billing::ledger::DeliveryRecord;
+use mailbell::billing::Ledger;
+use mailbell::mta::stalwart::{
+    router_with_policy, router_with_stats, StalwartConfig, StalwartStats,
+};
 use mailbell::notify::arrival::{
     Accepted, Arrival, HeaderFacts, Ingest, IngestKind, Intake, IntakeError, Origin,
 };
+use mailbell::policy::blocklist::BlocklistConfig;
+use mailbell::policy::zones::{Zone, ZonesConfig};
+use mailbell::policy::Policy;
 use ring::hmac;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -90,6 +97,18 @@ async fn start(cfg: StalwartConfig) -> Server {
     let intake = Arc::new(FakeIntake::default());
     let stats = Arc::new(StalwartStats::new());
     let app = router_with_stats(intake.clone(), cfg, stats.clone());
+    serve(app, intake, stats).await
+}
+
+/// The endpoints with a blocklist, zones and a delivery meter.
+async fn start_with_policy(policy: Arc<Policy>, ledger: Ledger) -> Server {
+    let intake = Arc::new(FakeIntake::default());
+    let stats = Arc::new(StalwartStats::new());
+    let app = router_with_policy(intake.clone(), cfg(), stats.clone(), policy, Some(ledger));
+    serve(app, intake, stats).await
+}
+
+async fn serve(app: axum::Router, intake: Arc<FakeIntake>, stats: Arc<StalwartStats>) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
@@ -292,6 +311,7 @@ async fn data_fixtures_give_the_right_arrivals() {
                 subject: "Plain ASCII test message".into(),
                 message_id: "plain-0001@remote.example".into(),
                 date_ms: Some(1795357800000),
+                auth_results: Vec::new(),
             },
             size: 334,
             received_at_ms: plain.received_at_ms,
@@ -759,4 +779,255 @@ async fn webhook_over_the_limit_is_413() {
     .await;
     assert_eq!(r.status, 413);
     assert!(srv.intake.batches().is_empty());
+}
+
+// ---- blocklist, zones, delivery meter -------------------------------------------------------
+
+/// Writes `text` to `dir/name`, for a list file.
+fn list(dir: &std::path::Path, name: &str, text: &str) -> Vec<PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    vec![p]
+}
+
+async fn metered(ledger: &Ledger) -> Vec<DeliveryRecord> {
+    ledger
+        .call(|s| s.unconsumed_deliveries(1000))
+        .await
+        .unwrap()
+}
+
+/// A hook fixture's body with `edit` applied.
+fn edited(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let mut v: serde_json::Value = serde_json::from_str(&fixture(name).body).unwrap();
+    edit(&mut v);
+    serde_json::to_vec(&v).unwrap()
+}
+
+#[tokio::test]
+async fn blocklisted_sources_get_the_operators_550_at_their_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "refused: see https://isp.example/policy";
+    let block = |networks: &str, helo: &str, senders: &str| {
+        // One set of files per case.
+        let d = tempfile::tempdir_in(dir.path()).unwrap().keep();
+        BlocklistConfig {
+            networks: list(&d, "nets", networks),
+            helo: list(&d, "helo", helo),
+            sender_domains: list(&d, "senders", senders),
+            reply: text.into(),
+        }
+    };
+    let ledger = Ledger::open(&dir.path().join("ledger.sqlite")).unwrap();
+    let cases = [
+        (
+            block("127.0.0.0/8\n", "", ""),
+            "mta-hook-connect-blocked",
+            true,
+        ),
+        (
+            block("", "remote.example\n", ""),
+            "mta-hook-ehlo-blocked",
+            true,
+        ),
+        (
+            block("", "", "blocked.example\n"),
+            "mta-hook-mail-blocked",
+            false,
+        ),
+    ];
+    for (cfg, stage, disconnect) in cases {
+        let policy = Arc::new(Policy::load(ZonesConfig::default(), cfg, None).unwrap());
+        let srv = start_with_policy(policy.clone(), ledger.clone()).await;
+        let r = post(srv.addr, HOOK, &[], fixture(stage).body.as_bytes()).await;
+        assert_eq!(r.status, 200, "{stage}: {}", r.body);
+        assert_eq!(
+            r.json(),
+            serde_json::json!({"action": "reject", "response": {
+                "status": 550, "enhanced_status": "5.7.1", "message": text, "disconnect": disconnect}}),
+            "{stage}"
+        );
+        // The earlier stages of the same session pass.
+        if stage == "mta-hook-mail-blocked" {
+            for ok in [
+                "mta-hook-connect-blocked",
+                "mta-hook-ehlo-blocked",
+                "mta-hook-mail-plain",
+            ] {
+                let r = post(srv.addr, HOOK, &[], fixture(ok).body.as_bytes()).await;
+                assert_eq!(r.json(), serde_json::json!({"action": "accept"}), "{ok}");
+            }
+        }
+        let s = &policy.stats;
+        let refused = [&s.refused_connect, &s.refused_helo, &s.refused_mail]
+            .map(|c| c.load(Ordering::Relaxed));
+        assert_eq!(refused.iter().sum::<u64>(), 1, "{stage}: {refused:?}");
+    }
+}
+
+#[tokio::test]
+async fn deliveries_are_metered_into_their_zones_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let zones = ZonesConfig {
+        free_networks: list(
+            dir.path(),
+            "free-nets",
+            "# research network\n192.0.2.0/24\n",
+        ),
+        free_domains: list(dir.path(), "free-domains", "remote.example\n"),
+        authserv_id: "mx.test.local".into(),
+    };
+    let policy = Arc::new(Policy::load(zones, BlocklistConfig::default(), None).unwrap());
+    let ledger = Ledger::open(&dir.path().join("ledger.sqlite")).unwrap();
+    let srv = start_with_policy(policy, ledger.clone()).await;
+
+    // Three data stages of the same captured message under three queue ids: from a free
+    // network; from elsewhere with the trusted MTA's spf=pass for the sender's domain; and
+    // with the same claim under another authserv-id (spoofed: foreign).
+    let auth = |v: &mut serde_json::Value, qid: &str, ip: &str, id: &str| {
+        v["context"]["queue"]["id"] = qid.into();
+        v["context"]["client"]["ip"] = ip.into();
+        let h = format!(" {id}; spf=pass smtp.mailfrom=zhangsan@remote.example\r\n");
+        v["message"]["headers"]
+            .as_array_mut()
+            .unwrap()
+            .insert(0, serde_json::json!(["Authentication-Results", h]));
+    };
+    let stages = [
+        edited("mta-hook-data-chinese", |v| {
+            auth(v, "a1", "192.0.2.7", "evil.example")
+        }),
+        edited("mta-hook-data-chinese", |v| {
+            auth(v, "a2", "203.0.113.9", "mx.test.local")
+        }),
+        edited("mta-hook-data-chinese", |v| {
+            auth(v, "a3", "203.0.113.9", "evil.example")
+        }),
+    ];
+    for body in &stages {
+        let r = post(srv.addr, HOOK, &[], body).await;
+        assert_eq!(
+            r.json(),
+            serde_json::json!({"action": "accept"}),
+            "{}",
+            r.body
+        );
+    }
+    // Stalwart's deliveries of each (and of a message whose data stage mailbell never saw).
+    let ham = |qid: u64, account: u64, size: u64| {
+        serde_json::json!({"id": "1", "createdAt": "2026-11-22T14:30:15Z", "type": "message-ingest.ham",
+            "data": {"accountId": account, "documentId": 1, "queueId": qid, "size": size,
+                     "messageId": "<m@remote.example>", "to": ["alice@test.local"]}})
+    };
+    let batch = serde_json::to_vec(&serde_json::json!({"events": [
+        ham(0xa1, 2, 1000), ham(0xa1, 3, 1000), ham(0xa2, 2, 2000), ham(0xa3, 2, 3000),
+        ham(0xff, 2, 4000),
+    ]}))
+    .unwrap();
+    let r = post_signed(srv.addr, &batch).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let got: Vec<_> = metered(&ledger)
+        .await
+        .into_iter()
+        .map(|d| (d.message_key, d.account, d.zone, d.bytes))
+        .collect();
+    let row =
+        |q: u64, a: u64, z: Zone, b: u64| (format!("stalwart:{q}"), format!("stalwart:{a}"), z, b);
+    let want = vec![
+        row(0xa1, 2, Zone::Free, 1000),
+        row(0xa1, 3, Zone::Free, 1000),
+        row(0xa2, 2, Zone::Free, 2000),
+        row(0xa3, 2, Zone::Foreign, 3000),
+        row(0xff, 2, Zone::Foreign, 4000),
+    ];
+    assert_eq!(got, want);
+
+    // Stalwart resends the batch (and the captured one of the real message, twice): the
+    // records do not change.
+    let r = post_signed(srv.addr, &batch).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let s = srv.stats.snapshot();
+    assert_eq!((s.delivery_records, s.delivery_replays), (5, 5));
+    let f = fixture("webhook-batch-08");
+    for _ in 0..2 {
+        let r = post(
+            srv.addr,
+            EVENTS,
+            &[("X-Signature", f.signature.as_deref().unwrap())],
+            f.body.as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let after = metered(&ledger).await;
+    assert_eq!(after.len(), 7, "{after:?}");
+    assert_eq!(
+        after[..5].iter().map(|d| d.bytes).collect::<Vec<_>>(),
+        [1000, 1000, 2000, 3000, 4000]
+    );
+}
+
+/// Runs `sql` on the ledger file beside the daemon's connection (to break or mend a table).
+fn ledger_sql(path: &std::path::Path, sql: &str) {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .execute_batch(sql)
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_meter_failure_is_a_tempfail_and_the_resend_counts_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let zones = ZonesConfig {
+        free_networks: list(dir.path(), "free", "127.0.0.0/8\n"),
+        ..Default::default()
+    };
+    let policy = Arc::new(Policy::load(zones, BlocklistConfig::default(), None).unwrap());
+    let path = dir.path().join("ledger.sqlite");
+    let ledger = Ledger::open(&path).unwrap();
+    let srv = start_with_policy(policy, ledger.clone()).await;
+    let data = fixture("mta-hook-data-chinese");
+    let batch = fixture("webhook-batch-08");
+    let sig = batch.signature.clone().unwrap();
+
+    // The zone cannot be remembered: the data stage is answered 451, nothing is accepted.
+    ledger_sql(&path, "ALTER TABLE delivery_sources RENAME TO broken");
+    let r = post(srv.addr, HOOK, &[], data.body.as_bytes()).await;
+    assert_eq!(r.body, REJECT_451);
+    assert!(srv.intake.arrivals().is_empty());
+    ledger_sql(&path, "ALTER TABLE broken RENAME TO delivery_sources");
+    let r = post(srv.addr, HOOK, &[], data.body.as_bytes()).await;
+    assert_eq!(r.json(), serde_json::json!({"action": "accept"}));
+
+    // The deliveries cannot be recorded: 503, and the intake is not told either.
+    ledger_sql(&path, "ALTER TABLE deliveries RENAME TO broken");
+    let r = post(
+        srv.addr,
+        EVENTS,
+        &[("X-Signature", &sig)],
+        batch.body.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("not metered"), "{}", r.body);
+    assert!(srv.intake.batches().is_empty());
+    // Stalwart resends once the store is back: both deliveries, free, once.
+    ledger_sql(&path, "ALTER TABLE broken RENAME TO deliveries");
+    for _ in 0..2 {
+        let r = post(
+            srv.addr,
+            EVENTS,
+            &[("X-Signature", &sig)],
+            batch.body.as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let rows = metered(&ledger).await;
+    let got: Vec<_> = rows.iter().map(|d| (d.account.as_str(), d.zone)).collect();
+    assert_eq!(
+        got,
+        [("stalwart:2", Zone::Free), ("stalwart:3", Zone::Free)]
+    );
+    assert_eq!(srv.stats.snapshot().webhook_confirm_errors, 1);
 }

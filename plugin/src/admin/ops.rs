@@ -67,6 +67,8 @@ pub struct Metrics {
     pub listeners: Vec<(&'static str, Arc<ListenerStats>)>,
     /// Every HTTP listener's request and timeout counters, by `listener` label.
     pub http: Vec<(&'static str, Arc<HttpStats>)>,
+    /// Blocklist refusals and list reloads.
+    pub policy: Arc<crate::policy::Policy>,
 }
 
 #[derive(Clone)]
@@ -577,6 +579,26 @@ impl Collector for MailCollector {
                 f.series.iter().map(|(v, n)| ([(f.label, *v)], *n)),
             )?;
         }
+        let p = &m.policy.stats;
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        metrics::counter_family(
+            &mut enc,
+            "mailbell_blocklist_refusals_total",
+            "SMTP sessions refused by the blocklist, by the stage whose list matched.",
+            [
+                ("connect", g(&p.refused_connect)),
+                ("helo", g(&p.refused_helo)),
+                ("mail", g(&p.refused_mail)),
+            ]
+            .map(|(v, n)| ([("stage", v)], n)),
+        )?;
+        metrics::counter_family(
+            &mut enc,
+            "mailbell_policy_reloads_total",
+            "Reloads of the zone and blocklist files (SIGHUP), by outcome.",
+            [("ok", g(&p.reloads)), ("refused", g(&p.reload_failures))]
+                .map(|(v, n)| ([("outcome", v)], n)),
+        )?;
         Ok(())
     }
 }
@@ -658,6 +680,7 @@ mod tests {
             served_certificates: Vec::new(),
             listeners: vec![("milter", Arc::default())],
             http: vec![("admin", Arc::default())],
+            policy: Arc::new(crate::policy::Policy::empty()),
         };
         let registry = metrics.registry(outbox.clone());
         let before = mailbell_link::metrics::encode(&registry).unwrap();
@@ -669,6 +692,9 @@ mod tests {
             "mailbell_stalwart_webhook_errors_total{reason=\"confirm\"} 0\n",
             "mailbell_stalwart_hook_calls_total{stage=\"data\"} 0\n",
             "mailbell_stalwart_webhook_batches_total 0\n",
+            "mailbell_delivery_meter_events_total{outcome=\"replayed\"} 0\n",
+            "mailbell_blocklist_refusals_total{stage=\"helo\"} 0\n",
+            "mailbell_policy_reloads_total{outcome=\"refused\"} 0\n",
             "mailbell_milter_sessions_total 0\n",
             "mailbell_retrieval_message_bytes_total 0\n",
             "mailbell_meter_records_total 0\n",

@@ -213,6 +213,17 @@ pub fn format_record(r: &AuditRecord) -> String {
             field(line, "action", action);
             field(line, "target", target);
         }
+        AuditEvent::Refused {
+            mta,
+            stage,
+            client_ip,
+            matched,
+        } => {
+            field(line, "mta", mta);
+            field(line, "stage", stage);
+            field(line, "client_ip", client_ip);
+            field(line, "matched", matched);
+        }
     }
     out
 }

@@ -262,6 +262,14 @@ pub enum AuditEvent {
         action: String,
         target: String,
     },
+    /// The SMTP-time blocklist refused a source: `stage` is connect, helo or mail; `mta` is
+    /// stalwart or milter; `matched` is the address, HELO name or sender domain that matched.
+    Refused {
+        mta: String,
+        stage: String,
+        client_ip: String,
+        matched: String,
+    },
 }
 
 /// The MTA's queue id of the message a notice was made from: Stalwart's number (a JSON
@@ -301,6 +309,7 @@ impl AuditEvent {
             AuditEvent::SessionDown { .. } => "session-down",
             AuditEvent::ConnectFailed { .. } => "connect-failed",
             AuditEvent::Admin { .. } => "admin",
+            AuditEvent::Refused { .. } => "refused",
         }
     }
 
@@ -320,7 +329,8 @@ impl AuditEvent {
             | AuditEvent::SessionUp { .. }
             | AuditEvent::SessionDown { .. }
             | AuditEvent::ConnectFailed { .. }
-            | AuditEvent::Admin { .. } => None,
+            | AuditEvent::Admin { .. }
+            | AuditEvent::Refused { .. } => None,
         }
     }
 
@@ -340,7 +350,8 @@ impl AuditEvent {
             AuditEvent::SessionUp { .. }
             | AuditEvent::SessionDown { .. }
             | AuditEvent::ConnectFailed { .. }
-            | AuditEvent::Admin { .. } => None,
+            | AuditEvent::Admin { .. }
+            | AuditEvent::Refused { .. } => None,
         }
     }
 
@@ -464,6 +475,17 @@ impl AuditEvent {
                 f(action);
                 f(target);
             }
+            AuditEvent::Refused {
+                mta,
+                stage,
+                client_ip,
+                matched,
+            } => {
+                f(mta);
+                f(stage);
+                f(client_ip);
+                f(matched);
+            }
         }
     }
 
@@ -483,7 +505,8 @@ impl AuditEvent {
             | AuditEvent::SessionUp { .. }
             | AuditEvent::SessionDown { .. }
             | AuditEvent::ConnectFailed { .. }
-            | AuditEvent::Admin { .. } => None,
+            | AuditEvent::Admin { .. }
+            | AuditEvent::Refused { .. } => None,
         }
     }
 

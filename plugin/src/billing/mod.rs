@@ -3,7 +3,8 @@
 //! `verify`), [`money`] (integer minor units) and [`Ledger`], the handle async code uses: the
 //! blocking store lives on its own thread, reached through a bounded channel.
 //!
-//! The accounting run, zones, the blocklist and notices come later; they post through
+//! The delivery meter ([`ledger::deliveries`]) keeps confirmed deliveries per account and zone
+//! in the same file. The accounting run and notices come later; they post through
 //! [`Ledger::call`] with the [`ledger::LedgerStore`] methods (`post`, `post_batch`,
 //! `open_pending`) and the helpers here ([`topup`], [`adjust`]).
 
@@ -30,6 +31,9 @@ pub struct BillingConfig {
     pub max_price_per_mb: Money,
     /// Tariff class of accounts made without one.
     pub default_class: String,
+    /// Record every confirmed delivery (Stalwart `message-ingest.ham`/`.spam`, milter accept)
+    /// in the delivery meter, per account and zone, for the accounting run.
+    pub meter_deliveries: bool,
 }
 
 impl Default for BillingConfig {
@@ -37,6 +41,7 @@ impl Default for BillingConfig {
         Self {
             max_price_per_mb: Money::from_minor(10_000),
             default_class: "default".into(),
+            meter_deliveries: false,
         }
     }
 }

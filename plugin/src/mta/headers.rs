@@ -16,10 +16,16 @@ pub const MAX_FIELD: usize = 4096;
 /// The fields we decode, lower-case.
 const WANTED: [&str; 4] = ["from", "subject", "message-id", "date"];
 
+/// Most `Authentication-Results` fields kept (the trusted MTA's own is added on top; a sender
+/// can add any number below it).
+pub const MAX_AUTH_RESULTS: usize = 8;
+
+const AUTH_RESULTS: &str = "authentication-results";
+
 /// Whether a header field is one [`HeaderCollector`] decodes (the others may be skipped unread).
 pub fn wants(name: &str) -> bool {
     let name = name.trim();
-    WANTED.iter().any(|w| w.eq_ignore_ascii_case(name))
+    WANTED.iter().any(|w| w.eq_ignore_ascii_case(name)) || name.eq_ignore_ascii_case(AUTH_RESULTS)
 }
 
 /// Collects the wanted header fields, then decodes them.
@@ -28,6 +34,7 @@ pub struct HeaderCollector {
     /// Re-serialised header block of the wanted fields (first occurrence of each).
     block: Vec<u8>,
     seen: [bool; 4],
+    auth_results: Vec<String>,
 }
 
 impl HeaderCollector {
@@ -39,6 +46,14 @@ impl HeaderCollector {
     /// trailing CRLF are all fine).
     pub fn add(&mut self, name: &str, value: &[u8]) {
         let name = name.trim();
+        if name.eq_ignore_ascii_case(AUTH_RESULTS) {
+            if self.auth_results.len() < MAX_AUTH_RESULTS {
+                let v = cut(trim_crlf(value), MAX_FIELD);
+                self.auth_results
+                    .push(String::from_utf8_lossy(v).trim().to_owned());
+            }
+            return;
+        }
         let Some(i) = WANTED.iter().position(|w| w.eq_ignore_ascii_case(name)) else {
             return;
         };
@@ -79,8 +94,12 @@ impl HeaderCollector {
     /// Decodes what was collected.
     pub fn finish(mut self) -> HeaderFacts {
         self.block.extend_from_slice(b"\r\n");
+        let auth_results = std::mem::take(&mut self.auth_results);
         let Some(msg) = MessageParser::new().parse_headers(&self.block) else {
-            return HeaderFacts::default();
+            return HeaderFacts {
+                auth_results,
+                ..HeaderFacts::default()
+            };
         };
         let (from_name, from_addr) = msg
             .from()
@@ -101,6 +120,7 @@ impl HeaderCollector {
                 .date()
                 .filter(|d| d.is_valid())
                 .and_then(|d| d.to_timestamp().checked_mul(1000)),
+            auth_results,
         }
     }
 }
@@ -174,6 +194,26 @@ mod tests {
         assert_eq!(f.subject, "Plain ASCII test message");
         assert_eq!(f.message_id, "plain-0001@remote.example");
         assert_eq!(f.date_ms, Some(1_778_493_600_000));
+        assert!(f.auth_results.is_empty());
+    }
+
+    #[test]
+    fn authentication_results_are_kept_in_order_and_capped() {
+        let mut fields = vec![(
+            "Authentication-Results",
+            " mx.example.org;\r\n\tspf=pass smtp.mailfrom=uni.example\r\n",
+        )];
+        fields.extend(std::iter::repeat_n(
+            ("authentication-results", " evil; none"),
+            20,
+        ));
+        let f = facts(&fields);
+        assert_eq!(f.auth_results.len(), MAX_AUTH_RESULTS);
+        assert_eq!(
+            f.auth_results[0],
+            "mx.example.org;\r\n\tspf=pass smtp.mailfrom=uni.example"
+        );
+        assert_eq!(f.auth_results[1], "evil; none");
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! Sendmail, Stalwart) is about to accept.
 //!
 //! indymilter speaks the protocol; this module keeps what one message's notice needs and hands
-//! it to the [`Intake`] at end of message. It never rejects mail: the only verdict other than
-//! "accept" is a tempfail when the notice cannot be recorded, so the MTA keeps the message and
-//! retries.
+//! it to the [`Intake`] at end of message. It rejects mail only from sources the blocklist
+//! names ([`Gate`], `milter_policy.rs`: 550 with the operator's text at connect, HELO or MAIL,
+//! the replies for those stages negotiated only when their list is non-empty); otherwise the
+//! only verdict other than "accept" is a tempfail when the notice (or the delivery meter's
+//! record) cannot be recorded, so the MTA keeps the message and retries.
 //!
 //! ```text
 //! packet = len:u32be cmd:u8 payload[len-1]          len <= 1 MiB (MAX_PACKET)
@@ -55,7 +57,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use indymilter::{
     Actions, Callbacks, Config, Context, EomContext, Listener, Macros, NegotiateContext, ProtoOpts,
-    SetErrorReply, SocketInfo, Status,
+    SetErrorReply, SmtpReply, SocketInfo, Status,
 };
 use mailbell_link::metrics::{self, Collector};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -73,6 +75,7 @@ use mailbell_link::listen::{Accepted, Acceptor, Limits, ListenError, ListenerSta
 use mailbell_link::units::de_duration;
 
 use crate::mta::headers::HeaderCollector;
+pub use crate::mta::milter_policy::Gate;
 use crate::notify::arrival::{Arrival, Intake, IntakeError, Origin};
 
 /// Reply code and enhanced status code of the tempfail reply.
@@ -242,6 +245,7 @@ pub async fn serve<I: Intake>(
     cfg: MilterConfig,
     stats: Arc<ListenerStats>,
     milter_stats: Arc<MilterStats>,
+    gate: Gate,
     shutdown: CancellationToken,
 ) -> Result<(), MilterError> {
     let local = listener.local_addr().ok();
@@ -270,6 +274,7 @@ pub async fn serve<I: Intake>(
         not_negotiated: Episode::default(),
         no_session_slot: Episode::default(),
         stats: milter_stats,
+        gate,
     });
     let result = loop {
         match acceptor.accept(&stop).await {
@@ -302,6 +307,7 @@ struct Shared<I> {
     not_negotiated: Episode,
     no_session_slot: Episode,
     stats: Arc<MilterStats>,
+    gate: Gate,
 }
 
 /// A kind of event that comes in floods (a thousand idle connections time out together): the
@@ -496,6 +502,7 @@ async fn run_session<I: Intake>(
         Span::current(),
         shared.reply.clone(),
         shared.stats.clone(),
+        shared.gate.clone(),
     );
     // The session ends when its stream is dropped (QUIT, EOF, error, timeout) or on stop;
     // `run` then returns once the session task has finished its current command.
@@ -552,7 +559,10 @@ fn callbacks<I: Intake>(
     span: Span,
     reply: Arc<str>,
     stats: Arc<MilterStats>,
+    gate: Gate,
 ) -> Callbacks<Session> {
+    let (g1, g2, g3, g4) = (gate.clone(), gate.clone(), gate.clone(), gate.clone());
+    let gate_eom = gate;
     let (s1, s2, s3, s4, s5, s6) = (
         span.clone(),
         span.clone(),
@@ -564,16 +574,20 @@ fn callbacks<I: Intake>(
     Callbacks::new()
         .on_negotiate(move |cx, actions, opts| {
             let _e = s1.enter();
-            Box::pin(ready(on_negotiate(cx, actions, opts)))
+            Box::pin(ready(on_negotiate(cx, actions, opts, &g1)))
         })
         .on_connect(move |cx, host, socket| {
             let _e = s2.enter();
-            Box::pin(ready(on_connect(cx, &host, socket)))
+            Box::pin(ready(on_connect(cx, &host, socket, &g2)))
         })
-        .on_helo(|cx, helo| {
+        .on_helo(move |cx, helo| {
             let s = session(&mut cx.data);
             s.helo = lossy(&helo, MAX_NAME);
-            Box::pin(ready(s.ack(ProtoOpts::NOREPLY_HELO)))
+            Box::pin(ready(s.verdict(
+                ProtoOpts::NOREPLY_HELO,
+                &g3,
+                &mut cx.reply,
+            )))
         })
         .on_mail(move |cx, args| {
             let _e = s3.enter();
@@ -581,7 +595,11 @@ fn callbacks<I: Intake>(
             let from = args.first().map(|a| path(a)).unwrap_or_default();
             debug!(from = %from, "mail transaction");
             s.tx = Some(Transaction::new(from));
-            Box::pin(ready(s.ack(ProtoOpts::NOREPLY_MAIL)))
+            Box::pin(ready(s.verdict(
+                ProtoOpts::NOREPLY_MAIL,
+                &g4,
+                &mut cx.reply,
+            )))
         })
         .on_rcpt(move |cx, args| {
             let _e = s4.enter();
@@ -607,10 +625,11 @@ fn callbacks<I: Intake>(
             let intake = intake.clone();
             let reply = reply.clone();
             let stats = stats.clone();
+            let gate = gate_eom.clone();
             Box::pin(
                 async move {
                     let started = Instant::now();
-                    let status = on_eom(cx, &*intake, &reply).await;
+                    let status = on_eom(cx, &*intake, &reply, &gate).await;
                     stats.observe_eom(started.elapsed(), status == Status::Tempfail);
                     status
                 }
@@ -635,8 +654,10 @@ fn on_negotiate(
     cx: &mut NegotiateContext<Session>,
     actions: Actions,
     offered: ProtoOpts,
+    gate: &Gate,
 ) -> Status {
-    let opts = wanted_opts(offered);
+    // Replies only where a blocklist must be able to refuse.
+    let opts = wanted_opts(offered) - gate.replies_needed();
     debug!(?actions, ?offered, requested = ?opts, "negotiated");
     cx.requested_actions = Actions::empty();
     cx.requested_opts = opts;
@@ -648,7 +669,7 @@ fn on_negotiate(
     Status::Continue
 }
 
-fn on_connect(cx: &mut Context<Session>, host: &CStr, socket: SocketInfo) -> Status {
+fn on_connect(cx: &mut Context<Session>, host: &CStr, socket: SocketInfo, gate: &Gate) -> Status {
     let ip = match socket {
         SocketInfo::Inet(addr) => Some(addr.ip()),
         _ => macro_ip(&cx.macros),
@@ -661,10 +682,15 @@ fn on_connect(cx: &mut Context<Session>, host: &CStr, socket: SocketInfo) -> Sta
         ..Session::default()
     };
     debug!(client_ip = ?ip, client_host = %host.to_string_lossy(), "client connected");
-    s.ack(ProtoOpts::NOREPLY_CONNECT)
+    s.verdict(ProtoOpts::NOREPLY_CONNECT, gate, &mut cx.reply)
 }
 
-async fn on_eom<I: Intake>(cx: &mut EomContext<Session>, intake: &I, reply: &str) -> Status {
+async fn on_eom<I: Intake>(
+    cx: &mut EomContext<Session>,
+    intake: &I,
+    reply: &str,
+    gate: &Gate,
+) -> Status {
     let macro_ip = macro_ip(&cx.macros);
     let queue_id = cx
         .macros
@@ -675,9 +701,27 @@ async fn on_eom<I: Intake>(cx: &mut EomContext<Session>, intake: &I, reply: &str
     if s.client_ip.is_none() {
         s.client_ip = macro_ip;
     }
+    // A list loaded after this connection negotiated (or a stage the MTA wants answered
+    // only here) still refuses, at the latest now.
+    let from = s.tx.as_ref().map(|t| t.env_from.as_str());
+    if let Some(r) = gate.refusal(s.client_ip, Some(&s.helo), from) {
+        s.tx = None;
+        return gate.reject(&mut cx.reply, s.client_ip, &r);
+    }
     let arrival = s.arrival(now_ms(), (!queue_id.is_empty()).then(|| queue_id.clone()));
     let (rcpts, size) = (arrival.rcpts.len(), arrival.size);
-    match intake.accept(arrival).await {
+    let deliveries = gate.deliveries(&arrival);
+    let accepted = match (intake.accept(arrival).await, deliveries) {
+        (Ok(a), None) => Ok(a),
+        // Metered after the intake: a tempfail makes the client send the message again under
+        // a new queue id, so a record made for a message then refused would bill it twice.
+        (Ok(a), Some(d)) => match gate.meter(d).await {
+            Ok(_) => Ok(a),
+            Err(why) => Err(IntakeError::Store(format!("delivery meter: {why}"))),
+        },
+        (Err(e), _) => Err(e),
+    };
+    match accepted {
         Ok(accepted) => {
             info!(
                 queue_id,
@@ -737,7 +781,12 @@ fn now_ms() -> i64 {
 /// The tempfail reply text: `template` with `{error}` replaced, one line of printable text,
 /// `%` doubled (libmilter treats the text as a format string), cut to [`MAX_REPLY_TEXT`].
 fn tempfail_text(template: &str, error: &IntakeError) -> String {
-    let text = template.replace("{error}", &error.to_string());
+    reply_text(&template.replace("{error}", &error.to_string()))
+}
+
+/// An SMTP reply text as libmilter wants it: one line of printable text, `%` doubled, cut to
+/// [`MAX_REPLY_TEXT`].
+pub(crate) fn reply_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len().min(MAX_REPLY_TEXT));
     for c in text.chars() {
         let piece: &str = match c {
@@ -780,6 +829,23 @@ impl Session {
             Status::Noreply
         } else {
             Status::Continue
+        }
+    }
+
+    /// The reply for connect, HELO or MAIL: the blocklist's refusal if the stage answers and
+    /// what was seen so far is listed, else as [`Session::ack`].
+    fn verdict(&mut self, noreply: ProtoOpts, gate: &Gate, reply: &mut SmtpReply) -> Status {
+        if self.opts.contains(noreply) {
+            return Status::Noreply;
+        }
+        let from = self.tx.as_ref().map(|t| t.env_from.as_str());
+        let helo = (!self.helo.is_empty()).then_some(self.helo.as_str());
+        match gate.refusal(self.client_ip, helo, from) {
+            Some(r) => {
+                self.tx = None;
+                gate.reject(reply, self.client_ip, &r)
+            }
+            None => Status::Continue,
         }
     }
 

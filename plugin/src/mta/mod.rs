@@ -3,5 +3,6 @@
 //! [`crate::notify`].
 pub mod headers;
 pub mod milter;
+pub mod milter_policy;
 pub mod stalwart;
 pub mod stalwart_api;

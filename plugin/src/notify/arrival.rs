@@ -55,6 +55,10 @@ pub struct HeaderFacts {
     pub message_id: String,
     /// Date header as Unix milliseconds, if present and parseable.
     pub date_ms: Option<i64>,
+    /// Raw values of the `Authentication-Results` fields, topmost first (at most
+    /// [`crate::mta::headers::MAX_AUTH_RESULTS`]); the zone rules trust only their own
+    /// authserv-id's.
+    pub auth_results: Vec<String>,
 }
 
 /// What Stalwart reported about one delivery into a mailbox (`message-ingest.*`).

@@ -1505,6 +1505,7 @@ mod tests {
                 subject: subject.into(),
                 message_id: "m1@remote.example".into(),
                 date_ms: None,
+                auth_results: Vec::new(),
             },
             size: 1234,
             received_at_ms: at,

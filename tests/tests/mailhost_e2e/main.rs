@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod policy;
 mod postfix;
 mod reliability;
 mod support;

@@ -389,6 +389,17 @@ pub struct Mailbell {
 impl Mailbell {
     /// Writes the config in `dir` (not started). `intake` is extra `[intake]` keys.
     pub fn configure(dir: &Path, agent_link: SocketAddr, pki: &Path, intake: &str) -> Mailbell {
+        Mailbell::configure_with(dir, agent_link, pki, intake, "")
+    }
+
+    /// [`Mailbell::configure`] with `sections` (whole TOML sections) appended to the config.
+    pub fn configure_with(
+        dir: &Path,
+        agent_link: SocketAddr,
+        pki: &Path,
+        intake: &str,
+        sections: &str,
+    ) -> Mailbell {
         let milter = free_addr();
         let admin = free_addr();
         let toml = format!(
@@ -399,7 +410,8 @@ impl Mailbell {
              [intake]\n{intake}\n\
              [link]\ndev_pki_dir = {pki:?}\nack_timeout = \"5s\"\nheartbeat = \"1s\"\ndead_after = \"5s\"\n\
              connect_timeout = \"2s\"\nio_timeout = \"5s\"\nbackoff_min = \"50ms\"\nbackoff_max = \"500ms\"\n\
-             [[link.agent]]\naddr = \"{agent_link}\"\nserver_name = \"localhost\"\n",
+             [[link.agent]]\naddr = \"{agent_link}\"\nserver_name = \"localhost\"\n\
+             {sections}\n",
             data = dir.join("mail-data"),
         );
         Mailbell {
@@ -417,6 +429,13 @@ impl Mailbell {
 
     pub fn start(dir: &Path, agent_link: SocketAddr, pki: &Path, intake: &str) -> Mailbell {
         let mut m = Mailbell::configure(dir, agent_link, pki, intake);
+        m.daemon.start();
+        m
+    }
+
+    /// [`Mailbell::start`] with `sections` appended to the config.
+    pub fn start_with(dir: &Path, agent_link: SocketAddr, pki: &Path, sections: &str) -> Mailbell {
+        let mut m = Mailbell::configure_with(dir, agent_link, pki, "", sections);
         m.daemon.start();
         m
     }

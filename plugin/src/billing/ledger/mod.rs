@@ -17,6 +17,7 @@
 //! columns, or a `void` releases it. Each pending transfer is resolved at most once.
 
 pub mod chain;
+pub mod deliveries;
 pub mod sqlite;
 pub mod verify;
 
@@ -30,6 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::billing::money::{Money, MoneyError};
 
+use crate::policy::zones::Zone;
+pub use deliveries::{Delivery, DeliveryRecord, Recorded};
 pub use verify::{Problem, VerifyReport};
 
 /// Longest idempotency key, memo and account text field, in bytes.
@@ -452,4 +455,12 @@ pub trait LedgerStore: Send {
     fn open_pending(&self, older_than_ms: i64, limit: usize) -> Result<Vec<Entry>>;
     /// Checks the hash chain, the zero-sum invariant and every stored balance.
     fn verify(&self) -> Result<VerifyReport>;
+    /// Remembers the zone a message was classified in at SMTP time (durable on return), for
+    /// its deliveries reported later without one.
+    fn remember_source(&mut self, message_key: &str, zone: Zone, at_ms: i64) -> Result<()>;
+    /// Records deliveries in one transaction, durable on return; a (message, account) pair
+    /// already recorded is left unchanged (a resent webhook batch counts once).
+    fn record_deliveries(&mut self, batch: &[Delivery]) -> Result<Recorded>;
+    /// Delivery records no accounting run has consumed yet, oldest first, at most `limit`.
+    fn unconsumed_deliveries(&self, limit: usize) -> Result<Vec<DeliveryRecord>>;
 }

@@ -22,12 +22,14 @@ use rusqlite::{
     params, Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior,
 };
 
+use super::deliveries::{self, Delivery, DeliveryRecord, Recorded};
 use super::verify::{Problem, Verifier};
 use super::{
     chain, AccountRef, Balance, Entry, LedgerError, LedgerStore, Phase, Posted, Posting, Request,
     Result, Statement, Status, Tariff, UserAccount, VerifyReport,
 };
 use crate::billing::money::Money;
+use crate::policy::zones::Zone;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS accounts (
@@ -119,6 +121,9 @@ impl SqliteLedger {
         me.conn
             .execute_batch(SCHEMA)
             .map_err(me.err("create the schema"))?;
+        me.conn
+            .execute_batch(deliveries::SCHEMA)
+            .map_err(me.err("create the delivery meter's schema"))?;
         Ok(me)
     }
 
@@ -592,6 +597,26 @@ impl SqliteLedger {
 }
 
 impl LedgerStore for SqliteLedger {
+    fn remember_source(&mut self, message_key: &str, zone: Zone, at_ms: i64) -> Result<()> {
+        deliveries::remember_source(&self.conn, message_key, zone, at_ms)
+            .map_err(self.err("remember a message's zone"))
+    }
+
+    fn record_deliveries(&mut self, batch: &[Delivery]) -> Result<Recorded> {
+        for d in batch {
+            deliveries::validate(d)?;
+        }
+        let path = self.path.clone();
+        let tx = self.tx()?;
+        let r = deliveries::record(&tx, batch).map_err(sql(&path, "record deliveries"))?;
+        tx.commit().map_err(sql(&path, "commit"))?;
+        Ok(r)
+    }
+
+    fn unconsumed_deliveries(&self, limit: usize) -> Result<Vec<DeliveryRecord>> {
+        deliveries::unconsumed(&self.conn, limit).map_err(self.err("read deliveries"))
+    }
+
     fn put_users(&mut self, accounts: &[UserAccount]) -> Result<()> {
         for a in accounts {
             a.validate()?;

@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -30,6 +30,7 @@ use super::caps::{CapExceeded, CappedReader, FieldCaps};
 use super::{bump, content_length, excerpt, json_response, peer_of, text_response, Shared};
 use crate::mta::headers::HeaderCollector;
 use crate::notify::arrival::{Arrival, Intake, Origin};
+use crate::policy::zones::{Source, Zone};
 
 /// Most envelope recipients kept from one request (Stalwart's default limit is 100); the rest
 /// are dropped with a warning.
@@ -382,8 +383,10 @@ async fn answer<I: Intake>(sh: &Shared<I>, req: Request) -> Response {
             return json_response(StatusCode::OK, ACCEPT);
         }
     }
+    if let Some(refused) = refusal(sh, &req) {
+        return refused;
+    }
     if req.stage != Stage::Data {
-        // Seam for connect/ehlo/mail/rcpt policy (blocklists): nothing to decide yet.
         tracing::debug!("accepted");
         return json_response(StatusCode::OK, ACCEPT);
     }
@@ -405,6 +408,11 @@ async fn answer<I: Intake>(sh: &Shared<I>, req: Request) -> Response {
     if let Origin::Stalwart { queue_id } = arrival.origin {
         span.record("queue_id", queue_id);
     }
+    if let Err(e) = remember_zone(sh, &arrival).await {
+        bump(&stats.hook_intake_errors);
+        tracing::warn!(error = %e, "message zone not recorded: answering tempfail");
+        return json_response(StatusCode::OK, REJECT_TEMPFAIL);
+    }
     let rcpts = arrival.rcpts.len();
     let size = arrival.size;
     match tokio::time::timeout(sh.cfg.intake_timeout, sh.intake.accept(arrival)).await {
@@ -425,6 +433,69 @@ async fn answer<I: Intake>(sh: &Shared<I>, req: Request) -> Response {
             );
             json_response(StatusCode::OK, REJECT_TEMPFAIL)
         }
+    }
+}
+
+/// The blocklist's verdict on what this stage shows (the client address at every stage, the
+/// HELO name from ehlo on, the envelope sender from mail on), as a 550 reply; `None` to go on.
+/// Nothing is looked at when no blocklist is configured.
+fn refusal<I>(sh: &Shared<I>, req: &HookRequest) -> Option<Response> {
+    let list = sh.policy.blocklist();
+    if list.is_empty() {
+        return None;
+    }
+    let ip = req.client_ip.as_deref().and_then(parse_ip);
+    let helo = || match req.stage {
+        Stage::Connect => None,
+        _ => req.helo.as_deref().and_then(|h| list.helo(h)),
+    };
+    let from = || {
+        let from = req.envelope.as_ref()?.from.as_ref()?;
+        list.mail(&from.address)
+    };
+    let r = list.connect(ip).or_else(helo).or_else(from)?;
+    let text = sh.policy.refused("stalwart", ip, &r);
+    // After a refused connect or HELO the session has nothing more to offer.
+    let disconnect = r.stage != crate::policy::blocklist::Check::Mail;
+    let body = serde_json::json!({
+        "action": "reject",
+        "response": {"status": 550, "enhanced_status": "5.7.1", "message": text, "disconnect": disconnect},
+    });
+    Some(
+        (
+            StatusCode::OK,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response(),
+    )
+}
+
+/// Remembers the zone of a data-stage message for its deliveries, when it is not the default
+/// (foreign): with no zone rules or no delivery meter this does nothing.
+async fn remember_zone<I>(sh: &Shared<I>, a: &Arrival) -> Result<(), String> {
+    let (Some(ledger), Origin::Stalwart { queue_id }) = (&sh.ledger, a.origin) else {
+        return Ok(());
+    };
+    let zones = sh.policy.zones();
+    if zones.is_empty() {
+        return Ok(());
+    }
+    let zone = zones.classify(&Source {
+        client_ip: a.client_ip,
+        env_from: &a.env_from,
+        auth_results: &a.headers.auth_results,
+    });
+    tracing::debug!(zone = zone.as_str(), "message zone");
+    if zone == Zone::Foreign {
+        return Ok(());
+    }
+    let key = super::webhook::stalwart_message_key(queue_id);
+    let at = a.received_at_ms;
+    let call = ledger.call(move |s| s.remember_source(&key, zone, at));
+    match tokio::time::timeout(sh.cfg.intake_timeout, call).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("the ledger did not answer in time".into()),
     }
 }
 
@@ -484,7 +555,7 @@ fn too_large(limit: u64) -> Response {
     )
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -531,6 +602,7 @@ mod tests {
                     subject: "Plain ASCII test message".into(),
                     message_id: "plain-0001@remote.example".into(),
                     date_ms: Some(1795357800000),
+                    auth_results: Vec::new(),
                 },
                 size: 334,
                 received_at_ms: 7,

@@ -61,7 +61,9 @@ use tokio::sync::Semaphore;
 
 use mailbell_link::units::de_duration;
 
+use crate::billing::Ledger;
 use crate::notify::arrival::Intake;
+use crate::policy::Policy;
 
 /// `[stalwart]` section of the daemon's configuration.
 #[derive(Clone, Deserialize)]
@@ -154,6 +156,8 @@ pub struct StalwartStats {
     webhook_bad_requests: AtomicU64,
     webhook_too_large: AtomicU64,
     webhook_confirm_errors: AtomicU64,
+    delivery_records: AtomicU64,
+    delivery_replays: AtomicU64,
 }
 
 /// A copy of [`StalwartStats`] at one moment.
@@ -190,8 +194,12 @@ pub struct StatsSnapshot {
     pub webhook_bad_requests: u64,
     /// Webhooks over `max_webhook_body` (413).
     pub webhook_too_large: u64,
-    /// Batches the intake could not record (503, Stalwart resends).
+    /// Batches the intake or the delivery meter could not record (503, Stalwart resends).
     pub webhook_confirm_errors: u64,
+    /// Delivery meter records made from webhook events.
+    pub delivery_records: u64,
+    /// Webhook deliveries already metered (a resent batch): not counted again.
+    pub delivery_replays: u64,
 }
 
 /// One `/metrics` family of the Stalwart endpoint counters.
@@ -208,7 +216,7 @@ impl StatsSnapshot {
     /// The counters as `/metrics` shows them, one family per kind of thing counted: hook
     /// calls by stage, refused hook calls by reason, webhook events by outcome, refused
     /// webhooks by reason. Webhook batches are [`StatsSnapshot::webhook_batches`] alone.
-    pub fn families(&self) -> [CounterFamily; 4] {
+    pub fn families(&self) -> [CounterFamily; 5] {
         [
             CounterFamily {
                 name: "mailbell_stalwart_hook_calls_total",
@@ -255,6 +263,15 @@ impl StatsSnapshot {
                     ("confirm", self.webhook_confirm_errors),
                 ],
             },
+            CounterFamily {
+                name: "mailbell_delivery_meter_events_total",
+                help: "Mailbox deliveries reported by Stalwart's webhooks, by what the delivery meter did.",
+                label: "outcome",
+                series: vec![
+                    ("recorded", self.delivery_records),
+                    ("replayed", self.delivery_replays),
+                ],
+            },
         ]
     }
 }
@@ -285,6 +302,8 @@ impl StalwartStats {
             webhook_bad_requests: g(&self.webhook_bad_requests),
             webhook_too_large: g(&self.webhook_too_large),
             webhook_confirm_errors: g(&self.webhook_confirm_errors),
+            delivery_records: g(&self.delivery_records),
+            delivery_replays: g(&self.delivery_replays),
         }
     }
 }
@@ -308,6 +327,18 @@ pub fn router_with_stats<I: Intake>(
     cfg: StalwartConfig,
     stats: Arc<StalwartStats>,
 ) -> Router {
+    router_with_policy(intake, cfg, stats, Arc::new(Policy::empty()), None)
+}
+
+/// Both routes, refusing what `policy`'s blocklist names at the connect, ehlo and mail stages,
+/// and metering deliveries into `ledger` (none: no delivery meter).
+pub fn router_with_policy<I: Intake>(
+    intake: Arc<I>,
+    cfg: StalwartConfig,
+    stats: Arc<StalwartStats>,
+    policy: Arc<Policy>,
+    ledger: Option<Ledger>,
+) -> Router {
     let webhook_key = (!cfg.signature_key.is_empty())
         .then(|| hmac::Key::new(hmac::HMAC_SHA256, cfg.signature_key.as_bytes()));
     if webhook_key.is_none() {
@@ -318,6 +349,8 @@ pub fn router_with_stats<I: Intake>(
     }
     let shared = Arc::new(Shared {
         intake,
+        policy,
+        ledger,
         streams: Semaphore::new(cfg.max_parallel_streams.max(1)),
         webhook_key,
         stats,
@@ -332,6 +365,10 @@ pub fn router_with_stats<I: Intake>(
 /// What the handlers share.
 struct Shared<I> {
     intake: Arc<I>,
+    /// Blocklist and zones.
+    policy: Arc<Policy>,
+    /// The delivery meter's store; `None`: deliveries are not metered.
+    ledger: Option<Ledger>,
     cfg: StalwartConfig,
     stats: Arc<StalwartStats>,
     /// `None` when no signature key is configured.

@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use super::body::{self, BodyError};
 use super::{add, bump, content_length, excerpt, peer_of, text_response, Shared};
+use crate::billing::ledger::Delivery;
 use crate::notify::arrival::{Ingest, IngestKind, Intake};
 
 /// Header carrying the signature.
@@ -68,6 +69,9 @@ pub(crate) struct Batch {
     pub ignored: usize,
     /// Ingest events that could not be used, with why.
     pub skipped: Vec<Skipped>,
+    /// Deliveries into a mailbox (`ham` and `spam` with an account and a size), for the
+    /// delivery meter.
+    pub deliveries: Vec<Delivery>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -92,6 +96,7 @@ struct WireIngest {
     document_id: Option<u64>,
     message_id: Option<String>,
     to: Option<OneOrMany>,
+    size: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -101,8 +106,13 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
-/// Parses a (verified) batch body.
-pub(crate) fn parse_batch(body: &[u8]) -> Result<Batch, BatchError> {
+/// The delivery meter's key of a message Stalwart queued.
+pub(crate) fn stalwart_message_key(queue_id: u64) -> String {
+    format!("stalwart:{queue_id}")
+}
+
+/// Parses a (verified) batch body; `now_ms` stamps its deliveries.
+pub(crate) fn parse_batch(body: &[u8], now_ms: i64) -> Result<Batch, BatchError> {
     let wire: WireBatch = serde_json::from_slice(body).map_err(BatchError)?;
     let mut batch = Batch::default();
     for (index, mut event) in wire.events.into_iter().enumerate() {
@@ -160,6 +170,17 @@ pub(crate) fn parse_batch(body: &[u8]) -> Result<Batch, BatchError> {
             .and_then(|m| m.strip_suffix('>'))
             .unwrap_or(message_id)
             .to_owned();
+        if let (IngestKind::Ham | IngestKind::Spam, Some(account), Some(bytes)) =
+            (kind, wire.account_id, wire.size)
+        {
+            batch.deliveries.push(Delivery {
+                message_key: stalwart_message_key(queue_id),
+                account: format!("stalwart:{account}"),
+                zone: None,
+                bytes,
+                at_ms: now_ms,
+            });
+        }
         batch.ingests.push(Ingest {
             kind,
             queue_id: Some(queue_id),
@@ -235,7 +256,7 @@ async fn answer<I: Intake>(sh: &Shared<I>, req: Request) -> Response {
     if let Err(e) = verify_signature(key, &raw, signature.as_bytes()) {
         return refuse(e);
     }
-    let batch = match parse_batch(&raw) {
+    let batch = match parse_batch(&raw, super::hook::now_ms()) {
         Ok(b) => b,
         Err(e) => {
             bump(&stats.webhook_bad_requests);
@@ -260,6 +281,9 @@ async fn answer<I: Intake>(sh: &Shared<I>, req: Request) -> Response {
     if n == 0 {
         return StatusCode::OK.into_response();
     }
+    if let Err(resp) = meter(sh, batch.deliveries).await {
+        return resp;
+    }
     match tokio::time::timeout(sh.cfg.intake_timeout, sh.intake.confirm(batch.ingests)).await {
         Ok(Ok(())) => {
             add(&stats.webhook_ingest_events, n);
@@ -281,6 +305,37 @@ async fn answer<I: Intake>(sh: &Shared<I>, req: Request) -> Response {
                 "not recorded in time".into(),
             )
         }
+    }
+}
+
+/// Records the batch's deliveries in the delivery meter (if there is one) before the batch is
+/// acknowledged; a failure is answered 503, so Stalwart resends the batch (and the records
+/// already made count once).
+async fn meter<I>(sh: &Shared<I>, deliveries: Vec<Delivery>) -> Result<(), Response> {
+    let Some(ledger) = &sh.ledger else {
+        return Ok(());
+    };
+    if deliveries.is_empty() {
+        return Ok(());
+    }
+    let call = ledger.call(move |s| s.record_deliveries(&deliveries));
+    let failed = |why: String| {
+        bump(&sh.stats.webhook_confirm_errors);
+        tracing::warn!(error = %why, "deliveries not metered: answering 503");
+        text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not metered: {why}"),
+        )
+    };
+    match tokio::time::timeout(sh.cfg.intake_timeout, call).await {
+        Ok(Ok(r)) => {
+            add(&sh.stats.delivery_records, r.added);
+            add(&sh.stats.delivery_replays, r.replayed);
+            tracing::debug!(added = r.added, replayed = r.replayed, "deliveries metered");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(failed(e.to_string())),
+        Err(_) => Err(failed("the ledger did not answer in time".into())),
     }
 }
 
@@ -341,7 +396,7 @@ mod tests {
     #[test]
     fn two_hams_with_exact_ids() {
         let (body, _) = fixture(B08);
-        let mut b = parse_batch(body.as_bytes()).unwrap();
+        let mut b = parse_batch(body.as_bytes(), 0).unwrap();
         assert_eq!(b.ignored, 3);
         assert!(b.skipped.is_empty());
         // The batch also has the queue.queue-message of the same message.
@@ -391,7 +446,7 @@ mod tests {
             {"type":"message-ingest.imap-append","data":{"queueId":1}},
             {"type":"auth.success","data":{}}
         ]}"#;
-        let b = parse_batch(body).unwrap();
+        let b = parse_batch(body, 0).unwrap();
         assert_eq!(b.ignored, 2);
         assert_eq!(
             b.skipped.iter().map(|s| s.index).collect::<Vec<_>>(),
@@ -414,13 +469,13 @@ mod tests {
     fn not_a_batch() {
         for bad in [&b"nope"[..], b"{}", b"{\"events\":{}}", b"[]", b""] {
             assert!(
-                parse_batch(bad).is_err(),
+                parse_batch(bad, 0).is_err(),
                 "{}",
                 String::from_utf8_lossy(bad)
             );
         }
         assert_eq!(
-            parse_batch(br#"{"events":[],"more":1}"#).unwrap(),
+            parse_batch(br#"{"events":[],"more":1}"#, 0).unwrap(),
             Batch::default()
         );
     }
