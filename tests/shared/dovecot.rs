@@ -102,8 +102,19 @@ fn listener(name: &str, port: Option<u16>, ssl: bool, haproxy: bool) -> String {
 
 impl Dovecot {
     /// Writes the users' Maildirs and the configuration, starts Dovecot in the foreground and
-    /// waits until every listener accepts.
+    /// waits until every listener accepts. A port taken by someone else between choosing it and
+    /// Dovecot's bind (the ports are chosen free, then let go) is retried with new ports.
     pub fn start(mailboxes: &[Mailbox], opts: &Options) -> anyhow::Result<Dovecot> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(mailboxes, opts) {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("in use") => attempt += 1,
+                r => return r,
+            }
+        }
+    }
+
+    fn start_once(mailboxes: &[Mailbox], opts: &Options) -> anyhow::Result<Dovecot> {
         let dir = tempfile::tempdir()?;
         let d = dir.path();
         for sub in ["run", "state"] {
@@ -202,7 +213,7 @@ impl Dovecot {
         );
         std::fs::write(d.join("dovecot.conf"), conf)?;
         let child = spawn(d)?;
-        let dovecot = Dovecot {
+        let mut dovecot = Dovecot {
             child,
             dir,
             pop3,
@@ -230,15 +241,22 @@ impl Dovecot {
         .collect()
     }
 
-    fn wait_listening(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+    /// Waits until every listener accepts; fails at once, with what Dovecot said, if it exits.
+    fn wait_listening(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
         while self
             .ports()
             .iter()
             .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
         {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "dovecot exited ({status}) before it listened: {}",
+                    self.said()
+                );
+            }
             if Instant::now() > deadline {
-                bail!("dovecot did not listen: {}", self.log());
+                bail!("dovecot did not listen within 30 s: {}", self.said());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -286,6 +304,12 @@ impl Dovecot {
         self.wait_listening()
     }
 
+    /// What Dovecot wrote to its standard error and its log.
+    fn said(&self) -> String {
+        let stderr = std::fs::read_to_string(self.dir.path().join(STDERR)).unwrap_or_default();
+        format!("stderr: {stderr}\nlog: {}", self.log())
+    }
+
     /// Dovecot's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
@@ -302,14 +326,22 @@ impl Dovecot {
     }
 }
 
+/// Where Dovecot's standard error goes (what it says before its log is open).
+const STDERR: &str = "dovecot.stderr";
+
 /// Runs Dovecot in the foreground with the configuration in `dir`.
 fn spawn(dir: &Path) -> anyhow::Result<Child> {
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(STDERR))
+        .context("open dovecot's stderr file")?;
     Command::new(DOVECOT)
         .arg("-F")
         .arg("-c")
         .arg(dir.join("dovecot.conf"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .with_context(|| format!("start {DOVECOT}"))
 }
