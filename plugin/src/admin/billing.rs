@@ -409,8 +409,23 @@ async fn via(config: Option<&Path>) -> anyhow::Result<Via> {
     })
 }
 
-fn body<T: Serialize>(v: &T) -> anyhow::Result<Vec<u8>> {
-    Ok(serde_json::to_vec(v)?)
+/// Sends `b` as JSON to the daemon's `path` and reads its JSON answer.
+async fn send<B: Serialize, R: serde::de::DeserializeOwned>(
+    addr: std::net::SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+    b: &B,
+) -> anyhow::Result<R> {
+    let j = serde_json::to_vec(b)?;
+    api(
+        addr,
+        token,
+        method,
+        path,
+        Some(("application/json", &j[..])),
+    )
+    .await
 }
 
 /// `mailbell billing …`.
@@ -432,9 +447,7 @@ pub async fn billing(config: Option<&Path>, cmd: BillingCmd) -> anyhow::Result<(
             };
             let r: PostReply = match &via {
                 Via::Api { addr, token } => {
-                    let j = body(&b)?;
-                    let j = Some(("application/json", &j[..]));
-                    api(*addr, token, "POST", "/admin/v1/billing/topup", j).await?
+                    send(*addr, token, "POST", "/admin/v1/billing/topup", &b).await?
                 }
                 Via::Local(o) => o.topup(b).await?,
             };
@@ -455,9 +468,7 @@ pub async fn billing(config: Option<&Path>, cmd: BillingCmd) -> anyhow::Result<(
             };
             let r: PostReply = match &via {
                 Via::Api { addr, token } => {
-                    let j = body(&b)?;
-                    let j = Some(("application/json", &j[..]));
-                    api(*addr, token, "POST", "/admin/v1/billing/adjust", j).await?
+                    send(*addr, token, "POST", "/admin/v1/billing/adjust", &b).await?
                 }
                 Via::Local(o) => o.adjust(b).await?,
             };
@@ -496,15 +507,7 @@ pub async fn billing(config: Option<&Path>, cmd: BillingCmd) -> anyhow::Result<(
             let a: UserAccount = match &via {
                 Via::Api { addr, token } => {
                     let path = format!("/admin/v1/billing/accounts/{}", enc(&user));
-                    let j = body(&p)?;
-                    api(
-                        *addr,
-                        token,
-                        "PUT",
-                        &path,
-                        Some(("application/json", &j[..])),
-                    )
-                    .await?
+                    send(*addr, token, "PUT", &path, &p).await?
                 }
                 Via::Local(o) => o.put_account(&user, p).await?,
             };
@@ -566,9 +569,7 @@ pub async fn billing(config: Option<&Path>, cmd: BillingCmd) -> anyhow::Result<(
             };
             let t: Tariff = match &via {
                 Via::Api { addr, token } => {
-                    let j = body(&b)?;
-                    let j = Some(("application/json", &j[..]));
-                    api(*addr, token, "PUT", "/admin/v1/billing/tariffs", j).await?
+                    send(*addr, token, "PUT", "/admin/v1/billing/tariffs", &b).await?
                 }
                 Via::Local(o) => o.set_tariff(b).await?,
             };
