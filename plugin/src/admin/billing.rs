@@ -130,6 +130,19 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// A posting's answer: its entry, and the account's posted balance after it.
+fn post_reply(
+    s: &mut dyn crate::billing::ledger::LedgerStore,
+    login: &str,
+    p: crate::billing::ledger::Posted,
+) -> Result<PostReply, LedgerError> {
+    Ok(PostReply {
+        balance: s.statement(login)?.balance.posted()?,
+        entry: p.entry,
+        replayed: p.replayed,
+    })
+}
+
 impl Ops {
     pub async fn topup(&self, b: TopupBody) -> Result<PostReply, OpError> {
         let amount = Money::parse_positive(b.amount.trim()).map_err(input("amount"))?;
@@ -139,12 +152,7 @@ impl Ops {
             .ledger
             .call(move |s| {
                 let p = topup(s, &login, amount, &b.key, &b.note, at)?;
-                let balance = s.statement(&login)?.balance.posted()?;
-                Ok(PostReply {
-                    entry: p.entry,
-                    replayed: p.replayed,
-                    balance,
-                })
+                post_reply(s, &login, p)
             })
             .await?)
     }
@@ -163,12 +171,7 @@ impl Ops {
             .ledger
             .call(move |s| {
                 let p = adjust(s, &login, amount, &b.key, &b.reason, at)?;
-                let balance = s.statement(&login)?.balance.posted()?;
-                Ok(PostReply {
-                    entry: p.entry,
-                    replayed: p.replayed,
-                    balance,
-                })
+                post_reply(s, &login, p)
             })
             .await?)
     }
