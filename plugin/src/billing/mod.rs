@@ -10,6 +10,10 @@
 
 pub mod ledger;
 pub mod money;
+pub mod run;
+#[cfg(test)]
+mod run_tests;
+pub mod tariff;
 
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -34,6 +38,21 @@ pub struct BillingConfig {
     /// Record every confirmed delivery (Stalwart `message-ingest.ham`/`.spam`, milter accept)
     /// in the delivery meter, per account and zone, for the accounting run.
     pub meter_deliveries: bool,
+    /// When delivered traffic is charged: "at-retrieval" (the seed's model), "at-delivery",
+    /// or "retrieved-bytes".
+    pub charge: run::ChargeAt,
+    /// Pending traffic older than this many days, never retrieved, is expired.
+    pub pending_expiry_days: u32,
+    /// What expiry does: "void" (never charged) or "charge".
+    pub expired_pending: run::Expiry,
+    /// An available balance below this puts the account in arrears.
+    pub arrears_below: Money,
+    /// Balances below which a warning SMS goes out (one per threshold crossed).
+    pub warn_below: Vec<Money>,
+    /// Local time ("HH:MM") of the daemon's nightly run of the day before; "" = not scheduled.
+    pub run_at: String,
+    /// Requests per ledger transaction in a run.
+    pub run_batch: usize,
 }
 
 impl Default for BillingConfig {
@@ -42,6 +61,13 @@ impl Default for BillingConfig {
             max_price_per_mb: Money::from_minor(10_000),
             default_class: "default".into(),
             meter_deliveries: false,
+            charge: run::ChargeAt::AtRetrieval,
+            pending_expiry_days: 90,
+            expired_pending: run::Expiry::Void,
+            arrears_below: Money::from_minor(0),
+            warn_below: vec![Money::from_minor(1_000)],
+            run_at: String::new(),
+            run_batch: 2_000,
         }
     }
 }
@@ -55,7 +81,56 @@ impl BillingConfig {
         if self.default_class.is_empty() {
             return Err("billing.default_class must not be empty".into());
         }
+        if self.pending_expiry_days == 0 {
+            return Err("billing.pending_expiry_days must be at least 1".into());
+        }
+        if let Some(t) = self.warn_below.iter().find(|t| **t <= self.arrears_below) {
+            return Err(format!(
+                "billing.warn_below: {t} is not above billing.arrears_below ({}): a warning comes before arrears",
+                self.arrears_below
+            ));
+        }
+        if self.warn_below.len() > 8 {
+            return Err("billing.warn_below: at most 8 thresholds".into());
+        }
+        self.run_time()?;
+        if !(1..=100_000).contains(&self.run_batch) {
+            return Err("billing.run_batch must be 1 to 100000".into());
+        }
         Ok(())
+    }
+
+    /// `run_at` as (hour, minute); `None` when the run is not scheduled.
+    pub fn run_time(&self) -> Result<Option<(u32, u32)>, String> {
+        let t = self.run_at.trim();
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let bad = || format!("billing.run_at {t:?}: expected a local time HH:MM, e.g. \"02:30\"");
+        let (h, m) = t.split_once(':').ok_or_else(bad)?;
+        let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+        if h > 23 || m > 59 || t.len() != 5 {
+            return Err(bad());
+        }
+        Ok(Some((h, m)))
+    }
+
+    /// The run's settings.
+    pub fn run_settings(&self) -> run::RunSettings {
+        run::RunSettings {
+            charge: self.charge,
+            pending_expiry_days: self.pending_expiry_days,
+            expired_pending: self.expired_pending,
+            rules: self.standing_rules(),
+            batch: self.run_batch,
+        }
+    }
+
+    pub fn standing_rules(&self) -> ledger::StandingRules {
+        ledger::StandingRules {
+            arrears_below: self.arrears_below,
+            warn_below: self.warn_below.clone(),
+        }
     }
 }
 

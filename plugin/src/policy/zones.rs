@@ -25,7 +25,10 @@ pub struct ZonesConfig {
 }
 
 /// The zone of a delivery.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Zone {
     Free,
     Foreign,

@@ -18,6 +18,7 @@
 
 pub mod chain;
 pub mod deliveries;
+pub mod runs;
 pub mod sqlite;
 pub mod verify;
 
@@ -33,6 +34,10 @@ use crate::billing::money::{Money, MoneyError};
 
 use crate::policy::zones::Zone;
 pub use deliveries::{Delivery, DeliveryRecord, Recorded};
+pub use runs::{
+    ChargeRow, Cursors, Effect, EffectKind, OpenPending, RetrievalRow, RunFinish, RunPlan,
+    RunRecord, RunUser, StandingRules, Unbilled,
+};
 pub use verify::{Problem, VerifyReport};
 
 /// Longest idempotency key, memo and account text field, in bytes.
@@ -463,4 +468,64 @@ pub trait LedgerStore: Send {
     fn record_deliveries(&mut self, batch: &[Delivery]) -> Result<Recorded>;
     /// Delivery records no accounting run has consumed yet, oldest first, at most `limit`.
     fn unconsumed_deliveries(&self, limit: usize) -> Result<Vec<DeliveryRecord>>;
+
+    // The accounting run (`billing::run`; docs/billing.md, "The accounting run").
+
+    /// Where the last finished run stopped reading.
+    fn cursors(&self) -> Result<Cursors>;
+    fn run(&self, period: &str) -> Result<Option<RunRecord>>;
+    /// Starts the run of `period` (or returns its row when it has one): fixes its inputs —
+    /// deliveries from the cursor up to the first one at or after `end_ms`, retrieval meter
+    /// ids `meter` (after, upto], the tariffs and the entry head.
+    fn begin_run(
+        &mut self,
+        period: &str,
+        end_ms: i64,
+        meter: (u64, u64),
+        now_ms: i64,
+    ) -> Result<RunRecord>;
+    /// Calls `f(id, account, zone, bytes, at_ms)` for the deliveries with ids in
+    /// `(after, upto]`, in id order.
+    fn scan_deliveries(
+        &self,
+        after: i64,
+        upto: i64,
+        f: &mut dyn FnMut(i64, &str, Zone, u64, i64),
+    ) -> Result<()>;
+    /// Deliveries to unknown accounts kept by runs before `before_period`, not written off.
+    fn unbilled(&self, before_period: Option<&str>) -> Result<Vec<Unbilled>>;
+    /// Pending transfers (user → revenue) open when entry `start_head` was the last.
+    fn open_pending_at(&self, start_head: i64) -> Result<Vec<OpenPending>>;
+    fn run_users(&self) -> Result<Vec<RunUser>>;
+    /// Posts a batch of the run's requests with their charge rows, in one transaction;
+    /// returns how many entries are new (a resumed run replays the rest).
+    fn post_charges(
+        &mut self,
+        period: &str,
+        batch: &[(Option<Request>, Option<ChargeRow>)],
+    ) -> Result<usize>;
+    /// Ends a run: cursors, retrievals, unbilled deliveries, standings and their effects in
+    /// one transaction; returns how many effects it added.
+    fn finish_run(&mut self, finish: &RunFinish, rules: &StandingRules) -> Result<usize>;
+    /// Effects not carried out yet, oldest first.
+    fn open_effects(&self, limit: usize) -> Result<Vec<Effect>>;
+    fn effects_done(&mut self, ids: &[i64], at_ms: i64) -> Result<()>;
+    /// After a top-up: an account in arrears whose balance is back to the threshold is
+    /// normal again at once (with a state effect recorded under `period`).
+    fn restore_if_paid(
+        &mut self,
+        login: &str,
+        rules: &StandingRules,
+        period: &str,
+        at_ms: i64,
+    ) -> Result<bool>;
+    /// Writes off the unbilled deliveries to `account`.
+    fn write_off(&mut self, account: &str, by: &str, at_ms: i64) -> Result<usize>;
+    /// Retrievals and charges of `login` in `[since_ms, until_ms)`.
+    fn statement_rows(
+        &self,
+        login: &str,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<(Vec<RetrievalRow>, Vec<ChargeRow>)>;
 }

@@ -23,6 +23,10 @@ use rusqlite::{
 };
 
 use super::deliveries::{self, Delivery, DeliveryRecord, Recorded};
+use super::runs::{
+    self, ChargeRow, Cursors, Effect, OpenPending, RetrievalRow, RunFinish, RunPlan, RunRecord,
+    RunUser, StandingRules, Unbilled,
+};
 use super::verify::{Problem, Verifier};
 use super::{
     chain, AccountRef, Balance, Entry, LedgerError, LedgerStore, Phase, Posted, Posting, Request,
@@ -124,6 +128,9 @@ impl SqliteLedger {
         me.conn
             .execute_batch(deliveries::SCHEMA)
             .map_err(me.err("create the delivery meter's schema"))?;
+        me.conn
+            .execute_batch(runs::SCHEMA)
+            .map_err(me.err("create the accounting run's schema"))?;
         Ok(me)
     }
 
@@ -145,6 +152,25 @@ impl SqliteLedger {
 
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// Caps the file at `pages` pages, so that tests meet "database or disk is full" where
+    /// they choose.
+    #[cfg(test)]
+    pub(crate) fn limit_pages(&self, pages: i64) {
+        let _: i64 = self
+            .conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                r.get(0)
+            })
+            .expect("set max_page_count");
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pragma_i64(&self, name: &str) -> i64 {
+        self.conn
+            .query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+            .expect("read a pragma")
     }
 
     /// Puts the file's name into an error made where it was not at hand.
@@ -484,6 +510,15 @@ fn entry_amount(tx: &Connection, id: Option<i64>) -> Result<i64> {
 impl SqliteLedger {
     /// Runs `requests` in one transaction; the head is read once and written once.
     fn post_all(&mut self, requests: &[Request]) -> Result<Vec<Posted>> {
+        self.post_all_with(requests, |_, _| Ok(()))
+    }
+
+    /// [`Self::post_all`], then `more` in the same transaction (with what was posted).
+    fn post_all_with(
+        &mut self,
+        requests: &[Request],
+        more: impl FnOnce(&Transaction<'_>, &[Posted]) -> Result<()>,
+    ) -> Result<Vec<Posted>> {
         let path = self.path.clone();
         let with_path = |e: LedgerError| match e {
             LedgerError::Sqlite { op, error, .. } => LedgerError::Sqlite {
@@ -513,6 +548,7 @@ impl SqliteLedger {
             .and_then(|mut s| s.execute(params![head.id, &head.hash[..]]))
             .map_err(sql(&path, "write the head"))?;
         }
+        more(&tx, &out).map_err(with_path)?;
         tx.commit().map_err(sql(&path, "commit"))?;
         Ok(out)
     }
@@ -597,6 +633,138 @@ impl SqliteLedger {
 }
 
 impl LedgerStore for SqliteLedger {
+    fn cursors(&self) -> Result<Cursors> {
+        runs::cursors(&self.conn).map_err(self.err("read the run cursors"))
+    }
+
+    fn run(&self, period: &str) -> Result<Option<RunRecord>> {
+        runs::run(&self.conn, period).map_err(self.err("read a run"))
+    }
+
+    fn begin_run(
+        &mut self,
+        period: &str,
+        end_ms: i64,
+        meter: (u64, u64),
+        now_ms: i64,
+    ) -> Result<RunRecord> {
+        let path = self.path.clone();
+        let tariffs = self.tariffs()?;
+        let tx = self.tx()?;
+        let r = (|| -> rusqlite::Result<RunRecord> {
+            if let Some(r) = runs::run(&tx, period)? {
+                return Ok(r);
+            }
+            let c = runs::cursors(&tx)?;
+            let head = read_head(&tx)?.map_or(0, |h| h.id);
+            let plan = RunPlan {
+                period: period.to_owned(),
+                end_ms,
+                start_head: head,
+                deliveries_after: c.deliveries,
+                deliveries_upto: runs::deliveries_upto(&tx, c.deliveries, end_ms)?,
+                meter_after: meter.0,
+                meter_upto: meter.1,
+                tariffs,
+            };
+            runs::begin(&tx, &plan, now_ms)
+        })()
+        .map_err(sql(&path, "start a run"))?;
+        tx.commit().map_err(sql(&path, "commit"))?;
+        Ok(r)
+    }
+
+    fn scan_deliveries(
+        &self,
+        after: i64,
+        upto: i64,
+        f: &mut dyn FnMut(i64, &str, Zone, u64, i64),
+    ) -> Result<()> {
+        runs::scan_deliveries(&self.conn, after, upto, f).map_err(self.err("read deliveries"))
+    }
+
+    fn unbilled(&self, before_period: Option<&str>) -> Result<Vec<Unbilled>> {
+        runs::unbilled(&self.conn, before_period).map_err(self.err("read unbilled deliveries"))
+    }
+
+    fn open_pending_at(&self, start_head: i64) -> Result<Vec<OpenPending>> {
+        runs::open_pending(&self.conn, start_head).map_err(self.err("read the pending transfers"))
+    }
+
+    fn run_users(&self) -> Result<Vec<RunUser>> {
+        runs::users(&self.conn).map_err(self.err("read the user accounts"))
+    }
+
+    fn post_charges(
+        &mut self,
+        period: &str,
+        batch: &[(Option<Request>, Option<ChargeRow>)],
+    ) -> Result<usize> {
+        let requests: Vec<Request> = batch.iter().filter_map(|(r, _)| r.clone()).collect();
+        let posted = self.post_all_with(&requests, |tx, posted| {
+            let mut next = posted.iter();
+            for (r, c) in batch {
+                let entry = match r {
+                    Some(_) => next.next().map(|p| p.entry.id),
+                    None => None,
+                };
+                if let Some(c) = c {
+                    runs::put_charge(tx, period, c, entry).map_err(sql("", "store a charge"))?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(posted.iter().filter(|p| !p.replayed).count())
+    }
+
+    fn finish_run(&mut self, f: &RunFinish, rules: &StandingRules) -> Result<usize> {
+        let path = self.path.clone();
+        let tx = self.tx()?;
+        let n = runs::finish(&tx, f, rules).map_err(sql(&path, "finish the run"))?;
+        tx.commit().map_err(sql(&path, "commit"))?;
+        Ok(n)
+    }
+
+    fn open_effects(&self, limit: usize) -> Result<Vec<Effect>> {
+        runs::open_effects(&self.conn, limit).map_err(self.err("read the run's effects"))
+    }
+
+    fn effects_done(&mut self, ids: &[i64], at_ms: i64) -> Result<()> {
+        let path = self.path.clone();
+        let tx = self.tx()?;
+        runs::effects_done(&tx, ids, at_ms).map_err(sql(&path, "mark effects done"))?;
+        tx.commit().map_err(sql(&path, "commit"))
+    }
+
+    fn restore_if_paid(
+        &mut self,
+        login: &str,
+        rules: &StandingRules,
+        period: &str,
+        at_ms: i64,
+    ) -> Result<bool> {
+        let path = self.path.clone();
+        let tx = self.tx()?;
+        let r = runs::restore_if_paid(&tx, login, rules, period, at_ms)
+            .map_err(sql(&path, "restore a paid account"))?;
+        tx.commit().map_err(sql(&path, "commit"))?;
+        Ok(r)
+    }
+
+    fn write_off(&mut self, account: &str, by: &str, at_ms: i64) -> Result<usize> {
+        runs::write_off(&self.conn, account, by, at_ms).map_err(self.err("write off deliveries"))
+    }
+
+    fn statement_rows(
+        &self,
+        login: &str,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<(Vec<RetrievalRow>, Vec<ChargeRow>)> {
+        runs::statement_rows(&self.conn, login, since_ms, until_ms)
+            .map_err(self.err("read a statement"))
+    }
+
     fn remember_source(&mut self, message_key: &str, zone: Zone, at_ms: i64) -> Result<()> {
         deliveries::remember_source(&self.conn, message_key, zone, at_ms)
             .map_err(self.err("remember a message's zone"))

@@ -1,0 +1,781 @@
+//! The accounting run (`mailbell billing run`, and the daemon's nightly schedule): consumes a
+//! period's delivery records and retrieval meter records, prices them with the tariffs,
+//! posts the charges, and moves accounts between normal and arrears (docs/billing.md, "The
+//! accounting run").
+//!
+//! The seed's model (`charge = "at-retrieval"`): traffic delivered to a user is charged at
+//! the user's next retrieval (a successful POP3/IMAP login through the proxy), recorded with
+//! that retrieval's time and client address; traffic not retrieved by the end of the period
+//! is left *pending* (a two-phase transfer) and posted at a later retrieval, or expired
+//! (voided or charged) after `pending_expiry_days`.
+//!
+//! Exactly once: a run fixes its inputs when it starts (record id ranges, tariffs, the
+//! entry head: [`RunPlan`]), every posting has a key derived from what it charges, and the
+//! cursors move in the transaction that ends the run. A run that crashed is resumed by the
+//! next run of the same period: what it posted replays as no-ops, the rest is posted; a
+//! finished period is not run again.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use chrono::{Local, NaiveDate, TimeZone};
+use serde::{Deserialize, Serialize};
+
+use super::ledger::{
+    AccountRef, ChargeRow, Kind, LedgerError, LedgerStore, OpenPending, Posting, Request,
+    RetrievalRow, RunFinish, RunPlan, StandingRules, Unbilled,
+};
+use super::money::Money;
+use super::tariff::Tariffs;
+use crate::meter::{Entry, Login, MeterError, MeterQuery, MeterStore};
+use crate::policy::zones::Zone;
+
+/// When delivered traffic is charged (`billing.charge`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChargeAt {
+    /// At the user's next retrieval (the seed's model); pending until then.
+    #[default]
+    AtRetrieval,
+    /// In the run that consumes the delivery.
+    AtDelivery,
+    /// Not the delivered traffic but the retrieved bytes, zone `retrieved`.
+    RetrievedBytes,
+}
+
+/// What becomes of pending traffic never retrieved (`billing.expired_pending`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Expiry {
+    /// Released: never charged (the seed charges only what is retrieved).
+    #[default]
+    Void,
+    /// Charged in full.
+    Charge,
+}
+
+/// The run's settings (from `[billing]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunSettings {
+    pub charge: ChargeAt,
+    pub pending_expiry_days: u32,
+    pub expired_pending: Expiry,
+    pub rules: StandingRules,
+    /// Requests per ledger transaction.
+    pub batch: usize,
+}
+
+/// A period: one local calendar day.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Period {
+    /// `YYYY-MM-DD`.
+    pub name: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+}
+
+impl Period {
+    /// The local day `date`.
+    pub fn day(date: NaiveDate) -> Result<Period, RunError> {
+        let at = |d: NaiveDate| -> Result<i64, RunError> {
+            let midnight = d
+                .and_hms_opt(0, 0, 0)
+                .ok_or(RunError::BadDate(d.to_string()))?;
+            Local
+                .from_local_datetime(&midnight)
+                .earliest()
+                .map(|t| t.timestamp_millis())
+                .ok_or(RunError::BadDate(d.to_string()))
+        };
+        let next = date
+            .succ_opt()
+            .ok_or_else(|| RunError::BadDate(date.to_string()))?;
+        Ok(Period {
+            name: date.format("%Y-%m-%d").to_string(),
+            start_ms: at(date)?,
+            end_ms: at(next)?,
+        })
+    }
+
+    /// `YYYY-MM-DD`, or the local day before `now_ms` when `None`.
+    pub fn parse_or_yesterday(s: Option<&str>, now_ms: i64) -> Result<Period, RunError> {
+        let date = match s {
+            Some(s) => NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                .map_err(|_| RunError::BadDate(s.to_owned()))?,
+            None => {
+                let today = Local
+                    .timestamp_millis_opt(now_ms)
+                    .earliest()
+                    .ok_or_else(|| RunError::BadDate(now_ms.to_string()))?
+                    .date_naive();
+                today
+                    .pred_opt()
+                    .ok_or_else(|| RunError::BadDate(today.to_string()))?
+            }
+        };
+        Period::day(date)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    #[error("{0:?} is not a date (YYYY-MM-DD)")]
+    BadDate(String),
+    #[error("period {period} has not ended yet (it ends at {end}); run it after that")]
+    NotEnded { period: String, end: String },
+    #[error("another accounting run is in progress ({holder}); lock file {path}")]
+    Busy { path: String, holder: String },
+    #[error("accounting run lock {path}: {op}")]
+    Lock {
+        path: String,
+        op: &'static str,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("retrieval meter: {0}")]
+    Meter(#[from] MeterError),
+}
+
+/// What a run did (printed by `billing run`, stored with the run).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub period: String,
+    /// The period had run before: nothing was done.
+    pub already: bool,
+    /// The run resumed one that had stopped.
+    pub resumed: bool,
+    pub deliveries: u64,
+    pub delivery_bytes: u64,
+    /// Successful logins through the proxy, of known accounts.
+    pub retrievals: u64,
+    /// Successful logins of accounts the ledger does not know (not charged).
+    pub unknown_retrievals: u64,
+    /// Charges posted at retrievals (or at delivery), and their total.
+    pub charges: u64,
+    pub charged: Money,
+    /// Pending transfers left for traffic not yet retrieved, and their total.
+    pub pending: u64,
+    pub pending_amount: Money,
+    /// Earlier pending transfers posted at a retrieval in this run.
+    pub pending_posted: u64,
+    /// Pending transfers expired (voided or charged).
+    pub expired: u64,
+    /// Deliveries to accounts the ledger does not know, kept as unbilled.
+    pub unbilled: u64,
+    /// Earlier unbilled deliveries charged now that their account exists.
+    pub unbilled_billed: u64,
+    /// Bytes with no tariff for their (class, zone): not charged, reported.
+    pub unpriced_bytes: u64,
+    pub new_entries: u64,
+    pub effects: u64,
+    pub millis: u64,
+}
+
+/// Reports a run's progress (a progress bar in a terminal, log lines otherwise).
+pub trait Progress {
+    fn stage(&self, name: &'static str, total: u64);
+    fn advance(&self, n: u64);
+}
+
+/// No progress reports.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn stage(&self, _: &'static str, _: u64) {}
+    fn advance(&self, _: u64) {}
+}
+
+/// The run lock: one run at a time per ledger, across processes (flock; released when the
+/// process dies, so a killed run never blocks the next).
+pub struct RunLock {
+    _file: File,
+}
+
+impl RunLock {
+    pub fn path(ledger: &Path) -> PathBuf {
+        ledger.with_extension("run-lock")
+    }
+
+    pub fn acquire(ledger: &Path, period: &str, now_ms: i64) -> Result<RunLock, RunError> {
+        let path = Self::path(ledger);
+        let name = path.display().to_string();
+        let err = |op| {
+            let name = name.clone();
+            move |error| RunError::Lock {
+                path: name,
+                op,
+                error,
+            }
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(err("open"))?;
+        match fs2::FileExt::try_lock_exclusive(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == fs2::lock_contended_error().kind() => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                return Err(RunError::Busy {
+                    path: name,
+                    holder: holder.trim().to_owned(),
+                });
+            }
+            Err(e) => return Err(err("lock")(e)),
+        }
+        file.set_len(0).map_err(err("truncate"))?;
+        let stamp = chrono::DateTime::from_timestamp_millis(now_ms)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default();
+        writeln!(
+            file,
+            "pid {} period {period} since {stamp}",
+            std::process::id()
+        )
+        .map_err(err("write"))?;
+        Ok(RunLock { _file: file })
+    }
+}
+
+/// Where a run reads and writes.
+pub struct RunContext<'a> {
+    pub store: &'a mut dyn LedgerStore,
+    /// The retrieval proxy's meter store (`None`: no proxy; no retrievals).
+    pub meter: Option<&'a MeterStore>,
+    /// Maps a delivery's account that is not a ledger login (`stalwart:<id>`) to one.
+    pub resolve: &'a dyn Fn(&str) -> Option<String>,
+    pub settings: &'a RunSettings,
+    pub progress: &'a dyn Progress,
+    /// The wall clock (Unix ms); used only for the run's own timestamps and the "has the
+    /// period ended" check, never for what is posted.
+    pub now_ms: &'a dyn Fn() -> i64,
+}
+
+/// One successful retrieval of a known user.
+#[derive(Clone, Debug)]
+struct Retrieval {
+    meter_id: u64,
+    at_ms: i64,
+    client: String,
+    protocol: &'static str,
+    bytes: u64,
+}
+
+const ZONES: [Zone; 2] = [Zone::Free, Zone::Foreign];
+const PAGE: usize = 10_000;
+
+/// Runs (or resumes, or confirms) the accounting of `period`.
+pub fn run(cx: &mut RunContext<'_>, period: &Period) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
+    let now = (cx.now_ms)();
+    if period.end_ms > now {
+        return Err(RunError::NotEnded {
+            period: period.name.clone(),
+            end: chrono::DateTime::from_timestamp_millis(period.end_ms)
+                .map(|t| t.with_timezone(&Local).to_rfc3339())
+                .unwrap_or_default(),
+        });
+    }
+    if let Some(r) = cx.store.run(&period.name)? {
+        if r.finished_ms.is_some() {
+            let mut s: RunSummary = r
+                .summary
+                .and_then(|v| serde_json::from_value(v).ok())
+                .unwrap_or_default();
+            s.already = true;
+            s.period.clone_from(&period.name);
+            return Ok(s);
+        }
+    }
+    let resumed = cx.store.run(&period.name)?.is_some();
+    let cursors = cx.store.cursors()?;
+    // The meter range is fixed here (and stored with the plan); a resumed run uses its own.
+    let meter_upto = match cx.store.run(&period.name)? {
+        Some(r) => r.plan.meter_upto,
+        None => meter_prefix(cx.meter, cursors.meter, period.end_ms)?,
+    };
+    let rec = cx.store.begin_run(
+        &period.name,
+        period.end_ms,
+        (cursors.meter, meter_upto),
+        now,
+    )?;
+    let plan = rec.plan;
+    let mut s = RunSummary {
+        period: period.name.clone(),
+        resumed,
+        ..RunSummary::default()
+    };
+    let planned = build(cx, &plan, &mut s)?;
+    cx.progress.stage("posting", planned.postings.len() as u64);
+    for chunk in planned.postings.chunks(cx.settings.batch.max(1)) {
+        s.new_entries += cx.store.post_charges(&plan.period, chunk)? as u64;
+        cx.progress.advance(chunk.len() as u64);
+    }
+    s.millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let finish = RunFinish {
+        period: plan.period.clone(),
+        cursors: super::ledger::Cursors {
+            deliveries: plan.deliveries_upto,
+            meter: plan.meter_upto,
+        },
+        retrievals: planned.retrievals,
+        unbilled: planned.unbilled,
+        billed_unbilled: planned.billed_unbilled,
+        summary: serde_json::to_value(&s).unwrap_or_default(),
+        finished_ms: (cx.now_ms)().max(now),
+    };
+    s.effects = cx.store.finish_run(&finish, &cx.settings.rules)? as u64;
+    s.millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    Ok(s)
+}
+
+/// The last meter record id after `after` written before `end_ms` (ids follow write order;
+/// the first later record ends the prefix).
+fn meter_prefix(meter: Option<&MeterStore>, after: u64, end_ms: i64) -> Result<u64, RunError> {
+    let Some(m) = meter else { return Ok(after) };
+    let mut last = after;
+    loop {
+        let page = m.query(&MeterQuery {
+            after: Some(last),
+            limit: PAGE,
+            ..MeterQuery::default()
+        })?;
+        for r in &page.records {
+            if r.at_ms >= end_ms {
+                return Ok(last);
+            }
+            last = r.id;
+        }
+        if page.next_after.is_none() {
+            return Ok(last);
+        }
+    }
+}
+
+struct Planned {
+    postings: Vec<(Option<Request>, Option<ChargeRow>)>,
+    retrievals: Vec<RetrievalRow>,
+    unbilled: Vec<Unbilled>,
+    billed_unbilled: Vec<i64>,
+}
+
+/// Per user: bytes per (zone, chunk); chunk i is the traffic delivered before retrieval i
+/// (and after retrieval i − 1); the last chunk is what no retrieval of the period took.
+#[derive(Default)]
+struct Traffic(HashMap<(u8, u32), u64>);
+
+fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<Planned, RunError> {
+    let users = cx.store.run_users()?;
+    let index: HashMap<&str, usize> = users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.login.as_str(), i))
+        .collect();
+    let tariffs = Tariffs::new(&plan.tariffs);
+
+    // Retrievals: successful logins of known users, in time order per user.
+    cx.progress.stage(
+        "retrievals",
+        plan.meter_upto.saturating_sub(plan.meter_after),
+    );
+    let mut rets: Vec<Vec<Retrieval>> = vec![Vec::new(); users.len()];
+    let mut rows = Vec::new();
+    if let Some(m) = cx.meter {
+        let mut after = plan.meter_after;
+        'pages: while after < plan.meter_upto {
+            let page = m.query(&MeterQuery {
+                after: Some(after),
+                limit: PAGE,
+                ..MeterQuery::default()
+            })?;
+            let n = page.records.len() as u64;
+            for r in page.records {
+                if r.id > plan.meter_upto {
+                    break 'pages;
+                }
+                after = r.id;
+                let Entry::Session(x) = r.entry else { continue };
+                let (Login::Ok, Some(account)) = (x.login, x.account) else {
+                    continue;
+                };
+                let login = account.to_ascii_lowercase();
+                let Some(&u) = index.get(login.as_str()) else {
+                    s.unknown_retrievals += 1;
+                    continue;
+                };
+                let protocol = match x.protocol {
+                    crate::meter::Protocol::Pop3 => "pop3",
+                    crate::meter::Protocol::Imap => "imap",
+                };
+                let ret = Retrieval {
+                    meter_id: r.id,
+                    at_ms: x.start_ms,
+                    client: x.client.ip().to_string(),
+                    protocol,
+                    bytes: x.message_bytes,
+                };
+                rows.push(RetrievalRow {
+                    meter_id: r.id,
+                    login,
+                    at_ms: x.start_ms,
+                    client: ret.client.clone(),
+                    protocol: protocol.to_owned(),
+                    messages: x.messages,
+                    bytes: x.message_bytes,
+                });
+                rets[u].push(ret);
+                s.retrievals += 1;
+            }
+            cx.progress.advance(n);
+            if page.next_after.is_none() || n == 0 {
+                break;
+            }
+        }
+    }
+    for r in &mut rets {
+        r.sort_by_key(|r| (r.at_ms, r.meter_id));
+    }
+
+    // Deliveries: earlier unbilled ones whose account now exists, then the period's.
+    let mut traffic: Vec<Traffic> = Vec::new();
+    traffic.resize_with(users.len(), Traffic::default);
+    let mut unbilled = Vec::new();
+    let mut billed_unbilled = Vec::new();
+    let add = |u: usize, zone: Zone, bytes: u64, at_ms: i64, traffic: &mut Vec<Traffic>| {
+        let chunk = rets[u].partition_point(|r| r.at_ms <= at_ms) as u32;
+        let z = u8::from(zone == Zone::Foreign);
+        let e = traffic[u].0.entry((z, chunk)).or_default();
+        *e = e.saturating_add(bytes);
+    };
+    let user_of = |account: &str| -> Option<usize> {
+        index
+            .get(account)
+            .copied()
+            .or_else(|| (cx.resolve)(account).and_then(|l| index.get(l.as_str()).copied()))
+    };
+    for d in cx.store.unbilled(Some(&plan.period))? {
+        if let Some(u) = user_of(&d.account) {
+            add(u, d.zone, d.bytes, d.at_ms, &mut traffic);
+            billed_unbilled.push(d.delivery_id);
+            s.unbilled_billed += 1;
+        }
+    }
+    cx.progress.stage(
+        "deliveries",
+        u64::try_from(plan.deliveries_upto - plan.deliveries_after).unwrap_or(0),
+    );
+    let mut seen = 0u64;
+    let progress = cx.progress;
+    cx.store.scan_deliveries(
+        plan.deliveries_after,
+        plan.deliveries_upto,
+        &mut |id, account, zone, bytes, at_ms| {
+            s.deliveries += 1;
+            s.delivery_bytes = s.delivery_bytes.saturating_add(bytes);
+            match user_of(account) {
+                Some(u) => add(u, zone, bytes, at_ms, &mut traffic),
+                None => unbilled.push(Unbilled {
+                    delivery_id: id,
+                    period: plan.period.clone(),
+                    account: account.to_owned(),
+                    zone,
+                    bytes,
+                    at_ms,
+                }),
+            }
+            seen += 1;
+            if seen % 100_000 == 0 {
+                progress.advance(100_000);
+            }
+        },
+    )?;
+    progress.advance(seen % 100_000);
+    s.unbilled = unbilled.len() as u64;
+
+    // Pending transfers left open by earlier runs, per user.
+    let mut open: Vec<Vec<OpenPending>> = vec![Vec::new(); users.len()];
+    for p in cx.store.open_pending_at(plan.start_head)? {
+        if let Some(&u) = index.get(p.login.as_str()) {
+            open[u].push(p);
+        }
+    }
+
+    let mut out = Vec::new();
+    let expire_before = plan
+        .end_ms
+        .saturating_sub(i64::from(cx.settings.pending_expiry_days) * 86_400_000);
+    let last_ms = plan.end_ms - 1;
+    for (u, user) in users.iter().enumerate() {
+        let mut p = UserPlan {
+            login: &user.login,
+            class: &user.class,
+            tariffs: &tariffs,
+            out: &mut out,
+            s: &mut *s,
+        };
+        let t = &traffic[u].0;
+        match cx.settings.charge {
+            ChargeAt::AtRetrieval => {
+                for (i, r) in rets[u].iter().enumerate() {
+                    if i == 0 {
+                        for o in &open[u] {
+                            p.post_pending(o, r);
+                        }
+                    }
+                    for zone in ZONES {
+                        let bytes = t.get(&(u8::from(zone == Zone::Foreign), i as u32));
+                        if let Some(&b) = bytes {
+                            p.charge(
+                                zone.as_str(),
+                                b,
+                                Some(r),
+                                &format!("charge:{}:{}", r.meter_id, zone.as_str()),
+                            )?;
+                        }
+                    }
+                }
+                let last = rets[u].len() as u32;
+                for zone in ZONES {
+                    if let Some(&b) = t.get(&(u8::from(zone == Zone::Foreign), last)) {
+                        p.pending(zone.as_str(), b, &plan.period, last_ms)?;
+                    }
+                }
+                if rets[u].is_empty() {
+                    for o in open[u].iter().filter(|o| o.at_ms < expire_before) {
+                        p.expire(o, cx.settings.expired_pending, last_ms);
+                    }
+                }
+            }
+            ChargeAt::AtDelivery | ChargeAt::RetrievedBytes => {
+                for o in &open[u] {
+                    p.expire(o, Expiry::Charge, last_ms);
+                }
+                if cx.settings.charge == ChargeAt::AtDelivery {
+                    for zone in ZONES {
+                        let z = u8::from(zone == Zone::Foreign);
+                        let b: u64 = t
+                            .iter()
+                            .filter(|((zz, _), _)| *zz == z)
+                            .map(|(_, b)| *b)
+                            .sum();
+                        if b > 0 {
+                            let key =
+                                format!("charge:{}:{}:{}", plan.period, user.login, zone.as_str());
+                            p.charge_at(zone.as_str(), b, None, last_ms, &key)?;
+                        }
+                    }
+                } else {
+                    for r in &rets[u] {
+                        p.charge(
+                            RETRIEVED,
+                            r.bytes,
+                            Some(r),
+                            &format!("charge:{}:{RETRIEVED}", r.meter_id),
+                        )?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(Planned {
+        postings: out,
+        retrievals: rows,
+        unbilled,
+        billed_unbilled,
+    })
+}
+
+/// The tariff zone of retrieved bytes (`charge = "retrieved-bytes"`).
+pub const RETRIEVED: &str = "retrieved";
+
+struct UserPlan<'a> {
+    login: &'a str,
+    class: &'a str,
+    tariffs: &'a Tariffs,
+    out: &'a mut Vec<(Option<Request>, Option<ChargeRow>)>,
+    s: &'a mut RunSummary,
+}
+
+impl UserPlan<'_> {
+    fn price(&mut self, zone: &str, bytes: u64) -> Result<Option<Money>, RunError> {
+        match self.tariffs.charge(self.class, zone, bytes) {
+            Some(m) => Ok(Some(m.map_err(LedgerError::from)?)),
+            None => {
+                self.s.unpriced_bytes = self.s.unpriced_bytes.saturating_add(bytes);
+                Ok(None)
+            }
+        }
+    }
+
+    fn transfer(&self, zone: &str, amount: Money, pending: bool) -> Posting {
+        Posting::Transfer {
+            kind: Kind::Charge,
+            debit: AccountRef::User(self.login.to_owned()),
+            credit: AccountRef::Revenue(zone.to_owned()),
+            amount,
+            pending,
+        }
+    }
+
+    fn charge(
+        &mut self,
+        zone: &str,
+        bytes: u64,
+        r: Option<&Retrieval>,
+        key: &str,
+    ) -> Result<(), RunError> {
+        let at = r.map_or(0, |r| r.at_ms);
+        self.charge_at(zone, bytes, r, at, key)
+    }
+
+    fn charge_at(
+        &mut self,
+        zone: &str,
+        bytes: u64,
+        r: Option<&Retrieval>,
+        at_ms: i64,
+        key: &str,
+    ) -> Result<(), RunError> {
+        let Some(amount) = self.price(zone, bytes)? else {
+            return Ok(());
+        };
+        let memo = match r {
+            Some(r) => format!(
+                "{bytes} bytes {zone}, {} retrieval {} from {}",
+                r.protocol, r.meter_id, r.client
+            ),
+            None => format!("{bytes} bytes {zone}"),
+        };
+        let req = amount.is_positive().then(|| {
+            self.s.charges += 1;
+            self.s.charged = self.s.charged.checked_add(amount).unwrap_or(self.s.charged);
+            Request {
+                key: key.to_owned(),
+                posting: self.transfer(zone, amount, false),
+                memo,
+                at_ms,
+            }
+        });
+        let row = ChargeRow {
+            key: key.to_owned(),
+            login: self.login.to_owned(),
+            zone: zone.to_owned(),
+            bytes,
+            amount,
+            meter_id: r.map(|r| r.meter_id),
+            at_ms,
+        };
+        self.out.push((req, Some(row)));
+        Ok(())
+    }
+
+    fn pending(
+        &mut self,
+        zone: &str,
+        bytes: u64,
+        period: &str,
+        at_ms: i64,
+    ) -> Result<(), RunError> {
+        let Some(amount) = self.price(zone, bytes)? else {
+            return Ok(());
+        };
+        let key = format!("pending:{period}:{}:{zone}", self.login);
+        let req = amount.is_positive().then(|| {
+            self.s.pending += 1;
+            self.s.pending_amount = self
+                .s
+                .pending_amount
+                .checked_add(amount)
+                .unwrap_or(self.s.pending_amount);
+            Request {
+                key: key.clone(),
+                posting: self.transfer(zone, amount, true),
+                memo: format!("{bytes} bytes {zone} delivered, not yet retrieved"),
+                at_ms,
+            }
+        });
+        let row = ChargeRow {
+            key,
+            login: self.login.to_owned(),
+            zone: zone.to_owned(),
+            bytes,
+            amount,
+            meter_id: None,
+            at_ms,
+        };
+        self.out.push((req, Some(row)));
+        Ok(())
+    }
+
+    fn post_pending(&mut self, o: &OpenPending, r: &Retrieval) {
+        self.s.pending_posted += 1;
+        self.s.charges += 1;
+        self.s.charged = self
+            .s
+            .charged
+            .checked_add(o.amount)
+            .unwrap_or(self.s.charged);
+        let key = format!("post:{}", o.entry_id);
+        self.out.push((
+            Some(Request {
+                key: key.clone(),
+                posting: Posting::PostPending {
+                    pending_id: o.entry_id,
+                    amount: None,
+                },
+                memo: format!(
+                    "{} bytes {}, {} retrieval {} from {}",
+                    o.bytes, o.zone, r.protocol, r.meter_id, r.client
+                ),
+                at_ms: r.at_ms,
+            }),
+            Some(ChargeRow {
+                key,
+                login: self.login.to_owned(),
+                zone: o.zone.clone(),
+                bytes: o.bytes,
+                amount: o.amount,
+                meter_id: Some(r.meter_id),
+                at_ms: r.at_ms,
+            }),
+        ));
+    }
+
+    fn expire(&mut self, o: &OpenPending, how: Expiry, at_ms: i64) {
+        self.s.expired += 1;
+        let key = format!("expire:{}", o.entry_id);
+        let (posting, memo) = match how {
+            Expiry::Void => (
+                Posting::VoidPending {
+                    pending_id: o.entry_id,
+                },
+                format!("{} bytes {} never retrieved: voided", o.bytes, o.zone),
+            ),
+            Expiry::Charge => (
+                Posting::PostPending {
+                    pending_id: o.entry_id,
+                    amount: None,
+                },
+                format!("{} bytes {} never retrieved: charged", o.bytes, o.zone),
+            ),
+        };
+        self.out.push((
+            Some(Request {
+                key,
+                posting,
+                memo,
+                at_ms,
+            }),
+            None,
+        ));
+    }
+}
