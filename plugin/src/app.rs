@@ -381,7 +381,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             .merge(crate::admin::billing::routes(crate::admin::billing::Ops {
                 ledger: stores.ledger.clone(),
                 cfg: cfg.billing.clone(),
-            }));
+            }))
+            .merge(crate::admin::billing_reports::routes(
+                crate::admin::billing_reports::ReportOps {
+                    ledger: stores.ledger.clone(),
+                    audit: Some(stores.audit.clone()),
+                },
+            ));
         let router = crate::admin::api::protect(
             crate::admin::ops::audited(admin_routes, stores.audit.clone()),
             token,

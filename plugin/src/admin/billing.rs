@@ -349,6 +349,8 @@ pub enum BillingCmd {
     /// Prices per MB by tariff class and zone.
     #[command(subcommand)]
     Tariff(TariffCmd),
+    #[command(flatten)]
+    Reports(crate::admin::billing_reports::ReportCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -394,7 +396,7 @@ fn new_key() -> String {
 }
 
 /// Where a command runs: the daemon's API, or the ledger file opened here.
-enum Via {
+pub(crate) enum Via {
     Api {
         addr: std::net::SocketAddr,
         token: String,
@@ -413,7 +415,7 @@ async fn via(config: Option<&Path>) -> anyhow::Result<Via> {
 }
 
 /// Sends `b` as JSON to the daemon's `path` and reads its JSON answer.
-async fn send<B: Serialize, R: serde::de::DeserializeOwned>(
+pub(crate) async fn send<B: Serialize, R: serde::de::DeserializeOwned>(
     addr: std::net::SocketAddr,
     token: &str,
     method: &str,
@@ -539,6 +541,7 @@ pub async fn billing(config: Option<&Path>, cmd: BillingCmd) -> anyhow::Result<(
                 None => Ok(()),
             }
         }
+        BillingCmd::Reports(c) => crate::admin::billing_reports::run(config, &via, c).await,
         BillingCmd::Tariff(TariffCmd::List { json }) => {
             let ts: Vec<Tariff> = match &via {
                 Via::Api { addr, token } => {

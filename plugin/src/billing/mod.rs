@@ -10,6 +10,7 @@
 
 pub mod ledger;
 pub mod money;
+pub mod report;
 pub mod run;
 #[cfg(test)]
 mod run_tests;
@@ -187,6 +188,21 @@ impl Ledger {
             return self.call(|s| s.verify()).await;
         };
         tokio::task::spawn_blocking(move || SqliteLedger::open_read_only(&path)?.verify())
+            .await
+            .map_err(|_| LedgerError::Stopped)?
+    }
+
+    /// Runs the read `f` on a connection of its own when the ledger is a file (a report over
+    /// millions of rows does not hold up postings), else on the ledger's thread.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn LedgerStore) -> Result<T, LedgerError> + Send + 'static,
+    {
+        let Some(path) = self.path.clone() else {
+            return self.call(move |s| f(s)).await;
+        };
+        tokio::task::spawn_blocking(move || f(&SqliteLedger::open_read_only(&path)?))
             .await
             .map_err(|_| LedgerError::Stopped)?
     }

@@ -18,6 +18,7 @@
 
 pub mod chain;
 pub mod deliveries;
+pub mod reports;
 pub mod runs;
 pub mod sqlite;
 pub mod verify;
@@ -34,6 +35,7 @@ use crate::billing::money::{Money, MoneyError};
 
 use crate::policy::zones::Zone;
 pub use deliveries::{Delivery, DeliveryRecord, Recorded};
+pub use reports::{DayRows, UnbilledAccount, UserEntry, WriteOff};
 pub use runs::{
     ChargeRow, Cursors, Effect, EffectKind, OpenPending, RetrievalRow, RunFinish, RunPlan,
     RunRecord, RunUser, StandingRules, Unbilled,
@@ -528,4 +530,25 @@ pub trait LedgerStore: Send {
         since_ms: i64,
         until_ms: i64,
     ) -> Result<(Vec<RetrievalRow>, Vec<ChargeRow>)>;
+
+    // Statements and reports (`billing::report`; docs/billing.md, "Statements and reports").
+
+    /// `login`'s account and every entry of it dated before `until_ms`, oldest first;
+    /// [`LedgerError::UnknownUser`] when there is none.
+    fn user_entries(&self, login: &str, until_ms: i64) -> Result<(UserAccount, Vec<UserEntry>)>;
+    /// Traffic and charges per day, in one snapshot: `bounds` are the days' starts and the
+    /// last day's end.
+    fn usage(&self, bounds: &[i64]) -> Result<Vec<DayRows>>;
+    /// Unbilled deliveries not written off, per account (at most
+    /// [`reports::MAX_UNBILLED_ACCOUNTS`]), and how many accounts have some.
+    fn unbilled_accounts(&self) -> Result<(Vec<UnbilledAccount>, u64)>;
+    /// Writes off `account`'s unbilled deliveries, recording who did it and why, in one
+    /// transaction; `None` when it has none.
+    fn write_off_unbilled(
+        &mut self,
+        account: &str,
+        by: &str,
+        reason: &str,
+        at_ms: i64,
+    ) -> Result<Option<WriteOff>>;
 }

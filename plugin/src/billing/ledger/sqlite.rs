@@ -23,6 +23,7 @@ use rusqlite::{
 };
 
 use super::deliveries::{self, Delivery, DeliveryRecord, Recorded};
+use super::reports::{self, DayRows, UnbilledAccount, UserEntry, WriteOff};
 use super::runs::{
     self, ChargeRow, Cursors, Effect, OpenPending, RetrievalRow, RunFinish, RunPlan, RunRecord,
     RunUser, StandingRules, Unbilled,
@@ -131,6 +132,9 @@ impl SqliteLedger {
         me.conn
             .execute_batch(runs::SCHEMA)
             .map_err(me.err("create the accounting run's schema"))?;
+        me.conn
+            .execute_batch(reports::SCHEMA)
+            .map_err(me.err("create the reports' schema"))?;
         Ok(me)
     }
 
@@ -763,6 +767,45 @@ impl LedgerStore for SqliteLedger {
     ) -> Result<(Vec<RetrievalRow>, Vec<ChargeRow>)> {
         runs::statement_rows(&self.conn, login, since_ms, until_ms)
             .map_err(self.err("read a statement"))
+    }
+
+    fn user_entries(&self, login: &str, until_ms: i64) -> Result<(UserAccount, Vec<UserEntry>)> {
+        let account = self
+            .user(login)?
+            .ok_or_else(|| LedgerError::UnknownUser(login.to_owned()))?;
+        let id = reports::user_account_id(&self.conn, login)
+            .map_err(self.err("read a statement"))?
+            .ok_or_else(|| LedgerError::UnknownUser(login.to_owned()))?;
+        let entries = reports::user_entries(&self.conn, id, until_ms)
+            .map_err(self.err("read a statement"))?;
+        Ok((account, entries))
+    }
+
+    fn usage(&self, bounds: &[i64]) -> Result<Vec<DayRows>> {
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(self.err("begin a read"))?;
+        reports::usage(&tx, bounds).map_err(self.err("read a usage report"))
+    }
+
+    fn unbilled_accounts(&self) -> Result<(Vec<UnbilledAccount>, u64)> {
+        reports::unbilled_accounts(&self.conn).map_err(self.err("read unbilled deliveries"))
+    }
+
+    fn write_off_unbilled(
+        &mut self,
+        account: &str,
+        by: &str,
+        reason: &str,
+        at_ms: i64,
+    ) -> Result<Option<WriteOff>> {
+        let path = self.path.clone();
+        let tx = self.tx()?;
+        let w = reports::write_off(&tx, account, by, reason, at_ms)
+            .map_err(sql(&path, "write off deliveries"))?;
+        tx.commit().map_err(sql(&path, "commit"))?;
+        Ok(w)
     }
 
     fn remember_source(&mut self, message_key: &str, zone: Zone, at_ms: i64) -> Result<()> {
