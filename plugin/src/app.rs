@@ -372,22 +372,28 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     };
     if let Some(l) = admin {
         let token: Arc<str> = Arc::from(cfg.admin_token.as_str());
-        let admin_routes = crate::admin::api::user_routes(stores.users.clone())
-            .merge(crate::admin::ops::routes(
-                stores.outbox.clone(),
-                stores.audit.clone(),
-            ))
-            .merge(crate::admin::meter::routes(stores.meter.clone()))
-            .merge(crate::admin::billing::routes(crate::admin::billing::Ops {
+        let admin_routes = crate::admin::api::user_routes_with(
+            stores.users.clone(),
+            Some(crate::admin::api::LedgerLink {
                 ledger: stores.ledger.clone(),
-                cfg: cfg.billing.clone(),
-            }))
-            .merge(crate::admin::billing_reports::routes(
-                crate::admin::billing_reports::ReportOps {
-                    ledger: stores.ledger.clone(),
-                    audit: Some(stores.audit.clone()),
-                },
-            ));
+                default_class: cfg.billing.default_class.clone(),
+            }),
+        )
+        .merge(crate::admin::ops::routes(
+            stores.outbox.clone(),
+            stores.audit.clone(),
+        ))
+        .merge(crate::admin::meter::routes(stores.meter.clone()))
+        .merge(crate::admin::billing::routes(crate::admin::billing::Ops {
+            ledger: stores.ledger.clone(),
+            cfg: cfg.billing.clone(),
+        }))
+        .merge(crate::admin::billing_reports::routes(
+            crate::admin::billing_reports::ReportOps {
+                ledger: stores.ledger.clone(),
+                audit: Some(stores.audit.clone()),
+            },
+        ));
         let router = crate::admin::api::protect(
             crate::admin::ops::audited(admin_routes, stores.audit.clone()),
             token,

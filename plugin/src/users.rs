@@ -44,6 +44,9 @@
 //!   `state`: `normal|arrears|unwelcome` (`-`: normal). `networks`: the client networks the
 //!   account may log in from at the retrieval proxy, CIDR or bare addresses separated by `;`
 //!   (`-`, `any`: any address). See [`access`]. Files without these columns keep them.
+//! - `staff_no`, `real_name`, `class`, `note`: the user's billing account in the ledger, not
+//!   the registry (see [`account_fields`]); [`UserStore::import_with_accounts`] returns what
+//!   they ask of the ledger. Files without them import as before.
 //! - A bad line is reported with its line number (the header is line 1) and skipped; the
 //!   other lines are imported. So is a line naming an address or alias that belonged to
 //!   another user before the import (it is not taken over, even if an earlier line frees it),
@@ -72,7 +75,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub mod access;
+pub mod account_fields;
 pub use access::{AccountState, Networks};
+pub use account_fields::{AccountChange, AccountFields, LEDGER_COLUMNS};
 
 /// Longest address or alias accepted (RFC 5321 path limit).
 pub const MAX_ADDRESS_LEN: usize = 254;
@@ -661,6 +666,10 @@ pub struct ImportReport {
     /// [`MAX_IMPORT_ERRORS`] lines that would change something.
     #[serde(default)]
     pub changes: Vec<(u64, String)>,
+    /// Ledger accounts created or changed by the file's `staff_no`, `real_name`, `class`,
+    /// `note` and `state` cells (written by the caller, see [`account_fields`]).
+    #[serde(default)]
+    pub ledger_accounts: u64,
 }
 
 impl ImportReport {
@@ -943,6 +952,16 @@ impl UserStore {
     /// Users are read one at a time: a write during the export may or may not be in it.
     /// Returns the number of users written.
     pub fn export<W: std::io::Write>(&self, format: ExportFormat, w: W) -> Result<u64, UserError> {
+        self.export_with(format, w, &HashMap::new())
+    }
+
+    /// [`export`](Self::export) with each user's ledger account fields (by address).
+    pub fn export_with<W: std::io::Write>(
+        &self,
+        format: ExportFormat,
+        w: W,
+        accounts: &HashMap<String, AccountFields>,
+    ) -> Result<u64, UserError> {
         let mut out = Exporter::new(format, w)?;
         for item in self.inner.users.iter() {
             let (k, v) = item?;
@@ -950,7 +969,7 @@ impl UserStore {
                 key: String::from_utf8_lossy(&k).into_owned(),
                 error,
             })?;
-            out.write(&user)?;
+            out.write_with(&user, accounts.get(&user.address))?;
         }
         out.finish()
     }
@@ -995,7 +1014,7 @@ impl UserStore {
         opts: ImportOptions,
     ) -> Result<ImportReport, UserError> {
         let (rows, failed) = parse_csv_rows(r)?;
-        self.import_rows(rows, failed, opts)
+        Ok(self.import_rows(rows, failed, opts)?.0)
     }
 
     /// Imports users from what `mailbell user export --format json` writes: a JSON array of
@@ -1013,7 +1032,7 @@ impl UserStore {
         r.read_to_string(&mut data)
             .map_err(|e| UserError::JsonImport(e.to_string()))?;
         let (rows, failed) = parse_json_rows(&data)?;
-        self.import_rows(rows, failed, opts)
+        Ok(self.import_rows(rows, failed, opts)?.0)
     }
 
     /// Imports in `format` ([`import_csv_with`](Self::import_csv_with) or
@@ -1030,6 +1049,26 @@ impl UserStore {
         }
     }
 
+    /// [`import_with`](Self::import_with), and what the lines the registry took ask of
+    /// their ledger accounts (the caller writes them: [`account_fields::apply`]).
+    pub fn import_with_accounts<R: std::io::Read>(
+        &self,
+        format: ExportFormat,
+        mut r: R,
+        opts: ImportOptions,
+    ) -> Result<(ImportReport, Vec<AccountChange>), UserError> {
+        let (rows, failed) = match format {
+            ExportFormat::Csv => parse_csv_rows(r)?,
+            ExportFormat::Json => {
+                let mut data = String::new();
+                r.read_to_string(&mut data)
+                    .map_err(|e| UserError::JsonImport(e.to_string()))?;
+                parse_json_rows(&data)?
+            }
+        };
+        self.import_rows(rows, failed, opts)
+    }
+
     /// Writes parsed rows (from either format): the checks that need the whole file and the
     /// registry, then the changes.
     fn import_rows(
@@ -1037,7 +1076,8 @@ impl UserStore {
         rows: Vec<(u64, Row)>,
         mut failed: Vec<(u64, String)>,
         opts: ImportOptions,
-    ) -> Result<ImportReport, UserError> {
+    ) -> Result<(ImportReport, Vec<AccountChange>), UserError> {
+        let mut accounts = Vec::new();
         let mut report = ImportReport {
             dry_run: opts.dry_run,
             ..ImportReport::default()
@@ -1098,7 +1138,7 @@ impl UserStore {
             let staged = {
                 let index = self.read_index();
                 let mut st = Staged::new(&index);
-                for (line, row) in rows.by_ref().take(chunk) {
+                for (line, mut row) in rows.by_ref().take(chunk) {
                     let existing = st.current(&row.address);
                     if existing.is_some() && opts.mode == ImportMode::AddOnly {
                         report.skipped += 1;
@@ -1107,6 +1147,14 @@ impl UserStore {
                     let mut user = existing
                         .as_deref()
                         .map_or_else(|| User::new(&row.address), User::clone);
+                    let change = AccountChange {
+                        line,
+                        login: row.address.clone(),
+                        fields: std::mem::take(&mut row.account),
+                        state: row.state,
+                    };
+                    let account =
+                        (!change.fields.is_empty() || change.state.is_some()).then_some(change);
                     row.apply(&mut user);
                     let user = match user.validated_with(&self.languages) {
                         Ok(u) => u,
@@ -1117,6 +1165,7 @@ impl UserStore {
                     };
                     if existing.as_deref() == Some(&user) {
                         report.unchanged += 1;
+                        accounts.extend(account);
                         continue;
                     }
                     // An alias another user held before the import stays theirs, even if an
@@ -1151,6 +1200,7 @@ impl UserStore {
                     };
                     match st.put(user) {
                         Ok(created) => {
+                            accounts.extend(account);
                             if created {
                                 report.added += 1;
                             } else {
@@ -1182,7 +1232,7 @@ impl UserStore {
             dry_run = opts.dry_run,
             "users imported"
         );
-        Ok(report)
+        Ok((report, accounts))
     }
 
     /// Flushes sled (writes already flush; this is for shutdown).
@@ -1690,6 +1740,8 @@ struct JsonRow {
     state: Option<AccountState>,
     #[serde(default)]
     networks: Option<Networks>,
+    #[serde(flatten)]
+    account: AccountFields,
 }
 
 /// Rows of a JSON import, each with the line its object starts on, and the objects that
@@ -1736,6 +1788,7 @@ fn parse_json_rows(data: &str) -> Result<ParsedRows, UserError> {
                 max_parts: j.max_parts,
                 state: j.state,
                 networks: j.networks,
+                account: j.account.checked().map_err(|e| e.to_string())?,
             })
         });
         match row {
@@ -1796,7 +1849,8 @@ impl<W: std::io::Write> Exporter<W> {
         let out = match format {
             ExportFormat::Csv => {
                 let mut c = csv::WriterBuilder::new().has_headers(false).from_writer(w);
-                c.write_record(CSV_COLUMNS).map_err(export_error)?;
+                c.write_record(CSV_COLUMNS.iter().chain(&LEDGER_COLUMNS))
+                    .map_err(export_error)?;
                 ExportOut::Csv(Box::new(c))
             }
             ExportFormat::Json => {
@@ -1809,12 +1863,36 @@ impl<W: std::io::Write> Exporter<W> {
     }
 
     pub fn write(&mut self, user: &User) -> Result<(), UserError> {
+        self.write_with(user, None)
+    }
+
+    /// Writes `user` with its ledger account's fields (`None`: no account; the ledger
+    /// columns are left empty).
+    pub fn write_with(
+        &mut self,
+        user: &User,
+        account: Option<&AccountFields>,
+    ) -> Result<(), UserError> {
         match &mut self.out {
-            ExportOut::Csv(c) => c.write_record(csv_record(user)).map_err(export_error)?,
+            ExportOut::Csv(c) => c
+                .write_record(
+                    csv_record(user)
+                        .into_iter()
+                        .chain(AccountFields::cells(account)),
+                )
+                .map_err(export_error)?,
             ExportOut::Json(b) => {
                 let sep: &[u8] = if self.count == 0 { b"\n" } else { b",\n" };
                 b.write_all(sep).map_err(UserError::Export)?;
-                serde_json::to_writer(&mut *b, user).map_err(UserError::Encode)?;
+                #[derive(Serialize)]
+                struct WithAccount<'a> {
+                    #[serde(flatten)]
+                    user: &'a User,
+                    #[serde(flatten)]
+                    account: Option<&'a AccountFields>,
+                }
+                serde_json::to_writer(&mut *b, &WithAccount { user, account })
+                    .map_err(UserError::Encode)?;
             }
         }
         self.count += 1;
@@ -1882,6 +1960,8 @@ fn csv_record(u: &User) -> [String; CSV_COLUMNS.len()] {
 /// Which record field each known column is in.
 struct Columns {
     at: [Option<usize>; CSV_COLUMNS.len()],
+    /// The ledger's columns ([`LEDGER_COLUMNS`]).
+    ledger_at: [Option<usize>; LEDGER_COLUMNS.len()],
 }
 
 /// One CSV line: the address and the columns the file has.
@@ -1899,6 +1979,8 @@ struct Row {
     max_parts: Option<u8>,
     state: Option<AccountState>,
     networks: Option<Networks>,
+    /// The ledger account's fields ([`account_fields`]).
+    account: AccountFields,
 }
 
 impl Columns {
@@ -1910,6 +1992,7 @@ impl Columns {
             )));
         }
         let mut at = [None; CSV_COLUMNS.len()];
+        let mut ledger_at = [None; LEDGER_COLUMNS.len()];
         let mut unknown = Vec::new();
         for (i, name) in header.iter().enumerate() {
             let name = name
@@ -1923,15 +2006,24 @@ impl Columns {
                     )))
                 }
                 Some(c) => at[c] = Some(i),
-                None => unknown.push(format!("{name:?}")),
+                None => match LEDGER_COLUMNS.iter().position(|c| *c == name) {
+                    Some(c) if ledger_at[c].is_some() => {
+                        return Err(UserError::CsvHeader(format!(
+                            "column {name:?} appears twice"
+                        )))
+                    }
+                    Some(c) => ledger_at[c] = Some(i),
+                    None => unknown.push(format!("{name:?}")),
+                },
             }
         }
         if !unknown.is_empty() {
             return Err(UserError::CsvHeader(format!(
-                "unknown column{} {} (known: {})",
+                "unknown column{} {} (known: {},{})",
                 if unknown.len() == 1 { "" } else { "s" },
                 unknown.join(", "),
-                CSV_COLUMNS.join(",")
+                CSV_COLUMNS.join(","),
+                LEDGER_COLUMNS.join(",")
             )));
         }
         if at[0].is_none() {
@@ -1939,7 +2031,7 @@ impl Columns {
                 "the address column is missing".to_owned(),
             ));
         }
-        Ok(Columns { at })
+        Ok(Columns { at, ledger_at })
     }
 
     fn cell<'r>(&self, record: &'r csv::StringRecord, column: usize) -> Option<&'r str> {
@@ -2017,6 +2109,10 @@ impl Columns {
             networks: field(12)
                 .map(|v| v.map_or(Ok(Networks::any()), Networks::parse))
                 .transpose()?,
+            account: AccountFields::from_cells(
+                self.ledger_at
+                    .map(|i| i.map(|i| record.get(i).unwrap_or(""))),
+            )?,
         })
     }
 }

@@ -62,6 +62,32 @@ pub fn router(users: UserStore, token: Arc<str>) -> Router {
 /// The user routes without authentication, for merging with other admin routes before
 /// [`protect`].
 pub fn user_routes(users: UserStore) -> Router {
+    user_routes_with(users, None)
+}
+
+/// The ledger an import writes the billing columns to (`staff_no`, `real_name`, `class`,
+/// `note`, and `state` for existing accounts) and an export reads them from.
+#[derive(Clone)]
+pub struct LedgerLink {
+    pub ledger: crate::billing::Ledger,
+    /// `billing.default_class`, for accounts an import creates.
+    pub default_class: String,
+}
+
+#[derive(Clone)]
+struct UsersState {
+    users: UserStore,
+    ledger: Option<LedgerLink>,
+}
+
+impl axum::extract::FromRef<UsersState> for UserStore {
+    fn from_ref(s: &UsersState) -> UserStore {
+        s.users.clone()
+    }
+}
+
+/// [`user_routes`] with the ledger's account fields in imports and exports.
+pub fn user_routes_with(users: UserStore, ledger: Option<LedgerLink>) -> Router {
     Router::new()
         .route("/admin/v1/users", get(list_users))
         .route("/admin/v1/users/export", get(export_users))
@@ -77,7 +103,7 @@ pub fn user_routes(users: UserStore) -> Router {
                 .delete(delete_user)
                 .layer(DefaultBodyLimit::max(MAX_JSON_BODY)),
         )
-        .with_state(users)
+        .with_state(UsersState { users, ledger })
 }
 
 /// Puts the token check in front of `routes` (and of the JSON 404/405 fallbacks it adds).
@@ -324,7 +350,7 @@ struct ImportQuery {
 }
 
 async fn import_users(
-    State(users): State<UserStore>,
+    State(UsersState { users, ledger }): State<UsersState>,
     query: Result<Query<ImportQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ImportReport>, ApiError> {
@@ -343,7 +369,16 @@ async fn import_users(
         mode,
         dry_run: q.dry_run,
     };
-    let report = blocking(move || users.import_with(format, &body[..], opts)).await?;
+    let (mut report, accounts) =
+        blocking(move || users.import_with_accounts(format, &body[..], opts)).await?;
+    if let (Some(l), false) = (ledger, q.dry_run || accounts.is_empty()) {
+        let class = l.default_class;
+        report.ledger_accounts = l
+            .ledger
+            .call(move |s| crate::users::account_fields::apply(s, &accounts, &class))
+            .await
+            .map_err(crate::admin::billing::OpError::from)?;
+    }
     info!(
         bytes,
         ?mode,
@@ -369,7 +404,7 @@ struct ExportQuery {
 /// The whole registry in one answer, built off the async workers (the registry is loaded in
 /// memory already, so the answer is about its size again).
 async fn export_users(
-    State(users): State<UserStore>,
+    State(UsersState { users, ledger }): State<UsersState>,
     query: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query?;
@@ -377,9 +412,15 @@ async fn export_users(
         None => ExportFormat::Csv,
         Some(f) => f.parse()?,
     };
+    let accounts = match ledger {
+        Some(l) => crate::users::account_fields::ledger_accounts(&l.ledger)
+            .await
+            .map_err(crate::admin::billing::OpError::from)?,
+        None => Default::default(),
+    };
     let (count, body) = blocking(move || {
         let mut body = Vec::new();
-        let count = users.export(format, &mut body)?;
+        let count = users.export_with(format, &mut body, &accounts)?;
         Ok((count, body))
     })
     .await?;

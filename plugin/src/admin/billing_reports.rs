@@ -10,6 +10,7 @@
 //! GET  /admin/v1/billing/report?month=YYYY-MM&zone=Z                -> UsageReport
 //! GET  /admin/v1/billing/unbilled                                   -> UnbilledReply
 //! POST /admin/v1/billing/unbilled/write-off {"account","reason","by"} -> WriteOff
+//! GET  /admin/v1/billing/accounts?after=LOGIN&limit=N (N ≤ 1000)    -> [UserAccount] by login
 //! month defaults to the current local month; 400 bad input, 404 unknown user or nothing
 //! unbilled for the account, 503 the ledger failing
 //! ```
@@ -34,7 +35,8 @@ use crate::billing::ledger::{LedgerError, UnbilledAccount, WriteOff, MAX_TEXT_LE
 use crate::billing::money::Money;
 use crate::billing::report::{self, Month, MonthlyStatement, ReportError, UsageReport};
 use crate::billing::Ledger;
-use crate::users::address_key;
+use crate::users::account_fields::ACCOUNT_PAGE;
+use crate::users::{address_key, AccountFields};
 
 /// Failures of a statement, report or write-off.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +78,13 @@ pub struct WriteOffBody {
     pub reason: String,
     /// The operator (recorded with the write-off and in the audit log).
     pub by: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct AccountsQuery {
+    #[serde(default)]
+    pub after: String,
+    pub limit: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -202,6 +211,7 @@ pub fn routes(ops: ReportOps) -> Router {
         .route("/admin/v1/billing/report", get(report_h))
         .route("/admin/v1/billing/unbilled", get(unbilled_h))
         .route("/admin/v1/billing/unbilled/write-off", post(write_off_h))
+        .route("/admin/v1/billing/accounts", get(accounts_h))
         .with_state(ops)
 }
 
@@ -227,6 +237,44 @@ async fn report_h(
 ) -> Reply<UsageReport> {
     let q = query(q)?;
     Ok(Json(o.report(q.month.as_deref(), q.zone.as_deref()).await?))
+}
+
+async fn accounts_h(
+    State(o): State<ReportOps>,
+    q: Result<Query<AccountsQuery>, QueryRejection>,
+) -> Reply<Vec<crate::billing::ledger::UserAccount>> {
+    let q = q
+        .map(|q| q.0)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = q.limit.unwrap_or(ACCOUNT_PAGE).clamp(1, ACCOUNT_PAGE);
+    Ok(Json(
+        o.ledger
+            .read(move |s| s.user_accounts(&q.after, limit))
+            .await
+            .map_err(ReportsError::from)?,
+    ))
+}
+
+/// Every ledger account's fields through the daemon's API, by login (for `user export`).
+pub(crate) async fn api_accounts(
+    addr: std::net::SocketAddr,
+    token: &str,
+) -> anyhow::Result<std::collections::HashMap<String, AccountFields>> {
+    let mut out = std::collections::HashMap::new();
+    let mut after = String::new();
+    loop {
+        let p = format!(
+            "/admin/v1/billing/accounts?limit={ACCOUNT_PAGE}&after={}",
+            enc(&after)
+        );
+        let page: Vec<crate::billing::ledger::UserAccount> =
+            api(addr, token, "GET", &p, None).await?;
+        let Some(last) = page.last() else {
+            return Ok(out);
+        };
+        last.login.clone_into(&mut after);
+        out.extend(page.iter().map(|a| (a.login.clone(), AccountFields::of(a))));
+    }
 }
 
 async fn unbilled_h(State(o): State<ReportOps>) -> Reply<UnbilledReply> {
@@ -503,7 +551,7 @@ fn table(head: &[&str], rows: &[Vec<String>], right: &[bool]) -> String {
 }
 
 fn signed(m: Money) -> String {
-    if m.is_negative() {
+    if !m.is_positive() {
         m.to_string()
     } else {
         format!("+{m}")
@@ -517,8 +565,8 @@ fn zone_bytes(s: &MonthlyStatement, r: &report::StatementRetrieval) -> Vec<Strin
         .map(|z| {
             r.zones
                 .iter()
-                .find(|x| &x.0 == z)
-                .map_or_else(|| "0".to_owned(), |x| x.1.to_string())
+                .find(|x| &x.zone == z)
+                .map_or_else(|| "0".to_owned(), |x| x.bytes.to_string())
         })
         .collect()
 }

@@ -13,9 +13,11 @@ use serde::de::DeserializeOwned;
 use crate::admin::api::UserPage;
 use crate::admin::ops::{parse_select, CountReply, QueueEntry};
 use crate::audit::{format_record, parse_since, AuditLog, AuditPage, AuditQuery};
+use crate::billing::ledger::sqlite::SqliteLedger;
 use crate::config::Config;
 use crate::notify::intake::{pending_notices, PendingNotice};
 use crate::notify::outbox::{Outbox, OutboxConfig};
+use crate::users::account_fields::{accounts_of, apply as apply_accounts};
 use crate::users::{
     address_key, parse_bool, parse_licence, ExportFormat, Exporter, ImportMode, ImportOptions,
     ImportReport, Networks, QuietHours, User, UserError, UserPatch, UserStore, MAX_LIST_LIMIT,
@@ -562,6 +564,7 @@ async fn user_api(
             // Pages of the list route (each well under the client's response cap), written
             // as the registry writes them without the daemon.
             let format: ExportFormat = format.parse()?;
+            let accounts = crate::admin::billing_reports::api_accounts(addr, token).await?;
             let mut out = Exporter::new(format, std::io::stdout())?;
             let mut after: Option<String> = None;
             loop {
@@ -571,7 +574,7 @@ async fn user_api(
                 }
                 let page: UserPage = api(addr, token, "GET", &q, None).await?;
                 for u in &page.users {
-                    out.write(u)?;
+                    out.write_with(u, accounts.get(&u.address))?;
                 }
                 match page.next {
                     Some(next) => after = Some(next),
@@ -629,6 +632,9 @@ fn report(r: &ImportReport) -> anyhow::Result<()> {
         "added {}, updated {}, skipped {}, failed {}, unchanged {}",
         r.added, r.updated, r.skipped, r.failed, r.unchanged
     );
+    if r.ledger_accounts > 0 {
+        println!("ledger accounts created or changed: {}", r.ledger_accounts);
+    }
     for (line, msg) in &r.errors {
         eprintln!("line {line}: {msg}");
     }
@@ -671,7 +677,13 @@ fn user_local(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::Export { format } => {
             let format: ExportFormat = format.parse()?;
-            users.export(format, std::io::stdout().lock())?;
+            // The ledger's fields, when there is a ledger (an export never creates one).
+            let accounts = if cfg.ledger_path().exists() {
+                accounts_of(&SqliteLedger::open_read_only(&cfg.ledger_path())?)?
+            } else {
+                Default::default()
+            };
+            users.export_with(format, std::io::stdout().lock(), &accounts)?;
             Ok(())
         }
         UserCmd::Remove { address } => {
@@ -693,7 +705,14 @@ fn user_local(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
             let mode = mode.parse()?;
             let format = import_format(&file, format.as_deref())?;
             let data = read_import(&file)?;
-            report(&users.import_with(format, &data[..], ImportOptions { mode, dry_run })?)
+            let (mut r, accounts) =
+                users.import_with_accounts(format, &data[..], ImportOptions { mode, dry_run })?;
+            if !dry_run && !accounts.is_empty() {
+                let mut ledger = SqliteLedger::open(&cfg.ledger_path())?;
+                r.ledger_accounts =
+                    apply_accounts(&mut ledger, &accounts, &cfg.billing.default_class)?;
+            }
+            report(&r)
         }
     };
     users.flush()?;

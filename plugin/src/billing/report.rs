@@ -133,8 +133,16 @@ pub struct StatementRetrieval {
     pub messages: u64,
     /// The bytes the client took.
     pub bytes: u64,
-    /// Delivered traffic charged at this retrieval, per zone: (zone, bytes, charge).
-    pub zones: Vec<(String, u64, Money)>,
+    /// Delivered traffic charged at this retrieval, per zone.
+    pub zones: Vec<ZoneCharge>,
+    pub charge: Money,
+}
+
+/// Traffic of one zone charged at a retrieval.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZoneCharge {
+    pub zone: String,
+    pub bytes: u64,
     pub charge: Money,
 }
 
@@ -259,7 +267,11 @@ pub fn statement(
         let mut charge = Money::ZERO;
         for (z, (b, a)) in by_meter.remove(&r.meter_id).unwrap_or_default() {
             charge = charge.checked_add(a)?;
-            zones.push((z.to_owned(), b, a));
+            zones.push(ZoneCharge {
+                zone: z.to_owned(),
+                bytes: b,
+                charge: a,
+            });
         }
         lines.push(StatementRetrieval {
             meter_id: r.meter_id,
@@ -277,7 +289,7 @@ pub fn statement(
         ["free".to_owned(), "foreign".to_owned()].into_iter().chain(
             lines
                 .iter()
-                .flat_map(|l| l.zones.iter().map(|z| z.0.clone())),
+                .flat_map(|l| l.zones.iter().map(|z| z.zone.clone())),
         ),
     );
     Ok(MonthlyStatement {
@@ -605,12 +617,14 @@ mod tests {
         assert_eq!(s.retrievals.len(), 1);
         let r = &s.retrievals[0];
         assert_eq!(r.charge, m(210));
+        let zones: Vec<(&str, u64, Money)> = r
+            .zones
+            .iter()
+            .map(|z| (z.zone.as_str(), z.bytes, z.charge))
+            .collect();
         assert_eq!(
-            r.zones,
-            vec![
-                ("foreign".to_owned(), 700_000, m(210)),
-                ("free".to_owned(), 3_000_000, m(0))
-            ]
+            zones,
+            vec![("foreign", 700_000, m(210)), ("free", 3_000_000, m(0))]
         );
         // Top-up, two adjustments and the expired charge; the retrieval's charges are on
         // its line.

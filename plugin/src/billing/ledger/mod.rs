@@ -542,6 +542,8 @@ pub trait LedgerStore: Send {
     /// Unbilled deliveries not written off, per account (at most
     /// [`reports::MAX_UNBILLED_ACCOUNTS`]), and how many accounts have some.
     fn unbilled_accounts(&self) -> Result<(Vec<UnbilledAccount>, u64)>;
+    /// User accounts by login after `after` (`""`: from the first), at most `limit`.
+    fn user_accounts(&self, after: &str, limit: usize) -> Result<Vec<UserAccount>>;
     /// Writes off `account`'s unbilled deliveries, recording who did it and why, in one
     /// transaction; `None` when it has none.
     fn write_off_unbilled(

@@ -12,7 +12,7 @@
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 
-use super::{Kind, Phase};
+use super::{Kind, Phase, UserAccount};
 use crate::billing::money::Money;
 
 pub(crate) const SCHEMA: &str = "
@@ -217,6 +217,33 @@ pub(crate) fn unbilled_accounts(
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok((rows, u(total)))
+}
+
+/// User accounts by login after `after`, at most `limit`.
+pub(crate) fn user_accounts(
+    conn: &Connection,
+    after: &str,
+    limit: usize,
+) -> rusqlite::Result<Vec<UserAccount>> {
+    let mut s = conn.prepare_cached(
+        "SELECT login, staff_no, real_name, class, status, note FROM users WHERE login > ?1 \
+         ORDER BY login LIMIT ?2",
+    )?;
+    let rows = s.query_map(
+        params![after, i64::try_from(limit).unwrap_or(i64::MAX)],
+        |r| {
+            let status: String = r.get(4)?;
+            Ok(UserAccount {
+                login: r.get(0)?,
+                staff_no: r.get(1)?,
+                real_name: r.get(2)?,
+                class: r.get(3)?,
+                status: status.parse().map_err(|_| bad("status", &status))?,
+                note: r.get(5)?,
+            })
+        },
+    )?;
+    rows.collect()
 }
 
 /// Writes off `account`'s unbilled deliveries and records who did it and why, in the

@@ -793,6 +793,10 @@ impl LedgerStore for SqliteLedger {
         reports::unbilled_accounts(&self.conn).map_err(self.err("read unbilled deliveries"))
     }
 
+    fn user_accounts(&self, after: &str, limit: usize) -> Result<Vec<UserAccount>> {
+        reports::user_accounts(&self.conn, after, limit).map_err(self.err("read the user accounts"))
+    }
+
     fn write_off_unbilled(
         &mut self,
         account: &str,
