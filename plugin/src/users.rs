@@ -2985,7 +2985,7 @@ bob@example.com,+8613800138001,on,,,,,b@example.com,
         assert_eq!(export(&none, ExportFormat::Json), "[]\n");
         assert_eq!(
             export(&none, ExportFormat::Csv),
-            format!("{}\n", CSV_COLUMNS.join(","))
+            format!("{},{}\n", CSV_COLUMNS.join(","), LEDGER_COLUMNS.join(","))
         );
     }
 

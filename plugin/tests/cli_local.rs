@@ -281,9 +281,9 @@ async fn user_commands_read_the_same_through_the_daemon_and_without_it() {
         &(
             true,
             "address,phone,notify,licence_until,quiet,rate_limit_secs,language,aliases,\
-             allow_senders,deny_senders,max_parts,state,networks\n\
+             allow_senders,deny_senders,max_parts,state,networks,staff_no,real_name,class,note\n\
              alice@example.com,+8613800138000,no,-,22:00-07:00,-,-,\
-             a.li@example.com;al@example.com,-,-,0,normal,-\n"
+             a.li@example.com;al@example.com,-,-,0,normal,-,,,,\n"
                 .into(),
             String::new()
         )
