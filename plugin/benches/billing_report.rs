@@ -10,9 +10,9 @@
 //! Sizes: `REPORT_ACCOUNTS`, `REPORT_DELIVERIES`, `REPORT_ENTRIES`. Run:
 //! `cargo bench -p mailbell --bench billing_report`. Prints figures; never fails on speed.
 
+use std::process::ExitCode;
 use std::time::Instant;
 
-use chrono::NaiveDate;
 use mailbell::billing::ledger::sqlite::SqliteLedger;
 use mailbell::billing::ledger::{
     AccountRef, Delivery, Kind, LedgerStore, Posting, Request, UserAccount,
@@ -32,14 +32,24 @@ fn login(i: usize) -> String {
     format!("user{i:06}@mail.example.edu.cn")
 }
 
-fn main() {
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("billing_report: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let accounts = env("REPORT_ACCOUNTS", 200_000).max(1);
     let deliveries = env("REPORT_DELIVERIES", 10_000_000);
     let entries = env("REPORT_ENTRIES", 1_000_000);
-    let dir = tempfile::tempdir().expect("a temporary directory");
+    let dir = tempfile::tempdir()?;
     let path = dir.path().join("ledger.sqlite");
-    let mut l = SqliteLedger::open(&path).expect("open the ledger");
-    let month = Month::parse_or_current(Some("2026-11"), 0).expect("a month");
+    let mut l = SqliteLedger::open(&path)?;
+    let month = Month::parse_or_current(Some("2026-11"), 0)?;
     let span = month.end_ms - month.start_ms;
 
     let t = Instant::now();
@@ -50,7 +60,7 @@ fn main() {
             ..UserAccount::default()
         })
         .collect();
-    l.put_users(&users).expect("accounts");
+    l.put_users(&users)?;
     println!(
         "setup: {accounts} accounts in {:.1} s",
         t.elapsed().as_secs_f64()
@@ -72,11 +82,11 @@ fn main() {
             at_ms: month.start_ms + (i as i64 * span) / deliveries.max(1) as i64,
         });
         if batch.len() == 10_000 {
-            l.record_deliveries(&batch).expect("deliveries");
+            l.record_deliveries(&batch)?;
             batch.clear();
         }
     }
-    l.record_deliveries(&batch).expect("deliveries");
+    l.record_deliveries(&batch)?;
     let s = t.elapsed().as_secs_f64();
     println!(
         "setup: {deliveries} delivery records in {s:.1} s ({:.0} records/s)",
@@ -99,11 +109,11 @@ fn main() {
             at_ms: month.start_ms + (i as i64 * span) / entries.max(1) as i64,
         });
         if reqs.len() == 10_000 {
-            l.post_batch(&reqs).expect("entries");
+            l.post_batch(&reqs)?;
             reqs.clear();
         }
     }
-    l.post_batch(&reqs).expect("entries");
+    l.post_batch(&reqs)?;
     println!(
         "setup: {entries} charge entries in {:.1} s",
         t.elapsed().as_secs_f64()
@@ -111,14 +121,14 @@ fn main() {
     drop(l);
 
     // As the daemon reads them: a read-only connection of their own.
-    let r = SqliteLedger::open_read_only(&path).expect("open to read");
+    let r = SqliteLedger::open_read_only(&path)?;
     let t = Instant::now();
     let (days, end) = month.days();
     let mut bounds: Vec<i64> = days.iter().map(|d| d.1).collect();
     bounds.push(end);
-    let rows = r.usage(&bounds).expect("usage");
+    let rows = r.usage(&bounds)?;
     let names: Vec<String> = days.into_iter().map(|d| d.0).collect();
-    let u = report::usage(&month, None, &names, &rows).expect("report");
+    let u = report::usage(&month, None, &names, &rows)?;
     let messages: u64 = u.total.zones.iter().map(|z| z.messages).sum();
     println!(
         "billing report, month of {messages} delivery records: {:.2} s",
@@ -127,11 +137,9 @@ fn main() {
 
     let t = Instant::now();
     let who = login(accounts / 2);
-    let (account, es) = r.user_entries(&who, month.end_ms).expect("entries");
-    let (rets, charges) = r
-        .statement_rows(&who, month.start_ms, month.end_ms)
-        .expect("rows");
-    let s = report::statement(account, &month, &es, &rets, &charges).expect("statement");
+    let (account, es) = r.user_entries(&who, month.end_ms)?;
+    let (rets, charges) = r.statement_rows(&who, month.start_ms, month.end_ms)?;
+    let s = report::statement(account, &month, &es, &rets, &charges)?;
     println!(
         "billing statement, one user ({} entries, charges {}): {:.1} ms",
         es.len(),
@@ -140,7 +148,7 @@ fn main() {
     );
 
     let t = Instant::now();
-    let (un, _) = r.unbilled_accounts().expect("unbilled");
+    let (un, _) = r.unbilled_accounts()?;
     println!(
         "billing unbilled ({} accounts): {:.1} ms",
         un.len(),
@@ -148,4 +156,5 @@ fn main() {
     );
     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     println!("ledger file: {:.0} MiB", size as f64 / (1 << 20) as f64);
+    Ok(())
 }
