@@ -137,12 +137,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     let t = Instant::now();
     let who = login(accounts / 2);
-    let (account, es) = r.user_entries(&who, month.end_ms)?;
-    let (rets, charges) = r.statement_rows(&who, month.start_ms, month.end_ms)?;
-    let s = report::statement(account, &month, &es, &rets, &charges)?;
+    let d = r.statement_data(&who, month.start_ms, month.end_ms)?;
+    let s = report::statement(d.account, &month, &d.entries, &d.retrievals, &d.charges)?;
     println!(
         "billing statement, one user ({} entries, charges {}): {:.1} ms",
-        es.len(),
+        d.entries.len(),
         s.charges,
         t.elapsed().as_secs_f64() * 1e3
     );

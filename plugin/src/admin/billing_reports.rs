@@ -125,19 +125,16 @@ impl ReportOps {
         let month = Month::parse_or_current(month, now_ms())?;
         let login = address_key(user);
         let (since, until) = (month.start_ms, month.end_ms);
-        let (account, entries, (retrievals, charges)) = self
+        let d = self
             .ledger
-            .read(move |s| {
-                let (account, entries) = s.user_entries(&login, until)?;
-                Ok((account, entries, s.statement_rows(&login, since, until)?))
-            })
+            .read(move |s| s.statement_data(&login, since, until))
             .await?;
         Ok(report::statement(
-            account,
+            d.account,
             &month,
-            &entries,
-            &retrievals,
-            &charges,
+            &d.entries,
+            &d.retrievals,
+            &d.charges,
         )?)
     }
 

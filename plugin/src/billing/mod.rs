@@ -6,7 +6,8 @@
 //! The delivery meter ([`ledger::deliveries`]) keeps confirmed deliveries per account and zone
 //! in the same file. The accounting run and notices come later; they post through
 //! [`Ledger::call`] with the [`ledger::LedgerStore`] methods (`post`, `post_batch`,
-//! `open_pending`) and the helpers here ([`topup`], [`adjust`]).
+//! `open_pending`) and the helpers here ([`topup`], [`adjust`]). [`report`] assembles monthly
+//! statements and usage reports from what [`Ledger::read`] reads.
 
 pub mod ledger;
 pub mod money;

@@ -35,7 +35,7 @@ use crate::billing::money::{Money, MoneyError};
 
 use crate::policy::zones::Zone;
 pub use deliveries::{Delivery, DeliveryRecord, Recorded};
-pub use reports::{DayRows, UnbilledAccount, UserEntry, WriteOff};
+pub use reports::{DayRows, StatementData, UnbilledAccount, UserEntry, WriteOff};
 pub use runs::{
     ChargeRow, Cursors, Effect, EffectKind, OpenPending, RetrievalRow, RunFinish, RunPlan,
     RunRecord, RunUser, StandingRules, Unbilled,
@@ -533,9 +533,9 @@ pub trait LedgerStore: Send {
 
     // Statements and reports (`billing::report`; docs/billing.md, "Statements and reports").
 
-    /// `login`'s account and every entry of it dated before `until_ms`, oldest first;
-    /// [`LedgerError::UnknownUser`] when there is none.
-    fn user_entries(&self, login: &str, until_ms: i64) -> Result<(UserAccount, Vec<UserEntry>)>;
+    /// What `login`'s statement of `[since_ms, until_ms)` is made of, in one snapshot;
+    /// [`LedgerError::UnknownUser`] when there is no such account.
+    fn statement_data(&self, login: &str, since_ms: i64, until_ms: i64) -> Result<StatementData>;
     /// Traffic and charges per day, in one snapshot: `bounds` are the days' starts and the
     /// last day's end.
     fn usage(&self, bounds: &[i64]) -> Result<Vec<DayRows>>;

@@ -12,7 +12,7 @@
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 
-use super::{Kind, Phase, UserAccount};
+use super::{ChargeRow, Kind, Phase, RetrievalRow, UserAccount};
 use crate::billing::money::Money;
 
 pub(crate) const SCHEMA: &str = "
@@ -52,6 +52,17 @@ pub struct UserEntry {
     pub memo: String,
     /// The other side: `cash`, `adjustment`, or the zone of a `revenue` account.
     pub other: String,
+}
+
+/// What a statement is made of, read in one snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatementData {
+    pub account: UserAccount,
+    /// Every entry of the account dated before the statement's end, oldest first.
+    pub entries: Vec<UserEntry>,
+    /// The retrievals and charge rows of the statement's span.
+    pub retrievals: Vec<RetrievalRow>,
+    pub charges: Vec<ChargeRow>,
 }
 
 /// A day's traffic and charges (`[since_ms, until_ms)`).

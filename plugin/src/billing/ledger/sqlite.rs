@@ -23,7 +23,7 @@ use rusqlite::{
 };
 
 use super::deliveries::{self, Delivery, DeliveryRecord, Recorded};
-use super::reports::{self, DayRows, UnbilledAccount, UserEntry, WriteOff};
+use super::reports::{self, DayRows, StatementData, UnbilledAccount, WriteOff};
 use super::runs::{
     self, ChargeRow, Cursors, Effect, OpenPending, RetrievalRow, RunFinish, RunPlan, RunRecord,
     RunUser, StandingRules, Unbilled,
@@ -769,16 +769,28 @@ impl LedgerStore for SqliteLedger {
             .map_err(self.err("read a statement"))
     }
 
-    fn user_entries(&self, login: &str, until_ms: i64) -> Result<(UserAccount, Vec<UserEntry>)> {
+    fn statement_data(&self, login: &str, since_ms: i64, until_ms: i64) -> Result<StatementData> {
+        // One read transaction: a run finishing meanwhile is in all of it or none.
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(self.err("begin a read"))?;
         let account = self
             .user(login)?
             .ok_or_else(|| LedgerError::UnknownUser(login.to_owned()))?;
-        let id = reports::user_account_id(&self.conn, login)
+        let id = reports::user_account_id(&tx, login)
             .map_err(self.err("read a statement"))?
             .ok_or_else(|| LedgerError::UnknownUser(login.to_owned()))?;
-        let entries = reports::user_entries(&self.conn, id, until_ms)
+        let entries =
+            reports::user_entries(&tx, id, until_ms).map_err(self.err("read a statement"))?;
+        let (retrievals, charges) = runs::statement_rows(&tx, login, since_ms, until_ms)
             .map_err(self.err("read a statement"))?;
-        Ok((account, entries))
+        Ok(StatementData {
+            account,
+            entries,
+            retrievals,
+            charges,
+        })
     }
 
     fn usage(&self, bounds: &[i64]) -> Result<Vec<DayRows>> {
