@@ -5,8 +5,9 @@
 //! write_offs(id, account, deliveries, bytes, oldest_ms, by, reason, at_ms)
 //!            one row per operator write-off of an unknown account's unbilled deliveries
 //! indexes    entries(debit, at_ms), entries(credit, at_ms): a user's entries (statements)
-//!            entries(at_ms), retrievals(at_ms), deliveries(at_ms, zone, bytes): a day's
-//!            traffic and charges (reports), read from the index alone for deliveries
+//!            entries(at_ms), retrievals(at_ms), deliveries(zone, at_ms, bytes): a day's
+//!            traffic and charges (reports); a zone's day of deliveries is one range of the
+//!            last, read from the index alone
 //! ```
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ChargeRow, Kind, Phase, RetrievalRow, UserAccount};
 use crate::billing::money::Money;
+use crate::policy::zones::Zone;
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS write_offs (
@@ -30,8 +32,12 @@ CREATE INDEX IF NOT EXISTS entries_debit ON entries(debit, at_ms);
 CREATE INDEX IF NOT EXISTS entries_credit ON entries(credit, at_ms);
 CREATE INDEX IF NOT EXISTS entries_at ON entries(at_ms);
 CREATE INDEX IF NOT EXISTS retrievals_at ON retrievals(at_ms);
-CREATE INDEX IF NOT EXISTS deliveries_day ON deliveries(at_ms, zone, bytes);
+CREATE INDEX IF NOT EXISTS deliveries_zone_day ON deliveries(zone, at_ms, bytes);
 ";
+
+/// The zones a delivery record has (`deliveries.zone` is written from [`Zone`]): one index
+/// range per zone and day, no grouping.
+const ZONES: [Zone; 2] = [Zone::Free, Zone::Foreign];
 
 /// Most accounts `billing unbilled` lists.
 pub const MAX_UNBILLED_ACCOUNTS: usize = 10_000;
@@ -163,8 +169,8 @@ pub(crate) fn user_entries(
 /// one read transaction (a snapshot).
 pub(crate) fn usage(tx: &Transaction<'_>, bounds: &[i64]) -> rusqlite::Result<Vec<DayRows>> {
     let mut delivered = tx.prepare_cached(
-        "SELECT zone, COUNT(*), SUM(bytes) FROM deliveries WHERE at_ms >= ?1 AND at_ms < ?2 \
-         GROUP BY zone ORDER BY zone",
+        "SELECT COUNT(*), SUM(bytes) FROM deliveries WHERE zone = ?3 AND at_ms >= ?1 \
+         AND at_ms < ?2",
     )?;
     let mut retrieved = tx.prepare_cached(
         "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM retrievals \
@@ -184,11 +190,19 @@ pub(crate) fn usage(tx: &Transaction<'_>, bounds: &[i64]) -> rusqlite::Result<Ve
         out.push(DayRows {
             since_ms: since,
             until_ms: until,
-            delivered: delivered
-                .query_map(params![since, until], |r| {
-                    Ok((r.get(0)?, u(r.get(1)?), u(r.get(2)?)))
-                })?
-                .collect::<rusqlite::Result<_>>()?,
+            delivered: {
+                let mut v = Vec::new();
+                for z in ZONES {
+                    let (n, b): (i64, Option<i64>) = delivered
+                        .query_row(params![since, until, z.as_str()], |r| {
+                            Ok((r.get(0)?, r.get(1)?))
+                        })?;
+                    if n > 0 {
+                        v.push((z.as_str().to_owned(), u(n), u(b.unwrap_or(0))));
+                    }
+                }
+                v
+            },
             retrievals,
             retrieved_bytes,
             charged: charged
