@@ -288,11 +288,6 @@ async fn statements_and_reports_read_the_same_through_the_daemon_and_without_it(
         );
     }
     let at = |i: usize| &without[i];
-    if std::env::var_os("SHOW_OUTPUT").is_some() {
-        for (c, o) in cmds.iter().zip(&without) {
-            eprintln!("$ mailbell {}\n{}{}", c.join(" "), o.1, o.2);
-        }
-    }
     let okay = |i: usize, text: &str| {
         assert!(
             at(i).0 && at(i).1.contains(text),

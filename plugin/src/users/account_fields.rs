@@ -228,6 +228,80 @@ pub fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::billing::ledger::sqlite::SqliteLedger;
+
+    fn change(login: &str, fields: AccountFields, state: Option<AccountState>) -> AccountChange {
+        AccountChange {
+            line: 2,
+            login: login.into(),
+            fields,
+            state,
+        }
+    }
+
+    #[test]
+    fn apply_creates_with_fields_follows_state_and_pages_every_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = SqliteLedger::open(&dir.path().join("ledger.sqlite")).unwrap();
+        let named = AccountFields {
+            real_name: Some("张三".into()),
+            ..AccountFields::default()
+        };
+        let n = apply(
+            &mut l,
+            &[
+                change("a@x", named.clone(), Some(AccountState::Arrears)),
+                change("b@x", AccountFields::default(), Some(AccountState::Arrears)),
+            ],
+            "student",
+        )
+        .unwrap();
+        assert_eq!(n, 1);
+        let a = l.user("a@x").unwrap().unwrap();
+        assert_eq!((a.class.as_str(), a.status), ("student", Status::Arrears));
+        assert_eq!(a.real_name, "张三");
+        assert_eq!(l.user("b@x").unwrap(), None);
+        // The same again changes nothing; a state alone moves an existing account; "-"
+        // (Some("")) puts the class back to the default and clears a field.
+        assert_eq!(
+            apply(&mut l, &[change("a@x", named, None)], "student").unwrap(),
+            0
+        );
+        let back = AccountFields {
+            class: Some(String::new()),
+            real_name: Some(String::new()),
+            ..AccountFields::default()
+        };
+        l.put_user(&UserAccount {
+            class: "staff".into(),
+            ..a
+        })
+        .unwrap();
+        assert_eq!(
+            apply(
+                &mut l,
+                &[change("a@x", back, Some(AccountState::Normal))],
+                "student"
+            )
+            .unwrap(),
+            1
+        );
+        let a = l.user("a@x").unwrap().unwrap();
+        assert_eq!((a.class.as_str(), a.status), ("student", Status::Normal));
+        assert_eq!(a.real_name, "");
+
+        let many: Vec<UserAccount> = (0..ACCOUNT_PAGE + 5)
+            .map(|i| UserAccount {
+                login: format!("u{i:05}@x"),
+                class: "c".into(),
+                ..UserAccount::default()
+            })
+            .collect();
+        l.put_users(&many).unwrap();
+        let all = accounts_of(&l).unwrap();
+        assert_eq!(all.len(), ACCOUNT_PAGE + 6);
+        assert_eq!(all["a@x"].class.as_deref(), Some("student"));
+    }
 
     #[test]
     fn cells_keep_clear_and_refuse_naming_the_column() {
