@@ -811,3 +811,40 @@ async fn the_api_refuses_bad_topups_and_tariffs_over_the_cap() {
     assert_eq!(tariffs.len(), 1);
     running.stop().await;
 }
+
+/// A write-off that cannot be audited is not made; an import whose ledger cannot be opened
+/// says so, naming the file (the registry's part is in, as documented).
+#[test]
+fn failures_name_what_failed_and_write_off_nothing_unaudited() {
+    let dir = tempfile::tempdir().unwrap();
+    build_ledger(&dir.path().join("data"));
+    let config = local_config(dir.path());
+    // The audit log's directory is a file: the audit log cannot open.
+    std::fs::write(dir.path().join("data/audit"), "not a directory").unwrap();
+    let e = fails(
+        &config,
+        &[
+            "billing",
+            "write-off",
+            "stalwart:77",
+            "--reason",
+            "spam",
+            "--by",
+            "op",
+        ],
+    );
+    assert!(e.contains("audit"), "{e}");
+    let u = ok(&config, &["billing", "unbilled"]);
+    assert!(u.contains("stalwart:77"), "{u}");
+
+    let other = tempfile::tempdir().unwrap();
+    let config = local_config(other.path());
+    // The ledger's file is a directory.
+    std::fs::create_dir_all(other.path().join("data/billing/ledger.sqlite")).unwrap();
+    let file = other.path().join("users.csv");
+    std::fs::write(&file, "address,class\nzed@example.org,staff\n").unwrap();
+    let e = fails(&config, &["user", "import", file.to_str().unwrap()]);
+    assert!(e.contains("ledger.sqlite"), "{e}");
+    let shown = ok(&config, &["user", "show", "zed@example.org"]);
+    assert!(shown.contains("zed@example.org"), "{shown}");
+}

@@ -4,7 +4,8 @@
 //! ```text
 //! write_offs(id, account, deliveries, bytes, oldest_ms, by, reason, at_ms)
 //!            one row per operator write-off of an unknown account's unbilled deliveries
-//! indexes    entries(debit, at_ms), entries(credit, at_ms): a user's entries (statements)
+//! indexes    unbilled(account) of those not written off: `billing unbilled`, a write-off
+//!            entries(debit, at_ms), entries(credit, at_ms): a user's entries (statements)
 //!            entries(at_ms), retrievals(at_ms), deliveries(zone, at_ms, bytes): a day's
 //!            traffic and charges (reports); a zone's day of deliveries is one range of the
 //!            last, read from the index alone
@@ -28,6 +29,7 @@ CREATE TABLE IF NOT EXISTS write_offs (
     reason TEXT NOT NULL,
     at_ms INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS unbilled_open ON unbilled(account) WHERE written_off_ms IS NULL;
 CREATE INDEX IF NOT EXISTS entries_debit ON entries(debit, at_ms);
 CREATE INDEX IF NOT EXISTS entries_credit ON entries(credit, at_ms);
 CREATE INDEX IF NOT EXISTS entries_at ON entries(at_ms);
