@@ -209,6 +209,15 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let c = cfg.clone();
     let stores = tokio::task::spawn_blocking(move || Stores::open(&c)).await??;
     let accounts = crate::mta::stalwart_api::resolver(&cfg.stalwart_api)?;
+    let accountant = crate::billing::accountant::Accountant {
+        ledger_path: cfg.ledger_path(),
+        meter: Some(stores.meter.clone()),
+        users: Some(stores.users.clone()),
+        accounts: accounts.clone(),
+        settings: cfg.billing.run_settings(),
+        audit: Some(stores.audit.clone()),
+        notifier: None,
+    };
     let (intake, intake_task) = MailIntake::start(
         cfg.intake.clone(),
         stores.outbox.clone(),
@@ -220,6 +229,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     )?;
     let tasks = TaskTracker::new();
     let failures = Failures::default();
+    tasks.spawn(accountant.clone().schedule(
+        cfg.billing.run_time().map_err(anyhow::Error::msg)?,
+        shutdown.clone(),
+    ));
     {
         let failures = failures.clone();
         tasks.spawn(async move {
@@ -381,6 +394,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             .merge(crate::admin::billing::routes(crate::admin::billing::Ops {
                 ledger: stores.ledger.clone(),
                 cfg: cfg.billing.clone(),
+                accountant: accountant.clone(),
             }));
         let router = crate::admin::api::protect(
             crate::admin::ops::audited(admin_routes, stores.audit.clone()),

@@ -11,6 +11,7 @@
 //! GET  /admin/v1/billing/tariffs                                           -> [Tariff]
 //! PUT  /admin/v1/billing/tariffs  {"class","zone","price_per_mb","min_charge"} -> Tariff
 //! GET  /admin/v1/billing/verify                                            -> VerifyReport
+//! POST /admin/v1/billing/run      {"date":"YYYY-MM-DD"} (absent: yesterday) -> RunReply
 //! amounts are JSON strings ("12.34"); 400 bad input, 404 unknown account, 409 a key reused
 //! for another request, 503 the ledger failing
 //! ```
@@ -28,10 +29,12 @@ use tracing::warn;
 
 use crate::admin::api::ApiError;
 use crate::admin::cli::{api, enc, target, Target};
+use crate::billing::accountant::{Accountant, RunReply};
 use crate::billing::ledger::{
     Entry, LedgerError, Statement, Status, Tariff, UserAccount, VerifyReport,
 };
 use crate::billing::money::Money;
+use crate::billing::run::{LogProgress, Period, Progress, RunError};
 use crate::billing::{adjust, topup, BillingConfig, Ledger};
 use crate::users::address_key;
 
@@ -81,6 +84,13 @@ pub struct TariffBody {
     pub min_charge: Option<String>,
 }
 
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct RunBody {
+    /// The local day to account (`YYYY-MM-DD`); absent: yesterday.
+    #[serde(default)]
+    pub date: Option<String>,
+}
+
 /// Failures of an operation: the ledger's, or input refused before it.
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
@@ -88,6 +98,17 @@ pub enum OpError {
     Input { field: &'static str, reason: String },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Run(RunError),
+}
+
+impl From<RunError> for OpError {
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Ledger(l) => OpError::Ledger(l),
+            other => OpError::Run(other),
+        }
+    }
 }
 
 fn input(field: &'static str) -> impl Fn(crate::billing::money::MoneyError) -> OpError {
@@ -101,6 +122,11 @@ impl From<OpError> for ApiError {
     fn from(e: OpError) -> Self {
         let status = match &e {
             OpError::Input { .. } => StatusCode::BAD_REQUEST,
+            OpError::Run(r) => match r {
+                RunError::BadDate(_) | RunError::NotEnded { .. } => StatusCode::BAD_REQUEST,
+                RunError::Busy { .. } => StatusCode::CONFLICT,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            },
             OpError::Ledger(l) => match l {
                 LedgerError::UnknownUser(_) | LedgerError::UnknownEntry(_) => StatusCode::NOT_FOUND,
                 LedgerError::KeyConflict { .. } | LedgerError::AlreadyResolved { .. } => {
@@ -124,6 +150,8 @@ impl From<OpError> for ApiError {
 pub struct Ops {
     pub ledger: Ledger,
     pub cfg: BillingConfig,
+    /// Runs accounting and carries out its effects (registry states, SMS).
+    pub accountant: Accountant,
 }
 
 fn now_ms() -> i64 {
@@ -148,13 +176,37 @@ impl Ops {
         let amount = Money::parse_positive(b.amount.trim()).map_err(input("amount"))?;
         let login = address_key(&b.user);
         let at = now_ms();
-        Ok(self
+        let rules = self.cfg.standing_rules();
+        let (reply, restored) = self
             .ledger
             .call(move |s| {
                 let p = topup(s, &login, amount, &b.key, &b.note, at)?;
-                post_reply(s, &login, p)
+                // Paid back to the threshold: normal at once, not at the next run.
+                let restored = s.restore_if_paid(&login, &rules, "topup", at)?;
+                Ok((post_reply(s, &login, p)?, restored))
             })
-            .await?)
+            .await?;
+        if restored {
+            self.settle().await;
+        }
+        Ok(reply)
+    }
+
+    /// Carries out open effects now (a failure is logged; they are retried every minute).
+    async fn settle(&self) {
+        if let Err(e) = self.accountant.apply_effects().await {
+            warn!(error = %e, "billing effects not carried out yet; retried");
+        }
+    }
+
+    /// Runs accounting for `date` (default: yesterday) and carries out its effects.
+    pub async fn run(
+        &self,
+        b: RunBody,
+        progress: std::sync::Arc<dyn Progress + Send + Sync>,
+    ) -> Result<RunReply, OpError> {
+        let period = Period::parse_or_yesterday(b.date.as_deref().map(str::trim), now_ms())?;
+        Ok(self.accountant.run(period, progress).await?)
     }
 
     pub async fn adjust(&self, b: AdjustBody) -> Result<PostReply, OpError> {
@@ -167,13 +219,20 @@ impl Ops {
         }
         let login = address_key(&b.user);
         let at = now_ms();
-        Ok(self
+        let rules = self.cfg.standing_rules();
+        let restored = self
             .ledger
             .call(move |s| {
                 let p = adjust(s, &login, amount, &b.key, &b.reason, at)?;
-                post_reply(s, &login, p)
+                let restored = s.restore_if_paid(&login, &rules, "adjust", at)?;
+                Ok((post_reply(s, &login, p)?, restored))
             })
-            .await?)
+            .await
+            .map_err(OpError::from)?;
+        if restored.1 {
+            self.settle().await;
+        }
+        Ok(restored.0)
     }
 
     pub async fn statement(&self, user: &str) -> Result<Statement, OpError> {
@@ -254,6 +313,7 @@ pub fn routes(ops: Ops) -> Router {
             get(tariffs_h).put(set_tariff_h),
         )
         .route("/admin/v1/billing/verify", get(verify_h))
+        .route("/admin/v1/billing/run", post(run_h))
         .with_state(ops)
 }
 
@@ -304,6 +364,13 @@ async fn verify_h(State(o): State<Ops>) -> Reply<VerifyReport> {
     Ok(Json(o.verify().await?))
 }
 
+async fn run_h(State(o): State<Ops>, b: Result<Json<RunBody>, JsonRejection>) -> Reply<RunReply> {
+    Ok(Json(
+        o.run(b?.0, std::sync::Arc::new(LogProgress::default()))
+            .await?,
+    ))
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BillingCmd {
     /// Credit a prepaid top-up (cash → user). Rerun with the same --key to retry safely.
@@ -349,6 +416,16 @@ pub enum BillingCmd {
     /// Prices per MB by tariff class and zone.
     #[command(subcommand)]
     Tariff(TariffCmd),
+    /// Run the accounting of one local day (default: yesterday): charge the period's
+    /// traffic, update balances and standings. A finished day is not run twice; a day whose
+    /// run stopped is resumed.
+    Run {
+        /// YYYY-MM-DD.
+        #[arg(long)]
+        date: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -399,16 +476,28 @@ enum Via {
         addr: std::net::SocketAddr,
         token: String,
     },
-    Local(Ops),
+    Local(Box<Ops>),
 }
 
 async fn via(config: Option<&Path>) -> anyhow::Result<Via> {
     Ok(match target(config).await? {
         Target::Api { addr, token, .. } => Via::Api { addr, token },
-        Target::Local(cfg) => Via::Local(Ops {
+        Target::Local(cfg) => Via::Local(Box::new(Ops {
             ledger: Ledger::open(&cfg.ledger_path())?,
             cfg: cfg.billing.clone(),
-        }),
+            accountant: Accountant {
+                ledger_path: cfg.ledger_path(),
+                meter: Some(crate::meter::MeterStore::open_read_only(&cfg.meter_path())),
+                users: Some(
+                    crate::users::UserStore::open(&cfg.users_path())?
+                        .with_languages(&cfg.link.agent_languages),
+                ),
+                accounts: None,
+                settings: cfg.billing.run_settings(),
+                audit: None,
+                notifier: None,
+            },
+        })),
     })
 }
 
@@ -558,6 +647,21 @@ pub async fn billing(config: Option<&Path>, cmd: BillingCmd) -> anyhow::Result<(
             }
             Ok(())
         }
+        BillingCmd::Run { date, json } => {
+            let b = RunBody { date };
+            let r: RunReply = match &via {
+                Via::Api { addr, token } => {
+                    send(*addr, token, "POST", "/admin/v1/billing/run", &b).await?
+                }
+                Via::Local(o) => o.run(b, progress()).await?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", run_text(&r));
+            }
+            Ok(())
+        }
         BillingCmd::Tariff(TariffCmd::Set {
             class,
             zone,
@@ -583,6 +687,93 @@ pub async fn billing(config: Option<&Path>, cmd: BillingCmd) -> anyhow::Result<(
             Ok(())
         }
     }
+}
+
+/// A progress bar on a terminal, log lines otherwise.
+fn progress() -> std::sync::Arc<dyn Progress + Send + Sync> {
+    use std::io::IsTerminal as _;
+    if std::io::stderr().is_terminal() {
+        std::sync::Arc::new(Bar::default())
+    } else {
+        std::sync::Arc::new(LogProgress::default())
+    }
+}
+
+/// indicatif's bar, one per stage.
+#[derive(Default)]
+struct Bar(std::sync::Mutex<Option<indicatif::ProgressBar>>);
+
+impl Progress for Bar {
+    fn stage(&self, name: &'static str, total: u64) {
+        let mut b = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(old) = b.take() {
+            old.finish();
+        }
+        let bar = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg:>11} [{bar:40}] {pos}/{len} {per_sec} {eta}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(name);
+        *b = Some(bar);
+    }
+
+    fn advance(&self, n: u64) {
+        let b = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(bar) = b.as_ref() {
+            bar.inc(n);
+        }
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.get_mut().ok().and_then(Option::take) {
+            b.finish();
+        }
+    }
+}
+
+fn run_text(r: &RunReply) -> String {
+    let s = &r.summary;
+    if s.already {
+        return format!(
+            "period {} was accounted before: nothing changed ({} charges, {} total)\n",
+            s.period, s.charges, s.charged
+        );
+    }
+    format!(
+        "period {}{}: {} deliveries ({} bytes), {} retrievals\n\
+         charged {} in {} charges; {} pending ({}); {} earlier pending posted, {} expired\n\
+         unbilled deliveries (unknown accounts): {}; earlier ones billed now: {}; bytes without a tariff: {}\n\
+         {} new ledger entries; {} state changes, {} notices sent, {} waiting; {} ms\n",
+        s.period,
+        if s.resumed { " (resumed)" } else { "" },
+        s.deliveries,
+        s.delivery_bytes,
+        s.retrievals,
+        s.charged,
+        s.charges,
+        s.pending,
+        s.pending_amount,
+        s.pending_posted,
+        s.expired,
+        s.unbilled,
+        s.unbilled_billed,
+        s.unpriced_bytes,
+        s.new_entries,
+        r.effects.states,
+        r.effects.notices,
+        r.effects.waiting,
+        s.millis
+    )
 }
 
 fn print_post(r: &PostReply, json: bool) -> anyhow::Result<()> {

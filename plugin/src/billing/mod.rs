@@ -8,6 +8,7 @@
 //! [`Ledger::call`] with the [`ledger::LedgerStore`] methods (`post`, `post_batch`,
 //! `open_pending`) and the helpers here ([`topup`], [`adjust`]).
 
+pub mod accountant;
 pub mod ledger;
 pub mod money;
 pub mod run;

@@ -183,6 +183,41 @@ pub trait Progress {
     fn advance(&self, n: u64);
 }
 
+/// Progress as log lines: each stage's start and end, and every tenth of a large one.
+#[derive(Default)]
+pub struct LogProgress {
+    state: std::sync::Mutex<(&'static str, u64, u64)>,
+}
+
+impl Progress for LogProgress {
+    fn stage(&self, name: &'static str, total: u64) {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *st = (name, total, 0);
+        tracing::info!(stage = name, total, "accounting run stage");
+    }
+
+    fn advance(&self, n: u64) {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = st.2;
+        st.2 = st.2.saturating_add(n);
+        let tenth = (st.1 / 10).max(1);
+        if st.1 >= 100_000 && before / tenth != st.2 / tenth {
+            tracing::info!(
+                stage = st.0,
+                done = st.2,
+                total = st.1,
+                "accounting run progress"
+            );
+        }
+    }
+}
+
 /// No progress reports.
 pub struct Quiet;
 
