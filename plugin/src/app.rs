@@ -449,6 +449,42 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
 
 /// Reloads the zone and blocklist files at every `reload` bump (SIGHUP). A refused reload is
 /// logged with file and line, and the rules in force stay.
+/// The payment notice's `{balance}`: the account's available balance from the ledger (a
+/// read-only connection of its own; one indexed read per login of an account in arrears).
+struct LedgerBalances {
+    path: std::path::PathBuf,
+    conn: std::sync::Mutex<Option<crate::billing::ledger::sqlite::SqliteLedger>>,
+}
+
+impl crate::retrieval::notice::Balances for LedgerBalances {
+    fn balance(&self, account: &str) -> Option<String> {
+        use crate::billing::ledger::LedgerStore as _;
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if conn.is_none() {
+            match crate::billing::ledger::sqlite::SqliteLedger::open_read_only(&self.path) {
+                Ok(c) => *conn = Some(c),
+                Err(e) => {
+                    warn!(error = %e, "payment notice: cannot read the ledger for the balance");
+                    return None;
+                }
+            }
+        }
+        let login = crate::users::address_key(account);
+        match conn.as_ref()?.statement(&login) {
+            Ok(s) => s.balance.available().ok().map(|b| b.to_string()),
+            Err(crate::billing::ledger::LedgerError::UnknownUser(_)) => None,
+            Err(e) => {
+                warn!(user = %login, error = %e, "payment notice: cannot read the balance");
+                *conn = None;
+                None
+            }
+        }
+    }
+}
+
 async fn reload_policy(
     policy: Arc<crate::policy::Policy>,
     mut reload: tokio::sync::watch::Receiver<u64>,
@@ -517,7 +553,10 @@ async fn start_retrieval(
         stats: stats.clone(),
         meter: stores.meter.clone(),
         users: stores.users.clone(),
-        balances: None,
+        balances: Some(Arc::new(LedgerBalances {
+            path: cfg.ledger_path(),
+            conn: std::sync::Mutex::new(None),
+        })),
     });
     for (kind, addr) in [
         (Listener::Pop3, r.pop3),
