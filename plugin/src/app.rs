@@ -217,6 +217,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         settings: cfg.billing.run_settings(),
         audit: Some(stores.audit.clone()),
         notifier: None,
+        stalwart: if cfg.billing.stalwart_permissions {
+            crate::mta::stalwart_api::Permissions::new(&cfg.stalwart_api)
+                .map_err(anyhow::Error::msg)?
+                .map(Arc::new)
+        } else {
+            None
+        },
     };
     let (intake, intake_task) = MailIntake::start(
         cfg.intake.clone(),

@@ -89,6 +89,9 @@ pub struct RunBody {
     /// The local day to account (`YYYY-MM-DD`); absent: yesterday.
     #[serde(default)]
     pub date: Option<String>,
+    /// Account everything recorded up to now instead of a day (`date` must be absent).
+    #[serde(default)]
+    pub now: bool,
 }
 
 /// Failures of an operation: the ledger's, or input refused before it.
@@ -205,7 +208,16 @@ impl Ops {
         b: RunBody,
         progress: std::sync::Arc<dyn Progress + Send + Sync>,
     ) -> Result<RunReply, OpError> {
-        let period = Period::parse_or_yesterday(b.date.as_deref().map(str::trim), now_ms())?;
+        let period = match (b.now, b.date.as_deref()) {
+            (true, Some(_)) => {
+                return Err(OpError::Input {
+                    field: "now",
+                    reason: "give a date or now, not both".into(),
+                })
+            }
+            (true, None) => Period::until(now_ms())?,
+            (false, d) => Period::parse_or_yesterday(d.map(str::trim), now_ms())?,
+        };
         Ok(self.accountant.run(period, progress).await?)
     }
 
@@ -421,8 +433,12 @@ pub enum BillingCmd {
     /// run stopped is resumed.
     Run {
         /// YYYY-MM-DD.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "now")]
         date: Option<String>,
+        /// Account everything recorded up to now (an ad-hoc period; the nightly run takes
+        /// what comes after).
+        #[arg(long)]
+        now: bool,
         #[arg(long)]
         json: bool,
     },
@@ -496,6 +512,13 @@ async fn via(config: Option<&Path>) -> anyhow::Result<Via> {
                 settings: cfg.billing.run_settings(),
                 audit: None,
                 notifier: None,
+                stalwart: if cfg.billing.stalwart_permissions {
+                    crate::mta::stalwart_api::Permissions::new(&cfg.stalwart_api)
+                        .map_err(anyhow::Error::msg)?
+                        .map(std::sync::Arc::new)
+                } else {
+                    None
+                },
             },
         })),
     })
@@ -647,8 +670,8 @@ pub async fn billing(config: Option<&Path>, cmd: BillingCmd) -> anyhow::Result<(
             }
             Ok(())
         }
-        BillingCmd::Run { date, json } => {
-            let b = RunBody { date };
+        BillingCmd::Run { date, now, json } => {
+            let b = RunBody { date, now };
             let r: RunReply = match &via {
                 Via::Api { addr, token } => {
                     send(*addr, token, "POST", "/admin/v1/billing/run", &b).await?
@@ -753,7 +776,7 @@ fn run_text(r: &RunReply) -> String {
         "period {}{}: {} deliveries ({} bytes), {} retrievals\n\
          charged {} in {} charges; {} pending ({}); {} earlier pending posted, {} expired\n\
          unbilled deliveries (unknown accounts): {}; earlier ones billed now: {}; bytes without a tariff: {}\n\
-         {} new ledger entries; {} state changes, {} notices sent, {} waiting; {} ms\n",
+         {} new ledger entries; {} state changes, {} notices sent, {} waiting{}; {} ms\n",
         s.period,
         if s.resumed { " (resumed)" } else { "" },
         s.deliveries,
@@ -772,6 +795,14 @@ fn run_text(r: &RunReply) -> String {
         r.effects.states,
         r.effects.notices,
         r.effects.waiting,
+        if r.effects.stalwart_failed > 0 {
+            format!(
+                "; {} Stalwart permission changes failed (retried by the daemon)",
+                r.effects.stalwart_failed
+            )
+        } else {
+            String::new()
+        },
         s.millis
     )
 }

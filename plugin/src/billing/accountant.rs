@@ -40,6 +40,9 @@ pub struct Accountant {
     pub settings: RunSettings,
     pub audit: Option<AuditLog>,
     pub notifier: Option<Notifier>,
+    /// Stalwart's management API, when `billing.stalwart_permissions` is on: the second
+    /// line of defence (read permissions withheld in arrears).
+    pub stalwart: Option<Arc<crate::mta::stalwart_api::Permissions>>,
 }
 
 /// What carrying out effects did.
@@ -49,6 +52,9 @@ pub struct EffectsReport {
     pub notices: u64,
     /// SMS effects left for the daemon (no notifier here), or that failed and are retried.
     pub waiting: u64,
+    /// State changes Stalwart's API refused or did not answer (retried every minute).
+    #[serde(default)]
+    pub stalwart_failed: u64,
 }
 
 /// A run's answer.
@@ -139,7 +145,12 @@ impl Accountant {
         for e in open {
             match e.kind {
                 EffectKind::State => {
-                    if self.apply_state(&e) {
+                    let registry = self.apply_state(&e);
+                    let stalwart = self.apply_stalwart(&e).await;
+                    if !stalwart {
+                        report.stalwart_failed += 1;
+                    }
+                    if registry && stalwart {
                         report.states += 1;
                         done.push(e.id);
                     }
@@ -169,6 +180,31 @@ impl Accountant {
             .map_err(|_| LedgerError::Stopped)??;
         }
         Ok(report)
+    }
+
+    /// Withholds or gives back Stalwart's read permissions; `false` when it must be tried
+    /// again (logged; the run is never held up by it).
+    async fn apply_stalwart(&self, e: &Effect) -> bool {
+        let Some(api) = &self.stalwart else {
+            return true;
+        };
+        let arrears = match e.status {
+            Status::Arrears => true,
+            Status::Normal => false,
+            Status::Unwelcome => return true,
+        };
+        match api.set_arrears(&e.login, arrears).await {
+            Ok(n) => {
+                if n > 0 {
+                    info!(user = %e.login, arrears, changed = n, "Stalwart read permissions updated");
+                }
+                true
+            }
+            Err(err) => {
+                warn!(user = %e.login, arrears, error = %err, "Stalwart permissions not updated; retried in a minute");
+                false
+            }
+        }
     }
 
     /// Sets the registry's state; `false` when it must be tried again.

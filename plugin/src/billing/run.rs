@@ -100,6 +100,21 @@ impl Period {
         })
     }
 
+    /// An ad-hoc period ending at `now_ms` (`billing run --now`): everything recorded so far
+    /// that no run has consumed. Named by its local end time; the next nightly run consumes
+    /// what comes after.
+    pub fn until(now_ms: i64) -> Result<Period, RunError> {
+        let t = Local
+            .timestamp_millis_opt(now_ms)
+            .earliest()
+            .ok_or_else(|| RunError::BadDate(now_ms.to_string()))?;
+        Ok(Period {
+            name: t.format("%Y-%m-%dT%H:%M:%S%.3f").to_string(),
+            start_ms: now_ms,
+            end_ms: now_ms,
+        })
+    }
+
     /// `YYYY-MM-DD`, or the local day before `now_ms` when `None`.
     pub fn parse_or_yesterday(s: Option<&str>, now_ms: i64) -> Result<Period, RunError> {
         let date = match s {
