@@ -212,7 +212,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let accountant = crate::billing::accountant::Accountant {
         ledger_path: cfg.ledger_path(),
         meter: Some(stores.meter.clone()),
-        users: Some(stores.users.clone()),
+        users: crate::billing::accountant::Registry::Open(stores.users.clone()),
         accounts: accounts.clone(),
         settings: cfg.billing.run_settings(),
         audit: Some(stores.audit.clone()),

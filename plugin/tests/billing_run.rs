@@ -461,3 +461,85 @@ fn a_run_killed_at_random_points_resumes_to_the_same_ledger() {
     assert_eq!(dump(&killed.join("data")), dump(&clean.join("data")));
     assert!(ok(&killed_cfg, &["billing", "verify"]).contains("ledger ok"));
 }
+
+/// A top-up sent (and retried with its key) while a run is posting is applied exactly once,
+/// and the account it paid for is judged with it: normal, while the others are in arrears.
+#[test]
+fn a_topup_racing_a_run_is_applied_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clean = dir.path().join("clean");
+    let raced = dir.path().join("raced");
+    std::fs::create_dir_all(&clean).unwrap();
+    seed(&clean.join("data"), 4_000, 30);
+    copy_dir(&clean, &raced);
+    // How long a run takes here, to send the top-up while the run is posting.
+    let t = std::time::Instant::now();
+    ok(&local_config(&clean), &["billing", "run", "--date", DAY]);
+    let full = t.elapsed();
+    let config = local_config(&raced);
+    let data = raced.join("data");
+    let run = std::process::Command::new(BIN)
+        .args(["--config", config.to_str().unwrap(), "billing", "run", "--date", DAY])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(full.mul_f64(0.4));
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.push(ok(
+            &config,
+            &[
+                "billing",
+                "topup",
+                "u000001@example.org",
+                "100",
+                "--key",
+                "race",
+            ],
+        ));
+    }
+    let out = run.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!answers[0].starts_with("replayed"), "{answers:?}");
+    assert!(
+        answers[1..].iter().all(|a| a.starts_with("replayed")),
+        "{answers:?}"
+    );
+    let conn = rusqlite::Connection::open(data.join("billing").join("ledger.sqlite")).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT COUNT(*) FROM entries WHERE key = 'race'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(n, 1);
+    let around: (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM entries WHERE kind = 'charge' AND id < r.id), \
+             (SELECT COUNT(*) FROM entries WHERE kind = 'charge' AND id > r.id) \
+             FROM entries r WHERE r.key = 'race'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    eprintln!(
+        "the run posted {} charges before the top-up and {} after it",
+        around.0, around.1
+    );
+    let status = |login: &str| -> String {
+        conn.query_row("SELECT status FROM users WHERE login = ?1", [login], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    // Judged with the top-up, whichever came first (the run's last transaction, or the
+    // top-up's own restore after it).
+    assert_eq!(status("u000001@example.org"), "normal");
+    assert_eq!(status("u000002@example.org"), "arrears");
+    assert!(ok(&config, &["billing", "verify"]).contains("ledger ok"));
+}

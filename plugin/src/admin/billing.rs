@@ -29,7 +29,7 @@ use tracing::warn;
 
 use crate::admin::api::ApiError;
 use crate::admin::cli::{api, enc, target, Target};
-use crate::billing::accountant::{Accountant, RunReply};
+use crate::billing::accountant::{Accountant, Registry, RunReply};
 use crate::billing::ledger::{
     Entry, LedgerError, Statement, Status, Tariff, UserAccount, VerifyReport,
 };
@@ -504,10 +504,10 @@ async fn via(config: Option<&Path>) -> anyhow::Result<Via> {
             accountant: Accountant {
                 ledger_path: cfg.ledger_path(),
                 meter: Some(crate::meter::MeterStore::open_read_only(&cfg.meter_path())),
-                users: Some(
-                    crate::users::UserStore::open(&cfg.users_path())?
-                        .with_languages(&cfg.link.agent_languages),
-                ),
+                users: Registry::Path {
+                    path: cfg.users_path(),
+                    languages: cfg.link.agent_languages.clone(),
+                },
                 accounts: None,
                 settings: cfg.billing.run_settings(),
                 audit: None,

@@ -30,12 +30,42 @@ pub type Notifier = Arc<
     dyn Fn(Vec<Effect>) -> Pin<Box<dyn Future<Output = Vec<(i64, bool)>> + Send>> + Send + Sync,
 >;
 
+/// The user registry the state effects go to.
+#[derive(Clone)]
+pub enum Registry {
+    /// The daemon's open registry.
+    Open(UserStore),
+    /// A local command: opened only while effects are carried out (a run must not hold the
+    /// registry's lock while it posts), and given up when another process holds it.
+    Path {
+        path: PathBuf,
+        languages: Vec<String>,
+    },
+}
+
+impl Registry {
+    fn get(&self) -> Option<UserStore> {
+        match self {
+            Registry::Open(u) => Some(u.clone()),
+            Registry::Path { path, languages } => {
+                match UserStore::open_with(path, std::time::Duration::from_secs(2)) {
+                    Ok(u) => Some(u.with_languages(languages)),
+                    Err(e) => {
+                        warn!(error = %e, "user registry not opened: billing state changes wait for the next run or the daemon");
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Everything a run and its effects need.
 #[derive(Clone)]
 pub struct Accountant {
     pub ledger_path: PathBuf,
     pub meter: Option<MeterStore>,
-    pub users: Option<UserStore>,
+    pub users: Registry,
     pub accounts: Option<AccountResolver>,
     pub settings: RunSettings,
     pub audit: Option<AuditLog>,
@@ -142,10 +172,15 @@ impl Accountant {
         let mut report = EffectsReport::default();
         let mut done = Vec::new();
         let mut sms = Vec::new();
+        let users = if open.iter().any(|e| e.kind == EffectKind::State) {
+            self.users.get()
+        } else {
+            None
+        };
         for e in open {
             match e.kind {
                 EffectKind::State => {
-                    let registry = self.apply_state(&e);
+                    let registry = apply_state(users.as_ref(), self.audit.as_ref(), &e);
                     let stalwart = self.apply_stalwart(&e).await;
                     if !stalwart {
                         report.stalwart_failed += 1;
@@ -206,56 +241,52 @@ impl Accountant {
             }
         }
     }
+}
 
-    /// Sets the registry's state; `false` when it must be tried again.
-    fn apply_state(&self, e: &Effect) -> bool {
-        let Some(users) = &self.users else {
-            return false;
-        };
-        let want = match e.status {
-            Status::Normal => AccountState::Normal,
-            Status::Arrears => AccountState::Arrears,
-            Status::Unwelcome => return true,
-        };
-        let current = match users.get(&e.login) {
-            Ok(Some(u)) => u.state,
-            Ok(None) => {
-                warn!(user = %e.login, status = %e.status, "billing standing changed for an address the user registry does not have: nothing to enforce");
-                return true;
-            }
-            Err(err) => {
-                warn!(user = %e.login, error = %err, "cannot read the user registry; the state change is retried");
-                return false;
-            }
-        };
-        if current == AccountState::Unwelcome || current == want {
-            // Unwelcome is the operator's; an equal state is already enforced.
+/// Sets the registry's state; `false` when it must be tried again.
+fn apply_state(users: Option<&UserStore>, audit: Option<&AuditLog>, e: &Effect) -> bool {
+    let Some(users) = users else {
+        return false;
+    };
+    let want = match e.status {
+        Status::Normal => AccountState::Normal,
+        Status::Arrears => AccountState::Arrears,
+        Status::Unwelcome => return true,
+    };
+    let current = match users.get(&e.login) {
+        Ok(Some(u)) => u.state,
+        Ok(None) => {
+            warn!(user = %e.login, status = %e.status, "billing standing changed for an address the user registry does not have: nothing to enforce");
             return true;
         }
-        let patch = UserPatch {
-            state: Some(want),
-            ..UserPatch::default()
-        };
-        match users.update(&e.login, &patch) {
-            Ok(_) => {
-                info!(user = %e.login, state = want.as_str(), balance = %e.balance, "billing standing enforced by the retrieval proxy");
-                if let Some(a) = &self.audit {
-                    a.record(AuditEvent::Admin {
-                        actor: "billing".into(),
-                        action: format!(
-                            "state {} (available balance {})",
-                            want.as_str(),
-                            e.balance
-                        ),
-                        target: e.login.clone(),
-                    });
-                }
-                true
+        Err(err) => {
+            warn!(user = %e.login, error = %err, "cannot read the user registry; the state change is retried");
+            return false;
+        }
+    };
+    if current == AccountState::Unwelcome || current == want {
+        // Unwelcome is the operator's; an equal state is already enforced.
+        return true;
+    }
+    let patch = UserPatch {
+        state: Some(want),
+        ..UserPatch::default()
+    };
+    match users.update(&e.login, &patch) {
+        Ok(_) => {
+            info!(user = %e.login, state = want.as_str(), balance = %e.balance, "billing standing enforced by the retrieval proxy");
+            if let Some(a) = audit {
+                a.record(AuditEvent::Admin {
+                    actor: "billing".into(),
+                    action: format!("state {} (available balance {})", want.as_str(), e.balance),
+                    target: e.login.clone(),
+                });
             }
-            Err(err) => {
-                warn!(user = %e.login, error = %err, "cannot set the registry state; retried");
-                false
-            }
+            true
+        }
+        Err(err) => {
+            warn!(user = %e.login, error = %err, "cannot set the registry state; retried");
+            false
         }
     }
 }
