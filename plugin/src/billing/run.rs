@@ -171,6 +171,9 @@ pub struct RunSummary {
     pub retrievals: u64,
     /// Successful logins of accounts the ledger does not know (not charged).
     pub unknown_retrievals: u64,
+    /// Meter records an earlier run consumed (a replayed segment): skipped.
+    #[serde(default)]
+    pub replayed_retrievals: u64,
     /// Charges posted at retrievals (or at delivery), and their total.
     pub charges: u64,
     pub charged: Money,
@@ -439,6 +442,9 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
     );
     let mut rets: Vec<Vec<Retrieval>> = vec![Vec::new(); users.len()];
     let mut rows = Vec::new();
+    let consumed = cx
+        .store
+        .consumed_retrievals(plan.meter_after, plan.meter_upto)?;
     if let Some(m) = cx.meter {
         let mut after = plan.meter_after;
         'pages: while after < plan.meter_upto {
@@ -453,6 +459,10 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
                     break 'pages;
                 }
                 after = r.id;
+                if consumed.contains(&r.id) {
+                    s.replayed_retrievals += 1;
+                    continue;
+                }
                 let Entry::Session(x) = r.entry else { continue };
                 let (Login::Ok, Some(account)) = (x.login, x.account) else {
                     continue;
