@@ -1,4 +1,4 @@
-//! SMS text from an arrival notice and a per-language template.
+//! SMS text from a notice (a mail arrival or a billing notice) and a per-language template.
 //!
 //! ```text
 //! template     = { item | "{[" { item } "]}" }
@@ -12,6 +12,11 @@
 //! {time}       = received_at in the configured UTC offset, chrono strftime (default %m-%d %H:%M)
 //! {count}      = messages a coalesced notice stands for; count > 1 picks the coalesced template
 //! ```
+//! Billing notices (link tag 12) use the `arrears` and `warning` texts of the language, with
+//! their own names: `{address}` (the account's address, shown and cut like `{recipient}`),
+//! `{balance}`, `{threshold}` (warning only; both decimal text as the mail host sent them, never
+//! cut) and `{time}` (when the notice was decided). A language configured without them takes
+//! the built-in ones of that language, or else the default language's.
 //! Header-derived fields (recipient, sender, subject) lose control and invisible formatting
 //! characters, get whitespace runs collapsed to one space, and curly quotes and dashes turned
 //! into ASCII so English text stays in GSM-7. The result always fits the part budget as
@@ -24,19 +29,26 @@ use std::fmt::Write as _;
 
 use chrono::format::{Item, StrftimeItems};
 use chrono::{DateTime, FixedOffset};
-use mailbell_link::notification::MAX_SMS_PARTS;
+use mailbell_link::notification::{NoticeKind, MAX_SMS_PARTS};
 use mailbell_link::Notification;
 
 use crate::modem::pdu::{self, Alphabet};
 
-/// The two texts of one language.
-#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+/// The texts of one language.
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Template {
     /// Used for a notice about one message.
     pub single: String,
     /// Used when the notice stands for `count > 1` messages.
     pub coalesced: String,
+    /// Billing notice: the account has entered arrears. `None`: the built-in text of this
+    /// language, or the default language's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrears: Option<String>,
+    /// Billing notice: the balance has reached a warning threshold. `None` as for `arrears`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// Everything the renderer needs, usually from the `[render]` config section.
@@ -80,6 +92,11 @@ pub fn builtin_templates() -> BTreeMap<String, Template> {
             coalesced:
                 "{count}封新邮件{[ {recipient}]}：最新来自 {sender}，主题：{subject}，{time}"
                     .to_owned(),
+            arrears: Some("您的邮箱 {address} 余额 {balance} 元，已欠费，请尽快充值。".to_owned()),
+            warning: Some(
+                "您的邮箱 {address} 余额 {balance} 元，已低于 {threshold} 元，请及时充值。"
+                    .to_owned(),
+            ),
         },
     );
     m.insert(
@@ -89,6 +106,14 @@ pub fn builtin_templates() -> BTreeMap<String, Template> {
             coalesced:
                 "{count} new messages{[ for {recipient}]}, latest from {sender}: {subject} ({time})"
                     .to_owned(),
+            arrears: Some(
+                "Your mailbox {address} is in arrears: balance {balance}. Please top up soon."
+                    .to_owned(),
+            ),
+            warning: Some(
+                "Your mailbox {address} balance is {balance}, at or below {threshold}. Please top up."
+                    .to_owned(),
+            ),
         },
     );
     m
@@ -126,6 +151,11 @@ pub enum RenderError {
     },
     #[error("default language {0:?} has no template")]
     MissingDefaultLanguage(String),
+    #[error("no {kind} template for language {language:?} nor the default language (add `{kind} = \"…\"` to [sms.templates.{language}])")]
+    MissingBillingTemplate {
+        language: String,
+        kind: &'static str,
+    },
     #[error("invalid time format {0:?}")]
     InvalidTimeFormat(String),
     #[error("utc offset of {0} minutes is out of range")]
@@ -150,12 +180,35 @@ pub enum RenderError {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Field {
+    /// `{recipient}`, and `{address}` in billing templates.
     Recipient,
     Sender,
     Subject,
     Time,
     Count,
+    Balance,
+    Threshold,
 }
+
+/// The placeholders each kind of template may name.
+const ARRIVAL_NAMES: &[(&str, Field)] = &[
+    ("recipient", Field::Recipient),
+    ("sender", Field::Sender),
+    ("subject", Field::Subject),
+    ("time", Field::Time),
+    ("count", Field::Count),
+];
+const ARREARS_NAMES: &[(&str, Field)] = &[
+    ("address", Field::Recipient),
+    ("balance", Field::Balance),
+    ("time", Field::Time),
+];
+const WARNING_NAMES: &[(&str, Field)] = &[
+    ("address", Field::Recipient),
+    ("balance", Field::Balance),
+    ("threshold", Field::Threshold),
+    ("time", Field::Time),
+];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Segment {
@@ -178,6 +231,9 @@ fn uses(segs: &[Segment], field: Field) -> bool {
 struct Compiled {
     single: Vec<Segment>,
     coalesced: Vec<Segment>,
+    /// `None`: the default language's.
+    arrears: Option<Vec<Segment>>,
+    warning: Option<Vec<Segment>>,
     no_subject: &'static str,
 }
 
@@ -197,11 +253,34 @@ impl Renderer {
     /// format, the offset and the part limits.
     pub fn new(cfg: RenderConfig) -> Result<Self, RenderError> {
         let mut templates = BTreeMap::new();
+        let builtin = builtin_templates();
         for (language, t) in &cfg.templates {
             let key = normalize_language(language);
+            let own = builtin.get(&key);
+            let billing = |text: &Option<String>,
+                           fallback: Option<&Option<String>>,
+                           kind: &'static str,
+                           names: &[(&str, Field)]| {
+                text.as_ref()
+                    .or(fallback.and_then(Option::as_ref))
+                    .map(|src| parse_template(src, language, kind, names))
+                    .transpose()
+            };
             let compiled = Compiled {
-                single: parse_template(&t.single, language, "single")?,
-                coalesced: parse_template(&t.coalesced, language, "coalesced")?,
+                single: parse_template(&t.single, language, "single", ARRIVAL_NAMES)?,
+                coalesced: parse_template(&t.coalesced, language, "coalesced", ARRIVAL_NAMES)?,
+                arrears: billing(
+                    &t.arrears,
+                    own.map(|b| &b.arrears),
+                    "arrears",
+                    ARREARS_NAMES,
+                )?,
+                warning: billing(
+                    &t.warning,
+                    own.map(|b| &b.warning),
+                    "warning",
+                    WARNING_NAMES,
+                )?,
                 no_subject: no_subject_placeholder(&key),
             };
             templates.insert(key, compiled);
@@ -210,6 +289,7 @@ impl Renderer {
             .get(&normalize_language(&cfg.default_language))
             .cloned()
             .ok_or_else(|| RenderError::MissingDefaultLanguage(cfg.default_language.clone()))?;
+
         if StrftimeItems::new(&cfg.time_format).any(|i| matches!(i, Item::Error)) {
             return Err(RenderError::InvalidTimeFormat(cfg.time_format));
         }
@@ -264,10 +344,21 @@ impl Renderer {
     /// The SMS text for `n`, within [`Renderer::max_parts_for`] parts.
     pub fn render(&self, n: &Notification) -> Result<String, RenderError> {
         let tpl = self.template_for(&n.language);
-        let segs = if n.count > 1 {
-            &tpl.coalesced
-        } else {
-            &tpl.single
+        let (segs, balance, threshold) = match &n.kind {
+            NoticeKind::Arrival if n.count > 1 => (&tpl.coalesced[..], "", ""),
+            NoticeKind::Arrival => (&tpl.single[..], "", ""),
+            NoticeKind::BillingArrears { balance } => (
+                self.billing_template(tpl, |t| &t.arrears)
+                    .ok_or_else(|| missing_billing(n, "arrears"))?,
+                balance.as_str(),
+                "",
+            ),
+            NoticeKind::BillingWarning { balance, threshold } => (
+                self.billing_template(tpl, |t| &t.warning)
+                    .ok_or_else(|| missing_billing(n, "warning"))?,
+                balance.as_str(),
+                threshold.as_str(),
+            ),
         };
         let max_parts = self.max_parts_for(n);
 
@@ -304,6 +395,8 @@ impl Renderer {
             subject: Piece::new(&subject),
             time: &time,
             count: &count,
+            balance,
+            threshold,
         };
         let fits = |t: &str| pdu::measure(t).parts <= usize::from(max_parts);
 
@@ -357,6 +450,29 @@ impl Renderer {
         Err(RenderError::DoesNotFit { max_parts })
     }
 
+    /// The language's billing template, or the default language's.
+    fn billing_template<'a>(
+        &'a self,
+        tpl: &'a Compiled,
+        which: impl Fn(&Compiled) -> &Option<Vec<Segment>>,
+    ) -> Option<&'a [Segment]> {
+        which(tpl)
+            .as_deref()
+            .or(which(&self.default_template).as_deref())
+    }
+
+    /// The billing kinds ("arrears", "warning") the default language has no text for: such a
+    /// notice in a language without its own text is refused at receipt (a permanent NACK
+    /// naming the key to add), so the agent warns about them at start.
+    pub fn missing_billing_templates(&self) -> Vec<&'static str> {
+        let d = &self.default_template;
+        [("arrears", &d.arrears), ("warning", &d.warning)]
+            .into_iter()
+            .filter(|(_, t)| t.is_none())
+            .map(|(k, _)| k)
+            .collect()
+    }
+
     fn template_for(&self, language: &str) -> &Compiled {
         let l = normalize_language(language);
         if let Some(t) = self.templates.get(&l) {
@@ -384,6 +500,13 @@ impl Renderer {
     }
 }
 
+fn missing_billing(n: &Notification, kind: &'static str) -> RenderError {
+    RenderError::MissingBillingTemplate {
+        language: n.language.clone(),
+        kind,
+    }
+}
+
 fn normalize_language(l: &str) -> String {
     l.trim().to_ascii_lowercase().replace('_', "-")
 }
@@ -400,6 +523,7 @@ fn parse_template(
     src: &str,
     language: &str,
     kind: &'static str,
+    names: &[(&str, Field)],
 ) -> Result<Vec<Segment>, RenderError> {
     let mut segs = Vec::new();
     // The segments before the open section, while one is open.
@@ -449,19 +573,12 @@ fn parse_template(
                         Some(c) => name.push(c),
                     }
                 }
-                let field = match name.as_str() {
-                    "recipient" => Field::Recipient,
-                    "sender" => Field::Sender,
-                    "subject" => Field::Subject,
-                    "time" => Field::Time,
-                    "count" => Field::Count,
-                    _ => {
-                        return Err(RenderError::UnknownPlaceholder {
-                            language: language.to_owned(),
-                            kind,
-                            name,
-                        })
-                    }
+                let Some(&(_, field)) = names.iter().find(|(n, _)| *n == name) else {
+                    return Err(RenderError::UnknownPlaceholder {
+                        language: language.to_owned(),
+                        kind,
+                        name,
+                    });
                 };
                 if !lit.is_empty() {
                     segs.push(Segment::Literal(std::mem::take(&mut lit)));
@@ -586,6 +703,8 @@ struct Values<'a> {
     subject: Piece<'a>,
     time: &'a str,
     count: &'a str,
+    balance: &'a str,
+    threshold: &'a str,
 }
 
 impl<'a> Values<'a> {
@@ -635,6 +754,8 @@ fn assemble_into(out: &mut String, segs: &[Segment], v: &Values<'_>, ellipsis: &
             Segment::Field(Field::Subject) => v.subject.push(out, ellipsis),
             Segment::Field(Field::Time) => out.push_str(v.time),
             Segment::Field(Field::Count) => out.push_str(v.count),
+            Segment::Field(Field::Balance) => out.push_str(v.balance),
+            Segment::Field(Field::Threshold) => out.push_str(v.threshold),
         }
     }
 }
@@ -776,6 +897,7 @@ mod tests {
             Template {
                 single: "Nouveau: {subjet}".to_owned(),
                 coalesced: "{count} nouveaux".to_owned(),
+                ..Default::default()
             },
         );
         let err = Renderer::new(cfg).unwrap_err();
@@ -802,6 +924,7 @@ mod tests {
             Template {
                 single: single.to_owned(),
                 coalesced: "{count}".to_owned(),
+                ..Default::default()
             },
         );
         Renderer::new(cfg).err()
@@ -836,6 +959,7 @@ mod tests {
             Template {
                 single: "{{{subject}}}".to_owned(),
                 coalesced: "{count}".to_owned(),
+                ..Default::default()
             },
         );
         let r = Renderer::new(cfg).unwrap();
@@ -973,6 +1097,7 @@ mod tests {
             Template {
                 single: "{recipient}: {subject}".to_owned(),
                 coalesced: "{count}".to_owned(),
+                ..Default::default()
             },
         );
         let mut n = notice("x", "A", "hi");
@@ -1062,6 +1187,7 @@ mod tests {
             Template {
                 single: format!("{} {{subject}}", "x".repeat(170)),
                 coalesced: "{recipient}".to_owned(),
+                ..Default::default()
             },
         );
         let r = Renderer::new(cfg).unwrap();
@@ -1150,6 +1276,239 @@ mod tests {
         assert_eq!(t.single, "{subject}");
         assert!(
             serde_json::from_str::<Template>(r#"{"single":"a","coalesced":"b","x":1}"#).is_err()
+        );
+    }
+
+    fn billing(language: &str, kind: NoticeKind) -> Notification {
+        Notification {
+            id: mailbell_link::NotifId::random(),
+            kind,
+            phone: "+8613800138000".to_owned(),
+            recipient: "alice@example.com".to_owned(),
+            received_at_ms: T,
+            language: language.to_owned(),
+            count: 1,
+            ..Default::default()
+        }
+    }
+
+    fn dec(s: &str) -> mailbell_link::notification::DecimalText {
+        s.parse().unwrap()
+    }
+
+    fn arrears(language: &str, balance: &str) -> Notification {
+        billing(
+            language,
+            NoticeKind::BillingArrears {
+                balance: dec(balance),
+            },
+        )
+    }
+
+    fn warning(language: &str, balance: &str, threshold: &str) -> Notification {
+        billing(
+            language,
+            NoticeKind::BillingWarning {
+                balance: dec(balance),
+                threshold: dec(threshold),
+            },
+        )
+    }
+
+    #[test]
+    fn builtin_billing_texts() {
+        let r = renderer();
+        assert_eq!(
+            r.render(&arrears("zh", "-3.20")).unwrap(),
+            "您的邮箱 alice@example.com 余额 -3.20 元，已欠费，请尽快充值。"
+        );
+        assert_eq!(
+            r.render(&warning("zh", "4.80", "5.00")).unwrap(),
+            "您的邮箱 alice@example.com 余额 4.80 元，已低于 5.00 元，请及时充值。"
+        );
+        let en = r.render(&arrears("en", "-3.20")).unwrap();
+        assert_eq!(
+            en,
+            "Your mailbox alice@example.com is in arrears: balance -3.20. Please top up soon."
+        );
+        assert_eq!(pdu::measure(&en).alphabet, Alphabet::Gsm7);
+        assert_eq!(
+            r.render(&warning("en-GB", "4.80", "5.00")).unwrap(),
+            "Your mailbox alice@example.com balance is 4.80, at or below 5.00. Please top up."
+        );
+        // No language, or one without templates: the default language's (zh).
+        assert!(r
+            .render(&arrears("fr", "-1"))
+            .unwrap()
+            .starts_with("您的邮箱"));
+        // The count and the sole-address flag of arrivals change nothing here.
+        let mut n = arrears("en", "-3.20");
+        n.count = 7;
+        n.sole_address = true;
+        assert_eq!(r.render(&n).unwrap(), en);
+    }
+
+    #[test]
+    fn billing_templates_from_config() {
+        let mut cfg = RenderConfig::default();
+        // An operator's own en texts: arrival only; the billing texts stay built in.
+        cfg.templates.insert(
+            "en".to_owned(),
+            Template {
+                single: "Mail: {subject}".to_owned(),
+                coalesced: "{count} mails".to_owned(),
+                ..Default::default()
+            },
+        );
+        cfg.templates.insert(
+            "de".to_owned(),
+            Template {
+                single: "Post: {subject}".to_owned(),
+                coalesced: "{count} Posts".to_owned(),
+                arrears: Some("{address}: Saldo {balance} ({time})".to_owned()),
+                warning: Some("{address}: Saldo {balance} <= {threshold}".to_owned()),
+            },
+        );
+        // A language with arrival texts only: the default language's billing texts.
+        cfg.templates.insert(
+            "fr".to_owned(),
+            Template {
+                single: "Courrier: {subject}".to_owned(),
+                coalesced: "{count} courriers".to_owned(),
+                ..Default::default()
+            },
+        );
+        let r = Renderer::new(cfg).unwrap();
+        assert!(r
+            .render(&arrears("en", "-3.20"))
+            .unwrap()
+            .starts_with("Your mailbox alice@example.com is in arrears"));
+        assert_eq!(
+            r.render(&arrears("de", "-3.20")).unwrap(),
+            "alice@example.com: Saldo -3.20 (01-02 15:04)"
+        );
+        assert_eq!(
+            r.render(&warning("de", "1", "2")).unwrap(),
+            "alice@example.com: Saldo 1 <= 2"
+        );
+        assert!(r
+            .render(&warning("fr", "1", "2"))
+            .unwrap()
+            .starts_with("您的邮箱"));
+    }
+
+    #[test]
+    fn billing_template_errors() {
+        let with = |arrears: &str, warning: &str| {
+            let mut cfg = RenderConfig::default();
+            cfg.templates.insert(
+                "x".to_owned(),
+                Template {
+                    single: "{subject}".to_owned(),
+                    coalesced: "{count}".to_owned(),
+                    arrears: Some(arrears.to_owned()),
+                    warning: Some(warning.to_owned()),
+                },
+            );
+            Renderer::new(cfg).err()
+        };
+        assert_eq!(with("{balance} {address}", "{threshold} {time}"), None);
+        // Arrival names have no place in a billing text, nor a threshold in arrears.
+        for (a, w, kind, name) in [
+            ("{subject}", "{balance}", "arrears", "subject"),
+            ("{threshold}", "{balance}", "arrears", "threshold"),
+            ("{balance}", "{recipient}", "warning", "recipient"),
+        ] {
+            assert_eq!(
+                with(a, w),
+                Some(RenderError::UnknownPlaceholder {
+                    language: "x".to_owned(),
+                    kind,
+                    name: name.to_owned()
+                })
+            );
+        }
+        let e = with("{balance", "{balance}").unwrap();
+        assert_eq!(
+            e.to_string(),
+            "unclosed placeholder in the arrears template for language \"x\""
+        );
+        assert!(matches!(
+            with(" ", "{balance}"),
+            Some(RenderError::EmptyTemplate {
+                kind: "arrears",
+                ..
+            })
+        ));
+        // And an arrival text may not name billing fields.
+        assert!(matches!(
+            template_error("{balance}"),
+            Some(RenderError::UnknownPlaceholder { .. })
+        ));
+        // A default language without a billing text of its own or built in: the agent starts
+        // (arrival notices work as before) and refuses such a notice, naming the key to add.
+        let mut cfg = RenderConfig {
+            default_language: "fr".to_owned(),
+            ..RenderConfig::default()
+        };
+        cfg.templates.insert(
+            "fr".to_owned(),
+            Template {
+                single: "{subject}".to_owned(),
+                coalesced: "{count}".to_owned(),
+                arrears: Some("{balance}".to_owned()),
+                warning: None,
+            },
+        );
+        let r = Renderer::new(cfg).unwrap();
+        assert_eq!(r.missing_billing_templates(), ["warning"]);
+        assert_eq!(r.render(&arrears("fr", "-1")).unwrap(), "-1");
+        assert!(r.render(&warning("en", "1", "2")).unwrap().starts_with("Your mailbox"));
+        let e = r.render(&warning("fr", "1", "2")).unwrap_err();
+        assert_eq!(
+            e,
+            RenderError::MissingBillingTemplate {
+                language: "fr".to_owned(),
+                kind: "warning"
+            }
+        );
+        assert!(e.to_string().contains("[sms.templates.fr]"), "{e}");
+        assert!(renderer().missing_billing_templates().is_empty());
+    }
+
+    #[test]
+    fn billing_text_keeps_the_part_budget() {
+        let r = renderer();
+        // A long address is cut (local part first); the balance never is.
+        let mut n = arrears("zh", "-1234.56");
+        n.recipient = format!("{}@example.com", "x".repeat(120));
+        let text = r.render(&n).unwrap();
+        let m = pdu::measure(&text);
+        assert_eq!((m.alphabet, m.parts), (Alphabet::Ucs2, 1), "{text}");
+        assert!(text.contains("x…@example.com 余额 -1234.56 元"), "{text}");
+        let mut n = warning("en", "4.80", "5.00");
+        n.recipient = format!("{}@example.com", "y".repeat(200));
+        let text = r.render(&n).unwrap();
+        let m = pdu::measure(&text);
+        assert_eq!((m.alphabet, m.parts), (Alphabet::Gsm7, 1), "{text}");
+        assert!(text.contains("y...@example.com balance is 4.80, at or below 5.00"));
+        n.max_parts = 2;
+        assert_eq!(pdu::measure(&r.render(&n).unwrap()).parts, 2);
+        // A template whose fixed text alone is over the budget does not fit.
+        let mut cfg = RenderConfig::default();
+        cfg.templates.insert(
+            "long".to_owned(),
+            Template {
+                single: "{subject}".to_owned(),
+                coalesced: "{count}".to_owned(),
+                arrears: Some(format!("{} {{balance}}", "z".repeat(170))),
+                warning: None,
+            },
+        );
+        let r = Renderer::new(cfg).unwrap();
+        assert_eq!(
+            r.render(&arrears("long", "-1")),
+            Err(RenderError::DoesNotFit { max_parts: 1 })
         );
     }
 }
