@@ -76,6 +76,19 @@ impl DecimalText {
         Ok(Self(s.to_owned()))
     }
 
+    /// `minor` units with `digits` fraction digits (at most 18): `from_minor(-320, 2)` is
+    /// "-3.20". Always valid: at most 21 digits, a sign and a point.
+    pub fn from_minor(minor: i64, digits: usize) -> Self {
+        let digits = digits.min(18);
+        let sign = if minor < 0 { "-" } else { "" };
+        let abs = minor.unsigned_abs();
+        let per = 10u64.pow(digits as u32);
+        Self(match digits {
+            0 => format!("{sign}{abs}"),
+            _ => format!("{sign}{}.{:0digits$}", abs / per, abs % per),
+        })
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -654,6 +667,20 @@ mod tests {
             "", "-", ".5", "5.", "1,50", "+1", " 1", "1e3", "--1", "1.2.3", "٣",
         ] {
             assert!(DecimalText::parse(bad).is_err(), "{bad:?}");
+        }
+        for (minor, digits, text) in [
+            (-320, 2, "-3.20"),
+            (5, 2, "0.05"),
+            (0, 2, "0.00"),
+            (1234, 0, "1234"),
+            (-7, 3, "-0.007"),
+            (i64::MIN, 2, "-92233720368547758.08"),
+            (i64::MAX, 18, "9.223372036854775807"),
+            (1, 40, "0.000000000000000001"),
+        ] {
+            let d = DecimalText::from_minor(minor, digits);
+            assert_eq!(d.as_str(), text);
+            assert_eq!(DecimalText::parse(text), Ok(d));
         }
         let long = "1".repeat(MAX_DECIMAL_LEN + 1);
         assert!(DecimalText::parse(&long).is_err());
