@@ -1463,7 +1463,10 @@ mod tests {
         let r = Renderer::new(cfg).unwrap();
         assert_eq!(r.missing_billing_templates(), ["warning"]);
         assert_eq!(r.render(&arrears("fr", "-1")).unwrap(), "-1");
-        assert!(r.render(&warning("en", "1", "2")).unwrap().starts_with("Your mailbox"));
+        assert!(r
+            .render(&warning("en", "1", "2"))
+            .unwrap()
+            .starts_with("Your mailbox"));
         let e = r.render(&warning("fr", "1", "2")).unwrap_err();
         assert_eq!(
             e,

@@ -540,7 +540,8 @@ mod tests {
             assert_eq!(Notification::decode_payload(n.id, &p).unwrap(), n);
             // Every cut inside a field is truncated; on a boundary it lacks a tag it needs,
             // or (before the guard) it is an arrival, as any TLV payload cut there would be.
-            let guard_at = without(&p, &[T_COUNT, T_MAX_PARTS, T_KIND, T_BALANCE, T_THRESHOLD]).len();
+            let guard_at =
+                without(&p, &[T_COUNT, T_MAX_PARTS, T_KIND, T_BALANCE, T_THRESHOLD]).len();
             for cut in 1..p.len() {
                 match Notification::decode_payload(n.id, &p[..cut]) {
                     Ok(d) if cut <= guard_at && d.kind == NoticeKind::Arrival => {}

@@ -381,7 +381,15 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             .merge(crate::admin::billing::routes(crate::admin::billing::Ops {
                 ledger: stores.ledger.clone(),
                 cfg: cfg.billing.clone(),
-            }));
+            }))
+            .merge(crate::admin::billing::notice_routes(
+                crate::admin::billing::NoticeOps {
+                    ledger: stores.ledger.clone(),
+                    outbox: stores.outbox.clone(),
+                    users: stores.users.clone(),
+                    audit: stores.audit.clone(),
+                },
+            ));
         let router = crate::admin::api::protect(
             crate::admin::ops::audited(admin_routes, stores.audit.clone()),
             token,

@@ -242,7 +242,13 @@ pub async fn send_billing_notices(
         outcomes.push(Outcome::Queued { id, login });
         batch.push((notification, created));
         if batch.len() == MAX_BATCH {
-            commit(outbox, audit, std::mem::take(&mut batch), std::mem::take(&mut skips)).await?;
+            commit(
+                outbox,
+                audit,
+                std::mem::take(&mut batch),
+                std::mem::take(&mut skips),
+            )
+            .await?;
         }
     }
     commit(outbox, audit, batch, skips).await?;
@@ -262,8 +268,7 @@ async fn commit(
         audit.record_all(skips);
         return Ok(());
     }
-    let (notifications, created): (Vec<Notification>, Vec<AuditEvent>) =
-        batch.into_iter().unzip();
+    let (notifications, created): (Vec<Notification>, Vec<AuditEvent>) = batch.into_iter().unzip();
     let logins = notifications.len();
     // `billing-notice` then `queued` (or `dropped`) for each notice.
     let with = |then: &dyn Fn(&Notification) -> AuditEvent| -> Vec<AuditEvent> {
@@ -455,7 +460,11 @@ mod tests {
                 Some(Skipped::Repeated),
             ]
         );
-        assert_eq!(out[0].id(), out[5].id(), "the alias and the address are one notice");
+        assert_eq!(
+            out[0].id(),
+            out[5].id(),
+            "the alias and the address are one notice"
+        );
         let queued: Vec<Notification> = s
             .outbox
             .list(10)
@@ -496,10 +505,7 @@ mod tests {
         );
         assert_eq!(
             history(&s.audit, "bob@example.com"),
-            [
-                "billing-notice warning 4.80 Some(\"5.00\")",
-                "queued"
-            ]
+            ["billing-notice warning 4.80 Some(\"5.00\")", "queued"]
         );
         for (user, reason) in [
             ("nobody@example.com", "unknown_user"),
