@@ -216,7 +216,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         accounts: accounts.clone(),
         settings: cfg.billing.run_settings(),
         audit: Some(stores.audit.clone()),
-        notifier: None,
+        notifier: Some(billing_notifier(&stores)),
         stalwart: if cfg.billing.stalwart_permissions {
             crate::mta::stalwart_api::Permissions::new(&cfg.stalwart_api)
                 .map_err(anyhow::Error::msg)?
@@ -402,7 +402,15 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
                 ledger: stores.ledger.clone(),
                 cfg: cfg.billing.clone(),
                 accountant: accountant.clone(),
-            }));
+            }))
+            .merge(crate::admin::billing::notice_routes(
+                crate::admin::billing::NoticeOps {
+                    ledger: stores.ledger.clone(),
+                    outbox: stores.outbox.clone(),
+                    users: stores.users.clone(),
+                    audit: stores.audit.clone(),
+                },
+            ));
         let router = crate::admin::api::protect(
             crate::admin::ops::audited(admin_routes, stores.audit.clone()),
             token,
@@ -456,6 +464,62 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
 
 /// Reloads the zone and blocklist files at every `reload` bump (SIGHUP). A refused reload is
 /// logged with file and line, and the rules in force stay.
+/// Sends the accounting run's arrears and warning SMS through the outbox
+/// ([`crate::notify::billing`]); an effect is done once its notice is queued or skipped for
+/// good (recorded in the audit log either way), and retried when the outbox failed.
+fn billing_notifier(stores: &Stores) -> crate::billing::accountant::Notifier {
+    use crate::billing::ledger::EffectKind;
+    use crate::notify::billing::{send_billing_notices, BillingKind, BillingNotice};
+    let (outbox, users, audit) = (
+        stores.outbox.clone(),
+        stores.users.clone(),
+        stores.audit.clone(),
+    );
+    Arc::new(move |effects| {
+        let (outbox, users, audit) = (outbox.clone(), users.clone(), audit.clone());
+        Box::pin(async move {
+            let (ids, notices): (Vec<i64>, Vec<BillingNotice>) = effects
+                .into_iter()
+                .filter_map(|e| {
+                    let kind = match e.kind {
+                        EffectKind::Arrears => BillingKind::Arrears { balance: e.balance },
+                        EffectKind::Warning => BillingKind::Warning {
+                            balance: e.balance,
+                            threshold: e.threshold,
+                        },
+                        EffectKind::State => return None,
+                    };
+                    Some((
+                        e.id,
+                        BillingNotice {
+                            login: e.login,
+                            kind,
+                            at_ms: e.at_ms,
+                        },
+                    ))
+                })
+                .unzip();
+            match send_billing_notices(&outbox, &users, &audit, notices).await {
+                Ok(outcomes) if outcomes.len() == ids.len() => {
+                    ids.into_iter().map(|id| (id, true)).collect()
+                }
+                Ok(outcomes) => {
+                    warn!(
+                        notices = ids.len(),
+                        outcomes = outcomes.len(),
+                        "billing notices: outcomes do not match; retried"
+                    );
+                    ids.into_iter().map(|id| (id, false)).collect()
+                }
+                Err(e) => {
+                    warn!(error = %e, "billing notices not queued; retried in a minute");
+                    ids.into_iter().map(|id| (id, false)).collect()
+                }
+            }
+        })
+    })
+}
+
 /// The payment notice's `{balance}`: the account's available balance from the ledger (a
 /// read-only connection of its own; one indexed read per login of an account in arrears).
 struct LedgerBalances {

@@ -479,7 +479,14 @@ fn a_topup_racing_a_run_is_applied_exactly_once() {
     let config = local_config(&raced);
     let data = raced.join("data");
     let run = std::process::Command::new(BIN)
-        .args(["--config", config.to_str().unwrap(), "billing", "run", "--date", DAY])
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "billing",
+            "run",
+            "--date",
+            DAY,
+        ])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -258,6 +258,10 @@ async fn stalwart_deliveries_are_charged_at_the_retrieval_and_arrears_reach_stal
     let charged: f64 = s["charged"].as_str().unwrap().parse().unwrap();
     assert!(charged > 5.0 && charged < 10.0, "{run}");
     assert_eq!(r["effects"]["states"], 1, "{run}");
+    assert_eq!(
+        r["effects"]["notices"], 1,
+        "the arrears SMS is queued: {run}"
+    );
     assert_eq!(r["effects"]["stalwart_failed"], 0, "{run}");
 
     let statement = admin(&sys, "GET", &account, serde_json::json!(null)).await;
@@ -272,6 +276,25 @@ async fn stalwart_deliveries_are_charged_at_the_retrieval_and_arrears_reach_stal
         perms.contains(&"imap-fetch".to_owned()) && perms.contains(&"pop3-retr".to_owned()),
         "{perms:?}"
     );
+    // The arrears SMS reaches the modem, with the balance (5.00 less the charge).
+    let balance = format!("-{:.2}", charged - 5.0);
+    let deadline = Instant::now() + STEP;
+    let sms = loop {
+        let texts: Vec<String> = sys
+            .pdus()
+            .iter()
+            .filter_map(|p| system::decode(p).ok().map(|(_, t)| t))
+            .collect();
+        if let Some(t) = texts.iter().find(|t| t.contains(&balance)) {
+            break t.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no arrears SMS with {balance}: {texts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(sms.contains(ALICE), "{sms}");
     // Through the proxy: refused with the payment alert.
     let out = imap(port, &ca).await;
     assert!(out.contains("refused:") && out.contains("arrears"), "{out}");

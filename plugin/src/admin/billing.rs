@@ -12,9 +12,14 @@
 //! PUT  /admin/v1/billing/tariffs  {"class","zone","price_per_mb","min_charge"} -> Tariff
 //! GET  /admin/v1/billing/verify                                            -> VerifyReport
 //! POST /admin/v1/billing/run      {"date":"YYYY-MM-DD"} (absent: yesterday) -> RunReply
+//! POST /admin/v1/billing/notice   {"user","kind":"arrears"|"warning","threshold"}
+//!                                  (threshold: warnings only)               -> NoticeReply
 //! amounts are JSON strings ("12.34"); 400 bad input, 404 unknown account, 409 a key reused
-//! for another request, 503 the ledger failing
+//! for another request, 503 the ledger or the outbox failing
 //! ```
+//! `notice` sends the user the billing SMS for their current posted balance now, through the
+//! outbox like the accounting run's notices ([`crate::notify::billing`]): an operator's test
+//! of the templates and the path, or a manual reminder. It needs the daemon (its outbox).
 
 use std::path::Path;
 
@@ -29,6 +34,7 @@ use tracing::warn;
 
 use crate::admin::api::ApiError;
 use crate::admin::cli::{api, enc, target, Target};
+use crate::audit::AuditLog;
 use crate::billing::accountant::{Accountant, Registry, RunReply};
 use crate::billing::ledger::{
     Entry, LedgerError, Statement, Status, Tariff, UserAccount, VerifyReport,
@@ -36,7 +42,9 @@ use crate::billing::ledger::{
 use crate::billing::money::Money;
 use crate::billing::run::{LogProgress, Period, Progress, RunError};
 use crate::billing::{adjust, topup, BillingConfig, Ledger};
-use crate::users::address_key;
+use crate::notify::billing::{send_billing_notices, BillingKind, BillingNotice, Outcome};
+use crate::notify::outbox::Outbox;
+use crate::users::{address_key, UserStore};
 
 /// What a top-up or adjustment answers.
 #[derive(Debug, Serialize, Deserialize)]
@@ -94,6 +102,37 @@ pub struct RunBody {
     pub now: bool,
 }
 
+/// `POST /admin/v1/billing/notice`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoticeBody {
+    pub user: String,
+    /// "arrears" or "warning".
+    pub kind: String,
+    /// The warning threshold ("5.00"); warnings only.
+    #[serde(default)]
+    pub threshold: Option<String>,
+}
+
+/// What `POST /admin/v1/billing/notice` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NoticeReply {
+    /// The notice id, as in the audit log and the outbox.
+    pub notice: String,
+    /// The user's primary address (the registry's), or the login as given if unknown.
+    pub user: String,
+    pub kind: String,
+    /// The posted balance the notice states.
+    pub balance: Money,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<Money>,
+    /// Queued for the agent.
+    pub queued: bool,
+    /// Why not, when not queued: unknown_user, notify_off, licence_expired, no_phone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// Failures of an operation: the ledger's, or input refused before it.
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
@@ -103,6 +142,8 @@ pub enum OpError {
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     Run(RunError),
+    #[error(transparent)]
+    Notice(#[from] crate::notify::billing::BillingNoticeError),
 }
 
 impl From<RunError> for OpError {
@@ -140,6 +181,7 @@ impl From<OpError> for ApiError {
                 }
                 _ => StatusCode::BAD_REQUEST,
             },
+            OpError::Notice(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         if status.is_server_error() {
             warn!(error = %e, "billing request failed");
@@ -311,6 +353,98 @@ impl Ops {
     }
 }
 
+/// What `POST /admin/v1/billing/notice` needs besides the ledger: the daemon's stores.
+#[derive(Clone)]
+pub struct NoticeOps {
+    pub ledger: Ledger,
+    pub outbox: Outbox,
+    pub users: UserStore,
+    pub audit: AuditLog,
+}
+
+impl NoticeOps {
+    /// Sends `b.user` the billing notice of `b.kind` for their posted balance now.
+    pub async fn notice(&self, b: NoticeBody) -> Result<NoticeReply, OpError> {
+        let threshold = b
+            .threshold
+            .as_deref()
+            .map(|t| Money::parse(t.trim()))
+            .transpose()
+            .map_err(input("threshold"))?;
+        let login = address_key(&b.user);
+        let l = login.clone();
+        let balance = self
+            .ledger
+            .call(move |s| s.statement(&l)?.balance.posted())
+            .await?;
+        let kind = match (b.kind.trim(), threshold) {
+            ("arrears", None) => BillingKind::Arrears { balance },
+            ("warning", Some(threshold)) => BillingKind::Warning { balance, threshold },
+            ("arrears", Some(_)) => {
+                return Err(OpError::Input {
+                    field: "threshold",
+                    reason: "only a warning has a threshold".into(),
+                })
+            }
+            ("warning", None) => {
+                return Err(OpError::Input {
+                    field: "threshold",
+                    reason: "a warning needs the threshold it warns about".into(),
+                })
+            }
+            (other, _) => {
+                return Err(OpError::Input {
+                    field: "kind",
+                    reason: format!("{other:?} is not one of arrears, warning"),
+                })
+            }
+        };
+        let notice = BillingNotice {
+            login,
+            kind,
+            at_ms: now_ms(),
+        };
+        let out = send_billing_notices(&self.outbox, &self.users, &self.audit, vec![notice])
+            .await?
+            .into_iter()
+            .next();
+        let (id, user, reason) = match out {
+            Some(Outcome::Queued { id, login }) => (id, login, None),
+            Some(Outcome::Skipped { id, login, why }) => (id, login, Some(why.to_string())),
+            None => {
+                return Err(OpError::Input {
+                    field: "user",
+                    reason: "no notice was made".into(),
+                })
+            }
+        };
+        Ok(NoticeReply {
+            notice: id.to_string(),
+            user,
+            kind: kind.name().to_owned(),
+            balance,
+            threshold,
+            queued: reason.is_none(),
+            reason,
+        })
+    }
+}
+
+/// `POST /admin/v1/billing/notice`, unauthenticated: merge it before
+/// [`crate::admin::api::protect`].
+pub fn notice_routes(ops: NoticeOps) -> Router {
+    Router::new()
+        .route("/admin/v1/billing/notice", post(notice_h))
+        .with_state(ops)
+}
+
+async fn notice_h(
+    State(o): State<NoticeOps>,
+    b: Result<Json<NoticeBody>, JsonRejection>,
+) -> Reply<NoticeReply> {
+    Ok(Json(o.notice(b?.0).await?))
+}
+
 /// The billing routes, unauthenticated: merge them before [`crate::admin::api::protect`].
 pub fn routes(ops: Ops) -> Router {
     Router::new()
@@ -439,6 +573,18 @@ pub enum BillingCmd {
         /// what comes after).
         #[arg(long)]
         now: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send the user the arrears or warning SMS for their balance now, as the accounting run
+    /// would (through the running daemon's outbox): test the templates and the path, or remind.
+    NotifyTest {
+        user: String,
+        #[arg(long, value_parser = ["arrears", "warning"])]
+        kind: String,
+        /// The threshold a warning names ("5.00"); warnings only.
+        #[arg(long, allow_hyphen_values = true)]
+        threshold: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -650,6 +796,51 @@ pub async fn billing(config: Option<&Path>, cmd: BillingCmd) -> anyhow::Result<(
                 }
                 None => Ok(()),
             }
+        }
+        BillingCmd::NotifyTest {
+            user,
+            kind,
+            threshold,
+            json,
+        } => {
+            let b = NoticeBody {
+                user,
+                kind,
+                threshold,
+            };
+            let r: NoticeReply = match &via {
+                Via::Api { addr, token } => {
+                    send(*addr, token, "POST", "/admin/v1/billing/notice", &b).await?
+                }
+                Via::Local(_) => anyhow::bail!(
+                    "billing notify-test needs the running daemon (it queues the SMS in the \
+                     daemon's outbox): start `mailbell serve`, with [listen] admin set"
+                ),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+            match (&r.reason, json) {
+                (Some(why), _) => anyhow::bail!(
+                    "{} notice {} for {} not sent: {why} (balance {})",
+                    r.kind,
+                    r.notice,
+                    r.user,
+                    r.balance
+                ),
+                (None, false) => println!(
+                    "{} notice {} for {} queued: balance {}{}",
+                    r.kind,
+                    r.notice,
+                    r.user,
+                    r.balance,
+                    r.threshold
+                        .map(|t| format!(", threshold {t}"))
+                        .unwrap_or_default()
+                ),
+                (None, true) => {}
+            }
+            Ok(())
         }
         BillingCmd::Tariff(TariffCmd::List { json }) => {
             let ts: Vec<Tariff> = match &via {

@@ -578,7 +578,14 @@ fn replayed_deliveries_and_meter_records_change_nothing() {
     conn.execute("UPDATE cursors SET value = 0 WHERE name = 'meter'", [])
         .unwrap();
     let s = w.run(&d2).unwrap();
-    assert_eq!((s.retrievals, s.replayed_retrievals, s.charges), (0, 1, 0), "{s:?}");
-    assert_eq!((w.posted("a@x.example"), w.available("a@x.example")), after_first);
+    assert_eq!(
+        (s.retrievals, s.replayed_retrievals, s.charges),
+        (0, 1, 0),
+        "{s:?}"
+    );
+    assert_eq!(
+        (w.posted("a@x.example"), w.available("a@x.example")),
+        after_first
+    );
     assert!(w.ledger.verify().unwrap().problem.is_none());
 }
