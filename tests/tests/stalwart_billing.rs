@@ -2,7 +2,8 @@
 //! mail delivered by Stalwart is metered from its `message-ingest.ham` webhook events (the
 //! account id mapped to the address through `[stalwart_api]`), retrieved over IMAP through
 //! mailbell's proxy (metered with the client's address), and charged by `mailbell billing
-//! run --now` at that retrieval. The charge drives the account into arrears: the registry
+//! run --now`: accounted before the retrieval it is pending; the retrieval posts it. With a
+//! third message pending the account is in arrears: the registry
 //! state reaches the proxy, and Stalwart's own read permissions are withheld through its
 //! management API (`disabledPermissions` pop3-retr, imap-fetch). A top-up restores both at
 //! once. Without a `stalwart` binary or python3 the test is skipped, except under `CI=true`.
@@ -193,7 +194,13 @@ async fn stalwart_deliveries_are_charged_at_the_retrieval_and_arrears_reach_stal
     }
     let topup =
         |amount: &str, key: &str| serde_json::json!({"user": ALICE, "amount": amount, "key": key});
-    admin(&sys, "POST", "/admin/v1/billing/topup", topup("5.00", "t1")).await;
+    admin(
+        &sys,
+        "POST",
+        "/admin/v1/billing/topup",
+        topup("10.00", "t1"),
+    )
+    .await;
 
     // Two messages of ~40 KiB from outside the free zone: about 3.9 each at 100.00 per MB.
     for id in ["m1", "m2"] {
@@ -223,6 +230,40 @@ async fn stalwart_deliveries_are_charged_at_the_retrieval_and_arrears_reach_stal
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    let run_now = || async {
+        // The session record is written at LOGOUT; then an ad-hoc run takes it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        admin(
+            &sys,
+            "POST",
+            "/admin/v1/billing/run",
+            serde_json::json!({"now": true}),
+        )
+        .await
+    };
+    let money = |v: &serde_json::Value| -> f64 { v.as_str().unwrap().parse().unwrap() };
+    // Accounted before any retrieval: the traffic is pending (reserved, not charged).
+    let r = run_now().await;
+    let run = r.to_string();
+    let s = &r["summary"];
+    assert_eq!(
+        (s["deliveries"].as_u64(), s["retrievals"].as_u64()),
+        (Some(2), Some(0)),
+        "{run}"
+    );
+    assert_eq!(
+        s["unbilled"], 0,
+        "the Stalwart account id maps to the address: {run}"
+    );
+    assert_eq!(
+        (s["charges"].as_u64(), s["pending"].as_u64()),
+        (Some(0), Some(1)),
+        "{run}"
+    );
+    let first = money(&s["pending_amount"]);
+    assert!(first > 7.0 && first < 9.0, "{run}");
+    assert_eq!(r["effects"]["states"], 0, "still above zero: {run}");
+
     let port = sys
         .mail
         .retrieval_addrs
@@ -234,29 +275,48 @@ async fn stalwart_deliveries_are_charged_at_the_retrieval_and_arrears_reach_stal
     let ca = pki.ca_cert.display().to_string();
     let out = imap(port, &ca).await;
     assert!(out.contains("msgs 2") && out.ends_with("ok\n"), "{out}");
-    // The session record is written at LOGOUT; then the ad-hoc run takes it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let r = admin(
-        &sys,
-        "POST",
-        "/admin/v1/billing/run",
-        serde_json::json!({"now": true}),
+    // One more message after the retrieval.
+    let reply = stalwart::smtp_send(
+        st.smtp,
+        "sender@remote.example",
+        &[ALICE],
+        &message("m3", 40),
     )
-    .await;
+    .await
+    .unwrap();
+    assert!(reply.starts_with("250"), "{reply}");
+    let deadline = Instant::now() + STEP;
+    while sys
+        .mail
+        .stores
+        .ledger
+        .call(|s| s.unconsumed_deliveries(10))
+        .await
+        .unwrap()
+        .len()
+        < 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the third delivery was not metered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The retrieval posts the pending charge (with its time and client address); the third
+    // message is pending now, and the two together overdraw the account.
+    let r = run_now().await;
     let run = r.to_string();
     let s = &r["summary"];
-    assert_eq!(s["deliveries"], 2, "{run}");
-    assert_eq!(s["retrievals"], 1, "{run}");
     assert_eq!(
-        s["unbilled"], 0,
-        "the Stalwart account id maps to the address: {run}"
+        (s["deliveries"].as_u64(), s["retrievals"].as_u64()),
+        (Some(1), Some(1)),
+        "{run}"
     );
-    assert_eq!(
-        s["charges"], 1,
-        "both messages charged at that one retrieval: {run}"
-    );
-    let charged: f64 = s["charged"].as_str().unwrap().parse().unwrap();
-    assert!(charged > 5.0 && charged < 10.0, "{run}");
+    assert_eq!(s["pending_posted"], 1, "{run}");
+    assert_eq!(money(&s["charged"]), first, "{run}");
+    let third = money(&s["pending_amount"]);
+    let charged = first + third;
+    assert!(10.0 - charged < 0.0, "{run}");
     assert_eq!(r["effects"]["states"], 1, "{run}");
     assert_eq!(
         r["effects"]["notices"], 1,
@@ -276,8 +336,8 @@ async fn stalwart_deliveries_are_charged_at_the_retrieval_and_arrears_reach_stal
         perms.contains(&"imap-fetch".to_owned()) && perms.contains(&"pop3-retr".to_owned()),
         "{perms:?}"
     );
-    // The arrears SMS reaches the modem, with the balance (5.00 less the charge).
-    let balance = format!("-{:.2}", charged - 5.0);
+    // The arrears SMS reaches the modem, with the available balance.
+    let balance = format!("{:.2}", 10.0 - charged);
     let deadline = Instant::now() + STEP;
     let sms = loop {
         let texts: Vec<String> = sys
@@ -317,7 +377,7 @@ async fn stalwart_deliveries_are_charged_at_the_retrieval_and_arrears_reach_stal
         "{perms:?}"
     );
     let out = imap(port, &ca).await;
-    assert!(out.contains("msgs 2") && out.ends_with("ok\n"), "{out}");
+    assert!(out.contains("msgs 3") && out.ends_with("ok\n"), "{out}");
     let v = admin(
         &sys,
         "GET",
