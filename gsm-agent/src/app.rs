@@ -170,6 +170,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
     cfg.check_paths()?;
     let renderer = Arc::new(Renderer::new(cfg.sms.render.clone()).context("sms templates")?);
+    for kind in renderer.missing_billing_templates() {
+        warn!(
+            language = %cfg.sms.render.default_language,
+            "no {kind} template for the default language: billing notices in a language without \
+             one are refused; add `{kind} = \"…\"` to [sms.templates.<language>]"
+        );
+    }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("create agent.data_dir {}", cfg.data_dir.display()))?;
     let (files, dev_pki) = crate::server::resolve_tls(&cfg.link)?;
@@ -603,6 +610,7 @@ pub fn sample_notification(phone: &str) -> Notification {
         count: 1,
         max_parts: 0,
         text: None,
+        ..Notification::default()
     }
 }
 

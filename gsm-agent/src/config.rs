@@ -906,4 +906,42 @@ submit_timeout_floor = "4s"
             "Mail for {recipient}: {subject}"
         );
     }
+
+    #[test]
+    fn billing_templates_parse_and_are_checked() {
+        let c = Config::from_toml(
+            r#"
+[sms.templates.en]
+single = "Mail: {subject}"
+coalesced = "{count} mails"
+arrears = "{address} owes {balance}"
+"#,
+            "t",
+        )
+        .unwrap();
+        let en = &c.sms.render.templates["en"];
+        assert_eq!(en.arrears.as_deref(), Some("{address} owes {balance}"));
+        assert_eq!(en.warning, None, "left to the built-in text");
+        let r = crate::render::Renderer::new(c.sms.render.clone()).unwrap();
+        assert!(r.missing_billing_templates().is_empty());
+        // A misspelt key is refused by name.
+        let e = Config::from_toml(
+            "[sms.templates.en]\nsingle = \"a\"\ncoalesced = \"b\"\narears = \"c\"",
+            "t",
+        )
+        .map_err(chain)
+        .unwrap_err();
+        assert!(e.to_string().contains("arears"), "{e}");
+        // A placeholder the kind does not have is refused when the agent builds its renderer.
+        let c = Config::from_toml(
+            "[sms.templates.en]\nsingle = \"a\"\ncoalesced = \"b\"\nwarning = \"{subject}\"",
+            "t",
+        )
+        .unwrap();
+        let e = crate::render::Renderer::new(c.sms.render).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown placeholder {subject} in the warning template for language \"en\""
+        );
+    }
 }

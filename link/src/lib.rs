@@ -1,8 +1,9 @@
-//! The mailbell link: an acknowledged, mutually authenticated stream of arrival notices from
-//! the mail host (sender) to the GSM agent (receiver).
+//! The mailbell link: an acknowledged, mutually authenticated stream of notices (mail
+//! arrivals, billing notices) from the mail host (sender) to the GSM agent (receiver).
 //!
 //! Layout:
-//! - [`id`] and [`notification`]: the item carried, with its stable 128-bit id.
+//! - [`id`] and [`notification`]: the item carried (its kind, tag 12), with its stable 128-bit
+//!   id.
 //! - [`frame`]: the sans-I/O wire codec (length-prefixed, versioned frames, size-capped).
 //! - [`sender`] and [`receiver`]: sans-I/O state machines for the window, acks, nacks,
 //!   resends and de-duplication. They take time as an argument and do no I/O.

@@ -209,6 +209,22 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let c = cfg.clone();
     let stores = tokio::task::spawn_blocking(move || Stores::open(&c)).await??;
     let accounts = crate::mta::stalwart_api::resolver(&cfg.stalwart_api)?;
+    let accountant = crate::billing::accountant::Accountant {
+        ledger_path: cfg.ledger_path(),
+        meter: Some(stores.meter.clone()),
+        users: crate::billing::accountant::Registry::Open(stores.users.clone()),
+        accounts: accounts.clone(),
+        settings: cfg.billing.run_settings(),
+        audit: Some(stores.audit.clone()),
+        notifier: Some(billing_notifier(&stores)),
+        stalwart: if cfg.billing.stalwart_permissions {
+            crate::mta::stalwart_api::Permissions::new(&cfg.stalwart_api)
+                .map_err(anyhow::Error::msg)?
+                .map(Arc::new)
+        } else {
+            None
+        },
+    };
     let (intake, intake_task) = MailIntake::start(
         cfg.intake.clone(),
         stores.outbox.clone(),
@@ -220,6 +236,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     )?;
     let tasks = TaskTracker::new();
     let failures = Failures::default();
+    tasks.spawn(accountant.clone().schedule(
+        cfg.billing.run_time().map_err(anyhow::Error::msg)?,
+        shutdown.clone(),
+    ));
     {
         let failures = failures.clone();
         tasks.spawn(async move {
@@ -387,7 +407,16 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         .merge(crate::admin::billing::routes(crate::admin::billing::Ops {
             ledger: stores.ledger.clone(),
             cfg: cfg.billing.clone(),
+            accountant: accountant.clone(),
         }))
+        .merge(crate::admin::billing::notice_routes(
+            crate::admin::billing::NoticeOps {
+                ledger: stores.ledger.clone(),
+                outbox: stores.outbox.clone(),
+                users: stores.users.clone(),
+                audit: stores.audit.clone(),
+            },
+        ))
         .merge(crate::admin::billing_reports::routes(
             crate::admin::billing_reports::ReportOps {
                 ledger: stores.ledger.clone(),
@@ -447,6 +476,98 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
 
 /// Reloads the zone and blocklist files at every `reload` bump (SIGHUP). A refused reload is
 /// logged with file and line, and the rules in force stay.
+/// Sends the accounting run's arrears and warning SMS through the outbox
+/// ([`crate::notify::billing`]); an effect is done once its notice is queued or skipped for
+/// good (recorded in the audit log either way), and retried when the outbox failed.
+fn billing_notifier(stores: &Stores) -> crate::billing::accountant::Notifier {
+    use crate::billing::ledger::EffectKind;
+    use crate::notify::billing::{send_billing_notices, BillingKind, BillingNotice};
+    let (outbox, users, audit) = (
+        stores.outbox.clone(),
+        stores.users.clone(),
+        stores.audit.clone(),
+    );
+    Arc::new(move |effects| {
+        let (outbox, users, audit) = (outbox.clone(), users.clone(), audit.clone());
+        Box::pin(async move {
+            let (ids, notices): (Vec<i64>, Vec<BillingNotice>) = effects
+                .into_iter()
+                .filter_map(|e| {
+                    let kind = match e.kind {
+                        EffectKind::Arrears => BillingKind::Arrears { balance: e.balance },
+                        EffectKind::Warning => BillingKind::Warning {
+                            balance: e.balance,
+                            threshold: e.threshold,
+                        },
+                        EffectKind::State => return None,
+                    };
+                    Some((
+                        e.id,
+                        BillingNotice {
+                            login: e.login,
+                            kind,
+                            at_ms: e.at_ms,
+                        },
+                    ))
+                })
+                .unzip();
+            match send_billing_notices(&outbox, &users, &audit, notices).await {
+                Ok(outcomes) if outcomes.len() == ids.len() => {
+                    ids.into_iter().map(|id| (id, true)).collect()
+                }
+                Ok(outcomes) => {
+                    warn!(
+                        notices = ids.len(),
+                        outcomes = outcomes.len(),
+                        "billing notices: outcomes do not match; retried"
+                    );
+                    ids.into_iter().map(|id| (id, false)).collect()
+                }
+                Err(e) => {
+                    warn!(error = %e, "billing notices not queued; retried in a minute");
+                    ids.into_iter().map(|id| (id, false)).collect()
+                }
+            }
+        })
+    })
+}
+
+/// The payment notice's `{balance}`: the account's available balance from the ledger (a
+/// read-only connection of its own; one indexed read per login of an account in arrears).
+struct LedgerBalances {
+    path: std::path::PathBuf,
+    conn: std::sync::Mutex<Option<crate::billing::ledger::sqlite::SqliteLedger>>,
+}
+
+impl crate::retrieval::notice::Balances for LedgerBalances {
+    fn balance(&self, account: &str) -> Option<String> {
+        use crate::billing::ledger::LedgerStore as _;
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if conn.is_none() {
+            match crate::billing::ledger::sqlite::SqliteLedger::open_read_only(&self.path) {
+                Ok(c) => *conn = Some(c),
+                Err(e) => {
+                    warn!(error = %e, "payment notice: cannot read the ledger for the balance");
+                    return None;
+                }
+            }
+        }
+        let login = crate::users::address_key(account);
+        match conn.as_ref()?.statement(&login) {
+            Ok(s) => s.balance.available().ok().map(|b| b.to_string()),
+            Err(crate::billing::ledger::LedgerError::UnknownUser(_)) => None,
+            Err(e) => {
+                warn!(user = %login, error = %e, "payment notice: cannot read the balance");
+                *conn = None;
+                None
+            }
+        }
+    }
+}
+
 async fn reload_policy(
     policy: Arc<crate::policy::Policy>,
     mut reload: tokio::sync::watch::Receiver<u64>,
@@ -515,7 +636,10 @@ async fn start_retrieval(
         stats: stats.clone(),
         meter: stores.meter.clone(),
         users: stores.users.clone(),
-        balances: None,
+        balances: Some(Arc::new(LedgerBalances {
+            path: cfg.ledger_path(),
+            conn: std::sync::Mutex::new(None),
+        })),
     });
     for (kind, addr) in [
         (Listener::Pop3, r.pop3),

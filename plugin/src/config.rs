@@ -66,6 +66,7 @@ struct RawRetrieval {
     backend_server_name: String,
     allow_plaintext_login: bool,
     pass_through_opaque_sasl: bool,
+    default_realm: String,
     max_connections: usize,
     #[serde(deserialize_with = "de_duration")]
     prelogin_timeout: Duration,
@@ -103,6 +104,7 @@ impl Default for RawRetrieval {
             backend_server_name: String::new(),
             allow_plaintext_login: false,
             pass_through_opaque_sasl: false,
+            default_realm: String::new(),
             max_connections: 1024,
             prelogin_timeout: Duration::from_secs(60),
             pop3_idle_timeout: Duration::from_secs(10 * 60),
@@ -189,6 +191,10 @@ pub struct RetrievalConfig {
     /// through, advertised and forwarded; such sessions are metered without an account and
     /// are not gated. Off: they are removed from the capabilities and refused.
     pub pass_through_opaque_sasl: bool,
+    /// The domain a login without one belongs to (Dovecot's `auth_default_realm`): a login
+    /// "alice" is gated, metered and billed as "alice@<realm>" (the backend still gets
+    /// "alice"). Empty: logins are taken as they are.
+    pub default_realm: String,
     /// Per listener: connections not logged in yet (slots taken before accept, the oldest
     /// evicted when all are taken), and separately logged-in sessions.
     pub max_connections: usize,
@@ -243,6 +249,31 @@ fn one_line_text(key: &str, s: String) -> Result<String, ConfigError> {
     Err(ConfigError::Invalid(format!("retrieval.{key} {why}")))
 }
 
+fn realm(s: &str) -> Result<String, ConfigError> {
+    let t = s.trim().trim_start_matches('@').to_ascii_lowercase();
+    if t.chars()
+        .any(|c| c.is_whitespace() || c == '@' || c.is_control())
+        || t.len() > 253
+    {
+        return Err(ConfigError::Invalid(format!(
+            "retrieval.default_realm {s:?} is not a domain name"
+        )));
+    }
+    Ok(t)
+}
+
+impl RetrievalConfig {
+    /// The account a login stands for: the login, with `@default_realm` added when it names
+    /// no domain and a realm is set.
+    pub fn account_of(&self, login: &str) -> String {
+        if self.default_realm.is_empty() || login.contains('@') {
+            login.to_owned()
+        } else {
+            format!("{login}@{}", self.default_realm)
+        }
+    }
+}
+
 fn retrieval(r: RawRetrieval) -> Result<RetrievalConfig, ConfigError> {
     let inv = ConfigError::Invalid;
     let on = |key: &str, s: &str| -> Result<Option<SocketAddr>, ConfigError> {
@@ -273,6 +304,7 @@ fn retrieval(r: RawRetrieval) -> Result<RetrievalConfig, ConfigError> {
         )?,
         allow_plaintext_login: r.allow_plaintext_login,
         pass_through_opaque_sasl: r.pass_through_opaque_sasl,
+        default_realm: realm(&r.default_realm)?,
         max_connections: r.max_connections,
         prelogin_timeout: r.prelogin_timeout,
         pop3_idle_timeout: r.pop3_idle_timeout,
@@ -821,6 +853,11 @@ impl Config {
         let retrieval = retrieval(raw.retrieval)?;
         raw.meter.validate().map_err(inv)?;
         raw.billing.validate().map_err(inv)?;
+        if raw.billing.stalwart_permissions && raw.stalwart_api.url.trim().is_empty() {
+            return Err(inv(
+                "billing.stalwart_permissions needs stalwart_api.url (the management API)".into(),
+            ));
+        }
         raw.blocklist.validate().map_err(inv)?;
         Ok(Self {
             data_dir,
@@ -960,6 +997,15 @@ mod tests {
         assert!(e("[retrieval]\nimaps = \"127.0.0.1:993\"").contains("retrieval.cert"));
         assert!(e("[retrieval]\nmax_connections = 0").contains("retrieval.max_connections"));
         assert!(e("[retrieval]\nprelogin_timeout = 0").contains("retrieval.prelogin_timeout"));
+        assert!(e("[retrieval]\ndefault_realm = \"a b\"").contains("retrieval.default_realm"));
+        let c = Config::from_toml("[retrieval]\ndefault_realm = \"@Uni.Example\"", "t").unwrap();
+        assert_eq!(c.retrieval.account_of("alice"), "alice@uni.example");
+        assert_eq!(
+            c.retrieval.account_of("bob@other.example"),
+            "bob@other.example"
+        );
+        let c = Config::from_toml("", "t").unwrap();
+        assert_eq!(c.retrieval.account_of("alice"), "alice");
         assert!(e("[retrieval]\nsmtp = \"\"").contains("smtp"));
         assert!(e("[meter]\nflush_interval = 0").contains("meter.flush_interval"));
         assert!(e("[meter]\nflush_interval = \"2m\"").contains("meter.flush_interval"));

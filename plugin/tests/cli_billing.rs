@@ -166,3 +166,147 @@ fn verify_names_an_edited_row_and_fails() {
     let e = fails(&config, &["billing", "verify", "--json"]);
     assert!(e.contains("entry 2"), "{e}");
 }
+
+/// `mailbell billing notify-test`: queues the billing SMS for the balance now through the
+/// daemon's outbox, says why not when it cannot, and needs the daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_test_queues_the_notice_for_the_balance_now() {
+    let served = tempfile::tempdir().unwrap();
+    let (running, config) = serve_admin(served.path(), TOKEN).await;
+    let mut alice = mailbell::users::User::new("alice@example.org");
+    alice.phone = "+8613800138000".into();
+    alice.language = "zh".into();
+    running.stores.users.upsert(alice).unwrap();
+    let c = config.clone();
+    let (queued, warned, refused) = tokio::task::spawn_blocking(move || {
+        for args in [
+            "billing account set alice@example.org",
+            "billing account set carol@example.org",
+            "billing adjust alice@example.org -3.20 --reason test --key n1",
+        ] {
+            ok(&c, &args.split(' ').collect::<Vec<_>>());
+        }
+        let queued = ok(
+            &c,
+            &[
+                "billing",
+                "notify-test",
+                "Alice@example.org",
+                "--kind",
+                "arrears",
+            ],
+        );
+        let warned = ok(
+            &c,
+            &[
+                "billing",
+                "notify-test",
+                "alice@example.org",
+                "--kind",
+                "warning",
+                "--threshold",
+                "5",
+                "--json",
+            ],
+        );
+        let refused = [
+            vec![
+                "billing",
+                "notify-test",
+                "carol@example.org",
+                "--kind",
+                "arrears",
+            ],
+            vec![
+                "billing",
+                "notify-test",
+                "alice@example.org",
+                "--kind",
+                "warning",
+            ],
+            vec![
+                "billing",
+                "notify-test",
+                "alice@example.org",
+                "--kind",
+                "late",
+            ],
+            vec![
+                "billing",
+                "notify-test",
+                "nobody@example.org",
+                "--kind",
+                "arrears",
+            ],
+        ]
+        .map(|a| fails(&c, &a));
+        (queued, warned, refused)
+    })
+    .await
+    .unwrap();
+    assert!(
+        queued.starts_with("arrears notice ")
+            && queued.contains(" for alice@example.org queued: balance -3.20"),
+        "{queued}"
+    );
+    let j: serde_json::Value = serde_json::from_str(&warned).unwrap();
+    assert_eq!(
+        (&j["kind"], &j["balance"], &j["threshold"], &j["queued"]),
+        (
+            &serde_json::json!("warning"),
+            &serde_json::json!("-3.20"),
+            &serde_json::json!("5.00"),
+            &serde_json::json!(true)
+        )
+    );
+    assert!(
+        refused[0].contains("for carol@example.org not sent: unknown_user (balance 0.00)"),
+        "{}",
+        refused[0]
+    );
+    assert!(
+        refused[1].contains("a warning needs the threshold"),
+        "{}",
+        refused[1]
+    );
+    assert!(
+        refused[2].contains("invalid value 'late'"),
+        "{}",
+        refused[2]
+    );
+    assert!(
+        refused[3].contains("unknown account \"nobody@example.org\""),
+        "{}",
+        refused[3]
+    );
+    // Both are in the outbox for the agent, as billing notices.
+    let kinds: Vec<&'static str> = running
+        .stores
+        .outbox
+        .list(10)
+        .unwrap()
+        .iter()
+        .map(|q| q.notification().unwrap().kind.name())
+        .collect();
+    assert_eq!(kinds, ["billing-arrears", "billing-warning"]);
+    running.stop().await;
+
+    // Without the daemon the command says what it needs.
+    let local = tempfile::tempdir().unwrap();
+    let config = local_config(local.path(), "");
+    let e = tokio::task::spawn_blocking(move || {
+        fails(
+            &config,
+            &[
+                "billing",
+                "notify-test",
+                "alice@example.org",
+                "--kind",
+                "arrears",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(e.contains("needs the running daemon"), "{e}");
+}

@@ -568,3 +568,110 @@ async fn a_change_during_a_reply_ends_the_session_right_after_it() {
     assert!(eof);
     p.stop().await;
 }
+
+/// The accounting run drives an account into arrears (pending traffic above its prepaid
+/// balance): through the proxy, poplib sees only the payment notice, with the balance from
+/// the ledger; a top-up through the CLI restores the mailbox at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_arrears_shows_the_notice_with_the_balance_until_a_topup() {
+    if !peers_present() {
+        return;
+    }
+    let d = Dovecot::start();
+    let p = Proxy::start_with(
+        d.pop3,
+        d.imap,
+        Some(TOKEN),
+        "notice_text = \"Account {address} is in arrears: balance {balance} yuan. Please top up.\"",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(dir.path(), &p);
+    register(&p, "alice@example.org", AccountState::Normal, "");
+    for args in [
+        &[
+            "billing",
+            "account",
+            "set",
+            "alice@example.org",
+            "--class",
+            "student",
+        ][..],
+        &["billing", "tariff", "set", "student", "foreign", "0.30"],
+        &[
+            "billing",
+            "topup",
+            "alice@example.org",
+            "1.00",
+            "--key",
+            "k1",
+        ],
+    ] {
+        cli(&config, args).await;
+    }
+    // 10 MB of foreign mail delivered on a past day and never retrieved: 3.00 pending.
+    let day =
+        mailbell::billing::run::Period::day(chrono::NaiveDate::from_ymd_opt(2026, 11, 2).unwrap())
+            .unwrap();
+    p.running()
+        .stores
+        .ledger
+        .call(move |s| {
+            s.record_deliveries(&[mailbell::billing::ledger::Delivery {
+                message_key: "milter:4Xyz".into(),
+                account: "alice@example.org".into(),
+                zone: Some(mailbell::policy::zones::Zone::Foreign),
+                bytes: 10 << 20,
+                at_ms: day.start_ms + 3_600_000,
+            }])
+        })
+        .await
+        .unwrap();
+    cli(&config, &["billing", "run", "--date", "2026-11-02"]).await;
+    let out = python(
+        ARREARS_POP3,
+        vec![
+            p.port("pop3s").to_string(),
+            "alice@example.org".into(),
+            "secret".into(),
+            p.ca.display().to_string(),
+            CLIENT_IP.into(),
+        ],
+    )
+    .await;
+    assert!(out.ends_with("ok\n"), "{out}");
+    let notice = field(&out, "msg")[0].to_owned();
+    let text = String::from_utf8(
+        (0..notice.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&notice[i..i + 2], 16).unwrap())
+            .collect(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("Account alice@example.org is in arrears: balance -2.00 yuan"),
+        "{text}"
+    );
+    // Paid: normal at once, the real mailbox is back.
+    cli(
+        &config,
+        &[
+            "billing",
+            "topup",
+            "alice@example.org",
+            "5.00",
+            "--key",
+            "k2",
+        ],
+    )
+    .await;
+    let out = python(
+        POP3_SCRIPT,
+        args(p.port("pop3s"), "ssl", "alice@example.org", "secret", &p.ca),
+    )
+    .await;
+    assert!(out.ends_with("ok\n"), "{out}");
+    let want: Vec<String> = messages().iter().map(|m| hex(m)).collect();
+    assert_eq!(field(&out, "msg"), want);
+    p.stop().await;
+}

@@ -468,3 +468,193 @@ async fn the_demo_cli_config_reaches_the_running_mail_side() {
     );
     sys.stop().await;
 }
+
+/// Waits until the outbox is empty (every notice acknowledged by the agent).
+async fn outbox_drained(sys: &system::System) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while sys.mail.stores.outbox.depth() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "outbox not drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Billing notices (issue 12 §7) through the real path: the admin API's
+/// `POST /admin/v1/billing/notice` for the user's ledger balance, the outbox, the mTLS link,
+/// the agent's zh and en templates, the simulated modem; a rerun of the same decision is sent
+/// once; the audit log tells whether and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_notices_reach_the_modem_in_the_users_language() {
+    use mailbell::billing::money::Money;
+    use mailbell::notify::billing::{send_billing_notices, BillingKind, BillingNotice, Outcome};
+
+    let dir = tempfile::tempdir().unwrap();
+    let sys = system::start(dir.path(), |_, _| {}).await.unwrap();
+    sys.mail.stores.users.upsert(alice()).unwrap();
+    let mut bob = User::new("bob@example.com");
+    bob.phone = "+8613900139000".into();
+    bob.language = "zh".into();
+    sys.mail.stores.users.upsert(bob).unwrap();
+    sys.wait_modems_ready(Duration::from_secs(30))
+        .await
+        .unwrap();
+    // Ledger accounts: alice at -3.20, bob at 4.80, carol (no registered user) at -1.00.
+    for (user, amount) in [
+        ("alice@example.com", "-3.20"),
+        ("bob@example.com", "4.80"),
+        ("carol@example.com", "-1.00"),
+    ] {
+        let (status, a) = admin(
+            &sys,
+            "PUT",
+            &format!("/admin/v1/billing/accounts/{user}"),
+            Some("{}"),
+        )
+        .await;
+        assert_eq!(status, 200, "{a}");
+        let body =
+            format!(r#"{{"user":"{user}","amount":"{amount}","key":"k-{user}","reason":"test"}}"#);
+        let (status, r) = admin(&sys, "POST", "/admin/v1/billing/adjust", Some(&body)).await;
+        assert_eq!(status, 200, "{r}");
+    }
+
+    let (status, r) = admin(
+        &sys,
+        "POST",
+        "/admin/v1/billing/notice",
+        Some(r#"{"user":"Alice@Example.com","kind":"arrears"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        (&r["queued"], &r["balance"], &r["user"]),
+        (
+            &serde_json::json!(true),
+            &serde_json::json!("-3.20"),
+            &serde_json::json!("alice@example.com")
+        )
+    );
+    let pdus = sys.wait_pdus(0, Duration::from_secs(20)).await.unwrap();
+    let (to, text) = system::decode(&pdus[0]).unwrap();
+    assert_eq!(to, "+8613800138000");
+    assert_eq!(
+        text,
+        "Your mailbox alice@example.com is in arrears: balance -3.20. Please top up soon."
+    );
+
+    let (status, r) = admin(
+        &sys,
+        "POST",
+        "/admin/v1/billing/notice",
+        Some(r#"{"user":"bob@example.com","kind":"warning","threshold":"5.00"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    let pdus = sys.wait_pdus(1, Duration::from_secs(20)).await.unwrap();
+    let (to, text) = system::decode(&pdus[0]).unwrap();
+    assert_eq!(to, "+8613900139000");
+    assert_eq!(
+        text,
+        "您的邮箱 bob@example.com 余额 4.80 元，已低于 5.00 元，请及时充值。"
+    );
+
+    // Refusals: no registered user (recorded, not sent), bad input, no ledger account.
+    let (status, r) = admin(
+        &sys,
+        "POST",
+        "/admin/v1/billing/notice",
+        Some(r#"{"user":"carol@example.com","kind":"arrears"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["queued"], false);
+    assert_eq!(r["reason"], "unknown_user");
+    for (body, status, text) in [
+        (
+            r#"{"user":"bob@example.com","kind":"warning"}"#,
+            400,
+            "threshold",
+        ),
+        (
+            r#"{"user":"bob@example.com","kind":"arrears","threshold":"1"}"#,
+            400,
+            "only a warning",
+        ),
+        (
+            r#"{"user":"bob@example.com","kind":"overdue"}"#,
+            400,
+            "not one of arrears, warning",
+        ),
+        (
+            r#"{"user":"bob@example.com","kind":"warning","threshold":"x"}"#,
+            400,
+            "threshold",
+        ),
+        (
+            r#"{"user":"nobody@example.com","kind":"arrears"}"#,
+            404,
+            "unknown account",
+        ),
+    ] {
+        let (s, r) = admin(&sys, "POST", "/admin/v1/billing/notice", Some(body)).await;
+        assert_eq!(s, status, "{body}: {r}");
+        assert!(r.to_string().contains(text), "{body}: {r}");
+    }
+
+    // The accounting run's path: the same decision passed twice (a resumed run) is one SMS.
+    outbox_drained(&sys).await;
+    let before = sys.pdus().len();
+    let decision = BillingNotice {
+        login: "alice@example.com".into(),
+        kind: BillingKind::Warning {
+            balance: Money::parse("-3.20").unwrap(),
+            threshold: Money::parse("0").unwrap(),
+        },
+        at_ms: 1_795_305_600_000,
+    };
+    let s = &sys.mail.stores;
+    let first = send_billing_notices(&s.outbox, &s.users, &s.audit, vec![decision.clone()])
+        .await
+        .unwrap();
+    assert!(matches!(first[0], Outcome::Queued { .. }));
+    let new = sys
+        .wait_pdus(before, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        system::decode(&new[0]).unwrap().1,
+        "Your mailbox alice@example.com balance is -3.20, at or below 0.00. Please top up."
+    );
+    outbox_drained(&sys).await;
+    let again = send_billing_notices(&s.outbox, &s.users, &s.audit, vec![decision])
+        .await
+        .unwrap();
+    assert_eq!(again[0].id(), first[0].id());
+    outbox_drained(&sys).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sys.pdus().len(), before + 1, "the rerun sent a second SMS");
+
+    // The audit log answers "was she told, and if not, why".
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let names = loop {
+        let (_, log) = admin(&sys, "GET", "/admin/v1/log?user=alice@example.com", None).await;
+        let names = events(&log);
+        if names.iter().filter(|n| *n == "acked").count() >= 3
+            || tokio::time::Instant::now() > deadline
+        {
+            break names;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        names.iter().filter(|n| *n == "billing-notice").count(),
+        3,
+        "{names:?}"
+    );
+    for e in ["queued", "sent", "acked"] {
+        assert!(names.iter().any(|n| n == e), "{e} missing from {names:?}");
+    }
+    let (_, log) = admin(&sys, "GET", "/admin/v1/log?user=carol@example.com", None).await;
+    assert_eq!(events(&log), ["billing-notice", "dropped"], "{log}");
+    assert_eq!(log[1]["reason"], "unknown_user");
+    sys.stop().await;
+}

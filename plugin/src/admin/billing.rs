@@ -11,9 +11,15 @@
 //! GET  /admin/v1/billing/tariffs                                           -> [Tariff]
 //! PUT  /admin/v1/billing/tariffs  {"class","zone","price_per_mb","min_charge"} -> Tariff
 //! GET  /admin/v1/billing/verify                                            -> VerifyReport
+//! POST /admin/v1/billing/run      {"date":"YYYY-MM-DD"} (absent: yesterday) -> RunReply
+//! POST /admin/v1/billing/notice   {"user","kind":"arrears"|"warning","threshold"}
+//!                                  (threshold: warnings only)               -> NoticeReply
 //! amounts are JSON strings ("12.34"); 400 bad input, 404 unknown account, 409 a key reused
-//! for another request, 503 the ledger failing
+//! for another request, 503 the ledger or the outbox failing
 //! ```
+//! `notice` sends the user the billing SMS for their current posted balance now, through the
+//! outbox like the accounting run's notices ([`crate::notify::billing`]): an operator's test
+//! of the templates and the path, or a manual reminder. It needs the daemon (its outbox).
 
 use std::path::Path;
 
@@ -28,12 +34,17 @@ use tracing::warn;
 
 use crate::admin::api::ApiError;
 use crate::admin::cli::{api, enc, target, Target};
+use crate::audit::AuditLog;
+use crate::billing::accountant::{Accountant, Registry, RunReply};
 use crate::billing::ledger::{
     Entry, LedgerError, Statement, Status, Tariff, UserAccount, VerifyReport,
 };
 use crate::billing::money::Money;
+use crate::billing::run::{LogProgress, Period, Progress, RunError};
 use crate::billing::{adjust, topup, BillingConfig, Ledger};
-use crate::users::address_key;
+use crate::notify::billing::{send_billing_notices, BillingKind, BillingNotice, Outcome};
+use crate::notify::outbox::Outbox;
+use crate::users::{address_key, UserStore};
 
 /// What a top-up or adjustment answers.
 #[derive(Debug, Serialize, Deserialize)]
@@ -81,6 +92,47 @@ pub struct TariffBody {
     pub min_charge: Option<String>,
 }
 
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct RunBody {
+    /// The local day to account (`YYYY-MM-DD`); absent: yesterday.
+    #[serde(default)]
+    pub date: Option<String>,
+    /// Account everything recorded up to now instead of a day (`date` must be absent).
+    #[serde(default)]
+    pub now: bool,
+}
+
+/// `POST /admin/v1/billing/notice`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoticeBody {
+    pub user: String,
+    /// "arrears" or "warning".
+    pub kind: String,
+    /// The warning threshold ("5.00"); warnings only.
+    #[serde(default)]
+    pub threshold: Option<String>,
+}
+
+/// What `POST /admin/v1/billing/notice` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NoticeReply {
+    /// The notice id, as in the audit log and the outbox.
+    pub notice: String,
+    /// The user's primary address (the registry's), or the login as given if unknown.
+    pub user: String,
+    pub kind: String,
+    /// The posted balance the notice states.
+    pub balance: Money,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<Money>,
+    /// Queued for the agent.
+    pub queued: bool,
+    /// Why not, when not queued: unknown_user, notify_off, licence_expired, no_phone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// Failures of an operation: the ledger's, or input refused before it.
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
@@ -88,6 +140,19 @@ pub enum OpError {
     Input { field: &'static str, reason: String },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Run(RunError),
+    #[error(transparent)]
+    Notice(#[from] crate::notify::billing::BillingNoticeError),
+}
+
+impl From<RunError> for OpError {
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Ledger(l) => OpError::Ledger(l),
+            other => OpError::Run(other),
+        }
+    }
 }
 
 fn input(field: &'static str) -> impl Fn(crate::billing::money::MoneyError) -> OpError {
@@ -101,6 +166,11 @@ impl From<OpError> for ApiError {
     fn from(e: OpError) -> Self {
         let status = match &e {
             OpError::Input { .. } => StatusCode::BAD_REQUEST,
+            OpError::Run(r) => match r {
+                RunError::BadDate(_) | RunError::NotEnded { .. } => StatusCode::BAD_REQUEST,
+                RunError::Busy { .. } => StatusCode::CONFLICT,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            },
             OpError::Ledger(l) => match l {
                 LedgerError::UnknownUser(_) | LedgerError::UnknownEntry(_) => StatusCode::NOT_FOUND,
                 LedgerError::KeyConflict { .. } | LedgerError::AlreadyResolved { .. } => {
@@ -111,6 +181,7 @@ impl From<OpError> for ApiError {
                 }
                 _ => StatusCode::BAD_REQUEST,
             },
+            OpError::Notice(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         if status.is_server_error() {
             warn!(error = %e, "billing request failed");
@@ -124,6 +195,8 @@ impl From<OpError> for ApiError {
 pub struct Ops {
     pub ledger: Ledger,
     pub cfg: BillingConfig,
+    /// Runs accounting and carries out its effects (registry states, SMS).
+    pub accountant: Accountant,
 }
 
 fn now_ms() -> i64 {
@@ -148,13 +221,46 @@ impl Ops {
         let amount = Money::parse_positive(b.amount.trim()).map_err(input("amount"))?;
         let login = address_key(&b.user);
         let at = now_ms();
-        Ok(self
+        let rules = self.cfg.standing_rules();
+        let (reply, restored) = self
             .ledger
             .call(move |s| {
                 let p = topup(s, &login, amount, &b.key, &b.note, at)?;
-                post_reply(s, &login, p)
+                // Paid back to the threshold: normal at once, not at the next run.
+                let restored = s.restore_if_paid(&login, &rules, "topup", at)?;
+                Ok((post_reply(s, &login, p)?, restored))
             })
-            .await?)
+            .await?;
+        if restored {
+            self.settle().await;
+        }
+        Ok(reply)
+    }
+
+    /// Carries out open effects now (a failure is logged; they are retried every minute).
+    async fn settle(&self) {
+        if let Err(e) = self.accountant.apply_effects().await {
+            warn!(error = %e, "billing effects not carried out yet; retried");
+        }
+    }
+
+    /// Runs accounting for `date` (default: yesterday) and carries out its effects.
+    pub async fn run(
+        &self,
+        b: RunBody,
+        progress: std::sync::Arc<dyn Progress + Send + Sync>,
+    ) -> Result<RunReply, OpError> {
+        let period = match (b.now, b.date.as_deref()) {
+            (true, Some(_)) => {
+                return Err(OpError::Input {
+                    field: "now",
+                    reason: "give a date or now, not both".into(),
+                })
+            }
+            (true, None) => Period::until(now_ms())?,
+            (false, d) => Period::parse_or_yesterday(d.map(str::trim), now_ms())?,
+        };
+        Ok(self.accountant.run(period, progress).await?)
     }
 
     pub async fn adjust(&self, b: AdjustBody) -> Result<PostReply, OpError> {
@@ -167,13 +273,20 @@ impl Ops {
         }
         let login = address_key(&b.user);
         let at = now_ms();
-        Ok(self
+        let rules = self.cfg.standing_rules();
+        let restored = self
             .ledger
             .call(move |s| {
                 let p = adjust(s, &login, amount, &b.key, &b.reason, at)?;
-                post_reply(s, &login, p)
+                let restored = s.restore_if_paid(&login, &rules, "adjust", at)?;
+                Ok((post_reply(s, &login, p)?, restored))
             })
-            .await?)
+            .await
+            .map_err(OpError::from)?;
+        if restored.1 {
+            self.settle().await;
+        }
+        Ok(restored.0)
     }
 
     pub async fn statement(&self, user: &str) -> Result<Statement, OpError> {
@@ -240,6 +353,98 @@ impl Ops {
     }
 }
 
+/// What `POST /admin/v1/billing/notice` needs besides the ledger: the daemon's stores.
+#[derive(Clone)]
+pub struct NoticeOps {
+    pub ledger: Ledger,
+    pub outbox: Outbox,
+    pub users: UserStore,
+    pub audit: AuditLog,
+}
+
+impl NoticeOps {
+    /// Sends `b.user` the billing notice of `b.kind` for their posted balance now.
+    pub async fn notice(&self, b: NoticeBody) -> Result<NoticeReply, OpError> {
+        let threshold = b
+            .threshold
+            .as_deref()
+            .map(|t| Money::parse(t.trim()))
+            .transpose()
+            .map_err(input("threshold"))?;
+        let login = address_key(&b.user);
+        let l = login.clone();
+        let balance = self
+            .ledger
+            .call(move |s| s.statement(&l)?.balance.posted())
+            .await?;
+        let kind = match (b.kind.trim(), threshold) {
+            ("arrears", None) => BillingKind::Arrears { balance },
+            ("warning", Some(threshold)) => BillingKind::Warning { balance, threshold },
+            ("arrears", Some(_)) => {
+                return Err(OpError::Input {
+                    field: "threshold",
+                    reason: "only a warning has a threshold".into(),
+                })
+            }
+            ("warning", None) => {
+                return Err(OpError::Input {
+                    field: "threshold",
+                    reason: "a warning needs the threshold it warns about".into(),
+                })
+            }
+            (other, _) => {
+                return Err(OpError::Input {
+                    field: "kind",
+                    reason: format!("{other:?} is not one of arrears, warning"),
+                })
+            }
+        };
+        let notice = BillingNotice {
+            login,
+            kind,
+            at_ms: now_ms(),
+        };
+        let out = send_billing_notices(&self.outbox, &self.users, &self.audit, vec![notice])
+            .await?
+            .into_iter()
+            .next();
+        let (id, user, reason) = match out {
+            Some(Outcome::Queued { id, login }) => (id, login, None),
+            Some(Outcome::Skipped { id, login, why }) => (id, login, Some(why.to_string())),
+            None => {
+                return Err(OpError::Input {
+                    field: "user",
+                    reason: "no notice was made".into(),
+                })
+            }
+        };
+        Ok(NoticeReply {
+            notice: id.to_string(),
+            user,
+            kind: kind.name().to_owned(),
+            balance,
+            threshold,
+            queued: reason.is_none(),
+            reason,
+        })
+    }
+}
+
+/// `POST /admin/v1/billing/notice`, unauthenticated: merge it before
+/// [`crate::admin::api::protect`].
+pub fn notice_routes(ops: NoticeOps) -> Router {
+    Router::new()
+        .route("/admin/v1/billing/notice", post(notice_h))
+        .with_state(ops)
+}
+
+async fn notice_h(
+    State(o): State<NoticeOps>,
+    b: Result<Json<NoticeBody>, JsonRejection>,
+) -> Reply<NoticeReply> {
+    Ok(Json(o.notice(b?.0).await?))
+}
+
 /// The billing routes, unauthenticated: merge them before [`crate::admin::api::protect`].
 pub fn routes(ops: Ops) -> Router {
     Router::new()
@@ -254,6 +459,7 @@ pub fn routes(ops: Ops) -> Router {
             get(tariffs_h).put(set_tariff_h),
         )
         .route("/admin/v1/billing/verify", get(verify_h))
+        .route("/admin/v1/billing/run", post(run_h))
         .with_state(ops)
 }
 
@@ -304,6 +510,13 @@ async fn verify_h(State(o): State<Ops>) -> Reply<VerifyReport> {
     Ok(Json(o.verify().await?))
 }
 
+async fn run_h(State(o): State<Ops>, b: Result<Json<RunBody>, JsonRejection>) -> Reply<RunReply> {
+    Ok(Json(
+        o.run(b?.0, std::sync::Arc::new(LogProgress::default()))
+            .await?,
+    ))
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BillingCmd {
     /// Credit a prepaid top-up (cash → user). Rerun with the same --key to retry safely.
@@ -351,6 +564,32 @@ pub enum BillingCmd {
     Tariff(TariffCmd),
     #[command(flatten)]
     Reports(crate::admin::billing_reports::ReportCmd),
+    /// Run the accounting of one local day (default: yesterday): charge the period's
+    /// traffic, update balances and standings. A finished day is not run twice; a day whose
+    /// run stopped is resumed.
+    Run {
+        /// YYYY-MM-DD.
+        #[arg(long, conflicts_with = "now")]
+        date: Option<String>,
+        /// Account everything recorded up to now (an ad-hoc period; the nightly run takes
+        /// what comes after).
+        #[arg(long)]
+        now: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send the user the arrears or warning SMS for their balance now, as the accounting run
+    /// would (through the running daemon's outbox): test the templates and the path, or remind.
+    NotifyTest {
+        user: String,
+        #[arg(long, value_parser = ["arrears", "warning"])]
+        kind: String,
+        /// The threshold a warning names ("5.00"); warnings only.
+        #[arg(long, allow_hyphen_values = true)]
+        threshold: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -401,16 +640,35 @@ pub(crate) enum Via {
         addr: std::net::SocketAddr,
         token: String,
     },
-    Local(Ops),
+    Local(Box<Ops>),
 }
 
 async fn via(config: Option<&Path>) -> anyhow::Result<Via> {
     Ok(match target(config).await? {
         Target::Api { addr, token, .. } => Via::Api { addr, token },
-        Target::Local(cfg) => Via::Local(Ops {
+        Target::Local(cfg) => Via::Local(Box::new(Ops {
             ledger: Ledger::open(&cfg.ledger_path())?,
             cfg: cfg.billing.clone(),
-        }),
+            accountant: Accountant {
+                ledger_path: cfg.ledger_path(),
+                meter: Some(crate::meter::MeterStore::open_read_only(&cfg.meter_path())),
+                users: Registry::Path {
+                    path: cfg.users_path(),
+                    languages: cfg.link.agent_languages.clone(),
+                },
+                accounts: None,
+                settings: cfg.billing.run_settings(),
+                audit: None,
+                notifier: None,
+                stalwart: if cfg.billing.stalwart_permissions {
+                    crate::mta::stalwart_api::Permissions::new(&cfg.stalwart_api)
+                        .map_err(anyhow::Error::msg)?
+                        .map(std::sync::Arc::new)
+                } else {
+                    None
+                },
+            },
+        })),
     })
 }
 
@@ -542,6 +800,51 @@ pub async fn billing(config: Option<&Path>, cmd: BillingCmd) -> anyhow::Result<(
             }
         }
         BillingCmd::Reports(c) => crate::admin::billing_reports::run(config, &via, c).await,
+        BillingCmd::NotifyTest {
+            user,
+            kind,
+            threshold,
+            json,
+        } => {
+            let b = NoticeBody {
+                user,
+                kind,
+                threshold,
+            };
+            let r: NoticeReply = match &via {
+                Via::Api { addr, token } => {
+                    send(*addr, token, "POST", "/admin/v1/billing/notice", &b).await?
+                }
+                Via::Local(_) => anyhow::bail!(
+                    "billing notify-test needs the running daemon (it queues the SMS in the \
+                     daemon's outbox): start `mailbell serve`, with [listen] admin set"
+                ),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+            match (&r.reason, json) {
+                (Some(why), _) => anyhow::bail!(
+                    "{} notice {} for {} not sent: {why} (balance {})",
+                    r.kind,
+                    r.notice,
+                    r.user,
+                    r.balance
+                ),
+                (None, false) => println!(
+                    "{} notice {} for {} queued: balance {}{}",
+                    r.kind,
+                    r.notice,
+                    r.user,
+                    r.balance,
+                    r.threshold
+                        .map(|t| format!(", threshold {t}"))
+                        .unwrap_or_default()
+                ),
+                (None, true) => {}
+            }
+            Ok(())
+        }
         BillingCmd::Tariff(TariffCmd::List { json }) => {
             let ts: Vec<Tariff> = match &via {
                 Via::Api { addr, token } => {
@@ -558,6 +861,21 @@ pub async fn billing(config: Option<&Path>, cmd: BillingCmd) -> anyhow::Result<(
                         t.class, t.zone, t.price_per_mb, t.min_charge
                     );
                 }
+            }
+            Ok(())
+        }
+        BillingCmd::Run { date, now, json } => {
+            let b = RunBody { date, now };
+            let r: RunReply = match &via {
+                Via::Api { addr, token } => {
+                    send(*addr, token, "POST", "/admin/v1/billing/run", &b).await?
+                }
+                Via::Local(o) => o.run(b, progress()).await?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", run_text(&r));
             }
             Ok(())
         }
@@ -586,6 +904,101 @@ pub async fn billing(config: Option<&Path>, cmd: BillingCmd) -> anyhow::Result<(
             Ok(())
         }
     }
+}
+
+/// A progress bar on a terminal, log lines otherwise.
+fn progress() -> std::sync::Arc<dyn Progress + Send + Sync> {
+    use std::io::IsTerminal as _;
+    if std::io::stderr().is_terminal() {
+        std::sync::Arc::new(Bar::default())
+    } else {
+        std::sync::Arc::new(LogProgress::default())
+    }
+}
+
+/// indicatif's bar, one per stage.
+#[derive(Default)]
+struct Bar(std::sync::Mutex<Option<indicatif::ProgressBar>>);
+
+impl Progress for Bar {
+    fn stage(&self, name: &'static str, total: u64) {
+        let mut b = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(old) = b.take() {
+            old.finish();
+        }
+        let bar = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg:>11} [{bar:40}] {pos}/{len} {per_sec} {eta}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(name);
+        *b = Some(bar);
+    }
+
+    fn advance(&self, n: u64) {
+        let b = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(bar) = b.as_ref() {
+            bar.inc(n);
+        }
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.get_mut().ok().and_then(Option::take) {
+            b.finish();
+        }
+    }
+}
+
+fn run_text(r: &RunReply) -> String {
+    let s = &r.summary;
+    if s.already {
+        return format!(
+            "period {} was accounted before: nothing changed ({} charges, {} total)\n",
+            s.period, s.charges, s.charged
+        );
+    }
+    format!(
+        "period {}{}: {} deliveries ({} bytes), {} retrievals\n\
+         charged {} in {} charges; {} pending ({}); {} earlier pending posted, {} expired\n\
+         unbilled deliveries (unknown accounts): {}; earlier ones billed now: {}; bytes without a tariff: {}\n\
+         {} new ledger entries; {} state changes, {} notices sent, {} waiting{}; {} ms\n",
+        s.period,
+        if s.resumed { " (resumed)" } else { "" },
+        s.deliveries,
+        s.delivery_bytes,
+        s.retrievals,
+        s.charged,
+        s.charges,
+        s.pending,
+        s.pending_amount,
+        s.pending_posted,
+        s.expired,
+        s.unbilled,
+        s.unbilled_billed,
+        s.unpriced_bytes,
+        s.new_entries,
+        r.effects.states,
+        r.effects.notices,
+        r.effects.waiting,
+        if r.effects.stalwart_failed > 0 {
+            format!(
+                "; {} Stalwart permission changes failed (retried by the daemon)",
+                r.effects.stalwart_failed
+            )
+        } else {
+            String::new()
+        },
+        s.millis
+    )
 }
 
 fn print_post(r: &PostReply, json: bool) -> anyhow::Result<()> {

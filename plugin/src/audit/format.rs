@@ -136,6 +136,21 @@ pub fn format_record(r: &AuditRecord) -> String {
             id_field(line, "notice", notice);
             field(line, "user", user);
         }
+        AuditEvent::BillingNotice {
+            notice,
+            user,
+            kind,
+            balance,
+            threshold,
+        } => {
+            id_field(line, "notice", notice);
+            field(line, "user", user);
+            field(line, "kind", kind);
+            id_field(line, "balance", balance);
+            if let Some(t) = threshold {
+                id_field(line, "threshold", t);
+            }
+        }
         AuditEvent::Sent {
             notice,
             user,

@@ -209,6 +209,16 @@ pub enum AuditEvent {
     },
     /// In the outbox for the agent.
     Queued { notice: String, user: String },
+    /// A billing notice was made (the accounting run or an operator decided it): `kind` is
+    /// "arrears" or "warning", amounts as decimal text. Followed by `queued` or `dropped`.
+    BillingNotice {
+        notice: String,
+        user: String,
+        kind: String,
+        balance: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        threshold: Option<String>,
+    },
     /// Handed to an agent over the link.
     Sent {
         notice: String,
@@ -300,6 +310,7 @@ impl AuditEvent {
             AuditEvent::Coalesced { .. } => "coalesced",
             AuditEvent::Dropped { .. } => "dropped",
             AuditEvent::Queued { .. } => "queued",
+            AuditEvent::BillingNotice { .. } => "billing-notice",
             AuditEvent::Sent { .. } => "sent",
             AuditEvent::Acked { .. } => "acked",
             AuditEvent::Deferred { .. } => "deferred",
@@ -320,7 +331,8 @@ impl AuditEvent {
             | AuditEvent::Held { user, .. }
             | AuditEvent::Coalesced { user, .. }
             | AuditEvent::Dropped { user, .. }
-            | AuditEvent::Queued { user, .. } => Some(user),
+            | AuditEvent::Queued { user, .. }
+            | AuditEvent::BillingNotice { user, .. } => Some(user),
             AuditEvent::Sent { user, .. }
             | AuditEvent::Acked { user, .. }
             | AuditEvent::Deferred { user, .. }
@@ -342,6 +354,7 @@ impl AuditEvent {
             | AuditEvent::Coalesced { notice, .. }
             | AuditEvent::Dropped { notice, .. }
             | AuditEvent::Queued { notice, .. }
+            | AuditEvent::BillingNotice { notice, .. }
             | AuditEvent::Sent { notice, .. }
             | AuditEvent::Acked { notice, .. }
             | AuditEvent::Deferred { notice, .. }
@@ -413,6 +426,19 @@ impl AuditEvent {
             AuditEvent::Queued { notice, user } => {
                 f(notice);
                 f(user);
+            }
+            AuditEvent::BillingNotice {
+                notice,
+                user,
+                kind,
+                balance,
+                threshold,
+            } => {
+                f(notice);
+                f(user);
+                f(kind);
+                f(balance);
+                threshold.iter_mut().for_each(&mut *f);
             }
             AuditEvent::Sent {
                 notice,
@@ -496,7 +522,8 @@ impl AuditEvent {
             | AuditEvent::Held { user, .. }
             | AuditEvent::Coalesced { user, .. }
             | AuditEvent::Dropped { user, .. }
-            | AuditEvent::Queued { user, .. } => Some(user),
+            | AuditEvent::Queued { user, .. }
+            | AuditEvent::BillingNotice { user, .. } => Some(user),
             AuditEvent::Sent { user, .. }
             | AuditEvent::Acked { user, .. }
             | AuditEvent::Deferred { user, .. }

@@ -9,6 +9,7 @@
 //! `open_pending`) and the helpers here ([`topup`], [`adjust`]). [`report`] assembles monthly
 //! statements and usage reports from what [`Ledger::read`] reads.
 
+pub mod accountant;
 pub mod ledger;
 pub mod money;
 pub mod report;
@@ -55,6 +56,9 @@ pub struct BillingConfig {
     pub run_at: String,
     /// Requests per ledger transaction in a run.
     pub run_batch: usize,
+    /// Also withhold Stalwart's read permissions (pop3-retr, imap-fetch) from accounts in
+    /// arrears through `[stalwart_api]`, behind the retrieval proxy's own gate.
+    pub stalwart_permissions: bool,
 }
 
 impl Default for BillingConfig {
@@ -70,6 +74,7 @@ impl Default for BillingConfig {
             warn_below: vec![Money::from_minor(1_000)],
             run_at: String::new(),
             run_batch: 2_000,
+            stalwart_permissions: false,
         }
     }
 }

@@ -100,6 +100,21 @@ impl Period {
         })
     }
 
+    /// An ad-hoc period ending at `now_ms` (`billing run --now`): everything recorded so far
+    /// that no run has consumed. Named by its local end time; the next nightly run consumes
+    /// what comes after.
+    pub fn until(now_ms: i64) -> Result<Period, RunError> {
+        let t = Local
+            .timestamp_millis_opt(now_ms)
+            .earliest()
+            .ok_or_else(|| RunError::BadDate(now_ms.to_string()))?;
+        Ok(Period {
+            name: t.format("%Y-%m-%dT%H:%M:%S%.3f").to_string(),
+            start_ms: now_ms,
+            end_ms: now_ms,
+        })
+    }
+
     /// `YYYY-MM-DD`, or the local day before `now_ms` when `None`.
     pub fn parse_or_yesterday(s: Option<&str>, now_ms: i64) -> Result<Period, RunError> {
         let date = match s {
@@ -156,6 +171,9 @@ pub struct RunSummary {
     pub retrievals: u64,
     /// Successful logins of accounts the ledger does not know (not charged).
     pub unknown_retrievals: u64,
+    /// Meter records an earlier run consumed (a replayed segment): skipped.
+    #[serde(default)]
+    pub replayed_retrievals: u64,
     /// Charges posted at retrievals (or at delivery), and their total.
     pub charges: u64,
     pub charged: Money,
@@ -181,6 +199,41 @@ pub struct RunSummary {
 pub trait Progress {
     fn stage(&self, name: &'static str, total: u64);
     fn advance(&self, n: u64);
+}
+
+/// Progress as log lines: each stage's start and end, and every tenth of a large one.
+#[derive(Default)]
+pub struct LogProgress {
+    state: std::sync::Mutex<(&'static str, u64, u64)>,
+}
+
+impl Progress for LogProgress {
+    fn stage(&self, name: &'static str, total: u64) {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *st = (name, total, 0);
+        tracing::info!(stage = name, total, "accounting run stage");
+    }
+
+    fn advance(&self, n: u64) {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = st.2;
+        st.2 = st.2.saturating_add(n);
+        let tenth = (st.1 / 10).max(1);
+        if st.1 >= 100_000 && before / tenth != st.2 / tenth {
+            tracing::info!(
+                stage = st.0,
+                done = st.2,
+                total = st.1,
+                "accounting run progress"
+            );
+        }
+    }
 }
 
 /// No progress reports.
@@ -389,6 +442,9 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
     );
     let mut rets: Vec<Vec<Retrieval>> = vec![Vec::new(); users.len()];
     let mut rows = Vec::new();
+    let consumed = cx
+        .store
+        .consumed_retrievals(plan.meter_after, plan.meter_upto)?;
     if let Some(m) = cx.meter {
         let mut after = plan.meter_after;
         'pages: while after < plan.meter_upto {
@@ -403,6 +459,10 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
                     break 'pages;
                 }
                 after = r.id;
+                if consumed.contains(&r.id) {
+                    s.replayed_retrievals += 1;
+                    continue;
+                }
                 let Entry::Session(x) = r.entry else { continue };
                 let (Login::Ok, Some(account)) = (x.login, x.account) else {
                     continue;

@@ -550,3 +550,42 @@ fn charge_at_delivery_and_retrieved_bytes() {
     assert_eq!((s.charges, s.charged), (1, m(30)), "{s:?}");
     assert_eq!(w.posted("b@x.example"), m(-30));
 }
+
+/// A webhook batch Stalwart resends and a meter segment read again (the meter cursor set
+/// back, as after restoring a backup of the cursor) change nothing.
+#[test]
+fn replayed_deliveries_and_meter_records_change_nothing() {
+    let mut w = World::new();
+    let (d1, d2) = (day(1), day(2));
+    w.topup("a@x.example", 10_000);
+    let batch = [Delivery {
+        message_key: "stalwart:77".into(),
+        account: "a@x.example".into(),
+        zone: Some(Zone::Foreign),
+        bytes: 4 * MB,
+        at_ms: d1.start_ms + HOUR,
+    }];
+    w.ledger.record_deliveries(&batch).unwrap();
+    w.retrieve("a@x.example", d1.start_ms + 2 * HOUR);
+    w.deliver("a@x.example", Zone::Foreign, MB, d1.start_ms + 3 * HOUR);
+    w.run(&d1).unwrap();
+    let after_first = (w.posted("a@x.example"), w.available("a@x.example"));
+    // The same webhook batch again: nothing recorded.
+    let r = w.ledger.record_deliveries(&batch).unwrap();
+    assert_eq!((r.added, r.replayed), (0, 1));
+    // The meter records read again by the next run.
+    let conn = rusqlite::Connection::open(&w.path).unwrap();
+    conn.execute("UPDATE cursors SET value = 0 WHERE name = 'meter'", [])
+        .unwrap();
+    let s = w.run(&d2).unwrap();
+    assert_eq!(
+        (s.retrievals, s.replayed_retrievals, s.charges),
+        (0, 1, 0),
+        "{s:?}"
+    );
+    assert_eq!(
+        (w.posted("a@x.example"), w.available("a@x.example")),
+        after_first
+    );
+    assert!(w.ledger.verify().unwrap().problem.is_none());
+}

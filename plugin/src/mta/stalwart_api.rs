@@ -202,6 +202,140 @@ pub fn resolver(cfg: &StalwartApi) -> anyhow::Result<Option<AccountResolver>> {
     Ok(Some(r))
 }
 
+/// Stalwart permissions withheld from an account in arrears, as a second line of defence
+/// behind the retrieval proxy (research §5.2): a client that reaches Stalwart directly can
+/// still log in and list, but not read a message.
+pub const ARREARS_PERMISSIONS: &[&str] = &["pop3-retr", "imap-fetch"];
+
+/// Sets and clears [`ARREARS_PERMISSIONS`] in a principal's `disabledPermissions` through
+/// the management API (`PATCH /api/principal/{name}`, one `addItem`/`removeItem` per value).
+pub struct Permissions {
+    addr: SocketAddr,
+    auth: String,
+}
+
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Permissions {
+    /// `None` when no API is configured.
+    pub fn new(cfg: &StalwartApi) -> Result<Option<Self>, String> {
+        if cfg.url.trim().is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            addr: api_addr(cfg.url.trim())?,
+            auth: format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD
+                    .encode(format!("{}:{}", cfg.user, cfg.secret))
+            ),
+        }))
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<serde_json::Value, String> {
+        let r = mailbell_link::http::request(
+            self.addr,
+            method,
+            path,
+            Some(&self.auth),
+            body.map(|b| ("application/json", b.as_bytes())),
+            API_TIMEOUT,
+        )
+        .await
+        .map_err(|e| format!("Stalwart API {method} {path}: {e}"))?;
+        let v: serde_json::Value = serde_json::from_str(&r.body).map_err(|_| {
+            format!(
+                "Stalwart API {method} {path}: HTTP {} {}",
+                r.status,
+                r.body.trim()
+            )
+        })?;
+        if r.status != 200 || v.get("error").is_some() {
+            return Err(format!(
+                "Stalwart API {method} {path}: HTTP {} {}",
+                r.status,
+                r.body.trim()
+            ));
+        }
+        Ok(v)
+    }
+
+    /// The principal whose name or addresses are `email`, with its disabled permissions.
+    async fn principal(&self, email: &str) -> Result<(String, Vec<String>), String> {
+        let q = format!(
+            "/api/principal?types=individual&fields=name,emails,disabledPermissions&limit=50&filter={}",
+            url_encode(email)
+        );
+        let v = self.call("GET", &q, None).await?;
+        let items = v["data"]["items"].as_array().cloned().unwrap_or_default();
+        let strings = |x: &serde_json::Value| -> Vec<String> {
+            match x {
+                serde_json::Value::String(s) => vec![s.clone()],
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        for it in items {
+            let name = it["name"].as_str().unwrap_or_default().to_owned();
+            let emails = strings(&it["emails"]);
+            if name.eq_ignore_ascii_case(email)
+                || emails.iter().any(|e| e.eq_ignore_ascii_case(email))
+            {
+                return Ok((name, strings(&it["disabledPermissions"])));
+            }
+        }
+        Err(format!("Stalwart has no account with the address {email}"))
+    }
+
+    /// Withholds (`arrears`) or gives back the read permissions of the account `email`.
+    /// Only what differs is changed; returns how many permissions changed.
+    pub async fn set_arrears(&self, email: &str, arrears: bool) -> Result<usize, String> {
+        let (name, disabled) = self.principal(email).await?;
+        let ops: Vec<serde_json::Value> = ARREARS_PERMISSIONS
+            .iter()
+            .filter(|p| disabled.iter().any(|d| d == *p) != arrears)
+            .map(|p| {
+                serde_json::json!({
+                    "action": if arrears { "addItem" } else { "removeItem" },
+                    "field": "disabledPermissions",
+                    "value": p,
+                })
+            })
+            .collect();
+        if ops.is_empty() {
+            return Ok(0);
+        }
+        let body = serde_json::Value::Array(ops.clone()).to_string();
+        self.call(
+            "PATCH",
+            &format!("/api/principal/{}", url_encode(&name)),
+            Some(&body),
+        )
+        .await?;
+        Ok(ops.len())
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~@".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

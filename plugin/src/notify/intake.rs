@@ -1084,6 +1084,7 @@ impl Scheduler {
                 .unwrap_or_else(|_| NotifId::random());
         let n = Notification {
             id,
+            kind: mailbell_link::notification::NoticeKind::Arrival,
             phone: user.phone.clone(),
             recipient: registered_address(user, &e.rcpt),
             sole_address: user.aliases.is_empty(),

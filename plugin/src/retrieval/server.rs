@@ -1172,7 +1172,8 @@ async fn act(
                     Err(_) => return Some(End::Quiet("TLS handshake timed out".into())),
                 }
             }
-            Act::Account(a) => {
+            Act::Account(login) => {
+                let a = &shared.cfg.account_of(login);
                 meter.account = Some(a.clone());
                 if let Err(verdict) = gate.named(a) {
                     // Refused before the backend hears of the account or its password.
@@ -1201,7 +1202,8 @@ async fn act(
                 }
                 gate.command(verb, core.logged_in());
             }
-            Act::LoggedIn(account) => {
+            Act::LoggedIn(login) => {
+                let account = &login.as_deref().map(|l| shared.cfg.account_of(l));
                 meter.logged_in = true;
                 meter.login = Login::Ok;
                 if account.is_some() {

@@ -31,6 +31,7 @@ struct Args {
 
 fn notice(tag: &str, i: usize) -> Notification {
     Notification {
+        kind: Default::default(),
         id: NotifId::random(),
         phone: "+8613800138000".into(),
         recipient: "alice@example.com".into(),

@@ -147,6 +147,7 @@ fn load_average() -> String {
 /// A realistic arrival notice; `bytes` pads the subject to reach that payload size.
 fn notice(bytes: Option<usize>) -> Notification {
     let mut n = Notification {
+        kind: Default::default(),
         id: NotifId::random(),
         phone: "+8613800138000".into(),
         recipient: "zhang.wei@corp.example.com.cn".into(),

@@ -499,6 +499,9 @@ pub trait LedgerStore: Send {
     /// Pending transfers (user → revenue) open when entry `start_head` was the last.
     fn open_pending_at(&self, start_head: i64) -> Result<Vec<OpenPending>>;
     fn run_users(&self) -> Result<Vec<RunUser>>;
+    /// Retrieval meter ids in `(after, upto]` consumed by an earlier run (a replayed meter
+    /// segment), to be skipped.
+    fn consumed_retrievals(&self, after: u64, upto: u64) -> Result<std::collections::HashSet<u64>>;
     /// Posts a batch of the run's requests with their charge rows, in one transaction;
     /// returns how many entries are new (a resumed run replays the rest).
     fn post_charges(

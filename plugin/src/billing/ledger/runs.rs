@@ -778,3 +778,16 @@ pub(crate) fn statement_rows(
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok((rets, charges))
 }
+
+/// Retrieval meter ids in `(after, upto]` an earlier run already consumed (a replayed meter
+/// segment): they are skipped.
+pub(crate) fn consumed_retrievals(
+    conn: &Connection,
+    after: u64,
+    upto: u64,
+) -> rusqlite::Result<std::collections::HashSet<u64>> {
+    let mut s = conn
+        .prepare_cached("SELECT meter_id FROM retrievals WHERE meter_id > ?1 AND meter_id <= ?2")?;
+    let rows = s.query_map(params![i(after), i(upto)], |r| r.get::<_, i64>(0))?;
+    rows.map(|r| r.map(u)).collect()
+}

@@ -695,6 +695,11 @@ impl LedgerStore for SqliteLedger {
         runs::open_pending(&self.conn, start_head).map_err(self.err("read the pending transfers"))
     }
 
+    fn consumed_retrievals(&self, after: u64, upto: u64) -> Result<std::collections::HashSet<u64>> {
+        runs::consumed_retrievals(&self.conn, after, upto)
+            .map_err(self.err("read consumed retrievals"))
+    }
+
     fn run_users(&self) -> Result<Vec<RunUser>> {
         runs::users(&self.conn).map_err(self.err("read the user accounts"))
     }

@@ -1,4 +1,4 @@
-//! SMS text from an arrival notice and a per-language template.
+//! SMS text from a notice (a mail arrival or a billing notice) and a per-language template.
 //!
 //! ```text
 //! template     = { item | "{[" { item } "]}" }
@@ -12,6 +12,11 @@
 //! {time}       = received_at in the configured UTC offset, chrono strftime (default %m-%d %H:%M)
 //! {count}      = messages a coalesced notice stands for; count > 1 picks the coalesced template
 //! ```
+//! Billing notices (link tag 12) use the `arrears` and `warning` texts of the language, with
+//! their own names: `{address}` (the account's address, shown and cut like `{recipient}`),
+//! `{balance}`, `{threshold}` (warning only; both decimal text as the mail host sent them, never
+//! cut) and `{time}` (when the notice was decided). A language configured without them takes
+//! the built-in ones of that language, or else the default language's.
 //! Header-derived fields (recipient, sender, subject) lose control and invisible formatting
 //! characters, get whitespace runs collapsed to one space, and curly quotes and dashes turned
 //! into ASCII so English text stays in GSM-7. The result always fits the part budget as
@@ -24,19 +29,26 @@ use std::fmt::Write as _;
 
 use chrono::format::{Item, StrftimeItems};
 use chrono::{DateTime, FixedOffset};
-use mailbell_link::notification::MAX_SMS_PARTS;
+use mailbell_link::notification::{NoticeKind, MAX_SMS_PARTS};
 use mailbell_link::Notification;
 
 use crate::modem::pdu::{self, Alphabet};
 
-/// The two texts of one language.
-#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+/// The texts of one language.
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Template {
     /// Used for a notice about one message.
     pub single: String,
     /// Used when the notice stands for `count > 1` messages.
     pub coalesced: String,
+    /// Billing notice: the account has entered arrears. `None`: the built-in text of this
+    /// language, or the default language's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrears: Option<String>,
+    /// Billing notice: the balance has reached a warning threshold. `None` as for `arrears`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// Everything the renderer needs, usually from the `[render]` config section.
@@ -80,6 +92,11 @@ pub fn builtin_templates() -> BTreeMap<String, Template> {
             coalesced:
                 "{count}封新邮件{[ {recipient}]}：最新来自 {sender}，主题：{subject}，{time}"
                     .to_owned(),
+            arrears: Some("您的邮箱 {address} 余额 {balance} 元，已欠费，请尽快充值。".to_owned()),
+            warning: Some(
+                "您的邮箱 {address} 余额 {balance} 元，已低于 {threshold} 元，请及时充值。"
+                    .to_owned(),
+            ),
         },
     );
     m.insert(
@@ -89,6 +106,14 @@ pub fn builtin_templates() -> BTreeMap<String, Template> {
             coalesced:
                 "{count} new messages{[ for {recipient}]}, latest from {sender}: {subject} ({time})"
                     .to_owned(),
+            arrears: Some(
+                "Your mailbox {address} is in arrears: balance {balance}. Please top up soon."
+                    .to_owned(),
+            ),
+            warning: Some(
+                "Your mailbox {address} balance is {balance}, at or below {threshold}. Please top up."
+                    .to_owned(),
+            ),
         },
     );
     m
@@ -126,6 +151,11 @@ pub enum RenderError {
     },
     #[error("default language {0:?} has no template")]
     MissingDefaultLanguage(String),
+    #[error("no {kind} template for language {language:?} nor the default language (add `{kind} = \"…\"` to [sms.templates.{language}])")]
+    MissingBillingTemplate {
+        language: String,
+        kind: &'static str,
+    },
     #[error("invalid time format {0:?}")]
     InvalidTimeFormat(String),
     #[error("utc offset of {0} minutes is out of range")]
@@ -150,12 +180,35 @@ pub enum RenderError {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Field {
+    /// `{recipient}`, and `{address}` in billing templates.
     Recipient,
     Sender,
     Subject,
     Time,
     Count,
+    Balance,
+    Threshold,
 }
+
+/// The placeholders each kind of template may name.
+const ARRIVAL_NAMES: &[(&str, Field)] = &[
+    ("recipient", Field::Recipient),
+    ("sender", Field::Sender),
+    ("subject", Field::Subject),
+    ("time", Field::Time),
+    ("count", Field::Count),
+];
+const ARREARS_NAMES: &[(&str, Field)] = &[
+    ("address", Field::Recipient),
+    ("balance", Field::Balance),
+    ("time", Field::Time),
+];
+const WARNING_NAMES: &[(&str, Field)] = &[
+    ("address", Field::Recipient),
+    ("balance", Field::Balance),
+    ("threshold", Field::Threshold),
+    ("time", Field::Time),
+];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Segment {
@@ -178,6 +231,9 @@ fn uses(segs: &[Segment], field: Field) -> bool {
 struct Compiled {
     single: Vec<Segment>,
     coalesced: Vec<Segment>,
+    /// `None`: the default language's.
+    arrears: Option<Vec<Segment>>,
+    warning: Option<Vec<Segment>>,
     no_subject: &'static str,
 }
 
@@ -197,11 +253,34 @@ impl Renderer {
     /// format, the offset and the part limits.
     pub fn new(cfg: RenderConfig) -> Result<Self, RenderError> {
         let mut templates = BTreeMap::new();
+        let builtin = builtin_templates();
         for (language, t) in &cfg.templates {
             let key = normalize_language(language);
+            let own = builtin.get(&key);
+            let billing = |text: &Option<String>,
+                           fallback: Option<&Option<String>>,
+                           kind: &'static str,
+                           names: &[(&str, Field)]| {
+                text.as_ref()
+                    .or(fallback.and_then(Option::as_ref))
+                    .map(|src| parse_template(src, language, kind, names))
+                    .transpose()
+            };
             let compiled = Compiled {
-                single: parse_template(&t.single, language, "single")?,
-                coalesced: parse_template(&t.coalesced, language, "coalesced")?,
+                single: parse_template(&t.single, language, "single", ARRIVAL_NAMES)?,
+                coalesced: parse_template(&t.coalesced, language, "coalesced", ARRIVAL_NAMES)?,
+                arrears: billing(
+                    &t.arrears,
+                    own.map(|b| &b.arrears),
+                    "arrears",
+                    ARREARS_NAMES,
+                )?,
+                warning: billing(
+                    &t.warning,
+                    own.map(|b| &b.warning),
+                    "warning",
+                    WARNING_NAMES,
+                )?,
                 no_subject: no_subject_placeholder(&key),
             };
             templates.insert(key, compiled);
@@ -210,6 +289,7 @@ impl Renderer {
             .get(&normalize_language(&cfg.default_language))
             .cloned()
             .ok_or_else(|| RenderError::MissingDefaultLanguage(cfg.default_language.clone()))?;
+
         if StrftimeItems::new(&cfg.time_format).any(|i| matches!(i, Item::Error)) {
             return Err(RenderError::InvalidTimeFormat(cfg.time_format));
         }
@@ -264,10 +344,21 @@ impl Renderer {
     /// The SMS text for `n`, within [`Renderer::max_parts_for`] parts.
     pub fn render(&self, n: &Notification) -> Result<String, RenderError> {
         let tpl = self.template_for(&n.language);
-        let segs = if n.count > 1 {
-            &tpl.coalesced
-        } else {
-            &tpl.single
+        let (segs, balance, threshold) = match &n.kind {
+            NoticeKind::Arrival if n.count > 1 => (&tpl.coalesced[..], "", ""),
+            NoticeKind::Arrival => (&tpl.single[..], "", ""),
+            NoticeKind::BillingArrears { balance } => (
+                self.billing_template(tpl, |t| &t.arrears)
+                    .ok_or_else(|| missing_billing(n, "arrears"))?,
+                balance.as_str(),
+                "",
+            ),
+            NoticeKind::BillingWarning { balance, threshold } => (
+                self.billing_template(tpl, |t| &t.warning)
+                    .ok_or_else(|| missing_billing(n, "warning"))?,
+                balance.as_str(),
+                threshold.as_str(),
+            ),
         };
         let max_parts = self.max_parts_for(n);
 
@@ -304,6 +395,8 @@ impl Renderer {
             subject: Piece::new(&subject),
             time: &time,
             count: &count,
+            balance,
+            threshold,
         };
         let fits = |t: &str| pdu::measure(t).parts <= usize::from(max_parts);
 
@@ -357,6 +450,29 @@ impl Renderer {
         Err(RenderError::DoesNotFit { max_parts })
     }
 
+    /// The language's billing template, or the default language's.
+    fn billing_template<'a>(
+        &'a self,
+        tpl: &'a Compiled,
+        which: impl Fn(&Compiled) -> &Option<Vec<Segment>>,
+    ) -> Option<&'a [Segment]> {
+        which(tpl)
+            .as_deref()
+            .or(which(&self.default_template).as_deref())
+    }
+
+    /// The billing kinds ("arrears", "warning") the default language has no text for: such a
+    /// notice in a language without its own text is refused at receipt (a permanent NACK
+    /// naming the key to add), so the agent warns about them at start.
+    pub fn missing_billing_templates(&self) -> Vec<&'static str> {
+        let d = &self.default_template;
+        [("arrears", &d.arrears), ("warning", &d.warning)]
+            .into_iter()
+            .filter(|(_, t)| t.is_none())
+            .map(|(k, _)| k)
+            .collect()
+    }
+
     fn template_for(&self, language: &str) -> &Compiled {
         let l = normalize_language(language);
         if let Some(t) = self.templates.get(&l) {
@@ -384,6 +500,13 @@ impl Renderer {
     }
 }
 
+fn missing_billing(n: &Notification, kind: &'static str) -> RenderError {
+    RenderError::MissingBillingTemplate {
+        language: n.language.clone(),
+        kind,
+    }
+}
+
 fn normalize_language(l: &str) -> String {
     l.trim().to_ascii_lowercase().replace('_', "-")
 }
@@ -400,6 +523,7 @@ fn parse_template(
     src: &str,
     language: &str,
     kind: &'static str,
+    names: &[(&str, Field)],
 ) -> Result<Vec<Segment>, RenderError> {
     let mut segs = Vec::new();
     // The segments before the open section, while one is open.
@@ -449,19 +573,12 @@ fn parse_template(
                         Some(c) => name.push(c),
                     }
                 }
-                let field = match name.as_str() {
-                    "recipient" => Field::Recipient,
-                    "sender" => Field::Sender,
-                    "subject" => Field::Subject,
-                    "time" => Field::Time,
-                    "count" => Field::Count,
-                    _ => {
-                        return Err(RenderError::UnknownPlaceholder {
-                            language: language.to_owned(),
-                            kind,
-                            name,
-                        })
-                    }
+                let Some(&(_, field)) = names.iter().find(|(n, _)| *n == name) else {
+                    return Err(RenderError::UnknownPlaceholder {
+                        language: language.to_owned(),
+                        kind,
+                        name,
+                    });
                 };
                 if !lit.is_empty() {
                     segs.push(Segment::Literal(std::mem::take(&mut lit)));
@@ -586,6 +703,8 @@ struct Values<'a> {
     subject: Piece<'a>,
     time: &'a str,
     count: &'a str,
+    balance: &'a str,
+    threshold: &'a str,
 }
 
 impl<'a> Values<'a> {
@@ -635,6 +754,8 @@ fn assemble_into(out: &mut String, segs: &[Segment], v: &Values<'_>, ellipsis: &
             Segment::Field(Field::Subject) => v.subject.push(out, ellipsis),
             Segment::Field(Field::Time) => out.push_str(v.time),
             Segment::Field(Field::Count) => out.push_str(v.count),
+            Segment::Field(Field::Balance) => out.push_str(v.balance),
+            Segment::Field(Field::Threshold) => out.push_str(v.threshold),
         }
     }
 }
@@ -654,502 +775,4 @@ fn finish(segs: &[Segment], v: &Values<'_>) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::*;
-
-    /// 2024-01-02 07:04:05 UTC.
-    const T: i64 = 1_704_179_045_000;
-
-    fn notice(language: &str, from_name: &str, subject: &str) -> Notification {
-        Notification {
-            phone: "+8613800138000".to_owned(),
-            recipient: "alice@example.com".to_owned(),
-            from_name: from_name.to_owned(),
-            from_addr: "zhang.san@example.cn".to_owned(),
-            subject: subject.to_owned(),
-            received_at_ms: T,
-            language: language.to_owned(),
-            count: 1,
-            max_parts: 0,
-            ..Default::default()
-        }
-    }
-
-    fn renderer() -> Renderer {
-        Renderer::new(RenderConfig::default()).unwrap()
-    }
-
-    #[test]
-    fn chinese_short_subject_as_is() {
-        let text = renderer().render(&notice("", "张三", "你好")).unwrap();
-        assert_eq!(
-            text,
-            "新邮件 alice@example.com：来自 张三，主题：你好，01-02 15:04"
-        );
-        assert_eq!(pdu::measure(&text).alphabet, Alphabet::Ucs2);
-    }
-
-    #[test]
-    fn chinese_subject_truncated_to_one_ucs2_sms() {
-        let subject = "关于下周项目评审会议的安排以及需要提前准备的材料清单和注意事项请各位同事务必在周五之前完成";
-        let text = renderer().render(&notice("zh", "张三", subject)).unwrap();
-        let m = pdu::measure(&text);
-        assert_eq!(
-            (m.alphabet, m.parts, m.units),
-            (Alphabet::Ucs2, 1, 70),
-            "{text}"
-        );
-        // 44 units of template, recipient, sender, "…" and time leave 26 for the subject.
-        let kept: String = subject.chars().take(26).collect();
-        assert_eq!(
-            text,
-            format!("新邮件 alice@example.com：来自 张三，主题：{kept}…，01-02 15:04")
-        );
-    }
-
-    #[test]
-    fn english_stays_gsm7() {
-        let r = renderer();
-        let text = r
-            .render(&notice("en", "Alice Smith", "Quarterly report"))
-            .unwrap();
-        assert_eq!(
-            text,
-            "New mail for alice@example.com from Alice Smith: Quarterly report (01-02 15:04)"
-        );
-        assert_eq!(pdu::measure(&text).alphabet, Alphabet::Gsm7);
-        // Curly quotes and dashes become ASCII instead of forcing UCS-2.
-        let text = r
-            .render(&notice(
-                "en",
-                "Bob",
-                "Don\u{2019}t miss \u{201C}it\u{201D} \u{2014} today",
-            ))
-            .unwrap();
-        assert!(text.contains("Don't miss \"it\" - today"), "{text}");
-        assert_eq!(pdu::measure(&text).alphabet, Alphabet::Gsm7);
-    }
-
-    #[test]
-    fn long_english_subject_cut_with_ascii_ellipsis() {
-        let subject = "Lorem ipsum dolor sit amet ".repeat(20);
-        let text = renderer().render(&notice("en", "Alice", &subject)).unwrap();
-        let m = pdu::measure(&text);
-        assert_eq!((m.alphabet, m.parts), (Alphabet::Gsm7, 1), "{text}");
-        assert!(m.units >= 155, "cut more than needed: {} units", m.units);
-        assert!(text.contains("...") && !text.contains('…'), "{text}");
-        assert!(text.ends_with("... (01-02 15:04)"), "{text}");
-        assert!(text.starts_with("New mail for alice@example.com from Alice: Lorem ipsum"));
-    }
-
-    #[test]
-    fn unicode_ellipsis_when_text_is_ucs2_anyway() {
-        let subject = "Lorem ipsum dolor sit amet ".repeat(20);
-        let text = renderer().render(&notice("en", "张三", &subject)).unwrap();
-        let m = pdu::measure(&text);
-        assert_eq!((m.alphabet, m.parts), (Alphabet::Ucs2, 1), "{text}");
-        assert!(text.contains('…') && !text.contains("..."), "{text}");
-    }
-
-    #[test]
-    fn coalesced_count() {
-        let r = renderer();
-        let mut n = notice("en", "Alice", "Hi");
-        n.count = 5;
-        assert_eq!(
-            r.render(&n).unwrap(),
-            "5 new messages for alice@example.com, latest from Alice: Hi (01-02 15:04)"
-        );
-        n.language = "zh".to_owned();
-        assert_eq!(
-            r.render(&n).unwrap(),
-            "5封新邮件 alice@example.com：最新来自 Alice，主题：Hi，01-02 15:04"
-        );
-    }
-
-    #[test]
-    fn unknown_placeholder_rejected_by_name() {
-        let mut cfg = RenderConfig::default();
-        cfg.templates.insert(
-            "fr".to_owned(),
-            Template {
-                single: "Nouveau: {subjet}".to_owned(),
-                coalesced: "{count} nouveaux".to_owned(),
-            },
-        );
-        let err = Renderer::new(cfg).unwrap_err();
-        assert_eq!(
-            err,
-            RenderError::UnknownPlaceholder {
-                language: "fr".to_owned(),
-                kind: "single",
-                name: "subjet".to_owned()
-            }
-        );
-        assert_eq!(
-            err.to_string(),
-            "unknown placeholder {subjet} in the single template for language \"fr\""
-        );
-    }
-
-    /// What `Renderer::new` says of a configuration whose one template has `single` as its
-    /// single-notice text.
-    fn template_error(single: &str) -> Option<RenderError> {
-        let mut cfg = RenderConfig::default();
-        cfg.templates.insert(
-            "x".to_owned(),
-            Template {
-                single: single.to_owned(),
-                coalesced: "{count}".to_owned(),
-            },
-        );
-        Renderer::new(cfg).err()
-    }
-
-    #[test]
-    fn template_syntax_errors() {
-        let check = template_error;
-        assert!(matches!(
-            check("a {subject"),
-            Some(RenderError::UnclosedPlaceholder { .. })
-        ));
-        assert!(matches!(
-            check("a } b"),
-            Some(RenderError::UnmatchedBrace { .. })
-        ));
-        assert!(matches!(
-            check("  "),
-            Some(RenderError::EmptyTemplate { .. })
-        ));
-        assert_eq!(check("{{literal}} {subject}"), None);
-    }
-
-    #[test]
-    fn literal_braces() {
-        let mut cfg = RenderConfig {
-            default_language: "x".to_owned(),
-            ..RenderConfig::default()
-        };
-        cfg.templates.insert(
-            "x".to_owned(),
-            Template {
-                single: "{{{subject}}}".to_owned(),
-                coalesced: "{count}".to_owned(),
-            },
-        );
-        let r = Renderer::new(cfg).unwrap();
-        assert_eq!(r.render(&notice("", "A", "hi")).unwrap(), "{hi}");
-    }
-
-    #[test]
-    fn control_chars_stripped_and_whitespace_collapsed() {
-        let n = notice(
-            "en",
-            "\u{202E}Mallory\u{200B}\r\n",
-            "Hello\r\n\tworld\u{7}\u{1B}[31m   again\u{FEFF}",
-        );
-        let text = renderer().render(&n).unwrap();
-        assert_eq!(
-            text,
-            "New mail for alice@example.com from Mallory: Hello world[31m again (01-02 15:04)"
-        );
-        assert!(!text.chars().any(|c| c.is_control()));
-        assert_eq!(sanitize("  a \u{3000} b\n"), "a b");
-        assert_eq!(sanitize("\u{0}\u{7F}\u{85}"), "");
-    }
-
-    #[test]
-    fn sender_falls_back_to_address_and_subject_placeholder() {
-        let r = renderer();
-        let text = r.render(&notice("en", " \t", "")).unwrap();
-        assert_eq!(
-            text,
-            "New mail for alice@example.com from zhang.san@example.cn: (no subject) (01-02 15:04)"
-        );
-        let text = r.render(&notice("zh", "", "\u{7}")).unwrap();
-        assert_eq!(
-            text,
-            "新邮件 alice@example.com：来自 zhang.san@example.cn，主题：(无主题)，01-02 15:04"
-        );
-    }
-
-    #[test]
-    fn language_fallback() {
-        let r = renderer();
-        assert!(r
-            .render(&notice("fr", "A", "x"))
-            .unwrap()
-            .starts_with("新邮件"));
-        assert!(r
-            .render(&notice("en-US", "A", "x"))
-            .unwrap()
-            .starts_with("New mail"));
-        assert!(r
-            .render(&notice("EN_gb", "A", "x"))
-            .unwrap()
-            .starts_with("New mail"));
-        assert!(r
-            .render(&notice("zh-Hans-CN", "A", "x"))
-            .unwrap()
-            .starts_with("新邮件"));
-    }
-
-    #[test]
-    fn max_parts_respected() {
-        let r = renderer();
-        let subject = "word ".repeat(400);
-        let mut n = notice("en", "Alice", &subject);
-        for (asked, want) in [(0, 1), (1, 1), (2, 2), (3, 3), (9, 4)] {
-            n.max_parts = asked;
-            assert_eq!(r.max_parts_for(&n), want);
-            let text = r.render(&n).unwrap();
-            let m = pdu::measure(&text);
-            assert_eq!(m.parts, usize::from(want), "asked {asked}");
-            assert!(
-                m.units > pdu::capacity(Alphabet::Gsm7, want) - 8,
-                "cut too much for {asked}"
-            );
-            let pdus = pdu::encode_submit(
-                &"+8613800138000".parse().unwrap(),
-                &text,
-                &pdu::SubmitOptions {
-                    max_parts: want,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            assert_eq!(pdus.len(), usize::from(want));
-        }
-        // Chinese text over two parts.
-        let mut n = notice("zh", "张三", &"长".repeat(300));
-        n.max_parts = 2;
-        let m = pdu::measure(&r.render(&n).unwrap());
-        assert_eq!((m.alphabet, m.parts), (Alphabet::Ucs2, 2));
-        assert!(m.units > 2 * pdu::UCS2_MULTI - 2);
-    }
-
-    #[test]
-    fn sender_then_recipient_cut_when_subject_is_not_enough() {
-        let r = renderer();
-        let mut n = notice("zh", &"王".repeat(100), "主题");
-        let text = r.render(&n).unwrap();
-        assert_eq!(pdu::measure(&text).parts, 1);
-        assert!(
-            text.contains("主题：…，"),
-            "subject cut to the ellipsis first: {text}"
-        );
-        assert!(text.contains("来自 王王"), "{text}");
-        n.from_name = "王".to_owned();
-        n.recipient = format!("{}@example.com", "x".repeat(100));
-        let text = r.render(&n).unwrap();
-        assert_eq!(pdu::measure(&text).parts, 1);
-        assert!(text.contains("x…@example.com：来自 …，主题：…，"), "{text}");
-    }
-
-    #[test]
-    fn sole_address_leaves_the_recipient_out() {
-        let r = renderer();
-        let mut n = notice("zh", "张三", "你好");
-        n.sole_address = true;
-        assert_eq!(
-            r.render(&n).unwrap(),
-            "新邮件：来自 张三，主题：你好，01-02 15:04"
-        );
-        n.language = "en".to_owned();
-        assert_eq!(
-            r.render(&n).unwrap(),
-            "New mail from 张三: 你好 (01-02 15:04)"
-        );
-        n.count = 2;
-        assert_eq!(
-            r.render(&n).unwrap(),
-            "2 new messages, latest from 张三: 你好 (01-02 15:04)"
-        );
-        // A template that names {recipient} outside a section always shows it.
-        let mut cfg = RenderConfig::default();
-        cfg.templates.insert(
-            "x".to_owned(),
-            Template {
-                single: "{recipient}: {subject}".to_owned(),
-                coalesced: "{count}".to_owned(),
-            },
-        );
-        let mut n = notice("x", "A", "hi");
-        n.sole_address = true;
-        assert_eq!(
-            Renderer::new(cfg).unwrap().render(&n).unwrap(),
-            "alice@example.com: hi"
-        );
-    }
-
-    /// Issue 9: full receiver and sender addresses left `主题：T7-7ee5 afte…` of the subject.
-    #[test]
-    fn one_part_chinese_sms_keeps_the_subject_readable() {
-        let r = renderer();
-        let subject = "T7-7ee5 after restart 项目评审";
-        let mut n = notice("zh", "", subject);
-        n.recipient = "a.li@hl.test".to_owned();
-        n.from_addr = "project.office@remote-company.example.com".to_owned();
-        n.sole_address = true;
-        let text = r.render(&n).unwrap();
-        assert_eq!(pdu::measure(&text).parts, 1, "{text}");
-        assert_eq!(
-            text,
-            format!("新邮件：来自 project.office，主题：{subject}，01-02 15:04")
-        );
-        // With room to spare the sender's address is shown whole.
-        n.from_addr = "bob@hl.test".to_owned();
-        assert!(r.render(&n).unwrap().contains("来自 bob@hl.test，"));
-    }
-
-    #[test]
-    fn undecodable_sender_name_falls_back_to_the_address() {
-        let r = renderer();
-        for raw in ["=?UTF-8?B?!!!notbase64?=", "x =?gb2312?Q?=D5=C5?= y"] {
-            let text = r.render(&notice("en", raw, "hi")).unwrap();
-            assert_eq!(
-                text, "New mail for alice@example.com from zhang.san@example.cn: hi (01-02 15:04)",
-                "{raw}"
-            );
-        }
-        // An ordinary name with "=?" in it stays.
-        let text = r.render(&notice("en", "a =? b", "hi")).unwrap();
-        assert!(text.contains("from a =? b:"), "{text}");
-    }
-
-    #[test]
-    fn section_syntax_errors() {
-        let check = template_error;
-        assert!(matches!(
-            check("a {[ for {recipient} b"),
-            Some(RenderError::UnclosedSection { .. })
-        ));
-        assert!(matches!(
-            check("{[ {[ {recipient} ]} ]}"),
-            Some(RenderError::UnclosedSection { .. })
-        ));
-        assert_eq!(check("[x]{[ for {recipient}]} {subject}"), None);
-    }
-
-    #[test]
-    fn literal_text_over_the_part_budget_is_refused() {
-        let r = renderer();
-        let mut n = notice("en", "A", "s");
-        let two_parts = "x".repeat(161);
-        assert_eq!(
-            r.check_literal(&n, &two_parts),
-            Err(RenderError::LiteralTooLong {
-                parts: 2,
-                max_parts: 1,
-                cap: 4
-            })
-        );
-        assert!(r.check_literal(&n, &"x".repeat(160)).is_ok());
-        n.max_parts = 2;
-        assert!(r.check_literal(&n, &two_parts).is_ok());
-        // Above the cap the cap applies.
-        n.max_parts = 9;
-        let e = r.check_literal(&n, &"长".repeat(5 * 67)).unwrap_err();
-        assert!(e.to_string().contains("max_parts_cap = 4"), "{e}");
-    }
-
-    #[test]
-    fn does_not_fit_and_empty() {
-        let mut cfg = RenderConfig::default();
-        cfg.templates.insert(
-            "long".to_owned(),
-            Template {
-                single: format!("{} {{subject}}", "x".repeat(170)),
-                coalesced: "{recipient}".to_owned(),
-            },
-        );
-        let r = Renderer::new(cfg).unwrap();
-        assert_eq!(
-            r.render(&notice("long", "A", "s")),
-            Err(RenderError::DoesNotFit { max_parts: 1 })
-        );
-        let mut n = notice("long", "A", "s");
-        n.count = 2;
-        n.recipient = "\u{7} ".to_owned();
-        assert_eq!(r.render(&n), Err(RenderError::Empty));
-        let mut n = notice("long", "A", "s");
-        n.max_parts = 2;
-        assert!(r.render(&n).is_ok());
-    }
-
-    #[test]
-    fn config_validation() {
-        let base = RenderConfig::default;
-        assert!(matches!(
-            Renderer::new(RenderConfig {
-                default_language: "de".to_owned(),
-                ..base()
-            }),
-            Err(RenderError::MissingDefaultLanguage(_))
-        ));
-        assert!(matches!(
-            Renderer::new(RenderConfig {
-                time_format: "%Q".to_owned(),
-                ..base()
-            }),
-            Err(RenderError::InvalidTimeFormat(_))
-        ));
-        assert!(matches!(
-            Renderer::new(RenderConfig {
-                utc_offset_minutes: 24 * 60,
-                ..base()
-            }),
-            Err(RenderError::InvalidUtcOffset(_))
-        ));
-        assert!(matches!(
-            Renderer::new(RenderConfig {
-                default_max_parts: 0,
-                ..base()
-            }),
-            Err(RenderError::ZeroMaxParts("default_max_parts"))
-        ));
-        assert!(matches!(
-            Renderer::new(RenderConfig {
-                max_parts_cap: 0,
-                ..base()
-            }),
-            Err(RenderError::ZeroMaxParts("max_parts_cap"))
-        ));
-        assert!(matches!(
-            Renderer::new(RenderConfig {
-                max_parts_cap: MAX_SMS_PARTS + 1,
-                ..base()
-            }),
-            Err(RenderError::MaxPartsCapTooHigh(_))
-        ));
-    }
-
-    #[test]
-    fn time_in_configured_offset() {
-        let r = Renderer::new(RenderConfig {
-            utc_offset_minutes: -5 * 60,
-            time_format: "%Y-%m-%d %H:%M".to_owned(),
-            ..RenderConfig::default()
-        })
-        .unwrap();
-        let text = r.render(&notice("en", "A", "s")).unwrap();
-        assert!(text.ends_with("(2024-01-02 02:04)"), "{text}");
-        let mut n = notice("en", "A", "s");
-        n.received_at_ms = i64::MAX;
-        assert_eq!(
-            r.render(&n),
-            Err(RenderError::TimestampOutOfRange(i64::MAX))
-        );
-    }
-
-    #[test]
-    fn template_round_trips_through_toml_shape() {
-        let t: Template =
-            serde_json::from_str(r#"{"single":"{subject}","coalesced":"{count}"}"#).unwrap();
-        assert_eq!(t.single, "{subject}");
-        assert!(
-            serde_json::from_str::<Template>(r#"{"single":"a","coalesced":"b","x":1}"#).is_err()
-        );
-    }
-}
+mod tests;
