@@ -5,10 +5,12 @@
 //! write_offs(id, account, deliveries, bytes, oldest_ms, by, reason, at_ms)
 //!            one row per operator write-off of an unknown account's unbilled deliveries
 //! indexes    unbilled(account) of those not written off: `billing unbilled`, a write-off
-//!            entries(debit, at_ms), entries(credit, at_ms): a user's entries (statements)
-//!            entries(at_ms), retrievals(at_ms), deliveries(zone, at_ms, bytes): a day's
-//!            traffic and charges (reports); a zone's day of deliveries is one range of the
-//!            last, read from the index alone
+//!            entries(debit, at_ms): a user's charges and debits (statements)
+//!            entries(credit, at_ms) of entries other than charges: a user's top-ups and
+//!            credits (a charge never credits a user), small
+//!            entries(at_ms) of posted charges: a day's charges (reports)
+//!            retrievals(at_ms), deliveries(zone, at_ms, bytes): a day's traffic (reports);
+//!            a zone's day of deliveries is one range of the last, read from the index alone
 //! ```
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -31,8 +33,9 @@ CREATE TABLE IF NOT EXISTS write_offs (
 );
 CREATE INDEX IF NOT EXISTS unbilled_open ON unbilled(account) WHERE written_off_ms IS NULL;
 CREATE INDEX IF NOT EXISTS entries_debit ON entries(debit, at_ms);
-CREATE INDEX IF NOT EXISTS entries_credit ON entries(credit, at_ms);
-CREATE INDEX IF NOT EXISTS entries_at ON entries(at_ms);
+CREATE INDEX IF NOT EXISTS entries_user_credit ON entries(credit, at_ms) WHERE kind != 'charge';
+CREATE INDEX IF NOT EXISTS entries_charged ON entries(at_ms)
+    WHERE kind = 'charge' AND phase IN ('posted', 'post');
 CREATE INDEX IF NOT EXISTS retrievals_at ON retrievals(at_ms);
 CREATE INDEX IF NOT EXISTS deliveries_zone_day ON deliveries(zone, at_ms, bytes);
 ";
@@ -141,7 +144,8 @@ pub(crate) fn user_entries(
         "SELECT e.id, e.key, e.kind, e.phase, e.amount, e.credit = ?1, e.pending_id, e.at_ms, \
          e.memo, o.kind, o.name FROM entries e \
          JOIN accounts o ON o.id = CASE WHEN e.credit = ?1 THEN e.debit ELSE e.credit END \
-         WHERE (e.debit = ?1 OR e.credit = ?1) AND e.at_ms < ?2 ORDER BY e.at_ms, e.id",
+         WHERE (e.debit = ?1 OR (e.credit = ?1 AND e.kind != 'charge')) AND e.at_ms < ?2 \
+         ORDER BY e.at_ms, e.id",
     )?;
     let rows = s.query_map(params![id, until_ms], |r| {
         let kind: String = r.get(2)?;
