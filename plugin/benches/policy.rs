@@ -100,6 +100,7 @@ fn main() -> ExitCode {
         free_networks: vec![nets.clone()],
         free_domains: vec![domains.clone()],
         authserv_id: "mx.isp.example".into(),
+        ..ZonesConfig::default()
     }) {
         Ok(z) => z,
         Err(e) => {

@@ -279,7 +279,15 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             cfg.blocklist.clone(),
             Some(stores.audit.clone()),
         )
-        .context("zone and blocklist files")?,
+        .context("zone and blocklist files")?
+        .with_spf(if cfg.zones.verify_spf {
+            Some(
+                crate::policy::spf::SpfCheck::new(&cfg.zones.nameservers, cfg.zones.dns_timeout)
+                    .map_err(anyhow::Error::msg)?,
+            )
+        } else {
+            None
+        }),
     );
     let meter_ledger = cfg.billing.meter_deliveries.then(|| stores.ledger.clone());
     let intake_arc = Arc::new(intake.clone());

@@ -853,6 +853,15 @@ impl Config {
         let retrieval = retrieval(raw.retrieval)?;
         raw.meter.validate().map_err(inv)?;
         raw.billing.validate().map_err(inv)?;
+        if raw.zones.verify_spf
+            && (raw.zones.dns_timeout.is_zero()
+                || raw.zones.dns_timeout > std::time::Duration::from_secs(30))
+        {
+            return Err(inv(
+                "zones.dns_timeout must be above 0 and at most 30s (it holds the MTA's reply)"
+                    .into(),
+            ));
+        }
         if raw.billing.stalwart_permissions && raw.stalwart_api.url.trim().is_empty() {
             return Err(inv(
                 "billing.stalwart_permissions needs stalwart_api.url (the management API)".into(),

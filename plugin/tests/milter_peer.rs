@@ -1078,6 +1078,7 @@ async fn accepted_messages_are_metered_into_their_zones_once() {
         free_networks: list(dir.path(), "free", "192.0.2.0/24\n2001:db8::/32\n"),
         free_domains: list(dir.path(), "domains", "uni.example\n"),
         authserv_id: "mx.isp.example".into(),
+        ..ZonesConfig::default()
     };
     let policy = Policy::load(zones, BlocklistConfig::default(), None).unwrap();
     let ledger = Ledger::open(&dir.path().join("ledger.sqlite")).unwrap();

@@ -876,6 +876,7 @@ async fn deliveries_are_metered_into_their_zones_once() {
         ),
         free_domains: list(dir.path(), "free-domains", "remote.example\n"),
         authserv_id: "mx.test.local".into(),
+        ..ZonesConfig::default()
     };
     let policy = Arc::new(Policy::load(zones, BlocklistConfig::default(), None).unwrap());
     let ledger = Ledger::open(&dir.path().join("ledger.sqlite")).unwrap();

@@ -2,6 +2,7 @@
 
 pub mod cpu;
 pub mod disk;
+pub mod dns;
 #[path = "../shared/dovecot.rs"]
 pub mod dovecot;
 pub mod feed;

@@ -144,6 +144,8 @@ pub enum OpError {
     Run(RunError),
     #[error(transparent)]
     Notice(#[from] crate::notify::billing::BillingNoticeError),
+    #[error("{0}")]
+    Registry(String),
 }
 
 impl From<RunError> for OpError {
@@ -181,7 +183,7 @@ impl From<OpError> for ApiError {
                 }
                 _ => StatusCode::BAD_REQUEST,
             },
-            OpError::Notice(_) => StatusCode::SERVICE_UNAVAILABLE,
+            OpError::Notice(_) | OpError::Registry(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         if status.is_server_error() {
             warn!(error = %e, "billing request failed");
@@ -298,7 +300,7 @@ impl Ops {
         let login = address_key(user);
         let status: Option<Status> = p.status.as_deref().map(str::parse).transpose()?;
         let class = self.cfg.default_class.clone();
-        Ok(self
+        let a = self
             .ledger
             .call(move |s| {
                 let mut a = s.user(&login)?.unwrap_or(UserAccount {
@@ -321,7 +323,22 @@ impl Ops {
                 s.put_user(&a)?;
                 Ok(a)
             })
-            .await?)
+            .await?;
+        if let Some(st) = status {
+            // The proxy enforces the registry's state: it follows the ledger's status.
+            let acc = self.accountant.clone();
+            let login = a.login.clone();
+            tokio::task::spawn_blocking(move || acc.set_registry_state(&login, st))
+                .await
+                .map_err(|_| OpError::Ledger(LedgerError::Stopped))?
+                .map_err(|why| {
+                    OpError::Registry(format!(
+                    "{}: the ledger's status is {st}, but the user registry was not updated: {why}",
+                    a.login
+                ))
+                })?;
+        }
+        Ok(a)
     }
 
     pub async fn tariffs(&self) -> Result<Vec<Tariff>, OpError> {

@@ -599,6 +599,19 @@ impl Collector for MailCollector {
             [("ok", g(&p.reloads)), ("refused", g(&p.reload_failures))]
                 .map(|(v, n)| ([("outcome", v)], n)),
         )?;
+        if let Some(spf) = m.policy.spf_stats() {
+            metrics::counter_family(
+                &mut enc,
+                "mailbell_zone_spf_checks_total",
+                "SPF checks of free-zone sender domains (zones.verify_spf), by result.",
+                [
+                    ("pass", g(&spf.pass)),
+                    ("not_pass", g(&spf.not_pass)),
+                    ("timed_out", g(&spf.timed_out)),
+                ]
+                .map(|(v, n)| ([("result", v)], n)),
+            )?;
+        }
         Ok(())
     }
 }

@@ -99,6 +99,36 @@ fn now_ms() -> i64 {
 }
 
 impl Accountant {
+    /// An operator's status change (`billing account set --status`): the registry's state,
+    /// which the retrieval proxy enforces, follows the ledger's. `Ok(false)`: the registry has
+    /// no such user.
+    pub fn set_registry_state(&self, login: &str, status: Status) -> Result<bool, String> {
+        let users = self.users.get().ok_or_else(|| {
+            "the user registry could not be opened (another mailbell process holds it?)".to_owned()
+        })?;
+        let state = match status {
+            Status::Normal => AccountState::Normal,
+            Status::Arrears => AccountState::Arrears,
+            Status::Unwelcome => AccountState::Unwelcome,
+        };
+        match users.get(login) {
+            Ok(None) => return Ok(false),
+            Ok(Some(u)) if u.state == state => return Ok(true),
+            Ok(Some(_)) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        users
+            .update(
+                login,
+                &UserPatch {
+                    state: Some(state),
+                    ..UserPatch::default()
+                },
+            )
+            .map(|_| true)
+            .map_err(|e| e.to_string())
+    }
+
     /// Runs `period` (blocking: call from a blocking thread). One run at a time per ledger,
     /// across processes.
     pub fn run_blocking(

@@ -323,6 +323,9 @@ struct Retrieval {
 }
 
 const ZONES: [Zone; 2] = [Zone::Free, Zone::Foreign];
+/// How long the zone remembered for a Stalwart message at SMTP time is kept for its delivery
+/// reports (Stalwart retries a webhook batch for far less).
+const SOURCES_KEPT_MS: i64 = 30 * 86_400_000;
 const PAGE: usize = 10_000;
 
 /// Runs (or resumes, or confirms) the accounting of `period`.
@@ -385,6 +388,7 @@ pub fn run(cx: &mut RunContext<'_>, period: &Period) -> Result<RunSummary, RunEr
         billed_unbilled: planned.billed_unbilled,
         summary: serde_json::to_value(&s).unwrap_or_default(),
         finished_ms: (cx.now_ms)().max(now),
+        sources_before_ms: plan.end_ms.saturating_sub(SOURCES_KEPT_MS),
     };
     s.effects = cx.store.finish_run(&finish, &cx.settings.rules)? as u64;
     s.millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

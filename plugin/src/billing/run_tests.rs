@@ -268,7 +268,23 @@ fn a_period_runs_once_and_not_before_it_ends() {
     w.topup("a@x.example", 10_000);
     w.deliver("a@x.example", Zone::Foreign, MB, d1.start_ms + HOUR);
     w.retrieve("a@x.example", d1.start_ms + 2 * HOUR);
+    // A zone remembered at SMTP time long ago is forgotten by the run; a recent one stays.
+    w.ledger
+        .remember_source("stalwart:1", Zone::Free, d1.end_ms - 40 * 86_400_000)
+        .unwrap();
+    w.ledger
+        .remember_source("stalwart:2", Zone::Free, d1.end_ms - HOUR)
+        .unwrap();
     let first = w.run(&d1).unwrap();
+    let conn = rusqlite::Connection::open(&w.path).unwrap();
+    let kept: Vec<String> = conn
+        .prepare("SELECT message_key FROM delivery_sources")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(kept, ["stalwart:2"]);
     let before = w.dump();
     let again = w.run(&d1).unwrap();
     assert!(again.already && !first.already);

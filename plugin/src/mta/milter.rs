@@ -710,7 +710,7 @@ async fn on_eom<I: Intake>(
     }
     let arrival = s.arrival(now_ms(), (!queue_id.is_empty()).then(|| queue_id.clone()));
     let (rcpts, size) = (arrival.rcpts.len(), arrival.size);
-    let deliveries = gate.deliveries(&arrival);
+    let deliveries = gate.deliveries(&arrival).await;
     let accepted = match (intake.accept(arrival).await, deliveries) {
         (Ok(a), None) => Ok(a),
         // Metered after the intake: a tempfail makes the client send the message again under

@@ -89,7 +89,7 @@ impl Gate {
     /// The deliveries an accepted message makes (one per recipient), or `None` when there
     /// is no meter. Keyed by the MTA's queue id; a message without one (no `{i}` macro) is
     /// keyed by its Message-ID, and one with neither is not metered (logged).
-    pub(crate) fn deliveries(&self, a: &Arrival) -> Option<Vec<Delivery>> {
+    pub(crate) async fn deliveries(&self, a: &Arrival) -> Option<Vec<Delivery>> {
         self.ledger.as_ref()?;
         let key = match (&a.mta_queue_id, a.headers.message_id.as_str()) {
             (Some(q), _) if !q.is_empty() => format!("milter:{q}"),
@@ -99,11 +99,12 @@ impl Gate {
                 return None;
             }
         };
-        let zone = self.policy.zones().classify(&Source {
+        let src = Source {
             client_ip: a.client_ip,
             env_from: &a.env_from,
             auth_results: &a.headers.auth_results,
-        });
+        };
+        let zone = self.policy.zone_of(&src, &a.helo).await;
         Some(
             a.rcpts
                 .iter()

@@ -6,6 +6,7 @@
 pub mod authres;
 pub mod blocklist;
 pub mod lists;
+pub mod spf;
 pub mod zones;
 
 use std::net::IpAddr;
@@ -36,6 +37,8 @@ pub struct Policy {
     zones: ArcSwap<Zones>,
     blocklist: ArcSwap<Blocklist>,
     audit: Option<AuditLog>,
+    /// SPF for free-zone sender domains (`zones.verify_spf`).
+    spf: Option<spf::SpfCheck>,
     pub stats: PolicyStats,
 }
 
@@ -63,8 +66,43 @@ impl Policy {
             zones: ArcSwap::from_pointee(zones),
             blocklist: ArcSwap::from_pointee(blocklist),
             audit,
+            spf: None,
             stats: PolicyStats::default(),
         })
+    }
+
+    /// Checks SPF for free-zone sender domains with `check` (built from `zones.verify_spf`).
+    pub fn with_spf(mut self, check: Option<spf::SpfCheck>) -> Self {
+        self.spf = check;
+        self
+    }
+
+    /// SPF counters, when mailbell checks SPF.
+    pub fn spf_stats(&self) -> Option<&spf::SpfStats> {
+        self.spf.as_ref().map(|c| &c.stats)
+    }
+
+    /// The zone of a message: the rules, a trusted header, then (if configured and it can
+    /// decide) the sender's SPF, bounded by `zones.dns_timeout`.
+    pub async fn zone_of(&self, src: &zones::Source<'_>, helo: &str) -> zones::Zone {
+        let decision = self.zones().decide(src);
+        match (decision, &self.spf, src.client_ip) {
+            (zones::Decision::Zone(z), _, _) => z,
+            (zones::Decision::CheckSpf, Some(check), Some(ip)) => {
+                match check.mail_from(ip, helo, src.env_from).await {
+                    spf::Verdict::Pass => zones::Zone::Free,
+                    spf::Verdict::NotPass => zones::Zone::Foreign,
+                    spf::Verdict::TimedOut => {
+                        tracing::info!(
+                            sender = src.env_from,
+                            "SPF check timed out (zones.dns_timeout): foreign"
+                        );
+                        zones::Zone::Foreign
+                    }
+                }
+            }
+            (zones::Decision::CheckSpf, _, _) => zones::Zone::Foreign,
+        }
     }
 
     /// No rules at all: every delivery is foreign, nothing is refused.
@@ -75,6 +113,7 @@ impl Policy {
             zones: ArcSwap::from_pointee(Zones::default()),
             blocklist: ArcSwap::from_pointee(Blocklist::default()),
             audit: None,
+            spf: None,
             stats: PolicyStats::default(),
         }
     }
@@ -135,6 +174,56 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A free-zone sender domain counts when its SPF passes for the client address (mailbell
+    /// checking, as with Stalwart); a spoofed one does not; DNS answers are injected.
+    #[tokio::test]
+    async fn free_domains_count_when_mailbell_checks_spf() {
+        let dir = tempfile::tempdir().unwrap();
+        let doms = dir.path().join("free-domains.txt");
+        std::fs::write(&doms, "uni.example\n").unwrap();
+        let cfg = ZonesConfig {
+            free_domains: vec![doms],
+            ..Default::default()
+        };
+        let check = spf::SpfCheck::new(
+            &["127.0.0.1:9".to_owned()],
+            std::time::Duration::from_millis(300),
+        )
+        .unwrap();
+        check.answer("lab.uni.example", "v=spf1 ip4:192.0.2.0/24 -all");
+        let with = Policy::load(cfg.clone(), BlocklistConfig::default(), None)
+            .unwrap()
+            .with_spf(Some(check));
+        let without = Policy::load(cfg, BlocklistConfig::default(), None).unwrap();
+        let src = |ip: &str, from: &'static str| zones::Source {
+            client_ip: Some(ip.parse().unwrap()),
+            env_from: from,
+            auth_results: &[],
+        };
+        let good = src("192.0.2.10", "alice@lab.uni.example");
+        let spoofed = src("198.51.100.10", "alice@lab.uni.example");
+        let outside = src("192.0.2.10", "bob@elsewhere.example");
+        assert_eq!(
+            with.zone_of(&good, "mx.lab.uni.example").await,
+            zones::Zone::Free
+        );
+        assert_eq!(
+            with.zone_of(&spoofed, "mx.evil.example").await,
+            zones::Zone::Foreign
+        );
+        assert_eq!(with.zone_of(&outside, "mx").await, zones::Zone::Foreign);
+        assert_eq!(without.zone_of(&good, "mx").await, zones::Zone::Foreign);
+        let st = with.spf_stats().unwrap();
+        assert_eq!(
+            (
+                st.pass.load(Ordering::Relaxed),
+                st.not_pass.load(Ordering::Relaxed)
+            ),
+            (1, 1),
+            "only candidates cost a check"
+        );
+    }
 
     #[test]
     fn a_bad_reload_is_refused_whole_and_the_old_rules_stay() {

@@ -12,7 +12,7 @@ use super::authres;
 use super::lists::{domain_of, CidrSet, ListError, SuffixSet};
 
 /// `[zones]` in the config file.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ZonesConfig {
     /// Files of free-zone networks (CIDR or address, IPv4 and IPv6, one a line).
@@ -20,8 +20,39 @@ pub struct ZonesConfig {
     /// Files of free-zone sender-domain suffixes; they count only for authenticated senders.
     pub free_domains: Vec<PathBuf>,
     /// authserv-id of the trusted MTA's `Authentication-Results` header. Empty: no header is
-    /// trusted and `free_domains` never match.
+    /// trusted.
     pub authserv_id: String,
+    /// Check the envelope sender's SPF in mailbell when no trusted header decided (with
+    /// Stalwart, whose hooks run before it adds its own header): `free_domains` then count
+    /// for senders whose SPF passes. Read at start (a change needs a restart).
+    pub verify_spf: bool,
+    /// The longest an SPF check may hold the MTA's reply; not finished by then = foreign.
+    #[serde(deserialize_with = "mailbell_link::units::de_duration")]
+    pub dns_timeout: std::time::Duration,
+    /// DNS servers for SPF ("ip:port"); empty: the system's resolv.conf.
+    pub nameservers: Vec<String>,
+}
+
+impl Default for ZonesConfig {
+    fn default() -> Self {
+        Self {
+            free_networks: Vec::new(),
+            free_domains: Vec::new(),
+            authserv_id: String::new(),
+            verify_spf: false,
+            dns_timeout: std::time::Duration::from_secs(2),
+            nameservers: Vec::new(),
+        }
+    }
+}
+
+/// What the rules say before any DNS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Zone(Zone),
+    /// The sender's domain is below a free suffix but no trusted header vouches for it: free
+    /// if its SPF passes (when mailbell checks SPF), else foreign.
+    CheckSpf,
 }
 
 /// The zone of a delivery.
@@ -84,27 +115,40 @@ impl Zones {
         self.networks.is_empty() && self.domains.is_empty()
     }
 
+    /// The zone by the rules and a trusted header alone (no DNS).
     pub fn classify(&self, src: &Source<'_>) -> Zone {
-        if src.client_ip.is_some_and(|ip| self.networks.contains(ip)) {
-            return Zone::Free;
+        match self.decide(src) {
+            Decision::Zone(z) => z,
+            Decision::CheckSpf => Zone::Foreign,
         }
-        if self.domains.is_empty() || self.authserv_id.is_empty() {
-            return Zone::Foreign;
+    }
+
+    /// [`Zones::classify`], or [`Decision::CheckSpf`] when only the sender's SPF could make
+    /// the message free.
+    pub fn decide(&self, src: &Source<'_>) -> Decision {
+        if src.client_ip.is_some_and(|ip| self.networks.contains(ip)) {
+            return Decision::Zone(Zone::Free);
+        }
+        if self.domains.is_empty() {
+            return Decision::Zone(Zone::Foreign);
         }
         let Some(domain) = domain_of(src.env_from) else {
-            return Zone::Foreign;
+            return Decision::Zone(Zone::Foreign);
         };
         if !self.domains.matches(&domain) {
-            return Zone::Foreign;
+            return Decision::Zone(Zone::Foreign);
         }
-        let authenticated = src
-            .auth_results
-            .iter()
-            .any(|v| authres::authenticated_domains(v, &self.authserv_id).contains(&domain));
+        let authenticated = !self.authserv_id.is_empty()
+            && src
+                .auth_results
+                .iter()
+                .any(|v| authres::authenticated_domains(v, &self.authserv_id).contains(&domain));
         if authenticated {
-            Zone::Free
+            Decision::Zone(Zone::Free)
+        } else if src.client_ip.is_some() {
+            Decision::CheckSpf
         } else {
-            Zone::Foreign
+            Decision::Zone(Zone::Foreign)
         }
     }
 }
@@ -122,6 +166,7 @@ mod tests {
             free_networks: vec![nets],
             free_domains: vec![doms],
             authserv_id: "mx.example.org".into(),
+            ..ZonesConfig::default()
         })
         .unwrap()
     }

@@ -247,6 +247,8 @@ pub struct RunFinish {
     pub billed_unbilled: Vec<i64>,
     pub summary: serde_json::Value,
     pub finished_ms: i64,
+    /// `delivery_sources` rows older than this are deleted.
+    pub sources_before_ms: i64,
 }
 
 fn zone_of(s: &str) -> rusqlite::Result<Zone> {
@@ -521,6 +523,10 @@ pub(crate) fn finish(
         }
     }
     let effects = standings(tx, &f.period, rules, f.finished_ms)?;
+    // Zones remembered at SMTP time for Stalwart messages: a delivery report comes within
+    // Stalwart's queue retention (days); a month is ample.
+    tx.prepare_cached("DELETE FROM delivery_sources WHERE at_ms < ?1")?
+        .execute([f.sources_before_ms])?;
     tx.execute(
         "UPDATE runs SET finished_ms = ?2, summary = ?3 WHERE period = ?1",
         params![f.period, f.finished_ms, f.summary.to_string()],

@@ -477,15 +477,15 @@ async fn remember_zone<I>(sh: &Shared<I>, a: &Arrival) -> Result<(), String> {
     let (Some(ledger), Origin::Stalwart { queue_id }) = (&sh.ledger, a.origin) else {
         return Ok(());
     };
-    let zones = sh.policy.zones();
-    if zones.is_empty() {
+    if sh.policy.zones().is_empty() {
         return Ok(());
     }
-    let zone = zones.classify(&Source {
+    let src = Source {
         client_ip: a.client_ip,
         env_from: &a.env_from,
         auth_results: &a.headers.auth_results,
-    });
+    };
+    let zone = sh.policy.zone_of(&src, &a.helo).await;
     tracing::debug!(zone = zone.as_str(), "message zone");
     if zone == Zone::Foreign {
         return Ok(());
