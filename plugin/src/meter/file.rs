@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use chrono::{DateTime, NaiveDate, Utc};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use tracing::warn;
 
 use super::{
@@ -128,12 +130,16 @@ pub(super) fn encode(rec: &MeterRecord, out: &mut Vec<u8>) -> Result<(), MeterEr
     Ok(())
 }
 
-/// Checks one record's header and body; the error says why the file ends here.
-fn check(header: [u8; HEADER], body: &[u8]) -> Result<MeterRecord, &'static str> {
+/// Checks one record's body against its header's CRC; the error says why the file ends here.
+fn check_crc(header: [u8; HEADER], body: &[u8]) -> Result<(), &'static str> {
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     if crc32fast::hash(body) != crc {
         return Err("CRC mismatch");
     }
+    Ok(())
+}
+
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, &'static str> {
     serde_json::from_slice(body).map_err(|_| "body is not a meter record")
 }
 
@@ -149,6 +155,16 @@ pub(super) fn scan(
     r: impl Read,
     cap: u64,
     mut f: impl FnMut(MeterRecord) -> ControlFlow<()>,
+) -> io::Result<Scanned> {
+    scan_bodies(r, cap, |body| decode(body).map(&mut f))
+}
+
+/// [`scan`] with each CRC-checked body handed to `f` undecoded; an `Err` from `f` ends the
+/// valid records there, as a bad CRC does.
+fn scan_bodies(
+    r: impl Read,
+    cap: u64,
+    mut f: impl FnMut(&[u8]) -> Result<ControlFlow<()>, &'static str>,
 ) -> io::Result<Scanned> {
     let mut r = BufReader::with_capacity(256 * 1024, r.take(cap));
     let mut at = 0u64;
@@ -184,16 +200,16 @@ pub(super) fn scan(
                 stopped: Some("torn body"),
             });
         }
-        match check(header, &body) {
+        match check_crc(header, &body).and_then(|()| f(&body)) {
             Err(why) => {
                 return Ok(Scanned {
                     valid_len: at,
                     stopped: Some(why),
                 })
             }
-            Ok(rec) => {
+            Ok(flow) => {
                 at += (HEADER + len) as u64;
-                if f(rec).is_break() {
+                if flow.is_break() {
                     return Ok(Scanned {
                         valid_len: at,
                         stopped: None,
@@ -326,6 +342,81 @@ pub(super) fn query(
         }
     }
     Ok(page)
+}
+
+/// What every record body starts with; decoding only this skips the rest of the body
+/// without building it.
+#[derive(Deserialize)]
+pub(super) struct Head {
+    pub id: u64,
+    pub at_ms: i64,
+}
+
+/// The first record's id in `path`, if it has a readable one.
+fn first_id(path: &Path) -> Result<Option<u64>, MeterError> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path, "open")(e)),
+    };
+    let mut id = None;
+    scan_bodies(f, u64::MAX, |body| {
+        id = Some(decode::<Head>(body)?.id);
+        Ok(ControlFlow::Break(()))
+    })
+    .map_err(io_err(path, "read"))?;
+    Ok(id)
+}
+
+/// Calls `f` with every record whose id is above `after`, decoded as `T`, oldest first, reading
+/// each file once: files that end before `after` (the next file starts at or below
+/// `after + 1`) are skipped unread, and records up to `after` are decoded only as far as
+/// [`Head`]. `durable` caps what is read of the file being written. `f` breaks to stop.
+pub(super) fn scan_after<T: DeserializeOwned>(
+    dir: &Path,
+    after: u64,
+    durable: &(PathBuf, u64),
+    f: &mut dyn FnMut(Head, T) -> ControlFlow<()>,
+) -> Result<(), MeterError> {
+    let files = list(dir)?;
+    let mut start = 0;
+    for (k, (_, path)) in files.iter().enumerate().skip(1) {
+        match first_id(path)? {
+            Some(first) if first <= after.saturating_add(1) => start = k,
+            Some(_) => break,
+            None => {}
+        }
+    }
+    for (_, path) in &files[start..] {
+        let f_in = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(path, "open")(e)),
+        };
+        let cap = if !durable.0.as_os_str().is_empty() && *path == durable.0 {
+            durable.1
+        } else {
+            u64::MAX
+        };
+        let mut stop = false;
+        let scanned = scan_bodies(f_in, cap, |body| {
+            let head: Head = decode(body)?;
+            if head.id <= after {
+                return Ok(ControlFlow::Continue(()));
+            }
+            let flow = f(head, decode(body)?);
+            stop = flow.is_break();
+            Ok(flow)
+        })
+        .map_err(io_err(path, "read"))?;
+        if let (Some(why), u64::MAX) = (scanned.stopped, cap) {
+            warn!(file = %path.display(), at = scanned.valid_len, why, "meter store: a file ends in a bad record");
+        }
+        if stop {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Deletes the files whose day ended more than `retention_days` ago, never the newest.

@@ -47,6 +47,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -591,6 +592,34 @@ impl MeterStore {
     pub fn query(&self, q: &MeterQuery) -> Result<MeterPage, MeterError> {
         let durable = lock(&self.shared.durable).clone();
         file::query(&self.shared.dir, q, &durable)
+    }
+
+    /// Every record with an id above `after`, oldest first, to `f` until it breaks (blocking):
+    /// one pass over the files from the one holding `after + 1` (the accounting run reads a
+    /// day's records so; pages of [`MeterStore::query`] would read the file again each).
+    pub fn scan_after(
+        &self,
+        after: u64,
+        f: &mut dyn FnMut(MeterRecord) -> ControlFlow<()>,
+    ) -> Result<(), MeterError> {
+        let durable = lock(&self.shared.durable).clone();
+        file::scan_after(&self.shared.dir, after, &durable, &mut |_, r| f(r))
+    }
+
+    /// [`MeterStore::scan_after`] with only each record's id and write time (ms), its body
+    /// not decoded further.
+    pub fn scan_ids_after(
+        &self,
+        after: u64,
+        f: &mut dyn FnMut(u64, i64) -> ControlFlow<()>,
+    ) -> Result<(), MeterError> {
+        let durable = lock(&self.shared.durable).clone();
+        file::scan_after(
+            &self.shared.dir,
+            after,
+            &durable,
+            &mut |h, _: serde::de::IgnoredAny| f(h.id, h.at_ms),
+        )
     }
 
     /// Makes every write, sync and file creation fail with `kind` until called with `None`
