@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write as _;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -30,7 +31,7 @@ use super::ledger::{
 };
 use super::money::Money;
 use super::tariff::Tariffs;
-use crate::meter::{Entry, Login, MeterError, MeterQuery, MeterStore};
+use crate::meter::{Entry, Login, MeterError, MeterStore};
 use crate::policy::zones::Zone;
 
 /// When delivered traffic is charged (`billing.charge`).
@@ -326,7 +327,8 @@ const ZONES: [Zone; 2] = [Zone::Free, Zone::Foreign];
 /// How long the zone remembered for a Stalwart message at SMTP time is kept for its delivery
 /// reports (Stalwart retries a webhook batch for far less).
 const SOURCES_KEPT_MS: i64 = 30 * 86_400_000;
-const PAGE: usize = 10_000;
+/// Records between progress reports.
+const PAGE: u64 = 10_000;
 
 /// Runs (or resumes, or confirms) the accounting of `period`.
 pub fn run(cx: &mut RunContext<'_>, period: &Period) -> Result<RunSummary, RunError> {
@@ -371,11 +373,6 @@ pub fn run(cx: &mut RunContext<'_>, period: &Period) -> Result<RunSummary, RunEr
         ..RunSummary::default()
     };
     let planned = build(cx, &plan, &mut s)?;
-    cx.progress.stage("posting", planned.postings.len() as u64);
-    for chunk in planned.postings.chunks(cx.settings.batch.max(1)) {
-        s.new_entries += cx.store.post_charges(&plan.period, chunk)? as u64;
-        cx.progress.advance(chunk.len() as u64);
-    }
     s.millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let finish = RunFinish {
         period: plan.period.clone(),
@@ -400,35 +397,72 @@ pub fn run(cx: &mut RunContext<'_>, period: &Period) -> Result<RunSummary, RunEr
 fn meter_prefix(meter: Option<&MeterStore>, after: u64, end_ms: i64) -> Result<u64, RunError> {
     let Some(m) = meter else { return Ok(after) };
     let mut last = after;
-    loop {
-        let page = m.query(&MeterQuery {
-            after: Some(last),
-            limit: PAGE,
-            ..MeterQuery::default()
-        })?;
-        for r in &page.records {
-            if r.at_ms >= end_ms {
-                return Ok(last);
-            }
-            last = r.id;
+    m.scan_ids_after(after, &mut |id, at_ms| {
+        if at_ms >= end_ms {
+            return ControlFlow::Break(());
         }
-        if page.next_after.is_none() {
-            return Ok(last);
-        }
-    }
+        last = id;
+        ControlFlow::Continue(())
+    })?;
+    Ok(last)
 }
 
+/// What the end of the run stores (the postings are made while the run plans them).
 struct Planned {
-    postings: Vec<(Option<Request>, Option<ChargeRow>)>,
     retrievals: Vec<RetrievalRow>,
     unbilled: Vec<Unbilled>,
     billed_unbilled: Vec<i64>,
 }
 
-/// Per user: bytes per (zone, chunk); chunk i is the traffic delivered before retrieval i
-/// (and after retrieval i − 1); the last chunk is what no retrieval of the period took.
-#[derive(Default)]
-struct Traffic(HashMap<(u8, u32), u64>);
+/// Bytes per user, chunk and zone. Chunk `i` of a user is the traffic delivered before the
+/// user's retrieval `i` (and after retrieval `i − 1`); the last chunk is what no retrieval of
+/// the period took. Flat, so that adding a delivery touches two arrays and no per-user
+/// allocation: user `u`'s retrieval times are `at[start[u] - u..start[u + 1] - u - 1]` and its
+/// chunks `chunks[start[u]..start[u + 1]]`, each `[free, foreign]` (`None`: nothing delivered).
+struct Traffic {
+    start: Vec<usize>,
+    at: Vec<i64>,
+    chunks: Vec<[Option<u64>; 2]>,
+}
+
+impl Traffic {
+    /// `rets`: each user's retrievals, in time order.
+    fn new(rets: &[Vec<Retrieval>]) -> Traffic {
+        let mut start = Vec::with_capacity(rets.len() + 1);
+        let mut at = Vec::new();
+        let mut n = 0;
+        for r in rets {
+            start.push(n);
+            n += r.len() + 1;
+            at.extend(r.iter().map(|r| r.at_ms));
+        }
+        start.push(n);
+        Traffic {
+            start,
+            at,
+            chunks: vec![[None; 2]; n],
+        }
+    }
+
+    fn add(&mut self, u: usize, zone: Zone, bytes: u64, at_ms: i64) {
+        let times = &self.at[self.start[u] - u..self.start[u + 1] - u - 1];
+        let chunk = times.partition_point(|&t| t <= at_ms);
+        let e = &mut self.chunks[self.start[u] + chunk][usize::from(zone == Zone::Foreign)];
+        *e = Some(e.unwrap_or(0).saturating_add(bytes));
+    }
+
+    fn get(&self, u: usize, chunk: usize, zone: Zone) -> Option<u64> {
+        self.chunks[self.start[u] + chunk][usize::from(zone == Zone::Foreign)]
+    }
+
+    /// All of a user's traffic in `zone`.
+    fn total(&self, u: usize, zone: Zone) -> u64 {
+        self.chunks[self.start[u]..self.start[u + 1]]
+            .iter()
+            .filter_map(|c| c[usize::from(zone == Zone::Foreign)])
+            .fold(0, u64::saturating_add)
+    }
+}
 
 fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<Planned, RunError> {
     let users = cx.store.run_users()?;
@@ -450,76 +484,65 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
         .store
         .consumed_retrievals(plan.meter_after, plan.meter_upto)?;
     if let Some(m) = cx.meter {
-        let mut after = plan.meter_after;
-        'pages: while after < plan.meter_upto {
-            let page = m.query(&MeterQuery {
-                after: Some(after),
-                limit: PAGE,
-                ..MeterQuery::default()
-            })?;
-            let n = page.records.len() as u64;
-            for r in page.records {
-                if r.id > plan.meter_upto {
-                    break 'pages;
-                }
-                after = r.id;
-                if consumed.contains(&r.id) {
-                    s.replayed_retrievals += 1;
-                    continue;
-                }
-                let Entry::Session(x) = r.entry else { continue };
-                let (Login::Ok, Some(account)) = (x.login, x.account) else {
-                    continue;
-                };
-                let login = account.to_ascii_lowercase();
-                let Some(&u) = index.get(login.as_str()) else {
-                    s.unknown_retrievals += 1;
-                    continue;
-                };
-                let protocol = match x.protocol {
-                    crate::meter::Protocol::Pop3 => "pop3",
-                    crate::meter::Protocol::Imap => "imap",
-                };
-                let ret = Retrieval {
-                    meter_id: r.id,
-                    at_ms: x.start_ms,
-                    client: x.client.ip().to_string(),
-                    protocol,
-                    bytes: x.message_bytes,
-                };
-                rows.push(RetrievalRow {
-                    meter_id: r.id,
-                    login,
-                    at_ms: x.start_ms,
-                    client: ret.client.clone(),
-                    protocol: protocol.to_owned(),
-                    messages: x.messages,
-                    bytes: x.message_bytes,
-                });
-                rets[u].push(ret);
-                s.retrievals += 1;
+        let mut seen = 0u64;
+        let progress = cx.progress;
+        m.scan_after(plan.meter_after, &mut |r| {
+            if r.id > plan.meter_upto {
+                return ControlFlow::Break(());
             }
-            cx.progress.advance(n);
-            if page.next_after.is_none() || n == 0 {
-                break;
+            seen += 1;
+            if seen % PAGE == 0 {
+                progress.advance(PAGE);
             }
-        }
+            if consumed.contains(&r.id) {
+                s.replayed_retrievals += 1;
+                return ControlFlow::Continue(());
+            }
+            let Entry::Session(x) = r.entry else {
+                return ControlFlow::Continue(());
+            };
+            let (Login::Ok, Some(account)) = (x.login, x.account) else {
+                return ControlFlow::Continue(());
+            };
+            let login = account.to_ascii_lowercase();
+            let Some(&u) = index.get(login.as_str()) else {
+                s.unknown_retrievals += 1;
+                return ControlFlow::Continue(());
+            };
+            let protocol = match x.protocol {
+                crate::meter::Protocol::Pop3 => "pop3",
+                crate::meter::Protocol::Imap => "imap",
+            };
+            let ret = Retrieval {
+                meter_id: r.id,
+                at_ms: x.start_ms,
+                client: x.client.ip().to_string(),
+                protocol,
+                bytes: x.message_bytes,
+            };
+            rows.push(RetrievalRow {
+                meter_id: r.id,
+                login,
+                at_ms: x.start_ms,
+                client: ret.client.clone(),
+                protocol: protocol.to_owned(),
+                messages: x.messages,
+                bytes: x.message_bytes,
+            });
+            rets[u].push(ret);
+            s.retrievals += 1;
+            ControlFlow::Continue(())
+        })?;
+        progress.advance(seen % PAGE);
     }
     for r in &mut rets {
         r.sort_by_key(|r| (r.at_ms, r.meter_id));
     }
 
     // Deliveries: earlier unbilled ones whose account now exists, then the period's.
-    let mut traffic: Vec<Traffic> = Vec::new();
-    traffic.resize_with(users.len(), Traffic::default);
+    let mut traffic = Traffic::new(&rets);
     let mut unbilled = Vec::new();
     let mut billed_unbilled = Vec::new();
-    let add = |u: usize, zone: Zone, bytes: u64, at_ms: i64, traffic: &mut Vec<Traffic>| {
-        let chunk = rets[u].partition_point(|r| r.at_ms <= at_ms) as u32;
-        let z = u8::from(zone == Zone::Foreign);
-        let e = traffic[u].0.entry((z, chunk)).or_default();
-        *e = e.saturating_add(bytes);
-    };
     let user_of = |account: &str| -> Option<usize> {
         index
             .get(account)
@@ -528,7 +551,7 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
     };
     for d in cx.store.unbilled(Some(&plan.period))? {
         if let Some(u) = user_of(&d.account) {
-            add(u, d.zone, d.bytes, d.at_ms, &mut traffic);
+            traffic.add(u, d.zone, d.bytes, d.at_ms);
             billed_unbilled.push(d.delivery_id);
             s.unbilled_billed += 1;
         }
@@ -546,7 +569,7 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
             s.deliveries += 1;
             s.delivery_bytes = s.delivery_bytes.saturating_add(bytes);
             match user_of(account) {
-                Some(u) => add(u, zone, bytes, at_ms, &mut traffic),
+                Some(u) => traffic.add(u, zone, bytes, at_ms),
                 None => unbilled.push(Unbilled {
                     delivery_id: id,
                     period: plan.period.clone(),
@@ -573,6 +596,9 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
         }
     }
 
+    // Postings are made as users are planned, `batch` per transaction: the night's postings
+    // are never all in memory at once.
+    cx.progress.stage("posting", users.len() as u64);
     let mut out = Vec::new();
     let expire_before = plan
         .end_ms
@@ -586,7 +612,6 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
             out: &mut out,
             s: &mut *s,
         };
-        let t = &traffic[u].0;
         match cx.settings.charge {
             ChargeAt::AtRetrieval => {
                 for (i, r) in rets[u].iter().enumerate() {
@@ -596,8 +621,7 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
                         }
                     }
                     for zone in ZONES {
-                        let bytes = t.get(&(u8::from(zone == Zone::Foreign), i as u32));
-                        if let Some(&b) = bytes {
+                        if let Some(b) = traffic.get(u, i, zone) {
                             p.charge(
                                 zone.as_str(),
                                 b,
@@ -607,9 +631,9 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
                         }
                     }
                 }
-                let last = rets[u].len() as u32;
+                let last = rets[u].len();
                 for zone in ZONES {
-                    if let Some(&b) = t.get(&(u8::from(zone == Zone::Foreign), last)) {
+                    if let Some(b) = traffic.get(u, last, zone) {
                         p.pending(zone.as_str(), b, &plan.period, last_ms)?;
                     }
                 }
@@ -625,12 +649,7 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
                 }
                 if cx.settings.charge == ChargeAt::AtDelivery {
                     for zone in ZONES {
-                        let z = u8::from(zone == Zone::Foreign);
-                        let b: u64 = t
-                            .iter()
-                            .filter(|((zz, _), _)| *zz == z)
-                            .map(|(_, b)| *b)
-                            .sum();
+                        let b = traffic.total(u, zone);
                         if b > 0 {
                             let key =
                                 format!("charge:{}:{}:{}", plan.period, user.login, zone.as_str());
@@ -649,13 +668,38 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
                 }
             }
         }
+        post_ready(cx, &plan.period, &mut out, false, s)?;
+        if (u + 1) % 1_000 == 0 {
+            cx.progress.advance(1_000);
+        }
     }
+    post_ready(cx, &plan.period, &mut out, true, s)?;
+    cx.progress.advance(users.len() as u64 % 1_000);
     Ok(Planned {
-        postings: out,
         retrievals: rows,
         unbilled,
         billed_unbilled,
     })
+}
+
+/// Posts the whole batches of `out` (and, when `all`, the rest), in order, one transaction
+/// each; keeps what is left for the next call.
+fn post_ready(
+    cx: &mut RunContext<'_>,
+    period: &str,
+    out: &mut Vec<(Option<Request>, Option<ChargeRow>)>,
+    all: bool,
+    s: &mut RunSummary,
+) -> Result<(), RunError> {
+    let batch = cx.settings.batch.max(1);
+    let mut done = 0;
+    while out.len() - done >= batch || (all && done < out.len()) {
+        let end = (done + batch).min(out.len());
+        s.new_entries += cx.store.post_charges(period, &out[done..end])? as u64;
+        done = end;
+    }
+    out.drain(..done);
+    Ok(())
 }
 
 /// The tariff zone of retrieved bytes (`charge = "retrieved-bytes"`).
