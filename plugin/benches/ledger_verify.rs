@@ -16,20 +16,18 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use mailbell::billing::ledger::sqlite::SqliteLedger;
-use mailbell::billing::ledger::{
-    AccountRef, Kind, LedgerStore, Posting, Request, Status, UserAccount,
-};
+use mailbell::billing::ledger::{AccountRef, Kind, LedgerStore, Posting, Request};
 use mailbell::billing::money::Money;
+
+#[path = "common/mod.rs"]
+mod common;
+use common::{login, peak_rss_kib, users};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn login(i: usize) -> String {
-    format!("user{i:06}@mail.example.edu.cn")
 }
 
 fn transfer(
@@ -54,17 +52,6 @@ fn transfer(
     }
 }
 
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Posts `requests` in batches of `batch`; returns the seconds taken.
 fn post_batched(l: &mut SqliteLedger, requests: Vec<Request>, batch: usize) -> Result<f64, String> {
     let t = Instant::now();
@@ -84,17 +71,7 @@ fn run() -> Result<(), String> {
     let mut l = SqliteLedger::open(&path).map_err(|e| e.to_string())?;
 
     let t = Instant::now();
-    let users: Vec<UserAccount> = (0..accounts)
-        .map(|i| UserAccount {
-            login: login(i),
-            staff_no: format!("20260{i:05}"),
-            real_name: "张三".into(),
-            class: if i % 10 == 0 { "staff" } else { "student" }.into(),
-            status: Status::Normal,
-            note: String::new(),
-        })
-        .collect();
-    l.put_users(&users).map_err(|e| e.to_string())?;
+    l.put_users(&users(accounts)).map_err(|e| e.to_string())?;
     let topups: Vec<Request> = (0..accounts)
         .map(|i| {
             transfer(
