@@ -446,7 +446,8 @@ fn apply(tx: &Connection, head: &mut Head, moves: &mut Moves, req: &Request) -> 
             id: e.id,
         });
     }
-    let (kind, phase, debit, credit, amount, pending_id) = match &req.posting {
+    // `reserved`: the pending transfer's amount, which a post or void releases.
+    let (kind, phase, debit, credit, amount, pending_id, reserved) = match &req.posting {
         Posting::Transfer {
             kind,
             debit,
@@ -466,6 +467,7 @@ fn apply(tx: &Connection, head: &mut Head, moves: &mut Moves, req: &Request) -> 
                 moves.resolve(tx, credit)?,
                 *amount,
                 None,
+                0,
             )
         }
         Posting::PostPending { pending_id, .. } | Posting::VoidPending { pending_id } => {
@@ -494,7 +496,15 @@ fn apply(tx: &Connection, head: &mut Head, moves: &mut Moves, req: &Request) -> 
                 }
                 _ => (Phase::Void, p.amount),
             };
-            (p.kind, phase, p.debit, p.credit, amount, Some(p.id))
+            (
+                p.kind,
+                phase,
+                p.debit,
+                p.credit,
+                amount,
+                Some(p.id),
+                p.amount.minor(),
+            )
         }
     };
     let mut e = Entry {
@@ -516,7 +526,7 @@ fn apply(tx: &Connection, head: &mut Head, moves: &mut Moves, req: &Request) -> 
     let (posted, pending) = match phase {
         Phase::Posted => (a, 0),
         Phase::Pending => (0, a),
-        Phase::Post => (a, -entry_amount(tx, pending_id)?),
+        Phase::Post => (a, -reserved),
         Phase::Void => (0, -a),
     };
     moves.add(debit, 0, posted, pending)?;
@@ -552,12 +562,6 @@ fn apply(tx: &Connection, head: &mut Head, moves: &mut Moves, req: &Request) -> 
         entry: e,
         replayed: false,
     })
-}
-
-fn entry_amount(tx: &Connection, id: Option<i64>) -> Result<i64> {
-    let id = id.ok_or(LedgerError::UnknownEntry(0))?;
-    let e = entry_where(tx, "id = ?1", &id)?.ok_or(LedgerError::UnknownEntry(id))?;
-    Ok(e.amount.minor())
 }
 
 impl SqliteLedger {
