@@ -31,7 +31,7 @@ use super::ledger::{
 };
 use super::money::Money;
 use super::tariff::Tariffs;
-use crate::meter::{Entry, Login, MeterError, MeterStore};
+use crate::meter::{Login, MeterError, MeterStore};
 use crate::policy::zones::Zone;
 
 /// When delivered traffic is charged (`billing.charge`).
@@ -486,19 +486,19 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
     if let Some(m) = cx.meter {
         let mut seen = 0u64;
         let progress = cx.progress;
-        m.scan_after(plan.meter_after, &mut |r| {
-            if r.id > plan.meter_upto {
+        m.scan_sessions_after(plan.meter_after, &mut |id, x| {
+            if id > plan.meter_upto {
                 return ControlFlow::Break(());
             }
             seen += 1;
             if seen % PAGE == 0 {
                 progress.advance(PAGE);
             }
-            if consumed.contains(&r.id) {
+            if consumed.contains(&id) {
                 s.replayed_retrievals += 1;
                 return ControlFlow::Continue(());
             }
-            let Entry::Session(x) = r.entry else {
+            let Some(x) = x else {
                 return ControlFlow::Continue(());
             };
             let (Login::Ok, Some(account)) = (x.login, x.account) else {
@@ -514,14 +514,14 @@ fn build(cx: &mut RunContext<'_>, plan: &RunPlan, s: &mut RunSummary) -> Result<
                 crate::meter::Protocol::Imap => "imap",
             };
             let ret = Retrieval {
-                meter_id: r.id,
+                meter_id: id,
                 at_ms: x.start_ms,
                 client: x.client.ip().to_string(),
                 protocol,
                 bytes: x.message_bytes,
             };
             rows.push(RetrievalRow {
-                meter_id: r.id,
+                meter_id: id,
                 login,
                 at_ms: x.start_ms,
                 client: ret.client.clone(),

@@ -511,7 +511,7 @@ fn a_file_that_cannot_be_created_names_its_path_and_cause() {
 }
 
 #[test]
-fn scan_after_reads_each_record_above_the_cursor_once_and_skips_older_files_unread() {
+fn scans_after_a_cursor_read_each_record_above_it_once_and_skip_older_files_unread() {
     use std::sync::atomic::AtomicI64;
     let dir = tempfile::tempdir().unwrap();
     let day = 86_400_000;
@@ -524,7 +524,8 @@ fn scan_after_reads_each_record_above_the_cursor_once_and_skips_older_files_unre
         Arc::new(move || clock.load(Ordering::Relaxed)),
     )
     .unwrap();
-    // Ids 1-3 on the first day, 4-5 on the second, 6-8 on the third.
+    // Sessions 1-3 on the first day, 4-5 on the second, 6-8 and a messages record (9) on the
+    // third.
     let mut n = 0;
     for (d, count) in [(0, 3), (1, 2), (2, 3)] {
         now.store(t0 + d * day + 1_000, Ordering::Relaxed);
@@ -534,6 +535,14 @@ fn scan_after_reads_each_record_above_the_cursor_once_and_skips_older_files_unre
         }
         store.flush().unwrap();
     }
+    store
+        .append(vec![Entry::Messages(Messages {
+            session: new_session_id(),
+            account: Some("a".into()),
+            retrieved: vec![Message::default()],
+        })])
+        .unwrap();
+    store.flush().unwrap();
     assert_eq!(file::list(dir.path()).unwrap().len(), 3);
     let scan = |after: u64| {
         let mut got = Vec::new();
@@ -551,20 +560,33 @@ fn scan_after_reads_each_record_above_the_cursor_once_and_skips_older_files_unre
             })
             .unwrap();
         assert_eq!(got, heads.iter().map(|h| h.0).collect::<Vec<_>>());
+        let mut sessions = Vec::new();
+        store
+            .scan_sessions_after(after, &mut |id, x| {
+                sessions.push((id, x));
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!(got, sessions.iter().map(|h| h.0).collect::<Vec<_>>());
+        for (id, x) in &sessions {
+            let want = (*id <= 8).then(|| SessionSummary {
+                account: Some("a".into()),
+                client: "192.0.2.1:50123".parse().unwrap(),
+                protocol: Protocol::Pop3,
+                start_ms: 1_796_000_000_000,
+                login: Login::Ok,
+                messages: 1,
+                message_bytes: 900,
+            });
+            assert_eq!(x, &want, "record {id}");
+        }
         (got, heads)
     };
-    for after in 0..=9 {
-        let want: Vec<u64> = (after + 1..=8).collect();
+    for after in 0..=10 {
+        let want: Vec<u64> = (after + 1..=9).collect();
         assert_eq!(scan(after).0, want, "after {after}");
     }
-    assert_eq!(
-        scan(5).1,
-        [
-            (6, t0 + 2 * day + 1_000),
-            (7, t0 + 2 * day + 1_000),
-            (8, t0 + 2 * day + 1_000)
-        ]
-    );
+    assert_eq!(scan(5).1, [6, 7, 8, 9].map(|id| (id, t0 + 2 * day + 1_000)));
     // `f` stops the scan.
     let mut got = Vec::new();
     store
@@ -583,7 +605,7 @@ fn scan_after_reads_each_record_above_the_cursor_once_and_skips_older_files_unre
     let first = file::list(dir.path()).unwrap()[0].1.clone();
     std::fs::remove_file(&first).unwrap();
     std::fs::create_dir(&first).unwrap();
-    assert_eq!(scan(3).0, [4, 5, 6, 7, 8]);
+    assert_eq!(scan(3).0, [4, 5, 6, 7, 8, 9]);
     let e = store
         .scan_after(0, &mut |_| ControlFlow::Continue(()))
         .unwrap_err()
