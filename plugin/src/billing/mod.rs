@@ -73,7 +73,7 @@ impl Default for BillingConfig {
             arrears_below: Money::from_minor(0),
             warn_below: vec![Money::from_minor(1_000)],
             run_at: String::new(),
-            run_batch: 2_000,
+            run_batch: 20_000,
             stalwart_permissions: false,
         }
     }
