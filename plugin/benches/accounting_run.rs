@@ -11,12 +11,14 @@
 //!    a previous day that left one pending transfer per account: wall time and peak RSS of
 //!    the run alone (a child process: this binary again, `--phase run`, reading its own
 //!    `VmHWM`); the baseline is the same run posting one request per transaction
-//!    (`RunSettings::batch = 1`), at full size or on a 1/10 subset (`--baseline full|tenth|
-//!    none`), beside the batched run of the same data;
+//!    (`RunSettings::batch = 1`), at full size (`--baseline full`) or on a subset
+//!    (`--baseline tenth`, the default: 1/`--fraction` of the accounts and deliveries, 10)
+//!    beside the batched run of the same subset, or not at all (`--baseline none`);
 //! 3. `billing verify` (`LedgerStore::verify`) over the resulting ledger, in a child too.
 //!
-//! Run: `cargo bench -p mailbell --bench billing_run [-- --dir D --accounts N --deliveries N
-//! --baseline tenth]`. Prints figures; exits non-zero only when a step fails or verify finds
+//! Run: `cargo bench -p mailbell --bench accounting_run [-- --dir D --accounts N --deliveries N
+//! --baseline tenth --fraction 10 --no-ingest]`; `--phase build --data D` builds a data set and
+//! keeps it, `--phase run|verify --data D` runs on one (profiling). Prints figures; exits non-zero only when a step fails or verify finds
 //! a problem, never because of speed. The data (about 2 GB at full size per copy) is deleted
 //! at the end.
 
@@ -52,7 +54,7 @@ type Res<T> = Result<T, String>;
 const DAY1: (i32, u32, u32) = (2026, 11, 9);
 const DAY2: (i32, u32, u32) = (2026, 11, 10);
 /// Requests per transaction in the batched run (`billing.run_batch`'s default).
-const RUN_BATCH: usize = 2_000;
+const RUN_BATCH: usize = 20_000;
 /// Delivery records per `record_deliveries` call while the big ledger is built.
 const SETUP_BATCH: usize = 10_000;
 /// Messages listed in each retrieval session's meter record.
@@ -563,6 +565,8 @@ struct Args {
     accounts: usize,
     deliveries: u64,
     baseline: String,
+    /// The subset `--baseline tenth` measures: 1/fraction of the accounts and deliveries.
+    fraction: usize,
     ingest: bool,
 }
 
@@ -575,6 +579,7 @@ fn args() -> Res<Args> {
         accounts: 200_000,
         deliveries: 9_800_000,
         baseline: "tenth".into(),
+        fraction: 10,
         ingest: true,
     };
     let mut it = std::env::args().skip(1);
@@ -588,6 +593,7 @@ fn args() -> Res<Args> {
             "--accounts" => a.accounts = v()?.parse().map_err(e)?,
             "--deliveries" => a.deliveries = v()?.parse().map_err(e)?,
             "--baseline" => a.baseline = v()?,
+            "--fraction" => a.fraction = v()?.parse::<usize>().map_err(e)?.max(1),
             "--no-ingest" => a.ingest = false,
             // cargo bench passes --bench.
             _ => {}
@@ -651,18 +657,28 @@ fn orchestrate(a: &Args) -> Res<()> {
         }
         ("tenth", _) => {
             let small = tmp.path().join("tenth");
-            let (acc, del) = (a.accounts / 10, a.deliveries / 10);
-            println!("baseline on a 1/10 subset: {acc} accounts, {del} deliveries");
+            let (acc, del) = (a.accounts / a.fraction, a.deliveries / a.fraction as u64);
+            println!(
+                "baseline on a 1/{} subset: {acc} accounts, {del} deliveries",
+                a.fraction
+            );
             build(&small, acc, del)?;
             let b = tmp.path().join("tenth-1");
             copy_set(&small, &b)?;
             let batched = run_child(&small, RUN_BATCH)?;
-            print_run("1/10 run, 2,000 per transaction", &batched);
+            print_run(
+                &format!("1/{} run, {RUN_BATCH} per transaction", a.fraction),
+                &batched,
+            );
             std::fs::remove_dir_all(&small).map_err(e)?;
             let one = run_child(&b, 1)?;
-            print_run("1/10 baseline run, 1 request per transaction", &one);
+            print_run(
+                &format!("1/{} baseline run, 1 request per transaction", a.fraction),
+                &one,
+            );
             println!(
-                "ratio baseline/batched run time on the 1/10 subset: {:.1}x",
+                "ratio baseline/batched run time on the 1/{} subset: {:.1}x",
+                a.fraction,
                 one.secs / batched.secs
             );
         }
@@ -690,7 +706,7 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(x) => {
-            eprintln!("billing_run: {x}");
+            eprintln!("accounting_run: {x}");
             ExitCode::FAILURE
         }
     }
