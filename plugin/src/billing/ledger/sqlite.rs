@@ -571,9 +571,9 @@ impl SqliteLedger {
     }
 
     /// [`Self::post_all`], then `more` in the same transaction (with what was posted).
-    fn post_all_with(
+    fn post_all_with<'r>(
         &mut self,
-        requests: &[Request],
+        requests: impl IntoIterator<Item = &'r Request>,
         more: impl FnOnce(&Transaction<'_>, &[Posted]) -> Result<()>,
     ) -> Result<Vec<Posted>> {
         let path = self.path.clone();
@@ -593,7 +593,8 @@ impl SqliteLedger {
                 hash: chain::GENESIS,
             });
         let start = head.id;
-        let mut out = Vec::with_capacity(requests.len());
+        let requests = requests.into_iter();
+        let mut out = Vec::with_capacity(requests.size_hint().0);
         let mut moves = Moves::default();
         for r in requests {
             out.push(apply(&tx, &mut head, &mut moves, r).map_err(with_path)?);
@@ -764,8 +765,8 @@ impl LedgerStore for SqliteLedger {
         period: &str,
         batch: &[(Option<Request>, Option<ChargeRow>)],
     ) -> Result<usize> {
-        let requests: Vec<Request> = batch.iter().filter_map(|(r, _)| r.clone()).collect();
-        let posted = self.post_all_with(&requests, |tx, posted| {
+        let requests = batch.iter().filter_map(|(r, _)| r.as_ref());
+        let posted = self.post_all_with(requests, |tx, posted| {
             let mut next = posted.iter();
             for (r, c) in batch {
                 let entry = match r {
