@@ -223,10 +223,12 @@ fn ingest(root: &Path) -> Res<()> {
     for count in [1, MESSAGES_PER_SESSION] {
         let path = dir.path().join(format!("meter-{count}"));
         let meter = MeterStore::open(&path, MeterConfig::default()).map_err(e)?;
+        let make = |ids: std::ops::Range<u64>| -> Vec<Entry> {
+            ids.map(|i| session(login(i as usize), i, t0, count))
+                .collect()
+        };
         let n = 200_000u64;
-        let records: Vec<Entry> = (0..n)
-            .map(|i| session(login(i as usize), i, t0, count))
-            .collect();
+        let records = make(0..n);
         let t = Instant::now();
         for r in records {
             append(&meter, r)?;
@@ -234,9 +236,7 @@ fn ingest(root: &Path) -> Res<()> {
         meter.flush().map_err(e)?;
         let bulk = n as f64 / t.elapsed().as_secs_f64();
         let single_n = 2_000u64;
-        let records: Vec<Entry> = (n..n + single_n)
-            .map(|i| session(login(i as usize), i, t0, count))
-            .collect();
+        let records = make(n..n + single_n);
         let t = Instant::now();
         for r in records {
             append(&meter, r)?;

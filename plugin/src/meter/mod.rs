@@ -647,8 +647,7 @@ impl MeterStore {
         after: u64,
         f: &mut dyn FnMut(MeterRecord) -> ControlFlow<()>,
     ) -> Result<(), MeterError> {
-        let durable = lock(&self.shared.durable).clone();
-        file::scan_after(&self.shared.dir, after, &durable, &mut |_, r| f(r))
+        self.scan_decoded(after, &mut |_, r| f(r))
     }
 
     /// [`MeterStore::scan_after`] with only each record's id and write time (ms), its body
@@ -658,13 +657,7 @@ impl MeterStore {
         after: u64,
         f: &mut dyn FnMut(u64, i64) -> ControlFlow<()>,
     ) -> Result<(), MeterError> {
-        let durable = lock(&self.shared.durable).clone();
-        file::scan_after(
-            &self.shared.dir,
-            after,
-            &durable,
-            &mut |h, _: serde::de::IgnoredAny| f(h.id, h.at_ms),
-        )
+        self.scan_decoded(after, &mut |h, _: serde::de::IgnoredAny| f(h.id, h.at_ms))
     }
 
     /// [`MeterStore::scan_after`] with each session record's [`SessionSummary`] (`None` for
@@ -675,13 +668,16 @@ impl MeterStore {
         after: u64,
         f: &mut dyn FnMut(u64, Option<SessionSummary>) -> ControlFlow<()>,
     ) -> Result<(), MeterError> {
+        self.scan_decoded(after, &mut |h, r: SummaryFields| f(h.id, r.summary()))
+    }
+
+    fn scan_decoded<T: serde::de::DeserializeOwned>(
+        &self,
+        after: u64,
+        f: &mut dyn FnMut(file::Head, T) -> ControlFlow<()>,
+    ) -> Result<(), MeterError> {
         let durable = lock(&self.shared.durable).clone();
-        file::scan_after(
-            &self.shared.dir,
-            after,
-            &durable,
-            &mut |h, r: SummaryFields| f(h.id, r.summary()),
-        )
+        file::scan_after(&self.shared.dir, after, &durable, f)
     }
 
     /// Makes every write, sync and file creation fail with `kind` until called with `None`

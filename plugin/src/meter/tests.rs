@@ -545,28 +545,19 @@ fn scans_after_a_cursor_read_each_record_above_it_once_and_skip_older_files_unre
     store.flush().unwrap();
     assert_eq!(file::list(dir.path()).unwrap().len(), 3);
     let scan = |after: u64| {
+        // Every record each scan hands over, in order, never stopping it.
+        let go = ControlFlow::Continue(());
         let mut got = Vec::new();
-        store
-            .scan_after(after, &mut |r| {
-                got.push(r.id);
-                ControlFlow::Continue(())
-            })
-            .unwrap();
         let mut heads = Vec::new();
-        store
-            .scan_ids_after(after, &mut |id, at_ms| {
-                heads.push((id, at_ms));
-                ControlFlow::Continue(())
-            })
-            .unwrap();
-        assert_eq!(got, heads.iter().map(|h| h.0).collect::<Vec<_>>());
         let mut sessions = Vec::new();
         store
-            .scan_sessions_after(after, &mut |id, x| {
-                sessions.push((id, x));
-                ControlFlow::Continue(())
-            })
+            .scan_after(after, &mut |r| go.map_continue(|()| got.push(r.id)))
             .unwrap();
+        let ids = &mut |id, at_ms| go.map_continue(|()| heads.push((id, at_ms)));
+        store.scan_ids_after(after, ids).unwrap();
+        let summaries = &mut |id, x| go.map_continue(|()| sessions.push((id, x)));
+        store.scan_sessions_after(after, summaries).unwrap();
+        assert_eq!(got, heads.iter().map(|h| h.0).collect::<Vec<_>>());
         assert_eq!(got, sessions.iter().map(|h| h.0).collect::<Vec<_>>());
         for (id, x) in &sessions {
             let want = (*id <= 8).then(|| SessionSummary {
