@@ -130,6 +130,48 @@ pub(super) fn encode(rec: &MeterRecord, out: &mut Vec<u8>) -> Result<(), MeterEr
     Ok(())
 }
 
+/// The id a record is encoded with before it has one: 20 digits, the widest a `u64` takes.
+const ID_PLACEHOLDER: &[u8] = b"18446744073709551615";
+/// Where the id's digits are in an encoded record: after the header and `{"id":`.
+const ID_AT: usize = HEADER + 6;
+
+/// [`encode`] with the id left open (the widest number), so that the costly part runs
+/// outside the queue's lock; [`set_id`] then writes the real one in place.
+pub(super) fn encode_open(
+    at_ms: i64,
+    entry: super::Entry,
+    out: &mut Vec<u8>,
+) -> Result<usize, Box<(MeterError, super::Entry)>> {
+    let start = out.len();
+    let rec = MeterRecord {
+        id: u64::MAX,
+        at_ms,
+        entry,
+    };
+    if let Err(e) = encode(&rec, out) {
+        return Err(Box::new((e, rec.entry)));
+    }
+    if out.get(start + ID_AT..start + ID_AT + 20) != Some(ID_PLACEHOLDER) {
+        out.truncate(start);
+        let e = MeterError::Unwritable("record encoding does not start with its id".into());
+        return Err(Box::new((e, rec.entry)));
+    }
+    Ok(start)
+}
+
+/// Writes `id` into the record [`encode_open`] put at `start`: its digits, then spaces
+/// (whitespace JSON allows before the next `,`), and the CRC again.
+pub(super) fn set_id(out: &mut [u8], start: usize, id: u64) {
+    let field = &mut out[start + ID_AT..start + ID_AT + 20];
+    let digits = id.to_string();
+    field.fill(b' ');
+    field[..digits.len()].copy_from_slice(digits.as_bytes());
+    let len = u32::from_le_bytes([out[start], out[start + 1], out[start + 2], out[start + 3]]);
+    let body = &out[start + HEADER..start + HEADER + len as usize];
+    let crc = crc32fast::hash(body);
+    out[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
+}
+
 /// Checks one record's body against its header's CRC; the error says why the file ends here.
 fn check_crc(header: [u8; HEADER], body: &[u8]) -> Result<(), &'static str> {
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);

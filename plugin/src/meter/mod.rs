@@ -406,9 +406,12 @@ impl mailbell_link::metrics::Collector for MeterStats {
     }
 }
 
-/// A queued append: its entries and who waits for them to be durable.
+/// A queued append: its records, already given ids and encoded by the appending thread (so
+/// that encoding overlaps the writer's `fdatasync`), and who waits for them to be durable.
 struct Request {
-    entries: Vec<Entry>,
+    bytes: Vec<u8>,
+    records: u64,
+    at_ms: i64,
     done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
@@ -435,6 +438,9 @@ pub type Clock = Arc<dyn Fn() -> i64 + Send + std::marker::Sync>;
 struct Queue {
     requests: VecDeque<Request>,
     closing: bool,
+    /// The id the next record gets: ids are given under the queue's lock, in queue order, so
+    /// the file holds them increasing.
+    next_id: u64,
 }
 
 /// The meter store's handle (cheap to clone). Writing needs [`MeterStore::open`] (one process
@@ -516,7 +522,10 @@ impl MeterStore {
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
             cfg,
-            queue: Mutex::default(),
+            queue: Mutex::new(Queue {
+                next_id: recovered.next_id,
+                ..Queue::default()
+            }),
             wake: Condvar::new(),
             durable: Mutex::new(recovered.tail.clone()),
             failure: Mutex::new(None),
@@ -525,7 +534,7 @@ impl MeterStore {
             clock,
         });
         file::prune(dir, shared.cfg.retention_days, (shared.clock)())?;
-        let w = writer::Writer::new(shared.clone(), recovered.next_id);
+        let w = writer::Writer::new(shared.clone());
         let thread = std::thread::Builder::new()
             .name("meter-writer".into())
             .spawn(move || w.run())
@@ -587,8 +596,23 @@ impl MeterStore {
         entries: Vec<Entry>,
         done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
     ) -> Result<(), MeterError> {
-        let n = entries.len() as u64;
         let stats = &self.shared.stats;
+        // Encoded here, outside the queue's lock (appenders on several threads encode at
+        // once, and beside the writer's fdatasync); the ids are written in under the lock.
+        let at_ms = (self.shared.clock)();
+        let mut bytes = Vec::new();
+        let mut starts = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match file::encode_open(at_ms, entry, &mut bytes) {
+                Ok(start) => starts.push(start),
+                Err(refused) => {
+                    let (e, entry) = *refused;
+                    stats.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, record = ?entry, "meter record refused");
+                }
+            }
+        }
+        let n = starts.len() as u64;
         let mut q = lock(&self.shared.queue);
         if self.writer.is_none() || q.closing {
             stats.refused.fetch_add(n, Ordering::Relaxed);
@@ -598,8 +622,18 @@ impl MeterStore {
             stats.refused.fetch_add(n, Ordering::Relaxed);
             return Err(MeterError::Backlog);
         }
-        stats.backlog.fetch_add(n, Ordering::Relaxed);
-        q.requests.push_back(Request { entries, done });
+        for start in &starts {
+            file::set_id(&mut bytes, *start, q.next_id);
+            q.next_id += 1;
+        }
+        let records = n;
+        stats.backlog.fetch_add(records, Ordering::Relaxed);
+        q.requests.push_back(Request {
+            bytes,
+            records,
+            at_ms,
+            done,
+        });
         drop(q);
         self.shared.wake.notify_one();
         Ok(())

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use chrono::NaiveDate;
 use tracing::{error, info};
 
-use super::file::{day_of, encode};
-use super::{lock, MeterRecord, Request, Shared};
+use super::file::day_of;
+use super::{lock, Request, Shared};
 
 type Waiter = tokio::sync::oneshot::Sender<Result<(), String>>;
 
@@ -27,14 +27,13 @@ pub(super) struct Writer {
     buf_records: u64,
     day: Option<NaiveDate>,
     waiters: Vec<Waiter>,
-    next_id: u64,
     /// When `buf` (or a waiter) started waiting for a commit.
     dirty_since: Option<Instant>,
     last_prune: Instant,
 }
 
 impl Writer {
-    pub(super) fn new(shared: Arc<Shared>, next_id: u64) -> Self {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
         Self {
             shared,
             file: None,
@@ -42,7 +41,6 @@ impl Writer {
             buf_records: 0,
             day: None,
             waiters: Vec::new(),
-            next_id,
             dirty_since: None,
             last_prune: Instant::now(),
         }
@@ -113,31 +111,13 @@ impl Writer {
         }
     }
 
-    /// Encodes a request's entries into the group, giving them ids.
+    /// Adds a request's encoded records to the group.
     fn take(&mut self, r: Request) {
-        let at_ms = (self.shared.clock)();
         if self.buf.is_empty() {
-            self.day = Some(day_of(at_ms));
+            self.day = Some(day_of(r.at_ms));
         }
-        for entry in r.entries {
-            let rec = MeterRecord {
-                id: self.next_id,
-                at_ms,
-                entry,
-            };
-            match encode(&rec, &mut self.buf) {
-                Ok(()) => {
-                    self.next_id += 1;
-                    self.buf_records += 1;
-                }
-                Err(e) => {
-                    let st = &self.shared.stats;
-                    st.refused.fetch_add(1, Ordering::Relaxed);
-                    st.backlog.fetch_sub(1, Ordering::Relaxed);
-                    error!(error = %e, record = ?rec.entry, "meter record refused");
-                }
-            }
-        }
+        self.buf.extend_from_slice(&r.bytes);
+        self.buf_records += r.records;
         if let Some(w) = r.done {
             self.waiters.push(w);
         }
