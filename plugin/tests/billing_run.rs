@@ -408,22 +408,51 @@ fn without_the_daemon_retrievals_charge_and_a_second_run_refuses() {
     assert!(ok(&config, &["billing", "verify"]).contains("ledger ok"));
 }
 
+/// The day's data seeded into `dir/clean` and copied to `dir/<name>`; the clean copy is
+/// run to the end (the reference), and how long that took is returned.
+fn reference_and_copy(dir: &Path, name: &str) -> (PathBuf, PathBuf, Duration) {
+    let clean = dir.join("clean");
+    let copy = dir.join(name);
+    std::fs::create_dir_all(&clean).unwrap();
+    seed(&clean.join("data"), 4_000, 30);
+    copy_dir(&clean, &copy);
+    let t = std::time::Instant::now();
+    ok(&local_config(&clean), &["billing", "run", "--date", DAY]);
+    (clean, copy, t.elapsed())
+}
+
+/// `mailbell billing run --date DAY` started in the background; its output piped or dropped.
+fn spawn_run(config: &Path, piped: bool) -> std::process::Child {
+    let out = || {
+        if piped {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        }
+    };
+    std::process::Command::new(BIN)
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "billing",
+            "run",
+            "--date",
+            DAY,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(out())
+        .stderr(out())
+        .spawn()
+        .unwrap()
+}
+
 /// SIGKILL at random points of a run, then the run again: the same ledger as a run that
 /// never stopped, and verify passes.
 #[test]
 fn a_run_killed_at_random_points_resumes_to_the_same_ledger() {
     let dir = tempfile::tempdir().unwrap();
-    let clean = dir.path().join("clean");
-    let killed = dir.path().join("killed");
-    std::fs::create_dir_all(&clean).unwrap();
-    seed(&clean.join("data"), 4_000, 30);
-    copy_dir(&clean, &killed);
-    let clean_cfg = local_config(&clean);
+    let (clean, killed, full) = reference_and_copy(dir.path(), "killed");
     let killed_cfg = local_config(&killed);
-
-    let t = std::time::Instant::now();
-    ok(&clean_cfg, &["billing", "run", "--date", DAY]);
-    let full = t.elapsed();
     let mut kills = 0;
     // Random points between 15 % and 75 % of a whole run (process start included).
     let mut x = u64::from(std::process::id()).wrapping_mul(2_654_435_761) | 1;
@@ -433,20 +462,7 @@ fn a_run_killed_at_random_points_resumes_to_the_same_ledger() {
         x ^= x << 17;
         let frac = 0.15 + 0.6 * ((x % 10_000) as f64 / 10_000.0);
         let at = u64::try_from((full.as_secs_f64() * frac * 1000.0) as i64).unwrap_or(0);
-        let mut child = std::process::Command::new(BIN)
-            .args([
-                "--config",
-                killed_cfg.to_str().unwrap(),
-                "billing",
-                "run",
-                "--date",
-                DAY,
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_run(&killed_cfg, false);
         std::thread::sleep(Duration::from_millis(at));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
@@ -467,31 +483,11 @@ fn a_run_killed_at_random_points_resumes_to_the_same_ledger() {
 #[test]
 fn a_topup_racing_a_run_is_applied_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let clean = dir.path().join("clean");
-    let raced = dir.path().join("raced");
-    std::fs::create_dir_all(&clean).unwrap();
-    seed(&clean.join("data"), 4_000, 30);
-    copy_dir(&clean, &raced);
     // How long a run takes here, to send the top-up while the run is posting.
-    let t = std::time::Instant::now();
-    ok(&local_config(&clean), &["billing", "run", "--date", DAY]);
-    let full = t.elapsed();
+    let (_, raced, full) = reference_and_copy(dir.path(), "raced");
     let config = local_config(&raced);
     let data = raced.join("data");
-    let run = std::process::Command::new(BIN)
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "billing",
-            "run",
-            "--date",
-            DAY,
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let run = spawn_run(&config, true);
     std::thread::sleep(full.mul_f64(0.4));
     let mut answers = Vec::new();
     for _ in 0..3 {

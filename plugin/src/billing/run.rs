@@ -342,10 +342,12 @@ pub fn run(cx: &mut RunContext<'_>, period: &Period) -> Result<RunSummary, RunEr
                 .unwrap_or_default(),
         });
     }
-    if let Some(r) = cx.store.run(&period.name)? {
+    let earlier = cx.store.run(&period.name)?;
+    if let Some(r) = &earlier {
         if r.finished_ms.is_some() {
             let mut s: RunSummary = r
                 .summary
+                .clone()
                 .and_then(|v| serde_json::from_value(v).ok())
                 .unwrap_or_default();
             s.already = true;
@@ -353,10 +355,10 @@ pub fn run(cx: &mut RunContext<'_>, period: &Period) -> Result<RunSummary, RunEr
             return Ok(s);
         }
     }
-    let resumed = cx.store.run(&period.name)?.is_some();
+    let resumed = earlier.is_some();
     let cursors = cx.store.cursors()?;
     // The meter range is fixed here (and stored with the plan); a resumed run uses its own.
-    let meter_upto = match cx.store.run(&period.name)? {
+    let meter_upto = match &earlier {
         Some(r) => r.plan.meter_upto,
         None => meter_prefix(cx.meter, cursors.meter, period.end_ms)?,
     };

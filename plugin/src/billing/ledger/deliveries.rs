@@ -69,7 +69,7 @@ pub struct Recorded {
     pub replayed: usize,
 }
 
-fn zone_of(s: &str) -> rusqlite::Result<Zone> {
+pub(crate) fn zone_of(s: &str) -> rusqlite::Result<Zone> {
     Zone::parse(s).ok_or_else(|| {
         rusqlite::Error::FromSqlConversionFailure(
             0,

@@ -165,6 +165,17 @@ pub enum Phase {
     Void,
 }
 
+impl Phase {
+    /// The phase of a [`Posting::Transfer`] entry.
+    pub fn of_transfer(pending: bool) -> Phase {
+        if pending {
+            Phase::Pending
+        } else {
+            Phase::Posted
+        }
+    }
+}
+
 macro_rules! text_enum {
     ($t:ty, $($v:ident = $s:literal),+) => {
         impl $t {

@@ -22,6 +22,7 @@
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 
+use super::deliveries::zone_of;
 use super::{Status, Tariff};
 use crate::billing::money::Money;
 use crate::policy::zones::Zone;
@@ -251,16 +252,6 @@ pub struct RunFinish {
     pub sources_before_ms: i64,
 }
 
-fn zone_of(s: &str) -> rusqlite::Result<Zone> {
-    Zone::parse(s).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(
-            0,
-            rusqlite::types::Type::Text,
-            format!("unknown zone {s:?}").into(),
-        )
-    })
-}
-
 fn bad_text(what: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
         0,
@@ -361,11 +352,7 @@ pub(crate) fn scan_deliveries(
     let mut rows = s.query(params![after, upto])?;
     while let Some(r) = rows.next()? {
         let account = r.get_ref(1)?.as_str()?;
-        let zone = match r.get_ref(2)?.as_str()? {
-            "free" => Zone::Free,
-            "foreign" => Zone::Foreign,
-            other => return Err(zone_of(other).err().unwrap_or_else(|| bad_text("zone"))),
-        };
+        let zone = zone_of(r.get_ref(2)?.as_str()?)?;
         f(r.get(0)?, account, zone, u(r.get(3)?), r.get(4)?);
     }
     Ok(())

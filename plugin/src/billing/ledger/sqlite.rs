@@ -408,11 +408,7 @@ fn same_request(tx: &Connection, e: &Entry, p: &Posting) -> Result<bool> {
             amount,
             pending,
         } => {
-            let phase = if *pending {
-                Phase::Pending
-            } else {
-                Phase::Posted
-            };
+            let phase = Phase::of_transfer(*pending);
             let id = |a| account_id(tx, a, false).ok().flatten();
             e.kind == *kind
                 && e.phase == phase
@@ -455,11 +451,7 @@ fn apply(tx: &Connection, head: &mut Head, moves: &mut Moves, req: &Request) -> 
             amount,
             pending,
         } => {
-            let phase = if *pending {
-                Phase::Pending
-            } else {
-                Phase::Posted
-            };
+            let phase = Phase::of_transfer(*pending);
             (
                 *kind,
                 phase,
