@@ -195,7 +195,7 @@ impl Accountant {
     pub async fn apply_effects(&self) -> Result<EffectsReport, LedgerError> {
         let path = self.ledger_path.clone();
         let open = tokio::task::spawn_blocking(move || {
-            SqliteLedger::open(&path).and_then(|s| s.open_effects(10_000))
+            SqliteLedger::open_read_only(&path).and_then(|s| s.open_effects(10_000))
         })
         .await
         .map_err(|_| LedgerError::Stopped)??;
