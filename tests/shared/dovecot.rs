@@ -103,12 +103,20 @@ fn listener(name: &str, port: Option<u16>, ssl: bool, haproxy: bool) -> String {
 impl Dovecot {
     /// Writes the users' Maildirs and the configuration, starts Dovecot in the foreground and
     /// waits until every listener accepts. A port taken by someone else between choosing it and
-    /// Dovecot's bind (the ports are chosen free, then let go) is retried with new ports.
+    /// Dovecot's bind (the ports are chosen free, then let go), or the same free port handed
+    /// out for two of its listeners (`duplicate listener`), is retried with new ports.
     pub fn start(mailboxes: &[Mailbox], opts: &Options) -> anyhow::Result<Dovecot> {
         let mut attempt = 1;
         loop {
             match Self::start_once(mailboxes, opts) {
-                Err(e) if attempt < 3 && format!("{e:#}").contains("in use") => attempt += 1,
+                Err(e)
+                    if attempt < 3
+                        && ["in use", "duplicate listener"]
+                            .iter()
+                            .any(|clash| format!("{e:#}").contains(clash)) =>
+                {
+                    attempt += 1
+                }
                 r => return r,
             }
         }
