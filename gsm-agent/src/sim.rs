@@ -154,6 +154,8 @@ enum SubmitFault {
 #[derive(Debug)]
 struct Shared {
     received: Vec<ReceivedPdu>,
+    /// Every PDU accepted since start, including those `keep_received` let go.
+    accepted: u64,
     keep_received: Option<usize>,
     commands: Vec<String>,
     submit_faults: VecDeque<SubmitFault>,
@@ -202,6 +204,7 @@ impl SimModem {
         };
         let shared = Arc::new(Mutex::new(Shared {
             received: Vec::new(),
+            accepted: 0,
             keep_received: opts.keep_received,
             commands: Vec::new(),
             submit_faults: VecDeque::new(),
@@ -249,9 +252,14 @@ impl SimModem {
         &self.path
     }
 
-    /// PDUs accepted so far, in order.
+    /// PDUs accepted so far, in order (only the newest `keep_received` of them, if set).
     pub fn received(&self) -> Vec<ReceivedPdu> {
         lock(&self.shared).received.clone()
+    }
+
+    /// How many PDUs were accepted since start, counting those `keep_received` let go.
+    pub fn accepted(&self) -> u64 {
+        lock(&self.shared).accepted
     }
 
     /// Command lines received so far (`AT+CPIN=` arguments redacted), in order.
@@ -762,6 +770,7 @@ impl SimThread {
                 let over = (held + 1).saturating_sub(keep).min(held);
                 shared.received.drain(..over);
             }
+            shared.accepted += 1;
             shared.received.push(ReceivedPdu {
                 tpdu_len: len,
                 hex: hex.clone(),
@@ -1014,6 +1023,7 @@ mod tests {
         }
         let kept: Vec<u8> = sim.received().iter().map(|p| p.mr).collect();
         assert_eq!(kept, [2, 3]);
+        assert_eq!(sim.accepted(), 3, "the count goes on past what is kept");
     }
 
     #[test]

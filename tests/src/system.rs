@@ -117,7 +117,17 @@ impl System {
             .unwrap_or_default()
     }
 
-    /// Waits until the modem has accepted more than `before` PDUs; returns the new ones.
+    /// How many PDUs the simulated modem has accepted since start. Unlike `pdus().len()`
+    /// this goes on counting past the newest 1,000 the agent's simulator keeps.
+    pub fn pdu_count(&self) -> usize {
+        self.agent
+            .sim
+            .as_ref()
+            .map_or(0, |s| usize::try_from(s.accepted()).unwrap_or(usize::MAX))
+    }
+
+    /// Waits until the modem has accepted more than `before` PDUs (a [`System::pdu_count`]);
+    /// returns the new ones it still holds.
     pub async fn wait_pdus(
         &self,
         before: usize,
@@ -125,9 +135,11 @@ impl System {
     ) -> anyhow::Result<Vec<ReceivedPdu>> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let got = self.pdus();
-            if got.len() > before {
-                return Ok(got[before..].to_vec());
+            let count = self.pdu_count();
+            if count > before {
+                let got = self.pdus();
+                let new = (count - before).min(got.len());
+                return Ok(got[got.len() - new..].to_vec());
             }
             if tokio::time::Instant::now() > deadline {
                 bail!("the simulated modem received nothing within {timeout:?}");

@@ -602,7 +602,7 @@ async fn billing_notices_reach_the_modem_in_the_users_language() {
 
     // The accounting run's path: the same decision passed twice (a resumed run) is one SMS.
     outbox_drained(&sys).await;
-    let before = sys.pdus().len();
+    let before = sys.pdu_count();
     let decision = BillingNotice {
         login: "alice@example.com".into(),
         kind: BillingKind::Warning {
@@ -631,7 +631,7 @@ async fn billing_notices_reach_the_modem_in_the_users_language() {
     assert_eq!(again[0].id(), first[0].id());
     outbox_drained(&sys).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(sys.pdus().len(), before + 1, "the rerun sent a second SMS");
+    assert_eq!(sys.pdu_count(), before + 1, "the rerun sent a second SMS");
 
     // The audit log answers "was she told, and if not, why".
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -567,7 +567,7 @@ async fn one_run(
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     let stats = sys.mail.intake_stats();
     let notices0 = stats.notices_created.load(Ordering::Relaxed);
-    let pdus0 = sys.pdus().len();
+    let pdus0 = sys.pdu_count();
     let local = rcpt_local(args);
     let delivered0 = peer.delivered(local, domain).await?;
     let copies = (messages * USERS) as u64;
@@ -607,7 +607,7 @@ async fn one_run(
             all_delivered = Some(started.elapsed());
         }
         let notices = stats.notices_created.load(Ordering::Relaxed) - notices0;
-        let pdus = (sys.pdus().len() - pdus0) as u64;
+        let pdus = (sys.pdu_count() - pdus0) as u64;
         let notifies = mailbell && !args.unregistered;
         let done = if notifies {
             delivered >= copies && notices >= copies && pdus >= copies

@@ -64,7 +64,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     sys.wait_modems_ready(Duration::from_secs(30)).await?;
     let queue_id: u64 = 0x04bf_063f_d080_036e;
-    let before = sys.pdus().len();
+    let before = sys.pdu_count();
     let t0 = Instant::now();
     let req = system::hook_data_request(
         queue_id,
