@@ -33,9 +33,6 @@ use crate::phone::E164;
 use crate::render::Renderer;
 use crate::sim::{SimModem, SimOptions};
 
-/// How often the allocator's free memory is returned to the kernel ([`crate::memory`]).
-const TRIM_EVERY: Duration = Duration::from_secs(60);
-
 /// The modem pool as the dispatcher's sink.
 struct PoolSink {
     pool: Pool,
@@ -321,20 +318,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                     Ok(Err(e)) => error!(error = %e, "dedupe purge failed"),
                     _ => {}
                 }
-            }
-        });
-    }
-
-    // Return the allocator's free memory to the kernel once a minute (see `memory`).
-    {
-        let stop = shutdown.clone();
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(TRIM_EVERY) => {}
-                }
-                let _ = tokio::task::spawn_blocking(crate::memory::release).await;
             }
         });
     }

@@ -718,7 +718,7 @@ mod tests {
     #[test]
     fn inbox_cache_is_bounded_by_default_and_validated() {
         let c = Config::from_toml("", "t").unwrap();
-        assert_eq!(c.inbox.cache_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.inbox.cache_bytes, 4 * 1024 * 1024);
         let c = Config::from_toml("[inbox]\ncache_mb = 64", "t").unwrap();
         assert_eq!(c.inbox.cache_bytes, 64 * 1024 * 1024);
         for bad in ["0", "4097"] {

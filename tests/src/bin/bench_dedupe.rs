@@ -36,7 +36,7 @@ struct Args {
     #[arg(long, default_value_t = 700_000)]
     ids: usize,
     /// sled page cache (`[inbox] cache_mb`).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 4)]
     cache_mb: u64,
     /// The RSS target for the reopened inbox, MB.
     #[arg(long, default_value_t = 64.0)]

@@ -4,7 +4,7 @@
 //! ```text
 //! cargo build --release -p mailbell -p mailbell-gsm-agent -p mailbell-tests --bins
 //! target/release/bench_soak [--minutes 30] [--rate 50] [--sample-secs 30] [--users 1000]
-//!     [--modems 2] [--cache-mb 16] [--keep]
+//!     [--modems 2] [--cache-mb 4] [--keep]
 //! ```
 //!
 //! `mailbell serve` (milter, durable outbox, mutual-TLS link; dev PKI) and
@@ -65,7 +65,7 @@ struct Args {
     #[arg(long, default_value_t = 8)]
     connections: usize,
     /// The agent's `[inbox] cache_mb`.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 4)]
     cache_mb: u64,
     /// `mailbell` binary (default: beside this one).
     #[arg(long)]
