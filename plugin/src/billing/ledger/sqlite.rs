@@ -26,13 +26,13 @@ use rusqlite::{
 use super::deliveries::{self, Delivery, DeliveryRecord, Recorded};
 use super::reports::{self, DayRows, StatementData, UnbilledAccount, WriteOff};
 use super::runs::{
-    self, ChargeRow, Cursors, Effect, OpenPending, RetrievalRow, RunFinish, RunPlan, RunRecord,
-    RunUser, StandingRules, Unbilled,
+    self, ChargeRow, Cursors, DeliveryRow, Effect, OpenPending, RetrievalRow, RunFinish, RunPlan,
+    RunRecord, RunUser, StandingRules, Unbilled,
 };
 use super::verify::{Problem, Verifier};
 use super::{
-    chain, AccountRef, Balance, Entry, LedgerError, LedgerStore, Phase, Posted, Posting, Request,
-    Result, Statement, Status, Tariff, UserAccount, VerifyReport,
+    chain, AccountRef, Balance, DeliveryReader, Entry, LedgerError, LedgerStore, Phase, Posted,
+    Posting, Request, Result, Statement, Status, Tariff, UserAccount, VerifyReport,
 };
 use crate::billing::money::Money;
 use crate::policy::zones::Zone;
@@ -84,19 +84,39 @@ CREATE TABLE IF NOT EXISTS head (
     last_id INTEGER NOT NULL,
     hash BLOB NOT NULL
 );
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 ";
 
 /// The page cache of a connection that writes, in KiB (negative: SQLite's unit for KiB).
-const CACHE_KIB: i64 = -65_536;
+const CACHE_KIB: i64 = -163_840;
 
-const ENTRY_COLS: &str =
-    "id, key, kind, phase, debit, credit, amount, pending_id, at_ms, memo, prev_hash, hash";
+/// The entry columns, in [`row_entry`]'s order (a macro, so that the statements below are
+/// literals: the posting loop prepares them from its cache without formatting them first).
+macro_rules! entry_cols {
+    () => {
+        "id, key, kind, phase, debit, credit, amount, pending_id, at_ms, memo, prev_hash, hash"
+    };
+}
+const ENTRY_COLS: &str = entry_cols!();
+const ENTRY_BY_KEY: &str = concat!("SELECT ", entry_cols!(), " FROM entries WHERE key = ?1");
+const ENTRY_BY_ID: &str = concat!("SELECT ", entry_cols!(), " FROM entries WHERE id = ?1");
+const ENTRY_RESOLVING: &str = concat!(
+    "SELECT ",
+    entry_cols!(),
+    " FROM entries WHERE pending_id = ?1"
+);
+const INSERT_ENTRY: &str = concat!(
+    "INSERT INTO entries (",
+    entry_cols!(),
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+);
 
 /// The SQLite ledger.
 pub struct SqliteLedger {
     conn: Connection,
     path: String,
+    /// Delivery account numbers this connection has seen committed.
+    numbers: deliveries::AccountNumbers,
 }
 
 /// The chain's end inside a transaction.
@@ -117,7 +137,11 @@ impl SqliteLedger {
             })?;
         }
         let conn = Connection::open(path).map_err(sql(&name, "open"))?;
-        let me = Self { conn, path: name };
+        let me = Self {
+            conn,
+            path: name,
+            numbers: Default::default(),
+        };
         me.conn
             .busy_timeout(Duration::from_secs(10))
             .map_err(me.err("set the busy timeout"))?;
@@ -135,6 +159,13 @@ impl SqliteLedger {
         me.conn
             .execute_batch(SCHEMA)
             .map_err(me.err("create the schema"))?;
+        // Files from before schema 2 (`deliveries::migrate_to_2`); checked at every open, a
+        // no-op once done.
+        me.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .and_then(|()| deliveries::migrate_to_2(&me.conn))
+            .and_then(|()| me.conn.execute_batch("COMMIT"))
+            .map_err(me.err("upgrade the delivery meter's schema to version 2"))?;
         me.conn
             .execute_batch(deliveries::SCHEMA)
             .map_err(me.err("create the delivery meter's schema"))?;
@@ -156,7 +187,11 @@ impl SqliteLedger {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(sql(&name, "open to read"))?;
-        let me = Self { conn, path: name };
+        let me = Self {
+            conn,
+            path: name,
+            numbers: Default::default(),
+        };
         me.conn
             .busy_timeout(Duration::from_secs(10))
             .map_err(me.err("set the busy timeout"))?;
@@ -256,10 +291,10 @@ fn bad_row(id: i64) -> impl Fn(String) -> LedgerError {
     }
 }
 
-fn entry_where(conn: &Connection, cond: &str, arg: &dyn rusqlite::ToSql) -> Result<Option<Entry>> {
-    let q = format!("SELECT {ENTRY_COLS} FROM entries WHERE {cond}");
+/// The entry `query` (one of the `ENTRY_*` statements) finds with `arg`.
+fn entry_where(conn: &Connection, query: &str, arg: &dyn rusqlite::ToSql) -> Result<Option<Entry>> {
     let found = conn
-        .prepare_cached(&q)
+        .prepare_cached(query)
         .and_then(|mut s| s.query_row([arg], row_entry).optional())
         .map_err(|error| LedgerError::Sqlite {
             path: String::new(),
@@ -430,7 +465,7 @@ fn same_request(tx: &Connection, e: &Entry, p: &Posting) -> Result<bool> {
 /// One request inside a transaction; `head` moves on when an entry is written.
 fn apply(tx: &Connection, head: &mut Head, moves: &mut Moves, req: &Request) -> Result<Posted> {
     req.validate()?;
-    if let Some(e) = entry_where(tx, "key = ?1", &req.key)? {
+    if let Some(e) = entry_where(tx, ENTRY_BY_KEY, &req.key)? {
         if same_request(tx, &e, &req.posting)? {
             return Ok(Posted {
                 entry: e,
@@ -463,12 +498,12 @@ fn apply(tx: &Connection, head: &mut Head, moves: &mut Moves, req: &Request) -> 
             )
         }
         Posting::PostPending { pending_id, .. } | Posting::VoidPending { pending_id } => {
-            let p = entry_where(tx, "id = ?1", pending_id)?
+            let p = entry_where(tx, ENTRY_BY_ID, pending_id)?
                 .ok_or(LedgerError::UnknownEntry(*pending_id))?;
             if p.phase != Phase::Pending {
                 return Err(LedgerError::NotPending(p.id));
             }
-            if let Some(by) = entry_where(tx, "pending_id = ?1", pending_id)? {
+            if let Some(by) = entry_where(tx, ENTRY_RESOLVING, pending_id)? {
                 return Err(LedgerError::AlreadyResolved {
                     pending: p.id,
                     by: by.id,
@@ -523,31 +558,28 @@ fn apply(tx: &Connection, head: &mut Head, moves: &mut Moves, req: &Request) -> 
     };
     moves.add(debit, 0, posted, pending)?;
     moves.add(credit, 1, posted, pending)?;
-    tx.prepare_cached(&format!(
-        "INSERT INTO entries ({ENTRY_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
-         ?11, ?12)"
-    ))
-    .and_then(|mut s| {
-        s.execute(params![
-            e.id,
-            e.key,
-            e.kind.as_str(),
-            e.phase.as_str(),
-            e.debit,
-            e.credit,
-            e.amount.minor(),
-            e.pending_id,
-            e.at_ms,
-            e.memo,
-            &e.prev_hash[..],
-            &e.hash[..],
-        ])
-    })
-    .map_err(|error| LedgerError::Sqlite {
-        path: String::new(),
-        op: "insert an entry",
-        error,
-    })?;
+    tx.prepare_cached(INSERT_ENTRY)
+        .and_then(|mut s| {
+            s.execute(params![
+                e.id,
+                e.key,
+                e.kind.as_str(),
+                e.phase.as_str(),
+                e.debit,
+                e.credit,
+                e.amount.minor(),
+                e.pending_id,
+                e.at_ms,
+                e.memo,
+                &e.prev_hash[..],
+                &e.hash[..],
+            ])
+        })
+        .map_err(|error| LedgerError::Sqlite {
+            path: String::new(),
+            op: "insert an entry",
+            error,
+        })?;
     head.id = e.id;
     head.hash = e.hash;
     Ok(Posted {
@@ -684,6 +716,17 @@ impl SqliteLedger {
     }
 }
 
+impl DeliveryReader for SqliteLedger {
+    fn scan_deliveries(
+        &self,
+        after: i64,
+        upto: i64,
+        f: &mut dyn FnMut(DeliveryRow<'_>),
+    ) -> Result<()> {
+        LedgerStore::scan_deliveries(self, after, upto, f)
+    }
+}
+
 impl LedgerStore for SqliteLedger {
     fn cursors(&self) -> Result<Cursors> {
         runs::cursors(&self.conn).map_err(self.err("read the run cursors"))
@@ -730,9 +773,17 @@ impl LedgerStore for SqliteLedger {
         &self,
         after: i64,
         upto: i64,
-        f: &mut dyn FnMut(i64, &str, Zone, u64, i64),
+        f: &mut dyn FnMut(DeliveryRow<'_>),
     ) -> Result<()> {
         runs::scan_deliveries(&self.conn, after, upto, f).map_err(self.err("read deliveries"))
+    }
+
+    fn delivery_accounts(&self) -> Result<Vec<(i64, String)>> {
+        runs::delivery_accounts(&self.conn).map_err(self.err("read the delivery accounts"))
+    }
+
+    fn delivery_reader(&self) -> Result<Option<Box<dyn DeliveryReader>>> {
+        Ok(Some(Box::new(Self::open_read_only(Path::new(&self.path))?)))
     }
 
     fn unbilled(&self, before_period: Option<&str>) -> Result<Vec<Unbilled>> {
@@ -887,9 +938,13 @@ impl LedgerStore for SqliteLedger {
             deliveries::validate(d)?;
         }
         let path = self.path.clone();
+        let numbers = std::mem::take(&mut self.numbers);
         let tx = self.tx()?;
-        let r = deliveries::record(&tx, batch).map_err(sql(&path, "record deliveries"))?;
-        tx.commit().map_err(sql(&path, "commit"))?;
+        let r = deliveries::record(&tx, &numbers, batch).map_err(sql(&path, "record deliveries"));
+        let done = r.and_then(|r| tx.commit().map_err(sql(&path, "commit")).map(|()| r));
+        self.numbers = numbers;
+        let (r, looked_up) = done?;
+        self.numbers.learn(looked_up);
         Ok(r)
     }
 
@@ -1005,7 +1060,7 @@ impl LedgerStore for SqliteLedger {
     }
 
     fn entry(&self, id: i64) -> Result<Option<Entry>> {
-        entry_where(&self.conn, "id = ?1", &id).map_err(|e| self.named(e))
+        entry_where(&self.conn, ENTRY_BY_ID, &id).map_err(|e| self.named(e))
     }
 
     fn open_pending(&self, older_than_ms: i64, limit: usize) -> Result<Vec<Entry>> {
