@@ -72,7 +72,7 @@ pub const MAX_QUERY_LIMIT: usize = 10_000;
 /// Queued bytes past which the writer commits at once rather than at the end of the interval:
 /// a steady stream of large records is written in groups of about this size, while the
 /// appenders encode the next, and a flush waits for at most one such group.
-const GROUP_BYTES: usize = 8 << 20;
+const GROUP_BYTES: usize = 32 << 20;
 
 /// When appends become durable (`[meter] sync`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
