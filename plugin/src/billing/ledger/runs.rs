@@ -458,18 +458,19 @@ pub(crate) fn users(conn: &Connection) -> rusqlite::Result<Vec<RunUser>> {
     rows.collect()
 }
 
-/// Stores a charge row (once per key) naming the entry that charged it.
+/// Stores a charge row; [`put_charge`] runs it.
+pub(crate) const PUT_CHARGE: &str = "INSERT OR IGNORE INTO charges (key, period, login, zone, \
+    bytes, amount, meter_id, entry_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
+/// Stores a charge row (once per key) naming the entry that charged it, with [`PUT_CHARGE`]
+/// prepared by the caller.
 pub(crate) fn put_charge(
-    tx: &Connection,
+    put: &mut rusqlite::Statement<'_>,
     period: &str,
     c: &ChargeRow,
     entry_id: Option<i64>,
 ) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT OR IGNORE INTO charges (key, period, login, zone, bytes, amount, meter_id, \
-         entry_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?
-    .execute(params![
+    put.execute(params![
         c.key,
         period,
         c.login,
