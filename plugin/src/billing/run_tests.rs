@@ -49,8 +49,15 @@ struct World {
 
 impl World {
     fn new() -> World {
+        Self::new_with(|_| {})
+    }
+
+    /// A world whose ledger file `before` prepared (an older schema) before it is opened.
+    fn new_with(before: impl FnOnce(&std::path::Path)) -> World {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("billing").join("ledger.sqlite");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        before(&path);
         let mut ledger = SqliteLedger::open(&path).unwrap();
         for login in ["a@x.example", "b@x.example"] {
             ledger
@@ -604,4 +611,103 @@ fn replayed_deliveries_and_meter_records_change_nothing() {
         after_first
     );
     assert!(w.ledger.verify().unwrap().problem.is_none());
+}
+
+/// A ledger file from before delivery account numbers (schema 1: `deliveries` without
+/// `account_no`) is upgraded when opened; its records (no number) and those recorded after
+/// the upgrade (numbered) are charged together, and the ledger is the one a file recorded
+/// from the start with numbers gets.
+#[test]
+fn a_schema_1_ledger_is_upgraded_and_its_old_deliveries_are_charged() {
+    let d1 = day(1);
+    let old_rows = [
+        (
+            "milter:old1",
+            "a@x.example",
+            "foreign",
+            2 * MB,
+            d1.start_ms + HOUR,
+        ),
+        (
+            "milter:old2",
+            "gone@x.example",
+            "foreign",
+            MB,
+            d1.start_ms + HOUR,
+        ),
+    ];
+    let mut old = World::new_with(|path| {
+        let c = rusqlite::Connection::open(path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE deliveries (id INTEGER PRIMARY KEY, message_key TEXT NOT NULL, \
+             account TEXT NOT NULL, zone TEXT NOT NULL, bytes INTEGER NOT NULL, \
+             at_ms INTEGER NOT NULL, run TEXT, UNIQUE (message_key, account)); \
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        for (key, account, zone, bytes, at) in old_rows {
+            c.execute(
+                "INSERT INTO deliveries (message_key, account, zone, bytes, at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![key, account, zone, bytes as i64, at],
+            )
+            .unwrap();
+        }
+    });
+    let mut fresh = World::new();
+    for (key, account, zone, bytes, at) in old_rows {
+        fresh
+            .ledger
+            .record_deliveries(&[Delivery {
+                message_key: key.into(),
+                account: account.into(),
+                zone: Zone::parse(zone),
+                bytes,
+                at_ms: at,
+            }])
+            .unwrap();
+    }
+    let conn = rusqlite::Connection::open(&old.path).unwrap();
+    let numbers: Vec<Option<i64>> = conn
+        .prepare("SELECT account_no FROM deliveries ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(numbers, [None, None], "old records keep no number");
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+    // Opening again changes nothing.
+    drop(SqliteLedger::open(&old.path).unwrap());
+    let mut summaries = Vec::new();
+    for w in [&mut old, &mut fresh] {
+        w.topup("a@x.example", 10_000);
+        w.deliver("a@x.example", Zone::Foreign, 3 * MB, d1.start_ms + 2 * HOUR);
+        w.deliver("gone@x.example", Zone::Free, MB, d1.start_ms + 2 * HOUR);
+        w.retrieve("a@x.example", d1.start_ms + 3 * HOUR);
+        summaries.push(w.run(&d1).unwrap());
+    }
+    let s = &summaries[0];
+    assert_eq!((s.deliveries, s.unbilled, s.charges), (4, 2, 1), "{s:?}");
+    assert_eq!(
+        s.charged,
+        m(150),
+        "2 MB before the upgrade and 3 MB after, at 0.30/MB"
+    );
+    assert_eq!(summaries[0].charged, summaries[1].charged);
+    assert_eq!(old.dump(), fresh.dump());
+    let numbered: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM deliveries WHERE account_no IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        numbered, 2,
+        "records made after the upgrade carry their number"
+    );
 }

@@ -109,8 +109,34 @@ pub(super) fn list(dir: &Path) -> Result<Vec<(NaiveDate, PathBuf)>, MeterError> 
     Ok(files)
 }
 
-/// Appends one framed record to `out`.
+/// Appends one framed record to `out` (tests write records so; the store uses
+/// [`encode_open`] and [`set_id`]).
+#[cfg(test)]
 pub(super) fn encode(rec: &MeterRecord, out: &mut Vec<u8>) -> Result<(), MeterError> {
+    let start = out.len();
+    let len = serialize(rec, out)?;
+    let crc = crc32fast::hash(&out[start + HEADER..]);
+    out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    out[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// The id a record is encoded with before it has one: 20 digits, the widest a `u64` takes.
+const ID_PLACEHOLDER: &[u8] = b"18446744073709551615";
+/// Where the id's digits are in an encoded record: after the header and `{"id":`.
+const ID_AT: usize = HEADER + 6;
+
+/// A record [`encode_open`] put into a buffer: where it starts, and the CRC of its body after
+/// the id's field, so that [`set_id`] hashes only the few bytes it writes.
+#[derive(Clone, Debug)]
+pub(super) struct Open {
+    start: usize,
+    rest: crc32fast::Hasher,
+}
+
+/// Serializes `rec` (its id the widest number) into `out` after a header of zeros; returns
+/// the body's length. The body stays in `out` only when it encodes and fits the cap.
+fn serialize(rec: &MeterRecord, out: &mut Vec<u8>) -> Result<usize, MeterError> {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER]);
     if let Err(e) = serde_json::to_writer(&mut *out, rec) {
@@ -124,52 +150,61 @@ pub(super) fn encode(rec: &MeterRecord, out: &mut Vec<u8>) -> Result<(), MeterEr
         out.truncate(start);
         return Err(MeterError::TooLarge(len));
     }
-    let crc = crc32fast::hash(&out[start + HEADER..]);
-    out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
-    out[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
-    Ok(())
+    Ok(len)
 }
 
-/// The id a record is encoded with before it has one: 20 digits, the widest a `u64` takes.
-const ID_PLACEHOLDER: &[u8] = b"18446744073709551615";
-/// Where the id's digits are in an encoded record: after the header and `{"id":`.
-const ID_AT: usize = HEADER + 6;
-
-/// [`encode`] with the id left open (the widest number), so that the costly part runs
-/// outside the queue's lock; [`set_id`] then writes the real one in place.
+/// [`encode`] with the id left open (the widest number) and the header's CRC not written:
+/// the costly part runs outside the queue's lock; [`set_id`] then writes the real id in place
+/// and the CRC.
 pub(super) fn encode_open(
     at_ms: i64,
     entry: super::Entry,
     out: &mut Vec<u8>,
-) -> Result<usize, Box<(MeterError, super::Entry)>> {
+) -> Result<Open, Box<(MeterError, super::Entry)>> {
     let start = out.len();
     let rec = MeterRecord {
         id: u64::MAX,
         at_ms,
         entry,
     };
-    if let Err(e) = encode(&rec, out) {
-        return Err(Box::new((e, rec.entry)));
-    }
+    let len = match serialize(&rec, out) {
+        Ok(len) => len,
+        Err(e) => return Err(Box::new((e, rec.entry))),
+    };
     if out.get(start + ID_AT..start + ID_AT + 20) != Some(ID_PLACEHOLDER) {
         out.truncate(start);
         let e = MeterError::Unwritable("record encoding does not start with its id".into());
         return Err(Box::new((e, rec.entry)));
     }
-    Ok(start)
+    out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    let mut rest = crc32fast::Hasher::new();
+    rest.update(&out[start + ID_AT + 20..start + HEADER + len]);
+    Ok(Open { start, rest })
 }
 
-/// Writes `id` into the record [`encode_open`] put at `start`: its digits, then spaces
-/// (whitespace JSON allows before the next `,`), and the CRC again.
-pub(super) fn set_id(out: &mut [u8], start: usize, id: u64) {
+/// Writes `id` into the record [`encode_open`] put into `out`: its digits, then spaces
+/// (whitespace JSON allows before the next `,`), and the body's CRC, from the CRC of the
+/// first 26 bytes combined with the rest's.
+pub(super) fn set_id(out: &mut [u8], open: &Open, id: u64) {
+    let start = open.start;
     let field = &mut out[start + ID_AT..start + ID_AT + 20];
-    let digits = id.to_string();
     field.fill(b' ');
-    field[..digits.len()].copy_from_slice(digits.as_bytes());
-    let len = u32::from_le_bytes([out[start], out[start + 1], out[start + 2], out[start + 3]]);
-    let body = &out[start + HEADER..start + HEADER + len as usize];
-    let crc = crc32fast::hash(body);
-    out[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
+    let mut digits = [0u8; 20];
+    let mut n = id;
+    let mut k = digits.len();
+    loop {
+        k -= 1;
+        digits[k] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    field[..digits.len() - k].copy_from_slice(&digits[k..]);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&out[start + HEADER..start + ID_AT + 20]);
+    crc.combine(&open.rest);
+    out[start + 4..start + HEADER].copy_from_slice(&crc.finalize().to_le_bytes());
 }
 
 /// Checks one record's body against its header's CRC; the error says why the file ends here.
@@ -420,6 +455,48 @@ pub(super) fn scan_after<T: DeserializeOwned>(
     durable: &(PathBuf, u64),
     f: &mut dyn FnMut(Head, T) -> ControlFlow<()>,
 ) -> Result<(), MeterError> {
+    scan_bodies_after(dir, after, durable, &mut |body| {
+        let head: Head = decode(body)?;
+        if head.id <= after {
+            return Ok(ControlFlow::Continue(()));
+        }
+        Ok(f(head, decode(body)?))
+    })
+}
+
+/// [`scan_after`] for a `T` that holds the record's id (`T::id`): each body is decoded once,
+/// as `T` (records up to `after` too, then skipped).
+pub(super) fn scan_after_once<T: DeserializeOwned + HasId>(
+    dir: &Path,
+    after: u64,
+    durable: &(PathBuf, u64),
+    f: &mut dyn FnMut(T) -> ControlFlow<()>,
+) -> Result<(), MeterError> {
+    scan_bodies_after(dir, after, durable, &mut |body| {
+        let r: T = decode(body)?;
+        if r.id() <= after {
+            return Ok(ControlFlow::Continue(()));
+        }
+        Ok(f(r))
+    })
+}
+
+/// A decoded record that knows its id.
+pub(super) trait HasId {
+    fn id(&self) -> u64;
+}
+
+/// What [`scan_bodies_after`] calls with each body: `Err(why)` ends the file there.
+type BodyFn<'a> = dyn FnMut(&[u8]) -> Result<ControlFlow<()>, &'static str> + 'a;
+
+/// The files' bodies from the one holding `after + 1` on, to `f` (which skips those up to
+/// `after`) until it breaks.
+fn scan_bodies_after(
+    dir: &Path,
+    after: u64,
+    durable: &(PathBuf, u64),
+    f: &mut BodyFn<'_>,
+) -> Result<(), MeterError> {
     let files = list(dir)?;
     let mut start = 0;
     for (k, (_, path)) in files.iter().enumerate().skip(1) {
@@ -442,11 +519,7 @@ pub(super) fn scan_after<T: DeserializeOwned>(
         };
         let mut stop = false;
         let scanned = scan_bodies(f_in, cap, |body| {
-            let head: Head = decode(body)?;
-            if head.id <= after {
-                return Ok(ControlFlow::Continue(()));
-            }
-            let flow = f(head, decode(body)?);
+            let flow = f(body)?;
             stop = flow.is_break();
             Ok(flow)
         })

@@ -644,3 +644,73 @@ fn appenders_on_several_threads_leave_increasing_ids_in_file_order() {
     store.flush().unwrap();
     assert_eq!(all(&store).last().unwrap().id, n + 1);
 }
+
+/// A record encoded with its id left open and the id set under the queue's lock (the CRC
+/// combined from the id's bytes and the rest's) reads back as the same record with that id,
+/// for ids of every width.
+#[test]
+fn an_open_record_with_its_id_set_checks_out_and_reads_back() {
+    let ids = [0, 7, 10, 12_345, 10_u64.pow(19), u64::MAX - 1];
+    let entries: Vec<Entry> = (0..ids.len() as u32).map(|n| session("carol", n)).collect();
+    let mut buf = Vec::new();
+    let mut opens = Vec::new();
+    for e in &entries {
+        let open = file::encode_open(5, e.clone(), &mut buf)
+            .map_err(|e| e.0)
+            .unwrap();
+        opens.push(open);
+    }
+    for (open, id) in opens.iter().zip(ids) {
+        file::set_id(&mut buf, open, id);
+    }
+    let mut back = Vec::new();
+    let scanned = file::scan(&buf[..], u64::MAX, |r| {
+        back.push(r);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert!(scanned.stopped.is_none(), "{:?}", scanned.stopped);
+    let got: Vec<(u64, i64)> = back.iter().map(|r| (r.id, r.at_ms)).collect();
+    let want: Vec<(u64, i64)> = ids.iter().map(|&id| (id, 5)).collect();
+    assert_eq!(got, want);
+    for (r, e) in back.iter().zip(&entries) {
+        assert_eq!(&r.entry, e);
+    }
+    // A flipped byte after the id still fails the CRC.
+    let last = buf.len() - 2;
+    buf[last] ^= 1;
+    let scanned = file::scan(&buf[..], u64::MAX, |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(scanned.stopped, Some("CRC mismatch"));
+}
+
+/// Appends without a waiter do not wake the writer each: they are committed together, as
+/// one group, once the interval from the first of them is up.
+#[test]
+fn appends_without_a_waiter_land_in_one_commit_within_the_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MeterStore::open(
+        dir.path(),
+        MeterConfig {
+            flush_interval: Duration::from_millis(300),
+            ..MeterConfig::default()
+        },
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    for n in 1..=50 {
+        store.append(vec![session("a", n)]).unwrap();
+    }
+    let st = store.stats();
+    let deadline = started + Duration::from_secs(10);
+    while st.records.load(Ordering::Relaxed) < 50 {
+        assert!(std::time::Instant::now() < deadline, "not durable in 10 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(290),
+        "committed before the interval was up: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(st.commits.load(Ordering::Relaxed), 1, "one group commit");
+    assert_eq!(ids(&all(&store)), (1..=50).collect::<Vec<u64>>());
+}

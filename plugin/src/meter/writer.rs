@@ -49,13 +49,19 @@ impl Writer {
     pub(super) fn run(mut self) {
         let interval = self.shared.cfg.flush_interval;
         loop {
-            let (requests, closing) = {
+            let (requests, closing, oldest, full) = {
                 let mut q = lock(&self.shared.queue);
                 loop {
-                    if !q.requests.is_empty() || q.closing {
+                    if q.closing || q.urgent || q.bytes >= super::GROUP_BYTES {
                         break;
                     }
-                    let wait = match self.dirty_since {
+                    // Records wait at most `interval` from the first of them (queued or
+                    // taken); until then the writer sleeps, and appends do not wake it.
+                    let since = match (self.dirty_since, q.oldest) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    let wait = match since {
                         Some(t) => match interval.checked_sub(t.elapsed()) {
                             Some(d) if !d.is_zero() => d,
                             _ => break,
@@ -68,13 +74,24 @@ impl Writer {
                         .wait_timeout(q, wait)
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     q = guard;
-                    if timeout.timed_out() {
+                    if timeout.timed_out() && since.is_none() {
                         break;
                     }
                 }
-                (q.requests.drain(..).collect::<Vec<_>>(), q.closing)
+                q.urgent = false;
+                let oldest = q.oldest.take();
+                let full = std::mem::take(&mut q.bytes) >= super::GROUP_BYTES;
+                (
+                    q.requests.drain(..).collect::<Vec<_>>(),
+                    q.closing,
+                    oldest,
+                    full,
+                )
             };
-            let mut now = requests.iter().any(|r| r.done.is_some());
+            if let Some(t) = oldest {
+                self.dirty_since = Some(self.dirty_since.map_or(t, |d| d.min(t)));
+            }
+            let mut now = full || requests.iter().any(|r| r.done.is_some());
             for r in requests {
                 self.take(r);
             }

@@ -6,9 +6,16 @@
 //! ```text
 //! delivery_sources(message_key PRIMARY KEY, zone, at_ms)   the zone a message was classified
 //!                  in at SMTP time, when it is not the default (foreign)
-//! deliveries(id, message_key, account, zone, bytes, at_ms, run)  UNIQUE(message_key, account)
+//! deliveries(id, message_key, account, zone, bytes, at_ms, run, account_no)
+//!            UNIQUE(message_key, account)
 //!            run: NULL until an accounting run consumes the record
+//!            account_no: the account's number in delivery_accounts (NULL in records from
+//!            before ledger schema 2)
+//! delivery_accounts(id, account UNIQUE)   every account a delivery was recorded for, numbered
+//!            once: the accounting run resolves each account once, not each of its deliveries
 //! ```
+
+use std::collections::HashMap;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -29,10 +36,33 @@ CREATE TABLE IF NOT EXISTS deliveries (
     bytes INTEGER NOT NULL,
     at_ms INTEGER NOT NULL,
     run TEXT,
+    account_no INTEGER,
     UNIQUE (message_key, account)
 );
 CREATE INDEX IF NOT EXISTS deliveries_unconsumed ON deliveries(id) WHERE run IS NULL;
+CREATE TABLE IF NOT EXISTS delivery_accounts (
+    id INTEGER PRIMARY KEY,
+    account TEXT NOT NULL UNIQUE
+);
 ";
+
+/// Ledger schema 1 → 2: delivery records carry their account's number
+/// (`deliveries.account_no`, `delivery_accounts`). Records already stored keep `NULL` there
+/// and are resolved by their account's name, as before. Runs inside the caller's
+/// transaction, before [`SCHEMA`] (whose `CREATE TABLE IF NOT EXISTS` leaves an old table as
+/// it is).
+pub(crate) fn migrate_to_2(conn: &Connection) -> rusqlite::Result<()> {
+    let old_table: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'deliveries') \
+         AND NOT EXISTS (SELECT 1 FROM pragma_table_info('deliveries') WHERE name = 'account_no')",
+        [],
+        |r| r.get(0),
+    )?;
+    if old_table {
+        conn.execute_batch("ALTER TABLE deliveries ADD COLUMN account_no INTEGER")?;
+    }
+    Ok(())
+}
 
 /// One confirmed delivery of a message into one account's mailbox.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,17 +123,72 @@ pub(crate) fn remember_source(
     .map(drop)
 }
 
+/// Most account numbers a ledger connection keeps in memory ([`AccountNumbers`]).
+const MAX_CACHED_NUMBERS: usize = 1_000_000;
+
+/// Delivery account numbers known to be committed (a number never changes once given), so
+/// that recording a delivery looks its account up in memory rather than in the file.
+#[derive(Debug, Default)]
+pub(crate) struct AccountNumbers {
+    known: HashMap<String, i64>,
+}
+
+impl AccountNumbers {
+    /// Remembers numbers once the transaction that read or gave them has committed.
+    pub(crate) fn learn(&mut self, numbers: Vec<(String, i64)>) {
+        if self.known.len() + numbers.len() > MAX_CACHED_NUMBERS {
+            self.known.clear();
+        }
+        self.known.extend(numbers);
+    }
+}
+
+/// The number of `account` in `delivery_accounts`, given on first use (in the caller's
+/// transaction): from `known`, else from the batch's own (`seen`: a webhook batch names an
+/// account many times), else from the file.
+fn account_no(
+    conn: &Connection,
+    known: &AccountNumbers,
+    seen: &mut HashMap<String, i64>,
+    account: &str,
+) -> rusqlite::Result<i64> {
+    if let Some(&no) = known.known.get(account).or_else(|| seen.get(account)) {
+        return Ok(no);
+    }
+    let found: Option<i64> = conn
+        .prepare_cached("SELECT id FROM delivery_accounts WHERE account = ?1")?
+        .query_row([account], |r| r.get(0))
+        .optional()?;
+    let no = match found {
+        Some(no) => no,
+        None => {
+            conn.prepare_cached("INSERT INTO delivery_accounts (account) VALUES (?1)")?
+                .execute([account])?;
+            conn.last_insert_rowid()
+        }
+    };
+    seen.insert(account.to_owned(), no);
+    Ok(no)
+}
+
 /// Inserts the deliveries (in the caller's transaction); a (message, account) pair already
-/// recorded is left as it is.
-pub(crate) fn record(conn: &Connection, batch: &[Delivery]) -> rusqlite::Result<Recorded> {
+/// recorded is left as it is. Returns the account numbers it looked up in the file, for
+/// [`AccountNumbers::learn`] once the transaction commits.
+pub(crate) fn record(
+    conn: &Connection,
+    known: &AccountNumbers,
+    batch: &[Delivery],
+) -> rusqlite::Result<(Recorded, Vec<(String, i64)>)> {
     let mut source =
         conn.prepare_cached("SELECT zone FROM delivery_sources WHERE message_key = ?1")?;
     let mut insert = conn.prepare_cached(
-        "INSERT INTO deliveries (message_key, account, zone, bytes, at_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (message_key, account) DO NOTHING",
+        "INSERT INTO deliveries (message_key, account, zone, bytes, at_ms, account_no) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (message_key, account) DO NOTHING",
     )?;
     let mut out = Recorded::default();
+    let mut seen = HashMap::new();
     for d in batch {
+        let no = account_no(conn, known, &mut seen, &d.account)?;
         let zone = match d.zone {
             Some(z) => z,
             None => source
@@ -119,13 +204,14 @@ pub(crate) fn record(conn: &Connection, batch: &[Delivery]) -> rusqlite::Result<
             d.account,
             zone.as_str(),
             bytes,
-            d.at_ms
+            d.at_ms,
+            no
         ])? {
             0 => out.replayed += 1,
             _ => out.added += 1,
         }
     }
-    Ok(out)
+    Ok((out, seen.into_iter().collect()))
 }
 
 /// Records no accounting run has consumed yet, oldest first.
@@ -222,6 +308,39 @@ mod tests {
             ]
         );
         assert_eq!(l.unconsumed_deliveries(1).unwrap().len(), 1);
+    }
+
+    /// Each account is numbered once, across batches and replays; the run reads the numbers
+    /// with the records.
+    #[test]
+    fn accounts_are_numbered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = SqliteLedger::open(&dir.path().join("l.sqlite")).unwrap();
+        let first = [
+            d("k1", "a@x", Some(Zone::Free), 1),
+            d("k1", "b@x", Some(Zone::Free), 1),
+            d("k2", "a@x", Some(Zone::Free), 1),
+        ];
+        l.record_deliveries(&first).unwrap();
+        l.record_deliveries(&first).unwrap();
+        l.record_deliveries(&[d("k3", "b@x", None, 1), d("k3", "c@x", None, 1)])
+            .unwrap();
+        let accounts = l.delivery_accounts().unwrap();
+        assert_eq!(
+            accounts,
+            vec![(1, "a@x".into()), (2, "b@x".into()), (3, "c@x".into())]
+        );
+        let mut rows = Vec::new();
+        l.scan_deliveries(0, 100, &mut |r| {
+            rows.push((r.account_no, r.account.to_owned()))
+        })
+        .unwrap();
+        let want: Vec<(Option<i64>, String)> = [1, 2, 1, 2, 3]
+            .iter()
+            .zip(["a@x", "b@x", "a@x", "b@x", "c@x"])
+            .map(|(n, a)| (Some(*n), a.to_owned()))
+            .collect();
+        assert_eq!(rows, want);
     }
 
     #[test]

@@ -37,8 +37,8 @@ use crate::policy::zones::Zone;
 pub use deliveries::{Delivery, DeliveryRecord, Recorded};
 pub use reports::{DayRows, StatementData, UnbilledAccount, UserEntry, WriteOff};
 pub use runs::{
-    ChargeRow, Cursors, Effect, EffectKind, OpenPending, RetrievalRow, RunFinish, RunPlan,
-    RunRecord, RunUser, StandingRules, Unbilled,
+    ChargeRow, Cursors, DeliveryRow, Effect, EffectKind, OpenPending, RetrievalRow, RunFinish,
+    RunPlan, RunRecord, RunUser, StandingRules, Unbilled,
 };
 pub use verify::{Problem, VerifyReport};
 
@@ -448,6 +448,17 @@ pub struct Statement {
     pub balance: Balance,
 }
 
+/// Reads delivery records on a thread of its own ([`LedgerStore::delivery_reader`]).
+pub trait DeliveryReader: Send {
+    /// [`LedgerStore::scan_deliveries`].
+    fn scan_deliveries(
+        &self,
+        after: i64,
+        upto: i64,
+        f: &mut dyn FnMut(DeliveryRow<'_>),
+    ) -> Result<()>;
+}
+
 /// The storage boundary the rest of billing uses. Blocking: call it from the ledger's own
 /// thread ([`crate::billing::Ledger`]), never from async code directly.
 pub trait LedgerStore: Send {
@@ -497,14 +508,22 @@ pub trait LedgerStore: Send {
         meter: (u64, u64),
         now_ms: i64,
     ) -> Result<RunRecord>;
-    /// Calls `f(id, account, zone, bytes, at_ms)` for the deliveries with ids in
-    /// `(after, upto]`, in id order.
+    /// Calls `f` with the deliveries with ids in `(after, upto]`, in id order.
     fn scan_deliveries(
         &self,
         after: i64,
         upto: i64,
-        f: &mut dyn FnMut(i64, &str, Zone, u64, i64),
+        f: &mut dyn FnMut(DeliveryRow<'_>),
     ) -> Result<()>;
+    /// Every account a delivery was recorded for, with its number
+    /// ([`DeliveryRow::account_no`]), by number.
+    fn delivery_accounts(&self) -> Result<Vec<(i64, String)>>;
+    /// A second reader of the delivery records that another thread can use while this store
+    /// scans (the run reads the two halves of its range at once, one per core); `None` when
+    /// the store has none.
+    fn delivery_reader(&self) -> Result<Option<Box<dyn DeliveryReader>>> {
+        Ok(None)
+    }
     /// Deliveries to unknown accounts kept by runs before `before_period`, not written off.
     fn unbilled(&self, before_period: Option<&str>) -> Result<Vec<Unbilled>>;
     /// Pending transfers (user → revenue) open when entry `start_head` was the last.

@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS charges (
     at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS charges_login ON charges(login, at_ms);
-CREATE INDEX IF NOT EXISTS charges_entry ON charges(entry_id) WHERE entry_id IS NOT NULL;
+DROP INDEX IF EXISTS charges_entry;
 CREATE TABLE IF NOT EXISTS retrievals (
     meter_id INTEGER PRIMARY KEY,
     period TEXT NOT NULL,
@@ -338,24 +338,49 @@ pub(crate) fn deliveries_upto(conn: &Connection, after: i64, end_ms: i64) -> rus
     Ok(last.unwrap_or(after))
 }
 
+/// A delivery record as the accounting run reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeliveryRow<'a> {
+    pub id: i64,
+    /// The account's number in [`LedgerStore::delivery_accounts`](super::LedgerStore::delivery_accounts)
+    /// (`None` in records stored before ledger schema 2).
+    pub account_no: Option<i64>,
+    pub account: &'a str,
+    pub zone: Zone,
+    pub bytes: u64,
+    pub at_ms: i64,
+}
+
 /// Calls `f` for every delivery with an id in `(after, upto]`, in id order.
 pub(crate) fn scan_deliveries(
     conn: &Connection,
     after: i64,
     upto: i64,
-    f: &mut dyn FnMut(i64, &str, Zone, u64, i64),
+    f: &mut dyn FnMut(DeliveryRow<'_>),
 ) -> rusqlite::Result<()> {
     let mut s = conn.prepare(
-        "SELECT id, account, zone, bytes, at_ms FROM deliveries WHERE id > ?1 AND id <= ?2 \
-         ORDER BY id",
+        "SELECT id, account, zone, bytes, at_ms, account_no FROM deliveries \
+         WHERE id > ?1 AND id <= ?2 ORDER BY id",
     )?;
     let mut rows = s.query(params![after, upto])?;
     while let Some(r) = rows.next()? {
-        let account = r.get_ref(1)?.as_str()?;
-        let zone = zone_of(r.get_ref(2)?.as_str()?)?;
-        f(r.get(0)?, account, zone, u(r.get(3)?), r.get(4)?);
+        f(DeliveryRow {
+            id: r.get(0)?,
+            account_no: r.get(5)?,
+            account: r.get_ref(1)?.as_str()?,
+            zone: zone_of(r.get_ref(2)?.as_str()?)?,
+            bytes: u(r.get(3)?),
+            at_ms: r.get(4)?,
+        });
     }
     Ok(())
+}
+
+/// Every numbered delivery account (`delivery_accounts`), by number.
+pub(crate) fn delivery_accounts(conn: &Connection) -> rusqlite::Result<Vec<(i64, String)>> {
+    let mut s = conn.prepare("SELECT id, account FROM delivery_accounts ORDER BY id")?;
+    let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
 }
 
 /// Unbilled deliveries from runs before `period` that are not written off.
@@ -402,7 +427,7 @@ pub(crate) fn open_pending(
     let mut s = conn.prepare(
         "SELECT e.id, d.name, c.name, COALESCE(g.bytes, 0), e.amount, e.at_ms \
          FROM entries e JOIN accounts d ON d.id = e.debit JOIN accounts c ON c.id = e.credit \
-         LEFT JOIN charges g ON g.entry_id = e.id \
+         LEFT JOIN charges g ON g.key = e.key \
          WHERE e.phase = 'pending' AND e.id <= ?1 AND d.kind = 'user' AND c.kind = 'revenue' \
            AND NOT EXISTS (SELECT 1 FROM entries r WHERE r.pending_id = e.id AND r.id <= ?1) \
          ORDER BY e.id",
@@ -433,18 +458,19 @@ pub(crate) fn users(conn: &Connection) -> rusqlite::Result<Vec<RunUser>> {
     rows.collect()
 }
 
-/// Stores a charge row (once per key) naming the entry that charged it.
+/// Stores a charge row; [`put_charge`] runs it.
+pub(crate) const PUT_CHARGE: &str = "INSERT OR IGNORE INTO charges (key, period, login, zone, \
+    bytes, amount, meter_id, entry_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
+/// Stores a charge row (once per key) naming the entry that charged it, with [`PUT_CHARGE`]
+/// prepared by the caller.
 pub(crate) fn put_charge(
-    tx: &Connection,
+    put: &mut rusqlite::Statement<'_>,
     period: &str,
     c: &ChargeRow,
     entry_id: Option<i64>,
 ) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT OR IGNORE INTO charges (key, period, login, zone, bytes, amount, meter_id, \
-         entry_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?
-    .execute(params![
+    put.execute(params![
         c.key,
         period,
         c.login,
