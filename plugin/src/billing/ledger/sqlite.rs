@@ -88,7 +88,7 @@ PRAGMA user_version = 2;
 ";
 
 /// The page cache of a connection that writes, in KiB (negative: SQLite's unit for KiB).
-const CACHE_KIB: i64 = -163_840;
+const CACHE_KIB: i64 = -65_536;
 
 /// The entry columns, in [`row_entry`]'s order (a macro, so that the statements below are
 /// literals: the posting loop prepares them from its cache without formatting them first).
