@@ -252,7 +252,7 @@ pub(crate) fn validate(d: &Delivery) -> Result<()> {
 mod tests {
     use super::*;
     use crate::billing::ledger::sqlite::SqliteLedger;
-    use crate::billing::ledger::LedgerStore;
+    use crate::billing::ledger::{DeliveryReader, LedgerStore};
 
     fn d(key: &str, account: &str, zone: Option<Zone>, bytes: u64) -> Delivery {
         Delivery {

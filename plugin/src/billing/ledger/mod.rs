@@ -448,9 +448,10 @@ pub struct Statement {
     pub balance: Balance,
 }
 
-/// Reads delivery records on a thread of its own ([`LedgerStore::delivery_reader`]).
+/// Reads delivery records: the store itself, or a reader on a thread of its own
+/// ([`LedgerStore::delivery_reader`]).
 pub trait DeliveryReader: Send {
-    /// [`LedgerStore::scan_deliveries`].
+    /// Calls `f` with the deliveries with ids in `(after, upto]`, in id order.
     fn scan_deliveries(
         &self,
         after: i64,
@@ -461,7 +462,7 @@ pub trait DeliveryReader: Send {
 
 /// The storage boundary the rest of billing uses. Blocking: call it from the ledger's own
 /// thread ([`crate::billing::Ledger`]), never from async code directly.
-pub trait LedgerStore: Send {
+pub trait LedgerStore: DeliveryReader {
     /// Creates or replaces a user account's fields (the balance is untouched).
     fn put_user(&mut self, account: &UserAccount) -> Result<()> {
         self.put_users(std::slice::from_ref(account))
@@ -508,13 +509,6 @@ pub trait LedgerStore: Send {
         meter: (u64, u64),
         now_ms: i64,
     ) -> Result<RunRecord>;
-    /// Calls `f` with the deliveries with ids in `(after, upto]`, in id order.
-    fn scan_deliveries(
-        &self,
-        after: i64,
-        upto: i64,
-        f: &mut dyn FnMut(DeliveryRow<'_>),
-    ) -> Result<()>;
     /// Every account a delivery was recorded for, with its number
     /// ([`DeliveryRow::account_no`]), by number.
     fn delivery_accounts(&self) -> Result<Vec<(i64, String)>>;

@@ -764,7 +764,7 @@ impl DeliveryReader for SqliteLedger {
         upto: i64,
         f: &mut dyn FnMut(DeliveryRow<'_>),
     ) -> Result<()> {
-        LedgerStore::scan_deliveries(self, after, upto, f)
+        runs::scan_deliveries(&self.conn, after, upto, f).map_err(self.err("read deliveries"))
     }
 }
 
@@ -808,15 +808,6 @@ impl LedgerStore for SqliteLedger {
         .map_err(sql(&path, "start a run"))?;
         tx.commit().map_err(sql(&path, "commit"))?;
         Ok(r)
-    }
-
-    fn scan_deliveries(
-        &self,
-        after: i64,
-        upto: i64,
-        f: &mut dyn FnMut(DeliveryRow<'_>),
-    ) -> Result<()> {
-        runs::scan_deliveries(&self.conn, after, upto, f).map_err(self.err("read deliveries"))
     }
 
     fn delivery_accounts(&self) -> Result<Vec<(i64, String)>> {
