@@ -376,15 +376,7 @@ fn without_the_daemon_retrievals_charge_and_a_second_run_refuses() {
     let again = ok(&config, &["billing", "run", "--date", DAY]);
     assert!(again.contains("accounted before"), "{again}");
     // Plain log lines off a terminal, no colour codes.
-    let o = std::process::Command::new(BIN)
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "billing",
-            "run",
-            "--date",
-            "2026-11-03",
-        ])
+    let o = run_command(&config, "2026-11-03")
         .env("RUST_LOG", "info")
         .output()
         .unwrap();
@@ -421,6 +413,15 @@ fn reference_and_copy(dir: &Path, name: &str) -> (PathBuf, PathBuf, Duration) {
     (clean, copy, t.elapsed())
 }
 
+/// `mailbell --config CONFIG billing run --date DATE`, not started yet.
+fn run_command(config: &Path, date: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(BIN);
+    c.arg("--config")
+        .arg(config)
+        .args(["billing", "run", "--date", date]);
+    c
+}
+
 /// `mailbell billing run --date DAY` started in the background; its output piped or dropped.
 fn spawn_run(config: &Path, piped: bool) -> std::process::Child {
     let out = || {
@@ -430,15 +431,7 @@ fn spawn_run(config: &Path, piped: bool) -> std::process::Child {
             std::process::Stdio::null()
         }
     };
-    std::process::Command::new(BIN)
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "billing",
-            "run",
-            "--date",
-            DAY,
-        ])
+    run_command(config, DAY)
         .env("RUST_LOG", "warn")
         .stdout(out())
         .stderr(out())

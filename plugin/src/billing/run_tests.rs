@@ -284,13 +284,7 @@ fn a_period_runs_once_and_not_before_it_ends() {
         .unwrap();
     let first = w.run(&d1).unwrap();
     let conn = rusqlite::Connection::open(&w.path).unwrap();
-    let kept: Vec<String> = conn
-        .prepare("SELECT message_key FROM delivery_sources")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let kept: Vec<String> = column(&conn, "SELECT message_key FROM delivery_sources");
     assert_eq!(kept, ["stalwart:2"]);
     let before = w.dump();
     let again = w.run(&d1).unwrap();
@@ -668,13 +662,7 @@ fn a_schema_1_ledger_is_upgraded_and_its_old_deliveries_are_charged() {
             .unwrap();
     }
     let conn = rusqlite::Connection::open(&old.path).unwrap();
-    let numbers: Vec<Option<i64>> = conn
-        .prepare("SELECT account_no FROM deliveries ORDER BY id")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let numbers: Vec<Option<i64>> = column(&conn, "SELECT account_no FROM deliveries ORDER BY id");
     assert_eq!(numbers, [None, None], "old records keep no number");
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -710,4 +698,14 @@ fn a_schema_1_ledger_is_upgraded_and_its_old_deliveries_are_charged() {
         numbered, 2,
         "records made after the upgrade carry their number"
     );
+}
+
+/// The first column of every row `sql` selects.
+fn column<T: rusqlite::types::FromSql>(conn: &rusqlite::Connection, sql: &str) -> Vec<T> {
+    conn.prepare(sql)
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
 }
