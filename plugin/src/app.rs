@@ -341,9 +341,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             ledger: meter_ledger.clone(),
             timeout: cfg.milter.timeout,
         };
+        let done = crate::mta::milter::serve_on_own_thread(l, i, mc, stats, ms, gate, token)
+            .context("cannot start the milter thread")?;
         tasks.spawn(async move {
-            if let Err(e) = crate::mta::milter::serve(l, i, mc, stats, ms, gate, token).await {
-                failures.fail(format!("milter listener failed: {e:#}"));
+            match done.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failures.fail(format!("milter listener failed: {e:#}")),
+                Err(_) => failures.fail("the milter thread ended without an answer".into()),
             }
         });
     }

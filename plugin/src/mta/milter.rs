@@ -49,7 +49,7 @@ use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -121,6 +121,9 @@ pub struct MilterConfig {
     /// Text of the `451 4.3.0` reply sent when the notice cannot be recorded; `{error}` is
     /// replaced by the cause.
     pub tempfail_reply: String,
+    /// Threads that run the sessions, each with its own single-threaded runtime; a connection
+    /// stays on the thread it was given. Default: one per core.
+    pub threads: Option<NonZeroUsize>,
 }
 
 impl Default for MilterConfig {
@@ -133,6 +136,7 @@ impl Default for MilterConfig {
             timeout: Duration::from_secs(7210),
             tempfail_reply: "mailbell: cannot record the arrival notice ({error}), try again later"
                 .to_owned(),
+            threads: None,
         }
     }
 }
@@ -142,6 +146,14 @@ impl MilterConfig {
     pub fn max_pending(&self) -> usize {
         self.max_pending.map_or(
             self.max_connections.get().saturating_mul(2),
+            NonZeroUsize::get,
+        )
+    }
+
+    /// `threads`, or its default: one per core.
+    pub fn threads(&self) -> usize {
+        self.threads.map_or_else(
+            || std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
             NonZeroUsize::get,
         )
     }
@@ -227,6 +239,9 @@ pub enum MilterError {
     /// The listening socket cannot go on; the daemon should exit non-zero.
     #[error(transparent)]
     Listen(#[from] ListenError),
+    /// A session thread or its runtime could not start.
+    #[error("cannot start the milter session threads: {0}")]
+    Threads(io::Error),
 }
 
 /// Serves milter clients on `listener` until `shutdown` is cancelled, then waits for the open
@@ -259,6 +274,7 @@ pub async fn serve<I: Intake>(
         max_pending = limits.max_pending,
         "milter listening"
     );
+    let threads = SessionThreads::start(cfg.threads()).map_err(MilterError::Threads)?;
     let mut acceptor = Acceptor::new(listener, limits, "milter", stats);
     let tracker = TaskTracker::new();
     // Sessions stop on shutdown, and also when the listener breaks.
@@ -279,7 +295,55 @@ pub async fn serve<I: Intake>(
     let result = loop {
         match acceptor.accept(&stop).await {
             Ok(Some(accepted)) => {
-                tracker.spawn(connection(accepted, shared.clone(), stop.clone()));
+                let (thread, place) = threads.pick();
+                let span = info_span!("milter", peer = %accepted.peer);
+                let (shared, stop) = (shared.clone(), stop.clone());
+                match thread {
+                    None => {
+                        tracker.spawn(
+                            async move {
+                                let _place = place;
+                                connection(accepted, shared, stop).await;
+                            }
+                            .instrument(span),
+                        );
+                    }
+                    Some(handle) => {
+                        // Off this runtime's reactor, onto the other thread's.
+                        let Accepted {
+                            stream,
+                            peer,
+                            ticket,
+                        } = accepted;
+                        let stream = match stream.into_std() {
+                            Ok(s) => s,
+                            Err(e) => {
+                                debug!(%peer, error = %e, "accepted connection unusable, closed");
+                                continue;
+                            }
+                        };
+                        tracker.spawn_on(
+                            async move {
+                                let _place = place;
+                                match TcpStream::from_std(stream) {
+                                    Ok(stream) => {
+                                        let accepted = Accepted {
+                                            stream,
+                                            peer,
+                                            ticket,
+                                        };
+                                        connection(accepted, shared, stop).await;
+                                    }
+                                    Err(e) => {
+                                        debug!(error = %e, "cannot register the connection, closed");
+                                    }
+                                }
+                            }
+                            .instrument(span),
+                            handle,
+                        );
+                    }
+                }
             }
             Ok(None) => break Ok(()),
             // The acceptor has logged it.
@@ -292,6 +356,133 @@ pub async fn serve<I: Intake>(
     tracker.wait().await;
     info!("milter stopped");
     result
+}
+
+/// The threads the milter's sessions run on, each with a single-threaded runtime of its own.
+///
+/// An indymilter session hands every packet between two tasks (its stream actor and the
+/// session). On the daemon's multi-threaded runtime those hand-offs kept waking the other
+/// worker thread, several times per message; at Postfix's pace (one connection per SMTP
+/// session, a few hundred messages/s) waking threads was most of the milter's CPU
+/// (docs/benchmarks.md, "Postfix at 20 sessions"). Here a connection and both its tasks stay
+/// on one thread, and a connection goes to the first thread serving fewer than
+/// [`SPILL_AT`] connections (else to the least busy one): at an MTA's usual dozens of
+/// connections one thread, the one that accepts them, serves them all and takes the packets of
+/// many in one wake-up, while a heavy load still spreads over every core. The other threads
+/// end when this is dropped, after [`serve`] has waited for its sessions.
+struct SessionThreads {
+    threads: Vec<SessionThread>,
+    stop: CancellationToken,
+}
+
+/// Connections one session thread takes before the next thread gets new ones.
+const SPILL_AT: usize = 32;
+
+struct SessionThread {
+    handle: tokio::runtime::Handle,
+    /// Connections it is serving now.
+    live: Arc<AtomicUsize>,
+}
+
+/// A connection's place on its session thread; dropped with the connection.
+struct OnThread(Arc<AtomicUsize>);
+
+impl Drop for OnThread {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl SessionThreads {
+    /// The caller's runtime is the first thread (the acceptor runs there too, so a connection
+    /// it keeps costs no hand-over); `count - 1` more are started. Call inside a runtime.
+    fn start(count: usize) -> io::Result<Self> {
+        let stop = CancellationToken::new();
+        let mut threads = vec![SessionThread {
+            handle: tokio::runtime::Handle::current(),
+            live: Arc::default(),
+        }];
+        for i in 1..count.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            threads.push(SessionThread {
+                handle: rt.handle().clone(),
+                live: Arc::default(),
+            });
+            let until = stop.clone();
+            // The caller's subscriber, which need not be the global one (tests set their own).
+            let dispatch = tracing::dispatcher::get_default(Clone::clone);
+            let started = std::thread::Builder::new()
+                .name(format!("milter-{i}"))
+                .spawn(move || {
+                    tracing::dispatcher::with_default(&dispatch, || rt.block_on(until.cancelled()))
+                });
+            if let Err(e) = started {
+                stop.cancel();
+                return Err(e);
+            }
+        }
+        Ok(Self { threads, stop })
+    }
+
+    /// The thread for a new connection (`None`: the caller's own), and the connection's
+    /// place on it.
+    fn pick(&self) -> (Option<&tokio::runtime::Handle>, OnThread) {
+        let live = |(_, t): &(usize, &SessionThread)| t.live.load(Ordering::Relaxed);
+        let found = self
+            .threads
+            .iter()
+            .enumerate()
+            .find(|t| live(t) < SPILL_AT)
+            .or_else(|| self.threads.iter().enumerate().min_by_key(live));
+        match found {
+            Some((i, t)) => {
+                t.live.fetch_add(1, Ordering::Relaxed);
+                ((i > 0).then_some(&t.handle), OnThread(t.live.clone()))
+            }
+            // start() always makes the first.
+            None => (None, OnThread(Arc::default())),
+        }
+    }
+}
+
+impl Drop for SessionThreads {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Runs [`serve`] on a thread of its own (`milter-0`) with a single-threaded runtime, which is
+/// also the first session thread ([`SessionThreads`]); the answer arrives when `serve`
+/// returns.
+pub fn serve_on_own_thread<I: Intake>(
+    listener: TcpListener,
+    intake: Arc<I>,
+    cfg: MilterConfig,
+    stats: Arc<ListenerStats>,
+    milter_stats: Arc<MilterStats>,
+    gate: Gate,
+    shutdown: CancellationToken,
+) -> io::Result<oneshot::Receiver<Result<(), MilterError>>> {
+    let listener = listener.into_std()?;
+    let (tx, rx) = oneshot::channel();
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("milter-0".into())
+        .spawn(move || {
+            let result = tracing::dispatcher::with_default(&dispatch, || {
+                rt.block_on(async move {
+                    let listener = TcpListener::from_std(listener).map_err(MilterError::Threads)?;
+                    serve(listener, intake, cfg, stats, milter_stats, gate, shutdown).await
+                })
+            });
+            let _ = tx.send(result);
+        })?;
+    Ok(rx)
 }
 
 /// What every connection of one [`serve`] shares.
@@ -339,10 +530,9 @@ async fn connection<I: Intake>(
 ) {
     let Accepted {
         mut stream,
-        peer,
         mut ticket,
+        ..
     } = accepted;
-    let span = info_span!("milter", %peer);
     let session = async move {
         debug!("connection accepted");
         if let Err(e) = stream.set_nodelay(true) {
@@ -389,7 +579,7 @@ async fn connection<I: Intake>(
         run_session(stream, guard, replay, &shared, stop).await;
         drop(ticket);
     };
-    session.instrument(span).await;
+    session.await;
 }
 
 /// Why a connection closed before it negotiated.
@@ -1641,6 +1831,62 @@ mod tests {
         assert!(toml::from_str::<MilterConfig>("max_connections = 0").is_err());
         assert!(toml::from_str::<MilterConfig>("timeout = \"5 parsecs\"").is_err());
         assert!(toml::from_str::<MilterConfig>("max_conections = 8").is_err());
+        assert!(d.threads() >= 1, "one per core by default");
+        let c: MilterConfig = toml::from_str("threads = 3").unwrap();
+        assert_eq!(c.threads(), 3);
+        assert!(toml::from_str::<MilterConfig>("threads = 0").is_err());
+    }
+
+    /// New connections fill the first session thread (the caller's) up to SPILL_AT, then the
+    /// next; once all are full, the least busy one; a closed connection frees its place.
+    #[tokio::test]
+    async fn session_threads_fill_the_first_thread_then_spill() {
+        let threads = SessionThreads::start(2).unwrap();
+        let live = |i: usize| threads.threads[i].live.load(Ordering::Relaxed);
+        let mut places = Vec::new();
+        for _ in 0..SPILL_AT {
+            let (thread, place) = threads.pick();
+            assert!(thread.is_none(), "the accepting runtime itself");
+            places.push(place);
+        }
+        assert_eq!((live(0), live(1)), (SPILL_AT, 0));
+        let (thread, place) = threads.pick();
+        assert!(thread.is_some(), "the 33rd goes to the second thread");
+        places.push(place);
+        assert_eq!((live(0), live(1)), (SPILL_AT, 1));
+        for _ in 0..SPILL_AT {
+            places.push(threads.pick().1);
+        }
+        assert_eq!((live(0), live(1)), (SPILL_AT + 1, SPILL_AT));
+        // Both full: the least busy takes the next.
+        let extra = threads.pick().1;
+        assert_eq!((live(0), live(1)), (SPILL_AT + 1, SPILL_AT + 1));
+        drop(extra);
+        // places[0] and places[1] are on the first thread.
+        drop(places.swap_remove(1));
+        drop(places.swap_remove(0));
+        assert_eq!((live(0), live(1)), (SPILL_AT - 1, SPILL_AT));
+        // A place freed on the first thread is taken again before the second gets more.
+        let _again = threads.pick().1;
+        assert_eq!((live(0), live(1)), (SPILL_AT, SPILL_AT));
+    }
+
+    /// A connection spilled to another session thread runs there.
+    #[tokio::test]
+    async fn spilled_sessions_run_on_their_own_thread() {
+        let threads = SessionThreads::start(2).unwrap();
+        let _kept: Vec<OnThread> = (0..SPILL_AT).map(|_| threads.pick().1).collect();
+        let (thread, place) = threads.pick();
+        let name = thread
+            .unwrap()
+            .spawn(async move {
+                let _place = place;
+                std::thread::current().name().map(str::to_owned)
+            })
+            .await
+            .unwrap();
+        assert_eq!(name.as_deref(), Some("milter-1"));
+        assert_eq!(threads.threads[1].live.load(Ordering::Relaxed), 0);
     }
 
     #[test]
