@@ -120,7 +120,7 @@ const SENDER: &str = "sender@remote.example";
 const SETTLE: Duration = Duration::from_secs(1);
 
 /// Messages each instance takes before the timed runs (processes forked, caches warm).
-const WARMUP: usize = 20;
+const WARMUP: usize = 400;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -575,7 +575,8 @@ async fn one_run(
     let delivered0 = peer.delivered(local, domain).await?;
     let copies = (messages * USERS) as u64;
 
-    let hold = mailbell && args.agent == AgentMode::After && messages != WARMUP;
+    let timed = messages == args.messages;
+    let hold = mailbell && args.agent == AgentMode::After && timed;
     if hold {
         gate.set_open(false);
     }
@@ -587,7 +588,7 @@ async fn one_run(
     // Each timed run starts on a quiet disk: the kernel writes back a run's mailboxes (and the
     // agent's stores after a run with mailbell) for up to 30 s, and that would land in the
     // next run, whichever it is.
-    if messages != WARMUP {
+    if timed {
         tokio::task::spawn_blocking(nix::unistd::sync).await?;
         tokio::time::sleep(SETTLE).await;
     }
