@@ -341,8 +341,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             ledger: meter_ledger.clone(),
             timeout: cfg.milter.timeout,
         };
-        let done = crate::mta::milter::serve_on_own_thread(l, i, mc, stats, ms, gate, token)
-            .context("cannot start the milter thread")?;
+        let done = crate::mta::milter::serve_on_own_thread(l, move |l| {
+            crate::mta::milter::serve(l, i, mc, stats, ms, gate, token)
+        })
+        .context("cannot start the milter thread")?;
         tasks.spawn(async move {
             match done.await {
                 Ok(Ok(())) => {}

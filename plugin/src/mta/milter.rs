@@ -298,52 +298,38 @@ pub async fn serve<I: Intake>(
                 let (thread, place) = threads.pick();
                 let span = info_span!("milter", peer = %accepted.peer);
                 let (shared, stop) = (shared.clone(), stop.clone());
-                match thread {
-                    None => {
-                        tracker.spawn(
-                            async move {
-                                let _place = place;
-                                connection(accepted, shared, stop).await;
-                            }
-                            .instrument(span),
-                        );
+                let Some(handle) = thread else {
+                    let session = connection(accepted, shared, stop);
+                    tracker.spawn(place.holding(session).instrument(span));
+                    continue;
+                };
+                // Off this runtime's reactor, onto the other thread's.
+                let Accepted {
+                    stream,
+                    peer,
+                    ticket,
+                } = accepted;
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!(%peer, error = %e, "accepted connection unusable, closed");
+                        continue;
                     }
-                    Some(handle) => {
-                        // Off this runtime's reactor, onto the other thread's.
-                        let Accepted {
-                            stream,
-                            peer,
-                            ticket,
-                        } = accepted;
-                        let stream = match stream.into_std() {
-                            Ok(s) => s,
-                            Err(e) => {
-                                debug!(%peer, error = %e, "accepted connection unusable, closed");
-                                continue;
-                            }
-                        };
-                        tracker.spawn_on(
-                            async move {
-                                let _place = place;
-                                match TcpStream::from_std(stream) {
-                                    Ok(stream) => {
-                                        let accepted = Accepted {
-                                            stream,
-                                            peer,
-                                            ticket,
-                                        };
-                                        connection(accepted, shared, stop).await;
-                                    }
-                                    Err(e) => {
-                                        debug!(error = %e, "cannot register the connection, closed");
-                                    }
-                                }
-                            }
-                            .instrument(span),
-                            handle,
-                        );
+                };
+                let session = async move {
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => {
+                            let accepted = Accepted {
+                                stream,
+                                peer,
+                                ticket,
+                            };
+                            connection(accepted, shared, stop).await;
+                        }
+                        Err(e) => debug!(error = %e, "cannot register the connection, closed"),
                     }
-                }
+                };
+                tracker.spawn_on(place.holding(session).instrument(span), handle);
             }
             Ok(None) => break Ok(()),
             // The acceptor has logged it.
@@ -387,6 +373,14 @@ struct SessionThread {
 /// A connection's place on its session thread; dropped with the connection.
 struct OnThread(Arc<AtomicUsize>);
 
+impl OnThread {
+    /// `session`, keeping this place until it ends.
+    async fn holding(self, session: impl Future<Output = ()>) {
+        session.await;
+        drop(self);
+    }
+}
+
 impl Drop for OnThread {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
@@ -403,24 +397,18 @@ impl SessionThreads {
             live: Arc::default(),
         }];
         for i in 1..count.max(1) {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            threads.push(SessionThread {
-                handle: rt.handle().clone(),
-                live: Arc::default(),
-            });
             let until = stop.clone();
-            // The caller's subscriber, which need not be the global one (tests set their own).
-            let dispatch = tracing::dispatcher::get_default(Clone::clone);
-            let started = std::thread::Builder::new()
-                .name(format!("milter-{i}"))
-                .spawn(move || {
-                    tracing::dispatcher::with_default(&dispatch, || rt.block_on(until.cancelled()))
-                });
-            if let Err(e) = started {
-                stop.cancel();
-                return Err(e);
+            match runtime_thread(format!("milter-{i}"), move || async move {
+                until.cancelled().await;
+            }) {
+                Ok(handle) => threads.push(SessionThread {
+                    handle,
+                    live: Arc::default(),
+                }),
+                Err(e) => {
+                    stop.cancel();
+                    return Err(e);
+                }
             }
         }
         Ok(Self { threads, stop })
@@ -429,21 +417,16 @@ impl SessionThreads {
     /// The thread for a new connection (`None`: the caller's own), and the connection's
     /// place on it.
     fn pick(&self) -> (Option<&tokio::runtime::Handle>, OnThread) {
-        let live = |(_, t): &(usize, &SessionThread)| t.live.load(Ordering::Relaxed);
-        let found = self
-            .threads
-            .iter()
-            .enumerate()
-            .find(|t| live(t) < SPILL_AT)
-            .or_else(|| self.threads.iter().enumerate().min_by_key(live));
-        match found {
-            Some((i, t)) => {
-                t.live.fetch_add(1, Ordering::Relaxed);
-                ((i > 0).then_some(&t.handle), OnThread(t.live.clone()))
-            }
-            // start() always makes the first.
-            None => (None, OnThread(Arc::default())),
-        }
+        let live = |i: &usize| self.threads[*i].live.load(Ordering::Relaxed);
+        let all = 0..self.threads.len();
+        let i = all
+            .clone()
+            .find(|i| live(i) < SPILL_AT)
+            .or_else(|| all.min_by_key(live))
+            .unwrap_or(0);
+        let t = &self.threads[i];
+        t.live.fetch_add(1, Ordering::Relaxed);
+        ((i > 0).then_some(&t.handle), OnThread(t.live.clone()))
     }
 }
 
@@ -453,36 +436,46 @@ impl Drop for SessionThreads {
     }
 }
 
-/// Runs [`serve`] on a thread of its own (`milter-0`) with a single-threaded runtime, which is
-/// also the first session thread ([`SessionThreads`]); the answer arrives when `serve`
-/// returns.
-pub fn serve_on_own_thread<I: Intake>(
+/// Runs `serve` (a call of [`serve`] on the listener it is given) on a thread of its own,
+/// `milter-0`, with a single-threaded runtime, which is also the first session thread
+/// ([`SessionThreads`]); the answer arrives when it returns.
+pub fn serve_on_own_thread<F, Fut>(
     listener: TcpListener,
-    intake: Arc<I>,
-    cfg: MilterConfig,
-    stats: Arc<ListenerStats>,
-    milter_stats: Arc<MilterStats>,
-    gate: Gate,
-    shutdown: CancellationToken,
-) -> io::Result<oneshot::Receiver<Result<(), MilterError>>> {
+    serve: F,
+) -> io::Result<oneshot::Receiver<Result<(), MilterError>>>
+where
+    F: FnOnce(TcpListener) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), MilterError>>,
+{
     let listener = listener.into_std()?;
     let (tx, rx) = oneshot::channel();
-    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    runtime_thread("milter-0".into(), move || async move {
+        let result = match TcpListener::from_std(listener) {
+            Ok(listener) => serve(listener).await,
+            Err(e) => Err(MilterError::Threads(e)),
+        };
+        let _ = tx.send(result);
+    })?;
+    Ok(rx)
+}
+
+/// Starts thread `name` with a single-threaded runtime that runs `main()` to its end, under
+/// the caller's tracing subscriber (which need not be the global one: tests set their own).
+/// Returns the runtime's handle, for spawning onto it.
+fn runtime_thread<F, Fut>(name: String, main: F) -> io::Result<tokio::runtime::Handle>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let handle = rt.handle().clone();
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
     std::thread::Builder::new()
-        .name("milter-0".into())
-        .spawn(move || {
-            let result = tracing::dispatcher::with_default(&dispatch, || {
-                rt.block_on(async move {
-                    let listener = TcpListener::from_std(listener).map_err(MilterError::Threads)?;
-                    serve(listener, intake, cfg, stats, milter_stats, gate, shutdown).await
-                })
-            });
-            let _ = tx.send(result);
-        })?;
-    Ok(rx)
+        .name(name)
+        .spawn(move || tracing::dispatcher::with_default(&dispatch, || rt.block_on(main())))?;
+    Ok(handle)
 }
 
 /// What every connection of one [`serve`] shares.
