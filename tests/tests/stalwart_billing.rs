@@ -239,9 +239,12 @@ async fn stalwart_deliveries_are_charged_at_the_retrieval_and_arrears_reach_stal
                 n.iter().all(|d| d.account.starts_with("stalwart:")),
                 "{n:?}"
             );
-            let zones: Vec<_> = n.iter().map(|d| d.zone).collect();
+            // Stalwart's queue delivers the three in any order (they can land in the same
+            // millisecond), so count the zones rather than expect an order.
             use mailbell::policy::zones::Zone;
-            assert_eq!(zones, [Zone::Free, Zone::Foreign, Zone::Foreign], "{n:?}");
+            let free = n.iter().filter(|d| d.zone == Zone::Free).count();
+            let foreign = n.iter().filter(|d| d.zone == Zone::Foreign).count();
+            assert_eq!((free, foreign), (1, 2), "{n:?}");
             break;
         }
         assert!(Instant::now() < deadline, "deliveries not metered: {n:?}");
