@@ -24,15 +24,22 @@
 //!
 //! Each acceptor keeps [`ListenerStats`], exposed on the daemons' `/metrics` by a
 //! [`ListenerCollector`].
+//!
+//! An acceptor takes connections from any [`Listen`]er: a TCP listener, or a Unix-domain
+//! socket (`UnixListener`, for a peer on the same host such as Postfix's milter client). Every
+//! peer of a Unix-domain socket counts as one source, the local host.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::poll_fn;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::{debug, error, info, warn};
@@ -47,6 +54,96 @@ const MAX_QUICK_RETRIES: u32 = 8;
 const EVICT_WAIT: Duration = Duration::from_millis(50);
 /// While resources stay exhausted, a reminder is logged this often.
 const REMIND_EVERY: Duration = Duration::from_secs(30);
+
+/// A listening socket an [`Acceptor`] takes connections from.
+pub trait Listen: Send + 'static {
+    /// An accepted connection.
+    type Stream: Send + 'static;
+    /// Who is at the other end, for logs.
+    type Peer: Copy + fmt::Display + fmt::Debug + Send + 'static;
+
+    /// Polls for the next connection.
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Self::Stream, Self::Peer)>>;
+
+    /// The source address a per-source cap counts `peer` against.
+    fn source(peer: &Self::Peer) -> IpAddr;
+
+    /// Where it listens, for logs and errors.
+    fn describe(&self) -> String;
+}
+
+impl Listen for TcpListener {
+    type Stream = TcpStream;
+    type Peer = SocketAddr;
+
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
+        TcpListener::poll_accept(self, cx)
+    }
+
+    fn source(peer: &SocketAddr) -> IpAddr {
+        peer.ip()
+    }
+
+    fn describe(&self) -> String {
+        self.local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into())
+    }
+}
+
+/// The process at the other end of a Unix-domain socket connection, as the kernel reports it
+/// when the connection is accepted (`SO_PEERCRED`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalPeer {
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+}
+
+impl fmt::Display for LocalPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("local")?;
+        if let Some(uid) = self.uid {
+            write!(f, " uid {uid}")?;
+        }
+        if let Some(pid) = self.pid {
+            write!(f, " pid {pid}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Listen for UnixListener {
+    type Stream = UnixStream;
+    type Peer = LocalPeer;
+
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(UnixStream, LocalPeer)>> {
+        UnixListener::poll_accept(self, cx).map_ok(|(stream, _)| {
+            let peer = stream
+                .peer_cred()
+                .map(|c| LocalPeer {
+                    uid: Some(c.uid()),
+                    pid: c.pid(),
+                })
+                .unwrap_or_default();
+            (stream, peer)
+        })
+    }
+
+    /// Every local peer is one source.
+    fn source(_: &LocalPeer) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    }
+
+    fn describe(&self) -> String {
+        match self.local_addr() {
+            Ok(a) => match a.as_pathname() {
+                Some(p) => format!("unix:{}", p.display()),
+                None => "unix:(unnamed)".into(),
+            },
+            Err(_) => "unix:?".into(),
+        }
+    }
+}
 
 /// Limits of one listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,8 +342,8 @@ impl Shared {
 }
 
 /// Accepts connections under [`Limits`]; see the module docs.
-pub struct Acceptor {
-    listener: TcpListener,
+pub struct Acceptor<L: Listen = TcpListener> {
+    listener: L,
     slots: Arc<Semaphore>,
     limits: Limits,
     shared: Arc<Shared>,
@@ -258,21 +355,23 @@ pub struct Acceptor {
 }
 
 /// One accepted connection.
-pub struct Accepted {
-    pub stream: TcpStream,
-    pub peer: SocketAddr,
+pub struct Accepted<L: Listen = TcpListener> {
+    pub stream: L::Stream,
+    pub peer: L::Peer,
     /// Its place in the pending pool; drop it (with the stream) to close.
     pub ticket: Ticket,
 }
 
-impl Acceptor {
+impl Acceptor<TcpListener> {
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+impl<L: Listen> Acceptor<L> {
     /// `what` names the listener in logs and errors.
-    pub fn new(
-        listener: TcpListener,
-        limits: Limits,
-        what: &'static str,
-        stats: Arc<ListenerStats>,
-    ) -> Self {
+    pub fn new(listener: L, limits: Limits, what: &'static str, stats: Arc<ListenerStats>) -> Self {
         let max = limits.max_pending.max(1);
         Self {
             listener,
@@ -291,11 +390,6 @@ impl Acceptor {
         }
     }
 
-    /// The bound address.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
     /// The counters.
     pub fn stats(&self) -> &Arc<ListenerStats> {
         &self.shared.stats
@@ -307,7 +401,7 @@ impl Acceptor {
     pub async fn accept(
         &mut self,
         stop: &CancellationToken,
-    ) -> Result<Option<Accepted>, ListenError> {
+    ) -> Result<Option<Accepted<L>>, ListenError> {
         loop {
             let permit = match self.slot(stop).await {
                 Some(p) => p,
@@ -316,7 +410,7 @@ impl Acceptor {
             let accepted = tokio::select! {
                 biased;
                 () = stop.cancelled() => return Ok(None),
-                r = self.listener.accept() => r,
+                r = poll_fn(|cx| self.listener.poll_accept(cx)) => r,
             };
             let stats = self.shared.stats.clone();
             match accepted {
@@ -331,7 +425,7 @@ impl Acceptor {
                         );
                     }
                     stats.accepted.fetch_add(1, Ordering::Relaxed);
-                    match self.register(peer.ip(), permit) {
+                    match self.register(L::source(&peer), permit) {
                         Some(ticket) => {
                             return Ok(Some(Accepted {
                                 stream,
@@ -373,11 +467,7 @@ impl Acceptor {
                             }
                         }
                         AcceptFailure::Fatal => {
-                            let addr = self
-                                .listener
-                                .local_addr()
-                                .map(|a| a.to_string())
-                                .unwrap_or_else(|_| "?".into());
+                            let addr = self.listener.describe();
                             error!(listener = self.what, %addr, error = %e, "listener cannot go on");
                             return Err(ListenError {
                                 what: self.what,
