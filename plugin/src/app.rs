@@ -8,11 +8,11 @@
 //! supervisor restarts it.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use mailbell_link::http_server::{HttpConfig, HttpStats};
 use mailbell_link::listen::{Acceptor, ListenerStats};
 use mailbell_link::net::{ClientSettings, ClientStats};
@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::audit::AuditLog;
 use crate::billing::Ledger;
-use crate::config::{Config, LinkTls};
+use crate::config::{Config, LinkTls, MilterListen};
 use crate::meter::MeterStore;
 use crate::mta::stalwart::StalwartStats;
 use crate::notify::intake::{IntakeStats, MailIntake};
@@ -116,7 +116,10 @@ pub fn client_tls_files(tls: &LinkTls) -> anyhow::Result<ClientTlsFiles> {
 /// Everything a running daemon exposes (tests and the demo read the bound addresses).
 pub struct Running {
     pub http_addr: Option<SocketAddr>,
+    /// The milter's bound address, when it listens on TCP.
     pub milter_addr: Option<SocketAddr>,
+    /// The milter's socket, when it listens on a Unix-domain socket.
+    pub milter_path: Option<PathBuf>,
     pub admin_addr: Option<SocketAddr>,
     /// The retrieval proxy's bound listeners, by name (`pop3`, `pop3s`, `imap`, `imaps`).
     pub retrieval_addrs: Vec<(&'static str, SocketAddr)>,
@@ -198,6 +201,101 @@ async fn bind(what: &str, addr: Option<SocketAddr>) -> anyhow::Result<Option<Tcp
             .await
             .with_context(|| format!("listen for {what} on {addr}"))?,
     ))
+}
+
+/// What the milter needs to start on its own thread.
+struct MilterStart<I> {
+    intake: Arc<I>,
+    cfg: crate::mta::milter::MilterConfig,
+    stats: Arc<ListenerStats>,
+    milter_stats: Arc<crate::mta::milter::MilterStats>,
+    gate: crate::mta::milter::Gate,
+    shutdown: CancellationToken,
+    failures: Failures,
+}
+
+impl<I: crate::notify::arrival::Intake> MilterStart<I> {
+    /// Serves `l` on the milter's thread; a listener that fails fails the daemon. `socket`
+    /// (a Unix-domain socket's file) is removed when the milter stops.
+    fn start<L: crate::mta::milter::MilterListener>(
+        self,
+        l: L,
+        socket: Option<PathBuf>,
+        tasks: &TaskTracker,
+    ) -> anyhow::Result<()> {
+        let Self {
+            intake,
+            cfg,
+            stats,
+            milter_stats,
+            gate,
+            shutdown,
+            failures,
+        } = self;
+        let done = crate::mta::milter::serve_on_own_thread(l, move |l| {
+            crate::mta::milter::serve(l, intake, cfg, stats, milter_stats, gate, shutdown)
+        })
+        .context("cannot start the milter thread")?;
+        tasks.spawn(async move {
+            let result = done.await;
+            if let Some(path) = socket {
+                let _ = std::fs::remove_file(path);
+            }
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failures.fail(format!("milter listener failed: {e:#}")),
+                Err(_) => failures.fail("the milter thread ended without an answer".into()),
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Binds the milter's Unix-domain socket at `path` (`listen.milter = "unix:…"`) with
+/// `[milter] socket_mode` and `socket_group`. A socket file left by a daemon that is gone is
+/// replaced; a socket something still answers on, or a file that is not a socket, stops the
+/// start.
+fn bind_unix_milter(
+    path: &Path,
+    cfg: &crate::mta::milter::MilterConfig,
+) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let shown = path.display();
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "listen.milter unix:{shown}: the file exists and is not a socket; not replacing it"
+            );
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => bail!(
+                "listen.milter unix:{shown}: another process is listening on this socket (a mailbell already running?)"
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).with_context(|| {
+                    format!("listen.milter unix:{shown}: cannot remove the stale socket")
+                })?;
+                info!(path = %shown, "removed a stale milter socket");
+            }
+            Err(e) => bail!("listen.milter unix:{shown}: cannot check the existing socket: {e}"),
+        }
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("listen for the milter on unix:{shown}"))?;
+    let mode = cfg.socket_mode().map_err(anyhow::Error::msg)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("milter.socket_mode: cannot set {:o} on {shown}", mode))?;
+    if let Some(group) = &cfg.socket_group {
+        let gid = match nix::unistd::Group::from_name(group) {
+            Ok(Some(g)) => g.gid.as_raw(),
+            Ok(None) => bail!("milter.socket_group {group:?}: no such group"),
+            Err(e) => bail!("milter.socket_group {group:?}: cannot look it up: {e}"),
+        };
+        std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| {
+            format!("milter.socket_group {group:?}: cannot give {shown} to group {gid} (is the daemon's user a member?)")
+        })?;
+    }
+    Ok(l)
 }
 
 /// Starts the daemon; returns once every listener is bound.
@@ -325,33 +423,38 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         http_stats.push(("stalwart", hs));
     }
 
-    let milter = bind("the milter", cfg.milter_listen).await?;
     let milter_stats = Arc::new(crate::mta::milter::MilterStats::default());
-    let milter_addr = milter.as_ref().and_then(|l| l.local_addr().ok());
-    if let Some(l) = milter {
-        let mc = cfg.milter.clone();
-        let token = shutdown.clone();
-        let i = intake_arc.clone();
-        let failures = failures.clone();
+    let (mut milter_addr, mut milter_path) = (None, None);
+    if let Some(at) = &cfg.milter_listen {
         let stats = Arc::new(ListenerStats::default());
         listener_stats.push(("milter", stats.clone()));
-        let ms = milter_stats.clone();
-        let gate = crate::mta::milter::Gate {
-            policy: policy.clone(),
-            ledger: meter_ledger.clone(),
-            timeout: cfg.milter.timeout,
+        let milter = MilterStart {
+            intake: intake_arc.clone(),
+            cfg: cfg.milter.clone(),
+            stats,
+            milter_stats: milter_stats.clone(),
+            gate: crate::mta::milter::Gate {
+                policy: policy.clone(),
+                ledger: meter_ledger.clone(),
+                timeout: cfg.milter.timeout,
+            },
+            shutdown: shutdown.clone(),
+            failures: failures.clone(),
         };
-        let done = crate::mta::milter::serve_on_own_thread(l, move |l| {
-            crate::mta::milter::serve(l, i, mc, stats, ms, gate, token)
-        })
-        .context("cannot start the milter thread")?;
-        tasks.spawn(async move {
-            match done.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => failures.fail(format!("milter listener failed: {e:#}")),
-                Err(_) => failures.fail("the milter thread ended without an answer".into()),
+        match at {
+            MilterListen::Tcp(addr) => {
+                let l = bind("the milter", Some(*addr)).await?;
+                if let Some(l) = l {
+                    milter_addr = l.local_addr().ok();
+                    milter.start(l, None, &tasks)?;
+                }
             }
-        });
+            MilterListen::Unix(path) => {
+                let l = bind_unix_milter(path, &cfg.milter)?;
+                milter_path = Some(path.clone());
+                milter.start(l, Some(path.clone()), &tasks)?;
+            }
+        }
     }
 
     let retrieval_stats = Arc::new(crate::retrieval::server::RetrievalStats::default());
@@ -462,6 +565,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     info!(
         http = ?http_addr,
         milter = ?milter_addr,
+        milter_socket = ?milter_path,
         admin = ?admin_addr,
         retrieval = ?retrieval_addrs,
         agents = ?cfg.link.agents.iter().map(|a| a.addr.as_str()).collect::<Vec<_>>(),
@@ -473,6 +577,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     Ok(Running {
         http_addr,
         milter_addr,
+        milter_path,
         admin_addr,
         retrieval_addrs,
         retrieval_stats,
@@ -813,4 +918,77 @@ fn spawn_http(
             failures.fail(format!("{e}: {}", e.source));
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+
+    fn milter_cfg(mode: &str, group: Option<&str>) -> crate::mta::milter::MilterConfig {
+        crate::mta::milter::MilterConfig {
+            socket_mode: mode.into(),
+            socket_group: group.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_milter_socket_is_created_with_its_mode_and_replaces_only_a_stale_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("milter.sock");
+        let l = bind_unix_milter(&path, &milter_cfg("0660", None)).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+
+        // Something listens on it: the start stops, and the socket is left alone.
+        let e = bind_unix_milter(&path, &milter_cfg("0660", None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("listen.milter unix:") && e.contains("another process is listening"),
+            "{e}"
+        );
+
+        // Its listener gone, the file is stale: replaced.
+        drop(l);
+        let l = bind_unix_milter(&path, &milter_cfg("0600", None)).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        drop(l);
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_a_socket_or_an_unknown_group_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("milter.sock");
+        std::fs::write(&path, "keep me").unwrap();
+        let e = bind_unix_milter(&path, &milter_cfg("0660", None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a socket"), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+
+        let other = dir.path().join("other.sock");
+        let e = bind_unix_milter(&other, &milter_cfg("0660", Some("no-such-group-mb")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("milter.socket_group \"no-such-group-mb\": no such group"),
+            "{e}"
+        );
+
+        let e = bind_unix_milter(
+            &dir.path().join("missing/x.sock"),
+            &milter_cfg("0660", None),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("No such file or directory"),
+            "{e:#}"
+        );
+    }
 }

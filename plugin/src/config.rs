@@ -628,7 +628,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Stalwart MTA hook + webhook listener.
     pub http_listen: Option<SocketAddr>,
-    pub milter_listen: Option<SocketAddr>,
+    pub milter_listen: Option<MilterListen>,
     /// Admin API and /metrics.
     pub admin_listen: Option<SocketAddr>,
     pub admin_token: String,
@@ -662,9 +662,47 @@ fn listen(key: &str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
     }
     s.trim().parse().map(Some).map_err(|_| {
         ConfigError::Invalid(format!(
-            "listen.{key} {s:?} is not ip:port (or \"\" to turn it off)"
+            "listen.{key} {s:?} is not ip:port{} (or \"\" to turn it off)",
+            if key == "milter" {
+                " or unix:/path"
+            } else {
+                ""
+            }
         ))
     })
+}
+
+/// Where the milter listens (`listen.milter`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MilterListen {
+    /// `ip:port`.
+    Tcp(SocketAddr),
+    /// `unix:/absolute/path`: a Unix-domain socket, for an MTA on the same host (Postfix
+    /// `smtpd_milters = unix:/path`), created with `[milter] socket_mode` / `socket_group`.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for MilterListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// `listen.milter`: `ip:port`, `unix:/absolute/path`, or `""` (off).
+fn milter_listen(s: &str) -> Result<Option<MilterListen>, ConfigError> {
+    let Some(path) = s.trim().strip_prefix("unix:") else {
+        return Ok(listen("milter", s)?.map(MilterListen::Tcp));
+    };
+    let path = Path::new(path);
+    if !path.is_absolute() || path.file_name().is_none() {
+        return Err(ConfigError::Invalid(format!(
+            "listen.milter {s:?}: a Unix-domain socket needs an absolute path (unix:/run/mailbell/milter.sock)"
+        )));
+    }
+    Ok(Some(MilterListen::Unix(path.to_owned())))
 }
 
 /// Where the daemon and the admin commands look without `--config` or `MAILBELL_CONFIG`.
@@ -868,10 +906,11 @@ impl Config {
             ));
         }
         raw.blocklist.validate().map_err(inv)?;
+        raw.milter.socket_mode().map_err(inv)?;
         Ok(Self {
             data_dir,
             http_listen: listen("http", &raw.listen.http)?,
-            milter_listen: listen("milter", &raw.listen.milter)?,
+            milter_listen: milter_listen(&raw.listen.milter)?,
             admin_listen: listen("admin", &raw.listen.admin)?,
             admin_token: raw.admin.token,
             stalwart: raw.stalwart,
@@ -940,7 +979,10 @@ mod tests {
     fn empty_file_runs_locally() {
         let c = Config::from_toml("", "t").unwrap();
         assert_eq!(c.http_listen, Some("127.0.0.1:8025".parse().unwrap()));
-        assert_eq!(c.milter_listen, Some("127.0.0.1:8901".parse().unwrap()));
+        assert_eq!(
+            c.milter_listen,
+            Some(MilterListen::Tcp("127.0.0.1:8901".parse().unwrap()))
+        );
         assert_eq!(c.link.agents[0].addr, "127.0.0.1:7465");
         assert!(matches!(c.link.tls, LinkTls::DevPki { .. }));
         assert!(c.admin_token.is_empty());
@@ -1210,5 +1252,28 @@ imaps = \"127.0.0.1:993\"\nbackend_imap = \"dovecot.lan:993\"\n\
         let c = Config::from_toml("[listen]\nmilter = \"\"\nhttp = \"\"", "t").unwrap();
         assert_eq!(c.milter_listen, None);
         assert_eq!(c.http_listen, None);
+    }
+
+    #[test]
+    fn the_milter_listens_on_a_unix_socket_given_by_absolute_path() {
+        let c = Config::from_toml("[listen]\nmilter = \"unix:/run/mailbell/milter.sock\"", "t")
+            .unwrap();
+        assert_eq!(
+            c.milter_listen,
+            Some(MilterListen::Unix("/run/mailbell/milter.sock".into()))
+        );
+        for bad in ["unix:milter.sock", "unix:", "unix:/"] {
+            let e = Config::from_toml(&format!("[listen]\nmilter = {bad:?}"), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("listen.milter") && e.contains("absolute path"),
+                "{bad}: {e}"
+            );
+        }
+        let e = Config::from_toml("[listen]\nmilter = \"localhost\"", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not ip:port or unix:/path"), "{e}");
     }
 }

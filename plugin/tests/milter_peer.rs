@@ -1170,3 +1170,65 @@ async fn a_meter_failure_tempfails_the_message() {
         .is_empty());
     server.stop().await;
 }
+
+/// The milter on a Unix-domain socket (`listen.milter = "unix:…"`): a session delivers its
+/// message as over TCP, and a local connection that never negotiates is still closed after
+/// `negotiate_timeout` (the same acceptor guards both).
+#[tokio::test]
+async fn a_session_over_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("milter.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let intake = Arc::new(TestIntake::default());
+    let shutdown = CancellationToken::new();
+    let stats = Arc::new(ListenerStats::default());
+    let cfg = MilterConfig {
+        negotiate_timeout: Duration::from_millis(300),
+        ..cfg()
+    };
+    let task = tokio::spawn(serve(
+        listener,
+        intake.clone(),
+        cfg,
+        stats.clone(),
+        Arc::new(MilterStats::default()),
+        Gate::none(),
+        shutdown.clone(),
+    ));
+
+    let mut idle = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let mut conn = TestConnection::configure()
+        .read_timeout(Duration::from_secs(20))
+        .open_unix(&path)
+        .await
+        .unwrap();
+    connect(&mut conn, [192, 0, 2, 7], "mx.example.net").await;
+    let m = Msg {
+        from: "<alice@example.org>",
+        rcpts: &["<bob@example.com>"],
+        headers: &[("Subject", "Over a local socket")],
+        body: b"hi\r\n",
+    };
+    assert_eq!(send(&mut conn, &m).await, Status::Accept);
+    conn.close().await.unwrap();
+    let arrivals = intake.take();
+    assert_eq!(arrivals.len(), 1);
+    assert_eq!(arrivals[0].headers.subject, "Over a local socket");
+    assert_eq!(arrivals[0].client_ip, Some("192.0.2.7".parse().unwrap()));
+
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "idle local connection not closed: {closed:?}"
+    );
+    assert_eq!(stats.accepted.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.timed_out.load(Ordering::Relaxed), 1);
+
+    shutdown.cancel();
+    let res = tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("serve did not stop")
+        .unwrap();
+    assert!(res.is_ok(), "{res:?}");
+}

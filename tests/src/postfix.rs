@@ -46,8 +46,9 @@ pub struct Postfix {
 impl Postfix {
     /// Configures an instance in `dir` with `milter` as its smtpd and non-smtpd milter (none
     /// when `None`; `milter_default_action = tempfail`), starts it and waits until it accepts
-    /// SMTP connections. `dir`'s parents must be reachable by the users `postfix` and `nobody`.
-    pub fn start(dir: &Path, milter: Option<SocketAddr>) -> anyhow::Result<Postfix> {
+    /// SMTP connections. `milter` is as `smtpd_milters` has it: `inet:host:port` or
+    /// `unix:/path`. `dir`'s parents must be reachable by the users `postfix` and `nobody`.
+    pub fn start(dir: &Path, milter: Option<&str>) -> anyhow::Result<Postfix> {
         let smtp = free_addr()?;
         let etc = dir.join("etc");
         for d in ["etc", "spool", "data", "mail"] {
@@ -56,8 +57,8 @@ impl Postfix {
         let d = dir.display();
         let milters = match milter {
             Some(m) => format!(
-                "smtpd_milters = inet:{m}\n\
-                 non_smtpd_milters = inet:{m}\n\
+                "smtpd_milters = {m}\n\
+                 non_smtpd_milters = {m}\n\
                  milter_default_action = tempfail\n\
                  milter_protocol = 6\n"
             ),

@@ -64,14 +64,16 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
-use mailbell_link::listen::{Accepted, Acceptor, Limits, ListenError, ListenerStats, Ticket};
+use mailbell_link::listen::{
+    Accepted, Acceptor, Limits, Listen, ListenError, ListenerStats, Ticket,
+};
 use mailbell_link::units::de_duration;
 
 use crate::mta::headers::HeaderCollector;
@@ -124,6 +126,12 @@ pub struct MilterConfig {
     /// Threads that run the sessions, each with its own single-threaded runtime; a connection
     /// stays on the thread it was given. Default: one per core.
     pub threads: Option<NonZeroUsize>,
+    /// With `listen.milter = "unix:/path"`: the socket file's permissions (octal). The MTA's
+    /// user must be able to write to it.
+    pub socket_mode: String,
+    /// With `listen.milter = "unix:/path"`: the group the socket file is given (the MTA's, e.g.
+    /// `postfix`; the daemon's user must be a member, or root). Unset: the daemon's group.
+    pub socket_group: Option<String>,
 }
 
 impl Default for MilterConfig {
@@ -137,6 +145,8 @@ impl Default for MilterConfig {
             tempfail_reply: "mailbell: cannot record the arrival notice ({error}), try again later"
                 .to_owned(),
             threads: None,
+            socket_mode: "0660".to_owned(),
+            socket_group: None,
         }
     }
 }
@@ -148,6 +158,17 @@ impl MilterConfig {
             self.max_connections.get().saturating_mul(2),
             NonZeroUsize::get,
         )
+    }
+
+    /// `socket_mode` as permission bits.
+    pub fn socket_mode(&self) -> Result<u32, String> {
+        match u32::from_str_radix(self.socket_mode.trim(), 8) {
+            Ok(m) if m <= 0o777 => Ok(m),
+            _ => Err(format!(
+                "milter.socket_mode {:?} is not octal permission bits such as \"0660\"",
+                self.socket_mode
+            )),
+        }
     }
 
     /// `threads`, or its default: one per core.
@@ -254,8 +275,8 @@ pub enum MilterError {
 /// arrived (evictable, `negotiate_timeout`), then a session slot (`max_connections`). Only a
 /// listening socket that cannot go on is an error; a failing connection is logged in its span
 /// and closed.
-pub async fn serve<I: Intake>(
-    listener: TcpListener,
+pub async fn serve<I: Intake, L: MilterListener>(
+    listener: L,
     intake: Arc<I>,
     cfg: MilterConfig,
     stats: Arc<ListenerStats>,
@@ -263,13 +284,13 @@ pub async fn serve<I: Intake>(
     gate: Gate,
     shutdown: CancellationToken,
 ) -> Result<(), MilterError> {
-    let local = listener.local_addr().ok();
+    let local = listener.describe();
     let limits = Limits {
         max_pending: cfg.max_pending(),
         max_per_source: None,
     };
     info!(
-        addr = ?local,
+        addr = %local,
         max_connections = cfg.max_connections.get(),
         max_pending = limits.max_pending,
         "milter listening"
@@ -317,9 +338,9 @@ pub async fn serve<I: Intake>(
                     }
                 };
                 let session = async move {
-                    match TcpStream::from_std(stream) {
+                    match L::Stream::from_std(stream) {
                         Ok(stream) => {
-                            let accepted = Accepted {
+                            let accepted = Accepted::<L> {
                                 stream,
                                 peer,
                                 ticket,
@@ -439,18 +460,19 @@ impl Drop for SessionThreads {
 /// Runs `serve` (a call of [`serve`] on the listener it is given) on a thread of its own,
 /// `milter-0`, with a single-threaded runtime, which is also the first session thread
 /// ([`SessionThreads`]); the answer arrives when it returns.
-pub fn serve_on_own_thread<F, Fut>(
-    listener: TcpListener,
+pub fn serve_on_own_thread<L, F, Fut>(
+    listener: L,
     serve: F,
 ) -> io::Result<oneshot::Receiver<Result<(), MilterError>>>
 where
-    F: FnOnce(TcpListener) -> Fut + Send + 'static,
+    L: MilterListener,
+    F: FnOnce(L) -> Fut + Send + 'static,
     Fut: Future<Output = Result<(), MilterError>>,
 {
     let listener = listener.into_std()?;
     let (tx, rx) = oneshot::channel();
     runtime_thread("milter-0".into(), move || async move {
-        let result = match TcpListener::from_std(listener) {
+        let result = match L::from_std(listener) {
             Ok(listener) => serve(listener).await,
             Err(e) => Err(MilterError::Threads(e)),
         };
@@ -516,8 +538,8 @@ impl Episode {
 /// One milter connection: the pre-negotiation phase on the bare socket, then its own
 /// indymilter `run` over a one-connection listener, so its callbacks carry the connection's
 /// span. The ticket (pending slot, then session slot) lives as long as the connection.
-async fn connection<I: Intake>(
-    accepted: Accepted,
+async fn connection<I: Intake, L: MilterListener>(
+    accepted: Accepted<L>,
     shared: Arc<Shared<I>>,
     stop: CancellationToken,
 ) {
@@ -528,9 +550,7 @@ async fn connection<I: Intake>(
     } = accepted;
     let session = async move {
         debug!("connection accepted");
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!(error = %e, "cannot set TCP_NODELAY");
-        }
+        stream.prepare();
         let (guard, replay) =
             match negotiation(&mut stream, &ticket, shared.negotiate_timeout, &stop).await {
                 Ok(proven) => proven,
@@ -589,8 +609,8 @@ enum Unproven {
 /// Reads the MTA's first packets on the bare socket until option negotiation has arrived
 /// whole, within `limit`, unless the acceptor wants the slot first. Returns the guard that
 /// followed them and the bytes read, for indymilter.
-async fn negotiation(
-    stream: &mut TcpStream,
+async fn negotiation<S: MilterStream>(
+    stream: &mut S,
     ticket: &Ticket,
     limit: Duration,
     stop: &CancellationToken,
@@ -650,8 +670,8 @@ fn unproven<I>(why: Unproven, ticket: &Ticket, shared: &Shared<I>) {
 
 /// The negotiated connection's indymilter session, over a [`Watched`] stream that first hands
 /// indymilter the bytes read while negotiating.
-async fn run_session<I: Intake>(
-    stream: TcpStream,
+async fn run_session<I: Intake, S: MilterStream>(
+    stream: S,
     guard: FrameGuard,
     replay: Bytes,
     shared: &Shared<I>,
@@ -1331,7 +1351,7 @@ struct Watched<S> {
     stall_packet: Option<u64>,
 }
 
-impl<S: AsyncRead + AsFd + Unpin> AsyncRead for Watched<S> {
+impl<S: MilterStream> AsyncRead for Watched<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
@@ -1359,7 +1379,7 @@ impl<S: AsyncRead + AsFd + Unpin> AsyncRead for Watched<S> {
                     return Poll::Ready(Ok(()));
                 }
                 this.last_activity = Instant::now();
-                ack_now(&this.inner);
+                this.inner.ack_now();
                 match this.guard.feed(new) {
                     Ok(()) => Poll::Ready(Ok(())),
                     Err(Rejected { valid, error }) => {
@@ -1405,6 +1425,92 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A milter connection's socket: TCP, or a Unix-domain socket for an MTA on the same host
+/// (cheaper: no TCP handshake, acknowledgements or Nagle to work around per connection, and
+/// Postfix opens one milter connection per SMTP session).
+pub trait MilterStream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    /// The same socket off any runtime, to move it to a session thread.
+    type Std: Send + 'static;
+    fn into_std(self) -> io::Result<Self::Std>;
+    /// Back onto the current runtime.
+    fn from_std(s: Self::Std) -> io::Result<Self>;
+    /// Prepares a new connection (TCP: no Nagle delay on our replies).
+    fn prepare(&self);
+    /// Called after every read that returned data (TCP: [`ack_now`]).
+    fn ack_now(&self);
+}
+
+impl MilterStream for TcpStream {
+    type Std = std::net::TcpStream;
+
+    fn into_std(self) -> io::Result<Self::Std> {
+        TcpStream::into_std(self)
+    }
+
+    fn from_std(s: Self::Std) -> io::Result<Self> {
+        TcpStream::from_std(s)
+    }
+
+    fn prepare(&self) {
+        if let Err(e) = self.set_nodelay(true) {
+            debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    }
+
+    fn ack_now(&self) {
+        ack_now(self);
+    }
+}
+
+impl MilterStream for UnixStream {
+    type Std = std::os::unix::net::UnixStream;
+
+    fn into_std(self) -> io::Result<Self::Std> {
+        UnixStream::into_std(self)
+    }
+
+    fn from_std(s: Self::Std) -> io::Result<Self> {
+        UnixStream::from_std(s)
+    }
+
+    fn prepare(&self) {}
+
+    fn ack_now(&self) {}
+}
+
+/// A listening socket the milter serves: TCP, or a Unix-domain socket.
+pub trait MilterListener: Listen<Stream: MilterStream> + Sized {
+    /// The same socket off any runtime, to move it to the milter's thread.
+    type Std: Send + 'static;
+    fn into_std(self) -> io::Result<Self::Std>;
+    /// Back onto the current runtime.
+    fn from_std(s: Self::Std) -> io::Result<Self>;
+}
+
+impl MilterListener for TcpListener {
+    type Std = std::net::TcpListener;
+
+    fn into_std(self) -> io::Result<Self::Std> {
+        TcpListener::into_std(self)
+    }
+
+    fn from_std(s: Self::Std) -> io::Result<Self> {
+        TcpListener::from_std(s)
+    }
+}
+
+impl MilterListener for UnixListener {
+    type Std = std::os::unix::net::UnixListener;
+
+    fn into_std(self) -> io::Result<Self::Std> {
+        UnixListener::into_std(self)
+    }
+
+    fn from_std(s: Self::Std) -> io::Result<Self> {
+        UnixListener::from_std(s)
     }
 }
 

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clap::{Parser, ValueEnum};
+use mailbell::config::MilterListen;
 use mailbell::users::User;
 use mailbell_tests::cpu::{load_average, process_cpu};
 use mailbell_tests::postfix::{self, Postfix};
@@ -110,6 +111,16 @@ struct Args {
     /// shared disk's fsyncs cost.
     #[arg(long)]
     mailbell_dir: Option<std::path::PathBuf>,
+    /// How Postfix reaches mailbell's milter: a Unix-domain socket (`unix:`, the set-up
+    /// docs/operations.md recommends for a milter on the MTA's host) or loopback TCP (`inet:`).
+    #[arg(long, value_enum, default_value = "unix")]
+    milter_socket: MilterSocket,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum MilterSocket {
+    Unix,
+    Inet,
 }
 
 /// Registered users, and smtp-source's recipients per message (`-r`).
@@ -179,9 +190,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 async fn run_in(args: &Args, dir: &Path, mail_dir: &Path) -> anyhow::Result<bool> {
     let max_sessions = args.sessions.iter().copied().max().unwrap_or(1);
     let gate = LinkGate::bind().await?;
+    let milter_socket = dir.join("milter.sock");
     let sys = system::start_via(
         mail_dir,
         |m, a| {
+            if args.milter_socket == MilterSocket::Unix {
+                m.milter_listen = Some(MilterListen::Unix(milter_socket));
+                // Postfix's smtpd and cleanup run as the user postfix.
+                m.milter.socket_group = Some("postfix".into());
+            }
             // Reconnect at once when the gate opens.
             m.link.backoff_min = Duration::from_millis(50);
             m.link.backoff_max = Duration::from_millis(200);
@@ -328,16 +345,21 @@ async fn bench_postfix(
     }
     let domain = postfix::DOMAIN;
     register(sys, domain)?;
-    let milter = sys.mail.milter_addr.context("mailbell has no milter")?;
+    let milter = match (&sys.mail.milter_path, sys.mail.milter_addr) {
+        (Some(path), _) => format!("unix:{}", path.display()),
+        (None, Some(addr)) => format!("inet:{addr}"),
+        (None, None) => bail!("mailbell has no milter"),
+    };
     let (alone, with) = tokio::task::block_in_place(|| {
         anyhow::Ok((
             Postfix::start(&dir.join("postfix-alone"), None)?,
-            Postfix::start(&dir.join("postfix-milter"), Some(milter))?,
+            Postfix::start(&dir.join("postfix-milter"), Some(&milter))?,
         ))
     })?;
     println!(
-        "\nPostfix {} (private instances on loopback; with mailbell = smtpd_milters, milter_protocol 6)",
-        postfix_version()
+        "\nPostfix {} (private instances on loopback; with mailbell = smtpd_milters = {}, milter_protocol 6)",
+        postfix_version(),
+        if milter.starts_with("unix:") { "unix:<socket>" } else { "inet:<loopback>" },
     );
     let ok = bench_pair(
         args,

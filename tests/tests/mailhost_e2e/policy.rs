@@ -35,7 +35,8 @@ fn postfix_blocklisted_sender_gets_550_and_deliveries_are_metered_by_zone() {
              [blocklist]\nsender_domains = [{senders:?}]\nreply = \"junk.example is blocked here\"\n"
         ),
     );
-    let pf = Postfix::start(&dir.join("postfix"), Some(mail.milter)).expect("start postfix");
+    let pf =
+        Postfix::start(&dir.join("postfix"), Some(&mail.milter_spec())).expect("start postfix");
 
     let r = pf
         .swaks(&[

@@ -83,7 +83,8 @@ fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() {
         "{shown}"
     );
 
-    let pf = Postfix::start(&dir.join("postfix"), Some(mail.milter)).expect("start postfix");
+    let pf =
+        Postfix::start(&dir.join("postfix"), Some(&mail.milter_spec())).expect("start postfix");
     let mut seen = 0;
 
     // 1. A Chinese subject and display name, RFC 2047 encoded, reach the phone decoded.
@@ -251,4 +252,79 @@ fn q_encode(text: &str) -> String {
             }
         })
         .collect()
+}
+
+/// Postfix reaches the milter over a Unix-domain socket (`listen.milter = "unix:…"`, the usual
+/// set-up for a milter on the MTA's host): the socket belongs to the group `postfix` with mode
+/// 0660, a message gets its notice, a socket left behind by a killed daemon is replaced at the
+/// next start, and a stopped daemon removes its socket, so Postfix tempfails.
+#[test]
+fn postfix_reaches_the_milter_over_a_unix_socket() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if !require(&["postfix", "swaks", "script", "chown"], true) {
+        return;
+    }
+    bins();
+    let scratch = Scratch::new("postfix-unix");
+    let dir = scratch.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let pki = dir.join("pki");
+    let agent = Agent::start(dir, free_addr(), &pki);
+    let socket = dir.join("milter.sock");
+    let mut mail = Mailbell::configure_at(dir, agent.link, &pki, "", "", Some(&socket));
+    mail.daemon.start();
+    mail.cli_ok(&["user", "add", "alice@dest.example", "--phone", PHONE]);
+
+    let meta = std::fs::symlink_metadata(&socket).expect("the milter socket exists");
+    assert!(meta.file_type().is_socket(), "{meta:?}");
+    assert_eq!(meta.mode() & 0o777, 0o660, "socket mode {:o}", meta.mode());
+    let postfix_gid = nix::unistd::Group::from_name("postfix")
+        .expect("look up group postfix")
+        .expect("group postfix exists")
+        .gid
+        .as_raw();
+    assert_eq!(meta.gid(), postfix_gid, "the socket's group is not postfix");
+
+    let pf =
+        Postfix::start(&dir.join("postfix"), Some(&mail.milter_spec())).expect("start postfix");
+    let mut seen = 0;
+    let r = send(&pf, "alice@dest.example", "经由套接字");
+    assert!(
+        r.status.success(),
+        "swaks: {}\n{}",
+        transcript(&r),
+        pf.log()
+    );
+    let text = next_sms(&agent, &mut seen);
+    assert!(text.contains("经由套接字"), "{text:?}");
+
+    // Killed: the socket file stays behind; the next start replaces it and serves again.
+    mail.daemon.kill9();
+    assert!(
+        socket.exists(),
+        "a killed daemon cannot have removed its socket"
+    );
+    mail.daemon.restart();
+    let r = send(&pf, "alice@dest.example", "重启之后");
+    assert!(
+        r.status.success(),
+        "swaks: {}\n{}",
+        transcript(&r),
+        pf.log()
+    );
+    let text = next_sms(&agent, &mut seen);
+    assert!(text.contains("重启之后"), "{text:?}");
+
+    // Stopped: the socket is gone and Postfix answers 451 (milter_default_action = tempfail).
+    mail.daemon.stop();
+    assert!(!socket.exists(), "a stopped daemon left its socket behind");
+    let r = send(&pf, "alice@dest.example", "停止之后");
+    let t = transcript(&r);
+    assert!(
+        !r.status.success() && t.contains("<** 451"),
+        "no 451 with mailbell stopped: {t}"
+    );
+    wait_for("two messages in the mailbox", 60, || pf.delivered() == 2);
+    drop(pf);
+    assert_eq!(agent.pdus().len(), seen, "an extra SMS");
 }

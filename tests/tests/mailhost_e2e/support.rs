@@ -382,7 +382,10 @@ pub fn read_pdu_log(path: &Path) -> Vec<Sms> {
 /// `mailbell serve` with the milter and admin API on loopback, linked to one agent.
 pub struct Mailbell {
     pub daemon: Daemon,
+    /// The milter's TCP address (unused when it listens on `milter_socket`).
     pub milter: SocketAddr,
+    /// The milter's Unix-domain socket, when it listens on one.
+    pub milter_socket: Option<PathBuf>,
     pub admin: SocketAddr,
 }
 
@@ -400,13 +403,33 @@ impl Mailbell {
         intake: &str,
         sections: &str,
     ) -> Mailbell {
+        Mailbell::configure_at(dir, agent_link, pki, intake, sections, None)
+    }
+
+    /// [`Mailbell::configure_with`]; with `socket`, the milter listens on that Unix-domain
+    /// socket, given to the group `postfix`.
+    pub fn configure_at(
+        dir: &Path,
+        agent_link: SocketAddr,
+        pki: &Path,
+        intake: &str,
+        sections: &str,
+        socket: Option<&Path>,
+    ) -> Mailbell {
         let milter = free_addr();
         let admin = free_addr();
+        let (listen, group) = match socket {
+            Some(p) => (
+                format!("unix:{}", p.display()),
+                "socket_group = \"postfix\"\n",
+            ),
+            None => (milter.to_string(), ""),
+        };
         let toml = format!(
             "[mailbell]\ndata_dir = {data:?}\n\
-             [listen]\nhttp = \"\"\nmilter = \"{milter}\"\nadmin = \"{admin}\"\n\
+             [listen]\nhttp = \"\"\nmilter = \"{listen}\"\nadmin = \"{admin}\"\n\
              [admin]\ntoken = \"{ADMIN_TOKEN}\"\n\
-             [milter]\ntimeout = \"60s\"\n\
+             [milter]\ntimeout = \"60s\"\n{group}\
              [intake]\n{intake}\n\
              [link]\ndev_pki_dir = {pki:?}\nack_timeout = \"5s\"\nheartbeat = \"1s\"\ndead_after = \"5s\"\n\
              connect_timeout = \"2s\"\nio_timeout = \"5s\"\nbackoff_min = \"50ms\"\nbackoff_max = \"500ms\"\n\
@@ -420,10 +443,23 @@ impl Mailbell {
                 &bins().mailbell,
                 dir,
                 &toml,
-                vec![milter, admin],
+                if socket.is_some() {
+                    vec![admin]
+                } else {
+                    vec![milter, admin]
+                },
             ),
             milter,
+            milter_socket: socket.map(Path::to_path_buf),
             admin,
+        }
+    }
+
+    /// Where an MTA reaches the milter, as Postfix's `smtpd_milters` names it.
+    pub fn milter_spec(&self) -> String {
+        match &self.milter_socket {
+            Some(p) => format!("unix:{}", p.display()),
+            None => format!("inet:{}", self.milter),
         }
     }
 
