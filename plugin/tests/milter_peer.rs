@@ -1232,3 +1232,124 @@ async fn a_session_over_a_unix_socket() {
         .unwrap();
     assert!(res.is_ok(), "{res:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// miltertest (OpenDKIM's Lua-scripted MTA side of the protocol): a real peer that is not ours.
+
+/// One message through miltertest at `socket` (`inet:PORT@HOST` or `unix:/path`); `eom` is
+/// the reply the script expects at end of message (a miltertest constant). Returns the
+/// script's output, or `None` (skipped, visibly; a failure under `CI=true`) without miltertest.
+async fn miltertest(socket: &str, eom: &str) -> Option<std::process::Output> {
+    let script = format!(
+        r#"
+local conn = mt.connect("{socket}", 40, 0.25)
+if conn == nil then error("mt.connect() failed") end
+if mt.conninfo(conn, "mx.example.net", "192.0.2.44") ~= nil then error("conninfo") end
+if mt.helo(conn, "mx.example.net") ~= nil then error("helo") end
+if mt.mailfrom(conn, "<alice@example.org>") ~= nil then error("mailfrom") end
+if mt.rcptto(conn, "<bob@example.com>") ~= nil then error("rcptto bob") end
+if mt.rcptto(conn, "<carol@example.com>") ~= nil then error("rcptto carol") end
+if mt.header(conn, "From", "=?UTF-8?B?5byg5LiJ?= <alice@example.org>") ~= nil then error("header From") end
+if mt.header(conn, "Subject", "=?UTF-8?B?5rWL6K+V?= via miltertest") ~= nil then error("header Subject") end
+-- mailbell asks to skip end-of-headers (SMFIP_NOEOH): a step skipped is not sent.
+if not mt.test_option(conn, SMFIP_NOEOH) and mt.eoh(conn) ~= nil then error("eoh") end
+if mt.bodystring(conn, "hello\r\n") ~= nil then error("body") end
+if mt.eom(conn) ~= nil then error("eom") end
+local r = mt.getreply(conn)
+if r ~= {eom} then error("end of message: reply " .. tostring(r) .. ", expected {eom}") end
+mt.disconnect(conn)
+mt.echo("miltertest: done")
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one-message.lua");
+    std::fs::write(&path, script).unwrap();
+    let run = tokio::process::Command::new("miltertest")
+        .arg("-s")
+        .arg(&path)
+        .output()
+        .await;
+    match run {
+        Ok(out) => Some(out),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "miltertest missing under CI"
+            );
+            let mut err = std::io::stderr();
+            let _ = writeln!(err, "SKIPPED: miltertest not installed");
+            None
+        }
+        Err(e) => panic!("miltertest: {e}"),
+    }
+}
+
+fn said(out: &std::process::Output) -> String {
+    format!(
+        "{}{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// miltertest over TCP and over a Unix-domain socket: its message arrives whole (decoded
+/// subject and display name, both recipients, the client address from the connect stage).
+/// With the intake failing it gets the tempfail reply, and nothing is recorded.
+#[tokio::test]
+async fn miltertest_over_tcp_and_a_unix_socket() {
+    let server = Server::start(cfg()).await;
+    let Some(out) = miltertest(
+        &format!("inet:{}@127.0.0.1", server.addr.port()),
+        "SMFIR_ACCEPT",
+    )
+    .await
+    else {
+        return;
+    };
+    assert!(out.status.success(), "{}", said(&out));
+    let arrivals = server.intake.take();
+    assert_eq!(arrivals.len(), 1, "{}", said(&out));
+    let a = &arrivals[0];
+    assert_eq!(a.headers.subject, "测试 via miltertest");
+    assert_eq!(a.headers.from_name, "张三");
+    assert_eq!(a.rcpts, ["bob@example.com", "carol@example.com"]);
+    assert_eq!(a.client_ip, Some("192.0.2.44".parse().unwrap()));
+    assert_eq!(a.helo, "mx.example.net");
+
+    // The intake cannot record: "451 4.3.0 ..." (a reply code, SMFIR_REPLYCODE), nothing kept.
+    server.intake.fail.store(true, Ordering::SeqCst);
+    let out = miltertest(
+        &format!("inet:{}@127.0.0.1", server.addr.port()),
+        "SMFIR_REPLYCODE",
+    )
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(server.intake.take().is_empty());
+    server.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("milter.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let intake = Arc::new(TestIntake::default());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(serve(
+        listener,
+        intake.clone(),
+        cfg(),
+        Arc::new(ListenerStats::default()),
+        Arc::new(MilterStats::default()),
+        Gate::none(),
+        shutdown.clone(),
+    ));
+    let out = miltertest(&format!("unix:{}", path.display()), "SMFIR_ACCEPT")
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", said(&out));
+    let arrivals = intake.take();
+    assert_eq!(arrivals.len(), 1, "{}", said(&out));
+    assert_eq!(arrivals[0].headers.subject, "测试 via miltertest");
+    shutdown.cancel();
+    assert!(task.await.unwrap().is_ok());
+}
