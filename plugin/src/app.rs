@@ -491,7 +491,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         stalwart: stalwart_stats.clone(),
         outbox: stores.outbox.stats.clone(),
         audit: stores.audit.stats(),
-        milter: milter_addr.map(|_| milter_stats.clone()),
+        milter: cfg.milter_listen.as_ref().map(|_| milter_stats.clone()),
         retrieval: (!retrieval_addrs.is_empty()).then(|| retrieval_stats.clone()),
         meter: (!retrieval_addrs.is_empty()).then(|| stores.meter.stats()),
         agents: cfg.link.agents.iter().map(|a| a.addr.clone()).collect(),

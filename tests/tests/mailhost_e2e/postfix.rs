@@ -297,6 +297,23 @@ fn postfix_reaches_the_milter_over_a_unix_socket() {
     );
     let text = next_sms(&agent, &mut seen);
     assert!(text.contains("经由套接字"), "{text:?}");
+    // The milter's counters are in /metrics as with TCP.
+    let metrics = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(mailbell_link::http::request(
+            mail.admin,
+            "GET",
+            "/metrics",
+            None,
+            None,
+            std::time::Duration::from_secs(30),
+        ))
+        .expect("mailbell /metrics")
+        .body;
+    assert!(
+        metrics.contains("mailbell_milter_messages_total 1\n"),
+        "{metrics}"
+    );
 
     // Killed: the socket file stays behind; the next start replaces it and serves again.
     mail.daemon.kill9();
