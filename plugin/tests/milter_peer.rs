@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use indymilter_test::{Actions, MacroStage, ProtoOpts, SocketInfo, Status, TestConnection};
 use mailbell::billing::Ledger;
-use mailbell::mta::milter::{serve, Gate, MilterConfig, MilterError, MilterStats};
+use mailbell::mta::milter::{serve, Gate, MilterConfig, MilterError, MilterListener, MilterStats};
 use mailbell::notify::arrival::{Accepted, Arrival, Ingest, Intake, IntakeError, Origin};
 use mailbell::policy::blocklist::BlocklistConfig;
 use mailbell::policy::zones::{Zone, ZonesConfig};
@@ -98,8 +98,8 @@ impl Intake for TestIntake {
     }
 }
 
-struct Server {
-    addr: SocketAddr,
+/// `serve` running on any listener (TCP or a Unix-domain socket) with a test intake.
+struct Served {
     intake: Arc<TestIntake>,
     stats: Arc<ListenerStats>,
     milter_stats: Arc<MilterStats>,
@@ -107,14 +107,8 @@ struct Server {
     task: JoinHandle<Result<(), MilterError>>,
 }
 
-impl Server {
-    async fn start(cfg: MilterConfig) -> Self {
-        Self::start_with(cfg, Gate::none()).await
-    }
-
-    async fn start_with(cfg: MilterConfig, gate: Gate) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+impl Served {
+    fn spawn<L: MilterListener + Sync>(listener: L, cfg: MilterConfig, gate: Gate) -> Self {
         let intake = Arc::new(TestIntake::default());
         let shutdown = CancellationToken::new();
         let stats = Arc::new(ListenerStats::default());
@@ -129,12 +123,50 @@ impl Server {
             shutdown.clone(),
         ));
         Self {
-            addr,
             intake,
             stats,
             milter_stats,
             shutdown,
             task,
+        }
+    }
+
+    /// Shuts down; `serve` must return `Ok` within 20 s.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let res = tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("serve did not stop")
+            .unwrap();
+        assert!(res.is_ok(), "{res:?}");
+    }
+}
+
+/// [`Served`] on 127.0.0.1.
+struct Server {
+    addr: SocketAddr,
+    served: Served,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Served;
+
+    fn deref(&self) -> &Served {
+        &self.served
+    }
+}
+
+impl Server {
+    async fn start(cfg: MilterConfig) -> Self {
+        Self::start_with(cfg, Gate::none()).await
+    }
+
+    async fn start_with(cfg: MilterConfig, gate: Gate) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        Self {
+            addr,
+            served: Served::spawn(listener, cfg, gate),
         }
     }
 
@@ -166,12 +198,7 @@ impl Server {
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        let res = tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .expect("serve did not stop")
-            .unwrap();
-        assert!(res.is_ok(), "{res:?}");
+        self.served.stop().await;
     }
 }
 
@@ -1178,23 +1205,15 @@ async fn a_meter_failure_tempfails_the_message() {
 async fn a_session_over_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("milter.sock");
-    let listener = tokio::net::UnixListener::bind(&path).unwrap();
-    let intake = Arc::new(TestIntake::default());
-    let shutdown = CancellationToken::new();
-    let stats = Arc::new(ListenerStats::default());
     let cfg = MilterConfig {
         negotiate_timeout: Duration::from_millis(300),
         ..cfg()
     };
-    let task = tokio::spawn(serve(
-        listener,
-        intake.clone(),
+    let served = Served::spawn(
+        tokio::net::UnixListener::bind(&path).unwrap(),
         cfg,
-        stats.clone(),
-        Arc::new(MilterStats::default()),
         Gate::none(),
-        shutdown.clone(),
-    ));
+    );
 
     let mut idle = tokio::net::UnixStream::connect(&path).await.unwrap();
     let mut conn = TestConnection::configure()
@@ -1211,7 +1230,7 @@ async fn a_session_over_a_unix_socket() {
     };
     assert_eq!(send(&mut conn, &m).await, Status::Accept);
     conn.close().await.unwrap();
-    let arrivals = intake.take();
+    let arrivals = served.intake.take();
     assert_eq!(arrivals.len(), 1);
     assert_eq!(arrivals[0].headers.subject, "Over a local socket");
     assert_eq!(arrivals[0].client_ip, Some("192.0.2.7".parse().unwrap()));
@@ -1222,15 +1241,9 @@ async fn a_session_over_a_unix_socket() {
         matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
         "idle local connection not closed: {closed:?}"
     );
-    assert_eq!(stats.accepted.load(Ordering::Relaxed), 2);
-    assert_eq!(stats.timed_out.load(Ordering::Relaxed), 1);
-
-    shutdown.cancel();
-    let res = tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .expect("serve did not stop")
-        .unwrap();
-    assert!(res.is_ok(), "{res:?}");
+    assert_eq!(served.stats.accepted.load(Ordering::Relaxed), 2);
+    assert_eq!(served.stats.timed_out.load(Ordering::Relaxed), 1);
+    served.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1331,25 +1344,17 @@ async fn miltertest_over_tcp_and_a_unix_socket() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("milter.sock");
-    let listener = tokio::net::UnixListener::bind(&path).unwrap();
-    let intake = Arc::new(TestIntake::default());
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(serve(
-        listener,
-        intake.clone(),
+    let served = Served::spawn(
+        tokio::net::UnixListener::bind(&path).unwrap(),
         cfg(),
-        Arc::new(ListenerStats::default()),
-        Arc::new(MilterStats::default()),
         Gate::none(),
-        shutdown.clone(),
-    ));
+    );
     let out = miltertest(&format!("unix:{}", path.display()), "SMFIR_ACCEPT")
         .await
         .unwrap();
     assert!(out.status.success(), "{}", said(&out));
-    let arrivals = intake.take();
+    let arrivals = served.intake.take();
     assert_eq!(arrivals.len(), 1, "{}", said(&out));
     assert_eq!(arrivals[0].headers.subject, "测试 via miltertest");
-    shutdown.cancel();
-    assert!(task.await.unwrap().is_ok());
+    served.stop().await;
 }
