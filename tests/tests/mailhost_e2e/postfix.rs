@@ -223,6 +223,19 @@ fn postfix_and_swaks_chinese_notice_unregistered_recipient_and_tempfail() {
     );
 }
 
+/// Sends alice a message with `subject`; Postfix must accept it and her next SMS carry it.
+fn notified(pf: &Postfix, agent: &Agent, seen: &mut usize, subject: &str) {
+    let r = send(pf, "alice@dest.example", subject);
+    assert!(
+        r.status.success(),
+        "swaks: {}\n{}",
+        transcript(&r),
+        pf.log()
+    );
+    let text = next_sms(agent, seen);
+    assert!(text.contains(subject), "{text:?}");
+}
+
 /// Waits for the next PDU; checks it went to alice's phone as plain decoded text, and that
 /// it came alone. Returns its text.
 fn next_sms(agent: &Agent, seen: &mut usize) -> String {
@@ -292,15 +305,7 @@ fn postfix_reaches_the_milter_over_a_unix_socket() {
     let pf = Postfix::start(&dir.join("postfix"), Some("unix:mailbell/milter.sock"))
         .expect("start postfix");
     let mut seen = 0;
-    let r = send(&pf, "alice@dest.example", "经由套接字");
-    assert!(
-        r.status.success(),
-        "swaks: {}\n{}",
-        transcript(&r),
-        pf.log()
-    );
-    let text = next_sms(&agent, &mut seen);
-    assert!(text.contains("经由套接字"), "{text:?}");
+    notified(&pf, &agent, &mut seen, "经由套接字");
     // The milter's counters are in /metrics as with TCP.
     let metrics = tokio::runtime::Runtime::new()
         .expect("runtime")
@@ -326,15 +331,7 @@ fn postfix_reaches_the_milter_over_a_unix_socket() {
         "a killed daemon cannot have removed its socket"
     );
     mail.daemon.restart();
-    let r = send(&pf, "alice@dest.example", "重启之后");
-    assert!(
-        r.status.success(),
-        "swaks: {}\n{}",
-        transcript(&r),
-        pf.log()
-    );
-    let text = next_sms(&agent, &mut seen);
-    assert!(text.contains("重启之后"), "{text:?}");
+    notified(&pf, &agent, &mut seen, "重启之后");
 
     // Stopped: the socket is gone and Postfix answers 451 (milter_default_action = tempfail).
     mail.daemon.stop();
