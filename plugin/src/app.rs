@@ -195,12 +195,16 @@ impl Running {
 }
 
 async fn bind(what: &str, addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
-    let Some(addr) = addr else { return Ok(None) };
-    Ok(Some(
-        TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listen for {what} on {addr}"))?,
-    ))
+    match addr {
+        Some(addr) => bind_tcp(what, addr).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+async fn bind_tcp(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listen for {what} on {addr}"))
 }
 
 /// What the milter needs to start on its own thread.
@@ -443,11 +447,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         };
         match at {
             MilterListen::Tcp(addr) => {
-                let l = bind("the milter", Some(*addr)).await?;
-                if let Some(l) = l {
-                    milter_addr = l.local_addr().ok();
-                    milter.start(l, None, &tasks)?;
-                }
+                let l = bind_tcp("the milter", *addr).await?;
+                milter_addr = l.local_addr().ok();
+                milter.start(l, None, &tasks)?;
             }
             MilterListen::Unix(path) => {
                 let l = bind_unix_milter(path, &cfg.milter)?;

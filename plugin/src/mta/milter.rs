@@ -47,7 +47,6 @@ use std::future::{ready, Future};
 use std::io;
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
-use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -1439,7 +1438,7 @@ pub trait MilterStream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static 
     fn from_std(s: Self::Std) -> io::Result<Self>;
     /// Prepares a new connection (TCP: no Nagle delay on our replies).
     fn prepare(&self);
-    /// Called after every read that returned data (TCP: [`ack_now`]).
+    /// Called after every read that returned data (TCP: an immediate ACK, see its impl).
     fn ack_now(&self);
 }
 
@@ -1460,8 +1459,20 @@ impl MilterStream for TcpStream {
         }
     }
 
+    /// Acknowledges what was just read at once (TCP_QUICKACK; Linux clears it again by itself, so
+    /// it is set after every read).
+    ///
+    /// We negotiate no reply for most stages (NR_*), so Postfix writes several commands in a row
+    /// without waiting for an answer, on a socket with Nagle's algorithm on: a small write waits
+    /// until the previous one is acknowledged. Our kernel, which had seen us answer promptly
+    /// (negotiation), delays that ACK by up to 40 ms for a reply to ride on, and no reply comes.
+    /// A real Postfix 3.7 stalled this way on every message, between the envelope smtpd sends and
+    /// the headers and body cleanup sends: docs/benchmarks.md, "Real MTAs".
     fn ack_now(&self) {
-        ack_now(self);
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Err(e) = socket2::SockRef::from(self).set_tcp_quickack(true) {
+            debug!(error = %e, "cannot set TCP_QUICKACK");
+        }
     }
 }
 
@@ -1512,24 +1523,6 @@ impl MilterListener for UnixListener {
     fn from_std(s: Self::Std) -> io::Result<Self> {
         UnixListener::from_std(s)
     }
-}
-
-/// Acknowledges what was just read at once (TCP_QUICKACK; Linux clears it again by itself, so
-/// it is set after every read).
-///
-/// We negotiate no reply for most stages (NR_*), so Postfix writes several commands in a row
-/// without waiting for an answer, on a socket with Nagle's algorithm on: a small write waits
-/// until the previous one is acknowledged. Our kernel, which had seen us answer promptly
-/// (negotiation), delays that ACK by up to 40 ms for a reply to ride on, and no reply comes.
-/// A real Postfix 3.7 stalled this way on every message, between the envelope smtpd sends and
-/// the headers and body cleanup sends: docs/benchmarks.md, "Real MTAs".
-fn ack_now<S: AsFd>(stream: &S) {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    if let Err(e) = socket2::SockRef::from(stream).set_tcp_quickack(true) {
-        debug!(error = %e, "cannot set TCP_QUICKACK");
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    let _ = stream;
 }
 
 impl<S> Watched<S> {
