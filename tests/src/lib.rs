@@ -6,6 +6,7 @@ pub mod dns;
 #[path = "../shared/dovecot.rs"]
 pub mod dovecot;
 pub mod feed;
+pub mod null_milter;
 pub mod postfix;
 pub mod stalwart;
 pub mod system;

@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release -p mailbell-tests --bin bench_mta -- [--mta postfix|stalwart|all]
 //!     [--messages 1000] [--sessions 1,20] [--size 4096] [--timeout 300]
-//!     [--agent during|after] [--unregistered] [--repeat N]
+//!     [--agent during|after] [--unregistered] [--null-milter] [--repeat N]
 //! ```
 //!
 //! One process holds the whole mail side (`mailbell_tests::system`: `mailbell serve` and a GSM
@@ -49,6 +49,7 @@ use clap::{Parser, ValueEnum};
 use mailbell::config::MilterListen;
 use mailbell::users::User;
 use mailbell_tests::cpu::{load_average, process_cpu};
+use mailbell_tests::null_milter::NullMilter;
 use mailbell_tests::postfix::{self, Postfix};
 use mailbell_tests::stalwart::{self, Stalwart, HOOK_TOKEN};
 use mailbell_tests::system::{self, System};
@@ -103,6 +104,12 @@ struct Args {
     /// mailbell" rate is the MTA's own cost of calling out, the floor under mailbell's.
     #[arg(long)]
     unregistered: bool,
+    /// Postfix only: a third instance calls a milter that does nothing
+    /// (`mailbell_tests::null_milter`: mailbell's negotiation, accept at end of message, a
+    /// thread per connection), taking turns with the other two: the most of Postfix's rate
+    /// any milter can keep on this machine, and mailbell's rate against it.
+    #[arg(long)]
+    null_milter: bool,
     /// When the agent takes the notices of a timed run with mailbell.
     #[arg(long, value_enum, default_value = "during")]
     agent: AgentMode,
@@ -221,13 +228,18 @@ async fn run_in(args: &Args, dir: &Path, mail_dir: &Path) -> anyhow::Result<bool
     let r = async {
         sys.wait_modems_ready(Duration::from_secs(30)).await?;
         println!(
-            "bench_mta: {} messages of {} B payload per run, each to {USERS} registered users; \
+            "bench_mta: {} messages of {} B payload per run, each to {USERS} {} users; \
              mailbell + agent on a zero-delay simulated modem in this process, the agent \
              taking the notices {}; {} cores, \
              load average {}; disk: 4 KiB write+fsync {} (mailbell commits each message's \
              notices before it answers the MTA)",
             args.messages,
             args.size,
+            if args.unregistered {
+                "unregistered"
+            } else {
+                "registered"
+            },
             match args.agent {
                 AgentMode::During => "during each run",
                 AgentMode::After => "after each run (link held shut while smtp-source runs)",
@@ -350,16 +362,34 @@ async fn bench_postfix(
         (None, Some(addr)) => format!("inet:{addr}"),
         (None, None) => bail!("mailbell has no milter"),
     };
-    let (alone, with) = tokio::task::block_in_place(|| {
+    let null_milter = if args.null_milter {
+        let path = dir.join("null-milter.sock");
+        let m = NullMilter::start(&path).context("start the null milter")?;
+        Some((m, format!("unix:{}", path.display())))
+    } else {
+        None
+    };
+    let (alone, with, null) = tokio::task::block_in_place(|| {
         anyhow::Ok((
             Postfix::start(&dir.join("postfix-alone"), None)?,
             Postfix::start(&dir.join("postfix-milter"), Some(&milter))?,
+            match &null_milter {
+                Some((_, spec)) => Some(Peer::Postfix(Postfix::start(
+                    &dir.join("postfix-null-milter"),
+                    Some(spec),
+                )?)),
+                None => None,
+            },
         ))
     })?;
     println!(
         "\nPostfix {} (private instances on loopback; with mailbell = smtpd_milters = {}, milter_protocol 6)",
         postfix_version(),
-        if milter.starts_with("unix:") { "unix:<socket>" } else { "inet:<loopback>" },
+        if milter.starts_with("unix:") {
+            "unix:<socket>"
+        } else {
+            "inet:<loopback>"
+        },
     );
     let ok = bench_pair(
         args,
@@ -368,6 +398,7 @@ async fn bench_postfix(
         domain,
         &Peer::Postfix(alone),
         &Peer::Postfix(with),
+        null.as_ref(),
     )
     .await?;
     Ok(ok)
@@ -432,6 +463,7 @@ async fn bench_stalwart(
         domain,
         &Peer::Stalwart(alone),
         &Peer::Stalwart(with),
+        None,
     )
     .await
 }
@@ -455,8 +487,9 @@ struct Run {
     ok: bool,
 }
 
-/// Warms both instances up, then runs every session count alone and with mailbell; prints a
-/// table. Returns whether every message, notice and SMS arrived.
+/// Warms the instances up, then runs every session count alone and with mailbell (and with
+/// the null milter, if given); prints a table. Returns whether every message, notice and SMS
+/// arrived.
 async fn bench_pair(
     args: &Args,
     sys: &System,
@@ -464,10 +497,13 @@ async fn bench_pair(
     domain: &str,
     alone: &Peer,
     with: &Peer,
+    null: Option<&Peer>,
 ) -> anyhow::Result<bool> {
     let max_sessions = args.sessions.iter().copied().max().unwrap_or(1);
     let mut ok = true;
-    for (peer, mailbell) in [(alone, false), (with, true)] {
+    let mut instances = vec![(alone, false), (with, true)];
+    instances.extend(null.map(|n| (n, false)));
+    for &(peer, mailbell) in &instances {
         ok &= one_run(
             args,
             (sys, gate),
@@ -492,23 +528,24 @@ async fn bench_pair(
         "delivered msg/s alone/with"
     );
     for &s in &args.sessions {
-        // Alone and with mailbell take turns, so drift of the machine hits both alike.
+        // The instances take turns, each turn starting one further along, so drift of the
+        // machine hits them alike.
         let mut pairs = Vec::with_capacity(args.repeat);
+        let mut nulls = Vec::new();
         for turn in 0..args.repeat {
-            let (a, w) = if turn % 2 == 0 {
-                let a = one_run(args, (sys, gate), domain, alone, false, s, args.messages).await?;
-                (
-                    a,
-                    one_run(args, (sys, gate), domain, with, true, s, args.messages).await?,
-                )
-            } else {
-                let w = one_run(args, (sys, gate), domain, with, true, s, args.messages).await?;
-                (
-                    one_run(args, (sys, gate), domain, alone, false, s, args.messages).await?,
-                    w,
-                )
+            let mut runs: Vec<Option<Run>> = (0..instances.len()).map(|_| None).collect();
+            for k in 0..instances.len() {
+                let i = (turn + k) % instances.len();
+                let (peer, mailbell) = instances[i];
+                let r =
+                    one_run(args, (sys, gate), domain, peer, mailbell, s, args.messages).await?;
+                ok &= r.ok;
+                runs[i] = Some(r);
+            }
+            let mut runs = runs.into_iter().flatten();
+            let (Some(a), Some(w)) = (runs.next(), runs.next()) else {
+                bail!("a run is missing");
             };
-            ok &= a.ok && w.ok;
             println!(
                 "  {:>8}  {:>11.1}  {:>13.1}  {:>6.2}  {:>13}  {:>19.2}  {:>17.2}  {:>28}",
                 s,
@@ -532,6 +569,17 @@ async fn bench_pair(
                 args.messages as f64 / w.commits.max(1) as f64,
                 w.commit_ms
             );
+            if let Some(n) = runs.next() {
+                println!(
+                    "            null milter: {:.1} msg/s, {:.2} of alone; mailbell / null milter {:.2}; \
+                     this process's CPU {:.2} ms/msg during the run",
+                    n.rate,
+                    n.rate / a.rate,
+                    w.rate / n.rate,
+                    n.cpu_during_ms
+                );
+                nulls.push(n.rate);
+            }
             pairs.push((a.rate, w.rate, a.delivered_rate, w.delivered_rate));
         }
         if pairs.len() > 1 {
@@ -554,6 +602,14 @@ async fn bench_pair(
                 with_delivered,
                 with_delivered / alone_delivered
             );
+            if !nulls.is_empty() {
+                let null_rate = median(nulls.iter().copied());
+                println!(
+                    "            null milter, median: {null_rate:.1} msg/s, {:.2} of alone; mailbell / null milter {:.2}",
+                    null_rate / alone_rate,
+                    with_rate / null_rate
+                );
+            }
         }
     }
     Ok(ok)
