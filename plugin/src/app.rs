@@ -216,12 +216,13 @@ struct MilterStart<I> {
     gate: crate::mta::milter::Gate,
     shutdown: CancellationToken,
     failures: Failures,
+    thread: crate::mta::milter::MilterThread,
 }
 
 impl<I: crate::notify::arrival::Intake> MilterStart<I> {
     /// Serves `l` on the milter's thread; a listener that fails fails the daemon. `socket`
     /// (a Unix-domain socket's file) is removed when the milter stops.
-    fn start<L: crate::mta::milter::MilterListener>(
+    fn start<L: crate::mta::milter::MilterListener + Sync>(
         self,
         l: L,
         socket: Option<PathBuf>,
@@ -235,13 +236,15 @@ impl<I: crate::notify::arrival::Intake> MilterStart<I> {
             gate,
             shutdown,
             failures,
+            thread,
         } = self;
-        let done = crate::mta::milter::serve_on_own_thread(l, move |l| {
+        let done = crate::mta::milter::serve_on(&thread.handle, l, move |l| {
             crate::mta::milter::serve(l, intake, cfg, stats, milter_stats, gate, shutdown)
         })
-        .context("cannot start the milter thread")?;
+        .context("cannot start the milter")?;
         tasks.spawn(async move {
             let result = done.await;
+            drop(thread.keep);
             if let Some(path) = socket {
                 let _ = std::fs::remove_file(path);
             }
@@ -327,15 +330,25 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             None
         },
     };
-    let (intake, intake_task) = MailIntake::start(
-        cfg.intake.clone(),
-        stores.outbox.clone(),
-        stores.users.clone(),
-        stores.audit.clone(),
-        accounts,
-        Arc::new(|| chrono::Utc::now().timestamp_millis()),
-        shutdown.clone(),
-    )?;
+    // With a milter, the intake's scheduler runs on the milter's thread (see MilterThread).
+    let milter_thread = match cfg.milter_listen {
+        Some(_) => Some(
+            crate::mta::milter::MilterThread::start().context("cannot start the milter thread")?,
+        ),
+        None => None,
+    };
+    let (intake, intake_task) = {
+        let _on_milter_thread = milter_thread.as_ref().map(|t| t.handle.enter());
+        MailIntake::start(
+            cfg.intake.clone(),
+            stores.outbox.clone(),
+            stores.users.clone(),
+            stores.audit.clone(),
+            accounts,
+            Arc::new(|| chrono::Utc::now().timestamp_millis()),
+            shutdown.clone(),
+        )?
+    };
     let tasks = TaskTracker::new();
     let failures = Failures::default();
     tasks.spawn(accountant.clone().schedule(
@@ -344,10 +357,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     ));
     {
         let failures = failures.clone();
+        // The milter's thread runs until the scheduler (and the milter) have ended.
+        let keep = milter_thread.as_ref().map(|t| t.keep.clone());
         tasks.spawn(async move {
             if let Err(e) = intake_task.await {
                 failures.fail(format!("intake scheduler failed: {e:#}"));
             }
+            drop(keep);
         });
     }
 
@@ -429,7 +445,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
 
     let milter_stats = Arc::new(crate::mta::milter::MilterStats::default());
     let (mut milter_addr, mut milter_path) = (None, None);
-    if let Some(at) = &cfg.milter_listen {
+    if let (Some(at), Some(thread)) = (&cfg.milter_listen, milter_thread) {
         let stats = Arc::new(ListenerStats::default());
         listener_stats.push(("milter", stats.clone()));
         let milter = MilterStart {
@@ -444,6 +460,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             },
             shutdown: shutdown.clone(),
             failures: failures.clone(),
+            thread,
         };
         match at {
             MilterListen::Tcp(addr) => {

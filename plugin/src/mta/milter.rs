@@ -456,27 +456,53 @@ impl Drop for SessionThreads {
     }
 }
 
-/// Runs `serve` (a call of [`serve`] on the listener it is given) on a thread of its own,
-/// `milter-0`, with a single-threaded runtime, which is also the first session thread
-/// ([`SessionThreads`]); the answer arrives when it returns.
-pub fn serve_on_own_thread<L, F, Fut>(
+/// The milter's own thread, `milter-0`, with a single-threaded runtime: [`serve_on`] runs the
+/// accept loop there, and it is also the first session thread ([`SessionThreads`]). The daemon
+/// starts the intake's scheduler on it too (app.rs), so that an arrival from the MTA reaches
+/// the scheduler, and its commit's answer reaches the session, without waking another thread
+/// (docs/benchmarks.md, "Postfix: a milter that does nothing"). The thread runs until the
+/// last clone of its [`MilterThread::keep`] is dropped.
+pub struct MilterThread {
+    pub handle: tokio::runtime::Handle,
+    /// Keeps the thread running while held; hold it until everything spawned on it has ended.
+    pub keep: Arc<tokio_util::sync::DropGuard>,
+}
+
+impl MilterThread {
+    pub fn start() -> io::Result<Self> {
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        let handle = runtime_thread("milter-0".into(), move || async move {
+            until.cancelled().await;
+        })?;
+        Ok(Self {
+            handle,
+            keep: Arc::new(stop.drop_guard()),
+        })
+    }
+}
+
+/// Runs `serve` (a call of [`serve`] on the listener it is given) on `thread`; the answer
+/// arrives when it returns.
+pub fn serve_on<L, F, Fut>(
+    thread: &tokio::runtime::Handle,
     listener: L,
     serve: F,
 ) -> io::Result<oneshot::Receiver<Result<(), MilterError>>>
 where
     L: MilterListener,
     F: FnOnce(L) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<(), MilterError>>,
+    Fut: Future<Output = Result<(), MilterError>> + Send + 'static,
 {
     let listener = listener.into_std()?;
     let (tx, rx) = oneshot::channel();
-    runtime_thread("milter-0".into(), move || async move {
+    thread.spawn(async move {
         let result = match L::from_std(listener) {
             Ok(listener) => serve(listener).await,
             Err(e) => Err(MilterError::Threads(e)),
         };
         let _ = tx.send(result);
-    })?;
+    });
     Ok(rx)
 }
 
