@@ -48,7 +48,7 @@ use anyhow::{bail, ensure, Context};
 use clap::{Parser, ValueEnum};
 use mailbell::config::MilterListen;
 use mailbell::users::User;
-use mailbell_tests::cpu::{load_average, process_cpu};
+use mailbell_tests::cpu::{load_average, process_cpu, sched_delta, thread_sched, Sched};
 use mailbell_tests::null_milter::NullMilter;
 use mailbell_tests::postfix::{self, Postfix};
 use mailbell_tests::stalwart::{self, Stalwart, HOOK_TOKEN};
@@ -484,6 +484,8 @@ struct Run {
     /// Outbox group commits while smtp-source ran, and their mean journal append + fdatasync.
     commits: u64,
     commit_ms: f64,
+    /// This process's threads while smtp-source ran, by name, busiest first.
+    threads: Vec<(String, Sched)>,
     ok: bool,
 }
 
@@ -569,6 +571,10 @@ async fn bench_pair(
                 args.messages as f64 / w.commits.max(1) as f64,
                 w.commit_ms
             );
+            println!(
+                "            with mailbell, per thread while smtp-source ran (µs of CPU / time slices per message): {}",
+                per_thread(&w.threads, args.messages)
+            );
             if let Some(n) = runs.next() {
                 println!(
                     "            null milter: {:.1} msg/s, {:.2} of alone; mailbell / null milter {:.2}; \
@@ -613,6 +619,19 @@ async fn bench_pair(
         }
     }
     Ok(ok)
+}
+
+/// The threads that took at least 2 % of the process's CPU, as `name µs/slices` per message:
+/// the CPU and the wake-ups each part of the mail side costs.
+fn per_thread(threads: &[(String, Sched)], messages: usize) -> String {
+    let total: u64 = threads.iter().map(|(_, s)| s.run_ns).sum();
+    let per = |v: u64| v as f64 / messages.max(1) as f64;
+    threads
+        .iter()
+        .filter(|(_, s)| s.run_ns * 50 >= total.max(1))
+        .map(|(n, s)| format!("{n} {:.0}/{:.1}", per(s.run_ns) / 1000.0, per(s.slices)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What mailbell adds per message at 1 session (messages do not overlap there).
@@ -671,6 +690,7 @@ async fn one_run(
         tokio::time::sleep(SETTLE).await;
     }
     let cpu0 = process_cpu();
+    let sched0 = thread_sched();
     let started = Instant::now();
     let sent = smtp_source(
         peer.smtp(),
@@ -682,6 +702,7 @@ async fn one_run(
     .await;
     let elapsed = started.elapsed();
     let cpu_during = process_cpu().saturating_sub(cpu0);
+    let threads = sched_delta(&sched0, &thread_sched());
     let commits = ostats.commits.load(Ordering::Relaxed) - commits0;
     let flush_us = ostats.commit_flush_us.load(Ordering::Relaxed) - flush0;
     gate.set_open(true);
@@ -730,6 +751,7 @@ async fn one_run(
         cpu_during_ms: cpu_during as f64 * 10.0 / messages as f64,
         commits,
         commit_ms: flush_us as f64 / 1000.0 / commits.max(1) as f64,
+        threads,
         ok,
     })
 }
