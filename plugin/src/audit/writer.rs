@@ -43,6 +43,13 @@ pub(super) fn sync_files(rx: mpsc::Receiver<SyncJob>, stats: &AuditStats) {
     }
 }
 
+/// How long the writer lets events gather after a group that emptied the channel, before it
+/// waits on the channel again. The intake records a few events per message, one message at a
+/// time at an MTA's pace: waking for each would cost this thread, and the committer that
+/// sends them (it need not wake a sleeping thread), a wake-up per message. A burst that fills
+/// a group ([`MAX_BATCH`]) never waits, and a flush is answered before the pause.
+const GATHER: Duration = Duration::from_millis(5);
+
 /// Writes events in channel order; flushes, syncs, saves the `segments` file and prunes
 /// between groups.
 pub(super) struct Writer {
@@ -71,10 +78,13 @@ impl Writer {
             };
             let mut stop = false;
             let mut prune = false;
+            // Events were written and the channel is empty: let the next ones gather.
+            let mut gather = false;
             if let Some(first) = first {
                 let mut st = lock(&store.state);
                 let mut msg = Some(first);
                 let mut taken = 0usize;
+                let mut flushed = false;
                 while let Some(m) = msg.take() {
                     match m {
                         Msg::Events { at_ms, events } => {
@@ -96,6 +106,7 @@ impl Writer {
                         Msg::Flush(reply) => {
                             self.sync(store, &mut st, Some(reply), true);
                             flush_at = None;
+                            flushed = true;
                         }
                         Msg::Stop => {
                             stop = true;
@@ -108,6 +119,7 @@ impl Writer {
                     }
                     msg = rx.try_recv().ok();
                 }
+                gather = taken < MAX_BATCH && !flushed;
                 prune = std::mem::take(&mut st.begun);
             }
             if stop {
@@ -132,6 +144,9 @@ impl Writer {
                 if let Err(e) = store.prune(now_ms()) {
                     error!(error = %e, "audit log prune failed");
                 }
+            }
+            if gather {
+                std::thread::sleep(GATHER);
             }
         }
         // Stopped, or every handle is gone: write, sync and save everything.
