@@ -289,6 +289,21 @@ async fn notify_test_queues_the_notice_for_the_balance_now() {
         .map(|q| q.notification().unwrap().kind.name())
         .collect();
     assert_eq!(kinds, ["billing-arrears", "billing-warning"]);
+    // And `queue list` tells them from arrival notices.
+    let c = config.clone();
+    let listed = tokio::task::spawn_blocking(move || ok(&c, &["queue", "list"]))
+        .await
+        .unwrap();
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 2, "{listed}");
+    assert!(
+        lines[0].contains(" billing-arrears to=alice@example.org "),
+        "{listed}"
+    );
+    assert!(
+        lines[1].contains(" billing-warning to=alice@example.org "),
+        "{listed}"
+    );
     running.stop().await;
 
     // Without the daemon the command says what it needs.

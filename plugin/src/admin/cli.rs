@@ -729,8 +729,9 @@ fn print_entries(items: &[QueueEntry]) {
                 .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
                 .unwrap_or_default();
         println!(
-            "{} {when} to={} phone={} count={} attempts={} {}{}",
+            "{} {when} {} to={} phone={} count={} attempts={} {}{}",
             e.id,
+            if e.kind.is_empty() { "?" } else { &e.kind },
             e.recipient,
             e.phone,
             e.count,

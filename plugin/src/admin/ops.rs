@@ -143,6 +143,10 @@ pub struct QueueEntry {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub dead_at_ms: Option<i64>,
     pub reason: String,
+    /// `arrival`, `billing-arrears` or `billing-warning` (empty from a daemon that predates
+    /// the field).
+    #[serde(default)]
+    pub kind: String,
     pub recipient: String,
     pub phone: String,
     pub subject: String,
@@ -167,6 +171,7 @@ impl QueueEntry {
             not_before_ms: None,
             dead_at_ms: None,
             reason,
+            kind: n.kind.name().to_owned(),
             recipient: n.recipient,
             phone: mask_phone(&n.phone),
             subject: n.subject,
