@@ -417,10 +417,7 @@ impl SessionThreads {
             live: Arc::default(),
         }];
         for i in 1..count.max(1) {
-            let until = stop.clone();
-            match runtime_thread(format!("milter-{i}"), move || async move {
-                until.cancelled().await;
-            }) {
+            match runtime_thread(format!("milter-{i}"), stop.clone()) {
                 Ok(handle) => threads.push(SessionThread {
                     handle,
                     live: Arc::default(),
@@ -471,10 +468,7 @@ pub struct MilterThread {
 impl MilterThread {
     pub fn start() -> io::Result<Self> {
         let stop = CancellationToken::new();
-        let until = stop.clone();
-        let handle = runtime_thread("milter-0".into(), move || async move {
-            until.cancelled().await;
-        })?;
+        let handle = runtime_thread("milter-0".into(), stop.clone())?;
         Ok(Self {
             handle,
             keep: Arc::new(stop.drop_guard()),
@@ -506,22 +500,18 @@ where
     Ok(rx)
 }
 
-/// Starts thread `name` with a single-threaded runtime that runs `main()` to its end, under
-/// the caller's tracing subscriber (which need not be the global one: tests set their own).
-/// Returns the runtime's handle, for spawning onto it.
-fn runtime_thread<F, Fut>(name: String, main: F) -> io::Result<tokio::runtime::Handle>
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = ()>,
-{
+/// Starts thread `name` with a single-threaded runtime that runs what is spawned on it until
+/// `until` is cancelled, under the caller's tracing subscriber (which need not be the global
+/// one: tests set their own). Returns the runtime's handle, for spawning onto it.
+fn runtime_thread(name: String, until: CancellationToken) -> io::Result<tokio::runtime::Handle> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let handle = rt.handle().clone();
     let dispatch = tracing::dispatcher::get_default(Clone::clone);
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(move || tracing::dispatcher::with_default(&dispatch, || rt.block_on(main())))?;
+    std::thread::Builder::new().name(name).spawn(move || {
+        tracing::dispatcher::with_default(&dispatch, || rt.block_on(until.cancelled()))
+    })?;
     Ok(handle)
 }
 
