@@ -68,7 +68,11 @@ impl NullMilter {
                     if stop2.load(Ordering::Relaxed) {
                         break;
                     }
-                    let Ok(conn) = conn else { continue };
+                    let Ok(conn) = conn else {
+                        // Out of descriptors, say: back off instead of spinning.
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        continue;
+                    };
                     let count = count.clone();
                     let _ = std::thread::Builder::new()
                         .name("null-milter-conn".into())
@@ -97,6 +101,8 @@ impl Drop for NullMilter {
 /// One connection: answers option negotiation and end of message, and every other stage the
 /// MTA would not let go unanswered; ends at QUIT or EOF.
 fn session(conn: UnixStream, messages: &AtomicU64) -> io::Result<()> {
+    // A peer that stops talking does not keep its thread (Postfix's own idle limit is 300 s).
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
     let mut rd = BufReader::new(conn.try_clone()?);
     let mut wr = BufWriter::new(conn);
     let mut opts = 0u32;
