@@ -1,8 +1,8 @@
 //! The milter endpoint: an arrival notice for every message a milter client (Postfix,
 //! Sendmail, Stalwart) is about to accept.
 //!
-//! indymilter speaks the protocol; this module keeps what one message's notice needs and hands
-//! it to the [`Intake`] at end of message. It rejects mail only from sources the blocklist
+//! This module speaks the protocol (packets: `milter_wire.rs`), keeps what one message's notice
+//! needs and hands it to the [`Intake`] at end of message. It rejects mail only from sources the blocklist
 //! names ([`Gate`], `milter_policy.rs`: 550 with the operator's text at connect, HELO or MAIL,
 //! the replies for those stages negotiated only when their list is non-empty); otherwise the
 //! only verdict other than "accept" is a tempfail when the notice (or the delivery meter's
@@ -23,52 +23,51 @@
 //! A  abort      the transaction is dropped
 //! ```
 //!
-//! Each connection gets its own `milter{peer=..}` span and its own indymilter session; a
-//! [`FrameGuard`] watches the bytes underneath it, so garbage, oversized packets and
-//! transaction commands outside a transaction end that connection with a warning (indymilter
-//! itself only logs at trace level), while other connections carry on.
+//! Each connection is one task with its own `milter{peer=..}` span: it reads packets into one
+//! buffer, handles each in place and writes a reply only where the negotiation left one. A
+//! [`FrameGuard`] follows every byte read, so garbage, oversized packets and transaction
+//! commands outside a transaction end that connection with a warning, while other connections
+//! carry on. (Until issue 8 the session was indymilter's: a stream task and a session task per
+//! connection, a channel round trip, a timer and a zeroed buffer per packet, and every macro
+//! kept; at Postfix's one connection per SMTP session that was most of the milter's CPU, see
+//! docs/benchmarks.md.)
 //!
 //! A connection is accepted through [`mailbell_link::listen::Acceptor`] and goes through two
 //! phases:
 //!
 //! ```text
-//! accepted ── OPTNEG arrived whole ──► negotiated (indymilter session)
+//! accepted ── OPTNEG arrived whole ──► negotiated (session)
 //!   pending slot (max_pending),          session slot (max_connections), waited for at
 //!   evictable, oldest first;             most negotiate_timeout; never evicted;
 //!   closed after negotiate_timeout       a started packet must arrive within
 //!                                        command_timeout, between packets the idle timeout
 //! ```
 //!
-//! The first phase reads the bare socket through the guard; the bytes it read are handed to
-//! indymilter first once the connection has its session slot.
+//! The first phase reads the bare socket through the guard; the session starts with the bytes
+//! it read once the connection has its session slot.
 
-use std::ffi::CStr;
-use std::future::{ready, Future};
+use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use indymilter::{
-    Actions, Callbacks, Config, Context, EomContext, Listener, Macros, NegotiateContext, ProtoOpts,
-    SetErrorReply, SmtpReply, SocketInfo, Status,
-};
+use indymilter::ProtoOpts;
 use mailbell_link::metrics::{self, Collector};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, info_span, warn, Instrument, Span};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use mailbell_link::listen::{
     Accepted, Acceptor, Limits, Listen, ListenError, ListenerStats, Ticket,
@@ -77,6 +76,9 @@ use mailbell_link::units::de_duration;
 
 use crate::mta::headers::HeaderCollector;
 pub use crate::mta::milter_policy::Gate;
+use crate::mta::milter_wire::{
+    self as wire, macro_value, stage_index, Command, Reply, WireError, MACRO_STAGES,
+};
 use crate::notify::arrival::{Arrival, Intake, IntakeError, Origin};
 
 /// Reply code and enhanced status code of the tempfail reply.
@@ -88,7 +90,7 @@ const MAX_REPLY_TEXT: usize = 400;
 const MAX_NAME: usize = 512;
 /// Most recipients kept per message (Postfix's default `smtpd_recipient_limit`).
 const MAX_RCPTS: usize = 1000;
-/// Longest milter packet accepted, command byte included (indymilter's and libmilter's limit).
+/// Longest milter packet accepted, command byte included (libmilter's limit).
 const MAX_PACKET: u32 = 1024 * 1024;
 /// Most bytes read before option negotiation (macros the MTA may send first, then OPTNEG).
 const MAX_PRE_NEGOTIATION: usize = 64 * 1024;
@@ -366,12 +368,11 @@ pub async fn serve<I: Intake, L: MilterListener>(
 
 /// The threads the milter's sessions run on, each with a single-threaded runtime of its own.
 ///
-/// An indymilter session hands every packet between two tasks (its stream actor and the
-/// session). On the daemon's multi-threaded runtime those hand-offs kept waking the other
-/// worker thread, several times per message; at Postfix's pace (one connection per SMTP
-/// session, a few hundred messages/s) waking threads was most of the milter's CPU
-/// (docs/benchmarks.md, "Postfix at 20 sessions"). Here a connection and both its tasks stay
-/// on one thread, and a connection goes to the first thread serving fewer than
+/// On the daemon's multi-threaded runtime the sessions (then indymilter's, two tasks each) kept
+/// waking the other worker thread, several times per message; at Postfix's pace (one
+/// connection per SMTP session, a few hundred messages/s) waking threads was most of the
+/// milter's CPU (docs/benchmarks.md, "Postfix at 20 sessions"). Here a connection stays on one
+/// thread, and a connection goes to the first thread serving fewer than
 /// [`SPILL_AT`] connections (else to the least busy one): at an MTA's usual dozens of
 /// connections one thread, the one that accepts them, serves them all and takes the packets of
 /// many in one wake-up, while a heavy load still spreads over every core. The other threads
@@ -550,9 +551,8 @@ impl Episode {
     }
 }
 
-/// One milter connection: the pre-negotiation phase on the bare socket, then its own
-/// indymilter `run` over a one-connection listener, so its callbacks carry the connection's
-/// span. The ticket (pending slot, then session slot) lives as long as the connection.
+/// One milter connection: the pre-negotiation phase on the bare socket, then the session
+/// ([`run_session`]). The ticket (pending slot, then session slot) lives as long as the connection.
 async fn connection<I: Intake, L: MilterListener>(
     accepted: Accepted<L>,
     shared: Arc<Shared<I>>,
@@ -623,7 +623,7 @@ enum Unproven {
 
 /// Reads the MTA's first packets on the bare socket until option negotiation has arrived
 /// whole, within `limit`, unless the acceptor wants the slot first. Returns the guard that
-/// followed them and the bytes read, for indymilter.
+/// followed them and the bytes read, which the session handles first.
 async fn negotiation<S: MilterStream>(
     stream: &mut S,
     ticket: &Ticket,
@@ -683,8 +683,137 @@ fn unproven<I>(why: Unproven, ticket: &Ticket, shared: &Shared<I>) {
     }
 }
 
-/// The negotiated connection's indymilter session, over a [`Watched`] stream that first hands
-/// indymilter the bytes read while negotiating.
+/// How a negotiated connection ended.
+#[derive(Debug)]
+enum End {
+    Quit,
+    Eof,
+    Io(io::Error),
+    /// A packet did not arrive whole within the command timeout.
+    Stalled,
+    /// Nothing arrived within the idle timeout.
+    Idle,
+    Shutdown,
+    /// The guard refused the bytes (logged when it did).
+    Rejected,
+    /// A packet the guard let through did not parse.
+    Malformed(WireError),
+}
+
+/// Bytes read from the MTA and not yet handled.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A negotiated connection's socket, read packet by packet through its [`FrameGuard`].
+struct Conn<S> {
+    stream: S,
+    /// Whole packets and the start of the next one; everything in it has passed the guard.
+    buf: BytesMut,
+    guard: FrameGuard,
+    /// The guard refused what followed `buf`: the connection ends once `buf` is used up.
+    rejected: bool,
+    last_activity: Instant,
+    /// When a read first found the packet in `buf` incomplete.
+    partial_since: Option<Instant>,
+    /// Runs out at or before the next deadline (idle or command timeout); moved only when
+    /// a deadline comes earlier or it has run out, so most reads set no timer.
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<S: MilterStream> Conn<S> {
+    fn new(stream: S, guard: FrameGuard, replay: &[u8], idle: Duration) -> Self {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK.max(replay.len()));
+        buf.extend_from_slice(replay);
+        let now = Instant::now();
+        Self {
+            stream,
+            buf,
+            guard,
+            rejected: false,
+            last_activity: now,
+            partial_since: None,
+            timer: Box::pin(tokio::time::sleep_until(now + idle)),
+        }
+    }
+
+    /// A whole packet from the front of `buf` (length, command, payload).
+    fn take_packet(&mut self) -> Option<Bytes> {
+        let head: [u8; 4] = self.buf.get(..4)?.try_into().ok()?;
+        // The guard let only lengths of 1 ..= MAX_PACKET through.
+        let whole = 4 + u32::from_be_bytes(head) as usize;
+        (self.buf.len() >= whole).then(|| self.buf.split_to(whole).freeze())
+    }
+
+    /// The next packet, within the idle timeout (between packets) or the command timeout
+    /// (once one has started), unless `stop` comes first.
+    async fn next(
+        &mut self,
+        idle: Duration,
+        command: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Bytes, End> {
+        loop {
+            if let Some(p) = self.take_packet() {
+                self.partial_since = None;
+                return Ok(p);
+            }
+            if self.rejected {
+                return Err(End::Rejected);
+            }
+            let partial = !self.buf.is_empty();
+            let due = if partial {
+                *self.partial_since.get_or_insert_with(Instant::now) + command
+            } else {
+                self.last_activity + idle
+            };
+            if self.timer.deadline() > due {
+                self.timer.as_mut().reset(due);
+            }
+            self.buf.reserve(READ_CHUNK);
+            let before = self.buf.len();
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return Err(End::Shutdown),
+                r = self.stream.read_buf(&mut self.buf) => match r {
+                    Ok(0) => return Err(End::Eof),
+                    Ok(_) => {}
+                    Err(e) => return Err(End::Io(e)),
+                },
+                () = &mut self.timer => {
+                    if Instant::now() >= due {
+                        return Err(if partial { End::Stalled } else { End::Idle });
+                    }
+                    // An earlier deadline that has moved on.
+                    self.timer.as_mut().reset(due);
+                    continue;
+                }
+            }
+            self.last_activity = Instant::now();
+            self.stream.ack_now();
+            if let Err(Rejected { valid, error }) = self.guard.feed(&self.buf[before..]) {
+                warn!(%error, "malformed milter data, closing the connection");
+                self.buf.truncate(before + valid);
+                self.rejected = true;
+            }
+        }
+    }
+
+    async fn write(&mut self, packet: &[u8], limit: Duration) -> Result<(), End> {
+        match tokio::time::timeout(limit, self.stream.write_all(packet)).await {
+            Ok(Ok(())) => {
+                self.last_activity = Instant::now();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(End::Io(e)),
+            Err(_) => Err(End::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the MTA took no reply within the idle timeout",
+            ))),
+        }
+    }
+}
+
+/// The negotiated connection's session: packets in, replies out, the notice at end of
+/// message. `replay` holds the bytes read (and followed by `guard`) while negotiating.
 async fn run_session<I: Intake, S: MilterStream>(
     stream: S,
     guard: FrameGuard,
@@ -692,70 +821,67 @@ async fn run_session<I: Intake, S: MilterStream>(
     shared: &Shared<I>,
     stop: CancellationToken,
 ) {
-    let (closed_tx, closed_rx) = oneshot::channel::<()>();
-    let stream = Watched {
-        inner: stream,
-        span: Span::current(),
-        guard,
-        rejected: None,
-        end: End::Open,
-        last_activity: Instant::now(),
-        timeout: shared.timeout,
-        stopped: Box::pin(stop.clone().cancelled_owned()),
-        stop: stop.clone(),
-        _closed: closed_tx,
-        replay,
-        command_timeout: shared.command_timeout,
-        stall: Box::pin(tokio::time::sleep(Duration::ZERO)),
-        stall_packet: None,
-    };
-    let config = Config {
-        max_connections: 1,
-        actions: Actions::empty(),
-        connection_timeout: shared.timeout,
-    };
     shared.stats.sessions.fetch_add(1, Ordering::Relaxed);
-    let callbacks = callbacks(
-        shared.intake.clone(),
-        Span::current(),
-        shared.reply.clone(),
-        shared.stats.clone(),
-        shared.gate.clone(),
-    );
-    // The session ends when its stream is dropped (QUIT, EOF, error, timeout) or on stop;
-    // `run` then returns once the session task has finished its current command.
-    let done = async move {
-        tokio::select! {
-            () = stop.cancelled() => {}
-            _ = closed_rx => {}
+    let mut conn = Conn::new(stream, guard, &replay, shared.timeout);
+    let mut proto = Proto::default();
+    let end = loop {
+        let packet = match conn
+            .next(shared.timeout, shared.command_timeout, &stop)
+            .await
+        {
+            Ok(p) => p,
+            Err(end) => break end,
+        };
+        let (cmd, payload) = (packet[4], &packet[5..]);
+        let command = match Command::parse(cmd, payload) {
+            Ok(c) => c,
+            Err(e) => break End::Malformed(e),
+        };
+        let reply = match proto.on_command(command, &shared.gate) {
+            Step::Quiet => continue,
+            Step::Quit => break End::Quit,
+            Step::Failed(e) => break End::Malformed(e),
+            Step::Send(bytes) => bytes,
+            Step::Eom => {
+                let started = Instant::now();
+                let reply = proto
+                    .eom(&*shared.intake, &shared.reply, &shared.gate)
+                    .await;
+                let tempfail = matches!(reply, Reply::Tempfail(_));
+                shared.stats.observe_eom(started.elapsed(), tempfail);
+                reply.encode()
+            }
+        };
+        if let Err(end) = conn.write(&reply, shared.timeout).await {
+            break end;
         }
     };
-    if let Err(e) = indymilter::run(OneConnection(Some(stream)), callbacks, config, done).await {
-        // OneConnection never fails to accept.
-        debug!(error = %e, "milter session failed");
-    }
-}
-
-/// A listener that yields one connection, then nothing.
-struct OneConnection<S>(Option<S>);
-
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Listener for OneConnection<S> {
-    type Io = S;
-
-    fn poll_accept(&mut self, _cx: &mut TaskContext<'_>) -> Poll<io::Result<S>> {
-        match self.0.take() {
-            Some(s) => Poll::Ready(Ok(s)),
-            None => Poll::Pending,
+    let mid_message = conn.guard.in_tx;
+    match end {
+        End::Rejected => debug!("connection closed"),
+        End::Quit => debug!("session ended"),
+        End::Stalled => {
+            info!(command_timeout = ?shared.command_timeout, cmd = %char::from(conn.guard.cmd), mid_message, "milter packet incomplete after the command timeout, connection closed");
+        }
+        End::Io(e) => info!(error = %e, mid_message, "connection failed"),
+        End::Eof if mid_message => info!("MTA closed the connection in the middle of a message"),
+        End::Eof => debug!("MTA closed the connection without QUIT"),
+        End::Shutdown => debug!("connection closed for shutdown"),
+        End::Idle => {
+            info!(timeout = ?shared.timeout, mid_message, "connection closed after the idle timeout");
+        }
+        End::Malformed(error) => {
+            warn!(%error, "malformed or unsupported milter command, closing the connection");
         }
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Callbacks
+// The protocol's state (no I/O)
 
 /// Protocol options we would like: stages we do not need, and no replies before end of message
-/// (we never act before it). Only what the MTA offers is requested: indymilter closes the
-/// session if we ask for more, and Stalwart offers just NO_HELO | NO_EOH.
+/// (we never act before it). Only what the MTA offers is requested (an MTA may close the
+/// connection if we ask for more), and Stalwart offers just NO_HELO | NO_EOH.
 fn wanted_opts(offered: ProtoOpts) -> ProtoOpts {
     let wanted = ProtoOpts::NO_DATA
         | ProtoOpts::NO_EOH
@@ -772,220 +898,202 @@ fn wanted_opts(offered: ProtoOpts) -> ProtoOpts {
     wanted & offered
 }
 
-fn callbacks<I: Intake>(
-    intake: Arc<I>,
-    span: Span,
-    reply: Arc<str>,
-    stats: Arc<MilterStats>,
-    gate: Gate,
-) -> Callbacks<Session> {
-    let (g1, g2, g3, g4) = (gate.clone(), gate.clone(), gate.clone(), gate.clone());
-    let gate_eom = gate;
-    let (s1, s2, s3, s4, s5, s6) = (
-        span.clone(),
-        span.clone(),
-        span.clone(),
-        span.clone(),
-        span.clone(),
-        span.clone(),
-    );
-    Callbacks::new()
-        .on_negotiate(move |cx, actions, opts| {
-            let _e = s1.enter();
-            Box::pin(ready(on_negotiate(cx, actions, opts, &g1)))
-        })
-        .on_connect(move |cx, host, socket| {
-            let _e = s2.enter();
-            Box::pin(ready(on_connect(cx, &host, socket, &g2)))
-        })
-        .on_helo(move |cx, helo| {
-            let s = session(&mut cx.data);
-            s.helo = lossy(&helo, MAX_NAME);
-            Box::pin(ready(s.verdict(
-                ProtoOpts::NOREPLY_HELO,
-                &g3,
-                &mut cx.reply,
-            )))
-        })
-        .on_mail(move |cx, args| {
-            let _e = s3.enter();
-            let s = session(&mut cx.data);
-            let from = args.first().map(|a| path(a)).unwrap_or_default();
-            debug!(from = %from, "mail transaction");
-            s.tx = Some(Transaction::new(from));
-            Box::pin(ready(s.verdict(
-                ProtoOpts::NOREPLY_MAIL,
-                &g4,
-                &mut cx.reply,
-            )))
-        })
-        .on_rcpt(move |cx, args| {
-            let _e = s4.enter();
-            let s = session(&mut cx.data);
-            if let Some(rcpt) = args.first() {
-                s.tx().add_rcpt(path(rcpt));
+/// What to do after a command.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Nothing to send (a macro packet, a stage negotiated without reply, abort).
+    Quiet,
+    /// Send this packet.
+    Send(Vec<u8>),
+    /// End of message: record the notice, then reply.
+    Eom,
+    Quit,
+    Failed(WireError),
+}
+
+/// The two macros we use, as one stage's macro packet defined them.
+#[derive(Debug, Default, Clone)]
+struct StageMacros {
+    client_addr: Option<IpAddr>,
+    queue_id: Option<String>,
+}
+
+/// One connection's protocol state: the negotiated options, the session, and the macros of
+/// each stage (a stage's command drops the macros of the stages after it, as libmilter does).
+#[derive(Debug, Default)]
+struct Proto {
+    session: Session,
+    macros: [StageMacros; MACRO_STAGES.len()],
+}
+
+impl Proto {
+    fn on_command(&mut self, command: Command<'_>, gate: &Gate) -> Step {
+        let s = &mut self.session;
+        match command {
+            Command::OptNeg {
+                version,
+                actions,
+                opts: offered,
+            } => {
+                let version = match wire::version(version) {
+                    Ok(v) => v,
+                    Err(e) => return Step::Failed(e),
+                };
+                // Replies only where a blocklist must be able to refuse.
+                let opts = wanted_opts(offered) - gate.replies_needed();
+                debug!(actions = format_args!("{actions:#x}"), ?offered, requested = ?opts, "negotiated");
+                self.macros = Default::default();
+                *s = Session {
+                    opts,
+                    ..Session::default()
+                };
+                Step::Send(wire::optneg_reply(version, opts))
             }
-            Box::pin(ready(s.ack(ProtoOpts::NOREPLY_RCPT)))
-        })
-        .on_data(|cx| Box::pin(ready(session(&mut cx.data).ack(ProtoOpts::NOREPLY_DATA))))
-        .on_header(|cx, name, value| {
-            let s = session(&mut cx.data);
-            s.tx().add_header(&name, &value);
-            Box::pin(ready(s.ack(ProtoOpts::NOREPLY_HEADER)))
-        })
-        .on_eoh(|cx| Box::pin(ready(session(&mut cx.data).ack(ProtoOpts::NOREPLY_EOH))))
-        .on_body(|cx, chunk| {
-            let s = session(&mut cx.data);
-            s.tx().add_body(chunk.len());
-            Box::pin(ready(s.ack(ProtoOpts::NOREPLY_BODY)))
-        })
-        .on_eom(move |cx| {
-            let intake = intake.clone();
-            let reply = reply.clone();
-            let stats = stats.clone();
-            let gate = gate_eom.clone();
-            Box::pin(
-                async move {
-                    let started = Instant::now();
-                    let status = on_eom(cx, &*intake, &reply, &gate).await;
-                    stats.observe_eom(started.elapsed(), status == Status::Tempfail);
-                    status
-                }
-                .instrument(s5.clone()),
-            )
-        })
-        .on_abort(move |cx| {
-            let _e = s6.enter();
-            if let Some(s) = cx.data.as_mut() {
+            Command::Macros { stage, pairs } => {
+                let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+                self.macros[stage_index(stage)] = StageMacros {
+                    client_addr: macro_value(pairs, b"{client_addr}")
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .and_then(wire::parse_ip),
+                    queue_id: macro_value(pairs, b"i").map(|v| cut(&text(v), MAX_NAME).to_owned()),
+                };
+                Step::Quiet
+            }
+            Command::Connect { host, ip } => {
+                self.clear_after(b'C');
+                let ip = ip.or_else(|| self.client_addr());
+                let s = &mut self.session;
+                // A new SMTP connection (also after QUIT_NC): nothing of the previous one
+                // carries over.
+                *s = Session {
+                    opts: s.opts,
+                    client_ip: ip,
+                    ..Session::default()
+                };
+                debug!(client_ip = ?ip, client_host = %String::from_utf8_lossy(host), "client connected");
+                s.verdict(ProtoOpts::NOREPLY_CONNECT, gate)
+            }
+            Command::Helo(name) => {
+                self.clear_after(b'H');
+                let s = &mut self.session;
+                s.tx = None;
+                s.helo = lossy(name, MAX_NAME);
+                s.verdict(ProtoOpts::NOREPLY_HELO, gate)
+            }
+            Command::Mail(arg) => {
+                self.clear_after(b'M');
+                let s = &mut self.session;
+                let from = path(arg);
+                debug!(from = %from, "mail transaction");
+                s.tx = Some(Transaction::new(from));
+                s.verdict(ProtoOpts::NOREPLY_MAIL, gate)
+            }
+            Command::Rcpt(arg) => {
+                self.clear_after(b'R');
+                let s = &mut self.session;
+                s.tx().add_rcpt(path(arg));
+                s.ack(ProtoOpts::NOREPLY_RCPT)
+            }
+            Command::Data => s.ack(ProtoOpts::NOREPLY_DATA),
+            Command::Header { name, value } => {
+                s.tx().add_header(name, value);
+                s.ack(ProtoOpts::NOREPLY_HEADER)
+            }
+            Command::Eoh => s.ack(ProtoOpts::NOREPLY_EOH),
+            Command::Body(chunk) => {
+                s.tx().add_body(chunk.len());
+                s.ack(ProtoOpts::NOREPLY_BODY)
+            }
+            Command::Eom(chunk) => {
+                s.tx().add_body(chunk.len());
+                Step::Eom
+            }
+            Command::Abort => {
                 if s.tx.take().is_some() {
                     debug!("mail transaction aborted");
                 }
+                Step::Quiet
             }
-            Box::pin(ready(Status::Continue))
-        })
-        .on_unknown(|cx, _cmd| {
-            Box::pin(ready(session(&mut cx.data).ack(ProtoOpts::NOREPLY_UNKNOWN)))
-        })
-}
-
-fn on_negotiate(
-    cx: &mut NegotiateContext<Session>,
-    actions: Actions,
-    offered: ProtoOpts,
-    gate: &Gate,
-) -> Status {
-    // Replies only where a blocklist must be able to refuse.
-    let opts = wanted_opts(offered) - gate.replies_needed();
-    debug!(?actions, ?offered, requested = ?opts, "negotiated");
-    cx.requested_actions = Actions::empty();
-    cx.requested_opts = opts;
-    cx.requested_macros.clear();
-    cx.data = Some(Session {
-        opts,
-        ..Session::default()
-    });
-    Status::Continue
-}
-
-fn on_connect(cx: &mut Context<Session>, host: &CStr, socket: SocketInfo, gate: &Gate) -> Status {
-    let ip = match socket {
-        SocketInfo::Inet(addr) => Some(addr.ip()),
-        _ => macro_ip(&cx.macros),
-    };
-    let s = session(&mut cx.data);
-    // A new SMTP connection (also after QUIT_NC): nothing of the previous one carries over.
-    *s = Session {
-        opts: s.opts,
-        client_ip: ip,
-        ..Session::default()
-    };
-    debug!(client_ip = ?ip, client_host = %host.to_string_lossy(), "client connected");
-    s.verdict(ProtoOpts::NOREPLY_CONNECT, gate, &mut cx.reply)
-}
-
-async fn on_eom<I: Intake>(
-    cx: &mut EomContext<Session>,
-    intake: &I,
-    reply: &str,
-    gate: &Gate,
-) -> Status {
-    let macro_ip = macro_ip(&cx.macros);
-    let queue_id = cx
-        .macros
-        .get(c"i")
-        .map(|v| lossy(v, MAX_NAME))
-        .unwrap_or_default();
-    let s = session(&mut cx.data);
-    if s.client_ip.is_none() {
-        s.client_ip = macro_ip;
-    }
-    // A list loaded after this connection negotiated (or a stage the MTA wants answered
-    // only here) still refuses, at the latest now.
-    let from = s.tx.as_ref().map(|t| t.env_from.as_str());
-    if let Some(r) = gate.refusal(s.client_ip, Some(&s.helo), from) {
-        s.tx = None;
-        return gate.reject(&mut cx.reply, s.client_ip, &r);
-    }
-    let arrival = s.arrival(now_ms(), (!queue_id.is_empty()).then(|| queue_id.clone()));
-    let (rcpts, size) = (arrival.rcpts.len(), arrival.size);
-    let deliveries = gate.deliveries(&arrival).await;
-    let accepted = match (intake.accept(arrival).await, deliveries) {
-        (Ok(a), None) => Ok(a),
-        // Metered after the intake: a tempfail makes the client send the message again under
-        // a new queue id, so a record made for a message then refused would bill it twice.
-        (Ok(a), Some(d)) => match gate.meter(d).await {
-            Ok(_) => Ok(a),
-            Err(why) => Err(IntakeError::Store(format!("delivery meter: {why}"))),
-        },
-        (Err(e), _) => Err(e),
-    };
-    match accepted {
-        Ok(accepted) => {
-            info!(
-                queue_id,
-                rcpts,
-                size,
-                notices = accepted.notices,
-                "arrival recorded"
-            );
-            Status::Accept
-        }
-        Err(e) => {
-            if matches!(e, IntakeError::ShuttingDown) {
-                warn!(queue_id, error = %e, "arrival not recorded, tempfailing the message");
-            } else {
-                error!(queue_id, error = %e, "arrival not recorded, tempfailing the message");
+            Command::Quit => Step::Quit,
+            Command::QuitNewConnection => {
+                s.tx = None;
+                self.macros = Default::default();
+                Step::Quiet
             }
-            let text = tempfail_text(reply, &e);
-            if let Err(re) = cx
-                .reply
-                .set_error_reply(TEMPFAIL_CODE, Some(TEMPFAIL_XCODE), [text])
-            {
-                warn!(error = %re, "tempfail reply text refused, sending a bare tempfail");
-            }
-            Status::Tempfail
+            Command::Unknown => s.ack(ProtoOpts::NOREPLY_UNKNOWN),
         }
     }
-}
 
-/// The session data, created if negotiation somehow did not.
-fn session(data: &mut Option<Session>) -> &mut Session {
-    data.get_or_insert_with(Session::default)
-}
+    /// Drops the macros of the stages after `stage`.
+    fn clear_after(&mut self, stage: u8) {
+        for m in self.macros.iter_mut().skip(stage_index(stage) + 1) {
+            *m = StageMacros::default();
+        }
+    }
 
-/// The client IP from the `{client_addr}` macro (Stalwart and Sendmail send it; Sendmail
-/// writes IPv6 as `IPv6:2001:db8::1`).
-fn macro_ip(macros: &Macros) -> Option<IpAddr> {
-    parse_client_addr(&macros.get(c"{client_addr}")?.to_string_lossy())
-}
+    /// The client IP from the `{client_addr}` macro (Stalwart and Sendmail send it; Sendmail
+    /// writes IPv6 as `IPv6:2001:db8::1`), latest stage first.
+    fn client_addr(&self) -> Option<IpAddr> {
+        self.macros.iter().rev().find_map(|m| m.client_addr)
+    }
 
-fn parse_client_addr(v: &str) -> Option<IpAddr> {
-    let v = v.trim().trim_start_matches('[').trim_end_matches(']');
-    let v = match v.get(..5) {
-        Some(p) if p.eq_ignore_ascii_case("ipv6:") => &v[5..],
-        _ => v,
-    };
-    v.parse().ok()
+    /// The MTA's queue id (`{i}`), latest stage first.
+    fn queue_id(&self) -> Option<String> {
+        self.macros.iter().rev().find_map(|m| m.queue_id.clone())
+    }
+
+    /// End of message: the blocklist's last word, then the notice (and the delivery meter's
+    /// record); a tempfail if either cannot be recorded.
+    async fn eom<I: Intake>(&mut self, intake: &I, reply: &str, gate: &Gate) -> Reply {
+        let macro_ip = self.client_addr();
+        let queue_id = self.queue_id().unwrap_or_default();
+        let s = &mut self.session;
+        if s.client_ip.is_none() {
+            s.client_ip = macro_ip;
+        }
+        // A list loaded after this connection negotiated (or a stage the MTA wants answered
+        // only here) still refuses, at the latest now.
+        let from = s.tx.as_ref().map(|t| t.env_from.as_str());
+        if let Some(r) = gate.refusal(s.client_ip, Some(&s.helo), from) {
+            s.tx = None;
+            return gate.reject(s.client_ip, &r);
+        }
+        let arrival = s.arrival(now_ms(), (!queue_id.is_empty()).then(|| queue_id.clone()));
+        let (rcpts, size) = (arrival.rcpts.len(), arrival.size);
+        let deliveries = gate.deliveries(&arrival).await;
+        let accepted = match (intake.accept(arrival).await, deliveries) {
+            (Ok(a), None) => Ok(a),
+            // Metered after the intake: a tempfail makes the client send the message again
+            // under a new queue id, so a record made for a message then refused would bill it
+            // twice.
+            (Ok(a), Some(d)) => match gate.meter(d).await {
+                Ok(_) => Ok(a),
+                Err(why) => Err(IntakeError::Store(format!("delivery meter: {why}"))),
+            },
+            (Err(e), _) => Err(e),
+        };
+        match accepted {
+            Ok(accepted) => {
+                info!(
+                    queue_id,
+                    rcpts,
+                    size,
+                    notices = accepted.notices,
+                    "arrival recorded"
+                );
+                Reply::Accept
+            }
+            Err(e) => {
+                if matches!(e, IntakeError::ShuttingDown) {
+                    warn!(queue_id, error = %e, "arrival not recorded, tempfailing the message");
+                } else {
+                    error!(queue_id, error = %e, "arrival not recorded, tempfailing the message");
+                }
+                let text = tempfail_text(reply, &e);
+                Reply::Tempfail(Some(wire::reply_line(TEMPFAIL_CODE, TEMPFAIL_XCODE, &text)))
+            }
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -1042,29 +1150,30 @@ struct Session {
 
 impl Session {
     /// The reply for a stage we never act on.
-    fn ack(&self, noreply: ProtoOpts) -> Status {
+    fn ack(&self, noreply: ProtoOpts) -> Step {
         if self.opts.contains(noreply) {
-            Status::Noreply
+            Step::Quiet
         } else {
-            Status::Continue
+            Step::Send(Reply::Continue.encode())
         }
     }
 
     /// The reply for connect, HELO or MAIL: the blocklist's refusal if the stage answers and
     /// what was seen so far is listed, else as [`Session::ack`].
-    fn verdict(&mut self, noreply: ProtoOpts, gate: &Gate, reply: &mut SmtpReply) -> Status {
+    fn verdict(&mut self, noreply: ProtoOpts, gate: &Gate) -> Step {
         if self.opts.contains(noreply) {
-            return Status::Noreply;
+            return Step::Quiet;
         }
         let from = self.tx.as_ref().map(|t| t.env_from.as_str());
         let helo = (!self.helo.is_empty()).then_some(self.helo.as_str());
-        match gate.refusal(self.client_ip, helo, from) {
+        let reply = match gate.refusal(self.client_ip, helo, from) {
             Some(r) => {
                 self.tx = None;
-                gate.reject(reply, self.client_ip, &r)
+                gate.reject(self.client_ip, &r)
             }
-            None => Status::Continue,
-        }
+            None => Reply::Continue,
+        };
+        Step::Send(reply.encode())
     }
 
     /// The transaction in progress (an empty one if MAIL was not seen).
@@ -1124,8 +1233,8 @@ impl Transaction {
     }
 
     /// One header field as the MTA sends it (name, value without the CRLF).
-    fn add_header(&mut self, name: &CStr, value: &CStr) {
-        let (name, value) = (name.to_string_lossy(), value.to_bytes());
+    fn add_header(&mut self, name: &[u8], value: &[u8]) {
+        let name = String::from_utf8_lossy(name);
         self.headers.add(&name, value);
         // "Name: value\r\n"
         let len = name.len() + value.len() + 4;
@@ -1150,16 +1259,16 @@ impl Transaction {
 }
 
 /// An envelope path: `<a@b>` → `a@b`, `<>` → empty; lossy UTF-8, cut to [`MAX_NAME`].
-fn path(arg: &CStr) -> String {
-    let s = arg.to_string_lossy();
+fn path(arg: &[u8]) -> String {
+    let s = String::from_utf8_lossy(arg);
     let s = s.trim();
     let s = s.strip_prefix('<').unwrap_or(s);
     let s = s.strip_suffix('>').unwrap_or(s);
     cut(s.trim(), MAX_NAME).to_owned()
 }
 
-fn lossy(v: &CStr, max: usize) -> String {
-    cut(&v.to_string_lossy(), max).to_owned()
+fn lossy(v: &[u8], max: usize) -> String {
+    cut(&String::from_utf8_lossy(v), max).to_owned()
 }
 
 fn cut(s: &str, max: usize) -> &str {
@@ -1200,11 +1309,11 @@ struct Rejected {
     error: FrameError,
 }
 
-/// Follows the packet framing of the MTA's byte stream and rejects what indymilter would only
-/// drop silently or log at trace level: garbage, oversized packets, unknown commands, anything
-/// before option negotiation, and transaction commands (RCPT, DATA, header, body, end of
-/// message) outside a mail transaction. Finer ordering inside a transaction is indymilter's
-/// (like libmilter, it ignores such a command).
+/// Follows the packet framing of the MTA's byte stream and rejects garbage, oversized packets,
+/// unknown commands, anything before option negotiation, and transaction commands (RCPT,
+/// DATA, header, body, end of message) outside a mail transaction. Inside a transaction the
+/// session takes commands as they come (HELO or connect ends the transaction, as in
+/// libmilter).
 ///
 /// It also tells the connection where it stands: [`proven`](Self::proven) once option
 /// negotiation has arrived whole (the connection may then take a session slot), and
@@ -1271,6 +1380,7 @@ impl FrameGuard {
     }
 
     /// Between the first and the last byte of a packet.
+    #[cfg(test)]
     fn in_packet(&self) -> bool {
         self.head_len > 0 || self.payload_left > 0
     }
@@ -1329,117 +1439,6 @@ impl FrameGuard {
             }
             _ => Ok(()),
         }
-    }
-}
-
-/// How the byte stream ended, as seen from underneath indymilter.
-#[derive(Debug)]
-enum End {
-    Open,
-    Eof,
-    Io(io::Error),
-    /// A packet did not arrive whole within the command timeout.
-    Stalled,
-}
-
-/// The connection's stream with a [`FrameGuard`] on its reads; logs in the connection's span
-/// why the connection closed, and signals the close by dropping `_closed`.
-struct Watched<S> {
-    inner: S,
-    span: Span,
-    guard: FrameGuard,
-    rejected: Option<FrameError>,
-    end: End,
-    last_activity: Instant,
-    timeout: Duration,
-    stop: CancellationToken,
-    /// Wakes a pending read on shutdown: indymilter stops the session, but its stream task
-    /// would otherwise keep the connection until the read times out.
-    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
-    _closed: oneshot::Sender<()>,
-    /// Bytes read (and followed by `guard`) while negotiating, handed to indymilter first.
-    replay: Bytes,
-    /// Longest wait for the rest of a packet once it has started.
-    command_timeout: Duration,
-    /// Runs out `command_timeout` after a read found the packet `stall_packet` incomplete.
-    stall: Pin<Box<Sleep>>,
-    stall_packet: Option<u64>,
-}
-
-impl<S: MilterStream> AsyncRead for Watched<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if let Some(e) = this.rejected {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
-        }
-        if this.stopped.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "milter shutting down",
-            )));
-        }
-        if let Some(replayed) = this.poll_replay(buf) {
-            return replayed;
-        }
-        let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                let new = &buf.filled()[before..];
-                if new.is_empty() {
-                    this.end = End::Eof;
-                    return Poll::Ready(Ok(()));
-                }
-                this.last_activity = Instant::now();
-                this.inner.ack_now();
-                match this.guard.feed(new) {
-                    Ok(()) => Poll::Ready(Ok(())),
-                    Err(Rejected { valid, error }) => {
-                        warn!(parent: &this.span, %error, "malformed milter data, closing the connection");
-                        this.rejected = Some(error);
-                        if valid == 0 {
-                            buf.set_filled(before);
-                            Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, error)))
-                        } else {
-                            // Let the packets before the bad one through; the next read fails.
-                            buf.set_filled(before + valid);
-                            Poll::Ready(Ok(()))
-                        }
-                    }
-                }
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(this.failed(e))),
-            Poll::Pending => this.poll_stall(cx),
-        }
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                this.last_activity = Instant::now();
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(this.failed(e))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -1541,82 +1540,6 @@ impl MilterListener for UnixListener {
     }
 }
 
-impl<S> Watched<S> {
-    /// Hands out the bytes read while negotiating, if any are left (the guard has seen them).
-    fn poll_replay(&mut self, buf: &mut ReadBuf<'_>) -> Option<Poll<io::Result<()>>> {
-        if self.replay.is_empty() || buf.remaining() == 0 {
-            return None;
-        }
-        let n = self.replay.len().min(buf.remaining());
-        buf.put_slice(&self.replay.split_to(n));
-        Some(Poll::Ready(Ok(())))
-    }
-
-    /// Called when the socket has nothing to read. Inside a packet, the rest must come within
-    /// `command_timeout` of the first read that found it missing; between packets the wait is
-    /// indymilter's idle `timeout`.
-    fn poll_stall(&mut self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        if !self.guard.in_packet() {
-            return Poll::Pending;
-        }
-        let packet = self.guard.packets;
-        if self.stall_packet != Some(packet) {
-            self.stall_packet = Some(packet);
-            self.stall
-                .as_mut()
-                .reset(Instant::now() + self.command_timeout);
-        }
-        if self.stall.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
-        }
-        if matches!(self.end, End::Open) {
-            self.end = End::Stalled;
-        }
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "milter packet incomplete after the command timeout",
-        )))
-    }
-
-    /// Records an I/O error (keeping the first) and hands it on.
-    fn failed(&mut self, e: io::Error) -> io::Error {
-        if matches!(self.end, End::Open) {
-            self.end = End::Io(io::Error::new(e.kind(), e.to_string()));
-        }
-        e
-    }
-}
-
-impl<S> Drop for Watched<S> {
-    fn drop(&mut self) {
-        let span = &self.span;
-        let mid_message = self.guard.in_tx;
-        if self.rejected.is_some() {
-            debug!(parent: span, "connection closed");
-        } else if self.guard.quit {
-            debug!(parent: span, "session ended");
-        } else if matches!(self.end, End::Stalled) {
-            info!(parent: span, command_timeout = ?self.command_timeout, cmd = %char::from(self.guard.cmd), mid_message, "milter packet incomplete after the command timeout, connection closed");
-        } else if let End::Io(e) = &self.end {
-            info!(parent: span, error = %e, mid_message, "connection failed");
-        } else if matches!(self.end, End::Eof) {
-            if mid_message {
-                info!(parent: span, "MTA closed the connection in the middle of a message");
-            } else {
-                debug!(parent: span, "MTA closed the connection without QUIT");
-            }
-        } else if self.stop.is_cancelled() {
-            debug!(parent: span, "connection closed for shutdown");
-        } else if self.last_activity.elapsed() >= self.timeout {
-            info!(parent: span, timeout = ?self.timeout, mid_message, "connection closed after the idle timeout");
-        } else {
-            // indymilter ends a session this way only on a command it cannot parse or accept
-            // (bad payload, unsupported negotiation); it logs the detail at trace level.
-            warn!(parent: span, "milter session ended on a malformed or unsupported command (details at trace level)");
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Config parsing
 
@@ -1625,7 +1548,6 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use std::ffi::CString;
 
     fn packet(cmd: u8, payload: &[u8]) -> Vec<u8> {
         let mut p = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
@@ -1816,30 +1738,30 @@ mod tests {
 
     #[test]
     fn paths_lose_brackets() {
-        assert_eq!(path(c"<a@example.org>"), "a@example.org");
-        assert_eq!(path(c"<>"), "");
-        assert_eq!(path(c" b@example.org "), "b@example.org");
-        let long = CString::new(format!("<{}>", "é".repeat(400))).unwrap();
-        let p = path(&long);
+        assert_eq!(path(b"<a@example.org>"), "a@example.org");
+        assert_eq!(path(b"<>"), "");
+        assert_eq!(path(b" b@example.org "), "b@example.org");
+        let long = format!("<{}>", "é".repeat(400));
+        let p = path(long.as_bytes());
         assert!(p.len() <= MAX_NAME && p.chars().all(|c| c == 'é'));
     }
 
     #[test]
     fn client_addr_macro_forms() {
         assert_eq!(
-            parse_client_addr("192.0.2.7"),
+            wire::parse_ip("192.0.2.7"),
             Some("192.0.2.7".parse().unwrap())
         );
         assert_eq!(
-            parse_client_addr("IPv6:2001:db8::1"),
+            wire::parse_ip("IPv6:2001:db8::1"),
             Some("2001:db8::1".parse().unwrap())
         );
         assert_eq!(
-            parse_client_addr("[2001:db8::2]"),
+            wire::parse_ip("[2001:db8::2]"),
             Some("2001:db8::2".parse().unwrap())
         );
-        assert_eq!(parse_client_addr("unknown"), None);
-        assert_eq!(parse_client_addr(""), None);
+        assert_eq!(wire::parse_ip("unknown"), None);
+        assert_eq!(wire::parse_ip(""), None);
     }
 
     #[test]
@@ -1861,7 +1783,7 @@ mod tests {
     fn transaction_counts_and_caps() {
         let mut tx = Transaction::new("a@example.org".into());
         assert_eq!(tx.size(), 0);
-        tx.add_header(c"Subject", c"hello");
+        tx.add_header(b"Subject", b"hello");
         assert_eq!(tx.size(), "Subject: hello\r\n\r\n".len() as u64);
         tx.add_body(1000);
         tx.add_body(24);
@@ -1882,7 +1804,7 @@ mod tests {
         };
         s.tx = Some(Transaction::new("a@example.org".into()));
         s.tx().add_rcpt("b@example.com".into());
-        s.tx().add_header(c"Subject", c"=?UTF-8?B?5L2g5aW9?=");
+        s.tx().add_header(b"Subject", b"=?UTF-8?B?5L2g5aW9?=");
         let a = s.arrival(42, Some("4XyZ1c2d3e".into()));
         assert_eq!(a.origin, Origin::Milter);
         assert_eq!(a.mta_queue_id.as_deref(), Some("4XyZ1c2d3e"));
@@ -1913,6 +1835,137 @@ mod tests {
         let stalwart = ProtoOpts::from_bits_retain(0x42);
         assert_eq!(wanted_opts(stalwart), ProtoOpts::NO_EOH);
         assert_eq!(wanted_opts(ProtoOpts::empty()), ProtoOpts::empty());
+    }
+
+    /// Feeds `packets` to a fresh [`Proto`]; returns each step.
+    fn steps(proto: &mut Proto, packets: &[(u8, &[u8])]) -> Vec<Step> {
+        let gate = Gate::none();
+        packets
+            .iter()
+            .map(|(cmd, payload)| proto.on_command(Command::parse(*cmd, payload).unwrap(), &gate))
+            .collect()
+    }
+
+    fn optneg_payload(version: u32, opts: ProtoOpts) -> Vec<u8> {
+        [version, 0x1ff, opts.bits()]
+            .iter()
+            .flat_map(|w| w.to_be_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn postfix_gets_no_reply_before_end_of_message() {
+        let mut proto = Proto::default();
+        let optneg = optneg_payload(6, ProtoOpts::all());
+        let got = steps(
+            &mut proto,
+            &[
+                (b'O', &optneg),
+                (b'D', b"C{client_addr}\x00192.0.2.9\x00"),
+                (b'C', b"mx.example\x00U"),
+                (b'H', b"mx.example\x00"),
+                (b'D', b"Mi\x00Q1\x00"),
+                (b'M', b"<a@example.org>\x00"),
+                (b'R', b"<b@example.com>\x00"),
+                (b'L', b"Subject\x00hi\x00"),
+                (b'B', b"body\r\n"),
+                (b'D', b"Ei\x00Q2\x00"),
+                (b'E', b""),
+            ],
+        );
+        let opts = wanted_opts(ProtoOpts::all());
+        assert_eq!(got[0], Step::Send(wire::optneg_reply(6, opts)));
+        assert!(got[1..10].iter().all(|s| *s == Step::Quiet), "{got:?}");
+        assert_eq!(got[10], Step::Eom);
+        // No address in the connect packet: the macro's; the latest stage's queue id.
+        assert_eq!(proto.session.client_ip, Some("192.0.2.9".parse().unwrap()));
+        assert_eq!(proto.queue_id().as_deref(), Some("Q2"));
+        let a = proto.session.arrival(0, proto.queue_id());
+        assert_eq!(a.env_from, "a@example.org");
+        assert_eq!(a.rcpts, ["b@example.com"]);
+        assert_eq!(a.headers.subject, "hi");
+        assert_eq!(a.size, "Subject: hi\r\n\r\nbody\r\n".len() as u64);
+    }
+
+    #[test]
+    fn a_client_that_wants_replies_gets_continue_for_each_stage() {
+        // Stalwart offers only NO_HELO | NO_EOH: every stage it sends is answered.
+        let mut proto = Proto::default();
+        let optneg = optneg_payload(6, ProtoOpts::from_bits_retain(0x42));
+        let cont = Step::Send(Reply::Continue.encode());
+        let got = steps(
+            &mut proto,
+            &[
+                (b'O', &optneg),
+                (b'C', b"mx\x004\x00\x19192.0.2.1\x00"),
+                (b'M', b"<a@example.org>\x00"),
+                (b'R', b"<b@example.com>\x00"),
+                (b'T', b""),
+                (b'L', b"Subject\x00x\x00"),
+                (b'B', b"x"),
+                (b'U', b"XYZZY\x00"),
+            ],
+        );
+        assert_eq!(got[0], Step::Send(wire::optneg_reply(6, ProtoOpts::NO_EOH)));
+        assert!(got[1..].iter().all(|s| *s == cont), "{got:?}");
+        // An old MTA: the version we answer is its own.
+        assert_eq!(
+            steps(
+                &mut Proto::default(),
+                &[(b'O', &optneg_payload(2, ProtoOpts::empty()))]
+            ),
+            [Step::Send(wire::optneg_reply(2, ProtoOpts::empty()))]
+        );
+        assert_eq!(
+            steps(
+                &mut Proto::default(),
+                &[(b'O', &optneg_payload(1, ProtoOpts::empty()))]
+            ),
+            [Step::Failed(WireError::Version(1))]
+        );
+    }
+
+    #[test]
+    fn stages_drop_later_macros_and_a_new_connection_drops_the_session() {
+        let mut proto = Proto::default();
+        let optneg = optneg_payload(6, ProtoOpts::all());
+        steps(
+            &mut proto,
+            &[
+                (b'O', &optneg),
+                (b'C', b"mx\x004\x00\x19192.0.2.1\x00"),
+                (b'D', b"Mi\x00OLD\x00"),
+                (b'M', b"<a@example.org>\x00"),
+                (b'D', b"Ei\x00OLDER-EOM\x00"),
+                (b'A', b""),
+            ],
+        );
+        assert!(proto.session.tx.is_none());
+        // The next MAIL drops the end-of-message macros of the message before.
+        steps(
+            &mut proto,
+            &[(b'D', b"Mi\x00NEW\x00"), (b'M', b"<c@example.org>\x00")],
+        );
+        assert_eq!(proto.queue_id().as_deref(), Some("NEW"));
+        // HELO in the middle of a transaction ends it.
+        steps(&mut proto, &[(b'H', b"again\x00")]);
+        assert!(proto.session.tx.is_none());
+        // QUIT_NC, then a new client: nothing of the old one is left.
+        let got = steps(
+            &mut proto,
+            &[
+                (b'K', b""),
+                (b'C', b"other\x006\x00\x19IPv6:2001:db8::7\x00"),
+            ],
+        );
+        assert_eq!(got, [Step::Quiet, Step::Quiet]);
+        assert_eq!(
+            proto.session.client_ip,
+            Some("2001:db8::7".parse().unwrap())
+        );
+        assert!(proto.session.helo.is_empty());
+        assert_eq!(proto.queue_id(), None);
+        assert_eq!(steps(&mut proto, &[(b'Q', b"")]), [Step::Quit]);
     }
 
     #[test]

@@ -11,8 +11,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use indymilter::{ProtoOpts, SetErrorReply, SmtpReply, Status};
+use indymilter::ProtoOpts;
 use tracing::warn;
+
+use crate::mta::milter_wire::{self as wire, Reply};
 
 use crate::billing::ledger::Delivery;
 use crate::billing::Ledger;
@@ -78,12 +80,9 @@ impl Gate {
     }
 
     /// Counts, audits and answers a refusal.
-    pub(crate) fn reject(&self, reply: &mut SmtpReply, ip: Option<IpAddr>, r: &Refusal) -> Status {
+    pub(crate) fn reject(&self, ip: Option<IpAddr>, r: &Refusal) -> Reply {
         let text = super::milter::reply_text(&self.policy.refused("milter", ip, r));
-        if let Err(e) = reply.set_error_reply(REFUSE_CODE, Some(REFUSE_XCODE), [text]) {
-            warn!(error = %e, "refusal text refused, sending a bare reject");
-        }
-        Status::Reject
+        Reply::Reject(Some(wire::reply_line(REFUSE_CODE, REFUSE_XCODE, &text)))
     }
 
     /// The deliveries an accepted message makes (one per recipient), or `None` when there

@@ -4,5 +4,6 @@
 pub mod headers;
 pub mod milter;
 pub mod milter_policy;
+pub(crate) mod milter_wire;
 pub mod stalwart;
 pub mod stalwart_api;
