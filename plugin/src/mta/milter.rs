@@ -700,7 +700,7 @@ enum End {
     Malformed(WireError),
 }
 
-/// Bytes read from the MTA and not yet handled.
+/// Room each read asks for: the buffer's usual size.
 const READ_CHUNK: usize = 16 * 1024;
 
 /// A negotiated connection's socket, read packet by packet through its [`FrameGuard`].
