@@ -713,6 +713,52 @@ async fn large_body_is_counted_not_kept() {
 }
 
 #[tokio::test]
+async fn a_packet_near_the_limit_does_not_keep_its_memory() {
+    // Body chunks close to the 1 MiB packet limit (Postfix sends 64 KiB; another MTA may not),
+    // on connections the MTA then keeps open and idle.
+    const CHUNK: usize = 1_000_000;
+    const CONNS: usize = 16;
+
+    let server = Server::start(cfg()).await;
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut conns = Vec::new();
+    for i in 0..CONNS {
+        let mut raw = TcpStream::connect(server.addr).await.unwrap();
+        let mut bytes = optneg();
+        let mut connect = b"mx.example\x004\x00\x19".to_vec();
+        connect.extend_from_slice(format!("192.0.2.{}\0", 80 + i).as_bytes());
+        bytes.extend(packet(b'C', &connect));
+        bytes.extend(packet(b'H', b"mx.example\0"));
+        bytes.extend(packet(b'M', b"<a@example.org>\0"));
+        bytes.extend(packet(b'R', b"<b@example.com>\0"));
+        bytes.extend(packet(b'L', b"Subject\0one big chunk\0"));
+        bytes.extend(packet(b'B', &vec![b'y'; CHUNK]));
+        bytes.extend(packet(b'E', b""));
+        raw.write_all(&bytes).await.unwrap();
+        drop(bytes);
+        // The negotiation's reply (no replies before end of message), then end of message's.
+        let mut reply = [0u8; 17 + 5];
+        tokio::time::timeout(Duration::from_secs(10), raw.read_exact(&mut reply))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply[4], b'O');
+        assert_eq!(&reply[17..], b"\0\0\0\x01a", "{reply:?}");
+        conns.push(raw);
+    }
+    // Each session is back at its read, idle.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let held = LIVE.load(Ordering::Relaxed).saturating_sub(before);
+    assert!(
+        held < 6 << 20,
+        "{CONNS} idle connections hold {held} bytes after one {CHUNK}-byte packet each"
+    );
+    drop(conns);
+    assert_eq!(server.intake.take().len(), CONNS);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn idle_connection_times_out() {
     let server = Server::start(MilterConfig {
         timeout: Duration::from_millis(300),

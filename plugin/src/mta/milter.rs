@@ -740,7 +740,18 @@ impl<S: MilterStream> Conn<S> {
         let head: [u8; 4] = self.buf.get(..4)?.try_into().ok()?;
         // The guard let only lengths of 1 ..= MAX_PACKET through.
         let whole = 4 + u32::from_be_bytes(head) as usize;
-        (self.buf.len() >= whole).then(|| self.buf.split_to(whole).freeze())
+        if self.buf.len() < whole {
+            return None;
+        }
+        let packet = self.buf.split_to(whole).freeze();
+        if whole > 4 * READ_CHUNK {
+            // What is left still shares the allocation a large packet grew, and would keep it
+            // (up to MAX_PACKET) for as long as the MTA keeps the connection: move it out.
+            let mut own = BytesMut::with_capacity(READ_CHUNK.max(self.buf.len()));
+            own.extend_from_slice(&self.buf);
+            self.buf = own;
+        }
+        Some(packet)
     }
 
     /// The next packet, within the idle timeout (between packets) or the command timeout
