@@ -961,12 +961,11 @@ impl Proto {
                 Step::Send(wire::optneg_reply(version, opts))
             }
             Command::Macros { stage, pairs } => {
-                let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
                 self.macros[stage_index(stage)] = StageMacros {
                     client_addr: macro_value(pairs, b"{client_addr}")
                         .and_then(|v| std::str::from_utf8(v).ok())
                         .and_then(wire::parse_ip),
-                    queue_id: macro_value(pairs, b"i").map(|v| cut(&text(v), MAX_NAME).to_owned()),
+                    queue_id: macro_value(pairs, b"i").map(|v| lossy(v, MAX_NAME)),
                 };
                 Step::Quiet
             }
